@@ -1,0 +1,67 @@
+// The loop over work units shared by the CPU variants. A variant includes this after switching
+// on its target instructions and provides a kernel struct K with
+//   template <DType D> static float load(const void* x, int64_t i);
+//   template <DType D> static uint64_t pack64(const void* x, int64_t i, const float* thr, float t);
+//       bits of x[i .. i + 63] > (thr ? thr[0 .. 63] : t)
+//   template <DType D> static double channel_sum(const void* x, int64_t i, int64_t n);
+//       sum of x[i .. i + n - 1] in float64, in the lane order of bitpack.h
+// Everything here has internal linkage, so code built for one instruction set never stands in
+// for another's at link time.
+#pragma once
+
+#include "../bitpack.h"
+
+namespace fakespotter::cpu {
+namespace {
+
+template <class K, DType D>
+void pack_units_typed(const PackProblem& p, int64_t begin, int64_t end) {
+  const Layout& L = p.layout;
+  // A feature is one element (element granularity, or a channel with one element).
+  const bool direct = p.granularity == Granularity::Element || L.spatial == 1;
+  const float t0 = p.features > 0 ? p.thresholds[0] : 0.0f;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t row = u / p.words;
+    const int64_t word = u % p.words;
+    const int64_t first = word * kWordBits;
+    const int64_t count = p.features - first < kWordBits ? p.features - first : kWordBits;
+    uint64_t bits = 0;
+    if (direct && L.row_contiguous && count == kWordBits) {
+      bits = K::template pack64<D>(p.x, row * L.row_stride + first,
+                                   p.per_neuron ? p.thresholds + first : nullptr, t0);
+    } else if (!direct && L.spatial_contiguous) {
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t c = first + k;
+        const double sum =
+            K::template channel_sum<D>(p.x, row * L.row_stride + c * L.channel_stride, L.spatial);
+        bits |= activation_bit(channel_mean(sum, L.spatial), p.threshold(c)) << k;
+      }
+    } else {
+      bits = pack_word_generic(p, row, word);
+    }
+    p.out[row * p.out_row_stride + word] = bits;
+  }
+}
+
+template <class K>
+void pack_units(const PackProblem& p, int64_t begin, int64_t end) {
+  switch (p.dtype) {
+    case DType::Float16:
+      return pack_units_typed<K, DType::Float16>(p, begin, end);
+    case DType::BFloat16:
+      return pack_units_typed<K, DType::BFloat16>(p, begin, end);
+    default:
+      return pack_units_typed<K, DType::Float32>(p, begin, end);
+  }
+}
+
+// Tail of a channel sum shared by the SIMD variants: adds x[i + s] for s in [from, n) to the
+// lanes (s % 32 is the lane) and folds them.
+template <class K, DType D>
+double finish_channel_sum(double* lanes, const void* x, int64_t i, int64_t from, int64_t n) {
+  for (int64_t s = from; s < n; ++s) lanes[s % kSumLanes] += static_cast<double>(K::template load<D>(x, i + s));
+  return fold_lanes(lanes);
+}
+
+}  // namespace
+}  // namespace fakespotter::cpu

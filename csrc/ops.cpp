@@ -1,0 +1,22 @@
+// The one place where fakespotter's native ops are declared. Backends (cpu/, cuda/) only add
+// implementations; shape-only (fake / meta) kernels live in fakespotter/_meta.py and the
+// pure-torch twins in fakespotter/reference.py. Bit layout: bitpack.h.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fakespotter, m) {
+  m.set_python_module("fakespotter._meta");
+  // x: [N, D] or [N, C, *spatial], float32/float16/bfloat16, any strides. thresholds: float32,
+  // 1 entry (per layer) or one per neuron. granularity: 'channel' (a neuron is a channel,
+  // valued by its spatial mean) or 'element'. Returns int64 [N, ceil(neurons / 64)] packed bits.
+  m.def("threshold_pack(Tensor x, Tensor thresholds, str granularity) -> Tensor");
+  // Same, written into words [word_offset, word_offset + ceil(neurons / 64)) of each row of a
+  // preallocated int64 [N, total_words] `out`; other words are untouched.
+  m.def(
+      "threshold_pack_into(Tensor x, Tensor thresholds, str granularity, Tensor(a!) out, "
+      "int word_offset) -> ()");
+  // Set bits per row in words [word_offset, word_offset + num_words) of int64 [N, W] packed
+  // rows (the numerator of mean neuron coverage). Returns int64 [N].
+  m.def("layer_popcount(Tensor packed, int word_offset, int num_words) -> Tensor");
+  // The first num_features bits of each row, starting at word_offset, as bool [N, num_features].
+  m.def("unpack_bits(Tensor packed, int word_offset, int num_features) -> Tensor");
+}

@@ -1,0 +1,136 @@
+#include "problem.h"
+
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <string>
+
+namespace fakespotter {
+namespace {
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
+  s << "]";
+  return s.str();
+}
+
+DType element_dtype(std::string_view op, const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return DType::Float32;
+    case at::kHalf:
+      return DType::Float16;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": x must be float32, float16 or bfloat16, got ",
+                        x.scalar_type());
+  }
+  return DType::Float32;  // unreachable
+}
+
+}  // namespace
+
+Granularity parse_granularity(std::string_view op, std::string_view granularity) {
+  if (granularity == "channel") return Granularity::Channel;
+  if (granularity == "element") return Granularity::Element;
+  TORCH_CHECK_VALUE(false, op, ": granularity must be 'channel' or 'element', got '", granularity,
+                    "'");
+  return Granularity::Channel;  // unreachable
+}
+
+PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Tensor& thresholds,
+                          std::string_view granularity) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must have shape [N, D] or [N, C, *spatial], got a ",
+                    x.dim(), "-d tensor of shape ", shape_str(x.sizes()));
+  PackProblem p{};
+  p.dtype = element_dtype(op, x);
+  p.granularity = parse_granularity(op, granularity);
+
+  Layout& L = p.layout;
+  L.rows = x.size(0);
+  L.row_stride = x.stride(0);
+  L.channels = x.size(1);
+  L.channel_stride = x.stride(1);
+  L.spatial = 1;
+  L.spatial_dims = 0;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    const int64_t size = x.size(d);
+    const int64_t stride = x.stride(d);
+    L.spatial *= size;
+    if (size == 1) continue;
+    if (L.spatial_dims > 0 &&
+        L.spatial_stride[L.spatial_dims - 1] == stride * size) {  // merge with the previous dim
+      L.spatial_size[L.spatial_dims - 1] *= size;
+      L.spatial_stride[L.spatial_dims - 1] = stride;
+      continue;
+    }
+    TORCH_CHECK_VALUE(L.spatial_dims < kMaxSpatialDims, op, ": x has more than ", kMaxSpatialDims,
+                      " spatial dims that cannot be merged (shape ", shape_str(x.sizes()),
+                      ", strides ", shape_str(x.strides()), "); make it contiguous first");
+    L.spatial_size[L.spatial_dims] = size;
+    L.spatial_stride[L.spatial_dims] = stride;
+    ++L.spatial_dims;
+  }
+  L.spatial_contiguous = L.spatial_dims == 0 || (L.spatial_dims == 1 && L.spatial_stride[0] == 1);
+  L.row_contiguous = L.spatial_contiguous && (L.channels <= 1 || L.channel_stride == L.spatial);
+
+  const bool channel = p.granularity == Granularity::Channel;
+  p.features = channel ? L.channels : L.channels * L.spatial;
+  p.words = words_for(p.features);
+
+  TORCH_CHECK_VALUE(thresholds.scalar_type() == at::kFloat, op,
+                    ": thresholds must be float32, got ", thresholds.scalar_type());
+  TORCH_CHECK_VALUE(thresholds.device() == x.device(), op,
+                    ": thresholds must be on x's device (", x.device(), "), got ",
+                    thresholds.device());
+  const int64_t n = thresholds.numel();
+  TORCH_CHECK_VALUE(n == 1 || n == p.features, op,
+                    ": thresholds must have 1 entry (one per layer) or ", p.features,
+                    " entries (one per ", channel ? "channel" : "element", "), got ", n);
+  PreparedPack prepared{p, thresholds.contiguous()};
+  prepared.problem.per_neuron = n != 1;
+  prepared.problem.thresholds = prepared.thresholds.const_data_ptr<float>();
+  prepared.problem.x = x.const_data_ptr();
+  return prepared;
+}
+
+void bind_out(std::string_view op, PackProblem& p, const at::Tensor& x, const at::Tensor& out,
+              int64_t word_offset) {
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kLong, op, ": out must be int64, got ",
+                    out.scalar_type());
+  TORCH_CHECK_VALUE(out.dim() == 2, op, ": out must have shape [N, words], got shape ",
+                    shape_str(out.sizes()));
+  TORCH_CHECK_VALUE(out.device() == x.device(), op, ": out must be on x's device (", x.device(),
+                    "), got ", out.device());
+  TORCH_CHECK_VALUE(out.size(0) == p.layout.rows, op, ": out must have one row per row of x (",
+                    p.layout.rows, "), got ", out.size(0));
+  TORCH_CHECK_VALUE(word_offset >= 0, op, ": word_offset must be >= 0, got ", word_offset);
+  TORCH_CHECK_VALUE(word_offset + p.words <= out.size(1), op, ": out has ", out.size(1),
+                    " words per row, but this layer needs words [", word_offset, ", ",
+                    word_offset + p.words, ") (word_offset ", word_offset, " + ", p.words,
+                    " words)");
+  TORCH_CHECK_VALUE(out.size(1) <= 1 || out.stride(1) == 1, op,
+                    ": out must have unit stride along its words, got strides ",
+                    shape_str(out.strides()));
+  p.out = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) + word_offset;
+  p.out_row_stride = out.stride(0);
+}
+
+void check_packed(std::string_view op, const at::Tensor& packed, int64_t word_offset,
+                  int64_t num_words) {
+  TORCH_CHECK_VALUE(packed.scalar_type() == at::kLong, op, ": packed must be int64, got ",
+                    packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 2, op, ": packed must have shape [N, words], got shape ",
+                    shape_str(packed.sizes()));
+  TORCH_CHECK_VALUE(word_offset >= 0 && num_words >= 0, op,
+                    ": word_offset and the word count must be >= 0, got ", word_offset, " and ",
+                    num_words);
+  TORCH_CHECK_VALUE(word_offset + num_words <= packed.size(1), op, ": packed has ",
+                    packed.size(1), " words per row, but words [", word_offset, ", ",
+                    word_offset + num_words, ") were asked for");
+}
+
+}  // namespace fakespotter

@@ -1,0 +1,33 @@
+// Argument checking shared by every backend, and the translation of tensors into the raw
+// PackProblem that kernels take. Messages name the op, the argument, what was expected and what
+// arrived; they are raised as ValueError in Python.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string_view>
+
+#include "bitpack.h"
+
+namespace fakespotter {
+
+// A checked threshold_pack call. `thresholds` keeps alive the (contiguous) storage that
+// problem.thresholds points into.
+struct PreparedPack {
+  PackProblem problem;
+  at::Tensor thresholds;
+};
+
+// Checks x / thresholds / granularity and describes the layer (problem.out is left unset).
+PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Tensor& thresholds,
+                          std::string_view granularity);
+
+// Checks `out` and `word_offset` against the problem and points the problem at its segment.
+void bind_out(std::string_view op, PackProblem& problem, const at::Tensor& x, const at::Tensor& out,
+              int64_t word_offset);
+
+// Checks packed rows and a word range [word_offset, word_offset + num_words).
+void check_packed(std::string_view op, const at::Tensor& packed, int64_t word_offset,
+                  int64_t num_words);
+
+}  // namespace fakespotter
