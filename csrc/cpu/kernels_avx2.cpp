@@ -17,11 +17,6 @@ namespace {
 
 struct Avx2Kernel {
   template <DType D>
-  static float load(const void* x, int64_t i) {
-    return load_float(x, i, D);
-  }
-
-  template <DType D>
   static __m256 load8(const void* x, int64_t i) {
     if constexpr (D == DType::Float32) {
       return _mm256_loadu_ps(static_cast<const float*>(x) + i);
@@ -61,22 +56,43 @@ struct Avx2Kernel {
 namespace fakespotter::cpu {
 namespace {
 
+// Adds one block of 32 elements to the lanes; acc[j] holds lanes 4j .. 4j + 3.
+template <DType D>
+inline void add_block(__m256d* acc, const void* x, int64_t i) {
+  for (int k = 0; k < 4; ++k) {
+    const __m256 v = Avx2Kernel::load8<D>(x, i + 8 * k);
+    acc[2 * k] = _mm256_add_pd(acc[2 * k], _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    acc[2 * k + 1] = _mm256_add_pd(acc[2 * k + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+}
+
 template <DType D>
 double Avx2Kernel::channel_sum(const void* x, int64_t i, int64_t n) {
-  // acc[j] holds lanes 4j .. 4j + 3.
   __m256d acc[8];
   for (auto& a : acc) a = _mm256_setzero_pd();
   int64_t s = 0;
-  for (; s + kSumLanes <= n; s += kSumLanes) {
-    for (int k = 0; k < 4; ++k) {
-      const __m256 v = load8<D>(x, i + s + 8 * k);
-      acc[2 * k] = _mm256_add_pd(acc[2 * k], _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-      acc[2 * k + 1] = _mm256_add_pd(acc[2 * k + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  for (; s + kSumLanes <= n; s += kSumLanes) add_block<D>(acc, x, i + s);
+  if (s < n) {
+    if constexpr (D == DType::Float32) {  // masked loads read zeros past the end
+      const float* p = static_cast<const float*>(x) + i + s;
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int k = 0; k < 4; ++k) {
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - s) - 8 * k), lane);
+        const __m256 v = _mm256_maskload_ps(p + 8 * k, mask);
+        acc[2 * k] = _mm256_add_pd(acc[2 * k], _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        acc[2 * k + 1] = _mm256_add_pd(acc[2 * k + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+      }
+    } else {
+      const TailBlock<D> tail(x, i, s, n);
+      add_block<D>(acc, tail.data, 0);
     }
   }
-  alignas(32) double lanes[kSumLanes];
-  for (int j = 0; j < 8; ++j) _mm256_store_pd(lanes + 4 * j, acc[j]);
-  return finish_channel_sum<Avx2Kernel, D>(lanes, x, i, s, n);
+  // Fold by halves: lanes l += l + 16, + 8, + 4 (whole registers), then + 2 and + 1.
+  for (int j = 0; j < 4; ++j) acc[j] = _mm256_add_pd(acc[j], acc[j + 4]);
+  for (int j = 0; j < 2; ++j) acc[j] = _mm256_add_pd(acc[j], acc[j + 2]);
+  const __m256d a = _mm256_add_pd(acc[0], acc[1]);
+  const __m128d b = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(b, _mm_unpackhi_pd(b, b)));
 }
 
 }  // namespace

@@ -17,11 +17,6 @@ namespace {
 
 struct Avx512Kernel {
   template <DType D>
-  static float load(const void* x, int64_t i) {
-    return load_float(x, i, D);
-  }
-
-  template <DType D>
   static __m512 load16(const void* x, int64_t i) {
     if constexpr (D == DType::Float32) {
       return _mm512_loadu_ps(static_cast<const float*>(x) + i);
@@ -61,24 +56,34 @@ struct Avx512Kernel {
 namespace fakespotter::cpu {
 namespace {
 
+// Adds one block of 32 elements to the lanes; acc[j] holds lanes 8j .. 8j + 7.
+template <DType D>
+inline void add_block(__m512d* acc, const void* x, int64_t i) {
+  for (int k = 0; k < 2; ++k) {
+    const __m512 v = Avx512Kernel::load16<D>(x, i + 16 * k);
+    const __m256 lo = _mm512_castps512_ps256(v);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    acc[2 * k] = _mm512_add_pd(acc[2 * k], _mm512_cvtps_pd(lo));
+    acc[2 * k + 1] = _mm512_add_pd(acc[2 * k + 1], _mm512_cvtps_pd(hi));
+  }
+}
+
 template <DType D>
 double Avx512Kernel::channel_sum(const void* x, int64_t i, int64_t n) {
-  // acc[j] holds lanes 8j .. 8j + 7.
   __m512d acc[4];
   for (auto& a : acc) a = _mm512_setzero_pd();
   int64_t s = 0;
-  for (; s + kSumLanes <= n; s += kSumLanes) {
-    for (int k = 0; k < 2; ++k) {
-      const __m512 v = load16<D>(x, i + s + 16 * k);
-      const __m256 lo = _mm512_castps512_ps256(v);
-      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-      acc[2 * k] = _mm512_add_pd(acc[2 * k], _mm512_cvtps_pd(lo));
-      acc[2 * k + 1] = _mm512_add_pd(acc[2 * k + 1], _mm512_cvtps_pd(hi));
-    }
+  for (; s + kSumLanes <= n; s += kSumLanes) add_block<D>(acc, x, i + s);
+  if (s < n) {
+    const TailBlock<D> tail(x, i, s, n);
+    add_block<D>(acc, tail.data, 0);
   }
-  alignas(64) double lanes[kSumLanes];
-  for (int j = 0; j < 4; ++j) _mm512_store_pd(lanes + 8 * j, acc[j]);
-  return finish_channel_sum<Avx512Kernel, D>(lanes, x, i, s, n);
+  // Fold by halves: lanes l += l + 16, + 8 (whole registers), then + 4, + 2 and + 1.
+  for (int j = 0; j < 2; ++j) acc[j] = _mm512_add_pd(acc[j], acc[j + 2]);
+  const __m512d a = _mm512_add_pd(acc[0], acc[1]);
+  const __m256d b = _mm256_add_pd(_mm512_castpd512_pd256(a), _mm512_extractf64x4_pd(a, 1));
+  const __m128d c = _mm_add_pd(_mm256_castpd256_pd128(b), _mm256_extractf128_pd(b, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(c, _mm_unpackhi_pd(c, c)));
 }
 
 }  // namespace

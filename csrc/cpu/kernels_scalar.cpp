@@ -6,15 +6,10 @@ namespace {
 
 struct ScalarKernel {
   template <DType D>
-  static float load(const void* x, int64_t i) {
-    return load_float(x, i, D);
-  }
-
-  template <DType D>
   static uint64_t pack64(const void* x, int64_t i, const float* thr, float t) {
     uint64_t bits = 0;
     for (int k = 0; k < kWordBits; ++k) {
-      bits |= activation_bit(load<D>(x, i + k), thr ? thr[k] : t) << k;
+      bits |= activation_bit(load_float(x, i + k, D), thr ? thr[k] : t) << k;
     }
     return bits;
   }
@@ -36,9 +31,10 @@ double ScalarKernel::channel_sum(const void* x, int64_t i, int64_t n) {
   double lanes[kSumLanes] = {};
   int64_t s = 0;
   for (; s + kSumLanes <= n; s += kSumLanes) {
-    for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<double>(load<D>(x, i + s + l));
+    for (int l = 0; l < kSumLanes; ++l) lanes[l] += static_cast<double>(load_float(x, i + s + l, D));
   }
-  return finish_channel_sum<ScalarKernel, D>(lanes, x, i, s, n);
+  for (int l = 0; s + l < n; ++l) lanes[l] += static_cast<double>(load_float(x, i + s + l, D));
+  return fold_lanes(lanes);
 }
 
 }  // namespace

@@ -1,13 +1,15 @@
 // The loop over work units shared by the CPU variants. A variant includes this after switching
 // on its target instructions and provides a kernel struct K with
-//   template <DType D> static float load(const void* x, int64_t i);
 //   template <DType D> static uint64_t pack64(const void* x, int64_t i, const float* thr, float t);
 //       bits of x[i .. i + 63] > (thr ? thr[0 .. 63] : t)
 //   template <DType D> static double channel_sum(const void* x, int64_t i, int64_t n);
-//       sum of x[i .. i + n - 1] in float64, in the lane order of bitpack.h
+//       sum of x[i .. i + n - 1] in float64, in the lane order of bitpack.h (n may be 0)
 // Everything here has internal linkage, so code built for one instruction set never stands in
 // for another's at link time.
 #pragma once
+
+#include <cstring>
+#include <type_traits>
 
 #include "../bitpack.h"
 
@@ -20,9 +22,13 @@ void pack_units_typed(const PackProblem& p, int64_t begin, int64_t end) {
   // A feature is one element (element granularity, or a channel with one element).
   const bool direct = p.granularity == Granularity::Element || L.spatial == 1;
   const float t0 = p.features > 0 ? p.thresholds[0] : 0.0f;
-  for (int64_t u = begin; u < end; ++u) {
-    const int64_t row = u / p.words;
-    const int64_t word = u % p.words;
+  int64_t row = begin / p.words;
+  int64_t word = begin % p.words;
+  for (int64_t u = begin; u < end; ++u, ++word) {
+    if (word == p.words) {
+      word = 0;
+      ++row;
+    }
     const int64_t first = word * kWordBits;
     const int64_t count = p.features - first < kWordBits ? p.features - first : kWordBits;
     uint64_t bits = 0;
@@ -55,13 +61,18 @@ void pack_units(const PackProblem& p, int64_t begin, int64_t end) {
   }
 }
 
-// Tail of a channel sum shared by the SIMD variants: adds x[i + s] for s in [from, n) to the
-// lanes (s % 32 is the lane) and folds them.
-template <class K, DType D>
-double finish_channel_sum(double* lanes, const void* x, int64_t i, int64_t from, int64_t n) {
-  for (int64_t s = from; s < n; ++s) lanes[s % kSumLanes] += static_cast<double>(K::template load<D>(x, i + s));
-  return fold_lanes(lanes);
-}
+// The last n - from (< 32) elements of a channel, copied into a zero-filled block of 32 so that
+// SIMD variants can add it like a full block: adding +0.0 leaves every lane sum unchanged (a lane
+// starts at +0.0 and can never become -0.0).
+template <DType D>
+struct TailBlock {
+  using Elem = std::conditional_t<D == DType::Float32, float, uint16_t>;
+  alignas(64) Elem data[kSumLanes];
+  TailBlock(const void* x, int64_t i, int64_t from, int64_t n) {
+    std::memset(data, 0, sizeof(data));
+    std::memcpy(data, static_cast<const Elem*>(x) + i + from, (n - from) * sizeof(Elem));
+  }
+};
 
 }  // namespace
 }  // namespace fakespotter::cpu

@@ -1,0 +1,115 @@
+"""Bad input: every error names the op, the argument, what was expected and what arrived. The
+native op, its pure-torch twin and its fake kernel (meta tensors) raise the same ValueError."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fakespotter
+from fakespotter import reference as ref
+
+OPS = torch.ops.fakespotter
+
+x4 = torch.randn(2, 8, 3, 3)
+t1 = torch.tensor([0.0])
+
+PACK_CASES = [
+    # (id, x, thresholds, granularity, match)
+    ("rank", torch.randn(5), t1, "channel", r"threshold_pack: x must have shape \[N, D\] or \[N, C, \*spatial\], got a 1-d tensor of shape \[5\]"),
+    ("scalar-x", torch.tensor(1.0), t1, "channel", r"threshold_pack: x must have shape .* got a 0-d tensor"),
+    ("int-x", torch.ones(2, 3, dtype=torch.int32), t1, "element", r"threshold_pack: x must be float32, float16 or bfloat16, got Int"),
+    ("double-x", torch.ones(2, 3, dtype=torch.float64), t1, "element", r"threshold_pack: x must be float32, float16 or bfloat16, got Double"),
+    ("complex-x", torch.ones(2, 3, dtype=torch.complex64), t1, "element", r"threshold_pack: x must be float32, float16 or bfloat16, got ComplexFloat"),
+    ("granularity", x4, t1, "neuron", r"threshold_pack: granularity must be 'channel' or 'element', got 'neuron'"),
+    ("thr-dtype", x4, torch.tensor([0.0], dtype=torch.float64), "channel", r"threshold_pack: thresholds must be float32, got Double"),
+    ("thr-int", x4, torch.tensor([0]), "channel", r"threshold_pack: thresholds must be float32, got Long"),
+    ("thr-len-channel", x4, torch.zeros(4), "channel", r"threshold_pack: thresholds must have 1 entry \(one per layer\) or 8 entries \(one per channel\), got 4"),
+    ("thr-len-element", x4, torch.zeros(8), "element", r"threshold_pack: thresholds must have 1 entry \(one per layer\) or 72 entries \(one per element\), got 8"),
+    ("thr-device", x4, torch.zeros(1, device="meta"), "channel", r"threshold_pack: thresholds must be on x's device \(cpu\), got meta"),
+]
+
+
+def run_native(x, thr, granularity):
+    return OPS.threshold_pack(x, thr, granularity)
+
+
+@pytest.mark.parametrize("impl", ["native", "twin"])
+@pytest.mark.parametrize("case", PACK_CASES, ids=[c[0] for c in PACK_CASES])
+def test_threshold_pack_errors(impl, case):
+    _, x, thr, granularity, match = case
+    fn = run_native if impl == "native" else ref.threshold_pack
+    with pytest.raises(ValueError, match=match):
+        fn(x, thr, granularity)
+
+
+@pytest.mark.parametrize("case", [c for c in PACK_CASES if c[0] != "thr-device"], ids=lambda c: c[0])
+def test_fake_kernel_raises_the_same_errors(case):
+    _, x, thr, granularity, match = case
+    with pytest.raises(ValueError, match=match):
+        OPS.threshold_pack(x.to("meta"), thr.to("meta"), granularity)
+
+
+def test_fake_kernel_device_mismatch():
+    with pytest.raises(ValueError, match=r"threshold_pack: thresholds must be on x's device \(meta\), got cpu"):
+        OPS.threshold_pack(x4.to("meta"), t1, "channel")
+
+
+OUT_CASES = [
+    ("out-dtype", torch.zeros(2, 4, dtype=torch.int32), 0, r"threshold_pack_into: out must be int64, got Int"),
+    ("out-rank", torch.zeros(8, dtype=torch.int64), 0, r"threshold_pack_into: out must have shape \[N, words\], got shape \[8\]"),
+    ("out-rows", torch.zeros(3, 4, dtype=torch.int64), 0, r"threshold_pack_into: out must have one row per row of x \(2\), got 3"),
+    ("out-small", torch.zeros(2, 2, dtype=torch.int64), 0, r"threshold_pack_into: out has 2 words per row, but this layer needs words \[0, 3\)"),
+    ("offset-past-end", torch.zeros(2, 4, dtype=torch.int64), 2, r"threshold_pack_into: out has 4 words per row, but this layer needs words \[2, 5\) \(word_offset 2 \+ 3 words\)"),
+    ("offset-negative", torch.zeros(2, 4, dtype=torch.int64), -1, r"threshold_pack_into: word_offset must be >= 0, got -1"),
+    ("out-strided", torch.zeros(2, 8, dtype=torch.int64)[:, ::2], 0, r"threshold_pack_into: out must have unit stride along its words"),
+    ("out-device", torch.zeros(2, 4, dtype=torch.int64, device="meta"), 0, r"threshold_pack_into: out must be on x's device \(cpu\), got meta"),
+]
+
+
+@pytest.mark.parametrize("impl", ["native", "twin"])
+@pytest.mark.parametrize("case", OUT_CASES, ids=[c[0] for c in OUT_CASES])
+def test_threshold_pack_into_errors(impl, case):
+    _, out, offset, match = case
+    x = torch.randn(2, 150)  # 3 words in element granularity
+    before = out.clone() if out.device.type != "meta" else None
+    with pytest.raises(ValueError, match=match):
+        if impl == "native":
+            OPS.threshold_pack_into(x, t1, "element", out, offset)
+        else:
+            ref.threshold_pack_into(x, t1, "element", out, offset)
+    if before is not None:
+        assert torch.equal(out, before), "a refused call must not write"
+
+
+PACKED_CASES = [
+    ("popcount", lambda m: m.layer_popcount(torch.zeros(2, 3), 0, 1), r"layer_popcount: packed must be int64, got Float"),
+    ("popcount-rank", lambda m: m.layer_popcount(torch.zeros(3, dtype=torch.int64), 0, 1), r"layer_popcount: packed must have shape \[N, words\], got shape \[3\]"),
+    ("popcount-range", lambda m: m.layer_popcount(torch.zeros(2, 3, dtype=torch.int64), 2, 2), r"layer_popcount: packed has 3 words per row, but words \[2, 4\) were asked for"),
+    ("popcount-negative", lambda m: m.layer_popcount(torch.zeros(2, 3, dtype=torch.int64), -1, 2), r"layer_popcount: word_offset and the word count must be >= 0, got -1 and 2"),
+    ("unpack-range", lambda m: m.unpack_bits(torch.zeros(2, 3, dtype=torch.int64), 1, 129), r"unpack_bits: packed has 3 words per row, but words \[1, 4\) were asked for"),
+    ("unpack-negative", lambda m: m.unpack_bits(torch.zeros(2, 3, dtype=torch.int64), 0, -5), r"unpack_bits: num_features must be >= 0, got -5"),
+]
+
+
+@pytest.mark.parametrize("impl", ["native", "twin"])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+def test_packed_errors(impl, case):
+    _, call, match = case
+    with pytest.raises(ValueError, match=match):
+        call(OPS if impl == "native" else ref)
+
+
+def test_bad_cpu_variant_name(monkeypatch):
+    monkeypatch.setenv("FAKESPOTTER_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match=r"FAKESPOTTER_CPU_ISA must be auto, scalar, avx2 or avx512, got 'sse9'"):
+        fakespotter.threshold_pack(torch.randn(2, 70), 0.0, "element")
+
+
+def test_unsupported_cpu_variant(monkeypatch):
+    missing = [v for v in ("avx2", "avx512") if v not in fakespotter._C.cpu_isa_supported()]
+    if not missing:
+        pytest.skip("this CPU supports every variant")
+    monkeypatch.setenv("FAKESPOTTER_CPU_ISA", missing[0])
+    with pytest.raises(ValueError, match=f"FAKESPOTTER_CPU_ISA={missing[0]} asks for a variant this CPU does not support"):
+        fakespotter.threshold_pack(torch.randn(2, 70), 0.0, "element")
