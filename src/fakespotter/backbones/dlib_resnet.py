@@ -50,7 +50,6 @@ dlib's ``dnn/core.h``, ``layers.h``, ``input.h``, ``loss.h``, ``cuda/tensor.h`` 
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -66,6 +65,9 @@ __all__ = [
     "INPUT_SIZE",
     "DlibFormatError",
     "DlibFaceResNet",
+    "Affine",
+    "ResidualUnit",
+    "dlib_add",
     "parse_dlib_resnet",
     "load_dlib_resnet",
 ]
@@ -579,7 +581,8 @@ def load_dlib_resnet(path: Optional[Union[str, Path]] = None) -> DlibFaceResNet:
     """Load dlib's face-recognition ResNet v1 from its ``.dat`` file, in eval mode, frozen.
 
     ``path`` defaults to the verified cached copy (``fakespotter.weights.weights_path``), which
-    raises a clear error with the fetch command when it is missing or corrupt.
+    raises a clear error with the fetch command when it is missing or corrupt.  An explicit
+    ``path`` is validated structurally by the parser but not hash-checked.
     """
     if path is None:
         from fakespotter.weights import weights_path
