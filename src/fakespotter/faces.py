@@ -1,0 +1,262 @@
+"""Decode images, detect faces and align them into the chips the default backbone expects.
+
+The chip pipeline is dlib's own: the HOG frontal face detector, the 5-point landmark model and
+``dlib.get_face_chip(img, shape, size=150, padding=0.25)``, which is how the face-recognition
+ResNet's training chips were made.  dlib comes from the prebuilt PyPI wheel
+``dlib-bin==20.0.1.post1`` and is imported only when detection is first used.
+
+Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same way every time:
+
+* files and bytes are decoded with Pillow; the EXIF orientation is applied first
+  (``ImageOps.exif_transpose``); multi-frame files give their first frame;
+* ``1`` / ``L`` (grey) replicate the grey value into R, G and B; ``P`` is expanded through its
+  palette; ``CMYK``, ``YCbCr`` and other colour modes use Pillow's conversion to RGB; colour
+  profiles are ignored;
+* 16-bit grey (``I;16*``, and ``I``, whose values are taken as 16-bit) maps 0..65535 to
+  0..255 by ``round(v / 257)`` after clipping; ``F`` (float) values are taken as 0..255,
+  clipped and rounded;
+* transparency (``RGBA``, ``LA``, ``PA``, palette transparency) is composited over an opaque
+  ``background``, black by default: ``round((rgb * a + background * (255 - a)) / 255)``;
+* numpy arrays are taken as RGB(A) or grey, ``uint8`` or ``uint16`` (scaled as above).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "CHIP_SIZE",
+    "CHIP_PADDING",
+    "Face",
+    "ImageInput",
+    "load_image",
+    "detect_and_align",
+    "chip_from_aligned",
+    "to_tensor",
+]
+
+CHIP_SIZE = 150
+CHIP_PADDING = 0.25
+LANDMARKS_NAME = "shape_predictor_5_face_landmarks.dat"
+DLIB_INSTALL = "pip install dlib-bin==20.0.1.post1"
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+Background = Tuple[int, int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class Face:
+    """One detected face.
+
+    box: ``(x0, y0, x1, y1)`` detector box in pixels of the (EXIF-upright) image, ``x1``/``y1``
+        exclusive; it may extend past the image border.
+    chip: ``uint8 [150, 150, 3]`` RGB aligned chip (dlib ``get_face_chip``, padding 0.25).
+    score: detector confidence (higher is more face-like; dlib's threshold is 0).
+    landmarks: ``int [5, 2]`` (x, y) of dlib's 5-point model, in image pixels.
+    """
+
+    box: Tuple[int, int, int, int]
+    chip: np.ndarray
+    score: float
+    landmarks: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+
+def _check_background(background: Sequence[int]) -> Background:
+    bg = tuple(int(v) for v in background)
+    if len(bg) != 3 or not all(0 <= v <= 255 for v in bg):
+        raise ValueError(f"load_image: background must be 3 ints in 0..255, got {background!r}")
+    return bg  # type: ignore[return-value]
+
+
+def _u16_to_u8(a: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(a.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+
+
+def _composite(rgba: np.ndarray, background: Background) -> np.ndarray:
+    rgb = rgba[..., :3].astype(np.uint32)
+    a = rgba[..., 3:4].astype(np.uint32)
+    bg = np.asarray(background, dtype=np.uint32)
+    return ((rgb * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _from_array(a: np.ndarray, background: Background) -> np.ndarray:
+    if a.dtype == np.uint16:
+        a = _u16_to_u8(a)
+    elif a.dtype != np.uint8:
+        raise TypeError(f"load_image: arrays must be uint8 or uint16, got dtype {a.dtype}")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"load_image: arrays must be [H, W], [H, W, 1], [H, W, 3] or "
+                         f"[H, W, 4] with H, W > 0, got shape {tuple(a.shape)}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[2] == 4:
+        a = _composite(a, background)
+    return np.ascontiguousarray(a)
+
+
+def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "RGB":
+        return np.array(img, dtype=np.uint8)
+    if mode.startswith("I;16"):
+        return _from_array(_u16_to_u8(np.asarray(img)), background)
+    if mode == "I":
+        return _from_array(_u16_to_u8(np.asarray(img)), background)
+    if mode == "F":
+        grey = np.round(np.clip(np.asarray(img, dtype=np.float64), 0, 255)).astype(np.uint8)
+        return _from_array(grey, background)
+    has_alpha = "A" in mode or "a" in mode or "transparency" in img.info
+    try:
+        if has_alpha:
+            return _composite(np.array(img.convert("RGBA"), dtype=np.uint8), background)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"load_image: cannot convert Pillow mode {mode!r} to RGB: {exc}") from exc
+
+
+def load_image(image: ImageInput, background: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """Decode ``image`` to RGB ``uint8 [H, W, 3]`` (see the module docstring for the rules).
+
+    image: a path, encoded bytes, a ``PIL.Image.Image`` or a ``uint8``/``uint16`` array
+        ``[H, W]``, ``[H, W, 1|3|4]`` (RGB order).
+    background: RGB colour transparent pixels are composited over (default black).
+    """
+    bg = _check_background(background)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, bg)
+    if isinstance(image, Image.Image):
+        return _from_pil(image, bg)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        with Image.open(io.BytesIO(bytes(image))) as img:
+            img.load()
+            return _from_pil(img, bg)
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(Path(image)) as img:
+            img.load()
+            return _from_pil(img, bg)
+    raise TypeError(f"load_image: expected a path, bytes, PIL image or numpy array, "
+                    f"got {type(image).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# detection and alignment
+
+
+def _import_dlib() -> Any:
+    try:
+        import dlib  # noqa: PLC0415 (optional dependency, imported on first use)
+    except ImportError as exc:
+        raise ImportError(
+            f"fakespotter.faces needs dlib for face detection and alignment; install the "
+            f"prebuilt wheel with `{DLIB_INSTALL}` (or pass already-aligned chips through "
+            f"chip_from_aligned)"
+        ) from exc
+    return dlib
+
+
+@functools.lru_cache(maxsize=1)
+def _detector() -> Any:
+    return _import_dlib().get_frontal_face_detector()
+
+
+@functools.lru_cache(maxsize=4)
+def _predictor(path: str) -> Any:
+    return _import_dlib().shape_predictor(path)
+
+
+def _landmark_path() -> str:
+    from fakespotter.weights import weights_path
+
+    return str(weights_path(LANDMARKS_NAME))
+
+
+def detect_and_align(
+    image: ImageInput,
+    upsample: int = 1,
+    size: int = CHIP_SIZE,
+    padding: float = CHIP_PADDING,
+    background: Sequence[int] = (0, 0, 0),
+) -> List[Face]:
+    """Detect every face in ``image`` and align each into a ``size`` x ``size`` chip.
+
+    image: anything ``load_image`` accepts.
+    upsample: how many times the detector doubles the image first (finds faces down to about
+        80 / 2**upsample pixels; each step costs about 4x the time).
+    Returns the faces sorted by detector score, highest first; an empty list when there is none.
+    """
+    if int(upsample) != upsample or upsample < 0:
+        raise ValueError(f"detect_and_align: upsample must be an int >= 0, got {upsample!r}")
+    if int(size) != size or size < 1:
+        raise ValueError(f"detect_and_align: size must be a positive int, got {size!r}")
+    if not padding >= 0:
+        raise ValueError(f"detect_and_align: padding must be >= 0, got {padding!r}")
+    rgb = load_image(image, background)
+    dlib = _import_dlib()
+    predictor = _predictor(_landmark_path())
+    rects, scores, _ = _detector().run(rgb, int(upsample), 0.0)
+    order = sorted(range(len(rects)), key=lambda i: -scores[i])
+    faces = []
+    for i in order:
+        rect = rects[i]
+        shape = predictor(rgb, rect)
+        chip = np.asarray(dlib.get_face_chip(rgb, shape, size=int(size), padding=float(padding)),
+                          dtype=np.uint8)
+        landmarks = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.int64)
+        box = (int(rect.left()), int(rect.top()), int(rect.right()) + 1, int(rect.bottom()) + 1)
+        faces.append(Face(box=box, chip=chip, score=float(scores[i]), landmarks=landmarks))
+    return faces
+
+
+def chip_from_aligned(image: ImageInput, size: int = CHIP_SIZE,
+                      background: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """An already-aligned face image as a ``uint8 [size, size, 3]`` chip (no detection).
+
+    Images of another size are resized (bilinear, antialiased when shrinking) without keeping
+    the aspect ratio: the input is assumed to be a chip cropped like dlib's, only scaled.
+    """
+    if int(size) != size or size < 1:
+        raise ValueError(f"chip_from_aligned: size must be a positive int, got {size!r}")
+    rgb = load_image(image, background)
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    resized = Image.fromarray(rgb).resize((int(size), int(size)), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def to_tensor(chips: Union[np.ndarray, Sequence[Union[np.ndarray, Face]]]) -> torch.Tensor:
+    """Stack chips into ``float32 [N, 3, H, W]`` with values in 0..255 (the backbone's input).
+
+    chips: ``uint8 [N, H, W, 3]``, or a sequence of ``uint8 [H, W, 3]`` arrays or ``Face``s,
+        all of one size.  An empty sequence gives ``[0, 3, 150, 150]``.
+    """
+    if isinstance(chips, np.ndarray):
+        batch = chips
+    else:
+        arrays = [c.chip if isinstance(c, Face) else np.asarray(c) for c in chips]
+        if not arrays:
+            return torch.zeros((0, 3, CHIP_SIZE, CHIP_SIZE), dtype=torch.float32)
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"to_tensor: chips must all have one shape, got {sorted(shapes)}")
+        batch = np.stack(arrays)
+    if batch.dtype != np.uint8:
+        raise TypeError(f"to_tensor: chips must be uint8, got dtype {batch.dtype}")
+    if batch.ndim != 4 or batch.shape[3] != 3:
+        raise ValueError(f"to_tensor: chips must be [N, H, W, 3], got shape {tuple(batch.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().contiguous()

@@ -1,0 +1,271 @@
+"""fakespotter.faces: decoding rules, detection and alignment into dlib face chips.
+
+Decoding tests need nothing; detection tests need dlib-bin, the landmark model and the sample
+photos and skip (saying how to get them) otherwise.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fakespotter import faces as F
+from fakespotter import weights as W
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+
+def test_rgb_passthrough_and_numpy_inputs():
+    a = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(F.load_image(a), a)
+    np.testing.assert_array_equal(F.load_image(Image.fromarray(a)), a)
+    np.testing.assert_array_equal(F.load_image(_png(Image.fromarray(a))), a)
+    grey = a[..., 0]
+    np.testing.assert_array_equal(F.load_image(grey), np.repeat(grey[..., None], 3, 2))
+    np.testing.assert_array_equal(F.load_image(grey[..., None]), np.repeat(grey[..., None], 3, 2))
+
+
+def test_path_input(tmp_path):
+    a = np.full((4, 4, 3), 77, np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(a).save(path)
+    np.testing.assert_array_equal(F.load_image(path), a)
+    np.testing.assert_array_equal(F.load_image(str(path)), a)
+
+
+def test_grey_and_bilevel():
+    g = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    out = F.load_image(_png(Image.fromarray(g, "L")))
+    assert out.dtype == np.uint8 and out.shape == (16, 16, 3)
+    assert (out == g[..., None]).all()
+    bw = Image.fromarray(g > 127).convert("1")
+    out = F.load_image(bw)
+    assert set(np.unique(out)) == {0, 255}
+
+
+def test_palette_with_and_without_transparency():
+    p = Image.new("P", (2, 1))
+    p.putpalette([10, 20, 30, 200, 100, 50] + [0] * (256 * 3 - 6))
+    p.putpixel((0, 0), 0)
+    p.putpixel((1, 0), 1)
+    np.testing.assert_array_equal(F.load_image(_png(p)), [[[10, 20, 30], [200, 100, 50]]])
+    out = F.load_image(_png(p, transparency=1))  # index 1 fully transparent -> background
+    np.testing.assert_array_equal(out, [[[10, 20, 30], [0, 0, 0]]])
+    out = F.load_image(_png(p, transparency=1), background=(255, 255, 255))
+    np.testing.assert_array_equal(out, [[[10, 20, 30], [255, 255, 255]]])
+
+
+def test_alpha_is_composited_over_the_background():
+    rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 0], [200, 100, 50, 128]]], np.uint8)
+    for img in (Image.fromarray(rgba, "RGBA"), _png(Image.fromarray(rgba, "RGBA")), rgba):
+        np.testing.assert_array_equal(F.load_image(img), [[[200, 100, 50], [0, 0, 0],
+                                                           [100, 50, 25]]])
+    np.testing.assert_array_equal(
+        F.load_image(rgba, background=(255, 255, 255)),
+        [[[200, 100, 50], [255, 255, 255], [227, 177, 152]]])
+    la = Image.fromarray(np.array([[[90, 255], [90, 0]]], np.uint8), "LA")
+    np.testing.assert_array_equal(F.load_image(la), [[[90] * 3, [0] * 3]])
+
+
+def test_16_bit_grey_maps_by_257():
+    v = np.array([[0, 256, 257, 385, 386, 65535]], np.uint16)
+    expected = np.round(v / 257).astype(np.uint8)
+    assert expected.tolist() == [[0, 1, 1, 1, 2, 255]]
+    img = Image.open(io.BytesIO(_png(Image.fromarray(v))))
+    assert img.mode.startswith("I")
+    for src in (img, v):
+        out = F.load_image(src)
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out[..., 0], expected)
+        np.testing.assert_array_equal(out[..., 2], expected)
+    i32 = Image.fromarray(v.astype(np.int32) - 10, "I")  # 32-bit int: clipped to 0..65535
+    assert F.load_image(i32)[0, :, 0].tolist() == [0, 1, 1, 1, 1, 255]
+
+
+def test_float_and_cmyk_modes():
+    f = Image.fromarray(np.array([[-5.0, 0.4, 127.6, 300.0]], np.float32), "F")
+    assert F.load_image(f)[0, :, 0].tolist() == [0, 0, 128, 255]
+    cmyk = Image.new("CMYK", (2, 2), (0, 0, 0, 0))
+    np.testing.assert_array_equal(F.load_image(cmyk), np.full((2, 2, 3), 255))
+    buf = io.BytesIO()
+    Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(buf, "JPEG", quality=95)
+    out = F.load_image(buf.getvalue())
+    assert out.shape == (8, 8, 3) and out[..., 0].max() < 20 and out[..., 1].min() > 235
+
+
+def test_bad_inputs_are_rejected_with_clear_errors():
+    with pytest.raises(TypeError, match="arrays must be uint8 or uint16, got dtype float32"):
+        F.load_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got shape \(4, 4, 2\)"):
+        F.load_image(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(TypeError, match="got int"):
+        F.load_image(3)
+    with pytest.raises(ValueError, match="background must be 3 ints"):
+        F.load_image(np.zeros((4, 4, 3), np.uint8), background=(0, 0))
+
+
+@pytest.mark.parametrize("orientation,transpose", [
+    (3, Image.Transpose.ROTATE_180),
+    (6, Image.Transpose.ROTATE_90),  # stored rotated 90 CCW; viewer rotates 90 CW
+    (8, Image.Transpose.ROTATE_270),
+    (2, Image.Transpose.FLIP_LEFT_RIGHT),
+])
+def test_exif_orientation_is_applied(orientation, transpose):
+    a = np.random.default_rng(1).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    stored = Image.fromarray(a).transpose(transpose)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    np.testing.assert_array_equal(F.load_image(_png(stored, exif=exif)), a)
+
+
+def test_to_tensor_and_chip_from_aligned():
+    chips = [np.full((150, 150, 3), i, np.uint8) for i in (0, 255)]
+    t = F.to_tensor(chips)
+    assert t.dtype == torch.float32 and t.shape == (2, 3, 150, 150)
+    assert t[0].max() == 0 and t[1].min() == 255
+    torch.testing.assert_close(F.to_tensor(np.stack(chips)), t)
+    assert F.to_tensor([]).shape == (0, 3, 150, 150)
+    with pytest.raises(ValueError, match="one shape"):
+        F.to_tensor([chips[0], chips[0][:10]])
+    c = np.random.default_rng(2).integers(0, 256, (150, 150, 3), dtype=np.uint8)
+    assert F.chip_from_aligned(c) is not None
+    np.testing.assert_array_equal(F.chip_from_aligned(c), c)
+    big = F.chip_from_aligned(np.full((300, 280, 4), 255, np.uint8))
+    assert big.shape == (150, 150, 3) and big.dtype == np.uint8 and (big == 255).all()
+
+
+def test_missing_dlib_error_says_how_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "dlib":
+            raise ImportError("No module named 'dlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"pip install dlib-bin==20\.0\.1\.post1"):
+        F._import_dlib()
+
+
+# ----------------------------------------------------------------------------------------------
+# detection and alignment (dlib-bin, landmark model and sample photos)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    try:
+        import dlib  # noqa: F401
+    except ImportError:
+        pytest.skip("dlib-bin not installed: pip install dlib-bin==20.0.1.post1")
+    try:
+        W.weights_path(F.LANDMARKS_NAME)
+    except W.WeightsNotFoundError:
+        pytest.skip("weights not fetched: run `python -m fakespotter.weights fetch`")
+    try:
+        paths = W.fetch_sample_photos()
+    except W.FetchError as exc:
+        pytest.skip(f"sample photos not fetched ({exc}): run "
+                    f"`python -m fakespotter.weights fetch --photos`")
+    out = {}
+    for name, path in paths.items():  # downscale: detection stays fast, faces stay ~100 px
+        img = Image.open(path).convert("RGB")
+        img.thumbnail((360, 360))
+        out[name] = np.asarray(img)
+    return out
+
+
+def test_one_face_per_portrait(photos):
+    for name, img in photos.items():
+        faces = F.detect_and_align(img)
+        assert len(faces) == 1, name
+        (face,) = faces
+        assert face.chip.shape == (150, 150, 3) and face.chip.dtype == np.uint8
+        x0, y0, x1, y1 = face.box
+        assert all(isinstance(v, int) for v in face.box) and x1 - x0 > 40 and y1 - y0 > 40
+        assert face.score > 0 and face.landmarks.shape == (5, 2)
+        assert (x0 - 10 <= face.landmarks[:, 0]).all() and (face.landmarks[:, 0] <= x1 + 10).all()
+
+
+def test_chip_equals_dlib_get_face_chip(photos):
+    import dlib
+
+    img = photos["obama.jpg"]
+    (face,) = F.detect_and_align(img)
+    predictor = dlib.shape_predictor(str(W.weights_path(F.LANDMARKS_NAME)))
+    (rect,) = dlib.get_frontal_face_detector()(img, 1)
+    ref = dlib.get_face_chip(img, predictor(img, rect), size=150, padding=0.25)
+    np.testing.assert_array_equal(face.chip, ref)
+
+
+def test_no_face_gives_an_empty_list(photos):
+    rng = np.random.default_rng(3)
+    assert F.detect_and_align(np.full((200, 240, 3), 128, np.uint8)) == []
+    assert F.detect_and_align(rng.integers(0, 256, (200, 240, 3), dtype=np.uint8)) == []
+
+
+def test_two_faces_give_two_chips(photos):
+    a, b = photos["obama.jpg"], photos["biden.jpg"]
+    h = max(a.shape[0], b.shape[0])
+    canvas = np.zeros((h, a.shape[1] + b.shape[1], 3), np.uint8)
+    canvas[: a.shape[0], : a.shape[1]] = a
+    canvas[: b.shape[0], a.shape[1]:] = b
+    faces = F.detect_and_align(canvas)
+    assert len(faces) == 2
+    assert sorted(f.box[0] < a.shape[1] for f in faces) == [False, True]
+    assert faces[0].score >= faces[1].score
+    assert F.to_tensor(faces).shape == (2, 3, 150, 150)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_rotated_photo_gives_the_same_face(photos, fmt):
+    upright = Image.fromarray(photos["obama2.jpg"])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated 90 degrees CCW; displays upright
+    rotated = upright.transpose(Image.Transpose.ROTATE_90)
+    up_buf, rot_buf = io.BytesIO(), io.BytesIO()
+    kw = {"quality": 95} if fmt == "JPEG" else {}
+    upright.save(up_buf, fmt, **kw)
+    rotated.save(rot_buf, fmt, exif=exif, **kw)
+    (ref,) = F.detect_and_align(up_buf.getvalue())
+    (got,) = F.detect_and_align(rot_buf.getvalue())
+    if fmt == "PNG":  # lossless: identical pixels after the transpose, identical results
+        assert got.box == ref.box
+        np.testing.assert_array_equal(got.chip, ref.chip)
+    else:  # JPEG blocks differ once rotated: the same face, up to re-encoding noise
+        assert np.abs(np.subtract(got.box, ref.box)).max() <= 4
+        assert np.abs(got.chip.astype(int) - ref.chip).mean() < 4
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "CMYK"])
+def test_other_modes_find_the_face(photos, mode):
+    rgb = Image.fromarray(photos["obama.jpg"])
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257)
+    elif mode == "P":
+        img = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    elif mode == "RGBA":
+        img = rgb.convert("RGBA")
+        img.putalpha(255)
+    else:
+        img = rgb.convert(mode)
+    img = Image.open(io.BytesIO(_png(img) if mode != "CMYK" else _jpeg(img)))
+    faces = F.detect_and_align(img)
+    assert len(faces) == 1 and faces[0].chip.shape == (150, 150, 3)
+
+
+def _jpeg(img):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
