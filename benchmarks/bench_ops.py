@@ -1,0 +1,120 @@
+"""threshold_pack on real CNN layer shapes, against same-process baselines.
+
+Run as a script for the table that benchmarks/RESULTS.md quotes:
+
+    .venv/bin/python benchmarks/bench_ops.py [--threads 1 2] [--repeats 7] [--device cpu|cuda]
+
+or through pytest-benchmark (``./dev bench``). Every measured op is first checked against its
+pure-torch twin. Reported: median time, GB/s of activation read, and ratios against
+(1) the twin (reference.py), (2) numpy compare + packbits (element) or numpy mean + compare +
+packbits (channel), (3) torch mean + compare + pack (channel; torch's own mean, not bit-exact),
+and the bandwidth roofs of the same run: a plain copy into a preallocated tensor and a plain sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fakespotter  # noqa: E402
+from fakespotter import reference as ref  # noqa: E402
+from common import hardware, median_seconds  # noqa: E402
+
+SHAPES = [(64, 32, 72, 72), (64, 128, 18, 18), (64, 256, 9, 9), (256, 512, 14, 14)]
+THRESHOLD = 0.1
+
+
+def numpy_baseline(x: torch.Tensor, granularity: str) -> np.ndarray:
+    a = x.numpy()
+    n = a.shape[0]
+    if granularity == "channel":
+        values = a.reshape(n, a.shape[1], -1).mean(axis=2, dtype=np.float64).astype(np.float32)
+    else:
+        values = a.reshape(n, -1)
+    return np.packbits(values > np.float32(THRESHOLD), axis=1, bitorder="little")
+
+
+def torch_mean_baseline(x: torch.Tensor) -> torch.Tensor:
+    return ref.pack_bits(x.mean(dim=tuple(range(2, x.dim()))) > THRESHOLD)
+
+
+def run_case(shape, granularity: str, device: str, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(device)
+    thr = torch.tensor([THRESHOLD], device=device)
+    sync = device == "cuda"
+    got = torch.ops.fakespotter.threshold_pack(x, thr, granularity)
+    want = ref.threshold_pack(x, thr, granularity)
+    assert torch.equal(got, want), "native op disagrees with its twin: refusing to time it"
+    gb = x.numel() * x.element_size() / 1e9
+    scratch = torch.empty_like(x)
+    t = {
+        "op": median_seconds(lambda: torch.ops.fakespotter.threshold_pack(x, thr, granularity), repeats, sync=sync),
+        "twin": median_seconds(lambda: ref.threshold_pack(x, thr, granularity), max(3, repeats // 2), sync=sync),
+        "copy": median_seconds(lambda: scratch.copy_(x), repeats, sync=sync),
+        "sum": median_seconds(lambda: x.sum(), repeats, sync=sync),
+    }
+    if device == "cpu":
+        t["numpy"] = median_seconds(lambda: numpy_baseline(x, granularity), max(3, repeats // 2))
+    if granularity == "channel":
+        t["torch_mean"] = median_seconds(lambda: torch_mean_baseline(x), repeats, sync=sync)
+    row = {
+        "shape": "x".join(map(str, shape)),
+        "MB": x.numel() * 4 / 1e6,
+        "granularity": granularity,
+        "op_ms": t["op"] * 1e3,
+        "op_GBps": gb / t["op"],
+        "sum_GBps": gb / t["sum"],
+        "copy_GBps": 2 * gb / t["copy"],  # a copy reads and writes
+        "op_vs_sum": t["sum"] / t["op"],
+        "x_twin": t["twin"] / t["op"],
+    }
+    if "numpy" in t:
+        row["x_numpy"] = t["numpy"] / t["op"]
+    if "torch_mean" in t:
+        row["x_torch_mean"] = t["torch_mean"] / t["op"]
+    return row
+
+
+def format_table(rows) -> str:
+    cols = ["shape", "MB", "granularity", "op_ms", "op_GBps", "sum_GBps", "copy_GBps", "op_vs_sum",
+            "x_twin", "x_numpy", "x_torch_mean"]
+    lines = ["| threads | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for threads, r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {threads} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU threads to run with (default: 1 2)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; medians are reported (default: 7)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: cpu)")
+    parser.add_argument("--shapes", nargs="+", default=None, help="shapes as NxCxHxW (default: the four of the issue)")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    print(hardware())
+    rows = []
+    for threads in args.threads if args.device == "cpu" else [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        for shape in shapes:
+            for granularity in ("element", "channel"):
+                rows.append((threads, run_case(shape, granularity, args.device, args.repeats)))
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
