@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fakespotter  # noqa: E402
 from fakespotter import reference as ref  # noqa: E402
-from common import hardware, median_seconds  # noqa: E402
+from common import hardware, interleaved_medians  # noqa: E402
 
 SHAPES = [(64, 32, 72, 72), (64, 128, 18, 18), (64, 256, 9, 9), (256, 512, 14, 14)]
 THRESHOLD = 0.1
@@ -54,16 +54,18 @@ def run_case(shape, granularity: str, device: str, repeats: int) -> dict:
     assert torch.equal(got, want), "native op disagrees with its twin: refusing to time it"
     gb = x.numel() * x.element_size() / 1e9
     scratch = torch.empty_like(x)
-    t = {
-        "op": median_seconds(lambda: torch.ops.fakespotter.threshold_pack(x, thr, granularity), repeats, sync=sync),
-        "twin": median_seconds(lambda: ref.threshold_pack(x, thr, granularity), max(3, repeats // 2), sync=sync),
-        "copy": median_seconds(lambda: scratch.copy_(x), repeats, sync=sync),
-        "sum": median_seconds(lambda: x.sum(), repeats, sync=sync),
+    fast = {
+        "op": lambda: torch.ops.fakespotter.threshold_pack(x, thr, granularity),
+        "copy": lambda: scratch.copy_(x),
+        "sum": lambda: x.sum(),
     }
-    if device == "cpu":
-        t["numpy"] = median_seconds(lambda: numpy_baseline(x, granularity), max(3, repeats // 2))
     if granularity == "channel":
-        t["torch_mean"] = median_seconds(lambda: torch_mean_baseline(x), repeats, sync=sync)
+        fast["torch_mean"] = lambda: torch_mean_baseline(x)
+    t = interleaved_medians(fast, repeats, sync=sync)
+    slow = {"twin": lambda: ref.threshold_pack(x, thr, granularity)}
+    if device == "cpu":
+        slow["numpy"] = lambda: numpy_baseline(x, granularity)
+    t.update(interleaved_medians(slow, max(3, repeats // 2), sync=sync))
     row = {
         "shape": "x".join(map(str, shape)),
         "MB": x.numel() * 4 / 1e6,

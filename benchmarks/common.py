@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
 
@@ -37,15 +37,25 @@ def hardware() -> str:
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 1, sync: bool = False) -> float:
     """Median wall time of `fn` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
+    return interleaved_medians({"fn": fn}, repeats, warmup, sync)["fn"]
+
+
+def interleaved_medians(
+    fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1, sync: bool = False
+) -> Dict[str, float]:
+    """Median wall time of each function, measured round-robin (one run of each per round) so
+    that load from other processes on a shared machine hits every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     if sync:
         torch.cuda.synchronize()
-    times = []
+    times: Dict[str, list] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}

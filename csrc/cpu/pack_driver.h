@@ -8,6 +8,7 @@
 // for another's at link time.
 #pragma once
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -21,31 +22,39 @@ void pack_units_typed(const PackProblem& p, int64_t begin, int64_t end) {
   const Layout& L = p.layout;
   // A feature is one element (element granularity, or a channel with one element).
   const bool direct = p.granularity == Granularity::Element || L.spatial == 1;
+  const int64_t full_words = p.features / kWordBits;  // words whose 64 features all exist
   const float t0 = p.features > 0 ? p.thresholds[0] : 0.0f;
-  int64_t row = begin / p.words;
-  int64_t word = begin % p.words;
-  for (int64_t u = begin; u < end; ++u, ++word) {
-    if (word == p.words) {
-      word = 0;
-      ++row;
-    }
-    const int64_t first = word * kWordBits;
-    const int64_t count = p.features - first < kWordBits ? p.features - first : kWordBits;
-    uint64_t bits = 0;
-    if (direct && L.row_contiguous && count == kWordBits) {
-      bits = K::template pack64<D>(p.x, row * L.row_stride + first,
-                                   p.per_neuron ? p.thresholds + first : nullptr, t0);
-    } else if (!direct && L.spatial_contiguous) {
-      for (int64_t k = 0; k < count; ++k) {
-        const int64_t c = first + k;
-        const double sum =
-            K::template channel_sum<D>(p.x, row * L.row_stride + c * L.channel_stride, L.spatial);
-        bits |= activation_bit(channel_mean(sum, L.spatial), p.threshold(c)) << k;
+  for (int64_t u = begin; u < end;) {  // one run of words of one row per iteration
+    const int64_t row = u / p.words;
+    const int64_t first_word = u % p.words;
+    const int64_t end_word = std::min(p.words, first_word + (end - u));
+    const int64_t base = row * L.row_stride;
+    uint64_t* out = p.out + row * p.out_row_stride;
+    int64_t w = first_word;
+    if (direct && L.row_contiguous) {
+      const int64_t fast_end = std::min(end_word, full_words);
+      if (p.per_neuron) {
+        for (; w < fast_end; ++w) {
+          out[w] = K::template pack64<D>(p.x, base + w * kWordBits, p.thresholds + w * kWordBits, t0);
+        }
+      } else {
+        for (; w < fast_end; ++w) out[w] = K::template pack64<D>(p.x, base + w * kWordBits, nullptr, t0);
       }
-    } else {
-      bits = pack_word_generic(p, row, word);
+    } else if (!direct && L.spatial_contiguous) {
+      for (; w < end_word; ++w) {
+        const int64_t first = w * kWordBits;
+        const int64_t count = std::min<int64_t>(kWordBits, p.features - first);
+        uint64_t bits = 0;
+        for (int64_t k = 0; k < count; ++k) {
+          const int64_t c = first + k;
+          const double sum = K::template channel_sum<D>(p.x, base + c * L.channel_stride, L.spatial);
+          bits |= activation_bit(channel_mean(sum, L.spatial), p.threshold(c)) << k;
+        }
+        out[w] = bits;
+      }
     }
-    p.out[row * p.out_row_stride + word] = bits;
+    for (; w < end_word; ++w) out[w] = pack_word_generic(p, row, w);  // any other layout, tails
+    u += end_word - first_word;
   }
 }
 
