@@ -172,4 +172,45 @@ FS_HD uint64_t pack_word_generic(const PackProblem& p, int64_t row, int64_t word
   return bits;
 }
 
+// ---------------------------------------------------------------------------------------------
+// bitset_linear: the first dense layer of a classifier, evaluated on packed rows.
+//
+// The layer's weights are quantized to int32 (w ~= q * scale) and regrouped by nibbles of the row:
+// table[g][m][o] = sum of q[4g + j][o] over the bits j of m (feature 4g + j is bit 4g + j of the
+// row). A row's accumulator is then acc[o] = sum over groups g of table[g][nibble g of the row][o]:
+// one table lookup per 4 features, no unpacking. Integer sums are exact in any order (the table
+// builder keeps every column's sum of |q| below 2^31), so every implementation agrees bit for
+// bit; the output is float32(double(acc) * double(scale[o]) + double(bias[o])).
+struct LinearProblem {
+  const uint64_t* packed;  // row r starts at packed + r * row_stride
+  int64_t rows;
+  int64_t row_stride;      // in words
+  const int32_t* table;    // [groups][16][outputs], contiguous
+  int64_t groups;
+  int64_t outputs;
+  const float* scale;      // [outputs]
+  const float* bias;       // [outputs] or nullptr (adds +0.0)
+  float* out;              // [rows][outputs], contiguous
+};
+
+FS_HD int nibble(const uint64_t* row, int64_t group) {
+  return static_cast<int>((row[group / 16] >> (4 * (group % 16))) & 15u);
+}
+
+FS_HD float linear_output(const LinearProblem& p, uint32_t acc, int64_t o) {
+  const double bias = p.bias ? static_cast<double>(p.bias[o]) : 0.0;
+  return static_cast<float>(static_cast<double>(static_cast<int32_t>(acc)) *
+                                static_cast<double>(p.scale[o]) +
+                            bias);
+}
+
+// One output of one row, in plain wrap-around uint32 arithmetic (SIMD adds wrap the same way).
+FS_HD uint32_t linear_acc_generic(const LinearProblem& p, const uint64_t* row, int64_t o) {
+  uint32_t acc = 0;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    acc += static_cast<uint32_t>(p.table[(g * 16 + nibble(row, g)) * p.outputs + o]);
+  }
+  return acc;
+}
+
 }  // namespace fakespotter

@@ -19,4 +19,8 @@ TORCH_LIBRARY(fakespotter, m) {
   m.def("layer_popcount(Tensor packed, int word_offset, int num_words) -> Tensor");
   // The first num_features bits of each row, starting at word_offset, as bool [N, num_features].
   m.def("unpack_bits(Tensor packed, int word_offset, int num_features) -> Tensor");
+  // A dense layer on packed rows without unpacking: int64 [N, W] packed, int32 [G, 16, O] nibble
+  // table (fakespotter.ops.bitset_table; W == ceil(G / 16)), float32 [O] scale and optional bias.
+  // Returns float32 [N, O] = float32(double(sum_g table[g, nibble g, :]) * scale + bias).
+  m.def("bitset_linear(Tensor packed, Tensor table, Tensor scale, Tensor? bias) -> Tensor");
 }

@@ -133,4 +133,55 @@ void check_packed(std::string_view op, const at::Tensor& packed, int64_t word_of
                     word_offset + num_words, ") were asked for");
 }
 
+PreparedLinear prepare_linear(std::string_view op, const at::Tensor& packed,
+                              const at::Tensor& table, const at::Tensor& scale,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(packed.scalar_type() == at::kLong, op, ": packed must be int64, got ",
+                    packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() == 2, op, ": packed must have shape [N, words], got shape ",
+                    shape_str(packed.sizes()));
+  TORCH_CHECK_VALUE(table.scalar_type() == at::kInt, op, ": table must be int32, got ",
+                    table.scalar_type());
+  TORCH_CHECK_VALUE(table.dim() == 3 && table.size(1) == 16, op,
+                    ": table must have shape [groups, 16, outputs] (fakespotter.ops.bitset_table), "
+                    "got shape ", shape_str(table.sizes()));
+  const int64_t groups = table.size(0);
+  const int64_t outputs = table.size(2);
+  TORCH_CHECK_VALUE((groups + 15) / 16 == packed.size(1), op, ": table covers ", groups,
+                    " groups of 4 features = ", (groups + 15) / 16, " words, packed has ",
+                    packed.size(1), " words per row");
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
+                        scale.size(0) == outputs,
+                    op, ": scale must be float32 of shape [", outputs, "], got ",
+                    scale.scalar_type(), " of shape ", shape_str(scale.sizes()));
+  for (const at::Tensor* t : {&table, &scale}) {
+    TORCH_CHECK_VALUE(t->device() == packed.device(), op, ": ", t == &table ? "table" : "scale",
+                      " must be on packed's device (", packed.device(), "), got ", t->device());
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                          bias->size(0) == outputs,
+                      op, ": bias must be float32 of shape [", outputs, "], got ",
+                      bias->scalar_type(), " of shape ", shape_str(bias->sizes()));
+    TORCH_CHECK_VALUE(bias->device() == packed.device(), op, ": bias must be on packed's device (",
+                      packed.device(), "), got ", bias->device());
+  }
+  PreparedLinear prepared;
+  prepared.packed = packed.contiguous();
+  prepared.table = table.contiguous();
+  prepared.scale = scale.contiguous();
+  if (bias.has_value()) prepared.bias = bias->contiguous();
+  LinearProblem& p = prepared.problem;
+  p.packed = reinterpret_cast<const uint64_t*>(prepared.packed.const_data_ptr<int64_t>());
+  p.rows = packed.size(0);
+  p.row_stride = packed.size(1);
+  p.table = prepared.table.const_data_ptr<int32_t>();
+  p.groups = groups;
+  p.outputs = outputs;
+  p.scale = prepared.scale.const_data_ptr<float>();
+  p.bias = bias.has_value() ? prepared.bias.const_data_ptr<float>() : nullptr;
+  p.out = nullptr;
+  return prepared;
+}
+
 }  // namespace fakespotter

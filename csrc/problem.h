@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string_view>
 
 #include "bitpack.h"
@@ -29,5 +30,15 @@ void bind_out(std::string_view op, PackProblem& problem, const at::Tensor& x, co
 // Checks packed rows and a word range [word_offset, word_offset + num_words).
 void check_packed(std::string_view op, const at::Tensor& packed, int64_t word_offset,
                   int64_t num_words);
+
+// Checks a bitset_linear call and describes it (problem.out is left unset). `holders` keeps
+// alive the contiguous copies the problem points into.
+struct PreparedLinear {
+  LinearProblem problem;
+  at::Tensor packed, table, scale, bias;
+};
+PreparedLinear prepare_linear(std::string_view op, const at::Tensor& packed,
+                              const at::Tensor& table, const at::Tensor& scale,
+                              const std::optional<at::Tensor>& bias);
 
 }  // namespace fakespotter

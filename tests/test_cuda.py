@@ -125,3 +125,21 @@ def test_cuda_uses_the_current_stream():
         got = fakespotter.threshold_pack(x, thr, "channel")
     stream.synchronize()
     assert torch.equal(got, want)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("outputs", [1, 9, 64, 130, 300])
+def test_cuda_bitset_linear_equals_cpu(outputs):
+    from fakespotter import ops
+
+    g = torch.Generator().manual_seed(outputs)
+    w = torch.randn(outputs, 5000, generator=g)
+    b = torch.randn(outputs, generator=g)
+    q, scale = ops.quantize_linear(w)
+    table = ops.bitset_table(q)
+    packed = ref.pack_bits(torch.rand(257, 5000, generator=g) < 0.4)
+    want = ops.bitset_linear(packed, table, scale, b)
+    got = ops.bitset_linear(packed.cuda(), table.cuda(), scale.cuda(), b.cuda())
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(ops.bitset_table(q.cuda()).cpu(), table)

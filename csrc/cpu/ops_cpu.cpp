@@ -13,20 +13,23 @@
 namespace fakespotter {
 namespace {
 
+// The variant of a kernel family for the selected instruction set.
+template <class Fn>
+Fn pick(Fn scalar, Fn avx2, Fn avx512) {
+  switch (cpu::selected_isa()) {
+    case cpu::Isa::Avx512:
+      return avx512;
+    case cpu::Isa::Avx2:
+      return avx2;
+    default:
+      return scalar;
+  }
+}
+
 void run_pack(const PackProblem& p) {
   const int64_t units = p.layout.rows * p.words;
   if (units == 0) return;
-  void (*kernel)(const PackProblem&, int64_t, int64_t) = cpu::pack_scalar;
-  switch (cpu::selected_isa()) {
-    case cpu::Isa::Avx512:
-      kernel = cpu::pack_avx512;
-      break;
-    case cpu::Isa::Avx2:
-      kernel = cpu::pack_avx2;
-      break;
-    default:
-      break;
-  }
+  const auto kernel = pick(&cpu::pack_scalar, &cpu::pack_avx2, &cpu::pack_avx512);
   // Aim for about 64K elements read per task.
   const bool sums = p.granularity == Granularity::Channel && p.layout.spatial > 1;
   const int64_t per_unit = kWordBits * (sums ? p.layout.spatial : 1);
@@ -90,6 +93,20 @@ at::Tensor unpack_bits(const at::Tensor& packed, int64_t word_offset, int64_t nu
   return out;
 }
 
+at::Tensor bitset_linear(const at::Tensor& packed, const at::Tensor& table, const at::Tensor& scale,
+                         const std::optional<at::Tensor>& bias) {
+  PreparedLinear prepared = prepare_linear("bitset_linear", packed, table, scale, bias);
+  LinearProblem& p = prepared.problem;
+  at::Tensor out = at::empty({p.rows, p.outputs}, scale.options());
+  p.out = out.data_ptr<float>();
+  if (p.rows * p.outputs == 0) return out;
+  const auto kernel = pick(&cpu::linear_scalar, &cpu::linear_avx2, &cpu::linear_avx512);
+  const int64_t per_row = std::max<int64_t>(1, p.groups * p.outputs);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_row);
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) { kernel(p, begin, end); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fakespotter, CPU, m) {
@@ -97,6 +114,7 @@ TORCH_LIBRARY_IMPL(fakespotter, CPU, m) {
   m.impl("threshold_pack_into", &threshold_pack_into);
   m.impl("layer_popcount", &layer_popcount);
   m.impl("unpack_bits", &unpack_bits);
+  m.impl("bitset_linear", &bitset_linear);
 }
 
 }  // namespace fakespotter

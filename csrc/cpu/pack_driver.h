@@ -83,5 +83,28 @@ struct TailBlock {
   }
 };
 
+// bitset_linear rows. K provides
+//   template <int R> static void linear_block(const LinearProblem& p, const uint64_t* row,
+//                                             int64_t o0, uint32_t* acc);
+//       acc[0 .. 8R) = accumulators of outputs o0 .. o0 + 8R - 1 (R SIMD registers of 8 lanes)
+template <class K>
+void linear_rows(const LinearProblem& p, int64_t begin, int64_t end) {
+  uint32_t acc[64];
+  for (int64_t r = begin; r < end; ++r) {
+    const uint64_t* row = p.packed + r * p.row_stride;
+    float* out = p.out + r * p.outputs;
+    int64_t o0 = 0;
+    for (; o0 + 64 <= p.outputs; o0 += 64) {
+      K::template linear_block<8>(p, row, o0, acc);
+      for (int k = 0; k < 64; ++k) out[o0 + k] = linear_output(p, acc[k], o0 + k);
+    }
+    for (; o0 + 8 <= p.outputs; o0 += 8) {
+      K::template linear_block<1>(p, row, o0, acc);
+      for (int k = 0; k < 8; ++k) out[o0 + k] = linear_output(p, acc[k], o0 + k);
+    }
+    for (; o0 < p.outputs; ++o0) out[o0] = linear_output(p, linear_acc_generic(p, row, o0), o0);
+  }
+}
+
 }  // namespace
 }  // namespace fakespotter::cpu

@@ -1,5 +1,5 @@
 // CUDA implementations: the same argument checks as the CPU ones (problem.cpp), then the
-// kernels of pack_kernels.cu on torch's current stream of x's device.
+// kernels of kernels.cu on torch's current stream of x's device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "../problem.h"
-#include "pack_kernels.h"
+#include "kernels.h"
 
 namespace fakespotter {
 namespace {
@@ -58,6 +58,17 @@ at::Tensor unpack_bits(const at::Tensor& packed, int64_t word_offset, int64_t nu
   return out;
 }
 
+at::Tensor bitset_linear(const at::Tensor& packed, const at::Tensor& table, const at::Tensor& scale,
+                         const std::optional<at::Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(packed.device());
+  PreparedLinear prepared = prepare_linear("bitset_linear", packed, table, scale, bias);
+  LinearProblem& p = prepared.problem;
+  at::Tensor out = at::empty({p.rows, p.outputs}, scale.options());
+  p.out = out.data_ptr<float>();
+  C10_CUDA_CHECK(cuda::launch_linear(p, current_stream()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fakespotter, CUDA, m) {
@@ -65,6 +76,7 @@ TORCH_LIBRARY_IMPL(fakespotter, CUDA, m) {
   m.impl("threshold_pack_into", &threshold_pack_into);
   m.impl("layer_popcount", &layer_popcount);
   m.impl("unpack_bits", &unpack_bits);
+  m.impl("bitset_linear", &bitset_linear);
 }
 
 }  // namespace fakespotter

@@ -39,3 +39,9 @@ def _unpack_bits_fake(packed, word_offset, num_features):
     words = (num_features + reference.WORD_BITS - 1) // reference.WORD_BITS
     reference.check_packed_args("unpack_bits", packed, word_offset, words)
     return packed.new_empty((packed.shape[0], num_features), dtype=torch.bool)
+
+
+@torch.library.register_fake(_lib + "bitset_linear")
+def _bitset_linear_fake(packed, table, scale, bias):
+    reference.check_linear_args("bitset_linear", packed, table, scale, bias)
+    return packed.new_empty((packed.shape[0], table.shape[2]), dtype=torch.float32)

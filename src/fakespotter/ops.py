@@ -11,7 +11,18 @@ import torch
 
 from .reference import WORD_BITS
 
-__all__ = ["threshold_pack", "threshold_pack_into", "layer_popcount", "unpack_bits", "num_words"]
+__all__ = [
+    "threshold_pack",
+    "threshold_pack_into",
+    "layer_popcount",
+    "unpack_bits",
+    "num_words",
+    "quantize_linear",
+    "bitset_table",
+    "bitset_linear",
+]
+
+INT32_MAX = 2**31 - 1
 
 
 def num_words(num_features: int) -> int:
@@ -81,3 +92,79 @@ def unpack_bits(packed: torch.Tensor, num_features: int | None = None, word_offs
     if num_features is None:
         num_features = (packed.shape[-1] - word_offset) * WORD_BITS
     return torch.ops.fakespotter.unpack_bits(packed, word_offset, num_features)
+
+
+def quantize_linear(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a dense layer's weights for :func:`bitset_table`.
+
+    Args:
+        weight (Tensor[O, B] float): a ``torch.nn.Linear`` weight over B input bits.
+
+    Returns:
+        ``(q, scale)``: q (Tensor[B, O] int32) and scale (Tensor[O] float32, a power of two) with
+        ``weight.T ~= q * scale``. Each output gets the finest power-of-two step for which its
+        column of ``|q|`` sums to at most 2^31 - 1, so every partial sum is exact in int32. Error
+        bound for a row with k bits set: ``|bits . q * scale - bits . weight| <= k * scale / 2``.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_linear: weight must be a float [outputs, inputs] matrix, got {weight.dtype} of shape {list(weight.shape)}")
+    w = weight.detach().to(torch.float64)
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_linear: weight has NaN or infinite entries")
+    inputs = w.shape[1]
+    budget = INT32_MAX - inputs  # rounding adds at most 1/2 per entry; keep a whole unit each
+    if budget <= 0:
+        raise ValueError(f"quantize_linear: {inputs} inputs is too many for exact int32 sums")
+    total = w.abs().sum(dim=1)  # [O]
+    exponent = torch.floor(torch.log2(budget / total.clamp_min(1e-300)))
+    exponent = exponent.clamp(-100, 100)
+    q = torch.round(w * torch.exp2(exponent)[:, None])
+    assert (q.abs().sum(dim=1) <= INT32_MAX).all()
+    scale = torch.exp2(-exponent).to(torch.float32)
+    return q.to(torch.int32).T.contiguous(), scale
+
+
+def bitset_table(q: torch.Tensor) -> torch.Tensor:
+    """Regroup quantized weights by nibbles of the packed row for :func:`bitset_linear`.
+
+    Args:
+        q (Tensor[B, O] int32): one row per input bit (feature i = bit i of the packed row).
+
+    Returns:
+        Tensor[ceil(B / 4), 16, O] int32: ``table[g, m, o]`` = sum of ``q[4g + j, o]`` over the
+        set bits j of m. Refused if a column of ``|q|`` sums past 2^31 - 1 (sums would not be
+        exact in int32); :func:`quantize_linear` never produces such weights.
+    """
+    if q.dtype != torch.int32 or q.dim() != 2:
+        raise ValueError(f"bitset_table: q must be int32 of shape [inputs, outputs], got {q.dtype} of shape {list(q.shape)}")
+    q64 = q.to(torch.int64)
+    sums = q64.abs().sum(dim=0)
+    if sums.numel() and int(sums.max()) > INT32_MAX:
+        o = int(sums.argmax())
+        raise ValueError(
+            f"bitset_table: the weights of output {o} sum to {int(sums[o])} in absolute value; at "
+            f"most {INT32_MAX} keeps the int32 sums exact (quantize with a coarser scale)"
+        )
+    inputs, outputs = q.shape
+    groups = -(-inputs // 4)
+    padded = torch.zeros(groups * 4, outputs, dtype=torch.int64, device=q.device)
+    padded[:inputs] = q64
+    masks = ((torch.arange(16, device=q.device)[:, None] >> torch.arange(4, device=q.device)) & 1).to(torch.int64)
+    table = (masks[None, :, :, None] * padded.reshape(groups, 1, 4, outputs)).sum(dim=2)
+    return table.to(torch.int32).contiguous()
+
+
+def bitset_linear(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense layer evaluated on packed rows, without unpacking them.
+
+    Args:
+        packed (Tensor[N, W] int64): packed rows (bit i = input i).
+        table (Tensor[G, 16, O] int32): from :func:`bitset_table`; ``ceil(G / 16) == W``.
+        scale (Tensor[O] float32), bias (Tensor[O] float32 or None): from :func:`quantize_linear`
+            and the layer.
+
+    Returns:
+        Tensor[N, O] float32: ``float32(double(exact integer sum) * scale + bias)``; equal, bit for
+        bit, to ``unpack(packed).double() @ (q * scale).double() + bias`` rounded to float32.
+    """
+    return torch.ops.fakespotter.bitset_linear(packed, table, scale, bias)

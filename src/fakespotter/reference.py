@@ -25,6 +25,7 @@ __all__ = [
     "unpack_bits",
     "pack_bits",
     "num_features",
+    "bitset_linear",
 ]
 
 WORD_BITS = 64
@@ -211,3 +212,58 @@ def layer_popcount(packed: torch.Tensor, word_offset: int, num_words: int) -> to
     check_packed_args("layer_popcount", packed, word_offset, num_words)
     bits = unpack_bits(packed, word_offset, num_words * WORD_BITS)
     return bits.sum(dim=1, dtype=torch.int64)
+
+
+def check_linear_args(op: str, packed, table, scale, bias) -> None:
+    """The argument checks of bitset_linear (same messages as the native op)."""
+    if packed.dtype != torch.int64:
+        raise ValueError(f"{op}: packed must be int64, got {_dtype_name(packed.dtype)}")
+    if packed.dim() != 2:
+        raise ValueError(f"{op}: packed must have shape [N, words], got shape {_shape(packed)}")
+    if table.dtype != torch.int32:
+        raise ValueError(f"{op}: table must be int32, got {_dtype_name(table.dtype)}")
+    if table.dim() != 3 or table.shape[1] != 16:
+        raise ValueError(
+            f"{op}: table must have shape [groups, 16, outputs] (fakespotter.ops.bitset_table), "
+            f"got shape {_shape(table)}"
+        )
+    groups, outputs = table.shape[0], table.shape[2]
+    words = (groups + 15) // 16
+    if words != packed.shape[1]:
+        raise ValueError(
+            f"{op}: table covers {groups} groups of 4 features = {words} words, packed has "
+            f"{packed.shape[1]} words per row"
+        )
+    if scale.dtype != torch.float32 or scale.dim() != 1 or scale.shape[0] != outputs:
+        raise ValueError(
+            f"{op}: scale must be float32 of shape [{outputs}], got {_dtype_name(scale.dtype)} "
+            f"of shape {_shape(scale)}"
+        )
+    for name, t in (("table", table), ("scale", scale)):
+        if t.device != packed.device:
+            raise ValueError(f"{op}: {name} must be on packed's device ({packed.device}), got {t.device}")
+    if bias is not None:
+        if bias.dtype != torch.float32 or bias.dim() != 1 or bias.shape[0] != outputs:
+            raise ValueError(
+                f"{op}: bias must be float32 of shape [{outputs}], got {_dtype_name(bias.dtype)} "
+                f"of shape {_shape(bias)}"
+            )
+        if bias.device != packed.device:
+            raise ValueError(f"{op}: bias must be on packed's device ({packed.device}), got {bias.device}")
+
+
+def bitset_linear(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """Twin of ``torch.ops.fakespotter.bitset_linear``: float32 [N, O].
+
+    ``acc[n, o] = sum_g table[g, nibble g of row n, o]`` (int32, wrapping), then
+    ``float32(double(acc) * double(scale) + double(bias))``; no bias adds +0.0.
+    """
+    check_linear_args("bitset_linear", packed, table, scale, bias)
+    n, groups, outputs = packed.shape[0], table.shape[0], table.shape[2]
+    shifts = 4 * torch.arange(16, dtype=torch.int64, device=packed.device)
+    nibbles = ((packed.unsqueeze(2) >> shifts) & 15).reshape(n, 16 * packed.shape[1])[:, :groups]
+    g = torch.arange(groups, device=packed.device).expand(n, groups)
+    acc = table.to(torch.int64)[g, nibbles].sum(dim=1)  # [N, O], exact
+    acc = ((acc + 2**31) % 2**32) - 2**31  # the int32 wrap-around of the kernels
+    b = bias.double() if bias is not None else torch.zeros(outputs, dtype=torch.float64, device=packed.device)
+    return (acc.double() * scale.double() + b).to(torch.float32)

@@ -1,4 +1,4 @@
-// CUDA kernels for threshold_pack, layer_popcount and unpack_bits.
+// CUDA kernels for threshold_pack, layer_popcount, unpack_bits and bitset_linear.
 //
 // Element granularity (and channels of one element): one warp per output word. Lane l reads
 // features 64w + l and 64w + 32 + l, compares them with their thresholds, and two warp ballots
@@ -8,9 +8,12 @@
 // channels one after another. Lane l adds elements l, l + 32, ... of the channel in float64 and
 // an xor butterfly folds the 32 lanes: exactly the summation order bitpack.h fixes, so the
 // means equal the CPU kernels' bit for bit.
+// bitset_linear: one block per (row, 128 outputs); thread o walks the row's nibbles (every thread
+// reads the same word: a broadcast) and adds table[g][nibble][o] (consecutive threads, consecutive
+// addresses). Integer sums are exact, so the result does not depend on the order.
 #include <cuda_runtime.h>
 
-#include "pack_kernels.h"
+#include "kernels.h"
 
 namespace fakespotter::cuda {
 namespace {
@@ -124,6 +127,16 @@ __global__ void unpack_kernel(const uint64_t* packed, int64_t rows, int64_t row_
   }
 }
 
+__global__ void linear_kernel(LinearProblem p) {
+  const int64_t o = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    if (o < p.outputs) {
+      const uint64_t* row = p.packed + r * p.row_stride;
+      p.out[r * p.outputs + o] = linear_output(p, linear_acc_generic(p, row, o), o);
+    }
+  }
+}
+
 unsigned blocks_for(int64_t threads) {
   const int64_t b = (threads + kBlock - 1) / kBlock;
   return static_cast<unsigned>(b < kMaxBlocks ? b : kMaxBlocks);
@@ -162,6 +175,15 @@ cudaError_t launch_unpack(const uint64_t* packed, int64_t rows, int64_t row_stri
   if (rows * num_features == 0) return cudaSuccess;
   unpack_kernel<<<blocks_for(rows * num_features), kBlock, 0, stream>>>(
       packed, rows, row_stride, word_offset, num_features, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_linear(const LinearProblem& p, cudaStream_t stream) {
+  if (p.rows * p.outputs == 0) return cudaSuccess;
+  constexpr int kThreads = 128;
+  const dim3 grid(static_cast<unsigned>(p.rows < kMaxBlocks ? p.rows : kMaxBlocks),
+                  static_cast<unsigned>((p.outputs + kThreads - 1) / kThreads));
+  linear_kernel<<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -1,4 +1,4 @@
-// CUDA launchers for the fakespotter ops. Raw device pointers and a stream; no torch headers.
+// CUDA launchers for the fakespotter ops (kernels.cu). Raw device pointers and a stream; no torch headers.
 // Each returns the launch's cudaError_t (cudaGetLastError after the launch).
 #pragma once
 
@@ -22,5 +22,8 @@ cudaError_t launch_popcount(const uint64_t* packed, int64_t rows, int64_t row_st
 cudaError_t launch_unpack(const uint64_t* packed, int64_t rows, int64_t row_stride,
                           int64_t word_offset, int64_t num_features, bool* out,
                           cudaStream_t stream);
+
+// bitset_linear of a problem whose pointers are device pointers.
+cudaError_t launch_linear(const LinearProblem& p, cudaStream_t stream);
 
 }  // namespace fakespotter::cuda
