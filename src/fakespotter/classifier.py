@@ -1,0 +1,301 @@
+"""Classifiers on packed activation rows (paper §3.3: a shallow network reads the neuron bits).
+
+Both follow the scikit-learn estimator contract: ``__init__`` only stores parameters, ``fit``
+validates, sets trailing-underscore attributes and returns ``self``; inference checks that the
+estimator is fitted. Inputs are packed int64 rows ``[N, W]`` (bit ``i`` = feature ``i``), labels
+are 0 (real) and 1 (fake).
+
+Training unpacks the bits to floats (PyTorch, seeded, deterministic on CPU). Inference never
+unpacks: the first dense layer runs on the packed words through :func:`fakespotter.ops.bitset_linear`
+(exact integer arithmetic on weights quantized per output to a power-of-two step; the error
+against the float weights is at most ``k * scale / 2`` for a row with ``k`` bits set, see
+:func:`fakespotter.ops.quantize_linear`), and the small layers after it run in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+from .reference import WORD_BITS
+
+__all__ = ["BitsetMLPClassifier", "BitsetLogisticClassifier", "NotFittedError"]
+
+
+class NotFittedError(ValueError, AttributeError):
+    """The estimator is used before ``fit``."""
+
+
+def _check_rows(rows, name: str = "rows", words: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(rows, torch.Tensor):
+        rows = torch.as_tensor(np.asarray(rows))
+    if rows.dtype != torch.int64 or rows.dim() != 2:
+        raise ValueError(f"{name} must be packed int64 rows of shape [N, words], got {rows.dtype} of shape {list(rows.shape)}")
+    if words is not None and rows.shape[1] != words:
+        raise ValueError(f"{name} have {rows.shape[1]} words per row; this classifier was fitted on {words}")
+    return rows
+
+
+def _check_labels(y, n: int, need_both: bool = True) -> torch.Tensor:
+    y = torch.as_tensor(np.asarray(y)).reshape(-1)
+    if y.numel() != n:
+        raise ValueError(f"y has {y.numel()} labels for {n} rows")
+    values = set(torch.unique(y).tolist())
+    if not values <= {0, 1}:
+        raise ValueError(f"y must hold 0 (real) and 1 (fake), got values {sorted(values)}")
+    if need_both and len(values) < 2:
+        raise ValueError(f"y holds only class {values.pop()}: training needs both real (0) and fake (1) rows")
+    return y.to(torch.int64)
+
+
+class BitsetMLPClassifier:
+    """The paper's shallow network on activation bits: dense layers with ReLU and dropout.
+
+    Args:
+        hidden: widths of the hidden layers (``()`` gives logistic regression).
+        dropout: dropout probability after each hidden layer (training only).
+        lr, weight_decay: AdamW parameters.
+        max_epochs: upper bound on training epochs.
+        batch_size: rows per optimisation step.
+        validation_fraction: share of the training rows held out for early stopping when no
+            explicit validation set is given (stratified, seeded).
+        patience: epochs without a lower validation loss before training stops.
+        class_weight: ``"balanced"`` weighs each class by the inverse of its frequency;
+            ``None`` weighs every row alike.
+        seed: seeds the split, the initialisation, dropout and the shuffling.
+    """
+
+    def __init__(
+        self,
+        hidden: Sequence[int] = (64, 32),
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 200,
+        batch_size: int = 64,
+        validation_fraction: float = 0.2,
+        patience: int = 15,
+        class_weight: Optional[str] = "balanced",
+        seed: int = 0,
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.class_weight = class_weight
+        self.seed = seed
+
+    # -- scikit-learn plumbing ------------------------------------------------------------
+    _param_names = ("hidden", "dropout", "lr", "weight_decay", "max_epochs", "batch_size",
+                    "validation_fraction", "patience", "class_weight", "seed")
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._param_names}
+
+    def set_params(self, **params) -> "BitsetMLPClassifier":
+        for name, value in params.items():
+            if name not in self._param_names:
+                raise ValueError(f"unknown parameter {name!r}; valid: {', '.join(self._param_names)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- training ----------------------------------------------------------------------------
+    def _build(self, inputs: int) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        width = inputs
+        for h in self.hidden:
+            layers += [nn.Linear(width, int(h)), nn.ReLU(), nn.Dropout(self.dropout)]
+            width = int(h)
+        layers.append(nn.Linear(width, 1))
+        return nn.Sequential(*layers)
+
+    def _split(self, n: int, y: torch.Tensor, generator: torch.Generator):
+        val = torch.zeros(n, dtype=torch.bool)
+        for cls in (0, 1):
+            idx = torch.nonzero(y == cls).flatten()
+            idx = idx[torch.randperm(idx.numel(), generator=generator)]
+            take = int(round(idx.numel() * self.validation_fraction))
+            take = min(max(take, 1), idx.numel() - 1)
+            val[idx[:take]] = True
+        return ~val, val
+
+    def fit(self, rows, y, validation: Optional[tuple] = None) -> "BitsetMLPClassifier":
+        """Fit on packed rows ``[N, W]`` and labels ``y`` (0 real, 1 fake).
+
+        ``validation=(rows_val, y_val)`` gives the early-stopping set; otherwise
+        ``validation_fraction`` of the rows are held out (stratified).
+        """
+        rows = _check_rows(rows)
+        y = _check_labels(y, rows.shape[0])
+        if not 0.0 < self.validation_fraction < 1.0 and validation is None:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        words = rows.shape[1]
+        generator = torch.Generator().manual_seed(self.seed)
+        if validation is None:
+            train_mask, val_mask = self._split(rows.shape[0], y, generator)
+            x_tr, y_tr, x_va, y_va = rows[train_mask], y[train_mask], rows[val_mask], y[val_mask]
+        else:
+            x_tr, y_tr = rows, y
+            x_va = _check_rows(validation[0], "validation rows", words)
+            y_va = _check_labels(validation[1], x_va.shape[0], need_both=False)
+        f_tr = ops.unpack_bits(x_tr).float()
+        f_va = ops.unpack_bits(x_va).float()
+        t_tr, t_va = y_tr.float(), y_va.float()
+
+        counts = torch.bincount(y_tr, minlength=2).double()
+        if self.class_weight == "balanced":
+            class_w = (counts.sum() / (2 * counts.clamp_min(1))).float()
+        elif self.class_weight is None:
+            class_w = torch.ones(2)
+        else:
+            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+
+        with _deterministic(self.seed):
+            net = self._build(words * WORD_BITS)
+            opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+            best_loss, best_state, best_epoch, history = math.inf, None, 0, []
+            for epoch in range(self.max_epochs):
+                net.train()
+                order = torch.randperm(f_tr.shape[0], generator=generator)
+                for start in range(0, len(order), self.batch_size):
+                    idx = order[start : start + self.batch_size]
+                    logits = net(f_tr[idx]).squeeze(1)
+                    loss = (loss_fn(logits, t_tr[idx]) * class_w[y_tr[idx]]).sum() / class_w[y_tr[idx]].sum()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                net.eval()
+                with torch.no_grad():
+                    v = loss_fn(net(f_va).squeeze(1), t_va)
+                    w = class_w[y_va]
+                    val_loss = float((v * w).sum() / w.sum())
+                history.append(val_loss)
+                if val_loss < best_loss - 1e-6:
+                    best_loss, best_state, best_epoch = val_loss, copy.deepcopy(net.state_dict()), epoch
+                elif epoch - best_epoch >= self.patience:
+                    break
+        net.load_state_dict(best_state)
+        net.eval()
+        self.classes_ = np.array([0, 1])
+        self.n_features_in_ = words * WORD_BITS
+        self.n_words_in_ = words
+        self.best_epoch_ = best_epoch
+        self.validation_loss_ = best_loss
+        self.history_ = history
+        self._set_network(net)
+        return self
+
+    # -- inference -----------------------------------------------------------------------------
+    def _set_network(self, net: nn.Sequential) -> None:
+        self.network_ = net
+        first = net[0]
+        q, scale = ops.quantize_linear(first.weight.detach())
+        self.table_ = ops.bitset_table(q)
+        self.scale_ = scale
+        self.bias_ = first.bias.detach().clone()
+        self._tail = net[1:]
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "network_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(rows, y) first")
+
+    def decision_function(self, rows) -> torch.Tensor:
+        """Logit of "fake" per row (float32 [N]), first layer on the packed words."""
+        self._check_fitted()
+        rows = _check_rows(rows, words=self.n_words_in_)
+        with torch.inference_mode():
+            h = ops.bitset_linear(rows, self.table_, self.scale_, self.bias_)
+            return self._tail(h).squeeze(1)
+
+    def decision_function_float(self, rows) -> torch.Tensor:
+        """The same logits through unpacked float bits and the float weights (for checking)."""
+        self._check_fitted()
+        rows = _check_rows(rows, words=self.n_words_in_)
+        with torch.inference_mode():
+            return self.network_(ops.unpack_bits(rows).float()).squeeze(1)
+
+    def predict_proba(self, rows) -> torch.Tensor:
+        """float32 [N, 2]: P(real), P(fake)."""
+        p = torch.sigmoid(self.decision_function(rows))
+        return torch.stack([1 - p, p], dim=1)
+
+    def predict(self, rows, threshold: float = 0.0) -> torch.Tensor:
+        """0 (real) or 1 (fake) per row: decision_function > threshold."""
+        return (self.decision_function(rows) > threshold).to(torch.int64)
+
+    def first_layer_weight(self) -> torch.Tensor:
+        """float32 [hidden or 1, features]: the weights the bits meet (for explanations)."""
+        self._check_fitted()
+        return self.network_[0].weight.detach()
+
+    # -- serialisation (tensors only; see artifact.py) -------------------------------------------
+    def state_tensors(self) -> dict:
+        self._check_fitted()
+        return {f"classifier.{k}": v.detach().clone().contiguous() for k, v in self.network_.state_dict().items()}
+
+    @classmethod
+    def from_state_tensors(cls, params: dict, tensors: dict, words: int) -> "BitsetMLPClassifier":
+        est = cls(**params)
+        net = est._build(words * WORD_BITS)
+        state = {k[len("classifier."):]: v for k, v in tensors.items() if k.startswith("classifier.")}
+        expected = net.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"classifier tensors do not match its parameters: missing {missing}, unexpected {unexpected}")
+        for k, v in expected.items():
+            if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
+                raise ValueError(f"classifier tensor {k} has shape {list(state[k].shape)} ({state[k].dtype}), expected {list(v.shape)} ({v.dtype})")
+        net.load_state_dict(state)
+        net.eval()
+        est.classes_ = np.array([0, 1])
+        est.n_features_in_ = words * WORD_BITS
+        est.n_words_in_ = words
+        est._set_network(net)
+        return est
+
+
+class BitsetLogisticClassifier(BitsetMLPClassifier):
+    """Logistic regression on activation bits (a single dense layer)."""
+
+    def __init__(self, lr: float = 1e-2, weight_decay: float = 1e-3, max_epochs: int = 300, batch_size: int = 64,
+                 validation_fraction: float = 0.2, patience: int = 20, class_weight: Optional[str] = "balanced", seed: int = 0):
+        super().__init__(hidden=(), dropout=0.0, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
+                         batch_size=batch_size, validation_fraction=validation_fraction, patience=patience,
+                         class_weight=class_weight, seed=seed)
+
+    _param_names = ("lr", "weight_decay", "max_epochs", "batch_size", "validation_fraction", "patience",
+                    "class_weight", "seed")
+
+
+class _deterministic:
+    """Seeded, deterministic torch for the duration of a fit; restores the previous settings."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self._rng = torch.get_rng_state()
+        self._det = torch.are_deterministic_algorithms_enabled()
+        torch.manual_seed(self.seed)
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self._det)
+        torch.set_rng_state(self._rng)
+        return False

@@ -1,0 +1,102 @@
+"""Bitset classifiers: sklearn contract, learning, determinism, compact == float within bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fakespotter import ops
+from fakespotter.classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
+from fakespotter.reference import pack_bits
+
+
+def auc(scores, labels) -> float:
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def synthetic(n=300, features=500, seed=0):
+    """Fakes fire a hidden subset of neurons more often than reals."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    p = torch.full((n, features), 0.4)
+    informative = torch.randperm(features, generator=g)[:40]
+    p[:, informative] = torch.where(y[:, None] == 1, 0.65, 0.35)
+    bits = torch.rand(n, features, generator=g) < p
+    return pack_bits(bits), y
+
+
+@pytest.mark.parametrize("cls", [BitsetMLPClassifier, BitsetLogisticClassifier])
+def test_learns_and_is_deterministic(cls):
+    rows, y = synthetic()
+    tr, te = slice(0, 200), slice(200, 300)
+    a = cls(max_epochs=60).fit(rows[tr], y[tr])
+    b = cls(max_epochs=60).fit(rows[tr], y[tr])
+    sa, sb = a.decision_function(rows[te]), b.decision_function(rows[te])
+    assert torch.equal(sa, sb)
+    assert auc(sa, y[te]) >= 0.9
+    assert a.classes_.tolist() == [0, 1] and a.n_features_in_ == rows.shape[1] * 64
+    proba = a.predict_proba(rows[te])
+    assert proba.shape == (100, 2) and torch.allclose(proba.sum(1), torch.ones(100))
+    assert set(a.predict(rows[te]).tolist()) <= {0, 1}
+
+
+def test_compact_scores_equal_float_scores_within_bound():
+    rows, y = synthetic(seed=1)
+    clf = BitsetMLPClassifier(max_epochs=20).fit(rows, y)
+    compact = clf.decision_function(rows)
+    flt = clf.decision_function_float(rows)
+    assert torch.allclose(compact, flt, rtol=1e-5, atol=1e-5)
+    # first layer alone: exact bound k * scale / 2 against the float weights
+    w = clf.network_[0].weight.detach().double()
+    bits = ops.unpack_bits(rows).double()
+    h = ops.bitset_linear(rows, clf.table_, clf.scale_, clf.bias_).double()
+    want = bits @ w.T + clf.bias_.double()
+    bound = bits.sum(1, keepdim=True) * clf.scale_.double() / 2 + want.abs() * 2**-24
+    assert ((h - want).abs() <= bound).all()
+
+
+def test_state_tensors_round_trip():
+    rows, y = synthetic(seed=2)
+    clf = BitsetMLPClassifier(hidden=(16,), max_epochs=10).fit(rows, y)
+    again = BitsetMLPClassifier.from_state_tensors(clf.get_params(), clf.state_tensors(), rows.shape[1])
+    assert torch.equal(again.decision_function(rows), clf.decision_function(rows))
+    with pytest.raises(ValueError, match="classifier tensor 0.weight has shape"):
+        BitsetMLPClassifier.from_state_tensors({**clf.get_params(), "hidden": (16,)}, clf.state_tensors(), rows.shape[1] + 1)
+    with pytest.raises(ValueError, match="missing"):
+        BitsetMLPClassifier.from_state_tensors({**clf.get_params(), "hidden": (16, 8)}, clf.state_tensors(), rows.shape[1])
+
+
+def test_contract_and_errors():
+    clf = BitsetMLPClassifier(hidden=(8,))
+    assert clf.get_params()["hidden"] == (8,)
+    assert "hidden=(8,)" in repr(clf)
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        clf.decision_function(torch.zeros(2, 3, dtype=torch.int64))
+    rows, y = synthetic(n=40)
+    with pytest.raises(ValueError, match="training needs both real"):
+        clf.fit(rows, torch.zeros(40))
+    with pytest.raises(ValueError, match=r"y must hold 0 \(real\) and 1 \(fake\), got values \[0, 2\]"):
+        clf.fit(rows, torch.arange(40) % 2 * 2)
+    with pytest.raises(ValueError, match="y has 3 labels for 40 rows"):
+        clf.fit(rows, [0, 1, 0])
+    with pytest.raises(ValueError, match="must be packed int64 rows"):
+        clf.fit(rows.float(), y)
+    with pytest.raises(ValueError, match="unknown parameter 'depth'"):
+        clf.set_params(depth=3)
+    clf.set_params(max_epochs=3).fit(rows, y)
+    with pytest.raises(ValueError, match="have 2 words per row; this classifier was fitted on 8"):
+        clf.decision_function(rows[:, :2])
+
+
+def test_class_weights_help_imbalanced_data():
+    rows, y = synthetic(n=400, seed=3)
+    keep = torch.cat([torch.nonzero(y == 0).flatten(), torch.nonzero(y == 1).flatten()[:40]])
+    clf = BitsetLogisticClassifier(max_epochs=80).fit(rows[keep], y[keep])
+    test_rows, test_y = synthetic(n=200, seed=3)
+    pred = clf.predict(test_rows)
+    recall_fake = (pred[test_y == 1] == 1).float().mean().item()
+    assert recall_fake > 0.6
