@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9, help="timed runs; medians reported (default: 9)")
     args = parser.parse_args(argv)
     print(hardware())
-    configs = [("channel", 64), ("channel", 1), ("element", 1), ("element", 8)]
+    configs = [("channel", 64), ("channel", 16), ("channel", 1), ("element", 16), ("element", 1)]
     widths = {g: default_row_features(g) for g in ("channel", "element")}
     print("| threads | granularity | row bits | outputs | compact rows/s | unpack+matmul rows/s | speedup | max err / sum|w| | table MB |")
     print("|---|---|---|---|---|---|---|---|---|")

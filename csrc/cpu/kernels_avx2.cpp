@@ -48,22 +48,6 @@ struct Avx2Kernel {
   static double channel_sum(const void* x, int64_t i, int64_t n);
 
   // R registers of 8 int32 lanes for AVX2; AVX-512 holds the same 8R outputs in half as many.
-  template <int R>
-  static void linear_block(const LinearProblem& p, const uint64_t* row, int64_t o0, uint32_t* acc) {
-    constexpr int kRegs = 1 * R;
-    __m256i a[kRegs];
-    for (auto& v : a) v = _mm256_setzero_si256();
-    const int32_t* base = p.table + o0;
-    for (int64_t w = 0, g = 0; g < p.groups; ++w) {
-      uint64_t bits = row[w];
-      const int64_t last = g + 16 < p.groups ? g + 16 : p.groups;
-      for (; g < last; ++g, bits >>= 4) {
-        const int32_t* t = base + (g * 16 + static_cast<int64_t>(bits & 15u)) * p.outputs;
-        for (int k = 0; k < kRegs; ++k) a[k] = _mm256_add_epi32(a[k], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 8 * k)));
-      }
-    }
-    for (int k = 0; k < kRegs; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 8 * k), a[k]);
-  }
 };
 
 }  // namespace
@@ -120,7 +104,7 @@ void pack_avx2(const PackProblem& p, int64_t begin, int64_t end) {
 }
 
 void linear_avx2(const LinearProblem& p, int64_t begin, int64_t end) {
-  linear_rows<Avx2Kernel>(p, begin, end);
+  linear_rows(p, begin, end);
 }
 
 }  // namespace fakespotter::cpu

@@ -48,28 +48,6 @@ struct Avx512Kernel {
   static double channel_sum(const void* x, int64_t i, int64_t n);
 
   // R blocks of 8 outputs: 16-lane registers hold two blocks each (an odd block is masked).
-  template <int R>
-  static void linear_block(const LinearProblem& p, const uint64_t* row, int64_t o0, uint32_t* acc) {
-    constexpr int kRegs = (R + 1) / 2;
-    constexpr __mmask16 kLast = (R % 2) ? 0x00ff : 0xffff;
-    __m512i a[kRegs];
-    for (auto& v : a) v = _mm512_setzero_si512();
-    const int32_t* base = p.table + o0;
-    for (int64_t w = 0, g = 0; g < p.groups; ++w) {
-      uint64_t bits = row[w];
-      const int64_t last = g + 16 < p.groups ? g + 16 : p.groups;
-      for (; g < last; ++g, bits >>= 4) {
-        const int32_t* t = base + (g * 16 + static_cast<int64_t>(bits & 15u)) * p.outputs;
-        for (int k = 0; k < kRegs; ++k) {
-          const __mmask16 m = k == kRegs - 1 ? kLast : 0xffff;
-          a[k] = _mm512_add_epi32(a[k], _mm512_maskz_loadu_epi32(m, t + 16 * k));
-        }
-      }
-    }
-    for (int k = 0; k < kRegs; ++k) {
-      _mm512_mask_storeu_epi32(acc + 16 * k, k == kRegs - 1 ? kLast : 0xffff, a[k]);
-    }
-  }
 };
 
 }  // namespace
@@ -117,7 +95,7 @@ void pack_avx512(const PackProblem& p, int64_t begin, int64_t end) {
 }
 
 void linear_avx512(const LinearProblem& p, int64_t begin, int64_t end) {
-  linear_rows<Avx512Kernel>(p, begin, end);
+  linear_rows(p, begin, end);
 }
 
 }  // namespace fakespotter::cpu

@@ -17,14 +17,6 @@ struct ScalarKernel {
   template <DType D>
   static double channel_sum(const void* x, int64_t i, int64_t n);
 
-  template <int R>
-  static void linear_block(const LinearProblem& p, const uint64_t* row, int64_t o0, uint32_t* acc) {
-    for (int k = 0; k < 8 * R; ++k) acc[k] = 0;
-    for (int64_t g = 0; g < p.groups; ++g) {
-      const int32_t* t = p.table + (g * 16 + nibble(row, g)) * p.outputs + o0;
-      for (int k = 0; k < 8 * R; ++k) acc[k] += static_cast<uint32_t>(t[k]);
-    }
-  }
 };
 
 }  // namespace
@@ -53,7 +45,7 @@ void pack_scalar(const PackProblem& p, int64_t begin, int64_t end) {
 }
 
 void linear_scalar(const LinearProblem& p, int64_t begin, int64_t end) {
-  linear_rows<ScalarKernel>(p, begin, end);
+  linear_rows(p, begin, end);
 }
 
 }  // namespace fakespotter::cpu

@@ -83,26 +83,67 @@ struct TailBlock {
   }
 };
 
-// bitset_linear rows. K provides
-//   template <int R> static void linear_block(const LinearProblem& p, const uint64_t* row,
-//                                             int64_t o0, uint32_t* acc);
-//       acc[0 .. 8R) = accumulators of outputs o0 .. o0 + 8R - 1 (R SIMD registers of 8 lanes)
-template <class K>
-void linear_rows(const LinearProblem& p, int64_t begin, int64_t end) {
-  uint32_t acc[64];
-  for (int64_t r = begin; r < end; ++r) {
-    const uint64_t* row = p.packed + r * p.row_stride;
-    float* out = p.out + r * p.outputs;
-    int64_t o0 = 0;
-    for (; o0 + 64 <= p.outputs; o0 += 64) {
-      K::template linear_block<8>(p, row, o0, acc);
-      for (int k = 0; k < 64; ++k) out[o0 + k] = linear_output(p, acc[k], o0 + k);
+// bitset_linear over rows [begin, end), in blocks of kLinearRows rows x kLinearOutputs outputs:
+// for each group g the block's rows add table[g][their nibble] into accumulators that stay in L1,
+// so a group's 16 table rows are fetched once per block of rows, not once per row. Plain loops:
+// each variant's compiler target vectorizes them (the adds wrap like the CUDA and twin sums).
+constexpr int64_t kLinearRows = 64;
+constexpr int64_t kLinearOutputs = 64;
+
+template <int64_t kFixed>  // kFixed > 0: every block has exactly kFixed outputs
+inline void linear_block(const LinearProblem& p, int64_t r0, int64_t nr, int64_t o0, int64_t no,
+                         uint32_t* acc) {
+  const int64_t width = kFixed > 0 ? kFixed : no;
+  const int64_t gstride = 16 * p.outputs;
+  for (int64_t k = 0; k < nr * kLinearOutputs; ++k) acc[k] = 0;
+  int64_t g = 0;
+  // Four groups (16 bits of a word) per visit of a row's accumulators: a quarter of the
+  // accumulator traffic; the four groups' tables (4 x 16 rows) stay in L1 for the whole block.
+  for (; g + 4 <= p.groups; g += 4) {
+    const int32_t* tg = p.table + g * gstride + o0;
+    const uint64_t* words = p.packed + r0 * p.row_stride + g / 16;
+    const int shift = static_cast<int>(4 * (g % 16));
+    for (int64_t r = 0; r < nr; ++r) {
+      const uint64_t bits = words[r * p.row_stride] >> shift;
+      const int32_t* t0 = tg + static_cast<int64_t>(bits & 15u) * p.outputs;
+      const int32_t* t1 = tg + gstride + static_cast<int64_t>((bits >> 4) & 15u) * p.outputs;
+      const int32_t* t2 = tg + 2 * gstride + static_cast<int64_t>((bits >> 8) & 15u) * p.outputs;
+      const int32_t* t3 = tg + 3 * gstride + static_cast<int64_t>((bits >> 12) & 15u) * p.outputs;
+      uint32_t* a = acc + r * kLinearOutputs;
+      for (int64_t k = 0; k < width; ++k) {
+        a[k] += (static_cast<uint32_t>(t0[k]) + static_cast<uint32_t>(t1[k])) +
+                (static_cast<uint32_t>(t2[k]) + static_cast<uint32_t>(t3[k]));
+      }
     }
-    for (; o0 + 8 <= p.outputs; o0 += 8) {
-      K::template linear_block<1>(p, row, o0, acc);
-      for (int k = 0; k < 8; ++k) out[o0 + k] = linear_output(p, acc[k], o0 + k);
+  }
+  for (; g < p.groups; ++g) {
+    const int32_t* tg = p.table + g * gstride + o0;
+    const uint64_t* words = p.packed + r0 * p.row_stride + g / 16;
+    const int shift = static_cast<int>(4 * (g % 16));
+    for (int64_t r = 0; r < nr; ++r) {
+      const int32_t* t = tg + static_cast<int64_t>((words[r * p.row_stride] >> shift) & 15u) * p.outputs;
+      uint32_t* a = acc + r * kLinearOutputs;
+      for (int64_t k = 0; k < width; ++k) a[k] += static_cast<uint32_t>(t[k]);
     }
-    for (; o0 < p.outputs; ++o0) out[o0] = linear_output(p, linear_acc_generic(p, row, o0), o0);
+  }
+}
+
+inline void linear_rows(const LinearProblem& p, int64_t begin, int64_t end) {
+  alignas(64) uint32_t acc[kLinearRows * kLinearOutputs];  // 16 KB: stays in L1 with the tables
+  for (int64_t r0 = begin; r0 < end; r0 += kLinearRows) {
+    const int64_t nr = std::min(kLinearRows, end - r0);
+    for (int64_t o0 = 0; o0 < p.outputs; o0 += kLinearOutputs) {
+      const int64_t no = std::min(kLinearOutputs, p.outputs - o0);
+      if (no == kLinearOutputs) {
+        linear_block<kLinearOutputs>(p, r0, nr, o0, no, acc);
+      } else {
+        linear_block<0>(p, r0, nr, o0, no, acc);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        float* out = p.out + (r0 + r) * p.outputs + o0;
+        for (int64_t k = 0; k < no; ++k) out[k] = linear_output(p, acc[r * kLinearOutputs + k], o0 + k);
+      }
+    }
   }
 }
 
