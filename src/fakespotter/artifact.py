@@ -1,0 +1,112 @@
+"""The model file: one safetensors file, tensors plus a JSON metadata header (DESIGN.md §7).
+
+Layout: the safetensors header's ``__metadata__`` holds two strings,
+
+* ``fakespotter``: JSON with ``format`` ("fakespotter-model"), ``format_version``,
+  ``bit_layout_version`` and everything the detector needs (backbone id and weights sha256,
+  preprocessing, layers, granularity, threshold mode, classifier type and parameters, operating
+  threshold, training summary);
+* ``content_sha256``: a digest over that JSON and every tensor (name, dtype, shape, bytes), so a
+  header edited by hand, tensors swapped between names, or a file damaged in transit is refused
+  instead of silently scoring differently.
+
+Nothing in a model file is ever executed (no pickle); reading validates everything before
+anything is built, so a refused file is never half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, Mapping, Tuple, Union
+
+import torch
+
+from ._safetensors import SafetensorsError, load_file, save_file
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "BIT_LAYOUT_VERSION", "ModelFileError", "write_model", "read_model"]
+
+FORMAT = "fakespotter-model"
+FORMAT_VERSION = 1
+BIT_LAYOUT_VERSION = 1  # csrc/bitpack.h: feature i = bit i % 64 of word i // 64, layers word-aligned
+
+
+class ModelFileError(ValueError):
+    """A model file is refused; the message names the file and the problem."""
+
+
+def content_digest(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_model(path: Union[str, Path], tensors: Mapping[str, torch.Tensor], meta: Mapping,
+                overwrite: bool = False) -> Path:
+    """Write a model file atomically. An existing file is kept unless ``overwrite=True``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    full = dict(meta)
+    full.update(format=FORMAT, format_version=FORMAT_VERSION, bit_layout_version=BIT_LAYOUT_VERSION)
+    meta_json = json.dumps(full, sort_keys=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {"fakespotter": meta_json, "content_sha256": content_digest(meta_json, tensors)}
+    save_file(tensors, path, metadata)
+    return path
+
+
+def read_model(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Read and check a model file: ``(tensors, meta)``, or :class:`ModelFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        tensors, metadata = load_file(path)
+    except SafetensorsError as e:
+        raise ModelFileError(f"{e} (truncated or not a model file?)") from None
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    if "fakespotter" not in metadata:
+        raise ModelFileError(f"{path}: a safetensors file, but not a fakespotter model (no 'fakespotter' metadata)")
+    meta_json = metadata["fakespotter"]
+    try:
+        meta = json.loads(meta_json)
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: the 'fakespotter' metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT!r}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise ModelFileError(
+            f"{path}: model format version {version!r} is not supported (this fakespotter reads "
+            f"version {FORMAT_VERSION}{'; upgrade fakespotter' if newer else ''})"
+        )
+    if meta.get("bit_layout_version") != BIT_LAYOUT_VERSION:
+        raise ModelFileError(
+            f"{path}: bit layout version {meta.get('bit_layout_version')!r} differs from this "
+            f"fakespotter's {BIT_LAYOUT_VERSION}: its thresholds and classifier do not fit the rows"
+        )
+    if metadata.get("content_sha256") != content_digest(meta_json, tensors):
+        raise ModelFileError(
+            f"{path}: content digest mismatch: the header or the tensors were changed after the "
+            f"file was written (or the file is damaged); refusing to load it"
+        )
+    return tensors, meta
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
