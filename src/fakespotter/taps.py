@@ -26,12 +26,13 @@ Eq. 1) or one per neuron of every layer in layout order (``per_neuron``).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -46,6 +47,7 @@ __all__ = [
     "TapLayout",
     "Tap",
     "script_tap",
+    "load_script_tap",
     "export_tap",
 ]
 
@@ -318,17 +320,17 @@ class Tap(nn.Module):
         module = backbone.module
         module.eval()
         module.requires_grad_(False)
-        self.layers: List[str] = _check_layers(
+        self.layers = _check_layers(
             module, backbone.default_layers if layers is None else layers)
         self.backbone = backbone
-        self.backbone_id: str = backbone.id
-        self.weights_sha256: Optional[str] = backbone.weights_sha256
-        self.granularity: str = granularity
-        self.preprocessing: Preprocessing = backbone.preprocessing
-        self.input_shape: List[int] = [int(s) for s in backbone.input_shape]
-        self._aux: Dict[str, Any] = {}
-        self.layout: TapLayout = self._compute_layout(module)
-        self.threshold_mode: str = "per_layer"
+        self.backbone_id = backbone.id
+        self.weights_sha256 = backbone.weights_sha256
+        self.granularity = granularity
+        self.preprocessing = backbone.preprocessing
+        self.input_shape = [int(s) for s in backbone.input_shape]
+        self._aux = {}
+        self.layout = self._compute_layout(module)
+        self.threshold_mode = "per_layer"
         self.register_buffer("thresholds", torch.zeros(len(self.layers), dtype=torch.float32,
                                                        device=self._device()))
         self.net = _pack_graph(backbone, module, self.layout, self._threshold_spans())
@@ -477,6 +479,15 @@ class Tap(nn.Module):
                 f"thresholds={self.threshold_mode})")
 
 
+@contextlib.contextmanager
+def _no_torchscript_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.*")
+        yield
+
+
 def script_tap(tap: Tap) -> torch.jit.ScriptModule:
     """``torch.jit.script(tap)``, with TorchScript's deprecation warnings silenced here only.
 
@@ -484,11 +495,14 @@ def script_tap(tap: Tap) -> torch.jit.ScriptModule:
     returned module gives the same rows as ``tap`` and saves with ``.save(path)``
     (``import fakespotter`` before ``torch.jit.load`` so the ops are registered).
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*TorchScript.*")
+    with _no_torchscript_warnings():
         return torch.jit.script(tap)
+
+
+def load_script_tap(path: Any, map_location: Any = None) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` of a saved :func:`script_tap`, with the deprecation warnings silenced."""
+    with _no_torchscript_warnings():
+        return torch.jit.load(str(path), map_location=map_location)
 
 
 def export_tap(tap: Tap, example: Optional[Tensor] = None, dynamic_batch: bool = True
