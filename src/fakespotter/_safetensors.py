@@ -58,7 +58,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
         if t.dtype not in _DTYPES:
             raise TypeError(f"save_file: {name}: unsupported dtype {t.dtype}")
         data = t.detach().to("cpu").contiguous()
-        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
