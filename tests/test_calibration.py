@@ -107,6 +107,7 @@ def test_identical_for_any_batching(granularity):
     assert cal_a.n_images_ == cal_b.n_images_ == N
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 def test_means_of_a_real_cnn_do_not_depend_on_batching_beyond_its_activations():
     """With oneDNN off, small_net's activations are batch-invariant; so are the means."""
     net = small_net()

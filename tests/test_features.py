@@ -20,6 +20,7 @@ def square_tap(size=16):
     return Tap(custom_backbone(small_net(), SMALL_LAYERS, (size, size)))
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 def test_chip_batch_rows_equal_tap_rows_any_batch_size():
     tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
     x = small_chips(7)

@@ -294,6 +294,7 @@ class Tap(nn.Module):
 
     The backbone is shared, not copied, and frozen (eval mode, ``requires_grad=False``): with
     gradients on, autograd would keep every activation alive until the end of the forward pass.
+    Being shared, its submodules' forward hooks also run inside an eager tap.
 
     forward(x (Tensor[N, *input_shape], the module's input)) -> Tensor[N, layout.total_words]
     int64.
