@@ -1,0 +1,137 @@
+"""A minimal, dependency-free reader and writer of the safetensors file format.
+
+Format (https://github.com/huggingface/safetensors): an unsigned little-endian 64-bit header
+length ``n``; ``n`` bytes of UTF-8 JSON mapping each tensor name to
+``{"dtype", "shape", "data_offsets": [begin, end]}`` (byte offsets into the data that follows)
+and an optional ``"__metadata__"`` mapping of strings to strings; then the tensors' bytes,
+little-endian, C order, back to back. Files written here are readable by the ``safetensors``
+package and vice versa. Nothing in a file is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+__all__ = ["save_file", "load_file", "SafetensorsError"]
+
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_BY_NAME = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    """A file is not valid safetensors; the message names the file and the problem."""
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
+              metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write ``tensors`` (CPU copies are taken) and string ``metadata`` atomically to ``path``."""
+    path = Path(path)
+    header: Dict[str, object] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("save_file: metadata must map str to str")
+        header["__metadata__"] = dict(metadata)
+    blobs = []
+    offset = 0
+    for name, t in tensors.items():
+        if name == "__metadata__":
+            raise ValueError("save_file: '__metadata__' is not a valid tensor name")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"save_file: {name}: unsupported dtype {t.dtype}")
+        data = t.detach().to("cpu").contiguous()
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * ((-len(head)) % 8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            for raw in blobs:
+                f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_file(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Read ``(tensors, metadata)`` from ``path``; malformed files raise ``SafetensorsError``."""
+    path = Path(path)
+    data = path.read_bytes()
+
+    def fail(what: str) -> SafetensorsError:
+        return SafetensorsError(f"{path}: not a valid safetensors file: {what}")
+
+    if len(data) < 8:
+        raise fail(f"{len(data)} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > _MAX_HEADER or 8 + n > len(data):
+        raise fail(f"header length {n} does not fit in the file of {len(data)} bytes")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise fail("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise fail("__metadata__ must map strings to strings")
+    body = memoryview(data)[8 + n:]
+    tensors: Dict[str, torch.Tensor] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = _BY_NAME[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"tensor {name!r}: bad entry {info!r}") from None
+        numel = 1
+        for s in shape:
+            if s < 0:
+                raise fail(f"tensor {name!r}: negative dimension in {shape}")
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= len(body) or end - begin != numel * itemsize:
+            raise fail(f"tensor {name!r}: data_offsets [{begin}, {end}] do not hold "
+                       f"{numel} x {info['dtype']} within {len(body)} data bytes")
+        spans.append((begin, end))
+        raw = bytearray(body[begin:end])
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(shape)
+    spans.sort()
+    position = 0
+    for begin, end in spans:
+        if begin != position:
+            raise fail("tensor data overlaps or leaves holes")
+        position = end
+    if position != len(body):
+        raise fail(f"{len(body) - position} trailing bytes after the last tensor")
+    return tensors, dict(metadata)

@@ -1,0 +1,203 @@
+"""From images or face chips to packed activation rows: the Python API of the neuron monitor.
+
+* :func:`chips` - detect and align faces (or resize already-aligned crops) into chips, to look
+  at what the backbone will see;
+* :func:`features` - packed rows ``int64 [M, words]`` for every face of every image (or every
+  chip), with the image and face each row came from;
+* :func:`mnc` - mean neuron coverage per monitored layer, from the rows.
+
+A *chip batch* is ``uint8 [N, H, W, 3]`` RGB (numpy array or tensor) or ``float32
+[N, 3, H, W]`` with values 0..255, where ``(H, W)`` is the backbone's input size; the tap's
+preprocessing turns it into the module's input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .taps import Tap
+
+__all__ = ["Chips", "Features", "chips", "features", "mnc", "prepare_chips"]
+
+
+@dataclass
+class Chips:
+    """Face chips and where they came from.
+
+    array: uint8 [M, H, W, 3]; image_index / face_index: int64 [M] (face 0 is the detector's
+    highest-scoring face; always 0 for aligned inputs); faces: the ``faces.Face`` records
+    (box, landmarks, score), ``None`` for aligned inputs.
+    """
+
+    array: np.ndarray
+    image_index: np.ndarray
+    face_index: np.ndarray
+    faces: List[Any] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+
+@dataclass
+class Features:
+    """Packed rows and their provenance: rows int64 [M, words]; image_index, face_index int64 [M].
+
+    Images in which no face was found have no row (see ``images_without_faces``).
+    """
+
+    rows: Tensor
+    image_index: np.ndarray
+    face_index: np.ndarray
+    images_without_faces: List[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def _is_chip_batch(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, Tensor)) and x.ndim == 4
+
+
+def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
+    """Validate a chip batch; return float32 [N, 3, H, W] 0..255 on the tap's device.
+
+    Raises TypeError (wrong type or dtype) / ValueError (wrong shape or size), naming what was
+    expected and what arrived.
+    """
+    h, w = tap.preprocessing.size
+    if isinstance(chips, np.ndarray):
+        chips = torch.from_numpy(np.ascontiguousarray(chips))
+    if not isinstance(chips, Tensor):
+        raise TypeError(f"{what}: chips must be uint8 [N, {h}, {w}, 3] or float32 [N, 3, {h}, {w}] "
+                        f"(array or tensor), got {type(chips).__name__}")
+    shape = list(chips.shape)
+    if chips.dtype == torch.uint8:
+        if chips.dim() != 4 or shape[3] != 3:
+            raise ValueError(f"{what}: uint8 chips must be [N, {h}, {w}, 3] (RGB, channels last), "
+                             f"got shape {shape}")
+        if shape[1:3] != [h, w]:
+            raise ValueError(f"{what}: chips must be {h}x{w} (the backbone's input size), got "
+                             f"{shape[1]}x{shape[2]} (shape {shape}); align faces with chips() or "
+                             f"pass images with aligned=True to resize")
+        x = chips.permute(0, 3, 1, 2).to(torch.float32)
+    elif chips.dtype == torch.float32:
+        if chips.dim() != 4 or shape[1] != 3:
+            raise ValueError(f"{what}: float32 chips must be [N, 3, {h}, {w}] (RGB 0..255), "
+                             f"got shape {shape}")
+        if shape[2:] != [h, w]:
+            raise ValueError(f"{what}: chips must be {h}x{w} (the backbone's input size), got "
+                             f"{shape[2]}x{shape[3]} (shape {shape})")
+        x = chips
+    else:
+        raise TypeError(f"{what}: chips must be uint8 [N, {h}, {w}, 3] or float32 [N, 3, {h}, {w}], "
+                        f"got dtype {str(chips.dtype).replace('torch.', '')} with shape {shape}")
+    return x.to(tap.thresholds.device).contiguous()
+
+
+def _square_size(tap_or_size: Any) -> int:
+    size = tap_or_size.preprocessing.size if isinstance(tap_or_size, Tap) else tap_or_size
+    if isinstance(size, int):
+        return size
+    if size[0] != size[1]:
+        raise ValueError(f"chips: face chips are square; the backbone wants {size[0]}x{size[1]}")
+    return int(size[0])
+
+
+def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int
+                ) -> Iterator[Tuple[int, int, np.ndarray, Any]]:
+    from . import faces
+
+    for i, image in enumerate(images):
+        if aligned:
+            yield i, 0, faces.chip_from_aligned(image, size=size), None
+        else:
+            for j, face in enumerate(faces.detect_and_align(image, upsample=upsample, size=size)):
+                yield i, j, face.chip, face
+
+
+def chips(images: Sequence[Any], aligned: bool = False, size: Any = 150, upsample: int = 1) -> Chips:
+    """Face chips of ``images`` (paths, PIL images or arrays; anything ``faces.load_image`` takes).
+
+    aligned=False: every detected face becomes a chip (dlib 5-point alignment, padding 0.25);
+    an image without faces contributes none. aligned=True: each image is one already-aligned
+    chip, only resized. ``size`` is an int or a Tap (its input size).
+    """
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        images = [images]
+    s = _square_size(size)
+    found = list(_iter_chips(images, s, aligned, upsample))
+    array = (np.stack([c for _, _, c, _ in found]) if found
+             else np.zeros((0, s, s, 3), dtype=np.uint8))
+    return Chips(array=array,
+                 image_index=np.array([i for i, _, _, _ in found], dtype=np.int64),
+                 face_index=np.array([j for _, j, _, _ in found], dtype=np.int64),
+                 faces=[f for _, _, _, f in found])
+
+
+def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: int = 64,
+             upsample: int = 1) -> Features:
+    """Packed activation rows of every face (or chip), in batches of ``batch_size``.
+
+    images_or_chips: a chip batch (4-d array or tensor, see the module docstring), or a sequence
+        of images (one image alone is accepted too); images are turned into chips as
+        :func:`chips` does, streaming, so only one batch of chips is held at a time.
+    Returns :class:`Features`: rows int64 [M, tap.layout.total_words] plus the image / face
+    index of each row.
+    """
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"features: batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(tap, Tap):
+        raise TypeError(f"features: tap must be a Tap, got {type(tap).__name__}")
+    out: List[Tensor] = []
+    if _is_chip_batch(images_or_chips):
+        x = prepare_chips(images_or_chips, tap)
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                out.append(tap(tap.preprocessing(x[start:start + batch_size])))
+        n = int(x.shape[0])
+        rows = torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64)
+        return Features(rows=rows, image_index=np.arange(n, dtype=np.int64),
+                        face_index=np.zeros(n, dtype=np.int64))
+    images = images_or_chips
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        images = [images]
+    size = _square_size(tap)
+    image_index: List[int] = []
+    face_index: List[int] = []
+    pending: List[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            x = prepare_chips(np.stack(pending), tap)
+            with torch.no_grad():
+                out.append(tap(tap.preprocessing(x)))
+            pending.clear()
+
+    for i, j, chip, _ in _iter_chips(images, size, aligned, upsample):
+        image_index.append(i)
+        face_index.append(j)
+        pending.append(chip)
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    rows = torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64,
+                                                  device=tap.thresholds.device)
+    seen = set(image_index)
+    return Features(rows=rows, image_index=np.array(image_index, dtype=np.int64),
+                    face_index=np.array(face_index, dtype=np.int64),
+                    images_without_faces=[i for i in range(len(images)) if i not in seen])
+
+
+def mnc(rows: Any, tap: Tap) -> Tensor:
+    """Mean neuron coverage per monitored layer (paper Eq. 2): float32 [N, L].
+
+    rows: int64 [N, words] packed rows (or a :class:`Features`).
+    """
+    if isinstance(rows, Features):
+        rows = rows.rows
+    return tap.mnc(rows)

@@ -1,0 +1,524 @@
+"""Taps: run a backbone and pack its monitored layers into one row of bits (DESIGN.md §5).
+
+A :class:`Tap` wraps a backbone and a list of monitored layers (qualified module names). Its
+``forward(x)`` returns ``int64 [N, layout.total_words]``: each layer's activation is thresholded
+and packed by ``fakespotter::threshold_pack_into`` into its slot of one preallocated row as soon
+as the activation exists, and is then dropped, so float activations of different layers never
+have to coexist and never outlive the forward pass.
+
+How the intermediates are reached: the backbone is traced once with ``torch.fx`` (a tracer that
+records the output node of every call of a monitored module), a pack node is inserted right
+after each of those nodes, and everything after the last one is removed. The result is an
+ordinary ``GraphModule`` (plain Python code, no hooks) that shares the backbone's parameters, so
+the same ``Tap`` runs eagerly, under ``torch.compile``, ``torch.export`` (:func:`export_tap`)
+and ``torch.jit.script`` (:func:`script_tap`), with bit-identical rows. Backbones whose forward
+has shape-dependent Python (e.g. dlib's zero-padding ``add``) name those helpers in
+``trace_functions``; they are then called, not traced into.
+
+Row layout (``Tap.layout``): layers in the order given; layer ``l`` occupies words
+``[word_offset_l, word_offset_l + ceil(features_l / 64))``; offsets are cumulative. Within a
+layer the bit layout is that of ``csrc/bitpack.h``. Mean neuron coverage of layer ``l`` is
+``layer_popcount(row, word_offset_l, words_l) / features_l`` (:meth:`Tap.mnc`).
+
+Thresholds live in one float32 buffer ``thresholds``: one value per layer (``per_layer``, paper
+Eq. 1) or one per neuron of every layer in layout order (``per_neuron``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .backbones.registry import Backbone, Preprocessing, custom_backbone
+from .ops import layer_popcount, num_words
+
+__all__ = [
+    "GRANULARITIES",
+    "LayerSlot",
+    "TapLayout",
+    "Tap",
+    "script_tap",
+    "load_script_tap",
+    "export_tap",
+]
+
+GRANULARITIES = ("channel", "element")
+THRESHOLD_MODES = ("per_layer", "per_neuron")
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """One monitored layer's place in the packed row.
+
+    shape: the activation's shape without the batch dim, e.g. (C, H, W) or (D,).
+    features: neurons (C in channel granularity, C * H * W in element granularity).
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    features: int
+    word_offset: int
+    words: int
+
+
+@dataclass(frozen=True)
+class TapLayout:
+    """Where each monitored layer's bits are in a packed row."""
+
+    granularity: str
+    layers: Tuple[LayerSlot, ...]
+    total_words: int
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(s.name for s in self.layers)
+
+    @property
+    def total_features(self) -> int:
+        return sum(s.features for s in self.layers)
+
+    def __getitem__(self, name: str) -> LayerSlot:
+        for s in self.layers:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def bytes_per_row(self) -> int:
+        return 8 * self.total_words
+
+
+def _default_trace_functions() -> Tuple[Callable[..., Any], ...]:
+    from .backbones.dlib_resnet import dlib_add
+
+    return (dlib_add,)
+
+
+def _check_layers(module: nn.Module, layers: Sequence[str], what: str = "Tap") -> List[str]:
+    if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+        raise TypeError(f"{what}: layers must be a sequence of qualified module names, got {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{what}: at least one layer must be monitored")
+    names = [n for n, _ in module.named_modules() if n]
+    known = set(names)
+    for n in layers:
+        if n not in known:
+            close = difflib.get_close_matches(n, names, n=5, cutoff=0.5)
+            hint = (f"; close matches: {', '.join(repr(c) for c in close)}" if close
+                    else "; no close match")
+            raise ValueError(
+                f"{what}: unknown layer {n!r} in {type(module).__name__}{hint} "
+                f"(fakespotter.backbones.list_layers(module) lists all {len(names)})"
+            )
+    dup = sorted({n for n in layers if layers.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what}: layers listed more than once: {dup}")
+    return layers
+
+
+class _LayerTracer(fx.Tracer):
+    """Records the output node of every call of a monitored module."""
+
+    def __init__(self, monitored: Sequence[str], trace_functions: Sequence[Callable[..., Any]],
+                 leaf_modules: Sequence[type]) -> None:
+        super().__init__(autowrap_functions=tuple(trace_functions))
+        self.monitored = set(monitored)
+        self.leaf_types = tuple(leaf_modules)
+        self.outputs: Dict[str, List[fx.Node]] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Tuple[Any, ...],
+                    kwargs: Dict[str, Any]) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        if name in self.monitored:
+            if not isinstance(out, fx.Proxy):
+                raise ValueError(f"Tap: layer {name!r} does not return a tensor")
+            self.outputs.setdefault(name, []).append(out.node)
+        return out
+
+
+def _resolve(root: nn.Module, qualname: str) -> Any:
+    obj: Any = root
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _trace(backbone: Backbone, module: nn.Module, layers: Sequence[str]
+           ) -> Tuple[fx.Graph, Dict[str, fx.Node], fx.Node]:
+    """FX graph of the backbone, the output node of each monitored layer, the input node."""
+    tracer = _LayerTracer(layers, (*_default_trace_functions(), *backbone.trace_functions),
+                          backbone.leaf_modules)
+    params = list(inspect.signature(module.forward).parameters.values())
+    required = [p for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) != 1:
+        raise ValueError(f"Tap: the backbone's forward must take exactly one required tensor "
+                         f"argument; {type(module).__name__}.forward takes "
+                         f"{[p.name for p in params]}")
+    concrete = {p.name: p.default for p in params
+                if p.default is not inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    try:
+        graph = tracer.trace(module, concrete_args=concrete or None)
+    except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as e:
+        raise ValueError(
+            f"Tap: cannot trace {type(module).__name__} with torch.fx ({type(e).__name__}: {e}). "
+            f"Name the shape-dependent helper functions it calls in trace_functions=, or the "
+            f"module types to treat as opaque in leaf_modules= (see custom_backbone)"
+        ) from e
+    nodes: Dict[str, fx.Node] = {}
+    for name in layers:
+        found = tracer.outputs.get(name, [])
+        if not found:
+            raise ValueError(
+                f"Tap: layer {name!r} is not called in {type(module).__name__}.forward as traced "
+                f"(it is unused, or inside a module treated as a leaf); monitor a module that runs"
+            )
+        if len(found) > 1:
+            raise ValueError(
+                f"Tap: layer {name!r} is called {len(found)} times per forward pass, so it has no "
+                f"single activation; monitor a module that is called once (give each use its "
+                f"own module)"
+            )
+        nodes[name] = found[0]
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    return graph, nodes, inputs[0]
+
+
+def _finish(graph: fx.Graph, module: nn.Module, extra: Dict[str, nn.Module], last: fx.Node,
+            result: Any) -> fx.GraphModule:
+    """Drop everything after ``last``, return ``result``, build a GraphModule sharing weights."""
+    order = list(graph.nodes)
+    output = next(n for n in order if n.op == "output")
+    output.args = (result,)
+    for n in reversed(order[order.index(last) + 1:]):
+        if n.op != "output":
+            graph.erase_node(n)
+    for n in graph.nodes:
+        n.type = None  # annotations such as `_Tensor_` are not TorchScript types
+    graph.lint()
+    targets: Dict[str, Any] = dict(extra)
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr") and n.target not in targets:
+            targets[n.target] = _resolve(module, n.target)
+    return fx.GraphModule(targets, graph, class_name="TappedBackbone")
+
+
+class _Sink(nn.Module):
+    """Hands an activation to a Python callback (the eager-only capture graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fn: Optional[Callable[[int, Tensor], None]] = None
+
+    def forward(self, x: Tensor, index: int) -> None:
+        if self.fn is not None:
+            self.fn(index, x)
+
+
+def _capture_graph(backbone: Backbone, module: nn.Module, layers: Sequence[str]
+                   ) -> Tuple[fx.GraphModule, _Sink]:
+    graph, nodes, _ = _trace(backbone, module, layers)
+    sink = _Sink()
+    calls = []
+    for i, name in enumerate(layers):
+        with graph.inserting_after(nodes[name]):
+            calls.append(graph.call_module("fs_sink", (nodes[name], i)))
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    last = max(calls, key=order.__getitem__)
+    return _finish(graph, module, {"fs_sink": sink}, last, None), sink
+
+
+def _pack_graph(backbone: Backbone, module: nn.Module, layout: TapLayout,
+                threshold_spans: Sequence[Tuple[int, int]]) -> fx.GraphModule:
+    """forward(x, thresholds) -> int64 [N, total_words]: each layer packed where it appears."""
+    names = layout.names
+    graph, nodes, x = _trace(backbone, module, names)
+    with graph.inserting_after(x):
+        thresholds = graph.placeholder("fs_thresholds")
+    with graph.inserting_after(thresholds):
+        rows = graph.call_method("size", (x, 0))
+    with graph.inserting_after(rows):
+        device = graph.call_function(getattr, (x, "device"))
+    with graph.inserting_after(device):
+        out = graph.call_function(torch.zeros, ((rows, layout.total_words),),
+                                  {"dtype": torch.int64, "device": device})
+    packs = []
+    for slot, (t_off, t_len) in zip(layout.layers, threshold_spans):
+        node = nodes[slot.name]
+        with graph.inserting_after(node):
+            thr = graph.call_method("narrow", (thresholds, 0, t_off, t_len))
+        with graph.inserting_after(thr):
+            packs.append(graph.call_function(
+                torch.ops.fakespotter.threshold_pack_into,
+                (node, thr, layout.granularity, out, slot.word_offset),
+            ))
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    last = max(packs, key=order.__getitem__)
+    return _finish(graph, module, {}, last, out)
+
+
+def _describe(ids: Tuple[str, Optional[str]], layers: Sequence[str], granularity: str) -> str:
+    sha = f" (weights sha256 {ids[1][:12]}...)" if ids[1] else ""
+    return f"backbone {ids[0]!r}{sha}, {granularity} granularity, layers {list(layers)}"
+
+
+class Tap(nn.Module):
+    """A frozen backbone whose forward returns the packed bits of its monitored layers.
+
+    Args:
+        backbone: a :class:`~fakespotter.backbones.Backbone` (its default layers, input shape
+            and id are used), or any ``nn.Module`` (then ``layers`` and ``input_shape`` are
+            required; see :func:`~fakespotter.backbones.custom_backbone` for tracing hints).
+        layers: qualified module names, checked against ``named_modules()``.
+        granularity: ``"channel"`` (default; a neuron per channel, valued by its spatial mean)
+            or ``"element"`` (every element of the activation is a neuron).
+        thresholds: a ``Thresholds`` from calibration, one float for every layer, one float per
+            layer, or one tensor per layer (1 value or one per neuron). Default 0.0.
+        input_shape: (C, H, W) of one input, for a plain ``nn.Module``.
+
+    The backbone is shared, not copied, and frozen (eval mode, ``requires_grad=False``): with
+    gradients on, autograd would keep every activation alive until the end of the forward pass.
+    Being shared, its submodules' forward hooks also run inside an eager tap.
+
+    forward(x (Tensor[N, *input_shape], the module's input)) -> Tensor[N, layout.total_words]
+    int64.
+    """
+
+    __jit_ignored_attributes__ = ["layout", "preprocessing", "backbone", "_aux"]
+
+    def __init__(self, backbone: Union[Backbone, nn.Module],
+                 layers: Optional[Sequence[str]] = None, *, granularity: str = "channel",
+                 thresholds: Any = 0.0, input_shape: Optional[Sequence[int]] = None) -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"Tap: granularity must be 'channel' or 'element', got {granularity!r}")
+        if isinstance(backbone, nn.Module):
+            if layers is None or input_shape is None:
+                raise ValueError("Tap: for a plain nn.Module pass layers=[...] and "
+                                 "input_shape=(C, H, W) (or build a Backbone with custom_backbone)")
+            if len(input_shape) != 3 or input_shape[0] != 3:
+                raise ValueError(f"Tap: input_shape must be (3, H, W), got {tuple(input_shape)}")
+            backbone = custom_backbone(backbone, layers, tuple(input_shape[1:]))
+        elif not isinstance(backbone, Backbone):
+            raise TypeError(f"Tap: backbone must be a Backbone or nn.Module, "
+                            f"got {type(backbone).__name__}")
+        module = backbone.module
+        module.eval()
+        module.requires_grad_(False)
+        self.layers = _check_layers(
+            module, backbone.default_layers if layers is None else layers)
+        self.backbone = backbone
+        self.backbone_id = backbone.id
+        self.weights_sha256 = backbone.weights_sha256
+        self.granularity = granularity
+        self.preprocessing = backbone.preprocessing
+        self.input_shape = [int(s) for s in backbone.input_shape]
+        self._aux = {}
+        self.layout = self._compute_layout(module)
+        self.threshold_mode = "per_layer"
+        self.register_buffer("thresholds", torch.zeros(len(self.layers), dtype=torch.float32,
+                                                       device=self._device()))
+        self.net = _pack_graph(backbone, module, self.layout, self._threshold_spans())
+        self.set_thresholds(thresholds)
+
+    # -- construction helpers ----------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        for t in self.backbone.module.parameters():
+            return t.device
+        for t in self.backbone.module.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def _capture_net(self) -> Tuple[fx.GraphModule, _Sink]:
+        if "capture" not in self._aux:
+            self._aux["capture"] = _capture_graph(self.backbone, self.backbone.module, self.layers)
+        return self._aux["capture"]
+
+    def _compute_layout(self, module: nn.Module) -> TapLayout:
+        shapes: Dict[int, Tuple[int, ...]] = {}
+
+        def record(i: int, a: Any) -> None:
+            if not isinstance(a, Tensor) or a.dim() < 2:
+                raise ValueError(f"Tap: layer {self.layers[i]!r} must output a tensor [N, C, ...] "
+                                 f"or [N, D], got {type(a).__name__}"
+                                 f"{list(a.shape) if isinstance(a, Tensor) else ''}")
+            if not a.is_floating_point():
+                raise ValueError(f"Tap: layer {self.layers[i]!r} outputs {a.dtype}, not floats")
+            shapes[i] = tuple(int(s) for s in a.shape[1:])
+
+        p = next(iter(module.parameters()), None)
+        x = torch.zeros((1, *self.input_shape), device=self._device(),
+                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+        self.capture(x, record)
+        slots = []
+        offset = 0
+        for i, name in enumerate(self.layers):
+            shape = shapes[i]
+            features = shape[0] if self.granularity == "channel" else math.prod(shape)
+            words = num_words(features)
+            slots.append(LayerSlot(name, shape, features, offset, words))
+            offset += words
+        return TapLayout(self.granularity, tuple(slots), offset)
+
+    def _threshold_spans(self) -> List[Tuple[int, int]]:
+        if self.threshold_mode == "per_layer":
+            return [(i, 1) for i in range(len(self.layers))]
+        spans, offset = [], 0
+        for s in self.layout.layers:
+            spans.append((offset, s.features))
+            offset += s.features
+        return spans
+
+    # -- thresholds ----------------------------------------------------------------------------
+
+    def set_thresholds(self, thresholds: Any) -> None:
+        """Replace the thresholds (see the class docstring for the accepted forms).
+
+        A ``Thresholds`` object must come from the same backbone id, weights, granularity and
+        layer list, else ``ValueError`` naming both. Changing between per-layer and per-neuron
+        rebuilds the packing graph: compile / export / script the tap after this call.
+        """
+        from .calibration import Thresholds
+
+        L = len(self.layers)
+        if isinstance(thresholds, Thresholds):
+            mine = ((self.backbone_id, self.weights_sha256), self.layers, self.granularity)
+            theirs = ((thresholds.backbone_id, thresholds.weights_sha256),
+                      list(thresholds.layers), thresholds.granularity)
+            same_weights = (mine[0][0] == theirs[0][0] and (
+                mine[0][1] is None or theirs[0][1] is None or mine[0][1] == theirs[0][1]))
+            if not same_weights or mine[1] != theirs[1] or mine[2] != theirs[2]:
+                raise ValueError(
+                    f"Tap.set_thresholds: thresholds calibrated for {_describe(*theirs)} cannot be "
+                    f"used by a tap of {_describe(*mine)}"
+                )
+            values: List[Tensor] = list(thresholds.values)
+        elif isinstance(thresholds, (int, float)):
+            values = [torch.tensor([float(thresholds)])] * L
+        elif isinstance(thresholds, Tensor) and thresholds.dim() <= 1 and thresholds.numel() in (1, L):
+            values = [v.reshape(1) for v in thresholds.reshape(-1).expand(L)]
+        else:
+            values = [torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in thresholds]
+            if len(values) != L:
+                raise ValueError(f"Tap.set_thresholds: expected {L} entries (one per layer), "
+                                 f"got {len(values)}")
+        per_neuron = any(v.numel() != 1 for v in values)
+        flat = []
+        for v, slot in zip(values, self.layout.layers):
+            v = v.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+            if v.numel() not in (1, slot.features):
+                raise ValueError(
+                    f"Tap.set_thresholds: layer {slot.name!r} needs 1 threshold or "
+                    f"{slot.features} (one per {self.granularity}), got {v.numel()}"
+                )
+            flat.append(v.expand(slot.features) if per_neuron else v)
+        mode = "per_neuron" if per_neuron else "per_layer"
+        buf = torch.cat(flat).to(self.thresholds.device)
+        if mode != self.threshold_mode:
+            self.threshold_mode = mode
+            self.net = _pack_graph(self.backbone, self.backbone.module, self.layout,
+                                   self._threshold_spans())
+            self.thresholds = buf
+        else:
+            with torch.no_grad():
+                self.thresholds.copy_(buf)
+
+    def layer_thresholds(self) -> List[Tensor]:
+        """The thresholds of each layer: float32 [1] (per layer) or [features] (per neuron)."""
+        return [self.thresholds.narrow(0, o, n) for o, n in self._threshold_spans()]
+
+    # -- running -------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != len(self.input_shape) + 1 or list(x.shape[1:]) != self.input_shape:
+            raise ValueError("Tap: expected input [N, " + ", ".join(
+                [str(s) for s in self.input_shape]) + "], got " + str(list(x.shape)))
+        return self.net(x, self.thresholds)
+
+    def capture(self, x: Tensor, fn: Callable[[int, Tensor], None]) -> None:
+        """Eager only: run the backbone on ``x``, calling ``fn(layer_index, activation)`` for each
+        monitored layer as soon as its activation exists (in execution order)."""
+        net, sink = self._capture_net()
+        sink.fn = fn
+        try:
+            with torch.no_grad():
+                net(x)
+        finally:
+            sink.fn = None
+
+    def mnc(self, rows: Tensor) -> Tensor:
+        """Mean neuron coverage (paper Eq. 2) per layer: float32 [N, L] from packed rows [N, W]."""
+        if rows.dim() != 2 or rows.shape[1] != self.layout.total_words:
+            raise ValueError(f"Tap.mnc: rows must be [N, {self.layout.total_words}], "
+                             f"got {list(rows.shape)}")
+        cols = [layer_popcount(rows, s.word_offset, s.words).to(torch.float32) / s.features
+                for s in self.layout.layers]
+        if not cols:
+            return rows.new_zeros((rows.shape[0], 0), dtype=torch.float32)
+        return torch.stack(cols, dim=1)
+
+    def __repr__(self) -> str:  # the traced backbone's module tree is not useful here
+        return (f"Tap(backbone={self.backbone_id!r}, granularity={self.granularity!r}, "
+                f"layers={len(self.layers)}, words={self.layout.total_words}, "
+                f"thresholds={self.threshold_mode})")
+
+
+@contextlib.contextmanager
+def _no_torchscript_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.*")
+        yield
+
+
+def script_tap(tap: Tap) -> torch.jit.ScriptModule:
+    """``torch.jit.script(tap)``, with TorchScript's deprecation warnings silenced here only.
+
+    TorchScript is deprecated from torch 2.13; this stays as a compatibility export. The
+    returned module gives the same rows as ``tap`` and saves with ``.save(path)``
+    (``import fakespotter`` before ``torch.jit.load`` so the ops are registered).
+    """
+    with _no_torchscript_warnings():
+        return torch.jit.script(tap)
+
+
+def load_script_tap(path: Any, map_location: Any = None) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` of a saved :func:`script_tap`, with the deprecation warnings silenced."""
+    with _no_torchscript_warnings():
+        return torch.jit.load(str(path), map_location=map_location)
+
+
+def export_tap(tap: Tap, example: Optional[Tensor] = None, dynamic_batch: bool = True
+               ) -> "torch.export.ExportedProgram":
+    """``torch.export.export`` of a tap, with a dynamic batch dimension by default.
+
+    Save with ``torch.export.save(program, path)``; load with ``torch.export.load(path)``
+    after ``import fakespotter``, and call ``.module()(x)``.
+    """
+    if example is None:
+        p = next(iter(tap.parameters()), None)
+        example = torch.zeros((2, *tap.input_shape), device=tap.thresholds.device,
+                              dtype=p.dtype if p is not None else torch.float32)
+    dynamic = None
+    if dynamic_batch:
+        dynamic = {"x": {0: torch.export.Dim("batch", min=1)}}
+    with torch.no_grad():
+        return torch.export.export(tap, (example,), dynamic_shapes=dynamic)

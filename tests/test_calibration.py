@@ -1,0 +1,240 @@
+"""Threshold calibration: brute-force float64 means, exact batch-size independence, save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fakespotter  # noqa: F401
+from fakespotter import _safetensors
+from fakespotter.backbones import custom_backbone
+from fakespotter.calibration import ThresholdCalibrator, Thresholds, neuron_values
+from fakespotter.taps import Tap
+
+from tapnets import SMALL_LAYERS, SMALL_SHAPE, hook_activations, small_chips, small_net
+
+N = 11
+
+
+def brute_force(net, layers, granularity, x):
+    """Per-layer and per-neuron means with math.fsum over all float32 neuron values."""
+    acts = hook_activations(net, layers, x)
+    layer, neuron = [], []
+    for name in layers:
+        v = neuron_values(acts[name], granularity).numpy().astype(np.float64)  # [N, F]
+        layer.append(math.fsum(v.ravel()) / v.size)
+        neuron.append(np.array([math.fsum(col) / v.shape[0] for col in v.T]))
+    return np.array(layer), neuron
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+def test_means_equal_brute_force_float64(granularity):
+    net = small_net()
+    x = small_chips(N)
+    tap = Tap(net, SMALL_LAYERS, granularity=granularity, input_shape=SMALL_SHAPE)
+    cal = ThresholdCalibrator(tap).fit([x])
+    layer, neuron = brute_force(net, SMALL_LAYERS, granularity, x)
+    assert cal.n_images_ == N
+    assert rel_err(cal.layer_means_, layer) <= 1e-12
+    for got, want in zip(cal.neuron_means_, neuron):
+        assert got.shape == want.shape
+        assert rel_err(got, want) <= 1e-12
+    t = cal.thresholds_
+    assert t.mode == "per_layer" and t.n_images == N and t.granularity == granularity
+    assert [v.item() for v in t.values] == [np.float32(m) for m in cal.layer_means_]
+    pn = cal.to_thresholds("per_neuron")
+    assert all(torch.equal(v, torch.from_numpy(m.astype(np.float32)))
+               for v, m in zip(pn.values, cal.neuron_means_))
+
+
+class Elementwise(nn.Module):
+    """Only per-sample elementwise ops and pooling: activations do not depend on the batching.
+
+    (oneDNN convolutions and GEMMs may round differently for different batch sizes, so a real
+    backbone's activations, and hence its means, can differ in the last bits between batchings;
+    this network isolates the calibrator's own accumulation.)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.linspace(-1.0, 2.0, 70).view(1, 70, 1, 1))
+        self.a = nn.Tanh()
+        self.b = nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.c = nn.ReLU()
+
+    def forward(self, x):
+        x = self.a((x / 64.0 - 2.0).repeat(1, 24, 1, 1)[:, :70] * self.w)
+        return self.c(self.pool(self.b(x - 0.1)) - 0.05)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+def test_identical_for_any_batching(granularity):
+    layers = ["a", "b", "pool", "c"]
+    x = small_chips(N)
+    tap = Tap(Elementwise(), layers, granularity=granularity, input_shape=SMALL_SHAPE)
+    results = []
+    for bs in (1, 3, 7, N):
+        cal = ThresholdCalibrator(tap, mode="per_neuron")
+        cal.fit(x[i:i + bs] for i in range(0, N, bs))
+        results.append(cal)
+    first = results[0]
+    layer, neuron = brute_force(tap.backbone.module, layers, granularity, x)
+    assert rel_err(first.layer_means_, layer) <= 1e-12
+    for other in results[1:]:
+        assert first.layer_means_.tobytes() == other.layer_means_.tobytes()
+        for a, b in zip(first.neuron_means_, other.neuron_means_):
+            assert a.tobytes() == b.tobytes()
+        for a, b in zip(first.thresholds_.values, other.thresholds_.values):
+            assert torch.equal(a, b)
+    # partial_fit accumulates the same way, uint8 chips (array or tensor) included
+    u8 = x.round().to(torch.uint8).permute(0, 2, 3, 1)
+    cal_a = ThresholdCalibrator(tap).partial_fit(u8[:4]).partial_fit(u8[4:5]).partial_fit(u8[5:])
+    cal_b = ThresholdCalibrator(tap).fit([u8.numpy()])
+    assert cal_a.layer_means_.tobytes() == cal_b.layer_means_.tobytes()
+    assert cal_a.n_images_ == cal_b.n_images_ == N
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_means_of_a_real_cnn_do_not_depend_on_batching_beyond_its_activations():
+    """With oneDNN off, small_net's activations are batch-invariant; so are the means."""
+    net = small_net()
+    x = small_chips(N)
+    tap = Tap(net, ["stem", "act", "block"], input_shape=SMALL_SHAPE)
+    with torch.backends.mkldnn.flags(enabled=False):
+        one = ThresholdCalibrator(tap).fit(x[i:i + 1] for i in range(N))
+        every = ThresholdCalibrator(tap).fit([x])
+    assert one.layer_means_.tobytes() == every.layer_means_.tobytes()
+
+
+class Passthrough(nn.Module):
+    """The monitored layer outputs the (scaled) input: neuron values are chosen by the test."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Identity()
+
+    def forward(self, x):
+        return self.layer(x * 1.0)
+
+
+def test_per_layer_sum_is_exact_under_cancellation():
+    # values where a float64 running sum loses the small terms: 1e30 + 1 - 1e30 ...; 1e-40 is a
+    # float32 subnormal
+    tap = Tap(custom_backbone(Passthrough(), ["layer"], (1, 2)), granularity="element")
+    vals = torch.tensor([1e30, 1.0, -1e30, 3.0, 1e-40, -2.0], dtype=torch.float32)
+    chips = vals.reshape(1, 3, 1, 2)
+    cal = ThresholdCalibrator(tap).fit([chips, chips])  # two identical images
+    exact = sum(Fraction(v) for v in vals.tolist()) * 2 / 12
+    assert cal.layer_means_[0] == float(exact)
+    naive = 0.0
+    for v in vals.tolist() * 2:
+        naive += v
+    assert naive / 12 != float(exact)  # a float64 running sum would be wrong here
+
+
+def test_non_finite_activations_are_refused():
+    tap = Tap(custom_backbone(Passthrough(), ["layer"], (2, 2)))
+    chips = torch.zeros(1, 3, 2, 2)
+    chips[0, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite activations in layers \['layer'\]"):
+        ThresholdCalibrator(tap).partial_fit(chips)
+
+
+def test_estimator_contract_and_errors():
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    cal = ThresholdCalibrator(tap, mode="per_neuron")
+    assert not hasattr(cal, "thresholds_")  # __init__ only stores parameters
+    with pytest.raises(ValueError, match="not fitted yet"):
+        cal.to_thresholds()
+    with pytest.raises(ValueError, match="no images in the calibration batches"):
+        ThresholdCalibrator(tap).fit([])
+    with pytest.raises(ValueError, match="mode must be 'per_layer' or 'per_neuron', got 'median'"):
+        ThresholdCalibrator(tap, mode="median").fit([small_chips(2)])
+    with pytest.raises(ValueError, match=r"chips must be 15x13 .*got 15x14"):
+        ThresholdCalibrator(tap).partial_fit(torch.zeros(2, 3, 15, 14))
+    with pytest.raises(TypeError, match="got dtype float64"):
+        ThresholdCalibrator(tap).partial_fit(torch.zeros(2, 3, 15, 13, dtype=torch.float64))
+    assert cal.fit([small_chips(3)]) is cal and cal.thresholds_.mode == "per_neuron"
+
+
+def test_save_load_roundtrip(tmp_path):
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    cal = ThresholdCalibrator(tap).fit([small_chips(5)])
+    for mode in ("per_layer", "per_neuron"):
+        t = cal.to_thresholds(mode)
+        path = tmp_path / f"{mode}.safetensors"
+        t.save(path)
+        u = Thresholds.load(path)
+        assert (u.backbone_id, u.weights_sha256, u.layers, u.granularity, u.mode, u.n_images) == (
+            t.backbone_id, t.weights_sha256, t.layers, t.granularity, t.mode, t.n_images)
+        assert all(torch.equal(a, b) for a, b in zip(t.values, u.values))
+        tap.set_thresholds(u)
+        assert tap.threshold_mode == mode
+    assert b"pickle" not in path.read_bytes()[:8]
+
+
+def test_file_is_standard_safetensors(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    t = ThresholdCalibrator(tap, mode="per_neuron").fit([small_chips(3)]).thresholds_
+    t.save(tmp_path / "t.safetensors")
+    loaded = safetensors.load_file(str(tmp_path / "t.safetensors"))
+    assert torch.equal(loaded["threshold.fc"], t.values[-1])
+
+
+def test_corrupt_or_foreign_files_are_refused(tmp_path):
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    t = ThresholdCalibrator(tap).fit([small_chips(3)]).thresholds_
+    path = tmp_path / "t.safetensors"
+    t.save(path)
+    data = path.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-3])
+    with pytest.raises(ValueError, match=r"short.safetensors: not a valid safetensors file: tensor"):
+        Thresholds.load(tmp_path / "short.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10" * 40)
+    with pytest.raises(ValueError, match=r"junk.safetensors: not a valid safetensors file: header length"):
+        Thresholds.load(tmp_path / "junk.safetensors")
+    _safetensors.save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors", {"format": "x"})
+    with pytest.raises(ValueError, match="other.safetensors: not a fakespotter thresholds file"):
+        Thresholds.load(tmp_path / "other.safetensors")
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"]["version"] = "99"
+    head = json.dumps(header).encode()
+    (tmp_path / "v99.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n:])
+    with pytest.raises(ValueError, match="version '99' is not supported"):
+        Thresholds.load(tmp_path / "v99.safetensors")
+
+
+def test_thresholds_for_another_backbone_or_layers_are_refused():
+    x = small_chips(3)
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    t = ThresholdCalibrator(tap).fit([x]).thresholds_
+    fewer = Tap(small_net(), SMALL_LAYERS[:3], input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match=r"calibrated for backbone 'custom:SmallNet'.*layers "
+                                         r"\['stem', 'act', 'block.relu', 'block', 'fc'\] cannot "
+                                         r"be used by a tap of .*layers \['stem', 'act', 'block.relu'\]"):
+        fewer.set_thresholds(t)
+    other_weights = Tap(small_net(seed=3), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match=r"weights sha256 [0-9a-f]{12}.*cannot be used"):
+        other_weights.set_thresholds(t)
+    element = Tap(small_net(), SMALL_LAYERS, granularity="element", input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match="channel granularity.*cannot be used by a tap of.*element"):
+        element.set_thresholds(t)
+    renamed = Tap(custom_backbone(small_net(), SMALL_LAYERS, (15, 13), id="my-net"))
+    with pytest.raises(ValueError, match="backbone 'custom:SmallNet'.*backbone 'my-net'"):
+        renamed.set_thresholds(t)
+    Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE, thresholds=t)  # same: accepted

@@ -1,0 +1,112 @@
+"""The Python API: chips, features (rows + provenance), mnc; chip validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fakespotter  # noqa: F401
+from fakespotter import weights as W
+from fakespotter.backbones import custom_backbone, get_backbone
+from fakespotter.features import Features, chips, features, mnc, prepare_chips
+from fakespotter.taps import Tap
+
+from tapnets import FETCH_HINT, SMALL_LAYERS, SMALL_SHAPE, dlib_cached, small_chips, small_net
+
+
+def square_tap(size=16):
+    return Tap(custom_backbone(small_net(), SMALL_LAYERS, (size, size)))
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_chip_batch_rows_equal_tap_rows_any_batch_size():
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    x = small_chips(7)
+    with torch.no_grad():
+        expected = torch.cat([tap(x[i:i + 1]) for i in range(7)])  # per image: batch-invariant
+    with torch.backends.mkldnn.flags(enabled=False):
+        for bs in (1, 3, 64):
+            f = features(x, tap, batch_size=bs)
+            assert isinstance(f, Features) and len(f) == 7
+            assert torch.equal(f.rows, expected)
+    assert f.image_index.tolist() == list(range(7)) and f.face_index.tolist() == [0] * 7
+    u8 = x.round().to(torch.uint8)
+    a = features(u8.permute(0, 2, 3, 1).numpy(), tap).rows
+    b = features(u8.float(), tap).rows
+    assert torch.equal(a, b)
+
+
+def test_mnc_matches_tap():
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    f = features(small_chips(4), tap)
+    assert torch.equal(mnc(f, tap), tap.mnc(f.rows)) and mnc(f.rows, tap).shape == (4, 5)
+
+
+def test_chip_validation_names_expected_and_actual():
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match=r"chips must be 15x13 \(the backbone's input size\), got "
+                                         r"16x13 \(shape \[2, 16, 13, 3\]\)"):
+        features(np.zeros((2, 16, 13, 3), np.uint8), tap)
+    with pytest.raises(ValueError, match=r"chips must be 15x13 .*got 150x150"):
+        features(torch.zeros(1, 3, 150, 150), tap)
+    with pytest.raises(TypeError, match=r"chips must be uint8 \[N, 15, 13, 3\] or float32 "
+                                        r"\[N, 3, 15, 13\], got dtype float64"):
+        features(np.zeros((2, 15, 13, 3), np.float64), tap)
+    with pytest.raises(TypeError, match="got dtype int32"):
+        prepare_chips(torch.zeros(2, 3, 15, 13, dtype=torch.int32), tap)
+    with pytest.raises(ValueError, match=r"uint8 chips must be \[N, 15, 13, 3\].*got shape \[2, 3, 15, 13\]"):
+        features(torch.zeros(2, 3, 15, 13, dtype=torch.uint8), tap)
+    with pytest.raises(ValueError, match=r"float32 chips must be \[N, 3, 15, 13\].*got shape \[2, 15, 13, 3\]"):
+        features(torch.zeros(2, 15, 13, 3), tap)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        features(small_chips(1), tap, batch_size=0)
+
+
+def test_aligned_images_are_resized_and_indexed(tmp_path):
+    tap = square_tap(16)
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8),
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)),  # grey
+            rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)]
+    path = tmp_path / "c.png"
+    Image.fromarray(imgs[2]).save(path)
+    imgs.append(str(path))
+    c = chips(imgs, aligned=True, size=tap)
+    assert c.array.shape == (4, 16, 16, 3) and c.array.dtype == np.uint8
+    assert np.array_equal(c.array[2], imgs[2]) and np.array_equal(c.array[3], imgs[2])
+    f = features(imgs, tap, aligned=True, batch_size=3)
+    assert f.image_index.tolist() == [0, 1, 2, 3] and f.images_without_faces == []
+    assert torch.equal(f.rows, features(c.array, tap).rows)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    try:
+        paths = {n: W.sample_photo_path(n) for n in ("obama.jpg", "biden.jpg")}
+    except W.WeightsError:
+        pytest.skip("sample photos not cached: run `python -m fakespotter.weights fetch --photos`")
+    out = {}
+    for n, p in paths.items():  # smaller copies keep detection fast
+        img = Image.open(p).convert("RGB")
+        img.thumbnail((400, 400))
+        out[n] = np.asarray(img)
+    return out
+
+
+def test_detected_faces_rows_and_provenance(photos):
+    pytest.importorskip("dlib")
+    if not dlib_cached():
+        pytest.skip(FETCH_HINT)
+    tap = Tap(get_backbone())
+    blank = np.full((200, 200, 3), 128, np.uint8)  # no face: no row, reported
+    images = [photos["obama.jpg"], blank, photos["biden.jpg"]]
+    c = chips(images)
+    assert c.array.shape[1:] == (150, 150, 3) and c.image_index.tolist() == [0, 2]
+    f = features(images, tap, batch_size=1)
+    assert f.image_index.tolist() == [0, 2] and f.face_index.tolist() == [0, 0]
+    assert f.images_without_faces == [1]
+    assert torch.equal(f.rows, features(c.array, tap).rows)
+    m = mnc(f, tap)
+    assert m.shape == (2, 30) and ((m > 0) & (m < 1)).any()

@@ -1,0 +1,316 @@
+"""Taps: rows equal the reference twin on hooked activations, in every execution mode."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fakespotter  # noqa: F401
+from fakespotter import reference
+from fakespotter.backbones import custom_backbone, get_backbone
+from fakespotter.backbones import dlib_resnet as D
+from fakespotter.calibration import ThresholdCalibrator
+from fakespotter.taps import Tap, export_tap, load_script_tap, script_tap
+
+from tapnets import (FETCH_HINT, SMALL_LAYERS, SMALL_SHAPE, dlib_cached, hook_activations,
+                     small_chips, small_net)
+
+needs_dlib = pytest.mark.skipif(not dlib_cached(), reason=FETCH_HINT)
+
+
+def reference_rows(module, tap, x):
+    """The expected row: reference.threshold_pack_into of hook-captured activations."""
+    acts = hook_activations(module, tap.layers, x)
+    out = torch.zeros((x.shape[0], tap.layout.total_words), dtype=torch.int64)
+    for slot, thr in zip(tap.layout.layers, tap.layer_thresholds()):
+        reference.threshold_pack_into(acts[slot.name], thr, tap.granularity, out, slot.word_offset)
+    return out
+
+
+def calibrated(tap, x, mode):
+    tap.set_thresholds(ThresholdCalibrator(tap, mode=mode).fit([x]).thresholds_)
+    return tap
+
+
+def five_modes(tap, x, tmp_path, compile_backend="aot_eager"):
+    """Rows from eager, compile, export (+ save/load), script (+ save/load)."""
+    with torch.no_grad():
+        rows = {"eager": tap(x)}
+        rows["compile"] = torch.compile(tap, backend=compile_backend, fullgraph=True)(x)
+        program = export_tap(tap)
+        rows["export"] = program.module()(x)
+        torch.export.save(program, tmp_path / "tap.pt2")
+        rows["export_loaded"] = torch.export.load(tmp_path / "tap.pt2").module()(x)
+        scripted = script_tap(tap)
+        rows["script"] = scripted(x)
+        scripted.save(str(tmp_path / "tap.ts"))
+        rows["script_loaded"] = load_script_tap(tmp_path / "tap.ts")(x)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# small random CNN (always runs)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+@pytest.mark.parametrize("mode", ["per_layer", "per_neuron"])
+def test_rows_equal_reference_on_hooked_activations(granularity, mode):
+    net = small_net()
+    x = small_chips(9)
+    tap = calibrated(Tap(net, SMALL_LAYERS, granularity=granularity, input_shape=SMALL_SHAPE),
+                     x, mode)
+    with torch.no_grad():
+        rows = tap(x)
+    assert torch.equal(rows, reference_rows(net, tap, x))
+    bits = reference.unpack_bits(rows, 0, rows.shape[1] * 64).float().mean().item()
+    assert 0.05 < bits < 0.95  # neither all off nor all on (a no-op tap would fail)
+
+
+def test_layout_is_cumulative_and_padding_is_zero():
+    tap = Tap(small_net(), SMALL_LAYERS, granularity="element", input_shape=SMALL_SHAPE,
+              thresholds=-1e9)  # every neuron fires: padding bits must still be 0
+    slots = tap.layout.layers
+    assert [s.name for s in slots] == SMALL_LAYERS
+    assert [s.shape for s in slots] == [(70, 7, 6), (70, 7, 6), (70, 7, 6), (70, 7, 6), (65,)]
+    offset = 0
+    for s in slots:
+        assert s.word_offset == offset and s.words == -(-s.features // 64)
+        offset += s.words
+    assert tap.layout.total_words == offset
+    with torch.no_grad():
+        rows = tap(small_chips(3))
+    for s in slots:
+        bits = reference.unpack_bits(rows, s.word_offset, s.words * 64)
+        assert bits[:, : s.features].all() and not bits[:, s.features:].any()
+
+
+def test_channel_layout_and_mnc_from_popcount():
+    net = small_net()
+    x = small_chips(5)
+    tap = calibrated(Tap(net, SMALL_LAYERS, input_shape=SMALL_SHAPE), x, "per_layer")
+    assert [s.features for s in tap.layout.layers] == [70, 70, 70, 70, 65]
+    assert [s.word_offset for s in tap.layout.layers] == [0, 2, 4, 6, 8]
+    with torch.no_grad():
+        rows = tap(x)
+    m = tap.mnc(rows)
+    assert m.shape == (5, 5) and m.dtype == torch.float32
+    for j, s in enumerate(tap.layout.layers):
+        bits = reference.unpack_bits(rows, s.word_offset, s.features)
+        assert torch.equal(m[:, j], bits.sum(1).float() / s.features)
+    with pytest.raises(ValueError, match=r"Tap.mnc: rows must be \[N, 10\], got \[5, 3\]"):
+        tap.mnc(rows[:, :3])
+
+
+def test_five_execution_modes_identical_small(tmp_path):
+    net = small_net()
+    x = small_chips(6)
+    for granularity in ("channel", "element"):
+        tap = calibrated(Tap(net, SMALL_LAYERS, granularity=granularity, input_shape=SMALL_SHAPE),
+                         x, "per_neuron")
+        rows = five_modes(tap, x, tmp_path)
+        expected = reference_rows(net, tap, x)
+        for mode, r in rows.items():
+            assert torch.equal(r, expected), (granularity, mode)
+
+
+@pytest.mark.slow  # inductor compiles C++: ~20 s on 2 cores
+def test_inductor_compile_small():
+    net = small_net()
+    x = small_chips(4)
+    tap = calibrated(Tap(net, SMALL_LAYERS, input_shape=SMALL_SHAPE), x, "per_layer")
+    with torch.no_grad():
+        assert torch.equal(torch.compile(tap)(x), tap(x))
+
+
+def test_exported_program_has_dynamic_batch(tmp_path):
+    tap = calibrated(Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE), small_chips(4),
+                     "per_layer")
+    loaded = torch.export.load(_save(export_tap(tap), tmp_path)).module()
+    for n in (1, 2, 7):
+        x = small_chips(n, seed=n)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), tap(x))
+
+
+def _save(program, tmp_path):
+    path = tmp_path / "t.pt2"
+    torch.export.save(program, path)
+    return path
+
+
+def test_unused_tail_is_not_computed():
+    tap = Tap(small_net(), ["act"], input_shape=SMALL_SHAPE)
+    code = tap.net.code
+    assert "head" not in code and "fc" not in code and "block" not in code
+    assert code.count("torch.ops.fakespotter.threshold_pack_into(") == 1
+
+
+class Recorder(nn.Module):
+    """Identity that remembers a weak reference to its output."""
+
+    refs: list = []
+
+    def forward(self, x):
+        y = x * 1.0
+        Recorder.refs.append(weakref.ref(y))
+        return y
+
+
+class Check(nn.Module):
+    """Counts the recorded activations still alive when it runs."""
+
+    alive: list = []
+
+    def forward(self, x):
+        Check.alive.append(sum(r() is not None for r in Recorder.refs))
+        return x
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else 4, 4, 3, padding=1) for i in range(4))
+        self.recs = nn.ModuleList(Recorder() for _ in range(4))
+        self.check = Check()
+
+    def forward(self, x):
+        for conv, rec in zip(self.convs, self.recs):
+            x = rec(conv(x))
+        return self.check(x)
+
+
+def test_activations_are_dropped_as_soon_as_packed():
+    net = Chain().eval()
+    backbone = custom_backbone(net, [f"recs.{i}" for i in range(4)] + ["check"], (8, 8),
+                               leaf_modules=(Recorder, Check))
+    tap = Tap(backbone)
+    Recorder.refs.clear()
+    Check.alive.clear()
+    with torch.no_grad():
+        tap(torch.rand(2, 3, 8, 8))
+    # when the last module runs only its own input (the last recorded activation) is alive
+    assert len(Recorder.refs) == 4 and Check.alive == [1]
+
+
+def test_backbone_is_frozen_and_shared():
+    net = small_net()
+    net.train()
+    tap = Tap(net, SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert tap.net.stem.weight is net.stem.weight
+
+
+def test_unknown_layer_lists_close_matches():
+    with pytest.raises(ValueError, match=r"unknown layer 'block.rellu'.*close matches: 'block.relu'"):
+        Tap(small_net(), ["stem", "block.rellu"], input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match=r"unknown layer 'zzz' in SmallNet; no close match"):
+        Tap(small_net(), ["zzz"], input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match=r"layers listed more than once: \['act'\]"):
+        Tap(small_net(), ["act", "act"], input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match="granularity must be 'channel' or 'element', got 'pixel'"):
+        Tap(small_net(), ["act"], granularity="pixel", input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match=r"pass layers=\[...\] and input_shape"):
+        Tap(small_net())
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(self.relu(x)))
+
+
+def test_module_called_twice_is_refused():
+    with pytest.raises(ValueError, match=r"layer 'relu' is called 2 times per forward pass"):
+        Tap(Twice(), ["relu"], input_shape=(3, 4, 4))
+    Tap(Twice(), ["conv"], input_shape=(3, 4, 4))  # a module called once is fine
+
+
+def test_wrong_input_shape_is_refused():
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    with pytest.raises(ValueError, match=r"Tap: expected input \[N, 3, 15, 13\], got \[2, 3, 15, 14\]"):
+        tap(torch.zeros(2, 3, 15, 14))
+
+
+def test_thresholds_forms():
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    tap.set_thresholds([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert tap.threshold_mode == "per_layer" and tap.thresholds.tolist() == pytest.approx(
+        [0.1, 0.2, 0.3, 0.4, 0.5])
+    per = [torch.full((s.features,), float(i)) for i, s in enumerate(tap.layout.layers)]
+    tap.set_thresholds(per)
+    assert tap.threshold_mode == "per_neuron" and tap.thresholds.numel() == 70 * 4 + 65
+    assert torch.equal(tap.layer_thresholds()[4], per[4])
+    with pytest.raises(ValueError, match=r"layer 'fc' needs 1 threshold or 65 \(one per channel\), got 3"):
+        tap.set_thresholds([0.0, 0.0, 0.0, 0.0, torch.zeros(3)])
+    with pytest.raises(ValueError, match="expected 5 entries"):
+        tap.set_thresholds([0.0, 0.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# the real dlib backbone
+
+
+@pytest.fixture(scope="module")
+def dlib_backbone():
+    if not dlib_cached():
+        pytest.skip(FETCH_HINT)
+    return get_backbone()
+
+
+def face_like_chips(n):
+    """Smooth random images 0..255 (more face-like statistics than white noise)."""
+    g = torch.Generator().manual_seed(5)
+    low = torch.rand((n, 3, 10, 10), generator=g) * 255
+    return torch.nn.functional.interpolate(low, size=(150, 150), mode="bilinear",
+                                           align_corners=False)
+
+
+@needs_dlib
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+def test_dlib_rows_equal_reference(dlib_backbone, granularity):
+    x = face_like_chips(3)
+    tap = calibrated(Tap(dlib_backbone, granularity=granularity), x, "per_layer")
+    assert tap.layers == list(D.DEFAULT_LAYERS) and len(tap.layers) == 30
+    with torch.no_grad():
+        rows = tap(x)
+    assert torch.equal(rows, reference_rows(dlib_backbone.module, tap, x))
+    m = tap.mnc(rows).numpy()
+    assert ((m > 0) & (m < 1)).mean() > 0.5
+
+
+@needs_dlib
+def test_dlib_five_execution_modes(dlib_backbone, tmp_path):
+    x = face_like_chips(2)
+    tap = calibrated(Tap(dlib_backbone), x, "per_neuron")
+    rows = five_modes(tap, x, tmp_path)
+    expected = reference_rows(dlib_backbone.module, tap, x)
+    for mode, r in rows.items():
+        assert torch.equal(r, expected), mode
+
+
+@needs_dlib
+@pytest.mark.slow
+def test_dlib_inductor_compile(dlib_backbone):
+    x = face_like_chips(2)
+    for granularity in ("channel", "element"):
+        tap = calibrated(Tap(dlib_backbone, granularity=granularity), x, "per_layer")
+        with torch.no_grad():
+            assert torch.equal(torch.compile(tap)(x), tap(x)), granularity
+
+
+def test_numpy_packbits_view_of_a_row():
+    """A row viewed as bytes is numpy.packbits of the unpacked bits (little bit order)."""
+    tap = Tap(small_net(), SMALL_LAYERS, granularity="element", input_shape=SMALL_SHAPE)
+    x = small_chips(2)
+    with torch.no_grad():
+        rows = tap(x)
+    bits = reference.unpack_bits(rows, 0, rows.shape[1] * 64).numpy()
+    assert np.array_equal(rows.numpy().view(np.uint8), np.packbits(bits, axis=1, bitorder="little"))
