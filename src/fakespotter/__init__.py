@@ -9,15 +9,63 @@ import torch  # noqa: F401  (the native library links against torch's; load it f
 
 from . import _C  # noqa: F401  (registers the ops)
 from . import _meta  # noqa: F401  (their shape functions)
-from .ops import layer_popcount, num_words, threshold_pack, threshold_pack_into, unpack_bits
+from .ops import (
+    bitset_linear,
+    bitset_table,
+    layer_popcount,
+    num_words,
+    quantize_linear,
+    threshold_pack,
+    threshold_pack_into,
+    unpack_bits,
+)
+from .backbones import (
+    DEFAULT_BACKBONE,
+    Backbone,
+    Preprocessing,
+    custom_backbone,
+    get_backbone,
+    list_backbones,
+    list_layers,
+    register_backbone,
+)
+from .taps import Tap, TapLayout, export_tap, load_script_tap, script_tap
+from .calibration import ThresholdCalibrator, Thresholds
+from .features import Chips, Features, chips, features, mnc
 
 __version__ = _C.build_info()["version"]
 
 __all__ = [
     "__version__",
+    # native ops
     "threshold_pack",
     "threshold_pack_into",
     "layer_popcount",
     "unpack_bits",
     "num_words",
+    "quantize_linear",
+    "bitset_table",
+    "bitset_linear",
+    # backbones and taps
+    "DEFAULT_BACKBONE",
+    "Backbone",
+    "Preprocessing",
+    "custom_backbone",
+    "get_backbone",
+    "list_backbones",
+    "list_layers",
+    "register_backbone",
+    "Tap",
+    "TapLayout",
+    "export_tap",
+    "load_script_tap",
+    "script_tap",
+    "ThresholdCalibrator",
+    "Thresholds",
+    # images to rows
+    "Chips",
+    "Features",
+    "chips",
+    "features",
+    "mnc",
 ]
