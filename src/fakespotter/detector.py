@@ -1,0 +1,407 @@
+"""The FakeSpotter detector: backbone + tap (layers, granularity, thresholds) + bitset classifier
++ an operating threshold. The embedding API (DESIGN.md §9).
+
+>>> det = FakeSpotter(granularity="channel").fit(real_images, fake_images)   # doctest: +SKIP
+>>> det.predict(["photo.jpg"])                                               # doctest: +SKIP
+>>> det.save("detector.fsm"); FakeSpotter.load("detector.fsm")              # doctest: +SKIP
+
+``fit`` turns both classes into face chips through the same pipeline, holds out a validation
+part (by image: the faces of one image never straddle the split), calibrates the thresholds on
+the training chips of both classes (paper Eq. 1, or per neuron), packs every chip into a row,
+trains the classifier on the rows with early stopping on the validation rows, and picks the
+operating threshold on the validation rows at the target false-positive rate.
+
+Scores are logits of "fake" (higher = more likely synthetic). Inputs to the scoring methods may
+be packed rows (int64 ``[N, words]``), a chip batch (uint8 ``[N, H, W, 3]`` or float32
+``[N, 3, H, W]`` in 0..255), or a sequence of images (paths, arrays, PIL images): then each
+image gets the score of its most suspicious face, and NaN when no face was found.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import artifact
+from .backbones import get_backbone
+from .calibration import ThresholdCalibrator, Thresholds
+from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
+from .features import _is_chip_batch, chips as make_chips, features, prepare_chips
+from .taps import Tap
+
+__all__ = ["FakeSpotter", "CLASSES", "roc_auc"]
+
+CLASSES = ("real", "fake")
+_CLASSIFIERS = {"mlp": BitsetMLPClassifier, "logistic": BitsetLogisticClassifier}
+
+
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve (ties count one half). labels: 1 = fake (positive)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([neg, pos]), kind="mergesort")
+    ranks = np.empty(len(order), dtype=np.float64)
+    allv = np.concatenate([neg, pos])[order]
+    # average ranks over ties
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = ranks[len(neg):].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def _operating_threshold(real_scores: np.ndarray, fake_scores: np.ndarray, target_fpr: float) -> Dict[str, float]:
+    """Lowest threshold t with FPR = mean(real > t) <= target_fpr; TPR = mean(fake > t) there."""
+    real_sorted = np.sort(real_scores)[::-1]
+    k = int(math.floor(target_fpr * len(real_sorted) + 1e-9))  # reals allowed above t
+    t = float(real_sorted[k]) if k < len(real_sorted) else float(real_sorted[-1]) - 1e-6
+    return {
+        "logit": t,
+        "target_fpr": float(target_fpr),
+        "fpr_at_validation": float(np.mean(real_scores > t)),
+        "tpr_at_validation": float(np.mean(fake_scores > t)),
+    }
+
+
+class FakeSpotter:
+    """Detects AI-synthesized faces from the activation bits of a frozen face-recognition CNN.
+
+    Args:
+        backbone: registered backbone id (default: dlib's face-recognition ResNet v1).
+        layers: monitored layers (default: the backbone's: every post-ReLU output + descriptor).
+        granularity: ``"channel"`` (default) or ``"element"`` neurons.
+        threshold_mode: ``"per_layer"`` (paper Eq. 1, default) or ``"per_neuron"``.
+        classifier: ``"mlp"`` (the paper's shallow network, default) or ``"logistic"``.
+        hidden: hidden layer widths of the shallow network (default (64, 32)).
+        target_fpr: false-positive rate the operating threshold is picked for on the
+            validation split (default 0.01).
+        validation_fraction: share of each class's images held out when ``fit`` gets no
+            explicit validation set (default 0.25).
+        max_epochs: classifier training epochs at most (early stopping usually ends sooner).
+        seed: seeds the split and the classifier (default 0): fits are deterministic on CPU.
+        batch_size: chips per backbone forward (default 64).
+        aligned: inputs are already-aligned face crops (resize only, no detection).
+        upsample: dlib detector upsampling (find smaller faces; slower).
+        device: where the backbone runs (default "cpu").
+    """
+
+    classes_ = CLASSES
+
+    def __init__(
+        self,
+        backbone: str = "dlib_resnet_v1",
+        layers: Optional[Sequence[str]] = None,
+        granularity: str = "channel",
+        threshold_mode: str = "per_layer",
+        classifier: str = "mlp",
+        hidden: Sequence[int] = (64, 32),
+        target_fpr: float = 0.01,
+        validation_fraction: float = 0.25,
+        max_epochs: int = 200,
+        seed: int = 0,
+        batch_size: int = 64,
+        aligned: bool = False,
+        upsample: int = 1,
+        device: str = "cpu",
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.granularity = granularity
+        self.threshold_mode = threshold_mode
+        self.classifier = classifier
+        self.hidden = hidden
+        self.target_fpr = target_fpr
+        self.validation_fraction = validation_fraction
+        self.max_epochs = max_epochs
+        self.seed = seed
+        self.batch_size = batch_size
+        self.aligned = aligned
+        self.upsample = upsample
+        self.device = device
+
+    _param_names = ("backbone", "layers", "granularity", "threshold_mode", "classifier", "hidden", "target_fpr",
+                    "validation_fraction", "max_epochs", "seed", "batch_size", "aligned", "upsample", "device")
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {k: getattr(self, k) for k in self._param_names}
+
+    def __repr__(self) -> str:
+        return f"FakeSpotter({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        if self.classifier not in _CLASSIFIERS:
+            raise ValueError(f"FakeSpotter: classifier must be one of {sorted(_CLASSIFIERS)}, got {self.classifier!r}")
+        if not 0.0 < self.target_fpr < 1.0:
+            raise ValueError(f"FakeSpotter: target_fpr must be in (0, 1), got {self.target_fpr}")
+        if self.threshold_mode not in ("per_layer", "per_neuron"):
+            raise ValueError(f"FakeSpotter: threshold_mode must be 'per_layer' or 'per_neuron', got {self.threshold_mode!r}")
+
+    def _new_tap(self) -> Tap:
+        bb = get_backbone(self.backbone)
+        bb.module.to(self.device)
+        return Tap(bb, self.layers, granularity=self.granularity)
+
+    def _chips(self, data: Any, what: str, tap: Tap) -> Tuple[torch.Tensor, np.ndarray, int, int]:
+        """(chips float32 [M, 3, H, W], image index [M], images, images without faces)."""
+        if _is_chip_batch(data):
+            x = prepare_chips(data, tap, what)
+            return x, np.arange(x.shape[0]), int(x.shape[0]), 0
+        images = [data] if isinstance(data, (str, bytes, Path)) else list(data)
+        c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample)
+        x = prepare_chips(c.array, tap, what) if len(c) else torch.zeros((0, *tap.input_shape))
+        return x, c.image_index, len(images), len(images) - len(set(c.image_index.tolist()))
+
+    def _rows(self, x: torch.Tensor, tap: Tap) -> torch.Tensor:
+        return features(x, tap, batch_size=self.batch_size).rows
+
+    def _split(self, image_index: np.ndarray, n_images: int, rng: np.random.Generator) -> np.ndarray:
+        """Boolean mask over chips: True = validation. Whole images go to one side."""
+        order = rng.permutation(n_images)
+        n_val = min(max(1, int(round(n_images * self.validation_fraction))), n_images - 1)
+        val_images = np.zeros(n_images, dtype=bool)
+        val_images[order[:n_val]] = True
+        return val_images[image_index]
+
+    # -- training --------------------------------------------------------------------------------
+    def fit(self, real: Any, fake: Any, validation: Optional[Tuple[Any, Any]] = None,
+            sources: Optional[Dict[str, Any]] = None) -> "FakeSpotter":
+        """Train on real and fake images (or chip batches).
+
+        validation: optional ``(real_val, fake_val)``; else ``validation_fraction`` of each
+        class's images is held out. sources: free-form description of where the data came from
+        (fake types, generators, packages), stored in the model file's training summary.
+        """
+        self._check_params()
+        tap = self._new_tap()
+        xr, ir, nr, nr_missing = self._chips(real, "fit(real)", tap)
+        xf, if_, nf, nf_missing = self._chips(fake, "fit(fake)", tap)
+        if len(xr) == 0 or len(xf) == 0:
+            which = "real" if len(xr) == 0 else "fake"
+            raise ValueError(f"FakeSpotter.fit: no face chips from the {which} inputs ({nr if which == 'real' else nf} images, no face found in any)")
+        if validation is None:
+            rng = np.random.default_rng(self.seed)
+            vr, vf = self._split(ir, nr, rng), self._split(if_, nf, rng)
+            if vr.all() or vf.all() or not vr.any() or not vf.any():
+                raise ValueError("FakeSpotter.fit: too few images with faces to hold out a validation part of each class; pass validation=(real_val, fake_val)")
+            tr_r, va_r, tr_f, va_f = xr[~vr], xr[vr], xf[~vf], xf[vf]
+        else:
+            tr_r, tr_f = xr, xf
+            va_r = self._chips(validation[0], "fit(validation real)", tap)[0]
+            va_f = self._chips(validation[1], "fit(validation fake)", tap)[0]
+            if len(va_r) == 0 or len(va_f) == 0:
+                raise ValueError("FakeSpotter.fit: the validation set needs faces of both classes")
+
+        # Thresholds from the training chips of both classes (DESIGN.md §2).
+        calibrator = ThresholdCalibrator(tap, mode=self.threshold_mode)
+        for part in (tr_r, tr_f):
+            for start in range(0, len(part), self.batch_size):
+                calibrator.partial_fit(part[start : start + self.batch_size])
+        tap.set_thresholds(calibrator.thresholds_)
+
+        rows_tr = torch.cat([self._rows(tr_r, tap), self._rows(tr_f, tap)])
+        y_tr = torch.cat([torch.zeros(len(tr_r)), torch.ones(len(tr_f))]).to(torch.int64)
+        rows_va = torch.cat([self._rows(va_r, tap), self._rows(va_f, tap)])
+        y_va = torch.cat([torch.zeros(len(va_r)), torch.ones(len(va_f))]).to(torch.int64)
+
+        clf = self._make_classifier().fit(rows_tr, y_tr, validation=(rows_va, y_va))
+        s_va = clf.decision_function(rows_va).numpy()
+        s_tr = clf.decision_function(rows_tr).numpy()
+        op = _operating_threshold(s_va[y_va.numpy() == 0], s_va[y_va.numpy() == 1], self.target_fpr)
+        ya = y_va.numpy()
+        summary = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "counts": {
+                "train": {"real": len(tr_r), "fake": len(tr_f)},
+                "validation": {"real": len(va_r), "fake": len(va_f)},
+                "images": {"real": nr, "fake": nf},
+                "images_without_faces": {"real": nr_missing, "fake": nf_missing},
+            },
+            "sources": sources or {},
+            "seed": self.seed,
+            "thresholds_images": int(calibrator.n_images_),
+            "classifier_best_epoch": int(clf.best_epoch_),
+            "metrics": {
+                "train_auc": roc_auc(s_tr, y_tr.numpy()),
+                "validation_auc": roc_auc(s_va, ya),
+                "validation_accuracy_at_operating_threshold": float(np.mean((s_va > op["logit"]) == (ya == 1))),
+            },
+        }
+        self.tap_ = tap
+        self.thresholds_ = calibrator.thresholds_
+        self.classifier_ = clf
+        self.operating_threshold_ = op
+        self.training_summary_ = summary
+        return self
+
+    def _make_classifier(self):
+        cls = _CLASSIFIERS[self.classifier]
+        if cls is BitsetMLPClassifier:
+            return cls(hidden=tuple(self.hidden), max_epochs=self.max_epochs, seed=self.seed)
+        return cls(max_epochs=self.max_epochs, seed=self.seed)
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "classifier_"):
+            raise NotFittedError("this FakeSpotter is not fitted yet; call fit(real, fake) or FakeSpotter.load(path)")
+
+    def rows(self, X: Any) -> torch.Tensor:
+        """Packed rows of a chip batch (or of the faces of images, in order)."""
+        self._check_fitted()
+        if _is_chip_batch(X):
+            return self._rows(prepare_chips(X, self.tap_, "rows"), self.tap_)
+        return features(X if not isinstance(X, (str, Path)) else [X], self.tap_, aligned=self.aligned,
+                        batch_size=self.batch_size, upsample=self.upsample).rows
+
+    def decision_function(self, X: Any) -> torch.Tensor:
+        """Logit of "fake": per row, per chip, or per image (max over its faces; NaN: no face)."""
+        self._check_fitted()
+        if isinstance(X, torch.Tensor) and X.dtype == torch.int64 and X.dim() == 2:
+            return self.classifier_.decision_function(X)
+        if _is_chip_batch(X):
+            return self.classifier_.decision_function(self.rows(X))
+        images = [X] if isinstance(X, (str, bytes, Path)) else list(X)
+        f = features(images, self.tap_, aligned=self.aligned, batch_size=self.batch_size, upsample=self.upsample)
+        per_face = self.classifier_.decision_function(f.rows) if len(f) else torch.zeros(0)
+        out = torch.full((len(images),), float("nan"))
+        for i, s in zip(f.image_index.tolist(), per_face.tolist()):
+            out[i] = s if math.isnan(out[i]) else max(float(out[i]), s)
+        return out
+
+    def predict_proba(self, X: Any) -> torch.Tensor:
+        """float32 [N, 2]: P(real), P(fake) (NaN for images without a face)."""
+        p = torch.sigmoid(self.decision_function(X))
+        return torch.stack([1 - p, p], dim=1)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """"real" / "fake" at the operating threshold (None for images without a face)."""
+        s = self.decision_function(X).numpy()
+        t = self.operating_threshold_["logit"]
+        return np.array([None if math.isnan(v) else CLASSES[int(v > t)] for v in s], dtype=object)
+
+    def explain(self, X: Any) -> Dict[str, Any]:
+        """Per-layer mean neuron coverage of each row, and each layer's share of the classifier's
+        first-layer weight mass (which layers weigh most in the decision)."""
+        self._check_fitted()
+        rows = X if isinstance(X, torch.Tensor) and X.dtype == torch.int64 else self.rows(X)
+        w = self.classifier_.first_layer_weight().abs().sum(dim=0)
+        share = torch.stack([w[s.word_offset * 64 : (s.word_offset + s.words) * 64].sum() for s in self.tap_.layout.layers])
+        share = share / share.sum().clamp_min(1e-30)
+        return {"layers": list(self.tap_.layers), "mnc": self.tap_.mnc(rows), "layer_weight_share": share}
+
+    # -- the model file ----------------------------------------------------------------------------
+    def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
+        """Write one safetensors model file (see ``artifact``). Never overwrites unless asked."""
+        self._check_fitted()
+        tap = self.tap_
+        bb = tap.backbone
+        tensors = {f"threshold.{i}": v.detach().reshape(-1).to(torch.float32)
+                   for i, v in enumerate(self.thresholds_.values)}
+        tensors.update(self.classifier_.state_tensors())
+        meta = {
+            "fakespotter_version": _version(),
+            "torch_version": torch.__version__,
+            "backbone": {"id": bb.id, "weights_sha256": bb.weights_sha256,
+                         "preprocessing": bb.preprocessing.to_dict(), "input_shape": list(tap.input_shape)},
+            "layers": list(tap.layers),
+            "granularity": tap.granularity,
+            "threshold_mode": self.thresholds_.mode,
+            "row_words": tap.layout.total_words,
+            "classifier": {"type": self.classifier, "params": _jsonable(self.classifier_.get_params())},
+            "operating_threshold": self.operating_threshold_,
+            "detector_params": _jsonable(self.get_params()),
+            "training": self.training_summary_,
+        }
+        return artifact.write_model(path, tensors, meta, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device: str = "cpu") -> "FakeSpotter":
+        """Load a model file; anything inconsistent is refused with a message naming it."""
+        tensors, meta = artifact.read_model(path)
+        try:
+            bmeta = meta["backbone"]
+            layers = [str(n) for n in meta["layers"]]
+            granularity = meta["granularity"]
+            mode = meta["threshold_mode"]
+            ctype = meta["classifier"]["type"]
+            cparams = dict(meta["classifier"]["params"])
+            op = dict(meta["operating_threshold"])
+            params = dict(meta["detector_params"])
+            words = int(meta["row_words"])
+            float(op["logit"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise artifact.ModelFileError(f"{path}: metadata lacks or mangles a required field ({e!r})") from None
+        if ctype not in _CLASSIFIERS:
+            raise artifact.ModelFileError(f"{path}: unknown classifier type {ctype!r}")
+        try:
+            bb = get_backbone(bmeta["id"])
+        except (KeyError, ValueError) as e:
+            raise artifact.ModelFileError(f"{path}: backbone {bmeta.get('id')!r} is not available here ({e})") from None
+        if bb.weights_sha256 != bmeta.get("weights_sha256"):
+            raise artifact.ModelFileError(
+                f"{path}: trained with backbone weights sha256 {bmeta.get('weights_sha256')}, but the "
+                f"installed {bb.id} weights are {bb.weights_sha256}; the thresholds and classifier do not "
+                f"fit them (python -m fakespotter.weights fetch restores the pinned weights)"
+            )
+        names = [f"threshold.{i}" for i in range(len(layers))]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise artifact.ModelFileError(f"{path}: missing threshold tensors {missing}")
+        unexpected = sorted(k for k in tensors if not (k in names or k.startswith("classifier.")))
+        if unexpected:
+            raise artifact.ModelFileError(f"{path}: unexpected tensors {unexpected}")
+        params["device"] = device
+        det = cls(**{k: v for k, v in params.items() if k in cls._param_names})
+        det.layers = layers
+        bb.module.to(device)
+        try:
+            tap = Tap(bb, layers, granularity=granularity)
+        except ValueError as e:
+            raise artifact.ModelFileError(f"{path}: {e}") from None
+        if tap.layout.total_words != words:
+            raise artifact.ModelFileError(f"{path}: rows of {words} words recorded, but these layers give {tap.layout.total_words}")
+        values = []
+        for n, slot in zip(names, tap.layout.layers):
+            t = tensors[n]
+            want = 1 if mode == "per_layer" else slot.features
+            if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != want:
+                raise artifact.ModelFileError(f"{path}: {n} (layer {slot.name}) must be float32 [{want}], got {t.dtype} {list(t.shape)}")
+            values.append(t)
+        thresholds = Thresholds(backbone_id=bb.id, weights_sha256=bb.weights_sha256, layers=tuple(layers),
+                                granularity=granularity, mode=mode,
+                                n_images=int(meta.get("training", {}).get("thresholds_images", 0)), values=tuple(values))
+        tap.set_thresholds(thresholds)
+        try:
+            clf = _CLASSIFIERS[ctype].from_state_tensors(
+                {k: (tuple(v) if isinstance(v, list) else v) for k, v in cparams.items()}, tensors, words)
+        except (ValueError, TypeError) as e:
+            raise artifact.ModelFileError(f"{path}: {e}") from None
+        det.tap_ = tap
+        det.thresholds_ = thresholds
+        det.classifier_ = clf
+        det.operating_threshold_ = op
+        det.training_summary_ = meta.get("training", {})
+        det.model_meta_ = meta
+        return det
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

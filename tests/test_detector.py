@@ -1,0 +1,197 @@
+"""The FakeSpotter detector: fit, scores, the model file and every refusal of a bad file."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from fakespotter import artifact
+from fakespotter.classifier import NotFittedError
+from fakespotter.detector import FakeSpotter, _operating_threshold, roc_auc
+
+
+def noise_chips(n, seed, power):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 150, 150, 3, generator=g) ** power * 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    real, fake = noise_chips(24, 0, 1.0), noise_chips(24, 1, 2.0)
+    det = FakeSpotter(hidden=(8,), max_epochs=15).fit(real, fake, sources={"fake": "test noise"})
+    path = tmp_path_factory.mktemp("model") / "det.fsm"
+    det.save(path)
+    return det, path, real, fake
+
+
+def rewrite_header(src, dst, edit):
+    """Copy a safetensors file, letting `edit(header_dict)` change its JSON header."""
+    data = src.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    head = json.dumps(header).encode()
+    head += b" " * ((-len(head)) % 8)
+    dst.write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n :])
+    return dst
+
+
+def test_save_load_identical_scores(fitted, tmp_path):
+    det, path, real, fake = fitted
+    again = FakeSpotter.load(path)
+    x = torch.cat([real, fake])
+    assert torch.equal(again.decision_function(x), det.decision_function(x))
+    assert again.operating_threshold_ == det.operating_threshold_
+    assert list(again.predict(x)) == list(det.predict(x))
+    assert again.classes_ == ("real", "fake")
+    meta = again.model_meta_
+    assert meta["backbone"]["id"] == "dlib_resnet_v1" and len(meta["backbone"]["weights_sha256"]) == 64
+    assert meta["training"]["counts"]["train"]["real"] + meta["training"]["counts"]["validation"]["real"] == 24
+    assert meta["training"]["sources"] == {"fake": "test noise"}
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        det.save(path)
+
+
+def test_scores_on_rows_chips_and_explanations(fitted):
+    det, path, real, fake = fitted
+    rows = det.rows(real[:4])
+    assert torch.equal(det.decision_function(rows), det.decision_function(real[:4]))
+    proba = det.predict_proba(real[:4])
+    assert proba.shape == (4, 2) and torch.allclose(proba.sum(1), torch.ones(4))
+    ex = det.explain(real[:4])
+    assert ex["mnc"].shape == (4, len(ex["layers"]))
+    assert ((ex["mnc"] >= 0) & (ex["mnc"] <= 1)).all()
+    assert abs(float(ex["layer_weight_share"].sum()) - 1) < 1e-5
+
+
+def test_images_without_faces_score_nan(fitted, tmp_path):
+    from PIL import Image
+
+    det = fitted[0]
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (120, 90), (40, 90, 200)).save(blank)
+    s = det.decision_function([str(blank)])
+    assert s.shape == (1,) and torch.isnan(s).all()
+    assert det.predict([str(blank)]).tolist() == [None]
+
+
+def test_not_fitted():
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        FakeSpotter().decision_function(noise_chips(1, 0, 1.0))
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="classifier must be one of"):
+        FakeSpotter(classifier="svm").fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
+    with pytest.raises(ValueError, match=r"target_fpr must be in \(0, 1\)"):
+        FakeSpotter(target_fpr=0).fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
+
+
+def test_operating_threshold_meets_target_fpr():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(0, 1, 1000), rng.normal(2, 1, 1000)
+    op = _operating_threshold(real, fake, 0.05)
+    assert op["fpr_at_validation"] <= 0.05 and op["fpr_at_validation"] > 0.04
+    assert op["tpr_at_validation"] == float(np.mean(fake > op["logit"]))
+    assert _operating_threshold(real, fake, 0.0001)["fpr_at_validation"] == 0.0
+
+
+def test_roc_auc_literal():
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert roc_auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+
+def test_refuses_truncated_file(fitted, tmp_path):
+    path = fitted[1]
+    bad = tmp_path / "truncated.fsm"
+    bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(artifact.ModelFileError, match="truncated"):
+        FakeSpotter.load(bad)
+    bad.write_bytes(b"")
+    with pytest.raises(artifact.ModelFileError, match="shorter than the 8-byte header"):
+        FakeSpotter.load(bad)
+
+
+def test_refuses_unknown_versions(fitted, tmp_path):
+    def bump(key, value):
+        def edit(h):
+            meta = json.loads(h["__metadata__"]["fakespotter"])
+            meta[key] = value
+            h["__metadata__"]["fakespotter"] = json.dumps(meta, sort_keys=True)
+        return edit
+
+    bad = rewrite_header(fitted[1], tmp_path / "v.fsm", bump("format_version", 99))
+    with pytest.raises(artifact.ModelFileError, match="model format version 99 is not supported .*upgrade fakespotter"):
+        FakeSpotter.load(bad)
+    bad = rewrite_header(fitted[1], tmp_path / "b.fsm", bump("bit_layout_version", 2))
+    with pytest.raises(artifact.ModelFileError, match="bit layout version 2 differs"):
+        FakeSpotter.load(bad)
+
+
+def test_refuses_tampered_header(fitted, tmp_path):
+    def edit(h):
+        meta = json.loads(h["__metadata__"]["fakespotter"])
+        meta["operating_threshold"]["logit"] -= 1.0
+        h["__metadata__"]["fakespotter"] = json.dumps(meta, sort_keys=True)
+
+    bad = rewrite_header(fitted[1], tmp_path / "t.fsm", edit)
+    with pytest.raises(artifact.ModelFileError, match="content digest mismatch"):
+        FakeSpotter.load(bad)
+
+
+def test_refuses_swapped_tensors(fitted, tmp_path):
+    def swap(h):
+        h["threshold.0"], h["threshold.1"] = h["threshold.1"], h["threshold.0"]
+
+    bad = rewrite_header(fitted[1], tmp_path / "s.fsm", swap)
+    with pytest.raises(artifact.ModelFileError, match="content digest mismatch"):
+        FakeSpotter.load(bad)
+
+
+def _resave(fitted, tmp_path, name, tensors=None, meta=None):
+    tensors_, meta_ = artifact.read_model(fitted[1])
+    if tensors:
+        tensors(tensors_)
+    if meta:
+        meta(meta_)
+    for k in ("format", "format_version", "bit_layout_version"):
+        meta_.pop(k)
+    return artifact.write_model(tmp_path / name, tensors_, meta_)
+
+
+def test_refuses_wrong_backbone_hash(fitted, tmp_path):
+    bad = _resave(fitted, tmp_path, "h.fsm", meta=lambda m: m["backbone"].update(weights_sha256="0" * 64))
+    with pytest.raises(artifact.ModelFileError, match="trained with backbone weights sha256 0000.* installed dlib_resnet_v1 weights are"):
+        FakeSpotter.load(bad)
+
+
+def test_refuses_missing_and_misshaped_tensors(fitted, tmp_path):
+    bad = _resave(fitted, tmp_path, "m.fsm", tensors=lambda t: t.pop("threshold.3"))
+    with pytest.raises(artifact.ModelFileError, match=r"missing threshold tensors \['threshold.3'\]"):
+        FakeSpotter.load(bad)
+    bad = _resave(fitted, tmp_path, "x.fsm", tensors=lambda t: t.update({"threshold.2": torch.zeros(2)}))
+    with pytest.raises(artifact.ModelFileError, match=r"threshold.2 \(layer .*\) must be float32 \[1\], got torch.float32 \[2\]"):
+        FakeSpotter.load(bad)
+    bad = _resave(fitted, tmp_path, "c.fsm", tensors=lambda t: t.update({"classifier.0.weight": t["classifier.0.weight"][:, :64]}))
+    with pytest.raises(artifact.ModelFileError, match="classifier tensor 0.weight has shape"):
+        FakeSpotter.load(bad)
+    bad = _resave(fitted, tmp_path, "e.fsm", tensors=lambda t: t.update({"extra": torch.zeros(1)}))
+    with pytest.raises(artifact.ModelFileError, match=r"unexpected tensors \['extra'\]"):
+        FakeSpotter.load(bad)
+
+
+def test_refuses_other_files(tmp_path):
+    from fakespotter._safetensors import save_file
+
+    with pytest.raises(artifact.ModelFileError, match="no such model file"):
+        FakeSpotter.load(tmp_path / "nope.fsm")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(artifact.ModelFileError, match="not a fakespotter model"):
+        FakeSpotter.load(plain)
