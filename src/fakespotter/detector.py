@@ -177,17 +177,23 @@ class FakeSpotter:
 
     # -- training --------------------------------------------------------------------------------
     def fit(self, real: Any, fake: Any, validation: Optional[Tuple[Any, Any]] = None,
-            sources: Optional[Dict[str, Any]] = None) -> "FakeSpotter":
+            sources: Optional[Dict[str, Any]] = None, groups: Optional[Tuple[Any, Any]] = None,
+            ) -> "FakeSpotter":
         """Train on real and fake images (or chip batches).
 
         validation: optional ``(real_val, fake_val)``; else ``validation_fraction`` of each
-        class's images is held out. sources: free-form description of where the data came from
-        (fake types, generators, packages), stored in the model file's training summary.
+        class's images is held out. groups: for chip batches, ``(real_groups, fake_groups)``,
+        one id per chip (source image, identity, video): the split never separates a group.
+        sources: free-form description of where the data came from (fake types, generators,
+        packages), stored in the model file's training summary.
         """
         self._check_params()
         tap = self._new_tap()
         xr, ir, nr, nr_missing = self._chips(real, "fit(real)", tap)
         xf, if_, nf, nf_missing = self._chips(fake, "fit(fake)", tap)
+        if groups is not None:
+            ir, if_ = _group_index(groups[0], len(xr), "real"), _group_index(groups[1], len(xf), "fake")
+            nr, nf = int(ir.max(initial=-1)) + 1, int(if_.max(initial=-1)) + 1
         if len(xr) == 0 or len(xf) == 0:
             which = "real" if len(xr) == 0 else "fake"
             raise ValueError(f"FakeSpotter.fit: no face chips from the {which} inputs ({nr if which == 'real' else nf} images, no face found in any)")
@@ -395,6 +401,13 @@ class FakeSpotter:
         det.training_summary_ = meta.get("training", {})
         det.model_meta_ = meta
         return det
+
+
+def _group_index(groups: Any, n: int, what: str) -> np.ndarray:
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"FakeSpotter.fit: {what} groups must have one id per chip ({n}), got shape {g.shape}")
+    return np.unique(g, return_inverse=True)[1].reshape(-1)
 
 
 def _version() -> str:

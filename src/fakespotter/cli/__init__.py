@@ -1,0 +1,41 @@
+"""The ``fakespotter`` command line: one module per subcommand, each a thin shell over the
+library (``add_parser`` builds its arguments, ``run`` does the work). Exit codes: 0 success,
+1 the work ran but some inputs failed, 2 usage error (reported before any work starts)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import calibrate, env, info, train
+
+COMMANDS = {"calibrate": calibrate, "train": train, "info": info, "env": env}
+
+
+class UsageError(Exception):
+    """Bad arguments found after parsing (missing folder, unwritable output, ...): exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fakespotter",
+        description="Spot AI-synthesized faces from the neuron activations of a frozen face-recognition CNN.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as e:
+        print(f"fakespotter {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fakespotter {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,90 @@
+"""Argument checks and small helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from ..data import list_images
+
+
+def usage_error(message: str) -> Exception:
+    from . import UsageError
+
+    return UsageError(message)
+
+
+def images_of(sources: List[str], what: str) -> List[Path]:
+    """All images of the given folders / lists, or a usage error naming the bad one."""
+    out: List[Path] = []
+    for s in sources:
+        try:
+            out.extend(list_images(s, what))
+        except (FileNotFoundError, ValueError) as e:
+            raise usage_error(str(e)) from None
+    return out
+
+
+def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional[Path]:
+    """Check before any work that ``path`` can be written and would not clobber a file."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise usage_error(f"{what} {p} is a folder; give a file name")
+    if p.exists() and not overwrite:
+        raise usage_error(f"{what} {p} already exists; pass --overwrite to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise usage_error(f"{what} {p}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise usage_error(f"{what} {p} is not writable")
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="dlib_resnet_v1", help="backbone id (default: %(default)s)")
+    p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
+                   help="monitored layers (default: the backbone's: every post-ReLU output and the descriptor)")
+    p.add_argument("--granularity", choices=["channel", "element"], default="channel",
+                   help="a neuron per channel or per element (default: %(default)s)")
+    p.add_argument("--threshold-mode", choices=["per_layer", "per_neuron"], default="per_layer",
+                   help="one threshold per layer (paper Eq. 1) or per neuron (default: %(default)s)")
+    p.add_argument("--aligned", action="store_true",
+                   help="inputs are already-aligned face crops: resize only, no face detection (default: detect)")
+    p.add_argument("--upsample", type=int, default=1,
+                   help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
+
+
+class Progress:
+    """A one-line progress indicator on stderr when it is a terminal (silent otherwise)."""
+
+    def __init__(self, total: int, label: str, quiet: bool = False):
+        self.total, self.label, self.done, self.t0 = total, label, 0, time.monotonic()
+        self.live = not quiet and sys.stderr.isatty()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.live:
+            rate = self.done / max(time.monotonic() - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else 0
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                             f"{self.done}/{self.total} {rate:.1f}/s ETA {eta:.0f}s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.live:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def log(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,62 @@
+"""``fakespotter calibrate``: estimate a tap's thresholds (paper Eq. 1: the mean activation of
+each monitored layer over the calibration images; or one per neuron) and write them to a
+safetensors file. The same images go through the same chip pipeline as training."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ._common import Progress, add_model_args, images_of, log, usage_error, writable_output
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="estimate per-layer (or per-neuron) thresholds from images",
+                       description=__doc__.replace("``", ""))
+    p.add_argument("images", nargs="+", metavar="SOURCE", help="folders (recursive), @file lists or image files")
+    p.add_argument("--out", required=True, help="the thresholds file to write (safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
+    add_model_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = images_of(args.images, "calibrate")
+    out = writable_output(args.out, args.overwrite, "output")
+    try:
+        from ..backbones import get_backbone
+        from ..taps import Tap
+
+        tap = Tap(get_backbone(args.backbone), args.layers, granularity=args.granularity)
+    except Exception as e:
+        raise usage_error(str(e).splitlines()[0]) from None
+    from ..calibration import ThresholdCalibrator
+    from ..features import chips
+
+    calibrator = ThresholdCalibrator(tap, mode=args.threshold_mode)
+    progress = Progress(len(paths), "calibrating", args.quiet)
+    pending, failures = [], 0
+    for path in paths:
+        try:
+            c = chips([str(path)], aligned=args.aligned, size=tap, upsample=args.upsample)
+            pending.extend(list(c.array))
+        except Exception as e:
+            failures += 1
+            log(f"unreadable: {path}: {type(e).__name__}: {e}", args.quiet)
+        if len(pending) >= args.batch_size:
+            calibrator.partial_fit(np.stack(pending))
+            pending = []
+        progress.update()
+    if pending:
+        calibrator.partial_fit(np.stack(pending))
+    progress.close()
+    if not hasattr(calibrator, "thresholds_"):
+        raise usage_error("no face was found in any image; check the inputs or pass --aligned")
+    if out.exists() and args.overwrite:
+        out.unlink()
+    calibrator.thresholds_.save(out)
+    print(f"wrote {out}: {args.threshold_mode} thresholds of {len(tap.layers)} layers from "
+          f"{calibrator.n_images_} face chips ({failures} unreadable images)")
+    return 1 if failures else 0

@@ -1,0 +1,68 @@
+"""``fakespotter env``: what a bug report needs (versions, native build, CPU variants, CUDA, weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("env", help="print versions, native build, CPU/GPU support and weights cache state",
+                       description=__doc__.replace("``", ""))
+    p.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
+    p.set_defaults(run=run)
+
+
+def collect() -> dict:
+    import numpy
+    import torch
+
+    import fakespotter
+    from fakespotter import _C, weights
+
+    try:
+        import dlib  # noqa: F401
+
+        dlib_version = getattr(dlib, "__version__", "installed")
+    except ImportError:
+        dlib_version = "not installed (pip install dlib-bin): needed for face detection"
+    info = _C.build_info()
+    cache = {}
+    for name in weights.DEFAULT_WEIGHTS:
+        try:
+            cache[name] = f"ok {weights.weights_path(name)}"
+        except weights.WeightsError as e:
+            cache[name] = f"missing or bad: {str(e).splitlines()[0]}"
+    return {
+        "fakespotter": fakespotter.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "dlib": dlib_version,
+        "native_build": info,
+        "cpu_isa_supported": _C.cpu_isa_supported(),
+        "cpu_isa_in_use": _C.cpu_isa(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "weights_cache": str(weights.cache_dir()),
+        "weights": cache,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+    return 0

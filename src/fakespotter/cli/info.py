@@ -1,0 +1,48 @@
+"""``fakespotter info MODEL``: the metadata of a model file (checked as when loading)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ._common import usage_error
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="print a model file's metadata", description=__doc__.replace("``", ""))
+    p.add_argument("model", help="a model file written by 'fakespotter train'")
+    p.add_argument("--json", action="store_true", help="print the whole metadata as JSON (default: a summary)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..artifact import ModelFileError, file_sha256, read_model
+
+    try:
+        tensors, meta = read_model(args.model)
+    except ModelFileError as e:
+        raise usage_error(str(e)) from None
+    if args.json:
+        print(json.dumps(meta, indent=2, sort_keys=True))
+        return 0
+    op = meta.get("operating_threshold", {})
+    training = meta.get("training", {})
+    counts = training.get("counts", {})
+    lines = [
+        f"model: {args.model} (sha256 {file_sha256(args.model)})",
+        f"format: {meta['format']} v{meta['format_version']}, bit layout v{meta['bit_layout_version']}, "
+        f"written by fakespotter {meta.get('fakespotter_version')} / torch {meta.get('torch_version')}",
+        f"backbone: {meta['backbone']['id']} (weights sha256 {meta['backbone']['weights_sha256']})",
+        f"layers: {len(meta['layers'])} ({meta['layers'][0]} ... {meta['layers'][-1]}), "
+        f"granularity {meta['granularity']}, thresholds {meta['threshold_mode']}, row {meta['row_words']} words",
+        f"classifier: {meta['classifier']['type']} {meta['classifier']['params']}",
+        f"operating threshold: logit {op.get('logit'):.4g} for FPR <= {op.get('target_fpr')} "
+        f"(validation FPR {op.get('fpr_at_validation'):.4g}, TPR {op.get('tpr_at_validation'):.4g})",
+        f"training: {counts.get('train')} train, {counts.get('validation')} validation chips; "
+        f"seed {training.get('seed')}; created {training.get('created')}",
+        f"metrics: {training.get('metrics')}",
+        f"sources: {training.get('sources')}",
+        f"tensors: {len(tensors)} ({sum(t.numel() * t.element_size() for t in tensors.values())} bytes)",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,170 @@
+"""``fakespotter train``: fit a detector on folders of real and fake images and write the model
+file plus a JSON training report.
+
+Every image goes through the same pipeline (face detection and 5-point alignment into the
+backbone's chips, or a plain resize with --aligned). The validation part is held out by image;
+thresholds are calibrated on the training chips of both classes; the operating threshold is
+picked on the validation chips at --target-fpr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from ._common import Progress, add_model_args, images_of, log, usage_error, writable_output
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a detector on real and fake images", description=__doc__.replace("``", ""),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real", nargs="+", required=True, metavar="DIR",
+                   help="folders (searched recursively) or @file lists of real images")
+    p.add_argument("--fake", nargs="+", required=True, metavar="DIR",
+                   help="folders or @file lists of fake images, one per fake type")
+    p.add_argument("--fake-type", nargs="+", default=None, metavar="NAME",
+                   help="a name for each --fake source, in order (default: the folder names)")
+    p.add_argument("--val-real", nargs="+", default=None, metavar="DIR",
+                   help="explicit validation reals (default: hold out --validation-fraction of the images)")
+    p.add_argument("--val-fake", nargs="+", default=None, metavar="DIR", help="explicit validation fakes")
+    p.add_argument("--out", required=True, help="the model file to write")
+    p.add_argument("--report", default=None, help="a JSON training report to write (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    add_model_args(p)
+    p.add_argument("--classifier", choices=["mlp", "logistic"], default="mlp",
+                   help="the paper's shallow network or logistic regression (default: %(default)s)")
+    p.add_argument("--hidden", nargs="+", type=int, default=[64, 32], metavar="N",
+                   help="hidden layer widths of the shallow network (default: 64 32)")
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="false-positive rate of the operating threshold (default: %(default)s)")
+    p.add_argument("--validation-fraction", type=float, default=0.25,
+                   help="share of images held out when no --val-* is given (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs at most (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the classifier (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")
+    p.set_defaults(run=run)
+
+
+def _sources(dirs: List[str], what: str) -> List[Tuple[str, List[Path]]]:
+    return [(d, images_of([d], what)) for d in dirs]
+
+
+def check(args: argparse.Namespace) -> Dict:
+    """Every check that can fail before work starts; returns what the work needs."""
+    real = _sources(args.real, "--real")
+    fake = _sources(args.fake, "--fake")
+    if args.fake_type is not None and len(args.fake_type) != len(args.fake):
+        raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
+    types = args.fake_type or [Path(d.lstrip("@")).name or d for d in args.fake]
+    if (args.val_real is None) != (args.val_fake is None):
+        raise usage_error("give both --val-real and --val-fake, or neither")
+    overlap = {p.resolve() for _, ps in real for p in ps} & {p.resolve() for _, ps in fake for p in ps}
+    if overlap:
+        raise usage_error(f"{len(overlap)} images are both real and fake, e.g. {sorted(overlap)[0]}")
+    if not 0 < args.target_fpr < 1:
+        raise usage_error(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
+    if not 0 < args.validation_fraction < 1:
+        raise usage_error(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
+    for name in ("batch_size", "epochs", "upsample"):
+        if getattr(args, name) < 1 and not (name == "upsample" and getattr(args, name) == 0):
+            raise usage_error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    out = writable_output(args.out, args.overwrite, "output model")
+    report = writable_output(args.report, args.overwrite, "report")
+    if report is not None and report.resolve() == out.resolve():
+        raise usage_error("--report and --out name the same file")
+    val = None
+    if args.val_real is not None:
+        val = (images_of(args.val_real, "--val-real"), images_of(args.val_fake, "--val-fake"))
+    try:
+        from ..backbones import get_backbone
+
+        backbone = get_backbone(args.backbone)
+        backbone.module  # noqa: B018  (loads and verifies the weights now, not after the chips)
+    except Exception as e:  # missing weights, unknown id: say so before any work
+        raise usage_error(str(e).splitlines()[0]) from None
+    return {"real": real, "fake": fake, "types": types, "val": val, "out": out, "report": report,
+            "size": int(backbone.input_shape[1])}
+
+
+def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Chips of every face of every image, with the image index of each; unreadable images are
+    recorded in ``failures`` and skipped."""
+    from ..features import chips
+
+    progress = Progress(len(paths), f"{label} chips", args.quiet)
+    arrays, groups, no_face = [], [], 0
+    for i, path in enumerate(paths):
+        try:
+            c = chips([str(path)], aligned=args.aligned, size=size, upsample=args.upsample)
+        except Exception as e:  # a bad file must not end the run
+            failures.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
+            c = None
+        if c is not None:
+            if len(c) == 0:
+                no_face += 1
+            arrays.append(c.array)
+            groups.extend([i] * len(c))
+        progress.update()
+    progress.close()
+    array = np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
+    return array, np.asarray(groups, dtype=np.int64), no_face
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = check(args)
+    from ..artifact import file_sha256
+    from ..detector import FakeSpotter
+
+    failures: List[Dict] = []
+    real_paths = [p for _, ps in plan["real"] for p in ps]
+    fake_paths = [p for _, ps in plan["fake"] for p in ps]
+    xr, gr, nr_missing = extract(real_paths, "real", args, plan["size"], failures)
+    xf, gf, nf_missing = extract(fake_paths, "fake", args, plan["size"], failures)
+    for label, x in (("real", xr), ("fake", xf)):
+        if len(x) == 0:
+            raise usage_error(f"no face was found in any {label} image; check the inputs or pass --aligned")
+    validation = None
+    if plan["val"] is not None:
+        vr = extract(plan["val"][0], "validation real", args, plan["size"], failures)[0]
+        vf = extract(plan["val"][1], "validation fake", args, plan["size"], failures)[0]
+        validation = (vr, vf)
+    sources = {
+        "real": [{"source": d, "images": len(ps)} for d, ps in plan["real"]],
+        "fake": [{"source": d, "type": t, "images": len(ps)} for (d, ps), t in zip(plan["fake"], plan["types"])],
+        "images_without_faces": {"real": nr_missing, "fake": nf_missing},
+        "unreadable_images": len(failures),
+    }
+    det = FakeSpotter(backbone=args.backbone, layers=args.layers, granularity=args.granularity,
+                      threshold_mode=args.threshold_mode, classifier=args.classifier, hidden=tuple(args.hidden),
+                      target_fpr=args.target_fpr, validation_fraction=args.validation_fraction,
+                      max_epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+                      aligned=args.aligned, upsample=args.upsample)
+    log(f"training on {len(xr)} real and {len(xf)} fake chips ...", args.quiet)
+    try:
+        det.fit(xr, xf, validation=validation, sources=sources, groups=None if validation else (gr, gf))
+    except ValueError as e:
+        raise usage_error(str(e)) from None
+    det.save(plan["out"], overwrite=args.overwrite)
+    summary = det.training_summary_
+    report = {
+        "model": str(plan["out"]),
+        "model_sha256": file_sha256(plan["out"]),
+        "parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in det.get_params().items()},
+        "operating_threshold": det.operating_threshold_,
+        "training": summary,
+        "failures": failures,
+    }
+    if plan["report"] is not None:
+        plan["report"].write_text(json.dumps(report, indent=2) + "\n")
+    m = summary["metrics"]
+    op = det.operating_threshold_
+    print(f"wrote {plan['out']}: validation AUC {m['validation_auc']:.3f}, TPR {op['tpr_at_validation']:.3f} "
+          f"at FPR {op['fpr_at_validation']:.3f} (target {op['target_fpr']}); "
+          f"{len(failures)} unreadable images")
+    for f in failures[:10]:
+        print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
+    return 1 if failures else 0

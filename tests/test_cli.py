@@ -1,0 +1,130 @@
+"""The command line: --help states defaults, bad arguments fail fast with exit 2 and one line,
+train / calibrate / info / env work end to end (on tiny aligned inputs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fakespotter.cli import main
+
+SUBCOMMANDS = ["train", "calibrate", "info", "env"]
+
+
+def write_images(folder, n, seed, power):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        a = (rng.random((150, 150, 3)) ** power * 255).astype(np.uint8)
+        Image.fromarray(a).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return write_images(root / "real", 12, 0, 1.0), write_images(root / "fake", 12, 1, 2.5)
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_help_states_defaults(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: fakespotter " + cmd in out
+    if cmd in ("train", "calibrate"):
+        assert out.count("default") >= 8
+
+
+def run_cli(args, capsys):
+    rc = main(args)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
+    real, fake = corpus
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--real", str(tmp_path / "missing"), "--fake", str(fake)], "--real: .*missing does not exist"),
+        (["--real", str(empty), "--fake", str(fake)], "--real: folder .*empty has no images"),
+        (["--real", str(real), "--fake", str(real)], "12 images are both real and fake"),
+        (["--real", str(real), "--fake", str(fake), "--fake-type", "a", "b"], "--fake-type names 2 types for 1 --fake sources"),
+        (["--real", str(real), "--fake", str(fake), "--val-real", str(real)], "give both --val-real and --val-fake"),
+        (["--real", str(real), "--fake", str(fake), "--target-fpr", "2"], r"--target-fpr must be in \(0, 1\)"),
+    ]
+    for extra, pattern in cases:
+        rc, out, err = run_cli(["train", *extra, "--out", str(tmp_path / "m.fsm")], capsys)
+        assert rc == 2, (extra, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("fakespotter train: error: ")
+        import re
+
+        assert re.search(pattern, err), (pattern, err)
+        assert not (tmp_path / "m.fsm").exists()
+    rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--out", str(tmp_path / "no" / "m.fsm")], capsys)
+    assert rc == 2 and "folder" in err and "does not exist" in err
+    existing = tmp_path / "existing.fsm"
+    existing.write_text("keep me")
+    rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--out", str(existing)], capsys)
+    assert rc == 2 and "already exists; pass --overwrite" in err and existing.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output(corpus, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    rc, out, err = run_cli(["train", "--real", str(corpus[0]), "--fake", str(corpus[1]), "--out", str(ro / "m.fsm")], capsys)
+    assert rc == 2 and "is not writable" in err
+
+
+def test_missing_class_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "fakespotter", "train", "--real", "x", "--out", "m"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--fake" in result.stderr
+
+
+def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
+    real, fake = corpus
+    model, report = tmp_path / "m.fsm", tmp_path / "report.json"
+    rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--fake-type", "noise",
+                            "--aligned", "--hidden", "8", "--epochs", "5", "--out", str(model),
+                            "--report", str(report), "--quiet"], capsys)
+    assert rc == 0, err
+    assert "wrote" in out and "validation AUC" in out
+    rep = json.loads(report.read_text())
+    assert rep["training"]["sources"]["fake"][0]["type"] == "noise"
+    assert rep["training"]["counts"]["images"] == {"real": 12, "fake": 12}
+    assert len(rep["model_sha256"]) == 64 and rep["failures"] == []
+
+    rc, out, err = run_cli(["info", str(model)], capsys)
+    assert rc == 0 and "dlib_resnet_v1" in out and "operating threshold" in out
+    rc, out, err = run_cli(["info", str(model), "--json"], capsys)
+    assert json.loads(out)["granularity"] == "channel"
+    bad = tmp_path / "bad.fsm"
+    bad.write_bytes(model.read_bytes()[:100])
+    rc, out, err = run_cli(["info", str(bad)], capsys)
+    assert rc == 2 and "truncated" in err
+
+    thr = tmp_path / "t.safetensors"
+    rc, out, err = run_cli(["calibrate", str(real), str(fake), "--aligned", "--out", str(thr), "--quiet"], capsys)
+    assert rc == 0 and "from 24 face chips" in out
+    from fakespotter import Thresholds
+
+    t = Thresholds.load(thr)
+    assert t.n_images == 24 and t.mode == "per_layer"
+
+
+def test_env(capsys):
+    rc, out, err = run_cli(["env", "--json"], capsys)
+    info = json.loads(out)
+    assert rc == 0 and info["native_build"]["cpu_isa_compiled"] == ["scalar", "avx2", "avx512"]
+    assert info["cpu_isa_in_use"] in info["cpu_isa_supported"]
