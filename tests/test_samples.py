@@ -256,6 +256,33 @@ def test_dcgan_faces_shape_determinism_and_content(data):
         S.dcgan_faces(-1, seed=3)
 
 
+def test_sample_chips_both_classes_deterministic(data):
+    chips, labels, sources = S.sample_chips(3, 4, seed=11)
+    assert chips.shape == (7, 150, 150, 3) and chips.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert [s.split(":")[0] for s in sources] == ["nba"] * 3 + ["dcgan"] * 4
+    assert len(set(sources)) == 7
+    assert (chips.reshape(7, -1).std(axis=1) > 10).all()
+    again = S.sample_chips(3, 4, seed=11)
+    assert np.array_equal(again[0], chips) and again[2] == sources
+    other = S.sample_chips(3, 4, seed=12)
+    assert other[2] != sources and not np.array_equal(other[0], chips)
+
+
+def test_sample_chips_balance_and_size(data):
+    for n_real, n_fake in ((2, 0), (0, 2), (1, 3)):
+        chips, labels, sources = S.sample_chips(n_real, n_fake, seed=0, size=112)
+        assert chips.shape == (n_real + n_fake, 112, 112, 3)
+        assert int((labels == 0).sum()) == n_real and int((labels == 1).sum()) == n_fake
+        assert len(sources) == n_real + n_fake
+    chips, labels, sources = S.sample_chips(0, 0, seed=0)
+    assert chips.shape == (0, 150, 150, 3) and labels.shape == (0,) and sources == []
+    with pytest.raises(ValueError, match=r"sample_chips: n_real must be an int >= 0, got -1"):
+        S.sample_chips(-1, 1, seed=0)
+    with pytest.raises(ValueError, match=r"sample_chips: size must be a positive int, got 0"):
+        S.sample_chips(1, 1, seed=0, size=0)
+
+
 def test_cli_help_and_status(data):
     out = subprocess.run([sys.executable, "-m", "fakespotter.samples", "fetch", "--help"],
                          capture_output=True, text=True, check=True).stdout
