@@ -83,8 +83,9 @@ struct TailBlock {
   }
 };
 
-// bitset_linear over rows [begin, end), in blocks of kLinearRows rows x kLinearOutputs outputs:
-// for each group g the block's rows add table[g][their nibble] into accumulators that stay in L1,
+// bitset_linear over rows [begin, end), in blocks of up to kLinearRows rows x kLinearOutputs
+// outputs: for each group g the block's rows add table[g][their nibble] into accumulators that
+// stay in L1,
 // so a group's 16 table rows are fetched once per block of rows, not once per row. Plain loops:
 // each variant's compiler target vectorizes them (the adds wrap like the CUDA and twin sums).
 constexpr int64_t kLinearRows = 64;
@@ -93,9 +94,9 @@ constexpr int64_t kLinearOutputs = 64;
 template <int64_t kFixed>  // kFixed > 0: every block has exactly kFixed outputs
 inline void linear_block(const LinearProblem& p, int64_t r0, int64_t nr, int64_t o0, int64_t no,
                          uint32_t* acc) {
-  const int64_t width = kFixed > 0 ? kFixed : no;
+  const int64_t width = kFixed > 0 ? kFixed : no;  // also the row stride of acc
   const int64_t gstride = 16 * p.outputs;
-  for (int64_t k = 0; k < nr * kLinearOutputs; ++k) acc[k] = 0;
+  for (int64_t k = 0; k < nr * width; ++k) acc[k] = 0;
   int64_t g = 0;
   // Four groups (16 bits of a word) per visit of a row's accumulators: a quarter of the
   // accumulator traffic; the four groups' tables (4 x 16 rows) stay in L1 for the whole block.
@@ -109,7 +110,7 @@ inline void linear_block(const LinearProblem& p, int64_t r0, int64_t nr, int64_t
       const int32_t* t1 = tg + gstride + static_cast<int64_t>((bits >> 4) & 15u) * p.outputs;
       const int32_t* t2 = tg + 2 * gstride + static_cast<int64_t>((bits >> 8) & 15u) * p.outputs;
       const int32_t* t3 = tg + 3 * gstride + static_cast<int64_t>((bits >> 12) & 15u) * p.outputs;
-      uint32_t* a = acc + r * kLinearOutputs;
+      uint32_t* a = acc + r * width;
       for (int64_t k = 0; k < width; ++k) {
         a[k] += (static_cast<uint32_t>(t0[k]) + static_cast<uint32_t>(t1[k])) +
                 (static_cast<uint32_t>(t2[k]) + static_cast<uint32_t>(t3[k]));
@@ -122,26 +123,39 @@ inline void linear_block(const LinearProblem& p, int64_t r0, int64_t nr, int64_t
     const int shift = static_cast<int>(4 * (g % 16));
     for (int64_t r = 0; r < nr; ++r) {
       const int32_t* t = tg + static_cast<int64_t>((words[r * p.row_stride] >> shift) & 15u) * p.outputs;
-      uint32_t* a = acc + r * kLinearOutputs;
+      uint32_t* a = acc + r * width;
       for (int64_t k = 0; k < width; ++k) a[k] += static_cast<uint32_t>(t[k]);
     }
   }
 }
 
 inline void linear_rows(const LinearProblem& p, int64_t begin, int64_t end) {
-  alignas(64) uint32_t acc[kLinearRows * kLinearOutputs];  // 16 KB: stays in L1 with the tables
-  for (int64_t r0 = begin; r0 < end; r0 += kLinearRows) {
-    const int64_t nr = std::min(kLinearRows, end - r0);
-    for (int64_t o0 = 0; o0 < p.outputs; o0 += kLinearOutputs) {
-      const int64_t no = std::min(kLinearOutputs, p.outputs - o0);
-      if (no == kLinearOutputs) {
-        linear_block<kLinearOutputs>(p, r0, nr, o0, no, acc);
-      } else {
-        linear_block<0>(p, r0, nr, o0, no, acc);
+  // Accumulators of a block: at most 8 KB, so that they and the four groups' tables fit in L1.
+  alignas(64) uint32_t acc[kLinearRows * kLinearOutputs / 2];
+  for (int64_t o0 = 0; o0 < p.outputs; o0 += kLinearOutputs) {
+    const int64_t no = std::min(kLinearOutputs, p.outputs - o0);
+    const int64_t rows = std::clamp<int64_t>(int64_t{2048} / no, 1, kLinearRows);
+    for (int64_t r0 = begin; r0 < end; r0 += rows) {
+      const int64_t nr = std::min(rows, end - r0);
+      switch (no) {  // widths the classifiers use, unrolled; any other width works too
+        case 64:
+          linear_block<64>(p, r0, nr, o0, no, acc);
+          break;
+        case 32:
+          linear_block<32>(p, r0, nr, o0, no, acc);
+          break;
+        case 16:
+          linear_block<16>(p, r0, nr, o0, no, acc);
+          break;
+        case 1:
+          linear_block<1>(p, r0, nr, o0, no, acc);
+          break;
+        default:
+          linear_block<0>(p, r0, nr, o0, no, acc);
       }
       for (int64_t r = 0; r < nr; ++r) {
         float* out = p.out + (r0 + r) * p.outputs + o0;
-        for (int64_t k = 0; k < no; ++k) out[k] = linear_output(p, acc[r * kLinearOutputs + k], o0 + k);
+        for (int64_t k = 0; k < no; ++k) out[k] = linear_output(p, acc[r * no + k], o0 + k);
       }
     }
   }

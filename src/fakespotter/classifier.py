@@ -73,7 +73,7 @@ class BitsetMLPClassifier:
 
     def __init__(
         self,
-        hidden: Sequence[int] = (64, 32),
+        hidden: Sequence[int] = (16, 16),
         dropout: float = 0.2,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,

@@ -84,7 +84,8 @@ class FakeSpotter:
         granularity: ``"channel"`` (default) or ``"element"`` neurons.
         threshold_mode: ``"per_layer"`` (paper Eq. 1, default) or ``"per_neuron"``.
         classifier: ``"mlp"`` (the paper's shallow network, default) or ``"logistic"``.
-        hidden: hidden layer widths of the shallow network (default (64, 32)).
+        hidden: hidden layer widths of the shallow network (default (16, 16); the first layer
+            runs on packed bits, and its width sets the cost of scoring: see benchmarks/RESULTS.md).
         target_fpr: false-positive rate the operating threshold is picked for on the
             validation split (default 0.01).
         validation_fraction: share of each class's images held out when ``fit`` gets no
@@ -106,7 +107,7 @@ class FakeSpotter:
         granularity: str = "channel",
         threshold_mode: str = "per_layer",
         classifier: str = "mlp",
-        hidden: Sequence[int] = (64, 32),
+        hidden: Sequence[int] = (16, 16),
         target_fpr: float = 0.01,
         validation_fraction: float = 0.25,
         max_epochs: int = 200,

@@ -37,8 +37,8 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--classifier", choices=["mlp", "logistic"], default="mlp",
                    help="the paper's shallow network or logistic regression (default: %(default)s)")
-    p.add_argument("--hidden", nargs="+", type=int, default=[64, 32], metavar="N",
-                   help="hidden layer widths of the shallow network (default: 64 32)")
+    p.add_argument("--hidden", nargs="+", type=int, default=[16, 16], metavar="N",
+                   help="hidden layer widths of the shallow network (default: 16 16)")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="false-positive rate of the operating threshold (default: %(default)s)")
     p.add_argument("--validation-fraction", type=float, default=0.25,
