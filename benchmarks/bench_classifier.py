@@ -62,6 +62,7 @@ def run(batch: int, bits: int, outputs: int, repeats: int) -> dict:
             "unpack_matmul": lambda: torch.nn.functional.linear(fakespotter.unpack_bits(packed).float(), weight, bias),
         },
         repeats,
+        warmup=3,
     )
     return {
         "bits": bits,
