@@ -42,3 +42,4 @@ def test_readme_examples_run(capsys):
         exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "torch.Size([8, 4]) torch.int64" in out
+    assert "torch.Size([4, 61]) torch.Size([4, 30])" in out

@@ -32,6 +32,8 @@ from .backbones import (
 from .taps import Tap, TapLayout, export_tap, load_script_tap, script_tap
 from .calibration import ThresholdCalibrator, Thresholds
 from .features import Chips, Features, chips, features, mnc
+from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier
+from .detector import FakeSpotter
 
 __version__ = _C.build_info()["version"]
 
@@ -68,4 +70,8 @@ __all__ = [
     "chips",
     "features",
     "mnc",
+    # classifiers and the detector
+    "BitsetMLPClassifier",
+    "BitsetLogisticClassifier",
+    "FakeSpotter",
 ]
