@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fakespotter  # noqa: E402
+import fakespotter  # noqa: E402,F401  (registers the ops)
 from fakespotter import reference as ref  # noqa: E402
 from common import hardware, interleaved_medians  # noqa: E402
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import statistics
 import time
 from typing import Callable, Dict, List, Tuple
@@ -34,20 +34,12 @@ from fakespotter.backbones import get_backbone
 from fakespotter.calibration import ThresholdCalibrator
 from fakespotter.taps import Tap
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model  # noqa: E402
+
 BATCH = int(os.environ.get("FAKESPOTTER_BENCH_BATCH", 64))
 THREADS = int(os.environ.get("FAKESPOTTER_BENCH_THREADS", 2))
 REPEATS = 5
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_chips(n: int) -> torch.Tensor:

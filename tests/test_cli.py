@@ -71,6 +71,8 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
         assert not (tmp_path / "m.fsm").exists()
     rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--out", str(tmp_path / "no" / "m.fsm")], capsys)
     assert rc == 2 and "folder" in err and "does not exist" in err
+    rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--out", str(tmp_path)], capsys)
+    assert rc == 2 and "is a folder; give a file name" in err
     existing = tmp_path / "existing.fsm"
     existing.write_text("keep me")
     rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--out", str(existing)], capsys)

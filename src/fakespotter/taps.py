@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .backbones.registry import Backbone, Preprocessing, custom_backbone
+from .backbones.registry import Backbone, custom_backbone
 from .ops import layer_popcount, num_words
 
 __all__ = [
