@@ -17,6 +17,65 @@
 namespace fakespotter::cpu {
 namespace {
 
+template <DType D>
+inline float load_typed(const void* x, int64_t i) {
+  if constexpr (D == DType::Float32) {
+    return static_cast<const float*>(x)[i];
+  } else {
+    return load_float(x, i, D);
+  }
+}
+
+// Channel granularity when channels are innermost in memory (channels_last): the 64 channels of
+// a word are read together, one spatial position at a time, into 32 x 64 float64 lanes (16 KB,
+// in L1); folding the lanes by halves across all 64 channels at once keeps the order of
+// bitpack.h for each channel. Plain loops: each variant's target vectorizes them.
+template <DType D>
+uint64_t channels_innermost_word(const PackProblem& p, int64_t base, int64_t word) {
+  const Layout& L = p.layout;
+  const int64_t c0 = word * kWordBits;
+  const int64_t count = std::min<int64_t>(kWordBits, p.features - c0);
+  alignas(64) double lanes[kSumLanes][kWordBits];
+  for (auto& lane : lanes) std::fill(lane, lane + kWordBits, 0.0);
+  for (int64_t s = 0; s < L.spatial; ++s) {
+    double* acc = lanes[s % kSumLanes];
+    const int64_t at = base + c0 + L.spatial_offset(s);
+    for (int64_t k = 0; k < count; ++k) acc[k] += static_cast<double>(load_typed<D>(p.x, at + k));
+  }
+  for (int half = kSumLanes / 2; half >= 1; half /= 2) {
+    for (int l = 0; l < half; ++l) {
+      for (int64_t k = 0; k < count; ++k) lanes[l][k] += lanes[l + half][k];
+    }
+  }
+  uint64_t bits = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    bits |= activation_bit(channel_mean(lanes[0][k], L.spatial), p.threshold(c0 + k)) << k;
+  }
+  return bits;
+}
+
+// Element granularity with at most one (merged) spatial stride, e.g. channels_last: walks
+// (channel, position) incrementally instead of decomposing every feature index.
+template <DType D>
+uint64_t strided_word(const PackProblem& p, int64_t base, int64_t word) {
+  const Layout& L = p.layout;
+  const int64_t first = word * kWordBits;
+  const int64_t count = std::min<int64_t>(kWordBits, p.features - first);
+  const int64_t sstride = L.spatial_dims == 1 ? L.spatial_stride[0] : 0;
+  int64_t c = first / L.spatial;
+  int64_t s = first % L.spatial;
+  uint64_t bits = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const float v = load_typed<D>(p.x, base + c * L.channel_stride + s * sstride);
+    bits |= activation_bit(v, p.threshold(first + k)) << k;
+    if (++s == L.spatial) {
+      s = 0;
+      ++c;
+    }
+  }
+  return bits;
+}
+
 template <class K, DType D>
 void pack_units_typed(const PackProblem& p, int64_t begin, int64_t end) {
   const Layout& L = p.layout;
@@ -52,6 +111,10 @@ void pack_units_typed(const PackProblem& p, int64_t begin, int64_t end) {
         }
         out[w] = bits;
       }
+    } else if (!direct && L.channel_stride == 1) {
+      for (; w < end_word; ++w) out[w] = channels_innermost_word<D>(p, base, w);
+    } else if (direct && L.spatial_dims <= 1) {
+      for (; w < end_word; ++w) out[w] = strided_word<D>(p, base, w);
     }
     for (; w < end_word; ++w) out[w] = pack_word_generic(p, row, w);  // any other layout, tails
     u += end_word - first_word;
