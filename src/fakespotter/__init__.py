@@ -32,6 +32,7 @@ from .backbones import (
 from .taps import Tap, TapLayout, export_tap, load_script_tap, script_tap
 from .calibration import ThresholdCalibrator, Thresholds
 from .features import Chips, Features, chips, features, mnc
+from .scan import scan
 
 __version__ = _C.build_info()["version"]
 
@@ -68,4 +69,6 @@ __all__ = [
     "chips",
     "features",
     "mnc",
+    # corpora
+    "scan",
 ]
