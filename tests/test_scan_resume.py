@@ -148,3 +148,25 @@ def test_resume_with_limit_and_changed_listing(small, model, tmp_path):
     assert main(cli(corpus, model, out2, "--resume")) == 1
     got = out2.read_text().splitlines(keepends=True)
     assert got[:6] == shuffled and sorted(got) == sorted(lines) and len(got) == len(lines)
+
+
+def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
+    corpus, reference = small
+    lines = reference["jsonl"].splitlines(keepends=True)
+    out = tmp_path / "o.jsonl"
+    out.write_text("".join(lines[:4]))
+    # another format: the JSON lines are not CSV rows; nothing is cut
+    rc = main(cli(corpus, model, out, "--resume", "--format", "csv"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not a csv scan output" in err and out.read_text() == "".join(lines[:4])
+    # another model
+    out.write_text("".join(line.replace(reference["records"][0]["model"], "0" * 64) for line in lines[:4]))
+    rc = main(cli(corpus, model, out, "--resume"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"was written with model {'0' * 64}" in err
+    # a file that is no scan output at all
+    out.write_text("my notes\nmore notes\n")
+    assert main(cli(corpus, model, out, "--resume")) == 2 and out.read_text() == "my notes\nmore notes\n"
+    # but a first record torn while being written is dropped
+    out.write_text(lines[0][:30])
+    assert main(cli(corpus, model, out, "--resume")) == 1 and out.read_text() == reference["jsonl"]

@@ -269,7 +269,9 @@ def _path_entries(path: str) -> Iterator[Entry]:
 def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Iterator[Entry]:
     """Every input of ``sources`` in order, streaming:
 
-    * a folder: its image files (by extension), recursively, sorted by path; symlink loops skipped;
+    * a folder: its image files (by extension), recursively, sorted by path; symlink loops
+      skipped; a folder that cannot be listed gives an entry with an error (tar archives inside
+      folders are not opened: name them, or list them in a file list);
     * ``@list.txt``: one path per line (relative to the list's folder; ``#`` comments), each
       expanded like a command-line path; ``-``: the same, read from ``stdin`` (relative to the
       working folder);

@@ -56,7 +56,9 @@ __all__ = [
     "default_workers",
     "RecordWriter",
     "ResumeState",
+    "OutputMismatch",
     "read_output",
+    "resume_state",
 ]
 
 RECORD_FIELDS = ("path", "size", "sha256", "status", "width", "height", "frames", "faces", "score", "label",
@@ -231,24 +233,32 @@ class ScanRun:
             "decode_faces_s": 0.0, "wait_s": 0.0, "backbone_taps_s": 0.0, "classifier_s": 0.0,
             "batch_size": batch_size, "workers": workers, "device": device, "aligned": cfg.aligned,
         }
-        self._gen = self._records()
+        self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
+        self._flat: Optional[Iterator[Dict[str, Any]]] = None
 
     def __iter__(self) -> "ScanRun":
         return self
 
     def __next__(self) -> Dict[str, Any]:
-        return next(self._gen)
+        if self._flat is None:
+            self._flat = (r for group in self.batches() for r in group)
+        return next(self._flat)
 
     def close(self) -> None:
-        self._gen.close()
-
-    def _records(self) -> Iterator[Dict[str, Any]]:
-        for group in self.batches():
-            yield from group
+        """Stop the scan: shut the workers down (also done when the iterator is exhausted)."""
+        if self._active is not None:
+            self._active.close()
 
     def batches(self) -> Iterator[List[Dict[str, Any]]]:
         """The records in groups: a group ends where a backbone forward finished (or after
-        ``batch_size`` records without one); a writer flushes and syncs once per group."""
+        ``batch_size`` records without one); a writer flushes and syncs once per group.
+        A scan runs once: iterate either the records or the groups."""
+        if self._active is not None:
+            raise RuntimeError("ScanRun: this scan has already started; call scan() again to rescan")
+        self._active = self._batches()
+        return self._active
+
+    def _batches(self) -> Iterator[List[Dict[str, Any]]]:
         import torch
 
         B = self._batch_size
@@ -435,36 +445,60 @@ def _csv_header() -> str:
 class ResumeState(NamedTuple):
     """What an existing output holds: ``records`` complete ones (``counts`` per status),
     ``good_bytes`` up to the end of the last of them, ``torn_bytes`` after it (a torn or
-    damaged tail, dropped on resume)."""
+    damaged tail, dropped on resume), ``model`` of its first record (None without one)."""
 
     records: int
     counts: Dict[str, int]
     good_bytes: int
     torn_bytes: int
+    model: Optional[str] = None
 
 
-def _parse(line: bytes, fmt: str) -> Optional[Tuple[str, str]]:
-    """(path, status) of one complete output line, or None when it is damaged."""
+def _parse(line: bytes, fmt: str) -> Optional[Tuple[str, str, str]]:
+    """(path, status, model) of one complete output line, or None when it is damaged."""
     try:
         text = line.decode("utf-8", "surrogateescape")
         if fmt == "jsonl":
             r = json.loads(text)
-            path, status = r["path"], r["status"]
+            path, status, model = r["path"], r["status"], r["model"]
         else:
             (row,) = list(csv.reader([text]))
             if len(row) != len(RECORD_FIELDS):
                 return None
-            path, status = row[0], row[3]
+            path, status, model = row[0], row[3], row[RECORD_FIELDS.index("model")]
         if not isinstance(path, str) or status not in STATUSES:
             return None
-        return path, status
+        return path, status, model
     except (ValueError, KeyError, TypeError):
         return None
+
+
+class OutputMismatch(ValueError):
+    """An existing output that is not a scan output of the expected format."""
+
+
+def _check_head(path: Union[str, Path], fmt: str) -> None:
+    """Refuse to resume into a file whose first complete line is neither a record nor (CSV) the
+    header: cutting it would destroy what is not ours. A first line without a newline is a
+    record (or header) torn while being written, and is dropped."""
+    with open(path, "rb") as f:
+        first = f.readline()
+    if not first.endswith(b"\n"):
+        return
+    ok = first == _csv_header().encode() if fmt == "csv" else _parse(first[:-1], fmt) is not None
+    if not ok:
+        raise OutputMismatch(f"{path} is not a {fmt} scan output (its first line is {first[:60]!r}); "
+                             f"refusing to resume into it")
 
 
 def read_output(path: Union[str, Path], fmt: str) -> Iterator[Tuple[str, str, int]]:
     """(path, status, end offset) of each complete record of an existing output, in order,
     stopping at the first torn or damaged line (streaming: constant memory)."""
+    for p, status, _, end in _read_output(path, fmt):
+        yield p, status, end
+
+
+def _read_output(path: Union[str, Path], fmt: str) -> Iterator[Tuple[str, str, str, int]]:
     with open(path, "rb") as f:
         offset = 0
         if fmt == "csv":
@@ -479,21 +513,25 @@ def read_output(path: Union[str, Path], fmt: str) -> Iterator[Tuple[str, str, in
             if parsed is None:
                 return
             offset += len(line)
-            yield parsed[0], parsed[1], offset
+            yield parsed[0], parsed[1], parsed[2], offset
 
 
 def resume_state(path: Union[str, Path], fmt: str) -> ResumeState:
+    """Read an existing output once (constant memory); :class:`OutputMismatch` when it is not
+    a ``fmt`` scan output."""
+    _check_head(path, fmt)
     counts = {s: 0 for s in STATUSES}
-    n, good = 0, 0
-    for _, status, end in read_output(path, fmt):
+    n, good, model = 0, 0, None
+    for _, status, m, end in _read_output(path, fmt):
         counts[status] += 1
         n += 1
         good = end
+        model = m if model is None else model
     size = os.path.getsize(path)
     if n == 0 and fmt == "csv":
         with open(path, "rb") as f:
             good = len(_csv_header()) if f.readline() == _csv_header().encode() else 0
-    return ResumeState(n, counts, good, size - good)
+    return ResumeState(n, counts, good, size - good, model)
 
 
 def output_paths(path: Union[str, Path], fmt: str) -> Iterator[str]:

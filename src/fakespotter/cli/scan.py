@@ -122,13 +122,19 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     return {"out": out, "fmt": fmt, "mode": mode, "detector": det}
 
 
-def _resume_plan(args, out: Path, fmt: str, stdin) -> Dict[str, Any]:
+def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, Any]:
     """How much of ``out`` is done and how to skip it: the records are a prefix of the input
     listing (the normal case: skip that many inputs, constant memory), else skip by path."""
     from ..data import iter_entries
-    from ..scan import output_paths, path_key, resume_state
+    from ..scan import OutputMismatch, output_paths, path_key, resume_state
 
-    state = resume_state(out, fmt)
+    try:
+        state = resume_state(out, fmt)
+    except OutputMismatch as e:
+        raise usage_error(f"--resume: {e}") from None
+    if state.model is not None and state.model != model_id:
+        raise usage_error(f"--resume: {out} was written with model {state.model}, but --model {args.model} is "
+                          f"{model_id}; scan into another output")
     plan: Dict[str, Any] = {"state": state, "skip": 0, "exclude": None}
     if state.records == 0:
         return plan
@@ -199,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             stdin = tempfile.SpooledTemporaryFile(max_size=1 << 23, mode="w+")
             stdin.writelines(sys.stdin)
             stdin.seek(0)
-    resume = _resume_plan(args, out, fmt, stdin) if plan["mode"] == "resume" else {"state": None, "skip": 0,
+    resume = _resume_plan(args, out, fmt, plan["detector"].model_id_, stdin) if plan["mode"] == "resume" else {"state": None, "skip": 0,
                                                                                      "exclude": None}
     state = resume["state"]
     if state is not None and state.torn_bytes:
