@@ -34,6 +34,7 @@ from .calibration import ThresholdCalibrator, Thresholds
 from .features import Chips, Features, chips, features, mnc
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier
 from .detector import FakeSpotter
+from .scan import scan
 
 __version__ = _C.build_info()["version"]
 
@@ -74,4 +75,6 @@ __all__ = [
     "BitsetMLPClassifier",
     "BitsetLogisticClassifier",
     "FakeSpotter",
+    # corpora
+    "scan",
 ]

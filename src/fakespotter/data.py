@@ -1,14 +1,175 @@
-"""Finding the images of a corpus: folders (recursive), file lists and single files."""
+"""Finding the images of a corpus and reading them robustly.
+
+* :func:`list_images` / :func:`iter_images` - the image files of a folder (recursive, sorted,
+  symlink loops skipped), a ``@list.txt`` file list, or one file; ``iter_images`` streams, so a
+  folder of millions of files is never held in memory (one folder listing per depth level).
+* :func:`iter_entries` - what ``fakespotter scan`` reads: files, folders, file lists, ``-``
+  (a list on stdin) and tar archives (their image members), as :class:`Entry` objects in a
+  deterministic order.
+* :func:`read_entry` / :func:`decode_image` - bytes and then RGB pixels, or an
+  :class:`ImageError` whose ``kind`` (a key of :data:`ERROR_KINDS`) names the problem.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import stat
+import tarfile
+import warnings
 from pathlib import Path
-from typing import Iterable, List, Union
+from typing import IO, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images"]
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
+    "TAR_SUFFIXES",
+    "DEFAULT_PIXEL_LIMIT",
+    "MAX_FILE_BYTES",
+    "ERROR_KINDS",
+    "ImageError",
+    "Entry",
+    "DecodedImage",
+    "list_images",
+    "iter_images",
+    "iter_entries",
+    "check_sources",
+    "read_entry",
+    "decode_image",
+]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+# Pillow plugins allowed to open a file (the formats of IMAGE_EXTENSIONS; MPO is a multi-picture
+# JPEG). Anything else - EPS (which would run Ghostscript), PSD, ICO, ... - is ``not_an_image``.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+DEFAULT_PIXEL_LIMIT = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: 1 GiB of 4-byte pixels / 3
+MAX_FILE_BYTES = 1 << 30
+
+ERROR_KINDS: Dict[str, str] = {
+    "not_found": "the file does not exist (missing, vanished before it was read, or a broken symlink)",
+    "permission_denied": "the file (or its folder) cannot be read with the current permissions",
+    "not_a_file": "a folder, FIFO, device or socket where an image file was expected",
+    "read_error": "the operating system failed to read the file",
+    "empty_file": "the file has zero bytes",
+    "too_large": f"the file has more than {MAX_FILE_BYTES} bytes",
+    "not_an_image": "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF, PPM/PGM)",
+    "too_many_pixels": "width x height above the pixel limit (decompression-bomb guard), refused before decoding",
+    "truncated": "the image data ends before the image does",
+    "decode_error": "the image is damaged, or uses a feature the decoder cannot read",
+    "bad_archive": "a tar archive (or the rest of it) that cannot be read",
+    "face_detection_error": "face detection or alignment failed on the decoded image",
+    "worker_crash": "the decode worker process died on this file (a crash in a native decoder)",
+    "internal_error": "any other failure (a bug in fakespotter: please report it)",
+}
+
+
+class ImageError(Exception):
+    """An input that cannot be scanned. ``kind`` is a key of :data:`ERROR_KINDS`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------------------
+# discovery
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_tar_name(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES)
+
+
+def _sorted_entries(folder: str) -> List[Tuple[str, bool]]:
+    """(name, is_dir) of a folder's entries, sorted by name; ``is_dir`` follows symlinks."""
+    out = []
+    with os.scandir(folder) as it:
+        for e in it:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            out.append((e.name, is_dir))
+    out.sort()
+    return out
+
+
+def _walk(root: str) -> Iterator[Tuple[str, Optional[OSError]]]:
+    """(path, None) for each image file under ``root``, depth-first with entries sorted by name
+    (the order of ``sorted()`` over the paths); (folder, error) for a folder that cannot be
+    listed. A folder reached again (a symlink loop, or two links to one folder) is skipped."""
+    seen = {os.path.realpath(root)}
+    try:
+        stack = [iter(_sorted_entries(root))]
+    except OSError as e:
+        yield root, e
+        return
+    dirs = [root]
+    while stack:
+        nxt = next(stack[-1], None)
+        if nxt is None:
+            stack.pop()
+            dirs.pop()
+            continue
+        name, is_dir = nxt
+        path = os.path.join(dirs[-1], name)
+        if not is_dir:
+            if _is_image_name(name):
+                yield path, None
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            listing = _sorted_entries(path)
+        except OSError as e:
+            yield path, e
+            continue
+        stack.append(iter(listing))
+        dirs.append(path)
+
+
+def _list_lines(stream: Iterable[str]) -> Iterator[str]:
+    for line in stream:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield line
+
+
+def iter_images(source: Union[str, Path], what: str = "input") -> Iterator[Path]:
+    """Stream the image files of ``source`` in :func:`list_images` order (no emptiness check;
+    folders that cannot be listed are skipped)."""
+    text = str(source)
+    if text.startswith("@"):
+        listing = Path(text[1:])
+        if not listing.is_file():
+            raise FileNotFoundError(f"{what}: file list {listing} does not exist")
+        base = listing.parent
+        with open(listing) as f:
+            for line in _list_lines(f):
+                p = Path(line)
+                yield p if p.is_absolute() else base / p
+        return
+    path = Path(source)
+    if path.is_file():
+        yield path
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{what}: {path} is neither a file nor a folder")
+    for p, err in _walk(str(path)):
+        if err is None:
+            yield Path(p)
 
 
 def list_images(source: Union[str, Path], what: str = "input") -> List[Path]:
@@ -17,43 +178,245 @@ def list_images(source: Union[str, Path], what: str = "input") -> List[Path]:
 
     Raises FileNotFoundError / ValueError naming ``what`` and the path when there is nothing.
     """
-    text = str(source)
-    if text.startswith("@"):
-        listing = Path(text[1:])
-        if not listing.is_file():
-            raise FileNotFoundError(f"{what}: file list {listing} does not exist")
-        base = listing.parent
-        paths = []
-        for line in listing.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                p = Path(line)
-                paths.append(p if p.is_absolute() else base / p)
-        if not paths:
-            raise ValueError(f"{what}: file list {listing} names no files")
-        return paths
-    path = Path(source)
-    if path.is_file():
-        return [path]
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"{what}: {path} is neither a file nor a folder")
-    found = sorted(_walk(path))
+    found = list(iter_images(source, what))
     if not found:
-        raise ValueError(f"{what}: folder {path} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        text = str(source)
+        if text.startswith("@"):
+            raise ValueError(f"{what}: file list {text[1:]} names no files")
+        raise ValueError(f"{what}: folder {Path(source)} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found
 
 
-def _walk(root: Path) -> Iterable[Path]:
-    seen = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop, or the same folder reached twice
-            dirnames[:] = []
+class Entry(NamedTuple):
+    """One input of a scan. ``path`` names it in records (``archive.tar::member`` for a tar
+    member); the content is the file ``file``, or ``data`` (a tar member's bytes); ``error`` is
+    set when discovery already failed (an unreadable folder or archive)."""
+
+    path: str
+    file: Optional[str] = None
+    data: Optional[bytes] = None
+    error: Optional[Tuple[str, str]] = None
+
+
+def check_sources(sources: Sequence[str], what: str = "input") -> None:
+    """Refuse (FileNotFoundError / ValueError, naming the source) what :func:`iter_entries`
+    cannot start on: a missing path or file list, ``-`` given twice."""
+    if not sources:
+        raise ValueError(f"{what}: no inputs given")
+    if sum(1 for s in sources if s == "-") > 1:
+        raise ValueError(f"{what}: '-' (a file list on stdin) can be given once")
+    for s in sources:
+        if s == "-":
             continue
-        seen.add(real)
-        dirnames.sort()
-        for name in filenames:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield Path(dirpath) / name
+        if s.startswith("@"):
+            if not Path(s[1:]).is_file():
+                raise FileNotFoundError(f"{what}: file list {s[1:]} does not exist")
+        elif not os.path.lexists(s):
+            raise FileNotFoundError(f"{what}: {s} does not exist")
+
+
+def _os_error(e: OSError, path: str) -> ImageError:
+    kinds = {errno.ENOENT: "not_found", errno.ENOTDIR: "not_found", errno.EACCES: "permission_denied",
+             errno.EPERM: "permission_denied", errno.EISDIR: "not_a_file"}
+    return ImageError(kinds.get(e.errno, "read_error"), f"{path}: {e.strerror or e}")
+
+
+def _tar_entries(archive: str) -> Iterator[Entry]:
+    """The image members of a tar archive (any compression), streaming; the member bytes are
+    read here since compressed archives cannot be read at random offsets."""
+    try:
+        tf = tarfile.open(archive, mode="r|*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        kind = _os_error(e, archive).kind if isinstance(e, OSError) and e.errno else "bad_archive"
+        yield Entry(archive, error=(kind, f"{archive}: cannot open as a tar archive: {e}"))
+        return
+    with tf:
+        while True:
+            try:
+                m = tf.next()
+                if m is None:
+                    return
+                tf.members.clear()  # stream mode keeps every TarInfo otherwise
+                if not m.isfile() or not _is_image_name(m.name):
+                    continue
+                path = f"{archive}::{m.name}"
+                if m.size > MAX_FILE_BYTES:
+                    yield Entry(path, error=("too_large", f"{path}: {m.size} bytes, more than {MAX_FILE_BYTES}"))
+                    continue
+                f = tf.extractfile(m)
+                data = f.read() if f is not None else b""
+            except (tarfile.TarError, OSError, EOFError) as e:
+                yield Entry(f"{archive}::", error=("bad_archive", f"{archive}: the archive is damaged or truncated "
+                                                                 f"after the members listed so far: {e}"))
+                return
+            yield Entry(path, data=data)
+
+
+def _path_entries(path: str) -> Iterator[Entry]:
+    if os.path.isdir(path):
+        for p, err in _walk(path):
+            if err is None:
+                yield Entry(p, file=p)
+            else:
+                e = _os_error(err, p)
+                yield Entry(p, error=(e.kind, f"cannot list folder {p}: {err.strerror or err}"))
+    elif _is_tar_name(path) and os.path.isfile(path):
+        yield from _tar_entries(path)
+    else:
+        yield Entry(path, file=path)
+
+
+def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Iterator[Entry]:
+    """Every input of ``sources`` in order, streaming:
+
+    * a folder: its image files (by extension), recursively, sorted by path; symlink loops
+      skipped; a folder that cannot be listed gives an entry with an error (tar archives inside
+      folders are not opened: name them, or list them in a file list);
+    * ``@list.txt``: one path per line (relative to the list's folder; ``#`` comments), each
+      expanded like a command-line path; ``-``: the same, read from ``stdin`` (relative to the
+      working folder);
+    * a ``.tar`` (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) file: its image members, as
+      ``archive.tar::member``;
+    * any other path: that file, whatever its name (a missing one gives a ``not_found`` entry).
+    """
+    for s in sources:
+        if s == "-":
+            import sys
+
+            for line in _list_lines(stdin if stdin is not None else sys.stdin):
+                yield from _path_entries(line)
+        elif s.startswith("@"):
+            listing = s[1:]
+            base = os.path.dirname(listing)
+            with open(listing) as f:
+                for line in _list_lines(f):
+                    yield from _path_entries(line if os.path.isabs(line) else os.path.join(base, line))
+        else:
+            yield from _path_entries(os.path.normpath(s) if s.endswith(os.sep) else s)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading and decoding
+
+
+class DecodedImage(NamedTuple):
+    """rgb: uint8 [H, W, 3] (EXIF-upright; see ``faces.load_image`` for the colour rules);
+    width, height: of the stored image; frames: how many it has (only the first is decoded)."""
+
+    rgb: np.ndarray
+    width: int
+    height: int
+    frames: Optional[int]
+
+
+def read_entry(entry: Entry) -> bytes:
+    """The bytes of an entry, or :class:`ImageError` (not_found, permission_denied, not_a_file,
+    read_error, too_large). A FIFO or device is refused without blocking on it."""
+    if entry.error is not None:
+        raise ImageError(*entry.error)
+    if entry.data is not None:
+        return entry.data
+    path = entry.file
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _os_error(e, path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not_a_file", f"{path}: not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError("too_large", f"{path}: {st.st_size} bytes, more than {MAX_FILE_BYTES}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise _os_error(e, path) from None
+    finally:
+        os.close(fd)
+
+
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _signature(data: bytes) -> Optional[str]:
+    for magic, fmt in _SIGNATURES:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456":
+        return "PPM"
+    return None
+
+
+def _short_riff(data: bytes) -> bool:
+    return len(data) >= 8 and len(data) < int.from_bytes(data[4:8], "little") + 8
+
+
+def _decode_failure(e: BaseException, data: bytes, fmt: str) -> ImageError:
+    text = str(e)
+    if isinstance(e, EOFError) or "truncated" in text.lower() or (fmt == "WEBP" and _short_riff(data)):
+        return ImageError("truncated", f"{fmt} data ends early ({len(data)} bytes): {text or type(e).__name__}")
+    if isinstance(e, MemoryError):
+        return ImageError("decode_error", f"{fmt}: out of memory while decoding")
+    return ImageError("decode_error", f"{fmt}: {type(e).__name__}: {text}")
+
+
+def _open_formats() -> List[str]:
+    from PIL import Image
+
+    Image.init()
+    return [f for f in IMAGE_FORMATS if f in Image.OPEN]  # MPO opens through the JPEG plugin
+
+
+def decode_image(data: bytes, pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> DecodedImage:
+    """Decode encoded image bytes to RGB, or raise :class:`ImageError` (empty_file,
+    not_an_image, too_many_pixels, truncated, decode_error).
+
+    The pixel count is checked from the header, before any pixel is decoded: Pillow's own
+    decompression-bomb check is off here, ``pixel_limit`` replaces it. Animated images give their
+    first frame (``frames`` says how many there are).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from .faces import load_image
+
+    if not data:
+        raise ImageError("empty_file", "the file is empty (0 bytes)")
+    sig = _signature(data)
+    old_limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DecompressionBombWarning, odd-metadata warnings
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            try:
+                img = Image.open(io.BytesIO(data), formats=_open_formats())
+            except UnidentifiedImageError:
+                if sig is None:
+                    raise ImageError("not_an_image", f"not an image in a supported format "
+                                                     f"({', '.join(IMAGE_FORMATS)}); starts with {data[:8]!r}") from None
+                raise ImageError("decode_error", f"has a {sig} signature, but its header cannot be read "
+                                                 f"(damaged, or cut short at {len(data)} bytes)") from None
+            except Exception as e:  # a plugin that fails while opening
+                raise _decode_failure(e, data, sig or "image") from None
+            with img:
+                fmt = img.format or sig or "image"
+                width, height = img.size
+                if width * height > pixel_limit:
+                    raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
+                                                        f"more than the pixel limit {pixel_limit}")
+                try:
+                    img.load()
+                    rgb = load_image(img)
+                except ImageError:
+                    raise
+                except Exception as e:
+                    raise _decode_failure(e, data, fmt) from None
+                try:
+                    frames: Optional[int] = int(getattr(img, "n_frames", 1))
+                except Exception:  # a damaged later frame; the first one decoded
+                    frames = None
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+    return DecodedImage(rgb, int(width), int(height), frames)

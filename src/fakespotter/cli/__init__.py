@@ -8,9 +8,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import calibrate, env, info, train
+from . import calibrate, env, info, scan, train
 
-COMMANDS = {"calibrate": calibrate, "train": train, "info": info, "env": env}
+COMMANDS = {"scan": scan, "calibrate": calibrate, "train": train, "info": info, "env": env}
 
 
 class UsageError(Exception):

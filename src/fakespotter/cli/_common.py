@@ -62,9 +62,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 class Progress:
-    """A one-line progress indicator on stderr when it is a terminal (silent otherwise)."""
+    """A one-line progress indicator on stderr when it is a terminal (silent otherwise).
 
-    def __init__(self, total: int, label: str, quiet: bool = False):
+    ``total`` may be None (unknown: no bar, no ETA) and may be set later, e.g. by a thread
+    that counts the inputs while the work goes on."""
+
+    def __init__(self, total: Optional[int], label: str, quiet: bool = False):
         self.total, self.label, self.done, self.t0 = total, label, 0, time.monotonic()
         self.live = not quiet and sys.stderr.isatty()
 
@@ -72,11 +75,15 @@ class Progress:
         self.done += n
         if self.live:
             rate = self.done / max(time.monotonic() - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                             f"{self.done}/{self.total} {rate:.1f}/s ETA {eta:.0f}s ")
+            total = self.total
+            if total is None:
+                sys.stderr.write(f"\r{self.label} {self.done} {rate:.1f}/s ")
+            else:
+                eta = (total - self.done) / rate if rate > 0 else 0
+                width = 30
+                filled = min(width, int(width * self.done / max(total, 1)))
+                sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                                 f"{self.done}/{total} {rate:.1f}/s ETA {max(eta, 0):.0f}s ")
             sys.stderr.flush()
 
     def close(self) -> None:

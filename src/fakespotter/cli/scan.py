@@ -1,0 +1,243 @@
+"""``fakespotter scan PATH... --model MODEL``: score every image of a corpus, one record per
+image (JSON lines or CSV), written and synced as each batch finishes.
+
+Inputs are image files, folders (recursive), @file lists, - (a list on stdin) and tar archives.
+Every input gets a record: status ok (with the score of its most suspicious face and a label),
+no_face, or error (with an error kind: empty_file, truncated, not_an_image, too_many_pixels,
+permission_denied, not_found, decode_error, ...); an unreadable file never gets a score.
+--resume continues an interrupted scan of the same inputs into the same output: the output
+then holds exactly one complete record per input. A stats JSON (counts, images/s, time split)
+is written next to the output as OUT.stats.json.
+
+Exit codes: 0 every input scanned, 1 some inputs are error records, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ._common import Progress, log, usage_error, writable_output
+
+
+def add_parser(sub) -> None:
+    from ..data import DEFAULT_PIXEL_LIMIT
+    from ..scan import default_workers
+
+    p = sub.add_parser("scan", help="scan images, folders, file lists and tar archives for synthesized faces",
+                       description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (recursive), @list.txt file lists, - (a list on stdin), tar archives")
+    p.add_argument("--model", required=True, help="a model file written by 'fakespotter train' (required)")
+    p.add_argument("--out", default=None,
+                   help="output file; - or none: stdout (default: stdout)")
+    p.add_argument("--format", choices=["jsonl", "csv"], default=None,
+                   help="output format (default: csv when --out ends with .csv, else jsonl)")
+    p.add_argument("--aligned", action="store_true",
+                   help="inputs are already-aligned face chips: resize only, no face detection (default: detect)")
+    p.add_argument("--upsample", type=int, default=1,
+                   help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="chips per backbone forward; scores are reproducible for a given batch size "
+                        "(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="decode and face-detection processes, 0 to decode inline (default: CPUs - 1, at most 8; "
+                        "here %(default)s)")
+    p.add_argument("--device", default="cpu", help="where the backbone runs, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--pixel-limit", type=int, default=DEFAULT_PIXEL_LIMIT,
+                   help="refuse images with more pixels than this before decoding (default: %(default)s, Pillow's)")
+    p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    p.add_argument("--fail-fast", action="store_true", help="stop after the first error record (default: go on)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no summary (default: progress on a terminal, summary on stderr)")
+    p.set_defaults(run=run)
+
+
+def check(args: argparse.Namespace) -> Dict[str, Any]:
+    """Every check that can fail before work starts; returns what the work needs."""
+    from ..data import check_sources
+
+    for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1), ("upsample", 0)):
+        if getattr(args, name) < lo:
+            raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 0:
+        raise usage_error(f"--limit must be >= 0, got {args.limit}")
+    if args.resume and args.overwrite:
+        raise usage_error("--resume and --overwrite contradict each other; give one")
+    try:
+        check_sources(args.paths, "scan")
+    except (FileNotFoundError, ValueError) as e:
+        raise usage_error(str(e)) from None
+    to_stdout = args.out in (None, "-")
+    fmt = args.format or ("csv" if not to_stdout and args.out.lower().endswith(".csv") else "jsonl")
+    out: Optional[Path] = None
+    mode = "new"
+    if to_stdout:
+        if args.resume:
+            raise usage_error("--resume needs an output file (--out), not stdout")
+    else:
+        out = writable_output(args.out, True, "output")
+        if out.exists():
+            if args.resume:
+                mode = "resume"
+            elif args.overwrite:
+                mode = "overwrite"
+            else:
+                raise usage_error(f"output {out} already exists; pass --resume to continue that scan "
+                                  f"or --overwrite to replace it")
+    if not args.aligned:
+        try:
+            from ..faces import _import_dlib, _landmark_path
+
+            _import_dlib()
+            _landmark_path()
+        except Exception as e:  # no dlib, no landmark model: say so before any work
+            raise usage_error(f"face detection is not available ({str(e).splitlines()[0]}); "
+                              f"install it, or pass --aligned for already-aligned chips") from None
+    import torch
+
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError) as e:
+        raise usage_error(f"--device {args.device!r} is not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise usage_error(f"--device {args.device}: CUDA is not available here")
+    from ..artifact import ModelFileError, file_sha256
+    from ..detector import FakeSpotter
+
+    if not Path(args.model).is_file():
+        raise usage_error(f"--model {args.model} does not exist")
+    try:
+        det = FakeSpotter.load(args.model, device=args.device)
+    except (ModelFileError, OSError, ValueError) as e:
+        raise usage_error(f"--model {args.model}: {str(e).splitlines()[0]}") from None
+    det.model_id_ = file_sha256(args.model)
+    return {"out": out, "fmt": fmt, "mode": mode, "detector": det}
+
+
+def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, Any]:
+    """How much of ``out`` is done and how to skip it: the records are a prefix of the input
+    listing (the normal case: skip that many inputs, constant memory), else skip by path."""
+    from ..data import iter_entries
+    from ..scan import OutputMismatch, output_paths, path_key, resume_state
+
+    try:
+        state = resume_state(out, fmt)
+    except OutputMismatch as e:
+        raise usage_error(f"--resume: {e}") from None
+    if state.model is not None and state.model != model_id:
+        raise usage_error(f"--resume: {out} was written with model {state.model}, but --model {args.model} is "
+                          f"{model_id}; scan into another output")
+    plan: Dict[str, Any] = {"state": state, "skip": 0, "exclude": None}
+    if state.records == 0:
+        return plan
+    entries = iter_entries(args.paths, stdin=stdin)
+    if args.limit is not None:
+        entries = itertools.islice(entries, args.limit)
+    done = output_paths(out, fmt)
+    n = 0
+    for stored, entry in zip(done, entries):
+        if stored != path_key(entry.path, fmt):
+            break
+        n += 1
+    if stdin is not None:
+        stdin.seek(0)
+    if n == state.records:
+        plan["skip"] = n
+    else:
+        log(f"scan: the {state.records} records of {out} are not the first inputs of this listing (the inputs "
+            f"changed?); skipping inputs by path instead", args.quiet)
+        plan["exclude"] = _Keys(set(output_paths(out, fmt)), fmt)
+    return plan
+
+
+class _Keys:
+    def __init__(self, keys, fmt):
+        self.keys, self.fmt = keys, fmt
+
+    def __contains__(self, path) -> bool:
+        from ..scan import path_key
+
+        return path_key(path, self.fmt) in self.keys
+
+
+def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
+    from ..data import iter_entries
+
+    try:
+        n = sum(1 for _ in itertools.islice(iter_entries(paths), limit))
+    except Exception:  # only the ETA is lost
+        return
+    progress.total = max(n - resumed, 0)
+
+
+def summary(stats: Dict[str, Any], resumed: int) -> str:
+    c, lab = stats["counts"], stats["labels"]
+    lines = [f"{'status':<10}{'images':>10}"]
+    lines += [f"{s:<10}{c[s]:>10}" for s in ("ok", "no_face", "error")]
+    lines.append(f"{'  real':<10}{lab['real']:>10}")
+    lines.append(f"{'  fake':<10}{lab['fake']:>10}")
+    if stats["error_kinds"]:
+        lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["error_kinds"].items())))
+    tail = f"{stats['images']} images in {stats['wall_s']:.1f} s, {stats['images_per_s']:.1f} images/s"
+    if resumed:
+        tail += f" (resumed: {resumed} records were already there)"
+    lines.append(tail)
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = check(args)
+    from ..scan import RecordWriter, scan, write_stats
+
+    out, fmt = plan["out"], plan["fmt"]
+    stdin = None
+    if "-" in args.paths:
+        stdin = sys.stdin
+        if plan["mode"] == "resume":  # read twice: once to check the done part, once to scan
+            stdin = tempfile.SpooledTemporaryFile(max_size=1 << 23, mode="w+")
+            stdin.writelines(sys.stdin)
+            stdin.seek(0)
+    resume = _resume_plan(args, out, fmt, plan["detector"].model_id_, stdin) if plan["mode"] == "resume" else {"state": None, "skip": 0,
+                                                                                     "exclude": None}
+    state = resume["state"]
+    if state is not None and state.torn_bytes:
+        log(f"scan: dropping a torn last record ({state.torn_bytes} bytes) from {out}", args.quiet)
+    run_ = scan(args.paths, plan["detector"], aligned=args.aligned, batch_size=args.batch_size, workers=args.workers,
+                device=args.device, pixel_limit=args.pixel_limit, limit=args.limit, upsample=args.upsample,
+                skip=resume["skip"], exclude=resume["exclude"], stdin=stdin)
+    writer = RecordWriter(sys.stdout if out is None else out, fmt, plan["mode"], state)
+    resumed = state.records if state is not None else 0
+    progress = Progress(None, "scan", args.quiet)
+    if progress.live and "-" not in args.paths:  # the ETA needs a count, made while the scan goes on
+        threading.Thread(target=_count_inputs, args=(args.paths, args.limit, resumed, progress), daemon=True).start()
+    complete = False
+    try:
+        for group in run_.batches():
+            writer.write(group)
+            progress.update(len(group))
+            if args.fail_fast and any(r["status"] == "error" for r in group):
+                log("scan: stopping at the first error (--fail-fast)", args.quiet)
+                break
+        else:
+            complete = True
+    finally:
+        run_.close()
+        writer.close()
+        progress.close()
+        stats = dict(run_.stats, complete=complete, resumed_records=resumed, format=fmt,
+                     output=None if out is None else str(out), model=plan["detector"].model_id_,
+                     inputs=list(args.paths), limit=args.limit)
+        if out is not None:
+            write_stats(Path(str(out) + ".stats.json"), stats)
+    if not args.quiet:
+        print(summary(run_.stats, resumed), file=sys.stderr)
+    errors = run_.stats["counts"]["error"] + (state.counts["error"] if state is not None else 0)
+    return 1 if errors else 0

@@ -1,0 +1,158 @@
+"""Shared by the scan tests: one tiny detector per test process, small image corpora, and a
+generator of malformed and odd image files whose names say what a scan must report."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+_MODEL = {}
+
+
+def noise_chips(n, seed, power):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 150, 150, 3, generator=g) ** power * 255).to(torch.uint8)
+
+
+def model_file(tmp_path_factory):
+    """A detector trained on aligned noise chips (once per test process), saved to a file."""
+    if "path" not in _MODEL:
+        from fakespotter.detector import FakeSpotter
+
+        det = FakeSpotter(hidden=(8,), max_epochs=5).fit(noise_chips(16, 0, 1.0), noise_chips(16, 1, 2.5))
+        path = tmp_path_factory.mktemp("scan_model") / "det.fsm"
+        det.save(path)
+        _MODEL["path"] = path
+    return _MODEL["path"]
+
+
+def noise_image(seed, h=24, w=24, power=1.0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((h, w, 3)) ** power * 255).astype(np.uint8)
+
+
+def write_good(folder: Path, n: int, seed: int = 0, ext: str = ".png") -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = folder / f"img{i:03d}{ext}"
+        Image.fromarray(noise_image(seed * 1000 + i, power=1.0 + 1.5 * (i % 2))).save(p)
+        out.append(p)
+    return out
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height RGB pixels, with almost no data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+
+
+def gif_bomb(width: int, height: int) -> bytes:
+    head = b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0)
+    desc = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    return head + desc + b"\x02\x02\x44\x01\x00\x3b"
+
+
+def bmp_bomb(width: int, height: int) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54 + 16, 0, 0, 54) + info + b"\x00" * 16
+
+
+def exif_rotated_jpeg(orientation: int, seed: int) -> bytes:
+    img = Image.fromarray(noise_image(seed, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", exif=exif.tobytes())
+
+
+def animated(fmt: str, frames: int, seed: int) -> bytes:
+    imgs = [Image.fromarray(noise_image(seed + k, 20, 20)) for k in range(frames)]
+    return encode(imgs[0], fmt, save_all=True, append_images=imgs[1:], duration=50, loop=0)
+
+
+def odd_good_files(seed: int):
+    """(name, bytes) of decodable but unusual images: every one must be scanned (status ok)."""
+    rgb = Image.fromarray(noise_image(seed, 20, 26))
+    grey = rgb.convert("L")
+    files = [
+        ("cmyk.jpg", encode(rgb.convert("CMYK"), "JPEG")),
+        ("cmyk.tif", encode(rgb.convert("CMYK"), "TIFF")),
+        ("grey16.png", encode(Image.fromarray((np.asarray(grey).astype(np.uint16) * 257)), "PNG")),
+        ("grey16.tif", encode(Image.fromarray((np.asarray(grey).astype(np.uint16) * 257)), "TIFF")),
+        ("palette.png", encode(rgb.convert("P"), "PNG")),
+        ("palette.gif", encode(rgb.convert("P"), "GIF")),
+        ("palette_transparent.png", encode(rgb.convert("P"), "PNG", transparency=3)),
+        ("rgba.png", encode(rgb.convert("RGBA"), "PNG")),
+        ("rgba.webp", encode(rgb.convert("RGBA"), "WEBP")),
+        ("grey_alpha.png", encode(grey.convert("LA"), "PNG")),
+        ("grey.jpg", encode(grey, "JPEG")),
+        ("grey.pgm", encode(grey, "PPM")),
+        ("bilevel.png", encode(grey.convert("1"), "PNG")),
+        ("rgb.bmp", encode(rgb, "BMP")),
+        ("rgb.ppm", encode(rgb, "PPM")),
+        ("rgb.tiff", encode(rgb, "TIFF")),
+        ("rgb.webp", encode(rgb, "WEBP")),
+        ("one_pixel.png", encode(Image.fromarray(noise_image(seed, 1, 1)), "PNG")),
+        ("wide.png", encode(Image.fromarray(noise_image(seed, 3, 400)), "PNG")),
+        ("png_named.jpg", encode(rgb, "PNG")),
+        ("jpeg_named.png", encode(rgb, "JPEG")),
+        ("jpeg_named.gif", encode(rgb, "JPEG")),
+    ]
+    files += [(f"exif_orientation{o}.jpg", exif_rotated_jpeg(o, seed + o)) for o in range(1, 9)]
+    files += [("animated.gif", animated("GIF", 3, seed)), ("animated.png", animated("PNG", 4, seed)),
+              ("animated.webp", animated("WEBP", 2, seed))]
+    return files
+
+
+NOT_IMAGES = [
+    ("text.jpg", b"just some text, not an image\n"),
+    ("html.png", b"<!DOCTYPE html><html><body>404</body></html>"),
+    ("pdf.jpg", b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n"),
+    ("zip.png", b"PK\x03\x04" + b"\x00" * 40),
+    ("one_byte.jpg", b"\x00"),
+    ("zeros.bmp", b"\x00" * 1000),
+    ("eps.jpg", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"),
+    ("svg.png", b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'),
+    ("ico.png", b"\x00\x00\x01\x00\x01\x00\x10\x10\x00\x00\x01\x00\x20\x00" + b"\x00" * 60),
+    ("psd.jpg", b"8BPS\x00\x01" + b"\x00" * 40),
+]
+
+
+def bad_files(seed: int):
+    """(name, bytes, expected error kinds) of inputs a scan must refuse."""
+    rgb = Image.fromarray(noise_image(seed, 48, 48))
+    out = []
+    encoded = {"jpg": encode(rgb, "JPEG"), "png": encode(rgb, "PNG"), "gif": encode(rgb.convert("P"), "GIF"),
+               "bmp": encode(rgb, "BMP"), "webp": encode(rgb, "WEBP", quality=90), "tif": encode(rgb, "TIFF"),
+               "ppm": encode(rgb, "PPM")}
+    for ext, data in encoded.items():
+        for frac in (0.5, 0.75, 0.95):
+            out.append((f"truncated_{int(frac * 100)}.{ext}", data[: int(len(data) * frac)], {"truncated"}))
+        # cut inside the header: the signature is there, the rest is not
+        out.append((f"header_cut.{ext}", data[:12], {"truncated", "decode_error"}))
+        out.append((f"empty.{ext}", b"", {"empty_file"}))
+    for name, data in NOT_IMAGES:
+        out.append((name, data, {"not_an_image"}))
+    rng = np.random.default_rng(seed)
+    out.append((f"random_bytes_{seed}.jpg", rng.integers(0, 256, 2000, dtype=np.uint8).tobytes(), {"not_an_image"}))
+    out.append(("bomb.png", png_bomb(100_000, 100_000), {"too_many_pixels"}))
+    out.append(("bomb.gif", gif_bomb(65_535, 65_535), {"too_many_pixels"}))
+    out.append(("bomb.bmp", bmp_bomb(60_000, 60_000), {"too_many_pixels"}))
+    return out

@@ -1,0 +1,360 @@
+"""fakespotter.scan and `fakespotter scan`: records, order, scores against the detector, workers,
+inputs (folders, lists, stdin, tar), CSV, --limit, exit codes, real photos with face detection.
+
+Most tests scan tiny aligned noise chips with a detector trained on noise (see scan_helpers)."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fakespotter import data as D
+from fakespotter.artifact import file_sha256
+from fakespotter.cli import main
+from fakespotter.detector import FakeSpotter
+from fakespotter.faces import chip_from_aligned
+from fakespotter.scan import RECORD_FIELDS, scan
+from scan_helpers import model_file, noise_image, write_good
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return model_file(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def det(model):
+    return FakeSpotter.load(model)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_good(root / "a", 5, seed=1)
+    write_good(root / "a" / "deeper", 2, seed=2, ext=".jpg")
+    write_good(root / "b", 4, seed=3)
+    (root / "b" / "notes.txt").write_text("not an image, not listed")
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "b" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def run_cli(args, capsys):
+    rc = main(args)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+# ----------------------------------------------------------------------------------------------
+# records
+
+
+def test_records_one_per_input_in_listing_order_with_exact_scores(corpus, model, det):
+    records = list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=0))
+    listing = [str(p) for p in D.list_images(corpus)]
+    assert [r["path"] for r in records] == listing == sorted(listing)
+    assert all(list(r) == list(RECORD_FIELDS) for r in records)
+    model_id = file_sha256(model)
+    t = det.operating_threshold_["logit"]
+    checked = 0
+    for r in records:
+        content = open(r["path"], "rb").read()
+        assert r["size"] == len(content) and r["sha256"] == hashlib.sha256(content).hexdigest()
+        assert r["model"] == model_id
+        if r["path"].endswith(("broken.png", "empty.jpg")):
+            assert r["status"] == "error" and r["score"] is None and r["label"] is None and r["faces"] == []
+            assert r["error_kind"] == ("empty_file" if r["path"].endswith("empty.jpg") else "decode_error")
+            assert r["error"]
+            continue
+        assert r["status"] == "ok" and r["error_kind"] is None and r["error"] is None
+        assert r["width"] == r["height"] == 24 and r["frames"] == 1
+        (face,) = r["faces"]
+        assert face == {"box": [0, 0, 24, 24], "detector_score": None, "score": r["score"]}
+        assert r["label"] == ("fake" if r["score"] > t else "real")
+        if checked < 3:  # the same chip through the detector, in a forward of the same size (zero padding)
+            batch = np.zeros((4, 150, 150, 3), np.uint8)
+            batch[0] = chip_from_aligned(r["path"])
+            assert r["score"] == float(det.decision_function(batch)[0])
+            checked += 1
+    labels = {r["label"] for r in records if r["label"]}
+    assert labels == {"real", "fake"}, "the noise detector should call some of each"
+
+
+def test_scores_do_not_depend_on_neighbours_workers_or_chunking(corpus, model):
+    base = list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=0))
+    pooled = list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=2))
+    assert pooled == base
+    # a later start (what a resume does) gives the same records for the rest
+    tail = list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, skip=3))
+    assert tail == base[3:]
+    excluded = {base[1]["path"], base[5]["path"]}
+    rest = list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, exclude=excluded))
+    assert rest == [r for r in base if r["path"] not in excluded]
+
+
+def test_batches_group_records_and_stats(corpus, model):
+    run = scan([str(corpus)], model, aligned=True, batch_size=4, workers=0)
+    groups = list(run.batches())
+    n = sum(len(g) for g in groups)
+    assert n == 13 and len(groups) >= 3 and all(groups)
+    st = run.stats
+    assert st["images"] == 13 and st["counts"] == {"ok": 11, "no_face": 0, "error": 2}
+    assert st["error_kinds"] == {"decode_error": 1, "empty_file": 1} and st["faces"] == 11
+    assert st["forwards"] == 3  # 11 chips in forwards of 4
+    assert st["labels"]["real"] + st["labels"]["fake"] == 11
+    assert st["images_per_s"] > 0 and st["backbone_taps_s"] > 0 and st["wall_s"] >= st["backbone_taps_s"]
+
+
+def test_limit_scans_the_first_inputs(corpus, model):
+    full = [r["path"] for r in scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, limit=100)]
+    first = [r["path"] for r in scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, limit=5)]
+    assert first == full[:5]
+    assert list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, limit=0)) == []
+
+
+def test_library_refuses_bad_arguments(corpus, model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="scan: .*missing does not exist"):
+        scan([str(tmp_path / "missing")], model)
+    with pytest.raises(ValueError, match="scan: batch_size must be an int >= 1, got 0"):
+        scan([str(corpus)], model, batch_size=0)
+    with pytest.raises(ValueError, match="scan: workers must be an int >= 0, got -1"):
+        scan([str(corpus)], model, workers=-1)
+    with pytest.raises(ValueError, match="'-' .* can be given once"):
+        scan(["-", "-"], model)
+    with pytest.raises(TypeError, match="scan: model must be a model file path or a fitted FakeSpotter"):
+        scan([str(corpus)], 42)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def test_tar_members_score_like_the_files(corpus, model, tmp_path):
+    files = D.list_images(corpus / "a")
+    for mode, name in (("w", "c.tar"), ("w:gz", "c.tar.gz")):
+        with tarfile.open(tmp_path / name, mode) as tf:
+            for p in files:
+                tf.add(p, arcname=f"x/{p.name}")
+            info = tarfile.TarInfo("x/readme.txt")
+            info.size = 5
+            tf.addfile(info, io.BytesIO(b"hello"))
+    loose = list(scan([str(corpus / "a")], model, aligned=True, batch_size=4, workers=0))
+    for name in ("c.tar", "c.tar.gz"):
+        archived = list(scan([str(tmp_path / name)], model, aligned=True, batch_size=4, workers=1))
+        assert [r["path"] for r in archived] == [f"{tmp_path / name}::x/{p.name}" for p in files]
+        for a, b in zip(archived, loose):
+            assert {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+    # a damaged archive: the members before the damage, then one bad_archive record
+    whole = (tmp_path / "c.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    recs = list(scan([str(tmp_path / "cut.tar")], model, aligned=True, batch_size=4, workers=0))
+    assert recs and recs[-1]["error_kind"] == "bad_archive" and recs[-1]["path"] == f"{tmp_path / 'cut.tar'}::"
+    assert all(r["status"] == "ok" for r in recs[:-1]) and recs[0]["sha256"] == loose[0]["sha256"]
+    (tmp_path / "not.tar").write_bytes(b"this is no archive" * 100)
+    (rec,) = scan([str(tmp_path / "not.tar")], model, aligned=True, workers=0)
+    assert rec["status"] == "error" and rec["error_kind"] == "bad_archive"
+
+
+def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkeypatch):
+    a = D.list_images(corpus / "a")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# a comment\n{os.path.relpath(a[0], tmp_path)}\n\n{a[1]}\nmissing.png\n{corpus / 'b'}\n")
+    recs = list(scan([f"@{listing}"], model, aligned=True, batch_size=4, workers=0))
+    b = [str(p) for p in D.list_images(corpus / "b")]
+    assert [r["path"] for r in recs] == [os.path.join(str(tmp_path), os.path.relpath(a[0], tmp_path)), str(a[1]),
+                                         os.path.join(str(tmp_path), "missing.png")] + b
+    assert recs[0]["status"] == "ok" and recs[2]["error_kind"] == "not_found"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{a[2]}\n{a[3]}\n"))
+    out = tmp_path / "stdin.jsonl"
+    rc, _, err = run_cli(["scan", "-", str(a[4]), "--model", str(model), "--aligned", "--workers", "0",
+                          "--batch-size", "4", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert [r["path"] for r in jsonl(out)] == [str(a[2]), str(a[3]), str(a[4])]
+
+
+def test_permission_denied_vanished_and_fifo(corpus, model, tmp_path, monkeypatch):
+    files = write_good(tmp_path / "c", 3, seed=7)
+    os.mkfifo(tmp_path / "c" / "pipe.png")
+    real_open = os.open
+
+    def guarded(path, *a, **kw):
+        if str(path).endswith("img001.png"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(D.os, "open", guarded)
+    run = scan([str(tmp_path / "c")], model, aligned=True, batch_size=1, workers=0)
+    first = next(run)
+    files[2].unlink()  # vanishes after the listing, before it is read
+    recs = [first] + list(run)
+    kinds = {os.path.basename(r["path"]): r["error_kind"] for r in recs}
+    assert kinds == {"img000.png": None, "img001.png": "permission_denied", "img002.png": "not_found",
+                     "pipe.png": "not_a_file"}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_for_real(model, tmp_path):
+    (p,) = write_good(tmp_path / "c", 1, seed=8)
+    p.chmod(0)
+    (rec,) = scan([str(p)], model, aligned=True, workers=1)
+    assert rec["error_kind"] == "permission_denied" and rec["score"] is None
+
+
+def test_walk_is_streaming_sorted_and_survives_symlink_loops(tmp_path):
+    root = tmp_path / "r"
+    for rel in ["a.png", "b/x.jpg", "b/c/y.png", "b.png", "ab/z.gif", "b/skip.txt"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "b" / "loop").symlink_to(root)
+    (root / "b" / "c" / "up").symlink_to(root / "b")
+    got = list(D.iter_images(root))
+    assert got == sorted(got) == [root / p for p in ["a.png", "ab/z.gif", "b/c/y.png", "b/x.jpg", "b.png"]]
+    assert D.list_images(root) == got
+    assert [e.path for e in D.iter_entries([str(root) + "/"])] == [str(p) for p in got]
+
+
+# ----------------------------------------------------------------------------------------------
+# faces (no --aligned)
+
+
+def test_real_photos_faces_found(model, tmp_path):
+    from fakespotter.weights import sample_photo_path
+
+    try:
+        photo = sample_photo_path("obama.jpg")
+        from fakespotter.faces import _import_dlib
+
+        _import_dlib()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"needs dlib and the sample photos: {e}")
+    noise = tmp_path / "noise.png"
+    Image.fromarray(noise_image(3, 200, 200)).save(noise)
+    photo_rec, noise_rec = scan([str(photo), str(noise)], model, batch_size=4, workers=1)
+    assert photo_rec["status"] == "ok" and len(photo_rec["faces"]) >= 1
+    face = photo_rec["faces"][0]
+    x0, y0, x1, y1 = face["box"]
+    assert 0 <= x0 < x1 <= photo_rec["width"] and 0 <= y0 < y1 <= photo_rec["height"] and x1 - x0 > 100
+    assert face["detector_score"] > 0 and photo_rec["score"] == max(f["score"] for f in photo_rec["faces"])
+    assert photo_rec["label"] in ("real", "fake")
+    assert noise_rec["status"] == "no_face" and noise_rec["score"] is None and noise_rec["label"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_help_states_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["scan", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: fakespotter scan" in out and out.count("default") >= 12
+    for flag in ("--resume", "--overwrite", "--fail-fast", "--pixel-limit", "--limit", "--format", "--workers"):
+        assert flag in out
+
+
+def test_csv_matches_jsonl(corpus, model, tmp_path, capsys):
+    common = ["scan", str(corpus), "--model", str(model), "--aligned", "--workers", "0", "--batch-size", "4"]
+    rc, _, _ = run_cli(common + ["--out", str(tmp_path / "o.jsonl")], capsys)
+    rc2, _, err = run_cli(common + ["--out", str(tmp_path / "o.csv")], capsys)
+    assert rc == rc2 == 1, err
+    rows = list(csv.DictReader(open(tmp_path / "o.csv", newline="")))
+    recs = jsonl(tmp_path / "o.jsonl")
+    assert len(rows) == len(recs) == 13 and list(rows[0]) == list(RECORD_FIELDS)
+    for row, rec in zip(rows, recs):
+        assert row["path"] == rec["path"] and row["status"] == rec["status"] and row["sha256"] == rec["sha256"]
+        assert (row["score"] == "") == (rec["score"] is None)
+        if rec["score"] is not None:
+            assert float(row["score"]) == rec["score"] and row["label"] == rec["label"]
+            assert json.loads(row["faces"]) == rec["faces"]
+        assert row["error_kind"] == (rec["error_kind"] or "")
+    stats = json.loads((tmp_path / "o.csv.stats.json").read_text())
+    assert stats["counts"] == {"ok": 11, "no_face": 0, "error": 2} and stats["complete"] is True
+    assert stats["format"] == "csv" and stats["images_per_s"] > 0
+    assert {"decode_faces_s", "backbone_taps_s", "classifier_s", "wait_s", "wall_s"} <= set(stats)
+
+
+def test_stdout_summary_and_exit_codes(corpus, model, tmp_path, capsys):
+    good = corpus / "a"
+    rc, out, err = run_cli(["scan", str(good), "--model", str(model), "--aligned", "--workers", "0",
+                            "--batch-size", "4"], capsys)
+    assert rc == 0
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert len(recs) == 7 and all(r["status"] == "ok" for r in recs)
+    assert "ok" in err and "images/s" in err and "real" in err and "fake" in err
+    rc, out, err = run_cli(["scan", str(corpus / "b"), "--model", str(model), "--aligned", "--workers", "0",
+                            "--out", "-", "--quiet"], capsys)
+    assert rc == 1 and err == "" and len(out.splitlines()) == 6
+    # --fail-fast stops after the group holding the first error
+    rc, out, err = run_cli(["scan", str(corpus / "b"), "--model", str(model), "--aligned", "--workers", "0",
+                            "--batch-size", "1", "--fail-fast"], capsys)
+    assert rc == 1 and json.loads(out.splitlines()[-1])["status"] == "error" and len(out.splitlines()) < 6
+    # --limit and --pixel-limit
+    rc, out, _ = run_cli(["scan", str(good), "--model", str(model), "--aligned", "--workers", "0", "--limit", "2",
+                          "--pixel-limit", "500"], capsys)
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert rc == 1 and [r["error_kind"] for r in recs] == ["too_many_pixels"] * 2
+
+
+def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
+    existing = tmp_path / "existing.jsonl"
+    existing.write_text("keep me\n")
+    bad_model = tmp_path / "bad.fsm"
+    bad_model.write_bytes(b"not a model file")
+    base = [str(corpus / "a"), "--aligned"]
+    cases = [
+        (["scan", *base, "--model", str(tmp_path / "none.fsm")], "--model .*none.fsm does not exist"),
+        (["scan", *base, "--model", str(bad_model)], "--model .*bad.fsm: "),
+        (["scan", str(tmp_path / "missing"), "--model", str(model)], "scan: .*missing does not exist"),
+        (["scan", f"@{tmp_path / 'nolist.txt'}", "--model", str(model)], "file list .*nolist.txt does not exist"),
+        (["scan", *base, "--model", str(model), "--out", str(existing)], "already exists; pass --resume .* or --overwrite"),
+        (["scan", *base, "--model", str(model), "--out", str(existing), "--resume", "--overwrite"], "contradict"),
+        (["scan", *base, "--model", str(model), "--resume"], "--resume needs an output file"),
+        (["scan", *base, "--model", str(model), "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["scan", *base, "--model", str(model), "--limit", "-1"], "--limit must be >= 0"),
+        (["scan", *base, "--model", str(model), "--out", str(tmp_path / "no" / "o.jsonl")], "folder .* does not exist"),
+        (["scan", *base, "--model", str(model), "--device", "nonsense"], "--device 'nonsense' is not a device"),
+    ]
+    import re
+
+    for args, pattern in cases:
+        rc, out, err = run_cli(args, capsys)
+        assert rc == 2, (args, err)
+        assert out == "" and err.startswith("fakespotter scan: error: ") and len(err.strip().splitlines()) == 1
+        assert re.search(pattern, err), (pattern, err)
+    assert existing.read_text() == "keep me\n"
+    assert not (tmp_path / "existing.jsonl.stats.json").exists()
+    rc, _, _ = run_cli(["scan", *base, "--model", str(model), "--out", str(existing), "--overwrite",
+                        "--workers", "0", "--quiet"], capsys)
+    assert rc == 0 and len(jsonl(existing)) == 7
+
+
+def test_worker_crash_loses_no_record(corpus, model, tmp_path):
+    """A worker that dies (as in a native decoder crash) costs only its own file a record of
+    kind worker_crash; every other input is scanned."""
+    out = tmp_path / "o.jsonl"
+    env = dict(os.environ, FAKESPOTTER_SCAN_TEST_CRASH="img002.png")
+    proc = subprocess.run([sys.executable, "-m", "fakespotter", "scan", str(corpus / "a"), "--model", str(model),
+                           "--aligned", "--workers", "2", "--batch-size", "4", "--out", str(out), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    recs = jsonl(out)
+    assert [r["path"] for r in recs] == [str(p) for p in D.list_images(corpus / "a")]
+    kinds = {os.path.basename(r["path"]): r["error_kind"] for r in recs}
+    assert kinds.pop("img002.png") == "worker_crash"
+    assert set(kinds.values()) == {None}

@@ -1,0 +1,172 @@
+"""Resume: a scan killed with SIGKILL at random points and resumed each time ends with exactly one
+record per input, byte-identical to an uninterrupted scan; torn and damaged tails are repaired;
+a changed input listing falls back to skipping by path."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fakespotter.cli import main
+from fakespotter.scan import RECORD_FIELDS, _line, scan
+from scan_helpers import model_file, write_good
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return model_file(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_corpus")
+    write_good(root / "a", 36, seed=21)
+    write_good(root / "b", 12, seed=22, ext=".jpg")
+    (root / "b" / "zz_empty.png").write_bytes(b"")
+    (root / "b" / "zz_text.jpg").write_text("no image")
+    return root
+
+
+def outputs(records):
+    """The JSONL and CSV an uninterrupted scan writes for these records."""
+    return {"records": records, "jsonl": "".join(_line(r, "jsonl") for r in records),
+            "csv": ",".join(RECORD_FIELDS) + "\n" + "".join(_line(r, "csv") for r in records)}
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, model):
+    """An uninterrupted scan of the whole corpus (50 inputs; the kill test)."""
+    return outputs(list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0)))
+
+
+@pytest.fixture(scope="module")
+def small(corpus, model):
+    """An uninterrupted scan of corpus/b (14 inputs; the other tests)."""
+    return corpus / "b", outputs(list(scan([str(corpus / "b")], model, aligned=True, batch_size=2, workers=0)))
+
+
+def cli(corpus, model, out, *extra):
+    return ["scan", str(corpus), "--model", str(model), "--aligned", "--workers", "0", "--batch-size", "2",
+            "--out", str(out), "--quiet", *extra]
+
+
+def lines_in(path):
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigkill_at_random_points_then_resume(corpus, model, reference, tmp_path):
+    out = tmp_path / "o.jsonl"
+    cmd = [sys.executable, "-m", "fakespotter", *cli(corpus, model, out, "--resume")]
+    rng = random.Random(20240601)
+    kills, runs = 0, 0
+    total = len(reference["records"])
+    while True:
+        runs += 1
+        assert runs < 30, "the scan does not finish"
+        before = lines_in(out)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if kills < 10:
+            if kills % 4 == 1:  # a random moment, mostly during start-up and listing
+                time.sleep(rng.uniform(0.1, 2.5))
+            else:  # after a random number of newly flushed records
+                target = before + rng.randint(1, 3)
+                while proc.poll() is None and lines_in(out) < target:
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0.0, 0.15))
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                kills += 1
+                continue
+        rc = proc.wait(timeout=300)
+        err = proc.stderr.read().decode()
+        assert rc == 1, err  # two inputs are bad
+        if kills >= 10:
+            break
+        assert out.read_text() == reference["jsonl"]  # finished before ten kills: check, and go again
+        out.unlink()
+    assert kills >= 10
+    assert out.read_text() == reference["jsonl"]
+    assert len(reference["records"]) == total == 50
+    stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+    assert stats["complete"] and stats["resumed_records"] + stats["images"] == total
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_torn_last_line_is_dropped_and_rewritten(small, model, tmp_path, capsys, fmt):
+    corpus, reference = small
+    whole = reference[fmt]
+    lines = whole.splitlines(keepends=True)
+    head = 1 if fmt == "csv" else 0
+    out = tmp_path / f"o.{fmt}"
+    out.write_text("".join(lines[: head + 7]) + lines[head + 7][:25])  # torn mid-record
+    assert main(cli(corpus, model, out, "--resume")) == 1
+    assert out.read_text() == whole
+    assert "dropping a torn last record" not in capsys.readouterr().err  # --quiet
+    stats = json.loads((tmp_path / f"o.{fmt}.stats.json").read_text())
+    assert stats["resumed_records"] == 7 and stats["images"] == len(reference["records"]) - 7
+
+
+def test_damaged_line_and_everything_after_it_is_redone(small, model, tmp_path):
+    corpus, reference = small
+    lines = reference["jsonl"].splitlines(keepends=True)
+    out = tmp_path / "o.jsonl"
+    out.write_text("".join(lines[:5]) + "\x00\x00\x00\x00\n" + "".join(lines[6:9]))  # e.g. after a power loss
+    assert main(cli(corpus, model, out, "--resume")) == 1
+    assert out.read_text() == reference["jsonl"]
+
+
+def test_resume_of_a_finished_or_missing_output(small, model, tmp_path):
+    corpus, reference = small
+    out = tmp_path / "o.jsonl"
+    assert main(cli(corpus, model, out, "--resume")) == 1  # nothing there yet: a fresh scan
+    assert out.read_text() == reference["jsonl"]
+    assert main(cli(corpus, model, out, "--resume")) == 1  # complete: nothing to do, errors still count
+    assert out.read_text() == reference["jsonl"]
+    assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["images"] == 0
+
+
+def test_resume_with_limit_and_changed_listing(small, model, tmp_path):
+    corpus, reference = small
+    out = tmp_path / "o.jsonl"
+    assert main(cli(corpus, model, out, "--limit", "3")) == 0
+    assert main(cli(corpus, model, out, "--resume", "--limit", "8")) == 0
+    assert out.read_text() == "".join(reference["jsonl"].splitlines(keepends=True)[:8])
+    # records that are not a prefix of the listing (another order): skip by path instead
+    lines = reference["jsonl"].splitlines(keepends=True)
+    shuffled = lines[9:12] + lines[3:6]
+    out2 = tmp_path / "o2.jsonl"
+    out2.write_text("".join(shuffled))
+    assert main(cli(corpus, model, out2, "--resume")) == 1
+    got = out2.read_text().splitlines(keepends=True)
+    assert got[:6] == shuffled and sorted(got) == sorted(lines) and len(got) == len(lines)
+
+
+def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
+    corpus, reference = small
+    lines = reference["jsonl"].splitlines(keepends=True)
+    out = tmp_path / "o.jsonl"
+    out.write_text("".join(lines[:4]))
+    # another format: the JSON lines are not CSV rows; nothing is cut
+    rc = main(cli(corpus, model, out, "--resume", "--format", "csv"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not a csv scan output" in err and out.read_text() == "".join(lines[:4])
+    # another model
+    out.write_text("".join(line.replace(reference["records"][0]["model"], "0" * 64) for line in lines[:4]))
+    rc = main(cli(corpus, model, out, "--resume"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"was written with model {'0' * 64}" in err
+    # a file that is no scan output at all
+    out.write_text("my notes\nmore notes\n")
+    assert main(cli(corpus, model, out, "--resume")) == 2 and out.read_text() == "my notes\nmore notes\n"
+    # but a first record torn while being written is dropped
+    out.write_text(lines[0][:30])
+    assert main(cli(corpus, model, out, "--resume")) == 1 and out.read_text() == reference["jsonl"]
