@@ -127,3 +127,13 @@ def test_bad_arguments():
         apply("jpeg", 50, Image.fromarray(x[..., 0]))
     with pytest.raises(ValueError, match="unknown attacks"):
         perturb.sweep(["jpeg", "rotate"])
+
+
+def test_noise_seed_sequences():
+    x = smooth_image(4, 30, 30)
+    a = apply("noise", 0.03, x, seed=(5, 0))
+    assert np.array_equal(a, apply("noise", 0.03, x, seed=(5, 0)))
+    assert not np.array_equal(a, apply("noise", 0.03, x, seed=(5, 1)))
+    assert np.array_equal(apply("noise", 0.03, x, seed=5), apply("noise", 0.03, x, seed=[5]))
+    with pytest.raises(ValueError, match=r"noise: seed must be an int >= 0 or a sequence of them, got -1"):
+        apply("noise", 0.03, x, seed=-1)

@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = [
     "FPR_TARGETS", "METRICS", "roc_curve", "precision_recall_curve", "roc_auc", "average_precision",
-    "equal_error_rate", "tpr_at_fpr", "threshold_metrics", "metrics", "bootstrap_ci", "evaluate",
+    "equal_error_rate", "tpr_at_fpr", "threshold_metrics", "metrics", "bootstrap_ci", "group_masks", "evaluate",
     "to_json_dict", "write_json", "to_csv", "write_csv", "to_markdown", "write_markdown",
     "plot_roc", "plot_det", "plot_lines", "score_images", "ImageScores",
 ]
@@ -250,6 +250,26 @@ def bootstrap_ci(scores: Any, labels: Any, statistic: Callable[[np.ndarray, np.n
 # reports
 
 
+def group_masks(labels: Any, groups: Optional[Sequence[Hashable]] = None) -> List[Tuple[str, str, np.ndarray]]:
+    """The rows of a report as ``(name, class, mask)``: ``("all", "all", everything)``; then per
+    fake group (first-seen order) its fakes with all reals; then, when the reals carry more than
+    one group, per real group its reals with all fakes."""
+    y = np.asarray(labels).astype(bool)
+    out = [("all", "all", np.ones(len(y), dtype=bool))]
+    if groups is None:
+        return out
+    g = np.asarray([str(x) for x in groups], dtype=object)
+    if g.shape != y.shape:
+        raise ValueError(f"evaluate: groups must have one entry per score ({len(y)}), got {len(g)}")
+    for name in dict.fromkeys(g[y]):
+        out.append((name, "fake", ~y | ((g == name) & y)))
+    real_groups = list(dict.fromkeys(g[~y]))
+    if len(real_groups) > 1:
+        for name in real_groups:
+            out.append((name, "real", y | ((g == name) & ~y)))
+    return out
+
+
 def evaluate(scores: Any, labels: Any, groups: Optional[Sequence[Hashable]] = None, threshold: float = 0.0,
              operating_threshold: Optional[float] = None, bootstrap: int = 1000, seed: int = 0,
              level: float = 0.95, fpr_targets: Sequence[float] = FPR_TARGETS) -> Dict[str, Any]:
@@ -262,10 +282,6 @@ def evaluate(scores: Any, labels: Any, groups: Optional[Sequence[Hashable]] = No
     <metric>: value, "ci": {<metric>: [low, high]}}, ...]}``; the first row is ``"all"``.
     """
     s, y = _check(scores, labels, "evaluate")
-    if groups is not None:
-        g = np.asarray([str(x) for x in groups], dtype=object)
-        if g.shape != s.shape:
-            raise ValueError(f"evaluate: groups must have one entry per score ({len(s)}), got {len(g)}")
     op = None if operating_threshold is None else float(operating_threshold)
     targets = tuple(float(f) for f in fpr_targets)
 
@@ -279,15 +295,7 @@ def evaluate(scores: Any, labels: Any, groups: Optional[Sequence[Hashable]] = No
         r["ci"] = {k: list(v) for k, v in bootstrap_ci(a, b, stat, n=bootstrap, seed=seed + offset, level=level).items()}
         return r
 
-    rows = [row("all", "all", np.ones(len(s), dtype=bool), 0)]
-    if groups is not None:
-        fake_groups = list(dict.fromkeys(g[y]))
-        real_groups = list(dict.fromkeys(g[~y]))
-        for i, name in enumerate(fake_groups, 1):
-            rows.append(row(name, "fake", ~y | ((g == name) & y), i))
-        if len(real_groups) > 1:
-            for i, name in enumerate(real_groups, 1 + len(fake_groups)):
-                rows.append(row(name, "real", y | ((g == name) & ~y), i))
+    rows = [row(name, cls, mask, i) for i, (name, cls, mask) in enumerate(group_masks(y, groups))]
     settings = {"threshold": float(threshold), "operating_threshold": op, "bootstrap": int(bootstrap),
                 "seed": int(seed), "level": float(level), "fpr_targets": list(targets),
                 "positive_class": "fake", "decision": "fake when score > threshold"}
@@ -317,19 +325,25 @@ def write_json(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
     return p
 
 
-def _columns(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+def _labels(report: Mapping[str, Any]) -> List[str]:
+    return list(report.get("label_columns", ("group", "class")))
+
+
+def _columns(rows: Sequence[Mapping[str, Any]], labels: Sequence[str] = ("group", "class")) -> List[str]:
     keys = [k for k in METRICS if any(k in r for r in rows)]
-    extra = [k for r in rows for k in r if k not in keys and k not in ("group", "class", "ci")
+    extra = [k for r in rows for k in r if k not in keys and k not in (*labels, "ci")
              and not k.startswith("n_")]
     return keys + list(dict.fromkeys(extra))
 
 
 def to_csv(report: Mapping[str, Any]) -> str:
-    """One line per row: group, class, counts, then each metric with ``_lo`` / ``_hi`` bounds."""
+    """One line per row: its labels (``report["label_columns"]``, default group and class),
+    counts, then each metric with ``_lo`` / ``_hi`` bounds."""
     rows = report["rows"]
+    labels = _labels(report)
     counts = [k for k in rows[0] if k.startswith("n_")] if rows else []
-    metric_cols = _columns(rows)
-    header = ["group", "class", *counts]
+    metric_cols = _columns(rows, labels)
+    header = [*labels, *counts]
     for k in metric_cols:
         header += [k, f"{k}_lo", f"{k}_hi"]
     buf = io.StringIO()
@@ -342,7 +356,7 @@ def to_csv(report: Mapping[str, Any]) -> str:
         return repr(float(v)) if isinstance(v, (float, np.floating)) else str(v)
 
     for r in rows:
-        line = [r.get("group"), r.get("class"), *(r.get(k) for k in counts)]
+        line = [*(r.get(k) for k in labels), *(r.get(k) for k in counts)]
         for k in metric_cols:
             lo, hi = (r.get("ci") or {}).get(k, (None, None))
             line += [fmt(r.get(k)), fmt(lo), fmt(hi)]
@@ -372,9 +386,11 @@ def to_markdown(report: Mapping[str, Any], columns: Optional[Sequence[str]] = No
     """A Markdown table: one line per row, each metric as ``value [low, high]`` when the row has
     intervals."""
     rows = report["rows"]
-    cols = list(columns) if columns is not None else [k for k in _columns(rows) if k not in ("tpr_operating", "fpr_operating")]
+    labels = _labels(report)
+    cols = list(columns) if columns is not None else [k for k in _columns(rows, labels)
+                                                      if k not in ("tpr_operating", "fpr_operating")]
     counts = [k for k in rows[0] if k.startswith("n_")] if rows else []
-    head = ["group", "class", *counts, *(_heading(k) for k in cols)]
+    head = [*labels, *counts, *(_heading(k) for k in cols)]
 
     def cell(r: Mapping[str, Any], k: str) -> str:
         v = r.get(k)
@@ -386,9 +402,10 @@ def to_markdown(report: Mapping[str, Any], columns: Optional[Sequence[str]] = No
             text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
         return text
 
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * len(labels) + ["---:"] * (len(head) - len(labels))) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join([str(r.get("group", "")), str(r.get("class", "")),
+        lines.append("| " + " | ".join([*(str(r.get(k, "")) for k in labels),
                                         *(str(r.get(k, "")) for k in counts), *(cell(r, k) for k in cols)]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,7 @@ robustness section): JPEG compression, Gaussian blur, resizing down and back up,
 Every attack takes ``uint8 [H, W, 3]`` (one image) or ``uint8 [N, H, W, 3]`` (a chip batch) and
 returns the same shape and dtype; a ``PIL.Image`` comes back as a ``PIL.Image``. Attacks are
 deterministic: only noise draws random numbers, from ``seed`` (and, in a batch, one stream per
-item: ``default_rng([seed, item])``, so an item's noise does not depend on the batch it is in).
+item: ``default_rng([*seed, item])``, so an item's noise does not depend on the batch it is in).
 
 :data:`ATTACKS` lists the levels swept by ``fakespotter robustness``, weakest first.
 
@@ -135,17 +135,20 @@ def resize(image: ImageLike, factor: float) -> ImageLike:
     return _pil_in_out(image, _per_item(a, one))
 
 
-def noise(image: ImageLike, sigma: float, seed: int = 0) -> ImageLike:
+def noise(image: ImageLike, sigma: float, seed: Union[int, Sequence[int]] = 0) -> ImageLike:
     """Add Gaussian noise of standard deviation ``sigma * 255`` (sigma a fraction of the range),
-    rounded and clipped to uint8. Item ``i`` of a batch uses ``default_rng([seed, i])``."""
+    rounded and clipped to uint8. seed: an int or a sequence of ints (e.g. ``(run seed, image
+    number)``); item ``i`` of a batch (0 for one image) uses ``default_rng([*seed, i])``."""
     if not (_is_number(sigma) and 0 < sigma <= 1):
         raise ValueError(f"noise: sigma must be a fraction of the range in (0, 1], got {sigma!r}")
-    if not _is_number(seed) or int(seed) != seed or seed < 0:
-        raise ValueError(f"noise: seed must be an int >= 0, got {seed!r}")
+    seeds = [seed] if _is_number(seed) else list(seed) if isinstance(seed, (tuple, list)) else [None]
+    if not seeds or not all(_is_number(s) and int(s) == s and s >= 0 for s in seeds):
+        raise ValueError(f"noise: seed must be an int >= 0 or a sequence of them, got {seed!r}")
+    seeds = [int(s) for s in seeds]
     a = _check_image(image, "noise")
 
     def one(x: np.ndarray, i: int) -> np.ndarray:
-        rng = np.random.default_rng([int(seed), i])
+        rng = np.random.default_rng([*seeds, i])
         y = x.astype(np.float64) + rng.normal(0.0, sigma * 255.0, size=x.shape)
         return np.clip(np.round(y), 0, 255).astype(np.uint8)
 
@@ -155,7 +158,7 @@ def noise(image: ImageLike, sigma: float, seed: int = 0) -> ImageLike:
 _FUNCTIONS = {"jpeg": jpeg, "blur": blur, "resize": resize, "noise": noise}
 
 
-def apply(attack: str, level: float, image: ImageLike, seed: int = 0) -> ImageLike:
+def apply(attack: str, level: float, image: ImageLike, seed: Union[int, Sequence[int]] = 0) -> ImageLike:
     """Apply ``attack`` (a key of :data:`ATTACKS`) at ``level`` to an image or chip batch.
 
     ``seed`` only matters for noise. Levels outside :data:`ATTACKS` are allowed when valid for
