@@ -8,9 +8,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import calibrate, env, info, train
+from . import calibrate, env, evaluate, info, robustness, train
 
-COMMANDS = {"calibrate": calibrate, "train": train, "info": info, "env": env}
+COMMANDS = {"calibrate": calibrate, "train": train, "info": info, "env": env, "evaluate": evaluate,
+            "robustness": robustness}
 
 
 class UsageError(Exception):
