@@ -453,7 +453,7 @@ def plot_roc(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], titl
     return Path(path)
 
 
-_DET_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
+_DET_TICKS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)
 
 
 def plot_det(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], title: str = "DET") -> Path:

@@ -32,9 +32,9 @@ ATTACKS: Dict[str, List[float]] = {
 
 DESCRIPTIONS = {
     "jpeg": "JPEG quality",
-    "blur": "Gaussian blur sigma (px)",
-    "resize": "resize factor (down, then up)",
-    "noise": "Gaussian noise sigma (fraction of 0..255)",
+    "blur": "blur sigma (px)",
+    "resize": "resize factor (down, up)",
+    "noise": "noise sigma (x 255)",
 }
 
 ImageLike = Union[np.ndarray, Image.Image]
