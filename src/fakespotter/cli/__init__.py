@@ -8,9 +8,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import calibrate, env, info, scan, train
+from . import calibrate, env, evaluate, info, robustness, scan, train
 
-COMMANDS = {"scan": scan, "calibrate": calibrate, "train": train, "info": info, "env": env}
+COMMANDS = {"scan": scan, "train": train, "calibrate": calibrate, "evaluate": evaluate,
+            "robustness": robustness, "info": info, "env": env}
 
 
 class UsageError(Exception):

@@ -1,0 +1,241 @@
+"""evaluate's metrics against scikit-learn's on random scores (with and without ties), the
+bootstrap intervals, grouped rows and the report writers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fakespotter import evaluate as ev
+
+sk = pytest.importorskip("sklearn.metrics")
+
+
+def random_case(seed, n=300, ties=False, balance=0.5):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < balance).astype(np.int64)
+    y[:2] = [0, 1]  # both classes present
+    s = rng.normal(size=n) + 1.2 * y
+    if ties:
+        s = np.round(s * 2) / 2  # a dozen distinct values: many ties within and across classes
+    return s, y
+
+
+CASES = [(seed, ties, n, balance) for seed in range(6) for ties in (False, True)
+         for n, balance in ((300, 0.5), (57, 0.2))] + [(99, True, 10, 0.5), (7, False, 2, 0.5)]
+
+
+def sk_tpr_at(y, s, target):
+    fpr, tpr, _ = sk.roc_curve(y, s, drop_intermediate=False)
+    return tpr[fpr <= target].max()
+
+
+def sk_eer(y, s):
+    """FPR = FNR on sklearn's ROC joined by straight lines, found on a fine grid."""
+    fpr, tpr, _ = sk.roc_curve(y, s, drop_intermediate=False)
+    # walk the polyline in order: parametrize by cumulative index, evaluate fnr - fpr densely
+    t = np.linspace(0, len(fpr) - 1, 400001)
+    f = np.interp(t, np.arange(len(fpr)), fpr)
+    g = 1 - np.interp(t, np.arange(len(tpr)), tpr)
+    i = np.argmax(g - f <= 0)
+    return f[i]
+
+
+@pytest.mark.parametrize("seed,ties,n,balance", CASES)
+def test_rank_metrics_match_sklearn(seed, ties, n, balance):
+    s, y = random_case(seed, n, ties, balance)
+    assert ev.roc_auc(s, y) == pytest.approx(sk.roc_auc_score(y, s), abs=1e-12)
+    assert ev.average_precision(s, y) == pytest.approx(sk.average_precision_score(y, s), abs=1e-12)
+    for target in (0.0, 0.01, 0.05, 0.1, 0.5):
+        assert ev.tpr_at_fpr(s, y, target) == pytest.approx(sk_tpr_at(y, s, target), abs=1e-12), target
+    assert ev.equal_error_rate(s, y) == pytest.approx(sk_eer(y, s), abs=2e-4)
+    fpr, tpr, thr = ev.roc_curve(s, y)
+    fpr_sk, tpr_sk, thr_sk = sk.roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, fpr_sk)
+    np.testing.assert_allclose(tpr, tpr_sk)
+    np.testing.assert_array_equal(thr[1:], thr_sk[1:])
+    p, r, t = ev.precision_recall_curve(s, y)
+    p_sk, r_sk, t_sk = sk.precision_recall_curve(y, s)
+    np.testing.assert_allclose(p, p_sk[:-1][::-1])
+    np.testing.assert_allclose(r, r_sk[:-1][::-1])
+    np.testing.assert_array_equal(t, t_sk[::-1])
+
+
+@pytest.mark.parametrize("seed,ties,n,balance", CASES)
+@pytest.mark.parametrize("threshold", [-0.5, 0.0, 0.5, 10.0])
+def test_threshold_metrics_match_sklearn(seed, ties, n, balance, threshold):
+    s, y = random_case(seed, n, ties, balance)
+    pred = (s > threshold).astype(np.int64)
+    m = ev.metrics(s, y, threshold=threshold, operating_threshold=threshold)
+    assert m["acc"] == pytest.approx(sk.accuracy_score(y, pred), abs=1e-12)
+    assert m["acc_operating"] == m["acc"]
+    assert m["precision"] == pytest.approx(sk.precision_score(y, pred, zero_division=0), abs=1e-12)
+    assert m["recall"] == pytest.approx(sk.recall_score(y, pred, zero_division=0), abs=1e-12)
+    assert m["f1"] == pytest.approx(sk.f1_score(y, pred, zero_division=0), abs=1e-12)
+    tn, fp, fn, tp = sk.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    assert m["tpr_operating"] == pytest.approx(tp / (tp + fn)) and m["fpr_operating"] == pytest.approx(fp / (fp + tn))
+    assert m["auc"] == ev.roc_auc(s, y) and m["ap"] == ev.average_precision(s, y)
+    assert m["eer"] == ev.equal_error_rate(s, y)
+    assert m["tpr_at_1pct_fpr"] == ev.tpr_at_fpr(s, y, 0.01) and m["tpr_at_5pct_fpr"] == ev.tpr_at_fpr(s, y, 0.05)
+
+
+def test_literal_cases():
+    # perfect separation, perfect inversion, all tied
+    y = np.array([0, 0, 1, 1])
+    assert ev.roc_auc([0, 1, 2, 3], y) == 1.0 and ev.equal_error_rate([0, 1, 2, 3], y) == 0.0
+    assert ev.roc_auc([3, 2, 1, 0], y) == 0.0 and ev.equal_error_rate([3, 2, 1, 0], y) == 1.0
+    assert ev.roc_auc([1, 1, 1, 1], y) == 0.5 and ev.equal_error_rate([1, 1, 1, 1], y) == 0.5
+    assert ev.average_precision([1, 1, 1, 1], y) == 0.5
+    assert ev.tpr_at_fpr([0, 1, 2, 3], y, 0.0) == 1.0 and ev.tpr_at_fpr([1, 1, 1, 1], y, 0.4) == 0.0
+    # a real tied with a fake counts one half
+    assert ev.roc_auc([0, 1, 1], [0, 0, 1]) == 0.75
+    # the detector module's AUC agrees
+    from fakespotter.detector import roc_auc
+
+    s, yy = random_case(3, 200, True)
+    assert ev.roc_auc(s, yy) == pytest.approx(roc_auc(s, yy), abs=1e-12)
+
+
+def test_one_class_and_bad_input():
+    m = ev.metrics([0.1, 0.2], [1, 1])
+    assert math.isnan(m["auc"]) and math.isnan(m["eer"]) and m["ap"] == 1.0 and m["recall"] == 1.0
+    m = ev.metrics([0.1, 0.2], [0, 0])
+    assert math.isnan(m["auc"]) and math.isnan(m["ap"]) and m["precision"] == 0.0 and math.isnan(m["recall"])
+    assert math.isnan(ev.metrics([], [])["auc"])
+    with pytest.raises(ValueError, match=r"metrics: 1 scores are NaN or infinite"):
+        ev.metrics([0.1, float("nan")], [0, 1])
+    with pytest.raises(ValueError, match=r"labels must be 0 \(real\) or 1 \(fake\), got values \[0, 2\]"):
+        ev.roc_auc([0.1, 0.2], [0, 2])
+    with pytest.raises(ValueError, match=r"one entry per score \(2\), got shape \(3,\)"):
+        ev.roc_auc([0.1, 0.2], [0, 1, 1])
+    with pytest.raises(ValueError, match="target must be in"):
+        ev.tpr_at_fpr([0.1, 0.2], [0, 1], 1.5)
+
+
+def stat(s, y):
+    return {"auc": ev.roc_auc(s, y), "acc": ev.threshold_metrics(s, y, 0.0)["acc"]}
+
+
+def test_bootstrap_contains_point_narrows_and_is_seeded():
+    widths = []
+    for n in (60, 600, 6000):
+        s, y = random_case(1, n)
+        point = stat(s, y)
+        ci = ev.bootstrap_ci(s, y, stat, n=300, seed=5)
+        for k, (lo, hi) in ci.items():
+            assert lo <= point[k] <= hi and lo < hi, (n, k, lo, point[k], hi)
+        widths.append(ci["auc"][1] - ci["auc"][0])
+    assert widths[0] > 2 * widths[1] > 4 * widths[2], widths  # ~ 1/sqrt(n)
+    s, y = random_case(1, 200)
+    assert ev.bootstrap_ci(s, y, stat, n=100, seed=1) == ev.bootstrap_ci(s, y, stat, n=100, seed=1)
+    assert ev.bootstrap_ci(s, y, stat, n=100, seed=1) != ev.bootstrap_ci(s, y, stat, n=100, seed=2)
+    # 95% > 50% interval
+    lo95, hi95 = ev.bootstrap_ci(s, y, stat, n=400, seed=1)["auc"]
+    lo50, hi50 = ev.bootstrap_ci(s, y, stat, n=400, seed=1, level=0.5)["auc"]
+    assert lo95 < lo50 < hi50 < hi95
+    assert all(math.isnan(v) for v in ev.bootstrap_ci([0.1, 0.2], [1, 1], stat, n=10)["auc"])
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        ev.bootstrap_ci(s, y, stat, n=-1)
+
+
+def test_bootstrap_is_stratified():
+    s, y = random_case(2, 100, balance=0.1)
+    seen = []
+
+    def count(a, b):
+        seen.append((int((b == 0).sum()), int((b == 1).sum())))
+        return {"n": float(len(a))}
+
+    ev.bootstrap_ci(s, y, count, n=20, seed=0)
+    assert set(seen) == {(int((y == 0).sum()), int((y == 1).sum()))}
+
+
+def grouped_case():
+    rng = np.random.default_rng(0)
+    groups = ["nba"] * 80 + ["ffhq"] * 40 + ["dcgan"] * 60 + ["swap"] * 30
+    y = np.array([0] * 120 + [1] * 90)
+    shift = {"nba": 0.0, "ffhq": 0.3, "dcgan": 2.0, "swap": 0.5}
+    s = np.array([rng.normal() + shift[g] for g in groups])
+    return s, y, groups
+
+
+def test_grouped_rows():
+    s, y, groups = grouped_case()
+    rep = ev.evaluate(s, y, groups=groups, threshold=0.2, operating_threshold=1.0, bootstrap=50, seed=3)
+    rows = {r["group"]: r for r in rep["rows"]}
+    assert [r["group"] for r in rep["rows"]] == ["all", "dcgan", "swap", "nba", "ffhq"]
+    assert [r["class"] for r in rep["rows"]] == ["all", "fake", "fake", "real", "real"]
+    assert (rows["dcgan"]["n_real"], rows["dcgan"]["n_fake"]) == (120, 60)
+    assert (rows["nba"]["n_real"], rows["nba"]["n_fake"]) == (80, 90)
+    g = np.array(groups)
+    swap = (y == 0) | (g == "swap")
+    assert rows["swap"]["auc"] == pytest.approx(sk.roc_auc_score(y[swap], s[swap]))
+    assert rows["dcgan"]["auc"] > 0.85 > rows["swap"]["auc"]
+    ffhq = (y == 1) | (g == "ffhq")
+    assert rows["ffhq"]["acc_operating"] == pytest.approx(sk.accuracy_score(y[ffhq], s[ffhq] > 1.0))
+    assert rows["all"]["ap"] == pytest.approx(sk.average_precision_score(y, s))
+    for r in rep["rows"]:
+        assert set(ev.METRICS) <= set(r) and set(r["ci"]) >= set(ev.METRICS)
+        for k in ev.METRICS:
+            lo, hi = r["ci"][k]
+            assert lo <= hi
+    # one real source: no real rows
+    rep = ev.evaluate(s, y, groups=["r"] * 120 + groups[120:], bootstrap=0)
+    assert [r["group"] for r in rep["rows"]] == ["all", "dcgan", "swap"]
+    assert "acc_operating" not in rep["rows"][0] and math.isnan(rep["rows"][0]["ci"]["auc"][0])
+    with pytest.raises(ValueError, match=r"groups must have one entry per score \(210\), got 3"):
+        ev.evaluate(s, y, groups=["a", "b", "c"])
+
+
+def test_writers(tmp_path):
+    s, y, groups = grouped_case()
+    rep = ev.evaluate(s, y, groups=groups, operating_threshold=1.0, bootstrap=30)
+    rep["rows"][2]["ci"]["auc"] = [float("nan"), float("nan")]
+    back = json.loads(ev.write_json(rep, tmp_path / "m.json").read_text())
+    assert back["rows"][0]["auc"] == pytest.approx(rep["rows"][0]["auc"])
+    assert back["rows"][2]["ci"]["auc"] == [None, None] and back["settings"]["bootstrap"] == 30
+    table = list(csv.DictReader(io.StringIO(ev.write_csv(rep, tmp_path / "m.csv").read_text())))
+    assert [r["group"] for r in table] == ["all", "dcgan", "swap", "nba", "ffhq"]
+    assert float(table[1]["auc"]) == rep["rows"][1]["auc"] and float(table[1]["auc_lo"]) == rep["rows"][1]["ci"]["auc"][0]
+    assert table[2]["auc_lo"] == "" and int(table[0]["n_real"]) == 120
+    assert {"eer", "tpr_at_1pct_fpr_hi", "acc_operating"} <= set(table[0])
+    md = ev.write_markdown(rep, tmp_path / "m.md", title="T", notes=["a note"]).read_text()
+    lines = md.splitlines()
+    assert lines[0] == "# T" and "| group | class | n_real | n_fake | AUC | AP | EER | ACC |" in md
+    assert "TPR@1%FPR" in md and "ACC@op" in md and "- a note" in md
+    head = next(l for l in lines if l.startswith("| group"))
+    body = [l for l in lines if l.startswith("| ") and l is not head and not l.startswith("| group")]
+    assert len(body) == 5 and all(l.count("|") == head.count("|") for l in body)
+    assert f"{rep['rows'][0]['auc']:.3f} [" in md
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    s, y, groups = grouped_case()
+    curves = {"all": (s, y), "tied": (np.round(s), y)}
+    for f in (ev.plot_roc, ev.plot_det):
+        p = f(curves, tmp_path / f"{f.__name__}.png")
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    p = ev.plot_lines({"jpeg": {"AUC": ([95, 75], [0.9, 0.8])}, "blur": {"AUC": ([1, 2], [0.7, 0.6])}},
+                      tmp_path / "l.png", ylabel="AUC", reference=0.95)
+    assert p.stat().st_size > 5000
+
+
+def test_plots_without_matplotlib(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    with pytest.raises(ImportError, match=r"plots need matplotlib \(pip install matplotlib\)"):
+        ev.plot_roc({"a": ([0, 1], [0, 1])}, tmp_path / "x.png")
