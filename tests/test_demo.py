@@ -1,0 +1,26 @@
+"""The README's main job (./dev demo = scripts/demo.py) runs and prints the scan summary."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_demo_scans_the_sample_corpus(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--work", str(tmp_path / "demo"), "--train", "12", "--corpus", "6"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert "status" in out and "images/s" in out
+    assert "errors: empty_file 1, truncated 1" in out
+    records = [json.loads(line) for line in (tmp_path / "demo" / "scan.jsonl").read_text().splitlines()]
+    assert len(records) == 6 + 6 + 3 + 2  # reals, renders, photos, broken files: one record each
+    assert {r["status"] for r in records} <= {"ok", "no_face", "error"}
+    assert all((r["score"] is None) == (r["status"] != "ok") for r in records)
+    assert any(r["status"] == "ok" for r in records)
