@@ -11,7 +11,8 @@ import torch
 
 from fakespotter import artifact
 from fakespotter.classifier import NotFittedError
-from fakespotter.detector import FakeSpotter, _operating_threshold, roc_auc
+from fakespotter.detector import FakeSpotter, _operating_threshold
+from fakespotter.evaluate import roc_auc
 
 
 def noise_chips(n, seed, power):

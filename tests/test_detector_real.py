@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fakespotter.detector import FakeSpotter, roc_auc
+from fakespotter.detector import FakeSpotter
+from fakespotter.evaluate import roc_auc
 
 
 @pytest.fixture(scope="module")

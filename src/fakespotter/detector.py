@@ -31,35 +31,14 @@ from . import artifact
 from .backbones import get_backbone
 from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
+from .evaluate import roc_auc
 from .features import _is_chip_batch, chips as make_chips, features, prepare_chips
 from .taps import Tap
 
-__all__ = ["FakeSpotter", "CLASSES", "roc_auc"]
+__all__ = ["FakeSpotter", "CLASSES"]
 
 CLASSES = ("real", "fake")
 _CLASSIFIERS = {"mlp": BitsetMLPClassifier, "logistic": BitsetLogisticClassifier}
-
-
-def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve (ties count one half). labels: 1 = fake (positive)."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    order = np.argsort(np.concatenate([neg, pos]), kind="mergesort")
-    ranks = np.empty(len(order), dtype=np.float64)
-    allv = np.concatenate([neg, pos])[order]
-    # average ranks over ties
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    r_pos = ranks[len(neg):].sum()
-    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def _operating_threshold(real_scores: np.ndarray, fake_scores: np.ndarray, target_fpr: float) -> Dict[str, float]:
