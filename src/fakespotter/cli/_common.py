@@ -46,6 +46,16 @@ def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional
     return p
 
 
+def add_class_sources(p: argparse.ArgumentParser) -> None:
+    """--real / --fake sources and the name of each fake type (train, evaluate, robustness)."""
+    p.add_argument("--real", nargs="+", required=True, metavar="DIR",
+                   help="folders (searched recursively) or @file lists of real images")
+    p.add_argument("--fake", nargs="+", required=True, metavar="DIR",
+                   help="folders or @file lists of fake images, one per fake type")
+    p.add_argument("--fake-type", nargs="+", default=None, metavar="NAME",
+                   help="a name for each --fake source, in order (default: the folder names)")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="dlib_resnet_v1", help="backbone id (default: %(default)s)")
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME",

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-from ._common import Progress, images_of, log, usage_error
+from ._common import Progress, add_class_sources, images_of, log, usage_error
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
@@ -28,12 +28,7 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
     """MODEL, --real / --fake sources, the chip pipeline and output options (shared with
     ``robustness``)."""
     p.add_argument("model", metavar="MODEL", help="a model file written by 'fakespotter train'")
-    p.add_argument("--real", nargs="+", required=True, metavar="DIR",
-                   help="folders (searched recursively) or @file lists of real images")
-    p.add_argument("--fake", nargs="+", required=True, metavar="DIR",
-                   help="folders or @file lists of fake images, one per fake type")
-    p.add_argument("--fake-type", nargs="+", default=None, metavar="NAME",
-                   help="a name for each --fake source, in order (default: the folder names)")
+    add_class_sources(p)
     p.add_argument("--real-source", nargs="+", default=None, metavar="NAME",
                    help="a name for each --real source, in order (default: the folder names)")
     p.add_argument("--aligned", action="store_true",

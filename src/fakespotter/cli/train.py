@@ -16,18 +16,13 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import Progress, add_model_args, images_of, log, usage_error, writable_output
+from ._common import Progress, add_class_sources, add_model_args, images_of, log, usage_error, writable_output
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a detector on real and fake images", description=__doc__.replace("``", ""),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--real", nargs="+", required=True, metavar="DIR",
-                   help="folders (searched recursively) or @file lists of real images")
-    p.add_argument("--fake", nargs="+", required=True, metavar="DIR",
-                   help="folders or @file lists of fake images, one per fake type")
-    p.add_argument("--fake-type", nargs="+", default=None, metavar="NAME",
-                   help="a name for each --fake source, in order (default: the folder names)")
+    add_class_sources(p)
     p.add_argument("--val-real", nargs="+", default=None, metavar="DIR",
                    help="explicit validation reals (default: hold out --validation-fraction of the images)")
     p.add_argument("--val-fake", nargs="+", default=None, metavar="DIR", help="explicit validation fakes")
