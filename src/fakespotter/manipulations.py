@@ -98,7 +98,7 @@ SMILE_OUT = (0.0, 0.08)  # outwards
 FROWN_DOWN = (0.06, 0.13)
 FROWN_OUT = (-0.03, 0.03)
 EYE_RADIUS = 0.3  # support of each eye's vertical scaling
-EYE_SCALE = (0.18, 0.35)  # |k| of the local vertical scale 1 + k, uniform
+EYE_SCALE = (0.25, 0.45)  # |k| of the local vertical scale 1 + k, uniform
 
 _MAX_SIDE = 1 << 15
 
@@ -507,7 +507,7 @@ def expression_manipulation(target: np.ndarray, target_landmarks: np.ndarray,
     rng draws, in this order: the mouth change (``"smile"``: corners up by 0.08..0.16 and out
     by 0..0.08 eye distances; ``"frown"``: down by 0.06..0.13, out by -0.03..0.03), the eye
     change (``"none"``, ``"narrow"`` or ``"widen"``), the vertical scale change of the eyes
-    (0.18..0.35), then the magnitudes.  Other arguments and the result as in
+    (0.25..0.45 at the eye centre, fading to 0 at 0.3 eye distances), then the magnitudes.  Other arguments and the result as in
     :func:`identity_swap`.
     """
     fn = "expression_manipulation"
