@@ -23,7 +23,8 @@ clipped (faces at the border raise nothing).
 * :func:`identity_swap`: the donor face is aligned onto the target by the least-squares
   similarity transform between the two landmark sets (Umeyama, no reflection), inverse-mapped
   with bilinear sampling, colour-corrected to the target (per-channel mean and standard
-  deviation matched in RGB inside the mask, the ratio of deviations clipped to 0.5..2) and
+  deviation matched inside the mask in a Lab-like linear opponent space, luminance and two
+  colour differences, the ratio of deviations clipped to 0.67..1.5) and
   blended with a feathered elliptical mask covering eyebrows to chin.
 * :func:`local_manipulation`: the same alignment and colour correction, but only one region
   (``"eyes"``: a band over both eyes; ``"mouth"``; ``"nose"``) is taken from the donor, which is
@@ -307,18 +308,27 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray, clamp: bool
     return out, cover
 
 
+# A linear opponent colour space (Lab-like: luminance and two colour-difference axes,
+# orthonormal rows), where per-channel statistics of skin are far less correlated than in RGB.
+_OPPONENT = np.array([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]])
+_OPPONENT = _OPPONENT / np.linalg.norm(_OPPONENT, axis=1, keepdims=True)
+STD_RATIO = (0.67, 1.5)  # clip of the per-channel contrast change of the colour correction
+
+
 def _colour_match(src: np.ndarray, ref: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Per-channel mean / std of ``src`` matched to ``ref``, both ``[..., 3]``, weighted."""
+    """``src`` with the weighted per-channel mean and standard deviation of ``ref`` in the
+    opponent space (the ratio of deviations clipped to ``STD_RATIO``); ``[..., 3]`` RGB."""
     wsum = weight.sum()
     if wsum <= 1e-9:
         return src
     wn = (weight / wsum)[..., None]
-    mu_s = (src * wn).sum(axis=tuple(range(src.ndim - 1)))
-    mu_r = (ref * wn).sum(axis=tuple(range(ref.ndim - 1)))
-    sd_s = np.sqrt(((src - mu_s) ** 2 * wn).sum(axis=tuple(range(src.ndim - 1))))
-    sd_r = np.sqrt(((ref - mu_r) ** 2 * wn).sum(axis=tuple(range(ref.ndim - 1))))
-    ratio = np.clip(sd_r / np.maximum(sd_s, 1e-6), 0.5, 2.0)
-    return (src - mu_s) * ratio + mu_r
+    axes = tuple(range(src.ndim - 1))
+    a, b = src @ _OPPONENT.T, ref @ _OPPONENT.T
+    mu_a, mu_b = (a * wn).sum(axis=axes), (b * wn).sum(axis=axes)
+    sd_a = np.sqrt(((a - mu_a) ** 2 * wn).sum(axis=axes))
+    sd_b = np.sqrt(((b - mu_b) ** 2 * wn).sum(axis=axes))
+    ratio = np.clip(sd_b / np.maximum(sd_a, 1e-6), *STD_RATIO)
+    return ((a - mu_a) * ratio + mu_b) @ _OPPONENT  # rows orthonormal: the inverse is .T.T
 
 
 def _paste(target: np.ndarray, box: Tuple[int, int, int, int], content: np.ndarray,
