@@ -193,7 +193,7 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
                      "val": ([vpart.path(r) for r in vpart.rows if not r.is_fake],
                              [vpart.path(r) for r in vpart.rows if r.is_fake]) if has_both_classes(vpart) else None,
                      "source": {"manifest": str(manifest.root), "split": "train",
-                                "validation": "val" if has_both_classes(vpart) else "held out from train by group"}}
+                                "validation_from": "val" if has_both_classes(vpart) else "held out from train by group"}}
 
     from .. import artifact
     from ..detector import FakeSpotter
@@ -283,6 +283,9 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
                                     "kind": "augmented", "operating_threshold": augmented.operating_threshold_["logit"],
                                     "trained_on": {**train["source"], **counts, "validation": summary["validation"]},
                                     "augmentation": augmented.training_summary_.get("augmentation")}
+
+    order = [MODEL_NAME] + ([AUGMENTED_NAME] if augmented is not None else []) + list(plan["baselines"])
+    info = {k: info[k] for k in order if k in info}
 
     def score(chips: np.ndarray) -> Dict[str, np.ndarray]:
         out = {MODEL_NAME: det.decision_function(chips).numpy()}
