@@ -29,6 +29,19 @@ def images_of(sources: List[str], what: str) -> List[Path]:
     return out
 
 
+def model_file(spec: str, what: str = "model") -> str:
+    """A model file argument: a path, or ``default`` for the embedded default detector."""
+    from ..detector import resolve_model
+
+    try:
+        path = resolve_model(spec)
+    except FileNotFoundError as e:
+        raise usage_error(str(e)) from None
+    if not path.is_file():
+        raise usage_error(f"{what} {spec} does not exist (a model file, or 'default' for the embedded detector)")
+    return str(path)
+
+
 def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional[Path]:
     """Check before any work that ``path`` can be written and would not clobber a file."""
     if path is None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import evaluate as ev
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
-from ._common import (Progress, add_class_sources, class_mode, has_both_classes, images_of, load_chips, log,
+from ._common import (Progress, model_file, add_class_sources, class_mode, has_both_classes, images_of, load_chips, log,
                       manifest_part, open_manifest, usage_error)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
@@ -40,7 +40,8 @@ OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 def add_corpus_args(p: argparse.ArgumentParser) -> None:
     """MODEL, --real / --fake sources or --manifest, baselines, the chip pipeline and output
     options (shared with ``robustness``)."""
-    p.add_argument("model", metavar="MODEL", help="a model file written by 'fakespotter train'")
+    p.add_argument("model", metavar="MODEL",
+                   help="a model file written by 'fakespotter train', or 'default' for the embedded default detector")
     add_class_sources(p, default_split="test")
     p.add_argument("--real-source", nargs="+", default=None, metavar="NAME",
                    help="a name for each --real source, in order (default: the folder names)")
@@ -198,6 +199,7 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
     from .. import artifact
     from ..detector import FakeSpotter
 
+    args.model = model_file(args.model, "MODEL")
     try:
         det = FakeSpotter.load(args.model)
     except artifact.ModelFileError as e:
