@@ -316,12 +316,14 @@ class _Forward:
         """Logits of ``chips`` (uint8 [H, W, 3] each), in forwards of ``batch_size``. On out of
         memory the batch size halves (down to 1) and the chips of the failed forward are
         retried: no chip is lost or scored twice. The smaller size stays for the rest of the
-        run; each back-off is logged once and kept in :attr:`backoffs`."""
+        run; each back-off is logged once and kept in :attr:`backoffs` (``forward``: how many
+        forwards had completed before it, ``from``/``to``: the batch sizes, ``error``)."""
         import torch
 
         out: List[float] = []
         i = 0
         failed_at: Optional[int] = None  # the batch size whose forward ran out of memory first
+        done_before = 0  # forwards completed before that
         why = ""
         while i < len(chips):
             n = min(self.batch_size, len(chips) - i)
@@ -333,13 +335,14 @@ class _Forward:
                     raise
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             if logits is None:  # outside the except block: the failed forward's tensors are freed
-                failed_at = self.batch_size if failed_at is None else failed_at
+                if failed_at is None:
+                    failed_at, done_before = self.batch_size, self.forwards
                 self.batch_size //= 2
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
             if failed_at is not None:
-                event = {"forward": self.forwards, "from": failed_at, "to": self.batch_size, "error": why}
+                event = {"forward": done_before, "from": failed_at, "to": self.batch_size, "error": why}
                 self.backoffs.append(event)
                 if self._log is not None:
                     self._log(f"scan: out of memory in a forward of {failed_at} chips ({why}); going on with "
