@@ -23,7 +23,13 @@ aligned mode), ``score`` (the largest face logit of "fake"; null without a face 
 never a made-up score), ``label`` (``"real"``/``"fake"`` at the model's operating threshold,
 null without a score), ``model`` (the model file's sha256), ``error_kind`` (a key of
 ``data.ERROR_KINDS``) and ``error`` (a message). Records hold no timing, so two scans of the
-same inputs with the same model and batch size give identical records.
+same inputs with the same model and batch size give identical records (on one device, at one
+precision: ``autocast`` changes the scores slightly; an out-of-memory back-off changes the batch
+size for the rest of the run, see :func:`scan`).
+
+Outputs (:class:`RecordWriter`): JSON lines and CSV, flushed and fsynced per group, so a killed
+scan loses at most a torn last line; Parquet (pyarrow), a folder of part files that become
+durable one part at a time (:class:`ParquetParts`). All three resume (:func:`resume_state`).
 """
 
 from __future__ import annotations

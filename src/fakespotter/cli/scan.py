@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
                    help="image files, folders (recursive), @list.txt file lists, - (a list on stdin), tar archives")
     p.add_argument("--model", required=True, help="a model file written by 'fakespotter train' (required)")
     p.add_argument("--out", default=None,
-                   help="output file; - or none: stdout (default: stdout)")
+                   help="output file (a folder for --format parquet); - or none: stdout (default: stdout)")
     p.add_argument("--format", choices=["jsonl", "csv", "parquet"], default=None,
                    help="output format; parquet (needs pyarrow) writes --out as a folder of part files "
                         "(default: csv when --out ends with .csv, parquet when it ends with .parquet, else jsonl)")
