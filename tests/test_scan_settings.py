@@ -259,3 +259,14 @@ def test_a_detector_on_another_device_is_refused(corpus, model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"the detector's backbone is on cpu, but device is 'cuda'.*FakeSpotter.load"):
         scan([str(corpus)], det, device="cuda")
+
+
+def test_help_states_the_new_options_and_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--channels-last run every conv in channels_last" in out and "(default: off)" in out
+    assert "--autocast run the backbone under torch.autocast: bfloat16 on CPU, float16 on CUDA" in out
+    assert "(default: off, float32;" in out
+    assert "--part-rows PART_ROWS parquet: records per part file" in out and "(default: 10000, or a part per 60 s" in out
+    assert "parquet when it ends with .parquet" in out and "halved when a forward runs out of memory" in out
