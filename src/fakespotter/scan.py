@@ -227,12 +227,8 @@ class ScanRun:
         self._workers = workers
         self._device = device
         self._threshold = float(detector.operating_threshold_["logit"])
-        self.stats: Dict[str, Any] = {
-            "images": 0, "counts": {s: 0 for s in STATUSES}, "labels": {"real": 0, "fake": 0},
-            "error_kinds": {}, "faces": 0, "forwards": 0, "wall_s": 0.0, "images_per_s": 0.0,
-            "decode_faces_s": 0.0, "wait_s": 0.0, "backbone_taps_s": 0.0, "classifier_s": 0.0,
-            "batch_size": batch_size, "workers": workers, "device": device, "aligned": cfg.aligned,
-        }
+        self.stats: Dict[str, Any] = dict(new_stats(), batch_size=batch_size, workers=workers, device=device,
+                                          aligned=cfg.aligned)
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
 
@@ -259,11 +255,8 @@ class ScanRun:
         return self._active
 
     def _batches(self) -> Iterator[List[Dict[str, Any]]]:
-        import torch
-
         B = self._batch_size
-        tap = self._det.tap_
-        H, W = tap.preprocessing.size
+        H, W = self._det.tap_.preprocessing.size
         buf = np.zeros((B, H, W, 3), dtype=np.uint8)
         t_start = time.perf_counter()
         queue: deque = deque()
@@ -273,16 +266,7 @@ class ScanRun:
 
         def forward(n: int) -> None:
             buf[:n] = np.stack([c for _, _, c in chips[:n]])
-            buf[n:] = 0
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                x = torch.from_numpy(buf).to(self._device).permute(0, 3, 1, 2).to(torch.float32)
-                rows = tap(tap.preprocessing(x)).cpu()
-                t1 = time.perf_counter()
-                logits = self._det.classifier_.decision_function(rows)[:n].tolist()  # all B rows: same GEMM
-            st["backbone_taps_s"] += t1 - t0
-            st["classifier_s"] += time.perf_counter() - t1
-            st["forwards"] += 1
+            logits = score_batch(self._det, buf, n, self._device, st)
             for (p, j, _), v in zip(chips[:n], logits):
                 p.logits[j] = v
                 p.left -= 1
@@ -332,31 +316,75 @@ class ScanRun:
             finish_stats()
 
     def _record(self, p: _Pending) -> Dict[str, Any]:
-        res = p.res
-        st = self.stats
-        err = res["error"]
-        faces = [{"box": box, "detector_score": ds, "score": float(s)} for (box, ds), s in zip(res["faces"], p.logits)]
-        if err is None and any(not math.isfinite(f["score"]) for f in faces):
-            err, faces = ("internal_error", "the classifier gave a non-finite score"), []
-        if err is not None:
-            status, score, label = "error", None, None
-        elif not faces:
-            status, score, label = "no_face", None, None
-        else:
-            status = "ok"
-            score = max(f["score"] for f in faces)
-            label = "fake" if score > self._threshold else "real"
-        st["images"] += 1
-        st["counts"][status] += 1
-        st["faces"] += len(faces)
-        if label is not None:
-            st["labels"][label] += 1
-        if err is not None:
-            st["error_kinds"][err[0]] = st["error_kinds"].get(err[0], 0) + 1
-        return {"path": res["path"], "size": res["size"], "sha256": res["sha256"], "status": status,
-                "width": res["width"], "height": res["height"], "frames": res["frames"], "faces": faces,
-                "score": score, "label": label, "model": self._model_id,
-                "error_kind": None if err is None else err[0], "error": None if err is None else err[1]}
+        record = make_record(p.res, p.logits, self._threshold, self._model_id)
+        count_record(self.stats, record)
+        return record
+
+
+def score_batch(det: Any, buf: np.ndarray, n: int, device: str, stats: Optional[Dict[str, Any]] = None
+                ) -> List[float]:
+    """The "fake" logits of the first ``n`` chips of ``buf`` (uint8 ``[B, H, W, 3]``, one
+    backbone + tap + classifier pass on all ``B`` chips; rows ``n:`` are zeroed here).
+
+    Every forward of every engine goes through here with the same ``B`` (the scan's batch
+    size): oneDNN may round differently for another batch size, so this is what makes a chip's
+    logit independent of its neighbours, of the engine and of where a scan was resumed.
+    ``stats`` (optional) gets ``backbone_taps_s``, ``classifier_s`` and ``forwards`` added."""
+    import torch
+
+    tap = det.tap_
+    buf[n:] = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        x = torch.from_numpy(buf).to(device).permute(0, 3, 1, 2).to(torch.float32)
+        rows = tap(tap.preprocessing(x)).cpu()
+        t1 = time.perf_counter()
+        logits = det.classifier_.decision_function(rows)[:n].tolist()  # all B rows: same GEMM
+    if stats is not None:
+        stats["backbone_taps_s"] += t1 - t0
+        stats["classifier_s"] += time.perf_counter() - t1
+        stats["forwards"] += 1
+    return logits
+
+
+def make_record(res: Dict[str, Any], logits: Sequence[float], threshold: float, model_id: str) -> Dict[str, Any]:
+    """The record of one decoded input (:func:`_decode_one`'s result) and the logits of its
+    chips, in :data:`RECORD_FIELDS` order."""
+    err = res["error"]
+    faces = [{"box": box, "detector_score": ds, "score": float(s)} for (box, ds), s in zip(res["faces"], logits)]
+    if err is None and any(not math.isfinite(f["score"]) for f in faces):
+        err, faces = ("internal_error", "the classifier gave a non-finite score"), []
+    if err is not None:
+        status, score, label = "error", None, None
+    elif not faces:
+        status, score, label = "no_face", None, None
+    else:
+        status = "ok"
+        score = max(f["score"] for f in faces)
+        label = "fake" if score > threshold else "real"
+    return {"path": res["path"], "size": res["size"], "sha256": res["sha256"], "status": status,
+            "width": res["width"], "height": res["height"], "frames": res["frames"], "faces": faces,
+            "score": score, "label": label, "model": model_id,
+            "error_kind": None if err is None else err[0], "error": None if err is None else err[1]}
+
+
+def new_stats() -> Dict[str, Any]:
+    """Zeroed record counts (``images``, ``counts`` per status, ``labels``, ``error_kinds``,
+    ``faces``) and time split, as :attr:`ScanRun.stats` starts."""
+    return {"images": 0, "counts": {s: 0 for s in STATUSES}, "labels": {"real": 0, "fake": 0},
+            "error_kinds": {}, "faces": 0, "forwards": 0, "wall_s": 0.0, "images_per_s": 0.0,
+            "decode_faces_s": 0.0, "wait_s": 0.0, "backbone_taps_s": 0.0, "classifier_s": 0.0}
+
+
+def count_record(stats: Dict[str, Any], record: Dict[str, Any]) -> None:
+    """Add one record to the counts of ``stats`` (see :func:`new_stats`)."""
+    stats["images"] += 1
+    stats["counts"][record["status"]] += 1
+    stats["faces"] += len(record["faces"])
+    if record["label"] is not None:
+        stats["labels"][record["label"]] += 1
+    if record["error_kind"] is not None:
+        stats["error_kinds"][record["error_kind"]] = stats["error_kinds"].get(record["error_kind"], 0) + 1
 
 
 def _load_model(model: Any, device: str) -> Tuple[Any, str]:
