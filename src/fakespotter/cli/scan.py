@@ -44,9 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64,
                    help="chips per backbone forward; scores are reproducible for a given batch size "
                         "(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--workers", type=int, default=None,
                    help="decode and face-detection processes, 0 to decode inline (default: CPUs - 1, at most 8; "
-                        "here %(default)s)")
+                        f"here {default_workers()}; local engine only)")
     p.add_argument("--device", default="cpu", help="where the backbone runs, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
     p.add_argument("--pixel-limit", type=int, default=DEFAULT_PIXEL_LIMIT,
                    help="refuse images with more pixels than this before decoding (default: %(default)s, Pillow's)")
@@ -57,13 +57,19 @@ def add_parser(sub) -> None:
     p.add_argument("--fail-fast", action="store_true", help="stop after the first error record (default: go on)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no summary (default: progress on a terminal, summary on stderr)")
+    from .scan_ray import add_arguments
+
+    add_arguments(p)
     p.set_defaults(run=run)
 
 
 def check(args: argparse.Namespace) -> Dict[str, Any]:
     """Every check that can fail before work starts; returns what the work needs."""
     from ..data import check_sources
+    from ..scan import default_workers
 
+    if args.workers is None:
+        args.workers = default_workers()
     for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1), ("upsample", 0)):
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
@@ -92,6 +98,11 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             else:
                 raise usage_error(f"output {out} already exists; pass --resume to continue that scan "
                                   f"or --overwrite to replace it")
+    check_faces(args)
+    return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args)}
+
+
+def check_faces(args: argparse.Namespace) -> None:
     if not args.aligned:
         try:
             from ..faces import _import_dlib, _landmark_path
@@ -101,6 +112,10 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         except Exception as e:  # no dlib, no landmark model: say so before any work
             raise usage_error(f"face detection is not available ({str(e).splitlines()[0]}); "
                               f"install it, or pass --aligned for already-aligned chips") from None
+
+
+def load_detector(args: argparse.Namespace) -> Any:
+    """The --model on --device, with its file's sha256 as ``model_id_``; usage errors before work."""
     import torch
 
     try:
@@ -119,7 +134,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     except (ModelFileError, OSError, ValueError) as e:
         raise usage_error(f"--model {args.model}: {str(e).splitlines()[0]}") from None
     det.model_id_ = file_sha256(args.model)
-    return {"out": out, "fmt": fmt, "mode": mode, "detector": det}
+    return det
 
 
 def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, Any]:
@@ -194,6 +209,13 @@ def summary(stats: Dict[str, Any], resumed: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        from .scan_ray import run_ray
+
+        return run_ray(args)
+    from .scan_ray import refuse_ray_only
+
+    refuse_ray_only(args)
     plan = check(args)
     from ..scan import RecordWriter, scan, write_stats
 
