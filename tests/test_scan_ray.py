@@ -92,6 +92,8 @@ def test_records_equal_the_local_engine(shards, local, tmp_path):
         assert merge_shards(out, target, fmt) == 27
         assert target.read_bytes() == local_bytes(local, fmt)
     assert stats["complete"] and stats["images"] == 27 and stats["counts"] == {"ok": 24, "no_face": 0, "error": 3}
+    # decoding ran in tasks of its own, beside the actors (not fused into them)
+    assert stats["ray_operators"][-2:] == ["MapBatches(_decode_batch)", "MapBatches(_Scorer)"]
     lines = shard_lines(out)
     assert sorted(r["index"] for r in lines) == list(range(27))  # one record per input
     files = sorted(out.glob("part-*.jsonl"))

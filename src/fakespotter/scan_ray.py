@@ -265,10 +265,6 @@ def _decode_batch(batch: Dict[str, np.ndarray], cfg: Tuple, crash_marker: Option
             "chips": np.asarray(chips, dtype=object)}
 
 
-def _decode_task_args() -> Dict[str, Any]:
-    return {"max_retries": 3}  # a killed decode task is re-run (Ray's default, stated)
-
-
 def _crash_once(marker: Optional[str]) -> None:
     """Tests (``ray_scan(_crash_marker=...)``): the first process to get here exits hard, as a
     killed worker would, once per marker file."""
@@ -284,8 +280,9 @@ def _crash_once(marker: Optional[str]) -> None:
 class _Scorer:
     """Ray actor: loads the model once, then decode rows -> (index, record line) rows."""
 
-    def __init__(self, model_bytes: bytes, model_id: str, batch_size: int, device: str, threads: int,
+    def __init__(self, model_ref: List[Any], model_id: str, batch_size: int, device: str, threads: int,
                  crash_marker: Optional[str] = None):
+        import ray
         import torch
 
         from .detector import FakeSpotter
@@ -295,7 +292,7 @@ class _Scorer:
         with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
             p = os.path.join(d, "model.fsm")
             with open(p, "wb") as f:
-                f.write(model_bytes)
+                f.write(ray.get(model_ref[0]))
             self.det = FakeSpotter.load(p, device=device)
         self.model_id, self.B, self.device = model_id, batch_size, device
         self.threshold = float(self.det.operating_threshold_["logit"])
@@ -377,7 +374,8 @@ def _resources(ray: Any, actors: Optional[int], cpus_per_actor: float, gpus_per_
 def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path], *, aligned: bool = False,
              batch_size: int = 64, mode: str = "new", address: Optional[str] = None, actors: Optional[int] = None,
              cpus_per_actor: float = 1.0, gpus_per_actor: Optional[float] = None, actor_batch: Optional[int] = None,
-             decode_cpus: float = 1.0, decode_batch: int = 16, shard_size: int = 1000, flush_s: float = 60.0,
+             decode_cpus: float = 1.0, decode_batch: int = 16, decode_memory: int = 512 << 20,
+             shard_size: int = 1000, flush_s: float = 60.0,
              pixel_limit: int = DEFAULT_PIXEL_LIMIT, limit: Optional[int] = None, upsample: int = 1,
              stdin: Optional[IO[str]] = None, progress: Optional[Callable[[int], None]] = None,
              show_ray_progress: bool = False, _crash_marker: Optional[str] = None) -> Dict[str, Any]:
@@ -398,7 +396,9 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     actor_batch: images per actor call (default ``batch_size``); their chips run in forwards of
         ``batch_size``, the last one padded: with face detection (a varying number of chips per
         image) a larger value pads less.
-    decode_cpus / decode_batch: CPUs per decode task and images per decode call.
+    decode_cpus / decode_batch / decode_memory: CPUs per decode task, images per decode call and
+        memory (bytes) Ray reserves per decode task (an image at Pillow's pixel limit is ~270 MB
+        as RGB).
     shard_size / flush_s: a shard is written every ``shard_size`` records or ``flush_s`` seconds.
     progress: called with the number of records of each written shard.
     Raises :class:`RayNotInstalled`, FileNotFoundError / ValueError / TypeError (bad arguments),
@@ -408,7 +408,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         inputs = [inputs]
     inputs = [str(s) for s in inputs]
     for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("upsample", upsample, 0),
-                        ("decode_batch", decode_batch, 1), ("shard_size", shard_size, 1)):
+                        ("decode_batch", decode_batch, 1), ("shard_size", shard_size, 1),
+                        ("decode_memory", decode_memory, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"ray_scan: {name} must be an int >= {lo}, got {v!r}")
     for name, v in (("actors", actors), ("actor_batch", actor_batch), ("limit", limit)):
@@ -464,6 +465,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
                 _run(ray, rows, cfg, data, model_id, out, manifest["runs"], stats, n_actors=n_actors,
                      cpus_per_actor=float(cpus_per_actor), gpus=gpus, device=device,
                      actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), decode_batch=decode_batch,
+                     decode_memory=decode_memory,
                      batch_size=batch_size, shard_size=shard_size, flush_s=flush_s, progress=progress,
                      show_ray_progress=show_ray_progress, crash_marker=_crash_marker)
             stats["complete"] = True
@@ -479,7 +481,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
 
 def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes, model_id: str, out: Path, run: int,
          stats: Dict[str, Any], *, n_actors: int, cpus_per_actor: float, gpus: float, device: str, actor_batch: int,
-         decode_cpus: float, decode_batch: int, batch_size: int, shard_size: int, flush_s: float,
+         decode_cpus: float, decode_batch: int, decode_memory: int, batch_size: int, shard_size: int, flush_s: float,
          progress: Optional[Callable[[int], None]], show_ray_progress: bool, crash_marker: Optional[str]) -> None:
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -487,15 +489,19 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
     ctx.enable_progress_bars = show_ray_progress
     ctx.print_on_execution_start = show_ray_progress
     blocks = max(1, min(len(rows) // decode_batch, 4096))
+    # The model goes to the object store once; the actors get a reference (held here, so that a
+    # restarted actor can still fetch it).
+    model_ref = ray.put(model_bytes)
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     del rows
-    # A ray_remote_args_fn keeps Ray Data from fusing the decode tasks into the actors: fused,
-    # decoding would wait for the backbone instead of running beside it.
+    # The decode tasks' memory reservation also keeps Ray Data from fusing them into the actors
+    # (it fuses only operators with the same resources): fused, decoding would wait for the
+    # backbone instead of running beside it. stats["ray_operators"] shows what ran.
     ds = ds.map_batches(_decode_batch, batch_size=decode_batch, batch_format="numpy", num_cpus=decode_cpus,
-                        ray_remote_args_fn=_decode_task_args, fn_kwargs={"cfg": tuple(cfg), "crash_marker": crash_marker})
+                        memory=decode_memory, fn_kwargs={"cfg": tuple(cfg), "crash_marker": crash_marker})
     ds = ds.map_batches(_Scorer, batch_size=actor_batch, batch_format="numpy", compute=ActorPoolStrategy(size=n_actors),
                         num_cpus=cpus_per_actor, num_gpus=gpus or None,
-                        fn_constructor_kwargs={"model_bytes": model_bytes, "model_id": model_id,
+                        fn_constructor_kwargs={"model_ref": [model_ref], "model_id": model_id,
                                                "batch_size": batch_size, "device": device,
                                                "threads": max(1, int(cpus_per_actor)),
                                                "crash_marker": crash_marker})
@@ -530,3 +536,5 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
         if len(shard) >= shard_size or time.monotonic() - t_flush >= flush_s:
             flush()
     flush()
+    stats["ray_operators"] = [line.split(":")[0].split(" ", 2)[2] for line in ds.stats().splitlines()
+                              if line.startswith("Operator ")]
