@@ -10,7 +10,7 @@ timed in rotation (round-robin, medians of ``--repeats``), each checked first:
               records written as JSONL (flushed and fsynced per batch)
     local-1t: the same with 1 torch thread (the per-core baseline of the Ray actors)
     ray-1:    ``scan_ray.ray_scan(folder, model, out, aligned=True, actors=1)``: decode tasks
-              (1 CPU each) and 1 actor (1 CPU, 1 torch thread), shards of 64 records
+              (1 CPU each) and 1 actor (1 CPU, 1 torch thread)
     ray-2:    the same with 2 actors
 
 Checked before timing: each Ray run's merged records == the local engine's records (identical,
@@ -33,9 +33,8 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict
 
 import numpy as np
 import torch
@@ -70,16 +69,10 @@ def ray_run(model: Path, corpus: Path, out_dir: Path, actors: int, last: Dict[st
 
     def run() -> None:
         out = out_dir / f"ray{actors}"
-        marks: List[float] = []
-        counts: List[int] = []
-
-        def progress(n: int) -> None:
-            marks.append(time.perf_counter())
-            counts.append(n)
         stats = ray_scan([str(corpus)], model, out, aligned=True, batch_size=BATCH, actors=actors,
-                         cpus_per_actor=1.0, shard_size=BATCH, mode="overwrite", progress=progress)
-        steady = sum(counts[1:]) / (marks[-1] - marks[0]) if len(marks) > 1 else float("nan")
-        last.setdefault(f"ray{actors}", []).append({"stats": stats, "steady": steady})
+                         cpus_per_actor=1.0, mode="overwrite")
+        last.setdefault(f"ray{actors}", []).append({"stats": stats, "steady": stats["steady_images_per_s"],
+                                                    "startup": stats["startup_s"]})
         last[f"ray{actors}_out"] = out
     return run
 
@@ -138,6 +131,7 @@ def main() -> None:
 
     ips = {k: a.n / v for k, v in t.items()}
     steady = {f"ray-{k}": float(np.median([r["steady"] for r in last[f"ray{k}"]])) for k in (1, 2)}
+    startup = {f"ray-{k}": float(np.median([r["startup"] for r in last[f"ray{k}"]])) for k in (1, 2)}
     load = os.getloadavg()
     print(hardware())
     print(f"\n{a.n} JPEG chips 150x150 (q{JPEG_QUALITY}), batch {BATCH}; local: {default_workers()} decode "
@@ -145,13 +139,13 @@ def main() -> None:
           f"decode tasks of 1 CPU; medians of {a.repeats} round-robin runs; load average after the run "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
     print("checks: every Ray run's merged records == the local engine's (and local 1 thread == 2 threads)\n")
-    print("| contender | images/s end to end | images/s steady | vs local-2t |")
-    print("|---|---|---|---|")
+    print("| contender | images/s end to end | vs local-2t | start-up s | images/s after start-up |")
+    print("|---|---|---|---|---|")
     names = {"local-2t": "local engine, 2 torch threads", "local-1t": "local engine, 1 torch thread",
              "ray-1": "--engine ray, 1 CPU actor", "ray-2": "--engine ray, 2 CPU actors"}
     for k, name in names.items():
-        st = f"{steady[k]:.1f}" if k in steady else ""
-        print(f"| {name} | {ips[k]:.1f} | {st} | {ips[k] / ips['local-2t']:.2f}x |")
+        st = f"{startup[k]:.1f} | {steady[k]:.1f}" if k in steady else " | "
+        print(f"| {name} | {ips[k]:.1f} | {ips[k] / ips['local-2t']:.2f}x | {st} |")
     print(f"\nray-2 / ray-1: {ips['ray-2'] / ips['ray-1']:.2f}x end to end, "
           f"{steady['ray-2'] / steady['ray-1']:.2f}x steady")
 

@@ -226,3 +226,10 @@ def test_help_states_the_ray_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
     assert "(default: csv when OUT ends with .csv, else jsonl)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_ray_is_imported_only_when_a_ray_scan_starts():
+    import subprocess
+
+    code = "import sys, fakespotter, fakespotter.cli; assert fakespotter.ray_scan; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -521,7 +521,11 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
             shard.clear()
         t_flush = time.monotonic()
 
+    t0 = time.perf_counter()
+    first: Optional[Tuple[float, int]] = None
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if first is None:
+            first = (time.perf_counter(), len(batch["index"]))
         for i, line, dec_s, sc_s in zip(batch["index"], batch["line"], batch["decode_s"], batch["score_s"]):
             i = int(i)
             stats["decode_faces_s"] += float(dec_s)
@@ -536,5 +540,9 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
         if len(shard) >= shard_size or time.monotonic() - t_flush >= flush_s:
             flush()
     flush()
+    if first is not None:  # the start-up (actors starting, loading the model) and the rate after it
+        t_end = time.perf_counter()
+        stats["startup_s"] = first[0] - t0
+        stats["steady_images_per_s"] = (stats["images"] - first[1]) / (t_end - first[0]) if t_end > first[0] else 0.0
     stats["ray_operators"] = [line.split(":")[0].split(" ", 2)[2] for line in ds.stats().splitlines()
                               if line.startswith("Operator ")]
