@@ -188,6 +188,20 @@ def test_cli_ray_scan_and_merge_equal_the_local_cli(ray_local, corpus, model, tm
     assert capsys.readouterr().out == csv_out
 
 
+def test_a_failure_on_the_cluster_is_no_usage_error(ray_local, corpus, model, tmp_path, capsys, monkeypatch):
+    import fakespotter.scan_ray as SR
+
+    def broken(*args, **kw):
+        raise ValueError("an actor could not load the model")  # as Ray would re-raise it here
+    monkeypatch.setattr(SR, "_run", broken)
+    with pytest.raises(RuntimeError, match="failed on the cluster: ValueError: an actor could not load the model"):
+        ray_scan(corpus, model, tmp_path / "a", aligned=True, batch_size=BATCH)
+    assert json.loads((tmp_path / "a" / "stats.json").read_text())["complete"] is False
+    rc = main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "failed on the cluster" in err and "--resume continues" in err
+
+
 def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys, monkeypatch):
     base = ["scan", *corpus, "--model", str(model), "--aligned"]
     taken = tmp_path / "taken"

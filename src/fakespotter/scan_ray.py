@@ -402,7 +402,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     shard_size / flush_s: a shard is written every ``shard_size`` records or ``flush_s`` seconds.
     progress: called with the number of records of each written shard.
     Raises :class:`RayNotInstalled`, FileNotFoundError / ValueError / TypeError (bad arguments),
-    :class:`ShardsError` (an output that is not ours, or another scan's), before any work.
+    :class:`ShardsError` (an output that is not ours, or another scan's), before any work;
+    RuntimeError when the scan fails on the cluster (the shards written so far stay: resume).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -462,7 +463,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         t_start = time.perf_counter()
         try:
             if rows:
-                _run(ray, rows, cfg, data, model_id, out, manifest["runs"], stats, n_actors=n_actors,
+                _run_or_fail(ray, rows, cfg, data, model_id, out, manifest["runs"], stats, n_actors=n_actors,
                      cpus_per_actor=float(cpus_per_actor), gpus=gpus, device=device,
                      actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), decode_batch=decode_batch,
                      decode_memory=decode_memory,
@@ -477,6 +478,15 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         if started:
             ray.shutdown()
     return stats
+
+
+def _run_or_fail(*args: Any, **kw: Any) -> None:
+    """:func:`_run`; a failure on the cluster (Ray gives up on a task, an actor cannot load the
+    model) becomes a RuntimeError, so that it is never taken for a bad argument."""
+    try:
+        _run(*args, **kw)
+    except Exception as e:
+        raise RuntimeError(f"ray_scan: the scan failed on the cluster: {type(e).__name__}: {e}") from e
 
 
 def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes, model_id: str, out: Path, run: int,

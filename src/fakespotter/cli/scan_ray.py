@@ -106,6 +106,10 @@ def run_ray(args: argparse.Namespace) -> int:
                          stdin=sys.stdin if "-" in args.paths else None, progress=progress.update, **kw)
     except (ShardsError, ValueError) as e:  # raised before any work (see ray_scan)
         raise usage_error(str(e)) from None
+    except RuntimeError as e:  # the cluster failed the scan: say so in one line, keep what was written
+        print(f"fakespotter scan: error: {str(e).splitlines()[0]}\nthe records written so far are in "
+              f"{args.out}; --resume continues from them", file=sys.stderr)
+        return 1
     finally:
         progress.close()
     if not args.quiet:
