@@ -1,0 +1,110 @@
+"""The benchmark manifest: round trip, determinism and every check of the reader."""
+
+import csv
+import dataclasses
+import hashlib
+import io
+
+import pytest
+
+from fakespotter.manifest import (COLUMNS, MANIFEST_NAME, ManifestError, ManifestRow, file_sha256, manifest_text,
+                                  params_json, read_manifest, write_manifest)
+
+
+def _row(file, label="real", split="train", group=None, **kw):
+    data = f"content of {file}".encode()
+    base = dict(file=file, sha256=hashlib.sha256(data).hexdigest(), label=label,
+                fake_type="entire_synthesis" if label == "fake" else "", generator="dcgan" if label == "fake" else "",
+                source="pypi:x==1", group=group or file, split=split, licence="MIT", params=params_json({"seed": 1}))
+    base.update(kw)
+    return ManifestRow(**base)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    rows = [_row("real/a.jpg"), _row("real/b.jpg", split="test"), _row("fake/c.jpg", "fake", split="val"),
+            _row("fake/d.jpg", "fake", group="g", fake_type="identity_swap", generator="identity_swap"),
+            _row("fake/e.jpg", "fake", group="g", fake_type="expression", generator="warp")]
+    for r in rows:
+        (tmp_path / r.file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / r.file).write_bytes(f"content of {r.file}".encode())
+    write_manifest(rows, tmp_path)
+    return tmp_path, rows
+
+
+def test_round_trip_sorted_and_deterministic(dataset):
+    root, rows = dataset
+    m = read_manifest(root)
+    assert [r.file for r in m.rows] == sorted(r.file for r in rows)
+    assert set(m.rows) == set(rows)
+    assert (root / MANIFEST_NAME).read_text() == manifest_text(reversed(rows))
+    assert (root / MANIFEST_NAME).read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert all(file_sha256(m.path(r)) == r.sha256 for r in m.rows)
+    assert m.rows[0].params_dict == {"seed": 1}
+
+
+def test_select(dataset):
+    root, _ = dataset
+    m = read_manifest(root)
+    assert {r.file for r in m.select(splits="train").rows} == {"real/a.jpg", "fake/d.jpg", "fake/e.jpg"}
+    assert m.select(splits=["test"]).labels() == [0]
+    assert {r.file for r in m.select(fake_types=["expression"]).rows} == {"real/a.jpg", "real/b.jpg", "fake/e.jpg"}
+    assert len(read_manifest(root / MANIFEST_NAME, splits=["val", "test"])) == 2
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        m.select(splits="dev")
+
+
+def test_missing_files_refused_before_work(dataset):
+    root, _ = dataset
+    (root / "fake/c.jpg").unlink()
+    with pytest.raises(ManifestError, match=r"1 of 5 listed files are missing .*fake/c\.jpg"):
+        read_manifest(root)
+    assert len(read_manifest(root, splits=["train"])) == 3  # the missing file is not in the selection
+    assert len(read_manifest(root, check_files=False)) == 5
+
+
+def test_no_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest at .*fakespotter data build"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(file="/abs.jpg"), "column 'file': must be a relative"),
+    (dict(file="../up.jpg"), "column 'file'"),
+    (dict(sha256="XYZ"), "column 'sha256'"),
+    (dict(label="maybe"), "column 'label': must be one of real, fake, got 'maybe'"),
+    (dict(fake_type="identity_swap"), "a real image has no fake_type"),
+    (dict(split="dev"), "column 'split'"),
+    (dict(group=""), "column 'group'"),
+    (dict(params="[1]"), "column 'params': must be a JSON object"),
+    (dict(params="{"), "column 'params': is not JSON"),
+])
+def test_bad_rows_name_row_and_column(tmp_path, change, match):
+    rows = [_row("a.jpg"), dataclasses.replace(_row("b.jpg"), **change)]
+    with pytest.raises(ManifestError, match=match):
+        write_manifest(rows, tmp_path)
+    good = manifest_text([_row("a.jpg")])
+    bad = dataclasses.asdict(_row("b.jpg")) | change
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([bad[c] for c in COLUMNS])
+    (tmp_path / MANIFEST_NAME).write_text(good + buf.getvalue())
+    with pytest.raises(ManifestError, match="row 3"):
+        read_manifest(tmp_path, check_files=False)
+
+
+def test_fake_needs_a_type_and_groups_stay_in_one_split(tmp_path):
+    with pytest.raises(ManifestError, match="column 'fake_type': must be one of entire_synthesis"):
+        write_manifest([_row("a.jpg", "fake", fake_type="")], tmp_path)
+    with pytest.raises(ManifestError, match="group 'p' is in both 'train' and 'test'"):
+        write_manifest([_row("a.jpg", group="p"), _row("b.jpg", group="p", split="test")], tmp_path)
+    with pytest.raises(ManifestError, match="'a.jpg' is also on row 2"):
+        write_manifest([_row("a.jpg"), _row("a.jpg")], tmp_path)
+
+
+def test_bad_header_and_width(tmp_path):
+    (tmp_path / MANIFEST_NAME).write_text("file,label\na.jpg,real\n")
+    with pytest.raises(ManifestError, match="header must be file,sha256"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(",".join(COLUMNS) + "\na.jpg,real\n")
+    with pytest.raises(ManifestError, match="row 2: 2 columns, expected 10"):
+        read_manifest(tmp_path)
