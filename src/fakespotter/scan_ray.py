@@ -337,7 +337,7 @@ def _model_bytes(model: Any) -> Tuple[bytes, str, Any]:
     """(file bytes, model id, loaded detector) of a model file or a fitted FakeSpotter."""
     import hashlib
 
-    from .detector import FakeSpotter
+    from .detector import FakeSpotter, resolve_model
 
     if isinstance(model, FakeSpotter):
         model._check_fitted()
@@ -346,9 +346,11 @@ def _model_bytes(model: Any) -> Tuple[bytes, str, Any]:
             data = p.read_bytes()
         return data, getattr(model, "model_id_", None) or "in-memory", model
     if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"ray_scan: model must be a model file path or a fitted FakeSpotter, got {type(model).__name__}")
-    det = FakeSpotter.load(model)  # refuses a bad file before any work
-    data = Path(model).read_bytes()
+        raise TypeError(f"ray_scan: model must be a model file path, 'default' or a fitted FakeSpotter, "
+                        f"got {type(model).__name__}")
+    path = resolve_model(model)
+    det = FakeSpotter.load(path)  # refuses a bad file before any work
+    data = path.read_bytes()
     return data, hashlib.sha256(data).hexdigest(), det
 
 
@@ -383,7 +385,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
 
     inputs, aligned, batch_size, pixel_limit, limit, upsample: as :func:`fakespotter.scan.scan`
         (the records are the same as its records for the same inputs, model and batch size).
-    model: a model file or a fitted ``FakeSpotter`` (read here, shipped to the actors).
+    model: a model file, ``"default"`` (the embedded default detector, as for
+        :func:`~fakespotter.scan.scan`) or a fitted ``FakeSpotter`` (read here, shipped to the actors).
     out: the output folder (created; its parent must exist).
     mode: ``new`` (``out`` absent or empty), ``overwrite`` (delete the scan files there first)
         or ``resume`` (skip the inputs whose records ``out`` holds; same model and settings).
