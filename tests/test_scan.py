@@ -136,7 +136,7 @@ def test_library_refuses_bad_arguments(corpus, model, tmp_path):
         scan([str(corpus)], model, workers=-1)
     with pytest.raises(ValueError, match="'-' .* can be given once"):
         scan(["-", "-"], model)
-    with pytest.raises(TypeError, match="scan: model must be a model file path or a fitted FakeSpotter"):
+    with pytest.raises(TypeError, match="scan: model must be a model file path, 'default' or a fitted FakeSpotter"):
         scan([str(corpus)], 42)
 
 
