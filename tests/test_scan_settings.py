@@ -241,7 +241,7 @@ def test_cuda_not_available_is_a_clear_error_before_any_work(corpus, model, tmp_
             scan([str(corpus)], model, device=dev)
         rc = main(cli(corpus, model, tmp_path / "o.jsonl", "--device", dev))
         err = capsys.readouterr().err
-        assert rc == 2 and f"--device {dev}: CUDA is not available" in err and len(err.strip().splitlines()) == 1
+        assert rc == 2 and f"device '{dev}': CUDA is not available" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.stats.json").exists()
     with pytest.raises(ValueError, match="only cpu and cuda devices are supported"):
         scan([str(corpus)], model, device="meta")

@@ -396,14 +396,10 @@ class ScanRun:
         self._autocast = bool(autocast)
         self._log = log if log is not None else _default_log
         self._threshold = float(detector.operating_threshold_["logit"])
-        self.stats: Dict[str, Any] = {
-            "images": 0, "counts": {s: 0 for s in STATUSES}, "labels": {"real": 0, "fake": 0},
-            "error_kinds": {}, "faces": 0, "forwards": 0, "wall_s": 0.0, "images_per_s": 0.0,
-            "decode_faces_s": 0.0, "wait_s": 0.0, "backbone_taps_s": 0.0, "classifier_s": 0.0,
-            "batch_size": batch_size, "batch_size_requested": batch_size, "oom_backoffs": [],
-            "precision": precision_of(device, autocast), "channels_last": self._channels_last,
-            "workers": workers, "device": device, "aligned": cfg.aligned,
-        }
+        self.stats: Dict[str, Any] = dict(
+            new_stats(), batch_size=batch_size, batch_size_requested=batch_size, oom_backoffs=[],
+            precision=precision_of(device, autocast), channels_last=self._channels_last,
+            workers=workers, device=device, aligned=cfg.aligned)
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
 
@@ -492,31 +488,49 @@ class ScanRun:
             finish_stats()
 
     def _record(self, p: _Pending) -> Dict[str, Any]:
-        res = p.res
-        st = self.stats
-        err = res["error"]
-        faces = [{"box": box, "detector_score": ds, "score": float(s)} for (box, ds), s in zip(res["faces"], p.logits)]
-        if err is None and any(not math.isfinite(f["score"]) for f in faces):
-            err, faces = ("internal_error", "the classifier gave a non-finite score"), []
-        if err is not None:
-            status, score, label = "error", None, None
-        elif not faces:
-            status, score, label = "no_face", None, None
-        else:
-            status = "ok"
-            score = max(f["score"] for f in faces)
-            label = "fake" if score > self._threshold else "real"
-        st["images"] += 1
-        st["counts"][status] += 1
-        st["faces"] += len(faces)
-        if label is not None:
-            st["labels"][label] += 1
-        if err is not None:
-            st["error_kinds"][err[0]] = st["error_kinds"].get(err[0], 0) + 1
-        return {"path": res["path"], "size": res["size"], "sha256": res["sha256"], "status": status,
-                "width": res["width"], "height": res["height"], "frames": res["frames"], "faces": faces,
-                "score": score, "label": label, "model": self._model_id,
-                "error_kind": None if err is None else err[0], "error": None if err is None else err[1]}
+        record = make_record(p.res, p.logits, self._threshold, self._model_id)
+        count_record(self.stats, record)
+        return record
+
+
+def make_record(res: Dict[str, Any], logits: Sequence[float], threshold: float, model_id: str) -> Dict[str, Any]:
+    """The record of one decoded input (:func:`_decode_one`'s result) and the logits of its
+    chips, in :data:`RECORD_FIELDS` order."""
+    err = res["error"]
+    faces = [{"box": box, "detector_score": ds, "score": float(s)} for (box, ds), s in zip(res["faces"], logits)]
+    if err is None and any(not math.isfinite(f["score"]) for f in faces):
+        err, faces = ("internal_error", "the classifier gave a non-finite score"), []
+    if err is not None:
+        status, score, label = "error", None, None
+    elif not faces:
+        status, score, label = "no_face", None, None
+    else:
+        status = "ok"
+        score = max(f["score"] for f in faces)
+        label = "fake" if score > threshold else "real"
+    return {"path": res["path"], "size": res["size"], "sha256": res["sha256"], "status": status,
+            "width": res["width"], "height": res["height"], "frames": res["frames"], "faces": faces,
+            "score": score, "label": label, "model": model_id,
+            "error_kind": None if err is None else err[0], "error": None if err is None else err[1]}
+
+
+def new_stats() -> Dict[str, Any]:
+    """Zeroed record counts (``images``, ``counts`` per status, ``labels``, ``error_kinds``,
+    ``faces``) and time split, as :attr:`ScanRun.stats` starts."""
+    return {"images": 0, "counts": {s: 0 for s in STATUSES}, "labels": {"real": 0, "fake": 0},
+            "error_kinds": {}, "faces": 0, "forwards": 0, "wall_s": 0.0, "images_per_s": 0.0,
+            "decode_faces_s": 0.0, "wait_s": 0.0, "backbone_taps_s": 0.0, "classifier_s": 0.0}
+
+
+def count_record(stats: Dict[str, Any], record: Dict[str, Any]) -> None:
+    """Add one record to the counts of ``stats`` (see :func:`new_stats`)."""
+    stats["images"] += 1
+    stats["counts"][record["status"]] += 1
+    stats["faces"] += len(record["faces"])
+    if record["label"] is not None:
+        stats["labels"][record["label"]] += 1
+    if record["error_kind"] is not None:
+        stats["error_kinds"][record["error_kind"]] = stats["error_kinds"].get(record["error_kind"], 0) + 1
 
 
 def check_device(device: Any, what: str = "scan") -> str:

@@ -8,9 +8,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import calibrate, env, evaluate, info, robustness, scan, train
+from . import calibrate, env, evaluate, info, merge, robustness, scan, train
 
-COMMANDS = {"scan": scan, "train": train, "calibrate": calibrate, "evaluate": evaluate,
+COMMANDS = {"scan": scan, "merge": merge, "train": train, "calibrate": calibrate, "evaluate": evaluate,
             "robustness": robustness, "info": info, "env": env}
 
 

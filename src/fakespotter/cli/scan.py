@@ -1,4 +1,4 @@
-"""``fakespotter scan PATH... --model MODEL``: score every image of a corpus, one record per
+"""``fakespotter scan PATH... [--model MODEL]``: score every image of a corpus, one record per
 image (JSON lines or CSV, written and synced as each batch finishes; or Parquet, a folder of
 part files, each synced as it is closed).
 
@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ._common import Progress, log, usage_error, writable_output
+from ._common import Progress, log, model_file, usage_error, writable_output
 
 
 def add_parser(sub) -> None:
@@ -41,7 +41,9 @@ def add_parser(sub) -> None:
                        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image files, folders (recursive), @list.txt file lists, - (a list on stdin), tar archives")
-    p.add_argument("--model", required=True, help="a model file written by 'fakespotter train' (required)")
+    p.add_argument("--model", default="default",
+                   help="a model file written by 'fakespotter train' (default: %(default)s, the embedded "
+                        "default detector; see the README's model card)")
     p.add_argument("--out", default=None,
                    help="output file (a folder for --format parquet); - or none: stdout (default: stdout)")
     p.add_argument("--format", choices=["jsonl", "csv", "parquet"], default=None,
@@ -57,9 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64,
                    help="chips per backbone forward, halved when a forward runs out of memory; scores are "
                         "reproducible for a given batch size (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--workers", type=int, default=None,
                    help="decode and face-detection processes, 0 to decode inline (default: CPUs - 1, at most 8; "
-                        "here %(default)s)")
+                        f"here {default_workers()}; local engine only)")
     p.add_argument("--device", default="cpu", help="where the backbone runs, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true",
                    help="run every conv in channels_last memory format (conv weights too; the input is "
@@ -77,6 +79,9 @@ def add_parser(sub) -> None:
     p.add_argument("--fail-fast", action="store_true", help="stop after the first error record (default: go on)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no summary (default: progress on a terminal, summary on stderr)")
+    from .scan_ray import add_arguments
+
+    add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -87,7 +92,10 @@ PART_SECONDS = 60.0
 def check(args: argparse.Namespace) -> Dict[str, Any]:
     """Every check that can fail before work starts; returns what the work needs."""
     from ..data import check_sources
+    from ..scan import default_workers
 
+    if args.workers is None:
+        args.workers = default_workers()
     for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1), ("upsample", 0)):
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
@@ -131,6 +139,11 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             else:
                 raise usage_error(f"output {out} already exists; pass --resume to continue that scan "
                                   f"or --overwrite to replace it")
+    check_faces(args)
+    return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args)}
+
+
+def check_faces(args: argparse.Namespace) -> None:
     if not args.aligned:
         try:
             from ..faces import _import_dlib, _landmark_path
@@ -140,30 +153,25 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         except Exception as e:  # no dlib, no landmark model: say so before any work
             raise usage_error(f"face detection is not available ({str(e).splitlines()[0]}); "
                               f"install it, or pass --aligned for already-aligned chips") from None
-    import torch
 
-    try:
-        dev = torch.device(args.device)
-    except (RuntimeError, ValueError) as e:
-        raise usage_error(f"--device {args.device!r} is not a device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise usage_error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}"
-                          f"{', a CPU-only build' if torch.version.cuda is None else ''})")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise usage_error(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA devices")
-    if dev.type not in ("cpu", "cuda"):
-        raise usage_error(f"--device {args.device}: only cpu and cuda devices are supported")
+
+def load_detector(args: argparse.Namespace) -> Any:
+    """The --model on --device, with its file's sha256 as ``model_id_``; usage errors before work."""
     from ..artifact import ModelFileError, file_sha256
     from ..detector import FakeSpotter
+    from ..scan import check_device
 
-    if not Path(args.model).is_file():
-        raise usage_error(f"--model {args.model} does not exist")
+    try:
+        check_device(args.device, "--device")
+    except ValueError as e:  # "--device: device 'cuda:3': there are only 1 CUDA devices"
+        raise usage_error(str(e).split(": ", 1)[1]) from None
+    args.model = model_file(args.model, "--model")
     try:
         det = FakeSpotter.load(args.model, device=args.device)
     except (ModelFileError, OSError, ValueError) as e:
         raise usage_error(f"--model {args.model}: {str(e).splitlines()[0]}") from None
     det.model_id_ = file_sha256(args.model)
-    return {"out": out, "fmt": fmt, "mode": mode, "detector": det}
+    return det
 
 
 def _parquet_output(args) -> Path:
@@ -281,6 +289,13 @@ def summary(stats: Dict[str, Any], resumed: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        from .scan_ray import run_ray
+
+        return run_ray(args)
+    from .scan_ray import refuse_ray_only
+
+    refuse_ray_only(args)
     plan = check(args)
     from ..scan import RecordWriter, scan, write_stats
 
