@@ -173,7 +173,7 @@ def test_bad_input_exits_2_before_work(setup, tmp_path, capsys, cmd):
         ([model, "--real", real, "--fake", fake, "--fake-type", "a", "b"], r"--fake-type names 2 types for 1 --fake sources"),
         ([bad_model, "--real", real, "--fake", fake], r"model refused: .*truncated"),
         ([not_model, "--real", real, "--fake", fake], r"model refused: "),
-        ([tmp_path / "nope.fsm", "--real", real, "--fake", fake], r"model refused: .*no such model file"),
+        ([tmp_path / "nope.fsm", "--real", real, "--fake", fake], r"MODEL .*nope.fsm does not exist \(a model file, or .default."),
         ([model, "--real", real, "--fake", fake, "--bootstrap", "-1"], r"--bootstrap must be >= 0"),
         ([model, "--real", real, "--fake", fake, "--out-dir", not_model], r"--out-dir .*notes.fsm is a file"),
         ([model, "--real", real, "--fake", fake, "--out-dir", tmp_path / "a" / "b"], r"folder .*a does not exist"),
