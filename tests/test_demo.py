@@ -7,12 +7,15 @@ import pathlib
 import subprocess
 import sys
 
+from fakespotter.artifact import file_sha256
+from fakespotter.detector import default_model_path
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_demo_scans_the_sample_corpus(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--work", str(tmp_path / "demo"), "--train", "12", "--corpus", "6"],
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--work", str(tmp_path / "demo"), "--corpus", "6"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -24,3 +27,4 @@ def test_demo_scans_the_sample_corpus(tmp_path):
     assert {r["status"] for r in records} <= {"ok", "no_face", "error"}
     assert all((r["score"] is None) == (r["status"] != "ok") for r in records)
     assert any(r["status"] == "ok" for r in records)
+    assert {r["model"] for r in records} == {file_sha256(default_model_path())}  # the embedded default
