@@ -77,7 +77,9 @@ __all__ = [
     "dcgan_faces",
     "Nuisance",
     "draw_nuisance",
+    "pipeline_compose",
     "pipeline_chip",
+    "encode_jpeg",
     "decode_chip",
     "sample_chips",
     "main",
@@ -600,16 +602,20 @@ def _donor_masks(size: int, upsample: int) -> Tuple[np.ndarray, ...]:
     return tuple(masks)
 
 
-def _encode(chip: np.ndarray, own: np.ndarray, lent: np.ndarray, nuis: Nuisance) -> bytes:
+def _compose(chip: np.ndarray, own: np.ndarray, lent: np.ndarray, nuis: Nuisance) -> np.ndarray:
     # chip is dlib's, already ~ content * own (zeros outside the image); fill what neither the
-    # image nor the lent mask covers with the drawn background, then encode as JPEG
+    # image nor the lent mask covers with the drawn background
     a = lent[..., None]
     covered = (own * lent)[..., None]
     bg = np.asarray(nuis.background, dtype=np.float32)
     out = chip.astype(np.float32) * a + bg * (1.0 - covered)
-    out8 = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def encode_jpeg(chip: np.ndarray, quality: int) -> bytes:
+    """``uint8 [H, W, 3]`` RGB as JPEG bytes (Pillow, 4:2:0, the given quality)."""
     buf = io.BytesIO()
-    Image.fromarray(out8).save(buf, format="JPEG", quality=nuis.jpeg_quality)
+    Image.fromarray(chip).save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue()
 
 
@@ -619,8 +625,20 @@ def decode_chip(jpeg: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def _finish(chip: np.ndarray, own: np.ndarray, lent: np.ndarray, nuis: Nuisance) -> np.ndarray:
-    return decode_chip(_encode(chip, own, lent, nuis))
+def pipeline_compose(rgb: np.ndarray, nuisance: Nuisance, borrow_mask: bool = True,
+                     size: int = 150, upsample: int = 1, max_side: int = MAX_SIDE
+                     ) -> Optional[np.ndarray]:
+    """Steps 2-5 of :func:`sample_chips` on one image: the composed chip ``uint8 [size, size,
+    3]`` before its JPEG encoding, or None when no face is found.  See :func:`pipeline_chip`."""
+    got = _chip(rgb, nuisance, int(size), int(upsample), int(max_side))
+    if got is None:
+        return None
+    if borrow_mask:
+        donors = _donor_masks(int(size), int(upsample))
+        lent = donors[int(nuisance.donor * len(donors))]
+    else:
+        lent = np.ones((int(size), int(size)), dtype=np.float32)
+    return _compose(got[0], got[1], lent, nuisance)
 
 
 def pipeline_chip(rgb: np.ndarray, nuisance: Nuisance, borrow_mask: bool = True,
@@ -639,15 +657,8 @@ def pipeline_chip(rgb: np.ndarray, nuisance: Nuisance, borrow_mask: bool = True,
         False only for native 64 x 64 DCGAN renders, whose own render edge is that mask.
     max_side: larger images are shrunk to this long side before the first detection.
     """
-    got = _chip(rgb, nuisance, int(size), int(upsample), int(max_side))
-    if got is None:
-        return None
-    if borrow_mask:
-        donors = _donor_masks(int(size), int(upsample))
-        lent = donors[int(nuisance.donor * len(donors))]
-    else:
-        lent = np.ones((int(size), int(size)), dtype=np.float32)
-    return _encode(got[0], got[1], lent, nuisance)
+    chip = pipeline_compose(rgb, nuisance, borrow_mask, size, upsample, max_side)
+    return None if chip is None else encode_jpeg(chip, nuisance.jpeg_quality)
 
 
 def sample_chips(n_real: int, n_fake: int, seed: int, size: int = 150, upsample: int = 1
