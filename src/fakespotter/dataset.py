@@ -35,8 +35,22 @@ distribution; those JPEG bytes are the file.  The draws come from one stream per
 (keyed by the build seed and the file's path), from the same distributions for every class.
 Only native 64 x 64 DCGAN renders keep their own render edge as mask; every other image borrows
 a DCGAN donor's mask (see ``pipeline_chip``), so the uncovered area is distributed alike.
+
+**Detail matching.**  A chip's file size also follows how much fine detail it holds, and that
+differs by source: DCGAN renders (64 px, smooth) and MobileStyleGAN faces (soft backgrounds) give
+smaller JPEGs than the photos at the same quality.  Each chip's *detail* is its JPEG size at
+the fixed quality ``DETAIL_QUALITY`` (85), recorded as ``params.detail_bytes``; every fake
+stream keeps its candidates bin by bin so that their detail follows the reals' quantiles
+(deciles; quartiles with ``--small``), rejecting candidates of full bins until
+``MATCH_BUDGET`` candidates per kept fake were seen (then it keeps whatever comes, so a build
+always ends; ``build.json`` ``detail_matching`` shows how close it got).  Since the quality is
+drawn independently of the selection, file size and quality stay matched together.  DCGAN
+rarely reaches the reals' upper detail range within its budget, so DCGAN alone remains
+separable by file size (see ``confounds.per_generator`` in ``build.json``).
+
 :func:`confound_report` measures what is left: image width / height, file size and the JPEG
-quality estimated from the quantisation tables, each alone and together.
+quality estimated from the quantisation tables, each alone and together, for all fakes, per fake
+type and per generator.
 
 **Splits.**  ``split_of(group)``: the first 8 hex digits of sha256(group) modulo 100, < 70 train,
 < 85 val, else test, so a group's split never depends on the build's size.  GAN faces come in
@@ -586,8 +600,8 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
           overwrite: bool = False, threads: int = 2, log: Log = print) -> Manifest:
     """Build the benchmark data set into ``out``; returns its manifest.
 
-    small: a tiny set (:data:`SMALL`, ~40 reals and ~46 fakes) for tests, instead of
-        :data:`FULL` (all ~380 reals, 1000 MobileStyleGAN, 400 DCGAN, 300 of each local type).
+    small: a tiny set (:data:`SMALL`: 40 reals and 41 fakes) for tests, instead of
+        :data:`FULL` (all 383 real faces, 1000 MobileStyleGAN, 300 DCGAN, 300 of each local type).
     seed: changes every draw (candidate order, GAN latents, nuisances, manipulations).
     overwrite: replace a previous build in a non-empty ``out`` (its manifest is deleted first;
         other files there are left alone).
