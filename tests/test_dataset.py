@@ -9,7 +9,6 @@ command, when that is impossible.
 import io
 import json
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -23,41 +22,8 @@ from fakespotter.manifest import FAKE_TYPES, SPLITS, ManifestError, file_sha256,
 from fakespotter.weights import WeightsError
 
 
-def _standin_manipulations() -> types.ModuleType:
-    """A tiny private stand-in for fakespotter.manipulations (same interface), used only while
-    that module is not installed: it changes a box around the landmarks."""
-    mod = types.ModuleType("fakespotter.manipulations")
-    mod.FAKE_TYPES = ("identity_swap", "local_manipulation", "expression")
-
-    def manipulate(kind, target, target_landmarks, rng, donor=None, donor_landmarks=None):
-        out = target.copy()
-        x0, y0 = np.floor(target_landmarks.min(0)).astype(int)
-        x1, y1 = np.ceil(target_landmarks.max(0)).astype(int) + 1
-        x0, y0 = max(x0, 0), max(y0, 0)
-        box = out[y0:y1, x0:x1]
-        if kind == "expression":
-            out[y0:y1, x0:x1] = np.roll(box, int(rng.integers(1, 3)), axis=0)
-        else:
-            colour = donor[donor.shape[0] // 2, donor.shape[1] // 2].astype(np.float32)
-            out[y0:y1, x0:x1] = (0.5 * box + 0.5 * colour).astype(np.uint8)
-        return out
-
-    mod.manipulate = manipulate
-    return mod
-
-
 @pytest.fixture(scope="module")
-def manipulations():
-    with pytest.MonkeyPatch.context() as mp:
-        try:
-            import fakespotter.manipulations  # noqa: F401
-        except ImportError:
-            mp.setitem(sys.modules, "fakespotter.manipulations", _standin_manipulations())
-        yield
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory, manipulations):
+def small(tmp_path_factory):
     pytest.importorskip("openvino", reason="needs OpenVINO: pip install 'fakespotter[data]'")
     try:
         D._preflight()
@@ -154,15 +120,36 @@ def test_build_is_reproducible_and_overwrite_replaces_a_previous_build(small, tm
 
 
 def test_confound_controls_on_the_small_build(small):
-    """Image size, file size and JPEG quality must not tell real from fake: each alone and all
-    together (cross-validated logistic regression) at AUC <= 0.6, real vs all fakes."""
+    """Gross-failure guard on the CI-sized set.  With 40 reals and 41 fakes an AUC's standard
+    error is about 0.065, so the 0.6 bound is not a stable test at this size (this build gave
+    0.60 for file size): the 0.6 bound is tested on a medium build below (slow) and reported for
+    the full build; here width and height must carry no signal at all and the rest must stay
+    below 0.7 (an unmatched pipeline gave 0.75 for DCGAN's file size)."""
     manifest, _ = small
     report = D.confound_report(manifest)
     res = report["all_fakes"]
     assert res["width"] == res["height"] == 0.5  # every chip is 150 x 150
     for name in ("file_size", "jpeg_quality", "logistic_all"):
-        assert 0.5 <= res[name] <= 0.6, (name, res)
+        assert 0.5 <= res[name] <= 0.7, (name, res)
     assert report["n_real"] >= 30 and report["n_fake"] >= 30
+
+
+MEDIUM = D.BuildSizes(nba=160, mobilestylegan=90, dcgan=30, identity_swap=20,
+                      local_manipulation=20, expression=20, local_donors=8)
+
+
+@pytest.mark.slow
+def test_confound_controls_on_a_medium_build(small, tmp_path):
+    """Image size, file size and JPEG quality must not tell real from fake: each alone and all
+    together (cross-validated logistic regression) at AUC <= 0.6, real vs all fakes, on 164
+    reals and 180 fakes (a few minutes)."""
+    manifest = D.build(tmp_path / "medium", sizes=MEDIUM, log=lambda m: None)
+    report = D.confound_report(manifest)
+    res = report["all_fakes"]
+    assert report["n_real"] >= 150 and report["n_fake"] == 180
+    assert res["width"] == res["height"] == 0.5
+    for name in ("file_size", "jpeg_quality", "logistic_all"):
+        assert 0.5 <= res[name] <= 0.6, (name, res)
 
 
 def test_nuisances_come_from_one_distribution_per_class(small):

@@ -597,7 +597,8 @@ def _preflight() -> None:
 
 
 def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
-          overwrite: bool = False, threads: int = 2, log: Log = print) -> Manifest:
+          overwrite: bool = False, threads: int = 2, log: Log = print,
+          sizes: Optional[BuildSizes] = None) -> Manifest:
     """Build the benchmark data set into ``out``; returns its manifest.
 
     small: a tiny set (:data:`SMALL`: 40 reals and 41 fakes) for tests, instead of
@@ -606,6 +607,8 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
     overwrite: replace a previous build in a non-empty ``out`` (its manifest is deleted first;
         other files there are left alone).
     threads: OpenVINO threads for MobileStyleGAN.
+    sizes: other counts than :data:`SMALL` / :data:`FULL` (matched with the full build's
+        detail bins and budgets); ``small`` is then ignored.
     Raises ``ValueError`` for a bad ``out`` / ``seed`` before any work, ``ImportError`` when
     OpenVINO or the manipulations are missing, ``WeightsError`` when a package cannot be fetched.
     """
@@ -614,12 +617,17 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
     if isinstance(threads, bool) or int(threads) != threads or threads < 1:
         raise ValueError(f"data build: threads must be an int >= 1, got {threads!r}")
     out = check_output_dir(out, overwrite)
+    if sizes is not None and not isinstance(sizes, BuildSizes):
+        raise TypeError(f"data build: sizes must be a BuildSizes, got {type(sizes).__name__}")
     _preflight()
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
-    sizes = SMALL if small else FULL
+    if sizes is None:
+        sizes = SMALL if small else FULL
+    small = sizes is SMALL
     b = _Builder(out, sizes, int(seed), int(threads), log)
-    log(f"data build: {'small' if small else 'full'} set, seed {seed}, into {out}")
+    kind = "small" if small else "full" if sizes is FULL else "custom"
+    log(f"data build: {kind} set, seed {seed}, into {out}")
     t0 = time.monotonic()
     b.reals()
     b.mobilestylegan()
