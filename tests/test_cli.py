@@ -130,3 +130,6 @@ def test_env(capsys):
     info = json.loads(out)
     assert rc == 0 and info["native_build"]["cpu_isa_compiled"] == ["scalar", "avx2", "avx512"]
     assert info["cpu_isa_in_use"] in info["cpu_isa_supported"]
+    from importlib import metadata
+
+    assert info["ray"] == metadata.version("ray")  # ./dev installs the ray extra

@@ -136,7 +136,7 @@ def test_library_refuses_bad_arguments(corpus, model, tmp_path):
         scan([str(corpus)], model, workers=-1)
     with pytest.raises(ValueError, match="'-' .* can be given once"):
         scan(["-", "-"], model)
-    with pytest.raises(TypeError, match="scan: model must be a model file path or a fitted FakeSpotter"):
+    with pytest.raises(TypeError, match="scan: model must be a model file path, 'default' or a fitted FakeSpotter"):
         scan([str(corpus)], 42)
 
 
@@ -328,7 +328,7 @@ def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
         (["scan", *base, "--model", str(model), "--batch-size", "0"], "--batch-size must be >= 1"),
         (["scan", *base, "--model", str(model), "--limit", "-1"], "--limit must be >= 0"),
         (["scan", *base, "--model", str(model), "--out", str(tmp_path / "no" / "o.jsonl")], "folder .* does not exist"),
-        (["scan", *base, "--model", str(model), "--device", "nonsense"], "--device 'nonsense' is not a device"),
+        (["scan", *base, "--model", str(model), "--device", "nonsense"], "device 'nonsense' is not a device"),
     ]
     import re
 

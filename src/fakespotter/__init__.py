@@ -35,6 +35,7 @@ from .features import Chips, Features, chips, features, mnc
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier
 from .detector import FakeSpotter
 from .scan import scan
+from .scan_ray import merge_shards, ray_scan  # imports Ray only when a Ray scan starts
 
 __version__ = _C.build_info()["version"]
 
@@ -77,4 +78,6 @@ __all__ = [
     "FakeSpotter",
     # corpora
     "scan",
+    "ray_scan",
+    "merge_shards",
 ]

@@ -177,7 +177,7 @@ class FakeSpotter:
     # -- training --------------------------------------------------------------------------------
     def fit(self, real: Any, fake: Any, validation: Optional[Tuple[Any, Any]] = None,
             sources: Optional[Dict[str, Any]] = None, groups: Optional[Tuple[Any, Any]] = None,
-            ) -> "FakeSpotter":
+            augment: Optional[Any] = None) -> "FakeSpotter":
         """Train on real and fake images (or chip batches).
 
         validation: optional ``(real_val, fake_val)``; else ``validation_fraction`` of each
@@ -185,6 +185,9 @@ class FakeSpotter:
         one id per chip (source image, identity, video): the split never separates a group.
         sources: free-form description of where the data came from (fake types, generators,
         packages), stored in the model file's training summary.
+        augment: optional ``f(chips uint8 [N, H, W, 3], stream) -> chips`` (e.g.
+        ``perturb.Augmenter``) applied to the training chips only, after the validation part is
+        held out and before thresholds are calibrated; stream 0 for reals, 1 for fakes.
         """
         self._check_params()
         tap = self._new_tap()
@@ -208,6 +211,10 @@ class FakeSpotter:
             va_f = self._chips(validation[1], "fit(validation fake)", tap)[0]
             if len(va_r) == 0 or len(va_f) == 0:
                 raise ValueError("FakeSpotter.fit: the validation set needs faces of both classes")
+
+        if augment is not None:
+            tr_r = _augmented(augment, tr_r, 0, tap)
+            tr_f = _augmented(augment, tr_f, 1, tap)
 
         # Thresholds from the training chips of both classes (DESIGN.md §2).
         calibrator = ThresholdCalibrator(tap, mode=self.threshold_mode)
@@ -236,6 +243,7 @@ class FakeSpotter:
             },
             "sources": sources or {},
             "seed": self.seed,
+            "augmentation": _augment_summary(augment),
             "thresholds_images": int(calibrator.n_images_),
             "classifier_best_epoch": int(clf.best_epoch_),
             "metrics": {
@@ -408,11 +416,29 @@ class FakeSpotter:
         return det
 
 
+def _augmented(augment: Any, x: torch.Tensor, stream: int, tap: Tap) -> torch.Tensor:
+    """Apply ``augment`` to float chips [N, 3, H, W] (0..255) as uint8 [N, H, W, 3]."""
+    if len(x) == 0:
+        return x
+    u8 = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = augment(u8, stream)
+    return prepare_chips(np.asarray(out), tap, "fit(augment)")
+
+
 def _group_index(groups: Any, n: int, what: str) -> np.ndarray:
     g = np.asarray(groups)
     if g.shape != (n,):
         raise ValueError(f"FakeSpotter.fit: {what} groups must have one id per chip ({n}), got shape {g.shape}")
     return np.unique(g, return_inverse=True)[1].reshape(-1)
+
+
+def _augment_summary(augment: Any) -> Optional[Dict[str, Any]]:
+    if augment is None:
+        return None
+    keys = ("fraction", "seed", "attacks")
+    if all(hasattr(augment, k) for k in keys):
+        return {"type": type(augment).__name__, **{k: getattr(augment, k) for k in keys}}
+    return {"type": getattr(augment, "__name__", type(augment).__name__)}
 
 
 def _version() -> str:

@@ -27,9 +27,9 @@ import numpy as np
 
 __all__ = [
     "FPR_TARGETS", "METRICS", "roc_curve", "precision_recall_curve", "roc_auc", "average_precision",
-    "equal_error_rate", "tpr_at_fpr", "threshold_metrics", "metrics", "bootstrap_ci", "group_masks", "evaluate",
+    "equal_error_rate", "tpr_at_fpr", "threshold_metrics", "metrics", "bootstrap_ci", "group_masks", "evaluate", "evaluate_by",
     "to_json_dict", "write_json", "to_csv", "write_csv", "to_markdown", "write_markdown",
-    "plot_roc", "plot_det", "plot_lines", "score_images", "ImageScores",
+    "plot_roc", "plot_det", "plot_lines", "score_images", "score_images_with", "ImageScores",
 ]
 
 FPR_TARGETS = (0.01, 0.05)
@@ -282,24 +282,64 @@ def evaluate(scores: Any, labels: Any, groups: Optional[Sequence[Hashable]] = No
     <metric>: value, "ci": {<metric>: [low, high]}}, ...]}``; the first row is ``"all"``.
     """
     s, y = _check(scores, labels, "evaluate")
+    masks = [({"group": name, "class": cls}, mask) for name, cls, mask in group_masks(y, groups)]
+    return _report(s, y, masks, threshold, operating_threshold, bootstrap, seed, level, fpr_targets)
+
+
+def evaluate_by(scores: Any, labels: Any, groupings: Sequence[Tuple[str, Sequence[Hashable], str]],
+                threshold: float = 0.0, operating_threshold: Optional[float] = None, bootstrap: int = 1000,
+                seed: int = 0, level: float = 0.95, fpr_targets: Sequence[float] = FPR_TARGETS) -> Dict[str, Any]:
+    """Like :func:`evaluate`, with several groupings: rows carry ``kind`` too.
+
+    groupings: ``[(kind, one label per sample, "fake" | "real"), ...]``. For a ``"fake"``
+    grouping, each label seen on a fake gets a row of those fakes against all reals; for
+    ``"real"``, each label seen on a real gets a row of those reals against all fakes (only
+    when the reals carry more than one label: else that row is the ``all`` row). The first row
+    is ``kind="all"``.
+    """
+    s, y = _check(scores, labels, "evaluate_by")
+    masks: List[Tuple[Dict[str, str], np.ndarray]] = [({"kind": "all", "group": "all", "class": "all"},
+                                                        np.ones(len(y), dtype=bool))]
+    for kind, groups, cls in groupings:
+        if cls not in ("fake", "real"):
+            raise ValueError(f"evaluate_by: grouping {kind!r} must be for 'fake' or 'real', got {cls!r}")
+        g = np.asarray([str(x) for x in groups], dtype=object)
+        if g.shape != y.shape:
+            raise ValueError(f"evaluate_by: grouping {kind!r} needs one entry per score ({len(y)}), got {len(g)}")
+        mine = y if cls == "fake" else ~y
+        names = list(dict.fromkeys(g[mine]))
+        if cls == "real" and len(names) < 2:
+            continue
+        for name in names:
+            masks.append(({"kind": kind, "group": name, "class": cls}, ~mine | ((g == name) & mine)))
+    return _report(s, y, masks, threshold, operating_threshold, bootstrap, seed, level, fpr_targets,
+                   label_columns=["kind", "group", "class"])
+
+
+def _report(s: np.ndarray, y: np.ndarray, masks: Sequence[Tuple[Dict[str, str], np.ndarray]], threshold: float,
+            operating_threshold: Optional[float], bootstrap: int, seed: int, level: float,
+            fpr_targets: Sequence[float], label_columns: Optional[List[str]] = None) -> Dict[str, Any]:
     op = None if operating_threshold is None else float(operating_threshold)
     targets = tuple(float(f) for f in fpr_targets)
 
     def stat(a: np.ndarray, b: np.ndarray) -> Dict[str, float]:
         return _metrics(a, b.astype(bool), float(threshold), op, targets)
 
-    def row(name: str, cls: str, mask: np.ndarray, offset: int) -> Dict[str, Any]:
+    def row(names: Dict[str, str], mask: np.ndarray, offset: int) -> Dict[str, Any]:
         a, b = s[mask], y[mask]
-        r: Dict[str, Any] = {"group": name, "class": cls, "n_real": int((~b).sum()), "n_fake": int(b.sum())}
+        r: Dict[str, Any] = {**names, "n_real": int((~b).sum()), "n_fake": int(b.sum())}
         r.update(stat(a, b))
         r["ci"] = {k: list(v) for k, v in bootstrap_ci(a, b, stat, n=bootstrap, seed=seed + offset, level=level).items()}
         return r
 
-    rows = [row(name, cls, mask, i) for i, (name, cls, mask) in enumerate(group_masks(y, groups))]
+    rows = [row(names, mask, i) for i, (names, mask) in enumerate(masks)]
     settings = {"threshold": float(threshold), "operating_threshold": op, "bootstrap": int(bootstrap),
                 "seed": int(seed), "level": float(level), "fpr_targets": list(targets),
                 "positive_class": "fake", "decision": "fake when score > threshold"}
-    return {"settings": settings, "rows": rows}
+    out: Dict[str, Any] = {"settings": settings, "rows": rows}
+    if label_columns is not None:
+        out["label_columns"] = list(label_columns)
+    return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -539,13 +579,28 @@ def score_images(detector: Any, images: Sequence[Any], transforms: Optional[Mapp
     before face detection, so an attack can also lose faces. An image that cannot be decoded
     is recorded in ``errors``, never scored. Holds ``chunk_size`` images at a time.
     """
+    aligned = detector.aligned if aligned is None else bool(aligned)
+    out = score_images_with(lambda chips: {"_": detector.decision_function(chips).numpy()}, images,
+                            size=int(detector.tap_.preprocessing.size[0]), transforms=transforms, aligned=aligned,
+                            upsample=detector.upsample, chunk_size=chunk_size, progress=progress)
+    return out["_"]
+
+
+def score_images_with(score: Callable[[np.ndarray], Mapping[str, Any]], images: Sequence[Any], size: int,
+                      transforms: Optional[Mapping[Any, Optional[Transform]]] = None, aligned: bool = False,
+                      upsample: int = 1, chunk_size: int = 32,
+                      progress: Optional[Callable[[int], None]] = None) -> Dict[str, ImageScores]:
+    """Score every image with several detectors at once: ``score(chips uint8 [M, size, size, 3])
+    -> {name: scores [M]}`` is called on the chips of every chunk and transform, so decoding,
+    face detection and the attacks are done once for all detectors. Returns ``{name:
+    ImageScores}`` (their ``faces`` and ``errors`` are the same objects). Otherwise as
+    :func:`score_images`.
+    """
     from . import faces as _faces
 
     transforms = dict(transforms) if transforms is not None else {"clean": None}
-    aligned = detector.aligned if aligned is None else bool(aligned)
-    size = int(detector.tap_.preprocessing.size[0])
     n = len(images)
-    scores = {k: np.full(n, np.nan) for k in transforms}
+    scores: Dict[str, Dict[Any, np.ndarray]] = {}
     nfaces = {k: np.zeros(n, dtype=np.int64) for k in transforms}
     errors: List[Tuple[int, str, str]] = []
     for start in range(0, n, chunk_size):
@@ -568,15 +623,21 @@ def score_images(detector: Any, images: Sequence[Any], transforms: Optional[Mapp
                     chip_list.append(x)
                     owner.append(i)
                 else:
-                    for face in _faces.detect_and_align(x, upsample=detector.upsample, size=size):
+                    for face in _faces.detect_and_align(x, upsample=upsample, size=size):
                         chip_list.append(face.chip)
                         owner.append(i)
+            for i in owner:
+                nfaces[key][i] += 1
             if not chip_list:
                 continue
-            per_chip = detector.decision_function(np.stack(chip_list)).numpy().astype(np.float64)
-            for i, v in zip(owner, per_chip):
-                nfaces[key][i] += 1
-                scores[key][i] = v if math.isnan(scores[key][i]) else max(scores[key][i], v)
+            for name, per_chip in score(np.stack(chip_list)).items():
+                per_chip = np.asarray(per_chip, dtype=np.float64).reshape(-1)
+                table = scores.setdefault(name, {k: np.full(n, np.nan) for k in transforms})[key]
+                for i, v in zip(owner, per_chip):
+                    table[i] = v if math.isnan(table[i]) else max(table[i], v)
         if progress is not None:
             progress(min(start + chunk_size, n) - start)
-    return ImageScores(scores=scores, faces=nfaces, errors=errors)
+    if not scores:  # nothing was scored: learn the names from an empty call
+        scores = {name: {k: np.full(n, np.nan) for k in transforms}
+                  for name in score(np.zeros((0, size, size, 3), dtype=np.uint8))}
+    return {name: ImageScores(scores=s, faces=nfaces, errors=errors) for name, s in scores.items()}

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Sequence, Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["ATTACKS", "DESCRIPTIONS", "apply", "sweep", "jpeg", "blur", "resize", "noise"]
+__all__ = ["ATTACKS", "DESCRIPTIONS", "apply", "sweep", "jpeg", "blur", "resize", "noise", "Augmenter"]
 
 ATTACKS: Dict[str, List[float]] = {
     "jpeg": [95, 75, 50, 30],          # JPEG quality (Pillow, 4:2:0 chroma subsampling)
@@ -177,3 +177,47 @@ def sweep(attacks: Sequence[str] = tuple(ATTACKS)) -> List[tuple]:
     if bad:
         raise ValueError(f"perturb.sweep: unknown attacks {bad}; choose from {sorted(ATTACKS)}")
     return [(a, level) for a in attacks for level in ATTACKS[a]]
+
+
+class Augmenter:
+    """Training-time augmentation with the four attacks: each chip, with probability
+    ``fraction``, gets one attack drawn uniformly from ``attacks`` at a level drawn uniformly
+    between that attack's weakest and strongest :data:`ATTACKS` level (JPEG quality an integer).
+
+    ``augmenter(chips, stream)`` returns a copy of ``uint8 [N, H, W, 3]`` chips; draws come from
+    ``default_rng([seed, stream])`` (noise from ``(seed, stream, i)``), so a call is
+    deterministic and two streams (e.g. the real and the fake class) are independent.
+    ``last_`` records ``[(index, attack, level), ...]`` of the latest call.
+    """
+
+    def __init__(self, fraction: float = 0.5, seed: int = 0, attacks: Sequence[str] = tuple(ATTACKS)):
+        if not (_is_number(fraction) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"Augmenter: fraction must be in [0, 1], got {fraction!r}")
+        bad = [a for a in attacks if a not in ATTACKS]
+        if bad or not attacks:
+            raise ValueError(f"Augmenter: attacks must be a non-empty subset of {sorted(ATTACKS)}, got {list(attacks)}")
+        self.fraction = float(fraction)
+        self.seed = int(seed)
+        self.attacks = list(attacks)
+
+    def level(self, attack: str, rng: np.random.Generator) -> float:
+        lo, hi = min(ATTACKS[attack]), max(ATTACKS[attack])
+        if attack == "jpeg":
+            return int(rng.integers(int(lo), int(hi) + 1))
+        return float(rng.uniform(lo, hi))
+
+    def __call__(self, chips: np.ndarray, stream: int = 0) -> np.ndarray:
+        a = _check_image(chips, "Augmenter")
+        if a.ndim != 4:
+            raise ValueError(f"Augmenter: chips must be [N, H, W, 3], got shape {list(a.shape)}")
+        rng = np.random.default_rng([self.seed, int(stream)])
+        out = a.copy()
+        self.last_ = []
+        for i in range(len(a)):
+            if rng.random() >= self.fraction:
+                continue
+            attack = self.attacks[int(rng.integers(len(self.attacks)))]
+            level = self.level(attack, rng)
+            out[i] = apply(attack, level, a[i], seed=(self.seed, int(stream), i))
+            self.last_.append((i, attack, level))
+        return out

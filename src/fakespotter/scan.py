@@ -23,7 +23,13 @@ aligned mode), ``score`` (the largest face logit of "fake"; null without a face 
 never a made-up score), ``label`` (``"real"``/``"fake"`` at the model's operating threshold,
 null without a score), ``model`` (the model file's sha256), ``error_kind`` (a key of
 ``data.ERROR_KINDS``) and ``error`` (a message). Records hold no timing, so two scans of the
-same inputs with the same model and batch size give identical records.
+same inputs with the same model and batch size give identical records (on one device, at one
+precision: ``autocast`` changes the scores slightly; an out-of-memory back-off changes the batch
+size for the rest of the run, see :func:`scan`).
+
+Outputs (:class:`RecordWriter`): JSON lines and CSV, flushed and fsynced per group, so a killed
+scan loses at most a torn last line; Parquet (pyarrow), a folder of part files that become
+durable one part at a time (:class:`ParquetParts`). All three resume (:func:`resume_state`).
 """
 
 from __future__ import annotations
@@ -33,16 +39,18 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import IO, Any, Container, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -54,19 +62,28 @@ __all__ = [
     "ScanRun",
     "scan",
     "default_workers",
+    "check_device",
+    "precision_of",
     "RecordWriter",
     "ResumeState",
     "OutputMismatch",
     "read_output",
+    "read_records",
     "resume_state",
+    "ParquetParts",
+    "parquet_schema",
 ]
 
 RECORD_FIELDS = ("path", "size", "sha256", "status", "width", "height", "frames", "faces", "score", "label",
                  "model", "error_kind", "error")
 STATUSES = ("ok", "no_face", "error")
-FORMATS = ("jsonl", "csv")
+FORMATS = ("jsonl", "csv", "parquet")
 
 _CRASH_ENV = "FAKESPOTTER_SCAN_TEST_CRASH"  # tests: a worker exits hard on paths ending with this
+
+
+def _default_log(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
 
 
 def default_workers() -> int:
@@ -198,6 +215,151 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
 # parent side: chips -> rows -> scores -> records
 
 
+def _is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of any allocator: ``torch.OutOfMemoryError`` (CUDA and others),
+    ``MemoryError``, or a RuntimeError whose message says so (the CPU allocator's is
+    "DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    kinds = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                  if isinstance(t, type))
+    if isinstance(e, kinds + (MemoryError,)):
+        return True
+    if isinstance(e, RuntimeError):
+        m = str(e).lower()
+        return "out of memory" in m or "can't allocate memory" in m or "cannot allocate memory" in m
+    return False
+
+
+def precision_of(device: str, autocast: bool) -> str:
+    """The dtype the backbone computes in: ``"float32"``, or with ``autocast`` ``"bfloat16"``
+    on CPU and ``"float16"`` on CUDA (what a scan's stats record and ``--resume`` compares)."""
+    if not autocast:
+        return "float32"
+    return "float16" if str(device).startswith("cuda") else "bfloat16"
+
+
+class _Forward:
+    """Backbone + taps + classifier on uint8 chips, in forwards of exactly ``batch_size`` chips
+    (the last zero-padded), with optional channels_last weights and autocast, and a batch size
+    that halves on out-of-memory.
+
+    Numerics: the default path is the one every scan had (uint8 NHWC -> device -> permuted to
+    [N, 3, H, W], which is already channels_last-strided -> float32). ``channels_last`` also
+    puts the conv weights in channels_last for the scan (restored by :meth:`restore`), so that
+    every conv runs channels_last, also after dlib's padding ``add`` (whose output is NCHW).
+    ``autocast`` runs backbone + taps under ``torch.autocast`` (bfloat16 on CPU, float16 on
+    CUDA); the classifier always runs in float32 on the CPU.
+    """
+
+    def __init__(self, det: Any, device: str, batch_size: int, channels_last: bool = False,
+                 autocast: bool = False, log: Optional[Callable[[str], None]] = None):
+        import torch
+
+        self.det = det
+        self.tap = det.tap_
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.channels_last = bool(channels_last)
+        self.precision = precision_of(str(self.device), autocast)
+        self.amp_dtype = getattr(torch, self.precision) if autocast else None
+        self.backoffs: List[Dict[str, Any]] = []
+        self.forwards = 0
+        self.backbone_taps_s = 0.0
+        self.classifier_s = 0.0
+        self._log = log
+        H, W = self.tap.preprocessing.size
+        # CUDA: a pinned staging buffer, so the host-to-device copy is a DMA that needs no extra
+        # bounce copy; it is safe to refill after each forward because the forward ends with the
+        # rows' (synchronous) copy back to the CPU.
+        pin = self.device.type == "cuda"
+        self._buf_t = torch.zeros((self.batch_size, H, W, 3), dtype=torch.uint8, pin_memory=pin)
+        self._buf = self._buf_t.numpy()
+        self._saved: Dict[str, Any] = {}
+        if self.channels_last:
+            for name, p in self.tap.backbone.module.named_parameters():
+                if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
+                    self._saved[name] = p.data
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+    def restore(self) -> None:
+        """Give the backbone its own weights back (channels_last changed their memory format)."""
+        if self._saved:
+            params = dict(self.tap.backbone.module.named_parameters())
+            for name, data in self._saved.items():
+                params[name].data = data
+            self._saved = {}
+
+    def run(self, chips: np.ndarray) -> Tuple[Any, np.ndarray]:
+        """One forward of exactly ``batch_size`` chips: ``chips`` uint8 [n <= batch_size, H, W, 3]
+        -> (packed rows int64 [n, words] on the CPU, logits float32 [n])."""
+        import torch
+
+        B, n = self.batch_size, len(chips)
+        buf = self._buf[:B]
+        buf[:n] = chips
+        buf[n:] = 0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = self._buf_t[:B].to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
+            x = self.tap.preprocessing(x)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.amp_dtype is not None:
+                with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+                    rows = self.tap(x)
+            else:
+                rows = self.tap(x)
+            rows = rows.cpu()
+            t1 = time.perf_counter()
+            logits = self.det.classifier_.decision_function(rows)[:n].numpy()  # all B rows: same GEMM
+        self.backbone_taps_s += t1 - t0
+        self.classifier_s += time.perf_counter() - t1
+        self.forwards += 1
+        return rows[:n], logits
+
+    def score(self, chips: Sequence[np.ndarray]) -> List[float]:
+        """Logits of ``chips`` (uint8 [H, W, 3] each), in forwards of ``batch_size``. On out of
+        memory the batch size halves (down to 1) and the chips of the failed forward are
+        retried: no chip is lost or scored twice. The smaller size stays for the rest of the
+        run; each back-off is logged once and kept in :attr:`backoffs` (``forward``: how many
+        forwards had completed before it, ``from``/``to``: the batch sizes, ``error``)."""
+        import torch
+
+        out: List[float] = []
+        i = 0
+        failed_at: Optional[int] = None  # the batch size whose forward ran out of memory first
+        done_before = 0  # forwards completed before that
+        why = ""
+        while i < len(chips):
+            n = min(self.batch_size, len(chips) - i)
+            logits = None
+            try:
+                _, logits = self.run(np.stack(chips[i:i + n]))
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                if not _is_oom(e) or self.batch_size == 1:
+                    raise
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if logits is None:  # outside the except block: the failed forward's tensors are freed
+                if failed_at is None:
+                    failed_at, done_before = self.batch_size, self.forwards
+                self.batch_size //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if failed_at is not None:
+                event = {"forward": done_before, "from": failed_at, "to": self.batch_size, "error": why}
+                self.backoffs.append(event)
+                if self._log is not None:
+                    self._log(f"scan: out of memory in a forward of {failed_at} chips ({why}); going on with "
+                              f"batches of {self.batch_size} for the rest of this run (scores are those of a "
+                              f"--batch-size {self.batch_size} scan from here on)")
+                failed_at = None
+            out.extend(float(v) for v in logits)
+            i += n
+        return out
+
+
 class _Pending:
     __slots__ = ("res", "logits", "left")
 
@@ -214,11 +376,15 @@ class ScanRun:
     ``stats``: ``counts`` per status and per label, ``images``, ``wall_s``, ``images_per_s``,
     and the time split ``decode_faces_s`` (summed over workers: read, hash, decode, detect and
     align), ``wait_s`` (the parent waiting for decoded images), ``backbone_taps_s`` and
-    ``classifier_s`` (parent).
+    ``classifier_s`` (parent); the settings that decide the scores: ``batch_size`` (the forward
+    size in effect: smaller than ``batch_size_requested`` after an out-of-memory back-off, whose
+    events are in ``oom_backoffs``), ``precision`` (``float32``, or the autocast dtype) and
+    ``channels_last``.
     """
 
     def __init__(self, entries: Iterable[Entry], detector: Any, model_id: str, cfg: _Config, batch_size: int,
-                 workers: int, device: str):
+                 workers: int, device: str, channels_last: bool = False, autocast: bool = False,
+                 log: Optional[Callable[[str], None]] = None):
         self._entries = iter(entries)
         self._det = detector
         self._model_id = model_id
@@ -226,13 +392,14 @@ class ScanRun:
         self._batch_size = batch_size
         self._workers = workers
         self._device = device
+        self._channels_last = bool(channels_last)
+        self._autocast = bool(autocast)
+        self._log = log if log is not None else _default_log
         self._threshold = float(detector.operating_threshold_["logit"])
-        self.stats: Dict[str, Any] = {
-            "images": 0, "counts": {s: 0 for s in STATUSES}, "labels": {"real": 0, "fake": 0},
-            "error_kinds": {}, "faces": 0, "forwards": 0, "wall_s": 0.0, "images_per_s": 0.0,
-            "decode_faces_s": 0.0, "wait_s": 0.0, "backbone_taps_s": 0.0, "classifier_s": 0.0,
-            "batch_size": batch_size, "workers": workers, "device": device, "aligned": cfg.aligned,
-        }
+        self.stats: Dict[str, Any] = dict(
+            new_stats(), batch_size=batch_size, batch_size_requested=batch_size, oom_backoffs=[],
+            precision=precision_of(device, autocast), channels_last=self._channels_last,
+            workers=workers, device=device, aligned=cfg.aligned)
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
 
@@ -259,12 +426,7 @@ class ScanRun:
         return self._active
 
     def _batches(self) -> Iterator[List[Dict[str, Any]]]:
-        import torch
-
-        B = self._batch_size
-        tap = self._det.tap_
-        H, W = tap.preprocessing.size
-        buf = np.zeros((B, H, W, 3), dtype=np.uint8)
+        fwd = _Forward(self._det, self._device, self._batch_size, self._channels_last, self._autocast, self._log)
         t_start = time.perf_counter()
         queue: deque = deque()
         chips: List[Tuple[_Pending, int, np.ndarray]] = []
@@ -272,21 +434,13 @@ class ScanRun:
         st = self.stats
 
         def forward(n: int) -> None:
-            buf[:n] = np.stack([c for _, _, c in chips[:n]])
-            buf[n:] = 0
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                x = torch.from_numpy(buf).to(self._device).permute(0, 3, 1, 2).to(torch.float32)
-                rows = tap(tap.preprocessing(x)).cpu()
-                t1 = time.perf_counter()
-                logits = self._det.classifier_.decision_function(rows)[:n].tolist()  # all B rows: same GEMM
-            st["backbone_taps_s"] += t1 - t0
-            st["classifier_s"] += time.perf_counter() - t1
-            st["forwards"] += 1
+            logits = fwd.score([c for _, _, c in chips[:n]])
             for (p, j, _), v in zip(chips[:n], logits):
                 p.logits[j] = v
                 p.left -= 1
             del chips[:n]
+            st.update(forwards=fwd.forwards, backbone_taps_s=fwd.backbone_taps_s, classifier_s=fwd.classifier_s,
+                      batch_size=fwd.batch_size, oom_backoffs=list(fwd.backoffs))
 
         def emit() -> None:
             while queue and queue[0].left == 0:
@@ -296,6 +450,7 @@ class ScanRun:
             st["wall_s"] = time.perf_counter() - t_start
             st["images_per_s"] = st["images"] / st["wall_s"] if st["wall_s"] > 0 else 0.0
 
+        B = self._batch_size
         window = -(-(B + 2 * self._workers) // 4) + 2 * self._workers
         decoded = _decoded(self._entries, self._cfg, self._workers, chunk=4, window=max(window, 1))
         try:
@@ -313,57 +468,103 @@ class ScanRun:
                     chips.extend((p, j, c) for j, c in enumerate(res["chips"]))
                     res["chips"] = None
                 ran = False
-                while len(chips) >= B:
-                    forward(B)
+                while len(chips) >= fwd.batch_size:
+                    forward(fwd.batch_size)
                     ran = True
                 emit()
-                if out and (ran or len(out) >= B):
+                if out and (ran or len(out) >= fwd.batch_size):
                     finish_stats()
                     yield out
                     out = []
             while chips:
-                forward(min(B, len(chips)))
+                forward(min(fwd.batch_size, len(chips)))
             emit()
             finish_stats()
             if out:
                 yield out
         finally:
             decoded.close()
+            fwd.restore()
             finish_stats()
 
     def _record(self, p: _Pending) -> Dict[str, Any]:
-        res = p.res
-        st = self.stats
-        err = res["error"]
-        faces = [{"box": box, "detector_score": ds, "score": float(s)} for (box, ds), s in zip(res["faces"], p.logits)]
-        if err is None and any(not math.isfinite(f["score"]) for f in faces):
-            err, faces = ("internal_error", "the classifier gave a non-finite score"), []
-        if err is not None:
-            status, score, label = "error", None, None
-        elif not faces:
-            status, score, label = "no_face", None, None
-        else:
-            status = "ok"
-            score = max(f["score"] for f in faces)
-            label = "fake" if score > self._threshold else "real"
-        st["images"] += 1
-        st["counts"][status] += 1
-        st["faces"] += len(faces)
-        if label is not None:
-            st["labels"][label] += 1
-        if err is not None:
-            st["error_kinds"][err[0]] = st["error_kinds"].get(err[0], 0) + 1
-        return {"path": res["path"], "size": res["size"], "sha256": res["sha256"], "status": status,
-                "width": res["width"], "height": res["height"], "frames": res["frames"], "faces": faces,
-                "score": score, "label": label, "model": self._model_id,
-                "error_kind": None if err is None else err[0], "error": None if err is None else err[1]}
+        record = make_record(p.res, p.logits, self._threshold, self._model_id)
+        count_record(self.stats, record)
+        return record
+
+
+def make_record(res: Dict[str, Any], logits: Sequence[float], threshold: float, model_id: str) -> Dict[str, Any]:
+    """The record of one decoded input (:func:`_decode_one`'s result) and the logits of its
+    chips, in :data:`RECORD_FIELDS` order."""
+    err = res["error"]
+    faces = [{"box": box, "detector_score": ds, "score": float(s)} for (box, ds), s in zip(res["faces"], logits)]
+    if err is None and any(not math.isfinite(f["score"]) for f in faces):
+        err, faces = ("internal_error", "the classifier gave a non-finite score"), []
+    if err is not None:
+        status, score, label = "error", None, None
+    elif not faces:
+        status, score, label = "no_face", None, None
+    else:
+        status = "ok"
+        score = max(f["score"] for f in faces)
+        label = "fake" if score > threshold else "real"
+    return {"path": res["path"], "size": res["size"], "sha256": res["sha256"], "status": status,
+            "width": res["width"], "height": res["height"], "frames": res["frames"], "faces": faces,
+            "score": score, "label": label, "model": model_id,
+            "error_kind": None if err is None else err[0], "error": None if err is None else err[1]}
+
+
+def new_stats() -> Dict[str, Any]:
+    """Zeroed record counts (``images``, ``counts`` per status, ``labels``, ``error_kinds``,
+    ``faces``) and time split, as :attr:`ScanRun.stats` starts."""
+    return {"images": 0, "counts": {s: 0 for s in STATUSES}, "labels": {"real": 0, "fake": 0},
+            "error_kinds": {}, "faces": 0, "forwards": 0, "wall_s": 0.0, "images_per_s": 0.0,
+            "decode_faces_s": 0.0, "wait_s": 0.0, "backbone_taps_s": 0.0, "classifier_s": 0.0}
+
+
+def count_record(stats: Dict[str, Any], record: Dict[str, Any]) -> None:
+    """Add one record to the counts of ``stats`` (see :func:`new_stats`)."""
+    stats["images"] += 1
+    stats["counts"][record["status"]] += 1
+    stats["faces"] += len(record["faces"])
+    if record["label"] is not None:
+        stats["labels"][record["label"]] += 1
+    if record["error_kind"] is not None:
+        stats["error_kinds"][record["error_kind"]] = stats["error_kinds"].get(record["error_kind"], 0) + 1
+
+
+def check_device(device: Any, what: str = "scan") -> str:
+    """``device`` as a string after checking that it names a device this machine has; ValueError
+    (naming ``what``) otherwise: "CUDA is not available" before any work, not a failure deep
+    inside the first forward. Only CPU and CUDA devices are supported."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{what}: device {device!r} is not a device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'a CPU-only build' if torch.version.cuda is None else 'no usable GPU'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}: device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise ValueError(f"{what}: device {device!r}: only cpu and cuda devices are supported")
+    return str(dev)
 
 
 def _load_model(model: Any, device: str) -> Tuple[Any, str]:
+    import torch
+
     from .detector import FakeSpotter
 
     if isinstance(model, FakeSpotter):
         model._check_fitted()
+        have, want = model.tap_._device(), torch.device(device)
+        if have.type != want.type or (want.index is not None and have.index is not None and have.index != want.index):
+            raise ValueError(f"scan: the detector's backbone is on {have}, but device is {device!r}; load it with "
+                             f"FakeSpotter.load(path, device={device!r}) or pass the model file")
         return model, getattr(model, "model_id_", None) or "in-memory"
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"scan: model must be a model file path, 'default' or a fitted FakeSpotter, "
@@ -379,7 +580,8 @@ def _load_model(model: Any, device: str) -> Tuple[Any, str]:
 def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: bool = False, batch_size: int = 64,
          workers: Optional[int] = None, device: str = "cpu", pixel_limit: int = DEFAULT_PIXEL_LIMIT,
          limit: Optional[int] = None, upsample: int = 1, skip: int = 0, exclude: Optional[Container[str]] = None,
-         stdin: Optional[IO[str]] = None) -> ScanRun:
+         stdin: Optional[IO[str]] = None, channels_last: bool = False, autocast: bool = False,
+         log: Optional[Callable[[str], None]] = None) -> ScanRun:
     """Scan images for synthesized faces; an iterator of one record per input image, in input order.
 
     inputs: paths - files, folders (recursive), ``@list.txt`` file lists, ``-`` (a list on
@@ -389,14 +591,29 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     aligned: inputs are already-aligned face chips (resized only; no detection).
     batch_size: chips per backbone forward (every forward has exactly this many).
     workers: decode / face-detection processes (default :func:`default_workers`; 0: inline).
-    device: where the backbone runs.
+    device: where the backbone runs (``cpu``, ``cuda``, ``cuda:1``, ...).
     pixel_limit: images with more pixels are refused (``too_many_pixels``) before decoding.
     limit: scan only the first ``limit`` inputs of the listing.
     skip / exclude: leave out the first ``skip`` inputs (after ``limit``), and inputs whose
         path is in ``exclude``: how a resumed scan continues.
+    channels_last: run every conv of the backbone in channels_last memory format (the conv
+        weights are switched for the scan and restored after it; the input is channels_last
+        already). On the CPUs measured (benchmarks/RESULTS.md, issue E) the records are
+        identical to the default's and the speed is the same; oneDNN may round differently on
+        other hardware (the tests allow 1e-5).
+    autocast: run backbone + taps under ``torch.autocast`` (bfloat16 on CPU, float16 on CUDA;
+        the classifier stays float32). Scores change slightly: records are not bit-identical
+        to a float32 scan, and ``stats["precision"]`` says which ran.
+    log: where one-line notices go (an out-of-memory back-off); default: the
+        ``fakespotter.scan`` logger, at WARNING.
+    The forward runs ``batch_size`` chips; when it runs out of memory the batch size halves
+    (down to 1) and the same chips are retried, so no record is lost or doubled, and the
+    smaller size is kept for the rest of the run (``stats["batch_size"]``, ``["oom_backoffs"]``);
+    its scores are then those of a scan at that batch size.
     Returns a :class:`ScanRun` (iterate it for records; ``.stats`` for counts and timings).
-    Raises FileNotFoundError / ValueError for missing inputs or bad arguments, and
-    ``artifact.ModelFileError`` for a bad model file, before any work.
+    Raises FileNotFoundError / ValueError for missing inputs or bad arguments (also a CUDA
+    device where CUDA is not available), and ``artifact.ModelFileError`` for a bad model file,
+    before any work.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -411,6 +628,10 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
         raise ValueError(f"scan: workers must be an int >= 0, got {workers!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"scan: limit must be None or an int >= 0, got {limit!r}")
+    for name, v in (("channels_last", channels_last), ("autocast", autocast)):
+        if not isinstance(v, bool):
+            raise TypeError(f"scan: {name} must be a bool, got {type(v).__name__}")
+    device = check_device(device, "scan")
     check_sources(inputs, "scan")
     det, model_id = _load_model(model, device)
     cfg = _Config(bool(aligned), int(det.tap_.preprocessing.size[0]), int(upsample), int(pixel_limit))
@@ -419,7 +640,7 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
         entries = itertools.islice(entries, skip, limit)
     if exclude is not None:
         entries = (e for e in entries if e.path not in exclude)
-    return ScanRun(entries, det, model_id, cfg, int(batch_size), workers, device)
+    return ScanRun(entries, det, model_id, cfg, int(batch_size), workers, device, channels_last, autocast, log)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,13 +670,16 @@ def _csv_header() -> str:
 class ResumeState(NamedTuple):
     """What an existing output holds: ``records`` complete ones (``counts`` per status),
     ``good_bytes`` up to the end of the last of them, ``torn_bytes`` after it (a torn or
-    damaged tail, dropped on resume), ``model`` of its first record (None without one)."""
+    damaged tail, dropped on resume), ``model`` of its first record (None without one).
+    Parquet: ``good_bytes`` / ``torn_bytes`` are the sizes of the complete part files kept
+    (``parts`` of them) and of the unfinished or damaged ones dropped."""
 
     records: int
     counts: Dict[str, int]
     good_bytes: int
     torn_bytes: int
     model: Optional[str] = None
+    parts: int = 0  # parquet: the complete part files kept (part-000000 .. parts - 1)
 
 
 def _parse(line: bytes, fmt: str) -> Optional[Tuple[str, str, str]]:
@@ -497,12 +721,16 @@ def _check_head(path: Union[str, Path], fmt: str) -> None:
 
 def read_output(path: Union[str, Path], fmt: str) -> Iterator[Tuple[str, str, int]]:
     """(path, status, end offset) of each complete record of an existing output, in order,
-    stopping at the first torn or damaged line (streaming: constant memory)."""
+    stopping at the first torn or damaged line (streaming: constant memory). Parquet: the
+    records of the complete part files, the "offset" counting records."""
     for p, status, _, end in _read_output(path, fmt):
         yield p, status, end
 
 
 def _read_output(path: Union[str, Path], fmt: str) -> Iterator[Tuple[str, str, str, int]]:
+    if fmt == "parquet":
+        yield from _parquet_read_output(path)
+        return
     with open(path, "rb") as f:
         offset = 0
         if fmt == "csv":
@@ -523,6 +751,8 @@ def _read_output(path: Union[str, Path], fmt: str) -> Iterator[Tuple[str, str, s
 def resume_state(path: Union[str, Path], fmt: str) -> ResumeState:
     """Read an existing output once (constant memory); :class:`OutputMismatch` when it is not
     a ``fmt`` scan output."""
+    if fmt == "parquet":
+        return _parquet_resume_state(path)
     _check_head(path, fmt)
     counts = {s: 0 for s in STATUSES}
     n, good, model = 0, 0, None
@@ -546,26 +776,43 @@ def output_paths(path: Union[str, Path], fmt: str) -> Iterator[str]:
 
 
 def path_key(path: str, fmt: str) -> str:
-    """An input's path as an output of format ``fmt`` stores it (CSV escapes line breaks)."""
-    return _csv_text(path) if fmt == "csv" else path
+    """An input's path as an output of format ``fmt`` stores it (CSV escapes line breaks,
+    Parquet writes bytes that are not UTF-8 as ``\\xNN``)."""
+    if fmt == "csv":
+        return _csv_text(path)
+    return _utf8(path) if fmt == "parquet" else path
 
 
 class RecordWriter:
-    """Writes records as JSON lines or CSV rows to a file (or a text stream such as stdout).
+    """Writes records as JSON lines or CSV rows to a file (or a text stream such as stdout), or
+    as a folder of Parquet part files.
 
     mode: ``"new"`` (the file must not exist), ``"overwrite"``, or ``"resume"`` (cut the file to
     ``state.good_bytes`` - its complete records - and append). ``write(group)`` writes, flushes
     and fsyncs: after it returns, those records survive a crash or power loss.
+
+    Parquet (``fmt="parquet"``, needs pyarrow; ``target`` is a folder, see :class:`ParquetParts`):
+    records become durable when their part file is closed, every ``part_rows`` records or
+    ``part_seconds`` seconds, and at :meth:`close`; a killed scan redoes at most that much.
     """
 
     def __init__(self, target: Union[str, Path, IO[str]], fmt: str = "jsonl", mode: str = "new",
-                 state: Optional[ResumeState] = None):
+                 state: Optional[ResumeState] = None, *, part_rows: int = 10_000, part_seconds: float = 60.0):
         if fmt not in FORMATS:
             raise ValueError(f"RecordWriter: fmt must be one of {FORMATS}, got {fmt!r}")
         if mode not in ("new", "overwrite", "resume"):
             raise ValueError(f"RecordWriter: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
         self.fmt = fmt
         self._fd: Optional[int] = None
+        self._parts: Optional[ParquetParts] = None
+        if fmt == "parquet":
+            if not isinstance(target, (str, os.PathLike)):
+                raise ValueError("RecordWriter: the parquet format writes a folder of part files; give its path, "
+                                 "not a stream")
+            if mode == "resume" and state is None:
+                raise ValueError("RecordWriter: mode 'resume' needs the state of the existing output")
+            self._parts = ParquetParts(target, mode, state, part_rows=part_rows, part_seconds=part_seconds)
+            return
         if not isinstance(target, (str, os.PathLike)):
             self._stream = target
             if fmt == "csv":
@@ -594,10 +841,16 @@ class RecordWriter:
             os.fsync(self._fd)
 
     def write(self, records: Sequence[Dict[str, Any]]) -> None:
+        if self._parts is not None:
+            self._parts.write(records)
+            return
         self._stream.write("".join(_line(r, self.fmt) for r in records))
         self._sync()
 
     def close(self) -> None:
+        if self._parts is not None:
+            self._parts.close()
+            return
         if self._fd is not None:
             self._sync()
             self._stream.close()
@@ -609,3 +862,267 @@ def write_stats(path: Union[str, Path], stats: Dict[str, Any]) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet: a folder of part files, each closed (and then durable) every part_rows records
+
+
+PARQUET_INSTALL = "pip install pyarrow (or pip install 'fakespotter[parquet]')"
+_PART = re.compile(r"part-(\d{6})\.parquet")
+_UNFINISHED = re.compile(r"\.part-(\d{6})\.parquet\.inprogress")
+
+
+def _pyarrow() -> Any:
+    """``(pyarrow, pyarrow.parquet)``, or ImportError saying how to install them."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as e:
+        raise ImportError(f"the parquet format needs pyarrow, which is not installed ({e}); {PARQUET_INSTALL}") from None
+    return pyarrow, pyarrow.parquet
+
+
+def parquet_schema() -> Any:
+    """The Arrow schema of a scan's Parquet records: the fields of :data:`RECORD_FIELDS`, in that
+    order, all nullable; ``faces`` a list of structs ``{box: list<int64>, detector_score: double,
+    score: double}``, so that ``to_pylist()`` gives the same dicts as the JSON lines."""
+    pa, _ = _pyarrow()
+    face = pa.struct([("box", pa.list_(pa.int64())), ("detector_score", pa.float64()), ("score", pa.float64())])
+    types = {"path": pa.string(), "size": pa.int64(), "sha256": pa.string(), "status": pa.string(),
+             "width": pa.int64(), "height": pa.int64(), "frames": pa.int64(), "faces": pa.list_(face),
+             "score": pa.float64(), "label": pa.string(), "model": pa.string(), "error_kind": pa.string(),
+             "error": pa.string()}
+    return pa.schema([(k, types[k]) for k in RECORD_FIELDS])
+
+
+def _utf8(text: Any) -> Any:
+    """Parquet strings are UTF-8: file-name bytes that are not (surrogate-escaped by Python) are
+    written as ``\\xNN``."""
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _part_name(i: int) -> str:
+    return f"part-{i:06d}.parquet"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parquet_listing(folder: Union[str, Path]) -> Tuple[Dict[int, Path], List[Path]]:
+    """({index: complete part}, [unfinished parts]) of a scan's Parquet folder;
+    :class:`OutputMismatch` when it is not a folder or holds anything a scan does not write."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OutputMismatch(f"{folder} is not a parquet scan output (a parquet scan writes a folder of part "
+                             f"files, this is a file); refusing to resume into it")
+    parts: Dict[int, Path] = {}
+    unfinished: List[Path] = []
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        m = _PART.fullmatch(e.name)
+        if m and e.is_file(follow_symlinks=False):
+            parts[int(m.group(1))] = Path(e.path)
+        elif _UNFINISHED.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+            unfinished.append(Path(e.path))
+        else:
+            raise OutputMismatch(f"{folder} is not a parquet scan output: it holds {e.name!r}, which a scan does "
+                                 f"not write; refusing to resume into it or replace it")
+    return parts, unfinished
+
+
+def _read_part(path: Path, columns: Optional[List[str]] = None) -> Optional[List[Dict[str, Any]]]:
+    """The records of one part file (only ``columns``), or None when it cannot be read;
+    :class:`OutputMismatch` when it is a readable Parquet file of another schema."""
+    pa, pq = _pyarrow()
+    try:
+        f = pq.ParquetFile(path)
+        schema = f.schema_arrow
+    except (OSError, pa.ArrowException, ValueError):
+        return None
+    if not schema.equals(parquet_schema()):
+        raise OutputMismatch(f"{path} is a Parquet file, but not of a scan's records (its columns are "
+                             f"{schema.names}); refusing to resume into it")
+    try:
+        return f.read(columns=columns).to_pylist()
+    except (OSError, pa.ArrowException, ValueError):
+        return None
+
+
+def _parquet_scan(folder: Union[str, Path]) -> Tuple[List[Path], List[Path]]:
+    """(complete parts to keep, in order; files to drop): the parts numbered 0, 1, ... up to the
+    first gap or unreadable one; unfinished parts and everything after a gap are dropped."""
+    parts, unfinished = _parquet_listing(folder)
+    keep: List[Path] = []
+    i = 0
+    while i in parts and _read_part(parts[i], ["status"]) is not None:
+        keep.append(parts[i])
+        i += 1
+    drop = unfinished + [p for k, p in sorted(parts.items()) if k >= i]
+    return keep, drop
+
+
+def _parquet_read_output(folder: Union[str, Path], keep: Optional[List[Path]] = None
+                         ) -> Iterator[Tuple[str, str, str, int]]:
+    if keep is None:
+        keep, _ = _parquet_scan(folder)
+    n = 0
+    for part in keep:
+        for r in _read_part(part, ["path", "status", "model"]) or []:
+            n += 1
+            yield r["path"], r["status"], r["model"], n
+
+
+def _parquet_resume_state(folder: Union[str, Path]) -> ResumeState:
+    keep, drop = _parquet_scan(folder)
+    counts = {s: 0 for s in STATUSES}
+    n, model = 0, None
+    for _, status, m, _ in _parquet_read_output(folder, keep):
+        if status in counts:
+            counts[status] += 1
+        n += 1
+        model = m if model is None else model
+    size = lambda ps: sum(p.stat().st_size for p in ps)  # noqa: E731
+    return ResumeState(n, counts, size(keep), size(drop), model, len(keep))
+
+
+def read_records(path: Union[str, Path], fmt: str) -> Iterator[Dict[str, Any]]:
+    """The records of a scan output, in order: JSON lines, or the complete part files of a
+    Parquet folder (the same dicts; ``faces`` a list of dicts). One part in memory at a time."""
+    if fmt == "parquet":
+        keep, _ = _parquet_scan(path)
+        for part in keep:
+            yield from _read_part(part) or []
+    elif fmt == "jsonl":
+        with open(path, "rb") as f:
+            for line in f:
+                yield json.loads(line.decode("utf-8", "surrogateescape"))
+    else:
+        raise ValueError(f"read_records: fmt must be 'jsonl' or 'parquet', got {fmt!r}")
+
+
+def is_parquet_output(folder: Union[str, Path]) -> bool:
+    """Whether ``folder`` is a folder that holds nothing but a scan's Parquet part files (what
+    ``--overwrite`` may empty)."""
+    try:
+        _parquet_listing(folder)
+        return True
+    except OutputMismatch:
+        return False
+
+
+class ParquetParts:
+    """A scan's records as a folder of Parquet files ``part-000000.parquet``, ``part-000001...``,
+    each holding the next records in input order (``pyarrow.parquet.read_table(folder)``,
+    pandas, DuckDB and Spark read the folder as one table; :func:`read_records` too).
+
+    Parquet files cannot be appended to: a part is written as the hidden
+    ``.part-NNNNNN.parquet.inprogress`` (row groups of up to ``row_group_rows`` records), then
+    closed, fsynced and renamed when it holds ``part_rows`` records or is ``part_seconds`` old
+    (checked at each ``write``), and at :meth:`close`. A killed scan leaves an unfinished part
+    that a resume deletes and redoes: at most one part's records are scanned again.
+
+    mode: ``"new"`` (the folder must not exist), ``"overwrite"`` (empties a folder that holds
+    only part files, replaces a file; refuses any other folder), ``"resume"`` (keeps the
+    ``state.parts`` complete parts, drops the rest, goes on numbering after them).
+    """
+
+    def __init__(self, folder: Union[str, Path], mode: str = "new", state: Optional[ResumeState] = None, *,
+                 part_rows: int = 10_000, part_seconds: float = 60.0, row_group_rows: int = 4096):
+        self._pa, self._pq = _pyarrow()
+        for name, v in (("part_rows", part_rows), ("row_group_rows", row_group_rows)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ParquetParts: {name} must be an int >= 1, got {v!r}")
+        if not part_seconds > 0:
+            raise ValueError(f"ParquetParts: part_seconds must be > 0, got {part_seconds!r}")
+        self.folder = Path(folder)
+        self._schema = parquet_schema()
+        self._part_rows, self._part_seconds, self._group_rows = part_rows, float(part_seconds), row_group_rows
+        self._next = 0
+        if mode == "new":
+            self.folder.mkdir()
+        elif mode == "overwrite":
+            if self.folder.is_dir():
+                parts, unfinished = _parquet_listing(self.folder)  # OutputMismatch: not ours, keep it
+                for p in [*parts.values(), *unfinished]:
+                    p.unlink()
+            else:
+                if self.folder.exists() or self.folder.is_symlink():
+                    self.folder.unlink()
+                self.folder.mkdir()
+        elif mode == "resume":
+            if not self.folder.exists():
+                self.folder.mkdir()
+            else:
+                keep, drop = _parquet_scan(self.folder)
+                if state is not None and len(keep) != state.parts:
+                    raise ValueError(f"ParquetParts: {self.folder} changed since its state was read "
+                                     f"({len(keep)} complete parts, the state says {state.parts})")
+                for p in drop:
+                    p.unlink()
+                self._next = len(keep)
+        else:
+            raise ValueError(f"ParquetParts: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
+        _fsync_dir(self.folder)
+        self._writer: Any = None
+        self._rows = 0  # records in the open part, buffered ones included
+        self._buf: List[Dict[str, Any]] = []
+        self._opened = 0.0
+
+    def _unfinished(self) -> Path:
+        return self.folder / f".{_part_name(self._next)}.inprogress"
+
+    def _flush(self, everything: bool) -> None:
+        """Write the buffered records as row groups of ``row_group_rows`` (and, with
+        ``everything``, the rest as a last, smaller one)."""
+        n = len(self._buf) if everything else len(self._buf) // self._group_rows * self._group_rows
+        if n == 0:
+            return
+        if self._writer is None:
+            self._writer = self._pq.ParquetWriter(self._unfinished(), self._schema, compression="zstd")
+        rows = [{k: (_utf8(v) if isinstance(v, str) else v) for k, v in r.items()} for r in self._buf[:n]]
+        self._writer.write_table(self._pa.Table.from_pylist(rows, schema=self._schema),
+                                 row_group_size=self._group_rows)
+        del self._buf[:n]
+
+    def _close_part(self) -> None:
+        self._flush(everything=True)
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        tmp = self._unfinished()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.folder / _part_name(self._next))
+        _fsync_dir(self.folder)
+        self._next += 1
+        self._rows = 0
+
+    def write(self, records: Sequence[Dict[str, Any]]) -> None:
+        if not records:
+            return
+        if self._rows == 0:
+            self._opened = time.monotonic()
+        self._buf.extend(records)
+        self._rows += len(records)
+        self._flush(everything=False)
+        if self._rows >= self._part_rows or time.monotonic() - self._opened >= self._part_seconds:
+            self._close_part()
+
+    def close(self) -> None:
+        """Close the open part (its records become durable)."""
+        self._close_part()

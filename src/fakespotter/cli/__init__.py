@@ -8,9 +8,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import calibrate, data, env, evaluate, info, robustness, scan, train
+from . import calibrate, data, env, evaluate, info, merge, robustness, scan, train
 
-COMMANDS = {"scan": scan, "train": train, "calibrate": calibrate, "evaluate": evaluate,
+COMMANDS = {"scan": scan, "merge": merge, "train": train, "calibrate": calibrate, "evaluate": evaluate,
             "robustness": robustness, "data": data, "info": info, "env": env}
 
 

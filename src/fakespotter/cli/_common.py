@@ -29,6 +29,19 @@ def images_of(sources: List[str], what: str) -> List[Path]:
     return out
 
 
+def model_file(spec: str, what: str = "model") -> str:
+    """A model file argument: a path, or ``default`` for the embedded default detector."""
+    from ..detector import resolve_model
+
+    try:
+        path = resolve_model(spec)
+    except FileNotFoundError as e:
+        raise usage_error(str(e)) from None
+    if not path.is_file():
+        raise usage_error(f"{what} {spec} does not exist (a model file, or 'default' for the embedded detector)")
+    return str(path)
+
+
 def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional[Path]:
     """Check before any work that ``path`` can be written and would not clobber a file."""
     if path is None:
@@ -46,14 +59,88 @@ def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional
     return p
 
 
-def add_class_sources(p: argparse.ArgumentParser) -> None:
-    """--real / --fake sources and the name of each fake type (train, evaluate, robustness)."""
-    p.add_argument("--real", nargs="+", required=True, metavar="DIR",
-                   help="folders (searched recursively) or @file lists of real images")
-    p.add_argument("--fake", nargs="+", required=True, metavar="DIR",
-                   help="folders or @file lists of fake images, one per fake type")
+def add_class_sources(p: argparse.ArgumentParser, default_split: str) -> None:
+    """--real / --fake sources with the name of each fake type, or --manifest with --split
+    (train, evaluate, robustness); :func:`class_mode` checks that exactly one is given."""
+    p.add_argument("--real", nargs="+", default=None, metavar="DIR",
+                   help="folders (searched recursively) or @file lists of real images (or use --manifest)")
+    p.add_argument("--fake", nargs="+", default=None, metavar="DIR",
+                   help="folders or @file lists of fake images, one per fake type (or use --manifest)")
     p.add_argument("--fake-type", nargs="+", default=None, metavar="NAME",
                    help="a name for each --fake source, in order (default: the folder names)")
+    p.add_argument("--manifest", default=None, metavar="PATH",
+                   help="a data set's manifest.csv or its folder (from 'fakespotter data build'), instead of "
+                        "--real/--fake: rows give the classes, fake types, generators and sources; its chips "
+                        "are aligned (implies --aligned) (default: none)")
+    p.add_argument("--split", default=default_split, choices=["train", "val", "test"],
+                   help="the manifest split to use (default: %(default)s)")
+
+
+def class_mode(args: argparse.Namespace) -> str:
+    """"manifest" or "folders"; a usage error when neither or both are given, or one class is missing."""
+    folders = args.real is not None or args.fake is not None
+    if args.manifest is not None and folders:
+        raise usage_error("give either --manifest or --real/--fake, not both")
+    if args.manifest is None and not folders:
+        raise usage_error("give the images: --manifest PATH, or --real DIR... and --fake DIR...")
+    if args.manifest is None and (args.real is None or args.fake is None):
+        raise usage_error(f"--{'fake' if args.fake is None else 'real'} is missing: give both --real and --fake")
+    if args.manifest is not None and args.fake_type is not None:
+        raise usage_error("--fake-type names --fake folders; a manifest names its own fake types")
+    return "manifest" if args.manifest is not None else "folders"
+
+
+def open_manifest(path: str, splits: List[str]):
+    """Read and check a manifest (only ``splits``' files must exist), or a usage error."""
+    from ..manifest import read_manifest
+
+    try:
+        return read_manifest(path, splits=splits)
+    except (FileNotFoundError, ValueError) as e:  # ManifestError is a ValueError
+        raise usage_error(f"--manifest: {e}") from None
+
+
+def manifest_part(manifest, split: str, what: str, need_both: bool = True):
+    """The rows of ``split``, or a usage error when it is empty or lacks a class."""
+    part = manifest.select(splits=[split])
+    if len(part) == 0:
+        raise usage_error(f"--manifest {manifest.root}: split {split!r} ({what}) has no rows")
+    if need_both:
+        for label in ("real", "fake"):
+            if not any(r.label == label for r in part.rows):
+                raise usage_error(f"--manifest {manifest.root}: split {split!r} ({what}) has no {label} images")
+    return part
+
+
+def has_both_classes(part) -> bool:
+    return {r.label for r in part.rows} == {"real", "fake"}
+
+
+def load_chips(paths: List[Path], aligned: bool, size: int, upsample: int, label: str, quiet: bool,
+               failures: List[dict]):
+    """Chips of every face of every image, with the image index of each; unreadable images are
+    recorded in ``failures`` and skipped. Returns (chips uint8 [M, size, size, 3], index [M],
+    images without a face)."""
+    import numpy as np
+
+    from ..features import chips
+
+    progress = Progress(len(paths), f"{label} chips", quiet)
+    arrays, index, no_face = [], [], 0
+    for i, path in enumerate(paths):
+        try:
+            c = chips([str(path)], aligned=aligned, size=size, upsample=upsample)
+        except Exception as e:  # a bad file must not end the run
+            failures.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
+            c = None
+        if c is not None:
+            no_face += len(c) == 0
+            arrays.append(c.array)
+            index.extend([i] * len(c))
+        progress.update()
+    progress.close()
+    array = np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
+    return array, np.asarray(index, dtype=np.int64), no_face
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

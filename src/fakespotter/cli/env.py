@@ -28,6 +28,12 @@ def collect() -> dict:
         dlib_version = getattr(dlib, "__version__", "installed")
     except ImportError:
         dlib_version = "not installed (pip install dlib-bin): needed for face detection"
+    from importlib import metadata
+
+    try:
+        ray_version = metadata.version("ray")  # not imported: that takes seconds
+    except metadata.PackageNotFoundError:
+        ray_version = "not installed (pip install 'fakespotter[ray]'): needed for scan --engine ray"
     info = _C.build_info()
     cache = {}
     for name in weights.DEFAULT_WEIGHTS:
@@ -42,6 +48,7 @@ def collect() -> dict:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "dlib": dlib_version,
+        "ray": ray_version,
         "native_build": info,
         "cpu_isa_supported": _C.cpu_isa_supported(),
         "cpu_isa_in_use": _C.cpu_isa(),

@@ -1,13 +1,22 @@
-"""``fakespotter evaluate``: score labelled folders of real and fake images with a model file and
-write metrics with bootstrap 95% intervals: metrics.json, metrics.csv, report.md, roc.png and
-det.png in --out-dir; the Markdown table is printed too.
+"""``fakespotter evaluate``: score labelled images with a model file and write metrics with
+bootstrap 95% intervals: metrics.json, metrics.csv, report.md, roc.png and det.png in --out-dir;
+the Markdown is printed too.
 
-Every image goes through the detector's pipeline (face detection and alignment, or a plain
-resize with --aligned) and scores as its most suspicious face. Images without a face and
-unreadable images are counted, reported and left out of the metrics. Rows: all images, then
-each fake type against all reals, then (with several --real sources) each real source against
-all fakes. Scores are logits of "fake"; ACC / precision / recall / F1 use --threshold, ACC@op
-the model's stored operating threshold."""
+Images come from --real / --fake folders or from a data set's --manifest (its --split, default
+test; manifest chips are aligned, so --aligned is implied). Every image goes through the
+detector's pipeline (face detection and alignment, or a plain resize with --aligned) and scores
+as its most suspicious face. Images without a face and unreadable images are counted, reported
+and left out of the metrics. Rows: all images, then each fake type against all reals, then
+(with a manifest) each generator against all reals, then each real source against all fakes
+(when there are several). Scores are logits of "fake"; ACC / precision / recall / F1 use
+--threshold, ACC@op each detector's operating threshold (the model's stored one).
+
+--baselines trains other detectors on the manifest's train split (validation: its val split,
+or a held-out part of train) or on --train-real / --train-fake folders, and reports them side
+by side with the model, one row per (detector, group): descriptor-probe (logistic regression on
+the backbone's descriptor), spectrum (Durall et al. 2020), mnc-only, and FakeSpotter ablations
+fs-channel, fs-element, fs-per-layer, fs-per-neuron (the model's settings with one changed);
+all = the first three plus the ablations that differ from the model."""
 
 from __future__ import annotations
 
@@ -15,35 +24,49 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ._common import Progress, add_class_sources, images_of, log, usage_error
+from .. import evaluate as ev
+from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
+from ._common import (Progress, model_file, add_class_sources, class_mode, has_both_classes, images_of, load_chips, log,
+                      manifest_part, open_manifest, usage_error)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
 
 def add_corpus_args(p: argparse.ArgumentParser) -> None:
-    """MODEL, --real / --fake sources, the chip pipeline and output options (shared with
-    ``robustness``)."""
-    p.add_argument("model", metavar="MODEL", help="a model file written by 'fakespotter train'")
-    add_class_sources(p)
+    """MODEL, --real / --fake sources or --manifest, baselines, the chip pipeline and output
+    options (shared with ``robustness``)."""
+    p.add_argument("model", metavar="MODEL",
+                   help="a model file written by 'fakespotter train', or 'default' for the embedded default detector")
+    add_class_sources(p, default_split="test")
     p.add_argument("--real-source", nargs="+", default=None, metavar="NAME",
                    help="a name for each --real source, in order (default: the folder names)")
+    p.add_argument("--baselines", default=None, metavar="NAME[,NAME...]",
+                   help="train these detectors too and report them side by side: "
+                        f"{', '.join(BASELINE_NAMES)} or all (default: none)")
+    p.add_argument("--train-real", nargs="+", default=None, metavar="DIR",
+                   help="real training images of --baselines without a manifest (default: none)")
+    p.add_argument("--train-fake", nargs="+", default=None, metavar="DIR",
+                   help="fake training images of --baselines without a manifest (default: none)")
     p.add_argument("--aligned", action="store_true",
-                   help="inputs are already-aligned face crops: resize only, no face detection (default: detect)")
+                   help="inputs are already-aligned face crops: resize only, no face detection (default: detect; "
+                        "always on with --manifest)")
     p.add_argument("--upsample", type=int, default=None,
                    help="face detector upsampling (default: the model's setting)")
     p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling and of the noise attack (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the bootstrap, the noise attack and the baselines' training (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (default: write them; needs matplotlib)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a model on labelled real and fake images",
+    p = sub.add_parser("evaluate", help="metrics of a model (and baselines) on labelled real and fake images",
                        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_args(p)
     p.add_argument("--out-dir", default="evaluation", metavar="DIR",
@@ -55,19 +78,30 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _folder_names(dirs: List[str]) -> List[str]:
+    return [Path(d.lstrip("@")).name or d for d in dirs]
+
+
+def _count_by(values: Sequence[str]) -> Dict[str, int]:
+    return dict(sorted(Counter(values).items()))
+
+
 def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, Any]:
     """Every check that can fail before work starts; loads the model. Returns the plan."""
-    real = [(d, images_of([d], "--real")) for d in args.real]
-    fake = [(d, images_of([d], "--fake")) for d in args.fake]
-    if args.fake_type is not None and len(args.fake_type) != len(args.fake):
-        raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
-    if args.real_source is not None and len(args.real_source) != len(args.real):
-        raise usage_error(f"--real-source names {len(args.real_source)} sources for {len(args.real)} --real sources")
-    fake_names = args.fake_type or [Path(d.lstrip("@")).name or d for d in args.fake]
-    real_names = args.real_source or [Path(d.lstrip("@")).name or d for d in args.real]
-    overlap = {p.resolve() for _, ps in real for p in ps} & {p.resolve() for _, ps in fake for p in ps}
-    if overlap:
-        raise usage_error(f"{len(overlap)} images are both real and fake, e.g. {sorted(overlap)[0]}")
+    mode = class_mode(args)
+    augment = bool(getattr(args, "train_augment", False))
+    if mode == "folders":
+        real = [(d, images_of([d], "--real")) for d in args.real]
+        fake = [(d, images_of([d], "--fake")) for d in args.fake]
+        if args.fake_type is not None and len(args.fake_type) != len(args.fake):
+            raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
+        if args.real_source is not None and len(args.real_source) != len(args.real):
+            raise usage_error(f"--real-source names {len(args.real_source)} sources for {len(args.real)} --real sources")
+        overlap = {p.resolve() for _, ps in real for p in ps} & {p.resolve() for _, ps in fake for p in ps}
+        if overlap:
+            raise usage_error(f"{len(overlap)} images are both real and fake, e.g. {sorted(overlap)[0]}")
+    elif args.real_source is not None:
+        raise usage_error("--real-source names --real folders; a manifest names its own sources")
     if args.batch_size < 1:
         raise usage_error(f"--batch-size must be positive, got {args.batch_size}")
     if args.upsample is not None and args.upsample < 0:
@@ -76,6 +110,23 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         raise usage_error(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if not math.isfinite(getattr(args, "threshold", 0.0)):
         raise usage_error(f"--threshold must be a finite logit, got {args.threshold}")
+    if augment and not 0.0 < args.augment_fraction <= 1.0:
+        raise usage_error(f"--augment-fraction must be in (0, 1], got {args.augment_fraction}")
+    try:
+        names = resolve_baselines(args.baselines)  # names only; 'all' is resolved once the model is loaded
+    except ValueError as e:
+        raise usage_error(f"--baselines: {e}") from None
+    if args.baselines is not None and not names:
+        raise usage_error("--baselines names no baseline")
+    training = bool(names) or augment
+    what = "--baselines" if names else "--train-augment"
+    if mode == "manifest" or not training:
+        if args.train_real is not None or args.train_fake is not None:
+            raise usage_error("--train-real/--train-fake are the training images of --baselines or --train-augment "
+                              "without a manifest" if not training else
+                              "with --manifest the training images are its train split; drop --train-real/--train-fake")
+    elif args.train_real is None or args.train_fake is None:
+        raise usage_error(f"{what} without a manifest needs training images: --train-real DIR... and --train-fake DIR...")
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise usage_error(f"--out-dir {out_dir} is a file, not a folder")
@@ -90,29 +141,185 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
             import matplotlib  # noqa: F401
         except ImportError:
             raise usage_error("the plots need matplotlib (pip install matplotlib), or pass --no-plots") from None
+
+    train: Optional[Dict[str, Any]] = None
+    if mode == "folders":
+        fake_names = args.fake_type or _folder_names(args.fake)
+        real_names = args.real_source or _folder_names(args.real)
+        paths: List[Path] = []
+        labels: List[int] = []
+        groups: List[str] = []
+        for label, sources, gnames in ((0, real, real_names), (1, fake, fake_names)):
+            for (_, ps), name in zip(sources, gnames):
+                paths.extend(ps)
+                labels.extend([label] * len(ps))
+                groups.extend([name] * len(ps))
+        groupings = None
+        sources = {"real": [{"source": d, "name": n, "images": len(ps)} for (d, ps), n in zip(real, real_names)],
+                   "fake": [{"source": d, "type": n, "images": len(ps)} for (d, ps), n in zip(fake, fake_names)]}
+        if training:
+            tr, tf = images_of(args.train_real, "--train-real"), images_of(args.train_fake, "--train-fake")
+            both = {p.resolve() for p in tr} & {p.resolve() for p in tf}
+            if both:
+                raise usage_error(f"{len(both)} training images are both real and fake, e.g. {sorted(both)[0]}")
+            leak = {p.resolve() for p in tr + tf} & {p.resolve() for p in paths}
+            if leak:
+                raise usage_error(f"{len(leak)} images are both training and evaluation images, e.g. {sorted(leak)[0]}")
+            train = {"real": tr, "fake": tf, "real_groups": None, "fake_groups": None, "val": None,
+                     "source": {"real": args.train_real, "fake": args.train_fake}}
+    else:
+        if training and args.split == "train":
+            raise usage_error(f"{what} trains on the manifest's train split; evaluate on another --split (val or test)")
+        manifest = open_manifest(args.manifest, [args.split] + (["train", "val"] if training else []))
+        part = manifest_part(manifest, args.split, "evaluation")
+        paths = part.paths()
+        labels = part.labels()
+        groups = None
+        groupings = [("fake_type", [r.fake_type or "real" for r in part.rows], "fake"),
+                     ("generator", [r.generator or "real" for r in part.rows], "fake"),
+                     ("source", [r.source for r in part.rows], "real")]
+        fakes = [r for r in part.rows if r.is_fake]
+        reals = [r for r in part.rows if not r.is_fake]
+        sources = {"manifest": str(manifest.root), "split": args.split, "images": len(part),
+                   "fake_types": _count_by([r.fake_type for r in fakes]),
+                   "generators": _count_by([r.generator for r in fakes]),
+                   "real_sources": _count_by([r.source for r in reals])}
+        if training:
+            tpart = manifest_part(manifest, "train", "training")
+            vpart = manifest.select(splits=["val"])
+            train = {"real": [tpart.path(r) for r in tpart.rows if not r.is_fake],
+                     "fake": [tpart.path(r) for r in tpart.rows if r.is_fake],
+                     "real_groups": [r.group for r in tpart.rows if not r.is_fake],
+                     "fake_groups": [r.group for r in tpart.rows if r.is_fake],
+                     "val": ([vpart.path(r) for r in vpart.rows if not r.is_fake],
+                             [vpart.path(r) for r in vpart.rows if r.is_fake]) if has_both_classes(vpart) else None,
+                     "source": {"manifest": str(manifest.root), "split": "train",
+                                "validation_from": "val" if has_both_classes(vpart) else "held out from train by group"}}
+
     from .. import artifact
     from ..detector import FakeSpotter
 
+    args.model = model_file(args.model, "MODEL")
     try:
         det = FakeSpotter.load(args.model)
     except artifact.ModelFileError as e:
         raise usage_error(f"model refused: {e}") from None
     det.batch_size = args.batch_size
-    det.aligned = bool(args.aligned)
+    det.aligned = bool(args.aligned) or mode == "manifest"
     if args.upsample is not None:
         det.upsample = args.upsample
-    paths: List[Path] = []
-    labels: List[int] = []
-    groups: List[str] = []
-    for label, sources, names in ((0, real, real_names), (1, fake, fake_names)):
-        for (_, ps), name in zip(sources, names):
-            paths.extend(ps)
-            labels.extend([label] * len(ps))
-            groups.extend([name] * len(ps))
+    names = resolve_baselines(args.baselines, det.get_params())
     return {"detector": det, "paths": paths, "labels": np.asarray(labels, dtype=np.int64), "groups": groups,
-            "out_dir": out_dir, "files": {f.name: f for f in files},
-            "sources": {"real": [{"source": d, "name": n, "images": len(ps)} for (d, ps), n in zip(real, real_names)],
-                        "fake": [{"source": d, "type": n, "images": len(ps)} for (d, ps), n in zip(fake, fake_names)]}}
+            "groupings": groupings, "out_dir": out_dir, "files": {f.name: f for f in files}, "sources": sources,
+            "mode": mode, "baselines": names, "train": train}
+
+
+MODEL_NAME = "fakespotter"
+AUGMENTED_NAME = "fakespotter+augment"
+
+
+def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    """Train the baselines (and, with --train-augment, an augmented copy of the model) on the
+    plan's training images. Returns ``{"score": f(chips) -> {name: scores}, "detectors": {name:
+    info}, "failures": [...]}``; the model itself is always the first detector."""
+    det = plan["detector"]
+    info: Dict[str, Dict[str, Any]] = {MODEL_NAME: {"description": "the model under evaluation", "kind": "model",
+                                                    "operating_threshold": float(det.operating_threshold_["logit"])}}
+    suite = augmented = None
+    failures: List[Dict[str, str]] = []
+    train = plan["train"]
+    if train is not None:
+        from ..baselines import DESCRIPTIONS, BaselineSuite
+
+        size = int(det.tap_.preprocessing.size[0])
+        chips = {}
+        for label in ("real", "fake"):
+            x, index, _ = load_chips(train[label], det.aligned, size, det.upsample, f"training {label}", args.quiet, failures)
+            g = train[f"{label}_groups"]
+            chips[label] = (x, index if g is None else np.asarray(g, dtype=object)[index].astype(str))
+        for label in ("real", "fake"):
+            if len(chips[label][0]) == 0:
+                raise usage_error(f"no face was found in any {label} training image; check the inputs or pass --aligned")
+        xr, gr = chips["real"]
+        xf, gf = chips["fake"]
+        validation = None
+        if train["val"] is not None:
+            vr = load_chips(train["val"][0], det.aligned, size, det.upsample, "validation real", args.quiet, failures)[0]
+            vf = load_chips(train["val"][1], det.aligned, size, det.upsample, "validation fake", args.quiet, failures)[0]
+            if len(vr) and len(vf):
+                validation = (vr, vf)
+        x = np.concatenate([xr, xf])
+        y = np.r_[np.zeros(len(xr), np.int64), np.ones(len(xf), np.int64)]
+        g = np.r_[np.asarray([f"real:{v}" for v in gr], dtype=object), np.asarray([f"fake:{v}" for v in gf], dtype=object)]
+        params = {**det.get_params(), "aligned": det.aligned, "batch_size": args.batch_size}
+        counts = {"train": {"real": int(len(xr)), "fake": int(len(xf))}}
+        if plan["baselines"]:
+            log(f"training baselines {', '.join(plan['baselines'])} on {len(xr)} real and {len(xf)} fake chips ...",
+                args.quiet)
+            suite = BaselineSuite(plan["baselines"], params, batch_size=args.batch_size, seed=args.seed)
+            val = None if validation is None else (np.concatenate(validation),
+                                                   np.r_[np.zeros(len(validation[0]), np.int64), np.ones(len(validation[1]), np.int64)])
+            try:
+                suite.fit(x, y, groups=g, validation=val)
+            except ValueError as e:
+                raise usage_error(f"--baselines: {e}") from None
+            for name in plan["baselines"]:
+                info[name] = {"description": DESCRIPTIONS[name], "kind": "baseline",
+                              "operating_threshold": suite.operating_thresholds_[name]["logit"],
+                              "trained_on": {**train["source"], **suite.counts_}}
+        if getattr(args, "train_augment", False):
+            from ..detector import FakeSpotter
+            from ..perturb import Augmenter
+
+            log(f"training the model's settings with augmentation on {len(xr)} real and {len(xf)} fake chips ...",
+                args.quiet)
+            augmenter = Augmenter(fraction=args.augment_fraction, seed=args.seed)
+            augmented = FakeSpotter(**params)
+            try:
+                augmented.fit(xr, xf, validation=validation, groups=None if validation else (gr, gf), augment=augmenter)
+            except ValueError as e:
+                raise usage_error(f"--train-augment: {e}") from None
+            summary = augmented.training_summary_["counts"]
+            info[AUGMENTED_NAME] = {"description": f"the model's settings retrained with the four attacks on a random "
+                                                   f"{args.augment_fraction:g} of the training chips (seed {args.seed})",
+                                    "kind": "augmented", "operating_threshold": augmented.operating_threshold_["logit"],
+                                    "trained_on": {**train["source"], **counts, "validation": summary["validation"]},
+                                    "augmentation": augmented.training_summary_.get("augmentation")}
+
+    order = [MODEL_NAME] + ([AUGMENTED_NAME] if augmented is not None else []) + list(plan["baselines"])
+    info = {k: info[k] for k in order if k in info}
+
+    def score(chips: np.ndarray) -> Dict[str, np.ndarray]:
+        out = {MODEL_NAME: det.decision_function(chips).numpy()}
+        if augmented is not None:
+            out[AUGMENTED_NAME] = augmented.decision_function(chips).numpy()
+        if suite is not None:
+            out.update(suite.decision_functions(chips))
+        return out
+
+    return {"score": score, "detectors": info, "failures": failures}
+
+
+def side_by_side_markdown(report: Dict[str, Any], columns: Optional[Sequence[str]] = None) -> str:
+    """One table per group (its label columns other than ``detector``), a line per detector."""
+    labels = [c for c in report["label_columns"] if c != "detector"]
+    order: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in report["rows"]:
+        order.setdefault(tuple(r[c] for c in labels), []).append(r)
+    if columns is None:
+        columns = [k for k in ev._columns(report["rows"], report["label_columns"])
+                   if k not in ("tpr_operating", "fpr_operating")]
+    parts = []
+    for key, rows in order.items():
+        d = dict(zip(labels, key))
+        if d.get("group") == "all":
+            title = "all images"
+        elif d.get("class") == "real":
+            title = f"{d.get('kind', 'real source')} {d['group']}: its reals against all fakes"
+        else:
+            title = f"{d.get('kind', 'fake type').replace('_', ' ')} {d['group']}: its fakes against all reals"
+        parts.append(f"### {title}\n\n" + ev.to_markdown({"rows": rows, "label_columns": ["detector"]}, columns=columns))
+    return "\n".join(parts)
 
 
 def model_info(path: str, det: Any) -> Dict[str, Any]:
@@ -142,48 +349,93 @@ def require_both_classes(c: Dict[str, Dict[str, int]], aligned: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     plan = check_corpus(args, OUTPUTS)
-    from .. import evaluate as ev
-
-    det, paths, labels, groups = plan["detector"], plan["paths"], plan["labels"], plan["groups"]
+    det, paths, labels = plan["detector"], plan["paths"], plan["labels"]
+    trained = train_detectors(plan, args)
+    detectors = trained["detectors"]
     progress = Progress(len(paths), "scoring", args.quiet)
-    scored = ev.score_images(det, paths, aligned=det.aligned, progress=progress.update)
+    scored = ev.score_images_with(trained["score"], paths, size=int(det.tap_.preprocessing.size[0]),
+                                  aligned=det.aligned, upsample=det.upsample, progress=progress.update)
     progress.close()
-    scores, faces = scored.scores["clean"], scored.faces["clean"]
-    c = counts(labels, scores, faces)
+    first = scored[MODEL_NAME]
+    faces = first.faces["clean"]
+    c = counts(labels, first.scores["clean"], faces)
     require_both_classes(c, det.aligned)
-    ok = ~np.isnan(scores)
-    s, y, g = scores[ok], labels[ok], [groups[i] for i in np.flatnonzero(ok)]
-    op = float(det.operating_threshold_["logit"])
     log(f"metrics with {args.bootstrap} bootstrap resamples ...", args.quiet)
-    report = ev.evaluate(s, y, groups=g, threshold=args.threshold, operating_threshold=op,
-                         bootstrap=args.bootstrap, seed=args.seed)
+    multi = len(detectors) > 1
+    rows: List[Dict[str, Any]] = []
+    curves: Dict[str, Any] = {}
+    settings: Dict[str, Any] = {}
+    for name, about in detectors.items():
+        scores = scored[name].scores["clean"]
+        ok = ~np.isnan(scores)
+        s, y = scores[ok], labels[ok]
+        kw = dict(threshold=args.threshold, operating_threshold=about["operating_threshold"],
+                  bootstrap=args.bootstrap, seed=args.seed)
+        if plan["groupings"] is None:
+            g = [plan["groups"][i] for i in np.flatnonzero(ok)]
+            rep = ev.evaluate(s, y, groups=g, **kw)
+            label_columns = ["group", "class"]
+        else:
+            gs = [(kind, [gr[i] for i in np.flatnonzero(ok)], cls) for kind, gr, cls in plan["groupings"]]
+            rep = ev.evaluate_by(s, y, gs, **kw)
+            label_columns = rep["label_columns"]
+        settings = rep["settings"]
+        for r in rep["rows"]:
+            rows.append({"detector": name, **r} if multi else r)
+        if multi:
+            curves[name] = (s, y)
+        else:
+            gl = plan["groups"] if plan["groupings"] is None else plan["groupings"][0][1]
+            gk = [gl[i] for i in np.flatnonzero(ok)]
+            curves = {g: (s[m], y[m]) for g, cls, m in ev.group_masks(y, gk) if cls != "real"}
+    op = float(det.operating_threshold_["logit"])
+    report: Dict[str, Any] = {"label_columns": (["detector"] if multi else []) + label_columns,
+                              "settings": {**settings, "operating_threshold": op}, "rows": rows}
+    if multi:
+        report["settings"]["operating_threshold"] = {n: a["operating_threshold"] for n, a in detectors.items()}
+    report["detectors"] = detectors
     report["model"] = model_info(args.model, det)
     report["sources"] = plan["sources"]
     report["counts"] = c
-    report["failures"] = [{"path": p, "error": e} for _, p, e in scored.errors]
+    report["failures"] = [{"path": p, "error": e} for _, p, e in first.errors]
+    report["training_failures"] = trained["failures"]
     report["images_without_face"] = [str(paths[i]) for i in np.flatnonzero(faces == 0)]
     notes = [f"model {report['model']['path']} (sha256 {report['model']['sha256'][:16]}...), operating threshold "
              f"logit {op:.4g} (target FPR {det.operating_threshold_.get('target_fpr')})",
              f"ACC, precision, recall, F1 at logit {args.threshold:g}; intervals: {args.bootstrap} stratified bootstrap "
              f"resamples, 95% percentile (seed {args.seed})"]
+    if plan["mode"] == "manifest":
+        notes.append(f"manifest {plan['sources']['manifest']}, split {plan['sources']['split']} (aligned chips)")
     for name in ("real", "fake"):
         k = c[name]
         notes.append(f"{name}: {k['images']} images, {k['scored']} scored, {k['without_face']} without a face, "
                      f"{k['unreadable']} unreadable (left out)")
+    for name, about in detectors.items():
+        if name != MODEL_NAME:
+            t = about["trained_on"]
+            notes.append(f"{name}: {about['description']}; trained on {t['train']['real']} real and "
+                         f"{t['train']['fake']} fake chips, ACC@op at logit {about['operating_threshold']:.4g} "
+                         f"(picked on {t['validation']['real']} + {t['validation']['fake']} validation chips)")
     out_dir, files = plan["out_dir"], plan["files"]
     out_dir.mkdir(exist_ok=True)
     ev.write_json(report, files["metrics.json"])
     ev.write_csv(report, files["metrics.csv"])
-    ev.write_markdown(report, files["report.md"], title="FakeSpotter evaluation", notes=notes)
+    if multi:
+        text = side_by_side_markdown(report)
+        files["report.md"].write_text("# FakeSpotter evaluation, side by side\n\n" + text + "\n"
+                                      + "".join(f"- {n}\n" for n in notes))
+    else:
+        text = ev.to_markdown(report)
+        ev.write_markdown(report, files["report.md"], title="FakeSpotter evaluation", notes=notes)
     if not args.no_plots:
-        curves = {name: (s[m], y[m]) for name, cls, m in ev.group_masks(y, g) if cls != "real"}
-        ev.plot_roc(curves, files["roc.png"], title="ROC (fake = positive)")
-        ev.plot_det(curves, files["det.png"], title="DET")
-    print(ev.to_markdown(report), end="")
-    for n in notes[2:]:
-        print(n)
+        title = "all images" if multi else "fake = positive"
+        ev.plot_roc(curves, files["roc.png"], title=f"ROC ({title})")
+        ev.plot_det(curves, files["det.png"], title=f"DET ({title})" if multi else "DET")
+    print(text, end="")
     print(f"wrote {', '.join(str(f) for f in files.values())}")
     for f in report["failures"][:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
-    return 1 if report["failures"] else 0
-
+    failed = report["failures"] or report["training_failures"]
+    for f in report["training_failures"][:10]:
+        print(f"  unreadable training image: {f['path']}: {f['error']}", file=sys.stderr)
+    return 1 if failed else 0

@@ -10,7 +10,7 @@ from ._common import usage_error
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="print a model file's metadata", description=__doc__.replace("``", ""))
-    p.add_argument("model", help="a model file written by 'fakespotter train'")
+    p.add_argument("model", help="a model file written by 'fakespotter train', or 'default' for the embedded default detector")
     p.add_argument("--json", action="store_true", help="print the whole metadata as JSON (default: a summary)")
     p.set_defaults(run=run)
 
@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..artifact import ModelFileError, file_sha256, read_model
 
+    from ._common import model_file
+
+    args.model = model_file(args.model)
     try:
         tensors, meta = read_model(args.model)
     except ModelFileError as e:

@@ -8,18 +8,29 @@ Levels (weakest first): jpeg quality 95 75 50 30; blur sigma 0.5 1 2 3 px; resiz
 0.75 0.5 0.25 (down, then back up); noise sigma 0.01 0.03 0.05 0.1 of the 0..255 range. The
 attack is applied to the decoded image before face detection (so an attack can also lose
 faces: counted per level), or to the chip with --aligned. Noise is seeded per image from
---seed. The row "clean" is the unattacked baseline."""
+--seed. The row "clean" is the unattacked baseline.
+
+Images come from --real / --fake folders or a data set's --manifest (--split, default test).
+--baselines (see 'fakespotter evaluate --help') and --train-augment (a copy of the model, same
+backbone, layers, granularity, threshold mode and classifier, retrained with the four attacks
+applied at random levels to a random --augment-fraction of the training chips) are trained on
+the manifest's train split or on --train-real / --train-fake, and reported side by side with
+the model: rows per (detector, attack, level), AUC and ACC@op tables with a column per
+detector, and one line per detector in the plot."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .. import evaluate as ev
 from ._common import Progress, log
-from .evaluate import add_corpus_args, check_corpus, counts, model_info, require_both_classes
+from .evaluate import (MODEL_NAME, add_corpus_args, check_corpus, counts, model_info, require_both_classes,
+                       train_detectors)
 
 OUTPUTS = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png")
 
@@ -36,15 +47,66 @@ def add_parser(sub) -> None:
                    help="folder for the reports, created if missing (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N",
                    help="bootstrap resamples for the 95%% intervals; 0 for none (default: %(default)s)")
+    p.add_argument("--train-augment", action="store_true",
+                   help="also train the model's settings with the attacks as augmentation and report it side by "
+                        "side (default: off)")
+    p.add_argument("--augment-fraction", type=float, default=0.5,
+                   help="share of training chips attacked with --train-augment (default: %(default)s)")
     p.set_defaults(run=run)
+
+
+_KEEP = ("auc", "acc_operating", "tpr_operating", "fpr_operating", "eer", "ap")
+
+
+def _rows(labels: np.ndarray, scored: Any, variants: List[Tuple[str, Any]], op: float, args: argparse.Namespace,
+          detector: Optional[str]) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    for k, (attack, level) in enumerate(variants):
+        s, f = scored.scores[(attack, level)], scored.faces[(attack, level)]
+        c = counts(labels, s, f)
+        ok = ~np.isnan(s)
+        row: Dict[str, Any] = {} if detector is None else {"detector": detector}
+        row.update({"attack": attack, "level": "-" if level is None else level,
+                    "n_real": c["real"]["scored"], "n_fake": c["fake"]["scored"],
+                    "n_real_without_face": c["real"]["without_face"],
+                    "n_fake_without_face": c["fake"]["without_face"],
+                    "mean_score_real": float(np.mean(s[ok & (labels == 0)])) if c["real"]["scored"] else float("nan"),
+                    "mean_score_fake": float(np.mean(s[ok & (labels == 1)])) if c["fake"]["scored"] else float("nan")})
+        if c["real"]["scored"] and c["fake"]["scored"]:
+            r = ev.evaluate(s[ok], labels[ok], operating_threshold=op, bootstrap=args.bootstrap,
+                            seed=args.seed + k)["rows"][0]
+            row.update({m: r[m] for m in _KEEP})
+            row["ci"] = {m: r["ci"][m] for m in _KEEP}
+        else:  # the attack removed every face of a class: nothing to rank
+            row.update({m: float("nan") for m in _KEEP})
+        rows.append(row)
+    return rows
+
+
+def _pivot(rows: List[Dict[str, Any]], names: List[str], metric: str) -> str:
+    """A Markdown table: a line per (attack, level), a column per detector."""
+    table: Dict[tuple, Dict[str, Any]] = {}
+    for r in rows:
+        table.setdefault((r["attack"], r["level"]), {})[r["detector"]] = r.get(metric)
+
+    def cell(v: Any) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    lines = ["| attack | level | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for (attack, level), vals in table.items():
+        lines.append(f"| {attack} | {level} | " + " | ".join(cell(vals.get(n)) for n in names) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
     plan = check_corpus(args, OUTPUTS)
-    from .. import evaluate as ev
     from .. import perturb
 
     det, paths, labels = plan["detector"], plan["paths"], plan["labels"]
+    trained = train_detectors(plan, args)
+    detectors = trained["detectors"]
+    names = list(detectors)
+    multi = len(names) > 1
     attacks = list(dict.fromkeys(args.attacks))
     variants: List[Tuple[str, Any]] = [("clean", None)] + perturb.sweep(attacks)
 
@@ -54,39 +116,29 @@ def run(args: argparse.Namespace) -> int:
         return f
 
     transforms = {v: (None if v[0] == "clean" else transform(*v)) for v in variants}
-    progress = Progress(len(paths), f"scoring x{len(variants)} variants", args.quiet)
-    scored = ev.score_images(det, paths, transforms=transforms, aligned=det.aligned, progress=progress.update)
+    progress = Progress(len(paths), f"scoring x{len(variants)} variants" + (f" x{len(names)} detectors" if multi else ""),
+                        args.quiet)
+    scored = ev.score_images_with(trained["score"], paths, size=int(det.tap_.preprocessing.size[0]),
+                                  transforms=transforms, aligned=det.aligned, upsample=det.upsample,
+                                  progress=progress.update)
     progress.close()
-    clean_counts = counts(labels, scored.scores[("clean", None)], scored.faces[("clean", None)])
+    first = scored[MODEL_NAME]
+    clean_counts = counts(labels, first.scores[("clean", None)], first.faces[("clean", None)])
     require_both_classes(clean_counts, det.aligned)
     op = float(det.operating_threshold_["logit"])
     log(f"metrics of {len(variants)} variants ...", args.quiet)
     rows: List[Dict[str, Any]] = []
-    for k, (attack, level) in enumerate(variants):
-        s, f = scored.scores[(attack, level)], scored.faces[(attack, level)]
-        c = counts(labels, s, f)
-        ok = ~np.isnan(s)
-        row: Dict[str, Any] = {"attack": attack, "level": "-" if level is None else level,
-                               "n_real": c["real"]["scored"], "n_fake": c["fake"]["scored"],
-                               "n_real_without_face": c["real"]["without_face"],
-                               "n_fake_without_face": c["fake"]["without_face"],
-                               "mean_score_real": float(np.mean(s[ok & (labels == 0)])) if c["real"]["scored"] else float("nan"),
-                               "mean_score_fake": float(np.mean(s[ok & (labels == 1)])) if c["fake"]["scored"] else float("nan")}
-        if c["real"]["scored"] and c["fake"]["scored"]:
-            r = ev.evaluate(s[ok], labels[ok], operating_threshold=op, bootstrap=args.bootstrap,
-                            seed=args.seed + k)["rows"][0]
-            keep = ("auc", "acc_operating", "tpr_operating", "fpr_operating", "eer", "ap")
-            row.update({m: r[m] for m in keep})
-            row["ci"] = {m: r["ci"][m] for m in keep}
-        else:  # the attack removed every face of a class: nothing to rank
-            row.update({m: float("nan") for m in ("auc", "acc_operating", "tpr_operating", "fpr_operating", "eer", "ap")})
-        rows.append(row)
-    report = {"label_columns": ["attack", "level"],
+    for name in names:
+        rows += _rows(labels, scored[name], variants, detectors[name]["operating_threshold"], args,
+                      name if multi else None)
+    report = {"label_columns": (["detector"] if multi else []) + ["attack", "level"],
               "settings": {"attacks": {a: perturb.ATTACKS[a] for a in attacks}, "aligned": det.aligned,
                            "applied_to": "chips" if det.aligned else "images before face detection",
-                           "operating_threshold": op, "bootstrap": args.bootstrap, "seed": args.seed, "level": 0.95},
-              "rows": rows, "model": model_info(args.model, det), "sources": plan["sources"], "counts": clean_counts,
-              "failures": [{"path": p, "error": e} for _, p, e in scored.errors]}
+                           "operating_threshold": op if not multi else {n: a["operating_threshold"] for n, a in detectors.items()},
+                           "bootstrap": args.bootstrap, "seed": args.seed, "level": 0.95},
+              "rows": rows, "detectors": detectors, "model": model_info(args.model, det), "sources": plan["sources"],
+              "counts": clean_counts, "failures": [{"path": p, "error": e} for _, p, e in first.errors],
+              "training_failures": trained["failures"]}
     files = plan["files"]
     plan["out_dir"].mkdir(exist_ok=True)
     notes = [f"model {report['model']['path']} (sha256 {report['model']['sha256'][:16]}...); ACC@op at its "
@@ -95,22 +147,42 @@ def run(args: argparse.Namespace) -> int:
              f"{args.bootstrap} stratified bootstrap resamples, 95% percentile",
              f"clean: {clean_counts['real']['images']} real and {clean_counts['fake']['images']} fake images; "
              f"{clean_counts['real']['unreadable'] + clean_counts['fake']['unreadable']} unreadable (left out)"]
+    for name, about in detectors.items():
+        if name != MODEL_NAME:
+            t = about["trained_on"]
+            notes.append(f"{name}: {about['description']}; trained on {t['train']['real']} real and "
+                         f"{t['train']['fake']} fake chips; ACC@op at logit {about['operating_threshold']:.4g}")
     columns = ["auc", "acc_operating", "tpr_operating", "fpr_operating", "eer"]
     ev.write_json(report, files["robustness.json"])
     ev.write_csv(report, files["robustness.csv"])
-    text = "# FakeSpotter robustness\n\n" + ev.to_markdown(report, columns=columns) + "\n" + "".join(f"- {n}\n" for n in notes)
-    files["robustness.md"].write_text(text)
+    if multi:
+        text = ("## AUC\n\n" + _pivot(rows, names, "auc") + "\n## ACC@op\n\n" + _pivot(rows, names, "acc_operating"))
+        full = "".join(f"\n## {n}\n\n" + ev.to_markdown({"rows": [r for r in rows if r["detector"] == n],
+                                                            "label_columns": ["attack", "level"]}, columns=columns)
+                       for n in names)
+        files["robustness.md"].write_text("# FakeSpotter robustness, side by side\n\n" + text + full + "\n"
+                                          + "".join(f"- {n}\n" for n in notes))
+    else:
+        text = ev.to_markdown(report, columns=columns)
+        files["robustness.md"].write_text("# FakeSpotter robustness\n\n" + text + "\n" + "".join(f"- {n}\n" for n in notes))
     if not args.no_plots:
         panels = {}
         for a in attacks:
-            rs = [r for r in rows if r["attack"] == a]
-            xs = [r["level"] for r in rs]
-            panels[perturb.DESCRIPTIONS[a]] = {"AUC": (xs, [r["auc"] for r in rs]),
-                                               "ACC@op": (xs, [r["acc_operating"] for r in rs])}
-        ev.plot_lines(panels, files["robustness.png"], ylabel="AUC / accuracy", reference=rows[0]["auc"])
-    print(ev.to_markdown(report, columns=columns), end="")
+            panel = {}
+            for name in names:
+                rs = [r for r in rows if r["attack"] == a and r.get("detector", name) == name]
+                xs = [r["level"] for r in rs]
+                if multi:
+                    panel[name] = (xs, [r["auc"] for r in rs])
+                else:
+                    panel.update({"AUC": (xs, [r["auc"] for r in rs]), "ACC@op": (xs, [r["acc_operating"] for r in rs])})
+            panels[perturb.DESCRIPTIONS[a]] = panel
+        ev.plot_lines(panels, files["robustness.png"], ylabel="AUC" if multi else "AUC / accuracy",
+                      reference=None if multi else rows[0]["auc"])
+    print(text, end="")
     print(f"wrote {', '.join(str(f) for f in files.values())}")
     for f in report["failures"][:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
-    return 1 if report["failures"] else 0
-
+    for f in report["training_failures"][:10]:
+        print(f"  unreadable training image: {f['path']}: {f['error']}", file=sys.stderr)
+    return 1 if report["failures"] or report["training_failures"] else 0

@@ -1,13 +1,21 @@
-"""``fakespotter scan PATH... --model MODEL``: score every image of a corpus, one record per
-image (JSON lines or CSV), written and synced as each batch finishes.
+"""``fakespotter scan PATH... [--model MODEL]``: score every image of a corpus, one record per
+image (JSON lines or CSV, written and synced as each batch finishes; or Parquet, a folder of
+part files, each synced as it is closed).
 
 Inputs are image files, folders (recursive), @file lists, - (a list on stdin) and tar archives.
 Every input gets a record: status ok (with the score of its most suspicious face and a label),
 no_face, or error (with an error kind: empty_file, truncated, not_an_image, too_many_pixels,
 permission_denied, not_found, decode_error, ...); an unreadable file never gets a score.
 --resume continues an interrupted scan of the same inputs into the same output: the output
-then holds exactly one complete record per input. A stats JSON (counts, images/s, time split)
-is written next to the output as OUT.stats.json.
+then holds exactly one complete record per input (Parquet: a killed scan redoes the records of
+its unfinished part file, at most --part-rows). A stats JSON (counts, images/s, time split, the
+settings that decide the scores) is written next to the output as OUT.stats.json.
+
+Scores are reproducible for a given batch size, precision and device. --autocast computes the
+backbone in bfloat16 (CPU) or float16 (CUDA): scores then differ slightly from a float32 scan, and
+--resume refuses to mix the two. When a forward runs out of memory, the batch size halves and the
+same chips are retried (no record is lost or doubled); the smaller size stays for the rest of the
+run and for a resume of it, and the stats JSON records it.
 
 Exit codes: 0 every input scanned, 1 some inputs are error records, 2 usage error."""
 
@@ -15,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ._common import Progress, log, usage_error, writable_output
+from ._common import Progress, log, model_file, usage_error, writable_output
 
 
 def add_parser(sub) -> None:
@@ -32,22 +41,35 @@ def add_parser(sub) -> None:
                        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image files, folders (recursive), @list.txt file lists, - (a list on stdin), tar archives")
-    p.add_argument("--model", required=True, help="a model file written by 'fakespotter train' (required)")
+    p.add_argument("--model", default="default",
+                   help="a model file written by 'fakespotter train' (default: %(default)s, the embedded "
+                        "default detector; see the README's model card)")
     p.add_argument("--out", default=None,
-                   help="output file; - or none: stdout (default: stdout)")
-    p.add_argument("--format", choices=["jsonl", "csv"], default=None,
-                   help="output format (default: csv when --out ends with .csv, else jsonl)")
+                   help="output file (a folder for --format parquet); - or none: stdout (default: stdout)")
+    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], default=None,
+                   help="output format; parquet (needs pyarrow) writes --out as a folder of part files "
+                        "(default: csv when --out ends with .csv, parquet when it ends with .parquet, else jsonl)")
+    p.add_argument("--part-rows", type=int, default=None,
+                   help="parquet: records per part file; a killed scan redoes at most one part "
+                        f"(default: {PART_ROWS}, or a part per {PART_SECONDS:.0f} s, whichever comes first)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already-aligned face chips: resize only, no face detection (default: detect)")
     p.add_argument("--upsample", type=int, default=1,
                    help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="chips per backbone forward; scores are reproducible for a given batch size "
-                        "(default: %(default)s)")
-    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="chips per backbone forward, halved when a forward runs out of memory; scores are "
+                        "reproducible for a given batch size (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
                    help="decode and face-detection processes, 0 to decode inline (default: CPUs - 1, at most 8; "
-                        "here %(default)s)")
+                        f"here {default_workers()}; local engine only)")
     p.add_argument("--device", default="cpu", help="where the backbone runs, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run every conv in channels_last memory format (conv weights too; the input is "
+                        "channels_last already); measured no faster on CPU (default: off)")
+    p.add_argument("--autocast", action="store_true",
+                   help="run the backbone under torch.autocast: bfloat16 on CPU, float16 on CUDA; scores "
+                        "differ slightly from float32 (default: off, float32; bfloat16 is slower on CPUs "
+                        "without native bfloat16)")
     p.add_argument("--pixel-limit", type=int, default=DEFAULT_PIXEL_LIMIT,
                    help="refuse images with more pixels than this before decoding (default: %(default)s, Pillow's)")
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
@@ -57,13 +79,23 @@ def add_parser(sub) -> None:
     p.add_argument("--fail-fast", action="store_true", help="stop after the first error record (default: go on)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no summary (default: progress on a terminal, summary on stderr)")
+    from .scan_ray import add_arguments
+
+    add_arguments(p)
     p.set_defaults(run=run)
+
+
+PART_ROWS = 10_000
+PART_SECONDS = 60.0
 
 
 def check(args: argparse.Namespace) -> Dict[str, Any]:
     """Every check that can fail before work starts; returns what the work needs."""
     from ..data import check_sources
+    from ..scan import default_workers
 
+    if args.workers is None:
+        args.workers = default_workers()
     for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1), ("upsample", 0)):
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
@@ -76,14 +108,29 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     except (FileNotFoundError, ValueError) as e:
         raise usage_error(str(e)) from None
     to_stdout = args.out in (None, "-")
-    fmt = args.format or ("csv" if not to_stdout and args.out.lower().endswith(".csv") else "jsonl")
+    suffix = "" if to_stdout else args.out.lower().rstrip("/")
+    fmt = args.format or ("csv" if suffix.endswith(".csv") else "parquet" if suffix.endswith(".parquet") else "jsonl")
+    if args.part_rows is not None and fmt != "parquet":
+        raise usage_error(f"--part-rows applies to --format parquet, not {fmt}")
+    if args.part_rows is not None and args.part_rows < 1:
+        raise usage_error(f"--part-rows must be >= 1, got {args.part_rows}")
+    if fmt == "parquet":
+        from ..scan import PARQUET_INSTALL
+
+        try:
+            import pyarrow  # noqa: F401
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise usage_error(f"--format parquet needs pyarrow, which is not installed: {PARQUET_INSTALL}") from None
+        if to_stdout:
+            raise usage_error("--format parquet writes a folder of part files; give it with --out, not stdout")
     out: Optional[Path] = None
     mode = "new"
     if to_stdout:
         if args.resume:
             raise usage_error("--resume needs an output file (--out), not stdout")
     else:
-        out = writable_output(args.out, True, "output")
+        out = _parquet_output(args) if fmt == "parquet" else writable_output(args.out, True, "output")
         if out.exists():
             if args.resume:
                 mode = "resume"
@@ -92,6 +139,11 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             else:
                 raise usage_error(f"output {out} already exists; pass --resume to continue that scan "
                                   f"or --overwrite to replace it")
+    check_faces(args)
+    return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args)}
+
+
+def check_faces(args: argparse.Namespace) -> None:
     if not args.aligned:
         try:
             from ..faces import _import_dlib, _landmark_path
@@ -101,32 +153,64 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         except Exception as e:  # no dlib, no landmark model: say so before any work
             raise usage_error(f"face detection is not available ({str(e).splitlines()[0]}); "
                               f"install it, or pass --aligned for already-aligned chips") from None
-    import torch
 
-    try:
-        dev = torch.device(args.device)
-    except (RuntimeError, ValueError) as e:
-        raise usage_error(f"--device {args.device!r} is not a device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise usage_error(f"--device {args.device}: CUDA is not available here")
+
+def load_detector(args: argparse.Namespace) -> Any:
+    """The --model on --device, with its file's sha256 as ``model_id_``; usage errors before work."""
     from ..artifact import ModelFileError, file_sha256
     from ..detector import FakeSpotter
+    from ..scan import check_device
 
-    if not Path(args.model).is_file():
-        raise usage_error(f"--model {args.model} does not exist")
+    try:
+        check_device(args.device, "--device")
+    except ValueError as e:  # "--device: device 'cuda:3': there are only 1 CUDA devices"
+        raise usage_error(str(e).split(": ", 1)[1]) from None
+    args.model = model_file(args.model, "--model")
     try:
         det = FakeSpotter.load(args.model, device=args.device)
     except (ModelFileError, OSError, ValueError) as e:
         raise usage_error(f"--model {args.model}: {str(e).splitlines()[0]}") from None
     det.model_id_ = file_sha256(args.model)
-    return {"out": out, "fmt": fmt, "mode": mode, "detector": det}
+    return det
+
+
+def _parquet_output(args) -> Path:
+    """--out of a parquet scan: a folder that may be created, or (with --overwrite) one that
+    holds only part files; never a folder of anything else."""
+    from ..scan import is_parquet_output
+
+    out = Path(args.out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise usage_error(f"output {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (out.is_dir() and not os.access(out, os.W_OK)):
+        raise usage_error(f"output {out} is not writable")
+    if args.overwrite and out.is_dir() and not is_parquet_output(out):
+        raise usage_error(f"output {out} is a folder that holds more than a parquet scan's part files; "
+                          f"refusing to replace it (give a new folder name)")
+    return out
+
+
+def previous_settings(out: Path) -> Dict[str, Any]:
+    """The settings of the scan that wrote ``out``, from its stats JSON (written when a scan
+    starts); an output without one was written in float32, like every scan before --autocast."""
+    import json
+
+    try:
+        stats = json.loads(Path(str(out) + ".stats.json").read_text())
+    except (OSError, ValueError):
+        stats = {}
+    if not isinstance(stats, dict):
+        stats = {}
+    return {"precision": stats.get("precision", "float32"), "batch_size": stats.get("batch_size"),
+            "batch_size_requested": stats.get("batch_size_requested")}
 
 
 def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, Any]:
     """How much of ``out`` is done and how to skip it: the records are a prefix of the input
     listing (the normal case: skip that many inputs, constant memory), else skip by path."""
     from ..data import iter_entries
-    from ..scan import OutputMismatch, output_paths, path_key, resume_state
+    from ..scan import OutputMismatch, output_paths, path_key, precision_of, resume_state
 
     try:
         state = resume_state(out, fmt)
@@ -135,9 +219,20 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
     if state.model is not None and state.model != model_id:
         raise usage_error(f"--resume: {out} was written with model {state.model}, but --model {args.model} is "
                           f"{model_id}; scan into another output")
-    plan: Dict[str, Any] = {"state": state, "skip": 0, "exclude": None}
+    plan: Dict[str, Any] = {"state": state, "skip": 0, "exclude": None, "batch_size": args.batch_size}
     if state.records == 0:
         return plan
+    prev = previous_settings(out)
+    precision = precision_of(args.device, args.autocast)
+    if prev["precision"] != precision:
+        raise usage_error(f"--resume: {out} was scanned in {prev['precision']}, this run would compute in {precision} "
+                          f"({'with' if args.autocast else 'without'} --autocast on {args.device}); its scores would "
+                          f"not match: give the original setting, or scan into another output")
+    if (prev["batch_size_requested"] == args.batch_size and isinstance(prev["batch_size"], int)
+            and 1 <= prev["batch_size"] < args.batch_size):
+        plan["batch_size"] = prev["batch_size"]
+        log(f"scan: {out} went on with batches of {prev['batch_size']} after running out of memory; resuming "
+            f"with that size", args.quiet)
     entries = iter_entries(args.paths, stdin=stdin)
     if args.limit is not None:
         entries = itertools.islice(entries, args.limit)
@@ -194,6 +289,13 @@ def summary(stats: Dict[str, Any], resumed: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        from .scan_ray import run_ray
+
+        return run_ray(args)
+    from .scan_ray import refuse_ray_only
+
+    refuse_ray_only(args)
     plan = check(args)
     from ..scan import RecordWriter, scan, write_stats
 
@@ -205,16 +307,32 @@ def run(args: argparse.Namespace) -> int:
             stdin = tempfile.SpooledTemporaryFile(max_size=1 << 23, mode="w+")
             stdin.writelines(sys.stdin)
             stdin.seek(0)
-    resume = _resume_plan(args, out, fmt, plan["detector"].model_id_, stdin) if plan["mode"] == "resume" else {"state": None, "skip": 0,
-                                                                                     "exclude": None}
+    if plan["mode"] == "resume":
+        resume = _resume_plan(args, out, fmt, plan["detector"].model_id_, stdin)
+    else:
+        resume = {"state": None, "skip": 0, "exclude": None, "batch_size": args.batch_size}
     state = resume["state"]
     if state is not None and state.torn_bytes:
-        log(f"scan: dropping a torn last record ({state.torn_bytes} bytes) from {out}", args.quiet)
-    run_ = scan(args.paths, plan["detector"], aligned=args.aligned, batch_size=args.batch_size, workers=args.workers,
-                device=args.device, pixel_limit=args.pixel_limit, limit=args.limit, upsample=args.upsample,
-                skip=resume["skip"], exclude=resume["exclude"], stdin=stdin)
-    writer = RecordWriter(sys.stdout if out is None else out, fmt, plan["mode"], state)
+        what = "unfinished or damaged part files" if fmt == "parquet" else "a torn last record"
+        log(f"scan: dropping {what} ({state.torn_bytes} bytes) from {out}", args.quiet)
+    run_ = scan(args.paths, plan["detector"], aligned=args.aligned, batch_size=resume["batch_size"],
+                workers=args.workers, device=args.device, pixel_limit=args.pixel_limit, limit=args.limit,
+                upsample=args.upsample, skip=resume["skip"], exclude=resume["exclude"], stdin=stdin,
+                channels_last=args.channels_last, autocast=args.autocast, log=lambda m: log(m, args.quiet))
+    part_rows = args.part_rows if args.part_rows is not None else PART_ROWS
+    writer = RecordWriter(sys.stdout if out is None else out, fmt, plan["mode"], state, part_rows=part_rows,
+                          part_seconds=PART_SECONDS)
     resumed = state.records if state is not None else 0
+
+    def stats(complete: bool) -> Dict[str, Any]:
+        return dict(run_.stats, complete=complete, resumed_records=resumed, format=fmt,
+                    output=None if out is None else str(out), model=plan["detector"].model_id_,
+                    inputs=list(args.paths), limit=args.limit, batch_size_requested=args.batch_size)
+
+    stats_path = None if out is None else Path(str(out) + ".stats.json")
+    if stats_path is not None:  # the settings are on disk before the first record: --resume checks them
+        write_stats(stats_path, stats(False))
+    batch_size = run_.stats["batch_size"]
     progress = Progress(None, "scan", args.quiet)
     if progress.live and "-" not in args.paths:  # the ETA needs a count, made while the scan goes on
         threading.Thread(target=_count_inputs, args=(args.paths, args.limit, resumed, progress), daemon=True).start()
@@ -223,6 +341,9 @@ def run(args: argparse.Namespace) -> int:
         for group in run_.batches():
             writer.write(group)
             progress.update(len(group))
+            if stats_path is not None and run_.stats["batch_size"] != batch_size:  # an out-of-memory back-off
+                batch_size = run_.stats["batch_size"]
+                write_stats(stats_path, stats(False))
             if args.fail_fast and any(r["status"] == "error" for r in group):
                 log("scan: stopping at the first error (--fail-fast)", args.quiet)
                 break
@@ -232,11 +353,8 @@ def run(args: argparse.Namespace) -> int:
         run_.close()
         writer.close()
         progress.close()
-        stats = dict(run_.stats, complete=complete, resumed_records=resumed, format=fmt,
-                     output=None if out is None else str(out), model=plan["detector"].model_id_,
-                     inputs=list(args.paths), limit=args.limit)
-        if out is not None:
-            write_stats(Path(str(out) + ".stats.json"), stats)
+        if stats_path is not None:
+            write_stats(stats_path, stats(complete))
     if not args.quiet:
         print(summary(run_.stats, resumed), file=sys.stderr)
     errors = run_.stats["counts"]["error"] + (state.counts["error"] if state is not None else 0)

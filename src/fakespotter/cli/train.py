@@ -4,7 +4,13 @@ file plus a JSON training report.
 Every image goes through the same pipeline (face detection and 5-point alignment into the
 backbone's chips, or a plain resize with --aligned). The validation part is held out by image;
 thresholds are calibrated on the training chips of both classes; the operating threshold is
-picked on the validation chips at --target-fpr."""
+picked on the validation chips at --target-fpr.
+
+With --manifest (a data set from 'fakespotter data build'; its chips are aligned, so --aligned
+is implied) the --split (default train) is the training set, held out by group, and the val
+split, when it has both classes, is the validation set. --augment applies the four robustness
+attacks (JPEG, blur, resize, noise) at random levels to a random --augment-fraction of the
+training chips (seeded by --seed; validation chips stay clean)."""
 
 from __future__ import annotations
 
@@ -16,13 +22,14 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import Progress, add_class_sources, add_model_args, images_of, log, usage_error, writable_output
+from ._common import (add_class_sources, add_model_args, class_mode, has_both_classes, images_of, log,
+                      load_chips, manifest_part, open_manifest, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a detector on real and fake images", description=__doc__.replace("``", ""),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_class_sources(p)
+    add_class_sources(p, default_split="train")
     p.add_argument("--val-real", nargs="+", default=None, metavar="DIR",
                    help="explicit validation reals (default: hold out --validation-fraction of the images)")
     p.add_argument("--val-fake", nargs="+", default=None, metavar="DIR", help="explicit validation fakes")
@@ -39,7 +46,12 @@ def add_parser(sub) -> None:
     p.add_argument("--validation-fraction", type=float, default=0.25,
                    help="share of images held out when no --val-* is given (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=200, help="training epochs at most (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and the classifier (default: %(default)s)")
+    p.add_argument("--augment", action="store_true",
+                   help="attack a random share of the training chips with JPEG, blur, resize or noise (default: off)")
+    p.add_argument("--augment-fraction", type=float, default=0.5,
+                   help="share of training chips attacked with --augment (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the augmentation and the classifier (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")
     p.set_defaults(run=run)
 
@@ -50,11 +62,32 @@ def _sources(dirs: List[str], what: str) -> List[Tuple[str, List[Path]]]:
 
 def check(args: argparse.Namespace) -> Dict:
     """Every check that can fail before work starts; returns what the work needs."""
-    real = _sources(args.real, "--real")
-    fake = _sources(args.fake, "--fake")
-    if args.fake_type is not None and len(args.fake_type) != len(args.fake):
-        raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
-    types = args.fake_type or [Path(d.lstrip("@")).name or d for d in args.fake]
+    mode = class_mode(args)
+    manifest_groups = None
+    if mode == "folders":
+        real = _sources(args.real, "--real")
+        fake = _sources(args.fake, "--fake")
+        if args.fake_type is not None and len(args.fake_type) != len(args.fake):
+            raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
+        types = args.fake_type or [Path(d.lstrip("@")).name or d for d in args.fake]
+    else:
+        if args.val_real is not None or args.val_fake is not None:
+            raise usage_error("with --manifest the validation images are its val split; drop --val-real/--val-fake")
+        manifest = open_manifest(args.manifest, [args.split, "val"])
+        part = manifest_part(manifest, args.split, "training")
+        by_type: Dict[str, List[Path]] = {}
+        for r in part.rows:
+            if r.is_fake:
+                by_type.setdefault(r.fake_type, []).append(part.path(r))
+        real = [(f"{args.manifest}:{args.split}:real", [part.path(r) for r in part.rows if not r.is_fake])]
+        fake = [(f"{args.manifest}:{args.split}:{t}", ps) for t, ps in by_type.items()]
+        types = list(by_type)
+        manifest_groups = ([r.group for r in part.rows if not r.is_fake],  # in the order of real / fake paths
+                           [r.group for t in types for r in part.rows if r.is_fake and r.fake_type == t])
+        vpart = manifest.select(splits=["val"]) if args.split != "val" else manifest.select(splits=[])
+        args.aligned = True
+    if args.augment and not 0.0 < args.augment_fraction <= 1.0:
+        raise usage_error(f"--augment-fraction must be in (0, 1], got {args.augment_fraction}")
     if (args.val_real is None) != (args.val_fake is None):
         raise usage_error("give both --val-real and --val-fake, or neither")
     overlap = {p.resolve() for _, ps in real for p in ps} & {p.resolve() for _, ps in fake for p in ps}
@@ -74,6 +107,8 @@ def check(args: argparse.Namespace) -> Dict:
     val = None
     if args.val_real is not None:
         val = (images_of(args.val_real, "--val-real"), images_of(args.val_fake, "--val-fake"))
+    elif mode == "manifest" and has_both_classes(vpart):
+        val = ([vpart.path(r) for r in vpart.rows if not r.is_fake], [vpart.path(r) for r in vpart.rows if r.is_fake])
     try:
         from ..backbones import get_backbone
 
@@ -82,31 +117,13 @@ def check(args: argparse.Namespace) -> Dict:
     except Exception as e:  # missing weights, unknown id: say so before any work
         raise usage_error(str(e).splitlines()[0]) from None
     return {"real": real, "fake": fake, "types": types, "val": val, "out": out, "report": report,
-            "size": int(backbone.input_shape[1])}
+            "size": int(backbone.input_shape[1]), "groups": manifest_groups, "mode": mode}
 
 
 def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]) -> Tuple[np.ndarray, np.ndarray, int]:
     """Chips of every face of every image, with the image index of each; unreadable images are
     recorded in ``failures`` and skipped."""
-    from ..features import chips
-
-    progress = Progress(len(paths), f"{label} chips", args.quiet)
-    arrays, groups, no_face = [], [], 0
-    for i, path in enumerate(paths):
-        try:
-            c = chips([str(path)], aligned=args.aligned, size=size, upsample=args.upsample)
-        except Exception as e:  # a bad file must not end the run
-            failures.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
-            c = None
-        if c is not None:
-            if len(c) == 0:
-                no_face += 1
-            arrays.append(c.array)
-            groups.extend([i] * len(c))
-        progress.update()
-    progress.close()
-    array = np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
-    return array, np.asarray(groups, dtype=np.int64), no_face
+    return load_chips(paths, args.aligned, size, args.upsample, label, args.quiet, failures)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,9 +155,20 @@ def run(args: argparse.Namespace) -> int:
                       target_fpr=args.target_fpr, validation_fraction=args.validation_fraction,
                       max_epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                       aligned=args.aligned, upsample=args.upsample)
-    log(f"training on {len(xr)} real and {len(xf)} fake chips ...", args.quiet)
+    if plan["groups"] is not None:  # manifest groups (identity / source) instead of one group per image
+        gr = np.asarray(plan["groups"][0], dtype=object)[gr].astype(str)
+        gf = np.asarray(plan["groups"][1], dtype=object)[gf].astype(str)
+        sources["manifest"] = {"path": str(args.manifest), "split": args.split,
+                               "validation": "val" if validation is not None else "held out from the split by group"}
+    augment = None
+    if args.augment:
+        from ..perturb import Augmenter
+
+        augment = Augmenter(fraction=args.augment_fraction, seed=args.seed)
+    log(f"training on {len(xr)} real and {len(xf)} fake chips{' (augmented)' if augment else ''} ...", args.quiet)
     try:
-        det.fit(xr, xf, validation=validation, sources=sources, groups=None if validation else (gr, gf))
+        det.fit(xr, xf, validation=validation, sources=sources, groups=None if validation else (gr, gf),
+                augment=augment)
     except ValueError as e:
         raise usage_error(str(e)) from None
     det.save(plan["out"], overwrite=args.overwrite)

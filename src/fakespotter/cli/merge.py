@@ -1,0 +1,53 @@
+"""``fakespotter merge FOLDER OUT``: the records of a ``scan --engine ray`` output folder (its
+part-*.jsonl shards) as one ordinary scan output, in input-listing order: the same file the
+local engine writes for the same inputs, model and batch size. A folder of an unfinished scan
+gives the records it has (finish it first with scan --engine ray --resume).
+
+Exit codes: 0 merged, 2 usage error (not a shards folder, a damaged shard, OUT exists)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ._common import log, usage_error, writable_output
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge the shards of 'scan --engine ray' into one output file",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", metavar="FOLDER", help="the --out folder of 'fakespotter scan --engine ray'")
+    p.add_argument("out", metavar="OUT", help="the merged output file, - for stdout")
+    p.add_argument("--format", choices=["jsonl", "csv"], default=None,
+                   help="output format (default: csv when OUT ends with .csv, else jsonl)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (default: refuse)")
+    p.add_argument("--quiet", action="store_true", help="no summary on stderr (default: one line)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..scan_ray import MANIFEST, STATS, ShardsError, merge_shards, read_shards
+
+    folder = Path(args.folder)
+    if not (folder / MANIFEST).is_file():
+        raise usage_error(f"{folder} is not the output folder of 'fakespotter scan --engine ray' (no {MANIFEST})")
+    to_stdout = args.out == "-"
+    fmt = args.format or ("csv" if not to_stdout and args.out.lower().endswith(".csv") else "jsonl")
+    target = sys.stdout if to_stdout else writable_output(args.out, args.overwrite, "output")
+    try:
+        for _ in read_shards(folder):  # damaged shards are found before OUT is created
+            pass
+        n = merge_shards(folder, target, fmt, overwrite=args.overwrite)
+    except ShardsError as e:
+        raise usage_error(str(e)) from None
+    try:
+        complete = json.loads((folder / STATS).read_text()).get("complete", False)
+    except (OSError, ValueError):
+        complete = False
+    if not complete:
+        log(f"merge: the scan in {folder} did not finish; finish it with 'fakespotter scan ... --engine ray "
+            f"--out {folder} --resume' and merge again", args.quiet)
+    log(f"merge: {n} records -> {'stdout' if to_stdout else args.out}", args.quiet)
+    return 0

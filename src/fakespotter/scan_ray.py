@@ -1,0 +1,557 @@
+"""The corpus scan of :mod:`fakespotter.scan` on a Ray cluster (``fakespotter scan --engine ray``).
+
+>>> stats = ray_scan(["photos/"], "detector.fsm", "scan-out/")    # doctest: +SKIP
+>>> merge_shards("scan-out/", "scan.jsonl")                         # doctest: +SKIP
+
+How the work is split: the driver (this process) lists the inputs (``data.iter_entries``) and
+leaves out those whose records the output already holds; the rest become a Ray Dataset of
+``(index, entry)`` rows, ``index`` being the input's position in the listing. Ray tasks read,
+hash, decode and detect/align faces (``scan._decode_one``, the local engine's per-image work);
+a pool of actors, each loading the model once, runs backbone + taps + classifier on the chips
+(``scan._Forward``: forwards of exactly ``batch_size`` chips, zero-padded, as the local engine
+runs them, so an image's scores are the same whichever engine, actor or neighbours it had).
+Records stream back to the driver, which writes them into shards of the output folder.
+
+The output folder holds ``scan.json`` (what was scanned: model, batch size and the other
+settings records depend on), shards ``part-RRR-SSSSSS.jsonl`` (run R of this folder, shard S)
+and ``stats.json``. A shard is written under a temporary name, synced and renamed, so every
+shard there is complete: a killed run loses at most the records not yet in a shard. A shard line
+is a record with one more field, ``index``, first; a shard's lines are sorted by it.
+:func:`merge_shards` writes the ordinary single-file output (JSONL or CSV): records in listing
+order, without ``index``; for the same inputs, model and batch size it is byte-identical to the
+local engine's output. Records hold no timing.
+
+Ray retries what dies: a decode task is re-run, an actor is restarted (``max_restarts=-1``) and
+its batch re-run (``max_task_retries=-1``). The driver keeps the first record of each index, so
+the output has exactly one record per input however often a batch ran.
+
+Every node needs fakespotter installed (with the backbone weights, ``python -m
+fakespotter.weights fetch``) and must read the input paths (shared storage); the model file is
+read by the driver and shipped to the actors, and the output is written by the driver.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
+from .scan import STATUSES, RecordWriter, _Config, _decode_one, _Forward, count_record, make_record, new_stats
+
+__all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
+
+INSTALL_HINT = "pip install 'fakespotter[ray]'"
+MANIFEST = "scan.json"
+STATS = "stats.json"
+_MANIFEST_FORMAT = "fakespotter-scan-shards"
+_MANIFEST_VERSION = 1
+# What the records depend on: a resumed scan must use the same, or its records would differ.
+_SETTINGS = ("model", "batch_size", "aligned", "upsample", "pixel_limit", "shard_format")
+
+
+class RayNotInstalled(ImportError):
+    """Ray (the ``ray`` extra) is not installed."""
+
+
+class ShardsError(ValueError):
+    """An output folder that is not (or no longer) a consistent set of scan shards."""
+
+
+def import_ray() -> Any:
+    """``ray`` (with Ray Data), or :class:`RayNotInstalled` saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise RayNotInstalled(f"the ray engine needs Ray, which is not installed ({e}); "
+                              f"install it with: {INSTALL_HINT}") from None
+    return ray
+
+
+# ----------------------------------------------------------------------------------------------
+# the shards folder
+
+
+def _shard_files(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.glob("part-*") if p.suffix in (".jsonl",) and p.is_file())
+
+
+def _read_shard(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(index, record) of each line of a shard; :class:`ShardsError` on a damaged line."""
+    last = -1
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("no line end")
+                r = json.loads(line.decode("utf-8", "surrogateescape"))
+                index = r.pop("index")
+                if not isinstance(index, int) or index <= last or not isinstance(r.get("path"), str) \
+                        or r.get("status") not in STATUSES:
+                    raise ValueError("not a shard record")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ShardsError(f"{path}: line {n} is not a scan record ({e}); the shards are written "
+                                  f"atomically, so it was changed afterwards: delete the shard to rescan its "
+                                  f"inputs with --resume") from None
+            last = index
+            yield index, r
+
+
+def read_shards(folder: Union[str, Path]) -> Iterator[Dict[str, Any]]:
+    """The records of a shards folder in input-listing order (a streaming k-way merge of the
+    shards, each sorted by ``index``; few shards are open at once since shards are written in
+    roughly listing order). Records lose their ``index``; a path met twice is yielded once."""
+    folder = Path(folder)
+    _read_manifest(folder, required=True)
+    firsts = []
+    for p in _shard_files(folder):
+        first = next(_read_shard(p), None)
+        if first is not None:
+            firsts.append(((first[0], first[1]["path"]), str(p)))
+    firsts.sort()
+    heap: List[Tuple[Tuple[int, str], int, Dict[str, Any], Iterator]] = []
+    serial = itertools.count()  # ties never compare the dicts
+    k = 0
+    last_path: Optional[str] = None
+    while heap or k < len(firsts):
+        while k < len(firsts) and (not heap or firsts[k][0] <= heap[0][0]):
+            it = _read_shard(Path(firsts[k][1]))
+            i, r = next(it)
+            heapq.heappush(heap, ((i, r["path"]), next(serial), r, it))
+            k += 1
+        _, _, r, it = heapq.heappop(heap)
+        nxt = next(it, None)
+        if nxt is not None:
+            heapq.heappush(heap, ((nxt[0], nxt[1]["path"]), next(serial), nxt[1], it))
+        if r["path"] != last_path:
+            yield r
+        last_path = r["path"]
+
+
+def merge_shards(folder: Union[str, Path], target: Union[str, Path, IO[str]], fmt: str = "jsonl",
+                 overwrite: bool = False) -> int:
+    """Write the records of a shards folder as one ordinary scan output (``fmt`` jsonl or csv,
+    a file or a text stream), in input-listing order; the number of records written. An
+    existing file is refused unless ``overwrite``."""
+    mode = "overwrite" if overwrite else "new"
+    writer = RecordWriter(target, fmt, mode)
+    n = 0
+    try:
+        group: List[Dict[str, Any]] = []
+        for r in read_shards(folder):
+            group.append(r)
+            if len(group) >= 4096:
+                writer.write(group)
+                n += len(group)
+                group = []
+        writer.write(group)
+        n += len(group)
+    finally:
+        writer.close()
+    return n
+
+
+def _read_manifest(folder: Path, required: bool = False) -> Optional[Dict[str, Any]]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        if required:
+            raise ShardsError(f"{folder} is not a scan shards folder (no {MANIFEST})")
+        return None
+    try:
+        m = json.loads(path.read_text())
+        ok = isinstance(m, dict) and m.get("format") == _MANIFEST_FORMAT
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise ShardsError(f"{path} is not a fakespotter scan manifest")
+    if m.get("version") != _MANIFEST_VERSION:
+        raise ShardsError(f"{path}: manifest version {m.get('version')!r}, this fakespotter reads {_MANIFEST_VERSION}")
+    return m
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, sync it, rename it over ``path``
+    and sync the folder: ``path`` is either absent or complete, whatever happens."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ours(folder: Path) -> List[Path]:
+    """The files of a shards folder that a scan wrote (and ``overwrite`` may delete)."""
+    names = [folder / MANIFEST, folder / STATS]
+    return ([p for p in names if p.exists()] + _shard_files(folder)
+            + [p for p in folder.glob(".part-*.tmp")] + [p for p in folder.glob(f".{MANIFEST}.tmp")])
+
+
+def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
+                   ) -> Tuple[Dict[str, Any], set, Dict[str, int]]:
+    """Check the output folder for ``mode`` (``new``: absent or empty; ``overwrite``: our files
+    will be deleted; ``resume``: a folder of the same settings, or absent / empty) before any
+    work. Returns the manifest to write, the set of paths whose records are already there and
+    the counts of those records per status."""
+    out = Path(out)
+    if mode not in ("new", "overwrite", "resume"):
+        raise ValueError(f"ray_scan: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
+    if out.exists() and not out.is_dir():
+        raise ShardsError(f"output {out} is a file; the ray engine writes a folder of shards (give a folder)")
+    if not out.exists() and not out.parent.is_dir():
+        raise ShardsError(f"output {out}: folder {out.parent} does not exist")
+    manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, **settings, "runs": 1}
+    done: set = set()
+    counts = {s: 0 for s in STATUSES}
+    if not out.exists() or not any(out.iterdir()):
+        return manifest, done, counts
+    if mode == "new":
+        raise ShardsError(f"output {out} is not empty; pass --resume to continue that scan or --overwrite to "
+                          f"replace it")
+    old = _read_manifest(out, required=mode == "resume")
+    if mode == "overwrite":
+        if old is None and not _shard_files(out):
+            raise ShardsError(f"output {out} holds files that are not a scan's (no {MANIFEST}); refusing to "
+                              f"write into it, even with --overwrite")
+        return manifest, done, counts
+    assert old is not None
+    diff = [k for k in _SETTINGS if old.get(k) != settings[k]]
+    if diff:
+        raise ShardsError(f"--resume: {out} was scanned with other settings, so its records would differ: " +
+                          ", ".join(f"{k} {old.get(k)!r} there, {settings[k]!r} now" for k in diff))
+    for p in _shard_files(out):
+        for _, r in _read_shard(p):
+            done.add(r["path"])
+            counts[r["status"]] += 1
+    manifest["runs"] = int(old.get("runs", 1)) + 1
+    return manifest, done, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# what runs on the cluster
+
+
+def _decode_batch(batch: Dict[str, np.ndarray], cfg: Tuple, crash_marker: Optional[str] = None
+                  ) -> Dict[str, np.ndarray]:
+    """Ray task: rows of entries -> rows of (index, decode result as JSON, chips as bytes)."""
+    _crash_once(crash_marker and crash_marker + ".decode")
+    c = _Config(*cfg)
+    metas, chips = [], []
+    for path, file, data, has_data, err in zip(batch["path"], batch["file"], batch["data"], batch["has_data"],
+                                              batch["error"]):
+        entry = Entry(str(path), file=str(file) or None, data=bytes(data) if has_data else None,
+                      error=tuple(json.loads(err)) if err else None)
+        res = _decode_one(entry, c)
+        ch = res.pop("chips")
+        chips.append(b"" if ch is None else np.ascontiguousarray(ch, dtype=np.uint8).tobytes())
+        metas.append(json.dumps(res))
+    return {"index": np.asarray(batch["index"], dtype=np.int64), "meta": np.asarray(metas, dtype=object),
+            "chips": np.asarray(chips, dtype=object)}
+
+
+def _crash_once(marker: Optional[str]) -> None:
+    """Tests (``ray_scan(_crash_marker=...)``): the first process to get here exits hard, as a
+    killed worker would, once per marker file."""
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(70)
+
+
+class _Scorer:
+    """Ray actor: loads the model once, then decode rows -> (index, record line) rows."""
+
+    def __init__(self, model_ref: List[Any], model_id: str, batch_size: int, device: str, threads: int,
+                 crash_marker: Optional[str] = None):
+        import ray
+        import torch
+
+        from .detector import FakeSpotter
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
+            p = os.path.join(d, "model.fsm")
+            with open(p, "wb") as f:
+                f.write(ray.get(model_ref[0]))
+            self.det = FakeSpotter.load(p, device=device)
+        self.model_id, self.B, self.device = model_id, batch_size, device
+        self.threshold = float(self.det.operating_threshold_["logit"])
+        H, W = self.det.tap_.preprocessing.size
+        self.shape = (H, W, 3)
+        self.fwd = _Forward(self.det, device, batch_size)
+        self.crash_marker, self.calls = crash_marker, 0
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        self.calls += 1
+        if self.calls == 2:  # mid-run: after a first batch went out
+            _crash_once(self.crash_marker and self.crash_marker + ".actor")
+        t0 = time.perf_counter()
+        results = [json.loads(m) for m in batch["meta"]]
+        logits: List[List[float]] = []
+        chips: List[Tuple[int, int, np.ndarray]] = []
+        for k, (res, raw) in enumerate(zip(results, batch["chips"])):
+            arr = np.frombuffer(bytes(raw), dtype=np.uint8).reshape((-1,) + self.shape)
+            logits.append([math.nan] * len(arr))
+            chips.extend((k, j, arr[j]) for j in range(len(arr)))
+        for (k, j, _), v in zip(chips, self.fwd.score([c for _, _, c in chips])):
+            logits[k][j] = v
+        lines = [json.dumps({"index": int(i), **make_record(res, lg, self.threshold, self.model_id)},
+                            separators=(",", ":"), allow_nan=False)
+                 for i, res, lg in zip(batch["index"], results, logits)]
+        decode_s = [float(r.get("seconds", 0.0)) for r in results]
+        score_s = [0.0] * len(lines)
+        if lines:
+            score_s[0] = time.perf_counter() - t0
+        return {"index": np.asarray(batch["index"], dtype=np.int64), "line": np.asarray(lines, dtype=object),
+                "decode_s": np.asarray(decode_s), "score_s": np.asarray(score_s)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+
+def _model_bytes(model: Any) -> Tuple[bytes, str, Any]:
+    """(file bytes, model id, loaded detector) of a model file or a fitted FakeSpotter."""
+    import hashlib
+
+    from .detector import FakeSpotter, resolve_model
+
+    if isinstance(model, FakeSpotter):
+        model._check_fitted()
+        with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
+            p = model.save(Path(d) / "model.fsm")
+            data = p.read_bytes()
+        return data, getattr(model, "model_id_", None) or "in-memory", model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"ray_scan: model must be a model file path, 'default' or a fitted FakeSpotter, "
+                        f"got {type(model).__name__}")
+    path = resolve_model(model)
+    det = FakeSpotter.load(path)  # refuses a bad file before any work
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest(), det
+
+
+def _resources(ray: Any, actors: Optional[int], cpus_per_actor: float, gpus_per_actor: Optional[float],
+               decode_cpus: float) -> Tuple[int, float, str]:
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+    if gpus_per_actor > 0 and gpus < gpus_per_actor:
+        raise ValueError(f"ray_scan: gpus_per_actor={gpus_per_actor}, but the cluster has {gpus:g} GPUs")
+    if actors is None:
+        if gpus_per_actor > 0:
+            actors = max(1, int(gpus // gpus_per_actor))
+        else:
+            actors = max(1, int((cpus // 2) // cpus_per_actor)) if cpus >= 2 else 1
+    if gpus_per_actor == 0 and actors * cpus_per_actor + decode_cpus > cpus:
+        raise ValueError(f"ray_scan: {actors} actors x {cpus_per_actor:g} CPUs + {decode_cpus:g} CPU for decode "
+                         f"tasks need more than the cluster's {cpus:g} CPUs; give fewer actors or CPUs per actor")
+    return actors, gpus_per_actor, "cuda" if gpus_per_actor > 0 else "cpu"
+
+
+def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path], *, aligned: bool = False,
+             batch_size: int = 64, mode: str = "new", address: Optional[str] = None, actors: Optional[int] = None,
+             cpus_per_actor: float = 1.0, gpus_per_actor: Optional[float] = None, actor_batch: Optional[int] = None,
+             decode_cpus: float = 1.0, decode_batch: int = 16, decode_memory: int = 512 << 20,
+             shard_size: int = 1000, flush_s: float = 60.0,
+             pixel_limit: int = DEFAULT_PIXEL_LIMIT, limit: Optional[int] = None, upsample: int = 1,
+             stdin: Optional[IO[str]] = None, progress: Optional[Callable[[int], None]] = None,
+             show_ray_progress: bool = False, _crash_marker: Optional[str] = None) -> Dict[str, Any]:
+    """Scan images on a Ray cluster into a folder of record shards; returns the run's stats.
+
+    inputs, aligned, batch_size, pixel_limit, limit, upsample: as :func:`fakespotter.scan.scan`
+        (the records are the same as its records for the same inputs, model and batch size).
+    model: a model file, ``"default"`` (the embedded default detector, as for
+        :func:`~fakespotter.scan.scan`) or a fitted ``FakeSpotter`` (read here, shipped to the actors).
+    out: the output folder (created; its parent must exist).
+    mode: ``new`` (``out`` absent or empty), ``overwrite`` (delete the scan files there first)
+        or ``resume`` (skip the inputs whose records ``out`` holds; same model and settings).
+    address: the Ray cluster (``ray.init(address)``; None: the running one, ``RAY_ADDRESS``,
+        or a new local instance). An already initialised Ray is used as it is.
+    actors: scoring actors (default: one per GPU, else half the cluster's CPUs).
+    cpus_per_actor / gpus_per_actor: resources of each actor (GPUs default: 1 when the cluster
+        has GPUs, then the backbone runs on ``cuda``; else 0 and ``cpu``); an actor's torch
+        threads = its CPUs.
+    actor_batch: images per actor call (default ``batch_size``); their chips run in forwards of
+        ``batch_size``, the last one padded: with face detection (a varying number of chips per
+        image) a larger value pads less.
+    decode_cpus / decode_batch / decode_memory: CPUs per decode task, images per decode call and
+        memory (bytes) Ray reserves per decode task (an image at Pillow's pixel limit is ~270 MB
+        as RGB).
+    shard_size / flush_s: a shard is written every ``shard_size`` records or ``flush_s`` seconds.
+    progress: called with the number of records of each written shard.
+    Raises :class:`RayNotInstalled`, FileNotFoundError / ValueError / TypeError (bad arguments),
+    :class:`ShardsError` (an output that is not ours, or another scan's), before any work;
+    RuntimeError when the scan fails on the cluster (the shards written so far stay: resume).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [str(s) for s in inputs]
+    for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("upsample", upsample, 0),
+                        ("decode_batch", decode_batch, 1), ("shard_size", shard_size, 1),
+                        ("decode_memory", decode_memory, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"ray_scan: {name} must be an int >= {lo}, got {v!r}")
+    for name, v in (("actors", actors), ("actor_batch", actor_batch), ("limit", limit)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "limit" else 1)):
+            raise ValueError(f"ray_scan: {name} must be None or an int >= {0 if name == 'limit' else 1}, got {v!r}")
+    for name, v in (("cpus_per_actor", cpus_per_actor), ("decode_cpus", decode_cpus)):
+        if not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"ray_scan: {name} must be > 0, got {v!r}")
+    if gpus_per_actor is not None and (not isinstance(gpus_per_actor, (int, float)) or gpus_per_actor < 0):
+        raise ValueError(f"ray_scan: gpus_per_actor must be None or >= 0, got {gpus_per_actor!r}")
+    check_sources(inputs, "scan")
+    ray = import_ray()
+    data, model_id, det = _model_bytes(model)
+    size = int(det.tap_.preprocessing.size[0])
+    cfg = _Config(bool(aligned), size, int(upsample), int(pixel_limit))
+    settings = {"model": model_id, "batch_size": batch_size, "aligned": bool(aligned), "upsample": upsample,
+                "pixel_limit": pixel_limit, "shard_format": "jsonl", "inputs": inputs, "limit": limit}
+    out = Path(out)
+    manifest, done, resumed = prepare_output(out, mode, settings)
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        started = True
+    try:
+        n_actors, gpus, device = _resources(ray, actors, float(cpus_per_actor), gpus_per_actor, float(decode_cpus))
+        if mode == "overwrite":
+            for p in _ours(out):
+                p.unlink()
+        out.mkdir(exist_ok=True)
+        for p in out.glob(".part-*.tmp"):  # a killed run's unfinished shard
+            p.unlink()
+        _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+        rows: List[Dict[str, Any]] = []
+        entries = iter_entries(inputs, stdin=stdin)
+        for index, e in enumerate(itertools.islice(entries, limit)):
+            if e.path in done:
+                continue
+            rows.append({"index": index, "path": e.path, "file": e.file or "", "data": e.data or b"",
+                         "has_data": e.data is not None, "error": json.dumps(list(e.error)) if e.error else ""})
+        stats = new_stats()
+        for k in ("forwards", "wait_s", "backbone_taps_s", "classifier_s"):  # the actors' time is actors_s
+            del stats[k]
+        stats.update(actors_s=0.0, engine="ray", batch_size=batch_size, actors=n_actors,
+                     cpus_per_actor=float(cpus_per_actor), gpus_per_actor=gpus, device=device,
+                     actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), aligned=bool(aligned),
+                     resumed_records=len(done), resumed_errors=resumed["error"], run=manifest["runs"],
+                     output=str(out), model=model_id, complete=False)
+        t_start = time.perf_counter()
+        try:
+            if rows:
+                _run_or_fail(ray, rows, cfg, data, model_id, out, manifest["runs"], stats, n_actors=n_actors,
+                     cpus_per_actor=float(cpus_per_actor), gpus=gpus, device=device,
+                     actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), decode_batch=decode_batch,
+                     decode_memory=decode_memory,
+                     batch_size=batch_size, shard_size=shard_size, flush_s=flush_s, progress=progress,
+                     show_ray_progress=show_ray_progress, crash_marker=_crash_marker)
+            stats["complete"] = True
+        finally:
+            stats["wall_s"] = time.perf_counter() - t_start
+            stats["images_per_s"] = stats["images"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
+            _write_atomic(out / STATS, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
+    finally:
+        if started:
+            ray.shutdown()
+    return stats
+
+
+def _run_or_fail(*args: Any, **kw: Any) -> None:
+    """:func:`_run`; a failure on the cluster (Ray gives up on a task, an actor cannot load the
+    model) becomes a RuntimeError, so that it is never taken for a bad argument."""
+    try:
+        _run(*args, **kw)
+    except Exception as e:
+        raise RuntimeError(f"ray_scan: the scan failed on the cluster: {type(e).__name__}: {e}") from e
+
+
+def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes, model_id: str, out: Path, run: int,
+         stats: Dict[str, Any], *, n_actors: int, cpus_per_actor: float, gpus: float, device: str, actor_batch: int,
+         decode_cpus: float, decode_batch: int, decode_memory: int, batch_size: int, shard_size: int, flush_s: float,
+         progress: Optional[Callable[[int], None]], show_ray_progress: bool, crash_marker: Optional[str]) -> None:
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = show_ray_progress
+    ctx.print_on_execution_start = show_ray_progress
+    blocks = max(1, min(len(rows) // decode_batch, 4096))
+    # The model goes to the object store once; the actors get a reference (held here, so that a
+    # restarted actor can still fetch it).
+    model_ref = ray.put(model_bytes)
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    del rows
+    # The decode tasks' memory reservation also keeps Ray Data from fusing them into the actors
+    # (it fuses only operators with the same resources): fused, decoding would wait for the
+    # backbone instead of running beside it. stats["ray_operators"] shows what ran.
+    ds = ds.map_batches(_decode_batch, batch_size=decode_batch, batch_format="numpy", num_cpus=decode_cpus,
+                        memory=decode_memory, fn_kwargs={"cfg": tuple(cfg), "crash_marker": crash_marker})
+    ds = ds.map_batches(_Scorer, batch_size=actor_batch, batch_format="numpy", compute=ActorPoolStrategy(size=n_actors),
+                        num_cpus=cpus_per_actor, num_gpus=gpus or None,
+                        fn_constructor_kwargs={"model_ref": [model_ref], "model_id": model_id,
+                                               "batch_size": batch_size, "device": device,
+                                               "threads": max(1, int(cpus_per_actor)),
+                                               "crash_marker": crash_marker})
+    seen: set = set()
+    shard: List[Tuple[int, str]] = []
+    seq = itertools.count()
+    t_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal t_flush
+        if shard:
+            shard.sort()
+            name = out / f"part-{run:03d}-{next(seq):06d}.jsonl"
+            _write_atomic(name, "".join(line + "\n" for _, line in shard).encode("utf-8", "surrogateescape"))
+            if progress is not None:
+                progress(len(shard))
+            shard.clear()
+        t_flush = time.monotonic()
+
+    t0 = time.perf_counter()
+    first: Optional[Tuple[float, int]] = None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if first is None:
+            first = (time.perf_counter(), len(batch["index"]))
+        for i, line, dec_s, sc_s in zip(batch["index"], batch["line"], batch["decode_s"], batch["score_s"]):
+            i = int(i)
+            stats["decode_faces_s"] += float(dec_s)
+            stats["actors_s"] += float(sc_s)
+            if i in seen:  # a retried batch's second record of this input
+                continue
+            seen.add(i)
+            r = json.loads(line)
+            r.pop("index")
+            count_record(stats, r)
+            shard.append((i, str(line)))
+        if len(shard) >= shard_size or time.monotonic() - t_flush >= flush_s:
+            flush()
+    flush()
+    if first is not None:  # the start-up (actors starting, loading the model) and the rate after it
+        t_end = time.perf_counter()
+        stats["startup_s"] = first[0] - t0
+        stats["steady_images_per_s"] = (stats["images"] - first[1]) / (t_end - first[0]) if t_end > first[0] else 0.0
+    stats["ray_operators"] = [line.split(":")[0].split(" ", 2)[2] for line in ds.stats().splitlines()
+                              if line.startswith("Operator ")]

@@ -1,0 +1,249 @@
+"""`fakespotter scan --engine ray` / fakespotter.scan_ray: on a local Ray instance started here
+(loopback, 2 CPUs, one per test module), the records equal the local engine's; killed workers are
+retried with exactly one record per input; resume skips what the shards hold; merge writes the
+local engine's file byte for byte; the CLI's checks exit 2 before any work.
+
+Each Ray scan costs ~5-15 s (actor start and model load), so the runs are shared where a test
+only needs to read an output."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import ray
+
+from fakespotter.cli import main
+from fakespotter.scan import RecordWriter, scan
+from fakespotter.scan_ray import ShardsError, merge_shards, prepare_output, ray_scan, read_shards
+from scan_helpers import model_file, write_good
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return model_file(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """27 inputs: 20 images in two folders, two broken files, a tar archive of 3 images, a
+    file list naming one more image and a missing file."""
+    root = tmp_path_factory.mktemp("ray_corpus")
+    write_good(root / "imgs" / "a", 12, seed=1)
+    write_good(root / "imgs" / "b", 8, seed=2, ext=".jpg")
+    (root / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "imgs" / "b" / "empty.jpg").write_bytes(b"")
+    extra = write_good(root / "extra", 4, seed=3)
+    with tarfile.open(root / "pack.tar", "w") as tf:
+        for p in extra[:3]:
+            tf.add(p, arcname=p.name)
+    (root / "list.txt").write_text(f"{extra[3]}\n{root / 'gone.png'}\n")
+    return [str(root / "imgs"), str(root / "pack.tar"), "@" + str(root / "list.txt")]
+
+
+@pytest.fixture(scope="module")
+def local(corpus, model):
+    return list(scan(corpus, model, aligned=True, batch_size=BATCH, workers=0))
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, corpus, model, tmp_path_factory):
+    """A Ray scan's output folder and stats; actor calls of 3 images (forwards padded
+    differently from the local engine's), shards of 5 records."""
+    out = tmp_path_factory.mktemp("ray_out") / "shards"
+    stats = ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, actor_batch=3, shard_size=5, decode_batch=2)
+    return out, stats
+
+
+def local_bytes(records, fmt):
+    buf = io.StringIO()
+    RecordWriter(buf, fmt).write(records)
+    return buf.getvalue().encode("utf-8", "surrogateescape")
+
+
+def shard_lines(folder):
+    return [json.loads(line) for p in sorted(Path(folder).glob("part-*.jsonl")) for line in open(p)]
+
+
+def test_records_equal_the_local_engine(shards, local, tmp_path):
+    out, stats = shards
+    assert len(local) == 27
+    kinds = {r["error_kind"] for r in local}
+    assert {"decode_error", "empty_file", "not_found", None} <= kinds  # the same errors, below
+    assert sum(r["status"] == "ok" for r in local) == 24 and len({r["score"] for r in local if r["score"]}) == 24
+    assert list(read_shards(out)) == local  # same scores, same errors, listing order
+    for fmt in ("jsonl", "csv"):
+        target = tmp_path / f"merged.{fmt}"
+        assert merge_shards(out, target, fmt) == 27
+        assert target.read_bytes() == local_bytes(local, fmt)
+    assert stats["complete"] and stats["images"] == 27 and stats["counts"] == {"ok": 24, "no_face": 0, "error": 3}
+    # decoding ran in tasks of its own, beside the actors (not fused into them)
+    assert stats["ray_operators"][-2:] == ["MapBatches(_decode_batch)", "MapBatches(_Scorer)"]
+    lines = shard_lines(out)
+    assert sorted(r["index"] for r in lines) == list(range(27))  # one record per input
+    files = sorted(out.glob("part-*.jsonl"))
+    assert len(files) >= 2 and not list(out.glob(".*.tmp"))
+    for p in files:
+        idx = [json.loads(line)["index"] for line in open(p)]
+        assert idx == sorted(idx)
+
+
+def test_killed_workers_are_retried_and_each_input_has_one_record(ray_local, corpus, model, local, tmp_path):
+    marker = tmp_path / "crash"
+    out = tmp_path / "shards"
+    stats = ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, actor_batch=2, shard_size=4,
+                     decode_batch=2, _crash_marker=str(marker))
+    # a decode task's worker and an actor (on its second batch) each exited hard once
+    assert Path(str(marker) + ".decode").exists() and Path(str(marker) + ".actor").exists()
+    assert stats["complete"] and stats["images"] == 27
+    lines = shard_lines(out)
+    assert sorted(r["index"] for r in lines) == list(range(27))
+    assert len({r["path"] for r in lines}) == 27
+    assert list(read_shards(out)) == local
+
+
+def test_resume_redoes_only_what_is_missing(shards, corpus, model, local, tmp_path):
+    src, _ = shards
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out)
+    files = sorted(out.glob("part-*.jsonl"))
+    lost = [json.loads(line)["path"] for line in open(files[1])]
+    files[1].unlink()  # as if the run was killed before writing it ...
+    (out / ".part-001-000009.jsonl.tmp").write_text('{"index": 3, "pa')  # ... while writing another
+    stats = ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume", shard_size=100)
+    assert stats["resumed_records"] == 27 - len(lost) and stats["images"] == len(lost) and stats["run"] == 2
+    assert sorted(json.loads(line)["path"] for p in out.glob("part-002-*.jsonl") for line in open(p)) == sorted(lost)
+    assert not list(out.glob(".*.tmp"))
+    assert list(read_shards(out)) == local
+    # nothing left to do: a second resume scans nothing and starts no work
+    again = ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume")
+    assert again["images"] == 0 and again["resumed_records"] == 27 and again["complete"]
+
+
+def test_output_folder_checks(shards, tmp_path):
+    src, _ = shards
+    settings = json.loads((src / "scan.json").read_text())
+    settings = {k: settings[k] for k in ("model", "batch_size", "aligned", "upsample", "pixel_limit", "shard_format",
+                                         "inputs", "limit")}
+    with pytest.raises(ShardsError, match="not empty; pass --resume"):
+        prepare_output(src, "new", settings)
+    with pytest.raises(ShardsError, match=r"batch_size 4 there, 8 now"):
+        prepare_output(src, "resume", dict(settings, batch_size=8))
+    with pytest.raises(ShardsError, match="model"):
+        prepare_output(src, "resume", dict(settings, model="0" * 64))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ShardsError, match="not a scan's"):
+        prepare_output(foreign, "overwrite", settings)
+    with pytest.raises(ShardsError, match="no scan.json"):
+        prepare_output(foreign, "resume", settings)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ShardsError, match="is a file"):
+        prepare_output(tmp_path / "file", "new", settings)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(src, damaged)
+    first = sorted(damaged.glob("part-*.jsonl"))[0]
+    first.write_text(first.read_text()[:-20] + "\n")
+    with pytest.raises(ShardsError, match=r"part-001-000000.jsonl: line \d+ is not a scan record"):
+        list(read_shards(damaged))
+    with pytest.raises(ShardsError, match="not a scan shards folder"):
+        list(read_shards(foreign))
+
+
+def test_cli_ray_scan_and_merge_equal_the_local_cli(ray_local, corpus, model, tmp_path, capsys):
+    local_out = tmp_path / "local.jsonl"
+    assert main(["scan", *corpus, "--model", str(model), "--aligned", "--batch-size", str(BATCH), "--workers", "0",
+                 "--out", str(local_out), "--quiet"]) == 1  # error records: exit 1
+    out = tmp_path / "shards"
+    rc = main(["scan", *corpus, "--model", str(model), "--aligned", "--batch-size", str(BATCH), "--engine", "ray",
+               "--out", str(out), "--actors", "1", "--shard-size", "10"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "27 images" in err and f"fakespotter merge {out} FILE" in err
+    assert main(["merge", str(out), str(tmp_path / "merged.jsonl"), "--quiet"]) == 0
+    assert (tmp_path / "merged.jsonl").read_bytes() == local_out.read_bytes()
+    # resume of a finished scan: nothing to do, still exit 1 for the error records it holds
+    assert main(["scan", *corpus, "--model", str(model), "--aligned", "--batch-size", str(BATCH), "--engine", "ray",
+                 "--out", str(out), "--resume", "--quiet"]) == 1
+    assert main(["merge", str(out), "-", "--format", "csv", "--quiet"]) == 0
+    csv_out = capsys.readouterr().out
+    assert main(["scan", *corpus, "--model", str(model), "--aligned", "--batch-size", str(BATCH), "--workers", "0",
+                 "--format", "csv", "--quiet"]) == 1
+    assert capsys.readouterr().out == csv_out
+
+
+def test_a_failure_on_the_cluster_is_no_usage_error(ray_local, corpus, model, tmp_path, capsys, monkeypatch):
+    import fakespotter.scan_ray as SR
+
+    def broken(*args, **kw):
+        raise ValueError("an actor could not load the model")  # as Ray would re-raise it here
+    monkeypatch.setattr(SR, "_run", broken)
+    with pytest.raises(RuntimeError, match="failed on the cluster: ValueError: an actor could not load the model"):
+        ray_scan(corpus, model, tmp_path / "a", aligned=True, batch_size=BATCH)
+    assert json.loads((tmp_path / "a" / "stats.json").read_text())["complete"] is False
+    rc = main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "failed on the cluster" in err and "--resume continues" in err
+
+
+def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys, monkeypatch):
+    base = ["scan", *corpus, "--model", str(model), "--aligned"]
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x.txt").write_text("x")
+    cases = [
+        (base + ["--engine", "ray"], "give it with --out FOLDER"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--format", "csv"], "writes JSONL shards"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--workers", "2"], "--workers is an option of --engine local"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--fail-fast"], "--fail-fast is an option"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--actors", "0"], "--actors must be >= 1"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--cpus-per-actor", "0"], "--cpus-per-actor must be > 0"),
+        (base + ["--engine", "ray", "--out", str(taken)], "is not empty; pass --resume"),
+        (base + ["--engine", "ray", "--out", str(taken), "--overwrite"], "not a scan's"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no.fsm")], "does not exist"),
+        (base + ["--out", str(tmp_path / "l.jsonl"), "--address", "127.0.0.1:6379"], "--address is an option of --engine ray"),
+        (base + ["--out", str(tmp_path / "l.jsonl"), "--shard-size", "5"], "--shard-size is an option of --engine ray"),
+        (["merge", str(taken), str(tmp_path / "m.jsonl")], "is not the output folder"),
+    ]
+    for argv, msg in cases:
+        assert main(argv) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    assert (taken / "x.txt").read_text() == "x" and not (tmp_path / "o").exists()
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(base + ["--engine", "ray", "--out", str(tmp_path / "o")]) == 2
+    assert "pip install 'fakespotter[ray]'" in capsys.readouterr().err
+
+
+def test_help_states_the_ray_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for s in ("--engine {local,ray}", "(default: local)", "(default: RAY_ADDRESS", "(default: one per GPU",
+              "(default: 1)", "(default: --batch-size)", "(default: 1000)", "(default: 1 when the cluster has GPUs"):
+        assert s in text, s
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    assert "(default: csv when OUT ends with .csv, else jsonl)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_ray_is_imported_only_when_a_ray_scan_starts():
+    import subprocess
+
+    code = "import sys, fakespotter, fakespotter.cli; assert fakespotter.ray_scan; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

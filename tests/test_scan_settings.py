@@ -1,0 +1,272 @@
+"""Scan settings that change how the backbone runs: --channels-last, --autocast (and --resume
+refusing to mix precisions), the batch-size back-off on out-of-memory, and the device checks
+(CUDA cannot run here: its absence must be a clear error before any work)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fakespotter.cli import main
+from fakespotter.detector import FakeSpotter
+from fakespotter.scan import _is_oom, precision_of, scan
+from fakespotter.taps import Tap
+from scan_helpers import model_file, write_good
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return model_file(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("settings_corpus")
+    write_good(root / "a", 12, seed=41)
+    (root / "a" / "zz_empty.png").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(corpus, model):
+    """The default scan at batch size 4 (13 inputs, 12 chips)."""
+    return list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=0))
+
+
+def scores(records):
+    return np.array([np.nan if r["score"] is None else r["score"] for r in records])
+
+
+def without_scores(records):
+    return [dict(r, score=None, faces=[dict(f, score=None) for f in r["faces"]]) for r in records]
+
+
+@pytest.fixture(scope="module")
+def direct2(corpus, model):
+    """The default scan at batch size 2."""
+    return list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0))
+
+
+def cli(corpus, model, out, *extra):
+    return ["scan", str(corpus), "--model", str(model), "--aligned", "--workers", "0", "--batch-size", "4",
+            "--out", str(out), "--quiet", *extra]
+
+
+# ----------------------------------------------------------------------------------------------
+# channels_last and autocast
+
+
+def test_channels_last_gives_the_default_records_and_restores_the_weights(corpus, model, base):
+    det = FakeSpotter.load(model)
+    det.model_id_ = base[0]["model"]
+    convs = [m for m in det.tap_.backbone.module.modules() if isinstance(m, torch.nn.Conv2d)]
+    seen = []
+    hooks = [c.register_forward_pre_hook(lambda m, i: seen.append(
+        m.weight.is_contiguous(memory_format=torch.channels_last) and m.weight.shape[2] > 1)) for c in convs]
+    try:
+        run = scan([str(corpus)], det, aligned=True, batch_size=4, workers=0, channels_last=True)
+        got = list(run)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert any(seen), "the conv weights were not channels_last during the scan"
+    assert all(c.weight.is_contiguous() for c in convs), "the weights were not given back"
+    assert run.stats["channels_last"] is True and run.stats["precision"] == "float32"
+    # measured bit-identical on this machine's oneDNN; other ISAs may round differently
+    assert without_scores(got) == without_scores(base)
+    np.testing.assert_allclose(scores(got), scores(base), rtol=0, atol=1e-5)
+    assert [r["label"] for r in got] == [r["label"] for r in base]
+
+
+def test_autocast_scores_are_close_to_float32(corpus, model, base):
+    run = scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, autocast=True)
+    got = list(run)
+    assert run.stats["precision"] == "bfloat16" == precision_of("cpu", True)
+    assert precision_of("cuda:0", True) == "float16" and precision_of("cuda", False) == "float32"
+    assert [r["status"] for r in got] == [r["status"] for r in base]
+    a, b = scores(got), scores(base)
+    ok = ~np.isnan(b)
+    assert np.isnan(a[~ok]).all()
+    assert not np.array_equal(a[ok], b[ok]), "autocast changed nothing: did it run in bfloat16?"
+    spread = float(np.ptp(b[ok]))
+    assert np.abs(a[ok] - b[ok]).max() < 0.1 * spread + 0.05, (a, b)
+    same = sum(r["label"] == s["label"] for r, s in zip(got, base) if s["label"] is not None)
+    assert same >= 0.8 * ok.sum()
+
+
+def test_resume_refuses_another_precision(corpus, model, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert main(cli(corpus, model, out, "--autocast", "--limit", "3")) == 0
+    stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+    assert stats["precision"] == "bfloat16" and stats["channels_last"] is False
+    before = out.read_text()
+    rc = main(cli(corpus, model, out, "--resume"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "was scanned in bfloat16, this run would compute in float32" in err, err
+    assert out.read_text() == before
+    assert main(cli(corpus, model, out, "--resume", "--autocast", "--limit", "5")) == 0
+    assert len(out.read_text().splitlines()) == 5
+    # an output without a stats JSON was written in float32 (as every scan before --autocast)
+    (tmp_path / "o.jsonl.stats.json").unlink()
+    rc = main(cli(corpus, model, out, "--resume", "--autocast", "--limit", "6"))
+    assert rc == 2 and "was scanned in float32, this run would compute in bfloat16" in capsys.readouterr().err
+
+
+def test_stats_are_on_disk_before_the_first_record(corpus, model, tmp_path, monkeypatch):
+    """--resume needs the precision of a scan that was killed: the stats JSON exists (complete:
+    false) before any record is written."""
+    from fakespotter.scan import RecordWriter
+
+    out = tmp_path / "o.jsonl"
+    seen = {}
+    real_write = RecordWriter.write
+
+    def write(self, records):
+        if "stats" not in seen:
+            seen["stats"] = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+        return real_write(self, records)
+
+    monkeypatch.setattr(RecordWriter, "write", write)
+    assert main(cli(corpus, model, out, "--limit", "2")) == 0
+    assert seen["stats"]["complete"] is False and seen["stats"]["precision"] == "float32"
+    assert seen["stats"]["images"] == 0 and seen["stats"]["batch_size"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# out of memory: halve the batch, retry the same chips
+
+
+OOMS = {
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                                "memory: you tried to allocate 8589934592 bytes."),
+    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "python": lambda: MemoryError(),
+}
+
+
+def oom_above(monkeypatch, limit, after=0, kind="cpu"):
+    """Tap.forward raises an out-of-memory error for batches larger than ``limit``, from its
+    ``after``-th call on; returns the batch sizes it was called with."""
+    calls = []
+    real = Tap.forward
+
+    def forward(self, x):
+        calls.append(int(x.shape[0]))
+        if x.shape[0] > limit and len(calls) > after:
+            raise OOMS[kind]()
+        return real(self, x)
+
+    monkeypatch.setattr(Tap, "forward", forward)
+    return calls
+
+
+def test_is_oom():
+    for make in OOMS.values():
+        assert _is_oom(make())
+    assert _is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not _is_oom(RuntimeError("shape mismatch")) and not _is_oom(ValueError("out of memory"))
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_oom_from_the_start_gives_the_records_of_the_smaller_batch(corpus, model, direct2, monkeypatch, kind):
+    calls = oom_above(monkeypatch, 2, kind=kind)
+    notes = []
+    run = scan([str(corpus)], model, aligned=True, batch_size=8, workers=0, log=notes.append)
+    got = list(run)
+    assert got == direct2  # every input once, in order, scores of a batch-2 scan
+    assert calls[:3] == [8, 4, 2] and set(calls[3:]) == {2}
+    st = run.stats
+    assert st["batch_size"] == 2 and st["batch_size_requested"] == 8 and st["forwards"] == 6  # 12 chips
+    (event,) = st["oom_backoffs"]
+    assert event["from"] == 8 and event["to"] == 2 and event["forward"] == 0 and event["error"]
+    assert len(notes) == 1 and "forward of 8 chips" in notes[0] and "batches of 2" in notes[0]
+
+
+def test_oom_in_the_middle_loses_and_doubles_nothing(corpus, model, base, direct2, monkeypatch):
+    calls = oom_above(monkeypatch, 2, after=1)  # the first forward (4 chips) fits, the second not
+    run = scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, log=lambda m: None)
+    got = list(run)
+    assert [r["path"] for r in got] == [r["path"] for r in base]
+    assert got[:4] == base[:4]  # scored at 4 before the back-off
+    assert got[4:] == direct2[4:]  # the failed forward's chips and all later ones at 2
+    assert calls == [4, 4, 2, 2, 2, 2]  # 12 chips: 4, then the failed 4 again as 2 + 2, then 2 + 2
+    assert run.stats["batch_size"] == 2 and run.stats["oom_backoffs"][0]["forward"] == 1
+
+
+def test_oom_at_batch_one_and_other_errors_propagate(corpus, model, monkeypatch):
+    oom_above(monkeypatch, 0)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0, log=lambda m: None))
+    real = Tap.forward
+
+    def broken(self, x):
+        raise RuntimeError("something else broke")
+
+    monkeypatch.setattr(Tap, "forward", broken)
+    with pytest.raises(RuntimeError, match="something else broke"):
+        list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0))
+    monkeypatch.setattr(Tap, "forward", real)
+
+
+def test_cli_oom_is_logged_recorded_and_kept_on_resume(corpus, model, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o.jsonl"
+    args = [a for a in cli(corpus, model, out) if a != "--quiet"]
+    calls = oom_above(monkeypatch, 2)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("out of memory") == 1 and "going on with batches of 2" in err
+    stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+    assert stats["batch_size"] == 2 and stats["batch_size_requested"] == 4 and len(stats["oom_backoffs"]) == 1
+    whole = out.read_text()
+    # an interrupted scan of that run resumes at the smaller size, without running out of memory again
+    out.write_text("".join(whole.splitlines(keepends=True)[:5]))
+    calls.clear()
+    assert main(args + ["--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "resuming with that size" in err and "out of memory in a forward" not in err
+    assert set(calls) == {2} and out.read_text() == whole
+
+
+# ----------------------------------------------------------------------------------------------
+# devices
+
+
+def test_cuda_not_available_is_a_clear_error_before_any_work(corpus, model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for dev in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"scan: device '{dev}': CUDA is not available"):
+            scan([str(corpus)], model, device=dev)
+        rc = main(cli(corpus, model, tmp_path / "o.jsonl", "--device", dev))
+        err = capsys.readouterr().err
+        assert rc == 2 and f"device '{dev}': CUDA is not available" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.stats.json").exists()
+    with pytest.raises(ValueError, match="only cpu and cuda devices are supported"):
+        scan([str(corpus)], model, device="meta")
+    with pytest.raises(ValueError, match="scan: device 'gpu0' is not a device"):
+        scan([str(corpus)], model, device="gpu0")
+    rc = main(cli(corpus, model, tmp_path / "o.jsonl", "--device", "meta"))
+    assert rc == 2 and "only cpu and cuda devices" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="scan: autocast must be a bool"):
+        scan([str(corpus)], model, autocast="yes")
+
+
+def test_a_detector_on_another_device_is_refused(corpus, model, monkeypatch):
+    det = FakeSpotter.load(model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # get past the availability check
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"the detector's backbone is on cpu, but device is 'cuda'.*FakeSpotter.load"):
+        scan([str(corpus)], det, device="cuda")
+
+
+def test_help_states_the_new_options_and_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--channels-last run every conv in channels_last" in out and "(default: off)" in out
+    assert "--autocast run the backbone under torch.autocast: bfloat16 on CPU, float16 on CUDA" in out
+    assert "(default: off, float32;" in out
+    assert "--part-rows PART_ROWS parquet: records per part file" in out and "(default: 10000, or a part per 60 s" in out
+    assert "parquet when it ends with .parquet" in out and "halved when a forward runs out of memory" in out
