@@ -75,6 +75,12 @@ __all__ = [
     "load_dcgan_generator",
     "dcgan_latents",
     "dcgan_faces",
+    "Nuisance",
+    "draw_nuisance",
+    "pipeline_compose",
+    "pipeline_chip",
+    "encode_jpeg",
+    "decode_chip",
     "sample_chips",
     "main",
 ]
@@ -497,21 +503,37 @@ _DONORS = 64
 
 
 @dataclass(frozen=True)
-class _Nuisance:
-    background: Tuple[int, int, int]
-    eye_distance: float
-    jpeg_quality: int
-    donor: float  # uniform in [0, 1): which donor mask a real chip borrows
+class Nuisance:
+    """The per-image draws of the chip pipeline (see :func:`draw_nuisance`)."""
+
+    background: Tuple[int, int, int]  # RGB fill for transparency and outside-image area
+    eye_distance: float  # pixels between the eye centres after resampling
+    jpeg_quality: int  # quality of the final JPEG encoding
+    donor: float  # uniform in [0, 1): which donor mask a borrowing chip takes
+
+    def as_params(self) -> Dict[str, object]:
+        """The draws as JSON-friendly values (for a manifest's ``params``)."""
+        return {"background": list(self.background), "eye_distance": round(self.eye_distance, 6),
+                "jpeg_quality": self.jpeg_quality, "mask_donor": round(self.donor, 6)}
 
 
-def _nuisance(seed: int, label: int, candidate: int) -> _Nuisance:
-    # one stream per (seed, class, candidate), drawn in a fixed order for both classes
-    rng = np.random.default_rng([int(seed), 7, int(label), int(candidate)])
+_Nuisance = Nuisance  # the old private name
+
+
+def draw_nuisance(rng: np.random.Generator) -> Nuisance:
+    """Draw one image's nuisances from the distributions shared by every class, in a fixed
+    order: background (each channel uniform in ``BACKGROUND_RANGE``), eye distance (uniform in
+    ``EYE_DISTANCE_RANGE``), JPEG quality (uniform integer in ``JPEG_QUALITY_RANGE``), donor."""
     lo, hi = BACKGROUND_RANGE
     bg = tuple(int(v) for v in rng.integers(lo, hi + 1, size=3))
     eye = float(rng.uniform(*EYE_DISTANCE_RANGE))
     quality = int(rng.integers(JPEG_QUALITY_RANGE[0], JPEG_QUALITY_RANGE[1] + 1))
-    return _Nuisance(bg, eye, quality, float(rng.random()))  # type: ignore[arg-type]
+    return Nuisance(bg, eye, quality, float(rng.random()))  # type: ignore[arg-type]
+
+
+def _nuisance(seed: int, label: int, candidate: int) -> Nuisance:
+    # one stream per (seed, class, candidate), drawn in a fixed order for both classes
+    return draw_nuisance(np.random.default_rng([int(seed), 7, int(label), int(candidate)]))
 
 
 def _resize(rgb: np.ndarray, scale: float) -> np.ndarray:
@@ -540,13 +562,13 @@ def _coverage(shape_hw: Tuple[int, int], face, size: int) -> np.ndarray:
     return chip.astype(np.float32) / 255.0
 
 
-def _chip(rgb: np.ndarray, nuis: _Nuisance, size: int, upsample: int
+def _chip(rgb: np.ndarray, nuis: Nuisance, size: int, upsample: int, max_side: int = MAX_SIDE
           ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Detect, resample to the drawn eye distance, detect again, align: (chip, coverage)."""
     from fakespotter.faces import detect_and_align
 
-    if max(rgb.shape[:2]) > MAX_SIDE:
-        rgb = _resize(rgb, MAX_SIDE / max(rgb.shape[:2]))
+    if max(rgb.shape[:2]) > max_side:
+        rgb = _resize(rgb, max_side / max(rgb.shape[:2]))
     faces = detect_and_align(rgb, upsample=upsample, size=size)
     if not faces:
         return None
@@ -580,18 +602,63 @@ def _donor_masks(size: int, upsample: int) -> Tuple[np.ndarray, ...]:
     return tuple(masks)
 
 
-def _finish(chip: np.ndarray, own: np.ndarray, lent: np.ndarray, nuis: _Nuisance) -> np.ndarray:
+def _compose(chip: np.ndarray, own: np.ndarray, lent: np.ndarray, nuis: Nuisance) -> np.ndarray:
     # chip is dlib's, already ~ content * own (zeros outside the image); fill what neither the
-    # image nor the lent mask covers with the drawn background, then JPEG round trip
+    # image nor the lent mask covers with the drawn background
     a = lent[..., None]
     covered = (own * lent)[..., None]
     bg = np.asarray(nuis.background, dtype=np.float32)
     out = chip.astype(np.float32) * a + bg * (1.0 - covered)
-    out8 = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def encode_jpeg(chip: np.ndarray, quality: int) -> bytes:
+    """``uint8 [H, W, 3]`` RGB as JPEG bytes (Pillow, 4:2:0, the given quality)."""
     buf = io.BytesIO()
-    Image.fromarray(out8).save(buf, format="JPEG", quality=nuis.jpeg_quality)
-    with Image.open(io.BytesIO(buf.getvalue())) as img:
+    Image.fromarray(chip).save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def decode_chip(jpeg: bytes) -> np.ndarray:
+    """RGB ``uint8 [H, W, 3]`` of a chip's JPEG bytes."""
+    with Image.open(io.BytesIO(jpeg)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def pipeline_compose(rgb: np.ndarray, nuisance: Nuisance, borrow_mask: bool = True,
+                     size: int = 150, upsample: int = 1, max_side: int = MAX_SIDE
+                     ) -> Optional[np.ndarray]:
+    """Steps 2-5 of :func:`sample_chips` on one image: the composed chip ``uint8 [size, size,
+    3]`` before its JPEG encoding, or None when no face is found.  See :func:`pipeline_chip`."""
+    got = _chip(rgb, nuisance, int(size), int(upsample), int(max_side))
+    if got is None:
+        return None
+    if borrow_mask:
+        donors = _donor_masks(int(size), int(upsample))
+        lent = donors[int(nuisance.donor * len(donors))]
+    else:
+        lent = np.ones((int(size), int(size)), dtype=np.float32)
+    return _compose(got[0], got[1], lent, nuisance)
+
+
+def pipeline_chip(rgb: np.ndarray, nuisance: Nuisance, borrow_mask: bool = True,
+                  size: int = 150, upsample: int = 1, max_side: int = MAX_SIDE
+                  ) -> Optional[bytes]:
+    """One image through the confound-controlled chip pipeline (steps 2-6 of
+    :func:`sample_chips`); returns the chip's JPEG bytes, or None when no face is found.
+
+    rgb: ``uint8 [H, W, 3]`` full image, already decoded (transparent images composited over
+        ``nuisance.background``, as :func:`sample_chips` step 1 does).
+    nuisance: the image's draws (:func:`draw_nuisance`), from distributions shared by all
+        classes.
+    borrow_mask: True for every image that fills a chip (photos, large renders, manipulated
+        photos): the chip takes the out-of-render mask of a 64 x 64 DCGAN donor chip chosen by
+        ``nuisance.donor``, so its uncovered area is distributed like a native DCGAN chip's;
+        False only for native 64 x 64 DCGAN renders, whose own render edge is that mask.
+    max_side: larger images are shrunk to this long side before the first detection.
+    """
+    chip = pipeline_compose(rgb, nuisance, borrow_mask, size, upsample, max_side)
+    return None if chip is None else encode_jpeg(chip, nuisance.jpeg_quality)
 
 
 def sample_chips(n_real: int, n_fake: int, seed: int, size: int = 150, upsample: int = 1
@@ -649,7 +716,6 @@ def sample_chips(n_real: int, n_fake: int, seed: int, size: int = 150, upsample:
     chips: List[np.ndarray] = []
     sources: List[str] = []
     if n_real:
-        donors = _donor_masks(int(size), int(upsample))
         paths = real_headshots()
         order = np.random.default_rng([int(seed), 0]).permutation(len(paths))
         found = 0
@@ -657,28 +723,27 @@ def sample_chips(n_real: int, n_fake: int, seed: int, size: int = 150, upsample:
             if found == n_real:
                 break
             nuis = _nuisance(seed, 0, int(k))
-            got = _chip(load_image(paths[k], nuis.background), nuis, int(size), int(upsample))
-            if got is None:
+            jpeg = pipeline_chip(load_image(paths[k], nuis.background), nuis, True, int(size),
+                                 int(upsample))
+            if jpeg is None:
                 continue
-            lent = donors[int(nuis.donor * len(donors))]
-            chips.append(_finish(got[0], got[1], lent, nuis))
+            chips.append(decode_chip(jpeg))
             sources.append(f"nba:{paths[k].name}")
             found += 1
         if found < n_real:
             raise ValueError(f"sample_chips: asked for n_real={n_real}, but only {found} of "
                              f"{len(paths)} headshots give a detected face")
     found, start = 0, 0
-    ones = np.ones((int(size), int(size)), dtype=np.float32)
     while found < n_fake:
         indices = range(start, start + _RENDER_BATCH)
         for j, render in zip(indices, _render(indices, seed, None)):
             if found == n_fake:
                 break
             nuis = _nuisance(seed, 1, j)
-            got = _chip(render, nuis, int(size), int(upsample))
-            if got is None:
+            jpeg = pipeline_chip(render, nuis, False, int(size), int(upsample))
+            if jpeg is None:
                 continue
-            chips.append(_finish(got[0], got[1], ones, nuis))
+            chips.append(decode_chip(jpeg))
             sources.append(f"dcgan:seed={int(seed)}:latent={j}")
             found += 1
         start += _RENDER_BATCH

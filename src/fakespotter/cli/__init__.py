@@ -8,10 +8,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import calibrate, env, evaluate, info, merge, robustness, scan, train
+from . import calibrate, data, env, evaluate, info, merge, robustness, scan, train
 
 COMMANDS = {"scan": scan, "merge": merge, "train": train, "calibrate": calibrate, "evaluate": evaluate,
-            "robustness": robustness, "info": info, "env": env}
+            "robustness": robustness, "data": data, "info": info, "env": env}
 
 
 class UsageError(Exception):

