@@ -1,0 +1,125 @@
+"""Render the numbers of the README's model card from the reports of ``scripts/train_default.py``.
+
+    python scripts/model_card.py [--reports reports/default]
+
+Prints Markdown; the README holds it between ``<!-- model-card:begin -->`` and
+``<!-- model-card:end -->``, and tests/test_default_model.py checks that the README's copy is
+what this script renders from the committed reports (so the card quotes the reports, digit for
+digit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+BEGIN, END = "<!-- model-card:begin -->", "<!-- model-card:end -->"
+FAKE_TYPES = ("entire_synthesis", "identity_swap", "local_manipulation", "expression")
+
+
+def _ci(row: Dict[str, Any], key: str) -> str:
+    lo, hi = row["ci"][key]
+    return f"{row[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _row(rows: List[Dict[str, Any]], detector: str, kind: str, group: str) -> Optional[Dict[str, Any]]:
+    for r in rows:
+        if r.get("detector", "fakespotter") == detector and r["kind"] == kind and r["group"] == group:
+            return r
+    return None
+
+
+def _groups(rows: List[Dict[str, Any]]) -> List[tuple]:
+    seen: Dict[tuple, None] = {}
+    for r in rows:
+        seen[(r["kind"], r["group"])] = None
+    return list(seen)
+
+
+def test_table(report: Dict[str, Any]) -> str:
+    rows = report["rows"]
+    out = ["| test rows (fakes vs all reals) | reals | fakes | AUC | AP | TPR@5%FPR | ACC@op |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, group in _groups(rows):
+        r = _row(rows, "fakespotter", kind, group)
+        if r is None or (kind == "generator" and group in FAKE_TYPES):  # a local type's generator: same row
+            continue
+        name = "all fakes" if kind == "all" else f"{kind.replace('_', ' ')}: {group}"
+        out.append(f"| {name} | {r['n_real']} | {r['n_fake']} | {_ci(r, 'auc')} | {_ci(r, 'ap')} | "
+                   f"{_ci(r, 'tpr_at_5pct_fpr')} | {_ci(r, 'acc_operating')} |")
+    return "\n".join(out)
+
+
+def side_by_side(report: Dict[str, Any]) -> str:
+    rows = report["rows"]
+    detectors = list(dict.fromkeys(r.get("detector", "fakespotter") for r in rows))
+    columns = [("all", "all")] + [("fake_type", t) for t in FAKE_TYPES if _row(rows, detectors[0], "fake_type", t)]
+    head = ["detector (test AUC, 95% CI)"] + ["all fakes" if k == "all" else g.replace("_", " ") for k, g in columns]
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(columns)]
+    for d in detectors:
+        cells = []
+        for kind, group in columns:
+            r = _row(rows, d, kind, group)
+            cells.append("" if r is None else _ci(r, "auc"))
+        out.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def robustness_table(report: Dict[str, Any]) -> str:
+    rows = report["rows"]
+    detectors = list(dict.fromkeys(r.get("detector", "fakespotter") for r in rows))
+    out = ["| attack | level | " + " | ".join(f"{d} AUC" for d in detectors) + " | fakespotter ACC@op |",
+           "|---|---:|" + "---:|" * (len(detectors) + 1)]
+    keys = list(dict.fromkeys((r["attack"], r["level"]) for r in rows))
+    for attack, level in keys:
+        cells = []
+        fs = None
+        for d in detectors:
+            r = next((x for x in rows if x.get("detector", "fakespotter") == d and x["attack"] == attack
+                      and x["level"] == level), None)
+            cells.append("" if r is None else f"{r['auc']:.3f}")
+            if d == "fakespotter":
+                fs = r
+        acc = "" if fs is None else f"{fs['acc_operating']:.3f}"
+        out.append(f"| {attack} | {level} | " + " | ".join(cells) + f" | {acc} |")
+    return "\n".join(out)
+
+
+def card(reports: Path) -> str:
+    evaluation = json.loads((reports / "evaluate" / "metrics.json").read_text())
+    training = json.loads((reports / "training.json").read_text())
+    m = training["metrics"]
+    parts = [
+        f"Validation (the data set's `val` split, {sum(training['counts']['validation'].values())} chips): "
+        f"AUC {m['validation_auc']:.3f}, accuracy at the operating threshold "
+        f"{m['validation_accuracy_at_operating_threshold']:.3f}.",
+        "",
+        "Test (the `test` split; bootstrap 95% intervals; ACC@op = accuracy at the model's stored "
+        "operating threshold, chosen on `val` for a 5% false-positive rate):",
+        "",
+        test_table(evaluation),
+        "",
+        "Side by side, trained on the same split (`fakespotter evaluate --baselines all`):",
+        "",
+        side_by_side(evaluation),
+    ]
+    robust = reports / "robustness" / "robustness.json"
+    if robust.is_file():
+        parts += ["", "Robustness on the test split (`fakespotter robustness --baselines all`; every attack "
+                  "applied to real and fake chips alike):", "", robustness_table(json.loads(robust.read_text()))]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reports", default="reports/default", help="report folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    sys.stdout.write(card(Path(args.reports)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
