@@ -133,3 +133,15 @@ def test_env(capsys):
     from importlib import metadata
 
     assert info["ray"] == metadata.version("ray")  # ./dev installs the ray extra
+
+
+def test_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "fakespotter", "info", "default"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the command writes (like `| head` exiting)
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
