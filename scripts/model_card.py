@@ -80,10 +80,10 @@ def robustness_table(report: Dict[str, Any]) -> str:
         for d in detectors:
             r = next((x for x in rows if x.get("detector", "fakespotter") == d and x["attack"] == attack
                       and x["level"] == level), None)
-            cells.append("" if r is None else f"{r['auc']:.3f}")
+            cells.append("" if r is None or r.get("auc") is None else f"{r['auc']:.3f}")
             if d == "fakespotter":
                 fs = r
-        acc = "" if fs is None else f"{fs['acc_operating']:.3f}"
+        acc = "" if fs is None or fs.get("acc_operating") is None else f"{fs['acc_operating']:.3f}"
         out.append(f"| {attack} | {level} | " + " | ".join(cells) + f" | {acc} |")
     return "\n".join(out)
 
