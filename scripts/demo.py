@@ -20,7 +20,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from fakespotter import samples, weights

@@ -72,11 +72,10 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -87,7 +86,6 @@ from fakespotter.manifest import (
     SPLITS,
     Manifest,
     ManifestRow,
-    file_sha256,
     params_json,
     read_manifest,
     write_manifest,
@@ -585,12 +583,6 @@ def _preflight() -> None:
     from fakespotter import generators, samples
 
     generators._import_openvino()
-    try:
-        from fakespotter import manipulations  # noqa: F401
-    except ImportError as exc:
-        raise ImportError("data build: fakespotter.manipulations is missing from this "
-                          "installation (it makes the identity_swap, local_manipulation and "
-                          "expression fakes)") from exc
     samples.fetch_samples()
     generators.fetch_mobilestylegan()
     fetch_files(REAL_PHOTOS)

@@ -44,7 +44,6 @@ import math
 import multiprocessing
 import os
 import re
-import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor

@@ -91,7 +91,6 @@ PART_SECONDS = 60.0
 
 def check(args: argparse.Namespace) -> Dict[str, Any]:
     """Every check that can fail before work starts; returns what the work needs."""
-    from ..data import check_sources
     from ..scan import default_workers
 
     if args.workers is None:
@@ -99,14 +98,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1), ("upsample", 0)):
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
-    if args.limit is not None and args.limit < 0:
-        raise usage_error(f"--limit must be >= 0, got {args.limit}")
-    if args.resume and args.overwrite:
-        raise usage_error("--resume and --overwrite contradict each other; give one")
-    try:
-        check_sources(args.paths, "scan")
-    except (FileNotFoundError, ValueError) as e:
-        raise usage_error(str(e)) from None
+    check_inputs(args)
     to_stdout = args.out in (None, "-")
     suffix = "" if to_stdout else args.out.lower().rstrip("/")
     fmt = args.format or ("csv" if suffix.endswith(".csv") else "parquet" if suffix.endswith(".parquet") else "jsonl")
@@ -141,6 +133,20 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
                                   f"or --overwrite to replace it")
     check_faces(args)
     return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args)}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """--limit, --resume vs --overwrite and the input paths (both engines)."""
+    from ..data import check_sources
+
+    if args.limit is not None and args.limit < 0:
+        raise usage_error(f"--limit must be >= 0, got {args.limit}")
+    if args.resume and args.overwrite:
+        raise usage_error("--resume and --overwrite contradict each other; give one")
+    try:
+        check_sources(args.paths, "scan")
+    except (FileNotFoundError, ValueError) as e:
+        raise usage_error(str(e)) from None
 
 
 def check_faces(args: argparse.Namespace) -> None:

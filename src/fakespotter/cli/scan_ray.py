@@ -47,9 +47,8 @@ def refuse_ray_only(args: argparse.Namespace) -> None:
 
 def check(args: argparse.Namespace) -> Dict[str, Any]:
     """Every check of a Ray scan that can fail before work starts."""
-    from ..data import check_sources
     from ..scan_ray import INSTALL_HINT, RayNotInstalled, import_ray
-    from .scan import check_faces, load_detector
+    from .scan import check_faces, check_inputs, load_detector
 
     try:
         import_ray()
@@ -82,14 +81,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             raise usage_error(f"--{name.replace('_', '-')} must be > 0, got {v}")
     if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
         raise usage_error(f"--gpus-per-actor must be >= 0, got {args.gpus_per_actor}")
-    if args.limit is not None and args.limit < 0:
-        raise usage_error(f"--limit must be >= 0, got {args.limit}")
-    if args.resume and args.overwrite:
-        raise usage_error("--resume and --overwrite contradict each other; give one")
-    try:
-        check_sources(args.paths, "scan")
-    except (FileNotFoundError, ValueError) as e:
-        raise usage_error(str(e)) from None
+    check_inputs(args)
     check_faces(args)
     load_detector(args)
     return {"mode": "resume" if args.resume else "overwrite" if args.overwrite else "new"}
