@@ -71,7 +71,8 @@ def side_by_side(report: Dict[str, Any]) -> str:
 def robustness_table(report: Dict[str, Any]) -> str:
     rows = report["rows"]
     detectors = list(dict.fromkeys(r.get("detector", "fakespotter") for r in rows))
-    out = ["| attack | level | " + " | ".join(f"{d} AUC" for d in detectors) + " | fakespotter ACC@op |",
+    out = ["| attack | level | " + " | ".join(f"{d} AUC" + (" [95% CI]" if d == "fakespotter" else "") for d in detectors)
+           + " | fakespotter ACC@op [95% CI] |",
            "|---|---:|" + "---:|" * (len(detectors) + 1)]
     keys = list(dict.fromkeys((r["attack"], r["level"]) for r in rows))
     for attack, level in keys:
@@ -80,10 +81,16 @@ def robustness_table(report: Dict[str, Any]) -> str:
         for d in detectors:
             r = next((x for x in rows if x.get("detector", "fakespotter") == d and x["attack"] == attack
                       and x["level"] == level), None)
-            cells.append("" if r is None or r.get("auc") is None else f"{r['auc']:.3f}")
+            if r is None or r.get("auc") is None:
+                cells.append("")
+            elif d == "fakespotter" and "auc" in r.get("ci", {}):
+                cells.append(_ci(r, "auc"))
+            else:
+                cells.append(f"{r['auc']:.3f}")
             if d == "fakespotter":
                 fs = r
-        acc = "" if fs is None or fs.get("acc_operating") is None else f"{fs['acc_operating']:.3f}"
+        acc = "" if fs is None or fs.get("acc_operating") is None else (
+            _ci(fs, "acc_operating") if "acc_operating" in fs.get("ci", {}) else f"{fs['acc_operating']:.3f}")
         out.append(f"| {attack} | {level} | " + " | ".join(cells) + f" | {acc} |")
     return "\n".join(out)
 
