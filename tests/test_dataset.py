@@ -51,7 +51,7 @@ def test_small_build_lists_verified_chips(small):
         p = row.params_dict
         assert D.jpeg_quality(path) == p["jpeg_quality"]  # the pipeline's own JPEG bytes
         assert 70 <= p["jpeg_quality"] <= 95 and 15 <= p["eye_distance"] <= 19
-        assert row.licence and row.source.startswith("pypi:")
+        assert row.licence and row.source.startswith(("pypi:", "npm:"))
         top = row.file.split("/")
         if row.is_fake:
             assert top[:3] == ["fake", row.fake_type, row.generator]
@@ -64,7 +64,7 @@ def test_small_build_has_every_type_in_every_split(small):
     counts = Counter((r.split, r.label, r.fake_type, r.generator) for r in manifest.rows)
     n_real = sum(r.label == "real" for r in manifest.rows)
     n_fake = len(manifest) - n_real
-    assert 30 <= n_real <= 60 and 30 <= n_fake <= 60
+    assert 40 <= n_real <= 70 and 30 <= n_fake <= 60
     for split in SPLITS:
         assert counts[(split, "real", "", "")] >= 3
         for gen in ("mobilestylegan", "dcgan"):
@@ -102,6 +102,28 @@ def test_splits_are_by_group(small):
             assert D.PSI_RANGE[0] <= p["psi"] <= D.PSI_RANGE[1]
 
 
+def test_external_reals_are_test_only_and_kept_apart(small):
+    manifest, _ = small
+    ext = [r for r in manifest.rows if D.is_external(r.group)]
+    assert {r.source for r in ext} == {src for _, src, _ in D.EXTERNAL_SOURCES.values()}
+    for r in ext:
+        short, photo = r.group.split(":")[1:]
+        assert not r.is_fake and r.split == "test" and r.licence.endswith("tests and research only")
+        assert r.file == f"real/external/{short}/{photo}-{r.params_dict['face']:02d}.jpg"
+    # the group photos give one distinct chip per face
+    assert max(Counter(r.group for r in ext).values()) >= 3
+    assert len({r.sha256 for r in ext}) == len(ext)
+    assert D.split_of("external:any:photo") == "test"
+    # the confound report describes the training sources; the external reals come apart
+    report = D.confound_report(manifest)
+    assert report["n_real"] == sum(not r.is_fake for r in manifest.rows) - len(ext)
+    assert report["external_reals"]["n_real"] == len(ext)
+    info = json.loads((manifest.root / "build.json").read_text())
+    assert all(src in info["licences"] for _, src, _ in D.EXTERNAL_SOURCES.values())
+    assert info["counts"]["test"]["real/external"] == len(ext)
+    assert "real/external" not in info["counts"]["train"] and "real/external" not in info["counts"]["val"]
+
+
 def test_build_is_reproducible_and_overwrite_replaces_a_previous_build(small, tmp_path):
     manifest, _ = small
     out = tmp_path / "again"
@@ -135,7 +157,7 @@ def test_confound_controls_on_the_small_build(small):
 
 
 MEDIUM = D.BuildSizes(nba=160, mobilestylegan=90, dcgan=30, identity_swap=20,
-                      local_manipulation=20, expression=20, local_donors=8)
+                      local_manipulation=20, expression=20, local_donors=8, external_photos=1)
 
 
 @pytest.mark.slow
@@ -285,6 +307,8 @@ def test_cli_check_reports_missing_and_altered_files(small, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["files"] == len(manifest) and report["sha256_mismatches"] == []
     assert report["confounds"]["all_fakes"]["width"] == 0.5
+    info = json.loads((manifest.root / "build.json").read_text())
+    assert report["counts"] == {f"{s}:{k}": n for s, c in info["counts"].items() for k, n in c.items()}
     victim = manifest.rows[3].file
     (copy / victim).write_bytes(b"altered")
     assert main(["data", "check", str(copy)]) == 1

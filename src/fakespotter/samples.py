@@ -562,17 +562,28 @@ def _coverage(shape_hw: Tuple[int, int], face, size: int) -> np.ndarray:
     return chip.astype(np.float32) / 255.0
 
 
-def _chip(rgb: np.ndarray, nuis: Nuisance, size: int, upsample: int, max_side: int = MAX_SIDE
-          ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """Detect, resample to the drawn eye distance, detect again, align: (chip, coverage)."""
+def _box_centre(box) -> np.ndarray:
+    return np.array([box[0] + box[2], box[1] + box[3]], dtype=np.float64) / 2
+
+
+def _chip(rgb: np.ndarray, nuis: Nuisance, size: int, upsample: int, max_side: int = MAX_SIDE,
+          near: Optional[Tuple[float, float]] = None) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Detect, resample to the drawn eye distance, detect again, align: (chip, coverage).
+    The face is the detector's first, or the one whose box centre is nearest ``near``."""
     from fakespotter.faces import detect_and_align
 
+    shrink = 1.0
     if max(rgb.shape[:2]) > max_side:
-        rgb = _resize(rgb, max_side / max(rgb.shape[:2]))
+        shrink = max_side / max(rgb.shape[:2])
+        rgb = _resize(rgb, shrink)
     faces = detect_and_align(rgb, upsample=upsample, size=size)
     if not faces:
         return None
-    first = faces[0]
+    if near is None:
+        first = faces[0]
+    else:
+        point = np.asarray(near, dtype=np.float64) * shrink
+        first = min(faces, key=lambda f: float(np.linalg.norm(_box_centre(f.box) - point)))
     scale = nuis.eye_distance / _eye_distance(first.landmarks)
     small = _resize(rgb, scale)
     centre = np.array([first.box[0] + first.box[2], first.box[1] + first.box[3]]) * scale / 2
@@ -626,11 +637,13 @@ def decode_chip(jpeg: bytes) -> np.ndarray:
 
 
 def pipeline_compose(rgb: np.ndarray, nuisance: Nuisance, borrow_mask: bool = True,
-                     size: int = 150, upsample: int = 1, max_side: int = MAX_SIDE
-                     ) -> Optional[np.ndarray]:
+                     size: int = 150, upsample: int = 1, max_side: int = MAX_SIDE,
+                     near: Optional[Tuple[float, float]] = None) -> Optional[np.ndarray]:
     """Steps 2-5 of :func:`sample_chips` on one image: the composed chip ``uint8 [size, size,
-    3]`` before its JPEG encoding, or None when no face is found.  See :func:`pipeline_chip`."""
-    got = _chip(rgb, nuisance, int(size), int(upsample), int(max_side))
+    3]`` before its JPEG encoding, or None when no face is found.  See :func:`pipeline_chip`;
+    ``near``: an ``(x, y)`` point of ``rgb``: chip the face whose box centre is nearest to it
+    (default: the detector's first face)."""
+    got = _chip(rgb, nuisance, int(size), int(upsample), int(max_side), near)
     if got is None:
         return None
     if borrow_mask:

