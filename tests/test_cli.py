@@ -60,6 +60,7 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
         (["--real", str(real), "--fake", str(fake), "--fake-type", "a", "b"], "--fake-type names 2 types for 1 --fake sources"),
         (["--real", str(real), "--fake", str(fake), "--val-real", str(real)], "give both --val-real and --val-fake"),
         (["--real", str(real), "--fake", str(fake), "--target-fpr", "2"], r"--target-fpr must be in \(0, 1\)"),
+        (["--real", str(real), "--fake", str(fake), "--target-tpr", "0"], r"--target-tpr must be in \(0, 1\]"),
     ]
     for extra, pattern in cases:
         rc, out, err = run_cli(["train", *extra, "--out", str(tmp_path / "m.fsm")], capsys)
@@ -108,7 +109,14 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
     assert len(rep["model_sha256"]) == 64 and rep["failures"] == []
 
     rc, out, err = run_cli(["info", str(model)], capsys)
-    assert rc == 0 and "dlib_resnet_v1" in out and "operating threshold" in out
+    assert rc == 0 and "dlib_resnet_v1" in out and "operating threshold: logit" in out
+    assert "for FPR <= 0.01 on validation reals" in out
+    tpr_model = tmp_path / "tpr.fsm"
+    rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--hidden", "8",
+                            "--epochs", "5", "--target-tpr", "0.8", "--out", str(tpr_model), "--quiet"], capsys)
+    assert rc == 0 and "for TPR >= 0.8 on validation fakes" in out, err
+    rc, out, err = run_cli(["info", str(tpr_model)], capsys)
+    assert rc == 0 and "for TPR >= 0.8 on validation fakes" in out
     rc, out, err = run_cli(["info", str(model), "--json"], capsys)
     assert json.loads(out)["granularity"] == "channel"
     bad = tmp_path / "bad.fsm"

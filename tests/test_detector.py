@@ -11,6 +11,7 @@ import torch
 
 from fakespotter import artifact
 from fakespotter.classifier import NotFittedError
+from fakespotter import detector
 from fakespotter.detector import FakeSpotter, _operating_threshold
 from fakespotter.evaluate import roc_auc
 
@@ -90,6 +91,8 @@ def test_bad_parameters():
         FakeSpotter(classifier="svm").fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
     with pytest.raises(ValueError, match=r"target_fpr must be in \(0, 1\)"):
         FakeSpotter(target_fpr=0).fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
+    with pytest.raises(ValueError, match=r"target_tpr must be in \(0, 1\] or None, got 1.5"):
+        FakeSpotter(target_tpr=1.5).fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
 
 
 def test_operating_threshold_meets_target_fpr():
@@ -99,6 +102,32 @@ def test_operating_threshold_meets_target_fpr():
     assert op["fpr_at_validation"] <= 0.05 and op["fpr_at_validation"] > 0.04
     assert op["tpr_at_validation"] == float(np.mean(fake > op["logit"]))
     assert _operating_threshold(real, fake, 0.0001)["fpr_at_validation"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("target", [0.05, 0.5, 0.9, 0.999, 1.0])
+def test_operating_threshold_meets_target_tpr(target, dtype):
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(0, 1, 1000).astype(dtype), rng.normal(2, 1, 997).astype(dtype)
+    fake[:50] = fake[50]  # ties
+    op = _operating_threshold(real, fake, 0.05, target_tpr=target)
+    t = op["logit"]
+    assert op["target_tpr"] == target and op["target_fpr"] is None
+    assert op["tpr_at_validation"] == float(np.mean(fake > t)) >= target
+    # the highest such threshold: any fake at or above t, taken back, drops the TPR below target
+    assert np.mean(fake > np.min(fake[fake > t])) < target
+    assert op["fpr_at_validation"] == float(np.mean(real > t))
+    assert "for TPR >= " in detector.describe_operating_threshold(op)
+    assert "for FPR <= 0.05" in detector.describe_operating_threshold(_operating_threshold(real, fake, 0.05))
+
+
+def test_fit_with_target_tpr_is_saved_and_loaded(tmp_path):
+    real, fake = noise_chips(16, 5, 1.0), noise_chips(16, 6, 2.0)
+    det = FakeSpotter(hidden=(8,), max_epochs=5, target_tpr=0.75).fit(real, fake)
+    op = det.operating_threshold_
+    assert op["target_tpr"] == 0.75 and op["tpr_at_validation"] >= 0.75
+    again = FakeSpotter.load(det.save(tmp_path / "m.fsm"))
+    assert again.target_tpr == 0.75 and again.operating_threshold_ == op
 
 
 def test_roc_auc_literal():

@@ -421,7 +421,8 @@ class BaselineSuite:
     ``validation_fraction`` of each class's groups (default: each chip its own group) is held
     out, seeded, the same part for every baseline. Each baseline is fitted on the rest; its
     operating threshold (``operating_thresholds_[name]``, a logit) is picked on the validation
-    chips at ``target_fpr``, as ``FakeSpotter`` does. The backbone baselines share one backbone
+    chips at ``target_fpr`` (or ``target_tpr``, the model's rule when it has one), as ``FakeSpotter``
+    does. The backbone baselines share one backbone
     pass per chip batch.
     """
 
@@ -432,6 +433,7 @@ class BaselineSuite:
         self.model_params = dict(model_params or {})
         self.batch_size = batch_size
         self.target_fpr = target_fpr if target_fpr is not None else self.model_params.get("target_fpr", 0.01)
+        self.target_tpr = None if target_fpr is not None else self.model_params.get("target_tpr")
         self.validation_fraction = (validation_fraction if validation_fraction is not None
                                     else self.model_params.get("validation_fraction", 0.25))
         self.seed = seed if seed is not None else self.model_params.get("seed", 0)
@@ -468,7 +470,7 @@ class BaselineSuite:
             else:
                 b.fit(x, y)
         scores = self.decision_functions(xv)
-        self.operating_thresholds_ = {n: _operating_threshold(s[yv == 0], s[yv == 1], self.target_fpr)
+        self.operating_thresholds_ = {n: _operating_threshold(s[yv == 0], s[yv == 1], self.target_fpr, self.target_tpr)
                                       for n, s in scores.items()}
         self.counts_ = {"train": {"real": int((y == 0).sum()), "fake": int((y == 1).sum())},
                         "validation": {"real": int((yv == 0).sum()), "fake": int((yv == 1).sum())}}

@@ -35,7 +35,8 @@ from .evaluate import roc_auc
 from .features import _is_chip_batch, chips as make_chips, features, prepare_chips
 from .taps import Tap
 
-__all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model"]
+__all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model",
+           "describe_operating_threshold"]
 
 CLASSES = ("real", "fake")
 DEFAULT_MODEL = "default"  # names the embedded default detector wherever a model file is expected
@@ -60,17 +61,37 @@ def resolve_model(model: Union[str, Path]) -> Path:
 _CLASSIFIERS = {"mlp": BitsetMLPClassifier, "logistic": BitsetLogisticClassifier}
 
 
-def _operating_threshold(real_scores: np.ndarray, fake_scores: np.ndarray, target_fpr: float) -> Dict[str, float]:
-    """Lowest threshold t with FPR = mean(real > t) <= target_fpr; TPR = mean(fake > t) there."""
-    real_sorted = np.sort(real_scores)[::-1]
-    k = int(math.floor(target_fpr * len(real_sorted) + 1e-9))  # reals allowed above t
-    t = float(real_sorted[k]) if k < len(real_sorted) else float(real_sorted[-1]) - 1e-6
+def _operating_threshold(real_scores: np.ndarray, fake_scores: np.ndarray, target_fpr: float,
+                         target_tpr: Optional[float] = None) -> Dict[str, Any]:
+    """The operating threshold t on validation scores ("fake" when score > t).
+
+    Without ``target_tpr``: the lowest t with FPR = mean(real > t) <= target_fpr.  With it: the
+    highest t with TPR = mean(fake > t) >= target_tpr (``target_fpr`` is then not used).  Both
+    rates at t are recorded."""
+    if target_tpr is None:
+        real_sorted = np.sort(real_scores)[::-1]
+        k = int(math.floor(target_fpr * len(real_sorted) + 1e-9))  # reals allowed above t
+        t = float(real_sorted[k]) if k < len(real_sorted) else float(real_sorted[-1]) - 1e-6
+    else:
+        fake_sorted = np.sort(np.asarray(fake_scores))[::-1]
+        m = max(1, int(math.ceil(target_tpr * len(fake_sorted) - 1e-9)))  # fakes needed above t
+        # the next value below, in the scores' own precision (they are compared in it)
+        t = float(np.nextafter(fake_sorted[m - 1], fake_sorted.dtype.type(-np.inf)))
     return {
         "logit": t,
-        "target_fpr": float(target_fpr),
+        "target_fpr": None if target_tpr is not None else float(target_fpr),
+        "target_tpr": None if target_tpr is None else float(target_tpr),
         "fpr_at_validation": float(np.mean(real_scores > t)),
         "tpr_at_validation": float(np.mean(fake_scores > t)),
     }
+
+
+def describe_operating_threshold(op: Dict[str, Any]) -> str:
+    """``op`` (a model's ``operating_threshold_``) in words, e.g. for ``info`` and reports."""
+    rule = (f"for TPR >= {op['target_tpr']} on validation fakes" if op.get("target_tpr") is not None
+            else f"for FPR <= {op.get('target_fpr')} on validation reals")
+    return (f"logit {op['logit']:.4g} {rule} (validation FPR {op.get('fpr_at_validation', float('nan')):.4g}, "
+            f"TPR {op.get('tpr_at_validation', float('nan')):.4g})")
 
 
 class FakeSpotter:
@@ -85,7 +106,10 @@ class FakeSpotter:
         hidden: hidden layer widths of the shallow network (default (16, 16); the first layer
             runs on packed bits, and its width sets the cost of scoring: see benchmarks/RESULTS.md).
         target_fpr: false-positive rate the operating threshold is picked for on the
-            validation split (default 0.01).
+            validation split's reals (default 0.01).
+        target_tpr: if set, the operating threshold is picked for this true-positive rate on
+            the validation split's fakes instead (``target_fpr`` is then not used): the choice
+            when the validation reals are too uniform to stand for the reals a user will meet.
         validation_fraction: share of each class's images held out when ``fit`` gets no
             explicit validation set (default 0.25).
         max_epochs: classifier training epochs at most (early stopping usually ends sooner).
@@ -107,6 +131,7 @@ class FakeSpotter:
         classifier: str = "mlp",
         hidden: Sequence[int] = (16, 16),
         target_fpr: float = 0.01,
+        target_tpr: Optional[float] = None,
         validation_fraction: float = 0.25,
         max_epochs: int = 200,
         seed: int = 0,
@@ -122,6 +147,7 @@ class FakeSpotter:
         self.classifier = classifier
         self.hidden = hidden
         self.target_fpr = target_fpr
+        self.target_tpr = target_tpr
         self.validation_fraction = validation_fraction
         self.max_epochs = max_epochs
         self.seed = seed
@@ -130,7 +156,7 @@ class FakeSpotter:
         self.upsample = upsample
         self.device = device
 
-    _param_names = ("backbone", "layers", "granularity", "threshold_mode", "classifier", "hidden", "target_fpr",
+    _param_names = ("backbone", "layers", "granularity", "threshold_mode", "classifier", "hidden", "target_fpr", "target_tpr",
                     "validation_fraction", "max_epochs", "seed", "batch_size", "aligned", "upsample", "device")
 
     def get_params(self, deep: bool = True) -> dict:
@@ -145,6 +171,8 @@ class FakeSpotter:
             raise ValueError(f"FakeSpotter: classifier must be one of {sorted(_CLASSIFIERS)}, got {self.classifier!r}")
         if not 0.0 < self.target_fpr < 1.0:
             raise ValueError(f"FakeSpotter: target_fpr must be in (0, 1), got {self.target_fpr}")
+        if self.target_tpr is not None and not 0.0 < self.target_tpr <= 1.0:
+            raise ValueError(f"FakeSpotter: target_tpr must be in (0, 1] or None, got {self.target_tpr}")
         if self.threshold_mode not in ("per_layer", "per_neuron"):
             raise ValueError(f"FakeSpotter: threshold_mode must be 'per_layer' or 'per_neuron', got {self.threshold_mode!r}")
 
@@ -231,7 +259,7 @@ class FakeSpotter:
         clf = self._make_classifier().fit(rows_tr, y_tr, validation=(rows_va, y_va))
         s_va = clf.decision_function(rows_va).numpy()
         s_tr = clf.decision_function(rows_tr).numpy()
-        op = _operating_threshold(s_va[y_va.numpy() == 0], s_va[y_va.numpy() == 1], self.target_fpr)
+        op = _operating_threshold(s_va[y_va.numpy() == 0], s_va[y_va.numpy() == 1], self.target_fpr, self.target_tpr)
         ya = y_va.numpy()
         summary = {
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

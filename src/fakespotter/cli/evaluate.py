@@ -348,6 +348,8 @@ def require_both_classes(c: Dict[str, Dict[str, int]], aligned: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..detector import describe_operating_threshold
+
     plan = check_corpus(args, OUTPUTS)
     det, paths, labels = plan["detector"], plan["paths"], plan["labels"]
     trained = train_detectors(plan, args)
@@ -401,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
     report["training_failures"] = trained["failures"]
     report["images_without_face"] = [str(paths[i]) for i in np.flatnonzero(faces == 0)]
     notes = [f"model {report['model']['path']} (sha256 {report['model']['sha256'][:16]}...), operating threshold "
-             f"logit {op:.4g} (target FPR {det.operating_threshold_.get('target_fpr')})",
+             f"{describe_operating_threshold(det.operating_threshold_)}",
              f"ACC, precision, recall, F1 at logit {args.threshold:g}; intervals: {args.bootstrap} stratified bootstrap "
              f"resamples, 95% percentile (seed {args.seed})"]
     if plan["mode"] == "manifest":

@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..artifact import ModelFileError, file_sha256, read_model
+    from ..detector import describe_operating_threshold
 
     from ._common import model_file
 
@@ -39,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
         f"layers: {len(meta['layers'])} ({meta['layers'][0]} ... {meta['layers'][-1]}), "
         f"granularity {meta['granularity']}, thresholds {meta['threshold_mode']}, row {meta['row_words']} words",
         f"classifier: {meta['classifier']['type']} {meta['classifier']['params']}",
-        f"operating threshold: logit {op.get('logit'):.4g} for FPR <= {op.get('target_fpr')} "
-        f"(validation FPR {op.get('fpr_at_validation'):.4g}, TPR {op.get('tpr_at_validation'):.4g})",
+        f"operating threshold: {describe_operating_threshold(op)}",
         f"training: {counts.get('train')} train, {counts.get('validation')} validation chips; "
         f"seed {training.get('seed')}; created {training.get('created')}",
         f"metrics: {training.get('metrics')}",

@@ -4,7 +4,8 @@ file plus a JSON training report.
 Every image goes through the same pipeline (face detection and 5-point alignment into the
 backbone's chips, or a plain resize with --aligned). The validation part is held out by image;
 thresholds are calibrated on the training chips of both classes; the operating threshold is
-picked on the validation chips at --target-fpr.
+picked on the validation chips at --target-fpr (of the reals), or at --target-tpr (of the
+fakes) when given.
 
 With --manifest (a data set from 'fakespotter data build'; its chips are aligned, so --aligned
 is implied) the --split (default train) is the training set, held out by group, and the val
@@ -42,7 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--hidden", nargs="+", type=int, default=[16, 16], metavar="N",
                    help="hidden layer widths of the shallow network (default: 16 16)")
     p.add_argument("--target-fpr", type=float, default=0.01,
-                   help="false-positive rate of the operating threshold (default: %(default)s)")
+                   help="false-positive rate of the operating threshold on the validation reals "
+                        "(default: %(default)s)")
+    p.add_argument("--target-tpr", type=float, default=None,
+                   help="pick the operating threshold for this true-positive rate on the validation "
+                        "fakes instead of --target-fpr, when the validation reals are too uniform to "
+                        "stand for the reals the model will meet (default: off)")
     p.add_argument("--validation-fraction", type=float, default=0.25,
                    help="share of images held out when no --val-* is given (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=200, help="training epochs at most (default: %(default)s)")
@@ -95,6 +101,8 @@ def check(args: argparse.Namespace) -> Dict:
         raise usage_error(f"{len(overlap)} images are both real and fake, e.g. {sorted(overlap)[0]}")
     if not 0 < args.target_fpr < 1:
         raise usage_error(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
+    if args.target_tpr is not None and not 0 < args.target_tpr <= 1:
+        raise usage_error(f"--target-tpr must be in (0, 1], got {args.target_tpr}")
     if not 0 < args.validation_fraction < 1:
         raise usage_error(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
     for name in ("batch_size", "epochs", "upsample"):
@@ -129,7 +137,7 @@ def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]
 def run(args: argparse.Namespace) -> int:
     plan = check(args)
     from ..artifact import file_sha256
-    from ..detector import FakeSpotter
+    from ..detector import FakeSpotter, describe_operating_threshold
 
     failures: List[Dict] = []
     real_paths = [p for _, ps in plan["real"] for p in ps]
@@ -152,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     }
     det = FakeSpotter(backbone=args.backbone, layers=args.layers, granularity=args.granularity,
                       threshold_mode=args.threshold_mode, classifier=args.classifier, hidden=tuple(args.hidden),
-                      target_fpr=args.target_fpr, validation_fraction=args.validation_fraction,
+                      target_fpr=args.target_fpr, target_tpr=args.target_tpr, validation_fraction=args.validation_fraction,
                       max_epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                       aligned=args.aligned, upsample=args.upsample)
     if plan["groups"] is not None:  # manifest groups (identity / source) instead of one group per image
@@ -185,9 +193,8 @@ def run(args: argparse.Namespace) -> int:
         plan["report"].write_text(json.dumps(report, indent=2) + "\n")
     m = summary["metrics"]
     op = det.operating_threshold_
-    print(f"wrote {plan['out']}: validation AUC {m['validation_auc']:.3f}, TPR {op['tpr_at_validation']:.3f} "
-          f"at FPR {op['fpr_at_validation']:.3f} (target {op['target_fpr']}); "
-          f"{len(failures)} unreadable images")
+    print(f"wrote {plan['out']}: validation AUC {m['validation_auc']:.3f}; operating threshold "
+          f"{describe_operating_threshold(op)}; {len(failures)} unreadable images")
     for f in failures[:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
     return 1 if failures else 0
