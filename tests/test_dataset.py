@@ -102,24 +102,33 @@ def test_splits_are_by_group(small):
             assert D.PSI_RANGE[0] <= p["psi"] <= D.PSI_RANGE[1]
 
 
-def test_external_reals_are_test_only_and_kept_apart(small):
+def test_other_reals_every_face_and_the_external_ones_test_only(small):
     manifest, _ = small
-    ext = [r for r in manifest.rows if D.is_external(r.group)]
-    assert {r.source for r in ext} == {src for _, src, _ in D.EXTERNAL_SOURCES.values()}
-    for r in ext:
-        short, photo = r.group.split(":")[1:]
-        assert not r.is_fake and r.split == "test" and r.licence.endswith("tests and research only")
-        assert r.file == f"real/external/{short}/{photo}-{r.params_dict['face']:02d}.jpg"
+    by_source = {o.source: (short, o) for short, o in D.OTHER_REALS.items()}
+    other = [r for r in manifest.rows if r.source in by_source]
+    assert {r.source for r in other} == set(by_source)  # one photo of every source in --small
+    for r in other:
+        short, o = by_source[r.source]
+        photo = r.group.split(":")[-1]
+        assert not r.is_fake and r.licence.endswith("tests and research only")
+        assert D.is_external(r.group) == o.held_out
+        if o.held_out:  # external: test split only, its own folder
+            assert r.split == "test" and r.group == f"external:{short}:{photo}"
+            assert r.file == f"real/external/{short}/{photo}-{r.params_dict['face']:02d}.jpg"
+        else:  # split by photo like any other group
+            assert r.group == f"{short}:{photo}" and r.split == D.split_of(r.group)
+            assert r.file == f"real/{short}/{photo}-{r.params_dict['face']:02d}.jpg"
     # the group photos give one distinct chip per face
-    assert max(Counter(r.group for r in ext).values()) >= 3
-    assert len({r.sha256 for r in ext}) == len(ext)
+    assert max(Counter(r.group for r in other).values()) >= 3
+    assert len({r.sha256 for r in other}) == len(other)
     assert D.split_of("external:any:photo") == "test"
     # the confound report describes the training sources; the external reals come apart
+    ext = [r for r in other if D.is_external(r.group)]
     report = D.confound_report(manifest)
     assert report["n_real"] == sum(not r.is_fake for r in manifest.rows) - len(ext)
     assert report["external_reals"]["n_real"] == len(ext)
     info = json.loads((manifest.root / "build.json").read_text())
-    assert all(src in info["licences"] for _, src, _ in D.EXTERNAL_SOURCES.values())
+    assert all(src in info["licences"] for src in by_source)
     assert info["counts"]["test"]["real/external"] == len(ext)
     assert "real/external" not in info["counts"]["train"] and "real/external" not in info["counts"]["val"]
 
@@ -157,7 +166,7 @@ def test_confound_controls_on_the_small_build(small):
 
 
 MEDIUM = D.BuildSizes(nba=160, mobilestylegan=90, dcgan=30, identity_swap=20,
-                      local_manipulation=20, expression=20, local_donors=8, external_photos=1)
+                      local_manipulation=20, expression=20, local_donors=8, other_photos=1)
 
 
 @pytest.mark.slow

