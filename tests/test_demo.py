@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from fakespotter.artifact import file_sha256
+from fakespotter.cli.scan import DEFAULT_MODEL_NOTE
 from fakespotter.detector import default_model_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,6 +23,7 @@ def test_demo_scans_the_sample_corpus(tmp_path):
     out = result.stdout + result.stderr
     assert "status" in out and "images/s" in out
     assert "errors: empty_file 1, truncated 1" in out
+    assert DEFAULT_MODEL_NOTE in out  # the embedded default's limits, said where its labels appear
     records = [json.loads(line) for line in (tmp_path / "demo" / "scan.jsonl").read_text().splitlines()]
     assert len(records) == 6 + 6 + 3 + 2  # reals, renders, photos, broken files: one record each
     assert {r["status"] for r in records} <= {"ok", "no_face", "error"}

@@ -358,3 +358,16 @@ def test_worker_crash_loses_no_record(corpus, model, tmp_path):
     kinds = {os.path.basename(r["path"]): r["error_kind"] for r in recs}
     assert kinds.pop("img002.png") == "worker_crash"
     assert set(kinds.values()) == {None}
+
+
+def test_summary_notes_the_default_models_limits_only_for_the_default(tmp_path):
+    from fakespotter.cli.scan import DEFAULT_MODEL_NOTE, summary
+    from fakespotter.detector import default_model_path
+    from fakespotter.scan import new_stats
+
+    stats = new_stats()
+    assert summary(stats, 0, str(default_model_path())).endswith(DEFAULT_MODEL_NOTE)
+    other = tmp_path / "mine.fsm"
+    other.write_bytes(default_model_path().read_bytes())  # same bytes, another file: the user's own
+    assert DEFAULT_MODEL_NOTE not in summary(stats, 0, str(other))
+    assert DEFAULT_MODEL_NOTE not in summary(stats, 0)

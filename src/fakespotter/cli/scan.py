@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
                    help="image files, folders (recursive), @list.txt file lists, - (a list on stdin), tar archives")
     p.add_argument("--model", default="default",
                    help="a model file written by 'fakespotter train' (default: %(default)s, the embedded "
-                        "default detector; see the README's model card)")
+                        "default detector: a reference model whose real class is one source of photos; "
+                        "see the README's model card for its limits)")
     p.add_argument("--out", default=None,
                    help="output file (a folder for --format parquet); - or none: stdout (default: stdout)")
     p.add_argument("--format", choices=["jsonl", "csv", "parquet"], default=None,
@@ -279,7 +280,15 @@ def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
     progress.total = max(n - resumed, 0)
 
 
-def summary(stats: Dict[str, Any], resumed: int) -> str:
+DEFAULT_MODEL_NOTE = ("note: the embedded default detector learned real faces from one source (NBA headshots) "
+                      "and calls most real faces from other sources fake; read the README's model card "
+                      "before trusting its labels")
+
+
+def summary(stats: Dict[str, Any], resumed: int, model: Optional[str] = None) -> str:
+    """The end-of-scan summary; ``model``: the model file used (a note follows for the default)."""
+    from ..detector import default_model_path
+
     c, lab = stats["counts"], stats["labels"]
     lines = [f"{'status':<10}{'images':>10}"]
     lines += [f"{s:<10}{c[s]:>10}" for s in ("ok", "no_face", "error")]
@@ -291,6 +300,8 @@ def summary(stats: Dict[str, Any], resumed: int) -> str:
     if resumed:
         tail += f" (resumed: {resumed} records were already there)"
     lines.append(tail)
+    if model is not None and Path(model).resolve() == default_model_path().resolve():
+        lines.append(DEFAULT_MODEL_NOTE)
     return "\n".join(lines)
 
 
@@ -362,6 +373,6 @@ def run(args: argparse.Namespace) -> int:
         if stats_path is not None:
             write_stats(stats_path, stats(complete))
     if not args.quiet:
-        print(summary(run_.stats, resumed), file=sys.stderr)
+        print(summary(run_.stats, resumed, args.model), file=sys.stderr)
     errors = run_.stats["counts"]["error"] + (state.counts["error"] if state is not None else 0)
     return 1 if errors else 0

@@ -107,6 +107,6 @@ def run_ray(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if not args.quiet:
-        print(summary(stats, stats["resumed_records"]), file=sys.stderr)
+        print(summary(stats, stats["resumed_records"], args.model), file=sys.stderr)
         log(f"records: {args.out}/part-*.jsonl; one file in input order: fakespotter merge {args.out} FILE")
     return 1 if stats["counts"]["error"] + stats["resumed_errors"] else 0
