@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
                    help="image files, folders (recursive), @list.txt file lists, - (a list on stdin), tar archives")
     p.add_argument("--model", default="default",
                    help="a model file written by 'fakespotter train' (default: %(default)s, the embedded "
-                        "default detector: a reference model whose real class is one source of photos; "
+                        "default detector: a reference model whose real faces are mostly one source's; "
                         "see the README's model card for its limits)")
     p.add_argument("--out", default=None,
                    help="output file (a folder for --format parquet); - or none: stdout (default: stdout)")
@@ -280,9 +280,9 @@ def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
     progress.total = max(n - resumed, 0)
 
 
-DEFAULT_MODEL_NOTE = ("note: the embedded default detector learned real faces from one source (NBA headshots) "
-                      "and calls most real faces from other sources fake; read the README's model card "
-                      "before trusting its labels")
+DEFAULT_MODEL_NOTE = ("note: the embedded default detector learned real faces mostly from one source (NBA "
+                      "headshots) and flags real faces from elsewhere far more often (a third of its unseen-"
+                      "source test faces); read the README's model card before trusting its labels")
 
 
 def summary(stats: Dict[str, Any], resumed: int, model: Optional[str] = None) -> str:
