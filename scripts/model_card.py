@@ -45,11 +45,27 @@ def test_table(report: Dict[str, Any]) -> str:
            "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, group in _groups(rows):
         r = _row(rows, "fakespotter", kind, group)
-        if r is None or (kind == "generator" and group in FAKE_TYPES):  # a local type's generator: same row
-            continue
+        if r is None or kind == "source" or (kind == "generator" and group in FAKE_TYPES):
+            continue  # a local type's generator row repeats its type's; sources: sources_table
         name = "all fakes" if kind == "all" else f"{kind.replace('_', ' ')}: {group}"
         out.append(f"| {name} | {r['n_real']} | {r['n_fake']} | {_ci(r, 'auc')} | {_ci(r, 'ap')} | "
                    f"{_ci(r, 'tpr_at_5pct_fpr')} | {_ci(r, 'acc_operating')} |")
+    return "\n".join(out)
+
+
+def sources_table(report: Dict[str, Any]) -> str:
+    """Each real source of the test split: how many of its faces the model calls fake."""
+    from fakespotter.dataset import OTHER_REALS
+
+    held_out = {o.source for o in OTHER_REALS.values() if o.held_out}
+    rows = [r for r in report["rows"] if r.get("detector", "fakespotter") == "fakespotter" and r["kind"] == "source"]
+    rows.sort(key=lambda r: (r["group"] in held_out, r["group"]))
+    out = ["| real source (test split) | faces | flagged fake at the operating threshold | AUC vs all test fakes |",
+           "|---|---:|---:|---:|"]
+    for r in rows:
+        flagged = round(r["fpr_operating"] * r["n_real"])
+        name = f"{r['group']} (external)" if r["group"] in held_out else r["group"]
+        out.append(f"| {name} | {r['n_real']} | {flagged} ({r['fpr_operating']:.0%}) | {_ci(r, 'auc')} |")
     return "\n".join(out)
 
 
@@ -95,6 +111,13 @@ def robustness_table(report: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _rule(op: Dict[str, Any]) -> str:
+    if op.get("target_tpr") is not None:
+        return (f"chosen on `val` to catch {op['target_tpr']:.0%} of its fakes (it flags "
+                f"{op['fpr_at_validation']:.1%} of its reals)")
+    return f"chosen on `val` for a {op['target_fpr']:.0%} false-positive rate"
+
+
 def card(reports: Path) -> str:
     evaluation = json.loads((reports / "evaluate" / "metrics.json").read_text())
     training = json.loads((reports / "training.json").read_text())
@@ -105,9 +128,14 @@ def card(reports: Path) -> str:
         f"{m['validation_accuracy_at_operating_threshold']:.3f}.",
         "",
         "Test (the `test` split; bootstrap 95% intervals; ACC@op = accuracy at the model's stored "
-        "operating threshold, chosen on `val` for a 5% false-positive rate):",
+        f"operating threshold, {_rule(evaluation['model']['operating_threshold'])}):",
         "",
         test_table(evaluation),
+        "",
+        "The test split's reals by source (external: packages that nothing in train or val came "
+        "from):",
+        "",
+        sources_table(evaluation),
         "",
         "Side by side, trained on the same split (`fakespotter evaluate --baselines all`):",
         "",

@@ -8,7 +8,14 @@ DATA is a benchmark data set made by ``fakespotter data build DATA`` (the full b
 its library defaults (dlib ResNet backbone, every post-ReLU layer + the descriptor, channel
 granularity, per-layer thresholds (paper Eq. 1), the 16-16 bitset MLP), trained on the
 manifest's ``train`` split; the ``val`` split drives early stopping and the operating
-threshold; the ``test`` split is touched only by the reports:
+threshold; the ``test`` split is touched only by the reports.
+
+The operating threshold is set for a true-positive rate (``TARGET_TPR`` of the val fakes), not a
+false-positive rate: the val reals are mostly NBA headshots, on which any threshold looks safe,
+while real faces from other sources score far higher (on val, the three face-api faces scored
+above most headshots).  At TPR 0.5 of all val fakes (about three quarters of the entire-synthesis
+ones; the local types score near the reals) none of the val reals of either source is flagged;
+the value was fixed on val before the test split was scored.
 
 - ``REPORTS/evaluate/``: ``fakespotter evaluate`` of the default detector and the baselines
   (all trained on the same train split) on the test split;
@@ -33,7 +40,7 @@ from fakespotter import FakeSpotter
 from fakespotter.cli import main as cli
 from fakespotter.manifest import MANIFEST_NAME, file_sha256, read_manifest
 
-TARGET_FPR = 0.05
+TARGET_TPR = 0.5
 SEED = 0
 
 
@@ -71,7 +78,7 @@ def main(argv=None) -> int:
     full = read_manifest(data)
     train, val = full.select(splits="train"), full.select(splits="val")
     print(f"training on {len(train)} chips, validating on {len(val)} ...", file=sys.stderr, flush=True)
-    det = FakeSpotter(aligned=True, seed=SEED, target_fpr=TARGET_FPR)
+    det = FakeSpotter(aligned=True, seed=SEED, target_tpr=TARGET_TPR)
     det.fit(load_chips(train, "real"), load_chips(train, "fake"),
             validation=(load_chips(val, "real"), load_chips(val, "fake")),
             sources={"manifest_sha256": file_sha256(data / MANIFEST_NAME), "splits": counts(full),
