@@ -39,7 +39,7 @@ def _check_rows(rows, name: str = "rows", words: Optional[int] = None) -> torch.
         raise ValueError(f"{name} must be packed int64 rows of shape [N, words], got {rows.dtype} of shape {list(rows.shape)}")
     if words is not None and rows.shape[1] != words:
         raise ValueError(f"{name} have {rows.shape[1]} words per row; this classifier was fitted on {words}")
-    return rows
+    return rows.cpu()  # the classifier lives on the CPU; rows may come from a tap on a GPU
 
 
 def _check_labels(y, n: int, need_both: bool = True) -> torch.Tensor:
