@@ -314,3 +314,51 @@ def test_numpy_packbits_view_of_a_row():
         rows = tap(x)
     bits = reference.unpack_bits(rows, 0, rows.shape[1] * 64).numpy()
     assert np.array_equal(rows.numpy().view(np.uint8), np.packbits(bits, axis=1, bitorder="little"))
+
+
+def test_exact_float32_turns_tf32_off_and_restores_the_settings():
+    from fakespotter.taps import exact_float32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        for before in (True, False):
+            cudnn.allow_tf32 = matmul.allow_tf32 = before
+            with exact_float32():
+                assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (before, before)
+        cudnn.allow_tf32 = True
+        with pytest.raises(RuntimeError, match="inside"):
+            with exact_float32():
+                raise RuntimeError("inside")
+        assert cudnn.allow_tf32 is True
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def test_fakespotter_forwards_run_in_exact_float32(tmp_path):
+    """features() (both paths), calibration and the scanner run the backbone with TF32 off, so
+    that a GPU gives the CPU's rows; a direct tap call follows torch's setting."""
+    from fakespotter.features import features
+    from fakespotter.scan import _Forward
+
+    net = small_net()
+    tap = Tap(net, SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    seen = []
+    conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    conv.register_forward_pre_hook(lambda m, i: seen.append(torch.backends.cudnn.allow_tf32))
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        x = small_chips(3)
+        features(x, tap)
+        ThresholdCalibrator(tap).fit([x])
+        det = type("Det", (), {"tap_": tap, "classifier_": type("C", (), {
+            "decision_function": staticmethod(lambda rows: torch.zeros(len(rows)))})()})()
+        _Forward(det, "cpu", 2).run(np.zeros((1, 15, 13, 3), dtype=np.uint8))
+        assert seen == [False, False, False]
+        with torch.no_grad():
+            tap(x)
+        assert seen[-1] is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .taps import Tap
+from .taps import Tap, exact_float32
 
 __all__ = ["Chips", "Features", "chips", "features", "mnc", "prepare_chips"]
 
@@ -156,7 +156,7 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
     out: List[Tensor] = []
     if _is_chip_batch(images_or_chips):
         x = prepare_chips(images_or_chips, tap)
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32():
             for start in range(0, x.shape[0], batch_size):
                 out.append(tap(tap.preprocessing(x[start:start + batch_size])))
         n = int(x.shape[0])
@@ -174,7 +174,7 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
     def flush() -> None:
         if pending:
             x = prepare_chips(np.stack(pending), tap)
-            with torch.no_grad():
+            with torch.no_grad(), exact_float32():
                 out.append(tap(tap.preprocessing(x)))
             pending.clear()
 

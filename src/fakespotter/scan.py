@@ -248,7 +248,9 @@ class _Forward:
     puts the conv weights in channels_last for the scan (restored by :meth:`restore`), so that
     every conv runs channels_last, also after dlib's padding ``add`` (whose output is NCHW).
     ``autocast`` runs backbone + taps under ``torch.autocast`` (bfloat16 on CPU, float16 on
-    CUDA); the classifier always runs in float32 on the CPU.
+    CUDA); without it the forward runs in IEEE float32 on a GPU too (``taps.exact_float32``: no
+    TF32 convolutions), so GPU and CPU scans agree. The classifier always runs in float32 on the
+    CPU.
     """
 
     def __init__(self, det: Any, device: str, batch_size: int, channels_last: bool = False,
@@ -294,6 +296,8 @@ class _Forward:
         -> (packed rows int64 [n, words] on the CPU, logits float32 [n])."""
         import torch
 
+        from .taps import exact_float32
+
         B, n = self.batch_size, len(chips)
         buf = self._buf[:B]
         buf[:n] = chips
@@ -308,7 +312,8 @@ class _Forward:
                 with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
                     rows = self.tap(x)
             else:
-                rows = self.tap(x)
+                with exact_float32():  # "float32" means it on a GPU too: no TF32 convolutions
+                    rows = self.tap(x)
             rows = rows.cpu()
             t1 = time.perf_counter()
             logits = self.det.classifier_.decision_function(rows)[:n].numpy()  # all B rows: same GEMM

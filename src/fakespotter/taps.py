@@ -49,6 +49,7 @@ __all__ = [
     "script_tap",
     "load_script_tap",
     "export_tap",
+    "exact_float32",
 ]
 
 GRANULARITIES = ("channel", "element")
@@ -458,7 +459,7 @@ class Tap(nn.Module):
         net, sink = self._capture_net()
         sink.fn = fn
         try:
-            with torch.no_grad():
+            with torch.no_grad(), exact_float32():
                 net(x)
         finally:
             sink.fn = None
@@ -478,6 +479,24 @@ class Tap(nn.Module):
         return (f"Tap(backbone={self.backbone_id!r}, granularity={self.granularity!r}, "
                 f"layers={len(self.layers)}, words={self.layout.total_words}, "
                 f"thresholds={self.threshold_mode})")
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Run CUDA convolutions and matrix products in IEEE float32 inside the block: torch lets
+    cuDNN use TF32 (a 10-bit mantissa) for float32 convolutions by default on Ampere and later
+    GPUs. fakespotter's own forwards (:func:`~fakespotter.features.features`, calibration, the
+    scanner) run inside this, so that a GPU gives the CPU's bits: measured on an H100 over 512
+    chips, identical rows with TF32 off; with it on 0.02% of the bits and logits by up to 0.15
+    differed, for no measurable speed (benchmarks/RESULTS.md). Calling a ``Tap`` directly
+    follows torch's global settings. The previous settings are restored on exit."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager
