@@ -24,7 +24,10 @@
 #if defined(__CUDACC__)
 #define FS_HD __host__ __device__ __forceinline__
 #else
-#define FS_HD inline
+// Host: always inlined, so that no out-of-line copy is emitted. The CPU kernel variants are
+// separate translation units compiled for different ISAs (AVX2, AVX-512); an out-of-line copy
+// would be a weak symbol in each, and the linker would keep one of them for all callers.
+#define FS_HD inline __attribute__((always_inline))
 #endif
 
 namespace fakespotter {

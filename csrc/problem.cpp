@@ -2,18 +2,18 @@
 
 #include <c10/util/Exception.h>
 
-#include <sstream>
 #include <string>
 
 namespace fakespotter {
+
+std::string int_str(int64_t v) { return std::to_string(v); }
+
 namespace {
 
 std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  s << "]";
-  return s.str();
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + int_str(sizes[i]);
+  return s + "]";
 }
 
 DType element_dtype(std::string_view op, const at::Tensor& x) {
@@ -44,7 +44,7 @@ Granularity parse_granularity(std::string_view op, std::string_view granularity)
 PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Tensor& thresholds,
                           std::string_view granularity) {
   TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must have shape [N, D] or [N, C, *spatial], got a ",
-                    x.dim(), "-d tensor of shape ", shape_str(x.sizes()));
+                    int_str(x.dim()), "-d tensor of shape ", shape_str(x.sizes()));
   PackProblem p{};
   p.dtype = element_dtype(op, x);
   p.granularity = parse_granularity(op, granularity);
@@ -67,7 +67,7 @@ PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Te
       L.spatial_stride[L.spatial_dims - 1] = stride;
       continue;
     }
-    TORCH_CHECK_VALUE(L.spatial_dims < kMaxSpatialDims, op, ": x has more than ", kMaxSpatialDims,
+    TORCH_CHECK_VALUE(L.spatial_dims < kMaxSpatialDims, op, ": x has more than ", int_str(kMaxSpatialDims),
                       " spatial dims that cannot be merged (shape ", shape_str(x.sizes()),
                       ", strides ", shape_str(x.strides()), "); make it contiguous first");
     L.spatial_size[L.spatial_dims] = size;
@@ -88,8 +88,8 @@ PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Te
                     thresholds.device());
   const int64_t n = thresholds.numel();
   TORCH_CHECK_VALUE(n == 1 || n == p.features, op,
-                    ": thresholds must have 1 entry (one per layer) or ", p.features,
-                    " entries (one per ", channel ? "channel" : "element", "), got ", n);
+                    ": thresholds must have 1 entry (one per layer) or ", int_str(p.features),
+                    " entries (one per ", channel ? "channel" : "element", "), got ", int_str(n));
   PreparedPack prepared{p, thresholds.contiguous()};
   prepared.problem.per_neuron = n != 1;
   prepared.problem.thresholds = prepared.thresholds.const_data_ptr<float>();
@@ -106,12 +106,12 @@ void bind_out(std::string_view op, PackProblem& p, const at::Tensor& x, const at
   TORCH_CHECK_VALUE(out.device() == x.device(), op, ": out must be on x's device (", x.device(),
                     "), got ", out.device());
   TORCH_CHECK_VALUE(out.size(0) == p.layout.rows, op, ": out must have one row per row of x (",
-                    p.layout.rows, "), got ", out.size(0));
-  TORCH_CHECK_VALUE(word_offset >= 0, op, ": word_offset must be >= 0, got ", word_offset);
-  TORCH_CHECK_VALUE(word_offset + p.words <= out.size(1), op, ": out has ", out.size(1),
-                    " words per row, but this layer needs words [", word_offset, ", ",
-                    word_offset + p.words, ") (word_offset ", word_offset, " + ", p.words,
-                    " words)");
+                    int_str(p.layout.rows), "), got ", int_str(out.size(0)));
+  TORCH_CHECK_VALUE(word_offset >= 0, op, ": word_offset must be >= 0, got ", int_str(word_offset));
+  TORCH_CHECK_VALUE(word_offset + p.words <= out.size(1), op, ": out has ", int_str(out.size(1)),
+                    " words per row, but this layer needs words [", int_str(word_offset), ", ",
+                    int_str(word_offset + p.words), ") (word_offset ", int_str(word_offset), " + ",
+                    int_str(p.words), " words)");
   TORCH_CHECK_VALUE(out.size(1) <= 1 || out.stride(1) == 1, op,
                     ": out must have unit stride along its words, got strides ",
                     shape_str(out.strides()));
@@ -126,11 +126,11 @@ void check_packed(std::string_view op, const at::Tensor& packed, int64_t word_of
   TORCH_CHECK_VALUE(packed.dim() == 2, op, ": packed must have shape [N, words], got shape ",
                     shape_str(packed.sizes()));
   TORCH_CHECK_VALUE(word_offset >= 0 && num_words >= 0, op,
-                    ": word_offset and the word count must be >= 0, got ", word_offset, " and ",
-                    num_words);
+                    ": word_offset and the word count must be >= 0, got ", int_str(word_offset),
+                    " and ", int_str(num_words));
   TORCH_CHECK_VALUE(word_offset + num_words <= packed.size(1), op, ": packed has ",
-                    packed.size(1), " words per row, but words [", word_offset, ", ",
-                    word_offset + num_words, ") were asked for");
+                    int_str(packed.size(1)), " words per row, but words [", int_str(word_offset), ", ",
+                    int_str(word_offset + num_words), ") were asked for");
 }
 
 PreparedLinear prepare_linear(std::string_view op, const at::Tensor& packed,
@@ -147,12 +147,12 @@ PreparedLinear prepare_linear(std::string_view op, const at::Tensor& packed,
                     "got shape ", shape_str(table.sizes()));
   const int64_t groups = table.size(0);
   const int64_t outputs = table.size(2);
-  TORCH_CHECK_VALUE((groups + 15) / 16 == packed.size(1), op, ": table covers ", groups,
-                    " groups of 4 features = ", (groups + 15) / 16, " words, packed has ",
-                    packed.size(1), " words per row");
+  TORCH_CHECK_VALUE((groups + 15) / 16 == packed.size(1), op, ": table covers ", int_str(groups),
+                    " groups of 4 features = ", int_str((groups + 15) / 16), " words, packed has ",
+                    int_str(packed.size(1)), " words per row");
   TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
                         scale.size(0) == outputs,
-                    op, ": scale must be float32 of shape [", outputs, "], got ",
+                    op, ": scale must be float32 of shape [", int_str(outputs), "], got ",
                     scale.scalar_type(), " of shape ", shape_str(scale.sizes()));
   for (const at::Tensor* t : {&table, &scale}) {
     TORCH_CHECK_VALUE(t->device() == packed.device(), op, ": ", t == &table ? "table" : "scale",
@@ -161,7 +161,7 @@ PreparedLinear prepare_linear(std::string_view op, const at::Tensor& packed,
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
                           bias->size(0) == outputs,
-                      op, ": bias must be float32 of shape [", outputs, "], got ",
+                      op, ": bias must be float32 of shape [", int_str(outputs), "], got ",
                       bias->scalar_type(), " of shape ", shape_str(bias->sizes()));
     TORCH_CHECK_VALUE(bias->device() == packed.device(), op, ": bias must be on packed's device (",
                       packed.device(), "), got ", bias->device());

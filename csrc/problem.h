@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include "bitpack.h"
@@ -37,6 +38,13 @@ struct PreparedLinear {
   LinearProblem problem;
   at::Tensor packed, table, scale, bias;
 };
+// Integers in error messages go through this (std::to_string), never through an ostream. Seen on
+// one machine (torch 2.11.0+cu130, Ubuntu's g++ 13.3, libstdc++ 6.0.33, AVX-512 Xeon): a message
+// formatting an int64 with `ostream <<` in this library crashed the process (SIGSEGV in
+// basic_ostream::_M_insert<long>) while messages without integers raised normally; the cause
+// was not established, so no message here depends on ostream's number formatting.
+std::string int_str(int64_t v);
+
 PreparedLinear prepare_linear(std::string_view op, const at::Tensor& packed,
                               const at::Tensor& table, const at::Tensor& scale,
                               const std::optional<at::Tensor>& bias);

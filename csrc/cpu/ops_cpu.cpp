@@ -75,7 +75,7 @@ at::Tensor layer_popcount(const at::Tensor& packed, int64_t word_offset, int64_t
 
 at::Tensor unpack_bits(const at::Tensor& packed, int64_t word_offset, int64_t num_features) {
   TORCH_CHECK_VALUE(num_features >= 0, "unpack_bits: num_features must be >= 0, got ",
-                    num_features);
+                    int_str(num_features));
   check_packed("unpack_bits", packed, word_offset, words_for(num_features));
   const at::Tensor rows = packed.contiguous();
   const int64_t n = rows.size(0);

@@ -1,13 +1,15 @@
 // CUDA kernels for threshold_pack, layer_popcount, unpack_bits and bitset_linear.
 //
-// Element granularity (and channels of one element): one warp per output word. Lane l reads
-// features 64w + l and 64w + 32 + l, compares them with their thresholds, and two warp ballots
-// make the 64-bit word, so consecutive lanes read consecutive addresses when a row is
-// contiguous.
-// Channel granularity: one block of 8 warps per output word (64 channels); each warp sums 8
-// channels one after another. Lane l adds elements l, l + 32, ... of the channel in float64 and
-// an xor butterfly folds the 32 lanes: exactly the summation order bitpack.h fixes, so the
-// means equal the CPU kernels' bit for bit.
+// Element granularity (and channels of one element): one warp per 4 consecutive output words of
+// a row. Lane l reads features 64w + l and 64w + 32 + l of each of the 4 words (8 independent
+// loads in flight per lane before any compare), and warp ballots make the 64-bit words, so
+// consecutive lanes read consecutive addresses when a row is contiguous.
+// Channel granularity: two passes. First one warp per (row, channel): lane l adds elements
+// l, l + 32, ... of the channel in float64 (4 loads issued ahead of the 4 adds, which stay in
+// that order) and an xor butterfly folds the 32 lanes: exactly the summation order bitpack.h
+// fixes, so the means equal the CPU kernels' bit for bit. The float32 means go to a scratch
+// [rows, channels] buffer (the caller's); the element pass then thresholds and packs them.
+// (One warp per channel keeps the GPU busy when a layer has few channels and large maps.)
 // bitset_linear: one block per (row, 128 outputs); thread o walks the row's nibbles (every thread
 // reads the same word: a broadcast) and adds table[g][nibble][o] (consecutive threads, consecutive
 // addresses). Integer sums are exact, so the result does not depend on the order.
@@ -29,79 +31,123 @@ __device__ __forceinline__ float load_typed(const void* x, int64_t i) {
   return load_float(x, i, D);
 }
 
+constexpr int kWordsPerWarp = 4;
+
+// feature_value for element features (or channels of one element), any strides: the only kind
+// the element kernel sees, without the generic channel-mean path (and its lane array).
+__device__ __forceinline__ float element_value(const PackProblem& p, int64_t row, int64_t f) {
+  const Layout& L = p.layout;
+  const int64_t at = row * L.row_stride + (f / L.spatial) * L.channel_stride + L.spatial_offset(f % L.spatial);
+  return load_float(p.x, at, p.dtype);
+}
+
 template <DType D>
 __global__ void pack_element_kernel(PackProblem p) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t units = p.layout.rows * p.words;
+  const int64_t groups = (p.words + kWordsPerWarp - 1) / kWordsPerWarp;
+  const int64_t units = p.layout.rows * groups;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
        u < units; u += warps) {
-    const int64_t row = u / p.words;
-    const int64_t word = u % p.words;
-    uint64_t halves[2];
-    for (int h = 0; h < 2; ++h) {
-      const int64_t f = word * kWordBits + h * kWarp + lane;
-      bool bit = false;
+    const int64_t row = u / groups;
+    const int64_t word0 = (u % groups) * kWordsPerWarp;
+    const int64_t f0 = word0 * kWordBits + lane;
+    float v[2 * kWordsPerWarp];
+#pragma unroll
+    for (int h = 0; h < 2 * kWordsPerWarp; ++h) {
+      const int64_t f = f0 + h * kWarp;
+      v[h] = 0.0f;
       if (f < p.features) {
-        const float v = p.layout.row_contiguous
-                            ? load_typed<D>(p.x, row * p.layout.row_stride + f)
-                            : feature_value(p, row, f);
-        bit = activation_bit(v, p.threshold(f)) != 0;
+        v[h] = p.layout.row_contiguous ? load_typed<D>(p.x, row * p.layout.row_stride + f)
+                                       : element_value(p, row, f);
       }
-      halves[h] = __ballot_sync(kFull, bit);
     }
-    if (lane == 0) p.out[row * p.out_row_stride + word] = halves[0] | (halves[1] << 32);
+    uint64_t words[kWordsPerWarp];
+#pragma unroll
+    for (int h = 0; h < 2 * kWordsPerWarp; ++h) {
+      const int64_t f = f0 + h * kWarp;
+      const bool bit = f < p.features && activation_bit(v[h], p.threshold(f)) != 0;
+      const uint64_t half = __ballot_sync(kFull, bit);
+      words[h / 2] = h % 2 ? words[h / 2] | (half << 32) : half;
+    }
+#pragma unroll
+    for (int j = 0; j < kWordsPerWarp; ++j) {
+      if (lane == j && word0 + j < p.words) p.out[row * p.out_row_stride + word0 + j] = words[j];
+    }
   }
 }
 
 template <DType D>
-__global__ void pack_channel_kernel(PackProblem p) {
-  __shared__ uint64_t warp_bits[kWarpsPerBlock];
+__global__ void channel_means_kernel(PackProblem p, float* means) {
   const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  constexpr int kChannelsPerWarp = kWordBits / kWarpsPerBlock;
   const Layout& L = p.layout;
-  const int64_t units = L.rows * p.words;
-  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
-    const int64_t row = u / p.words;
-    const int64_t word = u % p.words;
-    uint64_t bits = 0;
-    for (int k = 0; k < kChannelsPerWarp; ++k) {
-      const int slot = warp * kChannelsPerWarp + k;
-      const int64_t c = word * kWordBits + slot;
-      if (c >= p.features) break;  // uniform across the warp
-      const int64_t base = row * L.row_stride + c * L.channel_stride;
-      double sum = 0.0;
-      for (int64_t s = lane; s < L.spatial; s += kWarp) {
-        const int64_t at = base + (L.spatial_contiguous ? s : L.spatial_offset(s));
-        sum += static_cast<double>(load_typed<D>(p.x, at));
+  const int64_t units = L.rows * p.features;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+       u < units; u += warps) {
+    const int64_t row = u / p.features;
+    const int64_t c = u % p.features;
+    const int64_t base = row * L.row_stride + c * L.channel_stride;
+    double sum = 0.0;
+    int64_t s = lane;
+    if (L.spatial_contiguous) {
+      for (; s + 3 * kWarp < L.spatial; s += 4 * kWarp) {
+        const float a0 = load_typed<D>(p.x, base + s);
+        const float a1 = load_typed<D>(p.x, base + s + kWarp);
+        const float a2 = load_typed<D>(p.x, base + s + 2 * kWarp);
+        const float a3 = load_typed<D>(p.x, base + s + 3 * kWarp);
+        sum += static_cast<double>(a0);
+        sum += static_cast<double>(a1);
+        sum += static_cast<double>(a2);
+        sum += static_cast<double>(a3);
       }
-      for (int offset = kWarp / 2; offset >= 1; offset /= 2) {
-        sum += __shfl_xor_sync(kFull, sum, offset);
+      for (; s < L.spatial; s += kWarp) sum += static_cast<double>(load_typed<D>(p.x, base + s));
+    } else {
+      for (; s < L.spatial; s += kWarp) {
+        sum += static_cast<double>(load_typed<D>(p.x, base + L.spatial_offset(s)));
       }
-      bits |= activation_bit(channel_mean(sum, L.spatial), p.threshold(c)) << slot;
     }
-    if (lane == 0) warp_bits[warp] = bits;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      uint64_t w = 0;
-      for (int i = 0; i < kWarpsPerBlock; ++i) w |= warp_bits[i];
-      p.out[row * p.out_row_stride + word] = w;
+    for (int offset = kWarp / 2; offset >= 1; offset /= 2) {
+      sum += __shfl_xor_sync(kFull, sum, offset);
     }
-    __syncthreads();
+    if (lane == 0) means[u] = channel_mean(sum, L.spatial);
   }
 }
 
+unsigned blocks_for_warps(int64_t warps) {
+  const int64_t b = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return static_cast<unsigned>(b < kMaxBlocks ? b : kMaxBlocks);
+}
+
 template <DType D>
-void launch_typed(const PackProblem& p, cudaStream_t stream) {
-  const int64_t units = p.layout.rows * p.words;
-  if (p.granularity == Granularity::Channel && p.layout.spatial != 1) {
-    const int64_t blocks = units < kMaxBlocks ? units : kMaxBlocks;
-    pack_channel_kernel<D><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p);
+void launch_element(const PackProblem& p, cudaStream_t stream) {
+  const int64_t groups = (p.words + kWordsPerWarp - 1) / kWordsPerWarp;
+  pack_element_kernel<D><<<blocks_for_warps(p.layout.rows * groups), kBlock, 0, stream>>>(p);
+}
+
+// The element problem over the [rows, features] float32 means of a channel problem.
+PackProblem means_problem(const PackProblem& p, const float* means) {
+  PackProblem m = p;
+  m.x = means;
+  m.dtype = DType::Float32;
+  m.granularity = Granularity::Element;
+  m.layout.row_stride = p.features;
+  m.layout.channels = p.features;
+  m.layout.channel_stride = 1;
+  m.layout.spatial = 1;
+  m.layout.spatial_dims = 0;
+  m.layout.row_contiguous = true;
+  m.layout.spatial_contiguous = true;
+  return m;
+}
+
+template <DType D>
+void launch_typed(const PackProblem& p, float* means, cudaStream_t stream) {
+  if (pack_scratch_floats(p) > 0) {
+    channel_means_kernel<D><<<blocks_for_warps(p.layout.rows * p.features), kBlock, 0, stream>>>(p, means);
+    launch_element<DType::Float32>(means_problem(p, means), stream);
   } else {
-    const int64_t needed = (units + kWarpsPerBlock - 1) / kWarpsPerBlock;
-    const int64_t blocks = needed < kMaxBlocks ? needed : kMaxBlocks;
-    pack_element_kernel<D><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p);
+    launch_element<D>(p, stream);
   }
 }
 
@@ -144,17 +190,17 @@ unsigned blocks_for(int64_t threads) {
 
 }  // namespace
 
-cudaError_t launch_pack(const PackProblem& p, cudaStream_t stream) {
+cudaError_t launch_pack(const PackProblem& p, float* scratch, cudaStream_t stream) {
   if (p.layout.rows * p.words == 0) return cudaSuccess;
   switch (p.dtype) {
     case DType::Float16:
-      launch_typed<DType::Float16>(p, stream);
+      launch_typed<DType::Float16>(p, scratch, stream);
       break;
     case DType::BFloat16:
-      launch_typed<DType::BFloat16>(p, stream);
+      launch_typed<DType::BFloat16>(p, scratch, stream);
       break;
     default:
-      launch_typed<DType::Float32>(p, stream);
+      launch_typed<DType::Float32>(p, scratch, stream);
       break;
   }
   return cudaGetLastError();

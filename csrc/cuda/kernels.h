@@ -10,8 +10,16 @@
 
 namespace fakespotter::cuda {
 
-// threshold_pack of a problem whose x, thresholds and out are device pointers.
-cudaError_t launch_pack(const PackProblem& p, cudaStream_t stream);
+// Floats of device scratch that launch_pack needs for problem p: the [rows, channels] means of
+// channel granularity over spatial maps, else 0.
+inline int64_t pack_scratch_floats(const PackProblem& p) {
+  return p.granularity == Granularity::Channel && p.layout.spatial != 1 ? p.layout.rows * p.features
+                                                                         : 0;
+}
+
+// threshold_pack of a problem whose x, thresholds and out are device pointers; scratch: device
+// memory for pack_scratch_floats(p) floats (may be null when that is 0).
+cudaError_t launch_pack(const PackProblem& p, float* scratch, cudaStream_t stream);
 
 // out[r] = set bits of packed[r, word_offset : word_offset + num_words].
 cudaError_t launch_popcount(const uint64_t* packed, int64_t rows, int64_t row_stride,

@@ -15,6 +15,14 @@ namespace {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// Launches a prepared problem, with the scratch its channel means need from torch's allocator
+// (stream-ordered: freed after the launch, reusable by later work on the same stream).
+void launch(const PackProblem& p, const at::Tensor& x) {
+  const int64_t floats = cuda::pack_scratch_floats(p);
+  at::Tensor scratch = floats > 0 ? at::empty({floats}, x.options().dtype(at::kFloat)) : at::Tensor();
+  C10_CUDA_CHECK(cuda::launch_pack(p, floats > 0 ? scratch.data_ptr<float>() : nullptr, current_stream()));
+}
+
 at::Tensor threshold_pack(const at::Tensor& x, const at::Tensor& thresholds,
                           c10::string_view granularity) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -22,7 +30,7 @@ at::Tensor threshold_pack(const at::Tensor& x, const at::Tensor& thresholds,
   PackProblem& p = prepared.problem;
   at::Tensor out = at::empty({p.layout.rows, p.words}, x.options().dtype(at::kLong));
   bind_out("threshold_pack", p, x, out, 0);
-  C10_CUDA_CHECK(cuda::launch_pack(p, current_stream()));
+  launch(p, x);
   return out;
 }
 
@@ -31,7 +39,7 @@ void threshold_pack_into(const at::Tensor& x, const at::Tensor& thresholds,
   const c10::cuda::CUDAGuard guard(x.device());
   PreparedPack prepared = prepare_pack("threshold_pack_into", x, thresholds, granularity);
   bind_out("threshold_pack_into", prepared.problem, x, out, word_offset);
-  C10_CUDA_CHECK(cuda::launch_pack(prepared.problem, current_stream()));
+  launch(prepared.problem, x);
 }
 
 at::Tensor layer_popcount(const at::Tensor& packed, int64_t word_offset, int64_t num_words) {
@@ -48,7 +56,7 @@ at::Tensor layer_popcount(const at::Tensor& packed, int64_t word_offset, int64_t
 at::Tensor unpack_bits(const at::Tensor& packed, int64_t word_offset, int64_t num_features) {
   const c10::cuda::CUDAGuard guard(packed.device());
   TORCH_CHECK_VALUE(num_features >= 0, "unpack_bits: num_features must be >= 0, got ",
-                    num_features);
+                    int_str(num_features));
   check_packed("unpack_bits", packed, word_offset, words_for(num_features));
   const at::Tensor rows = packed.contiguous();
   at::Tensor out = at::empty({rows.size(0), num_features}, packed.options().dtype(at::kBool));
