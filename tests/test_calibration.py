@@ -109,11 +109,17 @@ def test_identical_for_any_batching(granularity):
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 def test_means_of_a_real_cnn_do_not_depend_on_batching_beyond_its_activations():
-    """With oneDNN off, small_net's activations are batch-invariant; so are the means."""
+    """Where small_net's activations are batch-invariant (oneDNN off; torch's plain CPU
+    convolution on the machines seen here, not on every build), so are the means."""
     net = small_net()
     x = small_chips(N)
     tap = Tap(net, ["stem", "act", "block"], input_shape=SMALL_SHAPE)
     with torch.backends.mkldnn.flags(enabled=False):
+        singles = [hook_activations(net, tap.layers, x[i:i + 1]) for i in range(N)]
+        batched = hook_activations(net, tap.layers, x)
+        if not all(torch.equal(torch.cat([s[n] for s in singles]), batched[n]) for n in tap.layers):
+            pytest.skip(f"this torch ({torch.__version__}) computes small_net's activations differently "
+                        f"one at a time than batched: nothing batch-invariant to compare")
         one = ThresholdCalibrator(tap).fit(x[i:i + 1] for i in range(N))
         every = ThresholdCalibrator(tap).fit([x])
     assert one.layer_means_.tobytes() == every.layer_means_.tobytes()

@@ -143,3 +143,164 @@ def test_cuda_bitset_linear_equals_cpu(outputs):
     got = ops.bitset_linear(packed.cuda(), table.cuda(), scale.cuda(), b.cuda())
     assert torch.equal(got.cpu(), want)
     assert torch.equal(ops.bitset_table(q.cuda()).cpu(), table)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_opcheck_every_op():
+    from fakespotter import ops
+    from test_opcheck import pack_samples
+
+    OPS = torch.ops.fakespotter
+    for x, thr, granularity in pack_samples():
+        x, thr = x.cuda(), thr.cuda()
+        torch.library.opcheck(OPS.threshold_pack.default, (x, thr, granularity))
+        words = fakespotter.num_words(ref.num_features(x.shape, granularity))
+        out = torch.zeros(x.shape[0], words + 3, dtype=torch.int64, device="cuda")
+        torch.library.opcheck(OPS.threshold_pack_into.default, (x, thr, granularity, out, 2))
+    packed = torch.randint(-(2**63), 2**63 - 1, (4, 5), dtype=torch.int64).cuda()
+    torch.library.opcheck(OPS.layer_popcount.default, (packed, 1, 3))
+    torch.library.opcheck(OPS.unpack_bits.default, (packed, 1, 130))
+    q, scale = ops.quantize_linear(torch.randn(3, 320))
+    torch.library.opcheck(OPS.bitset_linear.default,
+                          (packed, ops.bitset_table(q).cuda(), scale.cuda(), torch.randn(3).cuda()))
+
+
+# ----------------------------------------------------------------------------------------------
+# taps, the detector and the scanner on the GPU
+
+
+def _rows_from_hooks(module, tap, x):
+    """The twin applied to hook-captured activations, on x's device."""
+    from tapnets import hook_activations
+
+    acts = hook_activations(module, tap.layers, x)
+    out = torch.zeros((x.shape[0], tap.layout.total_words), dtype=torch.int64, device=x.device)
+    for slot, thr in zip(tap.layout.layers, tap.layer_thresholds()):
+        ref.threshold_pack_into(acts[slot.name], thr, tap.granularity, out, slot.word_offset)
+    return out
+
+
+def _cuda_tap(net_or_backbone, granularity, x, mode, **kw):
+    from fakespotter.calibration import ThresholdCalibrator
+    from fakespotter.taps import Tap
+
+    tap = Tap(net_or_backbone, granularity=granularity, **kw)
+    tap.set_thresholds(ThresholdCalibrator(tap, mode=mode).fit([x]).thresholds_)
+    assert tap.thresholds.is_cuda
+    return tap
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+@pytest.mark.parametrize("mode", ["per_layer", "per_neuron"])
+def test_cuda_tap_rows_equal_the_twin_on_hooked_activations(granularity, mode):
+    from tapnets import SMALL_LAYERS, SMALL_SHAPE, small_chips, small_net
+
+    net = small_net().cuda()
+    x = small_chips(9).cuda()
+    tap = _cuda_tap(net, granularity, x, mode, layers=SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    with torch.no_grad():
+        rows = tap(x)
+    assert rows.is_cuda
+    assert torch.equal(rows, _rows_from_hooks(net, tap, x))
+    bits = ref.unpack_bits(rows.cpu(), 0, rows.shape[1] * 64).float().mean().item()
+    assert 0.05 < bits < 0.95
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_tap_execution_modes_identical(tmp_path):
+    """eager, torch.compile (inductor: Triton kernels around the native op), torch.export
+    (saved and reloaded) and TorchScript (saved and reloaded) give the same rows on the GPU."""
+    from fakespotter.taps import export_tap, load_script_tap, script_tap
+    from tapnets import SMALL_LAYERS, SMALL_SHAPE, small_chips, small_net
+
+    net = small_net().cuda()
+    x = small_chips(6).cuda()
+    for granularity in ("channel", "element"):
+        tap = _cuda_tap(net, granularity, x, "per_neuron", layers=SMALL_LAYERS, input_shape=SMALL_SHAPE)
+        expected = _rows_from_hooks(net, tap, x)
+        with torch.no_grad():
+            rows = {"eager": tap(x), "inductor": torch.compile(tap, fullgraph=True)(x)}
+            program = export_tap(tap)
+            torch.export.save(program, tmp_path / "tap.pt2")
+            rows["export_loaded"] = torch.export.load(tmp_path / "tap.pt2").module()(x)
+            script_tap(tap).save(str(tmp_path / "tap.ts"))
+            rows["script_loaded"] = load_script_tap(tmp_path / "tap.ts", map_location="cuda")(x)
+        for mode, r in rows.items():
+            assert r.is_cuda and torch.equal(r, expected), (granularity, mode)
+
+
+def _dlib_or_skip():
+    from tapnets import FETCH_HINT, dlib_cached
+
+    if not dlib_cached():
+        pytest.skip(FETCH_HINT)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+def test_cuda_dlib_tap_equals_twin_and_mostly_the_cpu(granularity):
+    """On the real backbone: the GPU rows are the twin of the GPU activations bit for bit, and
+    agree with the CPU's rows (same thresholds) on nearly every bit: the convolutions round
+    differently on the GPU, so only neurons within rounding of their threshold may differ."""
+    _dlib_or_skip()
+    from fakespotter.backbones import get_backbone
+    from fakespotter.calibration import ThresholdCalibrator
+    from fakespotter.taps import Tap
+    from test_taps import face_like_chips
+
+    x = face_like_chips(4)
+    cpu_tap = Tap(get_backbone(), granularity=granularity)
+    thresholds = ThresholdCalibrator(cpu_tap).fit([x]).thresholds_
+    cpu_tap.set_thresholds(thresholds)
+    gpu_backbone = get_backbone()
+    gpu_backbone.module.cuda()
+    tap = Tap(gpu_backbone, granularity=granularity, thresholds=thresholds)
+    with torch.no_grad():
+        want = cpu_tap(x)
+        got = tap(x.cuda())
+    assert got.is_cuda and torch.equal(got, _rows_from_hooks(gpu_backbone.module, tap, x.cuda()))
+    a = ref.unpack_bits(want, 0, want.shape[1] * 64)
+    b = ref.unpack_bits(got.cpu(), 0, want.shape[1] * 64)
+    assert (a == b).float().mean().item() > 0.99
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_scan_matches_the_cpu_scan(tmp_path_factory):
+    """The scanner on the GPU (pinned staging buffer, float32 and float16 autocast) gives the
+    CPU scan's records, with scores that differ only by the GPU's rounding."""
+    import numpy as np
+
+    _dlib_or_skip()
+    from fakespotter.detector import FakeSpotter
+    from fakespotter.scan import scan
+    from scan_helpers import model_file, write_good
+
+    model = model_file(tmp_path_factory)
+    corpus = tmp_path_factory.mktemp("cuda_corpus")
+    write_good(corpus, 21, seed=7)
+    (corpus / "broken.png").write_bytes(b"\x89PNG not really")
+    cpu = list(scan([str(corpus)], model, aligned=True, batch_size=8, workers=0))
+    run = scan([str(corpus)], model, aligned=True, batch_size=8, workers=0, device="cuda")
+    gpu = list(run)
+    assert run.stats["precision"] == "float32"
+    assert [(r["path"], r["status"]) for r in gpu] == [(r["path"], r["status"]) for r in cpu]
+    ok = [i for i, r in enumerate(cpu) if r["status"] == "ok"]
+    assert len(ok) == 21
+    a = np.array([gpu[i]["score"] for i in ok])
+    b = np.array([cpu[i]["score"] for i in ok])
+    assert np.ptp(b) > 0
+    assert np.abs(a - b).max() <= 0.02 * np.ptp(b) + 1e-4, (a, b)
+    det = FakeSpotter.load(model, device="cuda")
+    det.aligned = True  # the files are chips: resize only, as the scan's --aligned
+    direct = det.decision_function([gpu[i]["path"] for i in ok]).numpy()
+    assert np.abs(direct - a).max() <= 0.02 * np.ptp(b) + 1e-4, (direct, a)
+    half = list(scan([str(corpus)], model, aligned=True, batch_size=8, workers=0, device="cuda", autocast=True))
+    h = np.array([half[i]["score"] for i in ok])
+    assert not np.array_equal(h, a), "autocast changed nothing: did it run in float16?"
+    assert np.abs(h - b).max() < 0.1 * np.ptp(b) + 0.05, (h, b)
