@@ -24,10 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fakespotter  # noqa: E402,F401  (registers the ops)
 from fakespotter import reference as ref  # noqa: E402
-from common import hardware, interleaved_medians  # noqa: E402
+from common import cuda_copy_roof, cuda_event_medians, hardware, interleaved_medians  # noqa: E402
 
 SHAPES = [(64, 32, 72, 72), (64, 128, 18, 18), (64, 256, 9, 9), (256, 512, 14, 14)]
 THRESHOLD = 0.1
+# CUDA: every contender rotates among copies of the input totalling at least this many bytes, so
+# that the GPU's L2 cache (50-60 MB on an H100/H200) cannot hold them between calls.
+ROTATE_BYTES = 512 << 20
 
 
 def numpy_baseline(x: torch.Tensor, granularity: str) -> np.ndarray:
@@ -44,15 +47,39 @@ def torch_mean_baseline(x: torch.Tensor) -> torch.Tensor:
     return ref.pack_bits(x.mean(dim=tuple(range(2, x.dim()))) > THRESHOLD)
 
 
-def run_case(shape, granularity: str, device: str, repeats: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g).to(device)
-    thr = torch.tensor([THRESHOLD], device=device)
-    sync = device == "cuda"
+def time_cuda(shape, granularity: str, repeats: int) -> dict:
+    """Median seconds per call of each contender on the GPU (CUDA events, rotating inputs)."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(*shape, generator=g)
+    k = max(2, -(-ROTATE_BYTES // (x0.numel() * 4)))
+    xs = [x0.cuda()] + [torch.randn(*shape, device="cuda") for _ in range(k - 1)]
+    scratch = [torch.empty_like(x) for x in xs]
+    thr = torch.tensor([THRESHOLD], device="cuda")
+    for x in (xs[0], xs[-1]):
+        got = torch.ops.fakespotter.threshold_pack(x, thr, granularity)
+        if not torch.equal(got, ref.threshold_pack(x, thr, granularity)):
+            raise AssertionError("native op disagrees with its twin: refusing to time it")
+    fast = {
+        "op": lambda i: torch.ops.fakespotter.threshold_pack(xs[i % k], thr, granularity),
+        "copy": lambda i: scratch[i % k].copy_(xs[i % k]),
+        "sum": lambda i: xs[i % k].sum(),
+    }
+    if granularity == "channel":
+        fast["torch_mean"] = lambda i: torch_mean_baseline(xs[i % k])
+    inner = k * max(1, -(-20 // k))
+    t = cuda_event_medians(fast, repeats, inner)
+    t.update(cuda_event_medians({"twin": lambda i: ref.threshold_pack(xs[i % k], thr, granularity)},
+                                max(3, repeats // 2), k))
+    return t
+
+
+def time_cpu(shape, granularity: str, repeats: int):
+    """The input and the median seconds of each contender on the CPU (wall clock, round-robin)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    thr = torch.tensor([THRESHOLD])
     got = torch.ops.fakespotter.threshold_pack(x, thr, granularity)
-    want = ref.threshold_pack(x, thr, granularity)
-    assert torch.equal(got, want), "native op disagrees with its twin: refusing to time it"
-    gb = x.numel() * x.element_size() / 1e9
+    assert torch.equal(got, ref.threshold_pack(x, thr, granularity)), \
+        "native op disagrees with its twin: refusing to time it"
     scratch = torch.empty_like(x)
     fast = {
         "op": lambda: torch.ops.fakespotter.threshold_pack(x, thr, granularity),
@@ -61,11 +88,20 @@ def run_case(shape, granularity: str, device: str, repeats: int) -> dict:
     }
     if granularity == "channel":
         fast["torch_mean"] = lambda: torch_mean_baseline(x)
-    t = interleaved_medians(fast, repeats, sync=sync)
-    slow = {"twin": lambda: ref.threshold_pack(x, thr, granularity)}
-    if device == "cpu":
-        slow["numpy"] = lambda: numpy_baseline(x, granularity)
-    t.update(interleaved_medians(slow, max(3, repeats // 2), sync=sync))
+    t = interleaved_medians(fast, repeats)
+    slow = {"twin": lambda: ref.threshold_pack(x, thr, granularity),
+            "numpy": lambda: numpy_baseline(x, granularity)}
+    t.update(interleaved_medians(slow, max(3, repeats // 2)))
+    return x, t
+
+
+def run_case(shape, granularity: str, device: str, repeats: int) -> dict:
+    if device == "cuda":
+        x = torch.empty(shape, device="meta")
+        t = time_cuda(shape, granularity, repeats)
+    else:
+        x, t = time_cpu(shape, granularity, repeats)
+    gb = x.numel() * x.element_size() / 1e9
     row = {
         "shape": "x".join(map(str, shape)),
         "MB": x.numel() * 4 / 1e6,
@@ -106,6 +142,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     print(hardware())
+    if args.device == "cuda":
+        print(f"card copy bandwidth (2 GiB device-to-device, read + write): {cuda_copy_roof():.0f} GB/s")
     rows = []
     for threads in args.threads if args.device == "cpu" else [torch.get_num_threads()]:
         torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""Taps on CPU: bare backbone vs backbone + tap vs a naive hook-and-numpy monitor.
+"""Taps: bare backbone vs backbone + tap vs a naive hook-and-numpy monitor (CPU or CUDA).
 
 Configs: dlib face ResNet v1 (default layers: 29 post-ReLU outputs + descriptor), batch 64 of
 150x150 chips, ``channel`` and ``element`` granularity, per-layer thresholds calibrated on the
@@ -9,10 +9,14 @@ same process, timed in rotation; the numbers are medians of ``REPEATS`` runs aft
     (a) bare:  backbone(x)
     (b) tap:   Tap(backbone)(x)               packed rows, activations dropped as they are packed
     (c) naive: forward hooks keep every monitored float activation; afterwards numpy computes
-               the neuron values, compares and np.packbits them
+               the neuron values, compares and np.packbits them (on CUDA the activations are
+               copied to the host first, as a numpy monitor must)
 
-Run: ``python benchmarks/bench_taps.py [--threads 2] [--batch 64] [--repeats 5]`` prints a
-table; ``./dev bench`` runs the pytest-benchmark versions.
+On CUDA every timed call ends with a device synchronisation; ``--tf32 off`` turns cuDNN's
+TF32 convolutions off (torch's default leaves them on), for float32-exact forwards.
+
+Run: ``python benchmarks/bench_taps.py [--threads 2] [--batch 64] [--repeats 5] [--device cuda]``
+prints a table; ``./dev bench`` runs the pytest-benchmark versions.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ class NaiveMonitor:
                 h.remove()
         parts = []
         for name, thr in zip(self.layers, self.thresholds):
-            a = self.acts[name].numpy()
+            a = self.acts[name].cpu().numpy()
             n = a.shape[0]
             if self.granularity == "channel" and a.ndim > 2:
                 v = a.reshape(n, a.shape[1], -1).mean(axis=2, dtype=np.float64).astype(np.float32)
@@ -112,24 +116,31 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: List[Callable[[], object]], repeats: int) -> List[float]:
+def interleaved(fns: List[Callable[[], object]], repeats: int, sync: bool = False) -> List[float]:
     """Median seconds of each function, timed in rotation (a, b, c, a, b, c, ...) so that slow
-    drifts of a shared machine (other tenants, allocator state) hit every variant alike."""
+    drifts of a shared machine (other tenants, allocator state) hit every variant alike; with
+    ``sync`` each call is followed by a CUDA synchronisation inside its time."""
     times: List[List[float]] = [[] for _ in fns]
     with torch.no_grad():
         for fn in fns:
             fn()  # warm-up
+        if sync:
+            torch.cuda.synchronize()
         for _ in range(repeats):
             for k, fn in enumerate(fns):
                 t0 = time.perf_counter()
                 fn()
+                if sync:
+                    torch.cuda.synchronize()
                 times[k].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
 
-def setup(granularity: str, batch: int) -> Tuple[torch.nn.Module, Tap, NaiveMonitor, torch.Tensor]:
+def setup(granularity: str, batch: int, device: str = "cpu"
+          ) -> Tuple[torch.nn.Module, Tap, NaiveMonitor, torch.Tensor]:
     backbone = get_backbone()
-    x = bench_chips(batch)
+    backbone.module.to(device)
+    x = bench_chips(batch).to(device)
     tap = Tap(backbone, granularity=granularity)
     tap.set_thresholds(ThresholdCalibrator(tap).fit([x[:16]]).thresholds_)
     naive = NaiveMonitor(backbone.module, tap.layers, tap.thresholds.tolist(), granularity)
@@ -151,14 +162,14 @@ def check(module: torch.nn.Module, tap: Tap, naive: NaiveMonitor, x: torch.Tenso
     finally:
         for h in handles:
             h.remove()
-    expected = torch.zeros_like(rows)
+    expected = torch.zeros_like(rows)  # on the rows' device: the twin runs where the tap ran
     for slot, thr in zip(tap.layout.layers, tap.layer_thresholds()):
         reference.threshold_pack_into(acts[slot.name], thr, tap.granularity, expected,
                                       slot.word_offset)
     if not torch.equal(rows, expected):
         raise AssertionError("tap rows differ from the reference twin")
     naive_rows = torch.from_numpy(naive(xs))
-    a = reference.unpack_bits(rows, 0, rows.shape[1] * 64)
+    a = reference.unpack_bits(rows.cpu(), 0, rows.shape[1] * 64)
     b = reference.unpack_bits(naive_rows, 0, rows.shape[1] * 64)
     agreement = (a == b).float().mean().item()
     if agreement < 0.999:
@@ -166,14 +177,14 @@ def check(module: torch.nn.Module, tap: Tap, naive: NaiveMonitor, x: torch.Tenso
     return agreement
 
 
-def run(threads: int = THREADS, batch: int = BATCH, repeats: int = REPEATS) -> List[dict]:
+def run(threads: int = THREADS, batch: int = BATCH, repeats: int = REPEATS, device: str = "cpu") -> List[dict]:
     torch.set_num_threads(threads)
     results = []
     for granularity in ("channel", "element"):
-        module, tap, naive, x = setup(granularity, batch)
+        module, tap, naive, x = setup(granularity, batch, device)
         agreement = check(module, tap, naive, x)
         t_bare, t_tap, t_naive = interleaved(
-            [lambda: module(x), lambda: tap(x), lambda: naive(x)], repeats)
+            [lambda: module(x), lambda: tap(x), lambda: naive(x)], repeats, sync=device == "cuda")
         act_bytes = sum(4 * int(np.prod(s.shape)) for s in tap.layout.layers)
         results.append(dict(
             granularity=granularity, batch=batch, threads=threads,
@@ -189,12 +200,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the backbone runs (default: cpu)")
+    p.add_argument("--tf32", default="default", choices=["default", "off"],
+                   help="CUDA: leave cuDNN's TF32 convolutions at torch's default, or turn them off (default: default)")
     a = p.parse_args()
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {a.threads}; "
+    if a.tf32 == "off":
+        torch.backends.cudnn.allow_tf32 = False
+    where = (f"GPU: {torch.cuda.get_device_name()}; cuDNN TF32 {torch.backends.cudnn.allow_tf32}; "
+             if a.device == "cuda" else "")
+    print(f"CPU: {cpu_model()}; {where}torch {torch.__version__}; threads {a.threads}; "
           f"batch {a.batch} x 150x150; median of {a.repeats}")
     print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'(c) naive':>12}"
           f"{'overhead':>10}{'b/c':>7}{'row B/img':>11}{'f32 B/img':>11}{'ratio':>10}")
-    for r in run(a.threads, a.batch, a.repeats):
+    for r in run(a.threads, a.batch, a.repeats, a.device):
         print(f"{r['granularity']:<12}{r['bare']:>10.1f}/s{r['tap']:>10.1f}/s{r['naive']:>10.1f}/s"
               f"{100 * r['overhead']:>9.1f}%{r['speedup_vs_naive']:>6.2f}x{r['row_bytes']:>11}"
               f"{r['act_bytes']:>11}{r['act_bytes'] / r['row_bytes']:>9.2f}x")

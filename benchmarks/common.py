@@ -28,6 +28,8 @@ def hardware() -> str:
 
     info = _C.build_info()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    if torch.cuda.is_available():
+        gpu += f" (torch CUDA {torch.version.cuda}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs)"
     return (
         f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
         f"fakespotter {fakespotter.__version__} (CPU variant in use: {_C.cpu_isa()}, "
@@ -59,3 +61,31 @@ def interleaved_medians(
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cuda_event_medians(fns: Dict[str, Callable[[int], object]], repeats: int = 7, inner: int = 20) -> Dict[str, float]:
+    """Median seconds per call of each ``fn(i)`` on the GPU, timed with CUDA events around
+    ``inner`` back-to-back calls (i = 0 .. inner-1, so a function can rotate among several
+    inputs and keep the L2 cache out of the numbers), round-robin over ``repeats`` rounds after
+    one untimed round."""
+    times: Dict[str, list] = {name: [] for name in fns}
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for rnd in range(repeats + 1):
+        for name, fn in fns.items():
+            start.record()
+            for i in range(inner):
+                fn(i)
+            stop.record()
+            stop.synchronize()
+            if rnd:
+                times[name].append(start.elapsed_time(stop) / 1e3 / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cuda_copy_roof(nbytes: int = 2 << 30, repeats: int = 10) -> float:
+    """The card's device-to-device copy bandwidth in GB/s (bytes read + bytes written) over a
+    ``nbytes`` buffer: the roof that GPU numbers are quoted against."""
+    src = torch.rand(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    t = cuda_event_medians({"copy": lambda i: dst.copy_(src)}, repeats=repeats, inner=5)["copy"]
+    return 2 * nbytes / t / 1e9

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One run on a machine with an NVIDIA GPU and a CUDA build of torch: build fakespotter with its
+# CUDA kernels, run the CUDA tests, then the kernel, tap, agreement and scan benchmarks on the
+# GPU. Logs go to OUT (default ./gpu-out); the tables end each log.
+#
+#   FAKESPOTTER_CACHE=DIR   the cache holding the dlib weights (weights/...resnet_model_v1.dat)
+#   SCANWORK=DIR            a bench_scan.py --workdir with a corpus of --n 2000 chips and its model
+#                           (built on any machine: bench_scan.build)
+#   ARCH=90                 CUDA architectures to build for (default: 90, Hopper)
+#
+# Each step has its own time limit, so one that hangs or fails leaves the others' results.
+set -u
+out=${1:-gpu-out}
+mkdir -p "$out"
+step() { echo; echo "== $(date +%T) $*"; }
+export PYTHONUNBUFFERED=1
+
+step machine
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'cudnn.allow_tf32', torch.backends.cudnn.allow_tf32, 'matmul.allow_tf32', torch.backends.cuda.matmul.allow_tf32)"
+
+step build
+export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+if ! FAKESPOTTER_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=${ARCH:-90}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    timeout 400 python3 -m pip install --no-build-isolation --no-deps --no-compile -q --target /tmp/fs-site . \
+    >"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"; exit 1
+fi
+export PYTHONPATH=/tmp/fs-site
+python3 -c "import fakespotter; print(fakespotter._C.build_info())"
+
+step tests
+# the CUDA tests, and the CPU op / tap tests: every CPU kernel variant this machine has (AVX-512 on
+# most GPU hosts) against the twins
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 300 python3 -m pytest -p no:cacheprovider -q -rs $xdist tests/test_cuda.py tests/test_ops.py \
+  tests/test_opcheck.py tests/test_bitset_linear.py tests/test_taps.py tests/test_reference.py \
+  tests/test_calibration.py tests/test_classifier.py 2>&1 | tee "$out/tests.log" | tail -25
+
+step threshold_pack
+timeout 200 python3 benchmarks/bench_ops.py --device cuda --repeats 15 2>&1 | tee "$out/ops.log" | tail -12
+
+step taps
+for cfg in "64 default" "64 off" "256 default"; do
+  set -- $cfg
+  timeout 150 python3 benchmarks/bench_taps.py --device cuda --threads 8 --batch "$1" --tf32 "$2" --repeats 7
+done 2>&1 | tee "$out/taps.log"
+
+step agreement
+timeout 120 python3 benchmarks/cuda_agreement.py "$SCANWORK/corpus2000" --n 512 2>&1 | tee "$out/agreement.log" | tail -6
+
+step scan
+timeout 300 python3 benchmarks/bench_scan.py --device cuda --workdir "$SCANWORK" --n 2000 --big 10000 \
+  --n-resnet 512 --threads 4 --repeats 3 2>&1 | tee "$out/scan.log" | tail -32
+step done
