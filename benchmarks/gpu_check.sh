@@ -6,6 +6,8 @@
 #   FAKESPOTTER_CACHE=DIR   the cache holding the dlib weights (weights/...resnet_model_v1.dat)
 #   SCANWORK=DIR            a bench_scan.py --workdir with a corpus of --n 2000 chips and its model
 #                           (built on any machine: bench_scan.build)
+#   PRECISIONWORK=DIR       optional: a bench_scan_precision.py --workdir with its model and --n 64 chips:
+#                           float32 vs float16 autocast and channels_last in the scanner's forward
 #   ARCH=90                 CUDA architectures to build for (default: 90, Hopper)
 #
 # Each step has its own time limit, so one that hangs or fails leaves the others' results.
@@ -53,4 +55,9 @@ timeout 120 python3 benchmarks/cuda_agreement.py "$SCANWORK/corpus2000" --n 512 
 step scan
 timeout 300 python3 benchmarks/bench_scan.py --device cuda --workdir "$SCANWORK" --n 2000 --big 10000 \
   --n-resnet 512 --threads 4 --repeats 3 2>&1 | tee "$out/scan.log" | tail -32
+if [ -n "${PRECISIONWORK:-}" ]; then
+  step precision
+  timeout 200 python3 benchmarks/bench_scan_precision.py --device cuda --workdir "$PRECISIONWORK" --n 64 \
+    --batch 64 --threads 4 --repeats 5 2>&1 | tee "$out/precision.log" | tail -12
+fi
 step done
