@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import statistics
-import time
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
@@ -39,7 +37,7 @@ from fakespotter.calibration import ThresholdCalibrator
 from fakespotter.taps import Tap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_model  # noqa: E402
+from common import cpu_model, interleaved_medians  # noqa: E402
 
 BATCH = int(os.environ.get("FAKESPOTTER_BENCH_BATCH", 64))
 THREADS = int(os.environ.get("FAKESPOTTER_BENCH_THREADS", 2))
@@ -106,36 +104,6 @@ class NaiveMonitor:
         return np.ascontiguousarray(np.concatenate(parts, axis=1)).view(np.int64)
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved(fns: List[Callable[[], object]], repeats: int, sync: bool = False) -> List[float]:
-    """Median seconds of each function, timed in rotation (a, b, c, a, b, c, ...) so that slow
-    drifts of a shared machine (other tenants, allocator state) hit every variant alike; with
-    ``sync`` each call is followed by a CUDA synchronisation inside its time."""
-    times: List[List[float]] = [[] for _ in fns]
-    with torch.no_grad():
-        for fn in fns:
-            fn()  # warm-up
-        if sync:
-            torch.cuda.synchronize()
-        for _ in range(repeats):
-            for k, fn in enumerate(fns):
-                t0 = time.perf_counter()
-                fn()
-                if sync:
-                    torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
 def setup(granularity: str, batch: int, device: str = "cpu"
           ) -> Tuple[torch.nn.Module, Tap, NaiveMonitor, torch.Tensor]:
     backbone = get_backbone()
@@ -183,8 +151,10 @@ def run(threads: int = THREADS, batch: int = BATCH, repeats: int = REPEATS, devi
     for granularity in ("channel", "element"):
         module, tap, naive, x = setup(granularity, batch, device)
         agreement = check(module, tap, naive, x)
-        t_bare, t_tap, t_naive = interleaved(
-            [lambda: module(x), lambda: tap(x), lambda: naive(x)], repeats, sync=device == "cuda")
+        with torch.no_grad():
+            t = interleaved_medians({"bare": lambda: module(x), "tap": lambda: tap(x), "naive": lambda: naive(x)},
+                                    repeats, sync=device == "cuda")
+        t_bare, t_tap, t_naive = t["bare"], t["tap"], t["naive"]
         act_bytes = sum(4 * int(np.prod(s.shape)) for s in tap.layout.layers)
         results.append(dict(
             granularity=granularity, batch=batch, threads=threads,
