@@ -169,16 +169,7 @@ def test_cuda_opcheck_every_op():
 # ----------------------------------------------------------------------------------------------
 # taps, the detector and the scanner on the GPU
 
-
-def _rows_from_hooks(module, tap, x):
-    """The twin applied to hook-captured activations, on x's device."""
-    from tapnets import hook_activations
-
-    acts = hook_activations(module, tap.layers, x)
-    out = torch.zeros((x.shape[0], tap.layout.total_words), dtype=torch.int64, device=x.device)
-    for slot, thr in zip(tap.layout.layers, tap.layer_thresholds()):
-        ref.threshold_pack_into(acts[slot.name], thr, tap.granularity, out, slot.word_offset)
-    return out
+from test_taps import face_like_chips, reference_rows  # noqa: E402  (tests/ is on sys.path)
 
 
 def _cuda_tap(net_or_backbone, granularity, x, mode, **kw):
@@ -204,7 +195,7 @@ def test_cuda_tap_rows_equal_the_twin_on_hooked_activations(granularity, mode):
     with torch.no_grad():
         rows = tap(x)
     assert rows.is_cuda
-    assert torch.equal(rows, _rows_from_hooks(net, tap, x))
+    assert torch.equal(rows, reference_rows(net, tap, x))
     bits = ref.unpack_bits(rows.cpu(), 0, rows.shape[1] * 64).float().mean().item()
     assert 0.05 < bits < 0.95
 
@@ -221,7 +212,7 @@ def test_cuda_tap_execution_modes_identical(tmp_path):
     x = small_chips(6).cuda()
     for granularity in ("channel", "element"):
         tap = _cuda_tap(net, granularity, x, "per_neuron", layers=SMALL_LAYERS, input_shape=SMALL_SHAPE)
-        expected = _rows_from_hooks(net, tap, x)
+        expected = reference_rows(net, tap, x)
         with torch.no_grad():
             rows = {"eager": tap(x), "inductor": torch.compile(tap, fullgraph=True)(x)}
             program = export_tap(tap)
@@ -251,7 +242,6 @@ def test_cuda_dlib_tap_equals_twin_and_mostly_the_cpu(granularity):
     from fakespotter.backbones import get_backbone
     from fakespotter.calibration import ThresholdCalibrator
     from fakespotter.taps import Tap
-    from test_taps import face_like_chips
 
     x = face_like_chips(4)
     cpu_tap = Tap(get_backbone(), granularity=granularity)
@@ -263,7 +253,7 @@ def test_cuda_dlib_tap_equals_twin_and_mostly_the_cpu(granularity):
     with torch.no_grad():
         want = cpu_tap(x)
         got = tap(x.cuda())
-    assert got.is_cuda and torch.equal(got, _rows_from_hooks(gpu_backbone.module, tap, x.cuda()))
+    assert got.is_cuda and torch.equal(got, reference_rows(gpu_backbone.module, tap, x.cuda()))
     a = ref.unpack_bits(want, 0, want.shape[1] * 64)
     b = ref.unpack_bits(got.cpu(), 0, want.shape[1] * 64)
     assert (a == b).float().mean().item() > 0.99

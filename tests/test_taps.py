@@ -23,9 +23,9 @@ needs_dlib = pytest.mark.skipif(not dlib_cached(), reason=FETCH_HINT)
 
 
 def reference_rows(module, tap, x):
-    """The expected row: reference.threshold_pack_into of hook-captured activations."""
+    """The expected row: reference.threshold_pack_into of hook-captured activations (on x's device)."""
     acts = hook_activations(module, tap.layers, x)
-    out = torch.zeros((x.shape[0], tap.layout.total_words), dtype=torch.int64)
+    out = torch.zeros((x.shape[0], tap.layout.total_words), dtype=torch.int64, device=x.device)
     for slot, thr in zip(tap.layout.layers, tap.layer_thresholds()):
         reference.threshold_pack_into(acts[slot.name], thr, tap.granularity, out, slot.word_offset)
     return out
