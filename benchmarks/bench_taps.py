@@ -175,9 +175,9 @@ def main() -> None:
                    help="CUDA: leave cuDNN's TF32 convolutions at torch's default, or turn them off (default: default)")
     a = p.parse_args()
     if a.tf32 == "off":
-        torch.backends.cudnn.allow_tf32 = False
-    where = (f"GPU: {torch.cuda.get_device_name()}; cuDNN TF32 {torch.backends.cudnn.allow_tf32}; "
-             if a.device == "cuda" else "")
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    where = (f"GPU: {torch.cuda.get_device_name()}; cuDNN conv fp32_precision "
+             f"{torch.backends.cudnn.conv.fp32_precision}; " if a.device == "cuda" else "")
     print(f"CPU: {cpu_model()}; {where}torch {torch.__version__}; threads {a.threads}; "
           f"batch {a.batch} x 150x150; median of {a.repeats}")
     print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'(c) naive':>12}"

@@ -41,7 +41,7 @@ def main() -> int:
     ref_bits = ops.unpack_bits(ref_rows).numpy()
 
     def direct_tf32_on() -> torch.Tensor:
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
         tap = gpu.tap_
         x = torch.from_numpy(chips).cuda().permute(0, 3, 1, 2).float()
         with torch.no_grad():

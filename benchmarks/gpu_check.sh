@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1
 step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
 python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda, \
-'cudnn.allow_tf32', torch.backends.cudnn.allow_tf32, 'matmul.allow_tf32', torch.backends.cuda.matmul.allow_tf32)"
+'cudnn conv fp32_precision', torch.backends.cudnn.conv.fp32_precision, 'matmul fp32_precision', torch.backends.cuda.matmul.fp32_precision)"
 
 step build
 export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}

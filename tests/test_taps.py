@@ -317,23 +317,37 @@ def test_numpy_packbits_view_of_a_row():
 
 
 def test_exact_float32_turns_tf32_off_and_restores_the_settings():
-    from fakespotter.taps import exact_float32
+    """IEEE float32 convolutions and matmuls inside, the caller's settings back after, whether
+    the caller used torch's legacy TF32 flags, the new fp32_precision settings, or neither."""
+    import subprocess
+    import sys
 
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = cudnn.allow_tf32, matmul.allow_tf32
-    try:
-        for before in (True, False):
-            cudnn.allow_tf32 = matmul.allow_tf32 = before
-            with exact_float32():
-                assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
-            assert (cudnn.allow_tf32, matmul.allow_tf32) == (before, before)
-        cudnn.allow_tf32 = True
-        with pytest.raises(RuntimeError, match="inside"):
-            with exact_float32():
-                raise RuntimeError("inside")
-        assert cudnn.allow_tf32 is True
-    finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = saved
+    code = """
+import sys, torch
+from fakespotter.taps import exact_float32
+conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+how = sys.argv[1]
+if how == "legacy":
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+elif how == "new":
+    conv.fp32_precision = mm.fp32_precision = "tf32"
+before = conv.fp32_precision, mm.fp32_precision
+with exact_float32():
+    assert (conv.fp32_precision, mm.fp32_precision) == ("ieee", "ieee")
+assert (conv.fp32_precision, mm.fp32_precision) == before
+try:
+    with exact_float32():
+        raise KeyError("inside")
+except KeyError:
+    pass
+assert (conv.fp32_precision, mm.fp32_precision) == before
+if how == "legacy":
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+print("ok", how, before)
+"""
+    for how in ("default", "legacy", "new"):  # a fresh process each: torch remembers which API was used
+        r = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith("ok"), (how, r.stdout, r.stderr[-2000:])
 
 
 def test_fakespotter_forwards_run_in_exact_float32(tmp_path):
@@ -346,9 +360,9 @@ def test_fakespotter_forwards_run_in_exact_float32(tmp_path):
     tap = Tap(net, SMALL_LAYERS, input_shape=SMALL_SHAPE)
     seen = []
     conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
-    conv.register_forward_pre_hook(lambda m, i: seen.append(torch.backends.cudnn.allow_tf32))
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
+    conv.register_forward_pre_hook(lambda m, i: seen.append(torch.backends.cudnn.conv.fp32_precision))
+    saved = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
     try:
         x = small_chips(3)
         features(x, tap)
@@ -356,9 +370,9 @@ def test_fakespotter_forwards_run_in_exact_float32(tmp_path):
         det = type("Det", (), {"tap_": tap, "classifier_": type("C", (), {
             "decision_function": staticmethod(lambda rows: torch.zeros(len(rows)))})()})()
         _Forward(det, "cpu", 2).run(np.zeros((1, 15, 13, 3), dtype=np.uint8))
-        assert seen == [False, False, False]
+        assert seen == ["ieee", "ieee", "ieee"]
         with torch.no_grad():
             tap(x)
-        assert seen[-1] is True
+        assert seen[-1] == "tf32"
     finally:
-        torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cudnn.conv.fp32_precision = saved

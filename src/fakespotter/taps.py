@@ -489,14 +489,17 @@ def exact_float32() -> Iterator[None]:
     scanner) run inside this, so that a GPU gives the CPU's bits: measured on an H100 over 512
     chips, identical rows with TF32 off; with it on 0.02% of the bits and logits by up to 0.15
     differed, for no measurable speed (benchmarks/RESULTS.md). Calling a ``Tap`` directly
-    follows torch's global settings. The previous settings are restored on exit."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    follows torch's global settings. The previous settings are restored on exit.
+
+    Uses torch's ``fp32_precision`` settings (torch >= 2.9): torch refuses to read the legacy
+    ``allow_tf32`` flags once a program has set the new ones, so this never touches them."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
     try:
         yield
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = saved
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 @contextlib.contextmanager
