@@ -281,7 +281,7 @@ def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
 
 
 DEFAULT_MODEL_NOTE = ("note: the embedded default detector learned real faces mostly from one source (NBA "
-                      "headshots) and flags real faces from elsewhere far more often (a third of its unseen-"
+                      "headshots) and flags real faces from elsewhere far more often (up to a third of its unseen-"
                       "source test faces); read the README's model card before trusting its labels")
 
 
