@@ -360,6 +360,34 @@ def test_worker_crash_loses_no_record(corpus, model, tmp_path):
     assert set(kinds.values()) == {None}
 
 
+def test_decode_pool_kept_between_calls_and_replaced_when_it_died_idle(tmp_path):
+    """scan._decoded(keep=...) (the Ray decode tasks' pool): the same worker serves the next
+    call; one that died while idle is replaced without losing or failing an entry."""
+    import signal
+    import time
+
+    from fakespotter.scan import _Config, _decoded
+
+    files = write_good(tmp_path / "d", 4, seed=3)
+    cfg = _Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT)
+
+    def run(keep):
+        return [(e.path, r["error"], r["sha256"]) for e, r in _decoded(D.iter_entries([str(tmp_path / "d")]), cfg,
+                                                                       workers=1, chunk=2, window=1, keep=keep)]
+
+    want = run(None)
+    assert [w[0] for w in want] == [str(f) for f in files] and all(w[1] is None and w[2] for w in want)
+    keep = {}
+    assert run(keep) == want
+    pool = keep["pool"]
+    assert run(keep) == want and keep["pool"] is pool
+    for pid in list(pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert run(keep) == want and keep["pool"] is not pool
+    keep["pool"].shutdown()
+
+
 def test_summary_notes_the_default_models_limits_only_for_the_default(tmp_path):
     from fakespotter.cli.scan import DEFAULT_MODEL_NOTE, summary
     from fakespotter.detector import default_model_path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 import tarfile
@@ -27,11 +28,19 @@ from scan_helpers import model_file, write_good
 BATCH = 4
 
 
+POISON = "poison-decoder-crash.png"  # a decode process exits hard on this file (scan._CRASH_ENV)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
+    # set before ray.init: the Ray workers (and their decode processes) inherit it
+    os.environ["FAKESPOTTER_SCAN_TEST_CRASH"] = POISON
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        yield
+        ray.shutdown()
+    finally:
+        os.environ.pop("FAKESPOTTER_SCAN_TEST_CRASH", None)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +124,20 @@ def test_killed_workers_are_retried_and_each_input_has_one_record(ray_local, cor
     assert sorted(r["index"] for r in lines) == list(range(27))
     assert len({r["path"] for r in lines}) == 27
     assert list(read_shards(out)) == local
+
+
+def test_a_file_that_crashes_its_decoder_gets_a_worker_crash_record(ray_local, model, tmp_path):
+    """As in the local engine: a file whose decoding kills the process (every time, unlike a
+    killed worker) costs only its own record, of kind worker_crash; the scan completes."""
+    folder = tmp_path / "c"
+    write_good(folder, 5, seed=9)
+    shutil.copy(folder / "img001.png", folder / POISON)
+    out = tmp_path / "shards"
+    stats = ray_scan([str(folder)], model, out, aligned=True, batch_size=BATCH, decode_batch=3)
+    assert stats["complete"] and stats["images"] == 6
+    kinds = {Path(r["path"]).name: r["error_kind"] for r in read_shards(out)}
+    assert kinds.pop(POISON) == "worker_crash"
+    assert kinds == {f"img{i:03d}.png": None for i in range(5)}
 
 
 def test_resume_redoes_only_what_is_missing(shards, corpus, model, local, tmp_path):

@@ -167,25 +167,38 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
-def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, window: int
-             ) -> Iterator[Tuple[Entry, Dict[str, Any]]]:
+def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, window: int,
+             keep: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[Entry, Dict[str, Any]]]:
     """(entry, decode result) in input order; at most ``window`` chunks of ``chunk`` entries in
     flight. A worker that dies loses no entry: the chunks in flight are redone one entry at a
-    time in a fresh pool, and an entry that kills its worker again gets a ``worker_crash``."""
+    time in a fresh pool, and an entry that kills its worker again gets a ``worker_crash``.
+    ``keep``: a dict holding the pool between calls (``keep["pool"]``), for callers that decode
+    many small batches; without it the pool lives for this call."""
     if workers == 0:
         for e in entries:
             yield e, _decode_one(e, cfg)
         return
     chunks = iter(lambda: list(itertools.islice(entries, chunk)), [])
-    ex = _pool(workers)
+    ex = keep.get("pool") if keep is not None else None
+    ex = ex or _pool(workers)
     pending: deque = deque()
+
+    def submit(c: List[Entry]) -> Any:
+        nonlocal ex
+        try:
+            return ex.submit(_decode_chunk, c, cfg)
+        except BrokenProcessPool:  # a kept pool whose process died while it was idle
+            ex.shutdown(wait=False, cancel_futures=True)
+            ex = _pool(workers)
+            return ex.submit(_decode_chunk, c, cfg)
+
     try:
         while True:
             while len(pending) < window:
                 c = next(chunks, None)
                 if c is None:
                     break
-                pending.append((c, ex.submit(_decode_chunk, c, cfg)))
+                pending.append((c, submit(c)))
             if not pending:
                 return
             c, fut = pending.popleft()
@@ -207,7 +220,12 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 continue
             yield from zip(c, results)
     finally:
-        ex.shutdown(wait=False, cancel_futures=True)
+        if keep is not None and not pending:
+            keep["pool"] = ex
+        else:
+            ex.shutdown(wait=False, cancel_futures=True)
+            if keep is not None:
+                keep.pop("pool", None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 How the work is split: the driver (this process) lists the inputs (``data.iter_entries``) and
 leaves out those whose records the output already holds; the rest become a Ray Dataset of
 ``(index, entry)`` rows, ``index`` being the input's position in the listing. Ray tasks read,
-hash, decode and detect/align faces (``scan._decode_one``, the local engine's per-image work);
+hash, decode and detect/align faces (``scan._decode_one``, the local engine's per-image work, in
+a child process of the task, so that a file that crashes its decoder costs only its own record);
 a pool of actors, each loading the model once, runs backbone + taps + classifier on the chips
 (``scan._Forward``: forwards of exactly ``batch_size`` chips, zero-padded, as the local engine
 runs them, so an image's scores are the same whichever engine, actor or neighbours it had).
@@ -46,7 +47,7 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, 
 import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
-from .scan import STATUSES, RecordWriter, _Config, _decode_one, _Forward, count_record, make_record, new_stats
+from .scan import STATUSES, RecordWriter, _Config, _decoded, _Forward, count_record, make_record, new_stats
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -246,17 +247,25 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
 # what runs on the cluster
 
 
+_DECODE_POOL: Dict[str, Any] = {}  # the decode process of this Ray worker, kept between tasks
+
+
 def _decode_batch(batch: Dict[str, np.ndarray], cfg: Tuple, crash_marker: Optional[str] = None
                   ) -> Dict[str, np.ndarray]:
-    """Ray task: rows of entries -> rows of (index, decode result as JSON, chips as bytes)."""
+    """Ray task: rows of entries -> rows of (index, decode result as JSON, chips as bytes).
+
+    The files are decoded in a child process (the local engine's ``_decoded`` with one worker,
+    kept for the next task of this Ray worker): a file that crashes its decoder kills the child,
+    not this task, and gets a ``worker_crash`` record; a task that died would be retried by Ray
+    on the same file and fail the scan."""
     _crash_once(crash_marker and crash_marker + ".decode")
     c = _Config(*cfg)
+    entries = [Entry(str(path), file=str(file) or None, data=bytes(data) if has_data else None,
+                     error=tuple(json.loads(err)) if err else None)
+               for path, file, data, has_data, err in zip(batch["path"], batch["file"], batch["data"],
+                                                          batch["has_data"], batch["error"])]
     metas, chips = [], []
-    for path, file, data, has_data, err in zip(batch["path"], batch["file"], batch["data"], batch["has_data"],
-                                              batch["error"]):
-        entry = Entry(str(path), file=str(file) or None, data=bytes(data) if has_data else None,
-                      error=tuple(json.loads(err)) if err else None)
-        res = _decode_one(entry, c)
+    for _, res in _decoded(iter(entries), c, workers=1, chunk=max(1, len(entries)), window=1, keep=_DECODE_POOL):
         ch = res.pop("chips")
         chips.append(b"" if ch is None else np.ascontiguousarray(ch, dtype=np.uint8).tobytes())
         metas.append(json.dumps(res))
