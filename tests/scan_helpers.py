@@ -109,8 +109,6 @@ def odd_good_files(seed: int):
         ("rgb.ppm", encode(rgb, "PPM")),
         ("rgb.tiff", encode(rgb, "TIFF")),
         ("rgb.webp", encode(rgb, "WEBP")),
-        ("one_pixel.png", encode(Image.fromarray(noise_image(seed, 1, 1)), "PNG")),
-        ("wide.png", encode(Image.fromarray(noise_image(seed, 3, 400)), "PNG")),
         ("png_named.jpg", encode(rgb, "PNG")),
         ("jpeg_named.png", encode(rgb, "JPEG")),
         ("jpeg_named.gif", encode(rgb, "JPEG")),
@@ -136,7 +134,7 @@ NOT_IMAGES = [
 
 
 def bad_files(seed: int):
-    """(name, bytes, expected error kinds) of inputs a scan must refuse."""
+    """(name, bytes, expected error kinds) of inputs a scan with --aligned must refuse."""
     rgb = Image.fromarray(noise_image(seed, 48, 48))
     out = []
     encoded = {"jpg": encode(rgb, "JPEG"), "png": encode(rgb, "PNG"), "gif": encode(rgb.convert("P"), "GIF"),
@@ -155,4 +153,8 @@ def bad_files(seed: int):
     out.append(("bomb.png", png_bomb(100_000, 100_000), {"too_many_pixels"}))
     out.append(("bomb.gif", gif_bomb(65_535, 65_535), {"too_many_pixels"}))
     out.append(("bomb.bmp", bmp_bomb(60_000, 60_000), {"too_many_pixels"}))
+    # decodable, but no aligned face chip (the corpus is scanned with --aligned)
+    out.append(("one_pixel.png", encode(Image.fromarray(noise_image(seed, 1, 1)), "PNG"), {"not_a_chip"}))
+    out.append(("wide.png", encode(Image.fromarray(noise_image(seed, 3, 400)), "PNG"), {"not_a_chip"}))
+    out.append(("strip.png", encode(Image.fromarray(noise_image(seed, 40, 100)), "PNG"), {"not_a_chip"}))
     return out

@@ -151,11 +151,21 @@ def test_per_layer_sum_is_exact_under_cancellation():
     assert naive / 12 != float(exact)  # a float64 running sum would be wrong here
 
 
+class Overflow(Passthrough):
+    """Finite chips, activations that overflow float32."""
+
+    def forward(self, x):
+        return self.layer(x * 1e30 * 1e30)
+
+
 def test_non_finite_activations_are_refused():
-    tap = Tap(custom_backbone(Passthrough(), ["layer"], (2, 2)))
+    tap = Tap(custom_backbone(Overflow(), ["layer"], (2, 2)))
     chips = torch.zeros(1, 3, 2, 2)
-    chips[0, 1, 0, 0] = float("nan")
+    chips[0, 1, 0, 0] = 1.0
     with pytest.raises(ValueError, match=r"non-finite activations in layers \['layer'\]"):
+        ThresholdCalibrator(tap).partial_fit(chips)
+    chips[0, 1, 0, 0] = float("nan")  # non-finite chips are refused before the backbone runs
+    with pytest.raises(ValueError, match="float32 chips hold NaN or infinite values"):
         ThresholdCalibrator(tap).partial_fit(chips)
 
 

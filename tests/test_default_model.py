@@ -65,3 +65,51 @@ def test_readme_model_card_quotes_the_committed_reports():
 
     report = json.loads((root / "reports" / "default" / "evaluate" / "metrics.json").read_text())
     assert report["model"]["sha256"] == file_sha256(default_model_path())
+
+
+def test_default_detects_faces_in_images_and_takes_one_image_alone(tmp_path):
+    """The default model was trained on aligned chips, but images given to its API are face-
+    detected (as the scanner does): an image without a face scores NaN, not a resized whole image;
+    one image alone (array, PIL image, path) is one image, never a batch of its rows."""
+    import numpy as np
+    from PIL import Image
+
+    det = FakeSpotter.default()
+    assert det.aligned is False
+    blank = np.full((300, 240, 3), 128, np.uint8)
+    assert np.isnan(det.decision_function([blank]).numpy()).all()
+    one = det.decision_function(blank)
+    assert one.shape == (1,) and np.isnan(one.numpy()).all()
+    assert det.predict(Image.fromarray(blank)) == [None]
+    path = tmp_path / "blank.png"
+    Image.fromarray(blank).save(path)
+    assert det.decision_function(str(path)).shape == (1,)
+    with pytest.raises(ValueError, match=r"images: an array of images must be .* got shape \[2, 3, 4, 5, 6\]"):
+        det.decision_function(np.zeros((2, 3, 4, 5, 6), np.uint8))
+
+
+def test_default_refuses_bad_inputs_naming_them(tmp_path):
+    import os
+    import signal
+
+    import numpy as np
+
+    det = FakeSpotter.default()
+    with pytest.raises(ValueError, match="float32 chips hold NaN or infinite values"):
+        det.decision_function(np.full((2, 3, 150, 150), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"image 1 \(bytes\): load_image: 10 bytes is not an image Pillow can identify"):
+        det.decision_function([np.zeros((80, 80, 3), np.uint8), b"notanimage"])
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+
+    def hung(*_):
+        raise AssertionError("reading a FIFO blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        with pytest.raises(ValueError, match=rf"image 0 \({fifo}\): load_image: {fifo} is not a regular file"):
+            det.decision_function([str(fifo)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -142,6 +142,10 @@ def test_to_tensor_and_chip_from_aligned():
     np.testing.assert_array_equal(F.chip_from_aligned(c), c)
     big = F.chip_from_aligned(np.full((300, 280, 4), 255, np.uint8))
     assert big.shape == (150, 150, 3) and big.dtype == np.uint8 and (big == 255).all()
+    assert F.chip_from_aligned(np.zeros((16, 32, 3), np.uint8)).shape == (150, 150, 3)  # the limits: allowed
+    for h, w in ((1, 1), (15, 15), (16, 33), (400, 3)):
+        with pytest.raises(ValueError, match=rf"a {w}x{h} image cannot be an aligned face chip"):
+            F.chip_from_aligned(np.zeros((h, w, 3), np.uint8))
 
 
 def test_missing_dlib_error_says_how_to_install(monkeypatch):
@@ -226,6 +230,43 @@ def test_two_faces_give_two_chips(photos):
     assert sorted(f.box[0] < a.shape[1] for f in faces) == [False, True]
     assert faces[0].score >= faces[1].score
     assert F.to_tensor(faces).shape == (2, 3, 150, 150)
+
+
+def _low_contrast(rgb, contrast=0.14):
+    """A face the detector finds weakly: score in (0, WEAK_FACE_SCORE) (measured on biden.jpg)."""
+    return (128 + (rgb.astype(float) - 128) * contrast).round().astype(np.uint8)
+
+
+def _side_by_side(a, b):
+    canvas = np.zeros((max(a.shape[0], b.shape[0]), a.shape[1] + b.shape[1], 3), np.uint8)
+    canvas[: a.shape[0], : a.shape[1]] = a
+    canvas[: b.shape[0], a.shape[1]:] = b
+    return canvas
+
+
+def test_weak_detections_are_dropped_beside_a_strong_face_only(photos):
+    import dlib
+
+    weak_alone = _low_contrast(photos["biden.jpg"])
+    canvas = _side_by_side(photos["obama.jpg"], weak_alone)
+    every = [(f.box, f.score) for f in F.detect_and_align(canvas, weak_face_score=0)]
+    (alone,) = F.detect_and_align(weak_alone)  # all the image holds: kept
+    assert 0 < alone.score < F.WEAK_FACE_SCORE, "premise: a weak detection"
+    assert len(every) == 2 and every[0][1] >= F.WEAK_FACE_SCORE > every[1][1] > 0, "premise: strong + weak"
+    assert [(f.box, f.score) for f in F.detect_and_align(canvas)] == every[:1]
+    for t in (-1.0, 0.0, every[1][1]):  # at or below the weak score: both kept
+        assert [(f.box, f.score) for f in F.detect_and_align(canvas, weak_face_score=t)] == every
+    for t in (every[0][1] + 0.01, 9.0):  # above the strong face too: nothing is strong, both kept
+        assert [(f.box, f.score) for f in F.detect_and_align(canvas, weak_face_score=t)] == every
+    # every detection above dlib's own cut: the faces its detector returns with its defaults
+    rects = dlib.get_frontal_face_detector()(canvas, 1)
+    assert sorted((r.left(), r.top(), r.right() + 1, r.bottom() + 1) for r in rects) == sorted(b for b, _ in every)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.1", True, None])
+def test_weak_face_score_must_be_a_finite_number(bad):
+    with pytest.raises(ValueError, match=r"detect_and_align: weak_face_score must be a finite number, got"):
+        F.detect_and_align(np.zeros((40, 40, 3), np.uint8), weak_face_score=bad)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

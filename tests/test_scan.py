@@ -170,6 +170,37 @@ def test_tar_members_score_like_the_files(corpus, model, tmp_path):
     assert rec["status"] == "error" and rec["error_kind"] == "bad_archive"
 
 
+def test_tar_damaged_header_links_and_special_members_get_records(corpus, model, tmp_path):
+    files = D.list_images(corpus / "a")[:4]
+    with tarfile.open(tmp_path / "t.tar", "w") as tf:
+        for p in files:
+            tf.add(p, arcname=p.name)
+    whole = bytearray((tmp_path / "t.tar").read_bytes())
+    with tarfile.open(tmp_path / "t.tar") as tf:
+        second = tf.getmembers()[1].offset
+    whole[second] ^= 0x20  # a byte of the second member's name: its header checksum fails
+    (tmp_path / "bad.tar").write_bytes(bytes(whole))
+    recs = list(scan([str(tmp_path / "bad.tar")], model, aligned=True, batch_size=4, workers=0))
+    # tarfile stops quietly at a bad header: the rest of the archive must not vanish unnoticed
+    assert [r["status"] for r in recs] == ["ok", "error"] and recs[1]["error_kind"] == "bad_archive"
+    assert recs[1]["path"] == f"{tmp_path / 'bad.tar'}::" and "not read" in recs[1]["error"]
+    # links, FIFOs and devices named like images: a not_a_file record each; folders: walked
+    with tarfile.open(tmp_path / "links.tar", "w") as tf:
+        tf.add(files[0], arcname="d/a.png")
+        for name, kind, link in (("d/hard.png", tarfile.LNKTYPE, "d/a.png"), ("d/soft.png", tarfile.SYMTYPE, "a.png"),
+                                 ("d/pipe.png", tarfile.FIFOTYPE, ""), ("d/dir.png", tarfile.DIRTYPE, ""),
+                                 ("d/notes.txt", tarfile.SYMTYPE, "a.png")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, link
+            tf.addfile(info)
+    recs = list(scan([str(tmp_path / "links.tar")], model, aligned=True, batch_size=4, workers=0))
+    got = {r["path"].split("::")[1]: (r["status"], r["error_kind"], r["error"]) for r in recs}
+    assert list(got) == ["d/a.png", "d/hard.png", "d/soft.png", "d/pipe.png"]
+    assert got["d/a.png"][0] == "ok" and {s for s, k, _ in list(got.values())[1:]} == {"error"}
+    assert {k for _, k, _ in list(got.values())[1:]} == {"not_a_file"}
+    assert "hard link to d/a.png" in got["d/hard.png"][2] and "symbolic link to a.png" in got["d/soft.png"][2]
+
+
 def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkeypatch):
     a = D.list_images(corpus / "a")
     listing = tmp_path / "list.txt"
@@ -179,12 +210,43 @@ def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkey
     assert [r["path"] for r in recs] == [os.path.join(str(tmp_path), os.path.relpath(a[0], tmp_path)), str(a[1]),
                                          os.path.join(str(tmp_path), "missing.png")] + b
     assert recs[0]["status"] == "ok" and recs[2]["error_kind"] == "not_found"
+    as_bytes = list(scan([os.fsencode(a[0]), a[1]], model, aligned=True, batch_size=4, workers=0))  # bytes, Path
+    assert [r["path"] for r in as_bytes] == [str(a[0]), str(a[1])] and as_bytes[0]["status"] == "ok"
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{a[2]}\n{a[3]}\n"))
     out = tmp_path / "stdin.jsonl"
     rc, _, err = run_cli(["scan", "-", str(a[4]), "--model", str(model), "--aligned", "--workers", "0",
                           "--batch-size", "4", "--out", str(out)], capsys)
     assert rc == 0, err
     assert [r["path"] for r in jsonl(out)] == [str(a[2]), str(a[3]), str(a[4])]
+
+
+def test_list_files_in_any_bytes_and_from_pipes(corpus, model, tmp_path, capsys):
+    good = D.list_images(corpus / "a")[0]
+    odd = tmp_path / os.fsdecode(b"caf\xe9 \xff.png")  # a name that is not UTF-8
+    odd.write_bytes(good.read_bytes())
+    listing = tmp_path / "list.txt"  # a byte-order mark, and the name's raw bytes
+    listing.write_bytes(b"\xef\xbb\xbf" + bytes(good) + b"\n" + os.fsencode(odd) + b"\n")
+    recs = list(scan([f"@{listing}"], model, aligned=True, batch_size=4, workers=0))
+    assert [r["path"] for r in recs] == [str(good), str(odd)] and [r["status"] for r in recs] == ["ok", "ok"]
+    assert recs[0]["sha256"] == recs[1]["sha256"]
+    # a list that is a pipe (@/dev/stdin, @<(find ...)): read once, relative to the working folder, also on resume
+    out = tmp_path / "piped.jsonl"
+    cmd = [sys.executable, "-m", "fakespotter", "scan", "@/dev/stdin", "--model", str(model), "--aligned",
+           "--workers", "0", "--out", str(out), "--quiet"]
+    run = subprocess.run(cmd + ["--limit", "1"], input=bytes(listing.read_bytes()), capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    run = subprocess.run(cmd + ["--resume"], input=bytes(listing.read_bytes()), capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    assert [r["path"] for r in jsonl(out)] == [str(good), str(odd)]
+    # CSV on a stdout that is strict UTF-8: the name's bytes, as in a CSV file
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    run = subprocess.run([*cmd[:4], f"@{listing}", *cmd[5:10], "--format", "csv", "--quiet"], capture_output=True,
+                         env=env)
+    assert run.returncode == 0, run.stderr.decode()
+    assert os.fsencode(odd) in run.stdout and run.stdout.count(b"\n") == 3
+    for bad, message in ((tmp_path, "is a folder; give the folder without '@'"), (tmp_path / "no.txt", "does not exist")):
+        rc, _, err = run_cli(["scan", f"@{bad}", "--model", str(model), "--aligned"], capsys)
+        assert rc == 2 and message in err, err
 
 
 def test_permission_denied_vanished_and_fifo(corpus, model, tmp_path, monkeypatch):
@@ -254,6 +316,44 @@ def test_real_photos_faces_found(model, tmp_path):
     assert noise_rec["status"] == "no_face" and noise_rec["score"] is None and noise_rec["label"] is None
 
 
+def test_weak_face_score_drops_weak_detections_beside_a_strong_face(model, tmp_path, capsys):
+    from fakespotter.faces import WEAK_FACE_SCORE
+    from fakespotter.weights import sample_photo_path
+
+    try:
+        from fakespotter.faces import _import_dlib
+
+        _import_dlib()
+        photos = [Image.open(sample_photo_path(n)).convert("RGB") for n in ("obama.jpg", "biden.jpg")]
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"needs dlib and the sample photos: {e}")
+    for p in photos:
+        p.thumbnail((360, 360))
+    a, b = np.asarray(photos[0]), np.asarray(photos[1]).astype(float)
+    b = (128 + (b - 128) * 0.14).round().astype(np.uint8)  # a low-contrast face: a weak detection
+    canvas = np.zeros((max(a.shape[0], b.shape[0]), a.shape[1] + b.shape[1], 3), np.uint8)
+    canvas[: a.shape[0], : a.shape[1]] = a
+    canvas[: b.shape[0], a.shape[1]:] = b
+    paths = [str(tmp_path / "both.png"), str(tmp_path / "weak.png")]
+    Image.fromarray(canvas).save(paths[0])
+    Image.fromarray(b).save(paths[1])
+    run = scan(paths, model, batch_size=4, workers=0)
+    both, weak = list(run)
+    assert run.stats["weak_face_score"] == WEAK_FACE_SCORE and run.stats["upsample"] == 1
+    run = scan(paths, model, batch_size=4, workers=0, weak_face_score=0)
+    every, weak0 = list(run)
+    assert run.stats["weak_face_score"] == 0
+    scores = [f["detector_score"] for f in every["faces"]]
+    assert len(scores) == 2 and scores[0] >= WEAK_FACE_SCORE > scores[1] > 0, "premise: strong + weak"
+    assert both["faces"] == every["faces"][:1] and both["score"] == every["faces"][0]["score"]
+    # alone in its image, the weak detection is kept
+    assert weak["faces"] == weak0["faces"] and len(weak["faces"]) == 1 and weak["status"] == "ok"
+    with pytest.raises(ValueError, match="scan: weak_face_score must be a finite number"):
+        scan(paths, model, weak_face_score=float("nan"))
+    rc, _, err = run_cli(["scan", paths[0], "--model", str(model), "--weak-face-score", "inf"], capsys)
+    assert rc == 2 and "--weak-face-score must be a finite number, got inf" in err
+
+
 # ----------------------------------------------------------------------------------------------
 # the command line
 
@@ -314,6 +414,8 @@ def test_stdout_summary_and_exit_codes(corpus, model, tmp_path, capsys):
 def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
     existing = tmp_path / "existing.jsonl"
     existing.write_text("keep me\n")
+    (tmp_path / "notes.jsonl.stats.json").write_text("my notes\n")
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "nowhere" / "x.jsonl")
     bad_model = tmp_path / "bad.fsm"
     bad_model.write_bytes(b"not a model file")
     base = [str(corpus / "a"), "--aligned"]
@@ -329,6 +431,11 @@ def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
         (["scan", *base, "--model", str(model), "--limit", "-1"], "--limit must be >= 0"),
         (["scan", *base, "--model", str(model), "--out", str(tmp_path / "no" / "o.jsonl")], "folder .* does not exist"),
         (["scan", *base, "--model", str(model), "--device", "nonsense"], "device 'nonsense' is not a device"),
+        (["scan", *base, "--model", str(model), "--out", str(tmp_path / "notes.jsonl")],
+         "notes.jsonl.stats.json exists and is not a scan's stats JSON"),
+        (["scan", *base, "--model", str(model), "--out", str(tmp_path / "dangling.jsonl")],
+         "dangling.jsonl is a symbolic link to .*nowhere/x.jsonl, which does not exist"),
+        (["scan", "@/dev/stdin", "-", "--model", str(model)], "read at most one listing from stdin"),
     ]
     import re
 
@@ -337,7 +444,7 @@ def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
         assert rc == 2, (args, err)
         assert out == "" and err.startswith("fakespotter scan: error: ") and len(err.strip().splitlines()) == 1
         assert re.search(pattern, err), (pattern, err)
-    assert existing.read_text() == "keep me\n"
+    assert existing.read_text() == "keep me\n" and (tmp_path / "notes.jsonl.stats.json").read_text() == "my notes\n"
     assert not (tmp_path / "existing.jsonl.stats.json").exists()
     rc, _, _ = run_cli(["scan", *base, "--model", str(model), "--out", str(existing), "--overwrite",
                         "--workers", "0", "--quiet"], capsys)
@@ -369,7 +476,7 @@ def test_decode_pool_kept_between_calls_and_replaced_when_it_died_idle(tmp_path)
     from fakespotter.scan import _Config, _decoded
 
     files = write_good(tmp_path / "d", 4, seed=3)
-    cfg = _Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT)
+    cfg = _Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT, weak_face_score=0.15)
 
     def run(keep):
         return [(e.path, r["error"], r["sha256"]) for e, r in _decoded(D.iter_entries([str(tmp_path / "d")]), cfg,

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from fakespotter.cli import main
+from fakespotter.faces import WEAK_FACE_SCORE
 from fakespotter.scan import RECORD_FIELDS, _line, scan
 from scan_helpers import model_file, write_good
 
@@ -167,6 +168,21 @@ def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
     # a file that is no scan output at all
     out.write_text("my notes\nmore notes\n")
     assert main(cli(corpus, model, out, "--resume")) == 2 and out.read_text() == "my notes\nmore notes\n"
+    # other face settings: --aligned, or (an output whose stats JSON predates the setting: dlib's
+    # own cut, 0) --weak-face-score; nothing is cut
+    out.write_text("".join(lines[:4]))
+    stats = tmp_path / "o.jsonl.stats.json"
+    stats.write_text(json.dumps({"aligned": False, "upsample": 1}))
+    rc = main(cli(corpus, model, out, "--resume"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--aligned False there, True now" in err and out.read_text() == "".join(lines[:4])
+    no_align = [a for a in cli(corpus, model, out, "--resume") if a != "--aligned"]
+    rc = main(no_align)
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--weak-face-score 0.0 there, {WEAK_FACE_SCORE} now" in err and out.read_text() == "".join(lines[:4])
+    stats.write_text(json.dumps({"aligned": True, "upsample": 1, "weak_face_score": 0.0}))
+    assert main(cli(corpus, model, out, "--resume", "--upsample", "2")) == 1  # no detection: they don't matter
+    assert out.read_text() == reference["jsonl"]
     # but a first record torn while being written is dropped
     out.write_text(lines[0][:30])
     assert main(cli(corpus, model, out, "--resume")) == 1 and out.read_text() == reference["jsonl"]

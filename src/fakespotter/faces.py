@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import functools
 import io
+import math
+import numbers
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Sequence, Tuple, Union
@@ -46,8 +49,15 @@ __all__ = [
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
+MIN_CHIP_SIDE = 16  # an "aligned chip" smaller than this, or further than 2:1 from square, is refused
 LANDMARKS_NAME = "shape_predictor_5_face_landmarks.dat"
 DLIB_INSTALL = "pip install dlib-bin==20.0.1.post1"
+# Detections (dlib's HOG + linear SVM margin, cut at 0) scoring below this are weak: dropped from an
+# image that holds a face scoring at least this, kept when they are all it holds.  Measured
+# (benchmarks/RESULTS.md, "Weak face detections"): the detections that were not faces (a badge,
+# fabric, beside real faces in group photos; each one scored as fake) scored 0.02-0.13; weak
+# detections alone in their image were faces (low-fidelity 64 px DCGAN renders, mostly).
+WEAK_FACE_SCORE = 0.15
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 Background = Tuple[int, int, int]
@@ -130,6 +140,21 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
         raise ValueError(f"load_image: cannot convert Pillow mode {mode!r} to RGB: {exc}") from exc
 
 
+def _decode(source: Any, name: str, background: Background) -> np.ndarray:
+    try:
+        with Image.open(source) as img:
+            img.load()
+            return _from_pil(img, background)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"load_image: {name}: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"load_image: {name} is not an image Pillow can identify") from None
+    except (OSError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "not an image I can read"
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise ValueError(f"load_image: {name} is not an image Pillow can decode ({type(e).__name__}: {e})") from None
+
+
 def load_image(image: ImageInput, background: Sequence[int] = (0, 0, 0)) -> np.ndarray:
     """Decode ``image`` to RGB ``uint8 [H, W, 3]`` (see the module docstring for the rules).
 
@@ -143,13 +168,16 @@ def load_image(image: ImageInput, background: Sequence[int] = (0, 0, 0)) -> np.n
     if isinstance(image, Image.Image):
         return _from_pil(image, bg)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        with Image.open(io.BytesIO(bytes(image))) as img:
-            img.load()
-            return _from_pil(img, bg)
+        return _decode(io.BytesIO(bytes(image)), f"{len(image)} bytes", bg)
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(Path(image)) as img:
-            img.load()
-            return _from_pil(img, bg)
+        path = Path(image)
+        try:
+            regular = stat.S_ISREG(path.stat().st_mode)
+        except OSError as e:
+            raise type(e)(e.errno, f"load_image: {path}: {e.strerror}") from None
+        if not regular:  # a FIFO or device would block Pillow, or never end
+            raise ValueError(f"load_image: {path} is not a regular file")
+        return _decode(path, str(path), bg)
     raise TypeError(f"load_image: expected a path, bytes, PIL image or numpy array, "
                     f"got {type(image).__name__}")
 
@@ -186,18 +214,29 @@ def _landmark_path() -> str:
     return str(weights_path(LANDMARKS_NAME))
 
 
+def check_weak_face_score(value: Any, what: str) -> float:
+    """``value`` as a float, or a ValueError naming ``what`` when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{what}: weak_face_score must be a finite number, got {value!r}")
+    return float(value)
+
+
 def detect_and_align(
     image: ImageInput,
     upsample: int = 1,
     size: int = CHIP_SIZE,
     padding: float = CHIP_PADDING,
     background: Sequence[int] = (0, 0, 0),
+    weak_face_score: float = WEAK_FACE_SCORE,
 ) -> List[Face]:
     """Detect every face in ``image`` and align each into a ``size`` x ``size`` chip.
 
     image: anything ``load_image`` accepts.
     upsample: how many times the detector doubles the image first (finds faces down to about
         80 / 2**upsample pixels; each step costs about 4x the time).
+    weak_face_score: detections scoring below this (but above dlib's cut, 0) are weak: dropped
+        when the image holds a face scoring at least this, kept when they are all it holds
+        (default :data:`WEAK_FACE_SCORE`; 0 or less keeps every detection).
     Returns the faces sorted by detector score, highest first; an empty list when there is none.
     """
     if int(upsample) != upsample or upsample < 0:
@@ -206,11 +245,14 @@ def detect_and_align(
         raise ValueError(f"detect_and_align: size must be a positive int, got {size!r}")
     if not padding >= 0:
         raise ValueError(f"detect_and_align: padding must be >= 0, got {padding!r}")
+    weak_face_score = check_weak_face_score(weak_face_score, "detect_and_align")
     rgb = load_image(image, background)
     dlib = _import_dlib()
     predictor = _predictor(_landmark_path())
     rects, scores, _ = _detector().run(rgb, int(upsample), 0.0)
     order = sorted(range(len(rects)), key=lambda i: -scores[i])
+    if order and scores[order[0]] >= weak_face_score:
+        order = [i for i in order if scores[i] >= weak_face_score]
     faces = []
     for i in order:
         rect = rects[i]
@@ -228,11 +270,17 @@ def chip_from_aligned(image: ImageInput, size: int = CHIP_SIZE,
     """An already-aligned face image as a ``uint8 [size, size, 3]`` chip (no detection).
 
     Images of another size are resized (bilinear, antialiased when shrinking) without keeping
-    the aspect ratio: the input is assumed to be a chip cropped like dlib's, only scaled.
+    the aspect ratio: the input is assumed to be a chip cropped like dlib's, only scaled. An
+    image that cannot be such a chip (a side under :data:`MIN_CHIP_SIDE` px, or sides more than
+    2:1 apart) is refused with a ValueError.
     """
     if int(size) != size or size < 1:
         raise ValueError(f"chip_from_aligned: size must be a positive int, got {size!r}")
     rgb = load_image(image, background)
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_CHIP_SIDE or max(h, w) > 2 * min(h, w):
+        raise ValueError(f"chip_from_aligned: a {w}x{h} image cannot be an aligned face chip (a side under "
+                         f"{MIN_CHIP_SIDE} px, or not square within 2:1); detect faces instead of --aligned")
     if rgb.shape[:2] == (size, size):
         return rgb
     resized = Image.fromarray(rgb).resize((int(size), int(size)), Image.Resampling.BILINEAR)

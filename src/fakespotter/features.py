@@ -13,6 +13,7 @@ preprocessing turns it into the module's input.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Sequence, Tuple
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .faces import WEAK_FACE_SCORE
 from .taps import Tap, exact_float32
 
 __all__ = ["Chips", "Features", "chips", "features", "mnc", "prepare_chips"]
@@ -63,6 +65,25 @@ def _is_chip_batch(x: Any) -> bool:
     return isinstance(x, (np.ndarray, Tensor)) and x.ndim == 4
 
 
+def as_image_list(images: Any) -> List[Any]:
+    """``images`` as a list of images: one image (a path, encoded bytes, a PIL image or an
+    ``[H, W]`` / ``[H, W, C]`` array) becomes a list of one; any other iterable is listed."""
+    from PIL import Image
+
+    if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        return [images]
+    if isinstance(images, (np.ndarray, Tensor)):
+        raise ValueError(f"images: an array of images must be a list of [H, W] or [H, W, C] arrays, or a chip "
+                         f"batch [N, H, W, 3] / [N, 3, H, W]; got shape {list(images.shape)}")
+    try:
+        return list(images)
+    except TypeError:
+        raise TypeError(f"images: expected an image (path, bytes, PIL image, array) or a sequence of them, "
+                        f"got {type(images).__name__}") from None
+
+
 def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
     """Validate a chip batch; return float32 [N, 3, H, W] 0..255 on the tap's device.
 
@@ -92,6 +113,8 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
         if shape[2:] != [h, w]:
             raise ValueError(f"{what}: chips must be {h}x{w} (the backbone's input size), got "
                              f"{shape[2]}x{shape[3]} (shape {shape})")
+        if not bool(torch.isfinite(chips).all()):
+            raise ValueError(f"{what}: float32 chips hold NaN or infinite values (expected RGB 0..255)")
         x = chips
     else:
         raise TypeError(f"{what}: chips must be uint8 [N, {h}, {w}, 3] or float32 [N, 3, {h}, {w}], "
@@ -108,29 +131,37 @@ def _square_size(tap_or_size: Any) -> int:
     return int(size[0])
 
 
-def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int
+def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, weak_face_score: float
                 ) -> Iterator[Tuple[int, int, np.ndarray, Any]]:
     from . import faces
 
     for i, image in enumerate(images):
-        if aligned:
-            yield i, 0, faces.chip_from_aligned(image, size=size), None
-        else:
-            for j, face in enumerate(faces.detect_and_align(image, upsample=upsample, size=size)):
-                yield i, j, face.chip, face
+        try:
+            if aligned:
+                found = [(faces.chip_from_aligned(image, size=size), None)]
+            else:
+                found = [(f.chip, f) for f in faces.detect_and_align(image, upsample=upsample, size=size,
+                                                                     weak_face_score=weak_face_score)]
+        except (ValueError, TypeError) as e:  # name the image: one of many
+            name = image if isinstance(image, (str, os.PathLike)) else type(image).__name__
+            raise type(e)(f"image {i} ({name}): {e}") from e
+        for j, (chip, face) in enumerate(found):
+            yield i, j, chip, face
 
 
-def chips(images: Sequence[Any], aligned: bool = False, size: Any = 150, upsample: int = 1) -> Chips:
+def chips(images: Sequence[Any], aligned: bool = False, size: Any = 150, upsample: int = 1,
+          weak_face_score: float = WEAK_FACE_SCORE) -> Chips:
     """Face chips of ``images`` (paths, PIL images or arrays; anything ``faces.load_image`` takes).
 
-    aligned=False: every detected face becomes a chip (dlib 5-point alignment, padding 0.25);
-    an image without faces contributes none. aligned=True: each image is one already-aligned
-    chip, only resized. ``size`` is an int or a Tap (its input size).
+    aligned=False: every detected face becomes a chip (dlib 5-point alignment, padding 0.25;
+    weak detections beside a face scoring ``weak_face_score`` or more are dropped, see
+    ``faces.detect_and_align``); an image without faces contributes none.
+    aligned=True: each image is one already-aligned chip, only resized. ``size`` is an int or a
+    Tap (its input size).
     """
-    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-        images = [images]
+    images = as_image_list(images)
     s = _square_size(size)
-    found = list(_iter_chips(images, s, aligned, upsample))
+    found = list(_iter_chips(images, s, aligned, upsample, weak_face_score))
     array = (np.stack([c for _, _, c, _ in found]) if found
              else np.zeros((0, s, s, 3), dtype=np.uint8))
     return Chips(array=array,
@@ -140,7 +171,7 @@ def chips(images: Sequence[Any], aligned: bool = False, size: Any = 150, upsampl
 
 
 def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: int = 64,
-             upsample: int = 1) -> Features:
+             upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE) -> Features:
     """Packed activation rows of every face (or chip), in batches of ``batch_size``.
 
     images_or_chips: a chip batch (4-d array or tensor, see the module docstring), or a sequence
@@ -164,8 +195,7 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
         return Features(rows=rows, image_index=np.arange(n, dtype=np.int64),
                         face_index=np.zeros(n, dtype=np.int64))
     images = images_or_chips
-    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-        images = [images]
+    images = as_image_list(images)
     size = _square_size(tap)
     image_index: List[int] = []
     face_index: List[int] = []
@@ -178,7 +208,7 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
                 out.append(tap(tap.preprocessing(x)))
             pending.clear()
 
-    for i, j, chip, _ in _iter_chips(images, size, aligned, upsample):
+    for i, j, chip, _ in _iter_chips(images, size, aligned, upsample, weak_face_score):
         image_index.append(i)
         face_index.append(j)
         pending.append(chip)

@@ -498,6 +498,9 @@ BACKGROUND_RANGE = (0, 255)  # each RGB channel uniform, inclusive
 EYE_DISTANCE_RANGE = (15.0, 19.0)  # pixels between the eye centres after resampling, uniform
 JPEG_QUALITY_RANGE = (70, 95)  # inclusive, uniform
 MAX_SIDE = 640  # larger images are shrunk to this long side before the first detection
+# The chip pipeline (sample chips, data builds) keeps every detection dlib makes, without the
+# scanner's faces.WEAK_FACE_SCORE: the embedded default detector was trained on a build made so.
+PIPELINE_WEAK_FACE_SCORE = 0.0
 DONOR_SEED = 20_200  # DCGAN latents whose out-of-render masks are lent to real chips
 _DONORS = 64
 
@@ -576,7 +579,7 @@ def _chip(rgb: np.ndarray, nuis: Nuisance, size: int, upsample: int, max_side: i
     if max(rgb.shape[:2]) > max_side:
         shrink = max_side / max(rgb.shape[:2])
         rgb = _resize(rgb, shrink)
-    faces = detect_and_align(rgb, upsample=upsample, size=size)
+    faces = detect_and_align(rgb, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE)
     if not faces:
         return None
     if near is None:
@@ -588,7 +591,7 @@ def _chip(rgb: np.ndarray, nuis: Nuisance, size: int, upsample: int, max_side: i
     small = _resize(rgb, scale)
     centre = np.array([first.box[0] + first.box[2], first.box[1] + first.box[3]]) * scale / 2
     best, best_dist = None, 0.5 * (first.box[2] - first.box[0]) * scale
-    for face in detect_and_align(small, upsample=upsample, size=size):
+    for face in detect_and_align(small, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE):
         c = np.array([face.box[0] + face.box[2], face.box[1] + face.box[3]]) / 2
         dist = float(np.linalg.norm(c - centre))
         if dist <= best_dist:
@@ -605,7 +608,7 @@ def _donor_masks(size: int, upsample: int) -> Tuple[np.ndarray, ...]:
 
     masks = []
     for render in _render(range(_DONORS), DONOR_SEED, None):
-        faces = detect_and_align(render, upsample=upsample, size=size)
+        faces = detect_and_align(render, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE)
         if faces:
             masks.append(_coverage(render.shape[:2], faces[0], size))
     if not masks:

@@ -54,6 +54,7 @@ from typing import IO, Any, Callable, Container, Dict, Iterable, Iterator, List,
 import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, ImageError, check_sources, decode_image, iter_entries, read_entry
+from .faces import WEAK_FACE_SCORE, check_weak_face_score
 
 __all__ = [
     "RECORD_FIELDS",
@@ -104,6 +105,7 @@ class _Config(NamedTuple):
     size: int
     upsample: int
     pixel_limit: int
+    weak_face_score: float
 
 
 def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
@@ -122,11 +124,15 @@ def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
         from . import faces as F
 
         if cfg.aligned:
-            out["chips"] = F.chip_from_aligned(img.rgb, size=cfg.size)[None]
+            try:
+                out["chips"] = F.chip_from_aligned(img.rgb, size=cfg.size)[None]
+            except ValueError as e:
+                raise ImageError("not_a_chip", str(e).split(": ", 1)[1]) from None
             out["faces"] = [([0, 0, int(w), int(h)], None)]
         else:
             try:
-                found = F.detect_and_align(img.rgb, upsample=cfg.upsample, size=cfg.size)
+                found = F.detect_and_align(img.rgb, upsample=cfg.upsample, size=cfg.size,
+                                           weak_face_score=cfg.weak_face_score)
             except Exception as e:
                 raise ImageError("face_detection_error", f"{type(e).__name__}: {e}") from None
             if found:
@@ -421,7 +427,8 @@ class ScanRun:
         self.stats: Dict[str, Any] = dict(
             new_stats(), batch_size=batch_size, batch_size_requested=batch_size, oom_backoffs=[],
             precision=precision_of(device, autocast), channels_last=self._channels_last,
-            workers=workers, device=device, aligned=cfg.aligned)
+            workers=workers, device=device, aligned=cfg.aligned, upsample=cfg.upsample,
+            weak_face_score=cfg.weak_face_score, pixel_limit=cfg.pixel_limit)
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
 
@@ -599,11 +606,18 @@ def _load_model(model: Any, device: str) -> Tuple[Any, str]:
     return det, file_sha256(path)
 
 
+def _input_list(inputs: Any) -> List[str]:
+    """Scan inputs as strings: one path, or a sequence of them (str, bytes or path-like)."""
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        inputs = [inputs]
+    return [os.fsdecode(s) if isinstance(s, (bytes, os.PathLike)) else str(s) for s in inputs]
+
+
 def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: bool = False, batch_size: int = 64,
          workers: Optional[int] = None, device: str = "cpu", pixel_limit: int = DEFAULT_PIXEL_LIMIT,
-         limit: Optional[int] = None, upsample: int = 1, skip: int = 0, exclude: Optional[Container[str]] = None,
-         stdin: Optional[IO[str]] = None, channels_last: bool = False, autocast: bool = False,
-         log: Optional[Callable[[str], None]] = None) -> ScanRun:
+         limit: Optional[int] = None, upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE, skip: int = 0,
+         exclude: Optional[Container[str]] = None, stdin: Optional[IO[str]] = None, channels_last: bool = False,
+         autocast: bool = False, log: Optional[Callable[[str], None]] = None) -> ScanRun:
     """Scan images for synthesized faces; an iterator of one record per input image, in input order.
 
     inputs: paths - files, folders (recursive), ``@list.txt`` file lists, ``-`` (a list on
@@ -616,6 +630,8 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     device: where the backbone runs (``cpu``, ``cuda``, ``cuda:1``, ...).
     pixel_limit: images with more pixels are refused (``too_many_pixels``) before decoding.
     limit: scan only the first ``limit`` inputs of the listing.
+    upsample / weak_face_score: face detector upsampling, and the score below which a detection
+        is dropped from an image that holds a face scoring at least that (``faces.detect_and_align``).
     skip / exclude: leave out the first ``skip`` inputs (after ``limit``), and inputs whose
         path is in ``exclude``: how a resumed scan continues.
     channels_last: run every conv of the backbone in channels_last memory format (the conv
@@ -637,9 +653,7 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     device where CUDA is not available), and ``artifact.ModelFileError`` for a bad model file,
     before any work.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = [str(s) for s in inputs]
+    inputs = _input_list(inputs)
     for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("upsample", upsample, 0),
                         ("skip", skip, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -653,10 +667,11 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     for name, v in (("channels_last", channels_last), ("autocast", autocast)):
         if not isinstance(v, bool):
             raise TypeError(f"scan: {name} must be a bool, got {type(v).__name__}")
+    weak_face_score = check_weak_face_score(weak_face_score, "scan")
     device = check_device(device, "scan")
     check_sources(inputs, "scan")
     det, model_id = _load_model(model, device)
-    cfg = _Config(bool(aligned), int(det.tap_.preprocessing.size[0]), int(upsample), int(pixel_limit))
+    cfg = _Config(bool(aligned), int(det.tap_.preprocessing.size[0]), int(upsample), int(pixel_limit), weak_face_score)
     entries: Iterable[Entry] = iter_entries(inputs, stdin=stdin)
     if limit is not None or skip:
         entries = itertools.islice(entries, skip, limit)

@@ -47,7 +47,9 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, 
 import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
-from .scan import STATUSES, RecordWriter, _Config, _decoded, _Forward, count_record, make_record, new_stats
+from .faces import WEAK_FACE_SCORE, check_weak_face_score
+from .scan import (STATUSES, RecordWriter, _Config, _decoded, _Forward, _input_list, count_record, make_record,
+                   new_stats)
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -57,7 +59,9 @@ STATS = "stats.json"
 _MANIFEST_FORMAT = "fakespotter-scan-shards"
 _MANIFEST_VERSION = 1
 # What the records depend on: a resumed scan must use the same, or its records would differ.
-_SETTINGS = ("model", "batch_size", "aligned", "upsample", "pixel_limit", "shard_format")
+_SETTINGS = ("model", "batch_size", "aligned", "upsample", "weak_face_score", "pixel_limit", "shard_format")
+_SETTINGS_BEFORE = {"weak_face_score": 0.0}  # what a scan.json without the setting was scanned with
+_DETECTION = ("upsample", "weak_face_score")  # settings of no consequence to an --aligned scan
 
 
 class RayNotInstalled(ImportError):
@@ -231,10 +235,13 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
                               f"write into it, even with --overwrite")
         return manifest, done, counts
     assert old is not None
-    diff = [k for k in _SETTINGS if old.get(k) != settings[k]]
+    aligned = bool(settings["aligned"]) and bool(old.get("aligned"))
+    diff = [k for k in _SETTINGS if old.get(k, _SETTINGS_BEFORE.get(k)) != settings[k]
+            and not (aligned and k in _DETECTION)]
     if diff:
         raise ShardsError(f"--resume: {out} was scanned with other settings, so its records would differ: " +
-                          ", ".join(f"{k} {old.get(k)!r} there, {settings[k]!r} now" for k in diff))
+                          ", ".join(f"{k} {old.get(k, _SETTINGS_BEFORE.get(k))!r} there, {settings[k]!r} now"
+                                    for k in diff))
     for p in _shard_files(out):
         for _, r in _read_shard(p):
             done.add(r["path"])
@@ -384,12 +391,14 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
              decode_cpus: float = 1.0, decode_batch: int = 16, decode_memory: int = 512 << 20,
              shard_size: int = 1000, flush_s: float = 60.0,
              pixel_limit: int = DEFAULT_PIXEL_LIMIT, limit: Optional[int] = None, upsample: int = 1,
-             stdin: Optional[IO[str]] = None, progress: Optional[Callable[[int], None]] = None,
-             show_ray_progress: bool = False, _crash_marker: Optional[str] = None) -> Dict[str, Any]:
+             weak_face_score: float = WEAK_FACE_SCORE, stdin: Optional[IO[str]] = None,
+             progress: Optional[Callable[[int], None]] = None, show_ray_progress: bool = False,
+             _crash_marker: Optional[str] = None) -> Dict[str, Any]:
     """Scan images on a Ray cluster into a folder of record shards; returns the run's stats.
 
-    inputs, aligned, batch_size, pixel_limit, limit, upsample: as :func:`fakespotter.scan.scan`
-        (the records are the same as its records for the same inputs, model and batch size).
+    inputs, aligned, batch_size, pixel_limit, limit, upsample, weak_face_score: as
+        :func:`fakespotter.scan.scan` (the records are the same as its records for the same
+        inputs, model and batch size).
     model: a model file, ``"default"`` (the embedded default detector, as for
         :func:`~fakespotter.scan.scan`) or a fitted ``FakeSpotter`` (read here, shipped to the actors).
     out: the output folder (created; its parent must exist).
@@ -413,9 +422,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     :class:`ShardsError` (an output that is not ours, or another scan's), before any work;
     RuntimeError when the scan fails on the cluster (the shards written so far stay: resume).
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = [str(s) for s in inputs]
+    inputs = _input_list(inputs)
     for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("upsample", upsample, 0),
                         ("decode_batch", decode_batch, 1), ("shard_size", shard_size, 1),
                         ("decode_memory", decode_memory, 1)):
@@ -429,13 +436,15 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
             raise ValueError(f"ray_scan: {name} must be > 0, got {v!r}")
     if gpus_per_actor is not None and (not isinstance(gpus_per_actor, (int, float)) or gpus_per_actor < 0):
         raise ValueError(f"ray_scan: gpus_per_actor must be None or >= 0, got {gpus_per_actor!r}")
+    weak_face_score = check_weak_face_score(weak_face_score, "ray_scan")
     check_sources(inputs, "scan")
     ray = import_ray()
     data, model_id, det = _model_bytes(model)
     size = int(det.tap_.preprocessing.size[0])
-    cfg = _Config(bool(aligned), size, int(upsample), int(pixel_limit))
+    cfg = _Config(bool(aligned), size, int(upsample), int(pixel_limit), weak_face_score)
     settings = {"model": model_id, "batch_size": batch_size, "aligned": bool(aligned), "upsample": upsample,
-                "pixel_limit": pixel_limit, "shard_format": "jsonl", "inputs": inputs, "limit": limit}
+                "weak_face_score": weak_face_score, "pixel_limit": pixel_limit, "shard_format": "jsonl", "inputs": inputs,
+                "limit": limit}
     out = Path(out)
     manifest, done, resumed = prepare_output(out, mode, settings)
 
@@ -466,6 +475,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         stats.update(actors_s=0.0, engine="ray", batch_size=batch_size, actors=n_actors,
                      cpus_per_actor=float(cpus_per_actor), gpus_per_actor=gpus, device=device,
                      actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), aligned=bool(aligned),
+                     upsample=upsample, weak_face_score=weak_face_score,
                      resumed_records=len(done), resumed_errors=resumed["error"], run=manifest["runs"],
                      output=str(out), model=model_id, complete=False)
         t_start = time.perf_counter()

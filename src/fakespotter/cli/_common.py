@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from ..data import list_images
 
@@ -49,6 +49,9 @@ def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional
     p = Path(path)
     if p.is_dir():
         raise usage_error(f"{what} {p} is a folder; give a file name")
+    if p.is_symlink() and not p.exists():
+        raise usage_error(f"{what} {p} is a symbolic link to {os.readlink(p)}, which does not exist; give "
+                          f"another name")
     if p.exists() and not overwrite:
         raise usage_error(f"{what} {p} already exists; pass --overwrite to replace it")
     parent = p.parent if str(p.parent) else Path(".")
@@ -116,11 +119,11 @@ def has_both_classes(part) -> bool:
     return {r.label for r in part.rows} == {"real", "fake"}
 
 
-def load_chips(paths: List[Path], aligned: bool, size: int, upsample: int, label: str, quiet: bool,
-               failures: List[dict]):
+def load_chips(paths: List[Path], how: Any, size: int, label: str, quiet: bool, failures: List[dict]):
     """Chips of every face of every image, with the image index of each; unreadable images are
-    recorded in ``failures`` and skipped. Returns (chips uint8 [M, size, size, 3], index [M],
-    images without a face)."""
+    recorded in ``failures`` and skipped. ``how``: anything with the face settings ``aligned``,
+    ``upsample`` and ``weak_face_score`` (a FakeSpotter, parsed arguments). Returns (chips uint8
+    [M, size, size, 3], index [M], images without a face)."""
     import numpy as np
 
     from ..features import chips
@@ -129,7 +132,8 @@ def load_chips(paths: List[Path], aligned: bool, size: int, upsample: int, label
     arrays, index, no_face = [], [], 0
     for i, path in enumerate(paths):
         try:
-            c = chips([str(path)], aligned=aligned, size=size, upsample=upsample)
+            c = chips([str(path)], aligned=how.aligned, size=size, upsample=how.upsample,
+                      weak_face_score=how.weak_face_score)
         except Exception as e:  # a bad file must not end the run
             failures.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
             c = None
@@ -155,7 +159,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="inputs are already-aligned face crops: resize only, no face detection (default: detect)")
     p.add_argument("--upsample", type=int, default=1,
                    help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
+    add_weak_face_score(p)
     p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
+
+
+def add_weak_face_score(p: argparse.ArgumentParser) -> None:
+    from ..faces import WEAK_FACE_SCORE
+
+    p.add_argument("--weak-face-score", type=float, default=WEAK_FACE_SCORE, metavar="SCORE",
+                   help="face detections scoring below this are weak: dropped from an image that holds a "
+                        "face scoring at least this (the detector's rare hits on badges or fabric beside real "
+                        "faces score low, and such chips tend to score as fake), kept when they are all it "
+                        "holds; 0 keeps every detection (default: %(default)s)")
+
+
+def check_weak_face_score_arg(args: argparse.Namespace) -> None:
+    import math
+
+    if not math.isfinite(args.weak_face_score):
+        raise usage_error(f"--weak-face-score must be a finite number, got {args.weak_face_score}")
 
 
 class Progress:

@@ -8,7 +8,7 @@ import argparse
 
 import numpy as np
 
-from ._common import Progress, add_model_args, images_of, log, usage_error, writable_output
+from ._common import Progress, add_model_args, check_weak_face_score_arg, images_of, log, usage_error, writable_output
 
 
 def add_parser(sub) -> None:
@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     paths = images_of(args.images, "calibrate")
+    if args.upsample < 0:
+        raise usage_error(f"--upsample must be >= 0, got {args.upsample}")
+    check_weak_face_score_arg(args)
     out = writable_output(args.out, args.overwrite, "output")
     try:
         from ..backbones import get_backbone
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     pending, failures = [], 0
     for path in paths:
         try:
-            c = chips([str(path)], aligned=args.aligned, size=tap, upsample=args.upsample)
+            c = chips([str(path)], aligned=args.aligned, size=tap, upsample=args.upsample,
+                      weak_face_score=args.weak_face_score)
             pending.extend(list(c.array))
         except Exception as e:
             failures += 1

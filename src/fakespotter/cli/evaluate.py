@@ -234,7 +234,7 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
         size = int(det.tap_.preprocessing.size[0])
         chips = {}
         for label in ("real", "fake"):
-            x, index, _ = load_chips(train[label], det.aligned, size, det.upsample, f"training {label}", args.quiet, failures)
+            x, index, _ = load_chips(train[label], det, size, f"training {label}", args.quiet, failures)
             g = train[f"{label}_groups"]
             chips[label] = (x, index if g is None else np.asarray(g, dtype=object)[index].astype(str))
         for label in ("real", "fake"):
@@ -244,8 +244,8 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
         xf, gf = chips["fake"]
         validation = None
         if train["val"] is not None:
-            vr = load_chips(train["val"][0], det.aligned, size, det.upsample, "validation real", args.quiet, failures)[0]
-            vf = load_chips(train["val"][1], det.aligned, size, det.upsample, "validation fake", args.quiet, failures)[0]
+            vr = load_chips(train["val"][0], det, size, "validation real", args.quiet, failures)[0]
+            vf = load_chips(train["val"][1], det, size, "validation fake", args.quiet, failures)[0]
             if len(vr) and len(vf):
                 validation = (vr, vf)
         x = np.concatenate([xr, xf])
@@ -356,7 +356,8 @@ def run(args: argparse.Namespace) -> int:
     detectors = trained["detectors"]
     progress = Progress(len(paths), "scoring", args.quiet)
     scored = ev.score_images_with(trained["score"], paths, size=int(det.tap_.preprocessing.size[0]),
-                                  aligned=det.aligned, upsample=det.upsample, progress=progress.update)
+                                  aligned=det.aligned, upsample=det.upsample,
+                                  weak_face_score=det.weak_face_score, progress=progress.update)
     progress.close()
     first = scored[MODEL_NAME]
     faces = first.faces["clean"]

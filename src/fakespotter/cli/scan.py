@@ -28,9 +28,9 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import IO, Any, Dict, Optional
 
-from ._common import Progress, log, model_file, usage_error, writable_output
+from ._common import Progress, add_weak_face_score, check_weak_face_score_arg, log, model_file, usage_error, writable_output
 
 
 def add_parser(sub) -> None:
@@ -57,6 +57,7 @@ def add_parser(sub) -> None:
                    help="inputs are already-aligned face chips: resize only, no face detection (default: detect)")
     p.add_argument("--upsample", type=int, default=1,
                    help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
+    add_weak_face_score(p)
     p.add_argument("--batch-size", type=int, default=64,
                    help="chips per backbone forward, halved when a forward runs out of memory; scores are "
                         "reproducible for a given batch size (default: %(default)s)")
@@ -77,7 +78,8 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
-    p.add_argument("--fail-fast", action="store_true", help="stop after the first error record (default: go on)")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop once the batch that holds the first error record is written (default: go on)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no summary (default: progress on a terminal, summary on stderr)")
     from .scan_ray import add_arguments
@@ -99,6 +101,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1), ("upsample", 0)):
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    check_weak_face_score_arg(args)
     check_inputs(args)
     to_stdout = args.out in (None, "-")
     suffix = "" if to_stdout else args.out.lower().rstrip("/")
@@ -132,6 +135,8 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             else:
                 raise usage_error(f"output {out} already exists; pass --resume to continue that scan "
                                   f"or --overwrite to replace it")
+        else:
+            _check_stats_file(Path(str(out) + ".stats.json"))
     check_faces(args)
     return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args)}
 
@@ -148,6 +153,32 @@ def check_inputs(args: argparse.Namespace) -> None:
         check_sources(args.paths, "scan")
     except (FileNotFoundError, ValueError) as e:
         raise usage_error(str(e)) from None
+
+
+def piped_listing(args: argparse.Namespace, reread: bool) -> Optional[IO[str]]:
+    """The listing to read for ``-`` in ``args.paths``, or None without one. A file list that is
+    a pipe (``@/dev/stdin``, ``@<(find ...)``) can be read only once, so it stands in for ``-``
+    (relative paths from the working folder, as for ``-``); with ``reread`` (a resume reads the
+    listing twice) the listing is first copied to a temporary file."""
+    from ..data import open_list
+
+    pipes = [p for p in args.paths if p.startswith("@") and not os.path.isfile(p[1:])]
+    if len(pipes) + ("-" in args.paths) > 1:
+        raise usage_error("read at most one listing from stdin ('-') or a pipe ('@/dev/stdin'); save the "
+                          "others to files")
+    if pipes:
+        source: IO[str] = open_list(pipes[0][1:])
+        args.paths = ["-" if p == pipes[0] else p for p in args.paths]
+    elif "-" in args.paths:
+        source = sys.stdin
+    else:
+        return None
+    if not reread:
+        return source
+    spool = tempfile.SpooledTemporaryFile(max_size=1 << 23, mode="w+", encoding="utf-8", errors="surrogateescape")
+    spool.writelines(source)
+    spool.seek(0)
+    return spool
 
 
 def check_faces(args: argparse.Namespace) -> None:
@@ -181,6 +212,22 @@ def load_detector(args: argparse.Namespace) -> Any:
     return det
 
 
+def _check_stats_file(path: Path) -> None:
+    """The stats JSON is written next to the output: refuse to replace a file there that is not
+    a scan's stats (a scan's, e.g. left by a deleted output, is replaced)."""
+    import json
+
+    if not os.path.lexists(path):
+        return
+    try:
+        ours = path.is_file() and {"counts", "images", "model"} <= set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise usage_error(f"{path} exists and is not a scan's stats JSON, which a scan writes there; move it, "
+                          f"or give another --out")
+
+
 def _parquet_output(args) -> Path:
     """--out of a parquet scan: a folder that may be created, or (with --overwrite) one that
     holds only part files; never a folder of anything else."""
@@ -198,19 +245,29 @@ def _parquet_output(args) -> Path:
     return out
 
 
+# Settings that decide which faces a record holds; None: not in the stats JSON (not known), else
+# what a scan whose stats JSON lacks the setting used.
+_FACE_SETTINGS = {"aligned": None, "upsample": None, "weak_face_score": 0.0, "pixel_limit": None}
+
+
 def previous_settings(out: Path) -> Dict[str, Any]:
     """The settings of the scan that wrote ``out``, from its stats JSON (written when a scan
-    starts); an output without one was written in float32, like every scan before --autocast."""
+    starts); an output without one was written in float32, like every scan before --autocast.
+    A face setting is None where it is not known (no stats JSON, or one from before the setting)."""
     import json
 
     try:
         stats = json.loads(Path(str(out) + ".stats.json").read_text())
     except (OSError, ValueError):
-        stats = {}
+        stats = None
     if not isinstance(stats, dict):
-        stats = {}
-    return {"precision": stats.get("precision", "float32"), "batch_size": stats.get("batch_size"),
-            "batch_size_requested": stats.get("batch_size_requested")}
+        stats = None
+    have = stats or {}
+    prev = {"precision": have.get("precision", "float32"), "batch_size": have.get("batch_size"),
+            "batch_size_requested": have.get("batch_size_requested")}
+    for k, before in _FACE_SETTINGS.items():
+        prev[k] = None if stats is None else stats.get(k, before)
+    return prev
 
 
 def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, Any]:
@@ -235,6 +292,14 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
         raise usage_error(f"--resume: {out} was scanned in {prev['precision']}, this run would compute in {precision} "
                           f"({'with' if args.autocast else 'without'} --autocast on {args.device}); its scores would "
                           f"not match: give the original setting, or scan into another output")
+    detection = ("upsample", "weak_face_score")
+    changed = [k for k in _FACE_SETTINGS if prev[k] is not None and prev[k] != getattr(args, k)
+               and not (k in detection and args.aligned and prev["aligned"])]  # no detection: they don't matter
+    if changed:
+        raise usage_error(f"--resume: {out} was scanned with other face settings, so its records would differ: "
+                          + ", ".join(f"--{k.replace('_', '-')} {prev[k]!r} there, {getattr(args, k)!r} now"
+                                      for k in changed)
+                          + "; give the original settings, or scan into another output")
     if (prev["batch_size_requested"] == args.batch_size and isinstance(prev["batch_size"], int)
             and 1 <= prev["batch_size"] < args.batch_size):
         plan["batch_size"] = prev["batch_size"]
@@ -317,13 +382,7 @@ def run(args: argparse.Namespace) -> int:
     from ..scan import RecordWriter, scan, write_stats
 
     out, fmt = plan["out"], plan["fmt"]
-    stdin = None
-    if "-" in args.paths:
-        stdin = sys.stdin
-        if plan["mode"] == "resume":  # read twice: once to check the done part, once to scan
-            stdin = tempfile.SpooledTemporaryFile(max_size=1 << 23, mode="w+")
-            stdin.writelines(sys.stdin)
-            stdin.seek(0)
+    stdin = piped_listing(args, reread=plan["mode"] == "resume")
     if plan["mode"] == "resume":
         resume = _resume_plan(args, out, fmt, plan["detector"].model_id_, stdin)
     else:
@@ -334,9 +393,12 @@ def run(args: argparse.Namespace) -> int:
         log(f"scan: dropping {what} ({state.torn_bytes} bytes) from {out}", args.quiet)
     run_ = scan(args.paths, plan["detector"], aligned=args.aligned, batch_size=resume["batch_size"],
                 workers=args.workers, device=args.device, pixel_limit=args.pixel_limit, limit=args.limit,
-                upsample=args.upsample, skip=resume["skip"], exclude=resume["exclude"], stdin=stdin,
+                upsample=args.upsample, weak_face_score=args.weak_face_score, skip=resume["skip"],
+                exclude=resume["exclude"], stdin=stdin,
                 channels_last=args.channels_last, autocast=args.autocast, log=lambda m: log(m, args.quiet))
     part_rows = args.part_rows if args.part_rows is not None else PART_ROWS
+    if out is None and hasattr(sys.stdout, "reconfigure"):  # the bytes a file output would hold,
+        sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")  # names not UTF-8 included
     writer = RecordWriter(sys.stdout if out is None else out, fmt, plan["mode"], state, part_rows=part_rows,
                           part_seconds=PART_SECONDS)
     resumed = state.records if state is not None else 0
@@ -362,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
                 batch_size = run_.stats["batch_size"]
                 write_stats(stats_path, stats(False))
             if args.fail_fast and any(r["status"] == "error" for r in group):
-                log("scan: stopping at the first error (--fail-fast)", args.quiet)
+                log("scan: stopping after the batch with the first error (--fail-fast)", args.quiet)
                 break
         else:
             complete = True

@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Any, Dict
 
-from ._common import Progress, log, usage_error
+from ._common import Progress, check_weak_face_score_arg, log, usage_error
 
 # Options of --engine ray only; their None defaults mean "not given" (then ray_scan's defaults apply).
 _RAY_ONLY = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "actor_batch", "decode_cpus", "shard_size")
@@ -81,6 +81,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             raise usage_error(f"--{name.replace('_', '-')} must be > 0, got {v}")
     if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
         raise usage_error(f"--gpus-per-actor must be >= 0, got {args.gpus_per_actor}")
+    check_weak_face_score_arg(args)
     check_inputs(args)
     check_faces(args)
     load_detector(args)
@@ -90,14 +91,15 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
 def run_ray(args: argparse.Namespace) -> int:
     plan = check(args)
     from ..scan_ray import ShardsError, ray_scan
-    from .scan import summary
+    from .scan import piped_listing, summary
 
     progress = Progress(None, "scan", args.quiet)
     kw = {k: getattr(args, k) for k in _RAY_ONLY if getattr(args, k) is not None}
     try:
         stats = ray_scan(args.paths, args.model, args.out, aligned=args.aligned, batch_size=args.batch_size,
                          mode=plan["mode"], pixel_limit=args.pixel_limit, limit=args.limit, upsample=args.upsample,
-                         stdin=sys.stdin if "-" in args.paths else None, progress=progress.update, **kw)
+                         weak_face_score=args.weak_face_score, stdin=piped_listing(args, reread=False),
+                         progress=progress.update, **kw)
     except (ShardsError, ValueError) as e:  # raised before any work (see ray_scan)
         raise usage_error(str(e)) from None
     except RuntimeError as e:  # the cluster failed the scan: say so in one line, keep what was written

@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import (add_class_sources, add_model_args, class_mode, has_both_classes, images_of, log,
+from ._common import (add_class_sources, add_model_args, check_weak_face_score_arg, class_mode, has_both_classes, images_of, log,
                       load_chips, manifest_part, open_manifest, usage_error, writable_output)
 
 
@@ -108,6 +108,7 @@ def check(args: argparse.Namespace) -> Dict:
     for name in ("batch_size", "epochs", "upsample"):
         if getattr(args, name) < 1 and not (name == "upsample" and getattr(args, name) == 0):
             raise usage_error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_weak_face_score_arg(args)
     out = writable_output(args.out, args.overwrite, "output model")
     report = writable_output(args.report, args.overwrite, "report")
     if report is not None and report.resolve() == out.resolve():
@@ -131,7 +132,7 @@ def check(args: argparse.Namespace) -> Dict:
 def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]) -> Tuple[np.ndarray, np.ndarray, int]:
     """Chips of every face of every image, with the image index of each; unreadable images are
     recorded in ``failures`` and skipped."""
-    return load_chips(paths, args.aligned, size, args.upsample, label, args.quiet, failures)
+    return load_chips(paths, args, size, label, args.quiet, failures)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                       threshold_mode=args.threshold_mode, classifier=args.classifier, hidden=tuple(args.hidden),
                       target_fpr=args.target_fpr, target_tpr=args.target_tpr, validation_fraction=args.validation_fraction,
                       max_epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
-                      aligned=args.aligned, upsample=args.upsample)
+                      aligned=args.aligned, upsample=args.upsample, weak_face_score=args.weak_face_score)
     if plan["groups"] is not None:  # manifest groups (identity / source) instead of one group per image
         gr = np.asarray(plan["groups"][0], dtype=object)[gr].astype(str)
         gf = np.asarray(plan["groups"][1], dtype=object)[gf].astype(str)
