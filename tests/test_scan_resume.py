@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +188,123 @@ def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
     # but a first record torn while being written is dropped
     out.write_text(lines[0][:30])
     assert main(cli(corpus, model, out, "--resume")) == 1 and out.read_text() == reference["jsonl"]
+    # ... but not a file of someone else's that lacks a newline
+    out.write_text("my notes, no newline")
+    rc = main(cli(corpus, model, out, "--resume"))
+    assert rc == 2 and "is not a jsonl scan output" in capsys.readouterr().err
+    assert out.read_text() == "my notes, no newline"
+    # an output that is also an input
+    image = corpus / "img000.jpg"
+    before = image.read_bytes()
+    for target in (corpus, image):  # the input itself, or an image in an input folder
+        rc = main(["scan", str(target), *cli(corpus, model, image, "--overwrite")[2:]])
+        assert rc == 2 and "is also an input" in capsys.readouterr().err
+    assert image.read_bytes() == before
+
+
+def test_resume_refuses_other_settings_and_more_than_limit(small, model, tmp_path, capsys):
+    corpus, reference = small
+    lines = reference["jsonl"].splitlines(keepends=True)
+    out = tmp_path / "o.jsonl"
+    assert main(cli(corpus, model, out, "--limit", "6")) == 0
+    stats = (tmp_path / "o.jsonl.stats.json").read_text()
+    for extra, message in ((["--batch-size", "3"], "--batch-size 2 there, 3 now"),
+                           (["--channels-last"], "--channels-last False there, True now"),
+                           (["--limit", "4"], "already holds 6 records, more than --limit 4")):
+        rc = main([*cli(corpus, model, out, "--resume"), *extra])
+        assert rc == 2 and message in capsys.readouterr().err, extra
+        assert out.read_text() == "".join(lines[:6])
+    # without its stats JSON nothing can be checked: said, then resumed
+    (tmp_path / "o.jsonl.stats.json").unlink()
+    assert main([a for a in cli(corpus, model, out, "--resume", "--limit", "8") if a != "--quiet"]) == 0
+    assert "has no stats JSON" in capsys.readouterr().err and out.read_text() == "".join(lines[:8])
+    assert stats  # (the first run wrote one)
+
+
+def test_resume_whole_output_counts_damaged_middle_and_other_spellings(small, model, tmp_path, capsys, monkeypatch):
+    corpus, reference = small
+    lines = reference["jsonl"].splitlines(keepends=True)
+    out = tmp_path / "o.jsonl"
+    assert main(cli(corpus, model, out)) == 1
+    done = json.loads((tmp_path / "o.jsonl.stats.json").read_text())["counts"]
+    assert main(cli(corpus, model, out, "--resume")) == 1  # nothing left: the whole output's counts stay
+    stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+    assert stats["images"] == 0 and stats["output_counts"] == done and stats["resumed_records"] == len(lines)
+    # a damaged line in the middle: it and everything after it are scanned again, and said so
+    out.write_text("".join(lines[:3]) + lines[3].replace('"status"', '"stat"') + "".join(lines[4:]))
+    assert main([a for a in cli(corpus, model, out, "--resume") if a != "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"a damaged line and everything after it ({len(lines) - 3} lines" in err
+    assert out.read_text() == reference["jsonl"]
+    # the same inputs spelled another way (./corpus, an absolute path): skipped, not doubled
+    out.write_text("".join(lines[:5]))
+    monkeypatch.chdir(corpus.parent)
+    for spelling in (f"./{corpus.name}", str(corpus.resolve())):
+        out.write_text("".join(lines[:5]))
+        assert main(cli(spelling, model, out, "--resume")) == 1
+        got = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+        assert len(got) == len(lines) and got[:5] == [json.loads(line)["path"] for line in lines[:5]]
+
+
+def test_a_second_scan_of_the_same_output_is_refused(small, model, tmp_path, capsys):
+    import fcntl
+
+    corpus, reference = small
+    out = tmp_path / "o.jsonl"
+    out.write_text(reference["jsonl"].splitlines(keepends=True)[0])
+    with open(out, "rb") as held:  # another scan writing it holds this lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        rc = main(cli(corpus, model, out, "--resume"))
+        assert rc == 2 and "is being written by another scan" in capsys.readouterr().err
+        assert out.read_text() == reference["jsonl"].splitlines(keepends=True)[0]
+    assert main(cli(corpus, model, out, "--resume")) == 1 and out.read_text() == reference["jsonl"]
+
+
+def _descendants(pid):
+    """The pids of every process below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids):
+    return {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_scan_leaves_no_process_behind(model, tmp_path, sig):
+    """SIGTERM unwinds like Ctrl-C (exit 143, output closed, stats written); after SIGKILL the
+    decode workers and their server notice their parent is gone and exit."""
+    write_good(tmp_path / "c", 400, seed=23)
+    out = tmp_path / "o.jsonl"
+    cmd = [sys.executable, "-m", "fakespotter", "scan", str(tmp_path / "c"), "--model", str(model), "--aligned",
+           "--workers", "1", "--batch-size", "1", "--out", str(out), "--quiet"]
+    log = tmp_path / "stderr.txt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
+    deadline = time.monotonic() + 120
+    while lines_in(out) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "the scan ended or stalled"
+        time.sleep(0.05)
+    helpers = _descendants(proc.pid)
+    assert helpers, "premise: decode workers run in processes of their own"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    err = log.read_text()
+    deadline = time.monotonic() + 20
+    while _alive(helpers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(helpers), "processes of the scan outlived it"
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # every line complete
+    assert 3 <= len(records) < 400
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "fakespotter scan: terminated" in err and "Traceback" not in err
+        assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is False

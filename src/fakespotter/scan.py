@@ -34,6 +34,7 @@ durable one part at a time (:class:`ParquetParts`). All three resume (:func:`res
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -170,7 +171,51 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         ctx.set_forkserver_preload(["fakespotter.scan"])
     else:
         ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(),))
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT held back (not lost) in the main thread while a submit may start processes: they
+    inherit the blocked signal, so a Ctrl-C (sent to the whole process group) during their
+    start-up, before :func:`_worker_init` or the forkserver's own guard, reaches only the scan."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _worker_init(parent: int) -> None:
+    """In each decode worker: Ctrl-C (sent to the whole process group) is the parent's to handle:
+    it stops the pool, and a worker dying of it mid-task could hang that; a worker whose parent
+    is gone (killed with SIGKILL) exits instead of living on."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    server = os.getppid()  # the forkserver (or the scan itself, spawned): it exits with the scan
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != server:
+                os._exit(1)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except OSError:
+                pass
+
+    threading.Thread(target=watch, name="fakespotter-parent-watch", daemon=True).start()
 
 
 def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, window: int,
@@ -192,11 +237,13 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
     def submit(c: List[Entry]) -> Any:
         nonlocal ex
         try:
-            return ex.submit(_decode_chunk, c, cfg)
+            with _sigint_blocked():
+                return ex.submit(_decode_chunk, c, cfg)
         except BrokenProcessPool:  # a kept pool whose process died while it was idle
             ex.shutdown(wait=False, cancel_futures=True)
             ex = _pool(workers)
-            return ex.submit(_decode_chunk, c, cfg)
+            with _sigint_blocked():
+                return ex.submit(_decode_chunk, c, cfg)
 
     try:
         while True:
@@ -217,7 +264,9 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 ex = _pool(workers)
                 for e in backlog:  # isolate the culprit: one entry per task
                     try:
-                        (res,) = ex.submit(_decode_chunk, [e], cfg).result()
+                        with _sigint_blocked():
+                            fut = ex.submit(_decode_chunk, [e], cfg)
+                        (res,) = fut.result()
                     except BrokenProcessPool:
                         res = _crash_result(e)
                         ex.shutdown(wait=True, cancel_futures=True)
@@ -744,16 +793,28 @@ class OutputMismatch(ValueError):
 
 def _check_head(path: Union[str, Path], fmt: str) -> None:
     """Refuse to resume into a file whose first complete line is neither a record nor (CSV) the
-    header: cutting it would destroy what is not ours. A first line without a newline is a
-    record (or header) torn while being written, and is dropped."""
+    header: cutting it would destroy what is not ours. A first line without a newline is dropped
+    when it can be a record (or header) torn while being written: the start of one, maybe
+    followed by the zero bytes a power loss leaves."""
     with open(path, "rb") as f:
         first = f.readline()
     if not first.endswith(b"\n"):
-        return
-    ok = first == _csv_header().encode() if fmt == "csv" else _parse(first[:-1], fmt) is not None
+        head = first.rstrip(b"\x00")
+        start = _csv_header().encode() if fmt == "csv" else _JSONL_START
+        ok = start.startswith(head) or (fmt == "jsonl" and head.startswith(start))
+    else:
+        ok = first == _csv_header().encode() if fmt == "csv" else _parse(first[:-1], fmt) is not None
     if not ok:
-        raise OutputMismatch(f"{path} is not a {fmt} scan output (its first line is {first[:60]!r}); "
+        crlf = " (CRLF line endings: scan outputs end lines with LF alone)" if first.endswith(b"\r\n") else ""
+        raise OutputMismatch(f"{path} is not a {fmt} scan output (its first line is {_clip(first)!r}){crlf}; "
                              f"refusing to resume into it")
+
+
+_JSONL_START = b'{"path":'  # how every JSON-lines record begins (RECORD_FIELDS[0] is "path")
+
+
+def _clip(line: bytes, n: int = 60) -> bytes:
+    return line if len(line) <= n + 10 else line[:n] + b"..." + line[-8:]
 
 
 def read_output(path: Union[str, Path], fmt: str) -> Iterator[Tuple[str, str, int]]:
@@ -841,6 +902,7 @@ class RecordWriter:
             raise ValueError(f"RecordWriter: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
         self.fmt = fmt
         self._fd: Optional[int] = None
+        self._lock_fd: Optional[int] = None
         self._parts: Optional[ParquetParts] = None
         if fmt == "parquet":
             if not isinstance(target, (str, os.PathLike)):
@@ -848,6 +910,8 @@ class RecordWriter:
                                  "not a stream")
             if mode == "resume" and state is None:
                 raise ValueError("RecordWriter: mode 'resume' needs the state of the existing output")
+            if os.path.isdir(target):
+                self._lock_fd = _lock(os.open(target, os.O_RDONLY), target)
             self._parts = ParquetParts(target, mode, state, part_rows=part_rows, part_seconds=part_seconds)
             return
         if not isinstance(target, (str, os.PathLike)):
@@ -856,16 +920,19 @@ class RecordWriter:
                 self._stream.write(_csv_header())
                 self._stream.flush()
             return
-        if mode == "resume":
-            if state is None:
-                raise ValueError("RecordWriter: mode 'resume' needs the state of the existing output")
-            f = open(target, "r+b")
-            f.truncate(state.good_bytes)
-            f.seek(state.good_bytes)
-            fresh = state.good_bytes == 0
-        else:
-            f = open(target, "xb" if mode == "new" else "wb")
-            fresh = True
+        if mode == "resume" and state is None:
+            raise ValueError("RecordWriter: mode 'resume' needs the state of the existing output")
+        flags = {"new": os.O_CREAT | os.O_EXCL, "overwrite": os.O_CREAT, "resume": 0}[mode]
+        try:
+            fd = os.open(target, os.O_RDWR | flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            raise OutputBusy(f"{target} appeared after the scan checked it (another scan writing it?); refusing "
+                             f"to touch it") from None
+        f = os.fdopen(_lock(fd, target), "r+b")  # locked before anything is cut
+        keep = state.good_bytes if mode == "resume" else 0
+        f.truncate(keep)
+        f.seek(keep)
+        fresh = keep == 0
         self._stream = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
         self._fd = f.fileno()
         if fmt == "csv" and fresh:
@@ -887,11 +954,32 @@ class RecordWriter:
     def close(self) -> None:
         if self._parts is not None:
             self._parts.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             return
         if self._fd is not None:
             self._sync()
             self._stream.close()
             self._fd = None
+
+
+class OutputBusy(RuntimeError):
+    """Another process writes the output (it holds the output's lock)."""
+
+
+def _lock(fd: int, target: Any) -> int:
+    """``fd`` with an exclusive advisory lock on its file, or :class:`OutputBusy` (fd closed)
+    when another scan holds it: two scans writing one output would interleave records."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputBusy(f"{target} is being written by another scan (it holds the output's lock); let that "
+                         f"one finish or stop it first") from None
+    return fd
 
 
 def write_stats(path: Union[str, Path], stats: Dict[str, Any]) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from . import calibrate, data, env, evaluate, info, merge, robustness, scan, train
@@ -30,9 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so outputs are closed and stats written."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.run(args) or 0)
     except UsageError as e:
@@ -41,6 +54,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"fakespotter {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"fakespotter {args.command}: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # e.g. `fakespotter info ... | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -42,6 +42,14 @@ def model_file(spec: str, what: str = "model") -> str:
     return str(path)
 
 
+def record_stdout() -> Any:
+    """stdout for records: UTF-8, file-name bytes that are not UTF-8 written as they are (what a
+    file output holds), whatever the locale or PYTHONIOENCODING."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")
+    return sys.stdout
+
+
 def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional[Path]:
     """Check before any work that ``path`` can be written and would not clobber a file."""
     if path is None:

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._common import log, usage_error, writable_output
+from ._common import log, record_stdout, usage_error, writable_output
 
 
 def add_parser(sub) -> None:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise usage_error(f"{folder} is not the output folder of 'fakespotter scan --engine ray' (no {MANIFEST})")
     to_stdout = args.out == "-"
     fmt = args.format or ("csv" if not to_stdout and args.out.lower().endswith(".csv") else "jsonl")
-    target = sys.stdout if to_stdout else writable_output(args.out, args.overwrite, "output")
+    target = record_stdout() if to_stdout else writable_output(args.out, args.overwrite, "output")
     try:
         for _ in read_shards(folder):  # damaged shards are found before OUT is created
             pass

@@ -30,7 +30,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
-from ._common import Progress, add_weak_face_score, check_weak_face_score_arg, log, model_file, usage_error, writable_output
+from ._common import (Progress, add_weak_face_score, check_weak_face_score_arg, log, model_file, record_stdout,
+                      usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -137,6 +138,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
                                   f"or --overwrite to replace it")
         else:
             _check_stats_file(Path(str(out) + ".stats.json"))
+        _refuse_input_as_output(args.paths, out)
     check_faces(args)
     return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args)}
 
@@ -212,6 +214,21 @@ def load_detector(args: argparse.Namespace) -> Any:
     return det
 
 
+def _refuse_input_as_output(paths, out: Path) -> None:
+    """An output that is one of the inputs (the file itself, or an image file in an input folder)
+    would be cut before it is read."""
+    from ..data import IMAGE_EXTENSIONS
+
+    real = os.path.realpath(out)
+    for s in paths:
+        if s == "-" or s.startswith("@") or not os.path.exists(s):
+            continue
+        folder = os.path.realpath(s)
+        inside = os.path.isdir(s) and real.startswith(folder + os.sep) and out.suffix.lower() in IMAGE_EXTENSIONS
+        if inside or real == folder:
+            raise usage_error(f"output {out} is also an input ({s}); give another --out")
+
+
 def _check_stats_file(path: Path) -> None:
     """The stats JSON is written next to the output: refuse to replace a file there that is not
     a scan's stats (a scan's, e.g. left by a deleted output, is replaced)."""
@@ -245,29 +262,42 @@ def _parquet_output(args) -> Path:
     return out
 
 
-# Settings that decide which faces a record holds; None: not in the stats JSON (not known), else
-# what a scan whose stats JSON lacks the setting used.
-_FACE_SETTINGS = {"aligned": None, "upsample": None, "weak_face_score": 0.0, "pixel_limit": None}
+# Settings that decide the records, besides the model and the precision (checked apart): the
+# stats JSON's key -> (the option, what a stats JSON without the key stands for; None: unknown).
+_RECORD_SETTINGS = {"aligned": ("--aligned", None), "upsample": ("--upsample", None),
+                    "weak_face_score": ("--weak-face-score", 0.0), "pixel_limit": ("--pixel-limit", None),
+                    "batch_size_requested": ("--batch-size", None), "channels_last": ("--channels-last", None)}
 
 
-def previous_settings(out: Path) -> Dict[str, Any]:
+def previous_settings(out: Path) -> Optional[Dict[str, Any]]:
     """The settings of the scan that wrote ``out``, from its stats JSON (written when a scan
-    starts); an output without one was written in float32, like every scan before --autocast.
-    A face setting is None where it is not known (no stats JSON, or one from before the setting)."""
+    starts), or None without one. An output without ``precision`` was written in float32, like
+    every scan before --autocast; a record setting is None where it is not known."""
     import json
 
     try:
         stats = json.loads(Path(str(out) + ".stats.json").read_text())
     except (OSError, ValueError):
-        stats = None
+        return None
     if not isinstance(stats, dict):
-        stats = None
-    have = stats or {}
-    prev = {"precision": have.get("precision", "float32"), "batch_size": have.get("batch_size"),
-            "batch_size_requested": have.get("batch_size_requested")}
-    for k, before in _FACE_SETTINGS.items():
-        prev[k] = None if stats is None else stats.get(k, before)
+        return None
+    prev = {"precision": stats.get("precision", "float32"), "batch_size": stats.get("batch_size")}
+    for k, (_, before) in _RECORD_SETTINGS.items():
+        prev[k] = stats.get(k, before)
     return prev
+
+
+def _dropped(out: Path, fmt: str, state: Any) -> str:
+    """What a resume cuts from ``out``, in words."""
+    if fmt == "parquet":
+        return f"unfinished or damaged part files ({state.torn_bytes} bytes)"
+    with open(out, "rb") as f:
+        f.seek(state.good_bytes)
+        lines = f.read().count(b"\n")
+    if lines == 0:
+        return f"a torn last record ({state.torn_bytes} bytes)"
+    return (f"a damaged line and everything after it ({lines} lines, {state.torn_bytes} bytes; their inputs are "
+            f"scanned again)")
 
 
 def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, Any]:
@@ -286,19 +316,25 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
     plan: Dict[str, Any] = {"state": state, "skip": 0, "exclude": None, "batch_size": args.batch_size}
     if state.records == 0:
         return plan
+    if args.limit is not None and state.records > args.limit:
+        raise usage_error(f"--resume: {out} already holds {state.records} records, more than --limit {args.limit}")
     prev = previous_settings(out)
+    if prev is None:
+        log(f"scan: {out} has no stats JSON ({out}.stats.json), so the settings of its records cannot be checked; "
+            f"resuming with these (float32 assumed)", args.quiet)
+        prev = {"precision": "float32", "batch_size": None, **{k: None for k in _RECORD_SETTINGS}}
     precision = precision_of(args.device, args.autocast)
     if prev["precision"] != precision:
         raise usage_error(f"--resume: {out} was scanned in {prev['precision']}, this run would compute in {precision} "
                           f"({'with' if args.autocast else 'without'} --autocast on {args.device}); its scores would "
                           f"not match: give the original setting, or scan into another output")
+    now = {k: getattr(args, flag[2:].replace("-", "_")) for k, (flag, _) in _RECORD_SETTINGS.items()}
     detection = ("upsample", "weak_face_score")
-    changed = [k for k in _FACE_SETTINGS if prev[k] is not None and prev[k] != getattr(args, k)
+    changed = [k for k in _RECORD_SETTINGS if prev[k] is not None and prev[k] != now[k]
                and not (k in detection and args.aligned and prev["aligned"])]  # no detection: they don't matter
     if changed:
-        raise usage_error(f"--resume: {out} was scanned with other face settings, so its records would differ: "
-                          + ", ".join(f"--{k.replace('_', '-')} {prev[k]!r} there, {getattr(args, k)!r} now"
-                                      for k in changed)
+        raise usage_error(f"--resume: {out} was scanned with other settings, so its records would differ: "
+                          + ", ".join(f"{_RECORD_SETTINGS[k][0]} {prev[k]!r} there, {now[k]!r} now" for k in changed)
                           + "; give the original settings, or scan into another output")
     if (prev["batch_size_requested"] == args.batch_size and isinstance(prev["batch_size"], int)
             and 1 <= prev["batch_size"] < args.batch_size):
@@ -326,13 +362,21 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
 
 
 class _Keys:
+    """The inputs an output holds records of, matched whatever the path's spelling (``d/x.jpg``,
+    ``./d/x.jpg``, ``$PWD/d/x.jpg``; tar members by their archive's path)."""
+
     def __init__(self, keys, fmt):
-        self.keys, self.fmt = keys, fmt
+        self.keys, self.fmt = {self._norm(k) for k in keys}, fmt
+
+    @staticmethod
+    def _norm(key: str) -> str:
+        archive, sep, member = key.partition("::")
+        return os.path.abspath(archive) + sep + member
 
     def __contains__(self, path) -> bool:
         from ..scan import path_key
 
-        return path_key(path, self.fmt) in self.keys
+        return self._norm(path_key(path, self.fmt)) in self.keys
 
 
 def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
@@ -365,6 +409,8 @@ def summary(stats: Dict[str, Any], resumed: int, model: Optional[str] = None) ->
     if resumed:
         tail += f" (resumed: {resumed} records were already there)"
     lines.append(tail)
+    if resumed and "output_counts" in stats:
+        lines.append("the output holds " + ", ".join(f"{s} {n}" for s, n in stats["output_counts"].items()))
     if model is not None and Path(model).resolve() == default_model_path().resolve():
         lines.append(DEFAULT_MODEL_NOTE)
     return "\n".join(lines)
@@ -379,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_ray_only(args)
     plan = check(args)
-    from ..scan import RecordWriter, scan, write_stats
+    from ..scan import OutputBusy, RecordWriter, scan, write_stats
 
     out, fmt = plan["out"], plan["fmt"]
     stdin = piped_listing(args, reread=plan["mode"] == "resume")
@@ -389,22 +435,24 @@ def run(args: argparse.Namespace) -> int:
         resume = {"state": None, "skip": 0, "exclude": None, "batch_size": args.batch_size}
     state = resume["state"]
     if state is not None and state.torn_bytes:
-        what = "unfinished or damaged part files" if fmt == "parquet" else "a torn last record"
-        log(f"scan: dropping {what} ({state.torn_bytes} bytes) from {out}", args.quiet)
+        log(f"scan: dropping {_dropped(out, fmt, state)} from {out}", args.quiet)
     run_ = scan(args.paths, plan["detector"], aligned=args.aligned, batch_size=resume["batch_size"],
                 workers=args.workers, device=args.device, pixel_limit=args.pixel_limit, limit=args.limit,
                 upsample=args.upsample, weak_face_score=args.weak_face_score, skip=resume["skip"],
                 exclude=resume["exclude"], stdin=stdin,
                 channels_last=args.channels_last, autocast=args.autocast, log=lambda m: log(m, args.quiet))
     part_rows = args.part_rows if args.part_rows is not None else PART_ROWS
-    if out is None and hasattr(sys.stdout, "reconfigure"):  # the bytes a file output would hold,
-        sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")  # names not UTF-8 included
-    writer = RecordWriter(sys.stdout if out is None else out, fmt, plan["mode"], state, part_rows=part_rows,
-                          part_seconds=PART_SECONDS)
+    try:
+        writer = RecordWriter(record_stdout() if out is None else out, fmt, plan["mode"], state, part_rows=part_rows,
+                              part_seconds=PART_SECONDS)
+    except OutputBusy as e:
+        raise usage_error(str(e)) from None
     resumed = state.records if state is not None else 0
 
-    def stats(complete: bool) -> Dict[str, Any]:
-        return dict(run_.stats, complete=complete, resumed_records=resumed, format=fmt,
+    def stats(complete: bool) -> Dict[str, Any]:  # counts: this run's; output_counts: the whole output's
+        before = state.counts if state is not None else {}
+        output_counts = {s: n + before.get(s, 0) for s, n in run_.stats["counts"].items()}
+        return dict(run_.stats, complete=complete, resumed_records=resumed, output_counts=output_counts, format=fmt,
                     output=None if out is None else str(out), model=plan["detector"].model_id_,
                     inputs=list(args.paths), limit=args.limit, batch_size_requested=args.batch_size)
 
@@ -435,6 +483,6 @@ def run(args: argparse.Namespace) -> int:
         if stats_path is not None:
             write_stats(stats_path, stats(complete))
     if not args.quiet:
-        print(summary(run_.stats, resumed, args.model), file=sys.stderr)
+        print(summary(stats(complete), resumed, args.model), file=sys.stderr)
     errors = run_.stats["counts"]["error"] + (state.counts["error"] if state is not None else 0)
     return 1 if errors else 0
