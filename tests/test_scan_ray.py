@@ -159,6 +159,23 @@ def test_resume_redoes_only_what_is_missing(shards, corpus, model, local, tmp_pa
     assert again["images"] == 0 and again["resumed_records"] == 27 and again["complete"]
 
 
+def test_a_folder_another_scan_writes_is_refused(shards, corpus, model, tmp_path):
+    import fcntl
+
+    src, _ = shards
+    busy = tmp_path / "busy"
+    shutil.copytree(src, busy)
+    before = sorted(p.name for p in busy.iterdir())
+    fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the scan writing it does
+        with pytest.raises(ShardsError, match="is being written by another scan"):
+            ray_scan(corpus, model, busy, aligned=True, batch_size=BATCH, mode="overwrite")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in busy.iterdir()) == before
+
+
 def test_output_folder_checks(shards, tmp_path):
     src, _ = shards
     settings = json.loads((src / "scan.json").read_text())

@@ -873,6 +873,13 @@ def output_paths(path: Union[str, Path], fmt: str) -> Iterator[str]:
         yield p
 
 
+def input_key(path: str) -> str:
+    """An input's path as one key whatever its spelling (``d/x.jpg``, ``./d/x.jpg``,
+    ``$PWD/d/x.jpg``; a tar member by its archive's path): how a resume matches records."""
+    archive, sep, member = path.partition("::")
+    return os.path.abspath(archive) + sep + member
+
+
 def path_key(path: str, fmt: str) -> str:
     """An input's path as an output of format ``fmt`` stores it (CSV escapes line breaks,
     Parquet writes bytes that are not UTF-8 as ``\\xNN``)."""

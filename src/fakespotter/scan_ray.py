@@ -48,8 +48,8 @@ import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
 from .faces import WEAK_FACE_SCORE, check_weak_face_score
-from .scan import (STATUSES, RecordWriter, _Config, _decoded, _Forward, _input_list, count_record, make_record,
-                   new_stats)
+from .scan import (STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list, _lock,
+                   count_record, input_key, make_record, new_stats)
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -447,17 +447,22 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
                 "limit": limit}
     out = Path(out)
     manifest, done, resumed = prepare_output(out, mode, settings)
+    done = {input_key(p) for p in done}
+    out.mkdir(exist_ok=True)
+    try:  # one scan writes a folder at a time
+        lock = _lock(os.open(out, os.O_RDONLY), out)
+    except OutputBusy as e:
+        raise ShardsError(str(e)) from None
 
     started = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-        started = True
     try:
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            started = True
         n_actors, gpus, device = _resources(ray, actors, float(cpus_per_actor), gpus_per_actor, float(decode_cpus))
         if mode == "overwrite":
             for p in _ours(out):
                 p.unlink()
-        out.mkdir(exist_ok=True)
         for p in out.glob(".part-*.tmp"):  # a killed run's unfinished shard
             p.unlink()
         _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
@@ -465,7 +470,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         rows: List[Dict[str, Any]] = []
         entries = iter_entries(inputs, stdin=stdin)
         for index, e in enumerate(itertools.islice(entries, limit)):
-            if e.path in done:
+            if input_key(e.path) in done:
                 continue
             rows.append({"index": index, "path": e.path, "file": e.file or "", "data": e.data or b"",
                          "has_data": e.data is not None, "error": json.dumps(list(e.error)) if e.error else ""})
@@ -495,6 +500,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     finally:
         if started:
             ray.shutdown()
+        os.close(lock)
     return stats
 
 

@@ -366,17 +366,14 @@ class _Keys:
     ``./d/x.jpg``, ``$PWD/d/x.jpg``; tar members by their archive's path)."""
 
     def __init__(self, keys, fmt):
-        self.keys, self.fmt = {self._norm(k) for k in keys}, fmt
+        from ..scan import input_key
 
-    @staticmethod
-    def _norm(key: str) -> str:
-        archive, sep, member = key.partition("::")
-        return os.path.abspath(archive) + sep + member
+        self.keys, self.fmt = {input_key(k) for k in keys}, fmt
 
     def __contains__(self, path) -> bool:
-        from ..scan import path_key
+        from ..scan import input_key, path_key
 
-        return self._norm(path_key(path, self.fmt)) in self.keys
+        return input_key(path_key(path, self.fmt)) in self.keys
 
 
 def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
