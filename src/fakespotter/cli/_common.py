@@ -74,9 +74,11 @@ def add_class_sources(p: argparse.ArgumentParser, default_split: str) -> None:
     """--real / --fake sources with the name of each fake type, or --manifest with --split
     (train, evaluate, robustness); :func:`class_mode` checks that exactly one is given."""
     p.add_argument("--real", nargs="+", default=None, metavar="DIR",
-                   help="folders (searched recursively) or @file lists of real images (or use --manifest)")
+                   help="folders (searched recursively) or @file lists of real images (default: none; give "
+                        "--real and --fake, or --manifest)")
     p.add_argument("--fake", nargs="+", default=None, metavar="DIR",
-                   help="folders or @file lists of fake images, one per fake type (or use --manifest)")
+                   help="folders or @file lists of fake images, one per fake type (default: none; give --real "
+                        "and --fake, or --manifest)")
     p.add_argument("--fake-type", nargs="+", default=None, metavar="NAME",
                    help="a name for each --fake source, in order (default: the folder names)")
     p.add_argument("--manifest", default=None, metavar="PATH",

@@ -59,7 +59,8 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
                    help="face detector upsampling (default: the model's setting)")
     p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the bootstrap, the noise attack and the baselines' training (default: %(default)s)")
+                   help="seed of the bootstrap, the baselines' training and (robustness) the noise attack "
+                        "(default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (default: write them; needs matplotlib)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")

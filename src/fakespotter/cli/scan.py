@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
                         "(default: csv when --out ends with .csv, parquet when it ends with .parquet, else jsonl)")
     p.add_argument("--part-rows", type=int, default=None,
                    help="parquet: records per part file; a killed scan redoes at most one part "
-                        f"(default: {PART_ROWS}, or a part per {PART_SECONDS:.0f} s, whichever comes first)")
+                        f"(default: {PART_ROWS}, or a part per {PART_SECONDS:.0f} s, whichever comes first; local engine)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already-aligned face chips: resize only, no face detection (default: detect)")
     p.add_argument("--upsample", type=int, default=1,
@@ -63,16 +63,18 @@ def add_parser(sub) -> None:
                    help="chips per backbone forward, halved when a forward runs out of memory; scores are "
                         "reproducible for a given batch size (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode and face-detection processes, 0 to decode inline (default: CPUs - 1, at most 8; "
+                   help="decode and face-detection processes, 0 to decode inline (default: CPUs - 1, from 1 to 8; "
                         f"here {default_workers()}; local engine only)")
-    p.add_argument("--device", default="cpu", help="where the backbone runs, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="where the backbone runs, e.g. cpu, cuda, cuda:1 (default: %(default)s; local engine: Ray "
+                        "actors use their GPU when they get one)")
     p.add_argument("--channels-last", action="store_true",
                    help="run every conv in channels_last memory format (conv weights too; the input is "
-                        "channels_last already); measured no faster on CPU (default: off)")
+                        "channels_last already); measured no faster on CPU (default: off; local engine)")
     p.add_argument("--autocast", action="store_true",
                    help="run the backbone under torch.autocast: bfloat16 on CPU, float16 on CUDA; scores "
                         "differ slightly from float32 (default: off, float32; bfloat16 is slower on CPUs "
-                        "without native bfloat16)")
+                        "without native bfloat16; local engine)")
     p.add_argument("--pixel-limit", type=int, default=DEFAULT_PIXEL_LIMIT,
                    help="refuse images with more pixels than this before decoding (default: %(default)s, Pillow's)")
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
@@ -80,7 +82,8 @@ def add_parser(sub) -> None:
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
     p.add_argument("--fail-fast", action="store_true",
-                   help="stop once the batch that holds the first error record is written (default: go on)")
+                   help="stop once the batch that holds the first error record is written (default: go on; "
+                        "local engine)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no summary (default: progress on a terminal, summary on stderr)")
     from .scan_ray import add_arguments

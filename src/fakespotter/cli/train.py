@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     add_class_sources(p, default_split="train")
     p.add_argument("--val-real", nargs="+", default=None, metavar="DIR",
                    help="explicit validation reals (default: hold out --validation-fraction of the images)")
-    p.add_argument("--val-fake", nargs="+", default=None, metavar="DIR", help="explicit validation fakes")
+    p.add_argument("--val-fake", nargs="+", default=None, metavar="DIR",
+                   help="explicit validation fakes, with --val-real (default: held out like the reals)")
     p.add_argument("--out", required=True, help="the model file to write")
     p.add_argument("--report", default=None, help="a JSON training report to write (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
