@@ -61,6 +61,8 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
         (["--real", str(real), "--fake", str(fake), "--val-real", str(real)], "give both --val-real and --val-fake"),
         (["--real", str(real), "--fake", str(fake), "--target-fpr", "2"], r"--target-fpr must be in \(0, 1\)"),
         (["--real", str(real), "--fake", str(fake), "--target-tpr", "0"], r"--target-tpr must be in \(0, 1\]"),
+        (["--real", str(real), "--fake", str(fake), "--hidden", "8", "0"], "--hidden widths must be >= 1, got 8 0"),
+        (["--real", str(real), "--fake", str(fake), "--layers", "relu1", "nosuch"], "nosuch"),
     ]
     for extra, pattern in cases:
         rc, out, err = run_cli(["train", *extra, "--out", str(tmp_path / "m.fsm")], capsys)

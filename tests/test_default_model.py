@@ -108,7 +108,7 @@ def test_default_refuses_bad_inputs_naming_them(tmp_path):
     old = signal.signal(signal.SIGALRM, hung)
     signal.alarm(30)
     try:
-        with pytest.raises(ValueError, match=rf"image 0 \({fifo}\): load_image: {fifo} is not a regular file"):
+        with pytest.raises(ValueError, match=rf"load_image: {fifo} is not a regular file"):
             det.decision_function([str(fifo)])
     finally:
         signal.alarm(0)

@@ -216,6 +216,30 @@ def test_refuses_missing_and_misshaped_tensors(fitted, tmp_path):
         FakeSpotter.load(bad)
 
 
+def test_refuses_non_finite_values_and_mangled_metadata_also_in_info(fitted, tmp_path, capsys):
+    from fakespotter.cli import main
+
+    def nan_threshold(t):
+        t["threshold.0"] = torch.full_like(t["threshold.0"], float("nan"))
+
+    cases = [
+        (_resave(fitted, tmp_path, "t.fsm", tensors=nan_threshold), r"threshold.0 \(layer .*\) holds NaN or infinite"),
+        (_resave(fitted, tmp_path, "o.fsm", meta=lambda m: m["operating_threshold"].update(logit=float("nan"))),
+         "metadata lacks or mangles a required field"),
+        (_resave(fitted, tmp_path, "n.fsm", meta=lambda m: m.update(training=[1])), "metadata lacks or mangles"),
+        (_resave(fitted, tmp_path, "c.fsm", meta=lambda m: m.pop("classifier")), "metadata lacks or mangles"),
+    ]
+    for path, message in cases:
+        with pytest.raises(artifact.ModelFileError, match=message):
+            FakeSpotter.load(path)
+        assert main(["info", str(path)]) == 2  # info checks what loading checks
+        err = capsys.readouterr().err
+        assert err.startswith("fakespotter info: error: ") and len(err.strip().splitlines()) == 1
+    assert main(["info", str(tmp_path)]) == 2 and "is a folder, not a model file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"hidden widths must be ints >= 1, got \(0,\)"):
+        FakeSpotter(hidden=(0,)).fit(np.zeros((2, 150, 150, 3), np.uint8), np.zeros((2, 150, 150, 3), np.uint8))
+
+
 def test_refuses_other_files(tmp_path):
     from fakespotter._safetensors import save_file
 

@@ -183,6 +183,11 @@ def test_output_folder_checks(shards, tmp_path):
                                          "shard_format", "inputs", "limit")}
     with pytest.raises(ShardsError, match="not empty; pass --resume"):
         prepare_output(src, "new", settings)
+    shard = sorted(src.glob("part-*.jsonl"))[0]
+    before = shard.read_bytes()
+    for target in (shard, src / "merged.jsonl"):  # merging into the folder it reads: refused, nothing cut
+        assert main(["merge", str(src), str(target), "--overwrite"]) == 2
+    assert shard.read_bytes() == before and not (src / "merged.jsonl").exists()
     with pytest.raises(ShardsError, match=r"batch_size 4 there, 8 now"):
         prepare_output(src, "resume", dict(settings, batch_size=8))
     prepare_output(src, "resume", dict(settings, weak_face_score=0.5, upsample=2))  # aligned: no detection

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -180,6 +181,8 @@ class FakeSpotter:
         if self.target_tpr is not None and not 0.0 < self.target_tpr <= 1.0:
             raise ValueError(f"FakeSpotter: target_tpr must be in (0, 1] or None, got {self.target_tpr}")
         check_weak_face_score(self.weak_face_score, "FakeSpotter")
+        if not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
+            raise ValueError(f"FakeSpotter: hidden widths must be ints >= 1, got {self.hidden!r}")
         if self.threshold_mode not in ("per_layer", "per_neuron"):
             raise ValueError(f"FakeSpotter: threshold_mode must be 'per_layer' or 'per_neuron', got {self.threshold_mode!r}")
 
@@ -239,7 +242,7 @@ class FakeSpotter:
             rng = np.random.default_rng(self.seed)
             vr, vf = self._split(ir, nr, rng), self._split(if_, nf, rng)
             if vr.all() or vf.all() or not vr.any() or not vf.any():
-                raise ValueError("FakeSpotter.fit: too few images with faces to hold out a validation part of each class; pass validation=(real_val, fake_val)")
+                raise ValueError("FakeSpotter.fit: too few images with faces to hold out a validation part of each class; pass validation=(real_val, fake_val) (command line: --val-real, --val-fake)")
             tr_r, va_r, tr_f, va_f = xr[~vr], xr[vr], xf[~vf], xf[vf]
         else:
             tr_r, tr_f = xr, xf
@@ -401,7 +404,9 @@ class FakeSpotter:
             op = dict(meta["operating_threshold"])
             params = dict(meta["detector_params"])
             words = int(meta["row_words"])
-            float(op["logit"])
+            training = meta.get("training") or {}
+            if not math.isfinite(float(op["logit"])) or not isinstance(training, dict):
+                raise ValueError("a non-finite operating threshold, or training metadata that is no mapping")
         except (KeyError, TypeError, ValueError) as e:
             raise artifact.ModelFileError(f"{path}: metadata lacks or mangles a required field ({e!r})") from None
         if ctype not in _CLASSIFIERS:
@@ -439,10 +444,12 @@ class FakeSpotter:
             want = 1 if mode == "per_layer" else slot.features
             if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != want:
                 raise artifact.ModelFileError(f"{path}: {n} (layer {slot.name}) must be float32 [{want}], got {t.dtype} {list(t.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise artifact.ModelFileError(f"{path}: {n} (layer {slot.name}) holds NaN or infinite thresholds")
             values.append(t)
         thresholds = Thresholds(backbone_id=bb.id, weights_sha256=bb.weights_sha256, layers=tuple(layers),
                                 granularity=granularity, mode=mode,
-                                n_images=int(meta.get("training", {}).get("thresholds_images", 0)), values=tuple(values))
+                                n_images=int(training.get("thresholds_images", 0)), values=tuple(values))
         tap.set_thresholds(thresholds)
         try:
             clf = _CLASSIFIERS[ctype].from_state_tensors(
@@ -453,7 +460,7 @@ class FakeSpotter:
         det.thresholds_ = thresholds
         det.classifier_ = clf
         det.operating_threshold_ = op
-        det.training_summary_ = meta.get("training", {})
+        det.training_summary_ = training
         det.model_meta_ = meta
         return det
 

@@ -142,7 +142,9 @@ def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, 
             else:
                 found = [(f.chip, f) for f in faces.detect_and_align(image, upsample=upsample, size=size,
                                                                      weak_face_score=weak_face_score)]
-        except (ValueError, TypeError) as e:  # name the image: one of many
+        except (ValueError, TypeError) as e:  # name the image when it is one of many
+            if len(images) == 1:
+                raise
             name = image if isinstance(image, (str, os.PathLike)) else type(image).__name__
             raise type(e)(f"image {i} ({name}): {e}") from e
         for j, (chip, face) in enumerate(found):

@@ -37,6 +37,10 @@ def model_file(spec: str, what: str = "model") -> str:
         path = resolve_model(spec)
     except FileNotFoundError as e:
         raise usage_error(str(e)) from None
+    if path.is_dir():
+        raise usage_error(f"{what} {spec} is a folder, not a model file")
+    if path.exists() and not path.is_file():
+        raise usage_error(f"{what} {spec} is not a regular file (a FIFO or device?)")
     if not path.is_file():
         raise usage_error(f"{what} {spec} does not exist (a model file, or 'default' for the embedded detector)")
     return str(path)

@@ -21,11 +21,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ._common import model_file
 
+    from ..detector import FakeSpotter
+
     args.model = model_file(args.model)
     try:
         tensors, meta = read_model(args.model)
-    except ModelFileError as e:
-        raise usage_error(str(e)) from None
+        FakeSpotter.load(args.model)  # every check loading makes (shapes, layers, backbone, values)
+    except (ModelFileError, OSError, ValueError) as e:
+        raise usage_error(str(e).splitlines()[0]) from None
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0

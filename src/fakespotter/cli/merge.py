@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
 from ._common import log, record_stdout, usage_error, writable_output
@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     to_stdout = args.out == "-"
     fmt = args.format or ("csv" if not to_stdout and args.out.lower().endswith(".csv") else "jsonl")
     target = record_stdout() if to_stdout else writable_output(args.out, args.overwrite, "output")
+    if target is not None and not to_stdout:
+        inside = os.path.realpath(target).startswith(os.path.realpath(folder) + os.sep)
+        if inside:  # it would be cut (or read as a shard) before the shards are read
+            raise usage_error(f"output {target} is inside the shards folder {folder}; write it elsewhere")
     try:
         for _ in read_shards(folder):  # damaged shards are found before OUT is created
             pass

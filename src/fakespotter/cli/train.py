@@ -106,6 +106,8 @@ def check(args: argparse.Namespace) -> Dict:
         raise usage_error(f"--target-tpr must be in (0, 1], got {args.target_tpr}")
     if not 0 < args.validation_fraction < 1:
         raise usage_error(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
+    if any(h < 1 for h in args.hidden):
+        raise usage_error(f"--hidden widths must be >= 1, got {' '.join(map(str, args.hidden))}")
     for name in ("batch_size", "epochs", "upsample"):
         if getattr(args, name) < 1 and not (name == "upsample" and getattr(args, name) == 0):
             raise usage_error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -124,7 +126,11 @@ def check(args: argparse.Namespace) -> Dict:
 
         backbone = get_backbone(args.backbone)
         backbone.module  # noqa: B018  (loads and verifies the weights now, not after the chips)
-    except Exception as e:  # missing weights, unknown id: say so before any work
+        if args.layers is not None:  # unknown layer names: now, not after decoding every image
+            from ..taps import Tap
+
+            Tap(backbone, args.layers, granularity=args.granularity)
+    except Exception as e:  # missing weights, unknown id or layer: say so before any work
         raise usage_error(str(e).splitlines()[0]) from None
     return {"real": real, "fake": fake, "types": types, "val": val, "out": out, "report": report,
             "size": int(backbone.input_shape[1]), "groups": manifest_groups, "mode": mode}
