@@ -265,7 +265,7 @@ def test_help_states_the_new_options_and_their_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["scan", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--channels-last run every conv in channels_last" in out and "(default: off)" in out
+    assert "--channels-last run every conv in channels_last" in out and "(default: off; local engine)" in out
     assert "--autocast run the backbone under torch.autocast: bfloat16 on CPU, float16 on CUDA" in out
     assert "(default: off, float32;" in out
     assert "--part-rows PART_ROWS parquet: records per part file" in out and "(default: 10000, or a part per 60 s" in out
