@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,10 +54,17 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
     real, fake = corpus
     empty = tmp_path / "empty"
     empty.mkdir()
+    copy, other = shutil.copytree(real, tmp_path / "copy"), tmp_path / "other"
+    write_images(other, 3, 2, 1.5)
     cases = [
         (["--real", str(tmp_path / "missing"), "--fake", str(fake)], "--real: .*missing does not exist"),
         (["--real", str(empty), "--fake", str(fake)], "--real: folder .*empty has no images"),
         (["--real", str(real), "--fake", str(real)], "12 images are both real and fake"),
+        (["--real", str(real), "--fake", str(copy)], r"12 images are both real and fake, e\.g\. .* and .* \(same bytes\)"),
+        (["--real", str(real), "--fake", str(fake), "--val-real", str(copy), "--val-fake", str(fake)],
+         "both validation real and validation fake|both training and validation images"),
+        (["--real", str(real), "--fake", str(fake), "--val-real", str(copy), "--val-fake", str(other)],
+         r"12 images are both training and validation images, e\.g\. .* \(same bytes\)"),
         (["--real", str(real), "--fake", str(fake), "--fake-type", "a", "b"], "--fake-type names 2 types for 1 --fake sources"),
         (["--real", str(real), "--fake", str(fake), "--val-real", str(real)], "give both --val-real and --val-fake"),
         (["--real", str(real), "--fake", str(fake), "--target-fpr", "2"], r"--target-fpr must be in \(0, 1\)"),
@@ -155,3 +163,24 @@ def test_closed_pipe_ends_quietly():
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_check_disjoint_finds_the_same_file_and_copies_only(tmp_path):
+    from fakespotter.cli import UsageError
+    from fakespotter.cli._common import check_disjoint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x.png").write_bytes(b"0123456789")
+    (a / "y.png").write_bytes(b"abcdefghij")
+    (b / "z.png").write_bytes(b"0123456789")  # a copy of x
+    (b / "w.png").write_bytes(b"ABCDEFGHIJ")  # same size as both, other bytes
+    (b / "link.png").symlink_to(a / "y.png")  # y under another name
+    os.mkfifo(b / "pipe.png")  # never opened (would block)
+    with pytest.raises(UsageError, match=r"^2 images are both A and B, e\.g\. "):
+        check_disjoint(sorted(a.iterdir()), sorted(b.iterdir()), "both A and B")
+    with pytest.raises(UsageError, match=r"^1 images are both A and B, e\.g\. .*x\.png and .*z\.png \(same bytes\)$"):
+        check_disjoint([a / "x.png"], sorted(b.iterdir()), "both A and B")
+    check_disjoint([a / "x.png", a / "y.png"], [b / "w.png", b / "pipe.png", tmp_path / "missing.png"], "both")
+    with pytest.raises(UsageError, match=r"^1 images are both, e\.g\. .*y\.png$"):
+        check_disjoint([a / "y.png"], [tmp_path / "a" / ".." / "a" / "y.png"], "both")

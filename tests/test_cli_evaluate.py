@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -166,10 +167,18 @@ def test_bad_input_exits_2_before_work(setup, tmp_path, capsys, cmd):
     not_model = tmp_path / "notes.fsm"
     not_model.write_text("hello")
     out = tmp_path / "out"
+    copy, other = shutil.copytree(real, tmp_path / "copy"), tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(other / "o.png")
     cases = [
         ([model, "--real", empty, "--fake", fake], r"--real: folder .*empty has no images"),
         ([model, "--real", real, "--fake", tmp_path / "missing"], r"--fake: .*missing does not exist"),
         ([model, "--real", real, "--fake", real], r"16 images are both real and fake"),
+        ([model, "--real", real, "--fake", copy], r"16 images are both real and fake, e\.g\. .* \(same bytes\)"),
+        ([model, "--real", real, "--fake", fake, "--baselines", "spectrum", "--train-real", copy, "--train-fake", copy],
+         r"16 images are both real and fake training images"),
+        ([model, "--real", real, "--fake", fake, "--baselines", "spectrum", "--train-real", copy, "--train-fake", other],
+         r"16 images are both training and evaluation images, e\.g\. .* \(same bytes\)"),
         ([model, "--real", real, "--fake", fake, "--fake-type", "a", "b"], r"--fake-type names 2 types for 1 --fake sources"),
         ([bad_model, "--real", real, "--fake", fake], r"model refused: .*truncated"),
         ([not_model, "--real", real, "--fake", fake], r"model refused: "),

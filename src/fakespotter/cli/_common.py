@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..data import list_images
 
@@ -27,6 +27,58 @@ def images_of(sources: List[str], what: str) -> List[Path]:
         except (FileNotFoundError, ValueError) as e:
             raise usage_error(str(e)) from None
     return out
+
+
+def check_disjoint(a: Iterable[Path], b: Iterable[Path], what: str) -> None:
+    """A usage error when an image of ``a`` is also in ``b``: the same file under any spelling,
+    or another file with the same bytes (a copy). ``what`` says what the overlap would mean,
+    e.g. "both real and fake". Only files of equal size are read (hashed), so disjoint sets
+    cost a ``stat`` per file."""
+    import hashlib
+    import stat
+
+    def by_size(paths: Iterable[Path]) -> Dict[int, Dict[Path, Path]]:
+        out: Dict[int, Dict[Path, Path]] = {}
+        for p in paths:
+            try:
+                real = p.resolve()
+                st = real.stat()
+            except (OSError, RuntimeError):  # unreadable or a link loop: reported where it is decoded
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.setdefault(st.st_size, {}).setdefault(real, p)
+        return out
+
+    sa, sb = by_size(a), by_size(b)
+    pairs: List[Tuple[Path, Path]] = []
+    digests: Dict[Path, Optional[str]] = {}
+
+    def digest(p: Path) -> Optional[str]:
+        if p not in digests:
+            try:
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                digests[p] = h.hexdigest()
+            except OSError:
+                digests[p] = None
+        return digests[p]
+
+    for size in sorted(sa.keys() & sb.keys()):
+        seen = {}
+        for real, p in sa[size].items():
+            d = digest(real)
+            if d is not None:
+                seen.setdefault(d, p)
+        for real, p in sb[size].items():
+            d = digest(real)
+            if d in seen:
+                pairs.append((seen[d], p))
+    if pairs:
+        a0, b0 = pairs[0]
+        example = f"{a0}" if a0.resolve() == b0.resolve() else f"{a0} and {b0} (same bytes)"
+        raise usage_error(f"{len(pairs)} images are {what}, e.g. {example}")
 
 
 def model_file(spec: str, what: str = "model") -> str:

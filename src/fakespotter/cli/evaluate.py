@@ -31,8 +31,8 @@ import numpy as np
 
 from .. import evaluate as ev
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
-from ._common import (Progress, model_file, add_class_sources, class_mode, has_both_classes, images_of, load_chips, log,
-                      manifest_part, open_manifest, usage_error)
+from ._common import (Progress, add_class_sources, check_disjoint, class_mode, has_both_classes, images_of,
+                      load_chips, log, manifest_part, model_file, open_manifest, usage_error)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
@@ -98,9 +98,7 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
             raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
         if args.real_source is not None and len(args.real_source) != len(args.real):
             raise usage_error(f"--real-source names {len(args.real_source)} sources for {len(args.real)} --real sources")
-        overlap = {p.resolve() for _, ps in real for p in ps} & {p.resolve() for _, ps in fake for p in ps}
-        if overlap:
-            raise usage_error(f"{len(overlap)} images are both real and fake, e.g. {sorted(overlap)[0]}")
+        check_disjoint([p for _, ps in real for p in ps], [p for _, ps in fake for p in ps], "both real and fake")
     elif args.real_source is not None:
         raise usage_error("--real-source names --real folders; a manifest names its own sources")
     if args.batch_size < 1:
@@ -160,12 +158,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
                    "fake": [{"source": d, "type": n, "images": len(ps)} for (d, ps), n in zip(fake, fake_names)]}
         if training:
             tr, tf = images_of(args.train_real, "--train-real"), images_of(args.train_fake, "--train-fake")
-            both = {p.resolve() for p in tr} & {p.resolve() for p in tf}
-            if both:
-                raise usage_error(f"{len(both)} training images are both real and fake, e.g. {sorted(both)[0]}")
-            leak = {p.resolve() for p in tr + tf} & {p.resolve() for p in paths}
-            if leak:
-                raise usage_error(f"{len(leak)} images are both training and evaluation images, e.g. {sorted(leak)[0]}")
+            check_disjoint(tr, tf, "both real and fake training images")
+            check_disjoint(tr + tf, paths, "both training and evaluation images")
             train = {"real": tr, "fake": tf, "real_groups": None, "fake_groups": None, "val": None,
                      "source": {"real": args.train_real, "fake": args.train_fake}}
     else:

@@ -23,8 +23,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import (add_class_sources, add_model_args, check_weak_face_score_arg, class_mode, has_both_classes, images_of, log,
-                      load_chips, manifest_part, open_manifest, usage_error, writable_output)
+from ._common import (add_class_sources, add_model_args, check_disjoint, check_weak_face_score_arg, class_mode,
+                      has_both_classes, images_of, load_chips, log, manifest_part, open_manifest, usage_error,
+                      writable_output)
 
 
 def add_parser(sub) -> None:
@@ -97,9 +98,7 @@ def check(args: argparse.Namespace) -> Dict:
         raise usage_error(f"--augment-fraction must be in (0, 1], got {args.augment_fraction}")
     if (args.val_real is None) != (args.val_fake is None):
         raise usage_error("give both --val-real and --val-fake, or neither")
-    overlap = {p.resolve() for _, ps in real for p in ps} & {p.resolve() for _, ps in fake for p in ps}
-    if overlap:
-        raise usage_error(f"{len(overlap)} images are both real and fake, e.g. {sorted(overlap)[0]}")
+    check_disjoint([p for _, ps in real for p in ps], [p for _, ps in fake for p in ps], "both real and fake")
     if not 0 < args.target_fpr < 1:
         raise usage_error(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
     if args.target_tpr is not None and not 0 < args.target_tpr <= 1:
@@ -119,6 +118,9 @@ def check(args: argparse.Namespace) -> Dict:
     val = None
     if args.val_real is not None:
         val = (images_of(args.val_real, "--val-real"), images_of(args.val_fake, "--val-fake"))
+        check_disjoint(val[0], val[1], "both validation real and validation fake")
+        check_disjoint([p for _, ps in real + fake for p in ps], val[0] + val[1],
+                       "both training and validation images")
     elif mode == "manifest" and has_both_classes(vpart):
         val = ([vpart.path(r) for r in vpart.rows if not r.is_fake], [vpart.path(r) for r in vpart.rows if r.is_fake])
     try:
