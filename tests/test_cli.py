@@ -70,6 +70,8 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
         (["--real", str(real), "--fake", str(fake), "--target-fpr", "2"], r"--target-fpr must be in \(0, 1\)"),
         (["--real", str(real), "--fake", str(fake), "--target-tpr", "0"], r"--target-tpr must be in \(0, 1\]"),
         (["--real", str(real), "--fake", str(fake), "--hidden", "8", "0"], "--hidden widths must be >= 1, got 8 0"),
+        (["--real", str(real), "--fake", str(fake), "--seed", "-2"], "--seed must be >= 0, got -2"),
+        (["--real", str(real), str(real), "--fake", str(fake)], "12 images are listed more than once in the real images"),
         (["--real", str(real), "--fake", str(fake), "--layers", "relu1", "nosuch"], "nosuch"),
     ]
     for extra, pattern in cases:
@@ -141,6 +143,13 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
 
     t = Thresholds.load(thr)
     assert t.n_images == 24 and t.mode == "per_layer"
+    rc, out, err = run_cli(["calibrate", str(real), "--out", str(thr), "--overwrite", "--batch-size", "0"], capsys)
+    assert rc == 2 and "--batch-size must be positive, got 0" in err and Thresholds.load(thr).n_images == 24
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    rc, out, err = run_cli(["calibrate", str(broken), "--out", str(tmp_path / "t2.safetensors"), "--quiet"], capsys)
+    assert rc == 2 and "no image gave a face chip (0 without a face, 1 unreadable)" in err
 
 
 def test_env(capsys):

@@ -174,6 +174,8 @@ def test_bad_input_exits_2_before_work(setup, tmp_path, capsys, cmd):
         ([model, "--real", empty, "--fake", fake], r"--real: folder .*empty has no images"),
         ([model, "--real", real, "--fake", tmp_path / "missing"], r"--fake: .*missing does not exist"),
         ([model, "--real", real, "--fake", real], r"16 images are both real and fake"),
+        ([model, "--real", real, real, "--fake", fake], r"16 images are listed more than once in --real"),
+        ([model, "--real", real, "--fake", fake, "--seed", "-1"], r"--seed must be >= 0, got -1"),
         ([model, "--real", real, "--fake", copy], r"16 images are both real and fake, e\.g\. .* \(same bytes\)"),
         ([model, "--real", real, "--fake", fake, "--baselines", "spectrum", "--train-real", copy, "--train-fake", copy],
          r"16 images are both real and fake training images"),
@@ -199,6 +201,52 @@ def test_bad_input_exits_2_before_work(setup, tmp_path, capsys, cmd):
     (out / name).write_text("keep")
     rc, _, err = run_cli([cmd, model, "--real", real, "--fake", fake, "--out-dir", out], capsys)
     assert rc == 2 and f"{name} already exists; pass --overwrite" in err and (out / name).read_text() == "keep"
+    (out / name).unlink()
+    (out / name).mkdir()  # an output that is a folder: refused before any work, even with --overwrite
+    rc, _, err = run_cli([cmd, model, "--real", real, "--fake", fake, "--out-dir", out, "--overwrite"], capsys)
+    assert rc == 2 and f"{name} exists and is not a file" in err
     # one class missing: a one-line usage error, exit 2
     rc, _, err = run_cli([cmd, model, "--real", real, "--out-dir", tmp_path / "out2"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "--fake is missing" in err
+
+
+def test_evaluate_warnings_and_old_plots(setup, tmp_path, capsys):
+    """A fake type with no scored image and a small --bootstrap are warned about (stderr and the
+    report's notes); --overwrite --no-plots removes the old plots."""
+    nofaces = tmp_path / "nofaces"
+    nofaces.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((150, 150, 3), 100 + i, np.uint8)).save(nofaces / f"{i}.png")
+    out = tmp_path / "eval"
+    out.mkdir()
+    for old in ("metrics.json", "roc.png", "det.png"):
+        (out / old).write_text("old")
+    rc, _, err = run_cli(["evaluate", setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"],
+                          nofaces, "--fake-type", "dcgan", "blank", "--out-dir", out, "--bootstrap", "10",
+                          "--no-plots", "--overwrite"], capsys)
+    assert rc == 0, err
+    assert "warning: group blank: none of its 2 images was scored" in err
+    assert "warning: the intervals come from only 10 bootstrap resamples" in err
+    md = (out / "report.md").read_text()
+    assert "- group blank: none of its 2 images was scored" in md and "only 10 bootstrap resamples" in md
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json", "report.md"]
+
+
+def test_robustness_augmented_counts_are_what_it_trained_on(setup, tmp_path, capsys):
+    """Without a validation set the augmented model holds part of its training images out: the
+    report counts the chips it trained on, not all it was given."""
+    test = {}
+    for cls in ("real", "fake"):  # the 8 images that are not in the *_small training folders
+        test[cls] = tmp_path / cls
+        test[cls].mkdir()
+        for p in sorted(setup[cls].iterdir())[8:]:
+            shutil.copy(p, test[cls])
+    out = tmp_path / "rob"
+    rc, _, err = run_cli(["robustness", setup["model"], "--real", test["real"], "--fake", test["fake"],
+                          "--attacks", "noise", "--train-augment", "--train-real", setup["real_small"],
+                          "--train-fake", setup["fake_small"], "--seed", "3", "--aligned", "--out-dir", out, "--bootstrap", "0",
+                          "--no-plots", "--quiet"], capsys)
+    assert rc == 0, err
+    t = json.loads((out / "robustness.json").read_text())["detectors"]["fakespotter+augment"]["trained_on"]
+    for cls in ("real", "fake"):
+        assert t["validation"][cls] > 0 and t["train"][cls] + t["validation"][cls] == 8, t

@@ -101,6 +101,20 @@ def test_fake_needs_a_type_and_groups_stay_in_one_split(tmp_path):
         write_manifest([_row("a.jpg"), _row("a.jpg")], tmp_path)
 
 
+
+@pytest.mark.parametrize("other", ["./fake/a.jpg", "fake//a.jpg", "fake/./a.jpg"])
+def test_one_image_twice_is_refused_whatever_the_spelling(tmp_path, other):
+    """Another spelling of a listed file, or another file with the same bytes (its sha256),
+    would count one image twice, or in two classes or splits."""
+    first = _row("fake/a.jpg", "fake")
+    with pytest.raises(ManifestError, match=r"row 3, column 'file': '(\./)?fake/(/|\./)?a\.jpg' is also on row 2"):
+        write_manifest([first, dataclasses.replace(first, file=other, label="real", fake_type="", generator="")],
+                       tmp_path)
+    copy = _row("real/copy.jpg", split="test", sha256=first.sha256)
+    with pytest.raises(ManifestError, match=r"row 3, column 'sha256': the same bytes as row 2 \('fake/a.jpg'\)"):
+        write_manifest([first, copy], tmp_path)
+
+
 def test_bad_header_and_width(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text("file,label\na.jpg,real\n")
     with pytest.raises(ManifestError, match="header must be file,sha256"):

@@ -408,7 +408,7 @@ def _hold_out(groups: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> 
         n = min(max(1, int(round(len(g) * fraction))), len(g) - 1)
         if n < 1:
             raise ValueError(f"BaselineSuite.fit: the {'fake' if cls else 'real'} class has {len(g)} group(s); "
-                             f"at least 2 are needed to hold out a validation part (or pass validation=)")
+                             f"at least 2 are needed to hold out a validation part (or give a validation set: validation=)")
         chosen = set(g[rng.permutation(len(g))[:n]].tolist())
         val |= (y == cls) & np.isin(groups, list(chosen))
     return val

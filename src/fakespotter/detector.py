@@ -242,7 +242,7 @@ class FakeSpotter:
             rng = np.random.default_rng(self.seed)
             vr, vf = self._split(ir, nr, rng), self._split(if_, nf, rng)
             if vr.all() or vf.all() or not vr.any() or not vf.any():
-                raise ValueError("FakeSpotter.fit: too few images with faces to hold out a validation part of each class; pass validation=(real_val, fake_val) (command line: --val-real, --val-fake)")
+                raise ValueError("FakeSpotter.fit: too few images with faces to hold out a validation part of each class; give more images or a validation set (validation=)")
             tr_r, va_r, tr_f, va_f = xr[~vr], xr[vr], xf[~vf], xf[vf]
         else:
             tr_r, tr_f = xr, xf

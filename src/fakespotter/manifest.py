@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -122,12 +123,18 @@ def _check_row(row: ManifestRow, where: str) -> None:
 
 def _check_rows(rows: Sequence[ManifestRow], where: str) -> None:
     seen: Dict[str, int] = {}
+    digests: Dict[str, int] = {}
     split_of: Dict[str, str] = {}
     for i, row in enumerate(rows):
         _check_row(row, f"{where} row {i + 2}")
-        if row.file in seen:
-            raise ManifestError(f"{where} row {i + 2}, column 'file': {row.file!r} is also on row {seen[row.file] + 2}")
-        seen[row.file] = i
+        file = posixpath.normpath(row.file)  # ./a/x.png and a//x.png are a/x.png
+        if file in seen:
+            raise ManifestError(f"{where} row {i + 2}, column 'file': {row.file!r} is also on row {seen[file] + 2}")
+        seen[file] = i
+        if row.sha256 in digests:
+            raise ManifestError(f"{where} row {i + 2}, column 'sha256': the same bytes as row {digests[row.sha256] + 2} "
+                                f"({rows[digests[row.sha256]].file!r}); an image is listed once")
+        digests[row.sha256] = i
         other = split_of.setdefault(row.group, row.split)
         if other != row.split:
             raise ManifestError(f"{where} row {i + 2}, column 'split': group {row.group!r} is in both "

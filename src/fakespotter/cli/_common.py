@@ -29,6 +29,24 @@ def images_of(sources: List[str], what: str) -> List[Path]:
     return out
 
 
+def check_once(paths: Iterable[Path], what: str) -> None:
+    """A usage error when ``paths`` name one file more than once (under any spelling): it would
+    be counted twice. ``what`` names the list, e.g. "--real"."""
+    seen = set()
+    repeated: List[Path] = []
+    for p in paths:
+        try:
+            key = p.resolve()
+        except (OSError, RuntimeError):
+            key = p
+        if key in seen:
+            repeated.append(p)
+        seen.add(key)
+    if repeated:
+        raise usage_error(f"{len(repeated)} images are listed more than once in {what} (each would be counted "
+                          f"again), e.g. {repeated[0]}")
+
+
 def check_disjoint(a: Iterable[Path], b: Iterable[Path], what: str) -> None:
     """A usage error when an image of ``a`` is also in ``b``: the same file under any spelling,
     or another file with the same bytes (a copy). ``what`` says what the overlap would mean,
@@ -211,6 +229,14 @@ def load_chips(paths: List[Path], how: Any, size: int, label: str, quiet: bool, 
     progress.close()
     array = np.concatenate(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
     return array, np.asarray(index, dtype=np.int64), no_face
+
+
+def no_chips_error(what: str, images: int, no_face: int, aligned: bool) -> Exception:
+    """The usage error for inputs that gave no face chip at all: ``images`` images, of which
+    ``no_face`` were read and had no face (the rest were unreadable)."""
+    hint = "" if aligned else " or pass --aligned"
+    return usage_error(f"no {what} gave a face chip ({no_face} without a face, {images - no_face} unreadable); "
+                       f"check the inputs{hint}")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

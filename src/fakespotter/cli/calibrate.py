@@ -8,7 +8,8 @@ import argparse
 
 import numpy as np
 
-from ._common import Progress, add_model_args, check_weak_face_score_arg, images_of, log, usage_error, writable_output
+from ._common import (Progress, add_model_args, check_weak_face_score_arg, images_of, log, no_chips_error, usage_error,
+                      writable_output)
 
 
 def add_parser(sub) -> None:
@@ -26,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     paths = images_of(args.images, "calibrate")
     if args.upsample < 0:
         raise usage_error(f"--upsample must be >= 0, got {args.upsample}")
+    if args.batch_size < 1:
+        raise usage_error(f"--batch-size must be positive, got {args.batch_size}")
     check_weak_face_score_arg(args)
     out = writable_output(args.out, args.overwrite, "output")
     try:
@@ -57,10 +60,8 @@ def run(args: argparse.Namespace) -> int:
         calibrator.partial_fit(np.stack(pending))
     progress.close()
     if not hasattr(calibrator, "thresholds_"):
-        raise usage_error("no face was found in any image; check the inputs or pass --aligned")
-    if out.exists() and args.overwrite:
-        out.unlink()
-    calibrator.thresholds_.save(out)
+        raise no_chips_error("image", len(paths), len(paths) - failures, args.aligned)
+    calibrator.thresholds_.save(out)  # written to a temporary file, then renamed over any old one
     print(f"wrote {out}: {args.threshold_mode} thresholds of {len(tap.layers)} layers from "
           f"{calibrator.n_images_} face chips ({failures} unreadable images)")
     return 1 if failures else 0

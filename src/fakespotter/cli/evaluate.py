@@ -31,8 +31,8 @@ import numpy as np
 
 from .. import evaluate as ev
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
-from ._common import (Progress, add_class_sources, check_disjoint, class_mode, has_both_classes, images_of,
-                      load_chips, log, manifest_part, model_file, open_manifest, usage_error)
+from ._common import (Progress, add_class_sources, check_disjoint, check_once, class_mode, has_both_classes,
+                      images_of, load_chips, log, manifest_part, model_file, no_chips_error, open_manifest, usage_error)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
@@ -59,8 +59,9 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
                    help="face detector upsampling (default: the model's setting)")
     p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the bootstrap, the baselines' training and (robustness) the noise attack "
-                        "(default: %(default)s)")
+                   help="seed (>= 0) of the bootstrap, of the training of the baselines and of the augmented model "
+                        "(their validation hold-out, augmentation and initialisation) and (robustness) of the noise "
+                        "attack (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (default: write them; needs matplotlib)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")
@@ -98,6 +99,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
             raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
         if args.real_source is not None and len(args.real_source) != len(args.real):
             raise usage_error(f"--real-source names {len(args.real_source)} sources for {len(args.real)} --real sources")
+        check_once([p for _, ps in real for p in ps], "--real")
+        check_once([p for _, ps in fake for p in ps], "--fake")
         check_disjoint([p for _, ps in real for p in ps], [p for _, ps in fake for p in ps], "both real and fake")
     elif args.real_source is not None:
         raise usage_error("--real-source names --real folders; a manifest names its own sources")
@@ -107,6 +110,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         raise usage_error(f"--upsample must be >= 0, got {args.upsample}")
     if getattr(args, "bootstrap", 0) < 0:
         raise usage_error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.seed < 0:
+        raise usage_error(f"--seed must be >= 0, got {args.seed}")
     if not math.isfinite(getattr(args, "threshold", 0.0)):
         raise usage_error(f"--threshold must be a finite logit, got {args.threshold}")
     if augment and not 0.0 < args.augment_fraction <= 1.0:
@@ -131,10 +136,15 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         raise usage_error(f"--out-dir {out_dir} is a file, not a folder")
     if not out_dir.exists() and not out_dir.parent.is_dir():
         raise usage_error(f"--out-dir {out_dir}: folder {out_dir.parent} does not exist")
-    files = [out_dir / name for name in outputs if not (args.no_plots and name.endswith(".png"))]
-    existing = [f for f in files if f.exists()]
+    every = [out_dir / name for name in outputs]
+    for f in every:
+        if f.exists() and not f.is_file():
+            raise usage_error(f"{f} exists and is not a file; it cannot be replaced by a report")
+    files = [f for f in every if not (args.no_plots and f.suffix == ".png")]
+    existing = [f for f in every if f.exists()]
     if existing and not args.overwrite:
         raise usage_error(f"{existing[0]} already exists; pass --overwrite to replace the reports in {out_dir}")
+    stale = [f for f in existing if f not in files]  # old plots that --no-plots would leave beside new reports
     if not args.no_plots:
         try:
             import matplotlib  # noqa: F401
@@ -158,6 +168,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
                    "fake": [{"source": d, "type": n, "images": len(ps)} for (d, ps), n in zip(fake, fake_names)]}
         if training:
             tr, tf = images_of(args.train_real, "--train-real"), images_of(args.train_fake, "--train-fake")
+            check_once(tr, "--train-real")
+            check_once(tf, "--train-fake")
             check_disjoint(tr, tf, "both real and fake training images")
             check_disjoint(tr + tf, paths, "both training and evaluation images")
             train = {"real": tr, "fake": tf, "real_groups": None, "fake_groups": None, "val": None,
@@ -206,7 +218,14 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
     names = resolve_baselines(args.baselines, det.get_params())
     return {"detector": det, "paths": paths, "labels": np.asarray(labels, dtype=np.int64), "groups": groups,
             "groupings": groupings, "out_dir": out_dir, "files": {f.name: f for f in files}, "sources": sources,
-            "mode": mode, "baselines": names, "train": train}
+            "mode": mode, "baselines": names, "train": train, "stale": stale}
+
+
+def remove_stale(plan: Dict[str, Any], quiet: bool) -> None:
+    """Delete the old plots of an --overwrite --no-plots run: they were drawn from other data."""
+    for f in plan["stale"]:
+        f.unlink(missing_ok=True)
+        log(f"removed {f}: an old plot (--no-plots draws none)", quiet)
 
 
 MODEL_NAME = "fakespotter"
@@ -229,12 +248,11 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
         size = int(det.tap_.preprocessing.size[0])
         chips = {}
         for label in ("real", "fake"):
-            x, index, _ = load_chips(train[label], det, size, f"training {label}", args.quiet, failures)
+            x, index, no_face = load_chips(train[label], det, size, f"training {label}", args.quiet, failures)
+            if len(x) == 0:
+                raise no_chips_error(f"{label} training image", len(train[label]), no_face, det.aligned)
             g = train[f"{label}_groups"]
             chips[label] = (x, index if g is None else np.asarray(g, dtype=object)[index].astype(str))
-        for label in ("real", "fake"):
-            if len(chips[label][0]) == 0:
-                raise usage_error(f"no face was found in any {label} training image; check the inputs or pass --aligned")
         xr, gr = chips["real"]
         xf, gf = chips["fake"]
         validation = None
@@ -246,8 +264,7 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
         x = np.concatenate([xr, xf])
         y = np.r_[np.zeros(len(xr), np.int64), np.ones(len(xf), np.int64)]
         g = np.r_[np.asarray([f"real:{v}" for v in gr], dtype=object), np.asarray([f"fake:{v}" for v in gf], dtype=object)]
-        params = {**det.get_params(), "aligned": det.aligned, "batch_size": args.batch_size}
-        counts = {"train": {"real": int(len(xr)), "fake": int(len(xf))}}
+        params = {**det.get_params(), "aligned": det.aligned, "batch_size": args.batch_size, "seed": args.seed}
         if plan["baselines"]:
             log(f"training baselines {', '.join(plan['baselines'])} on {len(xr)} real and {len(xf)} fake chips ...",
                 args.quiet)
@@ -278,7 +295,8 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
             info[AUGMENTED_NAME] = {"description": f"the model's settings retrained with the four attacks on a random "
                                                    f"{args.augment_fraction:g} of the training chips (seed {args.seed})",
                                     "kind": "augmented", "operating_threshold": augmented.operating_threshold_["logit"],
-                                    "trained_on": {**train["source"], **counts, "validation": summary["validation"]},
+                                    "trained_on": {**train["source"], "train": summary["train"],
+                                                   "validation": summary["validation"]},
                                     "augmentation": augmented.training_summary_.get("augmentation")}
 
     order = [MODEL_NAME] + ([AUGMENTED_NAME] if augmented is not None else []) + list(plan["baselines"])
@@ -342,6 +360,26 @@ def require_both_classes(c: Dict[str, Dict[str, int]], aligned: bool) -> None:
                               f"{c[name]['unreadable']} unreadable); check the inputs{hint}")
 
 
+def unscored_groups(plan: Dict[str, Any], scored: np.ndarray) -> List[str]:
+    """A line per fake type / real source / generator none of whose images was scored: it has
+    no row in the report, which would otherwise go unnoticed."""
+    groupings = ([("group", plan["groups"])] if plan["groupings"] is None
+                 else [(kind.replace("_", " "), g) for kind, g, _ in plan["groupings"]])
+    out = []
+    for kind, names in groupings:
+        total = Counter(names)
+        ok = Counter(g for g, s in zip(names, scored) if s)
+        out += [f"{kind} {g}: none of its {n} images was scored (no face, or unreadable), so it has no row"
+                for g, n in total.items() if ok[g] == 0]
+    return out
+
+
+def bootstrap_caveat(n: int) -> List[str]:
+    if 0 < n < 200:
+        return [f"the intervals come from only {n} bootstrap resamples: rough (1000 or more for reporting)"]
+    return []
+
+
 def run(args: argparse.Namespace) -> int:
     from ..detector import describe_operating_threshold
 
@@ -358,6 +396,9 @@ def run(args: argparse.Namespace) -> int:
     faces = first.faces["clean"]
     c = counts(labels, first.scores["clean"], faces)
     require_both_classes(c, det.aligned)
+    caveats = unscored_groups(plan, ~np.isnan(first.scores["clean"])) + bootstrap_caveat(args.bootstrap)
+    for line in caveats:
+        print(f"warning: {line}", file=sys.stderr)
     log(f"metrics with {args.bootstrap} bootstrap resamples ...", args.quiet)
     multi = len(detectors) > 1
     rows: List[Dict[str, Any]] = []
@@ -404,6 +445,7 @@ def run(args: argparse.Namespace) -> int:
              f"resamples, 95% percentile (seed {args.seed})"]
     if plan["mode"] == "manifest":
         notes.append(f"manifest {plan['sources']['manifest']}, split {plan['sources']['split']} (aligned chips)")
+    notes += caveats
     for name in ("real", "fake"):
         k = c[name]
         notes.append(f"{name}: {k['images']} images, {k['scored']} scored, {k['without_face']} without a face, "
@@ -416,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(picked on {t['validation']['real']} + {t['validation']['fake']} validation chips)")
     out_dir, files = plan["out_dir"], plan["files"]
     out_dir.mkdir(exist_ok=True)
+    remove_stale(plan, args.quiet)
     ev.write_json(report, files["metrics.json"])
     ev.write_csv(report, files["metrics.csv"])
     if multi:

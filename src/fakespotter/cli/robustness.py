@@ -29,8 +29,8 @@ import numpy as np
 
 from .. import evaluate as ev
 from ._common import Progress, log
-from .evaluate import (MODEL_NAME, add_corpus_args, check_corpus, counts, model_info, require_both_classes,
-                       train_detectors)
+from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, model_info,
+                       remove_stale, require_both_classes, train_detectors)
 
 OUTPUTS = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png")
 
@@ -125,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     first = scored[MODEL_NAME]
     clean_counts = counts(labels, first.scores[("clean", None)], first.faces[("clean", None)])
     require_both_classes(clean_counts, det.aligned)
+    caveats = bootstrap_caveat(args.bootstrap)
+    for line in caveats:
+        print(f"warning: {line}", file=sys.stderr)
     op = float(det.operating_threshold_["logit"])
     log(f"metrics of {len(variants)} variants ...", args.quiet)
     rows: List[Dict[str, Any]] = []
@@ -147,12 +150,14 @@ def run(args: argparse.Namespace) -> int:
              f"{args.bootstrap} stratified bootstrap resamples, 95% percentile",
              f"clean: {clean_counts['real']['images']} real and {clean_counts['fake']['images']} fake images; "
              f"{clean_counts['real']['unreadable'] + clean_counts['fake']['unreadable']} unreadable (left out)"]
+    notes += caveats
     for name, about in detectors.items():
         if name != MODEL_NAME:
             t = about["trained_on"]
             notes.append(f"{name}: {about['description']}; trained on {t['train']['real']} real and "
                          f"{t['train']['fake']} fake chips; ACC@op at logit {about['operating_threshold']:.4g}")
     columns = ["auc", "acc_operating", "tpr_operating", "fpr_operating", "eer"]
+    remove_stale(plan, args.quiet)
     ev.write_json(report, files["robustness.json"])
     ev.write_csv(report, files["robustness.csv"])
     if multi:

@@ -23,9 +23,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import (add_class_sources, add_model_args, check_disjoint, check_weak_face_score_arg, class_mode,
-                      has_both_classes, images_of, load_chips, log, manifest_part, open_manifest, usage_error,
-                      writable_output)
+from ._common import (add_class_sources, add_model_args, check_disjoint, check_once, check_weak_face_score_arg,
+                      class_mode, has_both_classes, images_of, load_chips, log, manifest_part, no_chips_error, open_manifest,
+                      usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -98,6 +98,8 @@ def check(args: argparse.Namespace) -> Dict:
         raise usage_error(f"--augment-fraction must be in (0, 1], got {args.augment_fraction}")
     if (args.val_real is None) != (args.val_fake is None):
         raise usage_error("give both --val-real and --val-fake, or neither")
+    check_once([p for _, ps in real for p in ps], "the real images")
+    check_once([p for _, ps in fake for p in ps], "the fake images")
     check_disjoint([p for _, ps in real for p in ps], [p for _, ps in fake for p in ps], "both real and fake")
     if not 0 < args.target_fpr < 1:
         raise usage_error(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
@@ -105,6 +107,8 @@ def check(args: argparse.Namespace) -> Dict:
         raise usage_error(f"--target-tpr must be in (0, 1], got {args.target_tpr}")
     if not 0 < args.validation_fraction < 1:
         raise usage_error(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
+    if args.seed < 0:
+        raise usage_error(f"--seed must be >= 0, got {args.seed}")
     if any(h < 1 for h in args.hidden):
         raise usage_error(f"--hidden widths must be >= 1, got {' '.join(map(str, args.hidden))}")
     for name in ("batch_size", "epochs", "upsample"):
@@ -118,6 +122,8 @@ def check(args: argparse.Namespace) -> Dict:
     val = None
     if args.val_real is not None:
         val = (images_of(args.val_real, "--val-real"), images_of(args.val_fake, "--val-fake"))
+        check_once(val[0], "--val-real")
+        check_once(val[1], "--val-fake")
         check_disjoint(val[0], val[1], "both validation real and validation fake")
         check_disjoint([p for _, ps in real + fake for p in ps], val[0] + val[1],
                        "both training and validation images")
@@ -154,9 +160,9 @@ def run(args: argparse.Namespace) -> int:
     fake_paths = [p for _, ps in plan["fake"] for p in ps]
     xr, gr, nr_missing = extract(real_paths, "real", args, plan["size"], failures)
     xf, gf, nf_missing = extract(fake_paths, "fake", args, plan["size"], failures)
-    for label, x in (("real", xr), ("fake", xf)):
+    for label, x, n, missing in (("real", xr, len(real_paths), nr_missing), ("fake", xf, len(fake_paths), nf_missing)):
         if len(x) == 0:
-            raise usage_error(f"no face was found in any {label} image; check the inputs or pass --aligned")
+            raise no_chips_error(f"{label} image", n, missing, args.aligned)
     validation = None
     if plan["val"] is not None:
         vr = extract(plan["val"][0], "validation real", args, plan["size"], failures)[0]
