@@ -263,6 +263,55 @@ def test_weak_detections_are_dropped_beside_a_strong_face_only(photos):
     assert sorted((r.left(), r.top(), r.right() + 1, r.bottom() + 1) for r in rects) == sorted(b for b, _ in every)
 
 
+class _SeenByDetector:
+    """dlib's detector, noting the size and upsampling of every image it is given."""
+
+    def __init__(self, detector):
+        self.detector, self.calls = detector, []
+
+    def run(self, rgb, upsample, cut):
+        self.calls.append((rgb.shape[:2], upsample))
+        return self.detector.run(rgb, upsample, cut)
+
+
+def _iou(a, b):
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return w * h / (area(a) + area(b) - w * h)
+
+
+def test_large_images_are_detected_at_detect_pixels(photos, monkeypatch):
+    seen = _SeenByDetector(F._detector())
+    monkeypatch.setattr(F, "_detector", lambda: seen)
+    small = photos["obama.jpg"]  # upsampled once, within DETECT_PIXELS: detected as it is
+    assert small.shape[0] * small.shape[1] * 4 <= F.DETECT_PIXELS
+    assert [(f.box, f.score) for f in F.detect_and_align(small)] == \
+        [(f.box, f.score) for f in F.detect_and_align(small, detect_pixels=0)]
+    assert seen.calls == [(small.shape[:2], 1)] * 2
+    seen.calls.clear()
+    big = np.asarray(Image.fromarray(small).resize((small.shape[1] * 6, small.shape[0] * 6), Image.Resampling.BICUBIC))
+    assert big.shape[0] * big.shape[1] * 4 > 2 * F.DETECT_PIXELS, "premise: a large image"
+    full = F.detect_and_align(big, detect_pixels=0)
+    capped = F.detect_and_align(big)
+    (h, w), up = seen.calls[1]
+    assert seen.calls[0] == (big.shape[:2], 1) and up == 0 and h * w <= F.DETECT_PIXELS < (h + 1) * (w + 1)
+    assert len(full) == len(capped) == 1
+    assert _iou(full[0].box, capped[0].box) > 0.8  # the box in the full image's pixels
+    assert capped[0].chip.shape == (150, 150, 3)  # cut from the full image, like the uncapped one:
+    assert np.abs(capped[0].chip.astype(float) - full[0].chip).mean() < 6
+    assert np.abs(capped[0].landmarks - full[0].landmarks).max() < 0.02 * (full[0].box[2] - full[0].box[0])
+    seen.calls.clear()
+    F.detect_and_align(big, upsample=0, detect_pixels=big.shape[0] * big.shape[1])  # fits at upsample 0
+    assert seen.calls == [(big.shape[:2], 0)]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "100", True, None])
+def test_detect_pixels_must_be_an_int_ge_0(bad):
+    with pytest.raises(ValueError, match=r"detect_and_align: detect_pixels must be an int >= 0 \(0 for no limit\)"):
+        F.detect_and_align(np.zeros((40, 40, 3), np.uint8), detect_pixels=bad)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.1", True, None])
 def test_weak_face_score_must_be_a_finite_number(bad):
     with pytest.raises(ValueError, match=r"detect_and_align: weak_face_score must be a finite number, got"):

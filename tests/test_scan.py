@@ -352,6 +352,19 @@ def test_weak_face_score_drops_weak_detections_beside_a_strong_face(model, tmp_p
         scan(paths, model, weak_face_score=float("nan"))
     rc, _, err = run_cli(["scan", paths[0], "--model", str(model), "--weak-face-score", "inf"], capsys)
     assert rc == 2 and "--weak-face-score must be a finite number, got inf" in err
+    # --detect-pixels: recorded; a cap that makes the detector see a smaller copy still finds the
+    # face, with its box in the image's own pixels
+    from fakespotter.faces import DETECT_PIXELS
+
+    assert run.stats["detect_pixels"] == DETECT_PIXELS
+    h, w = canvas.shape[:2]
+    (small,) = list(scan(paths[:1], model, batch_size=4, workers=0, detect_pixels=h * w * 2))  # x1.41, not x2
+    assert len(small["faces"]) >= 1 and (small["width"], small["height"]) == (w, h)
+    assert max(abs(a - b) for a, b in zip(small["faces"][0]["box"], both["faces"][0]["box"])) < 0.1 * w
+    with pytest.raises(ValueError, match=r"scan: detect_pixels must be an int >= 0 \(0 for no limit\), got -1"):
+        scan(paths, model, detect_pixels=-1)
+    rc, _, err = run_cli(["scan", paths[0], "--model", str(model), "--detect-pixels", "-5"], capsys)
+    assert rc == 2 and "--detect-pixels must be >= 0 (0 for no limit), got -5" in err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +489,8 @@ def test_decode_pool_kept_between_calls_and_replaced_when_it_died_idle(tmp_path)
     from fakespotter.scan import _Config, _decoded
 
     files = write_good(tmp_path / "d", 4, seed=3)
-    cfg = _Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT, weak_face_score=0.15)
+    cfg = _Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT, weak_face_score=0.15,
+                  detect_pixels=0)
 
     def run(keep):
         return [(e.path, r["error"], r["sha256"]) for e, r in _decoded(D.iter_entries([str(tmp_path / "d")]), cfg,

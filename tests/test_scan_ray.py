@@ -21,7 +21,7 @@ import pytest
 import ray
 
 from fakespotter.cli import main
-from fakespotter.faces import WEAK_FACE_SCORE
+from fakespotter.faces import DETECT_PIXELS, WEAK_FACE_SCORE
 from fakespotter.scan import RecordWriter, scan
 from fakespotter.scan_ray import ShardsError, merge_shards, prepare_output, ray_scan, read_shards
 from scan_helpers import model_file, write_good
@@ -179,8 +179,8 @@ def test_a_folder_another_scan_writes_is_refused(shards, corpus, model, tmp_path
 def test_output_folder_checks(shards, tmp_path):
     src, _ = shards
     settings = json.loads((src / "scan.json").read_text())
-    settings = {k: settings[k] for k in ("model", "batch_size", "aligned", "upsample", "weak_face_score", "pixel_limit",
-                                         "shard_format", "inputs", "limit")}
+    settings = {k: settings[k] for k in ("model", "batch_size", "aligned", "upsample", "weak_face_score",
+                                         "detect_pixels", "pixel_limit", "shard_format", "inputs", "limit")}
     with pytest.raises(ShardsError, match="not empty; pass --resume"):
         prepare_output(src, "new", settings)
     shard = sorted(src.glob("part-*.jsonl"))[0]
@@ -190,15 +190,17 @@ def test_output_folder_checks(shards, tmp_path):
     assert shard.read_bytes() == before and not (src / "merged.jsonl").exists()
     with pytest.raises(ShardsError, match=r"batch_size 4 there, 8 now"):
         prepare_output(src, "resume", dict(settings, batch_size=8))
-    prepare_output(src, "resume", dict(settings, weak_face_score=0.5, upsample=2))  # aligned: no detection
+    prepare_output(src, "resume", dict(settings, weak_face_score=0.5, upsample=2, detect_pixels=9))  # aligned: no detection
     detected = tmp_path / "detected"  # a scan with face detection, from before the setting: dlib's own cut, 0
     shutil.copytree(src, detected)
     manifest = json.loads((detected / "scan.json").read_text())
-    del manifest["weak_face_score"]
+    del manifest["weak_face_score"], manifest["detect_pixels"]
     (detected / "scan.json").write_text(json.dumps(dict(manifest, aligned=False)))
     with pytest.raises(ShardsError, match=rf"weak_face_score 0.0 there, {WEAK_FACE_SCORE} now"):
         prepare_output(detected, "resume", dict(settings, aligned=False))
-    prepare_output(detected, "resume", dict(settings, aligned=False, weak_face_score=0.0))
+    with pytest.raises(ShardsError, match=rf"detect_pixels 0 there, {DETECT_PIXELS} now"):
+        prepare_output(detected, "resume", dict(settings, aligned=False, weak_face_score=0.0))
+    prepare_output(detected, "resume", dict(settings, aligned=False, weak_face_score=0.0, detect_pixels=0))
     with pytest.raises(ShardsError, match="model"):
         prepare_output(src, "resume", dict(settings, model="0" * 64))
     foreign = tmp_path / "mine"

@@ -182,6 +182,7 @@ def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
     rc = main(no_align)
     err = capsys.readouterr().err
     assert rc == 2 and f"--weak-face-score 0.0 there, {WEAK_FACE_SCORE} now" in err and out.read_text() == "".join(lines[:4])
+    assert "--detect-pixels 0 there" in err  # a scan from before the cap detected at full size
     stats.write_text(json.dumps({"aligned": True, "upsample": 1, "weak_face_score": 0.0}))
     assert main(cli(corpus, model, out, "--resume", "--upsample", "2")) == 1  # no detection: they don't matter
     assert out.read_text() == reference["jsonl"]

@@ -406,10 +406,11 @@ class _Builder:
     def landmarks(self, key: str, rgb: np.ndarray) -> Optional[np.ndarray]:
         """5-point landmarks (float [5, 2]) of the best face in ``rgb``, cached by ``key``."""
         from fakespotter.faces import detect_and_align
-        from fakespotter.samples import PIPELINE_WEAK_FACE_SCORE
+        from fakespotter.samples import PIPELINE_DETECT_PIXELS, PIPELINE_WEAK_FACE_SCORE
 
         if key not in self._landmarks:
-            faces = detect_and_align(rgb, upsample=UPSAMPLE, weak_face_score=PIPELINE_WEAK_FACE_SCORE)
+            faces = detect_and_align(rgb, upsample=UPSAMPLE, weak_face_score=PIPELINE_WEAK_FACE_SCORE,
+                                     detect_pixels=PIPELINE_DETECT_PIXELS)
             self._landmarks[key] = faces[0].landmarks.astype(np.float64) if faces else None
         return self._landmarks[key]
 
@@ -460,7 +461,7 @@ class _Builder:
         """Every face of the other real photos (``sizes.other_photos`` per source), each cut
         out with a margin of ``FACE_CROP_MARGIN`` face sides and put through the chip pipeline."""
         from fakespotter.faces import detect_and_align, load_image
-        from fakespotter.samples import PIPELINE_WEAK_FACE_SCORE
+        from fakespotter.samples import PIPELINE_DETECT_PIXELS, PIPELINE_WEAK_FACE_SCORE
 
         photos = fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None)
         taken: Dict[str, int] = {}
@@ -476,7 +477,8 @@ class _Builder:
             group = f"{EXTERNAL_GROUP_PREFIX if src.held_out else ''}{short}:{stem}"
             background = self.nuisance(f"{folder}/{stem}").background
             rgb = load_image(photos[entry.name], background)
-            faces = sorted(detect_and_align(rgb, upsample=UPSAMPLE, weak_face_score=PIPELINE_WEAK_FACE_SCORE),
+            faces = sorted(detect_and_align(rgb, upsample=UPSAMPLE, weak_face_score=PIPELINE_WEAK_FACE_SCORE,
+                                     detect_pixels=PIPELINE_DETECT_PIXELS),
                            key=lambda f: tuple(f.box))
             h, w = rgb.shape[:2]
             for k, face in enumerate(faces):

@@ -33,7 +33,7 @@ from .backbones import get_backbone
 from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
-from .faces import WEAK_FACE_SCORE, check_weak_face_score
+from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
 from .features import _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips
 from .taps import Tap
 
@@ -121,6 +121,8 @@ class FakeSpotter:
         upsample: dlib detector upsampling (find smaller faces; slower).
         weak_face_score: detections scoring below this are dropped from an image that holds a
             face scoring at least this (default ``faces.WEAK_FACE_SCORE``; 0 keeps every one).
+        detect_pixels: the most pixels the face detector works on; larger images are scaled
+            down for detection only (default ``faces.DETECT_PIXELS``; 0 for no limit).
         device: where the backbone runs (default "cpu").
     """
 
@@ -143,6 +145,7 @@ class FakeSpotter:
         aligned: bool = False,
         upsample: int = 1,
         weak_face_score: float = WEAK_FACE_SCORE,
+        detect_pixels: int = DETECT_PIXELS,
         device: str = "cpu",
     ):
         self.backbone = backbone
@@ -160,11 +163,12 @@ class FakeSpotter:
         self.aligned = aligned
         self.upsample = upsample
         self.weak_face_score = weak_face_score
+        self.detect_pixels = detect_pixels
         self.device = device
 
     _param_names = ("backbone", "layers", "granularity", "threshold_mode", "classifier", "hidden", "target_fpr",
                     "target_tpr", "validation_fraction", "max_epochs", "seed", "batch_size", "aligned", "upsample",
-                    "weak_face_score", "device")
+                    "weak_face_score", "detect_pixels", "device")
 
     def get_params(self, deep: bool = True) -> dict:
         return {k: getattr(self, k) for k in self._param_names}
@@ -181,6 +185,7 @@ class FakeSpotter:
         if self.target_tpr is not None and not 0.0 < self.target_tpr <= 1.0:
             raise ValueError(f"FakeSpotter: target_tpr must be in (0, 1] or None, got {self.target_tpr}")
         check_weak_face_score(self.weak_face_score, "FakeSpotter")
+        check_detect_pixels(self.detect_pixels, "FakeSpotter")
         if not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
             raise ValueError(f"FakeSpotter: hidden widths must be ints >= 1, got {self.hidden!r}")
         if self.threshold_mode not in ("per_layer", "per_neuron"):
@@ -198,7 +203,7 @@ class FakeSpotter:
             return x, np.arange(x.shape[0]), int(x.shape[0]), 0
         images = as_image_list(data)
         c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample,
-                       weak_face_score=self.weak_face_score)
+                       weak_face_score=self.weak_face_score, detect_pixels=self.detect_pixels)
         x = prepare_chips(c.array, tap, what) if len(c) else torch.zeros((0, *tap.input_shape))
         return x, c.image_index, len(images), len(images) - len(set(c.image_index.tolist()))
 
@@ -316,7 +321,7 @@ class FakeSpotter:
             return self._rows(prepare_chips(X, self.tap_, "rows"), self.tap_)
         return features(as_image_list(X), self.tap_, aligned=self.aligned,
                         batch_size=self.batch_size, upsample=self.upsample,
-                        weak_face_score=self.weak_face_score).rows
+                        weak_face_score=self.weak_face_score, detect_pixels=self.detect_pixels).rows
 
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logit of "fake": per row, per chip, or per image (max over its faces; NaN: no face)."""
@@ -327,7 +332,7 @@ class FakeSpotter:
             return self.classifier_.decision_function(self.rows(X))
         images = as_image_list(X)
         f = features(images, self.tap_, aligned=self.aligned, batch_size=self.batch_size, upsample=self.upsample,
-                     weak_face_score=self.weak_face_score)
+                     weak_face_score=self.weak_face_score, detect_pixels=self.detect_pixels)
         per_face = self.classifier_.decision_function(f.rows) if len(f) else torch.zeros(0)
         out = torch.full((len(images),), float("nan"))
         for i, s in zip(f.image_index.tolist(), per_face.tolist()):
@@ -431,6 +436,10 @@ class FakeSpotter:
         params["device"] = device
         det = cls(**{k: v for k, v in params.items() if k in cls._param_names})
         det.layers = layers
+        try:
+            det._check_params()
+        except (ValueError, TypeError) as e:
+            raise artifact.ModelFileError(f"{path}: detector_params: {e}") from None
         bb.module.to(device)
         try:
             tap = Tap(bb, layers, granularity=granularity)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from .faces import WEAK_FACE_SCORE
+from .faces import DETECT_PIXELS, WEAK_FACE_SCORE
 
 __all__ = [
     "FPR_TARGETS", "METRICS", "roc_curve", "precision_recall_curve", "roc_auc", "average_precision",
@@ -585,13 +585,14 @@ def score_images(detector: Any, images: Sequence[Any], transforms: Optional[Mapp
     out = score_images_with(lambda chips: {"_": detector.decision_function(chips).numpy()}, images,
                             size=int(detector.tap_.preprocessing.size[0]), transforms=transforms, aligned=aligned,
                             upsample=detector.upsample, weak_face_score=detector.weak_face_score,
-                            chunk_size=chunk_size, progress=progress)
+                            detect_pixels=detector.detect_pixels, chunk_size=chunk_size, progress=progress)
     return out["_"]
 
 
 def score_images_with(score: Callable[[np.ndarray], Mapping[str, Any]], images: Sequence[Any], size: int,
                       transforms: Optional[Mapping[Any, Optional[Transform]]] = None, aligned: bool = False,
-                      upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE, chunk_size: int = 32,
+                      upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE,
+                      detect_pixels: int = DETECT_PIXELS, chunk_size: int = 32,
                       progress: Optional[Callable[[int], None]] = None) -> Dict[str, ImageScores]:
     """Score every image with several detectors at once: ``score(chips uint8 [M, size, size, 3])
     -> {name: scores [M]}`` is called on the chips of every chunk and transform, so decoding,
@@ -627,7 +628,8 @@ def score_images_with(score: Callable[[np.ndarray], Mapping[str, Any]], images: 
                     owner.append(i)
                 else:
                     for face in _faces.detect_and_align(x, upsample=upsample, size=size,
-                                                        weak_face_score=weak_face_score):
+                                                        weak_face_score=weak_face_score,
+                                                        detect_pixels=detect_pixels):
                         chip_list.append(face.chip)
                         owner.append(i)
             for i in owner:

@@ -43,6 +43,8 @@ __all__ = [
     "ImageInput",
     "load_image",
     "detect_and_align",
+    "DETECT_PIXELS",
+    "WEAK_FACE_SCORE",
     "chip_from_aligned",
     "to_tensor",
 ]
@@ -58,6 +60,11 @@ DLIB_INSTALL = "pip install dlib-bin==20.0.1.post1"
 # fabric, beside real faces in group photos; each one scored as fake) scored 0.02-0.13; weak
 # detections alone in their image were faces (low-fidelity 64 px DCGAN renders, mostly).
 WEAK_FACE_SCORE = 0.15
+# The face detector works on at most this many pixels (after upsampling): a larger image is
+# scaled to this size for detection only (chips are cut from the full image). A 1024x1024 image
+# with upsample=1 is just within it; a 12 MP photo then costs ~0.5 s instead of ~6 s (2 cores),
+# and finds faces down to ~2% of its width (benchmarks/RESULTS.md, "Detection on large images").
+DETECT_PIXELS = 2048 * 2048
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 Background = Tuple[int, int, int]
@@ -221,6 +228,31 @@ def check_weak_face_score(value: Any, what: str) -> float:
     return float(value)
 
 
+def check_detect_pixels(value: Any, what: str) -> int:
+    """``value`` as an int >= 0 (0: no limit), or a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{what}: detect_pixels must be an int >= 0 (0 for no limit), got {value!r}")
+    return int(value)
+
+
+def _detect(rgb: np.ndarray, upsample: int, detect_pixels: int) -> Tuple[List[Any], List[float]]:
+    """dlib's detections (rectangles in ``rgb``'s pixels) and scores. When ``upsample`` would
+    take the image past ``detect_pixels``, the detector runs on a copy scaled to that many
+    pixels instead (antialiased when shrinking), and its boxes are mapped back."""
+    h, w = rgb.shape[:2]
+    if not detect_pixels or h * w * 4 ** upsample <= detect_pixels:
+        rects, scores, _ = _detector().run(rgb, upsample, 0.0)
+        return list(rects), list(scores)
+    scale = math.sqrt(detect_pixels / (h * w))
+    sw, sh = max(1, int(w * scale)), max(1, int(h * scale))
+    small = np.asarray(Image.fromarray(rgb).resize((sw, sh), Image.Resampling.BILINEAR))
+    rects, scores, _ = _detector().run(small, 0, 0.0)
+    fx, fy = w / sw, h / sh
+    dlib = _import_dlib()
+    return [dlib.rectangle(round(r.left() * fx), round(r.top() * fy), round((r.right() + 1) * fx) - 1,
+                           round((r.bottom() + 1) * fy) - 1) for r in rects], list(scores)
+
+
 def detect_and_align(
     image: ImageInput,
     upsample: int = 1,
@@ -228,6 +260,7 @@ def detect_and_align(
     padding: float = CHIP_PADDING,
     background: Sequence[int] = (0, 0, 0),
     weak_face_score: float = WEAK_FACE_SCORE,
+    detect_pixels: int = DETECT_PIXELS,
 ) -> List[Face]:
     """Detect every face in ``image`` and align each into a ``size`` x ``size`` chip.
 
@@ -237,6 +270,10 @@ def detect_and_align(
     weak_face_score: detections scoring below this (but above dlib's cut, 0) are weak: dropped
         when the image holds a face scoring at least this, kept when they are all it holds
         (default :data:`WEAK_FACE_SCORE`; 0 or less keeps every detection).
+    detect_pixels: the most pixels the detector works on, after upsampling (default
+        :data:`DETECT_PIXELS`, 2048x2048; 0 for no limit). A larger image is scaled to this many
+        pixels for detection only (it then finds faces down to about ``80 * sqrt(H * W /
+        detect_pixels)`` pixels); landmarks and chips come from the full image.
     Returns the faces sorted by detector score, highest first; an empty list when there is none.
     """
     if int(upsample) != upsample or upsample < 0:
@@ -246,10 +283,11 @@ def detect_and_align(
     if not padding >= 0:
         raise ValueError(f"detect_and_align: padding must be >= 0, got {padding!r}")
     weak_face_score = check_weak_face_score(weak_face_score, "detect_and_align")
+    detect_pixels = check_detect_pixels(detect_pixels, "detect_and_align")
     rgb = load_image(image, background)
     dlib = _import_dlib()
     predictor = _predictor(_landmark_path())
-    rects, scores, _ = _detector().run(rgb, int(upsample), 0.0)
+    rects, scores = _detect(rgb, int(upsample), detect_pixels)
     order = sorted(range(len(rects)), key=lambda i: -scores[i])
     if order and scores[order[0]] >= weak_face_score:
         order = [i for i in order if scores[i] >= weak_face_score]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .faces import WEAK_FACE_SCORE
+from .faces import DETECT_PIXELS, WEAK_FACE_SCORE
 from .taps import Tap, exact_float32
 
 __all__ = ["Chips", "Features", "chips", "features", "mnc", "prepare_chips"]
@@ -131,8 +131,8 @@ def _square_size(tap_or_size: Any) -> int:
     return int(size[0])
 
 
-def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, weak_face_score: float
-                ) -> Iterator[Tuple[int, int, np.ndarray, Any]]:
+def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, weak_face_score: float,
+                detect_pixels: int) -> Iterator[Tuple[int, int, np.ndarray, Any]]:
     from . import faces
 
     for i, image in enumerate(images):
@@ -141,7 +141,8 @@ def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, 
                 found = [(faces.chip_from_aligned(image, size=size), None)]
             else:
                 found = [(f.chip, f) for f in faces.detect_and_align(image, upsample=upsample, size=size,
-                                                                     weak_face_score=weak_face_score)]
+                                                                     weak_face_score=weak_face_score,
+                                                                     detect_pixels=detect_pixels)]
         except (ValueError, TypeError) as e:  # name the image when it is one of many
             if len(images) == 1:
                 raise
@@ -152,18 +153,18 @@ def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, 
 
 
 def chips(images: Sequence[Any], aligned: bool = False, size: Any = 150, upsample: int = 1,
-          weak_face_score: float = WEAK_FACE_SCORE) -> Chips:
+          weak_face_score: float = WEAK_FACE_SCORE, detect_pixels: int = DETECT_PIXELS) -> Chips:
     """Face chips of ``images`` (paths, PIL images or arrays; anything ``faces.load_image`` takes).
 
     aligned=False: every detected face becomes a chip (dlib 5-point alignment, padding 0.25;
     weak detections beside a face scoring ``weak_face_score`` or more are dropped, see
-    ``faces.detect_and_align``); an image without faces contributes none.
+    ``faces.detect_and_align``, like ``detect_pixels``); an image without faces contributes none.
     aligned=True: each image is one already-aligned chip, only resized. ``size`` is an int or a
     Tap (its input size).
     """
     images = as_image_list(images)
     s = _square_size(size)
-    found = list(_iter_chips(images, s, aligned, upsample, weak_face_score))
+    found = list(_iter_chips(images, s, aligned, upsample, weak_face_score, detect_pixels))
     array = (np.stack([c for _, _, c, _ in found]) if found
              else np.zeros((0, s, s, 3), dtype=np.uint8))
     return Chips(array=array,
@@ -173,7 +174,8 @@ def chips(images: Sequence[Any], aligned: bool = False, size: Any = 150, upsampl
 
 
 def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: int = 64,
-             upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE) -> Features:
+             upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE,
+             detect_pixels: int = DETECT_PIXELS) -> Features:
     """Packed activation rows of every face (or chip), in batches of ``batch_size``.
 
     images_or_chips: a chip batch (4-d array or tensor, see the module docstring), or a sequence
@@ -210,7 +212,7 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
                 out.append(tap(tap.preprocessing(x)))
             pending.clear()
 
-    for i, j, chip, _ in _iter_chips(images, size, aligned, upsample, weak_face_score):
+    for i, j, chip, _ in _iter_chips(images, size, aligned, upsample, weak_face_score, detect_pixels):
         image_index.append(i)
         face_index.append(j)
         pending.append(chip)

@@ -499,8 +499,10 @@ EYE_DISTANCE_RANGE = (15.0, 19.0)  # pixels between the eye centres after resamp
 JPEG_QUALITY_RANGE = (70, 95)  # inclusive, uniform
 MAX_SIDE = 640  # larger images are shrunk to this long side before the first detection
 # The chip pipeline (sample chips, data builds) keeps every detection dlib makes, without the
-# scanner's faces.WEAK_FACE_SCORE: the embedded default detector was trained on a build made so.
+# scanner's faces.WEAK_FACE_SCORE, and detects on images at their own size, without the
+# scanner's faces.DETECT_PIXELS: the embedded default detector was trained on a build made so.
 PIPELINE_WEAK_FACE_SCORE = 0.0
+PIPELINE_DETECT_PIXELS = 0
 DONOR_SEED = 20_200  # DCGAN latents whose out-of-render masks are lent to real chips
 _DONORS = 64
 
@@ -579,7 +581,8 @@ def _chip(rgb: np.ndarray, nuis: Nuisance, size: int, upsample: int, max_side: i
     if max(rgb.shape[:2]) > max_side:
         shrink = max_side / max(rgb.shape[:2])
         rgb = _resize(rgb, shrink)
-    faces = detect_and_align(rgb, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE)
+    faces = detect_and_align(rgb, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE,
+                                 detect_pixels=PIPELINE_DETECT_PIXELS)
     if not faces:
         return None
     if near is None:
@@ -591,7 +594,8 @@ def _chip(rgb: np.ndarray, nuis: Nuisance, size: int, upsample: int, max_side: i
     small = _resize(rgb, scale)
     centre = np.array([first.box[0] + first.box[2], first.box[1] + first.box[3]]) * scale / 2
     best, best_dist = None, 0.5 * (first.box[2] - first.box[0]) * scale
-    for face in detect_and_align(small, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE):
+    for face in detect_and_align(small, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE,
+                                 detect_pixels=PIPELINE_DETECT_PIXELS):
         c = np.array([face.box[0] + face.box[2], face.box[1] + face.box[3]]) / 2
         dist = float(np.linalg.norm(c - centre))
         if dist <= best_dist:
@@ -608,7 +612,8 @@ def _donor_masks(size: int, upsample: int) -> Tuple[np.ndarray, ...]:
 
     masks = []
     for render in _render(range(_DONORS), DONOR_SEED, None):
-        faces = detect_and_align(render, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE)
+        faces = detect_and_align(render, upsample=upsample, size=size, weak_face_score=PIPELINE_WEAK_FACE_SCORE,
+                                 detect_pixels=PIPELINE_DETECT_PIXELS)
         if faces:
             masks.append(_coverage(render.shape[:2], faces[0], size))
     if not masks:

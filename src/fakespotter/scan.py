@@ -55,7 +55,7 @@ from typing import IO, Any, Callable, Container, Dict, Iterable, Iterator, List,
 import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, ImageError, check_sources, decode_image, iter_entries, read_entry
-from .faces import WEAK_FACE_SCORE, check_weak_face_score
+from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
 
 __all__ = [
     "RECORD_FIELDS",
@@ -107,6 +107,7 @@ class _Config(NamedTuple):
     upsample: int
     pixel_limit: int
     weak_face_score: float
+    detect_pixels: int
 
 
 def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
@@ -133,7 +134,7 @@ def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
         else:
             try:
                 found = F.detect_and_align(img.rgb, upsample=cfg.upsample, size=cfg.size,
-                                           weak_face_score=cfg.weak_face_score)
+                                           weak_face_score=cfg.weak_face_score, detect_pixels=cfg.detect_pixels)
             except Exception as e:
                 raise ImageError("face_detection_error", f"{type(e).__name__}: {e}") from None
             if found:
@@ -477,7 +478,7 @@ class ScanRun:
             new_stats(), batch_size=batch_size, batch_size_requested=batch_size, oom_backoffs=[],
             precision=precision_of(device, autocast), channels_last=self._channels_last,
             workers=workers, device=device, aligned=cfg.aligned, upsample=cfg.upsample,
-            weak_face_score=cfg.weak_face_score, pixel_limit=cfg.pixel_limit)
+            weak_face_score=cfg.weak_face_score, detect_pixels=cfg.detect_pixels, pixel_limit=cfg.pixel_limit)
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
 
@@ -664,8 +665,8 @@ def _input_list(inputs: Any) -> List[str]:
 
 def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: bool = False, batch_size: int = 64,
          workers: Optional[int] = None, device: str = "cpu", pixel_limit: int = DEFAULT_PIXEL_LIMIT,
-         limit: Optional[int] = None, upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE, skip: int = 0,
-         exclude: Optional[Container[str]] = None, stdin: Optional[IO[str]] = None, channels_last: bool = False,
+         limit: Optional[int] = None, upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE,
+         detect_pixels: int = DETECT_PIXELS, skip: int = 0, exclude: Optional[Container[str]] = None, stdin: Optional[IO[str]] = None, channels_last: bool = False,
          autocast: bool = False, log: Optional[Callable[[str], None]] = None) -> ScanRun:
     """Scan images for synthesized faces; an iterator of one record per input image, in input order.
 
@@ -679,8 +680,9 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     device: where the backbone runs (``cpu``, ``cuda``, ``cuda:1``, ...).
     pixel_limit: images with more pixels are refused (``too_many_pixels``) before decoding.
     limit: scan only the first ``limit`` inputs of the listing.
-    upsample / weak_face_score: face detector upsampling, and the score below which a detection
-        is dropped from an image that holds a face scoring at least that (``faces.detect_and_align``).
+    upsample / weak_face_score / detect_pixels: face detector upsampling, the score below which
+        a detection is dropped from an image that holds a face scoring at least that, and the
+        most pixels the detector works on (``faces.detect_and_align``).
     skip / exclude: leave out the first ``skip`` inputs (after ``limit``), and inputs whose
         path is in ``exclude``: how a resumed scan continues.
     channels_last: run every conv of the backbone in channels_last memory format (the conv
@@ -717,10 +719,12 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
         if not isinstance(v, bool):
             raise TypeError(f"scan: {name} must be a bool, got {type(v).__name__}")
     weak_face_score = check_weak_face_score(weak_face_score, "scan")
+    detect_pixels = check_detect_pixels(detect_pixels, "scan")
     device = check_device(device, "scan")
     check_sources(inputs, "scan")
     det, model_id = _load_model(model, device)
-    cfg = _Config(bool(aligned), int(det.tap_.preprocessing.size[0]), int(upsample), int(pixel_limit), weak_face_score)
+    cfg = _Config(bool(aligned), int(det.tap_.preprocessing.size[0]), int(upsample), int(pixel_limit), weak_face_score,
+                  detect_pixels)
     entries: Iterable[Entry] = iter_entries(inputs, stdin=stdin)
     if limit is not None or skip:
         entries = itertools.islice(entries, skip, limit)

@@ -47,7 +47,7 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, 
 import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
-from .faces import WEAK_FACE_SCORE, check_weak_face_score
+from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
 from .scan import (STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list, _lock,
                    count_record, input_key, make_record, new_stats)
 
@@ -59,9 +59,11 @@ STATS = "stats.json"
 _MANIFEST_FORMAT = "fakespotter-scan-shards"
 _MANIFEST_VERSION = 1
 # What the records depend on: a resumed scan must use the same, or its records would differ.
-_SETTINGS = ("model", "batch_size", "aligned", "upsample", "weak_face_score", "pixel_limit", "shard_format")
-_SETTINGS_BEFORE = {"weak_face_score": 0.0}  # what a scan.json without the setting was scanned with
-_DETECTION = ("upsample", "weak_face_score")  # settings of no consequence to an --aligned scan
+_SETTINGS = ("model", "batch_size", "aligned", "upsample", "weak_face_score", "detect_pixels", "pixel_limit",
+             "shard_format")
+# what a scan.json without the setting was scanned with
+_SETTINGS_BEFORE = {"weak_face_score": 0.0, "detect_pixels": 0}
+_DETECTION = ("upsample", "weak_face_score", "detect_pixels")  # settings of no consequence to an --aligned scan
 
 
 class RayNotInstalled(ImportError):
@@ -391,12 +393,13 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
              decode_cpus: float = 1.0, decode_batch: int = 16, decode_memory: int = 512 << 20,
              shard_size: int = 1000, flush_s: float = 60.0,
              pixel_limit: int = DEFAULT_PIXEL_LIMIT, limit: Optional[int] = None, upsample: int = 1,
-             weak_face_score: float = WEAK_FACE_SCORE, stdin: Optional[IO[str]] = None,
+             weak_face_score: float = WEAK_FACE_SCORE, detect_pixels: int = DETECT_PIXELS,
+             stdin: Optional[IO[str]] = None,
              progress: Optional[Callable[[int], None]] = None, show_ray_progress: bool = False,
              _crash_marker: Optional[str] = None) -> Dict[str, Any]:
     """Scan images on a Ray cluster into a folder of record shards; returns the run's stats.
 
-    inputs, aligned, batch_size, pixel_limit, limit, upsample, weak_face_score: as
+    inputs, aligned, batch_size, pixel_limit, limit, upsample, weak_face_score, detect_pixels: as
         :func:`fakespotter.scan.scan` (the records are the same as its records for the same
         inputs, model and batch size).
     model: a model file, ``"default"`` (the embedded default detector, as for
@@ -437,14 +440,15 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     if gpus_per_actor is not None and (not isinstance(gpus_per_actor, (int, float)) or gpus_per_actor < 0):
         raise ValueError(f"ray_scan: gpus_per_actor must be None or >= 0, got {gpus_per_actor!r}")
     weak_face_score = check_weak_face_score(weak_face_score, "ray_scan")
+    detect_pixels = check_detect_pixels(detect_pixels, "ray_scan")
     check_sources(inputs, "scan")
     ray = import_ray()
     data, model_id, det = _model_bytes(model)
     size = int(det.tap_.preprocessing.size[0])
-    cfg = _Config(bool(aligned), size, int(upsample), int(pixel_limit), weak_face_score)
+    cfg = _Config(bool(aligned), size, int(upsample), int(pixel_limit), weak_face_score, detect_pixels)
     settings = {"model": model_id, "batch_size": batch_size, "aligned": bool(aligned), "upsample": upsample,
-                "weak_face_score": weak_face_score, "pixel_limit": pixel_limit, "shard_format": "jsonl", "inputs": inputs,
-                "limit": limit}
+                "weak_face_score": weak_face_score, "detect_pixels": detect_pixels, "pixel_limit": pixel_limit,
+                "shard_format": "jsonl", "inputs": inputs, "limit": limit}
     out = Path(out)
     manifest, done, resumed = prepare_output(out, mode, settings)
     done = {input_key(p) for p in done}
@@ -480,7 +484,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         stats.update(actors_s=0.0, engine="ray", batch_size=batch_size, actors=n_actors,
                      cpus_per_actor=float(cpus_per_actor), gpus_per_actor=gpus, device=device,
                      actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), aligned=bool(aligned),
-                     upsample=upsample, weak_face_score=weak_face_score,
+                     upsample=upsample, weak_face_score=weak_face_score, detect_pixels=detect_pixels,
                      resumed_records=len(done), resumed_errors=resumed["error"], run=manifest["runs"],
                      output=str(out), model=model_id, complete=False)
         t_start = time.perf_counter()

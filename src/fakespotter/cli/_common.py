@@ -206,7 +206,7 @@ def has_both_classes(part) -> bool:
 def load_chips(paths: List[Path], how: Any, size: int, label: str, quiet: bool, failures: List[dict]):
     """Chips of every face of every image, with the image index of each; unreadable images are
     recorded in ``failures`` and skipped. ``how``: anything with the face settings ``aligned``,
-    ``upsample`` and ``weak_face_score`` (a FakeSpotter, parsed arguments). Returns (chips uint8
+    ``upsample``, ``weak_face_score`` and ``detect_pixels`` (a FakeSpotter, parsed arguments). Returns (chips uint8
     [M, size, size, 3], index [M], images without a face)."""
     import numpy as np
 
@@ -217,7 +217,7 @@ def load_chips(paths: List[Path], how: Any, size: int, label: str, quiet: bool, 
     for i, path in enumerate(paths):
         try:
             c = chips([str(path)], aligned=how.aligned, size=size, upsample=how.upsample,
-                      weak_face_score=how.weak_face_score)
+                      weak_face_score=how.weak_face_score, detect_pixels=how.detect_pixels)
         except Exception as e:  # a bad file must not end the run
             failures.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
             c = None
@@ -251,25 +251,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="inputs are already-aligned face crops: resize only, no face detection (default: detect)")
     p.add_argument("--upsample", type=int, default=1,
                    help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
-    add_weak_face_score(p)
+    add_detection_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
 
 
-def add_weak_face_score(p: argparse.ArgumentParser) -> None:
-    from ..faces import WEAK_FACE_SCORE
+def add_detection_args(p: argparse.ArgumentParser) -> None:
+    """--weak-face-score and --detect-pixels (the face detector's settings besides --upsample)."""
+    from ..faces import DETECT_PIXELS, WEAK_FACE_SCORE
 
     p.add_argument("--weak-face-score", type=float, default=WEAK_FACE_SCORE, metavar="SCORE",
                    help="face detections scoring below this are weak: dropped from an image that holds a "
                         "face scoring at least this (the detector's rare hits on badges or fabric beside real "
                         "faces score low, and such chips tend to score as fake), kept when they are all it "
                         "holds; 0 keeps every detection (default: %(default)s)")
+    p.add_argument("--detect-pixels", type=int, default=DETECT_PIXELS, metavar="N",
+                   help="the most pixels the face detector works on, after --upsample: a larger image is scaled "
+                        "to N pixels for detection only (chips are cut from the full image), so a 12 MP photo "
+                        "costs about what a 1024x1024 image does and its faces are found down to about 80 * "
+                        "sqrt(pixels / N) px; 0 for no limit (default: %(default)s = 2048x2048)")
 
 
-def check_weak_face_score_arg(args: argparse.Namespace) -> None:
+def check_detection_args(args: argparse.Namespace) -> None:
     import math
 
     if not math.isfinite(args.weak_face_score):
         raise usage_error(f"--weak-face-score must be a finite number, got {args.weak_face_score}")
+    if args.detect_pixels < 0:
+        raise usage_error(f"--detect-pixels must be >= 0 (0 for no limit), got {args.detect_pixels}")
 
 
 class Progress:

@@ -8,7 +8,7 @@ import argparse
 
 import numpy as np
 
-from ._common import (Progress, add_model_args, check_weak_face_score_arg, images_of, log, no_chips_error, usage_error,
+from ._common import (Progress, add_model_args, check_detection_args, images_of, log, no_chips_error, usage_error,
                       writable_output)
 
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         raise usage_error(f"--upsample must be >= 0, got {args.upsample}")
     if args.batch_size < 1:
         raise usage_error(f"--batch-size must be positive, got {args.batch_size}")
-    check_weak_face_score_arg(args)
+    check_detection_args(args)
     out = writable_output(args.out, args.overwrite, "output")
     try:
         from ..backbones import get_backbone
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         try:
             c = chips([str(path)], aligned=args.aligned, size=tap, upsample=args.upsample,
-                      weak_face_score=args.weak_face_score)
+                      weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels)
             pending.extend(list(c.array))
         except Exception as e:
             failures += 1

@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
-from ._common import (Progress, add_weak_face_score, check_weak_face_score_arg, log, model_file, record_stdout,
+from ._common import (Progress, add_detection_args, check_detection_args, log, model_file, record_stdout,
                       usage_error, writable_output)
 
 
@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
                    help="inputs are already-aligned face chips: resize only, no face detection (default: detect)")
     p.add_argument("--upsample", type=int, default=1,
                    help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
-    add_weak_face_score(p)
+    add_detection_args(p)
     p.add_argument("--batch-size", type=int, default=64,
                    help="chips per backbone forward, halved when a forward runs out of memory; scores are "
                         "reproducible for a given batch size (default: %(default)s)")
@@ -105,7 +105,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1), ("upsample", 0)):
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
-    check_weak_face_score_arg(args)
+    check_detection_args(args)
     check_inputs(args)
     to_stdout = args.out in (None, "-")
     suffix = "" if to_stdout else args.out.lower().rstrip("/")
@@ -268,7 +268,8 @@ def _parquet_output(args) -> Path:
 # Settings that decide the records, besides the model and the precision (checked apart): the
 # stats JSON's key -> (the option, what a stats JSON without the key stands for; None: unknown).
 _RECORD_SETTINGS = {"aligned": ("--aligned", None), "upsample": ("--upsample", None),
-                    "weak_face_score": ("--weak-face-score", 0.0), "pixel_limit": ("--pixel-limit", None),
+                    "weak_face_score": ("--weak-face-score", 0.0), "detect_pixels": ("--detect-pixels", 0),
+                    "pixel_limit": ("--pixel-limit", None),
                     "batch_size_requested": ("--batch-size", None), "channels_last": ("--channels-last", None)}
 
 
@@ -332,7 +333,7 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
                           f"({'with' if args.autocast else 'without'} --autocast on {args.device}); its scores would "
                           f"not match: give the original setting, or scan into another output")
     now = {k: getattr(args, flag[2:].replace("-", "_")) for k, (flag, _) in _RECORD_SETTINGS.items()}
-    detection = ("upsample", "weak_face_score")
+    detection = ("upsample", "weak_face_score", "detect_pixels")
     changed = [k for k in _RECORD_SETTINGS if prev[k] is not None and prev[k] != now[k]
                and not (k in detection and args.aligned and prev["aligned"])]  # no detection: they don't matter
     if changed:
@@ -438,8 +439,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"scan: dropping {_dropped(out, fmt, state)} from {out}", args.quiet)
     run_ = scan(args.paths, plan["detector"], aligned=args.aligned, batch_size=resume["batch_size"],
                 workers=args.workers, device=args.device, pixel_limit=args.pixel_limit, limit=args.limit,
-                upsample=args.upsample, weak_face_score=args.weak_face_score, skip=resume["skip"],
-                exclude=resume["exclude"], stdin=stdin,
+                upsample=args.upsample, weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels,
+                skip=resume["skip"], exclude=resume["exclude"], stdin=stdin,
                 channels_last=args.channels_last, autocast=args.autocast, log=lambda m: log(m, args.quiet))
     part_rows = args.part_rows if args.part_rows is not None else PART_ROWS
     try:

@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Any, Dict
 
-from ._common import Progress, check_weak_face_score_arg, log, usage_error
+from ._common import Progress, check_detection_args, log, usage_error
 
 # Options of --engine ray only; their None defaults mean "not given" (then ray_scan's defaults apply).
 _RAY_ONLY = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "actor_batch", "decode_cpus", "shard_size")
@@ -81,7 +81,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             raise usage_error(f"--{name.replace('_', '-')} must be > 0, got {v}")
     if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
         raise usage_error(f"--gpus-per-actor must be >= 0, got {args.gpus_per_actor}")
-    check_weak_face_score_arg(args)
+    check_detection_args(args)
     check_inputs(args)
     check_faces(args)
     load_detector(args)
@@ -98,7 +98,8 @@ def run_ray(args: argparse.Namespace) -> int:
     try:
         stats = ray_scan(args.paths, args.model, args.out, aligned=args.aligned, batch_size=args.batch_size,
                          mode=plan["mode"], pixel_limit=args.pixel_limit, limit=args.limit, upsample=args.upsample,
-                         weak_face_score=args.weak_face_score, stdin=piped_listing(args, reread=False),
+                         weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels,
+                         stdin=piped_listing(args, reread=False),
                          progress=progress.update, **kw)
     except (ShardsError, ValueError) as e:  # raised before any work (see ray_scan)
         raise usage_error(str(e)) from None

