@@ -249,3 +249,97 @@ def test_refuses_other_files(tmp_path):
     save_file({"w": torch.zeros(2)}, plain)
     with pytest.raises(artifact.ModelFileError, match="not a fakespotter model"):
         FakeSpotter.load(plain)
+
+
+def test_refuses_folders_fifos_and_unknown_devices_and_loads_default(fitted, tmp_path):
+    import os
+
+    with pytest.raises(artifact.ModelFileError, match="is a folder, not a model file"):
+        FakeSpotter.load(tmp_path)
+    os.mkfifo(tmp_path / "pipe.fsm")
+    with pytest.raises(artifact.ModelFileError, match=r"is not a regular file \(a FIFO or device\?\)"):
+        FakeSpotter.load(tmp_path / "pipe.fsm")
+    for device, message in (("meta", "only cpu and cuda devices"), ("cuda:7" if torch.cuda.is_available() else "cuda",
+                                                                    "CUDA")):
+        with pytest.raises(ValueError, match=message):
+            FakeSpotter.load(fitted[1], device=device)
+    try:
+        default = FakeSpotter.default()
+    except Exception as e:  # noqa: BLE001  (weights not fetched here)
+        pytest.skip(f"the default detector needs the backbone weights: {e}")
+    same = FakeSpotter.load("default")  # the README: 'default' wherever a model file is expected
+    assert same.get_params() == default.get_params() and same.aligned is False
+    x = fitted[2][:3]
+    assert torch.equal(same.decision_function(x), default.decision_function(x))
+
+
+def test_pickles_as_its_model_file_and_deep_copies(fitted):
+    """A fitted detector goes through pickle (multiprocessing, joblib, Ray) as its model file's
+    bytes: unpickled, it scores the same; an unfitted one pickles its settings."""
+    import copy
+    import pickle
+
+    det, _, real, fake = fitted
+    x = torch.cat([real[:4], fake[:4]])
+    for again in (pickle.loads(pickle.dumps(det)), FakeSpotter.from_bytes(det.to_bytes()), copy.deepcopy(det)):
+        assert again is not det and again.tap_.layers == det.tap_.layers
+        assert {**again.get_params(), "layers": None} == {**det.get_params(), "layers": None}
+        assert torch.equal(again.decision_function(x), det.decision_function(x))
+        assert again.operating_threshold_ == det.operating_threshold_
+    assert pickle.dumps(det)[:200].count(b"torch") == 0  # the model file's bytes, not torch objects
+    unfitted = pickle.loads(pickle.dumps(FakeSpotter(hidden=(4,), seed=3)))
+    assert unfitted.hidden == (4,) and unfitted.seed == 3 and not hasattr(unfitted, "tap_")
+    with pytest.raises(artifact.ModelFileError, match="truncated or not a model file"):
+        FakeSpotter.from_bytes(det.to_bytes()[:1000])
+
+
+def test_scores_are_float32_whatever_the_callers_context(fitted):
+    """Under a caller's torch.autocast or inference_mode the scores are the plain float32 ones,
+    ordinary tensors (not inference tensors)."""
+    det, _, real, fake = fitted
+    x = torch.cat([real[:4], fake[:4]])
+    plain, labels, rows = det.decision_function(x), list(det.predict(x)), det.rows(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = det.decision_function(x)
+        assert s.dtype == torch.float32 and torch.equal(s, plain)
+        assert list(det.predict(x)) == labels and torch.equal(det.rows(x), rows)
+    with torch.inference_mode():
+        s = det.decision_function(x)
+    assert torch.equal(s, plain)
+    s = det.decision_function(x)
+    s += 1  # an ordinary tensor: in-place edits and autograd work
+    assert torch.equal(s, plain + 1)
+
+
+def test_float_chips_outside_0_255_are_refused(fitted):
+    det, _, real, _ = fitted
+    f = real[:2].permute(0, 3, 1, 2).float()
+    assert torch.equal(det.decision_function(f), det.decision_function(real[:2]))
+    with pytest.raises(ValueError, match=r"every value is within 0\.\.1 \(max .*\): multiply 0\.\.1 chips by 255"):
+        det.decision_function(f / 255)
+    with pytest.raises(ValueError, match=r"must be RGB 0\.\.255, got values from -1 to 0\.99.* \(normalised chips\?"):
+        det.decision_function(f / 127.5 - 1)
+    with pytest.raises(ValueError, match="must be RGB 0..255"):
+        det.rows(f * 2)
+
+
+def test_rows_as_numpy_and_explain_on_images(fitted, tmp_path):
+    from PIL import Image
+
+    det, _, real, _ = fitted
+    rows = det.rows(real[:3])
+    assert torch.equal(det.decision_function(rows.numpy()), det.decision_function(rows))
+    assert torch.equal(det.explain(rows.numpy())["mnc"], det.explain(rows)["mnc"])
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (120, 90), (40, 90, 200)).save(blank)
+    ex = det.explain([str(blank), str(blank)])  # no faces: no rows, and the index says so
+    assert ex["mnc"].shape == (0, len(ex["layers"])) and list(ex["image_index"]) == []
+    assert "image_index" not in det.explain(real[:2])
+    try:
+        from fakespotter.weights import sample_photo_path
+
+        photo = str(sample_photo_path("obama.jpg"))
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"needs the sample photos: {e}")
+    ex = det.explain([str(blank), photo, str(blank)])
+    assert list(ex["image_index"]) == [1] and ex["mnc"].shape == (1, len(ex["layers"]))

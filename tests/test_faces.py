@@ -306,6 +306,25 @@ def test_large_images_are_detected_at_detect_pixels(photos, monkeypatch):
     assert seen.calls == [(big.shape[:2], 0)]
 
 
+def test_detection_in_threads_gives_the_one_thread_results(photos):
+    """dlib runs the detector without the GIL: one detector shared by threads corrupted memory
+    or returned wrong boxes. Each thread has its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = list(photos.values()) * 3
+
+    def found(img):
+        return [(f.box, f.score, f.chip.tobytes()) for f in F.detect_and_align(img)]
+
+    want = [found(img) for img in images]
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(3):
+            assert list(ex.map(found, images)) == want
+        mine = F._detector()
+        theirs = ex.submit(F._detector).result()
+    assert mine is F._detector() and theirs is not mine
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "100", True, None])
 def test_detect_pixels_must_be_an_int_ge_0(bad):
     with pytest.raises(ValueError, match=r"detect_and_align: detect_pixels must be an int >= 0 \(0 for no limit\)"):

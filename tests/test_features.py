@@ -81,6 +81,27 @@ def test_aligned_images_are_resized_and_indexed(tmp_path):
     assert torch.equal(f.rows, features(c.array, tap).rows)
 
 
+def test_what_counts_as_one_image_and_what_is_refused(tmp_path):
+    from fakespotter.features import as_image_list
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    path = tmp_path / "a.png"
+    Image.fromarray(img).save(path)
+    data = path.read_bytes()
+    for one in (str(path), path, data, bytearray(data), memoryview(data), img, Image.fromarray(img)):
+        assert len(as_image_list(one)) == 1, type(one)
+    tap = square_tap(16)
+    assert np.array_equal(chips(memoryview(data), aligned=True, size=tap).array, chips(data, aligned=True, size=tap).array)
+    with pytest.raises(TypeError, match=r"a torch tensor is taken as a chip batch .* pass one image as a numpy array"):
+        as_image_list(torch.from_numpy(img))
+    with pytest.raises(TypeError, match="got a dict"):
+        as_image_list({str(path): 1})
+    with pytest.raises(FileNotFoundError, match=r"image 1: load_image: .*missing\.png: No such file") as e:
+        chips([str(path), str(tmp_path / "missing.png")], aligned=True, size=tap)
+    assert e.value.errno == 2
+
+
 @pytest.fixture(scope="module")
 def photos():
     try:

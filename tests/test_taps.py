@@ -14,7 +14,7 @@ from fakespotter import reference
 from fakespotter.backbones import custom_backbone, get_backbone
 from fakespotter.backbones import dlib_resnet as D
 from fakespotter.calibration import ThresholdCalibrator
-from fakespotter.taps import Tap, export_tap, load_script_tap, script_tap
+from fakespotter.taps import Tap, exact_float32, export_tap, load_script_tap, script_tap
 
 from tapnets import (FETCH_HINT, SMALL_LAYERS, SMALL_SHAPE, dlib_cached, hook_activations,
                      small_chips, small_net)
@@ -376,3 +376,69 @@ def test_fakespotter_forwards_run_in_exact_float32(tmp_path):
         assert seen[-1] == "tf32"
     finally:
         torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_exact_float32_blocks_overlapping_in_threads_restore_the_callers_settings():
+    """Thread A enters, B enters, A leaves (B still inside: still IEEE), B leaves: the caller's
+    setting is back. Saving and restoring per block would leave IEEE on for good."""
+    import threading
+
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    conv.fp32_precision = "tf32"
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with exact_float32():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with exact_float32():
+            b_in.set()
+            a_out.wait(10)
+            seen["b inside, after a left"] = conv.fp32_precision
+
+    try:
+        threads = [threading.Thread(target=f) for f in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == {"b inside, after a left": "ieee"} and conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision = saved
+
+
+def test_capture_runs_in_several_threads_at_once():
+    """Two threads capturing on one tap at the same time each get their own activations."""
+    import threading
+
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    xs = [small_chips(2), small_chips(2) + 1]
+    want = []
+    for x in xs:
+        got = []
+        tap.capture(x, lambda i, a, got=got: got.append((i, a.clone())))
+        want.append(got)
+    barrier = threading.Barrier(2, timeout=10)
+    results = [[], []]
+
+    def run(k):
+        def fn(i, a):
+            if i == 0:
+                barrier.wait()  # both threads are inside capture now
+            results[k].append((i, a.clone()))
+        tap.capture(xs[k], fn)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    for k in (0, 1):
+        assert [i for i, _ in results[k]] == [i for i, _ in want[k]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(results[k], want[k]))

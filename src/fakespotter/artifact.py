@@ -68,7 +68,9 @@ def read_model(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Read and check a model file: ``(tensors, meta)``, or :class:`ModelFileError`."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
+        what = ("is a folder, not a model file" if path.is_dir() else
+                "is not a regular file (a FIFO or device?)" if path.exists() else "no such model file")
+        raise ModelFileError(f"{path}: {what}")
     try:
         tensors, metadata = load_file(path)
     except SafetensorsError as e:

@@ -14,9 +14,10 @@ against the float weights is at most ``k * scale / 2`` for a row with ``k`` bits
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,14 @@ from . import ops
 from .reference import WORD_BITS
 
 __all__ = ["BitsetMLPClassifier", "BitsetLogisticClassifier", "NotFittedError"]
+
+
+@contextlib.contextmanager
+def _plain_float32() -> Iterator[None]:
+    """No autograd and no autocast: logits are ordinary float32 tensors whatever the caller's
+    context (a mixed-precision pipeline around the detector, inference mode or not)."""
+    with torch.no_grad(), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -218,7 +227,7 @@ class BitsetMLPClassifier:
         """Logit of "fake" per row (float32 [N]), first layer on the packed words."""
         self._check_fitted()
         rows = _check_rows(rows, words=self.n_words_in_)
-        with torch.inference_mode():
+        with _plain_float32():
             h = ops.bitset_linear(rows, self.table_, self.scale_, self.bias_)
             return self._tail(h).squeeze(1)
 
@@ -226,7 +235,7 @@ class BitsetMLPClassifier:
         """The same logits through unpacked float bits and the float weights (for checking)."""
         self._check_fitted()
         rows = _check_rows(rows, words=self.n_words_in_)
-        with torch.inference_mode():
+        with _plain_float32():
             return self.network_(ops.unpack_bits(rows).float()).squeeze(1)
 
     def predict_proba(self, rows) -> torch.Tensor:

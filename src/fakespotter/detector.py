@@ -19,9 +19,11 @@ image gets the score of its most suspicious face, and NaN when no face was found
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 import numbers
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -34,7 +36,7 @@ from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
-from .features import _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips
+from .features import _is_chip_batch, as_image_list, check_chip_range, chips as make_chips, features, prepare_chips
 from .taps import Tap
 
 __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model",
@@ -200,6 +202,7 @@ class FakeSpotter:
         """(chips float32 [M, 3, H, W], image index [M], images, images without faces)."""
         if _is_chip_batch(data):
             x = prepare_chips(data, tap, what)
+            check_chip_range(x, what)
             return x, np.arange(x.shape[0]), int(x.shape[0]), 0
         images = as_image_list(data)
         c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample,
@@ -318,21 +321,25 @@ class FakeSpotter:
         """Packed rows of a chip batch (or of the faces of images, in order)."""
         self._check_fitted()
         if _is_chip_batch(X):
-            return self._rows(prepare_chips(X, self.tap_, "rows"), self.tap_)
-        return features(as_image_list(X), self.tap_, aligned=self.aligned,
-                        batch_size=self.batch_size, upsample=self.upsample,
-                        weak_face_score=self.weak_face_score, detect_pixels=self.detect_pixels).rows
+            x = prepare_chips(X, self.tap_, "rows")
+            check_chip_range(x, "rows")
+            return self._rows(x, self.tap_)
+        return self._image_features(X).rows
+
+    def _image_features(self, images: Any) -> Any:
+        return features(as_image_list(images), self.tap_, aligned=self.aligned, batch_size=self.batch_size,
+                        upsample=self.upsample, weak_face_score=self.weak_face_score,
+                        detect_pixels=self.detect_pixels)
 
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logit of "fake": per row, per chip, or per image (max over its faces; NaN: no face)."""
         self._check_fitted()
-        if isinstance(X, torch.Tensor) and X.dtype == torch.int64 and X.dim() == 2:
-            return self.classifier_.decision_function(X)
+        if _is_rows(X):
+            return self.classifier_.decision_function(torch.as_tensor(X))
         if _is_chip_batch(X):
             return self.classifier_.decision_function(self.rows(X))
         images = as_image_list(X)
-        f = features(images, self.tap_, aligned=self.aligned, batch_size=self.batch_size, upsample=self.upsample,
-                     weak_face_score=self.weak_face_score, detect_pixels=self.detect_pixels)
+        f = self._image_features(images)
         per_face = self.classifier_.decision_function(f.rows) if len(f) else torch.zeros(0)
         out = torch.full((len(images),), float("nan"))
         for i, s in zip(f.image_index.tolist(), per_face.tolist()):
@@ -351,14 +358,26 @@ class FakeSpotter:
         return np.array([None if math.isnan(v) else CLASSES[int(v > t)] for v in s], dtype=object)
 
     def explain(self, X: Any) -> Dict[str, Any]:
-        """Per-layer mean neuron coverage of each row, and each layer's share of the classifier's
-        first-layer weight mass (which layers weigh most in the decision)."""
+        """Per-layer mean neuron coverage of each row (packed rows, chips, or the faces of
+        images), and each layer's share of the classifier's first-layer weight mass (which layers
+        weigh most in the decision). For images, ``image_index`` gives the image of each row
+        (an image without a face has none)."""
         self._check_fitted()
-        rows = X if isinstance(X, torch.Tensor) and X.dtype == torch.int64 else self.rows(X)
+        index = None
+        if _is_rows(X):
+            rows = torch.as_tensor(X)
+        elif _is_chip_batch(X):
+            rows = self.rows(X)
+        else:
+            f = self._image_features(X)
+            rows, index = f.rows, f.image_index
         w = self.classifier_.first_layer_weight().abs().sum(dim=0)
         share = torch.stack([w[s.word_offset * 64 : (s.word_offset + s.words) * 64].sum() for s in self.tap_.layout.layers])
         share = share / share.sum().clamp_min(1e-30)
-        return {"layers": list(self.tap_.layers), "mnc": self.tap_.mnc(rows), "layer_weight_share": share}
+        out = {"layers": list(self.tap_.layers), "mnc": self.tap_.mnc(rows), "layer_weight_share": share}
+        if index is not None:
+            out["image_index"] = index
+        return out
 
     # -- the model file ----------------------------------------------------------------------------
     def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
@@ -385,6 +404,33 @@ class FakeSpotter:
         }
         return artifact.write_model(path, tensors, meta, overwrite=overwrite)
 
+    def to_bytes(self) -> bytes:
+        """The model file's bytes (what :meth:`save` writes)."""
+        with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
+            return self.save(Path(d) / "model.fsm").read_bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device: str = "cpu") -> "FakeSpotter":
+        """A detector from a model file's bytes, with every check of :meth:`load`."""
+        with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
+            path = Path(d) / "model.fsm"
+            path.write_bytes(data)
+            return cls.load(path, device=device)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        """A fitted detector pickles as its model file (multiprocessing, Ray, joblib send it so):
+        unpickling runs :meth:`from_bytes`, with every check of :meth:`load`."""
+        if not hasattr(self, "tap_"):
+            return super().__reduce_ex__(protocol)
+        return (_from_pickled_model, (self.to_bytes(), str(self.device)))
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "FakeSpotter":
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            setattr(new, k, copy.deepcopy(v, memo))
+        return new
+
     @classmethod
     def default(cls, device: str = "cpu") -> "FakeSpotter":
         """The embedded default detector (README, "Model card"). It uses the default backbone,
@@ -397,7 +443,13 @@ class FakeSpotter:
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "cpu") -> "FakeSpotter":
-        """Load a model file; anything inconsistent is refused with a message naming it."""
+        """Load a model file (``"default"``: the embedded default detector, as :meth:`default`
+        gives it); anything inconsistent is refused with a message naming it."""
+        if str(path) == DEFAULT_MODEL:
+            return cls.default(device=device)
+        from .scan import check_device
+
+        device = check_device(device, "FakeSpotter.load")
         tensors, meta = artifact.read_model(path)
         try:
             bmeta = meta["backbone"]
@@ -436,6 +488,8 @@ class FakeSpotter:
         params["device"] = device
         det = cls(**{k: v for k, v in params.items() if k in cls._param_names})
         det.layers = layers
+        if isinstance(det.hidden, list):  # JSON has no tuples
+            det.hidden = tuple(det.hidden)
         try:
             det._check_params()
         except (ValueError, TypeError) as e:
@@ -472,6 +526,16 @@ class FakeSpotter:
         det.training_summary_ = training
         det.model_meta_ = meta
         return det
+
+
+def _is_rows(X: Any) -> bool:
+    """Packed rows: int64 [N, words], a tensor or a numpy array (never an image: images are uint8
+    or uint16)."""
+    return isinstance(X, (torch.Tensor, np.ndarray)) and X.ndim == 2 and X.dtype in (torch.int64, np.int64)
+
+
+def _from_pickled_model(data: bytes, device: str) -> FakeSpotter:
+    return FakeSpotter.from_bytes(data, device=device)
 
 
 def _augmented(augment: Any, x: torch.Tensor, stream: int, tap: Tap) -> torch.Tensor:

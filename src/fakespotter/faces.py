@@ -22,12 +22,12 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import numbers
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Sequence, Tuple, Union
@@ -205,14 +205,22 @@ def _import_dlib() -> Any:
     return dlib
 
 
-@functools.lru_cache(maxsize=1)
+# One detector and landmark model per thread: dlib runs them without the GIL, and one object used
+# by two threads at once corrupts memory or returns wrong detections.
+_per_thread = threading.local()
+
+
 def _detector() -> Any:
-    return _import_dlib().get_frontal_face_detector()
+    if not hasattr(_per_thread, "detector"):
+        _per_thread.detector = _import_dlib().get_frontal_face_detector()
+    return _per_thread.detector
 
 
-@functools.lru_cache(maxsize=4)
 def _predictor(path: str) -> Any:
-    return _import_dlib().shape_predictor(path)
+    cache = _per_thread.__dict__.setdefault("predictors", {})
+    if path not in cache:
+        cache[path] = _import_dlib().shape_predictor(path)
+    return cache[path]
 
 
 def _landmark_path() -> str:

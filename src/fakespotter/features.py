@@ -70,13 +70,20 @@ def as_image_list(images: Any) -> List[Any]:
     ``[H, W]`` / ``[H, W, C]`` array) becomes a list of one; any other iterable is listed."""
     from PIL import Image
 
-    if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image)):
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)):
         return [images]
     if isinstance(images, np.ndarray) and images.ndim in (2, 3):
         return [images]
+    if isinstance(images, Tensor) and images.dim() in (2, 3):
+        raise TypeError(f"images: a torch tensor is taken as a chip batch (uint8 [N, H, W, 3] or float32 "
+                        f"[N, 3, H, W]); pass one image as a numpy array (tensor.numpy()), got shape "
+                        f"{list(images.shape)}")
     if isinstance(images, (np.ndarray, Tensor)):
         raise ValueError(f"images: an array of images must be a list of [H, W] or [H, W, C] arrays, or a chip "
                          f"batch [N, H, W, 3] / [N, 3, H, W]; got shape {list(images.shape)}")
+    if isinstance(images, (dict, set)):
+        raise TypeError(f"images: expected an image or a sequence of images, got a {type(images).__name__} "
+                        f"(its order is not the images' order)")
     try:
         return list(images)
     except TypeError:
@@ -122,6 +129,20 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
     return x.to(tap.thresholds.device).contiguous()
 
 
+def check_chip_range(chips: Tensor, what: str) -> None:
+    """For face chips (RGB 0..255, what the registered backbones' preprocessing expects): a
+    ValueError for float chips outside 0..255, or all within 0..1 (the usual torch image scale,
+    which would silently score every face wrong)."""
+    if chips.is_floating_point() and chips.numel():
+        lo, hi = float(chips.min()), float(chips.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{what}: float32 chips must be RGB 0..255, got values from {lo:g} to {hi:g} "
+                             f"(normalised chips? the backbone's own preprocessing is applied to 0..255)")
+        if 0 < hi <= 1:
+            raise ValueError(f"{what}: float32 chips must be RGB 0..255, but every value is within 0..1 "
+                             f"(max {hi:g}): multiply 0..1 chips by 255")
+
+
 def _square_size(tap_or_size: Any) -> int:
     size = tap_or_size.preprocessing.size if isinstance(tap_or_size, Tap) else tap_or_size
     if isinstance(size, int):
@@ -143,10 +164,12 @@ def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, 
                 found = [(f.chip, f) for f in faces.detect_and_align(image, upsample=upsample, size=size,
                                                                      weak_face_score=weak_face_score,
                                                                      detect_pixels=detect_pixels)]
-        except (ValueError, TypeError) as e:  # name the image when it is one of many
+        except (ValueError, TypeError, OSError) as e:  # name the image when it is one of many
             if len(images) == 1:
                 raise
             name = image if isinstance(image, (str, os.PathLike)) else type(image).__name__
+            if isinstance(e, OSError) and e.errno is not None:  # FileNotFoundError, ...: same class, plus the index
+                raise type(e)(e.errno, f"image {i}: {e.strerror}", e.filename) from e
             raise type(e)(f"image {i} ({name}): {e}") from e
         for j, (chip, face) in enumerate(found):
             yield i, j, chip, face

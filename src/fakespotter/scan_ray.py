@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -306,11 +305,7 @@ class _Scorer:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
-            p = os.path.join(d, "model.fsm")
-            with open(p, "wb") as f:
-                f.write(ray.get(model_ref[0]))
-            self.det = FakeSpotter.load(p, device=device)
+        self.det = FakeSpotter.from_bytes(ray.get(model_ref[0]), device=device)
         self.model_id, self.B, self.device = model_id, batch_size, device
         self.threshold = float(self.det.operating_threshold_["logit"])
         H, W = self.det.tap_.preprocessing.size
@@ -355,10 +350,7 @@ def _model_bytes(model: Any) -> Tuple[bytes, str, Any]:
 
     if isinstance(model, FakeSpotter):
         model._check_fitted()
-        with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
-            p = model.save(Path(d) / "model.fsm")
-            data = p.read_bytes()
-        return data, getattr(model, "model_id_", None) or "in-memory", model
+        return model.to_bytes(), getattr(model, "model_id_", None) or "in-memory", model
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"ray_scan: model must be a model file path, 'default' or a fitted FakeSpotter, "
                         f"got {type(model).__name__}")

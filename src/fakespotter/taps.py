@@ -30,6 +30,7 @@ import contextlib
 import difflib
 import inspect
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -225,11 +226,12 @@ class _Sink(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fn: Optional[Callable[[int, Tensor], None]] = None
+        self.fns: Dict[int, Callable[[int, Tensor], None]] = {}  # by thread: captures may run in several
 
     def forward(self, x: Tensor, index: int) -> None:
-        if self.fn is not None:
-            self.fn(index, x)
+        fn = self.fns.get(threading.get_ident())
+        if fn is not None:
+            fn(index, x)
 
 
 def _capture_graph(backbone: Backbone, module: nn.Module, layers: Sequence[str]
@@ -457,12 +459,12 @@ class Tap(nn.Module):
         """Eager only: run the backbone on ``x``, calling ``fn(layer_index, activation)`` for each
         monitored layer as soon as its activation exists (in execution order)."""
         net, sink = self._capture_net()
-        sink.fn = fn
+        sink.fns[threading.get_ident()] = fn
         try:
             with torch.no_grad(), exact_float32():
                 net(x)
         finally:
-            sink.fn = None
+            del sink.fns[threading.get_ident()]
 
     def mnc(self, rows: Tensor) -> Tensor:
         """Mean neuron coverage (paper Eq. 2) per layer: float32 [N, L] from packed rows [N, W]."""
@@ -481,25 +483,40 @@ class Tap(nn.Module):
                 f"thresholds={self.threshold_mode})")
 
 
+_exact_lock = threading.Lock()
+_exact_depth = 0  # exact_float32 blocks running now, in any thread
+_exact_saved: Tuple[str, str] = ("", "")
+
+
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
-    """Run CUDA convolutions and matrix products in IEEE float32 inside the block: torch lets
+    """Run CUDA convolutions and matrix products in IEEE float32 inside the block, with autocast
+    off (a caller's ``torch.autocast`` would change the bits): torch lets
     cuDNN use TF32 (a 10-bit mantissa) for float32 convolutions by default on Ampere and later
     GPUs. fakespotter's own forwards (:func:`~fakespotter.features.features`, calibration, the
     scanner) run inside this, so that a GPU gives the CPU's bits: measured on an H100 over 512
     chips, identical rows with TF32 off; with it on 0.02% of the bits and logits by up to 0.15
     differed, for no measurable speed (benchmarks/RESULTS.md). Calling a ``Tap`` directly
-    follows torch's global settings. The previous settings are restored on exit.
+    follows torch's global settings. The previous settings are restored when the last block
+    running (in any thread) exits.
 
     Uses torch's ``fp32_precision`` settings (torch >= 2.9): torch refuses to read the legacy
     ``allow_tf32`` flags once a program has set the new ones, so this never touches them."""
+    global _exact_depth, _exact_saved
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    with _exact_lock:  # the settings are the process's: blocks in several threads share one save
+        if _exact_depth == 0:
+            _exact_saved = conv.fp32_precision, matmul.fp32_precision
+            conv.fp32_precision = matmul.fp32_precision = "ieee"
+        _exact_depth += 1
     try:
-        yield
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        with _exact_lock:
+            _exact_depth -= 1
+            if _exact_depth == 0:
+                conv.fp32_precision, matmul.fp32_precision = _exact_saved
 
 
 @contextlib.contextmanager
