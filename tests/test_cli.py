@@ -174,6 +174,21 @@ def test_closed_pipe_ends_quietly():
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_check_once_finds_links_and_check_disjoint_ignores_empty_files(tmp_path):
+    from fakespotter.cli import UsageError
+    from fakespotter.cli._common import check_disjoint, check_once
+
+    (tmp_path / "a.png").write_bytes(b"pixels")
+    os.link(tmp_path / "a.png", tmp_path / "hard.png")
+    (tmp_path / "soft.png").symlink_to(tmp_path / "a.png")
+    for other in ("hard.png", "soft.png"):
+        with pytest.raises(UsageError, match=rf"1 images are listed more than once in --real .* e\.g\. .*{other}"):
+            check_once([tmp_path / "a.png", tmp_path / other], "--real")
+    (tmp_path / "empty1.png").write_bytes(b"")
+    (tmp_path / "empty2.png").write_bytes(b"")
+    check_disjoint([tmp_path / "empty1.png"], [tmp_path / "empty2.png"], "both")  # unreadable, not copies
+
+
 def test_check_disjoint_finds_the_same_file_and_copies_only(tmp_path):
     from fakespotter.cli import UsageError
     from fakespotter.cli._common import check_disjoint

@@ -287,6 +287,15 @@ def test_pickles_as_its_model_file_and_deep_copies(fitted):
         assert torch.equal(again.decision_function(x), det.decision_function(x))
         assert again.operating_threshold_ == det.operating_threshold_
     assert pickle.dumps(det)[:200].count(b"torch") == 0  # the model file's bytes, not torch objects
+    shallow = copy.copy(det)
+    assert shallow.tap_ is det.tap_ and torch.equal(shallow.decision_function(x), det.decision_function(x))
+    odd = copy.copy(det)
+    odd.device, odd.detect_pixels = torch.device("cpu"), np.int64(1 << 20)  # not JSON types: saved as such
+    again = pickle.loads(pickle.dumps(odd))
+    assert again.device == "cpu" and again.detect_pixels == 1 << 20 and type(again.detect_pixels) is int
+    odd.detect_pixels = 5  # a setting load would refuse: refused when saving, not in the receiving process
+    with pytest.raises(ValueError, match="detect_pixels must be 0"):
+        pickle.dumps(odd)
     unfitted = pickle.loads(pickle.dumps(FakeSpotter(hidden=(4,), seed=3)))
     assert unfitted.hidden == (4,) and unfitted.seed == 3 and not hasattr(unfitted, "tap_")
     with pytest.raises(artifact.ModelFileError, match="truncated or not a model file"):
@@ -321,6 +330,9 @@ def test_float_chips_outside_0_255_are_refused(fitted):
         det.decision_function(f / 127.5 - 1)
     with pytest.raises(ValueError, match="must be RGB 0..255"):
         det.rows(f * 2)
+    dark = torch.zeros_like(real[:2])
+    dark[0, 10:20, 10:20] = 1  # uint8 chips are never refused by value, however dark
+    assert det.decision_function(dark).shape == (2,) and det.decision_function(dark.numpy()).shape == (2,)
 
 
 def test_rows_as_numpy_and_explain_on_images(fitted, tmp_path):

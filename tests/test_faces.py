@@ -325,10 +325,13 @@ def test_detection_in_threads_gives_the_one_thread_results(photos):
     assert mine is F._detector() and theirs is not mine
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "100", True, None])
-def test_detect_pixels_must_be_an_int_ge_0(bad):
-    with pytest.raises(ValueError, match=r"detect_and_align: detect_pixels must be an int >= 0 \(0 for no limit\)"):
+@pytest.mark.parametrize("bad", [-1, 1, 2048, F.MIN_DETECT_PIXELS - 1, 1.5, "100", True, None])
+def test_detect_pixels_is_0_or_a_pixel_count_the_detector_can_use(bad):
+    with pytest.raises(ValueError, match=r"detect_and_align: detect_pixels must be 0 \(no limit\) or a pixel count "
+                                         r">= 65536 \(256x256; 2048x2048 is 4194304\), got"):
         F.detect_and_align(np.zeros((40, 40, 3), np.uint8), detect_pixels=bad)
+    for good in (0, F.MIN_DETECT_PIXELS, np.int64(F.DETECT_PIXELS)):
+        assert F.detect_and_align(np.zeros((40, 40, 3), np.uint8), detect_pixels=good) == []
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "0.1", True, None])

@@ -361,10 +361,12 @@ def test_weak_face_score_drops_weak_detections_beside_a_strong_face(model, tmp_p
     (small,) = list(scan(paths[:1], model, batch_size=4, workers=0, detect_pixels=h * w * 2))  # x1.41, not x2
     assert len(small["faces"]) >= 1 and (small["width"], small["height"]) == (w, h)
     assert max(abs(a - b) for a, b in zip(small["faces"][0]["box"], both["faces"][0]["box"])) < 0.1 * w
-    with pytest.raises(ValueError, match=r"scan: detect_pixels must be an int >= 0 \(0 for no limit\), got -1"):
+    with pytest.raises(ValueError, match=r"scan: detect_pixels must be 0 \(no limit\) or a pixel count >= 65536"):
         scan(paths, model, detect_pixels=-1)
-    rc, _, err = run_cli(["scan", paths[0], "--model", str(model), "--detect-pixels", "-5"], capsys)
-    assert rc == 2 and "--detect-pixels must be >= 0 (0 for no limit), got -5" in err
+    for bad in ("-5", "2048"):  # 2048: a side length where a pixel count belongs
+        rc, _, err = run_cli(["scan", paths[0], "--model", str(model), "--detect-pixels", bad], capsys)
+        assert rc == 2 and f"--detect-pixels must be 0 (no limit) or a pixel count >= 65536 (256x256; " in err
+        assert err.rstrip().endswith(f"got {bad}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -201,8 +201,8 @@ class FakeSpotter:
     def _chips(self, data: Any, what: str, tap: Tap) -> Tuple[torch.Tensor, np.ndarray, int, int]:
         """(chips float32 [M, 3, H, W], image index [M], images, images without faces)."""
         if _is_chip_batch(data):
+            check_chip_range(data, what)
             x = prepare_chips(data, tap, what)
-            check_chip_range(x, what)
             return x, np.arange(x.shape[0]), int(x.shape[0]), 0
         images = as_image_list(data)
         c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample,
@@ -321,9 +321,8 @@ class FakeSpotter:
         """Packed rows of a chip batch (or of the faces of images, in order)."""
         self._check_fitted()
         if _is_chip_batch(X):
-            x = prepare_chips(X, self.tap_, "rows")
-            check_chip_range(x, "rows")
-            return self._rows(x, self.tap_)
+            check_chip_range(X, "rows")
+            return self._rows(prepare_chips(X, self.tap_, "rows"), self.tap_)
         return self._image_features(X).rows
 
     def _image_features(self, images: Any) -> Any:
@@ -383,6 +382,7 @@ class FakeSpotter:
     def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
         """Write one safetensors model file (see ``artifact``). Never overwrites unless asked."""
         self._check_fitted()
+        self._check_params()  # a setting changed after fit that load would refuse: refused now
         tap = self.tap_
         bb = tap.backbone
         tensors = {f"threshold.{i}": v.detach().reshape(-1).to(torch.float32)
@@ -423,6 +423,11 @@ class FakeSpotter:
         if not hasattr(self, "tap_"):
             return super().__reduce_ex__(protocol)
         return (_from_pickled_model, (self.to_bytes(), str(self.device)))
+
+    def __copy__(self) -> "FakeSpotter":
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
+        return new
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "FakeSpotter":
         new = self.__class__.__new__(self.__class__)
@@ -570,4 +575,13 @@ def _version() -> str:
 
 
 def _jsonable(d: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    """Settings as JSON values: tuples as lists, a torch.device as its name, numpy scalars as
+    Python numbers."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, torch.device):
+            return str(v)
+        return v.item() if isinstance(v, np.generic) else v
+
+    return {k: plain(v) for k, v in d.items()}

@@ -65,6 +65,9 @@ WEAK_FACE_SCORE = 0.15
 # with upsample=1 is just within it; a 12 MP photo then costs ~0.5 s instead of ~6 s (2 cores),
 # and finds faces down to ~2% of its width (benchmarks/RESULTS.md, "Detection on large images").
 DETECT_PIXELS = 2048 * 2048
+# Below this a cap leaves the detector (an 80x80 px window) next to nothing to look at; it also
+# catches a side length given for the pixel count.
+MIN_DETECT_PIXELS = 256 * 256
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 Background = Tuple[int, int, int]
@@ -237,9 +240,12 @@ def check_weak_face_score(value: Any, what: str) -> float:
 
 
 def check_detect_pixels(value: Any, what: str) -> int:
-    """``value`` as an int >= 0 (0: no limit), or a ValueError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{what}: detect_pixels must be an int >= 0 (0 for no limit), got {value!r}")
+    """``value`` as an int: 0 (no limit) or at least :data:`MIN_DETECT_PIXELS`; else a
+    ValueError naming ``what``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or not (value == 0 or value >= MIN_DETECT_PIXELS)):
+        raise ValueError(f"{what}: detect_pixels must be 0 (no limit) or a pixel count >= {MIN_DETECT_PIXELS} "
+                         f"(256x256; 2048x2048 is {2048 * 2048}), got {value!r}")
     return int(value)
 
 

@@ -129,11 +129,14 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
     return x.to(tap.thresholds.device).contiguous()
 
 
-def check_chip_range(chips: Tensor, what: str) -> None:
-    """For face chips (RGB 0..255, what the registered backbones' preprocessing expects): a
-    ValueError for float chips outside 0..255, or all within 0..1 (the usual torch image scale,
-    which would silently score every face wrong)."""
-    if chips.is_floating_point() and chips.numel():
+def check_chip_range(chips: Any, what: str) -> None:
+    """For a chip batch as given (before :func:`prepare_chips`; RGB 0..255, what the registered
+    backbones' preprocessing expects): a ValueError for float chips outside 0..255, or all
+    within 0..1 (the usual torch image scale, which would silently score every face wrong).
+    uint8 chips are never refused by value."""
+    if isinstance(chips, np.ndarray):
+        chips = torch.from_numpy(chips)
+    if isinstance(chips, Tensor) and chips.is_floating_point() and chips.numel():
         lo, hi = float(chips.min()), float(chips.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"{what}: float32 chips must be RGB 0..255, got values from {lo:g} to {hi:g} "

@@ -30,13 +30,14 @@ def images_of(sources: List[str], what: str) -> List[Path]:
 
 
 def check_once(paths: Iterable[Path], what: str) -> None:
-    """A usage error when ``paths`` name one file more than once (under any spelling): it would
-    be counted twice. ``what`` names the list, e.g. "--real"."""
+    """A usage error when ``paths`` name one file more than once (under any spelling, or a hard
+    link): it would be counted twice. ``what`` names the list, e.g. "--real"."""
     seen = set()
     repeated: List[Path] = []
     for p in paths:
         try:
-            key = p.resolve()
+            st = p.stat()
+            key: Any = (st.st_dev, st.st_ino)  # the same file: symlinks and hard links too
         except (OSError, RuntimeError):
             key = p
         if key in seen:
@@ -63,7 +64,7 @@ def check_disjoint(a: Iterable[Path], b: Iterable[Path], what: str) -> None:
                 st = real.stat()
             except (OSError, RuntimeError):  # unreadable or a link loop: reported where it is decoded
                 continue
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) and st.st_size:  # empty files are unreadable images, not copies
                 out.setdefault(st.st_size, {}).setdefault(real, p)
         return out
 
@@ -249,15 +250,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="one threshold per layer (paper Eq. 1) or per neuron (default: %(default)s)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already-aligned face crops: resize only, no face detection (default: detect)")
-    p.add_argument("--upsample", type=int, default=1,
-                   help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
     add_detection_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
 
 
 def add_detection_args(p: argparse.ArgumentParser) -> None:
-    """--weak-face-score and --detect-pixels (the face detector's settings besides --upsample)."""
+    """--upsample, --weak-face-score and --detect-pixels: the face detector's settings."""
     from ..faces import DETECT_PIXELS, WEAK_FACE_SCORE
+
+    p.add_argument("--upsample", type=int, default=1,
+                   help="face detector upsampling; higher finds smaller faces, slower (up to --detect-pixels) "
+                        "(default: %(default)s)")
 
     p.add_argument("--weak-face-score", type=float, default=WEAK_FACE_SCORE, metavar="SCORE",
                    help="face detections scoring below this are weak: dropped from an image that holds a "
@@ -276,8 +279,11 @@ def check_detection_args(args: argparse.Namespace) -> None:
 
     if not math.isfinite(args.weak_face_score):
         raise usage_error(f"--weak-face-score must be a finite number, got {args.weak_face_score}")
-    if args.detect_pixels < 0:
-        raise usage_error(f"--detect-pixels must be >= 0 (0 for no limit), got {args.detect_pixels}")
+    from ..faces import MIN_DETECT_PIXELS
+
+    if not (args.detect_pixels == 0 or args.detect_pixels >= MIN_DETECT_PIXELS):
+        raise usage_error(f"--detect-pixels must be 0 (no limit) or a pixel count >= {MIN_DETECT_PIXELS} (256x256; "
+                          f"the default 4194304 is 2048x2048), got {args.detect_pixels}")
 
 
 class Progress:

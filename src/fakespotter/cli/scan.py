@@ -56,8 +56,6 @@ def add_parser(sub) -> None:
                         f"(default: {PART_ROWS}, or a part per {PART_SECONDS:.0f} s, whichever comes first; local engine)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already-aligned face chips: resize only, no face detection (default: detect)")
-    p.add_argument("--upsample", type=int, default=1,
-                   help="face detector upsampling; higher finds smaller faces, slower (default: %(default)s)")
     add_detection_args(p)
     p.add_argument("--batch-size", type=int, default=64,
                    help="chips per backbone forward, halved when a forward runs out of memory; scores are "
