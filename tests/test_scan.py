@@ -365,7 +365,7 @@ def test_weak_face_score_drops_weak_detections_beside_a_strong_face(model, tmp_p
         scan(paths, model, detect_pixels=-1)
     for bad in ("-5", "2048"):  # 2048: a side length where a pixel count belongs
         rc, _, err = run_cli(["scan", paths[0], "--model", str(model), "--detect-pixels", bad], capsys)
-        assert rc == 2 and f"--detect-pixels must be 0 (no limit) or a pixel count >= 65536 (256x256; " in err
+        assert rc == 2 and "--detect-pixels must be 0 (no limit) or a pixel count >= 65536 (256x256; " in err
         assert err.rstrip().endswith(f"got {bad}")
 
 
@@ -522,3 +522,47 @@ def test_summary_notes_the_default_models_limits_only_for_the_default(tmp_path):
     other.write_bytes(default_model_path().read_bytes())  # same bytes, another file: the user's own
     assert DEFAULT_MODEL_NOTE not in summary(stats, 0, str(other))
     assert DEFAULT_MODEL_NOTE not in summary(stats, 0)
+
+
+def test_an_abandoned_pool_ends_its_running_workers():
+    """After Ctrl-C / SIGTERM (or a caller that stops iterating) the chunks in flight are not
+    waited for: their workers are ended, else the interpreter's exit waited for them (minutes
+    with large images)."""
+    import time
+
+    from fakespotter.scan import _pool, _stop
+
+    ex = _pool(1)
+    ex.submit(time.sleep, 600)  # a chunk that would take ten minutes
+    while not ex._processes:  # the worker has started
+        time.sleep(0.05)
+    (worker,) = ex._processes.values()
+    _stop(ex, abandon=True)
+    worker.join(30)
+    assert not worker.is_alive() and worker.exitcode is not None
+
+
+def test_folder_scans_list_every_common_photo_extension(model, tmp_path):
+    """JPEG under .jfif / .jpe / any case, AVIF, and HEIC (which this Pillow cannot decode: a record
+    that says so, not a file silently left out of a phone's photos)."""
+    import io as _io
+
+    from fakespotter.data import _open_formats
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    img = Image.fromarray(noise_image(1, 64, 64))
+    jpeg = _io.BytesIO()
+    img.save(jpeg, "JPEG")
+    for name in ("a.JPG", "b.jfif", "c.jpe", "d.Jpeg"):
+        (folder / name).write_bytes(jpeg.getvalue())
+    if "AVIF" in _open_formats():
+        img.save(folder / "e.avif", "AVIF")
+    (folder / "f.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    (folder / "notes.txt").write_text("not listed")
+    records = {os.path.basename(r["path"]): r for r in scan([str(folder)], model, workers=0, aligned=True)}
+    want = {"a.JPG", "b.jfif", "c.jpe", "d.Jpeg", "f.heic"} | ({"e.avif"} if "AVIF" in _open_formats() else set())
+    assert set(records) == want
+    assert all(records[n]["status"] == "ok" for n in want - {"f.heic"})
+    heic = records["f.heic"]
+    assert heic["status"] == "error" and heic["error_kind"] == "not_an_image" and "HEIF image" in heic["error"]

@@ -41,10 +41,15 @@ __all__ = [
     "decode_image",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+# Folder and tar listings pick these up (any case). HEIC/HEIF files are listed so that they get a
+# record saying they cannot be read, rather than vanish from a scan of a phone's photos.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".avif", ".heic", ".heif"})
 # Pillow plugins allowed to open a file (the formats of IMAGE_EXTENSIONS; MPO is a multi-picture
-# JPEG). Anything else - EPS (which would run Ghostscript), PSD, ICO, ... - is ``not_an_image``.
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+# JPEG; AVIF and HEIF where this Pillow has them: AVIF is built into Pillow >= 11.3 wheels, HEIF
+# needs the pillow-heif plugin registered). Anything else - EPS (which would run Ghostscript),
+# PSD, ICO, ... - is ``not_an_image``.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "AVIF", "HEIF")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 DEFAULT_PIXEL_LIMIT = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: 1 GiB of 4-byte pixels / 3
 MAX_FILE_BYTES = 1 << 30
@@ -56,7 +61,8 @@ ERROR_KINDS: Dict[str, str] = {
     "read_error": "the operating system failed to read the file",
     "empty_file": "the file has zero bytes",
     "too_large": f"the file has more than {MAX_FILE_BYTES} bytes",
-    "not_an_image": "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF, PPM/PGM)",
+    "not_an_image": "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF, PPM/PGM, AVIF), or a "
+                    "HEIC/HEIF image without the pillow-heif plugin",
     "too_many_pixels": "width x height above the pixel limit (decompression-bomb guard), refused before decoding",
     "truncated": "the image data ends before the image does",
     "decode_error": "the image is damaged, or uses a feature the decoder cannot read",
@@ -405,6 +411,12 @@ def _signature(data: bytes) -> Optional[str]:
             return fmt
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:8] == b"ftyp":  # ISO base media: the brand says which
+        brand = data[8:12]
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+            return "HEIF"
     if len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456":
         return "PPM"
     return None
@@ -453,6 +465,10 @@ def decode_image(data: bytes, pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> Decoded
             try:
                 img = Image.open(io.BytesIO(data), formats=_open_formats())
             except UnidentifiedImageError:
+                if sig in ("AVIF", "HEIF") and sig not in _open_formats():
+                    how = "pillow-heif's opener registered" if sig == "HEIF" else "a Pillow built with AVIF"
+                    raise ImageError("not_an_image", f"a {sig} image: decoding it needs {how}; or convert "
+                                                     f"it to JPEG or PNG") from None
                 if sig is None:
                     raise ImageError("not_an_image", f"not an image in a supported format "
                                                      f"({', '.join(IMAGE_FORMATS)}); starts with {data[:8]!r}") from None
@@ -465,7 +481,7 @@ def decode_image(data: bytes, pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> Decoded
                 width, height = img.size
                 if width * height > pixel_limit:
                     raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
-                                                        f"more than the pixel limit {pixel_limit}")
+                                                        f"more than the pixel limit {pixel_limit} (--pixel-limit)")
                 try:
                     img.load()
                     rgb = load_image(img)

@@ -61,10 +61,11 @@ DLIB_INSTALL = "pip install dlib-bin==20.0.1.post1"
 # detections alone in their image were faces (low-fidelity 64 px DCGAN renders, mostly).
 WEAK_FACE_SCORE = 0.15
 # The face detector works on at most this many pixels (after upsampling): a larger image is
-# scaled to this size for detection only (chips are cut from the full image). A 1024x1024 image
-# with upsample=1 is just within it; a 12 MP photo then costs ~0.5 s instead of ~6 s (2 cores),
-# and finds faces down to ~2% of its width (benchmarks/RESULTS.md, "Detection on large images").
-DETECT_PIXELS = 2048 * 2048
+# scaled to this size for detection only (chips are cut from the full image). Images up to
+# 2048x2048 with upsample=1 are within it, as they were; a 24 MP photo costs ~2.5 s instead of
+# ~11 s and its faces are found down to ~100 px (benchmarks/RESULTS.md, "Detection on large
+# images": a 2048x2048 cap missed two thirds of the faces of a 24 MP group photo).
+DETECT_PIXELS = 4096 * 4096
 # Below this a cap leaves the detector (an 80x80 px window) next to nothing to look at; it also
 # catches a side length given for the pixel count.
 MIN_DETECT_PIXELS = 256 * 256
@@ -245,7 +246,7 @@ def check_detect_pixels(value: Any, what: str) -> int:
     if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
             or not (value == 0 or value >= MIN_DETECT_PIXELS)):
         raise ValueError(f"{what}: detect_pixels must be 0 (no limit) or a pixel count >= {MIN_DETECT_PIXELS} "
-                         f"(256x256; 2048x2048 is {2048 * 2048}), got {value!r}")
+                         f"(256x256; 4096x4096 is {4096 * 4096}), got {value!r}")
     return int(value)
 
 
@@ -285,7 +286,7 @@ def detect_and_align(
         when the image holds a face scoring at least this, kept when they are all it holds
         (default :data:`WEAK_FACE_SCORE`; 0 or less keeps every detection).
     detect_pixels: the most pixels the detector works on, after upsampling (default
-        :data:`DETECT_PIXELS`, 2048x2048; 0 for no limit). A larger image is scaled to this many
+        :data:`DETECT_PIXELS`, 4096x4096; 0 for no limit). A larger image is scaled to this many
         pixels for detection only (it then finds faces down to about ``80 * sqrt(H * W /
         detect_pixels)`` pixels); landmarks and chips come from the full image.
     Returns the faces sorted by detector score, highest first; an empty list when there is none.

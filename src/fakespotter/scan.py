@@ -279,9 +279,21 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
         if keep is not None and not pending:
             keep["pool"] = ex
         else:
-            ex.shutdown(wait=False, cancel_futures=True)
+            _stop(ex, abandon=bool(pending))
             if keep is not None:
                 keep.pop("pool", None)
+
+
+def _stop(ex: ProcessPoolExecutor, abandon: bool) -> None:
+    """Shut the pool down without waiting. ``abandon``: chunks are running whose results nobody
+    will read (Ctrl-C, SIGTERM, a caller that stopped iterating): end their workers too, or the
+    interpreter's exit waits for them (minutes with large images)."""
+    workers = list((getattr(ex, "_processes", None) or {}).values())  # no public handle on them
+    ex.shutdown(wait=False, cancel_futures=True)
+    if abandon:
+        for p in workers:
+            if p.is_alive():
+                p.terminate()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -269,9 +269,9 @@ def add_detection_args(p: argparse.ArgumentParser) -> None:
                         "holds; 0 keeps every detection (default: %(default)s)")
     p.add_argument("--detect-pixels", type=int, default=DETECT_PIXELS, metavar="N",
                    help="the most pixels the face detector works on, after --upsample: a larger image is scaled "
-                        "to N pixels for detection only (chips are cut from the full image), so a 12 MP photo "
-                        "costs about what a 1024x1024 image does and its faces are found down to about 80 * "
-                        "sqrt(pixels / N) px; 0 for no limit (default: %(default)s = 2048x2048)")
+                        "to N pixels for detection only (chips are cut from the full image), so a 24 MP photo "
+                        "costs about what a 2048x2048 image does and its faces are found down to about 80 * "
+                        "sqrt(pixels / N) px; 0 for no limit (default: %(default)s = 4096x4096)")
 
 
 def check_detection_args(args: argparse.Namespace) -> None:
@@ -283,7 +283,7 @@ def check_detection_args(args: argparse.Namespace) -> None:
 
     if not (args.detect_pixels == 0 or args.detect_pixels >= MIN_DETECT_PIXELS):
         raise usage_error(f"--detect-pixels must be 0 (no limit) or a pixel count >= {MIN_DETECT_PIXELS} (256x256; "
-                          f"the default 4194304 is 2048x2048), got {args.detect_pixels}")
+                          f"the default 16777216 is 4096x4096), got {args.detect_pixels}")
 
 
 class Progress:
