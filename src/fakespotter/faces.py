@@ -62,8 +62,8 @@ DLIB_INSTALL = "pip install dlib-bin==20.0.1.post1"
 WEAK_FACE_SCORE = 0.15
 # The face detector works on at most this many pixels (after upsampling): a larger image is
 # scaled to this size for detection only (chips are cut from the full image). Images up to
-# 2048x2048 with upsample=1 are within it, as they were; a 24 MP photo costs ~2.5 s instead of
-# ~11 s and its faces are found down to ~100 px (benchmarks/RESULTS.md, "Detection on large
+# 2048x2048 with upsample=1 are within it, as they were; a 24 MP photo costs ~2.2 s instead of
+# ~12 s and its faces are found down to ~100 px (benchmarks/RESULTS.md, "Detection on large
 # images": a 2048x2048 cap missed two thirds of the faces of a 24 MP group photo).
 DETECT_PIXELS = 4096 * 4096
 # Below this a cap leaves the detector (an 80x80 px window) next to nothing to look at; it also

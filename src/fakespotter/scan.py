@@ -678,8 +678,9 @@ def _input_list(inputs: Any) -> List[str]:
 def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: bool = False, batch_size: int = 64,
          workers: Optional[int] = None, device: str = "cpu", pixel_limit: int = DEFAULT_PIXEL_LIMIT,
          limit: Optional[int] = None, upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE,
-         detect_pixels: int = DETECT_PIXELS, skip: int = 0, exclude: Optional[Container[str]] = None, stdin: Optional[IO[str]] = None, channels_last: bool = False,
-         autocast: bool = False, log: Optional[Callable[[str], None]] = None) -> ScanRun:
+         detect_pixels: int = DETECT_PIXELS, skip: int = 0, exclude: Optional[Container[str]] = None,
+         stdin: Optional[IO[str]] = None, channels_last: bool = False, autocast: bool = False,
+         log: Optional[Callable[[str], None]] = None) -> ScanRun:
     """Scan images for synthesized faces; an iterator of one record per input image, in input order.
 
     inputs: paths - files, folders (recursive), ``@list.txt`` file lists, ``-`` (a list on

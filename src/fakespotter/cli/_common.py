@@ -207,8 +207,8 @@ def has_both_classes(part) -> bool:
 def load_chips(paths: List[Path], how: Any, size: int, label: str, quiet: bool, failures: List[dict]):
     """Chips of every face of every image, with the image index of each; unreadable images are
     recorded in ``failures`` and skipped. ``how``: anything with the face settings ``aligned``,
-    ``upsample``, ``weak_face_score`` and ``detect_pixels`` (a FakeSpotter, parsed arguments). Returns (chips uint8
-    [M, size, size, 3], index [M], images without a face)."""
+    ``upsample``, ``weak_face_score`` and ``detect_pixels`` (a FakeSpotter, parsed arguments).
+    Returns (chips uint8 [M, size, size, 3], index [M], images without a face)."""
     import numpy as np
 
     from ..features import chips
@@ -261,7 +261,6 @@ def add_detection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upsample", type=int, default=1,
                    help="face detector upsampling; higher finds smaller faces, slower (up to --detect-pixels) "
                         "(default: %(default)s)")
-
     p.add_argument("--weak-face-score", type=float, default=WEAK_FACE_SCORE, metavar="SCORE",
                    help="face detections scoring below this are weak: dropped from an image that holds a "
                         "face scoring at least this (the detector's rare hits on badges or fabric beside real "

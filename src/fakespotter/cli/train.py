@@ -23,9 +23,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import (add_class_sources, add_model_args, check_disjoint, check_once, check_detection_args,
-                      class_mode, has_both_classes, images_of, load_chips, log, manifest_part, no_chips_error, open_manifest,
-                      usage_error, writable_output)
+from ._common import (add_class_sources, add_model_args, check_detection_args, check_disjoint, check_once,
+                      class_mode, has_both_classes, images_of, load_chips, log, manifest_part, no_chips_error,
+                      open_manifest, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
