@@ -482,6 +482,33 @@ def test_worker_crash_loses_no_record(corpus, model, tmp_path):
     assert set(kinds.values()) == {None}
 
 
+def test_a_script_without_a_main_guard_gets_a_clear_error_not_crash_records(corpus, model, tmp_path):
+    """Workers import the main script as they start; one that calls scan() at its top level runs
+    it again there and dies. That is no file's fault: the scan raises WorkerStartError saying
+    what to do, instead of writing a worker_crash record for every input."""
+    script = tmp_path / "noguard.py"
+    script.write_text("import fakespotter\n"
+                      f"for r in fakespotter.scan([{str(corpus / 'a')!r}], {str(model)!r}, aligned=True, workers=1):\n"
+                      "    print('RECORD', r['status'], r['error_kind'])\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1 and "RECORD" not in proc.stdout, (proc.stdout, proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fakespotter.scan.WorkerStartError: scan: the decode worker processes died while starting")
+    assert str(script) in last and 'if __name__ == "__main__":' in last and "workers=0" in last
+
+
+def test_workers_that_cannot_start_end_the_cli_scan_with_one_error_line(corpus, model, tmp_path):
+    out = tmp_path / "o.jsonl"
+    env = dict(os.environ, FAKESPOTTER_SCAN_TEST_CRASH=":start:")
+    proc = subprocess.run([sys.executable, "-m", "fakespotter", "scan", str(corpus / "a"), "--model", str(model),
+                           "--aligned", "--workers", "2", "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("fakespotter scan: error: scan: the decode worker processes died while starting")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert out.read_text() == "" and json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is False
+
+
 def test_decode_pool_kept_between_calls_and_replaced_when_it_died_idle(tmp_path):
     """scan._decoded(keep=...) (the Ray decode tasks' pool): the same worker serves the next
     call; one that died while idle is replaced without losing or failing an entry."""

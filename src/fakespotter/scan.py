@@ -45,6 +45,7 @@ import math
 import multiprocessing
 import os
 import re
+import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -61,6 +62,7 @@ __all__ = [
     "RECORD_FIELDS",
     "STATUSES",
     "ScanRun",
+    "WorkerStartError",
     "scan",
     "default_workers",
     "check_device",
@@ -81,6 +83,7 @@ STATUSES = ("ok", "no_face", "error")
 FORMATS = ("jsonl", "csv", "parquet")
 
 _CRASH_ENV = "FAKESPOTTER_SCAN_TEST_CRASH"  # tests: a worker exits hard on paths ending with this
+_START_CRASH = ":start:"  # ... or as it starts, when the variable says this
 
 
 def _default_log(message: str) -> None:
@@ -163,6 +166,15 @@ def _crash_result(entry: Entry) -> Dict[str, Any]:
             "error": ("worker_crash", "the decode worker process died while reading this file")}
 
 
+class WorkerStartError(RuntimeError):
+    """The decode worker processes died while starting, before they could read any file.
+    ``reason``: the message without its advice to scripts (for the command line)."""
+
+    def __init__(self, reason: str, advice: str = ""):
+        super().__init__(reason + advice)
+        self.reason = reason
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     # forkserver: workers fork from a clean server that imported fakespotter once, never from
     # this (multi-threaded) process; spawn where forkserver does not exist.
@@ -172,8 +184,28 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         ctx.set_forkserver_preload(["fakespotter.scan"])
     else:
         ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(os.getpid(),))
+    started = ctx.Event()  # set by the first worker to finish starting (see _check_started)
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(), started))
+    ex._fakespotter_started = started  # type: ignore[attr-defined]
+    return ex
+
+
+def _check_started(ex: ProcessPoolExecutor) -> None:
+    """After the pool broke: WorkerStartError when no worker ever finished starting, so no file
+    is to blame (it would otherwise get a ``worker_crash`` record, and so would every other)."""
+    started = getattr(ex, "_fakespotter_started", None)
+    if started is None or started.is_set():
+        return
+    ex.shutdown(wait=False, cancel_futures=True)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    reason = (f"scan: the decode worker processes died while starting (start method {method!r}), before reading "
+              f"any file; their own error, if they printed one, is above.")
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    advice = ("" if not main else
+              f" Each worker starts by importing the main module ({main}), so a script must call fakespotter.scan()"
+              f" under `if __name__ == \"__main__\":`, or its workers run the script again and fail.")
+    raise WorkerStartError(reason, advice + " workers=0 decodes in this process instead.") from None
 
 
 @contextlib.contextmanager
@@ -194,12 +226,18 @@ def _sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, started: Any = None) -> None:
     """In each decode worker: Ctrl-C (sent to the whole process group) is the parent's to handle:
     it stops the pool, and a worker dying of it mid-task could hang that; a worker whose parent
-    is gone (killed with SIGKILL) exits instead of living on."""
+    is gone (killed with SIGKILL) exits instead of living on. ``started`` is set: this worker
+    got through its start-up."""
     import signal
     import threading
+
+    if os.environ.get(_CRASH_ENV) == _START_CRASH:
+        os._exit(3)
+    if started is not None:
+        started.set()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     server = os.getppid()  # the forkserver (or the scan itself, spawned): it exits with the scan
@@ -241,6 +279,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
             with _sigint_blocked():
                 return ex.submit(_decode_chunk, c, cfg)
         except BrokenProcessPool:  # a kept pool whose process died while it was idle
+            _check_started(ex)
             ex.shutdown(wait=False, cancel_futures=True)
             ex = _pool(workers)
             with _sigint_blocked():
@@ -259,6 +298,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
             try:
                 results = fut.result()
             except BrokenProcessPool:
+                _check_started(ex)
                 backlog = list(c) + [e for cc, _ in pending for e in cc]
                 pending.clear()
                 ex.shutdown(wait=True, cancel_futures=True)
@@ -269,6 +309,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                             fut = ex.submit(_decode_chunk, [e], cfg)
                         (res,) = fut.result()
                     except BrokenProcessPool:
+                        _check_started(ex)
                         res = _crash_result(e)
                         ex.shutdown(wait=True, cancel_futures=True)
                         ex = _pool(workers)

@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_ray_only(args)
     plan = check(args)
-    from ..scan import OutputBusy, RecordWriter, scan, write_stats
+    from ..scan import OutputBusy, RecordWriter, WorkerStartError, scan, write_stats
 
     out, fmt = plan["out"], plan["fmt"]
     stdin = piped_listing(args, reread=plan["mode"] == "resume")
@@ -475,6 +475,9 @@ def run(args: argparse.Namespace) -> int:
                 break
         else:
             complete = True
+    except WorkerStartError as e:  # no file's fault: not a record each, and no traceback
+        print(f"fakespotter scan: error: {e.reason} --workers 0 decodes in the scan's own process.", file=sys.stderr)
+        return 1
     finally:
         run_.close()
         writer.close()
