@@ -509,6 +509,38 @@ def test_workers_that_cannot_start_end_the_cli_scan_with_one_error_line(corpus, 
     assert out.read_text() == "" and json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is False
 
 
+def test_decode_results_are_polled_while_the_workers_are_slow(corpus):
+    """_decoded(poll=...) yields None after each poll interval with no result ready (a worker
+    pool takes longer than 1 ms to start), and still every entry, in order."""
+    from fakespotter.scan import _Config, _decoded
+
+    cfg = _Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT, weak_face_score=0.15,
+                  detect_pixels=0)
+    got = list(_decoded(D.iter_entries([str(corpus / "a")]), cfg, workers=1, chunk=4, window=2, poll=0.001))
+    assert None in got
+    assert [e.path for e, _ in filter(None, got)] == [str(p) for p in D.list_images(corpus / "a")]
+
+
+def test_a_stalled_scan_scores_its_partial_batch_with_the_same_scores(corpus, det, monkeypatch):
+    """When no image is decoded for a while (large photos), the faces already there are scored
+    and their records given out, zero-padded to the batch size as always: the same records,
+    sooner."""
+    S = sys.modules["fakespotter.scan"]  # the package's `scan` attribute is the function
+    want = list(S.scan([str(corpus / "a")], det, aligned=True, workers=0))
+    real = S._decoded
+
+    def stalling(*args, **kwargs):
+        assert kwargs["poll"] == S.STALL_FLUSH_S
+        for i, item in enumerate(real(*args, **kwargs)):
+            yield item
+            if i in (1, 2):
+                yield None  # the workers were slow after the second and third image
+    monkeypatch.setattr(S, "_decoded", stalling)
+    groups = list(S.scan([str(corpus / "a")], det, aligned=True, workers=0, batch_size=64).batches())
+    assert [len(g) for g in groups] == [2, 1, len(want) - 3]
+    assert [r for g in groups for r in g] == want
+
+
 def test_decode_pool_kept_between_calls_and_replaced_when_it_died_idle(tmp_path):
     """scan._decoded(keep=...) (the Ray decode tasks' pool): the same worker serves the next
     call; one that died while idle is replaced without losing or failing an entry."""
@@ -593,3 +625,23 @@ def test_folder_scans_list_every_common_photo_extension(model, tmp_path):
     assert all(records[n]["status"] == "ok" for n in want - {"f.heic"})
     heic = records["f.heic"]
     assert heic["status"] == "error" and heic["error_kind"] == "not_an_image" and "HEIF image" in heic["error"]
+
+
+def test_progress_is_a_plain_line_now_and_then_when_stderr_is_not_a_terminal(corpus, model, tmp_path, capsys,
+                                                                            monkeypatch):
+    """In a log file or batch job there is no bar to redraw: a line every PROGRESS_EVERY_S
+    seconds (0 here: one per group of records) with the count, the rate and, once the inputs
+    are counted, the total and an ETA; --quiet silences it."""
+    import re
+
+    from fakespotter.cli import _common
+
+    monkeypatch.setattr(_common, "PROGRESS_EVERY_S", 0.0)
+    base = ["scan", str(corpus / "a"), "--model", str(model), "--aligned", "--workers", "0", "--batch-size", "2"]
+    rc, _, err = run_cli([*base, "--out", str(tmp_path / "a.jsonl")], capsys)
+    assert rc == 0 and "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("scan: ")]
+    done = [int(re.fullmatch(r"scan: (\d+)(/7)? in 0:\d\d, [\d.]+/s( ETA 0:\d\d)?", line).group(1)) for line in lines]
+    assert done == [2, 4, 6, 7]
+    rc, _, err = run_cli([*base, "--out", str(tmp_path / "b.jsonl"), "--quiet"], capsys)
+    assert rc == 0 and err == ""

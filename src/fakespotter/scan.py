@@ -49,6 +49,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO, Any, Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -82,6 +83,8 @@ RECORD_FIELDS = ("path", "size", "sha256", "status", "width", "height", "frames"
 STATUSES = ("ok", "no_face", "error")
 FORMATS = ("jsonl", "csv", "parquet")
 
+STALL_FLUSH_S = 10.0  # a partial batch is scored after this long without a decoded image
+
 _CRASH_ENV = "FAKESPOTTER_SCAN_TEST_CRASH"  # tests: a worker exits hard on paths ending with this
 _START_CRASH = ":start:"  # ... or as it starts, when the variable says this
 
@@ -91,13 +94,15 @@ def _default_log(message: str) -> None:
 
 
 def default_workers() -> int:
-    """Decode workers when none is given: the usable CPUs less one (the parent runs the
-    backbone), at least 1, at most 8."""
+    """Decode workers when none is given: the usable CPUs, from 1 to 8. Decoding and face
+    detection cost more than the forward (a 12 MP photo: ~2 s against ~10 ms a face), so the
+    parent mostly waits: on 2 CPUs, 2 workers scanned 12 MP photos 1.76x as fast as 1, and
+    headshots 1.32x (benchmarks/RESULTS.md, "Decode workers")."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus - 1))
+    return max(1, min(8, cpus))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,12 +263,14 @@ def _worker_init(parent: int, started: Any = None) -> None:
 
 
 def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, window: int,
-             keep: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[Entry, Dict[str, Any]]]:
+             keep: Optional[Dict[str, Any]] = None,
+             poll: Optional[float] = None) -> Iterator[Optional[Tuple[Entry, Dict[str, Any]]]]:
     """(entry, decode result) in input order; at most ``window`` chunks of ``chunk`` entries in
     flight. A worker that dies loses no entry: the chunks in flight are redone one entry at a
     time in a fresh pool, and an entry that kills its worker again gets a ``worker_crash``.
     ``keep``: a dict holding the pool between calls (``keep["pool"]``), for callers that decode
-    many small batches; without it the pool lives for this call."""
+    many small batches; without it the pool lives for this call. ``poll``: also yield None
+    after each ``poll`` seconds of waiting for the next result (the caller may use the time)."""
     if workers == 0:
         for e in entries:
             yield e, _decode_one(e, cfg)
@@ -294,6 +301,8 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 pending.append((c, submit(c)))
             if not pending:
                 return
+            while poll is not None and not wait_futures([pending[0][1]], timeout=poll).done:
+                yield None
             c, fut = pending.popleft()
             try:
                 results = fut.result()
@@ -550,7 +559,8 @@ class ScanRun:
 
     def batches(self) -> Iterator[List[Dict[str, Any]]]:
         """The records in groups: a group ends where a backbone forward finished (or after
-        ``batch_size`` records without one); a writer flushes and syncs once per group.
+        ``batch_size`` records without one); a writer flushes and syncs once per group. A
+        partial batch is scored when no image was decoded for :data:`STALL_FLUSH_S` seconds.
         A scan runs once: iterate either the records or the groups."""
         if self._active is not None:
             raise RuntimeError("ScanRun: this scan has already started; call scan() again to rescan")
@@ -584,14 +594,25 @@ class ScanRun:
 
         B = self._batch_size
         window = -(-(B + 2 * self._workers) // 4) + 2 * self._workers
-        decoded = _decoded(self._entries, self._cfg, self._workers, chunk=4, window=max(window, 1))
+        decoded = _decoded(self._entries, self._cfg, self._workers, chunk=4, window=max(window, 1),
+                           poll=STALL_FLUSH_S)
+        done = object()
         try:
             while True:
                 t0 = time.perf_counter()
-                nxt = next(decoded, None)
+                nxt = next(decoded, done)
                 st["wait_s"] += time.perf_counter() - t0
-                if nxt is None:
+                if nxt is done:
                     break
+                if nxt is None:  # the workers have delivered nothing for a while: score what is there
+                    if chips:
+                        forward(len(chips))
+                    emit()
+                    if out:
+                        finish_stats()
+                        yield out
+                        out = []
+                    continue
                 _, res = nxt
                 st["decode_faces_s"] += res.get("seconds", 0.0)
                 p = _Pending(res)

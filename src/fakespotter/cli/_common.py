@@ -11,6 +11,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..data import list_images
 
+PROGRESS_EVERY_S = 60.0  # progress lines when stderr is not a terminal
+
 
 def usage_error(message: str) -> Exception:
     from . import UsageError
@@ -285,30 +287,50 @@ def check_detection_args(args: argparse.Namespace) -> None:
                           f"the default 16777216 is 4096x4096), got {args.detect_pixels}")
 
 
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0) + 0.5)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
 class Progress:
-    """A one-line progress indicator on stderr when it is a terminal (silent otherwise).
+    """Progress on stderr: a one-line bar redrawn in place on a terminal; elsewhere (a log file,
+    a batch job) a plain line every ``every`` seconds (default :data:`PROGRESS_EVERY_S`).
+    Nothing with ``quiet``.
 
     ``total`` may be None (unknown: no bar, no ETA) and may be set later, e.g. by a thread
     that counts the inputs while the work goes on."""
 
-    def __init__(self, total: Optional[int], label: str, quiet: bool = False):
+    def __init__(self, total: Optional[int], label: str, quiet: bool = False, every: Optional[float] = None):
         self.total, self.label, self.done, self.t0 = total, label, 0, time.monotonic()
         self.live = not quiet and sys.stderr.isatty()
+        self.lines = not quiet and not self.live
+        self.every = PROGRESS_EVERY_S if every is None else every
+        self._last = self.t0
+
+    @property
+    def shown(self) -> bool:
+        return self.live or self.lines
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        if self.live:
-            rate = self.done / max(time.monotonic() - self.t0, 1e-9)
-            total = self.total
-            if total is None:
-                sys.stderr.write(f"\r{self.label} {self.done} {rate:.1f}/s ")
-            else:
-                eta = (total - self.done) / rate if rate > 0 else 0
-                width = 30
-                filled = min(width, int(width * self.done / max(total, 1)))
-                sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                                 f"{self.done}/{total} {rate:.1f}/s ETA {max(eta, 0):.0f}s ")
-            sys.stderr.flush()
+        now = time.monotonic()
+        if not self.live and not (self.lines and now - self._last >= self.every):
+            return
+        self._last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        total = self.total
+        eta = "" if total is None or rate <= 0 else f" ETA {_hms((total - self.done) / rate)}"
+        if self.lines:
+            of = "" if total is None else f"/{total}"
+            sys.stderr.write(f"{self.label}: {self.done}{of} in {_hms(now - self.t0)}, {rate:.1f}/s{eta}\n")
+        elif total is None:
+            sys.stderr.write(f"\r{self.label} {self.done} {rate:.1f}/s ")
+        else:
+            width = 30
+            filled = min(width, int(width * self.done / max(total, 1)))
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} "
+                             f"{rate:.1f}/s{eta} ")
+        sys.stderr.flush()
 
     def close(self) -> None:
         if self.live:

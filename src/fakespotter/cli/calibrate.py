@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="the thresholds file to write (safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
     add_model_args(p)
-    p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (default: on stderr, a bar on a terminal, else a line a minute)")
     p.set_defaults(run=run)
 
 

@@ -64,7 +64,8 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
                         "attack (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (default: write them; needs matplotlib)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
-    p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (default: on stderr, a bar on a terminal, else a line a minute)")
 
 
 def add_parser(sub) -> None:

@@ -61,8 +61,8 @@ def add_parser(sub) -> None:
                    help="chips per backbone forward, halved when a forward runs out of memory; scores are "
                         "reproducible for a given batch size (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode and face-detection processes, 0 to decode inline (default: CPUs - 1, from 1 to 8; "
-                        f"here {default_workers()}; local engine only)")
+                   help="decode and face-detection processes, 0 to decode inline (default: the usable CPUs, "
+                        f"from 1 to 8; here {default_workers()}; local engine only)")
     p.add_argument("--device", default="cpu",
                    help="where the backbone runs, e.g. cpu, cuda, cuda:1 (default: %(default)s; local engine: Ray "
                         "actors use their GPU when they get one)")
@@ -83,7 +83,8 @@ def add_parser(sub) -> None:
                    help="stop once the batch that holds the first error record is written (default: go on; "
                         "local engine)")
     p.add_argument("--quiet", action="store_true",
-                   help="no progress bar and no summary (default: progress on a terminal, summary on stderr)")
+                   help="no progress and no summary (default: both on stderr; progress is a bar on a terminal, else "
+                        "a line a minute)")
     from .scan_ray import add_arguments
 
     add_arguments(p)
@@ -460,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
         write_stats(stats_path, stats(False))
     batch_size = run_.stats["batch_size"]
     progress = Progress(None, "scan", args.quiet)
-    if progress.live and "-" not in args.paths:  # the ETA needs a count, made while the scan goes on
+    if progress.shown and "-" not in args.paths:  # the ETA needs a count, made while the scan goes on
         threading.Thread(target=_count_inputs, args=(args.paths, args.limit, resumed, progress), daemon=True).start()
     complete = False
     try:

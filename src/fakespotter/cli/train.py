@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
                    help="share of training chips attacked with --augment (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the split, the augmentation and the classifier (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress output (default: progress on a terminal)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (default: on stderr, a bar on a terminal, else a line a minute)")
     p.set_defaults(run=run)
 
 
