@@ -90,6 +90,17 @@ def test_16_bit_grey_maps_by_257():
         np.testing.assert_array_equal(out[..., 2], expected)
     i32 = Image.fromarray(v.astype(np.int32) - 10, "I")  # 32-bit int: clipped to 0..65535
     assert F.load_image(i32)[0, :, 0].tolist() == [0, 1, 1, 1, 1, 255]
+    ppm = Image.open(io.BytesIO(b"P5 3 1 65535\n" + np.array([0, 257, 65535], ">u2").tobytes()))
+    assert ppm.mode == "I" and F.load_image(ppm)[0, :, 0].tolist() == [0, 1, 255]  # a 16-bit PPM
+
+
+def test_8_bit_grey_in_32_bit_integers_is_taken_as_8_bit():
+    """Mode I with no value above 255 is 8-bit grey stored wide (read as 16-bit it would be
+    black): taken as is, negatives clipped; one value above 255 makes it 16-bit."""
+    v = np.array([[-3, 0, 100, 255]], np.int32)
+    assert F.load_image(Image.fromarray(v, "I"))[0, :, 0].tolist() == [0, 0, 100, 255]
+    v[0, 0] = 256
+    assert F.load_image(Image.fromarray(v, "I"))[0, :, 0].tolist() == [1, 0, 0, 1]
 
 
 def test_float_and_cmyk_modes():

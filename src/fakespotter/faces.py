@@ -12,9 +12,10 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
 * ``1`` / ``L`` (grey) replicate the grey value into R, G and B; ``P`` is expanded through its
   palette; ``CMYK``, ``YCbCr`` and other colour modes use Pillow's conversion to RGB; colour
   profiles are ignored;
-* 16-bit grey (``I;16*``, and ``I``, whose values are taken as 16-bit) maps 0..65535 to
-  0..255 by ``round(v / 257)`` after clipping; ``F`` (float) values are taken as 0..255,
-  clipped and rounded;
+* 16-bit grey (``I;16*``) maps 0..65535 to 0..255 by ``round(v / 257)``; ``I`` (32-bit
+  integers, e.g. 16-bit PPM or integer TIFF) is clipped to 0..65535 and mapped the same way,
+  unless no value exceeds 255: then it is 8-bit grey kept as 32-bit integers, taken as is;
+  ``F`` (float) values are taken as 0..255, clipped and rounded;
 * transparency (``RGBA``, ``LA``, ``PA``, palette transparency) is composited over an opaque
   ``background``, black by default: ``round((rgb * a + background * (255 - a)) / 255)``;
 * numpy arrays are taken as RGB(A) or grey, ``uint8`` or ``uint16`` (scaled as above).
@@ -138,7 +139,10 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
     if mode.startswith("I;16"):
         return _from_array(_u16_to_u8(np.asarray(img)), background)
     if mode == "I":
-        return _from_array(_u16_to_u8(np.asarray(img)), background)
+        a = np.asarray(img)
+        if a.size and a.max() <= 255:  # 8-bit values in 32-bit integers: read as 16-bit they'd be black
+            return _from_array(np.clip(a, 0, 255).astype(np.uint8), background)
+        return _from_array(_u16_to_u8(a), background)
     if mode == "F":
         grey = np.round(np.clip(np.asarray(img, dtype=np.float64), 0, 255)).astype(np.uint8)
         return _from_array(grey, background)
