@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from fakespotter.cli import main
+from fakespotter.detector import FakeSpotter
 
 SUBCOMMANDS = ["train", "calibrate", "info", "env"]
 
@@ -119,6 +120,9 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
     assert rep["training"]["sources"]["fake"][0]["type"] == "noise"
     assert rep["training"]["counts"]["images"] == {"real": 12, "fake": 12}
     assert len(rep["model_sha256"]) == 64 and rep["failures"] == []
+    # trained on aligned chips, but it detects faces in the images given to it later, as scan does
+    assert rep["training"]["sources"]["inputs"] == "aligned chips, resized"
+    assert rep["parameters"]["aligned"] is False and FakeSpotter.load(model).aligned is False
 
     rc, out, err = run_cli(["info", str(model)], capsys)
     assert rc == 0 and "dlib_resnet_v1" in out and "operating threshold: logit" in out

@@ -65,7 +65,8 @@ def test_train_from_manifest_uses_train_and_val_splits(setup):
     det = FakeSpotter.load(setup["model"])
     t = det.training_summary_
     assert t["counts"]["train"] == {"real": 6, "fake": 6} and t["counts"]["validation"] == {"real": 2, "fake": 2}
-    assert t["sources"]["manifest"]["validation"] == "val" and det.aligned is True
+    assert t["sources"]["manifest"]["validation"] == "val" and t["sources"]["inputs"] == "aligned chips, resized"
+    assert det.aligned is False  # it detects faces in the photos given to it later, as scan does
     assert t["augmentation"] is None
 
 

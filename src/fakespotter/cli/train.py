@@ -179,8 +179,11 @@ def run(args: argparse.Namespace) -> int:
                       threshold_mode=args.threshold_mode, classifier=args.classifier, hidden=tuple(args.hidden),
                       target_fpr=args.target_fpr, target_tpr=args.target_tpr, validation_fraction=args.validation_fraction,
                       max_epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
-                      aligned=args.aligned, upsample=args.upsample, weak_face_score=args.weak_face_score,
+                      aligned=False, upsample=args.upsample, weak_face_score=args.weak_face_score,
                       detect_pixels=args.detect_pixels)
+    # aligned=False: the model detects faces in the images it is given later, as scan does, whatever
+    # its training inputs were (a photo resized as a chip scores as nonsense); those are recorded here
+    sources["inputs"] = "aligned chips, resized" if args.aligned else "faces detected and aligned"
     if plan["groups"] is not None:  # manifest groups (identity / source) instead of one group per image
         gr = np.asarray(plan["groups"][0], dtype=object)[gr].astype(str)
         gf = np.asarray(plan["groups"][1], dtype=object)[gf].astype(str)
