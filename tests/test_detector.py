@@ -355,3 +355,41 @@ def test_rows_as_numpy_and_explain_on_images(fitted, tmp_path):
         pytest.skip(f"needs the sample photos: {e}")
     ex = det.explain([str(blank), photo, str(blank)])
     assert list(ex["image_index"]) == [1] and ex["mnc"].shape == (1, len(ex["layers"]))
+
+
+def _validation_counts(det):
+    v = det.training_summary_["counts"]["validation"]
+    return v["real"], v["fake"]
+
+
+def test_groups_are_never_split_also_across_the_classes():
+    """Group sizes 1, 2, 4, 8 chips: the validation count names the groups held out. Each group
+    is held out whole, and an id found in both classes is one group: its fakes go with its
+    reals (separate ids are split per class, and then the classes differ for some seed)."""
+    sizes = [1, 2, 4, 8]
+    ids = np.repeat(list("abcd"), sizes)
+    real, fake = noise_chips(len(ids), 0, 1.0), noise_chips(len(ids), 1, 2.0)
+    same, differ = [], []
+    for seed in range(4):
+        det = FakeSpotter(hidden=(4,), max_epochs=2, seed=seed, validation_fraction=0.25)
+        r, f = _validation_counts(det.fit(real, fake, groups=(ids, ids)))
+        assert r in sizes and f in sizes  # one whole group of each class
+        same.append(r == f)
+        det = FakeSpotter(hidden=(4,), max_epochs=2, seed=seed, validation_fraction=0.25)
+        r, f = _validation_counts(det.fit(real, fake, groups=(ids, np.char.add("fake-", ids))))
+        assert r in sizes and f in sizes
+        differ.append(r != f)
+    assert all(same) and any(differ)
+
+
+def test_groups_of_images_are_one_id_per_image(tmp_path):
+    """Images (not chip batches): one group id per image, mapped to the image's chips; ids may
+    be numbers in one class and text in the other."""
+    real = [np.asarray(c) for c in noise_chips(8, 2, 1.0)]
+    fake = [np.asarray(c) for c in noise_chips(8, 3, 2.0)]
+    det = FakeSpotter(hidden=(4,), max_epochs=2, aligned=True, validation_fraction=0.25)
+    det.fit(real, fake, groups=([0, 0, 0, 0, 0, 0, 1, 2], ["x"] * 7 + ["y"]))
+    assert _validation_counts(det)[0] in (1, 6) and _validation_counts(det)[1] in (1, 7)
+    with pytest.raises(ValueError, match=r"real groups must have one id per image \(8; one per chip for chip "
+                                         r"batches\), got shape \(3,\)"):
+        FakeSpotter(aligned=True).fit(real, fake, groups=([0, 1, 2], list(range(8))))

@@ -228,8 +228,10 @@ class FakeSpotter:
         """Train on real and fake images (or chip batches).
 
         validation: optional ``(real_val, fake_val)``; else ``validation_fraction`` of each
-        class's images is held out. groups: for chip batches, ``(real_groups, fake_groups)``,
-        one id per chip (source image, identity, video): the split never separates a group.
+        class's images is held out. groups: ``(real_groups, fake_groups)``, one id per image
+        (per chip for chip batches): a source photo, identity or video. The split never
+        separates a group; an id found in both classes is one group (its fakes are held out
+        with its reals).
         sources: free-form description of where the data came from (fake types, generators,
         packages), stored in the model file's training summary.
         augment: optional ``f(chips uint8 [N, H, W, 3], stream) -> chips`` (e.g.
@@ -241,7 +243,8 @@ class FakeSpotter:
         xr, ir, nr, nr_missing = self._chips(real, "fit(real)", tap)
         xf, if_, nf, nf_missing = self._chips(fake, "fit(fake)", tap)
         if groups is not None:
-            ir, if_ = _group_index(groups[0], len(xr), "real"), _group_index(groups[1], len(xf), "fake")
+            gr, gf = _chip_groups(groups[0], nr, ir, "real"), _chip_groups(groups[1], nf, if_, "fake")
+            ir, if_ = np.unique(gr, return_inverse=True)[1], np.unique(gf, return_inverse=True)[1]
             nr, nf = int(ir.max(initial=-1)) + 1, int(if_.max(initial=-1)) + 1
         if len(xr) == 0 or len(xf) == 0:
             which = "real" if len(xr) == 0 else "fake"
@@ -249,6 +252,9 @@ class FakeSpotter:
         if validation is None:
             rng = np.random.default_rng(self.seed)
             vr, vf = self._split(ir, nr, rng), self._split(if_, nf, rng)
+            if groups is not None:  # a group in both classes: its fakes go to the side of its reals
+                side = dict(zip(gr.tolist(), vr.tolist()))
+                vf = np.array([side.get(g, v) for g, v in zip(gf.tolist(), vf.tolist())], dtype=bool)
             if vr.all() or vf.all() or not vr.any() or not vf.any():
                 raise ValueError("FakeSpotter.fit: too few images with faces to hold out a validation part of each class; give more images or a validation set (validation=)")
             tr_r, va_r, tr_f, va_f = xr[~vr], xr[vr], xf[~vf], xf[vf]
@@ -552,11 +558,13 @@ def _augmented(augment: Any, x: torch.Tensor, stream: int, tap: Tap) -> torch.Te
     return prepare_chips(np.asarray(out), tap, "fit(augment)")
 
 
-def _group_index(groups: Any, n: int, what: str) -> np.ndarray:
+def _chip_groups(groups: Any, n_images: int, image_index: np.ndarray, what: str) -> np.ndarray:
+    """The group id of each chip, as text (so 7 and "7" are one id across the classes)."""
     g = np.asarray(groups)
-    if g.shape != (n,):
-        raise ValueError(f"FakeSpotter.fit: {what} groups must have one id per chip ({n}), got shape {g.shape}")
-    return np.unique(g, return_inverse=True)[1].reshape(-1)
+    if g.shape != (n_images,):
+        raise ValueError(f"FakeSpotter.fit: {what} groups must have one id per image ({n_images}; one per chip "
+                         f"for chip batches), got shape {g.shape}")
+    return g.astype(str)[image_index]
 
 
 def _augment_summary(augment: Any) -> Optional[Dict[str, Any]]:
