@@ -222,3 +222,18 @@ def test_augmenter_is_seeded_and_attacks_a_fraction():
     assert np.array_equal(perturb.Augmenter(fraction=0.0)(x), x)
     with pytest.raises(ValueError, match="fraction must be in"):
         perturb.Augmenter(fraction=1.5)
+
+
+def test_hold_out_keeps_a_group_of_both_classes_on_one_side():
+    from fakespotter.baselines import _hold_out
+
+    groups = np.array([f"id{i}" for i in range(10)] * 2 + ["fake-only-a", "fake-only-b"])
+    y = np.array([0] * 10 + [1] * 12)
+    for seed in range(5):
+        val = _hold_out(groups, y, 0.3, seed)
+        for g in np.unique(groups):
+            assert len(set(val[groups == g].tolist())) == 1, (seed, g)  # never split, across the classes
+        assert val[y == 0].sum() == 3 and 0 < val[y == 1].sum() < 12
+    separate = np.where(y == 1, np.char.add("f-", groups), groups)  # same layout, no shared id
+    assert any(not np.array_equal(_hold_out(separate, y, 0.3, s)[:10], _hold_out(separate, y, 0.3, s)[10:20])
+               for s in range(5))

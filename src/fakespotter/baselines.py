@@ -400,7 +400,8 @@ def resolve_baselines(spec: Union[str, Sequence[str], None], model_params: Optio
 
 
 def _hold_out(groups: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask, True = validation: ``fraction`` of each class's groups, seeded."""
+    """Boolean mask, True = validation: ``fraction`` of each class's groups, seeded; a group in
+    both classes is one group (its fakes go to the side of its reals)."""
     rng = np.random.default_rng(seed)
     val = np.zeros(len(y), dtype=bool)
     for cls in (0, 1):
@@ -411,6 +412,11 @@ def _hold_out(groups: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> 
                              f"at least 2 are needed to hold out a validation part (or give a validation set: validation=)")
         chosen = set(g[rng.permutation(len(g))[:n]].tolist())
         val |= (y == cls) & np.isin(groups, list(chosen))
+    shared = (y == 1) & np.isin(groups, groups[y == 0])
+    val[shared] = np.isin(groups[shared], groups[(y == 0) & val])
+    if val[y == 1].all() or not val[y == 1].any():
+        raise ValueError("BaselineSuite.fit: the fakes share their groups with the reals, and following the reals' "
+                         "split leaves no fake on one side; give more groups or a validation set (validation=)")
     return val
 
 
@@ -419,7 +425,7 @@ class BaselineSuite:
 
     fit(chips, labels, groups=None, validation=None): without ``validation`` (chips, labels),
     ``validation_fraction`` of each class's groups (default: each chip its own group) is held
-    out, seeded, the same part for every baseline. Each baseline is fitted on the rest; its
+    out, seeded, the same part for every baseline; a group in both classes is held out whole. Each baseline is fitted on the rest; its
     operating threshold (``operating_thresholds_[name]``, a logit) is picked on the validation
     chips at ``target_fpr`` (or ``target_tpr``, the model's rule when it has one), as ``FakeSpotter``
     does. The backbone baselines share one backbone
