@@ -1,6 +1,6 @@
 // fakespotter bit layout and per-word logic, shared by the CPU kernels and the CUDA kernels.
 //
-// Bit layout (the one place it is stated in code; DESIGN.md §3):
+// Bit layout (the one place it is stated in code):
 //   * A sample's features are one row of int64 words. Feature i lives in word i / 64, bit i % 64
 //     (LSB first), so on little-endian `row.view(uint8) == numpy.packbits(bits, bitorder="little")`.
 //   * Features are numbered in logical order: element granularity -> c * S + s, where s is the

@@ -154,6 +154,15 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
     (broken / "a.png").write_bytes(b"not a png")
     rc, out, err = run_cli(["calibrate", str(broken), "--out", str(tmp_path / "t2.safetensors"), "--quiet"], capsys)
     assert rc == 2 and "no image gave a face chip (0 without a face, 1 unreadable)" in err
+    assert f"the first unreadable: {broken / 'a.png'}: ValueError:" in err  # which file, and why
+    rc, out, err = run_cli(["train", "--real", str(broken), "--fake", str(fake), "--aligned", "--out",
+                            str(tmp_path / "m2.fsm"), "--quiet"], capsys)
+    assert rc == 2 and "no real image gave a face chip (0 without a face, 1 unreadable)" in err
+    assert f"the first unreadable: {broken / 'a.png'}: ValueError:" in err
+    rc, out, err = run_cli(["calibrate", str(real), str(real / "."), "--aligned", "--out", str(tmp_path / "t3.safetensors"),
+                            "--quiet"], capsys)
+    assert rc == 2 and "12 images are listed more than once in the images" in err
+    assert not (tmp_path / "t3.safetensors").exists()
 
 
 def test_env(capsys):

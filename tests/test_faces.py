@@ -114,7 +114,12 @@ def test_float_and_cmyk_modes():
     assert out.shape == (8, 8, 3) and out[..., 0].max() < 20 and out[..., 1].min() > 235
 
 
-def test_bad_inputs_are_rejected_with_clear_errors():
+def test_bad_inputs_are_rejected_with_clear_errors(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.jpg is empty \(0 bytes\)"):
+        F.load_image(tmp_path / "empty.jpg")
+    with pytest.raises(ValueError, match=r"the image bytes are empty \(0 bytes\)"):
+        F.load_image(b"")
     with pytest.raises(TypeError, match="arrays must be uint8 or uint16, got dtype float32"):
         F.load_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match=r"got shape \(4, 4, 2\)"):

@@ -170,6 +170,17 @@ def test_resnet_checkpoint_errors(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "pickle.pth")
     with pytest.raises(CheckpointError, match="pickle.pth: cannot read checkpoint"):
         get_backbone("resnet18", checkpoint=tmp_path / "pickle.pth").module
+    with pytest.raises(ValueError, match=r"backbone 'resnet50' has no weights of its own; give checkpoint=PATH"):
+        get_backbone("resnet50")
+
+
+def test_cli_backbone_without_weights_is_a_usage_error(tmp_path, capsys):
+    from fakespotter.cli import main
+
+    (tmp_path / "a.png").write_bytes(b"")
+    rc = main(["calibrate", str(tmp_path), "--backbone", "resnet50", "--out", str(tmp_path / "t.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "backbone 'resnet50' has no weights of its own; give checkpoint=PATH" in err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The model file: one safetensors file, tensors plus a JSON metadata header (DESIGN.md §7).
+"""The model file: one safetensors file, tensors plus a JSON metadata header.
 
 Layout: the safetensors header's ``__metadata__`` holds two strings,
 

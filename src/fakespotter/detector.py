@@ -1,5 +1,5 @@
 """The FakeSpotter detector: backbone + tap (layers, granularity, thresholds) + bitset classifier
-+ an operating threshold. The embedding API (DESIGN.md §9).
++ an operating threshold. The embedding API.
 
 >>> det = FakeSpotter(granularity="channel").fit(real_images, fake_images)   # doctest: +SKIP
 >>> det.predict(["photo.jpg"])                                               # doctest: +SKIP
@@ -269,7 +269,7 @@ class FakeSpotter:
             tr_r = _augmented(augment, tr_r, 0, tap)
             tr_f = _augmented(augment, tr_f, 1, tap)
 
-        # Thresholds from the training chips of both classes (DESIGN.md §2).
+        # Thresholds from the training chips of both classes (paper Eq. 1: calibration.py).
         calibrator = ThresholdCalibrator(tap, mode=self.threshold_mode)
         for part in (tr_r, tr_f):
             for start in range(0, len(part), self.batch_size):

@@ -183,15 +183,20 @@ def load_image(image: ImageInput, background: Sequence[int] = (0, 0, 0)) -> np.n
     if isinstance(image, Image.Image):
         return _from_pil(image, bg)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(image)), f"{len(image)} bytes", bg)
+        data = bytes(image)
+        if not data:
+            raise ValueError("load_image: the image bytes are empty (0 bytes)")
+        return _decode(io.BytesIO(data), f"{len(data)} bytes", bg)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         try:
-            regular = stat.S_ISREG(path.stat().st_mode)
+            st = path.stat()
         except OSError as e:
             raise type(e)(e.errno, f"load_image: {path}: {e.strerror}") from None
-        if not regular:  # a FIFO or device would block Pillow, or never end
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block Pillow, or never end
             raise ValueError(f"load_image: {path} is not a regular file")
+        if st.st_size == 0:
+            raise ValueError(f"load_image: {path} is empty (0 bytes)")
         return _decode(path, str(path), bg)
     raise TypeError(f"load_image: expected a path, bytes, PIL image or numpy array, "
                     f"got {type(image).__name__}")

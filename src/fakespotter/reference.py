@@ -2,7 +2,7 @@
 
 Each function has the signature and the results of its ``torch.ops.fakespotter`` counterpart,
 bit for bit, on any device. They are written for clarity, not speed. The bit layout and the
-channel-mean summation order are those stated in ``csrc/bitpack.h`` (and DESIGN.md §2-3):
+channel-mean summation order are those stated in ``csrc/bitpack.h``:
 
 * feature ``i`` of a row lives in word ``i // 64``, bit ``i % 64`` (LSB first); padding bits are 0;
 * element granularity numbers features ``c * S + s`` (``s`` row-major over the spatial dims);

@@ -1,4 +1,4 @@
-"""Scanning corpora (DESIGN.md §8): one record per input image, in input order, streaming.
+"""Scanning corpora: one record per input image, in input order, streaming.
 
 >>> for record in scan(["photos/", "more.tar"], "detector.fsm"):     # doctest: +SKIP
 ...     print(record["path"], record["status"], record["score"], record["label"])

@@ -1,4 +1,4 @@
-"""Taps: run a backbone and pack its monitored layers into one row of bits (DESIGN.md §5).
+"""Taps: run a backbone and pack its monitored layers into one row of bits.
 
 A :class:`Tap` wraps a backbone and a list of monitored layers (qualified module names). Its
 ``forward(x)`` returns ``int64 [N, layout.total_words]``: each layer's activation is thresholded

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..data import list_images
 
@@ -151,8 +151,8 @@ def add_class_sources(p: argparse.ArgumentParser, default_split: str) -> None:
     """--real / --fake sources with the name of each fake type, or --manifest with --split
     (train, evaluate, robustness); :func:`class_mode` checks that exactly one is given."""
     p.add_argument("--real", nargs="+", default=None, metavar="DIR",
-                   help="folders (searched recursively) or @file lists of real images (default: none; give "
-                        "--real and --fake, or --manifest)")
+                   help="folders (searched recursively) or @file lists of real images (relative paths in a list "
+                        "are relative to the list's folder) (default: none; give --real and --fake, or --manifest)")
     p.add_argument("--fake", nargs="+", default=None, metavar="DIR",
                    help="folders or @file lists of fake images, one per fake type (default: none; give --real "
                         "and --fake, or --manifest)")
@@ -234,16 +234,21 @@ def load_chips(paths: List[Path], how: Any, size: int, label: str, quiet: bool, 
     return array, np.asarray(index, dtype=np.int64), no_face
 
 
-def no_chips_error(what: str, images: int, no_face: int, aligned: bool) -> Exception:
+def no_chips_error(what: str, images: int, no_face: int, aligned: bool, unreadable: Sequence[dict] = ()
+                   ) -> Exception:
     """The usage error for inputs that gave no face chip at all: ``images`` images, of which
-    ``no_face`` were read and had no face (the rest were unreadable)."""
+    ``no_face`` were read and had no face (the rest were unreadable; ``unreadable``: their
+    ``{"path", "error"}``, the first is named)."""
     hint = "" if aligned else " or pass --aligned"
+    first = f"; the first unreadable: {unreadable[0]['path']}: {unreadable[0]['error']}" if unreadable else ""
     return usage_error(f"no {what} gave a face chip ({no_face} without a face, {images - no_face} unreadable); "
-                       f"check the inputs{hint}")
+                       f"check the inputs{hint}{first}")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="dlib_resnet_v1", help="backbone id (default: %(default)s)")
+    p.add_argument("--backbone", default="dlib_resnet_v1",
+                   help="backbone id; the command line runs those with weights of their own (the resnet ids need "
+                        "a checkpoint: Python API) (default: %(default)s)")
     p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                    help="monitored layers (default: the backbone's: every post-ReLU output and the descriptor)")
     p.add_argument("--granularity", choices=["channel", "element"], default="channel",

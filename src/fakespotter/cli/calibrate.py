@@ -8,14 +8,16 @@ import argparse
 
 import numpy as np
 
-from ._common import (Progress, add_model_args, check_detection_args, images_of, log, no_chips_error, usage_error,
-                      writable_output)
+from ._common import (Progress, add_model_args, check_detection_args, check_once, images_of, log, no_chips_error,
+                      usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="estimate per-layer (or per-neuron) thresholds from images",
                        description=__doc__.replace("``", ""))
-    p.add_argument("images", nargs="+", metavar="SOURCE", help="folders (recursive), @file lists or image files")
+    p.add_argument("images", nargs="+", metavar="SOURCE",
+                   help="folders (recursive), @file lists (relative paths in a list are relative to the list's "
+                        "folder) or image files")
     p.add_argument("--out", required=True, help="the thresholds file to write (safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
     add_model_args(p)
@@ -26,6 +28,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     paths = images_of(args.images, "calibrate")
+    check_once(paths, "the images")  # a repeat would count twice in the means
     if args.upsample < 0:
         raise usage_error(f"--upsample must be >= 0, got {args.upsample}")
     if args.batch_size < 1:
@@ -44,15 +47,15 @@ def run(args: argparse.Namespace) -> int:
 
     calibrator = ThresholdCalibrator(tap, mode=args.threshold_mode)
     progress = Progress(len(paths), "calibrating", args.quiet)
-    pending, failures = [], 0
+    pending, failures = [], []
     for path in paths:
         try:
             c = chips([str(path)], aligned=args.aligned, size=tap, upsample=args.upsample,
                       weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels)
             pending.extend(list(c.array))
         except Exception as e:
-            failures += 1
-            log(f"unreadable: {path}: {type(e).__name__}: {e}", args.quiet)
+            failures.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
+            log(f"unreadable: {path}: {failures[-1]['error']}", args.quiet)
         if len(pending) >= args.batch_size:
             calibrator.partial_fit(np.stack(pending))
             pending = []
@@ -61,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         calibrator.partial_fit(np.stack(pending))
     progress.close()
     if not hasattr(calibrator, "thresholds_"):
-        raise no_chips_error("image", len(paths), len(paths) - failures, args.aligned)
+        raise no_chips_error("image", len(paths), len(paths) - len(failures), args.aligned, failures)
     calibrator.thresholds_.save(out)  # written to a temporary file, then renamed over any old one
     print(f"wrote {out}: {args.threshold_mode} thresholds of {len(tap.layers)} layers from "
-          f"{calibrator.n_images_} face chips ({failures} unreadable images)")
+          f"{calibrator.n_images_} face chips ({len(failures)} unreadable images)")
     return 1 if failures else 0

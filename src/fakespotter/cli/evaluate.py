@@ -249,9 +249,11 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
         size = int(det.tap_.preprocessing.size[0])
         chips = {}
         for label in ("real", "fake"):
+            before = len(failures)
             x, index, no_face = load_chips(train[label], det, size, f"training {label}", args.quiet, failures)
             if len(x) == 0:
-                raise no_chips_error(f"{label} training image", len(train[label]), no_face, det.aligned)
+                raise no_chips_error(f"{label} training image", len(train[label]), no_face, det.aligned,
+                                     failures[before:])
             g = train[f"{label}_groups"]
             chips[label] = (x, index if g is None else np.asarray(g, dtype=object)[index].astype(str))
         xr, gr = chips["real"]

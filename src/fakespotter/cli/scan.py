@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("scan", help="scan images, folders, file lists and tar archives for synthesized faces",
                        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="image files, folders (recursive), @list.txt file lists, - (a list on stdin), tar archives")
+                   help="image files, folders (recursive), @list.txt file lists (relative paths in a list are relative "
+                        "to the list's folder), - (a list on stdin, relative to the working folder), tar archives")
     p.add_argument("--model", default="default",
                    help="a model file written by 'fakespotter train' (default: %(default)s, the embedded "
                         "default detector: a reference model whose real faces are mostly one source's; "

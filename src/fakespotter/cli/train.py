@@ -163,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     xf, gf, nf_missing = extract(fake_paths, "fake", args, plan["size"], failures)
     for label, x, n, missing in (("real", xr, len(real_paths), nr_missing), ("fake", xf, len(fake_paths), nf_missing)):
         if len(x) == 0:
-            raise no_chips_error(f"{label} image", n, missing, args.aligned)
+            paths = {str(p) for p in (real_paths if label == "real" else fake_paths)}
+            raise no_chips_error(f"{label} image", n, missing, args.aligned,
+                                 [f for f in failures if f["path"] in paths])
     validation = None
     if plan["val"] is not None:
         vr = extract(plan["val"][0], "validation real", args, plan["size"], failures)[0]
