@@ -83,7 +83,10 @@ RECORD_FIELDS = ("path", "size", "sha256", "status", "width", "height", "frames"
 STATUSES = ("ok", "no_face", "error")
 FORMATS = ("jsonl", "csv", "parquet")
 
-STALL_FLUSH_S = 10.0  # a partial batch is scored after this long without a decoded image
+# Faces that have waited this long for a full batch are scored in a partial one (zero-padded: the
+# same scores, at the cost of at most one extra forward per period), and records are given out at
+# least this often: slow images (large photos) are written as they go.
+STALL_FLUSH_S = 30.0
 
 _CRASH_ENV = "FAKESPOTTER_SCAN_TEST_CRASH"  # tests: a worker exits hard on paths ending with this
 _START_CRASH = ":start:"  # ... or as it starts, when the variable says this
@@ -501,10 +504,11 @@ class _Forward:
 
 
 class _Pending:
-    __slots__ = ("res", "logits", "left")
+    __slots__ = ("res", "logits", "left", "t")
 
-    def __init__(self, res: Dict[str, Any]):
+    def __init__(self, res: Dict[str, Any], t: float):
         self.res = res
+        self.t = t  # when it was decoded
         n = 0 if res["chips"] is None else len(res["chips"])
         self.logits: List[float] = [math.nan] * n
         self.left = n
@@ -559,8 +563,9 @@ class ScanRun:
 
     def batches(self) -> Iterator[List[Dict[str, Any]]]:
         """The records in groups: a group ends where a backbone forward finished (or after
-        ``batch_size`` records without one); a writer flushes and syncs once per group. A
-        partial batch is scored when no image was decoded for :data:`STALL_FLUSH_S` seconds.
+        ``batch_size`` records without one); a writer flushes and syncs once per group. Faces
+        and records are held at most about :data:`STALL_FLUSH_S` seconds (then a partial batch
+        is scored), so slow images (large photos) are written as they go.
         A scan runs once: iterate either the records or the groups."""
         if self._active is not None:
             raise RuntimeError("ScanRun: this scan has already started; call scan() again to rescan")
@@ -594,41 +599,38 @@ class ScanRun:
 
         B = self._batch_size
         window = -(-(B + 2 * self._workers) // 4) + 2 * self._workers
-        decoded = _decoded(self._entries, self._cfg, self._workers, chunk=4, window=max(window, 1),
-                           poll=STALL_FLUSH_S)
+        decoded = _decoded(self._entries, self._cfg, self._workers, chunk=4, window=max(window, 1), poll=1.0)
         done = object()
+        written = time.perf_counter()  # when a group was last given out
         try:
             while True:
                 t0 = time.perf_counter()
                 nxt = next(decoded, done)
-                st["wait_s"] += time.perf_counter() - t0
+                now = time.perf_counter()
+                st["wait_s"] += now - t0
                 if nxt is done:
                     break
-                if nxt is None:  # the workers have delivered nothing for a while: score what is there
-                    if chips:
-                        forward(len(chips))
-                    emit()
-                    if out:
-                        finish_stats()
-                        yield out
-                        out = []
-                    continue
-                _, res = nxt
-                st["decode_faces_s"] += res.get("seconds", 0.0)
-                p = _Pending(res)
-                queue.append(p)
-                if res["chips"] is not None:
-                    chips.extend((p, j, c) for j, c in enumerate(res["chips"]))
-                    res["chips"] = None
+                if nxt is not None:  # else: a second without a decoded image
+                    _, res = nxt
+                    st["decode_faces_s"] += res.get("seconds", 0.0)
+                    p = _Pending(res, now)
+                    queue.append(p)
+                    if res["chips"] is not None:
+                        chips.extend((p, j, c) for j, c in enumerate(res["chips"]))
+                        res["chips"] = None
                 ran = False
                 while len(chips) >= fwd.batch_size:
                     forward(fwd.batch_size)
                     ran = True
+                if chips and now - chips[0][0].t >= STALL_FLUSH_S:  # slow images: score the faces there
+                    forward(len(chips))
+                    ran = True
                 emit()
-                if out and (ran or len(out) >= fwd.batch_size):
+                if out and (ran or len(out) >= fwd.batch_size or now - written >= STALL_FLUSH_S):
                     finish_stats()
                     yield out
                     out = []
+                    written = time.perf_counter()
             while chips:
                 forward(min(fwd.batch_size, len(chips)))
             emit()
