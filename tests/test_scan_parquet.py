@@ -216,3 +216,45 @@ def test_without_pyarrow_the_message_says_what_to_install(corpus, model, tmp_pat
     with pytest.raises(ImportError, match=r"the parquet format needs pyarrow.*pip install pyarrow"):
         RecordWriter(tmp_path / "p", "parquet")
     assert main(cli(corpus, model, tmp_path / "o.jsonl", "--limit", "2")) == 0  # the other formats need none
+
+
+def _locked_by_someone(path):
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_parquet_folder_is_locked_from_its_creation_and_a_second_scan_is_refused(corpus, model, reference,
+                                                                                   tmp_path, capsys):
+    """The folder a scan creates is locked at once (it used to be locked only when it existed
+    before), and a second scan that would resume or replace it is refused before it reads it."""
+    import fcntl
+
+    out = tmp_path / "o.parquet"
+    w = RecordWriter(out, "parquet", "new")
+    assert _locked_by_someone(out)
+    w.write(reference[:3])
+    w.close()
+    assert not _locked_by_someone(out)
+    fd = os.open(out, os.O_RDONLY)  # another scan writing it
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        for flag in ("--resume", "--overwrite"):
+            rc = main(cli(corpus, model, out, flag))
+            err = capsys.readouterr().err
+            assert rc == 2 and err.startswith("fakespotter scan: error: ") and len(err.strip().splitlines()) == 1
+            assert "is being written by another scan" in err
+    finally:
+        os.close(fd)
+    assert [r for r in read_records(out, "parquet")] == reference[:3]
+    # a resume that fails once it holds the lock lets go of it
+    with pytest.raises(ValueError, match="changed since its state was read"):
+        ParquetParts(out, "resume", resume_state(out, "parquet")._replace(parts=5))
+    assert not _locked_by_someone(out)

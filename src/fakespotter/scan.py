@@ -990,7 +990,6 @@ class RecordWriter:
             raise ValueError(f"RecordWriter: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
         self.fmt = fmt
         self._fd: Optional[int] = None
-        self._lock_fd: Optional[int] = None
         self._parts: Optional[ParquetParts] = None
         if fmt == "parquet":
             if not isinstance(target, (str, os.PathLike)):
@@ -998,8 +997,6 @@ class RecordWriter:
                                  "not a stream")
             if mode == "resume" and state is None:
                 raise ValueError("RecordWriter: mode 'resume' needs the state of the existing output")
-            if os.path.isdir(target):
-                self._lock_fd = _lock(os.open(target, os.O_RDONLY), target)
             self._parts = ParquetParts(target, mode, state, part_rows=part_rows, part_seconds=part_seconds)
             return
         if not isinstance(target, (str, os.PathLike)):
@@ -1042,9 +1039,6 @@ class RecordWriter:
     def close(self) -> None:
         if self._parts is not None:
             self._parts.close()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
             return
         if self._fd is not None:
             self._sync()
@@ -1068,6 +1062,17 @@ def _lock(fd: int, target: Any) -> int:
         raise OutputBusy(f"{target} is being written by another scan (it holds the output's lock); let that "
                          f"one finish or stop it first") from None
     return fd
+
+
+def check_not_busy(path: Union[str, Path]) -> None:
+    """:class:`OutputBusy` when another scan holds the lock of the output ``path`` (a file or a
+    Parquet folder), e.g. before reading it to resume or replace it; nothing when it is free or
+    does not exist. (The writer takes the lock for good: this only says so sooner.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    os.close(_lock(fd, path))
 
 
 def write_stats(path: Union[str, Path], stats: Dict[str, Any]) -> None:
@@ -1262,35 +1267,30 @@ class ParquetParts:
         self._schema = parquet_schema()
         self._part_rows, self._part_seconds, self._group_rows = part_rows, float(part_seconds), row_group_rows
         self._next = 0
-        if mode == "new":
-            self.folder.mkdir()
-        elif mode == "overwrite":
-            if self.folder.is_dir():
-                parts, unfinished = _parquet_listing(self.folder)  # OutputMismatch: not ours, keep it
-                for p in [*parts.values(), *unfinished]:
-                    p.unlink()
-            else:
-                if self.folder.exists() or self.folder.is_symlink():
-                    self.folder.unlink()
-                self.folder.mkdir()
-        elif mode == "resume":
-            if not self.folder.exists():
-                self.folder.mkdir()
-            else:
-                keep, drop = _parquet_scan(self.folder)
-                if state is not None and len(keep) != state.parts:
-                    raise ValueError(f"ParquetParts: {self.folder} changed since its state was read "
-                                     f"({len(keep)} complete parts, the state says {state.parts})")
-                for p in drop:
-                    p.unlink()
-                self._next = len(keep)
-        else:
-            raise ValueError(f"ParquetParts: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
-        _fsync_dir(self.folder)
+        self._lock_fd: Optional[int] = None
         self._writer: Any = None
         self._rows = 0  # records in the open part, buffered ones included
         self._buf: List[Dict[str, Any]] = []
         self._opened = 0.0
+        if mode not in ("new", "overwrite", "resume"):
+            raise ValueError(f"ParquetParts: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
+        if mode == "new" or not self.folder.is_dir():
+            if mode == "overwrite" and (self.folder.exists() or self.folder.is_symlink()):
+                self.folder.unlink()
+            try:
+                self.folder.mkdir()
+            except FileExistsError:
+                raise OutputBusy(f"{self.folder} appeared after the scan checked it (another scan writing it?); "
+                                 f"refusing to touch it") from None
+            self._lock()
+        else:  # locked before anything in it is read or deleted
+            self._lock()
+            try:
+                self._next = self._clear(mode, state)
+            except BaseException:
+                self.close()
+                raise
+        _fsync_dir(self.folder)
 
     def _unfinished(self) -> Path:
         return self.folder / f".{_part_name(self._next)}.inprogress"
@@ -1336,6 +1336,32 @@ class ParquetParts:
         if self._rows >= self._part_rows or time.monotonic() - self._opened >= self._part_seconds:
             self._close_part()
 
+    def _clear(self, mode: str, state: Optional[ResumeState]) -> int:
+        """Make an existing folder ready to write in: ``overwrite`` deletes its parts (refusing a
+        folder that holds anything else), ``resume`` deletes all but the complete parts.
+        Returns the number of the first part to write."""
+        if mode == "overwrite":
+            parts, unfinished = _parquet_listing(self.folder)  # OutputMismatch: not ours, keep it
+            for p in [*parts.values(), *unfinished]:
+                p.unlink()
+            return 0
+        keep, drop = _parquet_scan(self.folder)
+        if state is not None and len(keep) != state.parts:
+            raise ValueError(f"ParquetParts: {self.folder} changed since its state was read "
+                             f"({len(keep)} complete parts, the state says {state.parts})")
+        for p in drop:
+            p.unlink()
+        return len(keep)
+
+    def _lock(self) -> None:
+        """Hold the folder's lock (:func:`_lock`) until :meth:`close`: one scan writes it at a time."""
+        self._lock_fd = _lock(os.open(self.folder, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), self.folder)
+
     def close(self) -> None:
-        """Close the open part (its records become durable)."""
-        self._close_part()
+        """Close the open part (its records become durable) and release the folder's lock."""
+        try:
+            self._close_part()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None

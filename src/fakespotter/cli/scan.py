@@ -139,6 +139,12 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             else:
                 raise usage_error(f"output {out} already exists; pass --resume to continue that scan "
                                   f"or --overwrite to replace it")
+            from ..scan import OutputBusy, check_not_busy
+
+            try:  # before its records are read for --resume
+                check_not_busy(out)
+            except OutputBusy as e:
+                raise usage_error(str(e)) from None
         else:
             _check_stats_file(Path(str(out) + ".stats.json"))
         _refuse_input_as_output(args.paths, out)
