@@ -238,6 +238,14 @@ def test_list_files_in_any_bytes_and_from_pipes(corpus, model, tmp_path, capsys)
     run = subprocess.run(cmd + ["--resume"], input=bytes(listing.read_bytes()), capture_output=True)
     assert run.returncode == 0, run.stderr.decode()
     assert [r["path"] for r in jsonl(out)] == [str(good), str(odd)]
+    # @/dev/stdin redirected from a file (a regular file then): still relative to the working folder, not to /dev
+    rel = tmp_path / "rel.txt"
+    rel.write_text(f"{good.relative_to(corpus)}\n")
+    with open(rel, "rb") as stdin:
+        run = subprocess.run([*cmd[:10], "--format", "jsonl", "--quiet"], stdin=stdin, capture_output=True,
+                             cwd=corpus)
+    assert run.returncode == 0, run.stderr.decode()
+    assert [json.loads(line)["path"] for line in run.stdout.decode().splitlines()] == [str(good.relative_to(corpus))]
     # CSV on a stdout that is strict UTF-8: the name's bytes, as in a CSV file
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     run = subprocess.run([*cmd[:4], f"@{listing}", *cmd[5:10], "--format", "csv", "--quiet"], capture_output=True,

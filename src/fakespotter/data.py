@@ -160,8 +160,11 @@ def open_list(listing: Union[str, Path]) -> IO[str]:
 
 def _list_base(listing: str) -> str:
     """The folder relative paths of a file list start from: the list's own, or the working
-    folder for a list that is no regular file (a pipe: ``@/dev/stdin``, ``@<(find ...)``)."""
-    return os.path.dirname(listing) if os.path.isfile(listing) else ""
+    folder for a list that is no regular file (a pipe: ``@/dev/stdin``, ``@<(find ...)``) or
+    is a file descriptor's name (``@/dev/stdin < list.txt``: the folder of /dev/stdin is no
+    list's folder)."""
+    descriptor = os.path.abspath(listing).startswith(("/dev/", "/proc/"))
+    return os.path.dirname(listing) if os.path.isfile(listing) and not descriptor else ""
 
 
 def iter_images(source: Union[str, Path], what: str = "input") -> Iterator[Path]:
