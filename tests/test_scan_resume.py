@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fakespotter import data as D
 from fakespotter.cli import main
 from fakespotter.faces import WEAK_FACE_SCORE
 from fakespotter.scan import RECORD_FIELDS, _line, scan
@@ -151,6 +152,25 @@ def test_resume_with_limit_and_changed_listing(small, model, tmp_path):
     assert main(cli(corpus, model, out2, "--resume")) == 1
     got = out2.read_text().splitlines(keepends=True)
     assert got[:6] == shuffled and sorted(got) == sorted(lines) and len(got) == len(lines)
+
+
+def test_an_input_listed_twice_keeps_both_records_when_a_resume_skips_by_path(small, model, tmp_path):
+    """Skipping by path, each record stands for one input: a file listed twice whose second
+    record is missing is scanned again, not taken as done."""
+    corpus, _ = small
+    twice = str(D.list_images(corpus)[0])
+    ref = tmp_path / "ref.jsonl"
+    args = cli(corpus, model, ref)
+    assert main([*args[:2], twice, *args[2:]]) == 1
+    lines = ref.read_text().splitlines(keepends=True)
+    assert [json.loads(line)["path"] for line in lines].count(twice) == 2
+    out = tmp_path / "o.jsonl"
+    assert json.loads(lines[0])["path"] == twice
+    out.write_text(lines[0] + "".join(lines[2:-1]))  # not a prefix: skip by path; the second `twice` missing
+    args = cli(corpus, model, out, "--resume")
+    assert main([*args[:2], twice, *args[2:]]) == 1
+    got = out.read_text().splitlines(keepends=True)
+    assert sorted(got) == sorted(lines)
 
 
 def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):

@@ -367,23 +367,31 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
     else:
         log(f"scan: the {state.records} records of {out} are not the first inputs of this listing (the inputs "
             f"changed?); skipping inputs by path instead", args.quiet)
-        plan["exclude"] = _Keys(set(output_paths(out, fmt)), fmt)
+        plan["exclude"] = _Keys(output_paths(out, fmt), fmt)
     return plan
 
 
 class _Keys:
     """The inputs an output holds records of, matched whatever the path's spelling (``d/x.jpg``,
-    ``./d/x.jpg``, ``$PWD/d/x.jpg``; tar members by their archive's path)."""
+    ``./d/x.jpg``, ``$PWD/d/x.jpg``; tar members by their archive's path). Each record stands
+    for one input: ``path in keys`` uses one up, so an input listed twice with one record
+    is scanned once more. Ask once per input, in listing order (as ``scan(exclude=)`` does)."""
 
     def __init__(self, keys, fmt):
+        from collections import Counter
+
         from ..scan import input_key
 
-        self.keys, self.fmt = {input_key(k) for k in keys}, fmt
+        self.left, self.fmt = Counter(input_key(k) for k in keys), fmt
 
     def __contains__(self, path) -> bool:
         from ..scan import input_key, path_key
 
-        return input_key(path_key(path, self.fmt)) in self.keys
+        key = input_key(path_key(path, self.fmt))
+        if self.left[key] <= 0:
+            return False
+        self.left[key] -= 1
+        return True
 
 
 def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
