@@ -157,6 +157,54 @@ def test_resume_redoes_only_what_is_missing(shards, corpus, model, local, tmp_pa
     # nothing left to do: a second resume scans nothing and starts no work
     again = ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume")
     assert again["images"] == 0 and again["resumed_records"] == 27 and again["complete"]
+    with pytest.raises(ShardsError, match="already holds 27 records, more than --limit 3"):
+        ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume", limit=3)
+
+
+def test_what_a_resume_scans_an_input_listed_twice_and_changed_inputs():
+    """By index while every record sits at its input's place (an input listed twice is two
+    inputs); by path, one input per record, once the inputs changed, the new records numbered
+    after the old ones (they merge at the end, as the local engine appends them)."""
+    from types import SimpleNamespace
+
+    from fakespotter.scan_ray import _to_scan
+
+    def run(paths, done):
+        notes = []
+        got = [(i, e.path) for i, e in _to_scan([SimpleNamespace(path=p) for p in paths], done, Path("o"),
+                                                notes.append)]
+        return got, notes
+
+    assert run(["a", "b", "b", "c"], [(0, "a"), (2, "b")]) == ([(1, "b"), (3, "c")], [])
+    assert run(["a", "b", "./b"], [(1, "b")]) == ([(0, "a"), (2, "./b")], [])  # another spelling: its own place
+    got, notes = run(["x", "a", "b", "b", "c"], [(0, "a"), (1, "b"), (2, "b")])  # x inserted first
+    assert got == [(3, "x"), (7, "c")] and "not at their inputs' places" in notes[0]
+    got, _ = run(["a", "b", "b"], [(0, "a"), (5, "b")])  # an earlier changed-input resume put b at 5
+    assert got == [(8, "b")]
+
+
+def test_merge_keeps_both_records_of_an_input_listed_twice_and_says_when_a_shard_is_missing(shards, tmp_path,
+                                                                                             capsys):
+    src, stats = shards
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    shutil.copy(src / "scan.json", twice / "scan.json")
+    recs = [dict(r, index=i) for i, r in enumerate(list(read_shards(src))[:3])]
+    recs.insert(1, dict(recs[0], index=1))  # the first input listed twice in a row
+    for i, r in enumerate(recs[2:], 2):
+        r["index"] = i
+    (twice / "part-001-000000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert [r["path"] for r in read_shards(twice)] == [r["path"] for r in recs]
+    (twice / "part-001-000001.jsonl").write_text(json.dumps(recs[2]) + "\n")  # the same record again: once
+    assert len(list(read_shards(twice))) == 4
+    missing = tmp_path / "missing"
+    shutil.copytree(src, missing)
+    lost = sorted(missing.glob("part-*.jsonl"))[1]
+    n = sum(1 for _ in open(lost))
+    lost.unlink()
+    assert main(["merge", str(missing), str(tmp_path / "m.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert f"wrote 27 records, but its shards hold {27 - n} (a shard was deleted?)" in err and "--resume" in err
 
 
 def test_a_folder_another_scan_writes_is_refused(shards, corpus, model, tmp_path):
@@ -267,6 +315,8 @@ def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys
     cases = [
         (base + ["--engine", "ray"], "give it with --out FOLDER"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--format", "csv"], "writes JSONL shards"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--format", "parquet"], "is for the local engine"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o.csv")], "names a .csv file; give a folder name"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--workers", "2"], "--workers is an option of --engine local"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--fail-fast"], "--fail-fast is an option"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--actors", "0"], "--actors must be >= 1"),

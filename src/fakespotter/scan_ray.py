@@ -33,6 +33,7 @@ read by the driver and shipped to the actors, and the output is written by the d
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import json
@@ -116,7 +117,8 @@ def _read_shard(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
 def read_shards(folder: Union[str, Path]) -> Iterator[Dict[str, Any]]:
     """The records of a shards folder in input-listing order (a streaming k-way merge of the
     shards, each sorted by ``index``; few shards are open at once since shards are written in
-    roughly listing order). Records lose their ``index``; a path met twice is yielded once."""
+    roughly listing order). Records lose their ``index``; a record met twice (the same index and
+    path) is yielded once, while an input listed twice keeps both its records."""
     folder = Path(folder)
     _read_manifest(folder, required=True)
     firsts = []
@@ -128,20 +130,20 @@ def read_shards(folder: Union[str, Path]) -> Iterator[Dict[str, Any]]:
     heap: List[Tuple[Tuple[int, str], int, Dict[str, Any], Iterator]] = []
     serial = itertools.count()  # ties never compare the dicts
     k = 0
-    last_path: Optional[str] = None
+    last: Optional[Tuple[int, str]] = None
     while heap or k < len(firsts):
         while k < len(firsts) and (not heap or firsts[k][0] <= heap[0][0]):
             it = _read_shard(Path(firsts[k][1]))
             i, r = next(it)
             heapq.heappush(heap, ((i, r["path"]), next(serial), r, it))
             k += 1
-        _, _, r, it = heapq.heappop(heap)
+        key, _, r, it = heapq.heappop(heap)
         nxt = next(it, None)
         if nxt is not None:
             heapq.heappush(heap, ((nxt[0], nxt[1]["path"]), next(serial), nxt[1], it))
-        if r["path"] != last_path:
+        if key != last:  # the same input's record twice (index and path): once
             yield r
-        last_path = r["path"]
+        last = key
 
 
 def merge_shards(folder: Union[str, Path], target: Union[str, Path, IO[str]], fmt: str = "jsonl",
@@ -209,10 +211,10 @@ def _ours(folder: Path) -> List[Path]:
 
 
 def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
-                   ) -> Tuple[Dict[str, Any], set, Dict[str, int]]:
+                   ) -> Tuple[Dict[str, Any], List[Tuple[int, str]], Dict[str, int]]:
     """Check the output folder for ``mode`` (``new``: absent or empty; ``overwrite``: our files
     will be deleted; ``resume``: a folder of the same settings, or absent / empty) before any
-    work. Returns the manifest to write, the set of paths whose records are already there and
+    work. Returns the manifest to write, the ``(index, path)`` of each record already there and
     the counts of those records per status."""
     out = Path(out)
     if mode not in ("new", "overwrite", "resume"):
@@ -222,7 +224,7 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
     if not out.exists() and not out.parent.is_dir():
         raise ShardsError(f"output {out}: folder {out.parent} does not exist")
     manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, **settings, "runs": 1}
-    done: set = set()
+    done: List[Tuple[int, str]] = []
     counts = {s: 0 for s in STATUSES}
     if not out.exists() or not any(out.iterdir()):
         return manifest, done, counts
@@ -244,8 +246,8 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
                           ", ".join(f"{k} {old.get(k, _SETTINGS_BEFORE.get(k))!r} there, {settings[k]!r} now"
                                     for k in diff))
     for p in _shard_files(out):
-        for _, r in _read_shard(p):
-            done.add(r["path"])
+        for index, r in _read_shard(p):
+            done.append((index, r["path"]))
             counts[r["status"]] += 1
     manifest["runs"] = int(old.get("runs", 1)) + 1
     return manifest, done, counts
@@ -388,7 +390,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
              weak_face_score: float = WEAK_FACE_SCORE, detect_pixels: int = DETECT_PIXELS,
              stdin: Optional[IO[str]] = None,
              progress: Optional[Callable[[int], None]] = None, show_ray_progress: bool = False,
-             _crash_marker: Optional[str] = None) -> Dict[str, Any]:
+             log: Optional[Callable[[str], None]] = None, _crash_marker: Optional[str] = None) -> Dict[str, Any]:
     """Scan images on a Ray cluster into a folder of record shards; returns the run's stats.
 
     inputs, aligned, batch_size, pixel_limit, limit, upsample, weak_face_score, detect_pixels: as
@@ -398,7 +400,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         :func:`~fakespotter.scan.scan`) or a fitted ``FakeSpotter`` (read here, shipped to the actors).
     out: the output folder (created; its parent must exist).
     mode: ``new`` (``out`` absent or empty), ``overwrite`` (delete the scan files there first)
-        or ``resume`` (skip the inputs whose records ``out`` holds; same model and settings).
+        or ``resume`` (skip the inputs whose records ``out`` holds; same model and settings; an
+        input listed twice has two records; with changed inputs, see :func:`_to_scan`).
     address: the Ray cluster (``ray.init(address)``; None: the running one, ``RAY_ADDRESS``,
         or a new local instance). An already initialised Ray is used as it is.
     actors: scoring actors (default: one per GPU, else half the cluster's CPUs).
@@ -413,6 +416,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         as RGB).
     shard_size / flush_s: a shard is written every ``shard_size`` records or ``flush_s`` seconds.
     progress: called with the number of records of each written shard.
+    log: where one-line notices go (a resume whose inputs changed); default: this module's
+        logger, at WARNING.
     Raises :class:`RayNotInstalled`, FileNotFoundError / ValueError / TypeError (bad arguments),
     :class:`ShardsError` (an output that is not ours, or another scan's), before any work;
     RuntimeError when the scan fails on the cluster (the shards written so far stay: resume).
@@ -443,7 +448,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
                 "shard_format": "jsonl", "inputs": inputs, "limit": limit}
     out = Path(out)
     manifest, done, resumed = prepare_output(out, mode, settings)
-    done = {input_key(p) for p in done}
+    if limit is not None and len(done) > limit:
+        raise ShardsError(f"--resume: {out} already holds {len(done)} records, more than --limit {limit}")
     out.mkdir(exist_ok=True)
     try:  # one scan writes a folder at a time
         lock = _lock(os.open(out, os.O_RDONLY), out)
@@ -463,13 +469,10 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
             p.unlink()
         _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
-        rows: List[Dict[str, Any]] = []
-        entries = iter_entries(inputs, stdin=stdin)
-        for index, e in enumerate(itertools.islice(entries, limit)):
-            if input_key(e.path) in done:
-                continue
-            rows.append({"index": index, "path": e.path, "file": e.file or "", "data": e.data or b"",
-                         "has_data": e.data is not None, "error": json.dumps(list(e.error)) if e.error else ""})
+        entries = list(itertools.islice(iter_entries(inputs, stdin=stdin), limit))
+        rows = [{"index": index, "path": e.path, "file": e.file or "", "data": e.data or b"",
+                 "has_data": e.data is not None, "error": json.dumps(list(e.error)) if e.error else ""}
+                for index, e in _to_scan(entries, done, out, log or logging.getLogger(__name__).warning)]
         stats = new_stats()
         for k in ("forwards", "wait_s", "backbone_taps_s", "classifier_s"):  # the actors' time is actors_s
             del stats[k]
@@ -498,6 +501,29 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
             ray.shutdown()
         os.close(lock)
     return stats
+
+
+def _to_scan(entries: List[Any], done: List[Tuple[int, str]], out: Path, log: Callable[[str], None]
+             ) -> Iterator[Tuple[int, Any]]:
+    """``(index, entry)`` of the inputs that have no record yet. When every record sits at its
+    input's place in this listing (a resumed scan of the same inputs), by index, so an input
+    listed twice is scanned twice. Else (the inputs changed) by path, one input per record, and
+    the new records are numbered after the old ones: they merge at the end, as the local
+    engine appends them."""
+    keys = [input_key(e.path) for e in entries]
+    if all(i < len(keys) and keys[i] == input_key(p) for i, p in done):
+        held = {i for i, _ in done}
+        yield from ((i, e) for i, e in enumerate(entries) if i not in held)
+        return
+    log(f"ray_scan: the {len(done)} records of {out} are not at their inputs' places in this listing (the inputs "
+        f"changed?); skipping inputs by path instead, and the new records go after them")
+    left = collections.Counter(input_key(p) for _, p in done)
+    start = max(i for i, _ in done) + 1
+    for i, (e, k) in enumerate(zip(entries, keys)):
+        if left[k] > 0:
+            left[k] -= 1
+        else:
+            yield start + i, e
 
 
 def _run_or_fail(*args: Any, **kw: Any) -> None:

@@ -1,7 +1,8 @@
 """``fakespotter merge FOLDER OUT``: the records of a ``scan --engine ray`` output folder (its
 part-*.jsonl shards) as one ordinary scan output, in input-listing order: the same file the
-local engine writes for the same inputs, model and batch size. A folder of an unfinished scan
-gives the records it has (finish it first with scan --engine ray --resume).
+local engine writes for the same inputs, model and batch size. A folder of an unfinished scan,
+or one missing a shard, gives the records it has, with a warning (finish it first with scan
+--engine ray --resume).
 
 Exit codes: 0 merged, 2 usage error (not a shards folder, a damaged shard, OUT exists)."""
 
@@ -47,11 +48,15 @@ def run(args: argparse.Namespace) -> int:
     except ShardsError as e:
         raise usage_error(str(e)) from None
     try:
-        complete = json.loads((folder / STATS).read_text()).get("complete", False)
+        stats = json.loads((folder / STATS).read_text())
     except (OSError, ValueError):
-        complete = False
-    if not complete:
-        log(f"merge: the scan in {folder} did not finish; finish it with 'fakespotter scan ... --engine ray "
-            f"--out {folder} --resume' and merge again", args.quiet)
+        stats = {}
+    resume = f"'fakespotter scan ... --engine ray --out {folder} --resume'"
+    expected = stats.get("images", 0) + stats.get("resumed_records", 0) if isinstance(stats, dict) else None
+    if not isinstance(stats, dict) or not stats.get("complete", False):
+        log(f"merge: the scan in {folder} did not finish; finish it with {resume} and merge again", args.quiet)
+    elif isinstance(expected, int) and n < expected:
+        log(f"merge: the scan in {folder} wrote {expected} records, but its shards hold {n} (a shard was deleted?); "
+            f"{resume} scans the inputs without a record again; then merge again", args.quiet)
     log(f"merge: {n} records -> {'stdout' if to_stdout else args.out}", args.quiet)
     return 0

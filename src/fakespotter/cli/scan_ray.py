@@ -5,6 +5,7 @@ turns into the ordinary single-file output."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Dict
 
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-cpus", type=float, default=None,
                    help="CPUs per read/decode/face-detection task (default: 1)")
     g.add_argument("--shard-size", type=int, default=None,
-                   help="records per output shard; a shard is also written every 60 s (default: 1000)")
+                   help="records per output shard, at least (a shard holds whole actor batches); a shard is "
+                        "also written every 60 s (default: 1000)")
 
 
 def refuse_ray_only(args: argparse.Namespace) -> None:
@@ -58,9 +60,16 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     if args.out in (None, "-"):
         raise usage_error("--engine ray writes a folder of shards: give it with --out FOLDER (then "
                           "'fakespotter merge FOLDER FILE' writes one file)")
+    if args.format == "csv":
+        raise usage_error("--engine ray writes JSONL shards; --format csv is for the merged file "
+                          "('fakespotter merge FOLDER FILE --format csv')")
     if args.format not in (None, "jsonl"):
-        raise usage_error(f"--engine ray writes JSONL shards; --format {args.format} is for the merged file "
-                          f"('fakespotter merge FOLDER FILE --format {args.format}')")
+        raise usage_error(f"--engine ray writes JSONL shards, and 'fakespotter merge FOLDER FILE' writes JSON lines "
+                          f"or CSV; --format {args.format} is for the local engine")
+    suffix = args.out.lower().rstrip("/").rsplit(".", 1)[-1]
+    if suffix in ("csv", "parquet") and not os.path.isdir(args.out):  # a folder of JSONL shards, by that name?
+        raise usage_error(f"--engine ray writes a folder of JSONL shards, but --out {args.out} names a .{suffix} "
+                          f"file; give a folder name (then 'fakespotter merge FOLDER FILE' writes one file)")
     local_only = (("--workers", args.workers is not None, "Ray schedules the decode tasks (--decode-cpus)"),
                   ("--fail-fast", args.fail_fast, "Ray runs batches out of order"),
                   ("--device", args.device != "cpu", "actors run on cuda when they get GPUs (--gpus-per-actor)"),
@@ -100,7 +109,7 @@ def run_ray(args: argparse.Namespace) -> int:
                          mode=plan["mode"], pixel_limit=args.pixel_limit, limit=args.limit, upsample=args.upsample,
                          weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels,
                          stdin=piped_listing(args, reread=False),
-                         progress=progress.update, **kw)
+                         progress=progress.update, log=lambda m: log(m, args.quiet), **kw)
     except (ShardsError, ValueError) as e:  # raised before any work (see ray_scan)
         raise usage_error(str(e)) from None
     except RuntimeError as e:  # the cluster failed the scan: say so in one line, keep what was written
