@@ -159,8 +159,8 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
                             str(tmp_path / "m2.fsm"), "--quiet"], capsys)
     assert rc == 2 and "no real image gave a face chip (0 without a face, 1 unreadable)" in err
     assert f"the first unreadable: {broken / 'a.png'}: ValueError:" in err
-    rc, out, err = run_cli(["calibrate", str(real), str(real / "."), "--aligned", "--out", str(tmp_path / "t3.safetensors"),
-                            "--quiet"], capsys)
+    rc, out, err = run_cli(["calibrate", str(real), str(real / "."), "--aligned", "--out",
+                            str(tmp_path / "t3.safetensors"), "--quiet"], capsys)
     assert rc == 2 and "12 images are listed more than once in the images" in err
     assert not (tmp_path / "t3.safetensors").exists()
 

@@ -425,10 +425,10 @@ class BaselineSuite:
 
     fit(chips, labels, groups=None, validation=None): without ``validation`` (chips, labels),
     ``validation_fraction`` of each class's groups (default: each chip its own group) is held
-    out, seeded, the same part for every baseline; a group in both classes is held out whole. Each baseline is fitted on the rest; its
-    operating threshold (``operating_thresholds_[name]``, a logit) is picked on the validation
-    chips at ``target_fpr`` (or ``target_tpr``, the model's rule when it has one), as ``FakeSpotter``
-    does. The backbone baselines share one backbone
+    out, seeded, the same part for every baseline; a group in both classes is held out whole.
+    Each baseline is fitted on the rest; its operating threshold (``operating_thresholds_[name]``,
+    a logit) is picked on the validation chips at ``target_fpr`` (or ``target_tpr``, the model's
+    rule when it has one), as ``FakeSpotter`` does. The backbone baselines share one backbone
     pass per chip batch.
     """
 
