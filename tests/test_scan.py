@@ -505,6 +505,34 @@ def test_a_script_without_a_main_guard_gets_a_clear_error_not_crash_records(corp
     assert str(script) in last and 'if __name__ == "__main__":' in last and "workers=0" in last
 
 
+def test_a_crash_found_by_the_next_submit_is_still_a_worker_crash(tmp_path):
+    """A worker dies on a chunk while the scan is busy with the one before; the next submit
+    finds the pool broken and starts a new one. The dead pool's chunk is then a worker_crash
+    of its file, not a WorkerStartError judged on the new pool (whose workers have not started)."""
+    files = write_good(tmp_path / "d", 4, seed=5)
+    crash = files[1].with_name("img001-crash.png")
+    files[1].rename(crash)
+    script = tmp_path / "slow_consumer.py"
+    script.write_text(f"""
+import time
+from fakespotter import data as D
+from fakespotter.scan import _Config, _decoded
+if __name__ == "__main__":
+    cfg = _Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT, weak_face_score=0.15,
+                  detect_pixels=0)
+    for i, (e, r) in enumerate(_decoded(D.iter_entries([{str(tmp_path / "d")!r}]), cfg, workers=1, chunk=1,
+                                        window=2)):
+        print(e.path.rsplit("/", 1)[-1], r["error"] and r["error"][0], flush=True)
+        if i == 0:
+            time.sleep(3)  # meanwhile the worker dies on the next chunk
+""")
+    env = dict(os.environ, FAKESPOTTER_SCAN_TEST_CRASH="-crash.png")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:4] == ["img000.png None", "img001-crash.png worker_crash", "img002.png None",
+                                           "img003.png None"]
+
+
 def test_workers_that_cannot_start_end_the_cli_scan_with_one_error_line(corpus, model, tmp_path):
     out = tmp_path / "o.jsonl"
     env = dict(os.environ, FAKESPOTTER_SCAN_TEST_CRASH=":start:")

@@ -207,8 +207,8 @@ def _check_started(ex: ProcessPoolExecutor) -> None:
         return
     ex.shutdown(wait=False, cancel_futures=True)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    reason = (f"scan: the decode worker processes died while starting (start method {method!r}), before reading "
-              f"any file; their own error, if they printed one, is above.")
+    reason = (f"scan: the decode worker processes died while starting (start method {method!r}), before they "
+              f"read a file; their own error, if they printed one, is above.")
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     advice = ("" if not main else
               f" Each worker starts by importing the main module ({main}), so a script must call fakespotter.scan()"
@@ -283,17 +283,18 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
     ex = ex or _pool(workers)
     pending: deque = deque()
 
-    def submit(c: List[Entry]) -> Any:
+    def submit(c: List[Entry]) -> Tuple[List[Entry], Any, ProcessPoolExecutor]:
+        """(chunk, future, the pool it runs in)."""
         nonlocal ex
         try:
             with _sigint_blocked():
-                return ex.submit(_decode_chunk, c, cfg)
+                return c, ex.submit(_decode_chunk, c, cfg), ex
         except BrokenProcessPool:  # a kept pool whose process died while it was idle
             _check_started(ex)
             ex.shutdown(wait=False, cancel_futures=True)
             ex = _pool(workers)
             with _sigint_blocked():
-                return ex.submit(_decode_chunk, c, cfg)
+                return c, ex.submit(_decode_chunk, c, cfg), ex
 
     try:
         while True:
@@ -301,17 +302,17 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 c = next(chunks, None)
                 if c is None:
                     break
-                pending.append((c, submit(c)))
+                pending.append(submit(c))
             if not pending:
                 return
             while poll is not None and not wait_futures([pending[0][1]], timeout=poll).done:
                 yield None
-            c, fut = pending.popleft()
+            c, fut, pool = pending.popleft()
             try:
                 results = fut.result()
             except BrokenProcessPool:
-                _check_started(ex)
-                backlog = list(c) + [e for cc, _ in pending for e in cc]
+                _check_started(pool)  # the pool this chunk ran in (a later submit may have replaced it)
+                backlog = list(c) + [e for cc, _, _ in pending for e in cc]
                 pending.clear()
                 ex.shutdown(wait=True, cancel_futures=True)
                 ex = _pool(workers)
@@ -329,7 +330,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 continue
             yield from zip(c, results)
     finally:
-        if keep is not None and not pending:
+        if keep is not None and not pending and not getattr(ex, "_broken", False):
             keep["pool"] = ex
         else:
             _stop(ex, abandon=bool(pending))
@@ -779,7 +780,8 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     Returns a :class:`ScanRun` (iterate it for records; ``.stats`` for counts and timings).
     Raises FileNotFoundError / ValueError for missing inputs or bad arguments (also a CUDA
     device where CUDA is not available), and ``artifact.ModelFileError`` for a bad model file,
-    before any work.
+    before any work; while iterating, :class:`WorkerStartError` (``fakespotter.WorkerStartError``)
+    when the decode workers die as they start (a script without a main guard).
     """
     inputs = _input_list(inputs)
     for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("upsample", upsample, 0),
