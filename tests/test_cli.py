@@ -165,6 +165,22 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
     assert not (tmp_path / "t3.safetensors").exists()
 
 
+def test_train_splits_each_class_on_its_own_images(corpus, tmp_path, capsys):
+    """Without a manifest each image is its own group, of its class: real image 1 and fake
+    image 1 are unrelated, so 3 fakes beside 12 reals are split on their own (tying them to
+    the reals' split left no fake to validate on for about half the seeds)."""
+    real, fake = corpus
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(fake.iterdir())[:3]:
+        shutil.copy(p, few / p.name)
+    for seed in range(5):
+        rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(few), "--aligned", "--hidden", "4",
+                                "--epochs", "2", "--seed", str(seed), "--out", str(tmp_path / f"m{seed}.fsm"),
+                                "--quiet"], capsys)
+        assert rc == 0, (seed, err)
+
+
 def test_env(capsys):
     rc, out, err = run_cli(["env", "--json"], capsys)
     info = json.loads(out)

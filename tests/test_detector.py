@@ -390,6 +390,7 @@ def test_groups_of_images_are_one_id_per_image(tmp_path):
     det = FakeSpotter(hidden=(4,), max_epochs=2, aligned=True, validation_fraction=0.25)
     det.fit(real, fake, groups=([0, 0, 0, 0, 0, 0, 1, 2], ["x"] * 7 + ["y"]))
     assert _validation_counts(det)[0] in (1, 6) and _validation_counts(det)[1] in (1, 7)
+    assert det.training_summary_["counts"]["images"] == {"real": 8, "fake": 8}  # images, not groups
     with pytest.raises(ValueError, match=r"real groups must have one id per image \(8; one per chip for chip "
                                          r"batches\), got shape \(3,\)"):
         FakeSpotter(aligned=True).fit(real, fake, groups=([0, 1, 2], list(range(8))))

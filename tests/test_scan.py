@@ -11,9 +11,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,6 +257,27 @@ def test_list_files_in_any_bytes_and_from_pipes(corpus, model, tmp_path, capsys)
     for bad, message in ((tmp_path, "is a folder; give the folder without '@'"), (tmp_path / "no.txt", "does not exist")):
         rc, _, err = run_cli(["scan", f"@{bad}", "--model", str(model), "--aligned"], capsys)
         assert rc == 2 and message in err, err
+
+
+def test_only_descriptor_names_are_lists_relative_to_the_working_folder(tmp_path):
+    """/dev/stdin, /dev/fd/N and /proc/*/fd/N name a descriptor (the working folder is the base);
+    a list file that merely lives under /dev (a RAM disk: /dev/shm) is relative to its folder."""
+    import tempfile
+
+    from fakespotter.data import _list_base
+
+    (tmp_path / "l.txt").write_text("a.jpg\n")
+    with open(tmp_path / "l.txt") as r:  # a regular file behind a descriptor
+        n = r.fileno()
+        assert _list_base(f"/dev/fd/{n}") == "" and _list_base(f"/proc/self/fd/{n}") == ""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    shm = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        (Path(shm) / "l.txt").write_text("a.jpg\n")
+        assert _list_base(os.path.join(shm, "l.txt")) == shm
+    finally:
+        shutil.rmtree(shm)
 
 
 def test_permission_denied_vanished_and_fifo(corpus, model, tmp_path, monkeypatch):

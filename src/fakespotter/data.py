@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 import tarfile
 import warnings
@@ -163,7 +164,7 @@ def _list_base(listing: str) -> str:
     folder for a list that is no regular file (a pipe: ``@/dev/stdin``, ``@<(find ...)``) or
     is a file descriptor's name (``@/dev/stdin < list.txt``: the folder of /dev/stdin is no
     list's folder)."""
-    descriptor = os.path.abspath(listing).startswith(("/dev/", "/proc/"))
+    descriptor = re.fullmatch(r"/dev/(stdin|fd/\d+)|/proc/[^/]+/fd/\d+", os.path.abspath(listing))
     return os.path.dirname(listing) if os.path.isfile(listing) and not descriptor else ""
 
 

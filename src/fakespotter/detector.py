@@ -242,16 +242,17 @@ class FakeSpotter:
         tap = self._new_tap()
         xr, ir, nr, nr_missing = self._chips(real, "fit(real)", tap)
         xf, if_, nf, nf_missing = self._chips(fake, "fit(fake)", tap)
+        ur, uf, sr, sf = ir, if_, nr, nf  # the units of the validation split: images, or groups
         if groups is not None:
             gr, gf = _chip_groups(groups[0], nr, ir, "real"), _chip_groups(groups[1], nf, if_, "fake")
-            ir, if_ = np.unique(gr, return_inverse=True)[1], np.unique(gf, return_inverse=True)[1]
-            nr, nf = int(ir.max(initial=-1)) + 1, int(if_.max(initial=-1)) + 1
+            ur, uf = np.unique(gr, return_inverse=True)[1], np.unique(gf, return_inverse=True)[1]
+            sr, sf = int(ur.max(initial=-1)) + 1, int(uf.max(initial=-1)) + 1
         if len(xr) == 0 or len(xf) == 0:
             which = "real" if len(xr) == 0 else "fake"
             raise ValueError(f"FakeSpotter.fit: no face chips from the {which} inputs ({nr if which == 'real' else nf} images, no face found in any)")
         if validation is None:
             rng = np.random.default_rng(self.seed)
-            vr, vf = self._split(ir, nr, rng), self._split(if_, nf, rng)
+            vr, vf = self._split(ur, sr, rng), self._split(uf, sf, rng)
             if groups is not None:  # a group in both classes: its fakes go to the side of its reals
                 side = dict(zip(gr.tolist(), vr.tolist()))
                 vf = np.array([side.get(g, v) for g, v in zip(gf.tolist(), vf.tolist())], dtype=bool)

@@ -254,8 +254,9 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
             if len(x) == 0:
                 raise no_chips_error(f"{label} training image", len(train[label]), no_face, det.aligned,
                                      failures[before:])
-            g = train[f"{label}_groups"]
-            chips[label] = (x, index if g is None else np.asarray(g, dtype=object)[index].astype(str))
+            g = train[f"{label}_groups"]  # manifest groups; else one per image, of its class
+            chips[label] = (x, np.char.add(f"{label}:", index.astype(str)) if g is None
+                            else np.asarray(g, dtype=object)[index].astype(str))
         xr, gr = chips["real"]
         xf, gf = chips["fake"]
         validation = None
@@ -266,7 +267,7 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
                 validation = (vr, vf)
         x = np.concatenate([xr, xf])
         y = np.r_[np.zeros(len(xr), np.int64), np.ones(len(xf), np.int64)]
-        g = np.r_[np.asarray([f"real:{v}" for v in gr], dtype=object), np.asarray([f"fake:{v}" for v in gf], dtype=object)]
+        g = np.r_[gr, gf]  # a manifest group in both classes is one group, as in FakeSpotter.fit
         params = {**det.get_params(), "aligned": det.aligned, "batch_size": args.batch_size, "seed": args.seed}
         if plan["baselines"]:
             log(f"training baselines {', '.join(plan['baselines'])} on {len(xr)} real and {len(xf)} fake chips ...",

@@ -186,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
     # aligned=False: the model detects faces in the images it is given later, as scan does, whatever
     # its training inputs were (a photo resized as a chip scores as nonsense); those are recorded here
     sources["inputs"] = "aligned chips, resized" if args.aligned else "faces detected and aligned"
-    if plan["groups"] is not None:  # manifest groups (identity / source) instead of one group per image
+    if plan["groups"] is None:  # one group per image, of its class (real image 7 and fake image 7 are unrelated)
+        gr, gf = np.char.add("real:", gr.astype(str)), np.char.add("fake:", gf.astype(str))
+    else:  # manifest groups (identity / source): one id in both classes is one group (a real and its fakes)
         gr = np.asarray(plan["groups"][0], dtype=object)[gr].astype(str)
         gf = np.asarray(plan["groups"][1], dtype=object)[gf].astype(str)
         sources["manifest"] = {"path": str(args.manifest), "split": args.split,
