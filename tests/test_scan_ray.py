@@ -171,7 +171,7 @@ def test_what_a_resume_scans_an_input_listed_twice_and_changed_inputs():
 
     def run(paths, done):
         notes = []
-        got = [(i, e.path) for i, e in _to_scan([SimpleNamespace(path=p) for p in paths], done, Path("o"),
+        got = [(i, e.path) for i, e in _to_scan(iter([SimpleNamespace(path=p) for p in paths]), done, Path("o"),
                                                 notes.append)]
         return got, notes
 

@@ -1071,7 +1071,7 @@ def check_not_busy(path: Union[str, Path]) -> None:
     Parquet folder), e.g. before reading it to resume or replace it; nothing when it is free or
     does not exist. (The writer takes the lock for good: this only says so sooner.)"""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO: no wait
     except OSError:
         return
     os.close(_lock(fd, path))

@@ -42,7 +42,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -469,7 +469,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
             p.unlink()
         _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
-        entries = list(itertools.islice(iter_entries(inputs, stdin=stdin), limit))
+        entries = itertools.islice(iter_entries(inputs, stdin=stdin), limit)
         rows = [{"index": index, "path": e.path, "file": e.file or "", "data": e.data or b"",
                  "has_data": e.data is not None, "error": json.dumps(list(e.error)) if e.error else ""}
                 for index, e in _to_scan(entries, done, out, log or logging.getLogger(__name__).warning)]
@@ -503,27 +503,38 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     return stats
 
 
-def _to_scan(entries: List[Any], done: List[Tuple[int, str]], out: Path, log: Callable[[str], None]
-             ) -> Iterator[Tuple[int, Any]]:
+def _to_scan(entries: Iterable[Any], done: List[Tuple[int, str]], out: Path, log: Callable[[str], None]
+             ) -> List[Tuple[int, Any]]:
     """``(index, entry)`` of the inputs that have no record yet. When every record sits at its
     input's place in this listing (a resumed scan of the same inputs), by index, so an input
-    listed twice is scanned twice. Else (the inputs changed) by path, one input per record, and
-    the new records are numbered after the old ones: they merge at the end, as the local
-    engine appends them."""
-    keys = [input_key(e.path) for e in entries]
-    if all(i < len(keys) and keys[i] == input_key(p) for i, p in done):
-        held = {i for i, _ in done}
-        yield from ((i, e) for i, e in enumerate(entries) if i not in held)
-        return
+    listed twice is scanned twice. Else (the inputs changed) by path, one input per record (a
+    record at its input's place counts for that input first), and the new records are numbered
+    after the old ones: they merge at the end, as the local engine appends them. Only the
+    entries to scan are kept (a tar member's bytes are in its entry)."""
+    placed = {i: input_key(p) for i, p in done}
+    keys: List[str] = []
+    kept: List[Tuple[int, Any]] = []
+    for i, e in enumerate(entries):
+        keys.append(input_key(e.path))
+        if placed.get(i) != keys[-1]:
+            kept.append((i, e))
+    if all(i < len(keys) and keys[i] == k for i, k in placed.items()):  # every record at its input's place
+        return kept
     log(f"ray_scan: the {len(done)} records of {out} are not at their inputs' places in this listing (the inputs "
         f"changed?); skipping inputs by path instead, and the new records go after them")
     left = collections.Counter(input_key(p) for _, p in done)
-    start = max(i for i, _ in done) + 1
-    for i, (e, k) in enumerate(zip(entries, keys)):
+    for i, k in placed.items():
+        if i < len(keys) and keys[i] == k:
+            left[k] -= 1
+    start = max(placed) + 1
+    todo = []
+    for i, e in kept:
+        k = keys[i]
         if left[k] > 0:
             left[k] -= 1
         else:
-            yield start + i, e
+            todo.append((start + i, e))
+    return todo
 
 
 def _run_or_fail(*args: Any, **kw: Any) -> None:
