@@ -312,10 +312,6 @@ class Progress:
         self.every = PROGRESS_EVERY_S if every is None else every
         self._last = self.t0
 
-    @property
-    def shown(self) -> bool:
-        return self.live or self.lines
-
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.monotonic()

@@ -476,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
         write_stats(stats_path, stats(False))
     batch_size = run_.stats["batch_size"]
     progress = Progress(None, "scan", args.quiet)
-    if progress.shown and "-" not in args.paths:  # the ETA needs a count, made while the scan goes on
+    if progress.live and "-" not in args.paths:  # not in batch jobs: counting reads tars twice  # the ETA needs a count, made while the scan goes on
         threading.Thread(target=_count_inputs, args=(args.paths, args.limit, resumed, progress), daemon=True).start()
     complete = False
     try:

@@ -66,7 +66,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     if args.format not in (None, "jsonl"):
         raise usage_error(f"--engine ray writes JSONL shards, and 'fakespotter merge FOLDER FILE' writes JSON lines "
                           f"or CSV; --format {args.format} is for the local engine")
-    suffix = args.out.lower().rstrip("/").rsplit(".", 1)[-1]
+    suffix = args.out.lower().rsplit(".", 1)[-1]  # "x.csv/" names a folder: fine
     if suffix in ("csv", "parquet") and not os.path.isdir(args.out):  # a folder of JSONL shards, by that name?
         raise usage_error(f"--engine ray writes a folder of JSONL shards, but --out {args.out} names a .{suffix} "
                           f"file; give a folder name (then 'fakespotter merge FOLDER FILE' writes one file)")
