@@ -237,3 +237,17 @@ def test_check_disjoint_finds_the_same_file_and_copies_only(tmp_path):
     check_disjoint([a / "x.png", a / "y.png"], [b / "w.png", b / "pipe.png", tmp_path / "missing.png"], "both")
     with pytest.raises(UsageError, match=r"^1 images are both, e\.g\. .*y\.png$"):
         check_disjoint([a / "y.png"], [tmp_path / "a" / ".." / "a" / "y.png"], "both")
+
+
+def test_progress_lines_with_a_total_have_an_eta(capsys):
+    from fakespotter.cli._common import Progress
+
+    p = Progress(10, "scoring", every=0.0)  # stderr is captured: not a terminal
+    p.update(3)
+    p.close()
+    line = capsys.readouterr().err
+    import re
+
+    assert re.fullmatch(r"scoring: 3/10 in 0:\d\d, [\d.]+/s ETA \d+:\d\d\n", line), line
+    Progress(10, "scoring", quiet=True, every=0.0).update(3)
+    assert capsys.readouterr().err == ""
