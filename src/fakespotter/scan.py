@@ -1276,23 +1276,23 @@ class ParquetParts:
         self._opened = 0.0
         if mode not in ("new", "overwrite", "resume"):
             raise ValueError(f"ParquetParts: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
-        if mode == "new" or not self.folder.is_dir():
+        fresh = mode == "new" or not self.folder.is_dir()
+        if fresh:
             if mode == "overwrite" and (self.folder.exists() or self.folder.is_symlink()):
                 self.folder.unlink()
             try:
                 self.folder.mkdir()
             except FileExistsError:
-                raise OutputBusy(f"{self.folder} appeared after the scan checked it (another scan writing it?); "
+                raise OutputBusy(f"{self.folder} exists already (mode {mode!r} makes it; another scan writing it?); "
                                  f"refusing to touch it") from None
-            self._lock()
-        else:  # locked before anything in it is read or deleted
-            self._lock()
-            try:
+        self._lock()  # before anything in it is read or deleted
+        try:
+            if not fresh:
                 self._next = self._clear(mode, state)
-            except BaseException:
-                self.close()
-                raise
-        _fsync_dir(self.folder)
+            _fsync_dir(self.folder)
+        except BaseException:
+            self.close()
+            raise
 
     def _unfinished(self) -> Path:
         return self.folder / f".{_part_name(self._next)}.inprogress"
