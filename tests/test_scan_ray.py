@@ -159,6 +159,9 @@ def test_resume_redoes_only_what_is_missing(shards, corpus, model, local, tmp_pa
     assert again["images"] == 0 and again["resumed_records"] == 27 and again["complete"]
     with pytest.raises(ShardsError, match="already holds 27 records, more than --limit 3"):
         ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume", limit=3)
+    with pytest.raises(ValueError):  # more actors than the cluster's 2 CPUs hold: found once Ray runs
+        ray_scan(corpus, model, tmp_path / "refused", aligned=True, batch_size=BATCH, actors=5)
+    assert not (tmp_path / "refused").exists()  # the folder it made for the scan is gone again
 
 
 def test_what_a_resume_scans_an_input_listed_twice_and_changed_inputs():

@@ -450,6 +450,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     manifest, done, resumed = prepare_output(out, mode, settings)
     if limit is not None and len(done) > limit:
         raise ShardsError(f"--resume: {out} already holds {len(done)} records, more than --limit {limit}")
+    created = not out.exists()
     out.mkdir(exist_ok=True)
     try:  # one scan writes a folder at a time
         lock = _lock(os.open(out, os.O_RDONLY), out)
@@ -499,6 +500,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     finally:
         if started:
             ray.shutdown()
+        if created and not any(out.iterdir()):  # refused before writing (e.g. too many actors): no trace
+            out.rmdir()
         os.close(lock)
     return stats
 
