@@ -8,12 +8,17 @@ TORCH_LIBRARY(fakespotter, m) {
   // x: [N, D] or [N, C, *spatial], float32/float16/bfloat16, any strides. thresholds: float32,
   // 1 entry (per layer) or one per neuron. granularity: 'channel' (a neuron is a channel,
   // valued by its spatial mean) or 'element'. Returns int64 [N, ceil(neurons / 64)] packed bits.
-  m.def("threshold_pack(Tensor x, Tensor thresholds, str granularity) -> Tensor");
+  // Both accept any strides: flexible_layout lets torch.compile (inductor) hand over activations
+  // in the layout it chose (channels_last after its conv fusions) instead of copying them back
+  // to the eager strides first.
+  m.def("threshold_pack(Tensor x, Tensor thresholds, str granularity) -> Tensor",
+        {at::Tag::flexible_layout});
   // Same, written into words [word_offset, word_offset + ceil(neurons / 64)) of each row of a
   // preallocated int64 [N, total_words] `out`; other words are untouched.
   m.def(
       "threshold_pack_into(Tensor x, Tensor thresholds, str granularity, Tensor(a!) out, "
-      "int word_offset) -> ()");
+      "int word_offset) -> ()",
+      {at::Tag::flexible_layout});
   // Set bits per row in words [word_offset, word_offset + num_words) of int64 [N, W] packed
   // rows (the numerator of mean neuron coverage). Returns int64 [N].
   m.def("layer_popcount(Tensor packed, int word_offset, int num_words) -> Tensor");

@@ -35,6 +35,14 @@ def test_opcheck_threshold_pack_into(sample):
     torch.library.opcheck(OPS.threshold_pack_into.default, (x, thr, granularity, out, 2))
 
 
+def test_packing_ops_accept_any_layout_under_inductor():
+    """The packing ops read any strides, so inductor may hand them the layout it chose
+    (channels_last after its convolution fusions) instead of copying each activation back to
+    the eager strides first (benchmarks/RESULTS.md, "Compiled forward")."""
+    for op in (OPS.threshold_pack.default, OPS.threshold_pack_into.default):
+        assert torch.Tag.flexible_layout in op.tags, op
+
+
 def test_opcheck_popcount_and_unpack():
     packed = torch.randint(-(2**63), 2**63 - 1, (4, 5), dtype=torch.int64)
     torch.library.opcheck(OPS.layer_popcount.default, (packed, 1, 3))
