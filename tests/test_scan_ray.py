@@ -322,6 +322,8 @@ def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys
         (base + ["--engine", "ray", "--out", str(tmp_path / "o.csv")], "names a .csv file; give a folder name"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--workers", "2"], "--workers is an option of --engine local"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--fail-fast"], "--fail-fast is an option"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--compile"],
+         "--compile is an option of --engine local (Ray actors run the default eager forward)"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--actors", "0"], "--actors must be >= 1"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--cpus-per-actor", "0"], "--cpus-per-actor must be > 0"),
         (base + ["--engine", "ray", "--out", str(taken)], "is not empty; pass --resume"),

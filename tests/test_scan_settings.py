@@ -1,4 +1,4 @@
-"""Scan settings that change how the backbone runs: --channels-last, --autocast (and --resume
+"""Scan settings that change how the backbone runs: --channels-last, --autocast, --compile (and --resume
 refusing to mix precisions), the batch-size back-off on out-of-memory, and the device checks
 (CUDA cannot run here: its absence must be a clear error before any work)."""
 
@@ -95,6 +95,64 @@ def test_autocast_scores_are_close_to_float32(corpus, model, base):
     assert np.abs(a[ok] - b[ok]).max() < 0.1 * spread + 0.05, (a, b)
     same = sum(r["label"] == s["label"] for r, s in zip(got, base) if s["label"] is not None)
     assert same >= 0.8 * ok.sum()
+
+
+def test_compile_gives_the_default_records(corpus, model, base, capsys):
+    """torch.compile (inductor, freezing) of backbone + taps: one compile before the first
+    input, the eager scan's records (measured identical here; fused convolutions may round
+    differently elsewhere, hence the tolerance), and ``stats["compiled"]``."""
+    notices = []
+    run = scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, compile=True, log=notices.append)
+    got = list(run)
+    assert run.stats["compiled"] is True and run.stats["forwards"] == 3 and run.stats["precision"] == "float32"
+    assert len(notices) == 1 and "compiling the backbone for batches of 4" in notices[0]
+    assert without_scores(got) == without_scores(base)
+    np.testing.assert_allclose(scores(got), scores(base), rtol=0, atol=1e-5)
+    assert [r["label"] for r in got] == [r["label"] for r in base]
+    assert list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=0)).__len__() == len(base)
+
+
+def test_a_failed_compile_is_one_clear_error_before_any_input(corpus, model, tmp_path, capsys, monkeypatch):
+    import sys
+
+    S = sys.modules["fakespotter.scan"]  # the package's ``scan`` attribute is the function
+
+    def broken(module, **kw):
+        assert kw == {"options": {"freezing": True}}
+
+        def fail(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken)
+    read = []
+    monkeypatch.setattr(S, "_decode_one", lambda *a: read.append(a) or pytest.fail("an input was read"))
+    with pytest.raises(S.CompileError, match=r"torch.compile could not build the forward \(RuntimeError: "
+                                              r"InvalidCxxCompiler: No working C\+\+ compiler found\); scan without"):
+        list(scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, compile=True))
+    out = tmp_path / "o.jsonl"
+    rc = main(cli(corpus, model, out, "--compile"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("fakespotter scan: error: torch.compile could not build")
+    assert err[0].endswith("(leave out --compile).") and not read
+    assert out.read_text() == "" and json.loads((tmp_path / "o.jsonl.stats.json").read_text())["compiled"] is True
+    with pytest.raises(TypeError, match="scan: compile must be a bool"):
+        scan([str(corpus)], model, compile=1)
+
+
+def test_resume_refuses_a_change_of_compile(corpus, model, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert main(cli(corpus, model, out, "--limit", "3")) == 0
+    assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["compiled"] is False
+    before = out.read_text()
+    rc = main(cli(corpus, model, out, "--resume", "--compile"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--compile False there, True now" in err, err
+    assert out.read_text() == before
+    stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+    del stats["compiled"]  # an output of a scan from before --compile existed: eager
+    (tmp_path / "o.jsonl.stats.json").write_text(json.dumps(stats))
+    rc = main(cli(corpus, model, out, "--resume", "--compile"))
+    assert rc == 2 and "--compile False there, True now" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_precision(corpus, model, tmp_path, capsys):
@@ -268,5 +326,6 @@ def test_help_states_the_new_options_and_their_defaults(capsys):
     assert "--channels-last run every conv in channels_last" in out and "(default: off; local engine)" in out
     assert "--autocast run the backbone under torch.autocast: bfloat16 on CPU, float16 on CUDA" in out
     assert "(default: off, float32;" in out
+    assert "--compile run the backbone through torch.compile (compiled once at the start" in out
     assert "--part-rows PART_ROWS parquet: records per part file" in out and "(default: 10000, or a part per 60 s" in out
     assert "parquet when it ends with .parquet" in out and "halved when a forward runs out of memory" in out

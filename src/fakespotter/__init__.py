@@ -34,7 +34,7 @@ from .calibration import ThresholdCalibrator, Thresholds
 from .features import Chips, Features, chips, features, mnc
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier
 from .detector import FakeSpotter
-from .scan import WorkerStartError, scan
+from .scan import CompileError, WorkerStartError, scan
 from .scan_ray import merge_shards, ray_scan  # imports Ray only when a Ray scan starts
 
 __version__ = _C.build_info()["version"]
@@ -78,6 +78,7 @@ __all__ = [
     "FakeSpotter",
     # corpora
     "scan",
+    "CompileError",
     "WorkerStartError",
     "ray_scan",
     "merge_shards",

@@ -75,6 +75,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
                   ("--device", args.device != "cpu", "actors run on cuda when they get GPUs (--gpus-per-actor)"),
                   ("--channels-last", args.channels_last, "Ray actors run the default float32 forward"),
                   ("--autocast", args.autocast, "Ray actors run the default float32 forward"),
+                  ("--compile", args.compile, "Ray actors run the default eager forward"),
                   ("--part-rows", args.part_rows is not None, "it sizes Parquet part files; see --shard-size"))
     for flag, given, why in local_only:
         if given:
