@@ -1,5 +1,5 @@
-"""Does ``scan --channels-last`` / ``--autocast`` help on this machine? Backbone + taps +
-classifier on the scanner's forward path, four settings timed in one process.
+"""Does ``scan --channels-last`` / ``--autocast`` / ``--compile`` help on this machine? Backbone +
+taps + classifier on the scanner's forward path, five settings timed in one process.
 
 Config: ``--n`` real and ``--n`` fake aligned sample chips (``samples.sample_chips``, seed 1), a
 detector (``FakeSpotter(hidden=(16, 16), max_epochs=20)``) trained once on other sample chips
@@ -11,6 +11,7 @@ the scanner does); ``--threads`` torch threads. Contenders, timed round-robin (m
     channels_last   the same input in channels_last memory format
     autocast        torch.autocast (bfloat16 on CPU, float16 on CUDA) around backbone + taps
     both            channels_last and autocast
+    compile         torch.compile (inductor, freezing) of backbone + taps, compiled before timing
 
 Checked first against fp32: the packed rows (fraction of bits that differ) and the logits
 (max |d logit|, labels that flip at the operating threshold).
@@ -32,7 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import hardware, interleaved_medians  # noqa: E402
 
-SETTINGS = {"fp32": (False, False), "channels_last": (True, False), "autocast": (False, True), "both": (True, True)}
+SETTINGS = {"fp32": (False, False, False), "channels_last": (True, False, False), "autocast": (False, True, False),
+            "both": (True, True, False), "compile": (False, False, True)}
 
 
 def build(workdir: Path, n: int):
@@ -73,8 +75,10 @@ def main() -> None:
           f"medians of {a.repeats} round-robin runs; device {a.device}\n")
 
     # each setting its own copy of the model: channels_last changes the weights' memory format
+    t0 = time.perf_counter()
     fwd = {k: _Forward(det if k == "fp32" else FakeSpotter.load(model, device=a.device), a.device, a.batch,
-                       channels_last=cl, autocast=ac) for k, (cl, ac) in SETTINGS.items()}
+                       channels_last=cl, autocast=ac, compile=co) for k, (cl, ac, co) in SETTINGS.items()}
+    print(f"set-up with one torch.compile: {time.perf_counter() - t0:.0f} s")
     batches = [chips[i:i + a.batch] for i in range(0, len(chips), a.batch)]
 
     def rows_logits(f):

@@ -15,7 +15,14 @@ same process, timed in rotation; the numbers are medians of ``REPEATS`` runs aft
 On CUDA every timed call ends with a device synchronisation; ``--tf32 off`` turns cuDNN's
 TF32 convolutions off (torch's default leaves them on), for float32-exact forwards.
 
-Run: ``python benchmarks/bench_taps.py [--threads 2] [--batch 64] [--repeats 5] [--device cuda]``
+``--compile`` also times (a) and (b) through ``torch.compile`` (inductor with freezing, as
+``scan --compile`` runs them), in the same rotation: (a') compiled bare, (b') compiled tap. The
+naive monitor stays eager: its Python hooks and numpy are what a compiled graph leaves out
+(hooks registered on a compiled module are not called). Compiled rows are checked against the
+eager tap's: channel rows must be equal; element rows may differ in near-threshold bits (fused
+convolutions round differently), and the fraction that differs is printed.
+
+Run: ``python benchmarks/bench_taps.py [--threads 2] [--batch 64] [--repeats 5] [--device cuda] [--compile]``
 prints a table; ``./dev bench`` runs the pytest-benchmark versions.
 """
 
@@ -145,22 +152,38 @@ def check(module: torch.nn.Module, tap: Tap, naive: NaiveMonitor, x: torch.Tenso
     return agreement
 
 
-def run(threads: int = THREADS, batch: int = BATCH, repeats: int = REPEATS, device: str = "cpu") -> List[dict]:
+def run(threads: int = THREADS, batch: int = BATCH, repeats: int = REPEATS, device: str = "cpu",
+        compile: bool = False) -> List[dict]:
     torch.set_num_threads(threads)
     results = []
     for granularity in ("channel", "element"):
         module, tap, naive, x = setup(granularity, batch, device)
         agreement = check(module, tap, naive, x)
+        fns = {"bare": lambda: module(x), "tap": lambda: tap(x), "naive": lambda: naive(x)}
+        compiled: Dict[str, float] = {}
+        if compile:
+            opts = {"freezing": True}
+            bare_c, tap_c = torch.compile(module, options=opts), torch.compile(tap, options=opts)
+            with torch.no_grad():
+                bare_c(x)
+                rows, rows_c = tap(x), tap_c(x)
+            differ = torch.bitwise_xor(rows, rows_c).view(torch.uint8).cpu().numpy()
+            compiled["bits_differing"] = float(np.unpackbits(differ).sum()) / tap.layout.total_features / batch
+            if granularity == "channel" and compiled["bits_differing"]:
+                raise AssertionError(f"compiled channel rows differ: {compiled['bits_differing']:.2e} of the bits")
+            fns.update(bare_c=lambda: bare_c(x), tap_c=lambda: tap_c(x))
         with torch.no_grad():
-            t = interleaved_medians({"bare": lambda: module(x), "tap": lambda: tap(x), "naive": lambda: naive(x)},
-                                    repeats, sync=device == "cuda")
+            t = interleaved_medians(fns, repeats, sync=device == "cuda")
         t_bare, t_tap, t_naive = t["bare"], t["tap"], t["naive"]
+        if compile:
+            compiled.update(bare=batch / t["bare_c"], tap=batch / t["tap_c"], overhead=t["tap_c"] / t["bare_c"] - 1.0,
+                            speedup_vs_naive=t_naive / t["tap_c"], speedup_vs_eager=t_tap / t["tap_c"])
         act_bytes = sum(4 * int(np.prod(s.shape)) for s in tap.layout.layers)
         results.append(dict(
             granularity=granularity, batch=batch, threads=threads,
             bare=batch / t_bare, tap=batch / t_tap, naive=batch / t_naive,
             overhead=t_tap / t_bare - 1.0, speedup_vs_naive=t_naive / t_tap,
-            row_bytes=tap.layout.bytes_per_row(), act_bytes=act_bytes, agreement=agreement,
+            row_bytes=tap.layout.bytes_per_row(), act_bytes=act_bytes, agreement=agreement, compiled=compiled,
         ))
     return results
 
@@ -171,6 +194,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the backbone runs (default: cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time (a) and (b) through torch.compile (inductor, freezing) (default: eager only)")
     p.add_argument("--tf32", default="default", choices=["default", "off"],
                    help="CUDA: leave cuDNN's TF32 convolutions at torch's default, or turn them off (default: default)")
     a = p.parse_args()
@@ -182,12 +207,21 @@ def main() -> None:
           f"batch {a.batch} x 150x150; median of {a.repeats}")
     print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'(c) naive':>12}"
           f"{'overhead':>10}{'b/c':>7}{'row B/img':>11}{'f32 B/img':>11}{'ratio':>10}")
-    for r in run(a.threads, a.batch, a.repeats, a.device):
+    results = run(a.threads, a.batch, a.repeats, a.device, a.compile)
+    for r in results:
         print(f"{r['granularity']:<12}{r['bare']:>10.1f}/s{r['tap']:>10.1f}/s{r['naive']:>10.1f}/s"
               f"{100 * r['overhead']:>9.1f}%{r['speedup_vs_naive']:>6.2f}x{r['row_bytes']:>11}"
               f"{r['act_bytes']:>11}{r['act_bytes'] / r['row_bytes']:>9.2f}x")
     print("chips/s; overhead = time(b)/time(a) - 1; b/c = time(c)/time(b); ratio = float32 "
           "activation bytes / packed row bytes (naive agrees with the tap on >= 99.9% of bits)")
+    if a.compile:
+        print("\ncompiled (torch.compile, inductor, freezing), in the same rotation; (c) is the eager naive monitor")
+        print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'overhead':>10}{'b/c':>7}{'b vs eager b':>14}"
+              f"{'bits != eager':>15}")
+        for r in results:
+            c = r["compiled"]
+            print(f"{r['granularity']:<12}{c['bare']:>10.1f}/s{c['tap']:>10.1f}/s{100 * c['overhead']:>9.1f}%"
+                  f"{c['speedup_vs_naive']:>6.2f}x{c['speedup_vs_eager']:>13.2f}x{c['bits_differing']:>15.2e}")
 
 
 # ----------------------------------------------------------------------------------------------
