@@ -24,8 +24,8 @@ never a made-up score), ``label`` (``"real"``/``"fake"`` at the model's operatin
 null without a score), ``model`` (the model file's sha256), ``error_kind`` (a key of
 ``data.ERROR_KINDS``) and ``error`` (a message). Records hold no timing, so two scans of the
 same inputs with the same model and batch size give identical records (on one device, at one
-precision, compiled or not: ``autocast`` and ``compile`` change the scores slightly; an out-of-memory back-off changes the batch
-size for the rest of the run, see :func:`scan`).
+precision, compiled or not: ``autocast`` and ``compile`` change the scores slightly; an
+out-of-memory back-off changes the batch size for the rest of the run, see :func:`scan`).
 
 Outputs (:class:`RecordWriter`): JSON lines and CSV, flushed and fsynced per group, so a killed
 scan loses at most a torn last line; Parquet (pyarrow), a folder of part files that become
@@ -177,7 +177,12 @@ def _crash_result(entry: Entry) -> Dict[str, Any]:
 
 class CompileError(RuntimeError):
     """``compile=True``: torch.compile could not build the backbone's forward (inductor needs a
-    C++ compiler on a CPU). Raised before any input is read."""
+    C++ compiler on a CPU). Raised before any input is read. ``reason``: the message without
+    its advice (for the command line)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason + "; scan with compile=False")
+        self.reason = reason
 
 
 class WorkerStartError(RuntimeError):
@@ -449,8 +454,7 @@ class _Forward:
         except Exception as e:  # noqa: BLE001 - whatever inductor raises, said in one line
             self.restore()
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise CompileError(f"torch.compile could not build the forward ({type(e).__name__}: {first}); "
-                               f"scan without compile") from e
+            raise CompileError(f"torch.compile could not build the forward ({type(e).__name__}: {first})") from e
         self.forwards, self.backbone_taps_s, self.classifier_s = 0, 0.0, 0.0
 
     def restore(self) -> None:
@@ -806,8 +810,9 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     compile: run backbone + taps through ``torch.compile`` (inductor, freezing), compiled once
         when the scan starts (about a minute on 2 CPUs; a C++ compiler is needed on a CPU). On
         the 2-CPU machine measured the forward ran 1.4x as fast, whole scans 1.16x
-        (benchmarks/RESULTS.md, "Compiled forward"); convolutions fused with their affine and add round differently, so records
-        may differ from an eager scan's in rare near-threshold bits (``stats["compiled"]``).
+        (benchmarks/RESULTS.md, "Compiled forward"); fused convolutions round differently, so
+        records may differ from an eager scan's in rare near-threshold bits
+        (``stats["compiled"]``).
     log: where one-line notices go (an out-of-memory back-off); default: the
         ``fakespotter.scan`` logger, at WARNING.
     The forward runs ``batch_size`` chips; when it runs out of memory the batch size halves

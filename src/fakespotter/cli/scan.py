@@ -502,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fakespotter scan: error: {e.reason} --workers 0 decodes in the scan's own process.", file=sys.stderr)
         return 1
     except CompileError as e:
-        print(f"fakespotter scan: error: {e} (leave out --compile).", file=sys.stderr)
+        print(f"fakespotter scan: error: {e.reason}; leave out --compile.", file=sys.stderr)
         return 1
     finally:
         run_.close()
