@@ -642,6 +642,9 @@ def test_summary_notes_the_default_models_limits_only_for_the_default(tmp_path):
     other.write_bytes(default_model_path().read_bytes())  # same bytes, another file: the user's own
     assert DEFAULT_MODEL_NOTE not in summary(stats, 0, str(other))
     assert DEFAULT_MODEL_NOTE not in summary(stats, 0)
+    assert "compiling" not in summary(stats, 0)
+    stats.update(images=10, wall_s=2.0, images_per_s=5.0, compile_s=41.6)
+    assert "10 images in 2.0 s, 5.0 images/s, after 42 s of compiling" in summary(stats, 0)
 
 
 def test_an_abandoned_pool_ends_its_running_workers():

@@ -108,6 +108,7 @@ def test_compile_gives_the_default_records(corpus, model, base, capsys):
     got = list(run)
     assert run.stats["compiled"] is True and run.stats["forwards"] == 3 and run.stats["precision"] == "float32"
     assert len(notices) == 1 and "compiling the backbone for batches of 4" in notices[0]
+    assert run.stats["compile_s"] > 0
     assert without_scores(got) == without_scores(base)
     np.testing.assert_allclose(scores(got), scores(base), rtol=0, atol=1e-5)
     assert [r["label"] for r in got] == [r["label"] for r in base]
@@ -153,6 +154,7 @@ def test_resume_refuses_a_change_of_compile(corpus, model, tmp_path, capsys):
     assert rc == 2 and "--compile False there, True now" in err, err
     assert out.read_text() == before
     stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+    assert stats["compile_s"] == 0.0
     del stats["compiled"]  # an output of a scan from before --compile existed: eager
     (tmp_path / "o.jsonl.stats.json").write_text(json.dumps(stats))
     rc = main(cli(corpus, model, out, "--resume", "--compile"))

@@ -439,8 +439,11 @@ class _Forward:
                     p.data = p.data.contiguous(memory_format=torch.channels_last)
         self.compiled = bool(compile)
         self._net = self.tap
+        self.compile_s = 0.0
         if self.compiled:
+            t0 = time.perf_counter()
             self._compile()
+            self.compile_s = time.perf_counter() - t0
 
     def _compile(self) -> None:
         import torch
@@ -558,7 +561,8 @@ class ScanRun:
     ``classifier_s`` (parent); the settings that decide the scores: ``batch_size`` (the forward
     size in effect: smaller than ``batch_size_requested`` after an out-of-memory back-off, whose
     events are in ``oom_backoffs``), ``precision`` (``float32``, or the autocast dtype),
-    ``channels_last`` and ``compiled``.
+    ``channels_last`` and ``compiled`` (``compile_s``: the seconds the compile took before
+    the scan's clock started).
     """
 
     def __init__(self, entries: Iterable[Entry], detector: Any, model_id: str, cfg: _Config, batch_size: int,
@@ -578,7 +582,7 @@ class ScanRun:
         self._threshold = float(detector.operating_threshold_["logit"])
         self.stats: Dict[str, Any] = dict(
             new_stats(), batch_size=batch_size, batch_size_requested=batch_size, oom_backoffs=[],
-            precision=precision_of(device, autocast), channels_last=self._channels_last, compiled=self._compile,
+            precision=precision_of(device, autocast), channels_last=self._channels_last, compiled=self._compile, compile_s=0.0,
             workers=workers, device=device, aligned=cfg.aligned, upsample=cfg.upsample,
             weak_face_score=cfg.weak_face_score, detect_pixels=cfg.detect_pixels, pixel_limit=cfg.pixel_limit)
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
@@ -611,6 +615,7 @@ class ScanRun:
     def _batches(self) -> Iterator[List[Dict[str, Any]]]:
         fwd = _Forward(self._det, self._device, self._batch_size, self._channels_last, self._autocast, self._log,
                        self._compile)
+        self.stats["compile_s"] = fwd.compile_s
         t_start = time.perf_counter()
         queue: deque = deque()
         chips: List[Tuple[_Pending, int, np.ndarray]] = []

@@ -427,6 +427,8 @@ def summary(stats: Dict[str, Any], resumed: int, model: Optional[str] = None) ->
     if stats["error_kinds"]:
         lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["error_kinds"].items())))
     tail = f"{stats['images']} images in {stats['wall_s']:.1f} s, {stats['images_per_s']:.1f} images/s"
+    if stats.get("compile_s"):
+        tail += f", after {stats['compile_s']:.0f} s of compiling"
     if resumed:
         tail += f" (resumed: {resumed} records were already there)"
     lines.append(tail)
