@@ -16,7 +16,7 @@ On CUDA every timed call ends with a device synchronisation; ``--tf32 off`` turn
 TF32 convolutions off (torch's default leaves them on), for float32-exact forwards.
 
 ``--compile`` also times (a) and (b) through ``torch.compile`` (inductor with freezing, as
-``scan --compile`` runs them), in the same rotation: (a') compiled bare, (b') compiled tap. The
+``scan --compile`` runs them), in the same rotation, printed as a second table. The
 naive monitor stays eager: its Python hooks and numpy are what a compiled graph leaves out
 (hooks registered on a compiled module are not called). Compiled rows are checked against the
 eager tap's: channel rows must be equal; element rows may differ in near-threshold bits (fused
