@@ -136,12 +136,23 @@ class Passthrough(nn.Module):
         return self.layer(x * 1.0)
 
 
+class Fixed(Passthrough):
+    """The monitored layer outputs fixed values, whatever the (0..255) chip."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.register_buffer("values", values)
+
+    def forward(self, x):
+        return self.layer(x * 0.0 + self.values)
+
+
 def test_per_layer_sum_is_exact_under_cancellation():
     # values where a float64 running sum loses the small terms: 1e30 + 1 - 1e30 ...; 1e-40 is a
     # float32 subnormal
-    tap = Tap(custom_backbone(Passthrough(), ["layer"], (1, 2)), granularity="element")
     vals = torch.tensor([1e30, 1.0, -1e30, 3.0, 1e-40, -2.0], dtype=torch.float32)
-    chips = vals.reshape(1, 3, 1, 2)
+    tap = Tap(custom_backbone(Fixed(vals.reshape(1, 3, 1, 2)), ["layer"], (1, 2)), granularity="element")
+    chips = torch.full((1, 3, 1, 2), 7.0)
     cal = ThresholdCalibrator(tap).fit([chips, chips])  # two identical images
     exact = sum(Fraction(v) for v in vals.tolist()) * 2 / 12
     assert cal.layer_means_[0] == float(exact)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
@@ -93,6 +94,15 @@ def test_bad_parameters():
         FakeSpotter(target_fpr=0).fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
     with pytest.raises(ValueError, match=r"target_tpr must be in \(0, 1\] or None, got 1.5"):
         FakeSpotter(target_tpr=1.5).fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
+    for params, message in (({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+                            ({"max_epochs": 0}, "max_epochs must be an int >= 1"),
+                            ({"seed": None}, "seed must be an int >= 0, got None"),
+                            ({"upsample": -1}, "upsample must be an int >= 0"),
+                            ({"hidden": 16}, r"hidden must be a sequence of layer widths .*got 16"),
+                            ({"validation_fraction": 0}, r"validation_fraction must be in \(0, 1\)"),
+                            ({"validation_fraction": 1.5}, r"validation_fraction must be in \(0, 1\)")):
+        with pytest.raises(ValueError, match=message):  # before any work, as the CLI refuses them
+            FakeSpotter(**params).fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
 
 
 def test_operating_threshold_meets_target_fpr():
@@ -236,7 +246,7 @@ def test_refuses_non_finite_values_and_mangled_metadata_also_in_info(fitted, tmp
         err = capsys.readouterr().err
         assert err.startswith("fakespotter info: error: ") and len(err.strip().splitlines()) == 1
     assert main(["info", str(tmp_path)]) == 2 and "is a folder, not a model file" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"hidden widths must be ints >= 1, got \(0,\)"):
+    with pytest.raises(ValueError, match=r"hidden must be a sequence of layer widths \(ints >= 1\), e.g. \(16, 16\); got \(0,\)"):
         FakeSpotter(hidden=(0,)).fit(np.zeros((2, 150, 150, 3), np.uint8), np.zeros((2, 150, 150, 3), np.uint8))
 
 
@@ -298,14 +308,42 @@ def test_pickles_as_its_model_file_and_deep_copies(fitted):
         pickle.dumps(odd)
     unfitted = pickle.loads(pickle.dumps(FakeSpotter(hidden=(4,), seed=3)))
     assert unfitted.hidden == (4,) and unfitted.seed == 3 and not hasattr(unfitted, "tap_")
-    with pytest.raises(artifact.ModelFileError, match="truncated or not a model file"):
-        FakeSpotter.from_bytes(det.to_bytes()[:1000])
+    with pytest.raises(artifact.ModelFileError, match="^model bytes: .*truncated or not a model file"):
+        FakeSpotter.from_bytes(det.to_bytes()[:1000])  # no temporary file the caller never saw
 
 
-def test_scores_are_float32_whatever_the_callers_context(fitted):
-    """Under a caller's torch.autocast or inference_mode the scores are the plain float32 ones,
-    ordinary tensors (not inference tensors)."""
+def test_model_sha256_names_the_file_and_saving_again_keeps_its_bytes(fitted, tmp_path):
+    det, path, real, fake = fitted
+    loaded = FakeSpotter.load(path)
+    assert loaded.model_sha256() == artifact.file_sha256(path)
+    again = tmp_path / "again.fsm"
+    loaded.save(again)  # layers=None (the default layers) stays None: the same bytes
+    assert again.read_bytes() == path.read_bytes() and loaded.layers is None
+    assert det.model_sha256() == artifact.file_sha256(path)  # fitted here: the bytes save writes
+    assert FakeSpotter.from_bytes(path.read_bytes()).model_sha256() == artifact.file_sha256(path)
+    refit = FakeSpotter.load(path).fit(real[:8], fake[:8])
+    assert refit.model_sha256() != artifact.file_sha256(path)
+    assert refit.model_sha256() == hashlib.sha256(refit.to_bytes()).hexdigest()
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder; give the model file's path"):
+        det.save(tmp_path, overwrite=True)
+
+
+def test_scores_are_float32_whatever_the_callers_context(fitted, tmp_path):
+    """Under a caller's torch.autocast, inference_mode or default dtype the scores are the plain
+    float32 ones, ordinary tensors (not inference tensors)."""
+    from PIL import Image
+
     det, _, real, fake = fitted
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (120, 90), (40, 90, 200)).save(blank)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for images in ([str(blank)], []):
+            assert det.decision_function(images).dtype == torch.float32
+            assert det.predict_proba(images).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
     x = torch.cat([real[:4], fake[:4]])
     plain, labels, rows = det.decision_function(x), list(det.predict(x)), det.rows(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -330,9 +368,35 @@ def test_float_chips_outside_0_255_are_refused(fitted):
         det.decision_function(f / 127.5 - 1)
     with pytest.raises(ValueError, match="must be RGB 0..255"):
         det.rows(f * 2)
+    with pytest.raises(ValueError, match=r"^predict_proba: float32 chips must be RGB 0\.\.255"):
+        det.predict_proba(f / 255)  # the method called, not an internal one, is named
+    with pytest.raises(ValueError, match=r"^explain: chips must be 150x150"):
+        det.explain(f[:, :, :, :149])
     dark = torch.zeros_like(real[:2])
     dark[0, 10:20, 10:20] = 1  # uint8 chips are never refused by value, however dark
     assert det.decision_function(dark).shape == (2,) and det.decision_function(dark.numpy()).shape == (2,)
+
+
+def test_chip_views_path_arrays_and_misfit_rows(fitted, tmp_path):
+    """A flipped view (OpenCV's BGR -> RGB) is scored like its copy; a numpy array of paths
+    (a DataFrame column's .values) like the list; int32 rows get a message about rows."""
+    from PIL import Image
+
+    det, _, real, _ = fitted
+    x = real[:3].numpy()
+    for view in (x[..., ::-1], x[:, ::-1]):
+        assert torch.equal(det.decision_function(view), det.decision_function(view.copy()))
+        assert torch.equal(det.rows(view), det.rows(view.copy()))
+    paths = []
+    for i in range(2):
+        Image.fromarray(x[i]).save(tmp_path / f"chip{i}.png")
+        paths.append(str(tmp_path / f"chip{i}.png"))
+    aligned = FakeSpotter.load(fitted[1])
+    aligned.aligned = True
+    assert torch.equal(aligned.decision_function(np.array(paths)), aligned.decision_function(paths))
+    assert torch.equal(aligned.decision_function(np.array(paths, dtype=object)), aligned.decision_function(paths))
+    with pytest.raises(TypeError, match="a 2-d int32 tensor is neither images nor packed rows: packed rows are int64"):
+        det.decision_function(det.rows(real[:2]).to(torch.int32))
 
 
 def test_rows_as_numpy_and_explain_on_images(fitted, tmp_path):

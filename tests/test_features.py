@@ -64,6 +64,22 @@ def test_chip_validation_names_expected_and_actual():
         features(small_chips(1), tap, batch_size=0)
 
 
+def test_float_chips_on_the_0_1_scale_are_refused_everywhere():
+    """Every backbone takes RGB 0..255 (its preprocessing does the rest): 0..1 float chips would
+    calibrate and score silently wrong. Whole numbers (a dark uint8 chip as float) pass."""
+    from fakespotter.calibration import ThresholdCalibrator
+
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    for run in (lambda x: features(x, tap), lambda x: ThresholdCalibrator(tap).fit([x])):
+        with pytest.raises(ValueError, match=r"every value is within 0\.\.1 .*multiply 0\.\.1 chips by 255"):
+            run(small_chips(2) / 255)
+        with pytest.raises(ValueError, match=r"got values from -0\.99.* to 0\.99.*normalised chips\?"):
+            run(small_chips(2) / 127.5 - 1)
+    dark = (small_chips(2) > 128).float()  # 0 and 1 only
+    assert torch.equal(features(dark, tap).rows, features(dark.to(torch.uint8).permute(0, 2, 3, 1), tap).rows)
+    assert ThresholdCalibrator(tap).fit([dark]).n_images_ == 2
+
+
 def test_aligned_images_are_resized_and_indexed(tmp_path):
     tap = square_tap(16)
     rng = np.random.default_rng(0)
@@ -97,9 +113,23 @@ def test_what_counts_as_one_image_and_what_is_refused(tmp_path):
         as_image_list(torch.from_numpy(img))
     with pytest.raises(TypeError, match="got a dict"):
         as_image_list({str(path): 1})
+    for paths in (np.array([str(path), str(path)]), np.array([path, path], dtype=object)):
+        assert as_image_list(paths) == list(paths)  # a DataFrame column's .values
     with pytest.raises(FileNotFoundError, match=r"image 1: load_image: .*missing\.png: No such file") as e:
         chips([str(path), str(tmp_path / "missing.png")], aligned=True, size=tap)
     assert e.value.errno == 2
+
+
+def test_a_missing_weights_file_is_not_blamed_on_an_image(monkeypatch, tmp_path):
+    from fakespotter import faces
+    from fakespotter.weights import WeightsNotFoundError
+
+    def missing(*args, **kwargs):
+        raise WeightsNotFoundError("shape_predictor_5_face_landmarks.dat is not in the fakespotter cache")
+
+    monkeypatch.setattr(faces, "detect_and_align", missing)
+    with pytest.raises(WeightsNotFoundError, match="^shape_predictor_5_face_landmarks.dat is not in"):
+        chips([np.zeros((20, 20, 3), np.uint8)] * 2)
 
 
 @pytest.fixture(scope="module")

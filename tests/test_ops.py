@@ -249,3 +249,22 @@ def test_channel_means_follow_the_lane_order_exactly(cpu_isa, spatial, layout):
         for thr in (means[row], torch.nextafter(means[row], torch.tensor(-float("inf")))):
             got = torch.ops.fakespotter.threshold_pack(x[row : row + 1], thr.contiguous(), "channel")
             assert torch.equal(got, ref.threshold_pack(x[row : row + 1], thr.contiguous(), "channel"))
+
+
+def test_python_wrappers_take_thresholds_as_floats_lists_and_arrays():
+    import numpy as np
+
+    x = torch.randn(3, 8, 5, 5)
+    thr = torch.linspace(-0.2, 0.2, 8)
+    want = fakespotter.threshold_pack(x, thr)
+    for given in (thr.tolist(), thr.numpy(), thr.numpy().astype(np.float64)):
+        assert torch.equal(fakespotter.threshold_pack(x, given), want)
+    out = torch.zeros(3, 2, dtype=torch.int64)
+    fakespotter.threshold_pack_into(x, thr.numpy(), out, 1)
+    assert torch.equal(out[:, 1:], want) and not out[:, 0].any()
+    assert torch.equal(fakespotter.threshold_pack(x, np.float32(0.1)), fakespotter.threshold_pack(x, 0.1))
+    with pytest.raises(TypeError, match=r"threshold_pack: thresholds must be a float, or a float32 tensor / "
+                                        r"array / list of floats, got dict"):
+        fakespotter.threshold_pack(x, {"a": 1.0})
+    with pytest.raises(ValueError, match="threshold_pack"):  # the op's own check of the length
+        fakespotter.threshold_pack(x, [0.0] * 7)

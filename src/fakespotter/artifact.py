@@ -51,6 +51,8 @@ def write_model(path: Union[str, Path], tensors: Mapping[str, torch.Tensor], met
                 overwrite: bool = False) -> Path:
     """Write a model file atomically. An existing file is kept unless ``overwrite=True``."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the model file's path (e.g. {path / 'model.fsm'})")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     if not path.parent.is_dir():

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import math
 import numbers
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -36,7 +38,7 @@ from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
-from .features import _is_chip_batch, as_image_list, check_chip_range, chips as make_chips, features, prepare_chips
+from .features import _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips
 from .taps import Tap
 
 __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model",
@@ -188,8 +190,16 @@ class FakeSpotter:
             raise ValueError(f"FakeSpotter: target_tpr must be in (0, 1] or None, got {self.target_tpr}")
         check_weak_face_score(self.weak_face_score, "FakeSpotter")
         check_detect_pixels(self.detect_pixels, "FakeSpotter")
-        if not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
-            raise ValueError(f"FakeSpotter: hidden widths must be ints >= 1, got {self.hidden!r}")
+        if (isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Iterable)
+                or not all(_is_int(h, 1) for h in self.hidden)):
+            raise ValueError(f"FakeSpotter: hidden must be a sequence of layer widths (ints >= 1), "
+                             f"e.g. (16, 16); got {self.hidden!r}")
+        if not (isinstance(self.validation_fraction, numbers.Real) and 0.0 < self.validation_fraction < 1.0):
+            raise ValueError(f"FakeSpotter: validation_fraction must be in (0, 1) (images held out to pick the "
+                             f"operating threshold), got {self.validation_fraction!r}")
+        for name, low in (("max_epochs", 1), ("batch_size", 1), ("seed", 0), ("upsample", 0)):
+            if not _is_int(getattr(self, name), low):
+                raise ValueError(f"FakeSpotter: {name} must be an int >= {low}, got {getattr(self, name)!r}")
         if self.threshold_mode not in ("per_layer", "per_neuron"):
             raise ValueError(f"FakeSpotter: threshold_mode must be 'per_layer' or 'per_neuron', got {self.threshold_mode!r}")
 
@@ -201,13 +211,12 @@ class FakeSpotter:
     def _chips(self, data: Any, what: str, tap: Tap) -> Tuple[torch.Tensor, np.ndarray, int, int]:
         """(chips float32 [M, 3, H, W], image index [M], images, images without faces)."""
         if _is_chip_batch(data):
-            check_chip_range(data, what)
             x = prepare_chips(data, tap, what)
             return x, np.arange(x.shape[0]), int(x.shape[0]), 0
         images = as_image_list(data)
         c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample,
                        weak_face_score=self.weak_face_score, detect_pixels=self.detect_pixels)
-        x = prepare_chips(c.array, tap, what) if len(c) else torch.zeros((0, *tap.input_shape))
+        x = prepare_chips(c.array, tap, what) if len(c) else torch.zeros((0, *tap.input_shape), dtype=torch.float32)
         return x, c.image_index, len(images), len(images) - len(set(c.image_index.tolist()))
 
     def _rows(self, x: torch.Tensor, tap: Tap) -> torch.Tensor:
@@ -311,6 +320,7 @@ class FakeSpotter:
         self.classifier_ = clf
         self.operating_threshold_ = op
         self.training_summary_ = summary
+        self.model_id_ = None  # a new model: model_sha256() hashes what save would write
         return self
 
     def _make_classifier(self):
@@ -328,9 +338,11 @@ class FakeSpotter:
         """Packed rows of a chip batch (or of the faces of images, in order)."""
         self._check_fitted()
         if _is_chip_batch(X):
-            check_chip_range(X, "rows")
-            return self._rows(prepare_chips(X, self.tap_, "rows"), self.tap_)
+            return self._chip_rows(X, "rows")
         return self._image_features(X).rows
+
+    def _chip_rows(self, X: Any, what: str) -> torch.Tensor:
+        return self._rows(prepare_chips(X, self.tap_, what), self.tap_)
 
     def _image_features(self, images: Any) -> Any:
         return features(as_image_list(images), self.tap_, aligned=self.aligned, batch_size=self.batch_size,
@@ -339,27 +351,31 @@ class FakeSpotter:
 
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logit of "fake": per row, per chip, or per image (max over its faces; NaN: no face)."""
+        return self._decision(X, "decision_function")
+
+    def _decision(self, X: Any, what: str) -> torch.Tensor:
         self._check_fitted()
         if _is_rows(X):
             return self.classifier_.decision_function(torch.as_tensor(X))
         if _is_chip_batch(X):
-            return self.classifier_.decision_function(self.rows(X))
+            return self.classifier_.decision_function(self._chip_rows(X, what))
         images = as_image_list(X)
         f = self._image_features(images)
-        per_face = self.classifier_.decision_function(f.rows) if len(f) else torch.zeros(0)
-        out = torch.full((len(images),), float("nan"))
+        per_face = (self.classifier_.decision_function(f.rows) if len(f)
+                    else torch.zeros(0, dtype=torch.float32))
+        out = torch.full((len(images),), float("nan"), dtype=torch.float32)
         for i, s in zip(f.image_index.tolist(), per_face.tolist()):
             out[i] = s if math.isnan(out[i]) else max(float(out[i]), s)
         return out
 
     def predict_proba(self, X: Any) -> torch.Tensor:
         """float32 [N, 2]: P(real), P(fake) (NaN for images without a face)."""
-        p = torch.sigmoid(self.decision_function(X))
+        p = torch.sigmoid(self._decision(X, "predict_proba"))
         return torch.stack([1 - p, p], dim=1)
 
     def predict(self, X: Any) -> np.ndarray:
         """"real" / "fake" at the operating threshold (None for images without a face)."""
-        s = self.decision_function(X).numpy()
+        s = self._decision(X, "predict").numpy()
         t = self.operating_threshold_["logit"]
         return np.array([None if math.isnan(v) else CLASSES[int(v > t)] for v in s], dtype=object)
 
@@ -373,7 +389,7 @@ class FakeSpotter:
         if _is_rows(X):
             rows = torch.as_tensor(X)
         elif _is_chip_batch(X):
-            rows = self.rows(X)
+            rows = self._chip_rows(X, "explain")
         else:
             f = self._image_features(X)
             rows, index = f.rows, f.image_index
@@ -422,7 +438,18 @@ class FakeSpotter:
         with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
             path = Path(d) / "model.fsm"
             path.write_bytes(data)
-            return cls.load(path, device=device)
+            try:
+                return cls.load(path, device=device)
+            except artifact.ModelFileError as e:  # the temporary file means nothing to the caller
+                raise artifact.ModelFileError(str(e).replace(str(path), "model bytes")) from None
+
+    def model_sha256(self) -> str:
+        """The sha256 of the model file this detector was loaded from, or (fitted here) of the
+        file :meth:`save` would write; scan records carry it as ``model``."""
+        self._check_fitted()
+        if getattr(self, "model_id_", None) is None:
+            self.model_id_ = hashlib.sha256(self.to_bytes()).hexdigest()
+        return self.model_id_
 
     def __reduce_ex__(self, protocol: int) -> Any:
         """A fitted detector pickles as its model file (multiprocessing, Ray, joblib send it so):
@@ -499,7 +526,8 @@ class FakeSpotter:
             raise artifact.ModelFileError(f"{path}: unexpected tensors {unexpected}")
         params["device"] = device
         det = cls(**{k: v for k, v in params.items() if k in cls._param_names})
-        det.layers = layers
+        if not (det.layers is None and layers == list(bb.default_layers)):  # saving again keeps the bytes
+            det.layers = layers
         if isinstance(det.hidden, list):  # JSON has no tuples
             det.hidden = tuple(det.hidden)
         try:
@@ -537,7 +565,12 @@ class FakeSpotter:
         det.operating_threshold_ = op
         det.training_summary_ = training
         det.model_meta_ = meta
+        det.model_id_ = artifact.file_sha256(path)
         return det
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
 
 
 def _is_rows(X: Any) -> bool:

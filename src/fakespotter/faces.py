@@ -342,7 +342,7 @@ def chip_from_aligned(image: ImageInput, size: int = CHIP_SIZE,
     h, w = rgb.shape[:2]
     if min(h, w) < MIN_CHIP_SIDE or max(h, w) > 2 * min(h, w):
         raise ValueError(f"chip_from_aligned: a {w}x{h} image cannot be an aligned face chip (a side under "
-                         f"{MIN_CHIP_SIDE} px, or not square within 2:1); detect faces instead of --aligned")
+                         f"{MIN_CHIP_SIDE} px, or not square within 2:1); detect faces instead (aligned=False; in the CLI, leave out --aligned)")
     if rgb.shape[:2] == (size, size):
         return rgb
     resized = Image.fromarray(rgb).resize((int(size), int(size)), Image.Resampling.BILINEAR)

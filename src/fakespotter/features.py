@@ -74,6 +74,11 @@ def as_image_list(images: Any) -> List[Any]:
         return [images]
     if isinstance(images, np.ndarray) and images.ndim in (2, 3):
         return [images]
+    if isinstance(images, np.ndarray) and images.ndim == 1 and images.dtype.kind in "UO":
+        return images.tolist()  # paths, e.g. a DataFrame column's .values
+    if isinstance(images, Tensor) and images.dim() == 2 and images.dtype not in (torch.uint8, torch.bool) and not images.is_floating_point():
+        raise TypeError(f"images: a 2-d {str(images.dtype).replace('torch.', '')} tensor is neither images nor "
+                        f"packed rows: packed rows are int64 [N, words]")
     if isinstance(images, Tensor) and images.dim() in (2, 3):
         raise TypeError(f"images: a torch tensor is taken as a chip batch (uint8 [N, H, W, 3] or float32 "
                         f"[N, 3, H, W]); pass one image as a numpy array (tensor.numpy()), got shape "
@@ -122,6 +127,7 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
                              f"{shape[2]}x{shape[3]} (shape {shape})")
         if not bool(torch.isfinite(chips).all()):
             raise ValueError(f"{what}: float32 chips hold NaN or infinite values (expected RGB 0..255)")
+        check_chip_range(chips, what)
         x = chips
     else:
         raise TypeError(f"{what}: chips must be uint8 [N, {h}, {w}, 3] or float32 [N, 3, {h}, {w}], "
@@ -129,19 +135,17 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
     return x.to(tap.thresholds.device).contiguous()
 
 
-def check_chip_range(chips: Any, what: str) -> None:
-    """For a chip batch as given (before :func:`prepare_chips`; RGB 0..255, what the registered
-    backbones' preprocessing expects): a ValueError for float chips outside 0..255, or all
-    within 0..1 (the usual torch image scale, which would silently score every face wrong).
-    uint8 chips are never refused by value."""
-    if isinstance(chips, np.ndarray):
-        chips = torch.from_numpy(chips)
-    if isinstance(chips, Tensor) and chips.is_floating_point() and chips.numel():
+def check_chip_range(chips: Tensor, what: str) -> None:
+    """For float chips (RGB 0..255 is what every backbone's preprocessing takes): a ValueError
+    for values outside 0..255, or all within 0..1 with fractions (the usual torch image scale,
+    which would silently score every face wrong). Whole numbers are never refused: a very dark
+    uint8 chip, as float, is all 0 and 1."""
+    if chips.numel():
         lo, hi = float(chips.min()), float(chips.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"{what}: float32 chips must be RGB 0..255, got values from {lo:g} to {hi:g} "
                              f"(normalised chips? the backbone's own preprocessing is applied to 0..255)")
-        if 0 < hi <= 1:
+        if 0 < hi <= 1 and bool((chips != chips.round()).any()):
             raise ValueError(f"{what}: float32 chips must be RGB 0..255, but every value is within 0..1 "
                              f"(max {hi:g}): multiply 0..1 chips by 255")
 
@@ -158,6 +162,7 @@ def _square_size(tap_or_size: Any) -> int:
 def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, weak_face_score: float,
                 detect_pixels: int) -> Iterator[Tuple[int, int, np.ndarray, Any]]:
     from . import faces
+    from .weights import WeightsError
 
     for i, image in enumerate(images):
         try:
@@ -168,7 +173,7 @@ def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, 
                                                                      weak_face_score=weak_face_score,
                                                                      detect_pixels=detect_pixels)]
         except (ValueError, TypeError, OSError) as e:  # name the image when it is one of many
-            if len(images) == 1:
+            if len(images) == 1 or isinstance(e, WeightsError):  # a missing model is no image's fault
                 raise
             name = image if isinstance(image, (str, os.PathLike)) else type(image).__name__
             if isinstance(e, OSError) and e.errno is not None:  # FileNotFoundError, ...: same class, plus the index

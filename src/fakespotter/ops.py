@@ -7,6 +7,9 @@ layout: feature ``i`` of a row is bit ``i % 64`` of int64 word ``i // 64``; see 
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 
 from .reference import WORD_BITS
@@ -30,10 +33,18 @@ def num_words(num_features: int) -> int:
     return -(-num_features // WORD_BITS)
 
 
-def _as_thresholds(thresholds, x: torch.Tensor) -> torch.Tensor:
+def _as_thresholds(thresholds, x: torch.Tensor, op: str) -> torch.Tensor:
+    """A tensor as given (the op checks it); a float, or a list or numpy array of floats, as float32."""
     if isinstance(thresholds, torch.Tensor):
         return thresholds
-    return torch.tensor([float(thresholds)], dtype=torch.float32, device=x.device)
+    if isinstance(thresholds, numbers.Real):
+        return torch.tensor([float(thresholds)], dtype=torch.float32, device=x.device)
+    try:
+        values = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: thresholds must be a float, or a float32 tensor / array / list of floats, "
+                        f"got {type(thresholds).__name__}") from None
+    return torch.from_numpy(values).to(x.device)
 
 
 def threshold_pack(x: torch.Tensor, thresholds, granularity: str = "channel") -> torch.Tensor:
@@ -41,7 +52,7 @@ def threshold_pack(x: torch.Tensor, thresholds, granularity: str = "channel") ->
 
     Args:
         x (Tensor[N, C, *spatial] or Tensor[N, D]): float32, float16 or bfloat16, any strides.
-        thresholds (Tensor or float): float32; one value for the layer (paper Eq. 1) or one per
+        thresholds (Tensor, array, list or float): float32; one value for the layer (paper Eq. 1) or one per
             neuron (``C`` in channel granularity, ``C * prod(spatial)`` in element granularity).
         granularity: ``"channel"`` (a neuron is a channel, valued by its spatial mean) or
             ``"element"`` (every element is a neuron, in logical C, H, W order).
@@ -49,7 +60,7 @@ def threshold_pack(x: torch.Tensor, thresholds, granularity: str = "channel") ->
     Returns:
         Tensor[N, ceil(neurons / 64)] int64: bit ``i`` set when neuron ``i`` > its threshold.
     """
-    return torch.ops.fakespotter.threshold_pack(x, _as_thresholds(thresholds, x), granularity)
+    return torch.ops.fakespotter.threshold_pack(x, _as_thresholds(thresholds, x, "threshold_pack"), granularity)
 
 
 def threshold_pack_into(
@@ -66,7 +77,7 @@ def threshold_pack_into(
             ``[word_offset, word_offset + ceil(neurons / 64))`` are written.
     """
     torch.ops.fakespotter.threshold_pack_into(
-        x, _as_thresholds(thresholds, x), granularity, out, word_offset
+        x, _as_thresholds(thresholds, x, "threshold_pack_into"), granularity, out, word_offset
     )
 
 

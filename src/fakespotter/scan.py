@@ -762,7 +762,7 @@ def _load_model(model: Any, device: str) -> Tuple[Any, str]:
         if have.type != want.type or (want.index is not None and have.index is not None and have.index != want.index):
             raise ValueError(f"scan: the detector's backbone is on {have}, but device is {device!r}; load it with "
                              f"FakeSpotter.load(path, device={device!r}) or pass the model file")
-        return model, getattr(model, "model_id_", None) or "in-memory"
+        return model, model.model_sha256()
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"scan: model must be a model file path, 'default' or a fitted FakeSpotter, "
                         f"got {type(model).__name__}")

@@ -352,7 +352,7 @@ def _model_bytes(model: Any) -> Tuple[bytes, str, Any]:
 
     if isinstance(model, FakeSpotter):
         model._check_fitted()
-        return model.to_bytes(), getattr(model, "model_id_", None) or "in-memory", model
+        return model.to_bytes(), model.model_sha256(), model
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"ray_scan: model must be a model file path, 'default' or a fitted FakeSpotter, "
                         f"got {type(model).__name__}")

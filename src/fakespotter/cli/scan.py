@@ -210,8 +210,8 @@ def check_faces(args: argparse.Namespace) -> None:
 
 
 def load_detector(args: argparse.Namespace) -> Any:
-    """The --model on --device, with its file's sha256 as ``model_id_``; usage errors before work."""
-    from ..artifact import ModelFileError, file_sha256
+    """The --model on --device (``model_sha256()`` is its file's); usage errors before work."""
+    from ..artifact import ModelFileError
     from ..detector import FakeSpotter
     from ..scan import check_device
 
@@ -224,7 +224,6 @@ def load_detector(args: argparse.Namespace) -> Any:
         det = FakeSpotter.load(args.model, device=args.device)
     except (ModelFileError, OSError, ValueError) as e:
         raise usage_error(f"--model {args.model}: {str(e).splitlines()[0]}") from None
-    det.model_id_ = file_sha256(args.model)
     return det
 
 
@@ -453,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
     out, fmt = plan["out"], plan["fmt"]
     stdin = piped_listing(args, reread=plan["mode"] == "resume")
     if plan["mode"] == "resume":
-        resume = _resume_plan(args, out, fmt, plan["detector"].model_id_, stdin)
+        resume = _resume_plan(args, out, fmt, plan["detector"].model_sha256(), stdin)
     else:
         resume = {"state": None, "skip": 0, "exclude": None, "batch_size": args.batch_size}
     state = resume["state"]
@@ -477,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
         before = state.counts if state is not None else {}
         output_counts = {s: n + before.get(s, 0) for s, n in run_.stats["counts"].items()}
         return dict(run_.stats, complete=complete, resumed_records=resumed, output_counts=output_counts, format=fmt,
-                    output=None if out is None else str(out), model=plan["detector"].model_id_,
+                    output=None if out is None else str(out), model=plan["detector"].model_sha256(),
                     inputs=list(args.paths), limit=args.limit, batch_size_requested=args.batch_size)
 
     stats_path = None if out is None else Path(str(out) + ".stats.json")
