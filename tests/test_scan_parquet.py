@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fakespotter.cli import main
-from fakespotter.scan import ParquetParts, RecordWriter, parquet_schema, read_records, resume_state, scan
+from fakespotter.scan import (ParquetParts, RecordWriter, output_paths, parquet_schema, path_key, read_records,
+                              resume_state, scan)
 from scan_helpers import model_file, write_good
 
 
@@ -90,6 +91,21 @@ def test_row_groups_parts_and_non_utf8_names(reference, tmp_path):
     w.close()
     (back,) = read_records(tmp_path / "odd.parquet", "parquet")
     assert back["path"] == "/data/caf\\xe9.png" and back["faces"] == odd["faces"]
+    # ... and alike in JSON lines and CSV, so every output is UTF-8 that any reader takes
+    for fmt in ("jsonl", "csv"):
+        w = RecordWriter(tmp_path / f"odd.{fmt}", fmt)
+        w.write([odd])
+        w.close()
+        text = (tmp_path / f"odd.{fmt}").read_bytes().decode("utf-8")
+        assert "caf\\" in text and "\\udc" not in text  # JSON doubles the backslash
+        if fmt == "jsonl":
+            assert [r["path"] for r in read_records(tmp_path / "odd.jsonl", fmt)] == ["/data/caf\\xe9.png"]
+        assert list(output_paths(tmp_path / f"odd.{fmt}", fmt)) == [path_key(odd["path"], fmt)]
+    # outputs of earlier versions held the name's bytes as such: a resume still matches them
+    (tmp_path / "old.jsonl").write_text(json.dumps(odd) + "\n")  # "\udce9"
+    (tmp_path / "old.csv").write_bytes((tmp_path / "odd.csv").read_bytes().replace(b"caf\\xe9", b"caf\xe9"))
+    for fmt in ("jsonl", "csv"):
+        assert list(output_paths(tmp_path / f"old.{fmt}", fmt)) == [path_key(odd["path"], fmt)]
 
 
 def complete_parts(out):

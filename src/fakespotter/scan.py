@@ -874,6 +874,7 @@ def _csv_text(v: Any) -> str:
 
 
 def _line(record: Dict[str, Any], fmt: str) -> str:
+    record = _utf8_record(record)
     if fmt == "jsonl":
         return json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
     buf = io.StringIO()
@@ -1002,7 +1003,7 @@ def output_paths(path: Union[str, Path], fmt: str) -> Iterator[str]:
     """The paths of the complete records of an existing output, in order (as :func:`path_key`
     gives them)."""
     for p, _, _ in read_output(path, fmt):
-        yield p
+        yield _utf8(p)  # outputs of earlier versions held file-name bytes that are not UTF-8 as such
 
 
 def input_key(path: str) -> str:
@@ -1013,11 +1014,9 @@ def input_key(path: str) -> str:
 
 
 def path_key(path: str, fmt: str) -> str:
-    """An input's path as an output of format ``fmt`` stores it (CSV escapes line breaks,
-    Parquet writes bytes that are not UTF-8 as ``\\xNN``)."""
-    if fmt == "csv":
-        return _csv_text(path)
-    return _utf8(path) if fmt == "parquet" else path
+    """An input's path as an output of format ``fmt`` stores it (file-name bytes that are not
+    UTF-8 as ``\\xNN``; CSV also escapes line breaks)."""
+    return _csv_text(_utf8(path)) if fmt == "csv" else _utf8(path)
 
 
 class RecordWriter:
@@ -1165,16 +1164,24 @@ def parquet_schema() -> Any:
     return pa.schema([(k, types[k]) for k in RECORD_FIELDS])
 
 
+def _utf8_record(record: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: _utf8(v) for k, v in record.items()}
+
+
 def _utf8(text: Any) -> Any:
-    """Parquet strings are UTF-8: file-name bytes that are not (surrogate-escaped by Python) are
-    written as ``\\xNN``."""
+    """Every output is valid UTF-8: file-name bytes that are not (surrogate-escaped by Python)
+    are written as ``\\xNN``, in every format alike."""
     if not isinstance(text, str):
         return text
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that is no escaped byte
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def _part_name(i: int) -> str:
@@ -1354,7 +1361,7 @@ class ParquetParts:
             return
         if self._writer is None:
             self._writer = self._pq.ParquetWriter(self._unfinished(), self._schema, compression="zstd")
-        rows = [{k: (_utf8(v) if isinstance(v, str) else v) for k, v in r.items()} for r in self._buf[:n]]
+        rows = [_utf8_record(r) for r in self._buf[:n]]
         self._writer.write_table(self._pa.Table.from_pylist(rows, schema=self._schema),
                                  row_group_size=self._group_rows)
         del self._buf[:n]

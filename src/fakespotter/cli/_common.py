@@ -120,8 +120,8 @@ def model_file(spec: str, what: str = "model") -> str:
 
 
 def record_stdout() -> Any:
-    """stdout for records: UTF-8, file-name bytes that are not UTF-8 written as they are (what a
-    file output holds), whatever the locale or PYTHONIOENCODING."""
+    """stdout for records: UTF-8 (what a file output holds), whatever the locale or
+    PYTHONIOENCODING."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")
     return sys.stdout
