@@ -459,6 +459,24 @@ def test_stdout_summary_and_exit_codes(corpus, model, tmp_path, capsys):
     assert rc == 1 and [r["error_kind"] for r in recs] == ["too_many_pixels"] * 2
 
 
+def test_a_stderr_whose_reader_left_does_not_stop_the_scan(corpus, model, tmp_path):
+    """`2>&1 | tee log` whose reader died: progress, notices and the summary are dropped, the
+    scan goes on to the end and its exit code still says whether inputs failed."""
+    listing = [str(p) for p in D.list_images(corpus)]
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("\n".join(listing[1:3]) + "\n")
+    second.write_text("\n".join(listing) + "\n")  # not how the output begins: a notice on stderr
+    out = tmp_path / "o.jsonl"
+    cmd = [sys.executable, "-m", "fakespotter", "scan", "--model", str(model), "--aligned", "--workers", "0",
+           "--batch-size", "2", "--out", str(out)]
+    assert subprocess.run(cmd + [f"@{first}", "--quiet"], capture_output=True).returncode == 0
+    p = subprocess.Popen(cmd + [f"@{second}", "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stderr.close()
+    assert p.wait(timeout=300) == 1  # broken.png and empty.jpg are error records
+    assert p.stdout.read() == b""
+    assert sorted(r["path"] for r in jsonl(out)) == sorted(listing)
+
+
 def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
     existing = tmp_path / "existing.jsonl"
     existing.write_text("keep me\n")

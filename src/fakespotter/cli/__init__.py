@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import calibrate, data, env, evaluate, info, merge, robustness, scan, train
 
@@ -40,12 +40,50 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+class _Stream:
+    """sys.stdout / sys.stderr, telling a reader that left apart. stdout: ``broken`` is set and
+    the BrokenPipeError goes on (``| head`` ends the command). stderr (progress, notices,
+    summary; ``2>&1 | tee log`` whose reader died): from then on it goes to /dev/null and the
+    work goes on, so a scan never stops half-way with exit 0."""
+
+    def __init__(self, stream: Any, fd: int) -> None:
+        self.stream, self.fd, self.broken = stream, fd, False
+
+    def _left(self) -> None:
+        self.broken = True
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.fd)  # what is still buffered goes there too
+        os.close(null)
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._left()
+            if self.fd == 1:
+                raise
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._left()
+            if self.fd == 1:
+                raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, _ = _Stream(sys.stdout, 1), _Stream(sys.stderr, 2)
     try:
         return int(args.run(args) or 0)
     except UsageError as e:
@@ -57,9 +95,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Terminated:
         print(f"fakespotter {args.command}: terminated", file=sys.stderr)
         return 143
-    except BrokenPipeError:  # e.g. `fakespotter info ... | head`: the reader left; no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet
-        return 0
+    except BrokenPipeError as e:
+        if out.broken:  # e.g. `fakespotter info ... | head`: the reader left; no traceback
+            return 0
+        print(f"fakespotter {args.command}: error: {e}", file=sys.stderr)  # another pipe: not success
+        return 1
     finally:
+        sys.stdout, sys.stderr = saved
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
