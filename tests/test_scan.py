@@ -477,6 +477,34 @@ def test_a_stderr_whose_reader_left_does_not_stop_the_scan(corpus, model, tmp_pa
     assert sorted(r["path"] for r in jsonl(out)) == sorted(listing)
 
 
+def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(corpus, model, tmp_path):
+    """Disk full / file size limit: no traceback, exit 3 (not 1, which says inputs failed), the
+    records synced before stay and --resume completes the output."""
+    import resource
+
+    out = tmp_path / "o.jsonl"
+    cmd = [sys.executable, "-m", "fakespotter", "scan", str(corpus), "--model", str(model), "--aligned",
+           "--workers", "0", "--batch-size", "2", "--out", str(out), "--quiet"]
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2500, resource.RLIM_INFINITY))
+
+    run = subprocess.run(cmd, capture_output=True, preexec_fn=small_files, text=True)
+    assert run.returncode == 3 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip() == (f"fakespotter scan: error: writing {out}: File too large: the records written "
+                                  f"before stay; free space (or raise the file size limit) and rerun with --resume")
+    assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is False
+    run = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr  # broken.png and empty.jpg are error records
+    want = list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0))
+    assert jsonl(out) == want
+    with open("/dev/full", "w") as full:  # stdout on a full disk
+        run = subprocess.run(cmd[:-3] + ["--quiet"], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert run.returncode == 3 and run.stderr == "fakespotter scan: error: writing stdout: No space left on device\n"
+    run = subprocess.run(cmd[:-3] + ["--out", "/proc/none.jsonl"], capture_output=True, text=True)
+    assert run.returncode == 2 and "cannot create /proc/none.jsonl: No such file or directory" in run.stderr
+
+
 def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
     existing = tmp_path / "existing.jsonl"
     existing.write_text("keep me\n")

@@ -1,6 +1,7 @@
 """The ``fakespotter`` command line: one module per subcommand, each a thin shell over the
 library (``add_parser`` builds its arguments, ``run`` does the work). Exit codes: 0 success,
-1 the work ran but some inputs failed, 2 usage error (reported before any work starts)."""
+1 the work ran but some inputs failed, 2 usage error (reported before any work starts), 3 a
+scan's output could not be written, 130 / 143 interrupted (Ctrl-C / SIGTERM)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ backbone in bfloat16 (CPU) or float16 (CUDA): scores then differ slightly from a
 same chips are retried (no record is lost or doubled); the smaller size stays for the rest of the
 run and for a resume of it, and the stats JSON records it.
 
-Exit codes: 0 every input scanned, 1 some inputs are error records, 2 usage error."""
+Exit codes: 0 every input scanned, 1 some inputs are error records, 2 usage error, 3 the output
+could not be written (disk full, ...; --resume continues)."""
 
 from __future__ import annotations
 
@@ -470,6 +471,8 @@ def run(args: argparse.Namespace) -> int:
                               part_seconds=PART_SECONDS)
     except OutputBusy as e:
         raise usage_error(str(e)) from None
+    except OSError as e:  # /proc/x.jsonl, a read-only mount: passed the checks, cannot be created
+        raise usage_error(f"cannot create {out}: {e.strerror or e}") from None
     resumed = state.records if state is not None else 0
 
     def stats(complete: bool) -> Dict[str, Any]:  # counts: this run's; output_counts: the whole output's
@@ -481,15 +484,24 @@ def run(args: argparse.Namespace) -> int:
 
     stats_path = None if out is None else Path(str(out) + ".stats.json")
     if stats_path is not None:  # the settings are on disk before the first record: --resume checks them
-        write_stats(stats_path, stats(False))
+        try:
+            write_stats(stats_path, stats(False))
+        except OSError as e:
+            writer.close()
+            raise usage_error(f"cannot write {stats_path}: {e.strerror or e}") from None
     batch_size = run_.stats["batch_size"]
     progress = Progress(None, "scan", args.quiet)
     if progress.live and "-" not in args.paths:  # not in batch jobs: counting reads tars twice  # the ETA needs a count, made while the scan goes on
         threading.Thread(target=_count_inputs, args=(args.paths, args.limit, resumed, progress), daemon=True).start()
     complete = False
+    failed: Optional[OSError] = None  # writing the output (disk full, file too large, I/O error)
     try:
         for group in run_.batches():
-            writer.write(group)
+            try:
+                writer.write(group)
+            except OSError as e:
+                failed = e
+                break
             progress.update(len(group))
             if stats_path is not None and run_.stats["batch_size"] != batch_size:  # an out-of-memory back-off
                 batch_size = run_.stats["batch_size"]
@@ -507,10 +519,26 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         run_.close()
-        writer.close()
+        try:
+            writer.close()
+        except OSError as e:
+            failed = failed or e
         progress.close()
         if stats_path is not None:
-            write_stats(stats_path, stats(complete))
+            try:
+                write_stats(stats_path, stats(complete and failed is None))
+            except OSError as e:
+                failed = failed or e
+    if failed is not None:
+        if out is None:  # what is still buffered would fail again at exit
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        then = "" if out is None else (": the records written before stay; free space (or raise the file size "
+                                       "limit) and rerun with --resume")
+        print(f"fakespotter scan: error: writing {out or 'stdout'}: {failed.strerror or failed}{then}",
+              file=sys.stderr)
+        return 3
     if not args.quiet:
         print(summary(stats(complete), resumed, args.model), file=sys.stderr)
     errors = run_.stats["counts"]["error"] + (state.counts["error"] if state is not None else 0)
