@@ -166,7 +166,17 @@ def test_tar_members_score_like_the_files(corpus, model, tmp_path):
     (tmp_path / "cut.tar").write_bytes(whole[: len(whole) // 2 + 100])
     recs = list(scan([str(tmp_path / "cut.tar")], model, aligned=True, batch_size=4, workers=0))
     assert recs and recs[-1]["error_kind"] == "bad_archive" and recs[-1]["path"] == f"{tmp_path / 'cut.tar'}::"
-    assert all(r["status"] == "ok" for r in recs[:-1]) and recs[0]["sha256"] == loose[0]["sha256"]
+    assert recs[0]["sha256"] == loose[0]["sha256"] and [r["status"] for r in recs[:-2]] == ["ok"] * (len(recs) - 2)
+    assert recs[-2]["status"] == "ok" or recs[-2]["error_kind"] == "truncated"  # the member cut, if any
+    # cut inside a member's data: its header was read, so that member gets a truncated record
+    with tarfile.open(tmp_path / "c.tar") as tf:
+        third = tf.getmembers()[2]
+    (tmp_path / "mid.tar").write_bytes(whole[: third.offset_data + third.size // 2])
+    recs = list(scan([str(tmp_path / "mid.tar")], model, aligned=True, batch_size=4, workers=0))
+    assert [r["status"] for r in recs] == ["ok", "ok", "error", "error"]
+    assert recs[2]["path"] == f"{tmp_path / 'mid.tar'}::{third.name}" and recs[2]["error_kind"] == "truncated"
+    assert f"inside this member of {third.size} bytes" in recs[2]["error"]
+    assert recs[3]["path"] == f"{tmp_path / 'mid.tar'}::" and recs[3]["error_kind"] == "bad_archive"
     (tmp_path / "not.tar").write_bytes(b"this is no archive" * 100)
     (rec,) = scan([str(tmp_path / "not.tar")], model, aligned=True, workers=0)
     assert rec["status"] == "error" and rec["error_kind"] == "bad_archive"

@@ -293,9 +293,16 @@ def _tar_entries(archive: str) -> Iterator[Entry]:
                 if m.size > MAX_FILE_BYTES:
                     yield Entry(path, error=("too_large", f"{path}: {m.size} bytes, more than {MAX_FILE_BYTES}"))
                     continue
+            except (tarfile.TarError, OSError, EOFError) as e:
+                yield Entry(f"{archive}::", error=("bad_archive", f"{archive}: the archive is damaged or truncated "
+                                                                 f"after the members listed so far: {e}"))
+                return
+            try:
                 f = tf.extractfile(m)
                 data = f.read() if f is not None else b""
-            except (tarfile.TarError, OSError, EOFError) as e:
+            except (tarfile.TarError, OSError, EOFError) as e:  # its header was read: the member has a record
+                yield Entry(path, error=("truncated", f"{path}: the archive ends (or is damaged) inside this "
+                                                      f"member of {m.size} bytes: {e}"))
                 yield Entry(f"{archive}::", error=("bad_archive", f"{archive}: the archive is damaged or truncated "
                                                                  f"after the members listed so far: {e}"))
                 return
