@@ -5,6 +5,7 @@ a changed input listing falls back to skipping by path."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -329,3 +330,43 @@ def test_a_killed_scan_leaves_no_process_behind(model, tmp_path, sig):
     if sig == signal.SIGTERM:
         assert proc.returncode == 143 and "fakespotter scan: terminated" in err and "Traceback" not in err
         assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is False
+
+
+def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
+    """Ctrl-C or SIGTERM while a submit starts a worker: the handler runs once the submit is
+    done (so the pool knows the process and stopping the pool ends it), not half-way."""
+    import threading
+
+    from fakespotter.cli import Terminated, _terminate
+    from fakespotter.scan import _sigint_blocked
+
+    stop = threading.Event()  # a scan has other threads: the kernel may give the signal to one of them
+    threading.Thread(target=stop.wait, daemon=True).start()
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _sigint_blocked():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # time for the handler, were it not held back
+            reached.append("end of the guarded block")
+    assert reached == ["end of the guarded block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with pytest.raises(Terminated):
+            with _sigint_blocked():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                reached.append("again")
+        assert reached[-1] == "again" and signal.getsignal(signal.SIGTERM) is _terminate
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with _sigint_blocked():  # no signal: nothing raised, handlers as they were
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    stop.set()
+
+
+def test_the_forkserver_and_its_workers_ignore_ctrl_c_from_the_start():
+    run = subprocess.run([sys.executable, "-c", "import signal, fakespotter._forkserver_preload; "
+                          "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"], capture_output=True, text=True)
+    assert run.stdout.strip() == "True", run.stderr

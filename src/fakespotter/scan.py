@@ -200,7 +200,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["fakespotter.scan"])
+        ctx.set_forkserver_preload(["fakespotter._forkserver_preload"])
     else:
         ctx = multiprocessing.get_context("spawn")
     started = ctx.Event()  # set by the first worker to finish starting (see _check_started)
@@ -229,20 +229,35 @@ def _check_started(ex: ProcessPoolExecutor) -> None:
 
 @contextlib.contextmanager
 def _sigint_blocked() -> Iterator[None]:
-    """SIGINT held back (not lost) in the main thread while a submit may start processes: they
-    inherit the blocked signal, so a Ctrl-C (sent to the whole process group) during their
-    start-up, before :func:`_worker_init` or the forkserver's own guard, reaches only the scan."""
+    """Ctrl-C and SIGTERM held back (not lost) while a submit may start a worker process.
+
+    The scan's own handlers (Python's KeyboardInterrupt, the CLI's SIGTERM) run only after the
+    submit, once the pool knows the new process, so stopping the pool ends it; raised half-way,
+    the process would be left to start alone and fail loudly on the pool's vanished queues.
+    (Another thread may take the signal, so a mask alone does not hold the handler back.)
+    Spawned processes inherit the blocked SIGINT, so a Ctrl-C (sent to the whole process
+    group) during their start-up, before :func:`_worker_init`, reaches only the scan; forkserver
+    workers have it ignored from the start (``_forkserver_preload``)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    caught: List[int] = []
+    held = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(sig)):  # a Python handler; SIG_DFL / SIG_IGN act at once anyway
+            held[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        if caught:
+            held[caught[0]](caught[0], None)  # raises KeyboardInterrupt / the CLI's Terminated
 
 
 def _worker_init(parent: int, started: Any = None) -> None:
@@ -307,6 +322,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
             with _sigint_blocked():
                 return c, ex.submit(_decode_chunk, c, cfg), ex
 
+    interrupted = False
     try:
         while True:
             while len(pending) < window:
@@ -340,11 +356,16 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                     yield e, res
                 continue
             yield from zip(c, results)
+    except GeneratorExit:  # the caller stopped reading
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM, an error: perhaps while a worker was still starting
+        interrupted = True
+        raise
     finally:
-        if keep is not None and not pending and not getattr(ex, "_broken", False):
+        if keep is not None and not pending and not interrupted and not getattr(ex, "_broken", False):
             keep["pool"] = ex
         else:
-            _stop(ex, abandon=bool(pending))
+            _stop(ex, abandon=bool(pending) or interrupted)
             if keep is not None:
                 keep.pop("pool", None)
 
@@ -354,11 +375,14 @@ def _stop(ex: ProcessPoolExecutor, abandon: bool) -> None:
     will read (Ctrl-C, SIGTERM, a caller that stopped iterating): end their workers too, or the
     interpreter's exit waits for them (minutes with large images)."""
     workers = list((getattr(ex, "_processes", None) or {}).values())  # no public handle on them
-    ex.shutdown(wait=False, cancel_futures=True)
-    if abandon:
+    if abandon:  # before the pool's queues go: a worker still starting would fail to attach to them, loudly
         for p in workers:
             if p.is_alive():
                 p.terminate()
+        deadline = time.monotonic() + 2.0
+        for p in workers:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+    ex.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
