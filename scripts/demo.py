@@ -42,10 +42,15 @@ def copy_reals(folder: Path, paths) -> None:
 
 
 def build(work: Path, n_corpus: int) -> None:
+    """Build the corpus in ``work``: a folder this script made (it holds ``.built``) is rebuilt
+    when ``n_corpus`` changed; any other folder that is not empty is refused, never wiped."""
     marker = work / ".built"
     if marker.exists() and marker.read_text() == f"corpus {n_corpus}":
         return
     if work.exists():
+        if not work.is_dir() or (not marker.exists() and any(work.iterdir())):
+            raise SystemExit(f"demo: --work {work} exists and is not a demo folder (no .built marker); "
+                             f"give a new or empty folder, the demo replaces its contents")
         shutil.rmtree(work)
     corpus = work / "corpus"
     copy_reals(corpus / "real", samples.real_headshots()[:n_corpus])
@@ -60,7 +65,9 @@ def build(work: Path, n_corpus: int) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=".demo", help="working folder (default: %(default)s)")
+    parser.add_argument("--work", default=".demo",
+                        help="working folder, made and owned by the demo: a folder holding anything else is "
+                             "refused (default: %(default)s)")
     parser.add_argument("--corpus", type=int, default=30, help="images per class in the corpus (default: %(default)s)")
     args = parser.parse_args(argv)
     work = Path(args.work)

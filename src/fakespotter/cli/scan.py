@@ -206,8 +206,11 @@ def check_faces(args: argparse.Namespace) -> None:
             _import_dlib()
             _landmark_path()
         except Exception as e:  # no dlib, no landmark model: say so before any work
-            raise usage_error(f"face detection is not available ({str(e).splitlines()[0]}); "
-                              f"install it, or pass --aligned for already-aligned chips") from None
+            from ..weights import WeightsError
+
+            fix = "" if isinstance(e, WeightsError) else "; install it"  # the message says how to fetch
+            raise usage_error(f"face detection is not available ({str(e).splitlines()[0]}){fix}, "
+                              f"or pass --aligned for already-aligned chips") from None
 
 
 def load_detector(args: argparse.Namespace) -> Any:
