@@ -181,6 +181,39 @@ def test_train_splits_each_class_on_its_own_images(corpus, tmp_path, capsys):
         assert rc == 0, (seed, err)
 
 
+def test_train_keeps_byte_identical_copies_on_one_side_and_counts_images(corpus, tmp_path, capsys, monkeypatch):
+    """Copies inside a class share a group, so the hold-out never validates on a training
+    image's copy; the report counts images (and images without a face) as given."""
+    from fakespotter.detector import FakeSpotter
+
+    real, fake = corpus
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    for p in sorted(real.iterdir())[:6]:
+        shutil.copy(p, dup / p.name)
+        shutil.copy(p, dup / f"copy_{p.name}")
+    seen = {}
+    fit = FakeSpotter.fit
+
+    def spy(self, xr, xf, **kw):
+        seen["groups"] = kw["groups"]
+        return fit(self, xr, xf, **kw)
+
+    monkeypatch.setattr(FakeSpotter, "fit", spy)
+    report = tmp_path / "r.json"
+    rc, out, err = run_cli(["train", "--real", str(dup), "--fake", str(fake), "--aligned", "--hidden", "4", "--epochs",
+                            "2", "--out", str(tmp_path / "m.fsm"), "--report", str(report)], capsys)
+    assert rc == 0, err
+    assert "6 real images are byte-identical copies of others" in err
+    gr, gf = seen["groups"]
+    names = sorted(p.name for p in dup.iterdir())  # the order images are listed in
+    group = dict(zip(names, gr))
+    assert all(group[n] == group[f"copy_{n}"] for n in names if not n.startswith("copy_"))
+    assert len(set(gr)) == 6 and len(set(gf)) == 12
+    counts = json.loads(report.read_text())["training"]["counts"]
+    assert counts["images"] == {"real": 12, "fake": 12} and counts["images_without_faces"] == {"real": 0, "fake": 0}
+
+
 def test_env(capsys):
     rc, out, err = run_cli(["env", "--json"], capsys)
     info = json.loads(out)

@@ -110,6 +110,35 @@ def test_evaluate_counts_images_without_faces_and_unreadable(setup, tmp_path, ca
     assert any(p.endswith("grey.png") for p in rep["images_without_face"])
     assert [r["group"] for r in rep["rows"]] == ["all", "dcgan", "dcgan-copy"]
     assert rep["rows"][0]["n_fake"] == c["scored"] and rep["rows"][0]["ci"]["auc"] == [None, None]
+    md = (out / "report.md").read_text()
+    assert "no intervals (--bootstrap 0)" in md and "0 stratified bootstrap resamples" not in md
+
+
+@pytest.mark.parametrize("cmd", ["evaluate", "robustness"])
+def test_a_class_with_no_scored_image_names_its_first_unreadable_one(setup, tmp_path, capsys, cmd):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.new("RGB", (10, 10)).save(odd / "a_tiny.png")  # --aligned: not a face chip
+    Image.new("RGB", (150, 40)).save(odd / "b_wide.png")
+    rc, _, err = run_cli([cmd, setup["model"], "--real", setup["real_small"], "--fake", odd, "--aligned",
+                          "--out-dir", tmp_path / "out", "--bootstrap", "0", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"no fake image could be scored \(0 without a face, 2 unreadable; the first unreadable: "
+                     r".*a_tiny\.png: ValueError: .*cannot be an aligned face chip", err), err
+
+
+@pytest.mark.parametrize("cmd", ["evaluate", "robustness"])
+def test_missing_backbone_weights_are_a_usage_error(setup, tmp_path, cmd):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FAKESPOTTER_CACHE=str(tmp_path / "empty-cache"))
+    run = subprocess.run([sys.executable, "-m", "fakespotter", cmd, str(setup["model"]), "--real", str(setup["real_small"]),
+                          "--fake", str(setup["fake_small"]), "--out-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith(f"fakespotter {cmd}: error: ") and "python -m fakespotter.weights fetch" in run.stderr
 
 
 def test_robustness_end_to_end(setup, tmp_path, capsys):

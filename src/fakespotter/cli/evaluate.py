@@ -25,7 +25,7 @@ import math
 import sys
 from pathlib import Path
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -206,12 +206,15 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
 
     from .. import artifact
     from ..detector import FakeSpotter
+    from ..weights import WeightsError
 
     args.model = model_file(args.model, "MODEL")
     try:
         det = FakeSpotter.load(args.model)
     except artifact.ModelFileError as e:
         raise usage_error(f"model refused: {e}") from None
+    except WeightsError as e:  # the backbone's weights are not fetched (the message says how)
+        raise usage_error(str(e)) from None
     det.batch_size = args.batch_size
     det.aligned = bool(args.aligned) or mode == "manifest"
     if args.upsample is not None:
@@ -356,12 +359,15 @@ def counts(labels: np.ndarray, scores: np.ndarray, faces: np.ndarray) -> Dict[st
     return out
 
 
-def require_both_classes(c: Dict[str, Dict[str, int]], aligned: bool) -> None:
-    for name in ("real", "fake"):
+def require_both_classes(c: Dict[str, Dict[str, int]], aligned: bool, labels: np.ndarray,
+                         errors: Sequence[Tuple[int, str, str]]) -> None:
+    """A usage error when a class has no scored image, naming its first unreadable one."""
+    for name, lab in (("real", 0), ("fake", 1)):
         if c[name]["scored"] == 0:
             hint = "" if aligned else " or pass --aligned"
+            first = next((f"; the first unreadable: {p}: {m}" for i, p, m in errors if labels[i] == lab), "")
             raise usage_error(f"no {name} image could be scored ({c[name]['without_face']} without a face, "
-                              f"{c[name]['unreadable']} unreadable); check the inputs{hint}")
+                              f"{c[name]['unreadable']} unreadable{first}); check the inputs{hint}")
 
 
 def unscored_groups(plan: Dict[str, Any], scored: np.ndarray) -> List[str]:
@@ -376,6 +382,12 @@ def unscored_groups(plan: Dict[str, Any], scored: np.ndarray) -> List[str]:
         out += [f"{kind} {g}: none of its {n} images was scored (no face, or unreadable), so it has no row"
                 for g, n in total.items() if ok[g] == 0]
     return out
+
+
+def intervals_note(n: int, seed: int) -> str:
+    if n == 0:
+        return "no intervals (--bootstrap 0)"
+    return f"intervals: {n} stratified bootstrap resamples, 95% percentile (seed {seed})"
 
 
 def bootstrap_caveat(n: int) -> List[str]:
@@ -400,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
     first = scored[MODEL_NAME]
     faces = first.faces["clean"]
     c = counts(labels, first.scores["clean"], faces)
-    require_both_classes(c, det.aligned)
+    require_both_classes(c, det.aligned, labels, first.errors)
     caveats = unscored_groups(plan, ~np.isnan(first.scores["clean"])) + bootstrap_caveat(args.bootstrap)
     for line in caveats:
         print(f"warning: {line}", file=sys.stderr)
@@ -446,8 +458,7 @@ def run(args: argparse.Namespace) -> int:
     report["images_without_face"] = [str(paths[i]) for i in np.flatnonzero(faces == 0)]
     notes = [f"model {report['model']['path']} (sha256 {report['model']['sha256'][:16]}...), operating threshold "
              f"{describe_operating_threshold(det.operating_threshold_)}",
-             f"ACC, precision, recall, F1 at logit {args.threshold:g}; intervals: {args.bootstrap} stratified bootstrap "
-             f"resamples, 95% percentile (seed {args.seed})"]
+             f"ACC, precision, recall, F1 at logit {args.threshold:g}; {intervals_note(args.bootstrap, args.seed)}"]
     if plan["mode"] == "manifest":
         notes.append(f"manifest {plan['sources']['manifest']}, split {plan['sources']['split']} (aligned chips)")
     notes += caveats

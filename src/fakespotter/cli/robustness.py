@@ -29,8 +29,8 @@ import numpy as np
 
 from .. import evaluate as ev
 from ._common import Progress, log
-from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, model_info,
-                       remove_stale, require_both_classes, train_detectors)
+from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, intervals_note,
+                       model_info, remove_stale, require_both_classes, train_detectors)
 
 OUTPUTS = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png")
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
     first = scored[MODEL_NAME]
     clean_counts = counts(labels, first.scores[("clean", None)], first.faces[("clean", None)])
-    require_both_classes(clean_counts, det.aligned)
+    require_both_classes(clean_counts, det.aligned, labels, first.errors)
     caveats = bootstrap_caveat(args.bootstrap)
     for line in caveats:
         print(f"warning: {line}", file=sys.stderr)
@@ -147,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
     plan["out_dir"].mkdir(exist_ok=True)
     notes = [f"model {report['model']['path']} (sha256 {report['model']['sha256'][:16]}...); ACC@op at its "
              f"operating threshold, logit {op:.4g}",
-             f"attacks applied to {report['settings']['applied_to']}, to real and fake alike; intervals: "
-             f"{args.bootstrap} stratified bootstrap resamples, 95% percentile",
+             f"attacks applied to {report['settings']['applied_to']}, to real and fake alike; "
+             f"{intervals_note(args.bootstrap, args.seed)}",
              f"clean: {clean_counts['real']['images']} real and {clean_counts['fake']['images']} fake images; "
              f"{clean_counts['real']['unreadable'] + clean_counts['fake']['unreadable']} unreadable (left out)"]
     notes += caveats

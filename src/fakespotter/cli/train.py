@@ -151,6 +151,26 @@ def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]
     return load_chips(paths, args, size, label, args.quiet, failures)
 
 
+def _content_groups(paths: List[Path], label: str, quiet: bool) -> np.ndarray:
+    """A group id per image: byte-identical copies share their first one's, so the hold-out
+    never puts an image in training and its copy in validation (which would flatter the
+    validation AUC and the operating threshold picked on it)."""
+    from ..artifact import file_sha256
+
+    first: Dict[str, int] = {}
+    ids = []
+    for i, p in enumerate(paths):
+        try:
+            ids.append(first.setdefault(file_sha256(p), i))
+        except OSError:  # unreadable: it gave no chip, its id is never used
+            ids.append(i)
+    copies = len(paths) - len(set(ids))
+    if copies:
+        log(f"train: {copies} {label} images are byte-identical copies of others; each stays on the side of the "
+            f"validation split its original is on", quiet)
+    return np.asarray(ids, dtype=np.int64)
+
+
 def run(args: argparse.Namespace) -> int:
     plan = check(args)
     from ..artifact import file_sha256
@@ -187,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     # its training inputs were (a photo resized as a chip scores as nonsense); those are recorded here
     sources["inputs"] = "aligned chips, resized" if args.aligned else "faces detected and aligned"
     if plan["groups"] is None:  # one group per image, of its class (real image 7 and fake image 7 are unrelated)
-        gr, gf = np.char.add("real:", gr.astype(str)), np.char.add("fake:", gf.astype(str))
+        cr, cf = _content_groups(real_paths, "real", args.quiet), _content_groups(fake_paths, "fake", args.quiet)
+        gr, gf = np.char.add("real:", cr[gr].astype(str)), np.char.add("fake:", cf[gf].astype(str))
     else:  # manifest groups (identity / source): one id in both classes is one group (a real and its fakes)
         gr = np.asarray(plan["groups"][0], dtype=object)[gr].astype(str)
         gf = np.asarray(plan["groups"][1], dtype=object)[gf].astype(str)
@@ -204,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
                 augment=augment)
     except ValueError as e:
         raise usage_error(str(e)) from None
+    counts = det.training_summary_["counts"]  # fit saw chips; these are the images they came from
+    counts["images"] = {"real": len(real_paths), "fake": len(fake_paths)}
+    counts["images_without_faces"] = {"real": nr_missing, "fake": nf_missing}
     det.save(plan["out"], overwrite=args.overwrite)
     summary = det.training_summary_
     report = {
