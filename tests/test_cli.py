@@ -224,6 +224,15 @@ def test_env(capsys):
     assert info["ray"] == metadata.version("ray")  # ./dev installs the ray extra
 
 
+def test_a_bad_cpu_isa_variable_is_refused_before_work_and_shown_by_env(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKESPOTTER_CPU_ISA", "bogus")
+    rc, out, err = run_cli(["scan", str(tmp_path), "--aligned"], capsys)
+    assert rc == 2 and out == ""
+    assert err == "fakespotter scan: error: FAKESPOTTER_CPU_ISA must be auto, scalar, avx2 or avx512, got 'bogus'\n"
+    rc, out, err = run_cli(["env", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["cpu_isa_in_use"].startswith("error: FAKESPOTTER_CPU_ISA must be auto")
+
+
 def test_closed_pipe_ends_quietly():
     import subprocess
     import sys

@@ -77,6 +77,16 @@ class _Stream:
         return getattr(self.stream, name)
 
 
+def _check_cpu_isa() -> None:
+    """A bad FAKESPOTTER_CPU_ISA is refused before any work, not at the first packing op."""
+    from .. import _C
+
+    try:
+        _C.cpu_isa()
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -86,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, _ = _Stream(sys.stdout, 1), _Stream(sys.stderr, 2)
     try:
+        if args.command != "env":  # env reports it instead: it is what a bug report asks for
+            _check_cpu_isa()
         return int(args.run(args) or 0)
     except UsageError as e:
         print(f"fakespotter {args.command}: error: {e}", file=sys.stderr)

@@ -15,6 +15,15 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _cpu_isa() -> str:
+    from .. import _C
+
+    try:
+        return _C.cpu_isa()
+    except ValueError as e:  # a bad FAKESPOTTER_CPU_ISA: shown here, refused by every other command
+        return f"error: {str(e).splitlines()[0]}"
+
+
 def collect() -> dict:
     import numpy
     import torch
@@ -51,7 +60,7 @@ def collect() -> dict:
         "ray": ray_version,
         "native_build": info,
         "cpu_isa_supported": _C.cpu_isa_supported(),
-        "cpu_isa_in_use": _C.cpu_isa(),
+        "cpu_isa_in_use": _cpu_isa(),
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
