@@ -455,6 +455,9 @@ def test_stdout_summary_and_exit_codes(corpus, model, tmp_path, capsys):
     recs = [json.loads(line) for line in out.splitlines()]
     assert len(recs) == 7 and all(r["status"] == "ok" for r in recs)
     assert "ok" in err and "images/s" in err and "real" in err and "fake" in err
+    rows = [line.split() for line in err.splitlines()[:6]]  # the labels follow the ok line they break down
+    assert [r[0] for r in rows] == ["status", "ok", "real", "fake", "no_face", "error"]
+    assert int(rows[2][1]) + int(rows[3][1]) == int(rows[1][1]) == 7
     rc, out, err = run_cli(["scan", str(corpus / "b"), "--model", str(model), "--aligned", "--workers", "0",
                             "--out", "-", "--quiet"], capsys)
     assert rc == 1 and err == "" and len(out.splitlines()) == 6

@@ -414,8 +414,8 @@ def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
 
 
 DEFAULT_MODEL_NOTE = ("note: the embedded default detector learned real faces mostly from one source (NBA "
-                      "headshots) and flags real faces from elsewhere far more often (up to a third of its unseen-"
-                      "source test faces); read the README's model card before trusting its labels")
+                      "headshots) and flags real faces from elsewhere far more often (5 of its 15 unseen-source test "
+                      "faces); read the README's model card before trusting its labels")
 
 
 def summary(stats: Dict[str, Any], resumed: int, model: Optional[str] = None) -> str:
@@ -424,9 +424,9 @@ def summary(stats: Dict[str, Any], resumed: int, model: Optional[str] = None) ->
 
     c, lab = stats["counts"], stats["labels"]
     lines = [f"{'status':<10}{'images':>10}"]
-    lines += [f"{s:<10}{c[s]:>10}" for s in ("ok", "no_face", "error")]
-    lines.append(f"{'  real':<10}{lab['real']:>10}")
-    lines.append(f"{'  fake':<10}{lab['fake']:>10}")
+    lines.append(f"{'ok':<10}{c['ok']:>10}")
+    lines += [f"{'  ' + k:<10}{lab[k]:>10}" for k in ("real", "fake")]  # the labels of the ok images
+    lines += [f"{s:<10}{c[s]:>10}" for s in ("no_face", "error")]
     if stats["error_kinds"]:
         lines.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["error_kinds"].items())))
     tail = f"{stats['images']} images in {stats['wall_s']:.1f} s, {stats['images_per_s']:.1f} images/s"
