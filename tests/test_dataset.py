@@ -88,6 +88,7 @@ def test_splits_are_by_group(small):
     real_groups = {r.group for r in manifest.rows if not r.is_fake}
     assert "face_recognition:obama" in real_groups
     assert sum(r.group == "face_recognition:obama" for r in manifest.rows) == 3
+    split_of_donor = {}
     for row in manifest.rows:
         p = row.params_dict
         if row.fake_type in D.LOCAL_TYPES:
@@ -96,6 +97,8 @@ def test_splits_are_by_group(small):
         if row.fake_type == "identity_swap":
             donor_group = "nba:" + p["donor"].split(":")[1][:16]
             assert donor_group != row.group and D.split_of(donor_group) == row.split
+        if row.fake_type == "local_manipulation":  # a donor render lends to one split only
+            assert split_of_donor.setdefault(p["donor"], row.split) == row.split, p["donor"]
         if row.generator == "mobilestylegan":
             block = int(row.group.rsplit("block", 1)[1])
             assert block * D.GAN_BLOCK <= p["seed"] < (block + 1) * D.GAN_BLOCK

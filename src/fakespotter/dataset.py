@@ -595,6 +595,10 @@ class _Builder:
         for i, p in enumerate(paths):
             by_split[split_of(_nba_group(p))].append(i)
         donors = self.local_donors()
+        # each split lends its own donors (70/15/15 of them, in order): a pasted region in a
+        # training fake never comes back in a test fake
+        edges = np.cumsum([0] + [split_quota(len(donors))[s] for s in SPLITS])
+        donor_pool = {s: list(range(edges[i], edges[i + 1])) for i, s in enumerate(SPLITS)}
         for t, kind in enumerate(LOCAL_TYPES):
             n = getattr(self.sizes, kind)
             quota = split_quota(n)
@@ -625,7 +629,9 @@ class _Builder:
                     j, donor, donor_lm = pick
                     params["donor"] = f"nba:{paths[j].name}"
                 elif kind == "local_manipulation":
-                    d = int(rng.integers(len(donors)))
+                    if not donor_pool[split]:
+                        continue
+                    d = donor_pool[split][int(rng.integers(len(donor_pool[split])))]
                     donor_seed, donor, donor_lm = donors[d]
                     params["donor"] = f"mobilestylegan:seed={donor_seed}"
                 fake = manipulations.manipulate(kind, rgb, lm, rng, donor=donor,
