@@ -338,13 +338,13 @@ def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     import threading
 
     from fakespotter.cli import Terminated, _terminate
-    from fakespotter.scan import _sigint_blocked
+    from fakespotter.scan import _signals_held
 
     stop = threading.Event()  # a scan has other threads: the kernel may give the signal to one of them
     threading.Thread(target=stop.wait, daemon=True).start()
     reached = []
     with pytest.raises(KeyboardInterrupt):
-        with _sigint_blocked():
+        with _signals_held():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.2)  # time for the handler, were it not held back
             reached.append("end of the guarded block")
@@ -353,14 +353,14 @@ def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with pytest.raises(Terminated):
-            with _sigint_blocked():
+            with _signals_held():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.2)
                 reached.append("again")
         assert reached[-1] == "again" and signal.getsignal(signal.SIGTERM) is _terminate
     finally:
         signal.signal(signal.SIGTERM, previous)
-    with _sigint_blocked():  # no signal: nothing raised, handlers as they were
+    with _signals_held():  # no signal: nothing raised, handlers as they were
         pass
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     stop.set()

@@ -228,7 +228,7 @@ def _check_started(ex: ProcessPoolExecutor) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
+def _signals_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM held back (not lost) while a submit may start a worker process.
 
     The scan's own handlers (Python's KeyboardInterrupt, the CLI's SIGTERM) run only after the
@@ -313,13 +313,13 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
         """(chunk, future, the pool it runs in)."""
         nonlocal ex
         try:
-            with _sigint_blocked():
+            with _signals_held():
                 return c, ex.submit(_decode_chunk, c, cfg), ex
         except BrokenProcessPool:  # a kept pool whose process died while it was idle
             _check_started(ex)
             ex.shutdown(wait=False, cancel_futures=True)
             ex = _pool(workers)
-            with _sigint_blocked():
+            with _signals_held():
                 return c, ex.submit(_decode_chunk, c, cfg), ex
 
     interrupted = False
@@ -345,7 +345,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 ex = _pool(workers)
                 for e in backlog:  # isolate the culprit: one entry per task
                     try:
-                        with _sigint_blocked():
+                        with _signals_held():
                             fut = ex.submit(_decode_chunk, [e], cfg)
                         (res,) = fut.result()
                     except BrokenProcessPool:
