@@ -220,6 +220,7 @@ def test_augmenter_is_seeded_and_attacks_a_fraction():
     for _, k, level in record:
         assert min(perturb.ATTACKS[k]) <= level <= max(perturb.ATTACKS[k])
     assert np.array_equal(perturb.Augmenter(fraction=0.0)(x), x)
+    assert repr(perturb.Augmenter(0.3, 5, ["jpeg"])) == "Augmenter(fraction=0.3, seed=5, attacks=['jpeg'])"
     with pytest.raises(ValueError, match="fraction must be in"):
         perturb.Augmenter(fraction=1.5)
 

@@ -447,6 +447,14 @@ def test_csv_matches_jsonl(corpus, model, tmp_path, capsys):
     assert {"decode_faces_s", "backbone_taps_s", "classifier_s", "wait_s", "wall_s"} <= set(stats)
 
 
+def test_a_scan_run_says_what_it_is(corpus, model):
+    run = scan([str(corpus / "a")], model, aligned=True, batch_size=4, workers=0)
+    assert repr(run).startswith(f"ScanRun(model={file_sha256(model)[:12]}..., device='cpu', workers=0, batch_size=4")
+    assert "images=0" in repr(run)
+    list(run)
+    assert "images=7, counts={'ok': 7, 'no_face': 0, 'error': 0}" in repr(run)
+
+
 def test_stdout_summary_and_exit_codes(corpus, model, tmp_path, capsys):
     good = corpus / "a"
     rc, out, err = run_cli(["scan", str(good), "--model", str(model), "--aligned", "--workers", "0",

@@ -200,6 +200,9 @@ class Augmenter:
         self.seed = int(seed)
         self.attacks = list(attacks)
 
+    def __repr__(self) -> str:
+        return f"Augmenter(fraction={self.fraction!r}, seed={self.seed!r}, attacks={self.attacks!r})"
+
     def level(self, attack: str, rng: np.random.Generator) -> float:
         lo, hi = min(ATTACKS[attack]), max(ATTACKS[attack])
         if attack == "jpeg":

@@ -612,6 +612,11 @@ class ScanRun:
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
 
+    def __repr__(self) -> str:
+        st = self.stats
+        return (f"ScanRun(model={self._model_id[:12]}..., device={self._device!r}, workers={self._workers}, "
+                f"batch_size={st['batch_size']}, images={st['images']}, counts={st['counts']})")
+
     def __iter__(self) -> "ScanRun":
         return self
 
