@@ -350,7 +350,10 @@ class FakeSpotter:
                         detect_pixels=self.detect_pixels)
 
     def decision_function(self, X: Any) -> torch.Tensor:
-        """Logit of "fake": per row, per chip, or per image (max over its faces; NaN: no face)."""
+        """Logit of "fake": per row, per chip, or per image (max over its faces; NaN: no face).
+
+        A chip's score may differ in its last float32 bits with the chips scored beside it (the
+        classifier's batched math rounds differently; its packed row does not change)."""
         return self._decision(X, "decision_function")
 
     def _decision(self, X: Any, what: str) -> torch.Tensor:
