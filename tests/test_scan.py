@@ -447,6 +447,62 @@ def test_csv_matches_jsonl(corpus, model, tmp_path, capsys):
     assert {"decode_faces_s", "backbone_taps_s", "classifier_s", "wait_s", "wall_s"} <= set(stats)
 
 
+def test_leaving_the_loop_early_stops_the_workers_and_stats_count_what_was_handed_out(model, tmp_path,
+                                                                                        monkeypatch):
+    """Dropping a run (a `for` loop left with break) ends its decode workers at once, not at
+    the next garbage collection; `with` and close() do too; stats count records handed out."""
+    import time
+
+    S = sys.modules["fakespotter.scan"]  # the package's `scan` attribute is the function
+    write_good(tmp_path / "c", 30, seed=41)
+    pools = []
+    real_pool = S._pool
+
+    def recording_pool(n):
+        pools.append(real_pool(n))
+        return pools[-1]
+
+    monkeypatch.setattr(S, "_pool", recording_pool)
+
+    def stopped(procs):
+        deadline = time.monotonic() + 10
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not any(p.is_alive() for p in procs)
+
+    for record in scan([str(tmp_path / "c")], model, aligned=True, batch_size=1, workers=1):
+        procs = list(pools[-1]._processes.values())
+        break
+    assert procs and stopped(procs)
+    with scan([str(tmp_path / "c")], model, aligned=True, batch_size=1, workers=1) as run:
+        next(run)
+        procs = list(pools[-1]._processes.values())
+    assert procs and stopped(procs) and run.stats["images"] == 1
+    run = scan([str(tmp_path / "c")], model, aligned=True, batch_size=8, workers=0)
+    it = iter(run)
+    next(it), next(it)
+    assert run.stats["images"] == 2 and sum(run.stats["counts"].values()) == 2
+    run.close()
+    assert run.stats["images"] == 2
+    run = scan([str(tmp_path / "c")], model, aligned=True, workers=0)
+    run.close()  # closed before it started: nothing
+    assert list(run) == [] and list(run.batches()) == []
+
+
+def test_scan_arguments_in_any_path_form_and_no_bools_for_counts(corpus, model, monkeypatch):
+    files = [str(p) for p in D.list_images(corpus / "a")]
+    monkeypatch.chdir(corpus)  # ./a/x.png, relative to here, is corpus/a/x.png
+    left = [r["path"] for r in scan([str(corpus / "a")], model, aligned=True, workers=0,
+                                     exclude={Path(files[0]), f"./{Path(files[1]).relative_to(corpus)}",
+                                              os.fsencode(files[2])})]
+    assert left == files[3:]
+    for name in ("workers", "limit"):
+        with pytest.raises(ValueError, match=f"scan: {name} must be"):
+            scan([str(corpus / "a")], model, aligned=True, **{name: True})
+    as_bytes = scan([files[0]], os.fsencode(str(model)), aligned=True, workers=0)
+    assert [r["model"] for r in as_bytes] == [file_sha256(model)]
+
+
 def test_a_scan_run_says_what_it_is(corpus, model):
     run = scan([str(corpus / "a")], model, aligned=True, batch_size=4, workers=0)
     assert repr(run).startswith(f"ScanRun(model={file_sha256(model)[:12]}..., device='cpu', workers=0, batch_size=4")

@@ -579,42 +579,40 @@ class _Pending:
 class ScanRun:
     """An iterator over the records of one scan (see :func:`scan`), with live ``stats``.
 
-    ``stats``: ``counts`` per status and per label, ``images``, ``wall_s``, ``images_per_s``,
-    and the time split ``decode_faces_s`` (summed over workers: read, hash, decode, detect and
-    align), ``wait_s`` (the parent waiting for decoded images), ``backbone_taps_s`` and
-    ``classifier_s`` (parent); the settings that decide the scores: ``batch_size`` (the forward
-    size in effect: smaller than ``batch_size_requested`` after an out-of-memory back-off, whose
-    events are in ``oom_backoffs``), ``precision`` (``float32``, or the autocast dtype),
-    ``channels_last`` and ``compiled`` (``compile_s``: the seconds the compile took before
-    the scan's clock started).
+    ``stats``: ``counts`` per status and per label, ``images`` and ``faces`` of the records
+    handed out so far, ``wall_s``, ``images_per_s``, and the time split ``decode_faces_s``
+    (summed over workers: read, hash, decode, detect and align), ``wait_s`` (the parent waiting
+    for decoded images), ``backbone_taps_s`` and ``classifier_s`` (parent); the settings that
+    decide the scores: ``batch_size`` (the forward size in effect: smaller than
+    ``batch_size_requested`` after an out-of-memory back-off, whose events are in
+    ``oom_backoffs``), ``precision`` (``float32``, or the autocast dtype), ``channels_last``
+    and ``compiled`` (``compile_s``: the seconds the compile took before the scan's clock
+    started).
+
+    The decode workers stop when the records run out, at :meth:`close`, when a ``with`` block
+    around the run ends, or as soon as the run is dropped (leaving a ``for`` loop early).
     """
 
     def __init__(self, entries: Iterable[Entry], detector: Any, model_id: str, cfg: _Config, batch_size: int,
                  workers: int, device: str, channels_last: bool = False, autocast: bool = False,
                  log: Optional[Callable[[str], None]] = None, compile: bool = False):
-        self._entries = iter(entries)
-        self._det = detector
-        self._model_id = model_id
-        self._cfg = cfg
-        self._batch_size = batch_size
-        self._workers = workers
-        self._device = device
-        self._channels_last = bool(channels_last)
-        self._autocast = bool(autocast)
-        self._compile = bool(compile)
-        self._log = log if log is not None else _default_log
-        self._threshold = float(detector.operating_threshold_["logit"])
         self.stats: Dict[str, Any] = dict(
             new_stats(), batch_size=batch_size, batch_size_requested=batch_size, oom_backoffs=[],
-            precision=precision_of(device, autocast), channels_last=self._channels_last, compiled=self._compile, compile_s=0.0,
-            workers=workers, device=device, aligned=cfg.aligned, upsample=cfg.upsample,
+            precision=precision_of(device, autocast), channels_last=bool(channels_last), compiled=bool(compile),
+            compile_s=0.0, workers=workers, device=device, aligned=cfg.aligned, upsample=cfg.upsample,
             weak_face_score=cfg.weak_face_score, detect_pixels=cfg.detect_pixels, pixel_limit=cfg.pixel_limit)
+        # what the scan needs, apart from this object: its generator must not hold the ScanRun,
+        # or dropping the run would leave a cycle (and the workers running) until the next gc
+        self._job = _Job(iter(entries), detector, model_id, cfg, batch_size, workers, device, bool(channels_last),
+                         bool(autocast), bool(compile), log if log is not None else _default_log,
+                         float(detector.operating_threshold_["logit"]), self.stats)
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
+        self._closed = False
 
     def __repr__(self) -> str:
-        st = self.stats
-        return (f"ScanRun(model={self._model_id[:12]}..., device={self._device!r}, workers={self._workers}, "
+        job, st = self._job, self.stats
+        return (f"ScanRun(model={job.model_id[:12]}..., device={job.device!r}, workers={job.workers}, "
                 f"batch_size={st['batch_size']}, images={st['images']}, counts={st['counts']})")
 
     def __iter__(self) -> "ScanRun":
@@ -622,11 +620,24 @@ class ScanRun:
 
     def __next__(self) -> Dict[str, Any]:
         if self._flat is None:
-            self._flat = (r for group in self.batches() for r in group)
-        return next(self._flat)
+            if self._closed:
+                raise StopIteration
+            self._start()
+            self._flat = (r for group in self._active for r in group)
+        record = next(self._flat)
+        count_record(self.stats, record)
+        return record
+
+    def __enter__(self) -> "ScanRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def close(self) -> None:
-        """Stop the scan: shut the workers down (also done when the iterator is exhausted)."""
+        """Stop the scan: shut the workers down (also done when the records run out). A run
+        closed before it started yields nothing."""
+        self._closed = True
         if self._active is not None:
             self._active.close()
 
@@ -636,87 +647,115 @@ class ScanRun:
         and records are held at most about :data:`STALL_FLUSH_S` seconds (then a partial batch
         is scored), so slow images (large photos) are written as they go.
         A scan runs once: iterate either the records or the groups."""
+        if self._closed and self._active is None:
+            return iter(())
+        self._start()
+        return _counted(self._active, self.stats)
+
+    def _start(self) -> None:
         if self._active is not None:
             raise RuntimeError("ScanRun: this scan has already started; call scan() again to rescan")
-        self._active = self._batches()
-        return self._active
+        self._active = _scan_groups(self._job)
 
-    def _batches(self) -> Iterator[List[Dict[str, Any]]]:
-        fwd = _Forward(self._det, self._device, self._batch_size, self._channels_last, self._autocast, self._log,
-                       self._compile)
-        self.stats["compile_s"] = fwd.compile_s
-        t_start = time.perf_counter()
-        queue: deque = deque()
-        chips: List[Tuple[_Pending, int, np.ndarray]] = []
-        out: List[Dict[str, Any]] = []
-        st = self.stats
 
-        def forward(n: int) -> None:
-            logits = fwd.score([c for _, _, c in chips[:n]])
-            for (p, j, _), v in zip(chips[:n], logits):
-                p.logits[j] = v
-                p.left -= 1
-            del chips[:n]
-            st.update(forwards=fwd.forwards, backbone_taps_s=fwd.backbone_taps_s, classifier_s=fwd.classifier_s,
-                      batch_size=fwd.batch_size, oom_backoffs=list(fwd.backoffs))
+class _Job(NamedTuple):
+    """The settings and state of one scan (see :class:`ScanRun`)."""
 
-        def emit() -> None:
-            while queue and queue[0].left == 0:
-                out.append(self._record(queue.popleft()))
+    entries: Iterator[Entry]
+    det: Any
+    model_id: str
+    cfg: _Config
+    batch_size: int
+    workers: int
+    device: str
+    channels_last: bool
+    autocast: bool
+    compile: bool
+    log: Callable[[str], None]
+    threshold: float
+    stats: Dict[str, Any]
 
-        def finish_stats() -> None:
-            st["wall_s"] = time.perf_counter() - t_start
-            st["images_per_s"] = st["images"] / st["wall_s"] if st["wall_s"] > 0 else 0.0
 
-        B = self._batch_size
-        window = -(-(B + 2 * self._workers) // 4) + 2 * self._workers
-        decoded = _decoded(self._entries, self._cfg, self._workers, chunk=4, window=max(window, 1), poll=1.0)
-        done = object()
-        written = time.perf_counter()  # when a group was last given out
-        try:
-            while True:
-                t0 = time.perf_counter()
-                nxt = next(decoded, done)
-                now = time.perf_counter()
-                st["wait_s"] += now - t0
-                if nxt is done:
-                    break
-                if nxt is not None:  # else: a second without a decoded image
-                    _, res = nxt
-                    st["decode_faces_s"] += res.get("seconds", 0.0)
-                    p = _Pending(res, now)
-                    queue.append(p)
-                    if res["chips"] is not None:
-                        chips.extend((p, j, c) for j, c in enumerate(res["chips"]))
-                        res["chips"] = None
-                ran = False
-                while len(chips) >= fwd.batch_size:
-                    forward(fwd.batch_size)
-                    ran = True
-                if chips and now - chips[0][0].t >= STALL_FLUSH_S:  # slow images: score the faces there
-                    forward(len(chips))
-                    ran = True
-                emit()
-                if out and (ran or len(out) >= fwd.batch_size or now - written >= STALL_FLUSH_S):
-                    finish_stats()
-                    yield out
-                    out = []
-                    written = time.perf_counter()
-            while chips:
-                forward(min(fwd.batch_size, len(chips)))
+def _counted(groups: Iterator[List[Dict[str, Any]]], stats: Dict[str, Any]) -> Iterator[List[Dict[str, Any]]]:
+    """The groups, each counted in ``stats`` as it is handed out."""
+    for group in groups:
+        for record in group:
+            count_record(stats, record)
+        yield group
+
+
+def _scan_groups(job: _Job) -> Iterator[List[Dict[str, Any]]]:
+    """The scan itself: groups of records (see :meth:`ScanRun.batches`); counts are the caller's."""
+    fwd = _Forward(job.det, job.device, job.batch_size, job.channels_last, job.autocast, job.log, job.compile)
+    st = job.stats
+    st["compile_s"] = fwd.compile_s
+    t_start = time.perf_counter()
+    queue: deque = deque()
+    chips: List[Tuple[_Pending, int, np.ndarray]] = []
+    out: List[Dict[str, Any]] = []
+
+    def forward(n: int) -> None:
+        logits = fwd.score([c for _, _, c in chips[:n]])
+        for (p, j, _), v in zip(chips[:n], logits):
+            p.logits[j] = v
+            p.left -= 1
+        del chips[:n]
+        st.update(forwards=fwd.forwards, backbone_taps_s=fwd.backbone_taps_s, classifier_s=fwd.classifier_s,
+                  batch_size=fwd.batch_size, oom_backoffs=list(fwd.backoffs))
+
+    def emit() -> None:
+        while queue and queue[0].left == 0:
+            p = queue.popleft()
+            out.append(make_record(p.res, p.logits, job.threshold, job.model_id))
+
+    def finish_stats() -> None:
+        st["wall_s"] = time.perf_counter() - t_start
+        st["images_per_s"] = st["images"] / st["wall_s"] if st["wall_s"] > 0 else 0.0
+
+    B = job.batch_size
+    window = -(-(B + 2 * job.workers) // 4) + 2 * job.workers
+    decoded = _decoded(job.entries, job.cfg, job.workers, chunk=4, window=max(window, 1), poll=1.0)
+    done = object()
+    written = time.perf_counter()  # when a group was last given out
+    try:
+        while True:
+            t0 = time.perf_counter()
+            nxt = next(decoded, done)
+            now = time.perf_counter()
+            st["wait_s"] += now - t0
+            if nxt is done:
+                break
+            if nxt is not None:  # else: a second without a decoded image
+                _, res = nxt
+                st["decode_faces_s"] += res.get("seconds", 0.0)
+                p = _Pending(res, now)
+                queue.append(p)
+                if res["chips"] is not None:
+                    chips.extend((p, j, c) for j, c in enumerate(res["chips"]))
+                    res["chips"] = None
+            ran = False
+            while len(chips) >= fwd.batch_size:
+                forward(fwd.batch_size)
+                ran = True
+            if chips and now - chips[0][0].t >= STALL_FLUSH_S:  # slow images: score the faces there
+                forward(len(chips))
+                ran = True
             emit()
-            finish_stats()
-            if out:
+            if out and (ran or len(out) >= fwd.batch_size or now - written >= STALL_FLUSH_S):
+                finish_stats()
                 yield out
-        finally:
-            decoded.close()
-            fwd.restore()
-            finish_stats()
-
-    def _record(self, p: _Pending) -> Dict[str, Any]:
-        record = make_record(p.res, p.logits, self._threshold, self._model_id)
-        count_record(self.stats, record)
-        return record
+                out = []
+                written = time.perf_counter()
+        while chips:
+            forward(min(fwd.batch_size, len(chips)))
+        emit()
+        finish_stats()
+        if out:
+            yield out
+    finally:
+        decoded.close()
+        fwd.restore()
+        finish_stats()
 
 
 def make_record(res: Dict[str, Any], logits: Sequence[float], threshold: float, model_id: str) -> Dict[str, Any]:
@@ -785,6 +824,8 @@ def _load_model(model: Any, device: str) -> Tuple[Any, str]:
 
     from .detector import FakeSpotter
 
+    if isinstance(model, bytes):
+        model = os.fsdecode(model)
     if isinstance(model, FakeSpotter):
         model._check_fitted()
         have, want = model.tap_._device(), torch.device(device)
@@ -832,7 +873,9 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
         a detection is dropped from an image that holds a face scoring at least that, and the
         most pixels the detector works on (``faces.detect_and_align``).
     skip / exclude: leave out the first ``skip`` inputs (after ``limit``), and inputs whose
-        path is in ``exclude``: how a resumed scan continues.
+        path is in ``exclude`` (a set or list of paths, str, bytes or path-like, in any
+        spelling: ``d/x.jpg``, ``./d/x.jpg`` and ``$PWD/d/x.jpg`` are one): how a resumed scan
+        continues.
     channels_last: run every conv of the backbone in channels_last memory format (the conv
         weights are switched for the scan and restored after it; the input is channels_last
         already). On the CPUs measured (benchmarks/RESULTS.md, issue E) the records are
@@ -867,9 +910,9 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
             raise ValueError(f"scan: {name} must be an int >= {lo}, got {v!r}")
     if workers is None:
         workers = default_workers()
-    if not isinstance(workers, int) or workers < 0:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ValueError(f"scan: workers must be an int >= 0, got {workers!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ValueError(f"scan: limit must be None or an int >= 0, got {limit!r}")
     for name, v in (("channels_last", channels_last), ("autocast", autocast), ("compile", compile)):
         if not isinstance(v, bool):
@@ -884,7 +927,10 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     entries: Iterable[Entry] = iter_entries(inputs, stdin=stdin)
     if limit is not None or skip:
         entries = itertools.islice(entries, skip, limit)
-    if exclude is not None:
+    if isinstance(exclude, (set, frozenset, list, tuple)):  # paths in any spelling: ./d/x.jpg is d/x.jpg
+        keys = {input_key(p) for p in _input_list(exclude)}
+        entries = (e for e in entries if input_key(e.path) not in keys)
+    elif exclude is not None:  # a container of its own (the CLI's resume keys)
         entries = (e for e in entries if e.path not in exclude)
     return ScanRun(entries, det, model_id, cfg, int(batch_size), workers, device, channels_last, autocast, log,
                    compile)
