@@ -303,8 +303,10 @@ class _Scorer:
         import ray
         import torch
 
+        from ._malloc import keep_freed_memory
         from .detector import FakeSpotter
 
+        keep_freed_memory()  # this process runs forwards only
         if threads > 0:
             torch.set_num_threads(threads)
         self.det = FakeSpotter.from_bytes(ray.get(model_ref[0]), device=device)

@@ -12,6 +12,7 @@ import sys
 import threading
 from typing import Any, Optional, Sequence
 
+from .._malloc import keep_freed_memory
 from . import calibrate, data, env, evaluate, info, merge, robustness, scan, train
 
 COMMANDS = {"scan": scan, "merge": merge, "train": train, "calibrate": calibrate, "evaluate": evaluate,
@@ -98,6 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command != "env":  # env reports it instead: it is what a bug report asks for
             _check_cpu_isa()
+        keep_freed_memory()  # forwards reuse their memory instead of faulting it in each time
         return int(args.run(args) or 0)
     except UsageError as e:
         print(f"fakespotter {args.command}: error: {e}", file=sys.stderr)

@@ -30,6 +30,7 @@ def collect() -> dict:
 
     import fakespotter
     from fakespotter import _C, weights
+    from fakespotter._malloc import keep_freed_memory
 
     try:
         import dlib  # noqa: F401
@@ -62,6 +63,8 @@ def collect() -> dict:
         "cpu_isa_supported": _C.cpu_isa_supported(),
         "cpu_isa_in_use": _cpu_isa(),
         "torch_threads": torch.get_num_threads(),
+        "malloc": ("freed memory kept for the next forward (glibc thresholds raised; FAKESPOTTER_MALLOC=default "
+                   "leaves them)" if keep_freed_memory() else "left as it is"),
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "weights_cache": str(weights.cache_dir()),
