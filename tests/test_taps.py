@@ -149,6 +149,36 @@ def test_unused_tail_is_not_computed():
     assert code.count("torch.ops.fakespotter.threshold_pack_into(") == 1
 
 
+def test_packs_follow_the_first_consumer_unless_it_could_write_in_place():
+    """A pack runs after its activation's first consumer (so that torch.compile lays the activation
+    out for that consumer and does not copy it for the pack), but never after one that may write
+    into it: the rows still equal the twin on the activations as the hooks saw them."""
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    code = tap.net.code
+    assert code.index("block_conv = self.block.conv(act)") < code.index("threshold_pack_into(act,")
+
+    class Consumers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
+            self.relu = nn.ReLU(inplace=True)
+            self.d = nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            y = self.relu(self.a(x - 128.0))           # monitored a: its consumer writes into it
+            z = self.b(y).clamp_(min=0.5)              # monitored b: a method in place
+            w = torch.nn.functional.relu(self.c(z), inplace=True)  # monitored c: a function in place
+            return self.d(w)
+
+    net = Consumers().eval()
+    x = small_chips(3)
+    layers = ["a", "b", "c", "d"]
+    for granularity in ("channel", "element"):
+        tap = calibrated(Tap(net, layers, granularity=granularity, input_shape=SMALL_SHAPE), x, "per_neuron")
+        with torch.no_grad():
+            assert torch.equal(tap(x), reference_rows(net, tap, x)), granularity
+
+
 class Recorder(nn.Module):
     """Identity that remembers a weak reference to its output."""
 

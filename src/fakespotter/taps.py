@@ -2,13 +2,14 @@
 
 A :class:`Tap` wraps a backbone and a list of monitored layers (qualified module names). Its
 ``forward(x)`` returns ``int64 [N, layout.total_words]``: each layer's activation is thresholded
-and packed by ``fakespotter::threshold_pack_into`` into its slot of one preallocated row as soon
-as the activation exists, and is then dropped, so float activations of different layers never
-have to coexist and never outlive the forward pass.
+and packed by ``fakespotter::threshold_pack_into`` into its slot of one preallocated row while
+the forward still holds it (right after the first operation that uses it), so the tap keeps no
+float activation alive longer than the bare forward does, and none outlives the forward pass.
 
 How the intermediates are reached: the backbone is traced once with ``torch.fx`` (a tracer that
-records the output node of every call of a monitored module), a pack node is inserted right
-after each of those nodes, and everything after the last one is removed. The result is an
+records the output node of every call of a monitored module), a pack node is inserted after
+each of those nodes' first user (after the node itself when that user would only run for it),
+and everything after the last pack is removed. The result is an
 ordinary ``GraphModule`` (plain Python code, no hooks) that shares the backbone's parameters, so
 the same ``Tap`` runs eagerly, under ``torch.compile``, ``torch.export`` (:func:`export_tap`)
 and ``torch.jit.script`` (:func:`script_tap`), with bit-identical rows. Backbones whose forward
@@ -249,7 +250,7 @@ def _capture_graph(backbone: Backbone, module: nn.Module, layers: Sequence[str]
 
 def _pack_graph(backbone: Backbone, module: nn.Module, layout: TapLayout,
                 threshold_spans: Sequence[Tuple[int, int]]) -> fx.GraphModule:
-    """forward(x, thresholds) -> int64 [N, total_words]: each layer packed where it appears."""
+    """forward(x, thresholds) -> int64 [N, total_words]: each layer packed after its first user."""
     names = layout.names
     graph, nodes, x = _trace(backbone, module, names)
     with graph.inserting_after(x):
@@ -261,10 +262,19 @@ def _pack_graph(backbone: Backbone, module: nn.Module, layout: TapLayout,
     with graph.inserting_after(device):
         out = graph.call_function(torch.zeros, ((rows, layout.total_words),),
                                   {"dtype": torch.int64, "device": device})
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    end = max(order[nodes[name]] for name in names)  # what runs after the last layer is cut
     packs = []
     for slot, (t_off, t_len) in zip(layout.layers, threshold_spans):
         node = nodes[slot.name]
-        with graph.inserting_after(node):
+        # after the activation's first consumer when that runs anyway: then inductor lays the
+        # activation out for that consumer (channels_last for a convolution) and hands the pack
+        # (tagged flexible_layout) the same buffer; packed first, it was given a contiguous copy
+        # of its own, an extra write of every monitored activation. Eagerly it makes no
+        # difference: the activation lives until its last consumer either way.
+        first = min(node.users, key=order.__getitem__, default=None)
+        after = first if first is not None and order[first] < end and _reads_only(first, module) else node
+        with graph.inserting_after(after):
             thr = graph.call_method("narrow", (thresholds, 0, t_off, t_len))
         with graph.inserting_after(thr):
             packs.append(graph.call_function(
@@ -274,6 +284,24 @@ def _pack_graph(backbone: Backbone, module: nn.Module, layout: TapLayout,
     order = {n: k for k, n in enumerate(graph.nodes)}
     last = max(packs, key=order.__getitem__)
     return _finish(graph, module, {}, last, out)
+
+
+def _reads_only(node: fx.Node, module: nn.Module) -> bool:
+    """Whether ``node`` surely leaves its inputs as they were: a torch.nn module or a torch
+    function or method that is not in place (``relu_``, ``inplace=True``). Anything else (a
+    user's own module or function) might write into an activation before it is packed."""
+    if node.kwargs.get("inplace") is True:
+        return False
+    if node.op == "call_module":
+        m = _resolve(module, str(node.target))
+        return type(m).__module__.startswith("torch.nn.") and not getattr(m, "inplace", False)
+    name = getattr(node.target, "__name__", str(node.target))
+    if name.endswith("_") and not name.endswith("__"):
+        return False
+    if node.op == "call_method":
+        return True
+    return node.op == "call_function" and getattr(node.target, "__module__", None) in (
+        "_operator", "operator", "torch", "torch.functional", "torch.nn.functional")
 
 
 def _describe(ids: Tuple[str, Optional[str]], layers: Sequence[str], granularity: str) -> str:
