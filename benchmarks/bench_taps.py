@@ -4,7 +4,8 @@ Configs: dlib face ResNet v1 (default layers: 29 post-ReLU outputs + descriptor)
 150x150 chips, ``channel`` and ``element`` granularity, per-layer thresholds calibrated on the
 batch. Every config is checked for correctness before it is timed (tap rows == the pure-torch
 twin on hooked activations; the naive monitor agrees with the tap). All variants run in the
-same process, timed in rotation; the numbers are medians of ``REPEATS`` runs after a warm-up.
+same process, timed in rotation; the numbers are medians of ``REPEATS`` runs after a warm-up, and
+the ratios (overhead, b/c) medians of the ratios within a round, with their range for the overhead.
 
     (a) bare:  backbone(x)
     (b) tap:   Tap(backbone)(x)               packed rows, activations dropped as they are packed
@@ -15,12 +16,12 @@ same process, timed in rotation; the numbers are medians of ``REPEATS`` runs aft
 On CUDA every timed call ends with a device synchronisation; ``--tf32 off`` turns cuDNN's
 TF32 convolutions off (torch's default leaves them on), for float32-exact forwards.
 
-``--compile`` also times (a) and (b) through ``torch.compile`` (inductor with freezing, as
-``scan --compile`` runs them), in the same rotation, printed as a second table. The
+``--compile`` also times (a) and (b) through ``torch.compile`` (inductor, as ``scan --compile``
+runs them), in the same rotation, printed as a second table. The
 naive monitor stays eager: its Python hooks and numpy are what a compiled graph leaves out
 (hooks registered on a compiled module are not called). Compiled rows are checked against the
-eager tap's: channel rows must be equal; element rows may differ in near-threshold bits (fused
-convolutions round differently), and the fraction that differs is printed.
+eager tap's: channel rows must be equal; element rows may differ in near-threshold bits (inductor's
+fused loops round differently), and the fraction that differs is printed.
 
 Run: ``python benchmarks/bench_taps.py [--threads 2] [--batch 64] [--repeats 5] [--device cuda] [--compile]``
 prints a table; ``./dev bench`` runs the pytest-benchmark versions.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from typing import Callable, Dict, List, Tuple
 
@@ -39,12 +41,13 @@ import torch
 
 import fakespotter  # noqa: F401
 from fakespotter import reference
+from fakespotter._malloc import keep_freed_memory
 from fakespotter.backbones import get_backbone
 from fakespotter.calibration import ThresholdCalibrator
 from fakespotter.taps import Tap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_model, interleaved_medians  # noqa: E402
+from common import cpu_model, interleaved_times, paired_ratio  # noqa: E402
 
 BATCH = int(os.environ.get("FAKESPOTTER_BENCH_BATCH", 64))
 THREADS = int(os.environ.get("FAKESPOTTER_BENCH_THREADS", 2))
@@ -162,8 +165,7 @@ def run(threads: int = THREADS, batch: int = BATCH, repeats: int = REPEATS, devi
         fns = {"bare": lambda: module(x), "tap": lambda: tap(x), "naive": lambda: naive(x)}
         compiled: Dict[str, float] = {}
         if compile:
-            opts = {"freezing": True}
-            bare_c, tap_c = torch.compile(module, options=opts), torch.compile(tap, options=opts)
+            bare_c, tap_c = torch.compile(module), torch.compile(tap)
             with torch.no_grad():
                 bare_c(x)
                 rows, rows_c = tap(x), tap_c(x)
@@ -173,19 +175,29 @@ def run(threads: int = THREADS, batch: int = BATCH, repeats: int = REPEATS, devi
                 raise AssertionError(f"compiled channel rows differ: {compiled['bits_differing']:.2e} of the bits")
             fns.update(bare_c=lambda: bare_c(x), tap_c=lambda: tap_c(x))
         with torch.no_grad():
-            t = interleaved_medians(fns, repeats, sync=device == "cuda")
+            runs = interleaved_times(fns, repeats, sync=device == "cuda")
+        t = {k: statistics.median(v) for k, v in runs.items()}
         t_bare, t_tap, t_naive = t["bare"], t["tap"], t["naive"]
         if compile:
-            compiled.update(bare=batch / t["bare_c"], tap=batch / t["tap_c"], overhead=t["tap_c"] / t["bare_c"] - 1.0,
-                            speedup_vs_naive=t_naive / t["tap_c"], speedup_vs_eager=t_tap / t["tap_c"])
+            compiled.update(bare=batch / t["bare_c"], tap=batch / t["tap_c"],
+                            overhead=[r - 1.0 for r in paired_ratio(runs, "tap_c", "bare_c")],
+                            speedup_vs_naive=paired_ratio(runs, "naive", "tap_c")[0],
+                            speedup_vs_eager=paired_ratio(runs, "tap", "tap_c")[0])
         act_bytes = sum(4 * int(np.prod(s.shape)) for s in tap.layout.layers)
         results.append(dict(
             granularity=granularity, batch=batch, threads=threads,
             bare=batch / t_bare, tap=batch / t_tap, naive=batch / t_naive,
-            overhead=t_tap / t_bare - 1.0, speedup_vs_naive=t_naive / t_tap,
+            overhead=[r - 1.0 for r in paired_ratio(runs, "tap", "bare")],
+            speedup_vs_naive=paired_ratio(runs, "naive", "tap")[0],
             row_bytes=tap.layout.bytes_per_row(), act_bytes=act_bytes, agreement=agreement, compiled=compiled,
         ))
     return results
+
+
+def pct(overhead: List[float]) -> str:
+    """``[median, lowest, highest]`` as ``"  2.6% [-1.0%, 5.1%]"`` (the overhead columns)."""
+    mid, lo, hi = (100 * v for v in overhead)
+    return f"{mid:>9.1f}%{f'[{lo:.1f}%, {hi:.1f}%]':>17}"
 
 
 def main() -> None:
@@ -195,7 +207,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the backbone runs (default: cpu)")
     p.add_argument("--compile", action="store_true",
-                   help="also time (a) and (b) through torch.compile (inductor, freezing) (default: eager only)")
+                   help="also time (a) and (b) through torch.compile (inductor) (default: eager only)")
     p.add_argument("--tf32", default="default", choices=["default", "off"],
                    help="CUDA: leave cuDNN's TF32 convolutions at torch's default, or turn them off (default: default)")
     a = p.parse_args()
@@ -203,24 +215,28 @@ def main() -> None:
         torch.backends.cudnn.conv.fp32_precision = "ieee"
     where = (f"GPU: {torch.cuda.get_device_name()}; cuDNN conv fp32_precision "
              f"{torch.backends.cudnn.conv.fp32_precision}; " if a.device == "cuda" else "")
+    # as the CLI runs its forwards (fakespotter._malloc): without it each CPU forward faults its
+    # activations in again, which adds time and noise to every contender
+    malloc = "freed memory kept" if keep_freed_memory() else "left as it is"
     print(f"CPU: {cpu_model()}; {where}torch {torch.__version__}; threads {a.threads}; "
-          f"batch {a.batch} x 150x150; median of {a.repeats}")
+          f"batch {a.batch} x 150x150; median of {a.repeats}; malloc {malloc}")
     print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'(c) naive':>12}"
-          f"{'overhead':>10}{'b/c':>7}{'row B/img':>11}{'f32 B/img':>11}{'ratio':>10}")
+          f"{'overhead':>10}{'(range)':>17}{'b/c':>7}{'row B/img':>11}{'f32 B/img':>11}{'ratio':>10}")
     results = run(a.threads, a.batch, a.repeats, a.device, a.compile)
     for r in results:
         print(f"{r['granularity']:<12}{r['bare']:>10.1f}/s{r['tap']:>10.1f}/s{r['naive']:>10.1f}/s"
-              f"{100 * r['overhead']:>9.1f}%{r['speedup_vs_naive']:>6.2f}x{r['row_bytes']:>11}"
+              f"{pct(r['overhead'])}{r['speedup_vs_naive']:>6.2f}x{r['row_bytes']:>11}"
               f"{r['act_bytes']:>11}{r['act_bytes'] / r['row_bytes']:>9.2f}x")
-    print("chips/s; overhead = time(b)/time(a) - 1; b/c = time(c)/time(b); ratio = float32 "
-          "activation bytes / packed row bytes (naive agrees with the tap on >= 99.9% of bits)")
+    print("chips/s (medians); overhead = time(b)/time(a) - 1 and b/c = time(c)/time(b), medians over the rounds "
+          "of the ratio within a round (range: lowest, highest); ratio = float32 activation bytes / packed row "
+          "bytes (naive agrees with the tap on >= 99.9% of bits)")
     if a.compile:
-        print("\ncompiled (torch.compile, inductor, freezing), in the same rotation; (c) is the eager naive monitor")
-        print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'overhead':>10}{'b/c':>7}{'b vs eager b':>14}"
+        print("\ncompiled (torch.compile, inductor), in the same rotation; (c) is the eager naive monitor")
+        print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'overhead':>10}{'(range)':>17}{'b/c':>7}{'b vs eager b':>14}"
               f"{'bits != eager':>15}")
         for r in results:
             c = r["compiled"]
-            print(f"{r['granularity']:<12}{c['bare']:>10.1f}/s{c['tap']:>10.1f}/s{100 * c['overhead']:>9.1f}%"
+            print(f"{r['granularity']:<12}{c['bare']:>10.1f}/s{c['tap']:>10.1f}/s{pct(c['overhead'])}"
                   f"{c['speedup_vs_naive']:>6.2f}x{c['speedup_vs_eager']:>13.2f}x{c['bits_differing']:>15.2e}")
 
 

@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -47,20 +47,39 @@ def interleaved_medians(
 ) -> Dict[str, float]:
     """Median wall time of each function, measured round-robin (one run of each per round) so
     that load from other processes on a shared machine hits every contender alike."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, warmup, sync).items()}
+
+
+def paired_ratio(times: Dict[str, List[float]], num: str, den: str) -> Tuple[float, float, float]:
+    """Median, lowest and highest over the rounds of ``times[num][i] / times[den][i]``
+    (:func:`interleaved_times`): each ratio compares two runs made one after the other, so load
+    that comes and goes between rounds cancels out of it, as it does not out of a ratio of
+    medians."""
+    r = [a / b for a, b in zip(times[num], times[den])]
+    return statistics.median(r), min(r), max(r)
+
+
+def interleaved_times(
+    fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1, sync: bool = False
+) -> Dict[str, List[float]]:
+    """Wall times of each function: ``repeats`` rounds of one run of each, after ``warmup`` runs.
+    Each round starts one function further along, so that no function always runs right after
+    the same other one."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     if sync:
         torch.cuda.synchronize()
     times: Dict[str, list] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             if sync:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def cuda_event_medians(fns: Dict[str, Callable[[int], object]], repeats: int = 7, inner: int = 20) -> Dict[str, float]:

@@ -98,8 +98,8 @@ def test_autocast_scores_are_close_to_float32(corpus, model, base):
 
 
 def test_compile_gives_the_default_records(corpus, model, base, capsys):
-    """torch.compile (inductor, freezing) of backbone + taps: one compile before the first
-    input, the eager scan's records (measured identical here; fused convolutions may round
+    """torch.compile (inductor) of backbone + taps: one compile before the first
+    input, the eager scan's records (measured identical here; inductor's fused loops may round
     differently elsewhere, hence the tolerance), and ``stats["compiled"]``."""
     det = FakeSpotter.load(model)
     det.model_id_ = base[0]["model"]
@@ -122,7 +122,7 @@ def test_a_failed_compile_is_one_clear_error_before_any_input(corpus, model, tmp
     S = sys.modules["fakespotter.scan"]  # the package's ``scan`` attribute is the function
 
     def broken(module, **kw):
-        assert kw == {"options": {"freezing": True}}
+        assert kw == {}
 
         def fail(*a, **k):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")

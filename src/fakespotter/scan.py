@@ -427,9 +427,11 @@ class _Forward:
     TF32 convolutions), so GPU and CPU scans agree. The classifier always runs in float32 on the
     CPU.
 
-    ``compile`` runs backbone + taps through ``torch.compile`` (inductor, with ``freezing``: the
-    weights become constants, convolutions are fused with their affine, ReLU and residual add),
-    compiled once here on a zero batch, so that a failure is raised before any input is read.
+    ``compile`` runs backbone + taps through ``torch.compile`` (inductor: channels_last
+    convolutions, the affines, ReLUs and residual adds fused into C++ loops around them), compiled
+    once here on a zero batch, so that a failure is raised before any input is read. Inductor's
+    ``freezing`` is not used: on the CPU measured it was no faster and took twice as long to
+    compile (benchmarks/RESULTS.md, "Compiled forward").
     """
 
     def __init__(self, det: Any, device: str, batch_size: int, channels_last: bool = False,
@@ -475,7 +477,7 @@ class _Forward:
         if self._log is not None:
             self._log(f"scan: compiling the backbone for batches of {self.batch_size} (torch.compile; about a "
                       f"minute on 2 CPUs, once per run)")
-        self._net = torch.compile(self.tap, options={"freezing": True})
+        self._net = torch.compile(self.tap)
         try:
             self.run(np.zeros((0,) + self._buf.shape[1:], np.uint8))
         except Exception as e:  # noqa: BLE001 - whatever inductor raises, said in one line
@@ -884,10 +886,10 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     autocast: run backbone + taps under ``torch.autocast`` (bfloat16 on CPU, float16 on CUDA;
         the classifier stays float32). Scores change slightly: records are not bit-identical
         to a float32 scan, and ``stats["precision"]`` says which ran.
-    compile: run backbone + taps through ``torch.compile`` (inductor, freezing), compiled once
+    compile: run backbone + taps through ``torch.compile`` (inductor), compiled once
         when the scan starts (about a minute on 2 CPUs; a C++ compiler is needed on a CPU). On
         the 2-CPU machine measured the forward ran 1.4x as fast, whole scans 1.16x
-        (benchmarks/RESULTS.md, "Compiled forward"); fused convolutions round differently, so
+        (benchmarks/RESULTS.md, "Compiled forward"); fused loops can round differently, so
         records may differ from an eager scan's in rare near-threshold bits
         (``stats["compiled"]``).
     log: where one-line notices go (an out-of-memory back-off); default: the
