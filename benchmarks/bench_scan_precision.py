@@ -96,14 +96,17 @@ def main() -> None:
                    help="cache for the model and chips (default: %(default)s)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    from fakespotter._malloc import keep_freed_memory
     from fakespotter.detector import FakeSpotter
+
+    malloc = "freed memory kept" if keep_freed_memory() else "left as it is"  # as the CLI runs
 
     model, chips = build(Path(a.workdir), a.n)
     det = FakeSpotter.load(model, device=a.device)
     thr = float(det.operating_threshold_["logit"])
     print(hardware())
     print(f"threads {a.threads}; batch {a.batch}; {len(chips)} aligned sample chips 150x150; "
-          f"medians of {a.repeats} round-robin runs; device {a.device}\n")
+          f"medians of {a.repeats} round-robin runs; device {a.device}; malloc {malloc}\n")
 
     fwd = {k: forward(model, a.device, a.batch, *s) for k, s in SETTINGS.items()}
     print("compile s: " + ", ".join(f"{k} {f.compile_s:.0f}" for k, f in fwd.items() if f.compiled))

@@ -162,17 +162,18 @@ def test_packs_follow_the_first_consumer_unless_it_could_write_in_place():
             super().__init__()
             self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
             self.relu = nn.ReLU(inplace=True)
-            self.d = nn.Conv2d(8, 8, 3)
+            self.d, self.e, self.f = nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
 
         def forward(self, x):
             y = self.relu(self.a(x - 128.0))           # monitored a: its consumer writes into it
             z = self.b(y).clamp_(min=0.5)              # monitored b: a method in place
             w = torch.nn.functional.relu(self.c(z), inplace=True)  # monitored c: a function in place
-            return self.d(w)
+            v = torch.nn.functional.hardtanh(self.d(w), 0.0, 2.0, True)  # monitored d: in place, by position
+            return self.f(self.e(v))
 
     net = Consumers().eval()
     x = small_chips(3)
-    layers = ["a", "b", "c", "d"]
+    layers = ["a", "b", "c", "d", "e", "f"]
     for granularity in ("channel", "element"):
         tap = calibrated(Tap(net, layers, granularity=granularity, input_shape=SMALL_SHAPE), x, "per_neuron")
         with torch.no_grad():

@@ -430,8 +430,8 @@ class _Forward:
     ``compile`` runs backbone + taps through ``torch.compile`` (inductor: channels_last
     convolutions, the affines, ReLUs and residual adds fused into C++ loops around them), compiled
     once here on a zero batch, so that a failure is raised before any input is read. Inductor's
-    ``freezing`` is not used: on the CPU measured it was no faster and took twice as long to
-    compile (benchmarks/RESULTS.md, "Compiled forward").
+    ``freezing`` is not used: it gained 1-4% on the CPU measured, for a longer compile and a graph
+    that keeps the weights it was built with (benchmarks/RESULTS.md, "Compiled forward").
     """
 
     def __init__(self, det: Any, device: str, batch_size: int, channels_last: bool = False,

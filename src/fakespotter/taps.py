@@ -287,21 +287,25 @@ def _pack_graph(backbone: Backbone, module: nn.Module, layout: TapLayout,
 
 
 def _reads_only(node: fx.Node, module: nn.Module) -> bool:
-    """Whether ``node`` surely leaves its inputs as they were: a torch.nn module or a torch
-    function or method that is not in place (``relu_``, ``inplace=True``). Anything else (a
-    user's own module or function) might write into an activation before it is packed."""
-    if node.kwargs.get("inplace") is True:
-        return False
+    """Whether ``node`` surely leaves its inputs as they were: a torch.nn module, or a torch
+    function or method, that is not in place (``relu_``, ``inplace=True`` by name or position,
+    ``out=``; torch.fx records ``x += y`` as an ``add``). Anything else (a user's own module or
+    function) might write into an activation before it is packed."""
+    target = node.target
     if node.op == "call_module":
-        m = _resolve(module, str(node.target))
+        m = _resolve(module, str(target))
         return type(m).__module__.startswith("torch.nn.") and not getattr(m, "inplace", False)
-    name = getattr(node.target, "__name__", str(node.target))
-    if name.endswith("_") and not name.endswith("__"):
-        return False
     if node.op == "call_method":
-        return True
-    return node.op == "call_function" and getattr(node.target, "__module__", None) in (
-        "_operator", "operator", "torch", "torch.functional", "torch.nn.functional")
+        return not str(target).endswith("_")
+    if (node.op != "call_function" or getattr(target, "__name__", "_").endswith("_")
+            or getattr(target, "__module__", None) not in ("_operator", "torch", "torch.functional",
+                                                            "torch.nn.functional")):
+        return False
+    try:
+        bound = inspect.signature(target).bind(*node.args, **node.kwargs).arguments
+    except (TypeError, ValueError):  # a builtin without a signature: no inplace argument either
+        bound = dict(node.kwargs)
+    return not bound.get("inplace", False) and "out" not in bound
 
 
 def _describe(ids: Tuple[str, Optional[str]], layers: Sequence[str], granularity: str) -> str:
