@@ -888,7 +888,7 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
         to a float32 scan, and ``stats["precision"]`` says which ran.
     compile: run backbone + taps through ``torch.compile`` (inductor), compiled once
         when the scan starts (about a minute on 2 CPUs; a C++ compiler is needed on a CPU). On
-        the 2-CPU machine measured the forward ran 1.4x as fast, whole scans 1.16x
+        the 2-CPU machine measured the forward ran 1.1-1.2x as fast, whole CLI scans 1.08x
         (benchmarks/RESULTS.md, "Compiled forward"); fused loops can round differently, so
         records may differ from an eager scan's in rare near-threshold bits
         (``stats["compiled"]``).

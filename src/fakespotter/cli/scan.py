@@ -77,7 +77,7 @@ def add_parser(sub) -> None:
                         "without native bfloat16; local engine)")
     p.add_argument("--compile", action="store_true",
                    help="run the backbone through torch.compile (compiled once at the start, about a minute on 2 "
-                        "CPUs; needs a C++ compiler on a CPU): the forward ran 1.4x as fast on the 2-CPU machine measured; "
+                        "CPUs; needs a C++ compiler on a CPU): the forward ran 1.1-1.2x as fast on the 2-CPU machine measured; "
                         "scores may differ from an eager scan in rare near-threshold bits (default: off; local "
                         "engine)")
     p.add_argument("--pixel-limit", type=int, default=DEFAULT_PIXEL_LIMIT,
