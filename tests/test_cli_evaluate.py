@@ -141,6 +141,28 @@ def test_missing_backbone_weights_are_a_usage_error(setup, tmp_path, cmd):
     assert run.stderr.startswith(f"fakespotter {cmd}: error: ") and "python -m fakespotter.weights fetch" in run.stderr
 
 
+@pytest.mark.parametrize("cmd", ["evaluate", "robustness"])
+def test_batch_size_is_the_forward_size(setup, tmp_path, capsys, monkeypatch, cmd):
+    """--batch-size chips per forward: images were decoded 32 at a time whatever it said, so
+    forwards never held more than 32 images' faces."""
+    from fakespotter.taps import Tap
+
+    x, y = setup["chips"], setup["labels"]
+    for name, label in (("real", 0), ("fake", 1)):  # 24 images a class: 48 in all
+        (tmp_path / name).mkdir()
+        for i, chip in enumerate(np.concatenate([x[y == label], x[y == label][:8, :, ::-1]])):
+            Image.fromarray(np.ascontiguousarray(chip)).save(tmp_path / name / f"{i:03d}.png")
+    sizes = []
+    forward = Tap.forward
+    monkeypatch.setattr(Tap, "forward", lambda self, t: sizes.append(t.shape[0]) or forward(self, t))
+    extra = ["--attacks", "resize"] if cmd == "robustness" else []
+    rc, _, err = run_cli([cmd, setup["model"], "--real", tmp_path / "real", "--fake", tmp_path / "fake", "--aligned",
+                          "--batch-size", "48", "--bootstrap", "0", "--no-plots", "--out-dir", tmp_path / "out",
+                          "--quiet", *extra], capsys)
+    assert rc == 0, err
+    assert sizes and set(sizes) == {48}, sizes  # one forward of all 48 chips per variant
+
+
 def test_robustness_end_to_end(setup, tmp_path, capsys):
     out = tmp_path / "rob"
     rc, stdout, err = run_cli(["robustness", setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"],

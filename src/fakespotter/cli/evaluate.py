@@ -57,7 +57,8 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
                         "always on with --manifest)")
     p.add_argument("--upsample", type=int, default=None,
                    help="face detector upsampling (default: the model's setting)")
-    p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="chips per backbone forward; images are also decoded this many at a time (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed (>= 0) of the bootstrap, of the training of the baselines and of the augmented model "
                         "(their validation hold-out, augmentation and initialisation) and (robustness) of the noise "
@@ -407,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
     scored = ev.score_images_with(trained["score"], paths, size=int(det.tap_.preprocessing.size[0]),
                                   aligned=det.aligned, upsample=det.upsample,
                                   weak_face_score=det.weak_face_score, detect_pixels=det.detect_pixels,
-                                  progress=progress.update)
+                                  chunk_size=args.batch_size, progress=progress.update)
     progress.close()
     first = scored[MODEL_NAME]
     faces = first.faces["clean"]

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     scored = ev.score_images_with(trained["score"], paths, size=int(det.tap_.preprocessing.size[0]),
                                   transforms=transforms, aligned=det.aligned, upsample=det.upsample,
                                   weak_face_score=det.weak_face_score, detect_pixels=det.detect_pixels,
-                                  progress=progress.update)
+                                  chunk_size=args.batch_size, progress=progress.update)
     progress.close()
     first = scored[MODEL_NAME]
     clean_counts = counts(labels, first.scores[("clean", None)], first.faces[("clean", None)])
