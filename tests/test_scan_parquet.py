@@ -80,9 +80,9 @@ def test_row_groups_parts_and_non_utf8_names(reference, tmp_path):
         w.write(reference[i:i + 2])
     w.close()
     names = parts(out)
-    assert len(names) == 2  # parts close after the group that reaches 7 records: 8, 6
-    assert [pq.ParquetFile(out / n).metadata.num_rows for n in names] == [8, 6]
-    assert pq.ParquetFile(out / names[0]).metadata.num_row_groups == 3  # 3 + 3 + 2
+    assert len(names) == 2  # a part closes at 7 records, the rest of that write opens the next
+    assert [pq.ParquetFile(out / n).metadata.num_rows for n in names] == [7, 7]
+    assert pq.ParquetFile(out / names[0]).metadata.num_row_groups == 3  # 3 + 3 + 1
     assert list(read_records(out, "parquet")) == reference
     # a file name that is not UTF-8 (Python's surrogate escapes): written as \xNN
     odd = dict(reference[0], path=os.fsdecode(b"/data/caf\xe9.png"))

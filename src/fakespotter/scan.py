@@ -1461,15 +1461,19 @@ class ParquetParts:
         self._rows = 0
 
     def write(self, records: Sequence[Dict[str, Any]]) -> None:
-        if not records:
-            return
-        if self._rows == 0:
-            self._opened = time.monotonic()
-        self._buf.extend(records)
-        self._rows += len(records)
-        self._flush(everything=False)
-        if self._rows >= self._part_rows or time.monotonic() - self._opened >= self._part_seconds:
-            self._close_part()
+        """Add ``records`` in order; a part closes as soon as it holds ``part_rows`` of them (the
+        rest go on into the next part) or is ``part_seconds`` old."""
+        done = 0
+        while done < len(records):
+            if self._rows == 0:
+                self._opened = time.monotonic()
+            take = records[done:done + self._part_rows - self._rows]
+            self._buf.extend(take)
+            self._rows += len(take)
+            done += len(take)
+            self._flush(everything=False)
+            if self._rows >= self._part_rows or time.monotonic() - self._opened >= self._part_seconds:
+                self._close_part()
 
     def _clear(self, mode: str, state: Optional[ResumeState]) -> int:
         """Make an existing folder ready to write in: ``overwrite`` deletes its parts (refusing a
