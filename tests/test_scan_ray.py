@@ -97,6 +97,8 @@ def test_records_equal_the_local_engine(shards, local, tmp_path):
     assert {"decode_error", "empty_file", "not_found", None} <= kinds  # the same errors, below
     assert sum(r["status"] == "ok" for r in local) == 24 and len({r["score"] for r in local if r["score"]}) == 24
     assert list(read_shards(out)) == local  # same scores, same errors, listing order
+    sizes = [len(open(p).readlines()) for p in sorted(out.glob("part-*.jsonl"))]
+    assert sum(sizes) == 27 and max(sizes) <= 5, sizes  # shard_size=5 (records arrive in blocks)
     for fmt in ("jsonl", "csv"):
         target = tmp_path / f"merged.{fmt}"
         assert merge_shards(out, target, fmt) == 27

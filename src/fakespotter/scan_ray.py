@@ -609,7 +609,9 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
             r.pop("index")
             count_record(stats, r)
             shard.append((i, str(line)))
-        if len(shard) >= shard_size or time.monotonic() - t_flush >= flush_s:
+            if len(shard) >= shard_size:
+                flush()
+        if time.monotonic() - t_flush >= flush_s:
             flush()
     flush()
     if first is not None:  # the start-up (actors starting, loading the model) and the rate after it

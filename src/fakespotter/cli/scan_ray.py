@@ -36,8 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-cpus", type=float, default=None,
                    help="CPUs per read/decode/face-detection task (default: 1)")
     g.add_argument("--shard-size", type=int, default=None,
-                   help="records per output shard, at least (a shard holds whole actor batches); a shard is "
-                        "also written every 60 s (default: 1000)")
+                   help="records per output shard; a shard is also written every 60 s (default: 1000)")
 
 
 def refuse_ray_only(args: argparse.Namespace) -> None:
