@@ -143,6 +143,29 @@ def test_large_random_layers_match_twin(cpu_isa):
         check_same(x.contiguous(memory_format=torch.channels_last), thr, granularity)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 300, 300), (2, 70, 37, 37), (3, 300, 5, 5)], ids=str)
+def test_channels_last_elements_split_anywhere(cpu_isa, shape):
+    # Channels-last element packing reads whole runs of words of a row at once: the thread counts
+    # move where at::parallel_for cuts the rows (inside a channel, across one, within a word's
+    # span of several channels), and each cut must give the same words.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape[0], *shape[2:], shape[1], generator=g).movedim(-1, 1)
+    features = ref.num_features(x.shape, "element")
+    per_neuron = torch.randn(features, generator=g) * 0.3
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 4, 7):
+            torch.set_num_threads(n)
+            for thr in (torch.tensor([0.1]), per_neuron):
+                check_same(x, thr, "element")
+                out = torch.full((shape[0], 2 + fakespotter.num_words(features) + 1), -1, dtype=torch.int64)
+                torch.ops.fakespotter.threshold_pack_into(x, thr, "element", out, 2)
+                assert torch.equal(out[:, 2:-1], ref.threshold_pack(x, thr, "element"))
+                assert (out[:, :2] == -1).all() and (out[:, -1] == -1).all()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_variants_agree_on_random_channel_means(monkeypatch):
     # Same input, every variant, per-neuron thresholds set to float32 neighbours of the means:
     # any deviation in summation order shows up as flipped bits.

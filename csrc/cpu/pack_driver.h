@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../bitpack.h"
 
@@ -76,6 +77,63 @@ uint64_t strided_word(const PackProblem& p, int64_t base, int64_t word) {
   return bits;
 }
 
+// Element granularity when channels are innermost in memory (channels_last) and spread over a
+// run of words of one row: walking the words feature by feature would read one float per
+// cache line. Instead the elements are read in memory order, all the run's channels at each
+// spatial position, and every compare sets bit s % 64 of word s / 64 of its channel's bit
+// stream (scratch, [spatial word][channel]: the words written at one position are adjacent);
+// the output words are then cut from the channels' streams laid end to end (feature c * S + s).
+inline uint64_t stream_bits(const uint64_t* streams, int64_t channels, int64_t k, int64_t s, int64_t n) {
+  // bits s .. s + n - 1 (n <= 64, all within the stream) of channel k's stream
+  const int64_t word = s / kWordBits;
+  const int shift = static_cast<int>(s % kWordBits);
+  uint64_t v = streams[word * channels + k] >> shift;
+  if (shift != 0 && shift + n > kWordBits) v |= streams[(word + 1) * channels + k] << (kWordBits - shift);
+  return n == kWordBits ? v : v & ((uint64_t{1} << n) - 1);
+}
+
+template <DType D>
+void channels_innermost_elements(const PackProblem& p, int64_t base, uint64_t* out, int64_t first_word,
+                                 int64_t end_word) {
+  const Layout& L = p.layout;
+  const int64_t S = L.spatial;
+  const int64_t f0 = first_word * kWordBits;
+  const int64_t f1 = std::min(end_word * kWordBits, p.features);
+  const int64_t c0 = f0 / S;
+  const int64_t nc = (f1 - 1) / S + 1 - c0;
+  const int64_t lo = f0 - c0 * S;             // the first channel's features start at s = lo,
+  const int64_t hi = f1 - (c0 + nc - 1) * S;  // the last channel's end before s = hi
+  thread_local std::vector<uint64_t> scratch;
+  scratch.assign(static_cast<size_t>(words_for(S) * nc), 0);
+  uint64_t* streams = scratch.data();
+  const float t = p.thresholds[0];
+  for (int64_t s = nc == 1 ? lo : 0; s < (nc == 1 ? hi : S); ++s) {
+    const int64_t k0 = s < lo ? 1 : 0;
+    const int64_t k1 = s >= hi ? nc - 1 : nc;
+    const int64_t at = base + L.spatial_offset(s) + c0;  // channel_stride == 1
+    uint64_t* word = streams + (s / kWordBits) * nc;
+    const int shift = static_cast<int>(s % kWordBits);
+    if (p.per_neuron) {
+      const float* thr = p.thresholds + c0 * S + s;
+      for (int64_t k = k0; k < k1; ++k) word[k] |= activation_bit(load_typed<D>(p.x, at + k), thr[k * S]) << shift;
+    } else {
+      for (int64_t k = k0; k < k1; ++k) word[k] |= activation_bit(load_typed<D>(p.x, at + k), t) << shift;
+    }
+  }
+  for (int64_t w = first_word; w < end_word; ++w) {
+    const int64_t first = w * kWordBits;
+    const int64_t count = std::min<int64_t>(kWordBits, p.features - first);
+    uint64_t bits = 0;
+    for (int64_t got = 0; got < count;) {  // a word may span several channels
+      const int64_t f = first + got;
+      const int64_t n = std::min(count - got, S - f % S);
+      bits |= stream_bits(streams, nc, f / S - c0, f % S, n) << got;
+      got += n;
+    }
+    out[w] = bits;
+  }
+}
+
 template <class K, DType D>
 void pack_units_typed(const PackProblem& p, int64_t begin, int64_t end) {
   const Layout& L = p.layout;
@@ -113,6 +171,9 @@ void pack_units_typed(const PackProblem& p, int64_t begin, int64_t end) {
       }
     } else if (!direct && L.channel_stride == 1) {
       for (; w < end_word; ++w) out[w] = channels_innermost_word<D>(p, base, w);
+    } else if (direct && L.channel_stride == 1 && L.spatial > 1) {
+      channels_innermost_elements<D>(p, base, out, w, end_word);
+      w = end_word;
     } else if (direct && L.spatial_dims <= 1) {
       for (; w < end_word; ++w) out[w] = strided_word<D>(p, base, w);
     }
