@@ -5,6 +5,7 @@ photos and skip (saying how to get them) otherwise.
 """
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -128,6 +129,78 @@ def test_bad_inputs_are_rejected_with_clear_errors(tmp_path):
         F.load_image(3)
     with pytest.raises(ValueError, match="background must be 3 ints"):
         F.load_image(np.zeros((4, 4, 3), np.uint8), background=(0, 0))
+
+
+def test_conversions_work_in_blocks_with_the_whole_image_formulas(monkeypatch):
+    g = np.random.default_rng(4)
+    rgba = g.integers(0, 256, (13, 11, 4), dtype=np.uint8)
+    rgba[0, :4, 3] = [0, 1, 254, 255]
+    u16 = g.integers(0, 65536, (13, 11), dtype=np.uint16)
+    i32 = g.integers(-70000, 140000, (13, 11), dtype=np.int32)
+    f32 = (g.standard_normal((13, 11)) * 200).astype(np.float32)
+    bg = (7, 200, 255)
+    want_rgba = ((rgba[..., :3].astype(np.uint32) * rgba[..., 3:].astype(np.uint32)
+                  + np.array(bg, np.uint32) * (255 - rgba[..., 3:].astype(np.uint32)) + 127) // 255).astype(np.uint8)
+    for block in (7, 11, 1 << 20):  # rows cut mid-image, one row per block, the whole image
+        monkeypatch.setattr(F, "_BLOCK_PIXELS", block)
+        np.testing.assert_array_equal(F._composite(rgba, bg), want_rgba)
+        for a in (u16, i32):
+            want = np.round(np.clip(a.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+            np.testing.assert_array_equal(F._u16_to_u8(a), want)
+        want_f = np.round(np.clip(f32.astype(np.float64), 0, 255)).astype(np.uint8)
+        np.testing.assert_array_equal(F.load_image(Image.fromarray(f32, "F"))[..., 1], want_f)
+
+
+def test_conversions_of_large_images_need_little_memory_beyond_their_output():
+    # a 9400x9400 RGBA PNG took 5.5 GB to decode when these built whole-image uint32 temporaries
+    tracemalloc = pytest.importorskip("tracemalloc")
+    g = np.random.default_rng(5)
+    rgba = g.integers(0, 256, (2000, 2000, 4), dtype=np.uint8)
+    u16 = g.integers(0, 65536, (2000, 2000), dtype=np.uint16)
+    for fn in (lambda: F._composite(rgba, (0, 0, 0)), lambda: F._u16_to_u8(u16)):
+        tracemalloc.start()
+        try:
+            out = fn()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < out.nbytes + 32 * 2**20, (peak, out.nbytes)
+
+
+def test_only_the_scanners_formats_are_decoded(tmp_path):
+    # Pillow's EPS plugin runs Ghostscript on the file: the API opens what the scanner opens
+    eps = tmp_path / "page.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "ICO")
+    for source in (eps, buf.getvalue()):
+        with pytest.raises(ValueError, match="not an image in a format fakespotter reads .JPEG, MPO, PNG"):
+            F.load_image(source)
+
+
+def test_pillows_pixel_limit_holds_for_other_threads(monkeypatch):
+    from fakespotter import data as D
+    from scan_helpers import png_bomb
+
+    limit = Image.MAX_IMAGE_PIXELS
+    seen = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (seen.append(Image.MAX_IMAGE_PIXELS), real_open(*a, **k))[1])
+    D.decode_image(_png(Image.new("RGB", (32, 32))))
+    assert seen == [limit]  # an ordinary image: opened with Pillow's limit in place
+    bomb = png_bomb(20_000, 10_000)  # over twice Pillow's limit: the scanner's own limit decides
+    with pytest.raises(D.ImageError, match="20000x10000 = 200000000 pixels, more than the pixel limit"):
+        D.decode_image(bomb)
+    assert seen[1:] == [limit, None] and Image.MAX_IMAGE_PIXELS == limit
+    # while one thread decodes with the limit lifted, another's open waits, then meets the limit
+    errors = []
+    with F.pillow_pixel_limit_lifted():
+        t = threading.Thread(target=lambda: errors.append(pytest.raises(ValueError, F.load_image, bomb)))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and Image.MAX_IMAGE_PIXELS is None
+    t.join()
+    assert Image.MAX_IMAGE_PIXELS == limit and "decompression bomb" in str(errors[0].value)
 
 
 @pytest.mark.parametrize("orientation,transpose", [

@@ -457,53 +457,62 @@ def decode_image(data: bytes, pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> Decoded
     """Decode encoded image bytes to RGB, or raise :class:`ImageError` (empty_file,
     not_an_image, too_many_pixels, truncated, decode_error).
 
-    The pixel count is checked from the header, before any pixel is decoded: Pillow's own
-    decompression-bomb check is off here, ``pixel_limit`` replaces it. Animated images give their
-    first frame (``frames`` says how many there are).
+    The pixel count is checked from the header, before any pixel is decoded: ``pixel_limit``
+    replaces Pillow's own decompression-bomb check. Animated images give their first frame
+    (``frames`` says how many there are).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from .faces import load_image
+    from .faces import pillow_pixel_limit_lifted
 
     if not data:
         raise ImageError("empty_file", "the file is empty (0 bytes)")
-    sig = _signature(data)
-    old_limit = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning, odd-metadata warnings
-        Image.MAX_IMAGE_PIXELS = None
         try:
-            try:
-                img = Image.open(io.BytesIO(data), formats=_open_formats())
-            except UnidentifiedImageError:
-                if sig in ("AVIF", "HEIF") and sig not in _open_formats():
-                    how = "pillow-heif's opener registered" if sig == "HEIF" else "a Pillow built with AVIF"
-                    raise ImageError("not_an_image", f"a {sig} image: decoding it needs {how}; or convert "
-                                                     f"it to JPEG or PNG") from None
-                if sig is None:
-                    raise ImageError("not_an_image", f"not an image in a supported format "
-                                                     f"({', '.join(IMAGE_FORMATS)}); starts with {data[:8]!r}") from None
-                raise ImageError("decode_error", f"has a {sig} signature, but its header cannot be read "
-                                                 f"(damaged, or cut short at {len(data)} bytes)") from None
-            except Exception as e:  # a plugin that fails while opening
-                raise _decode_failure(e, data, sig or "image") from None
-            with img:
-                fmt = img.format or sig or "image"
-                width, height = img.size
-                if width * height > pixel_limit:
-                    raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
-                                                        f"more than the pixel limit {pixel_limit} (--pixel-limit)")
-                try:
-                    img.load()
-                    rgb = load_image(img)
-                except ImageError:
-                    raise
-                except Exception as e:
-                    raise _decode_failure(e, data, fmt) from None
-                try:
-                    frames: Optional[int] = int(getattr(img, "n_frames", 1))
-                except Exception:  # a damaged later frame; the first one decoded
-                    frames = None
-        finally:
-            Image.MAX_IMAGE_PIXELS = old_limit
+            return _decode(data, pixel_limit)
+        except Image.DecompressionBombError:  # over twice Pillow's limit, which pixel_limit replaces
+            with pillow_pixel_limit_lifted():
+                return _decode(data, pixel_limit)
+
+
+def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
+    from PIL import Image, UnidentifiedImageError
+
+    from .faces import load_image, open_image
+
+    sig = _signature(data)
+    try:
+        img = open_image(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if sig in ("AVIF", "HEIF") and sig not in _open_formats():
+            how = "pillow-heif's opener registered" if sig == "HEIF" else "a Pillow built with AVIF"
+            raise ImageError("not_an_image", f"a {sig} image: decoding it needs {how}; or convert "
+                                             f"it to JPEG or PNG") from None
+        if sig is None:
+            raise ImageError("not_an_image", f"not an image in a supported format "
+                                             f"({', '.join(IMAGE_FORMATS)}); starts with {data[:8]!r}") from None
+        raise ImageError("decode_error", f"has a {sig} signature, but its header cannot be read "
+                                         f"(damaged, or cut short at {len(data)} bytes)") from None
+    except Image.DecompressionBombError:
+        raise
+    except Exception as e:  # a plugin that fails while opening
+        raise _decode_failure(e, data, sig or "image") from None
+    with img:
+        fmt = img.format or sig or "image"
+        width, height = img.size
+        if width * height > pixel_limit:
+            raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
+                                                f"more than the pixel limit {pixel_limit} (--pixel-limit)")
+        try:
+            img.load()
+            rgb = load_image(img)
+        except (ImageError, Image.DecompressionBombError):
+            raise
+        except Exception as e:
+            raise _decode_failure(e, data, fmt) from None
+        try:
+            frames: Optional[int] = int(getattr(img, "n_frames", 1))
+        except Exception:  # a damaged later frame; the first one decoded
+            frames = None
     return DecodedImage(rgb, int(width), int(height), frames)

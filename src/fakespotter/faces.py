@@ -7,7 +7,9 @@ ResNet's training chips were made.  dlib comes from the prebuilt PyPI wheel
 
 Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same way every time:
 
-* files and bytes are decoded with Pillow; the EXIF orientation is applied first
+* files and bytes are decoded with Pillow, in the formats the scanner reads
+  (``data.IMAGE_FORMATS``; no plugin that runs an external program, such as EPS's, and Pillow's
+  decompression-bomb limit applies); the EXIF orientation is applied first
   (``ImageOps.exif_transpose``); multi-frame files give their first frame;
 * ``1`` / ``L`` (grey) replicate the grey value into R, G and B; ``P`` is expanded through its
   palette; ``CMYK``, ``YCbCr`` and other colour modes use Pillow's conversion to RGB; colour
@@ -23,6 +25,7 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import numbers
@@ -31,7 +34,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -103,15 +106,39 @@ def _check_background(background: Sequence[int]) -> Background:
     return bg  # type: ignore[return-value]
 
 
+# The per-pixel conversions below work in integers and in blocks of about this many pixels, so
+# that a large image needs little memory beyond its own decoded copies.
+_BLOCK_PIXELS = 1 << 20
+
+
+def _row_blocks(a: np.ndarray) -> Iterator[slice]:
+    rows = max(1, _BLOCK_PIXELS // max(1, a.shape[1])) if a.ndim > 1 else max(1, _BLOCK_PIXELS)
+    return (slice(i, i + rows) for i in range(0, a.shape[0], rows))
+
+
 def _u16_to_u8(a: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(a.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+    # round(v / 257) after clipping to 0..65535, exactly: v / 257 is never halfway between integers
+    out = np.empty(a.shape, np.uint8)
+    for rows in _row_blocks(a):
+        v = np.clip(a[rows], 0, 65535).astype(np.int32)
+        v *= 2
+        v += 257
+        out[rows] = v // 514
+    return out
 
 
 def _composite(rgba: np.ndarray, background: Background) -> np.ndarray:
-    rgb = rgba[..., :3].astype(np.uint32)
-    a = rgba[..., 3:4].astype(np.uint32)
-    bg = np.asarray(background, dtype=np.uint32)
-    return ((rgb * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
+    # round((rgb * a + background * (255 - a)) / 255): at most 255 * 255 + 127, within uint16
+    out = np.empty(rgba.shape[:-1] + (3,), np.uint8)
+    bg = np.asarray(background, dtype=np.uint16)
+    for rows in _row_blocks(rgba):
+        a = rgba[rows, ..., 3:4].astype(np.uint16)
+        v = rgba[rows, ..., :3].astype(np.uint16)
+        v *= a
+        v += bg * (255 - a)
+        v += 127
+        out[rows] = v // 255
+    return out
 
 
 def _from_array(a: np.ndarray, background: Background) -> np.ndarray:
@@ -143,8 +170,11 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
         if a.size and a.max() <= 255:  # 8-bit values in 32-bit integers: read as 16-bit they'd be black
             return _from_array(np.clip(a, 0, 255).astype(np.uint8), background)
         return _from_array(_u16_to_u8(a), background)
-    if mode == "F":
-        grey = np.round(np.clip(np.asarray(img, dtype=np.float64), 0, 255)).astype(np.uint8)
+    if mode == "F":  # float32: clipping and rounding to integers are exact in it
+        a = np.asarray(img)
+        grey = np.empty(a.shape, np.uint8)
+        for rows in _row_blocks(a):
+            grey[rows] = np.round(np.clip(a[rows], 0, 255))
         return _from_array(grey, background)
     has_alpha = "A" in mode or "a" in mode or "transparency" in img.info
     try:
@@ -155,15 +185,47 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
         raise ValueError(f"load_image: cannot convert Pillow mode {mode!r} to RGB: {exc}") from exc
 
 
+# Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS, is process-wide: data.decode_image
+# lifts it (when its own pixel limit allows a larger image) only while it holds this lock, and
+# every open here takes the lock too, so that no other thread's open through here runs unguarded.
+_PIXEL_GUARD = threading.RLock()
+
+
+@contextlib.contextmanager
+def pillow_pixel_limit_lifted() -> Iterator[None]:
+    """Pillow's decompression-bomb check off in this block, for this thread's opens through
+    :func:`open_image` (the caller checks the size before it loads any pixel)."""
+    with _PIXEL_GUARD:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def open_image(source: Any) -> Image.Image:
+    """``Image.open`` for the formats fakespotter reads (``data.IMAGE_FORMATS``: never a plugin
+    such as EPS's, which runs an external program)."""
+    from .data import _open_formats
+
+    formats = _open_formats()
+    with _PIXEL_GUARD:
+        return Image.open(source, formats=formats)
+
+
 def _decode(source: Any, name: str, background: Background) -> np.ndarray:
     try:
-        with Image.open(source) as img:
+        with open_image(source) as img:
             img.load()
             return _from_pil(img, background)
     except Image.DecompressionBombError as e:
         raise ValueError(f"load_image: {name}: {e}") from None
     except Image.UnidentifiedImageError:
-        raise ValueError(f"load_image: {name} is not an image Pillow can identify") from None
+        from .data import IMAGE_FORMATS
+
+        raise ValueError(f"load_image: {name} is not an image in a format fakespotter reads "
+                         f"({', '.join(IMAGE_FORMATS)})") from None
     except (OSError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "not an image I can read"
         if isinstance(e, OSError) and e.errno is not None:
             raise
