@@ -178,6 +178,24 @@ def test_only_the_scanners_formats_are_decoded(tmp_path):
             F.load_image(source)
 
 
+def test_frames_are_counted_and_tiff_pages_only_up_to_a_cap(monkeypatch):
+    from fakespotter import data as D
+
+    def tiff(pages):
+        buf = io.BytesIO()
+        first, *rest = [Image.new("L", (4, 4), i) for i in range(pages)]
+        first.save(buf, "TIFF", save_all=True, append_images=rest)
+        return buf.getvalue()
+
+    gif = io.BytesIO()
+    first, *rest = [Image.new("L", (4, 4), v) for v in (0, 100, 200)]
+    first.save(gif, "GIF", save_all=True, append_images=rest)
+    assert D.decode_image(gif.getvalue()).frames == 3
+    assert D.decode_image(tiff(1)).frames == 1
+    monkeypatch.setattr(D, "MAX_COUNTED_PAGES", 5)
+    assert [D.decode_image(tiff(n)).frames for n in (5, 6)] == [5, None]  # more than the cap: not counted
+
+
 def test_pillows_pixel_limit_holds_for_other_threads(monkeypatch):
     from fakespotter import data as D
     from scan_helpers import png_bomb

@@ -177,6 +177,20 @@ def test_tar_members_score_like_the_files(corpus, model, tmp_path):
     assert recs[2]["path"] == f"{tmp_path / 'mid.tar'}::{third.name}" and recs[2]["error_kind"] == "truncated"
     assert f"inside this member of {third.size} bytes" in recs[2]["error"]
     assert recs[3]["path"] == f"{tmp_path / 'mid.tar'}::" and recs[3]["error_kind"] == "bad_archive"
+    # damaged compressed data: found by zlib where it breaks the stream, else by gzip's CRC at the end
+    packed = (tmp_path / "c.tar.gz").read_bytes()
+    for at in range(len(packed) // 3, len(packed) - 20, len(packed) // 7):
+        damaged = bytearray(packed)
+        damaged[at] ^= 0x01
+        (tmp_path / "damaged.tar.gz").write_bytes(bytes(damaged))
+        recs = list(scan([str(tmp_path / "damaged.tar.gz")], model, aligned=True, batch_size=4, workers=0))
+        assert recs[-1]["path"] == f"{tmp_path / 'damaged.tar.gz'}::" and recs[-1]["error_kind"] == "bad_archive", at
+    damaged = bytearray(packed)
+    damaged[-6] ^= 0x01  # the stored CRC itself: every member reads fine, the check fails at the end
+    (tmp_path / "crc.tar.gz").write_bytes(bytes(damaged))
+    recs = list(scan([str(tmp_path / "crc.tar.gz")], model, aligned=True, batch_size=4, workers=0))
+    assert [r["status"] for r in recs] == ["ok"] * len(files) + ["error"]
+    assert "fails its check (CRC check failed" in recs[-1]["error"] and "may be damaged" in recs[-1]["error"]
     (tmp_path / "not.tar").write_bytes(b"this is no archive" * 100)
     (rec,) = scan([str(tmp_path / "not.tar")], model, aligned=True, workers=0)
     assert rec["status"] == "error" and rec["error_kind"] == "bad_archive"
@@ -251,6 +265,12 @@ def test_list_files_in_any_bytes_and_from_pipes(corpus, model, tmp_path, capsys)
     assert run.returncode == 0, run.stderr.decode()
     escaped = str(odd).replace(os.fsdecode(b"\xe9"), "\\xe9").replace(os.fsdecode(b"\xff"), "\\xff")
     assert [r["path"] for r in jsonl(out)] == [str(good), escaped]  # every output is UTF-8
+    # '-' reads stdin as a list file is read, whatever the locale says stdin's encoding is
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    run = subprocess.run([*cmd[:4], "-", *cmd[5:10], "--format", "jsonl", "--quiet"], input=listing.read_bytes(),
+                         capture_output=True, env=env)
+    assert run.returncode == 0, run.stderr.decode()
+    assert [json.loads(line)["path"] for line in run.stdout.decode().splitlines()] == [str(good), escaped]
     # @/dev/stdin redirected from a file (a regular file then): still relative to the working folder, not to /dev
     rel = tmp_path / "rel.txt"
     rel.write_text(f"{good.relative_to(corpus)}\n")
@@ -269,6 +289,32 @@ def test_list_files_in_any_bytes_and_from_pipes(corpus, model, tmp_path, capsys)
     for bad, message in ((tmp_path, "is a folder; give the folder without '@'"), (tmp_path / "no.txt", "does not exist")):
         rc, _, err = run_cli(["scan", f"@{bad}", "--model", str(model), "--aligned"], capsys)
         assert rc == 2 and message in err, err
+
+
+def test_inputs_without_images_say_so(model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    for quiet in ([], ["--quiet"]):
+        rc, _, err = run_cli(["scan", str(tmp_path / "empty"), str(tmp_path / "notes"), "--model", str(model),
+                              "--out", str(tmp_path / f"o{len(quiet)}.jsonl"), *quiet], capsys)
+        assert rc == 0 and "warning: the inputs hold no image to scan (folders are searched for .avif" in err, err
+
+
+def test_list_lines_are_paths_as_written(tmp_path):
+    for name in ("#hash.png", " lead.png", "trail .png", "plain.png"):
+        (tmp_path / name).write_bytes(b"x")
+    listing = tmp_path / "l.txt"
+    listing.write_text("# a comment\n./#hash.png\n lead.png\ntrail .png\n  plain.png \r\n \t\n#hash.png\n"
+                       "missing.png\nfound.png\0other.png\n")
+    entries = list(D.iter_entries([f"@{listing}"]))
+    names = ("./#hash.png", " lead.png", "trail .png", "plain.png", "missing.png", "found.png\0other.png")
+    assert [e.path for e in entries] == [os.path.join(str(tmp_path), n) for n in names]
+    assert [D.read_entry(e) for e in entries[:4]] == [b"x"] * 4
+    assert [type(e.error) for e in entries[4:]] == [type(None), tuple]
+    kind, message = entries[-1].error
+    assert kind == "not_found" and "cannot hold a NUL byte" in message and "find -print0" in message
+    assert list(D.iter_images(f"@{listing}")) == [tmp_path / n for n in names]  # what the other commands read
 
 
 def test_only_descriptor_names_are_lists_relative_to_the_working_folder(tmp_path):

@@ -12,13 +12,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gzip
 import io
 import os
 import re
 import stat
 import tarfile
 import warnings
+import zlib
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -146,17 +149,37 @@ def _walk(root: str) -> Iterator[Tuple[str, Optional[OSError]]]:
         dirs.append(path)
 
 
-def _list_lines(stream: Iterable[str]) -> Iterator[str]:
+def _list_paths(stream: Iterable[str], base: str = "") -> Iterator[str]:
+    """The paths of a file list, joined to ``base`` unless absolute: one a line, as written
+    (less the line ending); blank lines and lines starting with ``#`` are skipped (``./#x.jpg``
+    names such a file). Spaces around a name belong to the list, not the name, unless a file
+    has the name with them."""
     for line in stream:
-        line = line.strip()
-        if line and not line.startswith("#"):
-            yield line
+        line = line.rstrip("\r\n")
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name != line and not os.path.lexists(os.path.join(base, line)):
+            line = name
+        yield line if os.path.isabs(line) else os.path.join(base, line)
 
 
 def open_list(listing: Union[str, Path]) -> IO[str]:
     """A file list for reading: UTF-8 (a byte-order mark is skipped), bytes that are not UTF-8
     kept as surrogates (so such file names still name their files)."""
     return open(listing, encoding="utf-8-sig", errors="surrogateescape")
+
+
+def stdin_list() -> IO[str]:
+    """Standard input read as :func:`open_list` reads a file list (a stream the caller put in
+    ``sys.stdin`` without a file descriptor is taken as it is)."""
+    import sys
+
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return sys.stdin
+    return open(fd, encoding="utf-8-sig", errors="surrogateescape", closefd=False)
 
 
 def _list_base(listing: str) -> str:
@@ -174,11 +197,8 @@ def iter_images(source: Union[str, Path], what: str = "input") -> Iterator[Path]
     text = str(source)
     if text.startswith("@"):
         _check_list(text[1:], what)
-        base = Path(_list_base(text[1:]))
         with open_list(text[1:]) as f:
-            for line in _list_lines(f):
-                p = Path(line)
-                yield p if p.is_absolute() else base / p
+            yield from map(Path, _list_paths(f, _list_base(text[1:])))
         return
     path = Path(source)
     if path.is_file():
@@ -266,13 +286,15 @@ def _os_error(e: OSError, path: str) -> ImageError:
 def _tar_entries(archive: str) -> Iterator[Entry]:
     """The image members of a tar archive (any compression), streaming; the member bytes are
     read here since compressed archives cannot be read at random offsets."""
+    stack = contextlib.ExitStack()
     try:
-        tf = tarfile.open(archive, mode="r|*")
-    except (tarfile.TarError, OSError, EOFError) as e:
+        tf = stack.enter_context(_open_tar_stream(archive, stack))
+    except _TAR_ERRORS as e:
+        stack.close()
         kind = _os_error(e, archive).kind if isinstance(e, OSError) and e.errno else "bad_archive"
         yield Entry(archive, error=(kind, f"{archive}: cannot open as a tar archive: {e}"))
         return
-    with tf:
+    with stack:
         while True:
             try:
                 m = tf.next()
@@ -293,20 +315,39 @@ def _tar_entries(archive: str) -> Iterator[Entry]:
                 if m.size > MAX_FILE_BYTES:
                     yield Entry(path, error=("too_large", f"{path}: {m.size} bytes, more than {MAX_FILE_BYTES}"))
                     continue
-            except (tarfile.TarError, OSError, EOFError) as e:
-                yield Entry(f"{archive}::", error=("bad_archive", f"{archive}: the archive is damaged or truncated "
-                                                                 f"after the members listed so far: {e}"))
+            except _TAR_ERRORS as e:
+                yield Entry(f"{archive}::", error=("bad_archive", _damage(archive, e)))
                 return
             try:
                 f = tf.extractfile(m)
                 data = f.read() if f is not None else b""
-            except (tarfile.TarError, OSError, EOFError) as e:  # its header was read: the member has a record
+            except _TAR_ERRORS as e:  # its header was read: the member has a record
                 yield Entry(path, error=("truncated", f"{path}: the archive ends (or is damaged) inside this "
                                                       f"member of {m.size} bytes: {e}"))
-                yield Entry(f"{archive}::", error=("bad_archive", f"{archive}: the archive is damaged or truncated "
-                                                                 f"after the members listed so far: {e}"))
+                yield Entry(f"{archive}::", error=("bad_archive", _damage(archive, e)))
                 return
             yield Entry(path, data=data)
+
+
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+def _damage(archive: str, e: BaseException) -> str:
+    if isinstance(e, gzip.BadGzipFile) and "CRC" in str(e):  # found at the end of the data
+        return (f"{archive}: the compressed data fails its check ({e}): the members listed before this record "
+                f"were read from it, and one of them may be damaged")
+    return f"{archive}: the archive is damaged or truncated after the members listed so far: {e}"
+
+
+def _open_tar_stream(archive: str, stack: contextlib.ExitStack) -> tarfile.TarFile:
+    """A tar archive opened for streaming. A gzip-compressed one is read through GzipFile,
+    which checks the data against the CRC at its end (tarfile's own gzip stream never does, so
+    damaged compressed data went by unnoticed); bzip2 and xz check theirs block by block."""
+    with open(archive, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if gzipped:
+        return tarfile.open(fileobj=stack.enter_context(gzip.open(archive, "rb")), mode="r|")
+    return tarfile.open(archive, mode="r|*")
 
 
 def _rest_is_zeros(stream: Any) -> bool:
@@ -329,6 +370,10 @@ def _member_kind(m: tarfile.TarInfo) -> str:
 
 
 def _path_entries(path: str) -> Iterator[Entry]:
+    if "\0" in path:  # no file has such a name; os calls would raise ValueError
+        yield Entry(path, error=("not_found", f"{path!r}: a path cannot hold a NUL byte (a list of NUL-separated "
+                                              f"paths, as find -print0 writes? give one path a line)"))
+        return
     if os.path.isdir(path):
         for p, err in _walk(path):
             if err is None:
@@ -349,7 +394,7 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Ite
       skipped; a folder that cannot be listed gives an entry with an error (tar archives inside
       folders are not opened: name them, or list them in a file list);
     * ``@list.txt``: one path per line (relative to the list's folder; ``#`` comments; UTF-8,
-      other bytes kept), each expanded like a command-line path; ``-`` and a list that is a pipe
+      other bytes kept; see :func:`_list_paths`), each expanded like a command-line path; ``-`` and a list that is a pipe
       (``@/dev/stdin``): the same, read from ``stdin`` or the pipe (relative to the working
       folder);
     * a ``.tar`` (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) file: its image members, as
@@ -358,16 +403,12 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Ite
     """
     for s in sources:
         if s == "-":
-            import sys
-
-            for line in _list_lines(stdin if stdin is not None else sys.stdin):
-                yield from _path_entries(line)
+            for path in _list_paths(stdin if stdin is not None else stdin_list()):
+                yield from _path_entries(path)
         elif s.startswith("@"):
-            listing = s[1:]
-            base = _list_base(listing)
-            with open_list(listing) as f:
-                for line in _list_lines(f):
-                    yield from _path_entries(line if os.path.isabs(line) else os.path.join(base, line))
+            with open_list(s[1:]) as f:
+                for path in _list_paths(f, _list_base(s[1:])):
+                    yield from _path_entries(path)
         else:
             yield from _path_entries(os.path.normpath(s) if s.endswith(os.sep) else s)
 
@@ -378,7 +419,8 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Ite
 
 class DecodedImage(NamedTuple):
     """rgb: uint8 [H, W, 3] (EXIF-upright; see ``faces.load_image`` for the colour rules);
-    width, height: of the stored image; frames: how many it has (only the first is decoded)."""
+    width, height: of the stored image; frames: how many it has (only the first is decoded;
+    None when not known, see :func:`_frame_count`)."""
 
     rgb: np.ndarray
     width: int
@@ -511,8 +553,25 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
             raise
         except Exception as e:
             raise _decode_failure(e, data, fmt) from None
-        try:
-            frames: Optional[int] = int(getattr(img, "n_frames", 1))
-        except Exception:  # a damaged later frame; the first one decoded
-            frames = None
+        frames = _frame_count(img)
     return DecodedImage(rgb, int(width), int(height), frames)
+
+
+MAX_COUNTED_PAGES = 1000
+
+
+def _frame_count(img: Any) -> Optional[int]:
+    """How many frames an opened image has; None when that is not known: a damaged later frame,
+    or a TIFF of more than MAX_COUNTED_PAGES pages (Pillow counts TIFF pages in quadratic time:
+    a 5.7 MB file of 50,000 pages took a minute)."""
+    try:
+        if img.format == "TIFF":  # page by page (after a failed seek, Pillow's n_frames is one too many)
+            for page in range(1, MAX_COUNTED_PAGES + 1):
+                try:
+                    img.seek(page)
+                except EOFError:
+                    return page
+            return None
+        return int(getattr(img, "n_frames", 1))
+    except Exception:
+        return None

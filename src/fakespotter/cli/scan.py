@@ -177,7 +177,7 @@ def piped_listing(args: argparse.Namespace, reread: bool) -> Optional[IO[str]]:
     a pipe (``@/dev/stdin``, ``@<(find ...)``) can be read only once, so it stands in for ``-``
     (relative paths from the working folder, as for ``-``); with ``reread`` (a resume reads the
     listing twice) the listing is first copied to a temporary file."""
-    from ..data import open_list
+    from ..data import open_list, stdin_list
 
     pipes = [p for p in args.paths if p.startswith("@") and not os.path.isfile(p[1:])]
     if len(pipes) + ("-" in args.paths) > 1:
@@ -187,7 +187,7 @@ def piped_listing(args: argparse.Namespace, reread: bool) -> Optional[IO[str]]:
         source: IO[str] = open_list(pipes[0][1:])
         args.paths = ["-" if p == pipes[0] else p for p in args.paths]
     elif "-" in args.paths:
-        source = sys.stdin
+        source = stdin_list()
     else:
         return None
     if not reread:
@@ -544,5 +544,11 @@ def run(args: argparse.Namespace) -> int:
         return 3
     if not args.quiet:
         print(summary(stats(complete), resumed, args.model), file=sys.stderr)
+    if complete and not resumed and not sum(run_.stats["counts"].values()) and args.limit != 0:
+        from ..data import IMAGE_EXTENSIONS
+
+        print(f"fakespotter scan: warning: the inputs hold no image to scan (folders are searched for "
+              f"{' '.join(sorted(IMAGE_EXTENSIONS))} files; name others, or list them with @list.txt)",
+              file=sys.stderr)
     errors = run_.stats["counts"]["error"] + (state.counts["error"] if state is not None else 0)
     return 1 if errors else 0
