@@ -309,7 +309,74 @@ def test_a_failure_on_the_cluster_is_no_usage_error(ray_local, corpus, model, tm
     assert json.loads((tmp_path / "a" / "stats.json").read_text())["complete"] is False
     rc = main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
-    assert rc == 1 and "failed on the cluster" in err and "--resume continues" in err
+    assert rc == 1 and "failed on the cluster" in err and "--resume" not in err  # nothing written to resume from
+    (tmp_path / "b" / "part-000000-000000.jsonl").write_text("")  # as if a shard had been written
+    main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out", str(tmp_path / "b"),
+          "--resume"])
+    assert "the records written so far are in" in capsys.readouterr().err
+
+    def died(*args, **kw):  # an actor that died as it started: Ray's text, coloured, the cause last
+        raise RuntimeError("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker"
+                           "\x1b[39m (pid=1)\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                           "ValueError: FakeSpotter.load: device 'cuda': CUDA is not available here")
+    monkeypatch.setattr(SR, "_run", died)
+    with pytest.raises(RuntimeError) as e:
+        ray_scan(corpus, model, tmp_path / "c", aligned=True, batch_size=BATCH)
+    assert str(e.value) == ("ray_scan: the scan failed on the cluster: RuntimeError: The actor died because of an "
+                            "error raised in its creation task, ray::MapWorker (pid=1) ... ValueError: "
+                            "FakeSpotter.load: device 'cuda': CUDA is not available here")
+
+
+def test_resources_leave_cpus_for_the_decode_tasks():
+    import fakespotter.scan_ray as SR
+
+    class Cluster:
+        def __init__(self, **res):
+            self.res = res
+
+        def cluster_resources(self):
+            return self.res
+
+    # GPU actors hold a CPU each: 4 GPUs and 2 CPUs give one actor, so that decode tasks can run
+    assert SR._resources(Cluster(CPU=2.0, GPU=4.0), None, 1.0, None, 1.0) == (1, 1.0, "cuda")
+    assert SR._resources(Cluster(CPU=16.0, GPU=4.0), None, 1.0, None, 1.0) == (4, 1.0, "cuda")
+    assert SR._resources(Cluster(CPU=2.0), None, 1.0, None, 1.0) == (1, 0.0, "cpu")
+    for res, actors, cpus_per_actor, gpus in (({"CPU": 2.0, "GPU": 4.0}, 2, 1.0, None),
+                                              ({"CPU": 2.0, "GPU": 1.0}, 1, 2.0, 1.0), ({"CPU": 4.0}, 4, 1.0, 0.0)):
+        with pytest.raises(ValueError, match=r"need more than the cluster's .* CPUs; give fewer actors"):
+            SR._resources(Cluster(**res), actors, cpus_per_actor, gpus, 1.0)
+
+
+def test_an_address_where_no_cluster_answers_is_refused_at_once(monkeypatch):
+    import signal
+    import socket
+    import time
+
+    import fakespotter.scan_ray as SR
+
+    class NoInit:
+        def init(self, **kw):
+            raise AssertionError("ray.init must not be reached")
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=f"no Ray cluster answers at address 127.0.0.1:{port} .--address."):
+        SR._init_ray(NoInit(), f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < SR.CONNECT_TIMEOUT_S
+    with pytest.raises(ValueError, match="'bogus' .--address. is not HOST:PORT"):
+        SR._init_ray(NoInit(), "bogus")
+
+    class Refused:  # ray.init of 'auto' with no cluster; and Ray's own signal handlers
+        def init(self, **kw):
+            signal.signal(signal.SIGTERM, lambda *a: None)
+            raise ConnectionError("Could not find any running Ray instance")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError, match="cannot connect to the Ray cluster at address auto .--address.: Could not"):
+        SR._init_ray(Refused(), "auto")
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys, monkeypatch):
@@ -327,7 +394,12 @@ def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--compile"],
          "--compile is an option of --engine local (Ray actors run the default eager forward)"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--actors", "0"], "--actors must be >= 1"),
-        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--cpus-per-actor", "0"], "--cpus-per-actor must be > 0"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--cpus-per-actor", "0"],
+         "--cpus-per-actor must be a finite number >= 0.0001"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--decode-cpus", "0.00001"],
+         "--decode-cpus must be a finite number >= 0.0001 (Ray's resolution)"),
+        (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--gpus-per-actor", "nan"],
+         "--gpus-per-actor must be 0 or a finite number >= 0.0001, got nan"),
         (base + ["--engine", "ray", "--out", str(taken)], "is not empty; pass --resume"),
         (base + ["--engine", "ray", "--out", str(taken), "--overwrite"], "not a scan's"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no.fsm")], "does not exist"),

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -364,6 +365,45 @@ def _model_bytes(model: Any) -> Tuple[bytes, str, Any]:
     return data, hashlib.sha256(data).hexdigest(), det
 
 
+RAY_MIN_RESOURCE = 1e-4  # Ray refuses fractional resources finer than this
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _init_ray(ray: Any, address: Optional[str]) -> None:
+    """``ray.init``, failing fast with a ValueError that names ``--address`` when no cluster
+    answers there (Ray itself retries for ~14 minutes), and leaving the process's SIGTERM and
+    SIGINT handlers as they were (Ray puts its own in, which exit without the CLI's cleanup)."""
+    import signal
+    import socket
+    import threading
+
+    if address and address != "auto" and "://" not in address:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"ray_scan: address {address!r} (--address) is not HOST:PORT (a Ray head, e.g. head-node:6379), "
+                             f"ray://HOST:PORT or auto")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise ValueError(f"ray_scan: no Ray cluster answers at address {address} (--address) "
+                             f"({e.strerror or type(e).__name__}: {e})") from None
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        where = f"address {address} (--address)" if address else "RAY_ADDRESS or the running cluster"
+        raise ValueError(f"ray_scan: cannot connect to the Ray cluster at {where}: {e}") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():  # (where Ray puts its handlers in)
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
 def _resources(ray: Any, actors: Optional[int], cpus_per_actor: float, gpus_per_actor: Optional[float],
                decode_cpus: float) -> Tuple[int, float, str]:
     res = ray.cluster_resources()
@@ -371,15 +411,19 @@ def _resources(ray: Any, actors: Optional[int], cpus_per_actor: float, gpus_per_
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus >= 1 else 0.0
     if gpus_per_actor > 0 and gpus < gpus_per_actor:
-        raise ValueError(f"ray_scan: gpus_per_actor={gpus_per_actor}, but the cluster has {gpus:g} GPUs")
+        raise ValueError(f"ray_scan: {gpus_per_actor:g} GPUs per actor (--gpus-per-actor), but the cluster has "
+                         f"{gpus:g} GPUs")
     if actors is None:
-        if gpus_per_actor > 0:
-            actors = max(1, int(gpus // gpus_per_actor))
+        if gpus_per_actor > 0:  # one per GPU, as long as CPUs are left for the decode tasks
+            actors = max(1, min(int(gpus // gpus_per_actor), int((cpus - decode_cpus) // cpus_per_actor)))
         else:
             actors = max(1, int((cpus // 2) // cpus_per_actor)) if cpus >= 2 else 1
-    if gpus_per_actor == 0 and actors * cpus_per_actor + decode_cpus > cpus:
-        raise ValueError(f"ray_scan: {actors} actors x {cpus_per_actor:g} CPUs + {decode_cpus:g} CPU for decode "
-                         f"tasks need more than the cluster's {cpus:g} CPUs; give fewer actors or CPUs per actor")
+    # actors hold their CPUs for the whole scan: without CPUs left over, no decode task would ever
+    # run and the scan would wait forever
+    if actors * cpus_per_actor + decode_cpus > cpus:
+        raise ValueError(f"ray_scan: {actors} actors (--actors) x {cpus_per_actor:g} CPUs (--cpus-per-actor) + "
+                         f"{decode_cpus:g} CPU for decode tasks (--decode-cpus) need more than the cluster's "
+                         f"{cpus:g} CPUs; give fewer actors or CPUs per actor")
     return actors, gpus_per_actor, "cuda" if gpus_per_actor > 0 else "cpu"
 
 
@@ -406,7 +450,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         input listed twice has two records; with changed inputs, see :func:`_to_scan`).
     address: the Ray cluster (``ray.init(address)``; None: the running one, ``RAY_ADDRESS``,
         or a new local instance). An already initialised Ray is used as it is.
-    actors: scoring actors (default: one per GPU, else half the cluster's CPUs).
+    actors: scoring actors (default: one per GPU, as many as leave ``decode_cpus`` CPUs free, else
+        half the cluster's CPUs). Actors and decode tasks must fit the cluster's CPUs together.
     cpus_per_actor / gpus_per_actor: resources of each actor (GPUs default: 1 when the cluster
         has GPUs, then the backbone runs on ``cuda``; else 0 and ``cpu``); an actor's torch
         threads = its CPUs.
@@ -434,10 +479,17 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "limit" else 1)):
             raise ValueError(f"ray_scan: {name} must be None or an int >= {0 if name == 'limit' else 1}, got {v!r}")
     for name, v in (("cpus_per_actor", cpus_per_actor), ("decode_cpus", decode_cpus)):
-        if not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"ray_scan: {name} must be > 0, got {v!r}")
-    if gpus_per_actor is not None and (not isinstance(gpus_per_actor, (int, float)) or gpus_per_actor < 0):
-        raise ValueError(f"ray_scan: gpus_per_actor must be None or >= 0, got {gpus_per_actor!r}")
+        if not _number(v) or not RAY_MIN_RESOURCE <= v < math.inf:
+            raise ValueError(f"ray_scan: {name} must be a finite number >= {RAY_MIN_RESOURCE} (Ray's resolution), "
+                             f"got {v!r}")
+    if gpus_per_actor is not None and (not _number(gpus_per_actor) or not 0 <= gpus_per_actor < math.inf
+                                       or 0 < gpus_per_actor < RAY_MIN_RESOURCE):
+        raise ValueError(f"ray_scan: gpus_per_actor must be None, 0 or a finite number >= {RAY_MIN_RESOURCE}, "
+                         f"got {gpus_per_actor!r}")
+    if not _number(flush_s) or not 0 < flush_s < math.inf:
+        raise ValueError(f"ray_scan: flush_s must be a finite number of seconds > 0, got {flush_s!r}")
+    if address is not None and not isinstance(address, str):
+        raise TypeError(f"ray_scan: address must be None or a str, got {type(address).__name__}")
     weak_face_score = check_weak_face_score(weak_face_score, "ray_scan")
     detect_pixels = check_detect_pixels(detect_pixels, "ray_scan")
     check_sources(inputs, "scan")
@@ -462,7 +514,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     started = False
     try:
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            _init_ray(ray, address)
             started = True
         n_actors, gpus, device = _resources(ray, actors, float(cpus_per_actor), gpus_per_actor, float(decode_cpus))
         if mode == "overwrite":
@@ -548,7 +600,16 @@ def _run_or_fail(*args: Any, **kw: Any) -> None:
     try:
         _run(*args, **kw)
     except Exception as e:
-        raise RuntimeError(f"ray_scan: the scan failed on the cluster: {type(e).__name__}: {e}") from e
+        raise RuntimeError(f"ray_scan: the scan failed on the cluster: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    """A Ray error in one line: its first line and, when Ray appended a remote traceback (an actor
+    that died while it started, a task that raised), that traceback's last line, the cause."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    first = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    cause = next((line for line in reversed(lines[1:]) if re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", line)), None)
+    return first if cause is None or cause in first else f"{first} ... {cause}"
 
 
 def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes, model_id: str, out: Path, run: int,

@@ -5,8 +5,10 @@ turns into the ordinary single-file output."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 from typing import Any, Dict
 
 from ._common import Progress, check_detection_args, log, usage_error
@@ -25,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster address, e.g. ray://head:10001 or head:6379 (default: RAY_ADDRESS, else a "
                         "cluster already running on this machine, else a new local Ray instance)")
     g.add_argument("--actors", type=int, default=None,
-                   help="scoring actors, each loads the model once (default: one per GPU; without GPUs half "
-                        "the cluster's CPUs, the other half decodes)")
+                   help="scoring actors, each loads the model once (default: one per GPU, as many as leave "
+                        "--decode-cpus for decoding; without GPUs half the cluster's CPUs, the other half decodes)")
     g.add_argument("--cpus-per-actor", type=float, default=None,
                    help="CPUs per actor, also its torch threads (default: 1)")
     g.add_argument("--gpus-per-actor", type=float, default=None,
@@ -84,12 +86,16 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         v = getattr(args, name)
         if v is not None and v < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    from ..scan_ray import RAY_MIN_RESOURCE
+
     for name in ("cpus_per_actor", "decode_cpus"):
         v = getattr(args, name)
-        if v is not None and not v > 0:
-            raise usage_error(f"--{name.replace('_', '-')} must be > 0, got {v}")
-    if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
-        raise usage_error(f"--gpus-per-actor must be >= 0, got {args.gpus_per_actor}")
+        if v is not None and not RAY_MIN_RESOURCE <= v < math.inf:
+            raise usage_error(f"--{name.replace('_', '-')} must be a finite number >= {RAY_MIN_RESOURCE} (Ray's "
+                              f"resolution), got {v}")
+    v = args.gpus_per_actor
+    if v is not None and (not 0 <= v < math.inf or 0 < v < RAY_MIN_RESOURCE):
+        raise usage_error(f"--gpus-per-actor must be 0 or a finite number >= {RAY_MIN_RESOURCE}, got {v}")
     check_detection_args(args)
     check_inputs(args)
     check_faces(args)
@@ -113,8 +119,9 @@ def run_ray(args: argparse.Namespace) -> int:
     except (ShardsError, ValueError) as e:  # raised before any work (see ray_scan)
         raise usage_error(str(e)) from None
     except RuntimeError as e:  # the cluster failed the scan: say so in one line, keep what was written
-        print(f"fakespotter scan: error: {str(e).splitlines()[0]}\nthe records written so far are in "
-              f"{args.out}; --resume continues from them", file=sys.stderr)
+        kept = (f"\nthe records written so far are in {args.out}; --resume continues from them"
+                if any(Path(args.out).glob("part-*")) else "")
+        print(f"fakespotter scan: error: {str(e).splitlines()[0]}{kept}", file=sys.stderr)
         return 1
     finally:
         progress.close()
