@@ -317,10 +317,43 @@ def test_cuda_not_available_is_a_clear_error_before_any_work(corpus, model, tmp_
         scan([str(corpus)], model, autocast="yes")
 
 
-def test_a_detector_on_another_device_is_refused(corpus, model, monkeypatch):
-    det = FakeSpotter.load(model)
+def _as_if_a_gpu(monkeypatch, capability=(9, 0), archs="80 90"):
+    from fakespotter import _C
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # get past the availability check
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(_C, "build_info", lambda: {"cuda": True, "cuda_architectures": archs})
+
+
+def test_cuda_kernels_must_be_built_and_built_for_the_gpu(corpus, model, monkeypatch):
+    from fakespotter.scan import cuda_build_problem
+
+    assert "built without CUDA; rebuild it where nvcc" in cuda_build_problem({"cuda": False}, (9, 0))
+    cases = {"80 90": {(8, 0): True, (8, 6): True, (9, 0): True, (10, 0): True, (7, 5): False},  # code + PTX
+             "80-real": {(8, 0): True, (8, 9): True, (9, 0): False, (7, 0): False},  # code only: same major
+             "90-virtual": {(9, 0): True, (12, 0): True, (8, 9): False},  # PTX only
+             "75;80": {(7, 5): True, (7, 0): False},
+             "native": {(5, 0): True}}
+    for archs, runs in cases.items():
+        for capability, ok in runs.items():
+            problem = cuda_build_problem({"cuda": True, "cuda_architectures": archs}, capability)
+            assert (problem is None) == ok, (archs, capability, problem)
+    problem = cuda_build_problem({"cuda": True, "cuda_architectures": "80 90"}, (7, 5))
+    assert "compute capability 7.5, and fakespotter's CUDA kernels were built for 80 90" in problem
+    assert problem.endswith("-C cmake.define.CMAKE_CUDA_ARCHITECTURES=75")
+    _as_if_a_gpu(monkeypatch, capability=(7, 5))
+    with pytest.raises(ValueError, match="scan: device 'cuda': this GPU has compute capability 7.5"):
+        scan([str(corpus)], model, device="cuda")
+    for device, message in (("cuda", "FakeSpotter: device 'cuda': this GPU has compute capability 7.5"),
+                            ("mps", "FakeSpotter: device 'mps': only cpu and cuda devices are supported")):
+        with pytest.raises(ValueError, match=message):  # before any work: not torch's own error in the forward
+            FakeSpotter(device=device).fit(np.zeros((2, 150, 150, 3), np.uint8), np.zeros((2, 150, 150, 3), np.uint8))
+
+
+def test_a_detector_on_another_device_is_refused(corpus, model, monkeypatch):
+    det = FakeSpotter.load(model)
+    _as_if_a_gpu(monkeypatch)
     with pytest.raises(ValueError, match=r"the detector's backbone is on cpu, but device is 'cuda'.*FakeSpotter.load"):
         scan([str(corpus)], det, device="cuda")
 

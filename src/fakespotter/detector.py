@@ -202,6 +202,9 @@ class FakeSpotter:
                 raise ValueError(f"FakeSpotter: {name} must be an int >= {low}, got {getattr(self, name)!r}")
         if self.threshold_mode not in ("per_layer", "per_neuron"):
             raise ValueError(f"FakeSpotter: threshold_mode must be 'per_layer' or 'per_neuron', got {self.threshold_mode!r}")
+        from .scan import check_device
+
+        check_device(self.device, "FakeSpotter")
 
     def _new_tap(self) -> Tap:
         bb = get_backbone(self.backbone)

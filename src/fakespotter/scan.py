@@ -800,6 +800,28 @@ def count_record(stats: Dict[str, Any], record: Dict[str, Any]) -> None:
         stats["error_kinds"][record["error_kind"]] = stats["error_kinds"].get(record["error_kind"], 0) + 1
 
 
+def cuda_build_problem(info: Dict[str, Any], capability: Tuple[int, int]) -> Optional[str]:
+    """Why fakespotter's native ops cannot run on a GPU of ``capability`` (major, minor), given
+    their ``_C.build_info()``; None when they can. A CMake architecture ``NN`` holds code for
+    compute capability N.N and PTX that later GPUs compile; ``NN-real`` the code only (GPUs of
+    the same major version from N.N on), ``NN-virtual`` the PTX only."""
+    rebuild = ("rebuild it where nvcc and a CUDA build of torch are both present: FAKESPOTTER_CUDA=ON pip install "
+               "--no-build-isolation .")
+    if not info.get("cuda"):
+        return f"fakespotter's native ops were built without CUDA; {rebuild}"
+    cc = capability[0] * 10 + capability[1]
+    archs = str(info.get("cuda_architectures", "")).replace(";", " ").split()
+    for arch in archs:
+        number, _, kind = arch.partition("-")
+        if not number.isdigit():  # all, native, 90a, ...: what nvcc made of it is not known here
+            return None
+        n = int(number)
+        if (kind != "real" and cc >= n) or (kind != "virtual" and cc // 10 == n // 10 and cc >= n):
+            return None
+    return (f"this GPU has compute capability {capability[0]}.{capability[1]}, and fakespotter's CUDA kernels were "
+            f"built for {' '.join(archs) or 'no architecture'}; {rebuild} -C cmake.define.CMAKE_CUDA_ARCHITECTURES={cc}")
+
+
 def check_device(device: Any, what: str = "scan") -> str:
     """``device`` as a string after checking that it names a device this machine has; ValueError
     (naming ``what``) otherwise: "CUDA is not available" before any work, not a failure deep
@@ -816,6 +838,11 @@ def check_device(device: Any, what: str = "scan") -> str:
                              f"{'a CPU-only build' if torch.version.cuda is None else 'no usable GPU'})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"{what}: device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+        from . import _C
+
+        problem = cuda_build_problem(_C.build_info(), torch.cuda.get_device_capability(dev))
+        if problem:
+            raise ValueError(f"{what}: device {device!r}: {problem}")
     elif dev.type != "cpu":
         raise ValueError(f"{what}: device {device!r}: only cpu and cuda devices are supported")
     return str(dev)
