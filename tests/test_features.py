@@ -38,6 +38,25 @@ def test_chip_batch_rows_equal_tap_rows_any_batch_size():
     assert torch.equal(a, b)
 
 
+def test_chip_batches_become_float32_one_batch_at_a_time(monkeypatch):
+    import sys
+
+    FT = sys.modules["fakespotter.features"]  # (fakespotter.features is also the function)
+
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    u8 = small_chips(7).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    whole = features(u8, tap, batch_size=64).rows
+    sizes = []
+    real = FT.prepare_chips
+    monkeypatch.setattr(FT, "prepare_chips", lambda x, *a: (sizes.append(len(x)), real(x, *a))[1])
+    assert torch.equal(features(u8, tap, batch_size=3).rows, whole) and sizes == [3, 3, 1]
+    sizes.clear()
+    empty = features(u8[:0], tap)  # still checked, and its rows are where the tap's are
+    assert sizes == [0] and empty.rows.shape == (0, tap.layout.total_words) and empty.rows.device == whole.device
+    with pytest.raises(ValueError, match="chips must be"):
+        features(u8[:0, :5], tap)
+
+
 def test_mnc_matches_tap():
     tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
     f = features(small_chips(4), tap)

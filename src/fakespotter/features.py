@@ -221,12 +221,14 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
         raise TypeError(f"features: tap must be a Tap, got {type(tap).__name__}")
     out: List[Tensor] = []
     if _is_chip_batch(images_or_chips):
-        x = prepare_chips(images_or_chips, tap)
+        n = int(images_or_chips.shape[0])
         with torch.no_grad(), exact_float32():
-            for start in range(0, x.shape[0], batch_size):
-                out.append(tap(tap.preprocessing(x[start:start + batch_size])))
-        n = int(x.shape[0])
-        rows = torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64)
+            for start in range(0, max(n, 1), batch_size):  # float32 on the device one batch at a time
+                x = prepare_chips(images_or_chips[start:start + batch_size], tap)
+                if x.shape[0]:
+                    out.append(tap(tap.preprocessing(x)))
+        rows = torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64,
+                                                      device=tap.thresholds.device)
         return Features(rows=rows, image_index=np.arange(n, dtype=np.int64),
                         face_index=np.zeros(n, dtype=np.int64))
     images = images_or_chips
