@@ -180,6 +180,36 @@ def test_non_finite_activations_are_refused():
         ThresholdCalibrator(tap).partial_fit(chips)
 
 
+class OverflowBelow(nn.Module):
+    """Two monitored layers: the first always finite, the second overflows on bright chips."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Identity()
+        self.second = nn.Identity()
+
+    def forward(self, x):
+        a = self.first(x * 1.0)
+        return self.second(a * torch.where(a > 100, 1e38, 1.0) * 10)
+
+
+def test_a_refused_batch_leaves_the_calibrator_as_it_was():
+    for mode in ("per_layer", "per_neuron"):
+        tap = Tap(custom_backbone(OverflowBelow(), ["first", "second"], (2, 2)), granularity="element")
+        g = torch.Generator().manual_seed(3)
+        good = [torch.rand(2, 3, 2, 2, generator=g) * 100 for _ in range(2)]
+        bright = good[0] + 150
+        cal = ThresholdCalibrator(tap, mode=mode).partial_fit(good[0])
+        with pytest.raises(ValueError, match=r"non-finite activations in layers \['second'\].*this batch was not added"):
+            cal.partial_fit(bright)  # the first layer ran (and was finite) before the second overflowed
+        cal.partial_fit(good[1])
+        clean = ThresholdCalibrator(tap, mode=mode).fit(good)
+        assert cal.n_images_ == 4 and all(torch.equal(a, b) for a, b in zip(cal.thresholds_.values,
+                                                                            clean.thresholds_.values))
+        assert cal.layer_means_.tobytes() == clean.layer_means_.tobytes()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(cal.neuron_means_, clean.neuron_means_))
+
+
 def test_estimator_contract_and_errors():
     tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
     cal = ThresholdCalibrator(tap, mode="per_neuron")

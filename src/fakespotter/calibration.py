@@ -191,25 +191,28 @@ class ThresholdCalibrator:
                 torch.zeros(s.features, dtype=torch.float64, device=x.device) for s in slots]
         nbins = _EMAX - _EMIN + 1
         bins = torch.zeros((len(slots), nbins), dtype=torch.int64, device=x.device)
-        bad: List[str] = []
+        finite = torch.ones(len(slots), dtype=torch.bool, device=x.device)
+        # the batch's sums go to copies, kept only when every layer was finite: a refused batch
+        # leaves the calibrator as it was (no half of it in some layers' sums)
+        sums = [t.clone() for t in self._neuron_sums]
 
         def accumulate(i: int, activation: Tensor) -> None:
             v = neuron_values(activation, tap.granularity)
-            if not bool(torch.isfinite(v).all()):
-                bad.append(slots[i].name)
-                return
+            finite[i] = torch.isfinite(v).all()  # read once per batch, not once per layer
             mant, exp = torch.frexp(v.reshape(-1))
             ints = (mant * float(1 << _MANT_BITS)).to(torch.int64)
             bins[i].index_add_(0, exp.to(torch.int64) - _EMIN, ints)
-            sums = self._neuron_sums[i]
-            for row in v:  # one image at a time, in image order
-                sums += row.to(torch.float64)
+            for row in v:  # one image at a time, in image order, onto the running sums
+                sums[i] += row.to(torch.float64)
 
         if x.shape[0]:
             tap.capture(tap.preprocessing(x), accumulate)
+        bad = [slot.name for slot, ok in zip(slots, finite.tolist()) if not ok]
         if bad:
             raise ValueError(f"ThresholdCalibrator.partial_fit: non-finite activations in layers "
-                             f"{bad}; thresholds would be NaN (check the input chips)")
+                             f"{bad}; thresholds would be NaN (check the input chips); this batch was not "
+                             f"added")
+        self._neuron_sums = sums
         for acc, row in zip(self._exact, bins.tolist()):
             for k, v in enumerate(row):
                 if v:
