@@ -23,7 +23,8 @@ naive monitor stays eager: its Python hooks and numpy are what a compiled graph 
 eager tap's: channel rows must be equal; element rows may differ in near-threshold bits (inductor's
 fused loops round differently), and the fraction that differs is printed.
 
-Run: ``python benchmarks/bench_taps.py [--threads 2] [--batch 64] [--repeats 5] [--device cuda] [--compile]``
+Run: ``python benchmarks/bench_taps.py [--threads 2] [--batch 64] [--repeats 5] [--device cuda] [--compile]
+[--input channels_last]``
 prints a table; ``./dev bench`` runs the pytest-benchmark versions.
 """
 
@@ -114,11 +115,13 @@ class NaiveMonitor:
         return np.ascontiguousarray(np.concatenate(parts, axis=1)).view(np.int64)
 
 
-def setup(granularity: str, batch: int, device: str = "cpu"
+def setup(granularity: str, batch: int, device: str = "cpu", channels_last: bool = False
           ) -> Tuple[torch.nn.Module, Tap, NaiveMonitor, torch.Tensor]:
     backbone = get_backbone()
     backbone.module.to(device)
     x = bench_chips(batch).to(device)
+    if channels_last:  # as the scanner hands its decoded [N, H, W, 3] chips over: so run its activations
+        x = x.contiguous(memory_format=torch.channels_last)
     tap = Tap(backbone, granularity=granularity)
     tap.set_thresholds(ThresholdCalibrator(tap).fit([x[:16]]).thresholds_)
     naive = NaiveMonitor(backbone.module, tap.layers, tap.thresholds.tolist(), granularity)
@@ -156,11 +159,11 @@ def check(module: torch.nn.Module, tap: Tap, naive: NaiveMonitor, x: torch.Tenso
 
 
 def run(threads: int = THREADS, batch: int = BATCH, repeats: int = REPEATS, device: str = "cpu",
-        compile: bool = False) -> List[dict]:
+        compile: bool = False, channels_last: bool = False) -> List[dict]:
     torch.set_num_threads(threads)
     results = []
     for granularity in ("channel", "element"):
-        module, tap, naive, x = setup(granularity, batch, device)
+        module, tap, naive, x = setup(granularity, batch, device, channels_last)
         agreement = check(module, tap, naive, x)
         fns = {"bare": lambda: module(x), "tap": lambda: tap(x), "naive": lambda: naive(x)}
         compiled: Dict[str, float] = {}
@@ -208,6 +211,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the backbone runs (default: cpu)")
     p.add_argument("--compile", action="store_true",
                    help="also time (a) and (b) through torch.compile (inductor) (default: eager only)")
+    p.add_argument("--input", default="contiguous", choices=["contiguous", "channels_last"],
+                   help="memory format of the input chips; channels_last is how the scanner hands them over, "
+                        "and the activations follow it (default: contiguous)")
     p.add_argument("--tf32", default="default", choices=["default", "off"],
                    help="CUDA: leave cuDNN's TF32 convolutions at torch's default, or turn them off (default: default)")
     a = p.parse_args()
@@ -219,10 +225,10 @@ def main() -> None:
     # activations in again, which adds time and noise to every contender
     malloc = "freed memory kept" if keep_freed_memory() else "left as it is"
     print(f"CPU: {cpu_model()}; {where}torch {torch.__version__}; threads {a.threads}; "
-          f"batch {a.batch} x 150x150; median of {a.repeats}; malloc {malloc}")
+          f"batch {a.batch} x 150x150 {a.input}; median of {a.repeats}; malloc {malloc}")
     print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'(c) naive':>12}"
           f"{'overhead':>10}{'(range)':>17}{'b/c':>7}{'row B/img':>11}{'f32 B/img':>11}{'ratio':>10}")
-    results = run(a.threads, a.batch, a.repeats, a.device, a.compile)
+    results = run(a.threads, a.batch, a.repeats, a.device, a.compile, a.input == "channels_last")
     for r in results:
         print(f"{r['granularity']:<12}{r['bare']:>10.1f}/s{r['tap']:>10.1f}/s{r['naive']:>10.1f}/s"
               f"{pct(r['overhead'])}{r['speedup_vs_naive']:>6.2f}x{r['row_bytes']:>11}"
