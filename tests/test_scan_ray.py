@@ -166,6 +166,60 @@ def test_resume_redoes_only_what_is_missing(shards, corpus, model, local, tmp_pa
     assert not (tmp_path / "refused").exists()  # the folder it made for the scan is gone again
 
 
+def test_a_resume_is_unfinished_until_it_ends_and_needs_the_first_runs_folder(shards, corpus, model, tmp_path,
+                                                                               monkeypatch, capsys):
+    import fakespotter.scan_ray as SR
+
+    src, _ = shards
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out)
+    next(out.glob("part-*.jsonl")).unlink()
+    seen = []
+
+    def killed(*args, **kw):  # what a kill -9 of the resume leaves: no stats written at its end
+        seen.append((out / SR.STATS).exists())
+        raise SystemExit("killed")
+    monkeypatch.setattr(SR, "_run", killed)
+    with pytest.raises(SystemExit):
+        ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume")
+    assert seen == [False]  # the first run's stats (complete) are gone once the resume starts
+    assert main(["merge", str(out), str(tmp_path / "m.jsonl")]) == 0
+    assert "did not finish" in capsys.readouterr().err
+    # records with relative paths, written from another folder: refused before any work
+    manifest = json.loads((out / SR.MANIFEST).read_text())
+    assert manifest["cwd"] == os.getcwd()
+    (out / SR.MANIFEST).write_text(json.dumps(dict(manifest, cwd=str(tmp_path / "elsewhere"))))
+    shard = next(out.glob("part-*.jsonl"))
+    lines = [json.loads(line) for line in open(shard)]
+    shard.write_text("".join(json.dumps(dict(r, path=os.path.relpath(r["path"]))) + "\n" for r in lines))
+    with pytest.raises(ShardsError, match=f"relative to the folder its scan ran in, {tmp_path / 'elsewhere'}"):
+        ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume")
+
+
+def test_merge_into_a_full_disk_or_a_busy_output_says_so_in_one_line(shards, tmp_path, capsys):
+    import resource
+    import subprocess
+
+    src, _ = shards
+    out = tmp_path / "m.jsonl"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2500, resource.RLIM_INFINITY))
+
+    run = subprocess.run([sys.executable, "-m", "fakespotter", "merge", str(src), str(out)], capture_output=True,
+                         text=True, preexec_fn=small_files)
+    assert run.returncode == 3 and "Traceback" not in run.stderr, run.stderr
+    assert f"fakespotter merge: error: writing {out}: File too large; nothing was kept" in run.stderr
+    assert not out.exists()  # no torn file that a rerun would refuse to replace
+    busy = RecordWriter(out, "jsonl", "new")  # another command writing it: holds its lock
+    try:
+        assert main(["merge", str(src), str(out), "--overwrite"]) == 2
+        assert "is being written by another scan" in capsys.readouterr().err
+    finally:
+        busy.close()
+    assert main(["merge", str(src), str(out), "--overwrite"]) == 0
+
+
 def test_what_a_resume_scans_an_input_listed_twice_and_changed_inputs():
     """By index while every record sits at its input's place (an input listed twice is two
     inputs); by path, one input per record, once the inputs changed, the new records numbered

@@ -268,6 +268,26 @@ def test_resume_whole_output_counts_damaged_middle_and_other_spellings(small, mo
         assert len(got) == len(lines) and got[:5] == [json.loads(line)["path"] for line in lines[:5]]
 
 
+def test_a_resume_from_another_folder_is_refused_when_records_hold_relative_paths(small, model, tmp_path, capsys,
+                                                                                  monkeypatch):
+    corpus, reference = small
+    out = tmp_path / "o.jsonl"
+    monkeypatch.chdir(corpus.parent)
+    main(cli(corpus.name, model, out, "--limit", "5"))  # records: b/...
+    before = out.read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for spelling in (str(corpus), os.path.relpath(corpus)):  # the same files: matched by nothing here
+        assert main(cli(spelling, model, out, "--resume")) == 2
+        err = capsys.readouterr().err
+        assert f"relative to the folder its scan ran in, {corpus.parent}, and this is {elsewhere}" in err
+        assert f"(cd {corpus.parent})" in err and out.read_bytes() == before
+    monkeypatch.chdir(corpus.parent)  # from there, in any spelling: one record per input
+    assert main(cli(str(corpus), model, out, "--resume")) == 1
+    assert len(out.read_text().splitlines()) == len(reference["jsonl"].splitlines())
+
+
 def test_a_second_scan_of_the_same_output_is_refused(small, model, tmp_path, capsys):
     import fcntl
 

@@ -44,6 +44,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shlex
 import re
 import sys
 import time
@@ -1108,6 +1109,18 @@ def output_paths(path: Union[str, Path], fmt: str) -> Iterator[str]:
     gives them)."""
     for p, _, _ in read_output(path, fmt):
         yield _utf8(p)  # outputs of earlier versions held file-name bytes that are not UTF-8 as such
+
+
+def moved_away(then: Optional[str], stored: Iterable[str]) -> str:
+    """Why an output's records cannot be matched to inputs from this working folder ("" when
+    they can): some hold relative paths, and the scan that wrote them ran in ``then``, another
+    folder, so the same files would be taken for new inputs and scanned again."""
+    if not then or os.path.abspath(then) == os.getcwd():
+        return ""
+    if all(os.path.isabs(p.partition("::")[0]) for p in stored):
+        return ""
+    return (f" holds records with paths relative to the folder its scan ran in, {then}, and this is "
+            f"{os.getcwd()}: resume from there (cd {shlex.quote(then)}), or its inputs would be scanned again")
 
 
 def input_key(path: str) -> str:

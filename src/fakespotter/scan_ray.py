@@ -50,7 +50,7 @@ import numpy as np
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
 from .scan import (STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list, _lock,
-                   count_record, input_key, make_record, new_stats)
+                   count_record, input_key, make_record, moved_away, new_stats)
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -224,7 +224,7 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
         raise ShardsError(f"output {out} is a file; the ray engine writes a folder of shards (give a folder)")
     if not out.exists() and not out.parent.is_dir():
         raise ShardsError(f"output {out}: folder {out.parent} does not exist")
-    manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, **settings, "runs": 1}
+    manifest = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, **settings, "runs": 1, "cwd": os.getcwd()}
     done: List[Tuple[int, str]] = []
     counts = {s: 0 for s in STATUSES}
     if not out.exists() or not any(out.iterdir()):
@@ -250,6 +250,9 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
         for index, r in _read_shard(p):
             done.append((index, r["path"]))
             counts[r["status"]] += 1
+    moved = moved_away(old.get("cwd"), (p for _, p in done))
+    if moved:
+        raise ShardsError(f"--resume: {out}{moved}")
     manifest["runs"] = int(old.get("runs", 1)) + 1
     return manifest, done, counts
 
@@ -523,6 +526,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         for p in out.glob(".part-*.tmp"):  # a killed run's unfinished shard
             p.unlink()
         _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        (out / STATS).unlink(missing_ok=True)  # an earlier run's: merge must not take this run as finished
 
         entries = itertools.islice(iter_entries(inputs, stdin=stdin), limit)
         rows = [{"index": index, "path": e.path, "file": e.file or "", "data": e.data or b"",

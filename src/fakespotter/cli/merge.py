@@ -4,13 +4,15 @@ local engine writes for the same inputs, model and batch size. A folder of an un
 or one missing a shard, gives the records it has, with a warning (finish it first with scan
 --engine ray --resume).
 
-Exit codes: 0 merged, 2 usage error (not a shards folder, a damaged shard, OUT exists)."""
+Exit codes: 0 merged, 2 usage error (not a shards folder, a damaged shard, OUT exists or is being
+written by another command), 3 writing OUT failed (disk full: the partial OUT is removed)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from ._common import log, record_stdout, usage_error, writable_output
@@ -29,6 +31,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..scan import OutputBusy
     from ..scan_ray import MANIFEST, STATS, ShardsError, merge_shards, read_shards
 
     folder = Path(args.folder)
@@ -45,8 +48,14 @@ def run(args: argparse.Namespace) -> int:
         for _ in read_shards(folder):  # damaged shards are found before OUT is created
             pass
         n = merge_shards(folder, target, fmt, overwrite=args.overwrite)
-    except ShardsError as e:
+    except (ShardsError, OutputBusy) as e:
         raise usage_error(str(e)) from None
+    except OSError as e:  # disk full, file size limit, I/O error: no torn file left behind
+        if not to_stdout:
+            Path(target).unlink(missing_ok=True)
+        print(f"fakespotter merge: error: writing {args.out}: {e.strerror or e}; nothing was kept: free space "
+              f"(or raise the file size limit) and merge again", file=sys.stderr)
+        return 3
     try:
         stats = json.loads((folder / STATS).read_text())
     except (OSError, ValueError):

@@ -300,7 +300,8 @@ def previous_settings(out: Path) -> Optional[Dict[str, Any]]:
         return None
     if not isinstance(stats, dict):
         return None
-    prev = {"precision": stats.get("precision", "float32"), "batch_size": stats.get("batch_size")}
+    prev = {"precision": stats.get("precision", "float32"), "batch_size": stats.get("batch_size"),
+            "cwd": stats.get("cwd")}
     for k, (_, before) in _RECORD_SETTINGS.items():
         prev[k] = stats.get(k, before)
     return prev
@@ -323,7 +324,7 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
     """How much of ``out`` is done and how to skip it: the records are a prefix of the input
     listing (the normal case: skip that many inputs, constant memory), else skip by path."""
     from ..data import iter_entries
-    from ..scan import OutputMismatch, output_paths, path_key, precision_of, resume_state
+    from ..scan import OutputMismatch, moved_away, output_paths, path_key, precision_of, resume_state
 
     try:
         state = resume_state(out, fmt)
@@ -341,7 +342,10 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
     if prev is None:
         log(f"scan: {out} has no stats JSON ({out}.stats.json), so the settings of its records cannot be checked; "
             f"resuming with these (float32 assumed)", args.quiet)
-        prev = {"precision": "float32", "batch_size": None, **{k: None for k in _RECORD_SETTINGS}}
+        prev = {"precision": "float32", "batch_size": None, "cwd": None, **{k: None for k in _RECORD_SETTINGS}}
+    moved = moved_away(prev["cwd"], output_paths(out, fmt))
+    if moved:
+        raise usage_error(f"--resume: {out}{moved}")
     precision = precision_of(args.device, args.autocast)
     if prev["precision"] != precision:
         raise usage_error(f"--resume: {out} was scanned in {prev['precision']}, this run would compute in {precision} "
@@ -483,7 +487,8 @@ def run(args: argparse.Namespace) -> int:
         output_counts = {s: n + before.get(s, 0) for s, n in run_.stats["counts"].items()}
         return dict(run_.stats, complete=complete, resumed_records=resumed, output_counts=output_counts, format=fmt,
                     output=None if out is None else str(out), model=plan["detector"].model_sha256(),
-                    inputs=list(args.paths), limit=args.limit, batch_size_requested=args.batch_size)
+                    inputs=list(args.paths), limit=args.limit, batch_size_requested=args.batch_size,
+                    cwd=os.getcwd())
 
     stats_path = None if out is None else Path(str(out) + ".stats.json")
     if stats_path is not None:  # the settings are on disk before the first record: --resume checks them
