@@ -177,6 +177,26 @@ def test_unfinished_damaged_and_missing_parts_are_redone(corpus, model, referenc
     assert list(read_records(out, "parquet")) == reference
 
 
+def test_a_part_damaged_in_any_column_is_redone(corpus, model, reference, tmp_path):
+    out = tmp_path / "o.parquet"
+    assert main(cli(corpus, model, out, "--part-rows", "4")) == 1
+    names = parts(out)
+    meta = pq.ParquetFile(out / names[1]).metadata
+    assert meta.row_group(0).column(0).path_in_schema == "path"
+    for column in ("frames", "faces.list.element.score", "path"):  # not only status: any column's data
+        chunk = next(meta.row_group(0).column(i) for i in range(meta.num_columns)
+                     if meta.row_group(0).column(i).path_in_schema == column)
+        data = bytearray((out / names[1]).read_bytes())
+        start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+        data[start + chunk.total_compressed_size - 2] ^= 0x10  # a byte of the column's last page's data
+        (out / names[1]).write_bytes(bytes(data))
+        st = resume_state(out, "parquet")
+        assert st.parts == 1 and st.records == 4, column  # part 1 and everything after it: redone
+        assert main(cli(corpus, model, out, "--resume", "--part-rows", "4")) == 1
+        assert list(read_records(out, "parquet")) == reference
+        assert pq.read_table(out).num_rows == len(reference)  # the folder reads as one table again
+
+
 def test_what_parquet_refuses(corpus, model, tmp_path, capsys):
     def err_of(args):
         rc = main(args)

@@ -1334,12 +1334,14 @@ def _parquet_listing(folder: Union[str, Path]) -> Tuple[Dict[int, Path], List[Pa
     return parts, unfinished
 
 
-def _read_part(path: Path, columns: Optional[List[str]] = None) -> Optional[List[Dict[str, Any]]]:
-    """The records of one part file (only ``columns``), or None when it cannot be read;
-    :class:`OutputMismatch` when it is a readable Parquet file of another schema."""
+def _read_part(path: Path, columns: Optional[List[str]] = None, rows: bool = True
+               ) -> Optional[List[Dict[str, Any]]]:
+    """The records of one part file (only ``columns``; none of them, having read them all, without
+    ``rows``), or None when it cannot be read, its page checksums included; :class:`OutputMismatch`
+    when it is a readable Parquet file of another schema."""
     pa, pq = _pyarrow()
     try:
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(path, page_checksum_verification=True)
         schema = f.schema_arrow
     except (OSError, pa.ArrowException, ValueError):
         return None
@@ -1347,18 +1349,20 @@ def _read_part(path: Path, columns: Optional[List[str]] = None) -> Optional[List
         raise OutputMismatch(f"{path} is a Parquet file, but not of a scan's records (its columns are "
                              f"{schema.names}); refusing to resume into it")
     try:
-        return f.read(columns=columns).to_pylist()
+        table = f.read(columns=columns)
+        return table.to_pylist() if rows else []
     except (OSError, pa.ArrowException, ValueError):
         return None
 
 
 def _parquet_scan(folder: Union[str, Path]) -> Tuple[List[Path], List[Path]]:
     """(complete parts to keep, in order; files to drop): the parts numbered 0, 1, ... up to the
-    first gap or unreadable one; unfinished parts and everything after a gap are dropped."""
+    first gap or unreadable one (any column of it: a damaged part is found here, not by the next
+    reader of the folder); unfinished parts and everything after a gap are dropped."""
     parts, unfinished = _parquet_listing(folder)
     keep: List[Path] = []
     i = 0
-    while i in parts and _read_part(parts[i], ["status"]) is not None:
+    while i in parts and _read_part(parts[i], rows=False) is not None:
         keep.append(parts[i])
         i += 1
     drop = unfinished + [p for k, p in sorted(parts.items()) if k >= i]
@@ -1477,7 +1481,8 @@ class ParquetParts:
         if n == 0:
             return
         if self._writer is None:
-            self._writer = self._pq.ParquetWriter(self._unfinished(), self._schema, compression="zstd")
+            self._writer = self._pq.ParquetWriter(self._unfinished(), self._schema, compression="zstd",
+                                                  write_page_checksum=True)  # a resume verifies them
         rows = [_utf8_record(r) for r in self._buf[:n]]
         self._writer.write_table(self._pa.Table.from_pylist(rows, schema=self._schema),
                                  row_group_size=self._group_rows)
