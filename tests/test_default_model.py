@@ -97,7 +97,7 @@ def test_default_refuses_bad_inputs_naming_them(tmp_path):
     det = FakeSpotter.default()
     with pytest.raises(ValueError, match="float32 chips hold NaN or infinite values"):
         det.decision_function(np.full((2, 3, 150, 150), np.nan, np.float32))
-    with pytest.raises(ValueError, match=r"image 1 \(bytes\): load_image: 10 bytes is not an image Pillow can identify"):
+    with pytest.raises(ValueError, match=r"image 1 \(bytes\): load_image: 10 bytes is not an image in a format fakespotter reads \(JPEG, MPO, PNG"):
         det.decision_function([np.zeros((80, 80, 3), np.uint8), b"notanimage"])
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
