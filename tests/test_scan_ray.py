@@ -220,6 +220,25 @@ def test_merge_into_a_full_disk_or_a_busy_output_says_so_in_one_line(shards, tmp
     assert main(["merge", str(src), str(out), "--overwrite"]) == 0
 
 
+def test_an_interrupted_ray_scan_keeps_and_counts_the_records_it_scored(ray_local, corpus, model, tmp_path,
+                                                                        monkeypatch):
+    import fakespotter.scan_ray as SR
+
+    real, scored = SR.count_record, []
+
+    def interrupted(stats, r):  # Ctrl-C after six records, before a shard of 100 is full
+        if len(scored) == 6:
+            raise KeyboardInterrupt
+        scored.append(r["path"])
+        real(stats, r)
+    monkeypatch.setattr(SR, "count_record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ray_scan(corpus, model, tmp_path / "o", aligned=True, batch_size=BATCH, shard_size=100)
+    assert sorted(r["path"] for r in shard_lines(tmp_path / "o")) == sorted(scored)
+    stats = json.loads((tmp_path / "o" / SR.STATS).read_text())
+    assert stats["images"] == 6 and stats["complete"] is False
+
+
 def test_what_a_resume_scans_an_input_listed_twice_and_changed_inputs():
     """By index while every record sits at its input's place (an input listed twice is two
     inputs); by path, one input per record, once the inputs changed, the new records numbered

@@ -660,24 +660,31 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
 
     t0 = time.perf_counter()
     first: Optional[Tuple[float, int]] = None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if first is None:
-            first = (time.perf_counter(), len(batch["index"]))
-        for i, line, dec_s, sc_s in zip(batch["index"], batch["line"], batch["decode_s"], batch["score_s"]):
-            i = int(i)
-            stats["decode_faces_s"] += float(dec_s)
-            stats["actors_s"] += float(sc_s)
-            if i in seen:  # a retried batch's second record of this input
-                continue
-            seen.add(i)
-            r = json.loads(line)
-            r.pop("index")
-            count_record(stats, r)
-            shard.append((i, str(line)))
-            if len(shard) >= shard_size:
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None:
+                first = (time.perf_counter(), len(batch["index"]))
+            for i, line, dec_s, sc_s in zip(batch["index"], batch["line"], batch["decode_s"], batch["score_s"]):
+                i = int(i)
+                stats["decode_faces_s"] += float(dec_s)
+                stats["actors_s"] += float(sc_s)
+                if i in seen:  # a retried batch's second record of this input
+                    continue
+                seen.add(i)
+                r = json.loads(line)
+                r.pop("index")
+                count_record(stats, r)
+                shard.append((i, str(line)))
+                if len(shard) >= shard_size:
+                    flush()
+            if time.monotonic() - t_flush >= flush_s:
                 flush()
-        if time.monotonic() - t_flush >= flush_s:
+    except BaseException:  # Ctrl-C, SIGTERM, a failed task: the records scored so far are kept (and counted)
+        try:
             flush()
+        except Exception:
+            pass
+        raise
     flush()
     if first is not None:  # the start-up (actors starting, loading the model) and the rate after it
         t_end = time.perf_counter()
