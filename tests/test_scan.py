@@ -628,6 +628,27 @@ def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(
     assert run.returncode == 2 and "cannot create /proc/none.jsonl: No such file or directory" in run.stderr
 
 
+def test_a_full_disk_before_the_first_record_leaves_nothing_behind(corpus, model, tmp_path, capsys, monkeypatch):
+    S = sys.modules["fakespotter.scan"]  # (fakespotter.scan is also the function)
+    real = S.write_stats
+
+    def full(path, stats):
+        raise OSError(28, "No space left on device")
+    for name in ("o.jsonl", "o.csv", "o.parquet"):
+        out = tmp_path / name
+        monkeypatch.setattr(S, "write_stats", full)
+        rc, _, err = run_cli(["scan", str(corpus / "a"), "--model", str(model), "--aligned", "--workers", "0",
+                              "--out", str(out), "--quiet"], capsys)
+        assert rc == 3 and f"cannot write {out}.stats.json: No space left on device; no record was written" in err
+        assert not out.exists() and os.listdir(tmp_path) == []  # a plain rerun is not refused
+        monkeypatch.setattr(S, "write_stats", real)
+        rc, _, err = run_cli(["scan", str(corpus / "a"), "--model", str(model), "--aligned", "--workers", "0",
+                              "--out", str(out), "--quiet"], capsys)
+        assert rc == 0, err
+        for p in tmp_path.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
     existing = tmp_path / "existing.jsonl"
     existing.write_text("keep me\n")

@@ -1245,8 +1245,12 @@ def check_not_busy(path: Union[str, Path]) -> None:
 def write_stats(path: Union[str, Path], stats: Dict[str, Any]) -> None:
     """Write the stats JSON atomically (a temporary file renamed over ``path``)."""
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # (a full disk: no empty temporary left behind)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

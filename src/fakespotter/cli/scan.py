@@ -494,9 +494,16 @@ def run(args: argparse.Namespace) -> int:
     if stats_path is not None:  # the settings are on disk before the first record: --resume checks them
         try:
             write_stats(stats_path, stats(False))
-        except OSError as e:
+        except OSError as e:  # a full disk, most likely: what this run created goes again
             writer.close()
-            raise usage_error(f"cannot write {stats_path}: {e.strerror or e}") from None
+            if plan["mode"] == "new":  # the file (or empty parquet folder) it made
+                try:
+                    os.rmdir(out) if out.is_dir() else out.unlink()
+                except OSError:
+                    pass
+            print(f"fakespotter scan: error: cannot write {stats_path}: {e.strerror or e}; no record was written",
+                  file=sys.stderr)
+            return 3
     batch_size = run_.stats["batch_size"]
     progress = Progress(None, "scan", args.quiet)
     if progress.live and "-" not in args.paths:  # not in batch jobs: counting reads tars twice  # the ETA needs a count, made while the scan goes on
