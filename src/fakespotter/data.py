@@ -394,9 +394,9 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Ite
       skipped; a folder that cannot be listed gives an entry with an error (tar archives inside
       folders are not opened: name them, or list them in a file list);
     * ``@list.txt``: one path per line (relative to the list's folder; ``#`` comments; UTF-8,
-      other bytes kept; see :func:`_list_paths`), each expanded like a command-line path; ``-`` and a list that is a pipe
-      (``@/dev/stdin``): the same, read from ``stdin`` or the pipe (relative to the working
-      folder);
+      other bytes kept; see :func:`_list_paths`), each expanded like a command-line path; ``-``
+      and a list that is a pipe (``@/dev/stdin``): the same, read from ``stdin`` or the pipe
+      (relative to the working folder);
     * a ``.tar`` (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) file: its image members, as
       ``archive.tar::member``;
     * any other path: that file, whatever its name (a missing one gives a ``not_found`` entry).
