@@ -653,6 +653,8 @@ def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
     existing = tmp_path / "existing.jsonl"
     existing.write_text("keep me\n")
     (tmp_path / "notes.jsonl.stats.json").write_text("my notes\n")
+    (tmp_path / "kept.jsonl").write_text("")  # an output whose stats JSON place holds something else
+    (tmp_path / "kept.jsonl.stats.json").write_text('{"my": "settings"}\n')
     (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "nowhere" / "x.jsonl")
     bad_model = tmp_path / "bad.fsm"
     bad_model.write_bytes(b"not a model file")
@@ -671,6 +673,8 @@ def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
         (["scan", *base, "--model", str(model), "--device", "nonsense"], "device 'nonsense' is not a device"),
         (["scan", *base, "--model", str(model), "--out", str(tmp_path / "notes.jsonl")],
          "notes.jsonl.stats.json exists and is not a scan's stats JSON"),
+        *((["scan", *base, "--model", str(model), "--out", str(tmp_path / "kept.jsonl"), flag],
+           "kept.jsonl.stats.json exists and is not a scan's stats JSON") for flag in ("--resume", "--overwrite")),
         (["scan", *base, "--model", str(model), "--out", str(tmp_path / "dangling.jsonl")],
          "dangling.jsonl is a symbolic link to .*nowhere/x.jsonl, which does not exist"),
         (["scan", "@/dev/stdin", "-", "--model", str(model)], "read at most one listing from stdin"),
@@ -683,6 +687,7 @@ def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
         assert out == "" and err.startswith("fakespotter scan: error: ") and len(err.strip().splitlines()) == 1
         assert re.search(pattern, err), (pattern, err)
     assert existing.read_text() == "keep me\n" and (tmp_path / "notes.jsonl.stats.json").read_text() == "my notes\n"
+    assert (tmp_path / "kept.jsonl.stats.json").read_text() == '{"my": "settings"}\n'
     assert not (tmp_path / "existing.jsonl.stats.json").exists()
     rc, _, _ = run_cli(["scan", *base, "--model", str(model), "--out", str(existing), "--overwrite",
                         "--workers", "0", "--quiet"], capsys)

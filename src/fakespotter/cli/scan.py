@@ -151,8 +151,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
                 check_not_busy(out)
             except OutputBusy as e:
                 raise usage_error(str(e)) from None
-        else:
-            _check_stats_file(Path(str(out) + ".stats.json"))
+        _check_stats_file(Path(str(out) + ".stats.json"))  # (--resume and --overwrite replace it too)
         _refuse_input_as_output(args.paths, out)
     check_faces(args)
     return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args)}
