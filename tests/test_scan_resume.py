@@ -195,7 +195,8 @@ def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
     # own cut, 0) --weak-face-score; nothing is cut
     out.write_text("".join(lines[:4]))
     stats = tmp_path / "o.jsonl.stats.json"
-    stats.write_text(json.dumps({"aligned": False, "upsample": 1}))
+    old = {"counts": {"ok": 4}, "images": 4, "model": "m"}  # what every scan's stats JSON has held
+    stats.write_text(json.dumps({**old, "aligned": False, "upsample": 1}))
     rc = main(cli(corpus, model, out, "--resume"))
     err = capsys.readouterr().err
     assert rc == 2 and "--aligned False there, True now" in err and out.read_text() == "".join(lines[:4])
@@ -204,7 +205,7 @@ def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and f"--weak-face-score 0.0 there, {WEAK_FACE_SCORE} now" in err and out.read_text() == "".join(lines[:4])
     assert "--detect-pixels 0 there" in err  # a scan from before the cap detected at full size
-    stats.write_text(json.dumps({"aligned": True, "upsample": 1, "weak_face_score": 0.0}))
+    stats.write_text(json.dumps({**old, "aligned": True, "upsample": 1, "weak_face_score": 0.0}))
     assert main(cli(corpus, model, out, "--resume", "--upsample", "2")) == 1  # no detection: they don't matter
     assert out.read_text() == reference["jsonl"]
     # but a first record torn while being written is dropped
