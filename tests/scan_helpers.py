@@ -53,15 +53,15 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
 def png_bomb(width: int, height: int) -> bytes:
     """A valid PNG header declaring width x height RGB pixels, with almost no data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
 
 
 def gif_bomb(width: int, height: int) -> bytes:
@@ -144,7 +144,7 @@ def bad_files(seed: int):
         for frac in (0.5, 0.75, 0.95):
             out.append((f"truncated_{int(frac * 100)}.{ext}", data[: int(len(data) * frac)], {"truncated"}))
         # cut inside the header: the signature is there, the rest is not
-        out.append((f"header_cut.{ext}", data[:12], {"truncated", "decode_error"}))
+        out.append((f"header_cut.{ext}", data[:12], {"truncated"}))
         out.append((f"empty.{ext}", b"", {"empty_file"}))
     for name, data in NOT_IMAGES:
         out.append((name, data, {"not_an_image"}))
@@ -158,3 +158,58 @@ def bad_files(seed: int):
     out.append(("wide.png", encode(Image.fromarray(noise_image(seed, 3, 400)), "PNG"), {"not_a_chip"}))
     out.append(("strip.png", encode(Image.fromarray(noise_image(seed, 40, 100)), "PNG"), {"not_a_chip"}))
     return out
+
+
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_rows(rgb: np.ndarray, interlaced: bool) -> list:
+    """The filtered rows (filter type 0) of an RGB image, pass by pass for Adam7."""
+    passes = ADAM7 if interlaced else ((0, 0, 1, 1),)
+    return [b"\x00" + row.tobytes() for x, y, dx, dy in passes for row in rgb[y::dy, x::dx] if row.size]
+
+
+def png_file(rgb: np.ndarray, stream: bytes, interlaced: bool) -> bytes:
+    """A well-formed PNG (valid CRCs, IEND) whose IDAT chunks hold ``stream``."""
+    h, w = rgb.shape[:2]
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, int(interlaced))
+    idat = b"".join(png_chunk(b"IDAT", stream[i:i + 500]) for i in range(0, len(stream), 500))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + idat + png_chunk(b"IEND", b"")
+
+
+def damaged(data: bytes, at: int, new: bytes) -> bytes:
+    return data[:at] + new + data[at + len(new):]
+
+
+def damaged_files() -> dict:
+    """Wrong bytes in a header (no length or offset field), the file otherwise whole."""
+    rgb = Image.fromarray(noise_image(7, 24, 32))
+    jpeg, png, gif = encode(rgb, "JPEG"), encode(rgb, "PNG"), encode(rgb.convert("P"), "GIF")
+    bmp, webp, ppm = encode(rgb, "BMP"), encode(rgb, "WEBP"), encode(rgb, "PPM")
+    tiff = encode(rgb, "TIFF", compression="tiff_deflate")
+    ihdr = png[16:29]
+    return {
+        "jpeg_marker": damaged(jpeg, jpeg.index(b"\xff\xdb"), b"\x00"),
+        "jpeg_precision": damaged(jpeg, jpeg.index(b"\xff\xc0") + 4, b"\x07"),
+        "png_ihdr_crc": damaged(png, 29, b"\x00\x00\x00\x00"),
+        "png_colour_type": png[:8] + png_chunk(b"IHDR", ihdr[:9] + b"\x05" + ihdr[10:]) + png[33:],
+        "png_chunk_type": damaged(png, 37, b"I#AT"),
+        "gif_block": damaged(gif, gif.index(b"\x2c", 13 + 768), b"\x00"),
+        "bmp_info_size": damaged(bmp, 14, struct.pack("<I", 99)),
+        "bmp_depth": damaged(bmp, 28, struct.pack("<H", 7)),
+        "webp_chunk": damaged(webp, 12, b"XXXX"),
+        "tiff_directory_offset": damaged(tiff, 4, struct.pack("<I", 2)),
+        "ppm_width": damaged(ppm, 3, b"x"),
+        "ppm_maxval": ppm.replace(b"255\n", b"000\n", 1),
+    }
+
+
+def jpeg_with_scans(total: int, comment: bytes = b"") -> bytes:
+    """A 16x16 progressive JPEG whose last scan header is repeated (with no scan data) up to
+    ``total`` scans: libjpeg decodes each over the whole image."""
+    data = encode(Image.fromarray(noise_image(8, 16, 16)), "JPEG", progressive=True, comment=comment)
+    scans = data.count(b"\xff\xda") - comment.count(b"\xff\xda")
+    last = data.rindex(b"\xff\xda")
+    header = data[last:last + 2 + int.from_bytes(data[last + 2:last + 4], "big")]
+    assert data.endswith(b"\xff\xd9") and 1 < scans < total
+    return data[:-2] + header * (total - scans) + b"\xff\xd9"

@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 
 import pytest
 from PIL import Image
 
 from fakespotter.cli import main
-from fakespotter.data import ERROR_KINDS, IMAGE_EXTENSIONS
-from scan_helpers import bad_files, model_file, noise_image, odd_good_files, write_good
+from fakespotter.data import ERROR_KINDS, IMAGE_EXTENSIONS, MAX_JPEG_SCANS
+from scan_helpers import (bad_files, damaged_files, jpeg_with_scans, model_file, noise_image, odd_good_files, png_file,
+                          png_rows, write_good)
 
 PIXEL_LIMIT = 2_000_000
 
@@ -39,6 +41,18 @@ def build(root):
         for name, data, kinds in bad_files(seed):
             (folder / name).write_bytes(data)
             expect[str(folder / name)] = kinds
+    damaged = root / "damaged"
+    damaged.mkdir()
+    ext = {"jpeg": ".jpg", "png": ".png", "gif": ".gif", "bmp": ".bmp", "webp": ".webp", "tiff": ".tif", "ppm": ".ppm"}
+    for name, data in damaged_files().items():  # wrong header bytes, the file whole
+        path = damaged / (name + ext[name.split("_")[0]])
+        path.write_bytes(data)
+        expect[str(path)] = {"decode_error"}
+    rgb = noise_image(5, 30, 30)
+    (damaged / "short_stream.png").write_bytes(png_file(rgb, zlib.compress(b"".join(png_rows(rgb, False)[:20])), False))
+    expect[str(damaged / "short_stream.png")] = {"truncated"}  # its zlib stream ends, whole, after 20 of 30 rows
+    (damaged / "many_scans.jpg").write_bytes(jpeg_with_scans(MAX_JPEG_SCANS + 1))
+    expect[str(damaged / "many_scans.jpg")] = {"decode_error"}
     big = root / "big"
     big.mkdir()
     Image.new("RGB", (1600, 1200), (90, 120, 150)).save(big / "large_allowed.png")  # 1.92 MP: decoded

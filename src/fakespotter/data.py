@@ -19,6 +19,7 @@ import io
 import os
 import re
 import stat
+import struct
 import tarfile
 import warnings
 import zlib
@@ -57,6 +58,7 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "AVI
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 DEFAULT_PIXEL_LIMIT = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: 1 GiB of 4-byte pixels / 3
 MAX_FILE_BYTES = 1 << 30
+MAX_JPEG_SCANS = 500  # the limit of libjpeg-turbo's fuzz targets; libjpeg and mozjpeg write about 10 scans
 
 ERROR_KINDS: Dict[str, str] = {
     "not_found": "the file does not exist (missing, vanished before it was read, or a broken symlink)",
@@ -69,7 +71,8 @@ ERROR_KINDS: Dict[str, str] = {
                     "HEIC/HEIF image without the pillow-heif plugin",
     "too_many_pixels": "width x height above the pixel limit (decompression-bomb guard), refused before decoding",
     "truncated": "the image data ends before the image does",
-    "decode_error": "the image is damaged, or uses a feature the decoder cannot read",
+    "decode_error": f"the image is damaged, uses a feature the decoder cannot read, or would take minutes to "
+                    f"decode (a JPEG of more than {MAX_JPEG_SCANS} scans)",
     "bad_archive": "a tar archive (or the rest of it) that cannot be read",
     "face_detection_error": "face detection or alignment failed on the decoded image",
     "not_a_chip": "--aligned: the image cannot be an aligned face chip (a side under 16 px, or not square within 2:1)",
@@ -479,9 +482,218 @@ def _short_riff(data: bytes) -> bool:
     return len(data) >= 8 and len(data) < int.from_bytes(data[4:8], "little") + 8
 
 
-def _decode_failure(e: BaseException, data: bytes, fmt: str) -> ImageError:
+def _cut_short(data: bytes, fmt: str) -> bool:
+    """Whether ``data`` of format ``fmt`` ends inside a part that its own structure declares,
+    with everything before the end well formed: a file cut short (``truncated``), told from one
+    with wrong bytes (``decode_error``). Checked after a decode fails. A length or offset field
+    damaged so that it points past the end reads as a cut: the two cannot be told apart."""
+    walk = _CUT_WALKS.get(fmt)
+    try:
+        return walk is not None and walk(data)
+    except Exception:  # a walk that trips over damage it did not foresee: no cut shown
+        return False
+
+
+def _jpeg_cut(data: bytes) -> bool:
+    """JPEG: the marker segments up to the first scan header (how a scan's data ends is the
+    decoder's to say)."""
+    pos = 2
+    while True:
+        if pos + 2 > len(data):
+            return True
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0x00, 0xD8, 0xD9):
+            return False
+        if pos + 4 > len(data):
+            return True
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            return False
+        if pos + 2 + length > len(data):
+            return True
+        if marker == 0xDA:
+            return False
+        pos += 2 + length
+
+
+def _png_cut(data: bytes) -> bool:
+    """PNG: the chunks (their CRCs checked) up to IEND."""
+    pos = 8
+    while True:
+        if pos + 8 > len(data):
+            return True
+        length, ctype = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if length > 0x7FFFFFFF or not ctype.isalpha():
+            return False
+        end = pos + 12 + length
+        if end > len(data):
+            return True
+        if zlib.crc32(memoryview(data)[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return False
+        if ctype == b"IEND":
+            return False
+        pos = end
+
+
+def _gif_table(flags: int) -> int:
+    """The size of the colour table a GIF screen or image descriptor's flags announce."""
+    return 3 << ((flags & 7) + 1) if flags & 0x80 else 0
+
+
+def _gif_cut(data: bytes) -> bool:
+    """GIF: the screen descriptor, then the blocks (chains of sub-blocks) up to the trailer."""
+    if len(data) < 13:
+        return True
+    pos = 13 + _gif_table(data[10])
+    while True:
+        if pos >= len(data):
+            return True
+        block = data[pos]
+        if block == 0x3B:  # the trailer
+            return False
+        if block == 0x21:  # an extension: introducer, label
+            pos += 2
+        elif block == 0x2C:  # an image: descriptor, colour table, LZW code size
+            if pos + 10 > len(data):
+                return True
+            pos += 10 + _gif_table(data[pos + 9]) + 1
+        else:
+            return False
+        while True:
+            if pos >= len(data):
+                return True
+            size = data[pos]
+            pos += 1 + size
+            if size == 0:
+                break
+
+
+_BMP_INFO_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)
+
+
+def _bmp_cut(data: bytes) -> bool:
+    """BMP: the file size its header declares. ``BM`` is a weak signature (a text file may start
+    with it), so the header bytes present must be a BMP's: reserved bytes zero, a pixel data
+    offset inside the declared size, a known info header size; 6 bytes or fewer cannot show it."""
+    if len(data) < 7:
+        return False
+    size = int.from_bytes(data[2:6], "little")
+    if not max(len(data), 25) < size <= MAX_FILE_BYTES or data[6:10].strip(b"\x00"):
+        return False
+    if len(data) >= 14 and not 26 <= int.from_bytes(data[10:14], "little") <= size:
+        return False
+    return len(data) < 18 or int.from_bytes(data[14:18], "little") in _BMP_INFO_SIZES
+
+
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_TIFF_DATA_TAGS = ((273, 279), (324, 325))  # (StripOffsets, StripByteCounts), (TileOffsets, TileByteCounts)
+
+
+def _tiff_cut(data: bytes) -> bool:
+    """TIFF: the first image file directory, the tag values it points to, and the strips or
+    tiles of its image."""
+    order = "<" if data[:2] == b"II" else ">"
+    if len(data) < 8:
+        return True
+    ifd = int.from_bytes(data[4:8], "little" if order == "<" else "big")
+    if ifd < 8:
+        return False
+    if ifd + 2 > len(data):
+        return True
+    count = int.from_bytes(data[ifd:ifd + 2], "little" if order == "<" else "big")
+    if count == 0:
+        return False
+    if ifd + 2 + 12 * count > len(data):
+        return True
+    arrays = {}
+    for at in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        tag, typ, n, value = struct.unpack_from(order + "HHII", data, at)
+        size = _TIFF_TYPE_SIZES.get(typ, 0) * n
+        if size > 4 and value + size > len(data):
+            return True
+        if typ in (3, 4) and any(tag in pair for pair in _TIFF_DATA_TAGS):
+            arrays[tag] = np.frombuffer(data, order + ("u2" if typ == 3 else "u4"), n, at + 8 if size <= 4 else value)
+    for offsets, sizes in _TIFF_DATA_TAGS:
+        if offsets in arrays and sizes in arrays and len(arrays[offsets]) == len(arrays[sizes]):
+            if (arrays[offsets].astype(np.int64) + arrays[sizes]).max(initial=0) > len(data):
+                return True
+    return False
+
+
+def _ppm_cut(data: bytes) -> bool:
+    """PPM/PGM/PBM: the header (magic, width, height and, but for bitmaps, maxval: decimal
+    numbers after whitespace or comments), then for the binary kinds the pixel data it declares.
+    ``P1``..``P6`` is a weak signature: the header must have begun (whitespace after the magic)."""
+    kind = data[1] - 0x30
+    if data[2:3] not in (b" ", b"\t", b"\n", b"\v", b"\f", b"\r"):
+        return False
+    values: List[int] = []
+    pos = 2
+    while len(values) < (2 if kind in (1, 4) else 3):
+        start = pos
+        while pos < len(data) and data[pos] in b" \t\n\v\f\r#":
+            if data[pos] == 0x23:  # a comment, to the end of its line
+                ends = [i for i in (data.find(b"\n", pos), data.find(b"\r", pos)) if i >= 0]
+                if not ends:
+                    return True
+                pos = min(ends)
+            pos += 1
+        if pos == start:
+            return False
+        digits = pos
+        while pos < len(data) and 0x30 <= data[pos] <= 0x39:
+            pos += 1
+        if pos == len(data):
+            return True
+        if pos == digits or data[pos] not in b" \t\n\v\f\r#":
+            return False
+        values.append(int(data[digits:pos]))
+    if kind < 4:  # text pixel data: how it ends is the decoder's to say
+        return False
+    width, height = values[:2]
+    row = (width + 7) // 8 if kind == 4 else width * (1 if kind == 5 else 3) * (1 if values[2] < 256 else 2)
+    return len(data) < pos + 1 + row * height
+
+
+def _bmff_cut(data: bytes) -> bool:
+    """AVIF/HEIF: the top-level boxes (size, type)."""
+    pos = 0
+    while pos < len(data):
+        if pos + 8 > len(data):
+            return True
+        size, btype = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if size == 1:  # a 64-bit size follows the type
+            if pos + 16 > len(data):
+                return True
+            size = int.from_bytes(data[pos + 8:pos + 16], "big")
+        elif size == 0:  # the box runs to the end of the file
+            return False
+        if size < 8 or not all(0x20 <= b < 0x7F for b in btype):
+            return False
+        if pos + size > len(data):
+            return True
+        pos += size
+    return False
+
+
+_CUT_WALKS = {"JPEG": _jpeg_cut, "MPO": _jpeg_cut, "PNG": _png_cut, "GIF": _gif_cut, "BMP": _bmp_cut,
+              "WEBP": _short_riff, "TIFF": _tiff_cut, "PPM": _ppm_cut, "AVIF": _bmff_cut, "HEIF": _bmff_cut}
+
+
+def _decode_failure(e: BaseException, data: bytes, fmt: str, opening: bool = False) -> ImageError:
+    """The error for a decoder's exception ``e``. Pillow's word that the data ends early is not
+    taken while it opens a BMP or PPM: text may start with their signatures (``BM``, ``P1``..)."""
     text = str(e)
-    if isinstance(e, EOFError) or "truncated" in text.lower() or (fmt == "WEBP" and _short_riff(data)):
+    said = isinstance(e, EOFError) or "truncated" in text.lower()
+    if (said and not (opening and fmt in ("BMP", "PPM"))) or _cut_short(data, fmt):
         return ImageError("truncated", f"{fmt} data ends early ({len(data)} bytes): {text or type(e).__name__}")
     if isinstance(e, MemoryError):
         return ImageError("decode_error", f"{fmt}: out of memory while decoding")
@@ -534,36 +746,119 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
         if sig is None:
             raise ImageError("not_an_image", f"not an image in a supported format "
                                              f"({', '.join(IMAGE_FORMATS)}); starts with {data[:8]!r}") from None
+        if _cut_short(data, sig):
+            raise ImageError("truncated", f"{sig} data ends early ({len(data)} bytes), inside its header") from None
         raise ImageError("decode_error", f"has a {sig} signature, but its header cannot be read "
                                          f"(damaged, or cut short at {len(data)} bytes)") from None
     except Image.DecompressionBombError:
         raise
     except Exception as e:  # a plugin that fails while opening
-        raise _decode_failure(e, data, sig or "image") from None
+        raise _decode_failure(e, data, sig or "image", opening=True) from None
     with img:
         fmt = img.format or sig or "image"
         width, height = img.size
         if width * height > pixel_limit:
             raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
                                                 f"more than the pixel limit {pixel_limit} (--pixel-limit)")
+        if fmt in ("JPEG", "MPO"):
+            _check_jpeg_scans(data)
         try:
             img.load()
+            if fmt == "PNG":
+                _check_png_data(img, data)
             rgb = load_image(img)
         except (ImageError, Image.DecompressionBombError):
             raise
         except Exception as e:
             raise _decode_failure(e, data, fmt) from None
-        frames = _frame_count(img)
+        frames = _frame_count(img, data)
     return DecodedImage(rgb, int(width), int(height), frames)
+
+
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker (FF 00 is a stuffed FF byte of scan data)
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """``decode_error`` for a JPEG whose first image has more than MAX_JPEG_SCANS scans (SOS
+    segments): libjpeg decodes every scan over the whole image, so 10,000 near-empty scans of a
+    9 MP image (a 150 kB file) take half a minute. The bytes FF DA are counted first (at memory
+    speed); only when there are too many are the segments walked to count the real scans."""
+    if data.count(b"\xff\xda") <= MAX_JPEG_SCANS:
+        return
+    scans, pos = 0, 2
+    while scans <= MAX_JPEG_SCANS:
+        m = _JPEG_MARKER.search(data, pos)
+        if m is None or m.group(1) == b"\xd9":  # the end of the first image
+            return
+        pos = m.end()
+        if m.group(1) == b"\x01" or b"\xd0" <= m.group(1) <= b"\xd8":  # no length (RSTn, SOI)
+            continue
+        if m.group(1) == b"\xda":
+            scans += 1
+        pos += int.from_bytes(data[pos:pos + 2], "big")  # past the segment; a scan's data is searched through
+    raise ImageError("decode_error", f"JPEG of more than {MAX_JPEG_SCANS} scans (SOS segments): refused, as "
+                                     f"decoding it could take minutes (a progressive JPEG has about 10)")
+
+
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel, by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _check_png_data(img: Any, data: bytes) -> None:
+    """``truncated`` for a loaded PNG whose image data (the zlib stream of its IDAT chunks) ends
+    before its image does. Pillow's decoder stops without an error where that stream ends on a
+    row boundary, leaving the rows not reached zero; so the stream is inflated again (about a
+    quarter of the cost of a decode) only when the row the decoder writes last is all zero: the
+    last row, or for an interlaced image the last odd row (Adam7's last pass)."""
+    width, height = img.size
+    bits = data[24] * _PNG_SAMPLES.get(data[25], 0) if data[12:16] == b"IHDR" else 0
+    if not bits or img.info.get("bbox", (0, 0, width, height)) != (0, 0, width, height):
+        return  # (a bbox: an APNG whose first frame covers part of the image)
+    interlaced = bool(img.info.get("interlace"))
+    last = height - 1
+    if interlaced:
+        last -= 1 - last % 2  # the last odd row; -1 for an image of one row: checked whatever it holds
+    if last >= 0 and img.crop((0, last, width, last + 1)).tobytes().strip(b"\x00"):
+        return
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    sizes = [((width - x + dx - 1) // dx, (height - y + dy - 1) // dy) for x, y, dx, dy in passes]
+    need = sum(h * (1 + (w * bits + 7) // 8) for w, h in sizes if w > 0 and h > 0)
+    got = _png_inflated_size(data, need)
+    if got is not None and got < need:
+        raise ImageError("truncated", f"PNG data ends early: the zlib stream of its image data (IDAT) holds "
+                                      f"{got} of the {need} bytes of its {width}x{height} image")
+
+
+def _png_inflated_size(data: bytes, limit: int) -> Optional[int]:
+    """How many bytes the zlib stream of a PNG's IDAT chunks inflates to, counted up to
+    ``limit``; None when that stream is damaged."""
+    inflate = zlib.decompressobj()
+    got, pos, seen = 0, 8, False
+    try:
+        while pos + 8 <= len(data) and got < limit and not inflate.eof:
+            length, ctype = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+            if ctype == b"IDAT":
+                seen = True
+                piece: Any = memoryview(data)[pos + 8:pos + 8 + length]
+                while piece and got < limit and not inflate.eof:
+                    got += len(inflate.decompress(piece, 1 << 20))
+                    piece = inflate.unconsumed_tail
+            elif seen:  # the IDAT chunks are consecutive
+                break
+            pos += 12 + length
+    except zlib.error:
+        return None
+    return got
 
 
 MAX_COUNTED_PAGES = 1000
 
 
-def _frame_count(img: Any) -> Optional[int]:
+def _frame_count(img: Any, data: bytes) -> Optional[int]:
     """How many frames an opened image has; None when that is not known: a damaged later frame,
-    or a TIFF of more than MAX_COUNTED_PAGES pages (Pillow counts TIFF pages in quadratic time:
-    a 5.7 MB file of 50,000 pages took a minute)."""
+    a TIFF of more than MAX_COUNTED_PAGES pages (Pillow counts TIFF pages in quadratic time:
+    a 5.7 MB file of 50,000 pages took a minute), or an APNG whose frame control chunks (fcTL)
+    do not match the frame count it declares (acTL), or number more than MAX_COUNTED_PAGES."""
     try:
         if img.format == "TIFF":  # page by page (after a failed seek, Pillow's n_frames is one too many)
             for page in range(1, MAX_COUNTED_PAGES + 1):
@@ -572,6 +867,25 @@ def _frame_count(img: Any) -> Optional[int]:
                 except EOFError:
                     return page
             return None
-        return int(getattr(img, "n_frames", 1))
+        frames = int(getattr(img, "n_frames", 1))
+        if img.format == "PNG" and frames > 1 and _apng_frames(data) != frames:
+            return None
+        return frames
     except Exception:
         return None
+
+
+def _apng_frames(data: bytes) -> Optional[int]:
+    """The frames of an APNG as Pillow numbers them: one a frame control chunk (fcTL), and the
+    default image if its IDAT comes before the first fcTL; None past MAX_COUNTED_PAGES."""
+    controls, default, pos = 0, 0, 8
+    while pos + 8 <= len(data) and controls <= MAX_COUNTED_PAGES:
+        ctype = data[pos + 4:pos + 8]
+        if ctype == b"fcTL":
+            controls += 1
+        elif ctype == b"IDAT" and controls == 0:
+            default = 1
+        elif ctype == b"IEND":
+            break
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return controls + default if controls <= MAX_COUNTED_PAGES else None

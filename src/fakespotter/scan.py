@@ -17,7 +17,7 @@ scored (see :meth:`ScanRun.batches` for the groups a writer flushes together).
 Records (:data:`RECORD_FIELDS`): ``path`` (``archive.tar::member`` for tar members), ``size``
 (bytes) and ``sha256`` of the content, ``status`` (``ok``, ``no_face`` or ``error``),
 ``width``/``height`` of the decoded (EXIF-upright) image, ``frames`` (animated images: how many;
-only the first is scored; null when unknown: a damaged later frame, a TIFF of over 1000 pages), ``faces`` (``{"box": [x0, y0, x1, y1], "detector_score", "score"}``
+only the first is scored; null when unknown: a damaged later frame, a TIFF of over 1000 pages, an APNG whose frames are not the count it declares), ``faces`` (``{"box": [x0, y0, x1, y1], "detector_score", "score"}``
 per face, highest detector score first; one whole-image box with ``detector_score`` null in
 aligned mode), ``score`` (the largest face logit of "fake"; null without a face or on error:
 never a made-up score), ``label`` (``"real"``/``"fake"`` at the model's operating threshold,

@@ -1,0 +1,157 @@
+"""decode_image at the edges: PNG image data that ends early, files cut at every byte of their
+header, JPEGs of thousands of scans, and APNG frame counts that the file does not back."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fakespotter.data import MAX_JPEG_SCANS, ImageError, decode_image
+from scan_helpers import damaged_files, encode, jpeg_with_scans, noise_image, png_file, png_rows
+from scan_helpers import png_chunk as chunk
+
+
+
+def kind_of(data: bytes) -> str:
+    try:
+        decode_image(data)
+    except ImageError as e:
+        return e.kind
+    return "ok"
+
+
+@pytest.mark.parametrize("interlaced", [False, True], ids=["plain", "adam7"])
+@pytest.mark.parametrize("shape", [(24, 32), (7, 5), (1, 9)], ids=["24x32", "7x5", "1x9"])
+def test_png_complete_decodes(interlaced, shape):
+    rgb = noise_image(3, *shape)
+    rgb[-1] = 0  # a black last row: the image data is inflated again, and found whole
+    img = decode_image(png_file(rgb, zlib.compress(b"".join(png_rows(rgb, interlaced))), interlaced))
+    assert np.array_equal(img.rgb, rgb)
+
+
+@pytest.mark.parametrize("interlaced", [False, True], ids=["plain", "adam7"])
+@pytest.mark.parametrize("shape", [(24, 32), (7, 5), (1, 9)], ids=["24x32", "7x5", "1x9"])
+def test_png_zlib_stream_ending_at_a_row_is_truncated(interlaced, shape):
+    """Pillow decodes a whole zlib stream that stops at a row boundary without an error, the
+    rows not reached black; every such stop (each row, each pass) is refused as truncated."""
+    rgb = noise_image(4, *shape)
+    rows = png_rows(rgb, interlaced)
+    for n in range(len(rows)):
+        data = png_file(rgb, zlib.compress(b"".join(rows[:n])), interlaced)
+        with pytest.raises(ImageError, match=r"PNG data ends early|image file is truncated") as e:
+            decode_image(data)
+        assert e.value.kind == "truncated", (n, e.value.message)
+
+
+@pytest.mark.parametrize("interlaced", [False, True], ids=["plain", "adam7"])
+def test_png_cut_stream_or_file_is_truncated(interlaced):
+    rgb = noise_image(5, 24, 32)
+    stream = zlib.compress(b"".join(png_rows(rgb, interlaced)))
+    for frac in (0.1, 0.5, 0.9, 0.99):
+        cut_stream = png_file(rgb, stream[:int(len(stream) * frac)], interlaced)  # CRCs and IEND intact
+        whole = png_file(rgb, stream, interlaced)
+        assert kind_of(cut_stream) == "truncated", frac
+        assert kind_of(whole[:int(len(whole) * frac)]) == "truncated", frac  # the file cut inside an IDAT
+
+
+def small_files() -> dict:
+    """name: (bytes, signature length, shortest cut that shows it is one): small valid files."""
+    rgb = Image.fromarray(noise_image(6, 24, 32))
+    return {
+        "jpeg": (encode(rgb, "JPEG"), 3, 3),
+        "jpeg_progressive": (encode(rgb, "JPEG", progressive=True), 3, 3),
+        "png": (encode(rgb, "PNG"), 8, 8),
+        "png_adam7": (png_file(np.asarray(rgb), zlib.compress(b"".join(png_rows(np.asarray(rgb), True))), True), 8, 8),
+        "gif": (encode(rgb.convert("P"), "GIF"), 6, 6),
+        "bmp": (encode(rgb, "BMP"), 2, 7),  # "BM" and the declared size: nothing yet shows a BMP
+        "webp": (encode(rgb, "WEBP"), 12, 12),
+        "webp_lossless": (encode(rgb, "WEBP", lossless=True), 12, 12),
+        "tiff": (encode(rgb, "TIFF"), 4, 4),
+        "tiff_deflate": (encode(rgb, "TIFF", compression="tiff_deflate"), 4, 4),
+        "ppm": (encode(rgb, "PPM"), 2, 3),  # "P6" alone: no header has begun
+        "pgm": (encode(rgb.convert("L"), "PPM"), 2, 3),
+        "pbm": (encode(rgb.convert("1"), "PPM"), 2, 3),
+    }
+
+
+@pytest.mark.parametrize("name", list(small_files()))
+def test_cut_at_every_header_byte_is_truncated(name):
+    data, sig, shown = small_files()[name]
+    assert kind_of(data) == "ok"
+    cuts = list(range(1, min(len(data), 120))) + [int(len(data) * f) for f in (0.3, 0.6, 0.9)]
+    wrong = []
+    for n in cuts:
+        want = "not_an_image" if n < sig else "decode_error" if n < shown else "truncated"
+        if kind_of(data[:n]) != want:
+            wrong.append((n, kind_of(data[:n]), want))
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("name", list(damaged_files()))
+def test_damaged_header_stays_decode_error(name):
+    assert kind_of(damaged_files()[name]) == "decode_error"
+
+
+@pytest.mark.parametrize("text", [b"BMP files are bitmaps\n", b"BM is great, is it not? " * 4, b"BM\x00\x10\x00\x00",
+                                  b"P6 is a camera", b"P1 text here\n", b"P6"])
+def test_text_with_a_weak_signature_is_not_truncated(text):
+    assert kind_of(text) == "decode_error"
+
+
+@pytest.mark.parametrize("text", [b"just text", b"\xff\xd8", b"\x89PNG\r\n", b"GIF8", b"II*",
+                                  b"RIFF\x10\x00\x00\x00WEB"])
+def test_no_signature_stays_not_an_image(text):
+    assert kind_of(text) == "not_an_image"
+
+
+def test_jpeg_with_too_many_scans_is_refused():
+    assert decode_image(jpeg_with_scans(MAX_JPEG_SCANS)).width == 16
+    with pytest.raises(ImageError, match=rf"^JPEG of more than {MAX_JPEG_SCANS} scans \(SOS segments\): refused") as e:
+        decode_image(jpeg_with_scans(MAX_JPEG_SCANS + 1))
+    assert e.value.kind == "decode_error"
+
+
+def test_jpeg_scan_count_skips_marker_bytes_inside_segments():
+    """FF DA inside a comment is no scan: only real scan headers count."""
+    data = jpeg_with_scans(20, comment=b"\xff\xda" * (2 * MAX_JPEG_SCANS))
+    assert data.count(b"\xff\xda") > 2 * MAX_JPEG_SCANS
+    assert decode_image(data).width == 16
+
+
+def apng(n: int, default_image: bool = False) -> bytes:
+    frames = [Image.fromarray(noise_image(9 + i, 20, 20)) for i in range(n)]
+    return encode(frames[0], "PNG", save_all=True, append_images=frames[1:], default_image=default_image)
+
+
+def with_declared_frames(data: bytes, frames: int) -> bytes:
+    at = data.index(b"acTL") - 4
+    return data[:at] + chunk(b"acTL", struct.pack(">II", frames, 0)) + data[at + 20:]
+
+
+def first_frame_only(data: bytes) -> bytes:
+    """The APNG less its frames after the first (their fcTL and fdAT chunks)."""
+    return data[:data.index(b"fcTL", data.index(b"IDAT")) - 4] + chunk(b"IEND", b"")
+
+
+def test_apng_frame_count_is_the_files():
+    assert decode_image(apng(3)).frames == 3
+    assert decode_image(apng(3, default_image=True)).frames == 3  # the default image and two frames
+    assert decode_image(with_declared_frames(apng(3), 3)).frames == 3
+    one = first_frame_only(apng(3))
+    assert decode_image(with_declared_frames(one, 1)).frames == 1
+    for declared in (2, 4, 2 ** 31):  # three real frames or one, against what acTL declares
+        assert decode_image(with_declared_frames(apng(3), declared)).frames is None, declared
+        assert decode_image(with_declared_frames(one, declared)).frames is None, declared
+
+
+def test_apng_first_frame_short_stream_is_truncated():
+    data = apng(2)
+    at = data.index(b"IDAT") - 4
+    length = int.from_bytes(data[at:at + 4], "big")
+    rows = zlib.decompress(data[at + 8:at + 8 + length])
+    short = chunk(b"IDAT", zlib.compress(rows[:len(rows) // 2]))  # 10 of the 20 rows
+    assert kind_of(data[:at] + short + data[at + 12 + length:]) == "truncated"
