@@ -5,6 +5,8 @@ photos and skip (saying how to get them) otherwise.
 """
 
 import io
+import re
+import struct
 import threading
 
 import numpy as np
@@ -253,6 +255,157 @@ def test_to_tensor_and_chip_from_aligned():
     for h, w in ((1, 1), (15, 15), (16, 33), (400, 3)):
         with pytest.raises(ValueError, match=rf"a {w}x{h} image cannot be an aligned face chip"):
             F.chip_from_aligned(np.zeros((h, w, 3), np.uint8))
+
+
+# A damaged EXIF block: SyntaxError ("not a TIFF file"), a BigTIFF magic whose 8-byte offset is
+# missing (struct.error), a header cut short, and orientations outside 1..8.
+_BAD_EXIF = {
+    "garbage": b"garbage!" + bytes(24),
+    "byte order": b"XX*\x00\x08\x00\x00\x00" + bytes(16),
+    "bigtiff magic": b"II+\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00\x00\x00\x00\x00",
+    "cut short": b"MM\x00*\x00",
+    "orientation 0": b"II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+    "orientation 9": b"II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x09\x00\x00\x00\x00\x00\x00\x00",
+}
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+@pytest.mark.parametrize("blob", list(_BAD_EXIF), ids=list(_BAD_EXIF))
+def test_a_damaged_exif_block_leaves_the_image_as_stored(fmt, blob):
+    """A readable image is not refused for its EXIF block: one that cannot be read counts as
+    upright (a PNG or WebP with such a block was a decode error, or a bare struct.error)."""
+    from fakespotter import data as D
+
+    a = np.random.default_rng(6).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    kw = {"lossless": True} if fmt == "WEBP" else {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
+    Image.fromarray(a).save(buf, fmt, exif=_BAD_EXIF[blob], **kw)
+    want = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))  # the stored pixels
+    if fmt != "JPEG":
+        np.testing.assert_array_equal(want, a)
+    np.testing.assert_array_equal(F.load_image(buf.getvalue()), want)
+    np.testing.assert_array_equal(D.decode_image(buf.getvalue()).rgb, want)
+
+
+def test_the_one_transparent_colour_of_rgb_and_16_bit_grey_is_composited():
+    """PNG's tRNS for an RGB or a 16-bit grey image names one colour as transparent: composited
+    like 8-bit grey's and palette transparency (RGB's and 16-bit grey's were ignored)."""
+    rgb = np.array([[[10, 20, 30], [1, 2, 3], [10, 20, 31]]], np.uint8)
+    png = _png(Image.fromarray(rgb), transparency=(10, 20, 30))
+    np.testing.assert_array_equal(F.load_image(png), [[[0, 0, 0], [1, 2, 3], [10, 20, 31]]])
+    np.testing.assert_array_equal(F.load_image(png, background=(7, 8, 9)), [[[7, 8, 9], [1, 2, 3], [10, 20, 31]]])
+    grey = np.array([[1000, 30000, 1001, 65535]], np.uint16)
+    png16 = _png(Image.fromarray(grey), transparency=1000)
+    assert Image.open(io.BytesIO(png16)).mode.startswith("I")
+    out = F.load_image(png16, background=(255, 0, 0))
+    np.testing.assert_array_equal(out, [[[255, 0, 0], [117] * 3, [4] * 3, [255] * 3]])
+    grey8 = _png(Image.fromarray((grey // 257).astype(np.uint8)), transparency=3)  # the 8-bit rule it matches
+    np.testing.assert_array_equal(F.load_image(grey8, background=(255, 0, 0))[0, 0], [255, 0, 0])
+
+
+@pytest.mark.parametrize("maxval", [1000, 4095, 65535])
+def test_a_dark_16_bit_pgm_keeps_its_scale(maxval):
+    """A PGM with maxval > 255 is 16-bit whatever its values (Pillow scales it to 0..65535): one
+    whose scaled values are all <= 255 is near black, as the same samples in a 16-bit PNG are,
+    not taken as 8-bit grey (it came out 257 times too bright)."""
+    v = np.array([[0, 1, 255 * maxval // 65535, 2]], np.uint16)
+    pgm = b"P5 4 1 %d\n" % maxval + v.astype(">u2").tobytes()
+    scaled = np.round(v / maxval * 65535)  # what Pillow gives
+    assert 0 < scaled.max() <= 255, "premise: values the 8-bit rule for 32-bit integers would take"
+    want = np.round(scaled / 257).astype(np.uint8)
+    np.testing.assert_array_equal(F.load_image(pgm), np.repeat(want[..., None], 3, 2))
+    if maxval == 65535:
+        np.testing.assert_array_equal(F.load_image(_png(Image.fromarray(v))), F.load_image(pgm))
+    # the same values as an in-memory image of 32-bit integers keep the 8-bit rule
+    i32 = Image.fromarray(scaled.astype(np.int32), "I")
+    assert F.load_image(i32)[0, :, 0].tolist() == scaled[0].tolist()
+
+
+def _bmp_v4(rgba):
+    """A 32-bit BMP with a BITMAPV4HEADER whose masks include alpha (BGRA, bottom-up)."""
+    h, w, _ = rgba.shape
+    px = np.ascontiguousarray(rgba[::-1][..., [2, 1, 0, 3]]).tobytes()
+    info = struct.pack("<IiiHHIIiiII", 108, w, h, 1, 32, 3, len(px), 2835, 2835, 0, 0)
+    info += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + b"BGRs" + bytes(48)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + len(px), 0, 0, 14 + len(info)) + info + px
+
+
+def test_a_bmp_whose_alpha_is_0_everywhere_is_opaque():
+    """32-bit BMP writers often declare an alpha mask and leave every alpha byte 0: such a file is
+    opaque (it came out all background), as Chromium shows it; other alpha is composited."""
+    rgb = np.random.default_rng(7).integers(0, 256, (5, 3, 3), dtype=np.uint8)
+    zero = np.dstack([rgb, np.zeros((5, 3), np.uint8)])
+    assert Image.open(io.BytesIO(_bmp_v4(zero))).mode == "RGBA", "premise: Pillow reads the alpha"
+    np.testing.assert_array_equal(F.load_image(_bmp_v4(zero)), rgb)
+    some = zero.copy()
+    some[0, 0, 3] = 255
+    want = np.zeros_like(rgb)
+    want[0, 0] = rgb[0, 0]
+    np.testing.assert_array_equal(F.load_image(_bmp_v4(some)), want)
+    np.testing.assert_array_equal(F.load_image(_png(Image.fromarray(zero, "RGBA"))), np.zeros_like(rgb))  # PNG: as said
+
+
+def _ppm(magic, w, h, maxval, samples):
+    return b"%s %d %d %d\n" % (magic, w, h, maxval) + samples.astype(">u2" if maxval > 255 else np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("magic", [b"P5", b"P6"])
+@pytest.mark.parametrize("maxval", [1, 100, 254, 256, 1000, 4095, 65534, 65535])
+def test_pgm_ppm_of_any_maxval_decode_as_pillow_does_without_its_per_sample_loop(monkeypatch, magic, maxval):
+    """Pillow decodes a binary PGM/PPM whose maxval is not 255 one sample at a time in Python
+    (20 s for a 3 MP 16-bit PPM); open_image decodes it in numpy to the same pixels, samples
+    above maxval and halves (round to even) included, in blocks of any size."""
+    from PIL import PpmImagePlugin
+
+    bands = 3 if magic == b"P6" else 1
+    g = np.random.default_rng(maxval)
+    samples = g.integers(0, maxval + 1, (5, 7, bands))
+    samples.flat[:3] = [maxval, 0, min(maxval + 1, 255 if maxval < 256 else 65535)]  # the ends, one above
+    data = _ppm(magic, 7, 5, maxval, samples)
+    with Image.open(io.BytesIO(data)) as ref:  # Pillow's own decoder
+        ref.load()
+        want_mode, want = ref.mode, np.asarray(ref)
+    with pytest.raises((ValueError, OSError)) as cut:  # and its words for a file cut short
+        Image.open(io.BytesIO(data[:-1])).load()
+    monkeypatch.setattr(PpmImagePlugin.PpmDecoder, "decode", lambda *a: pytest.fail("Pillow's per-sample decoder ran"))
+    for block in (4, 1 << 20):
+        monkeypatch.setattr(F, "_BLOCK_PIXELS", block)
+        with F.open_image(io.BytesIO(data)) as img:
+            img.load()
+            assert img.mode == want_mode
+            np.testing.assert_array_equal(np.asarray(img), want)
+    with pytest.raises(ValueError, match=r"load_image: \d+ bytes is not an image Pillow can decode "
+                                         rf"\({type(cut.value).__name__}: {re.escape(str(cut.value))}\)"):
+        F.load_image(data[:-1])
+
+
+def test_pillows_failures_are_value_errors_that_name_the_image(tmp_path, monkeypatch):
+    """Whatever Pillow raises on a file it cannot read, load_image raises a ValueError naming it
+    (a PNG over Pillow's text-chunk limits raised Pillow's bare ValueError); a format Pillow
+    knows but refuses says what its reader said (a 12-bit JPEG was "not an image in a format
+    fakespotter reads")."""
+    from PIL import PngImagePlugin
+
+    monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_CHUNK", 1000)
+    path = tmp_path / "meta.png"
+    Image.new("RGB", (4, 4)).save(path, pnginfo=_zipped_text("workflow", "x" * 5000))
+    with pytest.raises(ValueError, match=r"load_image: .*meta\.png is not an image Pillow can decode \(ValueError: "
+                                         r"Decompressed data too large"):
+        F.load_image(path)
+    sof1 = b"\xff\xd8\xff\xc1" + struct.pack(">HBHHB", 11, 12, 8, 8, 1) + b"\x01\x11\x00"  # a 12-bit JPEG's header
+    (tmp_path / "x.jpg").write_bytes(sof1)
+    for source, name in ((tmp_path / "x.jpg", r".*x\.jpg"), (sof1, r"15 bytes")):
+        with pytest.raises(ValueError, match=rf"load_image: {name}: it starts like JPEG, but Pillow's JPEG reader "
+                                             r"cannot read it: cannot handle 12-bit layers"):
+            F.load_image(source)
+
+
+def _zipped_text(key, value):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, value, zip=True)
+    return info
 
 
 def test_missing_dlib_error_says_how_to_install(monkeypatch):

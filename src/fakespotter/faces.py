@@ -9,17 +9,28 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
 
 * files and bytes are decoded with Pillow, in the formats the scanner reads
   (``data.IMAGE_FORMATS``; no plugin that runs an external program, such as EPS's, and Pillow's
-  decompression-bomb limit applies); the EXIF orientation is applied first
-  (``ImageOps.exif_transpose``); multi-frame files give their first frame;
+  decompression-bomb limit applies); the EXIF orientation is applied first (as Pillow's
+  ``getexif`` reads it: EXIF, or XMP's ``tiff:Orientation`` when there is no EXIF); an EXIF
+  block that cannot be read, or an orientation outside 1..8, counts as upright rather than
+  failing the image; multi-frame files give their first frame (a TIFF whose first page is a
+  thumbnail gives the thumbnail);
 * ``1`` / ``L`` (grey) replicate the grey value into R, G and B; ``P`` is expanded through its
-  palette; ``CMYK``, ``YCbCr`` and other colour modes use Pillow's conversion to RGB; colour
-  profiles are ignored;
+  palette; ``CMYK`` (Pillow takes every CMYK JPEG as Adobe-inverted, with or without an Adobe
+  marker), ``YCbCr``, ``LAB`` and other colour modes use Pillow's conversion to RGB; colour
+  profiles (ICC, gAMA, ...) are ignored;
 * 16-bit grey (``I;16*``) maps 0..65535 to 0..255 by ``round(v / 257)``; ``I`` (32-bit
-  integers, e.g. 16-bit PPM or integer TIFF) is clipped to 0..65535 and mapped the same way,
-  unless no value exceeds 255: then it is 8-bit grey kept as 32-bit integers, taken as is;
-  ``F`` (float) values are taken as 0..255, clipped and rounded;
-* transparency (``RGBA``, ``LA``, ``PA``, palette transparency) is composited over an opaque
-  ``background``, black by default: ``round((rgb * a + background * (255 - a)) / 255)``;
+  integers, e.g. 16-bit PPM/PGM or integer TIFF) is clipped to 0..65535 and mapped the same way,
+  unless it comes from a TIFF or an in-memory image and no value exceeds 255: then it is 8-bit
+  grey kept as 32-bit integers, taken as is (a PGM/PPM or PNG says its own scale: Pillow gives
+  0..65535 for any maxval above 255, so a dark 16-bit PGM stays dark); 16-bit RGB(A) PNG and
+  TIFF reach here as 8-bit, reduced by Pillow to the high byte (``v >> 8``, within 1 of
+  ``round(v / 257)``); ``F`` (float) values are taken as 0..255, clipped and rounded (a float
+  image scaled 0..1 comes out black);
+* transparency (``RGBA``, ``LA``, ``PA``, palette transparency, and the one transparent colour
+  of an RGB or grey image, 16-bit grey included) is composited over an opaque ``background``,
+  black by default: ``round((rgb * a + background * (255 - a)) / 255)``; a BMP whose alpha is 0
+  everywhere is taken as opaque (32-bit BMP writers often leave the alpha bytes 0; Chromium
+  shows such files opaque too);
 * numpy arrays are taken as RGB(A) or grey, ``uint8`` or ``uint16`` (scaled as above).
 """
 
@@ -31,6 +42,7 @@ import math
 import numbers
 import os
 import stat
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +50,7 @@ from typing import Any, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageFile
 
 __all__ = [
     "CHIP_SIZE",
@@ -158,25 +170,64 @@ def _from_array(a: np.ndarray, background: Background) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+# EXIF orientation -> the transpose that shows the stored image upright (ImageOps.exif_transpose's)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Pillow's ways of failing on a damaged EXIF block (a bad TIFF header, a truncated IFD, ...)
+_EXIF_ERRORS = (SyntaxError, struct.error, ValueError, TypeError, KeyError, IndexError, OverflowError,
+                ZeroDivisionError, UnicodeDecodeError, EOFError, OSError)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` (loaded) turned as its EXIF orientation says; as it is when the orientation is 1,
+    not in 1..8, or its EXIF block cannot be read (a damaged block does not fail the image)."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except _EXIF_ERRORS:
+        return img
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return img if method is None else img.transpose(method)
+
+
+def _grey_with_key(grey: np.ndarray, transparent: np.ndarray, background: Background) -> np.ndarray:
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    rgb[transparent] = background
+    return rgb
+
+
 def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
-    img = ImageOps.exif_transpose(img)
+    fmt = img.format  # (the transposed copy has none)
+    img.load()  # (a TIFF's own orientation is applied here, by Pillow >= 11: read it after)
+    img = _upright(img)
     mode = img.mode
-    if mode == "RGB":
+    key = img.info.get("transparency")
+    if mode == "RGB" and key is None:
         return np.array(img, dtype=np.uint8)
-    if mode.startswith("I;16"):
-        return _from_array(_u16_to_u8(np.asarray(img)), background)
-    if mode == "I":
+    if mode.startswith("I;16") or mode == "I":
         a = np.asarray(img)
-        if a.size and a.max() <= 255:  # 8-bit values in 32-bit integers: read as 16-bit they'd be black
-            return _from_array(np.clip(a, 0, 255).astype(np.uint8), background)
-        return _from_array(_u16_to_u8(a), background)
+        if mode == "I" and fmt not in ("PPM", "PNG") and a.size and a.max() <= 255:
+            grey = np.clip(a, 0, 255).astype(np.uint8)  # 8-bit values in 32-bit integers: as 16-bit they'd be black
+        else:
+            grey = _u16_to_u8(a)
+        if isinstance(key, int):  # one transparent grey value, in the image's own scale
+            return _grey_with_key(grey, a == key, background)
+        return _from_array(grey, background)
     if mode == "F":  # float32: clipping and rounding to integers are exact in it
         a = np.asarray(img)
         grey = np.empty(a.shape, np.uint8)
         for rows in _row_blocks(a):
             grey[rows] = np.round(np.clip(a[rows], 0, 255))
         return _from_array(grey, background)
-    has_alpha = "A" in mode or "a" in mode or "transparency" in img.info
+    has_alpha = "A" in mode or "a" in mode or key is not None
+    if fmt == "BMP" and mode == "RGBA" and img.getchannel("A").getextrema() == (0, 0):
+        has_alpha = False  # alpha bytes a writer left 0 (Chromium shows these BMPs opaque too)
     try:
         if has_alpha:
             return _composite(np.array(img.convert("RGBA"), dtype=np.uint8), background)
@@ -204,32 +255,111 @@ def pillow_pixel_limit_lifted() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = limit
 
 
+class _PpmDecoder(ImageFile.PyDecoder):
+    """Pillow's ``ppm`` decoder (binary PGM/PPM whose maxval is not 255, nor 65535 for grey) in
+    numpy blocks: Pillow's own loops over samples in Python (20 s for a 3 MP 16-bit PPM, 500x
+    its 8-bit time). The same values: ``min(out_max, round(v / maxval * out_max))`` in float64,
+    halves to even; only whole pixels are decoded, and fewer than the image needs fail as Pillow's."""
+
+    _pulls_fd = True
+
+    def decode(self, buffer: Any) -> Tuple[int, int]:
+        maxval = self.args[-1]
+        bands = 3 if self.mode == "RGB" else 1  # modes "RGB", "L" and "I" (grey above 255)
+        dtype = np.dtype(">u2") if maxval > 255 else np.dtype(np.uint8)
+        if self.mode == "I":
+            out_max, out_dtype, rawmode = 65535, np.dtype("<u4"), "I;32"
+        else:
+            out_max, out_dtype, rawmode = 255, np.dtype(np.uint8), self.mode
+        data = self.fd.read(self.state.xsize * self.state.ysize * bands * dtype.itemsize)
+        v = np.frombuffer(data, dtype, len(data) // (dtype.itemsize * bands) * bands)
+        out = np.empty(v.shape, out_dtype)
+        for i in range(0, v.size, _BLOCK_PIXELS):
+            out[i:i + _BLOCK_PIXELS] = np.minimum(out_max, np.round(v[i:i + _BLOCK_PIXELS] / maxval * out_max))
+        del data, v
+        out.flags.writeable = False  # (a read-only buffer: Pillow's raw decoder takes it without a copy)
+        self.set_as_raw(out.data.cast("B"), rawmode)
+        return -1, 0
+
+
+_PPM_DECODER = "fakespotter_ppm"
+Image.register_decoder(_PPM_DECODER, _PpmDecoder)
+
+
 def open_image(source: Any) -> Image.Image:
     """``Image.open`` for the formats fakespotter reads (``data.IMAGE_FORMATS``: never a plugin
-    such as EPS's, which runs an external program)."""
+    such as EPS's, which runs an external program); a binary PGM/PPM that Pillow would decode
+    sample by sample in Python is decoded by :class:`_PpmDecoder` instead."""
     from .data import _open_formats
 
     formats = _open_formats()
     with _PIXEL_GUARD:
-        return Image.open(source, formats=formats)
+        img = Image.open(source, formats=formats)
+    if img.format == "PPM" and len(img.tile) == 1 and img.tile[0][0] == "ppm":
+        tile = img.tile[0]
+        img.tile = [tile._replace(codec_name=_PPM_DECODER) if hasattr(tile, "_replace")
+                    else (_PPM_DECODER,) + tuple(tile[1:])]
+    return img
 
 
-def _decode(source: Any, name: str, background: Background) -> np.ndarray:
+def _refusal(source: Any) -> str:
+    """Why Pillow's reader for the format whose signature ``source`` starts with refused it (a
+    12-bit JPEG, a 3-channel float TIFF, ...), as ``"it starts like FORMAT, but ..."``; ``""``
+    when no reader fakespotter uses claims the signature."""
+    from .data import _open_formats
+
     try:
-        with open_image(source) as img:
-            img.load()
-            return _from_pil(img, background)
+        with contextlib.ExitStack() as stack:
+            fp = stack.enter_context(open(source, "rb")) if isinstance(source, (str, os.PathLike)) else source
+            fp.seek(0)
+            head = fp.read(16)
+            for fmt in _open_formats():
+                factory, accept = Image.OPEN[fmt]
+                if accept is None or not accept(head):
+                    continue
+                fp.seek(0)
+                try:
+                    with _PIXEL_GUARD:
+                        factory(fp, "").close()
+                except Exception as e:  # the reader's own words (SyntaxError, ValueError, ...)
+                    return f"it starts like {fmt}, but Pillow's {fmt} reader cannot read it: {e}"
+    except OSError:
+        pass
+    return ""
+
+
+@contextlib.contextmanager
+def _pillow_errors(source: Any, name: str) -> Iterator[None]:
+    """Pillow's failures on an image it cannot read, as ValueErrors naming ``name``; OS errors
+    (a missing file, ...) stay OSErrors."""
+    try:
+        yield
     except Image.DecompressionBombError as e:
         raise ValueError(f"load_image: {name}: {e}") from None
     except Image.UnidentifiedImageError:
         from .data import IMAGE_FORMATS
 
+        why = _refusal(source)
+        if why:
+            raise ValueError(f"load_image: {name}: {why}") from None
         raise ValueError(f"load_image: {name} is not an image in a format fakespotter reads "
                          f"({', '.join(IMAGE_FORMATS)})") from None
-    except (OSError, SyntaxError, EOFError) as e:  # Pillow's ways of saying "not an image I can read"
-        if isinstance(e, OSError) and e.errno is not None:
+    except OSError as e:
+        if e.errno is not None:
             raise
         raise ValueError(f"load_image: {name} is not an image Pillow can decode ({type(e).__name__}: {e})") from None
+    except (SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError, struct.error, ZeroDivisionError) as e:
+        # Pillow's ways of saying "not an image I can read" (ValueError: e.g. its PNG text-chunk limits)
+        raise ValueError(f"load_image: {name} is not an image Pillow can decode ({type(e).__name__}: {e})") from None
+
+
+def _decode(source: Any, name: str, background: Background) -> np.ndarray:
+    with _pillow_errors(source, name):
+        img = open_image(source)
+    with img:
+        with _pillow_errors(source, name):
+            img.load()
+        return _from_pil(img, background)
 
 
 def load_image(image: ImageInput, background: Sequence[int] = (0, 0, 0)) -> np.ndarray:
