@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import struct
 
@@ -458,3 +459,64 @@ def test_groups_of_images_are_one_id_per_image(tmp_path):
     with pytest.raises(ValueError, match=r"real groups must have one id per image \(8; one per chip for chip "
                                          r"batches\), got shape \(3,\)"):
         FakeSpotter(aligned=True).fit(real, fake, groups=([0, 1, 2], list(range(8))))
+
+
+def _record_conversions(monkeypatch):
+    """Wraps prepare_chips (uint8 or float chips -> float32 on the device) wherever it is called:
+    returns the list of the chip counts it has converted."""
+    features_module = importlib.import_module("fakespotter.features")  # the package exports a function of that name
+    sizes = []
+    original = features_module.prepare_chips
+
+    def recording(chips, *args, **kwargs):
+        x = original(chips, *args, **kwargs)
+        sizes.append(int(x.shape[0]))
+        return x
+
+    monkeypatch.setattr(features_module, "prepare_chips", recording)  # features(), the calibrator
+    monkeypatch.setattr(detector, "prepare_chips", recording)
+    return sizes
+
+
+def test_chips_go_to_float32_one_batch_at_a_time(monkeypatch):
+    """fit (chips of either dtype, images, a validation set, augmentation) and the scoring
+    methods never hold more than batch_size chips as float32: no whole-set copy."""
+    real, fake = noise_chips(12, 0, 1.0), noise_chips(12, 1, 2.0)
+    realf = real.permute(0, 3, 1, 2).float()
+    sizes = _record_conversions(monkeypatch)
+    fits = (((real.numpy(), fake), {}),
+            ((realf, fake.permute(0, 3, 1, 2).float()), {"validation": (real[:6].numpy(), realf[:6].flip(0))}),
+            ((real, fake), {"augment": lambda chips, stream: chips[:, ::-1]}),
+            (([c for c in real.numpy()], list(fake.numpy())), {"groups": (np.arange(12) // 2, np.arange(12))}))
+    for (r, f), kwargs in fits:
+        sizes.clear()
+        det = FakeSpotter(hidden=(4,), max_epochs=2, batch_size=5, aligned=True).fit(r, f, **kwargs)
+        assert max(sizes) == 5 and sum(sizes) >= 24, (kwargs.keys(), sizes)  # every chip, in batches
+    for x in (torch.cat([real, fake]), torch.cat([realf, realf]).numpy()):
+        sizes.clear()
+        det.decision_function(x), det.predict(x), det.predict_proba(x), det.rows(x), det.explain(x)
+        assert max(sizes) == 5 and sum(sizes) >= 5 * 24, sizes
+
+
+def test_fit_is_the_same_whatever_holds_the_chips():
+    """Chips read a batch at a time (4 here: several per part, the last one short) give the same
+    model whether they come as uint8 tensors, non-contiguous uint8 arrays, or float32 [N, 3, H, W]
+    tensors or arrays: bit-identical thresholds, classifier and operating threshold."""
+    real, fake = noise_chips(10, 7, 1.0), noise_chips(10, 8, 2.0)
+
+    def flipped_view(x):  # the same values, negative strides
+        return np.flip(np.flip(x.numpy(), 2).copy(), 2)
+
+    def as_float(x):
+        return x.permute(0, 3, 1, 2).float()
+
+    inputs = [(real, fake), (flipped_view(real), flipped_view(fake)), (as_float(real), as_float(fake)),
+              (as_float(real).numpy(), as_float(fake).permute(0, 2, 3, 1).numpy().transpose(0, 3, 1, 2))]
+    fits = [FakeSpotter(hidden=(4,), max_epochs=3, batch_size=4).fit(r, f) for r, f in inputs]
+    first = fits[0]
+    for det in fits[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(det.thresholds_.values, first.thresholds_.values))
+        a, b = det.classifier_.state_tensors(), first.classifier_.state_tensors()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert det.operating_threshold_ == first.operating_threshold_
+        assert det.training_summary_["metrics"] == first.training_summary_["metrics"]

@@ -27,7 +27,7 @@ import numbers
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -211,19 +211,22 @@ class FakeSpotter:
         bb.module.to(self.device)
         return Tap(bb, self.layers, granularity=self.granularity)
 
-    def _chips(self, data: Any, what: str, tap: Tap) -> Tuple[torch.Tensor, np.ndarray, int, int]:
-        """(chips float32 [M, 3, H, W], image index [M], images, images without faces)."""
+    def _chips(self, data: Any, what: str, tap: Tap) -> Tuple["_Part", np.ndarray, int, int]:
+        """(chips [M], image index [M], images, images without faces); the chips are those given,
+        checked (uint8 [M, H, W, 3] or float32 [M, 3, H, W]), or the faces of images (uint8)."""
         if _is_chip_batch(data):
-            x = prepare_chips(data, tap, what)
-            return x, np.arange(x.shape[0]), int(x.shape[0]), 0
+            x = _checked_chips(data, tap, what, self.batch_size)
+            return _Part(x), np.arange(len(x)), len(x), 0
         images = as_image_list(data)
         c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample,
                        weak_face_score=self.weak_face_score, detect_pixels=self.detect_pixels)
-        x = prepare_chips(c.array, tap, what) if len(c) else torch.zeros((0, *tap.input_shape), dtype=torch.float32)
-        return x, c.image_index, len(images), len(images) - len(set(c.image_index.tolist()))
+        return _Part(c.array), c.image_index, len(images), len(images) - len(set(c.image_index.tolist()))
 
-    def _rows(self, x: torch.Tensor, tap: Tap) -> torch.Tensor:
-        return features(x, tap, batch_size=self.batch_size).rows
+    def _rows(self, part: "_Part", tap: Tap) -> torch.Tensor:
+        """int64 [len(part), words]: the chips go to float32 on the device one batch at a time."""
+        out = [features(x, tap, batch_size=self.batch_size).rows for x in part.batches(self.batch_size)]
+        return torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64,
+                                                      device=tap.thresholds.device)
 
     def _split(self, image_index: np.ndarray, n_images: int, rng: np.random.Generator) -> np.ndarray:
         """Boolean mask over chips: True = validation. Whole images go to one side."""
@@ -249,6 +252,10 @@ class FakeSpotter:
         augment: optional ``f(chips uint8 [N, H, W, 3], stream) -> chips`` (e.g.
         ``perturb.Augmenter``) applied to the training chips only, after the validation part is
         held out and before thresholds are calibrated; stream 0 for reals, 1 for fakes.
+
+        Memory: chip batches are held as given (not copied) and the faces of images as uint8
+        chips; chips go to float32 on the device ``batch_size`` at a time, as in the scoring
+        methods (float32 chips are checked for range a batch at a time too).
         """
         self._check_params()
         tap = self._new_tap()
@@ -270,7 +277,7 @@ class FakeSpotter:
                 vf = np.array([side.get(g, v) for g, v in zip(gf.tolist(), vf.tolist())], dtype=bool)
             if vr.all() or vf.all() or not vr.any() or not vf.any():
                 raise ValueError("FakeSpotter.fit: too few images with faces to hold out a validation part of each class; give more images or a validation set (validation=)")
-            tr_r, va_r, tr_f, va_f = xr[~vr], xr[vr], xf[~vf], xf[vf]
+            tr_r, va_r, tr_f, va_f = xr.subset(~vr), xr.subset(vr), xf.subset(~vf), xf.subset(vf)
         else:
             tr_r, tr_f = xr, xf
             va_r = self._chips(validation[0], "fit(validation real)", tap)[0]
@@ -279,14 +286,14 @@ class FakeSpotter:
                 raise ValueError("FakeSpotter.fit: the validation set needs faces of both classes")
 
         if augment is not None:
-            tr_r = _augmented(augment, tr_r, 0, tap)
-            tr_f = _augmented(augment, tr_f, 1, tap)
+            tr_r = _augmented(augment, tr_r, 0, tap, self.batch_size)
+            tr_f = _augmented(augment, tr_f, 1, tap, self.batch_size)
 
         # Thresholds from the training chips of both classes (paper Eq. 1: calibration.py).
         calibrator = ThresholdCalibrator(tap, mode=self.threshold_mode)
         for part in (tr_r, tr_f):
-            for start in range(0, len(part), self.batch_size):
-                calibrator.partial_fit(part[start : start + self.batch_size])
+            for x in part.batches(self.batch_size):
+                calibrator.partial_fit(x)
         tap.set_thresholds(calibrator.thresholds_)
 
         rows_tr = torch.cat([self._rows(tr_r, tap), self._rows(tr_f, tap)])
@@ -345,7 +352,8 @@ class FakeSpotter:
         return self._image_features(X).rows
 
     def _chip_rows(self, X: Any, what: str) -> torch.Tensor:
-        return self._rows(prepare_chips(X, self.tap_, what), self.tap_)
+        X = _checked_chips(X, self.tap_, what, self.batch_size)
+        return features(X, self.tap_, batch_size=self.batch_size).rows  # float32 a batch at a time
 
     def _image_features(self, images: Any) -> Any:
         return features(as_image_list(images), self.tap_, aligned=self.aligned, batch_size=self.batch_size,
@@ -589,13 +597,51 @@ def _from_pickled_model(data: bytes, device: str) -> FakeSpotter:
     return FakeSpotter.from_bytes(data, device=device)
 
 
-def _augmented(augment: Any, x: torch.Tensor, stream: int, tap: Tap) -> torch.Tensor:
-    """Apply ``augment`` to float chips [N, 3, H, W] (0..255) as uint8 [N, H, W, 3]."""
-    if len(x) == 0:
-        return x
-    u8 = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = augment(u8, stream)
-    return prepare_chips(np.asarray(out), tap, "fit(augment)")
+class _Part:
+    """The chips ``chips[index]`` of a fit, read a batch at a time; ``chips`` stays as given
+    (uint8 [N, H, W, 3] or float32 [N, 3, H, W], numpy or torch): no whole float32 copy is made."""
+
+    def __init__(self, chips: Any, index: Optional[np.ndarray] = None):
+        self.chips = chips
+        self.index = np.arange(len(chips)) if index is None else index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def subset(self, mask: np.ndarray) -> "_Part":
+        return _Part(self.chips, self.index[mask])
+
+    def batches(self, size: int) -> Iterator[Any]:
+        for start in range(0, len(self.index), size):
+            yield self.chips[self.index[start : start + size]]
+
+
+def _checked_chips(chips: Any, tap: Tap, what: str, batch_size: int) -> Any:
+    """``chips`` after every check of ``prepare_chips`` (its errors name ``what``), neither copied
+    nor converted. Float32 values are checked a batch at a time, as :func:`features` checks them."""
+    h, w = tap.preprocessing.size
+    if isinstance(chips, (np.ndarray, torch.Tensor)):
+        lib = torch if isinstance(chips, torch.Tensor) else np
+        shape = tuple(chips.shape[1:])
+        if chips.dtype == lib.uint8 and shape == (h, w, 3):
+            return chips  # uint8 chips are never refused by value
+        if chips.dtype == lib.float32 and shape == (3, h, w):
+            for start in range(0, len(chips), batch_size):
+                prepare_chips(chips[start : start + batch_size], tap, what)
+            return chips
+    prepare_chips(chips, tap, what)  # refuses any other type, dtype or shape before converting
+    return chips
+
+
+def _augmented(augment: Any, part: _Part, stream: int, tap: Tap, batch_size: int) -> _Part:
+    """Apply ``augment`` to the chips of ``part`` as uint8 [N, H, W, 3] (float chips rounded)."""
+    if len(part) == 0:
+        return part
+    x = torch.as_tensor(part.chips[part.index])
+    if x.dtype == torch.float32:
+        x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    out = augment(x.cpu().numpy(), stream)
+    return _Part(_checked_chips(np.asarray(out), tap, "fit(augment)", batch_size))
 
 
 def _chip_groups(groups: Any, n_images: int, image_index: np.ndarray, what: str) -> np.ndarray:
