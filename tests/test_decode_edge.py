@@ -155,3 +155,51 @@ def test_apng_first_frame_short_stream_is_truncated():
     rows = zlib.decompress(data[at + 8:at + 8 + length])
     short = chunk(b"IDAT", zlib.compress(rows[:len(rows) // 2]))  # 10 of the 20 rows
     assert kind_of(data[:at] + short + data[at + 12 + length:]) == "truncated"
+
+
+def with_chunk_before_idat(data: bytes, kind: bytes, body: bytes) -> bytes:
+    at = data.index(b"IDAT") - 4
+    return data[:at] + chunk(kind, body) + data[at:]
+
+
+@pytest.mark.parametrize("kind, body", [
+    (b"zTXt", b"workflow\x00\x00" + zlib.compress(b"{}" * 600_000)),  # 1.2 MB of text: over MAX_TEXT_CHUNK
+    (b"iTXt", b"prompt\x00\x01\x00\x00\x00" + zlib.compress(b"a" * 2_000_000)),
+    (b"iCCP", b"icc\x00\x00" + zlib.compress(bytes(2_000_000))),  # (colour profiles are ignored anyway)
+])
+def test_png_metadata_over_pillows_limits_leaves_the_pixels_readable(kind, body, tmp_path):
+    """Pillow refuses a PNG whose text or ICC chunk inflates past 1 MB (a memory guard); the
+    pixels are read without those chunks, by the scanner and the API alike."""
+    from fakespotter.faces import load_image
+
+    rgb = noise_image(10, 12, 16)
+    data = with_chunk_before_idat(encode(Image.fromarray(rgb), "PNG"), kind, body)
+    (tmp_path / "a.png").write_bytes(data)
+    assert np.array_equal(decode_image(data).rgb, rgb)
+    assert np.array_equal(load_image(data), rgb)
+    assert np.array_equal(load_image(tmp_path / "a.png"), rgb)
+
+
+def test_a_png_with_damaged_pixels_and_big_text_is_still_refused():
+    rgb = noise_image(11, 12, 16)
+    data = with_chunk_before_idat(png_file(rgb, zlib.compress(b"".join(png_rows(rgb, False)[:5])), False),
+                                  b"zTXt", b"k\x00\x00" + zlib.compress(b"a" * 2_000_000))
+    assert kind_of(data) == "truncated"
+
+
+def test_width_and_height_are_the_upright_images():
+    """As scan records give them: Pillow reports a TIFF's upright size but a JPEG's stored one."""
+    for fmt in ("JPEG", "PNG", "TIFF"):
+        img = Image.fromarray(noise_image(12, 20, 30))  # 30 wide, 20 high as stored
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotated 90 degrees: 20 wide, 30 high upright
+        out = decode_image(encode(img, fmt, exif=exif.tobytes()))
+        assert (out.width, out.height) == (20, 30) and out.rgb.shape == (30, 20, 3), fmt
+
+
+def test_a_format_pillow_recognises_but_refuses_says_why():
+    jpeg = encode(Image.fromarray(noise_image(13, 16, 16)), "JPEG")
+    at = jpeg.index(b"\xff\xc0")
+    twelve_bit = jpeg[:at + 1] + b"\xc1" + jpeg[at + 2:at + 4] + b"\x0c" + jpeg[at + 5:]  # SOF1, 12-bit samples
+    with pytest.raises(ImageError, match="it starts like JPEG, but Pillow's JPEG reader cannot read it: .*12-bit"):
+        decode_image(twelve_bit)

@@ -863,7 +863,7 @@ def test_an_abandoned_pool_ends_its_running_workers():
 
 
 def test_folder_scans_list_every_common_photo_extension(model, tmp_path):
-    """JPEG under .jfif / .jpe / any case, AVIF, and HEIC (which this Pillow cannot decode: a record
+    """JPEG under .jfif / .jpe / .mpo / any case, PBM and PNM, AVIF, and HEIC (which this Pillow cannot decode: a record
     that says so, not a file silently left out of a phone's photos)."""
     import io as _io
 
@@ -879,9 +879,13 @@ def test_folder_scans_list_every_common_photo_extension(model, tmp_path):
     if "AVIF" in _open_formats():
         img.save(folder / "e.avif", "AVIF")
     (folder / "f.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    (folder / "g.mpo").write_bytes(jpeg.getvalue())
+    img.convert("1").save(folder / "h.pbm", "PPM")
+    img.save(folder / "i.pnm", "PPM")
     (folder / "notes.txt").write_text("not listed")
     records = {os.path.basename(r["path"]): r for r in scan([str(folder)], model, workers=0, aligned=True)}
-    want = {"a.JPG", "b.jfif", "c.jpe", "d.Jpeg", "f.heic"} | ({"e.avif"} if "AVIF" in _open_formats() else set())
+    want = ({"a.JPG", "b.jfif", "c.jpe", "d.Jpeg", "f.heic", "g.mpo", "h.pbm", "i.pnm"}
+            | ({"e.avif"} if "AVIF" in _open_formats() else set()))
     assert set(records) == want
     assert all(records[n]["status"] == "ok" for n in want - {"f.heic"})
     heic = records["f.heic"]

@@ -48,8 +48,8 @@ __all__ = [
 
 # Folder and tar listings pick these up (any case). HEIC/HEIF files are listed so that they get a
 # record saying they cannot be read, rather than vanish from a scan of a phone's photos.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-                              ".ppm", ".pgm", ".avif", ".heic", ".heif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".bmp", ".gif", ".webp", ".tif",
+                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif"})
 # Pillow plugins allowed to open a file (the formats of IMAGE_EXTENSIONS; MPO is a multi-picture
 # JPEG; AVIF and HEIF where this Pillow has them: AVIF is built into Pillow >= 11.3 wheels, HEIF
 # needs the pillow-heif plugin registered). Anything else - EPS (which would run Ghostscript),
@@ -422,8 +422,9 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Ite
 
 class DecodedImage(NamedTuple):
     """rgb: uint8 [H, W, 3] (EXIF-upright; see ``faces.load_image`` for the colour rules);
-    width, height: of the stored image; frames: how many it has (only the first is decoded;
-    None when not known, see :func:`_frame_count`)."""
+    width, height: W and H, the upright image's (as scan records give them; Pillow reports a
+    TIFF's upright size but a JPEG's stored one); frames: how many it has (only the first is
+    decoded; None when not known, see :func:`_frame_count`)."""
 
     rgb: np.ndarray
     width: int
@@ -723,17 +724,50 @@ def decode_image(data: bytes, pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> Decoded
         raise ImageError("empty_file", "the file is empty (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning, odd-metadata warnings
-        try:
-            return _decode(data, pixel_limit)
-        except Image.DecompressionBombError:  # over twice Pillow's limit, which pixel_limit replaces
-            with pillow_pixel_limit_lifted():
-                return _decode(data, pixel_limit)
+        for attempt in range(2):
+            try:
+                try:
+                    return _decode(data, pixel_limit)
+                except Image.DecompressionBombError:  # over twice Pillow's limit, which pixel_limit replaces
+                    with pillow_pixel_limit_lifted():
+                        return _decode(data, pixel_limit)
+            except ImageError as e:
+                if attempt or not png_text_too_large(e.message) or _signature(data) != "PNG":
+                    raise
+                data = without_png_text(data)
+    raise AssertionError("unreachable")
+
+
+def png_text_too_large(message: str) -> bool:
+    """Whether Pillow refused a PNG for its metadata alone: text (tEXt, zTXt, iTXt) or an ICC
+    profile (iCCP) over ``MAX_TEXT_CHUNK`` or ``MAX_TEXT_MEMORY``, guards for memory."""
+    return "MAX_TEXT_" in message
+
+
+_PNG_METADATA = (b"tEXt", b"zTXt", b"iTXt", b"iCCP")  # none of them changes the pixels decoded
+
+
+def without_png_text(data: bytes) -> bytes:
+    """A PNG less its text and ICC chunks (``_PNG_METADATA``): chunks are walked by their
+    lengths, from the signature to IEND or the end of the data."""
+    out, pos = [data[:8]], 8
+    while pos + 8 <= len(data):
+        end = pos + 12 + int.from_bytes(data[pos:pos + 4], "big")
+        ctype = data[pos + 4:pos + 8]
+        if ctype not in _PNG_METADATA:
+            out.append(data[pos:end])
+        if ctype == b"IEND":
+            break
+        pos = end
+    else:
+        out.append(data[pos:])
+    return b"".join(out)
 
 
 def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
-    from .faces import load_image, open_image
+    from .faces import _refusal, load_image, open_image
 
     sig = _signature(data)
     try:
@@ -748,8 +782,9 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
                                              f"({', '.join(IMAGE_FORMATS)}); starts with {data[:8]!r}") from None
         if _cut_short(data, sig):
             raise ImageError("truncated", f"{sig} data ends early ({len(data)} bytes), inside its header") from None
-        raise ImageError("decode_error", f"has a {sig} signature, but its header cannot be read "
-                                         f"(damaged, or cut short at {len(data)} bytes)") from None
+        why = _refusal(io.BytesIO(data))  # a reader's own words: a 12-bit JPEG, a float RGB TIFF, ...
+        raise ImageError("decode_error", why or f"has a {sig} signature, but its header cannot be read "
+                                                f"(damaged, or cut short at {len(data)} bytes)") from None
     except Image.DecompressionBombError:
         raise
     except Exception as e:  # a plugin that fails while opening
@@ -772,7 +807,7 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
         except Exception as e:
             raise _decode_failure(e, data, fmt) from None
         frames = _frame_count(img, data)
-    return DecodedImage(rgb, int(width), int(height), frames)
+    return DecodedImage(rgb, int(rgb.shape[1]), int(rgb.shape[0]), frames)
 
 
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker (FF 00 is a stuffed FF byte of scan data)

@@ -295,6 +295,13 @@ def open_image(source: Any) -> Image.Image:
     formats = _open_formats()
     with _PIXEL_GUARD:
         img = Image.open(source, formats=formats)
+    if img.format in ("JPEG", "MPO"):
+        # libjpeg's arithmetic decoder cannot wait for more data: fed in Pillow's 64 KiB blocks, an
+        # arithmetic-coded JPEG larger than that fails ("broken data stream"). Fed whole, it
+        # decodes (Huffman-coded ones as fast as before).
+        pos = img.fp.tell()
+        img.decodermaxblock = max(img.decodermaxblock, img.fp.seek(0, os.SEEK_END))
+        img.fp.seek(pos)
     if img.format == "PPM" and len(img.tile) == 1 and img.tile[0][0] == "ppm":
         tile = img.tile[0]
         img.tile = [tile._replace(codec_name=_PPM_DECODER) if hasattr(tile, "_replace")
@@ -354,6 +361,24 @@ def _pillow_errors(source: Any, name: str) -> Iterator[None]:
 
 
 def _decode(source: Any, name: str, background: Background) -> np.ndarray:
+    """``source`` (a path or a binary file object) decoded; a PNG refused for the size of its
+    text or ICC chunks alone is decoded again without them (as the scanner's ``decode_image``)."""
+    from .data import png_text_too_large, without_png_text
+
+    try:
+        return _decode_once(source, name, background)
+    except ValueError as e:
+        if not png_text_too_large(str(e)):
+            raise
+    if isinstance(source, (str, os.PathLike)):
+        data = Path(source).read_bytes()
+    else:
+        source.seek(0)
+        data = source.read()
+    return _decode_once(io.BytesIO(without_png_text(data)), name, background)
+
+
+def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with _pillow_errors(source, name):
         img = open_image(source)
     with img:
