@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -450,6 +451,121 @@ def test_an_address_where_no_cluster_answers_is_refused_at_once(monkeypatch):
     with pytest.raises(ValueError, match="cannot connect to the Ray cluster at address auto .--address.: Could not"):
         SR._init_ray(Refused(), "auto")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _catches_sigterm():
+    """Whether this process's SIGTERM disposition (the kernel's, not Python's record of it) is a handler."""
+    with open("/proc/self/status") as f:
+        caught = next(line for line in f if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_a_sigterm_that_rays_own_handler_takes_during_init_reaches_the_process_handler():
+    import time
+
+    import fakespotter.scan_ray as SR
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop()
+
+    class Ray:  # a SIGTERM while ray.init runs
+        def __init__(self, code):
+            self.code = code
+
+        def init(self, **kw):
+            # Ray's handler: exit 15 (1 once it started a local instance and stopped it again); and
+            # the alarm Ray's native crash handler arms as it takes a SIGTERM (an abort 3 s later)
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(self.code))
+            signal.alarm(60)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        for code in (15, 1):
+            with pytest.raises(Stop):
+                SR._init_ray(Ray(code), None)
+            assert signal.getsignal(signal.SIGTERM) is stop
+            assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the signal disposition from /proc")
+def test_ray_scan_leaves_the_sigterm_handler_in_place_after_ray_shutdown(corpus, model, tmp_path, monkeypatch):
+    import ctypes
+
+    import fakespotter.scan_ray as SR
+
+    libc = ctypes.CDLL(None)
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+    class Ray:  # a cluster without resources to read: ray_scan stops after ray.init, and shuts Ray down
+        def is_initialized(self):
+            return False
+
+        def init(self, **kw):
+            pass
+
+        def cluster_resources(self):
+            raise RuntimeError("no resources")
+
+        def shutdown(self):  # as Ray's core worker does as it stops: SIG_DFL, natively
+            libc.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    monkeypatch.setattr(SR, "import_ray", Ray)
+    before = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        assert _catches_sigterm()
+        with pytest.raises(RuntimeError, match="no resources"):
+            ray_scan(corpus, model, tmp_path / "o", aligned=True)
+        assert _catches_sigterm()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _cli(*args, code="from fakespotter.cli import main; sys.exit(main())"):
+    """The command line in a new process (that starts Ray itself), with ``code`` run first."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", f"import sys\n{code}", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_quiet_ray_scan_prints_none_of_rays_notices(corpus, model, tmp_path):
+    """--quiet: nothing on stderr but errors; Ray's warnings, notices and its workers' output stay
+    in its log files. Ray's native code prints its errors, among them one line for every actor pool
+    that restarts its actors (ray-project/ray#53727): no setting hides it without hiding the others."""
+    import re
+
+    r = _cli("scan", *corpus, "--model", str(model), "--aligned", "--batch-size", str(BATCH), "--engine", "ray",
+             "--out", str(tmp_path / "o"), "--limit", "4", "--quiet")
+    assert r.returncode == 0 and len(shard_lines(tmp_path / "o")) == 4, r.stderr
+    native_error = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\] ")
+    assert all(native_error.match(line) for line in r.stderr.splitlines() if line.strip()), r.stderr
+
+
+def test_sigterm_while_ray_starts_exits_143_with_one_line(corpus, model, tmp_path):
+    """SIGTERM while ray.init runs ends the scan as it does later: exit 143, one line of ours. Here
+    it comes right after the driver connected, when Ray's Python handler and its native crash
+    handler (a stack dump, then an abort 3 s later) are both in place."""
+    connected = ("import os, signal\n"
+                 "import ray._private.worker as w\n"  # ray.init's last step (Ray internals: this test's only)
+                 "connect = w.connect\n"
+                 "def connect_then_sigterm(*a, **kw):\n"
+                 "    connect(*a, **kw)\n"
+                 "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                 "w.connect = connect_then_sigterm\n"
+                 "from fakespotter.cli import main\n"
+                 "sys.exit(main())\n")
+    r = _cli("scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out", str(tmp_path / "o"),
+             "--quiet", code=connected)
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.rstrip().endswith("fakespotter scan: terminated") and "Traceback" not in r.stderr, r.stderr
 
 
 def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys, monkeypatch):

@@ -34,6 +34,7 @@ read by the driver and shipped to the actors, and the output is written by the d
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import json
@@ -376,13 +377,12 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _init_ray(ray: Any, address: Optional[str]) -> None:
+def _init_ray(ray: Any, address: Optional[str], ray_logs: bool = True) -> None:
     """``ray.init``, failing fast with a ValueError that names ``--address`` when no cluster
-    answers there (Ray itself retries for ~14 minutes), and leaving the process's SIGTERM and
-    SIGINT handlers as they were (Ray puts its own in, which exit without the CLI's cleanup)."""
-    import signal
+    answers there (Ray itself retries for ~14 minutes). ``ray_logs=False``: Ray's loggers print
+    only errors and the workers' output stays in Ray's log files (``log_to_driver``). The
+    process's signal handling is left as it was: see :func:`_own_signal_handlers`."""
     import socket
-    import threading
 
     if address and address != "auto" and "://" not in address:
         host, _, port = address.rpartition(":")
@@ -394,17 +394,62 @@ def _init_ray(ray: Any, address: Optional[str]) -> None:
         except OSError as e:
             raise ValueError(f"ray_scan: no Ray cluster answers at address {address} (--address) "
                              f"({e.strerror or type(e).__name__}: {e})") from None
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        with _own_signal_handlers():
+            ray.init(address=address, include_dashboard=False, log_to_driver=ray_logs,
+                     logging_level=logging.WARNING if ray_logs else logging.ERROR)
     except ConnectionError as e:
         where = f"address {address} (--address)" if address else "RAY_ADDRESS or the running cluster"
         raise ValueError(f"ray_scan: cannot connect to the Ray cluster at {where}: {e}") from None
+
+
+@contextlib.contextmanager
+def _ray_loggers_at(level: int) -> Iterator[None]:
+    """Ray's loggers in this process (Ray Core's ``ray``, whose level ``ray.init`` also sets, and
+    Ray Data's ``ray.data``) at ``level`` or above while the block runs, as they were after it."""
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.getEffectiveLevel()))
+    try:
+        yield
     finally:
-        if threading.current_thread() is threading.main_thread():  # (where Ray puts its handlers in)
-            for sig, handler in handlers.items():
-                if handler is not None:
-                    signal.signal(sig, handler)
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+@contextlib.contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """The block (``ray.init``, ``ray.shutdown``) leaves the process's SIGTERM and SIGINT handling
+    as it was. ``ray.init`` puts Ray's handlers in, which exit (15; 1 after stopping the local Ray
+    instance) without the caller's cleanup, and a native one that takes SIGTERM with a stack dump
+    and arms an abort 3 s later; ``ray.shutdown`` resets SIGTERM to the default beneath Python's
+    handler. A SIGTERM that Ray's handler took in the block (the SystemExit it raised) goes again
+    to the process's own handler; if that does not raise, the SystemExit ends the process."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread sets handlers)
+        yield
+        return
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    alarm = signal.getitimer(signal.ITIMER_REAL)[0] if hasattr(signal, "alarm") else None
+
+    def restore() -> None:
+        for sig, handler in handlers.items():
+            if handler is not None:  # (None: a handler not set from Python, which it cannot put back)
+                signal.signal(sig, handler)
+        if alarm == 0:
+            signal.alarm(0)  # (the abort that Ray's native handler arms)
+
+    try:
+        yield
+    except SystemExit:
+        restore()
+        signal.raise_signal(signal.SIGTERM)
+        raise
+    finally:
+        restore()
 
 
 def _resources(ray: Any, actors: Optional[int], cpus_per_actor: float, gpus_per_actor: Optional[float],
@@ -439,7 +484,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
              weak_face_score: float = WEAK_FACE_SCORE, detect_pixels: int = DETECT_PIXELS,
              stdin: Optional[IO[str]] = None,
              progress: Optional[Callable[[int], None]] = None, show_ray_progress: bool = False,
-             log: Optional[Callable[[str], None]] = None, _crash_marker: Optional[str] = None) -> Dict[str, Any]:
+             ray_logs: bool = True, log: Optional[Callable[[str], None]] = None,
+             _crash_marker: Optional[str] = None) -> Dict[str, Any]:
     """Scan images on a Ray cluster into a folder of record shards; returns the run's stats.
 
     inputs, aligned, batch_size, pixel_limit, limit, upsample, weak_face_score, detect_pixels: as
@@ -466,6 +512,10 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         as RGB).
     shard_size / flush_s: a shard is written every ``shard_size`` records or ``flush_s`` seconds.
     progress: called with the number of records of each written shard.
+    ray_logs: Ray's own lines on stderr: its warnings and notices and the workers' output (True),
+        or only its errors (False: while the scan runs, Ray's loggers print only errors and,
+        when this call starts Ray, the workers' output stays in Ray's log files). Ray's native
+        code still prints its errors.
     log: where one-line notices go (a resume whose inputs changed); default: this module's
         logger, at WARNING.
     Raises :class:`RayNotInstalled`, FileNotFoundError / ValueError / TypeError (bad arguments),
@@ -515,9 +565,12 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         raise ShardsError(str(e)) from None
 
     started = False
+    loggers = contextlib.ExitStack()
     try:
+        if not ray_logs:
+            loggers.enter_context(_ray_loggers_at(logging.ERROR))
         if not ray.is_initialized():
-            _init_ray(ray, address)
+            _init_ray(ray, address, ray_logs)
             started = True
         n_actors, gpus, device = _resources(ray, actors, float(cpus_per_actor), gpus_per_actor, float(decode_cpus))
         if mode == "overwrite":
@@ -557,7 +610,9 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
             _write_atomic(out / STATS, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
     finally:
         if started:
-            ray.shutdown()
+            with _own_signal_handlers():
+                ray.shutdown()
+        loggers.close()
         if created and not any(out.iterdir()):  # refused before writing (e.g. too many actors): no trace
             out.rmdir()
         os.close(lock)

@@ -90,8 +90,8 @@ def add_parser(sub) -> None:
                    help="stop once the batch that holds the first error record is written (default: go on; "
                         "local engine)")
     p.add_argument("--quiet", action="store_true",
-                   help="no progress and no summary (default: both on stderr; progress is a bar on a terminal, else "
-                        "a line a minute)")
+                   help="no progress and no summary, and with --engine ray none of Ray's notices, only its errors "
+                        "(default: all on stderr; progress is a bar on a terminal, else a line a minute)")
     from .scan_ray import add_arguments
 
     add_arguments(p)

@@ -115,7 +115,7 @@ def run_ray(args: argparse.Namespace) -> int:
                          mode=plan["mode"], pixel_limit=args.pixel_limit, limit=args.limit, upsample=args.upsample,
                          weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels,
                          stdin=piped_listing(args, reread=False),
-                         progress=progress.update, log=lambda m: log(m, args.quiet), **kw)
+                         progress=progress.update, ray_logs=not args.quiet, log=lambda m: log(m, args.quiet), **kw)
     except (ShardsError, ValueError) as e:  # raised before any work (see ray_scan)
         raise usage_error(str(e)) from None
     except RuntimeError as e:  # the cluster failed the scan: say so in one line, keep what was written
