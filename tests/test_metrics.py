@@ -239,3 +239,95 @@ def test_plots_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     with pytest.raises(ImportError, match=r"plots need matplotlib \(pip install matplotlib\)"):
         ev.plot_roc({"a": ([0, 1], [0, 1])}, tmp_path / "x.png")
+
+
+def test_tpr_at_fpr_matches_a_brute_force_reference():
+    """Every threshold tried by hand, FPR compared exactly as a fraction (targets given as
+    floats mean their nearest simple fraction: 1/3, 0.01, ...)."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(11)
+    for case in range(60):
+        n = int(rng.choice([2, 3, 7, 40]))
+        y = (rng.random(n) < 0.5).astype(np.int64)
+        y[:2] = [0, 1]
+        s = rng.integers(0, 4, n).astype(float) if case % 2 else rng.normal(size=n)
+        reals, fakes = int((y == 0).sum()), int(y.sum())
+        for target in (0.0, 0.01, 0.2, 1 / 3, 0.5, 1.0):
+            want = 0.0
+            for t in np.unique(s):
+                fp, tp = int(((s >= t) & (y == 0)).sum()), int(((s >= t) & (y == 1)).sum())
+                if Fraction(fp, reals) <= Fraction(target).limit_denominator(1000):
+                    want = max(want, tp / fakes)
+            assert ev.tpr_at_fpr(s, y, target) == want, (case, target)
+
+
+def test_labels_as_bools_floats_and_lists():
+    s, y = random_case(4, 80, ties=True)
+    want = ev.metrics(s, y, operating_threshold=0.3)
+    for lab in (y.astype(bool), y.astype(np.float32), y.tolist(), [bool(v) for v in y], y.astype(np.int8)):
+        assert ev.metrics(s, lab, operating_threshold=0.3) == want
+    assert ev.metrics(s.astype(np.float32), y)["auc"] == ev.roc_auc(s.astype(np.float32).astype(np.float64), y)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(fpr_targets=(5,)), r"metrics: fpr_targets must be fractions in \[0, 1\] \(0.01 = 1% FPR\), got 5"),
+    (dict(fpr_targets=(-0.01,)), r"fpr_targets must be fractions in \[0, 1\].*got -0.01"),
+    (dict(fpr_targets=(float("nan"),)), r"fpr_targets must be fractions in \[0, 1\].*got nan"),
+    (dict(threshold=float("nan")), r"metrics: threshold must be a logit \(a number, not NaN\), got nan"),
+    (dict(operating_threshold=float("nan")), r"metrics: operating_threshold must be a logit .*got nan"),
+])
+def test_bad_thresholds_and_targets_are_refused(kw, match):
+    s, y = random_case(0, 30)
+    with pytest.raises(ValueError, match=match):
+        ev.metrics(s, y, **kw)
+    with pytest.raises(ValueError, match=match.replace("metrics:", "evaluate:")):
+        ev.evaluate(s, y, bootstrap=0, **kw)
+    with pytest.raises(ValueError, match=match.replace("metrics:", "evaluate_by:")):
+        ev.evaluate_by(s, y, [("type", ["a"] * len(y), "fake")], bootstrap=0, **kw)
+
+
+def test_infinite_thresholds_call_everything_one_class():
+    s, y = random_case(0, 30)
+    assert ev.metrics(s, y, threshold=float("inf"))["acc"] == pytest.approx(np.mean(y == 0))
+    assert ev.metrics(s, y, threshold=-float("inf"))["acc"] == pytest.approx(np.mean(y == 1))
+
+
+def test_bootstrap_seed_is_checked():
+    s, y = random_case(0, 30)
+    for seed in (None, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"bootstrap_ci: seed must be an int >= 0, got"):
+            ev.bootstrap_ci(s, y, stat, n=5, seed=seed)
+    with pytest.raises(ValueError, match=r"evaluate: seed must be an int >= 0, got -1"):
+        ev.evaluate(s, y, bootstrap=5, seed=-1)
+    assert ev.bootstrap_ci(s, y, stat, n=5, seed=np.int64(3)) == ev.bootstrap_ci(s, y, stat, n=5, seed=3)
+
+
+def test_bootstrap_matches_a_hand_written_percentile_bootstrap():
+    """Same draws (reals then fakes, from default_rng(seed)), numpy's linear quantiles."""
+    for seed, level in ((0, 0.95), (1, 0.9), (2, 0.5)):
+        s, y = random_case(seed, 40, ties=True, balance=0.3)
+        got = ev.bootstrap_ci(s, y.astype(bool), stat, n=150, seed=seed, level=level)
+        rng = np.random.default_rng(seed)
+        neg, pos = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+        vals = {"auc": [], "acc": []}
+        for _ in range(150):
+            idx = np.r_[neg[rng.integers(0, len(neg), len(neg))], pos[rng.integers(0, len(pos), len(pos))]]
+            for k, v in stat(s[idx], y[idx]).items():
+                vals[k].append(v)
+        for k, v in vals.items():
+            assert got[k] == tuple(np.percentile(v, [50 * (1 - level), 50 * (1 + level)])), (seed, k)
+
+
+def test_bootstrap_values_missing_from_a_resample_are_left_out():
+    s, y = random_case(1, 30)
+    calls = []
+
+    def partial(a, b):
+        calls.append(1)
+        if len(calls) == 1:  # the point estimate names both values
+            return {"a": 1.0, "b": 2.0}
+        return {"a": 1.0, "b": 3.0} if len(calls) % 2 else {"a": 1.0}
+
+    ci = ev.bootstrap_ci(s, y, partial, n=400, seed=0)
+    assert ci == {"a": (1.0, 1.0), "b": (3.0, 3.0)}

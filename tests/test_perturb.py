@@ -137,3 +137,58 @@ def test_noise_seed_sequences():
     assert np.array_equal(apply("noise", 0.03, x, seed=5), apply("noise", 0.03, x, seed=[5]))
     with pytest.raises(ValueError, match=r"noise: seed must be an int >= 0 or a sequence of them, got -1"):
         apply("noise", 0.03, x, seed=-1)
+
+
+EDGE_SHAPES = [(1, 1, 3), (1, 7, 3), (7, 1, 3), (2, 2, 3), (3, 1, 1, 3), (2, 5, 4, 3)]
+
+
+@pytest.mark.parametrize("shape", EDGE_SHAPES)
+@pytest.mark.parametrize("attack,level", [("jpeg", 30), ("blur", 3), ("resize", 0.25), ("noise", 0.1)])
+def test_edge_shapes_strides_and_read_only_inputs(attack, level, shape):
+    x = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
+    before = x.copy()
+    y = apply(attack, level, x, seed=2)
+    assert y.shape == x.shape and y.dtype == np.uint8 and np.array_equal(x, before)
+    flipped = x[..., ::-1, :]  # a negative stride on the width axis
+    assert np.array_equal(apply(attack, level, flipped, seed=2), apply(attack, level, flipped.copy(), seed=2))
+    x.setflags(write=False)
+    assert np.array_equal(apply(attack, level, x, seed=2), y)
+
+
+def test_jpeg_and_resize_equal_direct_pillow_calls():
+    import io
+
+    x = smooth_image(5, 37, 29)
+    for q in (1, 30, 95, 100):
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, "JPEG", quality=q, subsampling="4:2:0")
+        assert np.array_equal(apply("jpeg", q, x), np.asarray(Image.open(buf).convert("RGB"))), q
+    for f, small in ((0.75, (22, 28)), (0.5, (14, 18)), (0.25, (7, 9)), (0.01, (1, 1))):
+        img = Image.fromarray(x).resize(small, Image.Resampling.BICUBIC).resize((29, 37), Image.Resampling.BICUBIC)
+        assert np.array_equal(apply("resize", f, x), np.asarray(img)), f
+    assert np.array_equal(apply("resize", 1, x), x)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.5, 1, 2, 3])
+@pytest.mark.parametrize("hw", [(40, 30), (5, 9), (1, 6)])
+def test_blur_equals_scipy_gaussian_filter(sigma, hw):
+    """scipy's ``mode="mirror"`` is numpy's ``"reflect"`` (the edge pixel not repeated); its
+    radius is ``int(truncate * sigma + 0.5)``, so truncate is set to give ours, ceil(4 sigma)."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = smooth_image(6, *hw)
+    r = max(1, int(np.ceil(4 * sigma)))
+    mode = ["nearest" if n == 1 else "mirror" for n in hw]
+    want = np.stack([ndimage.gaussian_filter(x[..., c].astype(np.float64), sigma, truncate=r / sigma, mode=mode)
+                     for c in range(3)], -1)
+    assert np.array_equal(apply("blur", sigma, x), np.clip(np.round(want), 0, 255).astype(np.uint8))
+
+
+def test_noise_is_the_documented_draw_rounded_and_clipped():
+    x = smooth_image(7, 30, 20)
+    x[:5], x[-5:] = 0, 255  # clipping at both ends
+    for seed, sigma in ((3, 0.1), ((4, 9), 0.03)):
+        draw = np.random.default_rng([*np.atleast_1d(seed).tolist(), 0]).normal(0.0, sigma * 255.0, x.shape)
+        want = np.clip(np.round(x + draw), 0, 255).astype(np.uint8)
+        assert np.array_equal(apply("noise", sigma, x, seed=seed), want)
+    y = apply("noise", 0.1, x, seed=3)
+    assert y[:5].min() == 0 < y[:5].max() and y[-5:].min() < 255 == y[-5:].max()

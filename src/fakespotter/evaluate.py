@@ -61,6 +61,31 @@ def _check(scores: Any, labels: Any, what: str) -> Tuple[np.ndarray, np.ndarray]
     return s, y.astype(bool)
 
 
+def _real(x: Any) -> float:
+    """float(x) for a real number (a bool is not one); NaN for anything else."""
+    try:
+        return float("nan") if isinstance(x, (bool, np.bool_, str, bytes)) else float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _threshold(t: Any, what: str, name: str = "threshold") -> float:
+    """A logit threshold: any number but NaN (+-inf call everything real / fake)."""
+    v = _real(t)
+    if math.isnan(v):
+        raise ValueError(f"{what}: {name} must be a logit (a number, not NaN), got {t!r}")
+    return v
+
+
+def _targets(fpr_targets: Any, what: str) -> Tuple[float, ...]:
+    """FPR targets as fractions in [0, 1] (0.01 = 1% FPR)."""
+    out = tuple(_real(f) for f in fpr_targets)
+    for f, v in zip(fpr_targets, out):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{what}: fpr_targets must be fractions in [0, 1] (0.01 = 1% FPR), got {f!r}")
+    return out
+
+
 def _counts(s: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(thresholds descending, true positives, false positives) at each distinct score: the
     samples with score >= thresholds[i] are called fake at point i."""
@@ -159,7 +184,8 @@ def equal_error_rate(scores: Any, labels: Any) -> float:
 
 def tpr_at_fpr(scores: Any, labels: Any, target: float) -> float:
     """The highest TPR of a threshold whose FPR is at most ``target`` (no interpolation: a
-    threshold exists that achieves it on these samples)."""
+    threshold exists that achieves it on these samples; FPR is compared with a 1e-12
+    allowance, so 3 of 300 reals is within 0.01). ``target`` is a fraction in [0, 1]."""
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"tpr_at_fpr: target must be in [0, 1], got {target}")
     _, tps, fps = _counts(*_check(scores, labels, "tpr_at_fpr"))
@@ -170,7 +196,7 @@ def threshold_metrics(scores: Any, labels: Any, threshold: float) -> Dict[str, f
     """acc, precision, recall, f1, tpr, fpr with fake = ``score > threshold``; precision and
     F1 are 0 when nothing is called fake (scikit-learn's ``zero_division=0``)."""
     s, y = _check(scores, labels, "threshold_metrics")
-    return _at(s, y, float(threshold))
+    return _at(s, y, _threshold(threshold, "threshold_metrics"))
 
 
 def _at(s: np.ndarray, y: np.ndarray, t: float) -> Dict[str, float]:
@@ -193,9 +219,11 @@ def metrics(scores: Any, labels: Any, threshold: float = 0.0, operating_threshol
     threshold: logit for acc / precision / recall / f1 (default 0, i.e. P(fake) = 0.5).
     operating_threshold: the model's stored logit threshold; adds ``acc_operating``,
     ``tpr_operating`` and ``fpr_operating``.
+    fpr_targets: FPRs as fractions in [0, 1]; each adds ``tpr_at_<100 f>pct_fpr``.
     """
     s, y = _check(scores, labels, "metrics")
-    return _metrics(s, y, float(threshold), operating_threshold, tuple(fpr_targets))
+    op = None if operating_threshold is None else _threshold(operating_threshold, "metrics", "operating_threshold")
+    return _metrics(s, y, _threshold(threshold, "metrics"), op, _targets(fpr_targets, "metrics"))
 
 
 def _metrics(s: np.ndarray, y: np.ndarray, threshold: float, op: Optional[float],
@@ -220,12 +248,17 @@ def bootstrap_ci(scores: Any, labels: Any, statistic: Callable[[np.ndarray, np.n
     """Percentile bootstrap intervals of every value ``statistic(scores, labels)`` returns.
 
     Resampling is stratified: each resample draws the reals from the reals and the fakes from
-    the fakes, with replacement, keeping both counts. Deterministic for ``seed``. Returns
-    ``{name: (low, high)}`` (NaN bounds when a class is absent or ``n`` is 0).
+    the fakes, with replacement, keeping both counts. Deterministic for ``seed`` (an int >= 0).
+    The bounds are the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled
+    values (numpy's linear interpolation); a resample where a value is NaN or missing is left
+    out of that value's interval. Returns ``{name: (low, high)}`` (NaN bounds when a class is
+    absent or ``n`` is 0).
     """
     s, y = _check(scores, labels, "bootstrap_ci")
-    if int(n) != n or n < 0:
+    if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or int(n) != n or n < 0:
         raise ValueError(f"bootstrap_ci: n must be an int >= 0, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"bootstrap_ci: seed must be an int >= 0, got {seed!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
     point = statistic(s, y.astype(np.int64))
@@ -233,7 +266,7 @@ def bootstrap_ci(scores: Any, labels: Any, statistic: Callable[[np.ndarray, np.n
     if n == 0 or len(pos) == 0 or len(neg) == 0:
         return {k: (float("nan"), float("nan")) for k in point}
     rng = np.random.default_rng(seed)
-    values = {k: np.empty(int(n)) for k in point}
+    values = {k: np.full(int(n), np.nan) for k in point}
     yb = np.r_[np.zeros(len(neg), dtype=np.int64), np.ones(len(pos), dtype=np.int64)]
     for b in range(int(n)):
         idx = np.r_[neg[rng.integers(0, len(neg), len(neg))], pos[rng.integers(0, len(pos), len(pos))]]
@@ -280,6 +313,7 @@ def evaluate(scores: Any, labels: Any, groups: Optional[Sequence[Hashable]] = No
     groups: one label per sample (fake type / generator for fakes, source for reals). Each
     fake group gets a row of its fakes against all reals; when the reals carry more than one
     group, each real group gets a row of its reals against all fakes.
+    Row ``i``'s intervals come from :func:`bootstrap_ci` with seed ``seed + i``.
     Returns a report: ``{"settings": {...}, "rows": [{"group", "class", "n_real", "n_fake",
     <metric>: value, "ci": {<metric>: [low, high]}}, ...]}``; the first row is ``"all"``.
     """
@@ -321,11 +355,15 @@ def evaluate_by(scores: Any, labels: Any, groupings: Sequence[Tuple[str, Sequenc
 def _report(s: np.ndarray, y: np.ndarray, masks: Sequence[Tuple[Dict[str, str], np.ndarray]], threshold: float,
             operating_threshold: Optional[float], bootstrap: int, seed: int, level: float,
             fpr_targets: Sequence[float], label_columns: Optional[List[str]] = None) -> Dict[str, Any]:
-    op = None if operating_threshold is None else float(operating_threshold)
-    targets = tuple(float(f) for f in fpr_targets)
+    what = "evaluate_by" if label_columns is not None else "evaluate"
+    threshold = _threshold(threshold, what)
+    op = None if operating_threshold is None else _threshold(operating_threshold, what, "operating_threshold")
+    targets = _targets(fpr_targets, what)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{what}: seed must be an int >= 0, got {seed!r}")
 
     def stat(a: np.ndarray, b: np.ndarray) -> Dict[str, float]:
-        return _metrics(a, b.astype(bool), float(threshold), op, targets)
+        return _metrics(a, b.astype(bool), threshold, op, targets)
 
     def row(names: Dict[str, str], mask: np.ndarray, offset: int) -> Dict[str, Any]:
         a, b = s[mask], y[mask]

@@ -93,8 +93,9 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
 
 
 def blur(image: ImageLike, sigma: float) -> ImageLike:
-    """Separable Gaussian blur of standard deviation ``sigma`` pixels (kernel truncated at
-    4 sigma, edges mirrored), rounded back to uint8."""
+    """Separable Gaussian blur of standard deviation ``sigma`` pixels (kernel radius
+    ``max(1, ceil(4 sigma))``; edges mirrored without repeating the edge pixel, numpy's
+    ``"reflect"`` = scipy's ``"mirror"``; a 1-pixel axis is kept as is), rounded back to uint8."""
     if not (_is_number(sigma) and sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"blur: sigma must be a positive number of pixels, got {sigma!r}")
     a = _check_image(image, "blur")
