@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from fakespotter import faces as F
 from fakespotter import weights as W
@@ -380,6 +380,131 @@ def test_pgm_ppm_of_any_maxval_decode_as_pillow_does_without_its_per_sample_loop
     with pytest.raises(ValueError, match=r"load_image: \d+ bytes is not an image Pillow can decode "
                                          rf"\({type(cut.value).__name__}: {re.escape(str(cut.value))}\)"):
         F.load_image(data[:-1])
+
+
+# Pillow's ways of failing on plain PBM/PGM/PPM data: words its messages (and ours) hold
+_PNM_FAILURES = re.compile(r"Token too long|invalid literal for int|is negative|too large for this mode|"
+                           r"not enough image data|Invalid token for this mode")
+_SAFEBLOCKS = (1, 3, 7, 1 << 20)  # Pillow's (ImageFile.SAFEBLOCK) and tiny ones: every token and comment split
+
+
+def _plain_decoded(opener, data, monkeypatch, safeblock):
+    """``(mode, pixels)`` of ``data`` opened with ``opener`` and read in blocks of ``safeblock``
+    bytes, or ``("fails", words)`` with the words of _PNM_FAILURES its ValueError holds."""
+    monkeypatch.setattr(ImageFile, "SAFEBLOCK", safeblock)
+    try:
+        with opener(io.BytesIO(data)) as img:
+            img.load()
+            return img.mode, np.asarray(img).tolist()
+    except ValueError as e:
+        found = _PNM_FAILURES.search(str(e))
+        assert found, f"an unexpected failure: {e!r}"
+        return "fails", found.group()
+
+
+def _pillow_and_ours(monkeypatch, data):
+    """The outcomes of Pillow's own plain decoder at each of _SAFEBLOCKS, and of open_image's (with
+    Pillow's made to fail) at each of them, parsing 1, 2 or 65536 tokens at once."""
+    from PIL import PpmImagePlugin
+
+    pillow = [_plain_decoded(Image.open, data, monkeypatch, size) for size in _SAFEBLOCKS]
+    monkeypatch.setattr(PpmImagePlugin.PpmPlainDecoder, "decode", lambda *a: pytest.fail("Pillow's plain decoder ran"))
+    ours = []
+    for tokens in (1, 2, 1 << 16):
+        monkeypatch.setattr(F, "_PNM_TOKENS", tokens)
+        ours.append([_plain_decoded(F.open_image, data, monkeypatch, size) for size in _SAFEBLOCKS])
+    return pillow, ours
+
+
+def _plain_pnm(magic, maxval, samples, rng):
+    """``samples`` (int [H, W, bands]; P1: 0 or 1) as a plain PBM/PGM/PPM written every way Pillow
+    reads: comments anywhere whitespace may be (ended by LF, CR or CRLF), any whitespace between
+    tokens (none between P1's), and P2/P3 tokens spelled as Python ints ("+7", "007", "1_0", "-0")."""
+    h, w, _ = samples.shape
+    seps = [b" ", b"\t", b"\n", b"\r\n", b"\r", b"\x0b", b"\x0c", b" \t ", b" # a comment\n", b"\t#\r\n",
+            b"\n#x # y\r", b"\r\n#\n"]
+    out = [magic + b" %d %d" % (w, h) + (b"" if magic == b"P1" else b" %d" % maxval) + b"\n# made by hand\r\n"]
+    for v in samples.ravel().tolist():
+        token = b"%d" % v
+        how = rng.integers(8)
+        if magic == b"P1":
+            out.append(token + (rng.choice(seps) if how < 4 else b""))
+            continue
+        if how == 0:
+            token = b"+" + token
+        elif how == 1:
+            token = token.rjust(10, b"0")
+        elif how == 2 and v == 0:
+            token = b"-0"
+        elif how == 2 and v >= 10:
+            token = token[:1] + b"_" + token[1:]
+        out.append(token + rng.choice(seps))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("magic,maxval", [(b"P1", 1), (b"P2", 1), (b"P2", 100), (b"P2", 255), (b"P2", 256),
+                                          (b"P2", 1000), (b"P2", 65535), (b"P3", 1), (b"P3", 15), (b"P3", 255),
+                                          (b"P3", 4095), (b"P3", 65535)])
+def test_plain_pbm_pgm_ppm_decode_as_pillow_does_without_its_per_token_loop(monkeypatch, magic, maxval):
+    """Pillow parses plain (ASCII) PBM/PGM/PPM token by token in Python (27 s for a 10 MP P3);
+    open_image decodes them in numpy to the same pixels, in the same modes and scales; and read in
+    tiny blocks, where Pillow loses samples to comments that end at a block's start, it reads what
+    Pillow reads."""
+    bands = 3 if magic == b"P3" else 1
+    rng = np.random.default_rng(maxval * 10 + magic[1])
+    samples = rng.integers(0, maxval + 1, (4, 5, bands))
+    samples.flat[:2] = [maxval, 0]
+    if magic == b"P1":  # 1 is black
+        want = ("1", (samples[..., 0] == 0).tolist())
+    elif magic == b"P2" and maxval > 255:
+        want = ("I", np.round(samples[..., 0] / maxval * 65535).astype(int).tolist())
+    else:
+        scaled = np.round(samples / maxval * 255).astype(int)
+        want = ("L", scaled[..., 0].tolist()) if bands == 1 else ("RGB", scaled.tolist())
+    pillow, ours = _pillow_and_ours(monkeypatch, _plain_pnm(magic, maxval, samples, rng))
+    assert pillow[-1] == want  # premise: what Pillow reads (in its own blocks)
+    assert ours == [pillow] * len(ours)
+
+
+@pytest.mark.parametrize("data,safeblock,want", [
+    (b"P2 4 1 255\n1#c\n2 3\t#\r4 5", 1 << 20, ("L", [[12, 3, 4, 5]])),  # a comment goes with its LF or CR
+    (b"P2 2 1 255\n#c\r\n1 #c\r\n2", 1 << 20, ("L", [[1, 2]])),  # CRLF; the end of the file ends a token
+    (b"P3 1 1 255\n1\t2\x0b3\x0c", 1 << 20, ("RGB", [[[1, 2, 3]]])),
+    (b"P2 4 1 1000\n+7 -0 1_0 0001000\n", 1 << 20, ("I", [[459, 0, 655, 65535]])),
+    (b"P2 2 1 255\n1 2 xyz 12345678901\n", 1 << 20, ("L", [[1, 2]])),  # tokens after the last sample: not read
+    (b"P1 4 1\n0101", 1 << 20, ("1", [[True, False, True, False]])),
+    (b"P1 2 2\n0#c\r1\n1 0 # c", 1 << 20, ("1", [[True, False], [False, True]])),
+    (b"P2 2 1 255\n1\n", 1 << 20, ("fails", "not enough image data")),
+    (b"P3 1 1 255\n1 2\n# 3\n", 1 << 20, ("fails", "not enough image data")),
+    (b"P1 2 1\n0", 1 << 20, ("fails", "not enough image data")),
+    (b"P2 2 1 10\n5 11\n", 1 << 20, ("fails", "too large for this mode")),
+    (b"P2 1 1 65535\n00000000001\n", 1 << 20, ("fails", "Token too long")),
+    (b"P2 1 1 255\n-1\n", 1 << 20, ("fails", "is negative")),
+    (b"P2 1 1 255\n1x\n", 1 << 20, ("fails", "invalid literal for int")),
+    (b"P2 1 1 255\n1__0\n", 1 << 20, ("fails", "invalid literal for int")),
+    (b"P2 1 1 255\n_1\n", 1 << 20, ("fails", "invalid literal for int")),
+    (b"P2 1 1 255\n1_\n", 1 << 20, ("fails", "invalid literal for int")),
+    (b"P2 1 1 255\n1+2\n", 1 << 20, ("fails", "invalid literal for int")),
+    (b"P2 1 1 255\n+\n", 1 << 20, ("fails", "invalid literal for int")),
+    (b"P2 1 1 255\n0x1\n", 1 << 20, ("fails", "invalid literal for int")),
+    (b"P2 1 1 255\n\xd9\xa1\n", 1 << 20, ("fails", "invalid literal for int")),  # (an Arabic-Indic 1)
+    (b"P1 2 1\n02\n", 1 << 20, ("fails", "Invalid token for this mode")),
+    # what depends on where Pillow's blocks end
+    (b"P1 1 1\n0 x", 1 << 20, ("fails", "Invalid token for this mode")),  # the rest of a block read is checked
+    (b"P1 1 1\n0 x", 2, ("1", [[True]])),  # ... not the next block
+    (b"P2 1 1 255\n1 12345678901", 1 << 20, ("fails", "Token too long")),  # a block's unfinished last token
+    (b"P2 1 1 255\n1 12345678901", 2, ("L", [[1]])),
+    (b"P2 3 1 255\n1 #abc\n2\r3 4\n", 6, ("L", [[1, 3, 4]])),  # a block opening with LF that holds a CR
+    (b"P2 3 1 65535\n1 12#c\r\n34 5 6\n", 6, ("I", [[1, 1234, 5]])),  # ... opening with CR, LF next
+])
+def test_plain_pnm_rules_and_failures_are_pillows(monkeypatch, data, safeblock, want):
+    """open_image's plain PBM/PGM/PPM decoder reads what Pillow's does, block quirks included, and
+    fails where it fails, for the same reason."""
+    monkeypatch.setattr(F, "_PNM_TOKENS", 1 << 16)
+    assert _plain_decoded(Image.open, data, monkeypatch, safeblock) == want  # premise: Pillow's reading
+    pillow, ours = _pillow_and_ours(monkeypatch, data)
+    assert ours == [pillow] * len(ours)
+    assert _plain_decoded(F.open_image, data, monkeypatch, safeblock) == want
 
 
 def test_pillows_failures_are_value_errors_that_name_the_image(tmp_path):
