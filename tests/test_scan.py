@@ -710,6 +710,46 @@ def test_worker_crash_loses_no_record(corpus, model, tmp_path):
     assert set(kinds.values()) == {None}
 
 
+def chunk_flood_png(chunks: int) -> bytes:
+    """A valid 64x64 PNG behind ``chunks`` empty IDAT chunks: Pillow reads each in Python (~5 us)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes(64 * 3) for _ in range(64))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"") * chunks + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_file_over_the_time_limit_gets_a_timeout_record_and_the_worker_goes_on(model, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_good(folder, 3)  # img000.png ...
+    (folder / "img001a.png").write_bytes(chunk_flood_png(3_000_000))  # ~10 s of Pillow's chunk loop here
+    recs = list(scan([str(folder)], model, aligned=True, workers=1, batch_size=2, file_timeout=1.0))
+    kinds = {os.path.basename(r["path"]): r["error_kind"] for r in recs}
+    assert kinds == {"img000.png": None, "img001.png": None, "img001a.png": "timeout", "img002.png": None}
+    (slow,) = [r for r in recs if r["error_kind"]]
+    assert slow["status"] == "error" and slow["score"] is None and "--file-timeout" in slow["error"]
+    assert D.ERROR_KINDS["timeout"]
+    # a limit the file stays within changes nothing; 0 is no limit
+    small = folder / "img001a.png"
+    small.write_bytes(chunk_flood_png(10))
+    for limit in (60, 0):
+        assert all(r["status"] == "ok" for r in scan([str(folder)], model, aligned=True, workers=1, file_timeout=limit))
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "5", True])
+def test_file_timeout_must_be_a_number_of_seconds(model, tmp_path, bad, capsys):
+    with pytest.raises(ValueError, match=r"scan: file_timeout must be a finite number of seconds >= 0"):
+        scan([str(tmp_path)], model, file_timeout=bad)
+    if isinstance(bad, float) or bad == -1:
+        rc, _, err = run_cli(["scan", str(tmp_path), "--model", str(model), "--file-timeout", str(bad)], capsys)
+        assert rc == 2 and "--file-timeout must be a finite number of seconds >= 0" in err, err
+
+
 def test_a_script_without_a_main_guard_gets_a_clear_error_not_crash_records(corpus, model, tmp_path):
     """Workers import the main script as they start; one that calls scan() at its top level runs
     it again there and dies. That is no file's fault: the scan raises WorkerStartError saying

@@ -77,6 +77,7 @@ ERROR_KINDS: Dict[str, str] = {
     "face_detection_error": "face detection or alignment failed on the decoded image",
     "not_a_chip": "--aligned: the image cannot be an aligned face chip (a side under 16 px, or not square within 2:1)",
     "worker_crash": "the decode worker process died on this file (a crash in a native decoder)",
+    "timeout": "reading, decoding and face detection took longer than the per-file time limit (--file-timeout)",
     "internal_error": "any other failure (a bug in fakespotter: please report it)",
 }
 

@@ -90,6 +90,11 @@ FORMATS = ("jsonl", "csv", "parquet")
 # least this often: slow images (large photos) are written as they go.
 STALL_FLUSH_S = 30.0
 
+# A decode worker gives up on a file after this long (read, hash, decode, detect faces): a
+# ``timeout`` record, and the worker goes on. Normal photos take well under 10 s; what takes
+# longer is a file built to (a flood of PNG chunks: ~5 us each, 450 s for a 1 GB file).
+FILE_TIMEOUT_S = 120.0
+
 _CRASH_ENV = "FAKESPOTTER_SCAN_TEST_CRASH"  # tests: a worker exits hard on paths ending with this
 _START_CRASH = ":start:"  # ... or as it starts, when the variable says this
 
@@ -121,6 +126,7 @@ class _Config(NamedTuple):
     pixel_limit: int
     weak_face_score: float
     detect_pixels: int
+    file_timeout: float = 0.0  # seconds a worker spends on a file at most; 0: no limit
 
 
 def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
@@ -164,16 +170,64 @@ def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
 
 
 def _decode_chunk(entries: List[Entry], cfg: _Config) -> List[Dict[str, Any]]:
+    """In a decode worker: :func:`_decode_one` for each entry, within ``cfg.file_timeout``."""
     crash = os.environ.get(_CRASH_ENV)
     if crash and any(e.path.endswith(crash) for e in entries):
         os._exit(70)
-    return [_decode_one(e, cfg) for e in entries]
+    return [_decode_timed(e, cfg) for e in entries]
+
+
+class _FileTimeout(BaseException):
+    """Raised by the worker's alarm: a BaseException, so that no ``except Exception`` on the
+    way (a decoder's error handling) takes it for the file's own error."""
+
+
+def _decode_timed(entry: Entry, cfg: _Config) -> Dict[str, Any]:
+    """:func:`_decode_one`, stopped by SIGALRM after ``cfg.file_timeout`` seconds (a worker's main
+    thread only). The alarm is seen between Python steps: a single native call (one libjpeg
+    decode, one detector pass) runs to its end first."""
+    import signal
+
+    if not cfg.file_timeout:
+        return _decode_one(entry, cfg)
+    armed = True
+
+    def alarm(signum: int, frame: Any) -> None:
+        if armed:  # (a one-shot timer: fires once, and not after the file is done)
+            raise _FileTimeout
+
+    t0 = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, cfg.file_timeout)
+    try:
+        out = _decode_one(entry, cfg)
+        armed = False
+    except _FileTimeout:
+        armed = False
+        out = _error_result(entry, "timeout", f"stopped after {cfg.file_timeout:g} s (the per-file time limit, "
+                                              f"--file-timeout) reading, decoding and detecting faces in it")
+        out["seconds"] = time.perf_counter() - t0
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return out
+
+
+def _error_result(entry: Entry, kind: str, message: str) -> Dict[str, Any]:
+    return {"path": entry.path, "size": None, "sha256": None, "width": None, "height": None, "frames": None,
+            "faces": [], "chips": None, "seconds": 0.0, "error": (kind, message)}
 
 
 def _crash_result(entry: Entry) -> Dict[str, Any]:
-    return {"path": entry.path, "size": None, "sha256": None, "width": None, "height": None, "frames": None,
-            "faces": [], "chips": None, "seconds": 0.0,
-            "error": ("worker_crash", "the decode worker process died while reading this file")}
+    return _error_result(entry, "worker_crash", "the decode worker process died while reading this file")
+
+
+def check_file_timeout(value: Any, what: str) -> float:
+    """A per-file time limit in seconds: a finite number >= 0 (0: none)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{what}: file_timeout must be a finite number of seconds >= 0 (0: no limit), got {value!r}")
+    return float(value)
 
 
 class CompileError(RuntimeError):
@@ -603,7 +657,8 @@ class ScanRun:
             new_stats(), batch_size=batch_size, batch_size_requested=batch_size, oom_backoffs=[],
             precision=precision_of(device, autocast), channels_last=bool(channels_last), compiled=bool(compile),
             compile_s=0.0, workers=workers, device=device, aligned=cfg.aligned, upsample=cfg.upsample,
-            weak_face_score=cfg.weak_face_score, detect_pixels=cfg.detect_pixels, pixel_limit=cfg.pixel_limit)
+            weak_face_score=cfg.weak_face_score, detect_pixels=cfg.detect_pixels, pixel_limit=cfg.pixel_limit,
+            file_timeout=cfg.file_timeout)
         # what the scan needs, apart from this object: its generator must not hold the ScanRun,
         # or dropping the run would leave a cycle (and the workers running) until the next gc
         self._job = _Job(iter(entries), detector, model_id, cfg, batch_size, workers, device, bool(channels_last),
@@ -886,7 +941,8 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
          limit: Optional[int] = None, upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE,
          detect_pixels: int = DETECT_PIXELS, skip: int = 0, exclude: Optional[Container[str]] = None,
          stdin: Optional[IO[str]] = None, channels_last: bool = False, autocast: bool = False,
-         compile: bool = False, log: Optional[Callable[[str], None]] = None) -> ScanRun:
+         compile: bool = False, file_timeout: float = FILE_TIMEOUT_S,
+         log: Optional[Callable[[str], None]] = None) -> ScanRun:
     """Scan images for synthesized faces; an iterator of one record per input image, in input order.
 
     inputs: paths - files, folders (recursive), ``@list.txt`` file lists, ``-`` (a list on
@@ -898,6 +954,10 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     workers: decode / face-detection processes (default :func:`default_workers`; 0: inline).
     device: where the backbone runs (``cpu``, ``cuda``, ``cuda:1``, ...).
     pixel_limit: images with more pixels are refused (``too_many_pixels``) before decoding.
+    file_timeout: seconds a decode worker spends on one file (read, decode, face detection) before
+        it gives a ``timeout`` record and goes on (0: no limit; ``workers=0`` has none). Checked
+        between Python steps, so one long native call (a libjpeg decode) finishes first. Only a
+        file that hits it gets a record that depends on the machine's speed.
     limit: scan only the first ``limit`` inputs of the listing.
     upsample / weak_face_score / detect_pixels: face detector upsampling, the score below which
         a detection is dropped from an image that holds a face scoring at least that, and the
@@ -949,11 +1009,12 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
             raise TypeError(f"scan: {name} must be a bool, got {type(v).__name__}")
     weak_face_score = check_weak_face_score(weak_face_score, "scan")
     detect_pixels = check_detect_pixels(detect_pixels, "scan")
+    file_timeout = check_file_timeout(file_timeout, "scan")
     device = check_device(device, "scan")
     check_sources(inputs, "scan")
     det, model_id = _load_model(model, device)
     cfg = _Config(bool(aligned), int(det.tap_.preprocessing.size[0]), int(upsample), int(pixel_limit), weak_face_score,
-                  detect_pixels)
+                  detect_pixels, file_timeout)
     entries: Iterable[Entry] = iter_entries(inputs, stdin=stdin)
     if limit is not None or skip:
         entries = itertools.islice(entries, skip, limit)

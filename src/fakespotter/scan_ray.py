@@ -50,8 +50,8 @@ import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
-from .scan import (STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list, _lock,
-                   count_record, input_key, make_record, moved_away, new_stats)
+from .scan import (FILE_TIMEOUT_S, STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list,
+                   _lock, check_file_timeout, count_record, input_key, make_record, moved_away, new_stats)
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -482,13 +482,14 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
              shard_size: int = 1000, flush_s: float = 60.0,
              pixel_limit: int = DEFAULT_PIXEL_LIMIT, limit: Optional[int] = None, upsample: int = 1,
              weak_face_score: float = WEAK_FACE_SCORE, detect_pixels: int = DETECT_PIXELS,
-             stdin: Optional[IO[str]] = None,
+             file_timeout: float = FILE_TIMEOUT_S, stdin: Optional[IO[str]] = None,
              progress: Optional[Callable[[int], None]] = None, show_ray_progress: bool = False,
              ray_logs: bool = True, log: Optional[Callable[[str], None]] = None,
              _crash_marker: Optional[str] = None) -> Dict[str, Any]:
     """Scan images on a Ray cluster into a folder of record shards; returns the run's stats.
 
-    inputs, aligned, batch_size, pixel_limit, limit, upsample, weak_face_score, detect_pixels: as
+    inputs, aligned, batch_size, pixel_limit, limit, upsample, weak_face_score, detect_pixels,
+    file_timeout: as
         :func:`fakespotter.scan.scan` (the records are the same as its records for the same
         inputs, model and batch size).
     model: a model file, ``"default"`` (the embedded default detector, as for
@@ -545,11 +546,12 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         raise TypeError(f"ray_scan: address must be None or a str, got {type(address).__name__}")
     weak_face_score = check_weak_face_score(weak_face_score, "ray_scan")
     detect_pixels = check_detect_pixels(detect_pixels, "ray_scan")
+    file_timeout = check_file_timeout(file_timeout, "ray_scan")
     check_sources(inputs, "scan")
     ray = import_ray()
     data, model_id, det = _model_bytes(model)
     size = int(det.tap_.preprocessing.size[0])
-    cfg = _Config(bool(aligned), size, int(upsample), int(pixel_limit), weak_face_score, detect_pixels)
+    cfg = _Config(bool(aligned), size, int(upsample), int(pixel_limit), weak_face_score, detect_pixels, file_timeout)
     settings = {"model": model_id, "batch_size": batch_size, "aligned": bool(aligned), "upsample": upsample,
                 "weak_face_score": weak_face_score, "detect_pixels": detect_pixels, "pixel_limit": pixel_limit,
                 "shard_format": "jsonl", "inputs": inputs, "limit": limit}

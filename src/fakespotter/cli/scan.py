@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from ._common import (Progress, add_detection_args, check_detection_args, log, m
 
 def add_parser(sub) -> None:
     from ..data import DEFAULT_PIXEL_LIMIT
-    from ..scan import default_workers
+    from ..scan import FILE_TIMEOUT_S, default_workers
 
     p = sub.add_parser("scan", help="scan images, folders, file lists and tar archives for synthesized faces",
                        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +83,10 @@ def add_parser(sub) -> None:
                         "engine)")
     p.add_argument("--pixel-limit", type=int, default=DEFAULT_PIXEL_LIMIT,
                    help="refuse images with more pixels than this before decoding (default: %(default)s, Pillow's)")
+    p.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT_S, metavar="SECONDS",
+                   help="give up on a file that takes longer to read, decode and detect faces in: a 'timeout' "
+                        "error record, and the scan goes on (default: %(default)g; 0: no limit; --workers 0 has "
+                        "none)")
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
@@ -98,6 +103,12 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def check_file_timeout(args: argparse.Namespace) -> None:
+    if not 0 <= args.file_timeout < math.inf:
+        raise usage_error(f"--file-timeout must be a finite number of seconds >= 0 (0: no limit), got "
+                          f"{args.file_timeout:g}")
+
+
 PART_ROWS = 10_000
 PART_SECONDS = 60.0
 
@@ -112,6 +123,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     check_detection_args(args)
+    check_file_timeout(args)
     check_inputs(args)
     to_stdout = args.out in (None, "-")
     suffix = "" if to_stdout else args.out.lower().rstrip("/")
@@ -468,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
     run_ = scan(args.paths, plan["detector"], aligned=args.aligned, batch_size=resume["batch_size"],
                 workers=args.workers, device=args.device, pixel_limit=args.pixel_limit, limit=args.limit,
                 upsample=args.upsample, weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels,
-                skip=resume["skip"], exclude=resume["exclude"], stdin=stdin,
+                file_timeout=args.file_timeout, skip=resume["skip"], exclude=resume["exclude"], stdin=stdin,
                 channels_last=args.channels_last, autocast=args.autocast, compile=args.compile,
                 log=lambda m: log(m, args.quiet))
     part_rows = args.part_rows if args.part_rows is not None else PART_ROWS

@@ -51,7 +51,7 @@ def refuse_ray_only(args: argparse.Namespace) -> None:
 def check(args: argparse.Namespace) -> Dict[str, Any]:
     """Every check of a Ray scan that can fail before work starts."""
     from ..scan_ray import INSTALL_HINT, RayNotInstalled, import_ray
-    from .scan import check_faces, check_inputs, load_detector
+    from .scan import check_faces, check_file_timeout, check_inputs, load_detector
 
     try:
         import_ray()
@@ -97,6 +97,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     if v is not None and (not 0 <= v < math.inf or 0 < v < RAY_MIN_RESOURCE):
         raise usage_error(f"--gpus-per-actor must be 0 or a finite number >= {RAY_MIN_RESOURCE}, got {v}")
     check_detection_args(args)
+    check_file_timeout(args)
     check_inputs(args)
     check_faces(args)
     load_detector(args)
@@ -114,7 +115,7 @@ def run_ray(args: argparse.Namespace) -> int:
         stats = ray_scan(args.paths, args.model, args.out, aligned=args.aligned, batch_size=args.batch_size,
                          mode=plan["mode"], pixel_limit=args.pixel_limit, limit=args.limit, upsample=args.upsample,
                          weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels,
-                         stdin=piped_listing(args, reread=False),
+                         file_timeout=args.file_timeout, stdin=piped_listing(args, reread=False),
                          progress=progress.update, ray_logs=not args.quiet, log=lambda m: log(m, args.quiet), **kw)
     except (ShardsError, ValueError) as e:  # raised before any work (see ray_scan)
         raise usage_error(str(e)) from None
