@@ -203,3 +203,30 @@ def test_a_format_pillow_recognises_but_refuses_says_why():
     twelve_bit = jpeg[:at + 1] + b"\xc1" + jpeg[at + 2:at + 4] + b"\x0c" + jpeg[at + 5:]  # SOF1, 12-bit samples
     with pytest.raises(ImageError, match="it starts like JPEG, but Pillow's JPEG reader cannot read it: .*12-bit"):
         decode_image(twelve_bit)
+
+
+def test_png_data_in_one_idat_chunk_over_a_mib_is_checked_in_slices():
+    """One IDAT chunk of 2.4 MB (read 1 MiB at a time): whole, it decodes; ending at a row, it
+    is truncated."""
+    rgb = np.random.default_rng(14).integers(0, 256, (800, 1000, 3), dtype=np.uint8)
+    rgb[-1] = 0
+    rows = png_rows(rgb, False)
+    whole = zlib.compress(b"".join(rows), 1)
+    at = 8 + 25  # after the signature and IHDR: one IDAT chunk holds the whole stream
+    data = png_file(rgb, b"", False)
+    assert len(whole) > 2 << 20
+    assert np.array_equal(decode_image(data[:at] + chunk(b"IDAT", whole) + data[at:]).rgb, rgb)
+    short = zlib.compress(b"".join(rows[:-1]), 1)
+    assert kind_of(data[:at] + chunk(b"IDAT", short) + data[at:]) == "truncated"
+
+
+def test_a_bigtiff_is_not_walked_as_a_classic_tiff():
+    """Its header differs (magic 43, 8-byte offsets): read as a classic TIFF's, its fields would
+    point anywhere, and a damaged BigTIFF could read as cut short."""
+    from fakespotter.data import _tiff_cut
+
+    big = encode(Image.fromarray(noise_image(15, 20, 30)), "TIFF", big_tiff=True)
+    assert big[:4] == b"II+\x00"
+    assert not any(_tiff_cut(big[:n]) for n in range(8, len(big), 7))
+    classic = encode(Image.fromarray(noise_image(15, 20, 30)), "TIFF")
+    assert _tiff_cut(classic[:len(classic) - 10])

@@ -331,3 +331,10 @@ def test_bootstrap_values_missing_from_a_resample_are_left_out():
 
     ci = ev.bootstrap_ci(s, y, partial, n=400, seed=0)
     assert ci == {"a": (1.0, 1.0), "b": (3.0, 3.0)}
+
+
+def test_fpr_targets_from_an_iterator_are_checked_too():
+    s, y = random_case(0, 30)
+    with pytest.raises(ValueError, match=r"metrics: fpr_targets must be fractions in \[0, 1\].*got 5.0"):
+        ev.metrics(s, y, fpr_targets=iter((0.01, 5.0)))
+    assert "tpr_at_1pct_fpr" in ev.metrics(s, y, fpr_targets=iter((0.01,)))

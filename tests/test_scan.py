@@ -741,13 +741,45 @@ def test_a_file_over_the_time_limit_gets_a_timeout_record_and_the_worker_goes_on
         assert all(r["status"] == "ok" for r in scan([str(folder)], model, aligned=True, workers=1, file_timeout=limit))
 
 
-@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "5", True])
+def test_a_worker_loads_dlib_before_its_first_file_is_timed(model, tmp_path):
+    """dlib's first import and model load take ~0.6 s; an alarm inside them left dlib broken
+    for every later file of that worker ("initialization failed": face_detection_error)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_good(folder, 6)
+    recs = list(scan([str(folder)], model, workers=1, batch_size=2, file_timeout=0.1))
+    assert len(recs) == 6 and all(r["status"] == "no_face" or r["error_kind"] == "timeout" for r in recs), \
+        [(r["status"], r["error_kind"], r["error"]) for r in recs]
+    assert any(r["status"] == "no_face" for r in recs)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), 1e10, "5", True])
 def test_file_timeout_must_be_a_number_of_seconds(model, tmp_path, bad, capsys):
-    with pytest.raises(ValueError, match=r"scan: file_timeout must be a finite number of seconds >= 0"):
+    """(1e10: more than setitimer takes, which failed the scan from the worker)"""
+    with pytest.raises(ValueError, match=r"scan: file_timeout must be a number of seconds from 0 \(no limit\) to "):
         scan([str(tmp_path)], model, file_timeout=bad)
     if isinstance(bad, float) or bad == -1:
         rc, _, err = run_cli(["scan", str(tmp_path), "--model", str(model), "--file-timeout", str(bad)], capsys)
-        assert rc == 2 and "--file-timeout must be a finite number of seconds >= 0" in err, err
+        assert rc == 2 and "--file-timeout must be a number of seconds from 0 (no limit) to 1e+06" in err, err
+
+
+def test_the_per_file_alarm_never_escapes_nor_outlives_a_file(tmp_path, monkeypatch):
+    """Whenever the alarm fires - before the file is read, during it, as it ends - the result is
+    a record, and no handler or timer is left behind."""
+    import signal
+
+    S = sys.modules["fakespotter.scan"]
+    path = tmp_path / "a.png"
+    Image.fromarray(noise_image(1, 32, 32)).save(path)
+    entry = D.Entry(str(path), file=str(path))
+    before = signal.getsignal(signal.SIGALRM)
+    kinds = set()
+    for limit in (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3) * 50:
+        cfg = S._Config(True, 150, 1, D.DEFAULT_PIXEL_LIMIT, 0.0, 0, limit)
+        error = S._decode_timed(entry, cfg)["error"]
+        kinds.add(error[0] if error else "ok")
+        assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert kinds <= {"ok", "timeout"} and "timeout" in kinds
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_error_not_crash_records(corpus, model, tmp_path):

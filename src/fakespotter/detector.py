@@ -637,10 +637,11 @@ def _augmented(augment: Any, part: _Part, stream: int, tap: Tap, batch_size: int
     """Apply ``augment`` to the chips of ``part`` as uint8 [N, H, W, 3] (float chips rounded)."""
     if len(part) == 0:
         return part
-    x = torch.as_tensor(part.chips[part.index])
-    if x.dtype == torch.float32:
-        x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    out = augment(x.cpu().numpy(), stream)
+    def as_u8(x: Any) -> torch.Tensor:  # (float chips: one batch of float32 at a time)
+        x = torch.as_tensor(x)
+        return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1) if x.dtype == torch.float32 else x
+
+    out = augment(torch.cat([as_u8(x) for x in part.batches(batch_size)]).cpu().numpy(), stream)
     return _Part(_checked_chips(np.asarray(out), tap, "fit(augment)", batch_size))
 
 

@@ -79,8 +79,9 @@ def _threshold(t: Any, what: str, name: str = "threshold") -> float:
 
 def _targets(fpr_targets: Any, what: str) -> Tuple[float, ...]:
     """FPR targets as fractions in [0, 1] (0.01 = 1% FPR)."""
-    out = tuple(_real(f) for f in fpr_targets)
-    for f, v in zip(fpr_targets, out):
+    given = tuple(fpr_targets)  # (an iterator is read once)
+    out = tuple(_real(f) for f in given)
+    for f, v in zip(given, out):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{what}: fpr_targets must be fractions in [0, 1] (0.01 = 1% FPR), got {f!r}")
     return out

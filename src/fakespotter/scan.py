@@ -182,6 +182,29 @@ class _FileTimeout(BaseException):
     way (a decoder's error handling) takes it for the file's own error."""
 
 
+def _warm_up(cfg: _Config) -> None:
+    """What a worker's first file would start (Pillow's plugins, dlib and its landmark model),
+    done before any file's time runs: an alarm that stopped a native extension's first import
+    would leave it broken for every later file of the worker (dlib: "initialization failed")."""
+    global _WARM
+    if _WARM:
+        return
+    _WARM = True
+    from . import faces as F
+    from .data import _open_formats
+
+    _open_formats()
+    if not cfg.aligned:
+        try:
+            F._detector()
+            F._predictor(F._landmark_path())
+        except Exception:  # (dlib or its weights missing: each file's record says so)
+            pass
+
+
+_WARM = False
+
+
 def _decode_timed(entry: Entry, cfg: _Config) -> Dict[str, Any]:
     """:func:`_decode_one`, stopped by SIGALRM after ``cfg.file_timeout`` seconds (a worker's main
     thread only). The alarm is seen between Python steps: a single native call (one libjpeg
@@ -190,6 +213,7 @@ def _decode_timed(entry: Entry, cfg: _Config) -> Dict[str, Any]:
 
     if not cfg.file_timeout:
         return _decode_one(entry, cfg)
+    _warm_up(cfg)
     armed = True
 
     def alarm(signum: int, frame: Any) -> None:
@@ -198,8 +222,8 @@ def _decode_timed(entry: Entry, cfg: _Config) -> Dict[str, Any]:
 
     t0 = time.perf_counter()
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, cfg.file_timeout)
-    try:
+    try:  # (armed inside: an alarm before the try would escape it)
+        signal.setitimer(signal.ITIMER_REAL, cfg.file_timeout)
         out = _decode_one(entry, cfg)
         armed = False
     except _FileTimeout:
@@ -223,10 +247,14 @@ def _crash_result(entry: Entry) -> Dict[str, Any]:
     return _error_result(entry, "worker_crash", "the decode worker process died while reading this file")
 
 
+MAX_FILE_TIMEOUT_S = 1e6  # (setitimer takes at most ~9e9 s)
+
+
 def check_file_timeout(value: Any, what: str) -> float:
-    """A per-file time limit in seconds: a finite number >= 0 (0: none)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"{what}: file_timeout must be a finite number of seconds >= 0 (0: no limit), got {value!r}")
+    """A per-file time limit in seconds: a number from 0 (no limit) to MAX_FILE_TIMEOUT_S."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_FILE_TIMEOUT_S:
+        raise ValueError(f"{what}: file_timeout must be a number of seconds from 0 (no limit) to "
+                         f"{MAX_FILE_TIMEOUT_S:g}, got {value!r}")
     return float(value)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import sys
 import tempfile
@@ -104,9 +103,12 @@ def add_parser(sub) -> None:
 
 
 def check_file_timeout(args: argparse.Namespace) -> None:
-    if not 0 <= args.file_timeout < math.inf:
-        raise usage_error(f"--file-timeout must be a finite number of seconds >= 0 (0: no limit), got "
-                          f"{args.file_timeout:g}")
+    from ..scan import check_file_timeout as check
+
+    try:
+        check(args.file_timeout, "scan")
+    except ValueError as e:
+        raise usage_error(str(e).replace("scan: file_timeout", "--file-timeout")) from None
 
 
 PART_ROWS = 10_000
