@@ -182,6 +182,9 @@ class _FileTimeout(BaseException):
     way (a decoder's error handling) takes it for the file's own error."""
 
 
+_WARM = False  # (this worker ran _warm_up)
+
+
 def _warm_up(cfg: _Config) -> None:
     """What a worker's first file would start (Pillow's plugins, dlib and its landmark model),
     done before any file's time runs: an alarm that stopped a native extension's first import
@@ -200,9 +203,6 @@ def _warm_up(cfg: _Config) -> None:
             F._predictor(F._landmark_path())
         except Exception:  # (dlib or its weights missing: each file's record says so)
             pass
-
-
-_WARM = False
 
 
 def _decode_timed(entry: Entry, cfg: _Config) -> Dict[str, Any]:
