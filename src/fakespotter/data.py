@@ -846,8 +846,9 @@ def _check_png_data(img: Any, data: bytes) -> None:
     """``truncated`` for a loaded PNG whose image data (the zlib stream of its IDAT chunks) ends
     before its image does. Pillow's decoder stops without an error where that stream ends on a
     row boundary, leaving the rows not reached zero; so the stream is inflated again (adding
-    45-70% to the decode of a 12 MP PNG) only when the row the decoder writes last is all zero:
-    the last row, or for an interlaced image the last odd row (Adam7's last pass)."""
+    ~70% to the decode of a 12 MP PNG: benchmarks/RESULTS.md, "Decoding") only when the row the
+    decoder writes last is all zero: the last row, or for an interlaced image the last odd row
+    (Adam7's last pass)."""
     width, height = img.size
     bits = data[24] * _PNG_SAMPLES.get(data[25], 0) if data[12:16] == b"IHDR" else 0
     if not bits or img.info.get("bbox", (0, 0, width, height)) != (0, 0, width, height):
