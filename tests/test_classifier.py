@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fakespotter import classifier as classifier_module
 from fakespotter import ops
 from fakespotter.classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from fakespotter.reference import pack_bits
@@ -90,6 +91,23 @@ def test_contract_and_errors():
     clf.set_params(max_epochs=3).fit(rows, y)
     with pytest.raises(ValueError, match="have 2 words per row; this classifier was fitted on 8"):
         clf.decision_function(rows[:, :2])
+
+
+def test_fit_unpacks_a_batch_at_a_time(monkeypatch):
+    """fit unpacks at most a training batch, or a block of validation rows, to floats at once
+    (an element row unpacks to ~2.5 MB of float32); blocks change the validation losses by
+    float rounding only."""
+    rows, y = synthetic(n=200)
+    unpacked, unpack = [], ops.unpack_bits
+    monkeypatch.setattr(ops, "unpack_bits", lambda p, *a, **k: (unpacked.append(p.shape[0]), unpack(p, *a, **k))[1])
+    whole = BitsetMLPClassifier(max_epochs=6, batch_size=16).fit(rows, y)
+    assert max(unpacked) == 40 and sorted(set(unpacked)) == [16, 40]  # 160 training rows, 40 validation
+    unpacked.clear()
+    monkeypatch.setattr(classifier_module, "_UNPACK_BYTES", 7 * 4 * 64 * rows.shape[1])  # 7 rows a block
+    blocks = BitsetMLPClassifier(max_epochs=6, batch_size=16).fit(rows, y)
+    assert max(unpacked) == 16 and 7 in unpacked and 40 not in unpacked
+    assert np.allclose(whole.history_, blocks.history_, rtol=1e-6, atol=0)
+    assert torch.allclose(whole.decision_function(rows), blocks.decision_function(rows), rtol=1e-4, atol=1e-5)
 
 
 def test_class_weights_help_imbalanced_data():

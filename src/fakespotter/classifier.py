@@ -37,6 +37,18 @@ def _plain_float32() -> Iterator[None]:
         yield
 
 
+_UNPACK_BYTES = 1 << 27  # float32 bits unpacked at once by _float_logits
+
+
+def _float_logits(net: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """``net`` on the unpacked float bits of ``rows``, in blocks of at most ``_UNPACK_BYTES``."""
+    step = max(1, _UNPACK_BYTES // (4 * WORD_BITS * max(1, rows.shape[1])))
+    if rows.shape[0] <= step:
+        return net(ops.unpack_bits(rows).float()).squeeze(1)
+    return torch.cat([net(ops.unpack_bits(rows[i : i + step]).float()).squeeze(1)
+                      for i in range(0, rows.shape[0], step)])
+
+
 class NotFittedError(ValueError, AttributeError):
     """The estimator is used before ``fit``."""
 
@@ -161,8 +173,8 @@ class BitsetMLPClassifier:
             x_tr, y_tr = rows, y
             x_va = _check_rows(validation[0], "validation rows", words)
             y_va = _check_labels(validation[1], x_va.shape[0], need_both=False)
-        f_tr = ops.unpack_bits(x_tr).float()
-        f_va = ops.unpack_bits(x_va).float()
+        # Bits are unpacked one batch at a time (a float32 per bit: an element row unpacks to
+        # ~2.5 MB), to the values the whole unpacked matrix would hold.
         t_tr, t_va = y_tr.float(), y_va.float()
 
         counts = torch.bincount(y_tr, minlength=2).double()
@@ -180,17 +192,17 @@ class BitsetMLPClassifier:
             best_loss, best_state, best_epoch, history = math.inf, None, 0, []
             for epoch in range(self.max_epochs):
                 net.train()
-                order = torch.randperm(f_tr.shape[0], generator=generator)
+                order = torch.randperm(x_tr.shape[0], generator=generator)
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start : start + self.batch_size]
-                    logits = net(f_tr[idx]).squeeze(1)
+                    logits = net(ops.unpack_bits(x_tr[idx]).float()).squeeze(1)
                     loss = (loss_fn(logits, t_tr[idx]) * class_w[y_tr[idx]]).sum() / class_w[y_tr[idx]].sum()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                 net.eval()
                 with torch.no_grad():
-                    v = loss_fn(net(f_va).squeeze(1), t_va)
+                    v = loss_fn(_float_logits(net, x_va), t_va)
                     w = class_w[y_va]
                     val_loss = float((v * w).sum() / w.sum())
                 history.append(val_loss)
@@ -236,7 +248,7 @@ class BitsetMLPClassifier:
         self._check_fitted()
         rows = _check_rows(rows, words=self.n_words_in_)
         with _plain_float32():
-            return self.network_(ops.unpack_bits(rows).float()).squeeze(1)
+            return _float_logits(self.network_, rows)
 
     def predict_proba(self, rows) -> torch.Tensor:
         """float32 [N, 2]: P(real), P(fake)."""
