@@ -723,12 +723,13 @@ def chunk_flood_png(chunks: int) -> bytes:
             + chunk(b"IDAT", b"") * chunks + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
-def test_a_file_over_the_time_limit_gets_a_timeout_record_and_the_worker_goes_on(model, tmp_path):
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_file_over_the_time_limit_gets_a_timeout_record_and_the_worker_goes_on(model, tmp_path, workers):
     folder = tmp_path / "in"
     folder.mkdir()
     write_good(folder, 3)  # img000.png ...
     (folder / "img001a.png").write_bytes(chunk_flood_png(3_000_000))  # ~10 s of Pillow's chunk loop here
-    recs = list(scan([str(folder)], model, aligned=True, workers=1, batch_size=2, file_timeout=1.0))
+    recs = list(scan([str(folder)], model, aligned=True, workers=workers, batch_size=2, file_timeout=1.0))
     kinds = {os.path.basename(r["path"]): r["error_kind"] for r in recs}
     assert kinds == {"img000.png": None, "img001.png": None, "img001a.png": "timeout", "img002.png": None}
     (slow,) = [r for r in recs if r["error_kind"]]
@@ -739,6 +740,28 @@ def test_a_file_over_the_time_limit_gets_a_timeout_record_and_the_worker_goes_on
     small.write_bytes(chunk_flood_png(10))
     for limit in (60, 0):
         assert all(r["status"] == "ok" for r in scan([str(folder)], model, aligned=True, workers=1, file_timeout=limit))
+
+
+def test_workers_0_leaves_a_programs_own_sigalrm_alone(model, tmp_path):
+    """With workers=0 the timer runs in the caller's process: only where SIGALRM is unused. A
+    program's own handler and timer are kept, and its files are not timed."""
+    import signal
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_good(folder, 2)
+    (folder / "img000a.png").write_bytes(chunk_flood_png(300_000))  # ~1 s
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1000.0)
+        recs = list(scan([str(folder)], model, aligned=True, workers=0, batch_size=2, file_timeout=0.01))
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 900 < left <= 1000 and signal.getsignal(signal.SIGALRM) is not signal.SIG_DFL and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [r["status"] for r in recs] == ["ok"] * 3
 
 
 def test_a_worker_loads_dlib_before_its_first_file_is_timed(model, tmp_path):

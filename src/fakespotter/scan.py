@@ -205,13 +205,25 @@ def _warm_up(cfg: _Config) -> None:
             pass
 
 
+def _alarm_free() -> bool:
+    """SIGALRM is free for the per-file timer: the main thread (where Python runs handlers), no
+    handler of anyone else's, no interval timer armed. Always so in a decode worker; with
+    ``workers=0``, in a program that does not use SIGALRM itself."""
+    import signal
+    import threading
+
+    return (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+            and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0))
+
+
 def _decode_timed(entry: Entry, cfg: _Config) -> Dict[str, Any]:
-    """:func:`_decode_one`, stopped by SIGALRM after ``cfg.file_timeout`` seconds (a worker's main
-    thread only). The alarm is seen between Python steps: a single native call (one libjpeg
-    decode, one detector pass) runs to its end first."""
+    """:func:`_decode_one`, stopped by SIGALRM after ``cfg.file_timeout`` seconds. The alarm is
+    seen between Python steps: a single native call (one libjpeg decode, one detector pass) runs
+    to its end first. Untimed where SIGALRM is not ours to take (:func:`_alarm_free`)."""
     import signal
 
-    if not cfg.file_timeout:
+    if not cfg.file_timeout or not _alarm_free():
         return _decode_one(entry, cfg)
     _warm_up(cfg)
     armed = True
@@ -385,7 +397,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
     after each ``poll`` seconds of waiting for the next result (the caller may use the time)."""
     if workers == 0:
         for e in entries:
-            yield e, _decode_one(e, cfg)
+            yield e, _decode_timed(e, cfg)
         return
     chunks = iter(lambda: list(itertools.islice(entries, chunk)), [])
     ex = keep.get("pool") if keep is not None else None
@@ -983,7 +995,8 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     device: where the backbone runs (``cpu``, ``cuda``, ``cuda:1``, ...).
     pixel_limit: images with more pixels are refused (``too_many_pixels``) before decoding.
     file_timeout: seconds a decode worker spends on one file (read, decode, face detection) before
-        it gives a ``timeout`` record and goes on (0: no limit; ``workers=0`` has none). Checked
+        it gives a ``timeout`` record and goes on (0: no limit). With ``workers=0`` it holds when
+        ``scan`` runs in the main thread of a program that does not use SIGALRM itself. Checked
         between Python steps, so one long native call (a libjpeg decode) finishes first. Only a
         file that hits it gets a record that depends on the machine's speed.
     limit: scan only the first ``limit`` inputs of the listing.

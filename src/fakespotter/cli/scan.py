@@ -84,8 +84,7 @@ def add_parser(sub) -> None:
                    help="refuse images with more pixels than this before decoding (default: %(default)s, Pillow's)")
     p.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT_S, metavar="SECONDS",
                    help="give up on a file that takes longer to read, decode and detect faces in: a 'timeout' "
-                        "error record, and the scan goes on (default: %(default)g; 0: no limit; --workers 0 has "
-                        "none)")
+                        "error record, and the scan goes on (default: %(default)g; 0: no limit)")
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
