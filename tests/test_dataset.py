@@ -6,6 +6,7 @@ dlib and the cached sample data; the fixture fetches what is missing and skips, 
 command, when that is impossible.
 """
 
+import dataclasses
 import io
 import json
 import sys
@@ -143,7 +144,14 @@ def test_build_is_reproducible_and_overwrite_replaces_a_previous_build(small, tm
     (out / "real" / "nba" / "stale.jpg").write_bytes(b"from an older build")
     (out / "manifest.csv").write_text("old")
     (out / "notes.txt").write_text("the user's")
-    with pytest.raises(ValueError, match=r"is not empty; pass --overwrite"):
+    # a folder no build made (real/ and fake/ are common names for one's own data): refused even
+    # with overwrite, nothing deleted
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"is not empty and holds no earlier build"):
+            D.build(out, small=True, overwrite=overwrite, log=lambda m: None)
+    assert (out / "manifest.csv").read_text() == "old" and (out / "real" / "nba" / "stale.jpg").exists()
+    (out / D.BUILD_MARKER).write_text("an earlier build's")
+    with pytest.raises(ValueError, match=r"holds a finished build; pass --overwrite"):
         D.build(out, small=True, log=lambda m: None)
     assert (out / "manifest.csv").read_text() == "old"
     D.build(out, small=True, overwrite=True, log=lambda m: None)
@@ -297,8 +305,13 @@ def test_cli_refuses_before_work(tmp_path, capsys, monkeypatch):
     (full / "keep.txt").write_text("x")
     assert main(["data", "build", str(full)]) == 2
     err = capsys.readouterr().err
-    assert "fakespotter data: error:" in err or "fakespotter data build" in err or "error" in err
-    assert "is not empty; pass --overwrite" in err and sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+    assert "fakespotter data build: error: output folder" in err and "holds no earlier build" in err
+    assert main(["data", "build", str(full), "--overwrite"]) == 2
+    assert "holds no earlier build" in capsys.readouterr().err
+    assert sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+    (full / D.BUILD_MARKER).write_text("")
+    assert main(["data", "build", str(full)]) == 2
+    assert "holds an interrupted build; pass --overwrite" in capsys.readouterr().err
     assert main(["data", "build", str(tmp_path / "new"), "--seed", "-1"]) == 2
     assert "--seed must be >= 0, got -1" in capsys.readouterr().err
     assert main(["data", "build", str(tmp_path / "no" / "such" / "dir")]) == 2
@@ -333,3 +346,26 @@ def test_cli_check_reports_missing_and_altered_files(small, tmp_path, capsys):
     assert "listed files are missing" in err and victim in err
     assert main(["data", "check", str(tmp_path / "nothing")]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_cli_check_of_a_hand_made_manifest(small, tmp_path, capsys):
+    """A listed file that is not a JPEG (its sha256 updated) gets the report without confounds,
+    not a traceback; a manifest that lists nothing fails."""
+    import shutil
+
+    from fakespotter.manifest import file_sha256, write_manifest
+
+    manifest, _ = small
+    copy = tmp_path / "copy"
+    shutil.copytree(manifest.root, copy)
+    victim = manifest.rows[3]
+    Image.open(copy / victim.file).save(copy / victim.file, format="PNG")
+    rows = [r if r is not victim else dataclasses.replace(r, sha256=file_sha256(copy / r.file)) for r in manifest.rows]
+    write_manifest(rows, copy)
+    assert main(["data", "check", str(copy)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["confounds"]["error"].startswith("not computed: ")
+    assert "fakespotter data check: confound report not computed: " in captured.err
+    write_manifest([], copy)
+    assert main(["data", "check", str(copy)]) == 1
+    assert "the manifest lists no files" in capsys.readouterr().err

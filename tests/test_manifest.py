@@ -120,5 +120,24 @@ def test_bad_header_and_width(tmp_path):
     with pytest.raises(ManifestError, match="header must be file,sha256"):
         read_manifest(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text(",".join(COLUMNS) + "\na.jpg,real\n")
-    with pytest.raises(ManifestError, match="row 2: 2 columns, expected 10"):
+    with pytest.raises(ManifestError, match="line 2: 2 columns, expected 10"):
         read_manifest(tmp_path)
+
+
+def test_a_bom_and_blank_lines_are_read_and_bad_bytes_name_the_line(dataset):
+    """Manifests edited by hand: a BOM (spreadsheets, Notepad) and a trailing blank line are
+    fine; bytes that are not UTF-8 and an unbalanced quote name the line, as ManifestError."""
+    root, rows = dataset
+    path = root / MANIFEST_NAME
+    text, want = path.read_bytes(), read_manifest(root).rows
+    path.write_bytes(b"\xef\xbb\xbf" + text + b"\r\n\n")
+    assert read_manifest(root).rows == want
+    lines = text.split(b"\n")
+    assert lines[4].startswith(b"real/a.jpg,")
+    path.write_bytes(b"\n".join(lines[:4] + [lines[4].replace(b"real", b"r\xe9al", 1)] + lines[5:]))
+    with pytest.raises(ManifestError, match=r"manifest.csv line 5: not UTF-8 \(byte 0xe9\)"):
+        read_manifest(root)
+    assert lines[-1] == b""
+    path.write_bytes(b"\n".join(lines[:-2] + [b'"' + lines[-2] + b"x" * 200_000]))  # no closing quote
+    with pytest.raises(ManifestError, match=r"manifest.csv line \d+: not valid CSV"):
+        read_manifest(root)

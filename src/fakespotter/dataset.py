@@ -313,18 +313,44 @@ def _key_ints(text: str) -> List[int]:
 # output folder
 
 
+BUILD_MARKER = ".fakespotter-build"  # written first into OUT: "this folder is (or was being) a build"
+
+
+def _is_previous_build(p: Path) -> bool:
+    """True when ``p`` holds a build of this module (finished or interrupted)."""
+    if (p / BUILD_MARKER).is_file():
+        return True
+    try:  # builds made before the marker existed: a build.json of ours
+        return json.loads((p / BUILD_JSON).read_text(encoding="utf-8")).get("format") == BUILD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_output_dir(out: Union[str, os.PathLike], overwrite: bool) -> Path:
-    """Refuse (``ValueError``) an ``out`` that is a file, or a non-empty folder without
-    ``overwrite``; checks the parent exists.  Returns the path."""
+    """Refuse (``ValueError``) an ``out`` that is a file, a non-empty folder without
+    ``overwrite``, a non-empty folder that is not a previous build (even with ``overwrite``:
+    its real/ and fake/ would be deleted) or a folder that cannot be written; checks the parent
+    exists.  Returns the path."""
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise ValueError(f"data build: output {p} exists and is not a folder")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise ValueError(f"data build: output folder {p} is not empty; pass --overwrite "
-                         f"(overwrite=True) to replace a previous build in it")
+    if p.is_dir() and any(p.iterdir()):
+        if not _is_previous_build(p):
+            raise ValueError(f"data build: output folder {p} is not empty and holds no earlier build "
+                             f"(no {BUILD_MARKER} file); give a new or empty folder (--overwrite "
+                             f"replaces only an earlier build: it deletes the build's real/ and fake/)")
+        if not overwrite:
+            state = "a finished" if (p / MANIFEST_NAME).is_file() else "an interrupted"
+            raise ValueError(f"data build: output folder {p} holds {state} build; pass --overwrite "
+                             f"(overwrite=True) to replace it")
+        for name in ("real", "fake"):
+            if (p / name).is_symlink():
+                raise ValueError(f"data build: {p / name} is a symbolic link; remove it first")
     parent = p.parent if str(p.parent) else Path(".")
     if not p.exists() and not parent.is_dir():
         raise ValueError(f"data build: the parent folder {parent} of {p} does not exist")
+    if not os.access(p if p.exists() else parent, os.W_OK | os.X_OK):
+        raise ValueError(f"data build: cannot write into {p if p.exists() else parent}")
     return p
 
 
@@ -341,8 +367,14 @@ def _clear_previous(out: Path) -> None:
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException as e:  # (a full disk: no half-written chip left behind)
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,8 +799,9 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
         local-type quotas of 45 can fall short; seed 0 gives 280 / 286 / 290, logged and
         counted in build.json).
     seed: changes every draw (candidate order, GAN latents, nuisances, manipulations).
-    overwrite: replace a previous build in a non-empty ``out`` (its manifest is deleted first;
-        other files there are left alone).
+    overwrite: replace a previous build in a non-empty ``out`` (its manifest is deleted first,
+        then its real/ and fake/ folders, whatever they hold; other files there are left alone).
+        A non-empty ``out`` that holds no previous build is refused even with ``overwrite``.
     threads: OpenVINO threads for MobileStyleGAN.
     sizes: other counts than :data:`SMALL` / :data:`FULL` (matched with the full build's
         detail bins and budgets); ``small`` is then ignored.
@@ -784,6 +817,7 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
         raise TypeError(f"data build: sizes must be a BuildSizes, got {type(sizes).__name__}")
     _preflight()
     out.mkdir(parents=True, exist_ok=True)
+    (out / BUILD_MARKER).write_text("fakespotter data build\n", encoding="utf-8")
     _clear_previous(out)
     if sizes is None:
         sizes = SMALL if small else FULL

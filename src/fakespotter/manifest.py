@@ -197,16 +197,27 @@ def read_manifest(path: Union[str, os.PathLike], splits: Optional[Iterable[str]]
     p = _manifest_file(path)
     if not p.is_file():
         raise FileNotFoundError(f"no manifest at {p} (build one with 'fakespotter data build DIR')")
-    with open(p, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    raw = p.read_bytes()
+    try:  # utf-8-sig: a manifest saved by a spreadsheet or an editor that adds a BOM is still read
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ManifestError(f"{p} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}); "
+                            f"save the manifest as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = next(reader, None)
         if header is None or tuple(header) != COLUMNS:
             raise ManifestError(f"{p}: header must be {','.join(COLUMNS)}, got {','.join(header or [])!r}")
         rows = []
-        for i, values in enumerate(reader):
+        for values in reader:
+            if not values:  # an empty line (e.g. a trailing one an editor added)
+                continue
             if len(values) != len(COLUMNS):
-                raise ManifestError(f"{p} row {i + 2}: {len(values)} columns, expected {len(COLUMNS)}")
+                raise ManifestError(f"{p} line {reader.line_num}: {len(values)} columns, expected {len(COLUMNS)}")
             rows.append(ManifestRow(*values))
+    except csv.Error as e:
+        raise ManifestError(f"{p} line {reader.line_num}: not valid CSV ({e}; an unbalanced quote?)") from None
     _check_rows(rows, str(p))
     manifest = Manifest(p.parent, tuple(rows)).select(splits=splits)
     if check_files:
@@ -236,8 +247,12 @@ def write_manifest(rows: Iterable[ManifestRow], path: Union[str, os.PathLike]) -
     p = _manifest_file(path)
     text = manifest_text(rows)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return p
 
 

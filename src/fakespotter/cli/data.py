@@ -36,14 +36,16 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=int, default=2,
                    help="OpenVINO inference threads for MobileStyleGAN (default: %(default)s)")
     b.add_argument("--overwrite", action="store_true",
-                   help="replace a previous build in a non-empty OUT (default: refuse)")
+                   help="replace an earlier build in OUT (its real/, fake/, manifest); a non-empty "
+                        "OUT that no build made is refused even so (default: refuse a non-empty OUT)")
     b.add_argument("--quiet", action="store_true", help="no progress output (default: progress)")
     b.set_defaults(run=run_build)
     c = dsub.add_parser("check", help="verify a built data set and print its confound report",
                         description="Read DIR/manifest.csv (or the CSV file given), refuse it when "
                                     "listed files are missing, verify every sha256, print counts "
                                     "per split and type and the confound report (JSON). Exit 1 "
-                                    "when a file's sha256 differs.")
+                                    "when a file's sha256 differs or it cannot be read, or the "
+                                    "manifest lists no file.")
     c.add_argument("manifest", metavar="DIR", help="a built data set folder or its manifest.csv")
     c.set_defaults(run=run_check)
 
@@ -69,7 +71,7 @@ def run_build(args: argparse.Namespace) -> int:
         return 1
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     manifest = dataset.build(args.out, small=args.small, seed=args.seed, overwrite=args.overwrite,
-                             threads=args.threads, log=log)
+                             threads=args.threads, log=log)  # (a write error: exit 3, no manifest)
     print(f"{len(manifest)} chips; manifest {manifest.root / 'manifest.csv'}")
     return 0
 
@@ -82,13 +84,31 @@ def run_check(args: argparse.Namespace) -> int:
         manifest = read_manifest(args.manifest)
     except (FileNotFoundError, ValueError) as e:
         raise usage_error(str(e)) from None
-    bad = [r.file for r in manifest.rows if file_sha256(manifest.path(r)) != r.sha256]
+    bad, unreadable = [], []
+    for r in manifest.rows:
+        try:
+            if file_sha256(manifest.path(r)) != r.sha256:
+                bad.append(r.file)
+        except OSError as e:  # a permission, an I/O error: named, not a traceback
+            unreadable.append(r.file)
+            print(f"fakespotter data check: cannot read {manifest.path(r)}: {e.strerror or e}", file=sys.stderr)
     counts = Counter((r.split, dataset.row_kind(r)) for r in manifest.rows)
-    good = Manifest(manifest.root, tuple(r for r in manifest.rows if r.file not in set(bad)))
-    report = {"files": len(manifest), "sha256_mismatches": bad,
+    skip = set(bad) | set(unreadable)
+    good = Manifest(manifest.root, tuple(r for r in manifest.rows if r.file not in skip))
+    try:
+        confounds = dataset.confound_report(good)  # on the files that verify
+    except (OSError, ValueError) as e:  # a listed file that is not a JPEG (a hand-made manifest)
+        confounds = {"error": f"not computed: {e}"}
+        print(f"fakespotter data check: confound report not computed: {e}", file=sys.stderr)
+    report = {"files": len(manifest), "sha256_mismatches": bad, "unreadable": unreadable,
               "counts": {f"{s}:{k}": n for (s, k), n in sorted(counts.items())},
-              "confounds": dataset.confound_report(good)}  # on the files that verify
+              "confounds": confounds}
     print(json.dumps(report, indent=2))
+    if len(manifest) == 0:
+        print("fakespotter data check: the manifest lists no files", file=sys.stderr)
+        return 1
+    if unreadable:
+        return 1
     if bad:
         print(f"fakespotter data check: {len(bad)} file(s) differ from their sha256 in the "
               f"manifest, e.g. {bad[0]}", file=sys.stderr)
