@@ -276,6 +276,36 @@ def test_corrupt_or_foreign_files_are_refused(tmp_path):
         Thresholds.load(tmp_path / "v99.safetensors")
 
 
+def test_a_huge_foreign_file_is_refused_from_its_header(tmp_path):
+    """The header is read and checked before the rest: a 64 GiB (sparse) file that is not ours
+    is refused at once, not read into memory first."""
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 16) + b"not JSON at all.")
+        f.truncate(1 << 36)
+    with pytest.raises(ValueError, match=r"huge.safetensors: not a valid safetensors file: header is not JSON"):
+        Thresholds.load(path)
+
+
+def test_saved_files_get_the_mode_the_umask_gives(tmp_path):
+    """(a temporary file from mkstemp, renamed into place, made every output 0600)"""
+    import os
+    import stat
+
+    t = ThresholdCalibrator(Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)).fit([small_chips(2)]).thresholds_
+    path = tmp_path / "t.safetensors"
+    old = os.umask(0o022)
+    try:
+        t.save(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o002)
+        t.save(path)  # replaced: the new file's mode
+        assert stat.S_IMODE(path.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+
+
 def test_thresholds_for_another_backbone_or_layers_are_refused():
     x = small_chips(3)
     tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)

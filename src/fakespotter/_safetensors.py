@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -65,7 +65,9 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * ((-len(head)) % 8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.parent / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # (not mkstemp: its 0600 would become the output's mode; this gets open()'s, umask applied)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(head)))
@@ -73,37 +75,41 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
             for raw in blobs:
                 f.write(raw)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # (a full disk: say which output)
+            e.filename = str(path)
         raise
 
 
 def load_file(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Read ``(tensors, metadata)`` from ``path``; malformed files raise ``SafetensorsError``."""
     path = Path(path)
-    data = path.read_bytes()
 
     def fail(what: str) -> SafetensorsError:
         return SafetensorsError(f"{path}: not a valid safetensors file: {what}")
 
-    if len(data) < 8:
-        raise fail(f"{len(data)} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise fail(f"header length {n} does not fit in the file of {len(data)} bytes")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(f"header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise fail("header is not a JSON object")
+    with open(path, "rb") as f:  # the header is read and checked before the (maybe huge) rest
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise fail(f"{len(head)} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise fail(f"header length {n} does not fit in the file of {size} bytes")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise fail(f"header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise fail("header is not a JSON object")
+        body = memoryview(f.read())
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise fail("__metadata__ must map strings to strings")
-    body = memoryview(data)[8 + n:]
     tensors: Dict[str, torch.Tensor] = {}
     spans = []
     for name, info in header.items():
