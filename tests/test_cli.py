@@ -102,6 +102,28 @@ def test_unwritable_output(corpus, tmp_path, capsys):
     assert rc == 2 and "is not writable" in err
 
 
+def test_a_full_disk_is_one_line_and_exit_3(corpus, tmp_path):
+    """A write that fails for lack of room (here a file size limit) ends any command with one
+    line naming the file, exit 3 and no temporary file, not a traceback."""
+    import resource
+
+    out = tmp_path / "t.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "fakespotter", "calibrate", str(corpus[0]), "--aligned", "--quiet",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)))
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip() == f"fakespotter calibrate: error: cannot write {out}: File too large"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_layers_may_be_given_more_than_once():
+    from fakespotter.cli import build_parser
+
+    for cmd in (["calibrate", "x", "--out", "o"], ["train", "--real", "r", "--fake", "f", "--out", "o"]):
+        args = build_parser().parse_args(cmd + ["--layers", "relu1", "relu2", "--layers", "fc"])
+        assert args.layers == ["relu1", "relu2", "fc"]
+
+
 def test_missing_class_is_a_usage_error():
     result = subprocess.run([sys.executable, "-m", "fakespotter", "train", "--real", "x", "--out", "m"],
                             capture_output=True, text=True)

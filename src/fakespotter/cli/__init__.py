@@ -1,11 +1,13 @@
 """The ``fakespotter`` command line: one module per subcommand, each a thin shell over the
 library (``add_parser`` builds its arguments, ``run`` does the work). Exit codes: 0 success,
-1 the work ran but some inputs failed, 2 usage error (reported before any work starts), 3 a
-scan's output could not be written, 130 / 143 interrupted (Ctrl-C / SIGTERM)."""
+1 the work ran but some inputs failed, 2 usage error (reported before any work starts), 3 an
+output could not be written (a full disk, a file size limit, a read-only mount), 130 / 143
+interrupted (Ctrl-C / SIGTERM)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -17,6 +19,9 @@ from . import calibrate, data, env, evaluate, info, merge, robustness, scan, tra
 
 COMMANDS = {"scan": scan, "merge": merge, "train": train, "calibrate": calibrate, "evaluate": evaluate,
             "robustness": robustness, "data": data, "info": info, "env": env}
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 class UsageError(Exception):
@@ -96,25 +101,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, _ = _Stream(sys.stdout, 1), _Stream(sys.stderr, 2)
+    name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data build"
     try:
         if args.command != "env":  # env reports it instead: it is what a bug report asks for
             _check_cpu_isa()
         keep_freed_memory()  # forwards reuse their memory instead of faulting it in each time
         return int(args.run(args) or 0)
     except UsageError as e:
-        print(f"fakespotter {args.command}: error: {e}", file=sys.stderr)
+        print(f"fakespotter {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fakespotter {args.command}: interrupted", file=sys.stderr)
+        print(f"fakespotter {name}: interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"fakespotter {args.command}: terminated", file=sys.stderr)
+        print(f"fakespotter {name}: terminated", file=sys.stderr)
         return 143
     except BrokenPipeError as e:
         if out.broken:  # e.g. `fakespotter info ... | head`: the reader left; no traceback
             return 0
-        print(f"fakespotter {args.command}: error: {e}", file=sys.stderr)  # another pipe: not success
+        print(f"fakespotter {name}: error: {e}", file=sys.stderr)  # another pipe: not success
         return 1
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        # a full disk, a file size limit, a read-only mount: what was written is incomplete (each
+        # command writes its files through a temporary name, or says how to go on)
+        print(f"fakespotter {name}: error: cannot write {e.filename or 'an output'}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 3
     finally:
         sys.stdout, sys.stderr = saved
         if previous is not None:

@@ -249,8 +249,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="dlib_resnet_v1",
                    help="backbone id; the command line runs those with weights of their own (the resnet ids need "
                         "a checkpoint: Python API) (default: %(default)s)")
-    p.add_argument("--layers", nargs="+", default=None, metavar="NAME",
-                   help="monitored layers (default: the backbone's: every post-ReLU output and the descriptor)")
+    p.add_argument("--layers", nargs="+", action="extend", default=None, metavar="NAME",
+                   help="monitored layers; may be given more than once (default: the backbone's: every "
+                        "post-ReLU output and the descriptor)")
     p.add_argument("--granularity", choices=["channel", "element"], default="channel",
                    help="a neuron per channel or per element (default: %(default)s)")
     p.add_argument("--threshold-mode", choices=["per_layer", "per_neuron"], default="per_layer",
