@@ -366,6 +366,26 @@ def test_unreadable_file_for_real(model, tmp_path):
     assert rec["error_kind"] == "permission_denied" and rec["score"] is None
 
 
+def test_a_face_waiting_for_its_batch_holds_back_a_bounded_number_of_records(model, tmp_path, monkeypatch):
+    """A face waits for a full batch; records decoded behind it wait for it (input order). A
+    long run of quick records (errors, no face) used to be held for up to STALL_FLUSH_S, in
+    memory and unwritten; past MAX_HELD_RECORDS the face is scored in a partial batch, which
+    gives the same score (every forward is padded to batch_size)."""
+    S = sys.modules["fakespotter.scan"]
+    folder = tmp_path / "in"
+    write_good(folder, 1)  # img000.png, first in the listing
+    for i in range(300):
+        (folder / f"z{i:03d}.png").write_bytes(b"")  # empty_file records
+    with scan([str(folder)], model, aligned=True, workers=1, batch_size=8) as run:
+        whole = list(run.batches())
+    monkeypatch.setattr(S, "MAX_HELD_RECORDS", 40)
+    with scan([str(folder)], model, aligned=True, workers=1, batch_size=8) as run:
+        bounded = list(run.batches())
+    assert len(whole[0]) == 301  # (the scan ends within STALL_FLUSH_S)
+    assert len(bounded[0]) <= 40 + 4 and len(bounded) > 5, [len(g) for g in bounded]
+    assert [r for g in bounded for r in g] == whole[0]
+
+
 def test_walk_is_streaming_sorted_and_survives_symlink_loops(tmp_path):
     root = tmp_path / "r"
     for rel in ["a.png", "b/x.jpg", "b/c/y.png", "b.png", "ab/z.gif", "b/skip.txt"]:
@@ -373,8 +393,12 @@ def test_walk_is_streaming_sorted_and_survives_symlink_loops(tmp_path):
         (root / rel).write_bytes(b"x")
     (root / "b" / "loop").symlink_to(root)
     (root / "b" / "c" / "up").symlink_to(root / "b")
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "e.png").write_bytes(b"x")
+    (root / "l1").symlink_to(tmp_path / "ext")  # two links to one folder outside: walked once
+    (root / "l2").symlink_to(tmp_path / "ext")
     got = list(D.iter_images(root))
-    assert got == sorted(got) == [root / p for p in ["a.png", "ab/z.gif", "b/c/y.png", "b/x.jpg", "b.png"]]
+    assert got == sorted(got) == [root / p for p in ["a.png", "ab/z.gif", "b/c/y.png", "b/x.jpg", "b.png", "l1/e.png"]]
     assert D.list_images(root) == got
     assert [e.path for e in D.iter_entries([str(root) + "/"])] == [str(p) for p in got]
 

@@ -6,7 +6,8 @@
 How the work is split: the parent lists the inputs lazily (``data.iter_entries``) and hands
 small chunks of them to ``workers`` processes, which read, hash, decode and detect/align faces
 (``workers=0`` does this inline). At most a fixed window of chunks is in flight and results are
-taken back in submission order, so memory is bounded by the window, never by the corpus, and
+taken back in submission order, so memory is bounded by the window, never by the number of
+records (the listing holds each folder's sorted entries on the current path), and
 records come out in the input listing order whatever the timing. The parent gathers the chips
 and runs backbone + tap + classifier under ``torch.inference_mode`` on exactly ``batch_size``
 chips per forward (the last one zero-padded): oneDNN may round differently for another batch
@@ -89,6 +90,12 @@ FORMATS = ("jsonl", "csv", "parquet")
 # same scores, at the cost of at most one extra forward per period), and records are given out at
 # least this often: slow images (large photos) are written as they go.
 STALL_FLUSH_S = 30.0
+
+# Decoded records held behind one that waits for its faces to be scored: past this many, the
+# waiting faces are scored in a partial (zero-padded, so same-score) forward. Without it a face
+# followed by a run of fast records (errors, no_face) held every record decoded in
+# STALL_FLUSH_S (~1.3 KB each: 360k records, +550 MB, measured) and wrote them as one group.
+MAX_HELD_RECORDS = 4096
 
 # A decode worker gives up on a file after this long (read, hash, decode, detect faces): a
 # ``timeout`` record, and the worker goes on. Normal photos take well under 10 s; what takes
@@ -742,8 +749,10 @@ class ScanRun:
     def batches(self) -> Iterator[List[Dict[str, Any]]]:
         """The records in groups: a group ends where a backbone forward finished (or after
         ``batch_size`` records without one); a writer flushes and syncs once per group. Faces
-        and records are held at most about :data:`STALL_FLUSH_S` seconds (then a partial batch
-        is scored), so slow images (large photos) are written as they go.
+        and records are held at most about :data:`STALL_FLUSH_S` seconds, and at most about
+        :data:`MAX_HELD_RECORDS` records wait behind a face (then a partial batch is scored), so
+        slow images (large photos) are written as they go, and a face followed by a long run of
+        errors does not hold them all.
         A scan runs once: iterate either the records or the groups."""
         if self._closed and self._active is None:
             return iter(())
@@ -835,7 +844,8 @@ def _scan_groups(job: _Job) -> Iterator[List[Dict[str, Any]]]:
             while len(chips) >= fwd.batch_size:
                 forward(fwd.batch_size)
                 ran = True
-            if chips and now - chips[0][0].t >= STALL_FLUSH_S:  # slow images: score the faces there
+            if chips and (now - chips[0][0].t >= STALL_FLUSH_S  # slow images: score the faces there
+                          or len(queue) >= max(MAX_HELD_RECORDS, 4 * fwd.batch_size)):  # many held behind them
                 forward(len(chips))
                 ran = True
             emit()
