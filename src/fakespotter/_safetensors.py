@@ -67,9 +67,8 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
     head += b" " * ((-len(head)) % 8)
     tmp = path.parent / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     # (not mkstemp: its 0600 would become the output's mode; this gets open()'s, umask applied)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             f.write(struct.pack("<Q", len(head)))
             f.write(head)
             for raw in blobs:
@@ -78,7 +77,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # (a full disk: say which output)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # (a full disk: name the output)
             e.filename = str(path)
         raise
 
