@@ -155,6 +155,31 @@ def test_resume_with_limit_and_changed_listing(small, model, tmp_path):
     assert got[:6] == shuffled and sorted(got) == sorted(lines) and len(got) == len(lines)
 
 
+def test_a_resume_lists_the_inputs_done_once(small, model, tmp_path, monkeypatch):
+    """The resume's check that the records are the listing's first inputs hands its listing on
+    to the scan: the inputs done are not listed (a tar.gz: decompressed) a second time."""
+    corpus, reference = small
+    out = tmp_path / "o.jsonl"
+    assert main(cli(corpus, model, out, "--limit", "5")) == 0
+    listed, tar = [], tmp_path / "b.tar.gz"
+    sorted_entries, tar_entries = D._sorted_entries, D._tar_entries
+    monkeypatch.setattr(D, "_sorted_entries", lambda folder: (listed.append(folder), sorted_entries(folder))[1])
+    assert main(cli(corpus, model, out, "--resume")) == 1  # (the two broken files)
+    assert listed == [str(corpus)] and out.read_text() == reference["jsonl"]
+    # a tar archive's members are read once
+    import tarfile
+
+    with tarfile.open(tar, "w:gz") as tf:
+        for p in sorted(corpus.iterdir())[:6]:
+            tf.add(p, arcname=p.name)
+    out = tmp_path / "t.jsonl"
+    assert main(cli(tar, model, out, "--limit", "3")) == 0
+    opened = []
+    monkeypatch.setattr(D, "_tar_entries", lambda a: (opened.append(a), tar_entries(a))[1])
+    assert main(cli(tar, model, out, "--resume")) == 0
+    assert opened == [str(tar)] and lines_in(out) == 6
+
+
 def test_an_input_listed_twice_keeps_both_records_when_a_resume_skips_by_path(small, model, tmp_path):
     """Skipping by path, each record stands for one input: a file listed twice whose second
     record is missing is scanned again, not taken as done."""

@@ -992,7 +992,7 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
          detect_pixels: int = DETECT_PIXELS, skip: int = 0, exclude: Optional[Container[str]] = None,
          stdin: Optional[IO[str]] = None, channels_last: bool = False, autocast: bool = False,
          compile: bool = False, file_timeout: float = FILE_TIMEOUT_S,
-         log: Optional[Callable[[str], None]] = None) -> ScanRun:
+         log: Optional[Callable[[str], None]] = None, listing: Optional[Iterable[Entry]] = None) -> ScanRun:
     """Scan images for synthesized faces; an iterator of one record per input image, in input order.
 
     inputs: paths - files, folders (recursive), ``@list.txt`` file lists, ``-`` (a list on
@@ -1033,6 +1033,9 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
         (``stats["compiled"]``).
     log: where one-line notices go (an out-of-memory back-off); default: the
         ``fakespotter.scan`` logger, at WARNING.
+    listing: the entries ``data.iter_entries(inputs, stdin)`` gives, when the caller has begun
+        reading them already (a resume's check of the inputs done): the scan goes on from there
+        instead of listing ``inputs`` again; ``skip`` and ``limit`` count from there too.
     The forward runs ``batch_size`` chips; when it runs out of memory the batch size halves
     (down to 1) and the same chips are retried, so no record is lost or doubled, and the
     smaller size is kept for the rest of the run (``stats["batch_size"]``, ``["oom_backoffs"]``);
@@ -1066,7 +1069,7 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     det, model_id = _load_model(model, device)
     cfg = _Config(bool(aligned), int(det.tap_.preprocessing.size[0]), int(upsample), int(pixel_limit), weak_face_score,
                   detect_pixels, file_timeout)
-    entries: Iterable[Entry] = iter_entries(inputs, stdin=stdin)
+    entries: Iterable[Entry] = iter_entries(inputs, stdin=stdin) if listing is None else listing
     if limit is not None or skip:
         entries = itertools.islice(entries, skip, limit)
     if isinstance(exclude, (set, frozenset, list, tuple)):  # paths in any spelling: ./d/x.jpg is d/x.jpg

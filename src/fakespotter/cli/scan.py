@@ -345,7 +345,7 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
     if state.model is not None and state.model != model_id:
         raise usage_error(f"--resume: {out} was written with model {state.model}, but --model {args.model} is "
                           f"{model_id}; scan into another output")
-    plan: Dict[str, Any] = {"state": state, "skip": 0, "exclude": None, "batch_size": args.batch_size}
+    plan: Dict[str, Any] = {"state": state, "listing": None, "exclude": None, "batch_size": args.batch_size}
     if state.records == 0:
         return plan
     if args.limit is not None and state.records > args.limit:
@@ -381,15 +381,15 @@ def _resume_plan(args, out: Path, fmt: str, model_id: str, stdin) -> Dict[str, A
         entries = itertools.islice(entries, args.limit)
     done = output_paths(out, fmt)
     n = 0
-    for stored, entry in zip(done, entries):
+    for stored, entry in zip(done, entries):  # (zip asks `done` first: `entries` stops at n)
         if stored != path_key(entry.path, fmt):
             break
         n += 1
-    if stdin is not None:
-        stdin.seek(0)
     if n == state.records:
-        plan["skip"] = n
+        plan["listing"] = entries  # the scan goes on from here: the inputs done are listed once
     else:
+        if stdin is not None:
+            stdin.seek(0)
         log(f"scan: the {state.records} records of {out} are not the first inputs of this listing (the inputs "
             f"changed?); skipping inputs by path instead", args.quiet)
         plan["exclude"] = _Keys(output_paths(out, fmt), fmt)
@@ -474,14 +474,14 @@ def run(args: argparse.Namespace) -> int:
     if plan["mode"] == "resume":
         resume = _resume_plan(args, out, fmt, plan["detector"].model_sha256(), stdin)
     else:
-        resume = {"state": None, "skip": 0, "exclude": None, "batch_size": args.batch_size}
+        resume = {"state": None, "listing": None, "exclude": None, "batch_size": args.batch_size}
     state = resume["state"]
     if state is not None and state.torn_bytes:
         log(f"scan: dropping {_dropped(out, fmt, state)} from {out}", args.quiet)
     run_ = scan(args.paths, plan["detector"], aligned=args.aligned, batch_size=resume["batch_size"],
                 workers=args.workers, device=args.device, pixel_limit=args.pixel_limit, limit=args.limit,
                 upsample=args.upsample, weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels,
-                file_timeout=args.file_timeout, skip=resume["skip"], exclude=resume["exclude"], stdin=stdin,
+                file_timeout=args.file_timeout, exclude=resume["exclude"], stdin=stdin, listing=resume["listing"],
                 channels_last=args.channels_last, autocast=args.autocast, compile=args.compile,
                 log=lambda m: log(m, args.quiet))
     part_rows = args.part_rows if args.part_rows is not None else PART_ROWS
