@@ -369,3 +369,29 @@ def test_cli_check_of_a_hand_made_manifest(small, tmp_path, capsys):
     write_manifest([], copy)
     assert main(["data", "check", str(copy)]) == 1
     assert "the manifest lists no files" in capsys.readouterr().err
+
+
+def test_cli_check_finds_rows_taken_out_and_files_left_over(small, tmp_path, capsys):
+    """A row deleted from the manifest (its file still there), or a file added beside the
+    chips, passed every sha256 check; build.json's counts and the folders tell."""
+    import shutil
+
+    from fakespotter.manifest import write_manifest
+
+    manifest, _ = small
+    copy = tmp_path / "copy"
+    shutil.copytree(manifest.root, copy)
+    gone = manifest.rows[-1]
+    write_manifest(manifest.rows[:-1], copy)
+    assert main(["data", "check", str(copy)]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["unlisted_files"] == [gone.file]
+    assert "the manifest's counts differ from build.json's (rows removed or added?): " in captured.err
+    assert f"1 file(s) under real/ and fake/ are not in the manifest, e.g. {gone.file}" in captured.err
+    write_manifest(manifest.rows, copy)
+    (copy / "fake" / "extra.jpg").write_bytes((copy / gone.file).read_bytes())
+    assert main(["data", "check", str(copy)]) == 1
+    captured = capsys.readouterr()
+    assert "counts differ" not in captured.err and "e.g. fake/extra.jpg" in captured.err
+    (copy / "fake" / "extra.jpg").unlink()
+    assert main(["data", "check", str(copy)]) == 0

@@ -44,8 +44,9 @@ def add_parser(sub) -> None:
                         description="Read DIR/manifest.csv (or the CSV file given), refuse it when "
                                     "listed files are missing, verify every sha256, print counts "
                                     "per split and type and the confound report (JSON). Exit 1 "
-                                    "when a file's sha256 differs or it cannot be read, or the "
-                                    "manifest lists no file.")
+                                    "when a file's sha256 differs or it cannot be read, the "
+                                    "manifest lists no file, its counts differ from build.json's, "
+                                    "or real/ and fake/ hold files it does not list.")
     c.add_argument("manifest", metavar="DIR", help="a built data set folder or its manifest.csv")
     c.set_defaults(run=run_check)
 
@@ -100,17 +101,57 @@ def run_check(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:  # a listed file that is not a JPEG (a hand-made manifest)
         confounds = {"error": f"not computed: {e}"}
         print(f"fakespotter data check: confound report not computed: {e}", file=sys.stderr)
+    count_keys = {f"{s}:{k}": n for (s, k), n in sorted(counts.items())}
+    unlisted = _unlisted_files(manifest)
     report = {"files": len(manifest), "sha256_mismatches": bad, "unreadable": unreadable,
-              "counts": {f"{s}:{k}": n for (s, k), n in sorted(counts.items())},
-              "confounds": confounds}
+              "unlisted_files": unlisted, "counts": count_keys, "confounds": confounds}
     print(json.dumps(report, indent=2))
+    failed = bool(unreadable)
     if len(manifest) == 0:
         print("fakespotter data check: the manifest lists no files", file=sys.stderr)
-        return 1
-    if unreadable:
+        failed = True
+    built = _build_counts(manifest.root / dataset.BUILD_JSON)
+    if built is not None and built != count_keys:
+        differ = sorted(k for k in set(built) | set(count_keys) if built.get(k) != count_keys.get(k))
+        print(f"fakespotter data check: the manifest's counts differ from {dataset.BUILD_JSON}'s (rows removed or "
+              f"added?): " + ", ".join(f"{k} {count_keys.get(k, 0)} listed, {built.get(k, 0)} built"
+                                       for k in differ[:4]) + (", ..." if len(differ) > 4 else ""), file=sys.stderr)
+        failed = True
+    if unlisted:
+        print(f"fakespotter data check: {len(unlisted)} file(s) under real/ and fake/ are not in the manifest, "
+              f"e.g. {unlisted[0]}", file=sys.stderr)
+        failed = True
+    if failed:
         return 1
     if bad:
         print(f"fakespotter data check: {len(bad)} file(s) differ from their sha256 in the "
               f"manifest, e.g. {bad[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _build_counts(path) -> "dict | None":
+    """The counts a build wrote into its build.json, keyed as ``data check`` reports them (None
+    without a readable one: a hand-made data set)."""
+    try:
+        counts = json.loads(path.read_text(encoding="utf-8"))["counts"]
+        return {f"{s}:{k}": int(n) for s, c in sorted(counts.items()) for k, n in sorted(c.items())}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _unlisted_files(manifest) -> list:
+    """Files under the data set's real/ and fake/ that the manifest does not list (the names
+    a build writes its chips under), relative to the data set's folder."""
+    import os
+
+    listed = {r.file for r in manifest.rows}
+    out = []
+    for top in ("real", "fake"):
+        for folder, dirs, files in os.walk(manifest.root / top):
+            dirs.sort()
+            for name in sorted(files):
+                rel = os.path.relpath(os.path.join(folder, name), manifest.root).replace(os.sep, "/")
+                if rel not in listed:
+                    out.append(rel)
+    return out
