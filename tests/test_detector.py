@@ -247,6 +247,10 @@ def test_refuses_non_finite_values_and_mangled_metadata_also_in_info(fitted, tmp
         err = capsys.readouterr().err
         assert err.startswith("fakespotter info: error: ") and len(err.strip().splitlines()) == 1
     assert main(["info", str(tmp_path)]) == 2 and "is a folder, not a model file" in capsys.readouterr().err
+    # another writer's training summary: loads (it is information only), and info shows it
+    odd = _resave(fitted, tmp_path, "x.fsm", meta=lambda m: m["training"].update(counts=[1, 2]))
+    FakeSpotter.load(odd)
+    assert main(["info", str(odd)]) == 0 and "training: None train" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"hidden must be a sequence of layer widths \(ints >= 1\), e.g. \(16, 16\); got \(0,\)"):
         FakeSpotter(hidden=(0,)).fit(np.zeros((2, 150, 150, 3), np.uint8), np.zeros((2, 150, 150, 3), np.uint8))
 

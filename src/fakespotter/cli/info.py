@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0
     op = meta.get("operating_threshold", {})
-    training = meta.get("training", {})
-    counts = training.get("counts", {})
+    training = meta.get("training") or {}  # (a mapping: loading checked it)
+    counts = training.get("counts") if isinstance(training.get("counts"), dict) else {}  # (another writer's)
     lines = [
         f"model: {args.model} (sha256 {file_sha256(args.model)})",
         f"format: {meta['format']} v{meta['format_version']}, bit layout v{meta['bit_layout_version']}, "
