@@ -230,6 +230,30 @@ def test_entire_synthesis_is_matched_to_the_reals_detail(small):
     assert set(rep["per_generator"]) >= {"mobilestylegan", "dcgan"} | set(D.LOCAL_TYPES)
 
 
+def test_mobilestylegan_renders_are_cached_per_openvino_version(tmp_path, monkeypatch):
+    """A render cached under another OpenVINO version is not reused: a build equals what its
+    recorded package versions give on a fresh cache."""
+    from fakespotter import generators
+
+    monkeypatch.setenv("FAKESPOTTER_CACHE", str(tmp_path))
+    calls = []
+
+    class Fake:
+        def render(self, seed, psi):
+            calls.append(seed)
+            return np.full((1024, 1024, 3), len(calls), np.uint8)
+
+    monkeypatch.setattr(generators, "default_mobilestylegan", lambda threads: Fake())
+    builder = D._Builder(tmp_path / "out", D.SMALL, 0, 1, lambda m: None)
+    for version, want in (("2026.4.1", 1), ("2026.4.1", 1), ("2027.0", 2)):
+        monkeypatch.setattr(D, "_openvino_version", lambda: version)
+        rgb = builder.msg_render(7, 0.5)
+        assert rgb.shape == (D.RENDER_SIDE, D.RENDER_SIDE, 3) and (rgb == want).all()
+    assert calls == [7, 7]
+    assert sorted(p.name for p in (tmp_path / "renders").iterdir()) == [
+        f"mobilestylegan-{D.RENDER_SIDE}-openvino-2026.4.1", f"mobilestylegan-{D.RENDER_SIDE}-openvino-2027.0"]
+
+
 def test_detail_matcher_quotas_and_budget():
     real = list(range(100, 200))  # quartile edges 124.75, 149.5, 174.25
     m = D._DetailMatcher(real, 8, budget=2.0, bins=4)

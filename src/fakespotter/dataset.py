@@ -79,6 +79,7 @@ photos are always included and fall where their two groups hash).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -572,11 +573,13 @@ class _Builder:
         self._gan_blocks("mobilestylegan", n, make)
 
     def msg_render(self, face_seed: int, psi: float) -> np.ndarray:
-        """A MobileStyleGAN face downscaled to RENDER_SIDE, cached as PNG under the cache."""
+        """A MobileStyleGAN face downscaled to RENDER_SIDE, cached as PNG under the cache (per
+        OpenVINO version: another version may round differently, and a build must equal what
+        its recorded versions give on a fresh cache)."""
         from fakespotter.generators import default_mobilestylegan
         from fakespotter.samples import _resize
 
-        folder = cache_dir() / "renders" / f"mobilestylegan-{RENDER_SIDE}"
+        folder = cache_dir() / "renders" / f"mobilestylegan-{RENDER_SIDE}-openvino-{_openvino_version()}"
         path = folder / f"{face_seed}-{psi:.6f}.png"
         if path.is_file():
             try:
@@ -762,6 +765,11 @@ def _counts(rows: Sequence[ManifestRow]) -> Dict[str, Dict[str, int]]:
                 c[key] = c.get(key, 0) + 1
         counts[split] = dict(sorted(c.items()))
     return counts
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_version() -> str:
+    return _package_versions()["openvino"]
 
 
 def _package_versions() -> Dict[str, str]:
