@@ -386,34 +386,6 @@ def test_a_face_waiting_for_its_batch_holds_back_a_bounded_number_of_records(mod
     assert [r for g in bounded for r in g] == whole[0]
 
 
-def test_what_a_decoder_prints_for_a_file_goes_into_its_error_record(model, tmp_path, monkeypatch, capfd):
-    """libtiff prints its errors itself, to stderr, naming "tempfile.tif": in the middle of the
-    progress lines and with no file named. A decode worker catches what each file's decode
-    printed: an error record says it; a file that decoded passes it on to stderr."""
-    S = sys.modules["fakespotter.scan"]
-    good = noise_image(3, 64, 64)
-    buf = io.BytesIO()
-    Image.fromarray(good).save(buf, format="TIFF", compression="tiff_lzw")
-    data = bytearray(buf.getvalue())
-    data[108:408] = bytes(300)  # in the LZW strip after the 8-byte header: libtiff complains, Pillow fails
-    (tmp_path / "bad.tif").write_bytes(bytes(data))
-    (rec,) = scan([str(tmp_path / "bad.tif")], model, aligned=True, workers=1)
-    assert rec["error_kind"] == "decode_error" and "(the decoder said: LZWDecode: " in rec["error"], rec["error"]
-
-    def decode(entry, cfg):
-        os.write(2, b"tempfile.tif: Cannot read\n  TIFF header.\n")
-        return S._error_result(entry, "decode_error", "TIFF: failed") if entry.path == "bad" else {"error": None}
-
-    monkeypatch.setattr(S, "_decode_timed", decode)
-    caught = S._NativeStderr()
-    capfd.readouterr()
-    assert caught.decode(D.Entry("bad", file="bad"), None)["error"] == (
-        "decode_error", "TIFF: failed (the decoder said: Cannot read TIFF header.)")
-    assert capfd.readouterr().err == ""
-    assert caught.decode(D.Entry("ok", file="ok"), None)["error"] is None
-    assert capfd.readouterr().err == "tempfile.tif: Cannot read\n  TIFF header.\n"
-
-
 def test_walk_is_streaming_sorted_and_survives_symlink_loops(tmp_path):
     root = tmp_path / "r"
     for rel in ["a.png", "b/x.jpg", "b/c/y.png", "b.png", "ab/z.gif", "b/skip.txt"]:

@@ -177,52 +177,11 @@ def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
 
 
 def _decode_chunk(entries: List[Entry], cfg: _Config) -> List[Dict[str, Any]]:
-    """In a decode worker: :func:`_decode_one` for each entry, within ``cfg.file_timeout``,
-    with what native code printed for it caught (:class:`_NativeStderr`)."""
-    global _STDERR
+    """In a decode worker: :func:`_decode_one` for each entry, within ``cfg.file_timeout``."""
     crash = os.environ.get(_CRASH_ENV)
     if crash and any(e.path.endswith(crash) for e in entries):
         os._exit(70)
-    if _STDERR is None:
-        _STDERR = _NativeStderr()
-    return [_STDERR.decode(e, cfg) for e in entries]
-
-
-class _NativeStderr:
-    """A decode worker's file descriptor 2, caught file by file. C libraries print there
-    themselves (libtiff: ``tempfile.tif: ...``, ``LZWDecode: Not enough data at scanline 0``),
-    between the scan's progress lines and with no file named. What a file's decode printed is
-    added to its error record; a file that decoded has it passed on to the real stderr."""
-
-    def __init__(self) -> None:
-        import tempfile
-
-        self.caught = tempfile.TemporaryFile()
-        self.stderr = os.dup(2)
-
-    def decode(self, entry: Entry, cfg: _Config) -> Dict[str, Any]:
-        sys.stderr.flush()
-        os.dup2(self.caught.fileno(), 2)
-        try:
-            res = _decode_timed(entry, cfg)
-        finally:
-            sys.stderr.flush()
-            os.dup2(self.stderr, 2)
-        if self.caught.tell():
-            self.caught.seek(0)
-            text = self.caught.read()
-            self.caught.seek(0)
-            self.caught.truncate()
-            if res["error"] is None:
-                os.write(2, text)
-            else:
-                said = " ".join(text.decode("utf-8", "replace").replace("tempfile.tif: ", "").split())
-                kind, message = res["error"]
-                res["error"] = (kind, f"{message} (the decoder said: {said[:500]})")
-        return res
-
-
-_STDERR: Optional[_NativeStderr] = None  # (this worker's, made by its first chunk)
+    return [_decode_timed(e, cfg) for e in entries]
 
 
 class _FileTimeout(BaseException):
