@@ -121,9 +121,8 @@ def _walk(root: str) -> Iterator[Tuple[str, Optional[OSError]]]:
     """(path, None) for each image file under ``root``, depth-first with entries sorted by name
     (the order of ``sorted()`` over the paths); (folder, error) for a folder that cannot be
     listed. A folder reached again (a symlink loop, or two links to one folder) is skipped."""
+    seen = {os.path.realpath(root)}
     try:
-        st = os.stat(root)
-        seen = {(st.st_dev, st.st_ino)}  # (one stat a folder: realpath took one lstat a path component)
         stack = [iter(_sorted_entries(root))]
     except OSError as e:
         yield root, e
@@ -141,11 +140,11 @@ def _walk(root: str) -> Iterator[Tuple[str, Optional[OSError]]]:
             if _is_image_name(name):
                 yield path, None
             continue
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
         try:
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
             listing = _sorted_entries(path)
         except OSError as e:
             yield path, e
