@@ -419,3 +419,16 @@ def test_cli_check_finds_rows_taken_out_and_files_left_over(small, tmp_path, cap
     assert "counts differ" not in captured.err and "e.g. fake/extra.jpg" in captured.err
     (copy / "fake" / "extra.jpg").unlink()
     assert main(["data", "check", str(copy)]) == 0
+    # a manifest's valid spellings (./fake/x.jpg); a CSV of some rows is a subset, not the set
+    rows = [dataclasses.replace(r, file="./" + r.file) for r in manifest.rows]
+    write_manifest(rows, copy)
+    assert main(["data", "check", str(copy)]) == 0
+    capsys.readouterr()
+    write_manifest(manifest.rows[:5], copy / "subset.csv")
+    assert main(["data", "check", str(copy / "subset.csv")]) == 0
+    # every failure is named, the sha256 ones too
+    write_manifest(manifest.rows[:-1], copy)
+    (copy / manifest.rows[0].file).write_bytes(b"altered")
+    assert main(["data", "check", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "counts differ" in err and f"differ from their sha256 in the manifest, e.g. {manifest.rows[0].file}" in err

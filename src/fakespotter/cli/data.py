@@ -45,8 +45,9 @@ def add_parser(sub) -> None:
                                     "listed files are missing, verify every sha256, print counts "
                                     "per split and type and the confound report (JSON). Exit 1 "
                                     "when a file's sha256 differs or it cannot be read, the "
-                                    "manifest lists no file, its counts differ from build.json's, "
-                                    "or real/ and fake/ hold files it does not list.")
+                                    "manifest lists no file, or (DIR/manifest.csv) its counts "
+                                    "differ from build.json's or real/ and fake/ hold files it "
+                                    "does not list.")
     c.add_argument("manifest", metavar="DIR", help="a built data set folder or its manifest.csv")
     c.set_defaults(run=run_check)
 
@@ -79,7 +80,9 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     from fakespotter import dataset
-    from fakespotter.manifest import Manifest, file_sha256, read_manifest
+    from pathlib import Path
+
+    from fakespotter.manifest import MANIFEST_NAME, Manifest, file_sha256, read_manifest
 
     try:
         manifest = read_manifest(args.manifest)
@@ -102,7 +105,10 @@ def run_check(args: argparse.Namespace) -> int:
         confounds = {"error": f"not computed: {e}"}
         print(f"fakespotter data check: confound report not computed: {e}", file=sys.stderr)
     count_keys = {f"{s}:{k}": n for (s, k), n in sorted(counts.items())}
-    unlisted = _unlisted_files(manifest)
+    # a data set's own manifest lists all of it: build.json's counts and every chip file (a CSV
+    # of some of its rows, checked by name, is a subset)
+    whole = Path(args.manifest).is_dir() or Path(args.manifest).name == MANIFEST_NAME
+    unlisted = _unlisted_files(manifest) if whole else []
     report = {"files": len(manifest), "sha256_mismatches": bad, "unreadable": unreadable,
               "unlisted_files": unlisted, "counts": count_keys, "confounds": confounds}
     print(json.dumps(report, indent=2))
@@ -110,7 +116,7 @@ def run_check(args: argparse.Namespace) -> int:
     if len(manifest) == 0:
         print("fakespotter data check: the manifest lists no files", file=sys.stderr)
         failed = True
-    built = _build_counts(manifest.root / dataset.BUILD_JSON)
+    built = _build_counts(manifest.root / dataset.BUILD_JSON) if whole else None
     if built is not None and built != count_keys:
         differ = sorted(k for k in set(built) | set(count_keys) if built.get(k) != count_keys.get(k))
         print(f"fakespotter data check: the manifest's counts differ from {dataset.BUILD_JSON}'s (rows removed or "
@@ -121,13 +127,11 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"fakespotter data check: {len(unlisted)} file(s) under real/ and fake/ are not in the manifest, "
               f"e.g. {unlisted[0]}", file=sys.stderr)
         failed = True
-    if failed:
-        return 1
     if bad:
         print(f"fakespotter data check: {len(bad)} file(s) differ from their sha256 in the "
               f"manifest, e.g. {bad[0]}", file=sys.stderr)
-        return 1
-    return 0
+        failed = True
+    return 1 if failed else 0
 
 
 def _build_counts(path) -> "dict | None":
@@ -144,8 +148,9 @@ def _unlisted_files(manifest) -> list:
     """Files under the data set's real/ and fake/ that the manifest does not list (the names
     a build writes its chips under), relative to the data set's folder."""
     import os
+    import posixpath
 
-    listed = {r.file for r in manifest.rows}
+    listed = {posixpath.normpath(r.file) for r in manifest.rows}  # (./real/x.jpg lists real/x.jpg)
     out = []
     for top in ("real", "fake"):
         for folder, dirs, files in os.walk(manifest.root / top):
