@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +242,8 @@ def test_bad_input_exits_2_before_work(setup, tmp_path, capsys, cmd):
         ([model, "--real", real, "--fake", fake, "--bootstrap", "-1"], r"--bootstrap must be >= 0"),
         ([model, "--real", real, "--fake", fake, "--out-dir", not_model], r"--out-dir .*notes.fsm is a file"),
         ([model, "--real", real, "--fake", fake, "--out-dir", tmp_path / "a" / "b"], r"folder .*a does not exist"),
+        ([model, "--real", real, "--fake", fake, "--out-dir", fake],  # the plots would be read as images
+         r"--out-dir .*fake holds input images; write the reports into another folder"),
     ]
     for extra, pattern in cases:
         rc, stdout, err = run_cli([cmd, *extra, "--out-dir", out, "--quiet"] if "--out-dir" not in extra
@@ -281,6 +286,31 @@ def test_evaluate_warnings_and_old_plots(setup, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "- group blank: none of its 2 images was scored" in md and "only 10 bootstrap resamples" in md
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json", "report.md"]
+
+
+def test_reports_are_replaced_whole_and_a_full_disk_is_one_line(setup, tmp_path):
+    """Each report goes under a temporary name, then is renamed: a file size limit leaves the
+    old report as it was, no temporary file, and one line naming the file (exit 3). Non-UTF-8
+    folder names are kept in the reports and drawn in the plots."""
+    import resource
+    import subprocess
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text("old")
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/fak\xe9"))
+    shutil.copytree(setup["fake_small"], odd)
+    args = [sys.executable, "-m", "fakespotter", "evaluate", str(setup["model"]), "--real", str(setup["real_small"]),
+            "--fake", str(odd), "--aligned", "--out-dir", str(out), "--overwrite", "--quiet"]
+    run = subprocess.run(args, capture_output=True, text=True, errors="surrogateescape", timeout=300,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY)))
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.strip() == f"fakespotter evaluate: error: cannot write {out / 'metrics.json'}: File too large"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"] and (out / "metrics.json").read_text() == "old"
+    run = subprocess.run(args, capture_output=True, text=True, errors="surrogateescape", timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["det.png", "metrics.csv", "metrics.json", "report.md", "roc.png"]
+    assert b"fak\xe9" in (out / "metrics.csv").read_bytes()  # the name as its bytes
 
 
 def test_robustness_augmented_counts_are_what_it_trained_on(setup, tmp_path, capsys):

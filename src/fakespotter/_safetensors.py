@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import secrets
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
+
+from ._atomic import write_atomic
 
 __all__ = ["save_file", "load_file", "SafetensorsError"]
 
@@ -65,21 +66,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * ((-len(head)) % 8)
-    tmp = path.parent / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # (not mkstemp: its 0600 would become the output's mode; this gets open()'s, umask applied)
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            for raw in blobs:
-                f.write(raw)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename in (None, str(tmp)):  # (a full disk: name the output)
-            e.filename = str(path)
-        raise
+    write_atomic(path, b"".join([struct.pack("<Q", len(head)), head, *blobs]))
 
 
 def load_file(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

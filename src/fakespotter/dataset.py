@@ -93,6 +93,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from fakespotter._atomic import write_atomic
 from fakespotter.manifest import (
     FAKE_TYPES,
     MANIFEST_NAME,
@@ -367,15 +368,7 @@ def _clear_previous(out: Path) -> None:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException as e:  # (a full disk: no half-written chip left behind)
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)
-        raise
+    write_atomic(path, data, fsync=False)  # (the manifest, written last, is what makes a build)
 
 
 # ----------------------------------------------------------------------------------------------

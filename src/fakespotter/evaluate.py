@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from ._atomic import write_atomic
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE
 
 __all__ = [
@@ -395,6 +396,16 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _save_figure(fig: Any, path: Union[str, Path]) -> None:
+    """``fig.savefig`` to ``path`` atomically, in the format its suffix names."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png"))
+
+
+def _shown(name: Any) -> str:
+    """A name as a plot can draw it: the bytes of a non-UTF-8 file name as U+FFFD."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def to_json_dict(report: Mapping[str, Any]) -> Dict[str, Any]:
     """The report with NaN / inf as null (strict JSON)."""
     return _jsonable(dict(report))
@@ -402,8 +413,7 @@ def to_json_dict(report: Mapping[str, Any]) -> Dict[str, Any]:
 
 def write_json(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
     p = Path(path)
-    p.write_text(json.dumps(to_json_dict(report), indent=2, allow_nan=False) + "\n")
-    return p
+    return write_atomic(p, json.dumps(to_json_dict(report), indent=2, allow_nan=False) + "\n")
 
 
 def _labels(report: Mapping[str, Any]) -> List[str]:
@@ -447,8 +457,7 @@ def to_csv(report: Mapping[str, Any]) -> str:
 
 def write_csv(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
     p = Path(path)
-    p.write_text(to_csv(report))
-    return p
+    return write_atomic(p, to_csv(report))
 
 
 _HEADINGS = {"auc": "AUC", "ap": "AP", "eer": "EER", "acc": "ACC", "precision": "Precision", "recall": "Recall",
@@ -498,7 +507,7 @@ def write_markdown(report: Mapping[str, Any], path: Union[str, Path], title: Opt
     if notes:
         text += "\n" + "".join(f"- {n}\n" for n in notes)
     p = Path(path)
-    p.write_text(text)
+    write_atomic(p, text)
     return p
 
 
@@ -523,14 +532,14 @@ def plot_roc(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], titl
     ax = fig.add_subplot(1, 1, 1)
     for name, (s, y) in curves.items():
         fpr, tpr, _ = roc_curve(s, y)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(s, y):.3f})")
+        ax.plot(fpr, tpr, label=f"{_shown(name)} (AUC {roc_auc(s, y):.3f})")
     ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate (reals called fake)",
            ylabel="true-positive rate (fakes caught)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(str(path))
+    _save_figure(fig, path)
     return Path(path)
 
 
@@ -547,7 +556,7 @@ def plot_det(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], titl
     for name, (s, y) in curves.items():
         fpr, tpr, _ = roc_curve(s, y)
         ax.plot(ppf(np.clip(fpr, lo, hi)), ppf(np.clip(1 - tpr, lo, hi)),
-                label=f"{name} (EER {equal_error_rate(s, y):.3f})")
+                label=f"{_shown(name)} (EER {equal_error_rate(s, y):.3f})")
     ticks = ppf(np.array(_DET_TICKS))
     labels = [f"{t * 100:g}" for t in _DET_TICKS]
     ax.plot(ppf([lo, hi]), ppf([lo, hi]), color="0.7", linestyle=":", linewidth=1)
@@ -558,7 +567,7 @@ def plot_det(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], titl
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(str(path))
+    _save_figure(fig, path)
     return Path(path)
 
 
@@ -583,7 +592,7 @@ def plot_lines(panels: Mapping[str, Mapping[str, Tuple[Sequence[Any], Sequence[f
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(str(path))
+    _save_figure(fig, path)
     return Path(path)
 
 

@@ -44,6 +44,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+from ._atomic import write_atomic
+
 __all__ = [
     "MANIFEST_NAME",
     "COLUMNS",
@@ -246,14 +248,7 @@ def write_manifest(rows: Iterable[ManifestRow], path: Union[str, os.PathLike]) -
     in it), atomically: a temporary file renamed over the target."""
     p = _manifest_file(path)
     text = manifest_text(rows)
-    tmp = p.with_name(p.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
+    return write_atomic(p, text)
 
 
 def params_json(params: Mapping[str, Any]) -> str:

@@ -58,6 +58,7 @@ from typing import IO, Any, Callable, Container, Dict, Iterable, Iterator, List,
 
 import numpy as np
 
+from ._atomic import write_atomic
 from .data import DEFAULT_PIXEL_LIMIT, Entry, ImageError, check_sources, decode_image, iter_entries, read_entry
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
 
@@ -1359,13 +1360,7 @@ def check_not_busy(path: Union[str, Path]) -> None:
 
 def write_stats(path: Union[str, Path], stats: Dict[str, Any]) -> None:
     """Write the stats JSON atomically (a temporary file renamed over ``path``)."""
-    tmp = Path(str(path) + ".tmp")
-    try:
-        tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # (a full disk: no empty temporary left behind)
-        raise
+    write_atomic(path, json.dumps(stats, indent=2, sort_keys=True) + "\n", fsync=False)
 
 
 # ----------------------------------------------------------------------------------------------

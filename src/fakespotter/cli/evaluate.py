@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from collections import Counter
@@ -30,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import evaluate as ev
+from .._atomic import write_atomic
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
 from ._common import (Progress, add_class_sources, check_disjoint, check_once, class_mode, has_both_classes,
                       images_of, load_chips, log, manifest_part, model_file, no_chips_error, open_manifest, usage_error)
@@ -138,6 +140,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         raise usage_error(f"--out-dir {out_dir} is a file, not a folder")
     if not out_dir.exists() and not out_dir.parent.is_dir():
         raise usage_error(f"--out-dir {out_dir}: folder {out_dir.parent} does not exist")
+    if not os.access(out_dir if out_dir.exists() else out_dir.parent, os.W_OK | os.X_OK):
+        raise usage_error(f"--out-dir {out_dir}: cannot write there")
     every = [out_dir / name for name in outputs]
     for f in every:
         if f.exists() and not f.is_file():
@@ -204,6 +208,10 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
                              [vpart.path(r) for r in vpart.rows if r.is_fake]) if has_both_classes(vpart) else None,
                      "source": {"manifest": str(manifest.root), "split": "train",
                                 "validation_from": "val" if has_both_classes(vpart) else "held out from train by group"}}
+
+    folders = {Path(p).parent for p in paths + ((train["real"] + train["fake"]) if train else [])}
+    if out_dir.resolve() in {f.resolve() for f in folders}:  # the plots would be read as images next time
+        raise usage_error(f"--out-dir {out_dir} holds input images; write the reports into another folder")
 
     from .. import artifact
     from ..detector import FakeSpotter
@@ -480,8 +488,8 @@ def run(args: argparse.Namespace) -> int:
     ev.write_csv(report, files["metrics.csv"])
     if multi:
         text = side_by_side_markdown(report)
-        files["report.md"].write_text("# FakeSpotter evaluation, side by side\n\n" + text + "\n"
-                                      + "".join(f"- {n}\n" for n in notes))
+        write_atomic(files["report.md"], "# FakeSpotter evaluation, side by side\n\n" + text + "\n"
+                        + "".join(f"- {n}\n" for n in notes))
     else:
         text = ev.to_markdown(report)
         ev.write_markdown(report, files["report.md"], title="FakeSpotter evaluation", notes=notes)

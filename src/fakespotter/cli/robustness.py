@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import evaluate as ev
+from .._atomic import write_atomic
 from ._common import Progress, log
 from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, intervals_note,
                        model_info, remove_stale, require_both_classes, train_detectors)
@@ -166,11 +167,12 @@ def run(args: argparse.Namespace) -> int:
         full = "".join(f"\n## {n}\n\n" + ev.to_markdown({"rows": [r for r in rows if r["detector"] == n],
                                                             "label_columns": ["attack", "level"]}, columns=columns)
                        for n in names)
-        files["robustness.md"].write_text("# FakeSpotter robustness, side by side\n\n" + text + full + "\n"
-                                          + "".join(f"- {n}\n" for n in notes))
+        write_atomic(files["robustness.md"], "# FakeSpotter robustness, side by side\n\n" + text + full + "\n"
+                        + "".join(f"- {n}\n" for n in notes))
     else:
         text = ev.to_markdown(report, columns=columns)
-        files["robustness.md"].write_text("# FakeSpotter robustness\n\n" + text + "\n" + "".join(f"- {n}\n" for n in notes))
+        write_atomic(files["robustness.md"], "# FakeSpotter robustness\n\n" + text + "\n"
+                        + "".join(f"- {n}\n" for n in notes))
     if not args.no_plots:
         panels = {}
         for a in attacks:
