@@ -116,6 +116,45 @@ def test_a_full_disk_is_one_line_and_exit_3(corpus, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_refuses_an_output_that_is_an_input_or_not_a_file(corpus, tmp_path, capsys):
+    real, fake = corpus
+    victim = sorted(real.iterdir())[0]
+    before = victim.read_bytes()
+    (tmp_path / "link.fsm").symlink_to(victim)
+    os.mkfifo(tmp_path / "pipe.json")
+    for extra, message in ((["--out", str(victim)], f"output model {victim} is also an input"),
+                           (["--out", str(tmp_path / "link.fsm")], "is also an input"),
+                           (["--out", str(tmp_path / "m.fsm"), "--report", str(victim)], f"report {victim} is also an input"),
+                           (["--out", str(tmp_path / "m.fsm"), "--report", str(tmp_path / "pipe.json")],
+                            "exists and is not a regular file")):
+        rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--overwrite",
+                                *extra], capsys)
+        assert rc == 2 and message in err, err
+    assert victim.read_bytes() == before and not (tmp_path / "m.fsm").exists()
+
+
+def test_an_os_error_on_a_file_is_one_line(monkeypatch, capsys):
+    """An OSError that names a file ends a command with one line (exit 3 when it is a full disk
+    or the like, else 1); one that names no file is a bug and keeps its traceback."""
+    import errno
+
+    from fakespotter.cli import info
+
+    for error, rc, line in ((OSError(errno.EIO, "Input/output error", "/x/a.json"), 1,
+                             "fakespotter info: error: /x/a.json: Input/output error"),
+                            (OSError(errno.ENOSPC, "No space left on device", "/x/a.json"), 3,
+                             "fakespotter info: error: cannot write /x/a.json: No space left on device")):
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(info, "run", fail)
+        assert main(["info", "default"]) == rc
+        assert capsys.readouterr().err.strip() == line
+    monkeypatch.setattr(info, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError):
+        main(["info", "default"])
+
+
 def test_layers_may_be_given_more_than_once():
     from fakespotter.cli import build_parser
 

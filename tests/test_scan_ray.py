@@ -221,6 +221,32 @@ def test_merge_into_a_full_disk_or_a_busy_output_says_so_in_one_line(shards, tmp
     assert main(["merge", str(src), str(out), "--overwrite"]) == 0
 
 
+def test_merge_replaces_out_whole_or_not_at_all(shards, tmp_path, capsys):
+    """OUT is written under a temporary name and renamed: a failed merge leaves the old OUT as
+    it was (it used to be emptied at once, and deleted on any error), a hard link to a shard
+    given as OUT keeps the shard, and a FIFO or device is refused before any work."""
+    import os
+    import resource
+    import subprocess
+
+    src, _ = shards
+    out = tmp_path / "m.jsonl"
+    out.write_text("the user's\n")
+    run = subprocess.run([sys.executable, "-m", "fakespotter", "merge", str(src), str(out), "--overwrite"],
+                         capture_output=True, text=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2500, resource.RLIM_INFINITY)))
+    assert run.returncode == 3 and f"({out} is as it was)" in run.stderr, run.stderr
+    assert out.read_text() == "the user's\n" and sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
+    shard = sorted(src.glob("part-*.jsonl"))[0]
+    before = shard.read_bytes()
+    os.link(shard, tmp_path / "link.jsonl")
+    assert main(["merge", str(src), str(tmp_path / "link.jsonl"), "--overwrite", "--quiet"]) == 0
+    assert shard.read_bytes() == before and len((tmp_path / "link.jsonl").read_text().splitlines()) == 27
+    os.mkfifo(tmp_path / "pipe")
+    assert main(["merge", str(src), str(tmp_path / "pipe"), "--overwrite"]) == 2
+    assert "exists and is not a regular file" in capsys.readouterr().err
+
+
 def test_an_interrupted_ray_scan_keeps_and_counts_the_records_it_scored(ray_local, corpus, model, tmp_path,
                                                                         monkeypatch):
     import fakespotter.scan_ray as SR

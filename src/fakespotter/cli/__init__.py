@@ -122,13 +122,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fakespotter {name}: error: {e}", file=sys.stderr)  # another pipe: not success
         return 1
     except OSError as e:
-        if e.errno not in _WRITE_ERRNOS:
+        if e.errno in _WRITE_ERRNOS:
+            # a full disk, a file size limit, a read-only mount: each command writes its files
+            # through a temporary name (or says how to go on), so none is left half-written
+            print(f"fakespotter {name}: error: cannot write {e.filename or 'an output'}: "
+                  f"{e.strerror or e}", file=sys.stderr)
+            return 3
+        if e.filename is None:  # not about a file: a bug to report, with its traceback
             raise
-        # a full disk, a file size limit, a read-only mount: what was written is incomplete (each
-        # command writes its files through a temporary name, or says how to go on)
-        print(f"fakespotter {name}: error: cannot write {e.filename or 'an output'}: "
-              f"{e.strerror or e}", file=sys.stderr)
-        return 3
+        print(f"fakespotter {name}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 1
     finally:
         sys.stdout, sys.stderr = saved
         if previous is not None:

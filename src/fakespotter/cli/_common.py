@@ -127,7 +127,8 @@ def record_stdout() -> Any:
     return sys.stdout
 
 
-def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional[Path]:
+def writable_output(path: Optional[str], overwrite: bool, what: str, regular_only: bool = False
+                    ) -> Optional[Path]:
     """Check before any work that ``path`` can be written and would not clobber a file."""
     if path is None:
         return None
@@ -137,6 +138,8 @@ def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional
     if p.is_symlink() and not p.exists():
         raise usage_error(f"{what} {p} is a symbolic link to {os.readlink(p)}, which does not exist; give "
                           f"another name")
+    if regular_only and p.exists() and not p.is_file():  # (a scan may write records into a FIFO)
+        raise usage_error(f"{what} {p} exists and is not a regular file (a FIFO or device?); give another name")
     if p.exists() and not overwrite:
         raise usage_error(f"{what} {p} already exists; pass --overwrite to replace it")
     parent = p.parent if str(p.parent) else Path(".")
@@ -145,6 +148,21 @@ def writable_output(path: Optional[str], overwrite: bool, what: str) -> Optional
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise usage_error(f"{what} {p} is not writable")
     return p
+
+
+def refuse_inputs_as_output(out: Optional[Path], inputs: Iterable[Path], what: str) -> None:
+    """A usage error when ``out`` is one of ``inputs`` (the same file under any spelling, a
+    symbolic or hard link): --overwrite would replace an input."""
+    if out is None or not out.exists():
+        return
+    st = out.stat()
+    for p in inputs:
+        try:
+            s = p.stat()
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+            raise usage_error(f"{what} {out} is also an input ({p}); give another name")
 
 
 def add_class_sources(p: argparse.ArgumentParser, default_split: str) -> None:

@@ -39,23 +39,43 @@ def run(args: argparse.Namespace) -> int:
         raise usage_error(f"{folder} is not the output folder of 'fakespotter scan --engine ray' (no {MANIFEST})")
     to_stdout = args.out == "-"
     fmt = args.format or ("csv" if not to_stdout and args.out.lower().endswith(".csv") else "jsonl")
-    target = record_stdout() if to_stdout else writable_output(args.out, args.overwrite, "output")
+    target = record_stdout() if to_stdout else writable_output(args.out, args.overwrite, "output", regular_only=True)
     if target is not None and not to_stdout:
         inside = os.path.realpath(target).startswith(os.path.realpath(folder) + os.sep)
         if inside:  # it would be cut (or read as a shard) before the shards are read
             raise usage_error(f"output {target} is inside the shards folder {folder}; write it elsewhere")
     try:
-        for _ in read_shards(folder):  # damaged shards are found before OUT is created
+        for _ in read_shards(folder):  # damaged or unreadable shards are found before OUT is touched
             pass
-        n = merge_shards(folder, target, fmt, overwrite=args.overwrite)
+    except ShardsError as e:
+        raise usage_error(str(e)) from None
+    except OSError as e:
+        raise usage_error(f"cannot read the shards in {folder}{': ' + str(e.filename) if e.filename else ''}: "
+                          f"{e.strerror or e}") from None
+    if not to_stdout:
+        from ..scan import check_not_busy
+
+        try:  # another command writing OUT (it holds OUT's lock): refused, as before
+            check_not_busy(target)
+        except OutputBusy as e:
+            raise usage_error(str(e)) from None
+    tmp = None if to_stdout else Path(target).with_name(f".{Path(target).name}.{os.getpid()}.merge.tmp")
+    try:
+        n = merge_shards(folder, target if to_stdout else tmp, fmt, overwrite=False)
+        if tmp is not None:
+            if Path(target).exists() and not args.overwrite:  # appeared while merging
+                raise usage_error(f"output {target} appeared while merging; pass --overwrite to replace it")
+            os.replace(tmp, target)  # OUT: its old self or complete, whatever happens
     except (ShardsError, OutputBusy) as e:
         raise usage_error(str(e)) from None
-    except OSError as e:  # disk full, file size limit, I/O error: no torn file left behind
-        if not to_stdout:
-            Path(target).unlink(missing_ok=True)
-        print(f"fakespotter merge: error: writing {args.out}: {e.strerror or e}; nothing was kept: free space "
+    except OSError as e:  # disk full, file size limit, I/O error: OUT is as it was
+        kept = f" ({args.out} is as it was)" if Path(target).exists() else ""
+        print(f"fakespotter merge: error: writing {args.out}: {e.strerror or e}; nothing was kept{kept}: free space "
               f"(or raise the file size limit) and merge again", file=sys.stderr)
         return 3
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # only ever the temporary (after the rename: nothing there)
     try:
         stats = json.loads((folder / STATS).read_text())
     except (OSError, ValueError):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ._common import (add_class_sources, add_model_args, check_detection_args, check_disjoint, check_once,
                       class_mode, has_both_classes, images_of, load_chips, log, manifest_part, no_chips_error,
-                      open_manifest, usage_error, writable_output)
+                      open_manifest, refuse_inputs_as_output, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -116,8 +116,8 @@ def check(args: argparse.Namespace) -> Dict:
         if getattr(args, name) < 1 and not (name == "upsample" and getattr(args, name) == 0):
             raise usage_error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_detection_args(args)
-    out = writable_output(args.out, args.overwrite, "output model")
-    report = writable_output(args.report, args.overwrite, "report")
+    out = writable_output(args.out, args.overwrite, "output model", regular_only=True)
+    report = writable_output(args.report, args.overwrite, "report", regular_only=True)
     if report is not None and report.resolve() == out.resolve():
         raise usage_error("--report and --out name the same file")
     val = None
@@ -130,6 +130,13 @@ def check(args: argparse.Namespace) -> Dict:
                        "both training and validation images")
     elif mode == "manifest" and has_both_classes(vpart):
         val = ([vpart.path(r) for r in vpart.rows if not r.is_fake], [vpart.path(r) for r in vpart.rows if r.is_fake])
+    every_input = [p for _, ps in real + fake for p in ps] + (val[0] + val[1] if val else [])
+    if mode == "manifest":
+        from ..manifest import MANIFEST_NAME
+
+        every_input.append(manifest.root / MANIFEST_NAME)
+    for o, name in ((out, "output model"), (report, "report")):  # --overwrite would replace an input
+        refuse_inputs_as_output(o, every_input, name)
     try:
         from ..backbones import get_backbone
 
@@ -228,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
     counts = det.training_summary_["counts"]  # fit saw chips; these are the images they came from
     counts["images"] = {"real": len(real_paths), "fake": len(fake_paths)}
     counts["images_without_faces"] = {"real": nr_missing, "fake": nf_missing}
-    det.save(plan["out"], overwrite=args.overwrite)
+    try:
+        det.save(plan["out"], overwrite=args.overwrite)
+    except FileExistsError as e:  # made by someone else while this one trained
+        raise usage_error(f"{e}; the trained model was not written") from None
     summary = det.training_summary_
     report = {
         "model": str(plan["out"]),
@@ -239,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
         "failures": failures,
     }
     if plan["report"] is not None:
-        plan["report"].write_text(json.dumps(report, indent=2) + "\n")
+        from .._atomic import write_atomic
+
+        write_atomic(plan["report"], json.dumps(report, indent=2) + "\n")
     m = summary["metrics"]
     op = det.operating_threshold_
     print(f"wrote {plan['out']}: validation AUC {m['validation_auc']:.3f}; operating threshold "
