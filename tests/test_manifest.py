@@ -88,7 +88,10 @@ def test_bad_rows_name_row_and_column(tmp_path, change, match):
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([bad[c] for c in COLUMNS])
     (tmp_path / MANIFEST_NAME).write_text(good + buf.getvalue())
-    with pytest.raises(ManifestError, match="row 3"):
+    with pytest.raises(ManifestError, match="manifest.csv line 3"):
+        read_manifest(tmp_path, check_files=False)
+    (tmp_path / MANIFEST_NAME).write_text(good + "\n\n" + buf.getvalue())  # the file's line, blank ones too
+    with pytest.raises(ManifestError, match="manifest.csv line 5"):
         read_manifest(tmp_path, check_files=False)
 
 

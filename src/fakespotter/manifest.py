@@ -123,23 +123,25 @@ def _check_row(row: ManifestRow, where: str) -> None:
         raise bad("params", f"must be a JSON object, got {row.params!r}")
 
 
-def _check_rows(rows: Sequence[ManifestRow], where: str) -> None:
+def _check_rows(rows: Sequence[ManifestRow], where: str, lines: Optional[Sequence[int]] = None) -> None:
+    """``lines``: each row's line in the file (default: rows counted from 2, after the header)."""
+    at = [f"line {n}" for n in lines] if lines is not None else [f"row {i + 2}" for i in range(len(rows))]
     seen: Dict[str, int] = {}
     digests: Dict[str, int] = {}
     split_of: Dict[str, str] = {}
     for i, row in enumerate(rows):
-        _check_row(row, f"{where} row {i + 2}")
+        _check_row(row, f"{where} {at[i]}")
         file = posixpath.normpath(row.file)  # ./a/x.png and a//x.png are a/x.png
         if file in seen:
-            raise ManifestError(f"{where} row {i + 2}, column 'file': {row.file!r} is also on row {seen[file] + 2}")
+            raise ManifestError(f"{where} {at[i]}, column 'file': {row.file!r} is also on {at[seen[file]]}")
         seen[file] = i
         if row.sha256 in digests:
-            raise ManifestError(f"{where} row {i + 2}, column 'sha256': the same bytes as row {digests[row.sha256] + 2} "
+            raise ManifestError(f"{where} {at[i]}, column 'sha256': the same bytes as {at[digests[row.sha256]]} "
                                 f"({rows[digests[row.sha256]].file!r}); an image is listed once")
         digests[row.sha256] = i
         other = split_of.setdefault(row.group, row.split)
         if other != row.split:
-            raise ManifestError(f"{where} row {i + 2}, column 'split': group {row.group!r} is in both "
+            raise ManifestError(f"{where} {at[i]}, column 'split': group {row.group!r} is in both "
                                 f"{other!r} and {row.split!r} (splits must be made by group)")
 
 
@@ -211,16 +213,17 @@ def read_manifest(path: Union[str, os.PathLike], splits: Optional[Iterable[str]]
         header = next(reader, None)
         if header is None or tuple(header) != COLUMNS:
             raise ManifestError(f"{p}: header must be {','.join(COLUMNS)}, got {','.join(header or [])!r}")
-        rows = []
+        rows, lines = [], []
         for values in reader:
             if not values:  # an empty line (e.g. a trailing one an editor added)
                 continue
             if len(values) != len(COLUMNS):
                 raise ManifestError(f"{p} line {reader.line_num}: {len(values)} columns, expected {len(COLUMNS)}")
             rows.append(ManifestRow(*values))
+            lines.append(reader.line_num)
     except csv.Error as e:
         raise ManifestError(f"{p} line {reader.line_num}: not valid CSV ({e}; an unbalanced quote?)") from None
-    _check_rows(rows, str(p))
+    _check_rows(rows, str(p), lines)
     manifest = Manifest(p.parent, tuple(rows)).select(splits=splits)
     if check_files:
         missing = [r.file for r in manifest.rows if not manifest.path(r).is_file()]
