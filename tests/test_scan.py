@@ -386,6 +386,23 @@ def test_a_face_waiting_for_its_batch_holds_back_a_bounded_number_of_records(mod
     assert [r for g in bounded for r in g] == whole[0]
 
 
+def test_the_eta_counts_files_but_does_not_read_a_tar_archive_again(tmp_path):
+    from types import SimpleNamespace
+
+    from fakespotter.cli.scan import _count_inputs
+
+    folder = tmp_path / "in"
+    write_good(folder, 3)
+    with tarfile.open(tmp_path / "a.tar.gz", "w:gz") as tf:
+        tf.add(folder / "img000.png", arcname="x.png")
+    progress = SimpleNamespace(total=None)
+    _count_inputs([str(folder)], None, 1, progress)
+    assert progress.total == 2  # 3 inputs, 1 done before a resume
+    progress.total = None
+    _count_inputs([str(folder), str(tmp_path / "a.tar.gz")], None, 0, progress)
+    assert progress.total is None  # no ETA rather than decompressing the archive a second time
+
+
 def test_walk_is_streaming_sorted_and_survives_symlink_loops(tmp_path):
     root = tmp_path / "r"
     for rel in ["a.png", "b/x.jpg", "b/c/y.png", "b.png", "ab/z.gif", "b/skip.txt"]:

@@ -420,10 +420,16 @@ class _Keys:
 
 
 def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
+    """The number of inputs, for the ETA; none when they hold a tar archive, which counting
+    would read (and decompress) a second time beside the scan."""
     from ..data import iter_entries
 
+    n = 0
     try:
-        n = sum(1 for _ in itertools.islice(iter_entries(paths), limit))
+        for e in itertools.islice(iter_entries(paths), limit):
+            if e.file is None and "::" in e.path:  # a tar member
+                return
+            n += 1
     except Exception:  # only the ETA is lost
         return
     progress.total = max(n - resumed, 0)
@@ -518,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
             return 3
     batch_size = run_.stats["batch_size"]
     progress = Progress(None, "scan", args.quiet)
-    if progress.live and "-" not in args.paths:  # not in batch jobs: counting reads tars twice  # the ETA needs a count, made while the scan goes on
+    if progress.live and "-" not in args.paths:  # the ETA needs a count, made while the scan goes on (a terminal only)
         threading.Thread(target=_count_inputs, args=(args.paths, args.limit, resumed, progress), daemon=True).start()
     complete = False
     failed: Optional[OSError] = None  # writing the output (disk full, file too large, I/O error)
