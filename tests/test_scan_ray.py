@@ -221,7 +221,7 @@ def test_merge_into_a_full_disk_or_a_busy_output_says_so_in_one_line(shards, tmp
     assert main(["merge", str(src), str(out), "--overwrite"]) == 0
 
 
-def test_merge_replaces_out_whole_or_not_at_all(shards, tmp_path, capsys):
+def test_merge_replaces_out_whole_or_not_at_all(shards, tmp_path, capsys, monkeypatch):
     """OUT is written under a temporary name and renamed: a failed merge leaves the old OUT as
     it was (it used to be emptied at once, and deleted on any error), a hard link to a shard
     given as OUT keeps the shard, and a FIFO or device is refused before any work."""
@@ -245,6 +245,18 @@ def test_merge_replaces_out_whole_or_not_at_all(shards, tmp_path, capsys):
     os.mkfifo(tmp_path / "pipe")
     assert main(["merge", str(src), str(tmp_path / "pipe"), "--overwrite"]) == 2
     assert "exists and is not a regular file" in capsys.readouterr().err
+    # the Python function does the same
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        merge_shards(src, out)
+    def full(self, records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sys.modules["fakespotter.scan"].RecordWriter, "write", full)
+    with pytest.raises(OSError, match="No space left"):
+        merge_shards(src, out, overwrite=True)
+    monkeypatch.undo()
+    assert out.read_text() == "the user's\n" and not list(tmp_path.glob(".m.jsonl.*"))
+    assert merge_shards(src, out, overwrite=True) == 27
 
 
 def test_an_interrupted_ray_scan_keeps_and_counts_the_records_it_scored(ray_local, corpus, model, tmp_path,

@@ -51,7 +51,8 @@ import numpy as np
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
 from .scan import (FILE_TIMEOUT_S, STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list,
-                   _lock, check_file_timeout, count_record, input_key, make_record, moved_away, new_stats)
+                   _lock, check_file_timeout, check_not_busy, count_record, input_key, make_record, moved_away,
+                   new_stats)
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -151,9 +152,29 @@ def read_shards(folder: Union[str, Path]) -> Iterator[Dict[str, Any]]:
 def merge_shards(folder: Union[str, Path], target: Union[str, Path, IO[str]], fmt: str = "jsonl",
                  overwrite: bool = False) -> int:
     """Write the records of a shards folder as one ordinary scan output (``fmt`` jsonl or csv,
-    a file or a text stream), in input-listing order; the number of records written. An
-    existing file is refused unless ``overwrite``."""
-    mode = "overwrite" if overwrite else "new"
+    a file or a text stream), in input-listing order; the number of records written. A file is
+    written under a temporary name beside it and renamed at the end, so an existing one (kept
+    unless ``overwrite``: FileExistsError) stays as it was until the merge is complete; one
+    that another scan is writing is refused (:class:`OutputBusy`)."""
+    if not isinstance(target, (str, os.PathLike)):
+        return _merge_into(folder, target, fmt, "overwrite")
+    path = Path(target)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_not_busy(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.merge.tmp")
+    try:
+        n = _merge_into(folder, tmp, fmt, "new")
+        if (path.exists() or path.is_symlink()) and not overwrite:  # made by another command meanwhile
+            raise FileExistsError(f"{path} appeared while merging; pass overwrite=True (CLI: --overwrite) to "
+                                  f"replace it")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (after the rename: nothing there)
+    return n
+
+
+def _merge_into(folder: Union[str, Path], target: Union[Path, IO[str]], fmt: str, mode: str) -> int:
     writer = RecordWriter(target, fmt, mode)
     n = 0
     try:

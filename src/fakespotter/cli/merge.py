@@ -5,7 +5,8 @@ or one missing a shard, gives the records it has, with a warning (finish it firs
 --engine ray --resume).
 
 Exit codes: 0 merged, 2 usage error (not a shards folder, a damaged shard, OUT exists or is being
-written by another command), 3 writing OUT failed (disk full: the partial OUT is removed)."""
+written by another command), 3 writing OUT failed (disk full, file size limit: OUT is written
+under a temporary name and renamed at the end, so an existing OUT stays as it was)."""
 
 from __future__ import annotations
 
@@ -52,30 +53,17 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise usage_error(f"cannot read the shards in {folder}{': ' + str(e.filename) if e.filename else ''}: "
                           f"{e.strerror or e}") from None
-    if not to_stdout:
-        from ..scan import check_not_busy
-
-        try:  # another command writing OUT (it holds OUT's lock): refused, as before
-            check_not_busy(target)
-        except OutputBusy as e:
-            raise usage_error(str(e)) from None
-    tmp = None if to_stdout else Path(target).with_name(f".{Path(target).name}.{os.getpid()}.merge.tmp")
     try:
-        n = merge_shards(folder, target if to_stdout else tmp, fmt, overwrite=False)
-        if tmp is not None:
-            if Path(target).exists() and not args.overwrite:  # appeared while merging
-                raise usage_error(f"output {target} appeared while merging; pass --overwrite to replace it")
-            os.replace(tmp, target)  # OUT: its old self or complete, whatever happens
+        n = merge_shards(folder, target, fmt, overwrite=args.overwrite)  # a file: under a temporary name
     except (ShardsError, OutputBusy) as e:
         raise usage_error(str(e)) from None
+    except FileExistsError as e:  # made by another command while this one merged
+        raise usage_error(str(e)) from None
     except OSError as e:  # disk full, file size limit, I/O error: OUT is as it was
-        kept = f" ({args.out} is as it was)" if Path(target).exists() else ""
+        kept = f" ({args.out} is as it was)" if not to_stdout and Path(target).exists() else ""
         print(f"fakespotter merge: error: writing {args.out}: {e.strerror or e}; nothing was kept{kept}: free space "
               f"(or raise the file size limit) and merge again", file=sys.stderr)
         return 3
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)  # only ever the temporary (after the rename: nothing there)
     try:
         stats = json.loads((folder / STATS).read_text())
     except (OSError, ValueError):
