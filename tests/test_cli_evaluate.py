@@ -268,15 +268,24 @@ def test_bad_input_exits_2_before_work(setup, tmp_path, capsys, cmd):
 
 def test_evaluate_warnings_and_old_plots(setup, tmp_path, capsys):
     """A fake type with no scored image and a small --bootstrap are warned about (stderr and the
-    report's notes); --overwrite --no-plots removes the old plots."""
+    report's notes); --overwrite --no-plots removes the old plots, not files of their names that
+    matplotlib did not draw."""
     nofaces = tmp_path / "nofaces"
     nofaces.mkdir()
     for i in range(2):
         Image.fromarray(np.full((150, 150, 3), 100 + i, np.uint8)).save(nofaces / f"{i}.png")
     out = tmp_path / "eval"
     out.mkdir()
-    for old in ("metrics.json", "roc.png", "det.png"):
-        (out / old).write_text("old")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig = plt.figure()
+    fig.savefig(out / "roc.png")  # an old plot: removed, as it was drawn from other data
+    plt.close(fig)
+    (out / "det.png").write_text("the user's")  # not a plot of ours: left as it was
+    (out / "metrics.json").write_text("old")
     rc, _, err = run_cli(["evaluate", setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"],
                           nofaces, "--fake-type", "dcgan", "blank", "--out-dir", out, "--bootstrap", "10",
                           "--no-plots", "--overwrite"], capsys)
@@ -285,7 +294,8 @@ def test_evaluate_warnings_and_old_plots(setup, tmp_path, capsys):
     assert "warning: the intervals come from only 10 bootstrap resamples" in err
     md = (out / "report.md").read_text()
     assert "- group blank: none of its 2 images was scored" in md and "only 10 bootstrap resamples" in md
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["det.png", "metrics.csv", "metrics.json", "report.md"]
+    assert (out / "det.png").read_text() == "the user's" and f"left {out / 'det.png'} as it was" in err
 
 
 def test_reports_are_replaced_whole_and_a_full_disk_is_one_line(setup, tmp_path):

@@ -235,10 +235,21 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
 
 
 def remove_stale(plan: Dict[str, Any], quiet: bool) -> None:
-    """Delete the old plots of an --overwrite --no-plots run: they were drawn from other data."""
+    """Delete the old plots of an --overwrite --no-plots run: they were drawn from other data.
+    A file of a plot's name that matplotlib did not draw is not ours: it stays."""
+    from PIL import Image
+
     for f in plan["stale"]:
-        f.unlink(missing_ok=True)
-        log(f"removed {f}: an old plot (--no-plots draws none)", quiet)
+        try:
+            with Image.open(f) as im:
+                drawn = im.format == "PNG" and "Matplotlib" in str(im.info.get("Software", ""))
+        except (OSError, ValueError):
+            drawn = False
+        if drawn:
+            f.unlink(missing_ok=True)
+            log(f"removed {f}: an old plot (--no-plots draws none)", quiet)
+        else:
+            log(f"left {f} as it was: not a plot drawn by matplotlib (--no-plots draws none)", quiet)
 
 
 MODEL_NAME = "fakespotter"
