@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,25 @@ def test_an_os_error_on_a_file_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(info, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(OSError):
         main(["info", "default"])
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line():
+    """A Ctrl-C during the command's imports (torch takes a second or two) used to print an
+    import's KeyboardInterrupt traceback; it is sent here once torch's library is loading."""
+    import signal
+    import time
+
+    exe = Path(sys.executable).with_name("fakespotter")
+    if not exe.exists():
+        pytest.skip("the fakespotter command is not installed beside this Python")
+    p = subprocess.Popen([str(exe), "scan", "-", "--quiet"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{p.pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err
 
 
 def test_layers_may_be_given_more_than_once():

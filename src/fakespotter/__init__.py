@@ -5,7 +5,25 @@ Importing the package loads the native library, which registers ``torch.ops.fake
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (the native library links against torch's; load it first)
+import multiprocessing as _mp
+import os as _os
+import signal as _signal
+import sys as _sys
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    """The ``fakespotter`` command's Ctrl-C before its ``main`` runs: no traceback of an import."""
+    _os.write(2, b"fakespotter: interrupted\n")
+    _os._exit(130)
+
+
+if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None
+        and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
+    # the command line: a Ctrl-C during the imports below (torch takes a second or two) ends it
+    # quietly; cli.main puts Python's handler back
+    _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+
+import torch  # noqa: E402,F401  (the native library links against torch's; load it first)
 
 from . import _C  # noqa: F401  (registers the ops)
 from . import _meta  # noqa: F401  (their shape functions)
