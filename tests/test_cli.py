@@ -173,6 +173,10 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err
+    # once the package is imported, Ctrl-C is Python's again (a program of the same name keeps it)
+    code = ("import sys, signal; sys.argv[0] = '/x/fakespotter'; import fakespotter; "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
 
 
 def test_layers_may_be_given_more_than_once():

@@ -94,10 +94,6 @@ def _check_cpu_isa() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .. import _interrupted_while_starting
-
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # imports done: Ctrl-C as usual
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = None
