@@ -161,6 +161,36 @@ def test_build_is_reproducible_and_overwrite_replaces_a_previous_build(small, tm
     assert (out / "notes.txt").read_text() == "the user's"
 
 
+def test_overwrite_keeps_the_previous_build_until_the_new_one_is_complete(small, tmp_path, monkeypatch):
+    """A rebuild that fails (or is interrupted) part-way leaves the previous build as it was:
+    the new chips are made beside it and swapped in only at the end."""
+    import shutil
+
+    manifest, _ = small
+    out = tmp_path / "data"
+    shutil.copytree(manifest.root, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def fail(self):
+        raise RuntimeError("stop the build part-way")
+
+    monkeypatch.setattr(D._Builder, "dcgan", fail)
+    with pytest.raises(RuntimeError, match="part-way"):
+        D.build(out, small=True, seed=1, overwrite=True, log=lambda m: None)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the chips of seed 1 made so far are gone too
+    assert D.read_manifest(out).rows == manifest.rows
+    # leftovers of a killed build (its staging folder, a half-done swap) go at the next build
+    monkeypatch.undo()
+    (out / D.STAGE_DIR / "real").mkdir(parents=True)
+    (out / D.STAGE_DIR / "real" / "x.jpg").write_bytes(b"half")
+    (out / D.OLD_DIR).mkdir()
+    D.build(out, small=True, seed=0, overwrite=True, log=lambda m: None)
+    assert not (out / D.STAGE_DIR).exists() and not (out / D.OLD_DIR).exists()
+    assert (out / "manifest.csv").read_bytes() == (manifest.root / "manifest.csv").read_bytes()
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == sorted(before)
+
+
 def test_confound_controls_on_the_small_build(small):
     """Gross-failure guard on the CI-sized set.  With 40 reals and 41 fakes an AUC's standard
     error is about 0.065, so the 0.6 bound is not a stable test at this size (this build gave

@@ -356,14 +356,34 @@ def check_output_dir(out: Union[str, os.PathLike], overwrite: bool) -> Path:
     return p
 
 
-def _clear_previous(out: Path) -> None:
-    # the manifest goes first: an interrupted clean-up never leaves a manifest without files
+STAGE_DIR = ".fakespotter-build-new"  # in OUT: the new build's chips, until it is complete
+OLD_DIR = ".fakespotter-build-old"  # in OUT: the previous build's real/ and fake/, while swapping
+
+
+def _remove_tree(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def _replace_previous(out: Path, stage: Path) -> None:
+    """Put the complete new build's real/ and fake/ (in ``stage``) in place of the previous
+    build's. The previous manifest goes first: an interrupted swap never leaves a manifest
+    listing files that are not there (a rerun with --overwrite then clears the rest)."""
     for name in (MANIFEST_NAME, BUILD_JSON):
         if (out / name).exists():
             (out / name).unlink()
+    old = out / OLD_DIR
+    _remove_tree(old)
+    old.mkdir()
     for name in ("real", "fake"):
         if (out / name).is_dir():
-            shutil.rmtree(out / name)
+            os.replace(out / name, old / name)
+        if (stage / name).is_dir():
+            os.replace(stage / name, out / name)
+    _remove_tree(old)
+    _remove_tree(stage)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -800,9 +820,12 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
         local-type quotas of 45 can fall short; seed 0 gives 280 / 286 / 290, logged and
         counted in build.json).
     seed: changes every draw (candidate order, GAN latents, nuisances, manipulations).
-    overwrite: replace a previous build in a non-empty ``out`` (its manifest is deleted first,
-        then its real/ and fake/ folders, whatever they hold; other files there are left alone).
-        A non-empty ``out`` that holds no previous build is refused even with ``overwrite``.
+    overwrite: replace a previous build in a non-empty ``out``. The new chips are made in
+        ``out/.fakespotter-build-new`` and replace the previous build's real/ and fake/ folders
+        (whatever they hold), manifest and build.json only once the new build is complete: a
+        build that fails or is interrupted leaves the previous one as it was. Other files in
+        ``out`` are left alone. A non-empty ``out`` that holds no previous build is refused even
+        with ``overwrite``.
     threads: OpenVINO threads for MobileStyleGAN.
     sizes: other counts than :data:`SMALL` / :data:`FULL` (matched with the full build's
         detail bins and budgets); ``small`` is then ignored.
@@ -819,20 +842,27 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
     _preflight()
     out.mkdir(parents=True, exist_ok=True)
     (out / BUILD_MARKER).write_text("fakespotter data build\n", encoding="utf-8")
-    _clear_previous(out)
+    stage = out / STAGE_DIR
+    for p in (stage, out / OLD_DIR):  # an interrupted build's (of ours: the marker is there)
+        _remove_tree(p)
     if sizes is None:
         sizes = SMALL if small else FULL
     small = sizes is SMALL
-    b = _Builder(out, sizes, int(seed), int(threads), log)
+    b = _Builder(stage, sizes, int(seed), int(threads), log)
     kind = "small" if small else "full" if sizes is FULL else "custom"
     log(f"data build: {kind} set, seed {seed}, into {out}")
     t0 = time.monotonic()
-    b.reals()
-    b.other_reals()
-    b.mobilestylegan()
-    b.dcgan()
-    b.local_types()
+    try:
+        b.reals()
+        b.other_reals()
+        b.mobilestylegan()
+        b.dcgan()
+        b.local_types()
+    except BaseException:  # (a previous build stays as it was)
+        _remove_tree(stage)
+        raise
     rows = sorted(b.rows, key=lambda r: r.file)
+    _replace_previous(out, stage)
     manifest = Manifest(out, tuple(rows))
     info = {
         "format": BUILD_FORMAT,

@@ -37,8 +37,9 @@ def add_parser(sub) -> None:
                    help="OpenVINO inference threads for MobileStyleGAN (default: %(default)s)")
     b.add_argument("--overwrite", action="store_true",
                    help="replace an earlier build in OUT (its real/, fake/, manifest.csv and build.json; "
-                        "other files stay); a non-empty OUT that no build made is refused even so (default: "
-                        "refuse a non-empty OUT)")
+                        "other files stay) once the new build is complete: a failed build leaves it as it "
+                        "was; a non-empty OUT that no build made is refused even so (default: refuse a "
+                        "non-empty OUT)")
     b.add_argument("--quiet", action="store_true", help="no progress output (default: progress)")
     b.set_defaults(run=run_build)
     c = dsub.add_parser("check", help="verify a built data set and print its confound report",
