@@ -28,6 +28,8 @@ from typing import IO, Any, Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 
+from ._jpeg import scan_damage
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_FORMATS",
@@ -71,8 +73,9 @@ ERROR_KINDS: Dict[str, str] = {
                     "HEIC/HEIF image without the pillow-heif plugin",
     "too_many_pixels": "width x height above the pixel limit (decompression-bomb guard), refused before decoding",
     "truncated": "the image data ends before the image does",
-    "decode_error": f"the image is damaged, uses a feature the decoder cannot read, or would take minutes to "
-                    f"decode (a JPEG of more than {MAX_JPEG_SCANS} scans)",
+    "decode_error": f"the image is damaged (also a JPEG whose scan data shows damage that the decoder would fill "
+                    f"in grey), uses a feature the decoder cannot read, or would take minutes to decode (a JPEG "
+                    f"of more than {MAX_JPEG_SCANS} scans)",
     "bad_archive": "a tar archive (or the rest of it) that cannot be read",
     "face_detection_error": "face detection or alignment failed on the decoded image",
     "not_a_chip": "--aligned: the image cannot be an aligned face chip (a side under 16 px, or not square within 2:1)",
@@ -800,6 +803,9 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
                                                 f"more than the pixel limit {pixel_limit} (--pixel-limit)")
         if fmt in ("JPEG", "MPO"):
             _check_jpeg_scans(data)
+            damage = scan_damage(data)  # what libjpeg would only warn about, filling in grey
+            if damage is not None:
+                raise ImageError("decode_error", f"damaged JPEG data: {damage}")
         try:
             img.load()
             if fmt == "PNG":
