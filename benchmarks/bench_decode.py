@@ -7,7 +7,9 @@ Same process, interleaved rounds, medians; each contender's output is checked fi
 * PNG whose last row is black: ``decode_image`` against the same without ``_check_png_data`` (the
   check inflates the image data again only for such a PNG), and the same pair for a PNG whose
   last row is not black (the check looks at one row).
-* JPEG: ``_check_jpeg_scans`` (count the scans before decoding) against ``decode_image``.
+* JPEG: ``_check_jpeg_scans`` (count the scans before decoding) against ``decode_image``; and
+  ``_jpeg.scan_damage`` (the marker check of the scan data) against ``decode_image``, on a
+  baseline JPEG, one with a restart marker every 4 blocks, and a progressive one.
 
 Run: ``python benchmarks/bench_decode.py [--mp 4] [--repeats 5]``
 """
@@ -109,6 +111,17 @@ def main() -> None:
                               repeats=args.repeats)
     report(f"JPEG q90 ({len(jpeg) / 1e6:.1f} MB): counting scans vs the whole decode", times, "scan count",
            "decode_image")
+
+    from fakespotter._jpeg import scan_damage
+
+    for name, kw in (("baseline", {}), ("restart every 4 blocks", {"restart_marker_blocks": 4}),
+                     ("progressive", {"progressive": True})):
+        data = encode(Image.fromarray(rgb), "JPEG", quality=90, **kw)
+        assert scan_damage(data) is None
+        times = interleaved_times({"decode_image": lambda d=data: D.decode_image(d),
+                                   "marker check": lambda d=data: scan_damage(d)}, repeats=args.repeats)
+        report(f"JPEG q90 {name} ({len(data) / 1e6:.1f} MB): marker check vs the whole decode", times,
+               "marker check", "decode_image")
 
 
 if __name__ == "__main__":
