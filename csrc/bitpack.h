@@ -39,7 +39,10 @@ constexpr int kMaxSpatialDims = 6;
 enum class DType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 enum class Granularity : int32_t { Channel = 0, Element = 1 };
 
-FS_HD int64_t words_for(int64_t features) { return (features + kWordBits - 1) / kWordBits; }
+// Without overflow for any features >= 0 (unpack_bits takes num_features from the caller).
+FS_HD int64_t words_for(int64_t features) {
+  return features / kWordBits + (features % kWordBits != 0 ? 1 : 0);
+}
 
 // IEEE binary16 -> binary32, exact (subnormals, inf and NaN included).
 FS_HD float half_bits_to_float(uint16_t h) {

@@ -1,5 +1,6 @@
 #include "problem.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -9,6 +10,11 @@ namespace fakespotter {
 std::string int_str(int64_t v) { return std::to_string(v); }
 
 namespace {
+
+// a + b for a, b >= 0, as text: exact even where the int64 sum would overflow.
+std::string end_str(int64_t a, int64_t b) {
+  return std::to_string(static_cast<uint64_t>(a) + static_cast<uint64_t>(b));
+}
 
 std::string shape_str(at::IntArrayRef sizes) {
   std::string s = "[";
@@ -67,9 +73,9 @@ PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Te
       L.spatial_stride[L.spatial_dims - 1] = stride;
       continue;
     }
-    TORCH_CHECK_VALUE(L.spatial_dims < kMaxSpatialDims, op, ": x has more than ", int_str(kMaxSpatialDims),
-                      " spatial dims that cannot be merged (shape ", shape_str(x.sizes()),
-                      ", strides ", shape_str(x.strides()), "); make it contiguous first");
+    if (L.spatial_dims == kMaxSpatialDims) {  // more than the kernels index: read a contiguous copy
+      return prepare_pack(op, x.contiguous(), thresholds, granularity);
+    }
     L.spatial_size[L.spatial_dims] = size;
     L.spatial_stride[L.spatial_dims] = stride;
     ++L.spatial_dims;
@@ -90,7 +96,7 @@ PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Te
   TORCH_CHECK_VALUE(n == 1 || n == p.features, op,
                     ": thresholds must have 1 entry (one per layer) or ", int_str(p.features),
                     " entries (one per ", channel ? "channel" : "element", "), got ", int_str(n));
-  PreparedPack prepared{p, thresholds.contiguous()};
+  PreparedPack prepared{p, thresholds.contiguous(), x};
   prepared.problem.per_neuron = n != 1;
   prepared.problem.thresholds = prepared.thresholds.const_data_ptr<float>();
   prepared.problem.x = x.const_data_ptr();
@@ -108,13 +114,18 @@ void bind_out(std::string_view op, PackProblem& p, const at::Tensor& x, const at
   TORCH_CHECK_VALUE(out.size(0) == p.layout.rows, op, ": out must have one row per row of x (",
                     int_str(p.layout.rows), "), got ", int_str(out.size(0)));
   TORCH_CHECK_VALUE(word_offset >= 0, op, ": word_offset must be >= 0, got ", int_str(word_offset));
-  TORCH_CHECK_VALUE(word_offset + p.words <= out.size(1), op, ": out has ", int_str(out.size(1)),
+  // Written so that it cannot overflow: word_offset + p.words wraps to a negative number for a
+  // word_offset near INT64_MAX, which would pass and point the kernel before `out`.
+  TORCH_CHECK_VALUE(word_offset <= out.size(1) - p.words, op, ": out has ", int_str(out.size(1)),
                     " words per row, but this layer needs words [", int_str(word_offset), ", ",
-                    int_str(word_offset + p.words), ") (word_offset ", int_str(word_offset), " + ",
+                    end_str(word_offset, p.words), ") (word_offset ", int_str(word_offset), " + ",
                     int_str(p.words), " words)");
   TORCH_CHECK_VALUE(out.size(1) <= 1 || out.stride(1) == 1, op,
                     ": out must have unit stride along its words, got strides ",
                     shape_str(out.strides()));
+  // Rows that share memory (an expanded `out`, row stride 0) would be written by several threads
+  // at once; refuse them as torch's own out= ops (and the twin's copy) do.
+  at::assert_no_internal_overlap(out);
   p.out = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) + word_offset;
   p.out_row_stride = out.stride(0);
 }
@@ -128,9 +139,9 @@ void check_packed(std::string_view op, const at::Tensor& packed, int64_t word_of
   TORCH_CHECK_VALUE(word_offset >= 0 && num_words >= 0, op,
                     ": word_offset and the word count must be >= 0, got ", int_str(word_offset),
                     " and ", int_str(num_words));
-  TORCH_CHECK_VALUE(word_offset + num_words <= packed.size(1), op, ": packed has ",
+  TORCH_CHECK_VALUE(word_offset <= packed.size(1) - num_words, op, ": packed has ",
                     int_str(packed.size(1)), " words per row, but words [", int_str(word_offset), ", ",
-                    int_str(word_offset + num_words), ") were asked for");
+                    end_str(word_offset, num_words), ") were asked for");
 }
 
 PreparedLinear prepare_linear(std::string_view op, const at::Tensor& packed,

@@ -13,11 +13,13 @@
 
 namespace fakespotter {
 
-// A checked threshold_pack call. `thresholds` keeps alive the (contiguous) storage that
-// problem.thresholds points into.
+// A checked threshold_pack call. `thresholds` and `x` keep alive the storage that
+// problem.thresholds and problem.x point into (contiguous copies where needed: x with more than
+// kMaxSpatialDims spatial dims that cannot be merged).
 struct PreparedPack {
   PackProblem problem;
   at::Tensor thresholds;
+  at::Tensor x;
 };
 
 // Checks x / thresholds / granularity and describes the layer (problem.out is left unset).

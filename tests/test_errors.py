@@ -62,6 +62,9 @@ OUT_CASES = [
     ("out-small", torch.zeros(2, 2, dtype=torch.int64), 0, r"threshold_pack_into: out has 2 words per row, but this layer needs words \[0, 3\)"),
     ("offset-past-end", torch.zeros(2, 4, dtype=torch.int64), 2, r"threshold_pack_into: out has 4 words per row, but this layer needs words \[2, 5\) \(word_offset 2 \+ 3 words\)"),
     ("offset-negative", torch.zeros(2, 4, dtype=torch.int64), -1, r"threshold_pack_into: word_offset must be >= 0, got -1"),
+    # the end of the range past INT64_MAX: the native check's sum wrapped around, passed, and the
+    # kernel wrote 8 bytes before `out`
+    ("offset-int64-max", torch.zeros(2, 4, dtype=torch.int64), 2**63 - 1, r"threshold_pack_into: out has 4 words per row, but this layer needs words \[9223372036854775807, 9223372036854775810\)"),
     ("out-strided", torch.zeros(2, 8, dtype=torch.int64)[:, ::2], 0, r"threshold_pack_into: out must have unit stride along its words"),
     ("out-device", torch.zeros(2, 4, dtype=torch.int64, device="meta"), 0, r"threshold_pack_into: out must be on x's device \(cpu\), got meta"),
 ]
@@ -89,7 +92,23 @@ PACKED_CASES = [
     ("popcount-negative", lambda m: m.layer_popcount(torch.zeros(2, 3, dtype=torch.int64), -1, 2), r"layer_popcount: word_offset and the word count must be >= 0, got -1 and 2"),
     ("unpack-range", lambda m: m.unpack_bits(torch.zeros(2, 3, dtype=torch.int64), 1, 129), r"unpack_bits: packed has 3 words per row, but words \[1, 4\) were asked for"),
     ("unpack-negative", lambda m: m.unpack_bits(torch.zeros(2, 3, dtype=torch.int64), 0, -5), r"unpack_bits: num_features must be >= 0, got -5"),
+    # ranges whose end is past INT64_MAX (the native sums wrapped around: reads before `packed`)
+    ("popcount-offset-int64-max", lambda m: m.layer_popcount(torch.zeros(2, 3, dtype=torch.int64), 2**63 - 1, 1), r"layer_popcount: packed has 3 words per row, but words \[9223372036854775807, 9223372036854775808\) were asked for"),
+    ("popcount-count-int64-max", lambda m: m.layer_popcount(torch.zeros(2, 3, dtype=torch.int64), 1, 2**63 - 1), r"layer_popcount: packed has 3 words per row, but words \[1, 9223372036854775808\) were asked for"),
+    ("unpack-offset-int64-max", lambda m: m.unpack_bits(torch.zeros(2, 3, dtype=torch.int64), 2**63 - 1, 1), r"unpack_bits: packed has 3 words per row, but words \[9223372036854775807, 9223372036854775808\) were asked for"),
+    ("unpack-features-int64-max", lambda m: m.unpack_bits(torch.zeros(2, 3, dtype=torch.int64), 0, 2**63 - 1), r"unpack_bits: packed has 3 words per row, but words \[0, 144115188075855872\) were asked for"),
 ]
+
+
+@pytest.mark.parametrize("impl", ["native", "twin"])
+def test_threshold_pack_into_refuses_rows_that_share_memory(impl):
+    """An expanded ``out`` (row stride 0): every row is the same words, which several threads
+    would write at once; refused as torch's own out= ops refuse it."""
+    out = torch.zeros(1, 4, dtype=torch.int64).expand(2, 4)
+    fn = OPS.threshold_pack_into if impl == "native" else ref.threshold_pack_into
+    with pytest.raises(RuntimeError, match="single memory location"):
+        fn(torch.randn(2, 150), t1, "element", out, 0)
+    assert not out.any()
 
 
 @pytest.mark.parametrize("impl", ["native", "twin"])

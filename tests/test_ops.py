@@ -143,6 +143,17 @@ def test_large_random_layers_match_twin(cpu_isa):
         check_same(x.contiguous(memory_format=torch.channels_last), thr, granularity)
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_more_spatial_dims_than_the_kernels_index(cpu_isa, granularity):
+    """Any strides: 8 spatial dims in reverse order (none merges with the next) exceed the
+    kernels' 6, and are read from a contiguous copy; they used to be refused."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, *([2] * 8), generator=g).permute(0, 1, *range(9, 1, -1))
+    assert not x.is_contiguous()
+    for kind in ("scalar", "per_neuron"):
+        check_same(x, thresholds_for(kind, x, granularity, 9), granularity)
+
+
 @pytest.mark.parametrize("shape", [(1, 3, 300, 300), (2, 70, 37, 37), (3, 300, 5, 5)], ids=str)
 def test_channels_last_elements_split_anywhere(cpu_isa, shape):
     # Channels-last element packing reads whole runs of words of a row at once: the thread counts
