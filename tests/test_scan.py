@@ -861,6 +861,60 @@ def test_a_script_without_a_main_guard_gets_a_clear_error_not_crash_records(corp
     assert str(script) in last and 'if __name__ == "__main__":' in last and "workers=0" in last
 
 
+@pytest.mark.parametrize("poll", [1.0, None], ids=["scan", "no-poll"])
+def test_a_worker_stuck_in_a_native_call_is_stopped_and_its_file_gets_a_timeout(tmp_path, poll):
+    """A file whose worker never comes back (a native call deaf to the alarm: SIGALRM blocked
+    and a sleep, as FAKESPOTTER_SCAN_TEST_HANG does) held the scan for good. The worker is
+    stopped once its chunk is past its files' limits and STUCK_GRACE_S; the other files of the
+    chunks in flight are redone, and the stuck file alone gets a timeout record."""
+    files = write_good(tmp_path / "d", 5, seed=6)
+    files[1].rename(files[1].with_name("img001-hang.png"))
+    script = tmp_path / "stuck.py"
+    script.write_text(f"""
+import sys
+import time
+from fakespotter import data as D
+import fakespotter.scan
+S = sys.modules["fakespotter.scan"]  # (the package's `scan` is the function)
+if __name__ == "__main__":
+    S.STUCK_GRACE_S = 3.0
+    cfg = S._Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT, weak_face_score=0.15,
+                    detect_pixels=0, file_timeout=0.5)
+    t0 = time.monotonic()
+    for item in S._decoded(D.iter_entries([{str(tmp_path / "d")!r}]), cfg, workers=2, chunk=2, window=3,
+                           poll={poll!r}):
+        if item is not None:  # (None: a poll's second without a result)
+            e, r = item
+            print(e.path.rsplit("/", 1)[-1], r["error"] and r["error"][0], flush=True)
+    print("seconds", round(time.monotonic() - t0), flush=True)
+""")
+    env = dict(os.environ, FAKESPOTTER_SCAN_TEST_HANG="-hang.png")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:5] == ["img000.png None", "img001-hang.png timeout", "img002.png None", "img003.png None",
+                         "img004.png None"], proc.stdout
+    assert int(lines[5].split()[1]) < 60  # two waits of about 4 s, and fresh pools
+
+
+def test_a_file_that_finishes_within_the_margin_is_not_stopped(model, tmp_path):
+    """The margin is not a limit of its own: a worker whose alarm does its work is never stopped."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_good(folder, 3)
+    (folder / "img001a.png").write_bytes(chunk_flood_png(3_000_000))  # ~10 s unless stopped
+    scan_mod = sys.modules["fakespotter.scan"]
+    old = scan_mod.STUCK_GRACE_S
+    scan_mod.STUCK_GRACE_S = 5.0
+    try:
+        recs = list(scan([str(folder)], model, aligned=True, workers=1, batch_size=2, file_timeout=1.0))
+    finally:
+        scan_mod.STUCK_GRACE_S = old
+    slow = [r for r in recs if r["error_kind"]]
+    assert [r["error_kind"] for r in slow] == ["timeout"] and "the per-file time limit" in slow[0]["error"]
+    assert "worker was stopped" not in slow[0]["error"]
+
+
 def test_a_crash_found_by_the_next_submit_is_still_a_worker_crash(tmp_path):
     """A worker dies on a chunk while the scan is busy with the one before; the next submit
     finds the pool broken and starts a new one. The dead pool's chunk is then a worker_crash

@@ -102,9 +102,16 @@ MAX_HELD_RECORDS = 4096
 # ``timeout`` record, and the worker goes on. Normal photos take well under 10 s; what takes
 # longer is a file built to (a flood of PNG chunks: ~5 us each, 450 s for a 1 GB file).
 FILE_TIMEOUT_S = 120.0
+# The per-file limit is an alarm, seen between Python steps: a native call that never returns (a
+# decoder's endless loop, a read from a hung network file system) would hold its worker, and the
+# scan, for good. The scan's own process stops a worker whose files take this much longer than
+# their limits together (the margin covers the worker's start-up and its first file's loading
+# of dlib's models) and gives the file a ``timeout`` record.
+STUCK_GRACE_S = 60.0
 
 _CRASH_ENV = "FAKESPOTTER_SCAN_TEST_CRASH"  # tests: a worker exits hard on paths ending with this
 _START_CRASH = ":start:"  # ... or as it starts, when the variable says this
+_HANG_ENV = "FAKESPOTTER_SCAN_TEST_HANG"  # tests: a worker hangs, deaf to its alarm, on paths ending with this
 
 
 def _default_log(message: str) -> None:
@@ -179,9 +186,14 @@ def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
 
 def _decode_chunk(entries: List[Entry], cfg: _Config) -> List[Dict[str, Any]]:
     """In a decode worker: :func:`_decode_one` for each entry, within ``cfg.file_timeout``."""
-    crash = os.environ.get(_CRASH_ENV)
+    crash, hang = os.environ.get(_CRASH_ENV), os.environ.get(_HANG_ENV)
     if crash and any(e.path.endswith(crash) for e in entries):
         os._exit(70)
+    if hang and any(e.path.endswith(hang) for e in entries):  # as a native call that never returns
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(1e6)
     return [_decode_timed(e, cfg) for e in entries]
 
 
@@ -265,6 +277,27 @@ def _error_result(entry: Entry, kind: str, message: str) -> Dict[str, Any]:
 
 def _crash_result(entry: Entry) -> Dict[str, Any]:
     return _error_result(entry, "worker_crash", "the decode worker process died while reading this file")
+
+
+def _stuck_limit(cfg: _Config, files: int) -> Optional[float]:
+    """Seconds after which a worker still busy with ``files`` files is stuck (None: no limit)."""
+    return files * cfg.file_timeout + STUCK_GRACE_S if cfg.file_timeout else None
+
+
+def _stuck_result(entry: Entry, cfg: _Config) -> Dict[str, Any]:
+    return _error_result(entry, "timeout", f"its worker was still busy with it {_stuck_limit(cfg, 1):g} s after it "
+                                           f"started, past the per-file time limit (--file-timeout "
+                                           f"{cfg.file_timeout:g} s), in a native call that the limit cannot stop "
+                                           f"(a decoder's endless loop, a hung network file system); the worker was "
+                                           f"stopped")
+
+
+def _kill_workers(ex: ProcessPoolExecutor) -> None:
+    """Stop the pool's worker processes at once (SIGKILL: one stuck in a native call may not be
+    able to run a handler); the pool then fails its futures with BrokenProcessPool."""
+    for p in list((getattr(ex, "_processes", None) or {}).values()):  # no public handle on them
+        if p.is_alive():
+            p.kill()
 
 
 MAX_FILE_TIMEOUT_S = 1e6  # (setitimer takes at most ~9e9 s)
@@ -435,9 +468,20 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 pending.append(submit(c))
             if not pending:
                 return
-            while poll is not None and not wait_futures([pending[0][1]], timeout=poll).done:
-                yield None
-            c, fut, pool = pending.popleft()
+            c, fut, pool = pending[0]
+            # The first chunk in flight runs (or is next to run) since it became the first: a
+            # worker takes chunks in order. Past its files' limits and a margin, it is stuck.
+            limit, since = _stuck_limit(cfg, len(c)), time.monotonic()
+            while True:
+                left = None if limit is None else max(0.0, limit - (time.monotonic() - since))
+                if wait_futures([fut], timeout=min(t for t in (poll, left, 1e9) if t is not None)).done:
+                    break
+                if left is not None and time.monotonic() - since >= limit:
+                    _kill_workers(pool)  # its chunks go on below, one file per task
+                    break
+                if poll is not None:
+                    yield None
+            pending.popleft()
             try:
                 results = fut.result()
             except BrokenProcessPool:
@@ -447,13 +491,18 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 ex.shutdown(wait=True, cancel_futures=True)
                 ex = _pool(workers)
                 for e in backlog:  # isolate the culprit: one entry per task
+                    stuck = broken = False
                     try:
                         with _signals_held():
                             fut = ex.submit(_decode_chunk, [e], cfg)
+                        if not wait_futures([fut], timeout=_stuck_limit(cfg, 1)).done:
+                            stuck = True
+                            _kill_workers(ex)
                         (res,) = fut.result()
                     except BrokenProcessPool:
                         _check_started(ex)
-                        res = _crash_result(e)
+                        res, broken = _stuck_result(e, cfg) if stuck else _crash_result(e), True
+                    if stuck or broken:  # (stuck: also when the file was done just as its worker was stopped)
                         ex.shutdown(wait=True, cancel_futures=True)
                         ex = _pool(workers)
                     yield e, res
@@ -1008,8 +1057,10 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     file_timeout: seconds a decode worker spends on one file (read, decode, face detection) before
         it gives a ``timeout`` record and goes on (0: no limit). With ``workers=0`` it holds when
         ``scan`` runs in the main thread of a program that does not use SIGALRM itself. Checked
-        between Python steps, so one long native call (a libjpeg decode) finishes first. Only a
-        file that hits it gets a record that depends on the machine's speed.
+        between Python steps, so one long native call (a libjpeg decode) finishes first; a worker
+        still busy :data:`STUCK_GRACE_S` past the limits of its files (stuck in a native call)
+        is stopped and replaced, and its file gets the ``timeout`` record. Only a file that hits
+        the limit gets a record that depends on the machine's speed.
     limit: scan only the first ``limit`` inputs of the listing.
     upsample / weak_face_score / detect_pixels: face detector upsampling, the score below which
         a detection is dropped from an image that holds a face scoring at least that, and the

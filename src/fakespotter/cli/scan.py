@@ -37,7 +37,7 @@ from ._common import (Progress, add_detection_args, check_detection_args, log, m
 
 def add_parser(sub) -> None:
     from ..data import DEFAULT_PIXEL_LIMIT
-    from ..scan import FILE_TIMEOUT_S, default_workers
+    from ..scan import FILE_TIMEOUT_S, STUCK_GRACE_S, default_workers
 
     p = sub.add_parser("scan", help="scan images, folders, file lists and tar archives for synthesized faces",
                        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +84,8 @@ def add_parser(sub) -> None:
                    help="refuse images with more pixels than this before decoding (default: %(default)s, Pillow's)")
     p.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT_S, metavar="SECONDS",
                    help="give up on a file that takes longer to read, decode and detect faces in: a 'timeout' "
-                        "error record, and the scan goes on (default: %(default)g; 0: no limit)")
+                        f"error record, and the scan goes on; a worker stuck in a native call {STUCK_GRACE_S:g} s past "
+                        f"the limit is stopped and replaced (default: %(default)g; 0: no limit)")
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
