@@ -82,10 +82,21 @@ def valid_files():
     yield "stray bytes before EOI", data[:eoi] + b"\x12\x34\x56" + data[eoi:]
     yield "fill bytes before EOI", data[:eoi] + b"\xff" * 5 + data[eoi:]
     yield "junk between header segments", data[:20] + b"junk" + data[20:]  # after APP0
+    trailing = 0xD0 + len(restart_markers(data, *scans(data)[0])) % 8  # the next in the sequence
+    yield "fill bytes after a trailing RST", data[:eoi] + bytes((0xFF, trailing, 0xFF, 0xFF)) + data[eoi:]
+    # component ids 1, 1, 1 in the frame and the scan header (seen in files; libjpeg accepts them)
+    ids = bytearray(jpeg(restart_marker_blocks=3))
+    sof, sos = ids.index(b"\xff\xc0"), ids.index(b"\xff\xda")
+    assert ids[sof + 9] == 3 and ids[sos + 4] == 3
+    ids[sof + 13] = ids[sof + 16] = ids[sos + 7] = ids[sos + 9] = 1
+    yield "repeated component ids", bytes(ids)
     prog = jpeg(progressive=True)
     after = scans(prog)[0][1] + 2 + int.from_bytes(prog[scans(prog)[0][1] + 2:scans(prog)[0][1] + 4], "big")
     yield "junk between segments after a scan", prog[:after] + b"junk" + prog[after:]
     yield "RST between segments after a scan", prog[:after] + b"\xff\xd0" + prog[after:]
+    # the standard lets a progressive file stop short of full precision (a scan script may): the
+    # same bytes as a file cut between scans and closed, which is therefore not refused either
+    yield "progressive scans that stop early", prog[:scans(prog)[2][1]] + b"\xff\xd9"
     b = io.BytesIO()
     photo().save(b, "MPO", save_all=True, append_images=[photo(80, 60)])
     yield "mpo", b.getvalue()
@@ -118,10 +129,6 @@ def damaged_files():
     yield "SOF marker inside scan data", plain[:mid] + b"\xff\xc0" + plain[mid + 2:], "marker 0xc0 inside"
     yield "reserved marker inside scan data", plain[:mid] + b"\xff\x57" + plain[mid + 2:], "marker 0x57 inside"
     yield "RST without a restart interval", plain[:mid] + b"\xff\xd3" + plain[mid + 2:], "no restart interval"
-    prog = jpeg(progressive=True)
-    cut = scans(prog)[2][1]
-    yield "progressive cut after its third scan and closed", prog[:cut] + b"\xff\xd9", "before coefficient"
-    after = cut + 2 + int.from_bytes(prog[cut + 2:cut + 4], "big")  # past the segment after the third scan
 
 
 @pytest.mark.parametrize("name,data,message", list(damaged_files()), ids=[n for n, _, _ in damaged_files()])

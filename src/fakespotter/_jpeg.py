@@ -9,12 +9,13 @@ bytes alone (the JPEG standard, ITU T.81, B.1-B.2 and E.1.4), at about 0.5 us pe
 
 * inside a scan's data, only stuffed ``FF 00`` bytes and restart markers RST0..7, in sequence,
   as many as the restart interval and the scan's MCU count give (one trailing RST tolerated:
-  libjpeg accepts it silently); after the data, a marker that may follow a scan;
-* in a progressive JPEG, the scans before EOI bring every coefficient of every component to full
-  precision (a file cut inside a scan and closed with EOI loses the scans after the cut).
+  libjpeg accepts it silently); after the data, a marker that may follow a scan.
 
 It does not see a damaged bit that still decodes as valid codes, nor damage inside a scan
 without restart markers that ends where the scan should: a full entropy decode would be needed.
+Nor a progressive file cut between scans and closed with EOI: the standard lets a file leave
+coefficients short of full precision (libjpeg's encoder writes such files from a scan script),
+so the bytes cannot tell it from one made so on purpose.
 Junk bytes and markers without a segment (RSTn, TEM) between segments leave the pixels whole
 (libjpeg skips them) and are not damage; a file that ends inside its scan data or a segment is
 a truncation, the decoder's to report; frames other than DCT ones (lossless, hierarchical) are
@@ -32,7 +33,6 @@ _RST = re.compile(rb"\xff[\xd0-\xd7]")
 _RST_CYCLE = b"".join(bytes((0xFF, 0xD0 + i)) for i in range(8))
 _DCT_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})  # baseline, extended, progressive (Huffman, arithmetic)
 _FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..15 (less DHT, JPG, DAC)
-_PROGRESSIVE = frozenset({0xC2, 0xCA})
 # what may follow a scan's data: DHT, DAC, DQT, DRI, SOS, COM, APPn, DNL, EOI
 _AFTER_SCAN = frozenset({0xC4, 0xCC, 0xDB, 0xDD, 0xDA, 0xFE, 0xDC, 0xD9} | set(range(0xE0, 0xF0)))
 
@@ -47,7 +47,7 @@ def scan_damage(data: bytes) -> Optional[str]:
     frame = -1
     width = height = 0
     comps: Dict[int, Tuple[int, int]] = {}  # component id -> (H, V) sampling factors
-    scans: List[Tuple[Tuple[int, ...], int, int, int]] = []  # (components, Ss, Se, Al)
+    scans = 0  # SOS segments so far
     interval = 0
     pos = 2
     while pos < n:
@@ -62,7 +62,7 @@ def scan_damage(data: bytes) -> Optional[str]:
         m = data[pos]
         pos += 1
         if m == 0xD9:  # EOI
-            return _coverage_gap(frame, comps, scans)
+            return None
         if m in (0x00, 0x01, 0xD8) or 0xD0 <= m <= 0xD7:  # no segment: libjpeg skips these here
             continue
         if pos + 2 > n:
@@ -82,6 +82,8 @@ def scan_damage(data: bytes) -> Optional[str]:
             frame, height, width = m, (seg[1] << 8) | seg[2], (seg[3] << 8) | seg[4]
             for i in range(seg[5]):
                 c = seg[6 + 3 * i:9 + 3 * i]
+                if c[0] in comps:  # a component id twice (libjpeg tolerates it): not checked
+                    return None
                 comps[c[0]] = (max(1, c[1] >> 4), max(1, c[1] & 15))
         elif m == 0xDD and len(seg) >= 2:  # DRI
             interval = (seg[0] << 8) | seg[1]
@@ -92,7 +94,7 @@ def scan_damage(data: bytes) -> Optional[str]:
             ids = tuple(seg[1 + 2 * i] for i in range(ns))
             if not ids or any(i not in comps for i in ids):
                 return None
-            scans.append((ids, seg[1 + 2 * ns], seg[2 + 2 * ns], seg[3 + 2 * ns] & 15))
+            scans += 1
             mk = _MARKER.search(data, end)
             rsts: List[bytes] = []
             if mk is not None and 0xD0 <= data[mk.start() + 1] <= 0xD7:  # (most scans have none)
@@ -100,22 +102,25 @@ def scan_damage(data: bytes) -> Optional[str]:
                 rsts = _RST.findall(data, end, n if mk is None else mk.start())
             if rsts:
                 if not interval:
-                    return f"restart marker in scan {len(scans)}, which has no restart interval"
+                    return f"restart marker in scan {scans}, which has no restart interval"
                 cycle = _RST_CYCLE * (len(rsts) // 8 + 1)
                 if b"".join(rsts) != cycle[:2 * len(rsts)]:
                     k = next(i for i, r in enumerate(rsts) if r[1] != 0xD0 + i % 8)
-                    return f"restart marker RST{rsts[k][1] - 0xD0} out of sequence (RST{k % 8} expected) in scan {len(scans)}"
+                    return f"restart marker RST{rsts[k][1] - 0xD0} out of sequence (RST{k % 8} expected) in scan {scans}"
             if mk is None:
                 return None  # cut short inside the scan data: a truncation
             scan_end = mk.start()
             if data[scan_end + 1] not in _AFTER_SCAN:
-                return f"marker 0x{data[scan_end + 1]:02x} inside the data of scan {len(scans)} at offset {scan_end}"
+                return f"marker 0x{data[scan_end + 1]:02x} inside the data of scan {scans} at offset {scan_end}"
             if interval and height:
                 mcus = _mcu_count(width, height, comps, ids)
                 want = -(-mcus // interval) - 1
-                trailing = data[scan_end - 2] == 0xFF and 0xD0 <= data[scan_end - 1] <= 0xD7
+                last = scan_end
+                while last > end and data[last - 1] == 0xFF:  # fill bytes before the marker
+                    last -= 1
+                trailing = last - 2 >= end and data[last - 2] == 0xFF and 0xD0 <= data[last - 1] <= 0xD7
                 if len(rsts) != want and not (len(rsts) == want + 1 and trailing):
-                    return (f"scan {len(scans)} holds {len(rsts)} restart markers where its {mcus} MCUs and "
+                    return (f"scan {scans} holds {len(rsts)} restart markers where its {mcus} MCUs and "
                             f"restart interval {interval} give {want}")
             pos = scan_end
             continue
@@ -134,20 +139,3 @@ def _mcu_count(width: int, height: int, comps: Dict[int, Tuple[int, int]], ids: 
         return -(-w // 8) * -(-t // 8)
     return -(-width // (8 * hmax)) * -(-height // (8 * vmax))
 
-
-def _coverage_gap(frame: int, comps: Dict[int, Tuple[int, int]],
-                  scans: List[Tuple[Tuple[int, ...], int, int, int]]) -> Optional[str]:
-    """In a progressive JPEG, the first coefficient of a component that its scans leave short of
-    full precision (no scan with Al = 0 covers it), or None."""
-    if frame not in _PROGRESSIVE or not scans:
-        return None
-    done = {c: [False] * 64 for c in comps}
-    for ids, ss, se, al in scans:
-        if al == 0 and ss <= se <= 63:
-            for c in ids:
-                done[c][ss:se + 1] = [True] * (se + 1 - ss)
-    for c, ok in done.items():
-        if not all(ok):
-            return (f"the scans end before coefficient {ok.index(False)} of component {c} is complete "
-                    f"(cut short and closed with an end marker?)")
-    return None
