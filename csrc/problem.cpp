@@ -73,8 +73,12 @@ PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Te
       L.spatial_stride[L.spatial_dims - 1] = stride;
       continue;
     }
-    if (L.spatial_dims == kMaxSpatialDims) {  // more than the kernels index: read a contiguous copy
-      return prepare_pack(op, x.contiguous(), thresholds, granularity);
+    if (L.spatial_dims == kMaxSpatialDims) {
+      // More than the kernels index: x as [N, C, spatial], one dim in the same logical order (a
+      // copy where no view gives it; an empty x, which `contiguous` would return as it is, too).
+      int64_t spatial = 1;
+      for (int64_t k = 2; k < x.dim(); ++k) spatial *= x.size(k);
+      return prepare_pack(op, x.reshape({x.size(0), x.size(1), spatial}), thresholds, granularity);
     }
     L.spatial_size[L.spatial_dims] = size;
     L.spatial_stride[L.spatial_dims] = stride;
