@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import datetime
 import hashlib
+import json
 import math
 import numbers
 import tempfile
@@ -521,10 +522,20 @@ class FakeSpotter:
             raise artifact.ModelFileError(f"{path}: metadata lacks or mangles a required field ({e!r})") from None
         if ctype not in _CLASSIFIERS:
             raise artifact.ModelFileError(f"{path}: unknown classifier type {ctype!r}")
+        key = params.get("backbone", bmeta.get("id"))  # the registry key the detector was built from
         try:
-            bb = get_backbone(bmeta["id"])
-        except (KeyError, ValueError) as e:
-            raise artifact.ModelFileError(f"{path}: backbone {bmeta.get('id')!r} is not available here ({e})") from None
+            bb = get_backbone(key)
+        except (KeyError, ValueError, TypeError) as e:
+            raise artifact.ModelFileError(f"{path}: backbone {key!r} is not available here ({e}); register it "
+                                          f"with fakespotter.register_backbone before loading") from None
+        if bb.id != bmeta.get("id"):
+            raise artifact.ModelFileError(f"{path}: registered backbone {key!r} now gives backbone id {bb.id!r}, "
+                                          f"the model was trained on {bmeta.get('id')!r}")
+        want_pre = {"preprocessing": bb.preprocessing.to_dict(), "input_shape": list(bb.input_shape)}
+        have_pre = {"preprocessing": bmeta.get("preprocessing"), "input_shape": bmeta.get("input_shape")}
+        if json.loads(json.dumps(want_pre)) != have_pre:
+            raise artifact.ModelFileError(f"{path}: trained with backbone {bb.id!r} preprocessing {have_pre}, but "
+                                          f"the registered backbone uses {want_pre}; scores would not be comparable")
         if bb.weights_sha256 != bmeta.get("weights_sha256"):
             raise artifact.ModelFileError(
                 f"{path}: trained with backbone weights sha256 {bmeta.get('weights_sha256')}, but the "

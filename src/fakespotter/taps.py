@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .backbones.registry import Backbone, custom_backbone
+from .backbones.registry import Backbone, custom_backbone, identified
 from .ops import layer_popcount, num_words
 
 __all__ = [
@@ -353,6 +353,7 @@ class Tap(nn.Module):
         elif not isinstance(backbone, Backbone):
             raise TypeError(f"Tap: backbone must be a Backbone or nn.Module, "
                             f"got {type(backbone).__name__}")
+        backbone = identified(backbone)
         module = backbone.module
         module.eval()
         module.requires_grad_(False)
@@ -366,6 +367,7 @@ class Tap(nn.Module):
         self.input_shape = [int(s) for s in backbone.input_shape]
         self._aux = {}
         self.layout = self._compute_layout(module)
+        self._verify_trace(module)
         self.threshold_mode = "per_layer"
         self.register_buffer("thresholds", torch.zeros(len(self.layers), dtype=torch.float32,
                                                        device=self._device()))
@@ -394,8 +396,10 @@ class Tap(nn.Module):
                 raise ValueError(f"Tap: layer {self.layers[i]!r} must output a tensor [N, C, ...] "
                                  f"or [N, D], got {type(a).__name__}"
                                  f"{list(a.shape) if isinstance(a, Tensor) else ''}")
-            if not a.is_floating_point():
-                raise ValueError(f"Tap: layer {self.layers[i]!r} outputs {a.dtype}, not floats")
+            if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ValueError(f"Tap: layer {self.layers[i]!r} outputs {a.dtype}; the packer takes "
+                                 f"float32, float16 or bfloat16 activations (convert the backbone, "
+                                 f"e.g. module.float())")
             shapes[i] = tuple(int(s) for s in a.shape[1:])
 
         p = next(iter(module.parameters()), None)
@@ -411,6 +415,39 @@ class Tap(nn.Module):
             slots.append(LayerSlot(name, shape, features, offset, words))
             offset += words
         return TapLayout(self.granularity, tuple(slots), offset)
+
+    def _verify_trace(self, module: nn.Module) -> None:
+        """The traced graph must compute what the module computes: torch.fx records in-place
+        Python operators (``y *= s``, ``x += f(x)``) as out-of-place ones, so a tensor aliased
+        before such an operator (a view, ``identity = x``) no longer sees the write, and later
+        layers differ from the module's. Compared on one random probe, against forward hooks."""
+        p = next(iter(module.parameters()), None)
+        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((2, *self.input_shape), generator=g).to(device=self._device(), dtype=dtype)
+        mods = dict(module.named_modules())
+        hooked: Dict[str, Tensor] = {}
+        handles = [mods[n].register_forward_hook(
+            lambda _m, _i, o, n=n: hooked.__setitem__(n, o.detach().clone())) for n in self.layers]
+        try:
+            with torch.no_grad(), exact_float32():
+                module(x)
+        finally:
+            for h in handles:
+                h.remove()
+        bad: List[str] = []
+
+        def check(i: int, a: Tensor) -> None:  # (close, not equal: a GPU's reductions need not repeat bit for bit)
+            if not torch.allclose(a, hooked[self.layers[i]], rtol=1e-4, atol=1e-5, equal_nan=True):
+                bad.append(self.layers[i])
+
+        self.capture(x, check)
+        if bad:
+            raise ValueError(
+                f"Tap: the traced forward of {type(module).__name__} does not reproduce its layers "
+                f"{bad} (an in-place operator such as `y *= s` or `x += f(x)` on a tensor that is "
+                f"also referenced elsewhere? torch.fx records it out of place); rewrite it out of "
+                f"place, or put it inside a module named in leaf_modules=")
 
     def _threshold_spans(self) -> List[Tuple[int, int]]:
         if self.threshold_mode == "per_layer":

@@ -182,6 +182,15 @@ def get_backbone(id: str = DEFAULT_BACKBONE, **kwargs: Any) -> Backbone:
     if not isinstance(backbone, Backbone):
         raise TypeError(f"get_backbone: the factory of {id!r} returned {type(backbone).__name__}, "
                         f"not a Backbone")
+    return identified(backbone)
+
+
+def identified(backbone: Backbone) -> Backbone:
+    """``backbone``, with the sha256 of its weights: one made without ``weights_sha256`` gets
+    its module's :func:`state_dict_sha256` (building the module), so that thresholds and models
+    record the weights they fit and are refused by other weights."""
+    if backbone.weights_sha256 is None:
+        object.__setattr__(backbone, "weights_sha256", state_dict_sha256(backbone.module))
     return backbone
 
 
@@ -240,7 +249,7 @@ def _resnet_factory(arch: str) -> _Factory:
         sha = _file_sha256(path) if path.is_file() else None
         return Backbone(
             id=arch,
-            factory=lambda: load_resnet_checkpoint(path, arch),
+            factory=lambda: _load_unchanged(path, arch, sha),
             preprocessing=Preprocessing(
                 size=size, scale=1.0 / 255.0, mean=tuple(mean), std=tuple(std),
                 description=f"RGB / 255, normalised by mean {tuple(mean)} and std {tuple(std)}",
@@ -251,6 +260,17 @@ def _resnet_factory(arch: str) -> _Factory:
         )
 
     return make
+
+
+def _load_unchanged(path: Path, arch: str, sha: Optional[str]) -> nn.Module:
+    from .resnet import CheckpointError, load_resnet_checkpoint
+
+    module = load_resnet_checkpoint(path, arch)
+    if sha is None or _file_sha256(path) != sha:
+        raise CheckpointError(f"{path}: the checkpoint changed (or was not a file) between "
+                              f"get_backbone and loading; its recorded sha256 would not be that "
+                              f"of the weights loaded; call get_backbone again")
+    return module
 
 
 def custom_backbone(module: nn.Module, layers: Sequence[str],
@@ -332,6 +352,9 @@ def list_layers(backbone: Union[Backbone, nn.Module],
     calls: Dict[str, int] = {}
     if input_shape is not None:
         handles = []
+        # probe in eval mode: in training mode BatchNorm would update the caller's running
+        # statistics (changing its weights and their sha256) and refuse a batch of one
+        training = {m: m.training for m in module.modules()}
 
         def hook(name: str) -> Callable[..., None]:
             def fn(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -346,9 +369,12 @@ def list_layers(backbone: Union[Backbone, nn.Module],
             p = next(iter(module.parameters()), None)
             x = torch.zeros((1, *input_shape), dtype=p.dtype if p is not None else torch.float32,
                             device=p.device if p is not None else "cpu")
+            module.eval()
             with torch.no_grad():
                 module(x)
         finally:
             for h in handles:
                 h.remove()
+            for m, t in training.items():
+                m.training = t
     return [LayerInfo(n, type(m).__name__, shapes.get(n), calls.get(n, 0)) for n, m in names]

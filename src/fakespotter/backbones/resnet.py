@@ -194,7 +194,10 @@ def load_resnet_checkpoint(path: Union[str, Path], arch: str) -> ResNet:
     num_classes = int(state["fc.weight"].shape[0]) if "fc.weight" in state else 0
     model = resnet(arch, num_classes)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    # num_batches_tracked (added in torch 0.4.1) is absent from older checkpoints, e.g. the
+    # original torchvision ImageNet weights; torch's own strict load accepts that (it is only
+    # read in training with momentum=None), so do the same
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         def show(keys: List[str]) -> str:
@@ -205,6 +208,10 @@ def load_resnet_checkpoint(path: Union[str, Path], arch: str) -> ResNet:
             f"unexpected keys [{show(unexpected)}]"
         )
     for k, v in expected.items():
+        if k not in state:
+            continue
+        if not state[k].is_floating_point() and v.is_floating_point():
+            raise CheckpointError(f"{path}: {k} is {state[k].dtype}, expected floating point weights")
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path}: {arch} expects {k} of shape {list(v.shape)}, "
                                   f"the file has {list(state[k].shape)}")

@@ -1,0 +1,167 @@
+"""Bringing one's own backbone: what an audit found wrong with custom modules, ResNet
+checkpoints and detectors built on them (each test failed before its fix)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fakespotter import Backbone, FakeSpotter, Preprocessing, Tap, custom_backbone, get_backbone, register_backbone
+from fakespotter import reference as ref
+from fakespotter.artifact import ModelFileError
+from fakespotter.backbones.registry import _REGISTRY, list_layers
+from fakespotter.backbones.resnet import CheckpointError, resnet
+
+
+class SmallNet(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 6)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.act(self.bn(self.conv(x)))), 1))
+
+
+LAYERS = ("act", "pool", "fc")
+
+
+def small(seed: int = 0, mean=(0.5, 0.5, 0.5), size: int = 32, id: str = "small") -> Backbone:
+    return custom_backbone(SmallNet(seed), LAYERS, size, id=id, scale=1 / 255, mean=mean, std=(0.25,) * 3)
+
+
+def chips(size: int, n: int = 24, seed: int = 0) -> tuple:
+    rng = np.random.default_rng(seed)
+    real = rng.integers(0, 120, (n, size, size, 3), dtype=np.uint8)
+    fake = rng.integers(100, 256, (n, size, size, 3), dtype=np.uint8)
+    return real, fake
+
+
+@pytest.fixture
+def registry():
+    """Registrations made by a test are undone after it."""
+    before = dict(_REGISTRY)
+    yield register_backbone
+    _REGISTRY.clear()
+    _REGISTRY.update(before)
+
+
+def fitted(backbone_id: str) -> FakeSpotter:
+    real, fake = chips(get_backbone(backbone_id).input_shape[1])
+    return FakeSpotter(backbone=backbone_id, aligned=True, hidden=(4,), max_epochs=3).fit(real, fake)
+
+
+def test_resnet_checkpoint_without_num_batches_tracked_loads(tmp_path):
+    """Checkpoints saved before torch 0.4.1 (the first torchvision ImageNet weights among them)
+    have no num_batches_tracked buffers; torch's own strict load accepts them."""
+    state = {k: v for k, v in resnet("resnet18", 10).state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.pt")
+    tap = Tap(get_backbone("resnet18", checkpoint=str(tmp_path / "old.pt"), input_size=64), granularity="channel")
+    assert tap(torch.zeros(1, 3, 64, 64)).shape[0] == 1
+    state["fc.weight"] = state["fc.weight"].long()
+    torch.save(state, tmp_path / "int.pt")
+    with pytest.raises(CheckpointError, match=r"int\.pt: fc\.weight is torch\.int64, expected floating point"):
+        get_backbone("resnet18", checkpoint=str(tmp_path / "int.pt"), input_size=64).module
+
+
+def test_a_checkpoint_replaced_after_get_backbone_is_refused(tmp_path):
+    torch.manual_seed(0)
+    torch.save(resnet("resnet18").state_dict(), tmp_path / "w.pt")
+    bb = get_backbone("resnet18", checkpoint=str(tmp_path / "w.pt"), input_size=64)  # hashed now, read later
+    torch.manual_seed(1)
+    torch.save(resnet("resnet18").state_dict(), tmp_path / "w.pt")  # a training job's next epoch
+    with pytest.raises(CheckpointError, match="the checkpoint changed"):
+        Tap(bb)
+
+
+class Aliased(nn.Module):
+    """An in-place operator on a tensor that a view still refers to: torch.fx records it out of
+    place, so the traced graph's fc input would miss the write."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        y = self.pool(self.conv(x))
+        z = y.flatten(1)  # a view of y
+        y *= -3.0  # z sees this in eager mode
+        return self.fc(z)
+
+
+def test_a_traced_graph_that_differs_from_the_module_is_refused():
+    with pytest.raises(ValueError, match=r"does not reproduce its layers \['fc'\].*in-place operator"):
+        Tap(Aliased().eval(), ["fc"], input_shape=(3, 8, 8), granularity="element")
+    # the layers before the in-place operator are still right, and taps of them are built
+    tap = Tap(Aliased().eval(), ["conv"], input_shape=(3, 8, 8), granularity="element")
+    m, x, acts = tap.backbone.module, torch.randn(2, 3, 8, 8), {}
+    m.conv.register_forward_hook(lambda _m, _i, o: acts.__setitem__("conv", o.detach().clone()))
+    with torch.no_grad():
+        m(x)
+    assert torch.equal(tap(x), ref.threshold_pack(acts["conv"], torch.tensor([0.0]), "element"))
+
+
+def test_a_float64_module_is_refused_when_the_tap_is_built():
+    with pytest.raises(ValueError, match=r"layer 'act' outputs torch\.float64.*module\.float\(\)"):
+        Tap(SmallNet().double(), ["act"], input_shape=(3, 32, 32))
+
+
+def test_list_layers_leaves_a_training_modules_statistics_alone():
+    m = SmallNet()
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    infos = {i.name: i for i in list_layers(m, input_shape=(3, 32, 32))}
+    assert infos["act"].output_shape == (8, 16, 16)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert m.training and m.bn.training
+
+
+def test_a_backbone_made_without_a_sha_gets_its_state_dicts(registry):
+    def plain(seed):
+        return Backbone(id="plain", factory=lambda: SmallNet(seed), preprocessing=Preprocessing(size=(32, 32)),
+                        default_layers=LAYERS)
+
+    registry("plain", lambda: plain(0))
+    det = fitted("plain")
+    assert det.tap_.weights_sha256 == get_backbone("plain").weights_sha256 is not None
+    data = det.to_bytes()
+    registry("plain", lambda: plain(1), overwrite=True)  # other weights under the same id
+    with pytest.raises(ModelFileError, match="trained with backbone weights sha256"):
+        FakeSpotter.from_bytes(data)
+
+
+def test_a_model_on_a_backbone_registered_under_another_name_loads(registry, tmp_path):
+    """The registry key (what FakeSpotter(backbone=) names) need not be the Backbone's id: a
+    ResNet checkpoint is registered under a name of one's own."""
+    torch.manual_seed(0)
+    torch.save(resnet("resnet18").state_dict(), tmp_path / "r18.pt")
+    registry("my-r18", lambda: get_backbone("resnet18", checkpoint=str(tmp_path / "r18.pt"), input_size=64))
+    registry("small-as", lambda: small(id="custom:SmallNet"))
+    for name in ("my-r18", "small-as"):
+        det = fitted(name)
+        again = FakeSpotter.from_bytes(det.to_bytes())
+        real, _ = chips(again.tap_.input_shape[1], 4, seed=1)
+        assert torch.equal(again.decision_function(real), det.decision_function(real))
+    registry("small-as", lambda: small(id="custom:Other"), overwrite=True)
+    with pytest.raises(ModelFileError, match=r"now gives backbone id 'custom:Other'"):
+        FakeSpotter.from_bytes(det.to_bytes())
+
+
+@pytest.mark.parametrize("change", [{"mean": (0.0, 0.0, 0.0)}, {"size": 48}], ids=["mean", "input-size"])
+def test_a_model_is_refused_by_a_backbone_with_other_preprocessing(registry, change):
+    registry("small", lambda: small())
+    data = fitted("small").to_bytes()
+    registry("small", lambda: small(**change), overwrite=True)  # same weights
+    with pytest.raises(ModelFileError, match="preprocessing"):
+        FakeSpotter.from_bytes(data)
