@@ -165,3 +165,24 @@ def test_a_model_is_refused_by_a_backbone_with_other_preprocessing(registry, cha
     registry("small", lambda: small(**change), overwrite=True)  # same weights
     with pytest.raises(ModelFileError, match="preprocessing"):
         FakeSpotter.from_bytes(data)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_a_half_precision_module_works_through_features_calibration_and_the_detector(registry, dtype):
+    """The chips' preprocessing gave float32, which a float16 or bfloat16 module's first conv
+    refused with torch's dtype error; the rows equal the twin on the module's own activations."""
+    registry("half", lambda: custom_backbone(SmallNet().to(dtype), LAYERS, 32, id="half", scale=1 / 255))
+    det = fitted("half")
+    real, _ = chips(32, 4, seed=2)
+    assert det.decision_function(real).shape == (4,)
+    tap = det.tap_
+    x = tap.prepare(torch.from_numpy(real).permute(0, 3, 1, 2).float())
+    assert x.dtype == dtype
+    acts = {}
+    m = tap.backbone.module
+    m.act.register_forward_hook(lambda _m, _i, o: acts.__setitem__("act", o.detach().clone()))
+    with torch.no_grad():
+        m(x)
+    slot = tap.layout.layers[0]
+    want = ref.threshold_pack(acts["act"], tap.layer_thresholds()[0], tap.granularity)
+    assert torch.equal(tap(x)[:, slot.word_offset:slot.word_offset + slot.words], want)

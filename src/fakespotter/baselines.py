@@ -251,7 +251,7 @@ class BackboneReader:
             parts[i].append(neuron_values(a, "channel").cpu().numpy())
 
         for start in range(0, x.shape[0], self.batch_size):
-            self.tap.capture(self.tap.preprocessing(x[start:start + self.batch_size]), keep)
+            self.tap.capture(self.tap.prepare(x[start:start + self.batch_size]), keep)
         cat = [np.concatenate(p) if p else np.zeros((0, s.features), np.float32)
                for p, s in zip(parts, self.tap.layout.layers)]
         return BackbonePass(descriptor=cat[names.index(self.descriptor_layer)],

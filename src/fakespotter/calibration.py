@@ -206,7 +206,7 @@ class ThresholdCalibrator:
                 sums[i] += row.to(torch.float64)
 
         if x.shape[0]:
-            tap.capture(tap.preprocessing(x), accumulate)
+            tap.capture(tap.prepare(x), accumulate)
         bad = [slot.name for slot, ok in zip(slots, finite.tolist()) if not ok]
         if bad:
             raise ValueError(f"ThresholdCalibrator.partial_fit: non-finite activations in layers "

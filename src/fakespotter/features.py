@@ -226,7 +226,7 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
             for start in range(0, max(n, 1), batch_size):  # float32 on the device one batch at a time
                 x = prepare_chips(images_or_chips[start:start + batch_size], tap)
                 if x.shape[0]:
-                    out.append(tap(tap.preprocessing(x)))
+                    out.append(tap(tap.prepare(x)))
         rows = torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64,
                                                       device=tap.thresholds.device)
         return Features(rows=rows, image_index=np.arange(n, dtype=np.int64),
@@ -242,7 +242,7 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
         if pending:
             x = prepare_chips(np.stack(pending), tap)
             with torch.no_grad(), exact_float32():
-                out.append(tap(tap.preprocessing(x)))
+                out.append(tap(tap.prepare(x)))
             pending.clear()
 
     for i, j, chip, _ in _iter_chips(images, size, aligned, upsample, weak_face_score, detect_pixels):

@@ -660,7 +660,7 @@ class _Forward:
         t0 = time.perf_counter()
         with torch.inference_mode():
             x = self._buf_t[:B].to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
-            x = self.tap.preprocessing(x)
+            x = self.tap.prepare(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.amp_dtype is not None:

@@ -335,7 +335,7 @@ class Tap(nn.Module):
     int64.
     """
 
-    __jit_ignored_attributes__ = ["layout", "preprocessing", "backbone", "_aux"]
+    __jit_ignored_attributes__ = ["layout", "preprocessing", "backbone", "_aux", "input_dtype"]
 
     def __init__(self, backbone: Union[Backbone, nn.Module],
                  layers: Optional[Sequence[str]] = None, *, granularity: str = "channel",
@@ -366,6 +366,8 @@ class Tap(nn.Module):
         self.preprocessing = backbone.preprocessing
         self.input_shape = [int(s) for s in backbone.input_shape]
         self._aux = {}
+        p = next((t for t in module.parameters() if t.is_floating_point()), None)
+        self.input_dtype = torch.float32 if p is None else p.dtype  # what prepare() gives the module
         self.layout = self._compute_layout(module)
         self._verify_trace(module)
         self.threshold_mode = "per_layer"
@@ -517,6 +519,11 @@ class Tap(nn.Module):
         return [self.thresholds.narrow(0, o, n) for o, n in self._threshold_spans()]
 
     # -- running -------------------------------------------------------------------------------
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """Chips (float RGB 0..255, ``[N, 3, H, W]``) as the module's input: the backbone's
+        preprocessing, in the dtype of the module's weights (float16 or bfloat16 ones too)."""
+        return self.preprocessing(x).to(self.input_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != len(self.input_shape) + 1 or list(x.shape[1:]) != self.input_shape:
