@@ -168,8 +168,20 @@ def test_resnet_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="odd.pth: not a resnet18 state_dict"):
         get_backbone("resnet18", checkpoint=tmp_path / "odd.pth").module
     torch.save({"x": Evil()}, tmp_path / "pickle.pth")
-    with pytest.raises(CheckpointError, match="pickle.pth: cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"pickle.pth: holds pickled Python objects besides tensors \(it names "
+                                              r"test_registry.Evil: .*save model.state_dict\(\)"):
         get_backbone("resnet18", checkpoint=tmp_path / "pickle.pth").module
+    torch.save(ref, tmp_path / "whole.pth")  # the module itself, not its state_dict
+    with pytest.raises(CheckpointError, match=r"whole.pth: holds pickled Python objects .*ResNet: a whole nn.Module"):
+        get_backbone("resnet18", checkpoint=tmp_path / "whole.pth").module
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(CheckpointError, match=r"folder.pth: is a folder; give the checkpoint file's path"):
+        get_backbone("resnet18", checkpoint=tmp_path / "folder.pth").module
+    from fakespotter._safetensors import save_file
+
+    save_file(ref.state_dict(), tmp_path / "named.pt")  # safetensors under another suffix: read as such
+    got = get_backbone("resnet18", checkpoint=tmp_path / "named.pt").module
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in got.state_dict().items())
     with pytest.raises(ValueError, match=r"backbone 'resnet50' has no weights of its own; give checkpoint=PATH"):
         get_backbone("resnet50")
 

@@ -151,15 +151,21 @@ def resnet_default_layers(arch: str) -> Tuple[str, ...]:
 def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
     """Tensors of a checkpoint file, without executing code from it.
 
-    ``.safetensors`` files are read as safetensors; anything else with
-    ``torch.load(weights_only=True)``. A ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper and a
-    ``module.`` prefix (DataParallel) are removed.
+    Safetensors files (recognised by their header, whatever their name) are read as such;
+    anything else with ``torch.load(weights_only=True)``. A ``{"state_dict": ...}`` /
+    ``{"model": ...}`` wrapper and a ``module.`` prefix (DataParallel) are removed.
     """
+    import pickle
+
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give the checkpoint file's path")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if path.suffix == ".safetensors" or head[8:9] == b"{":  # (an 8-byte header length, then JSON)
             from fakespotter._safetensors import load_file
 
             obj: object = load_file(path)[0]
@@ -167,7 +173,15 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
-    except Exception as e:  # torch raises several types for a corrupt or unsafe file
+    except pickle.UnpicklingError as e:  # weights_only refused an object: loading it would run code
+        import re
+
+        name = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" (it names {name.group(1)}: a whole nn.Module?)" if name else " (a whole nn.Module?)"
+        raise CheckpointError(f"{path}: holds pickled Python objects besides tensors{what}, which are not "
+                              f"loaded, as loading them would run code from the file; save "
+                              f"model.state_dict() with torch.save, or a safetensors file") from None
+    except Exception as e:  # torch raises several types for a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint: {type(e).__name__}: {e}") from e
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
