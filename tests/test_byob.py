@@ -137,7 +137,8 @@ def test_a_backbone_made_without_a_sha_gets_its_state_dicts(registry):
     assert det.tap_.weights_sha256 == get_backbone("plain").weights_sha256 is not None
     data = det.to_bytes()
     registry("plain", lambda: plain(1), overwrite=True)  # other weights under the same id
-    with pytest.raises(ModelFileError, match="trained with backbone weights sha256"):
+    with pytest.raises(ModelFileError, match=r"trained with backbone weights sha256 .*register 'plain' with the "
+                                             r"weights it was trained with"):
         FakeSpotter.from_bytes(data)
 
 

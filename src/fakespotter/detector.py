@@ -537,10 +537,12 @@ class FakeSpotter:
             raise artifact.ModelFileError(f"{path}: trained with backbone {bb.id!r} preprocessing {have_pre}, but "
                                           f"the registered backbone uses {want_pre}; scores would not be comparable")
         if bb.weights_sha256 != bmeta.get("weights_sha256"):
+            fix = ("python -m fakespotter.weights fetch restores the pinned weights" if bb.id == "dlib_resnet_v1"
+                   else f"register {key!r} with the weights it was trained with")
             raise artifact.ModelFileError(
                 f"{path}: trained with backbone weights sha256 {bmeta.get('weights_sha256')}, but the "
                 f"installed {bb.id} weights are {bb.weights_sha256}; the thresholds and classifier do not "
-                f"fit them (python -m fakespotter.weights fetch restores the pinned weights)"
+                f"fit them ({fix})"
             )
         names = [f"threshold.{i}" for i in range(len(layers))]
         missing = [n for n in names if n not in tensors]
