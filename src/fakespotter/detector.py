@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import artifact
-from .backbones import get_backbone
+from .backbones import DEFAULT_BACKBONE, get_backbone
 from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
@@ -537,7 +537,7 @@ class FakeSpotter:
             raise artifact.ModelFileError(f"{path}: trained with backbone {bb.id!r} preprocessing {have_pre}, but "
                                           f"the registered backbone uses {want_pre}; scores would not be comparable")
         if bb.weights_sha256 != bmeta.get("weights_sha256"):
-            fix = ("python -m fakespotter.weights fetch restores the pinned weights" if bb.id == "dlib_resnet_v1"
+            fix = ("python -m fakespotter.weights fetch restores the pinned weights" if bb.id == DEFAULT_BACKBONE
                    else f"register {key!r} with the weights it was trained with")
             raise artifact.ModelFileError(
                 f"{path}: trained with backbone weights sha256 {bmeta.get('weights_sha256')}, but the "
