@@ -187,3 +187,17 @@ def test_a_half_precision_module_works_through_features_calibration_and_the_dete
     slot = tap.layout.layers[0]
     want = ref.threshold_pack(acts["act"], tap.layer_thresholds()[0], tap.granularity)
     assert torch.equal(tap(x)[:, slot.word_offset:slot.word_offset + slot.words], want)
+
+
+def test_an_input_size_the_module_cannot_take_is_named():
+    class NeedsRoom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 7)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match=r"NeedsRoom cannot run on an input of shape \[1, 3, 4, 4\] \(the "
+                                         r"backbone's input size 4x4\): .*[Kk]ernel size"):
+        Tap(NeedsRoom(), ["conv"], input_shape=(3, 4, 4))

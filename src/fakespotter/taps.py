@@ -407,7 +407,14 @@ class Tap(nn.Module):
         p = next(iter(module.parameters()), None)
         x = torch.zeros((1, *self.input_shape), device=self._device(),
                         dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
-        self.capture(x, record)
+        try:
+            self.capture(x, record)
+        except RuntimeError as e:  # torch's own words: an input too small for the network, ...
+            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+                raise
+            raise ValueError(f"Tap: {type(module).__name__} cannot run on an input of shape {list(x.shape)} "
+                             f"(the backbone's input size {self.input_shape[1]}x{self.input_shape[2]}): "
+                             f"{str(e).splitlines()[0]}") from e
         slots = []
         offset = 0
         for i, name in enumerate(self.layers):
