@@ -201,3 +201,17 @@ def test_an_input_size_the_module_cannot_take_is_named():
     with pytest.raises(ValueError, match=r"NeedsRoom cannot run on an input of shape \[1, 3, 4, 4\] \(the "
                                          r"backbone's input size 4x4\): .*[Kk]ernel size"):
         Tap(NeedsRoom(), ["conv"], input_shape=(3, 4, 4))
+
+
+def test_info_shows_a_model_whose_backbone_is_not_registered_here(registry, tmp_path, capsys):
+    from fakespotter.cli import main
+
+    registry("small", lambda: small())
+    fitted("small").save(tmp_path / "m.fsm")
+    assert main(["info", str(tmp_path / "m.fsm")]) == 0
+    assert "note:" not in capsys.readouterr().out  # registered: checked by loading
+    del _REGISTRY["small"]  # as in another process
+    assert main(["info", str(tmp_path / "m.fsm")]) == 0
+    out = capsys.readouterr().out
+    assert "note: not checked against its backbone: 'small' is registered only where" in out
+    assert "backbone: small (weights sha256 " in out and "layers: 3 (act ... fc)" in out

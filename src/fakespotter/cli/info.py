@@ -16,27 +16,45 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifact import ModelFileError, file_sha256, read_model
-    from ..detector import describe_operating_threshold
-
+    from ..artifact import ModelFileError, read_model
+    from ..backbones import list_backbones
+    from ..detector import FakeSpotter
     from ._common import model_file
 
-    from ..detector import FakeSpotter
-
     args.model = model_file(args.model)
+    unchecked = None
     try:
         tensors, meta = read_model(args.model)
-        FakeSpotter.load(args.model)  # every check loading makes (shapes, layers, backbone, values)
+        params = meta.get("detector_params")
+        key = params.get("backbone") if isinstance(params, dict) else None
+        if isinstance(key, str) and key not in list_backbones():  # a backbone of the writer's own
+            unchecked = (f"not checked against its backbone: {key!r} is registered only where the model's "
+                         f"writer registered it (fakespotter.register_backbone)")
+        else:
+            FakeSpotter.load(args.model)  # every check loading makes (shapes, layers, backbone, values)
     except (ModelFileError, OSError, ValueError) as e:
         raise usage_error(str(e).splitlines()[0]) from None
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0
+    try:
+        lines = _summary(args.model, meta, tensors, unchecked)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:  # (unchecked: another writer's)
+        raise usage_error(f"{args.model}: metadata lacks or mangles a required field ({e!r})") from None
+    print("\n".join(lines))
+    return 0
+
+
+def _summary(model: str, meta: dict, tensors: dict, unchecked: str | None) -> list:
+    from ..artifact import file_sha256
+    from ..detector import describe_operating_threshold
+
     op = meta.get("operating_threshold", {})
     training = meta.get("training") or {}  # (a mapping: loading checked it)
     counts = training.get("counts") if isinstance(training.get("counts"), dict) else {}  # (another writer's)
-    lines = [
-        f"model: {args.model} (sha256 {file_sha256(args.model)})",
+    return [
+        f"model: {model} (sha256 {file_sha256(model)})",
+        *([f"note: {unchecked}"] if unchecked else []),
         f"format: {meta['format']} v{meta['format_version']}, bit layout v{meta['bit_layout_version']}, "
         f"written by fakespotter {meta.get('fakespotter_version')} / torch {meta.get('torch_version')}",
         f"backbone: {meta['backbone']['id']} (weights sha256 {meta['backbone']['weights_sha256']})",
@@ -50,5 +68,3 @@ def run(args: argparse.Namespace) -> int:
         f"sources: {training.get('sources')}",
         f"tensors: {len(tensors)} ({sum(t.numel() * t.element_size() for t in tensors.values())} bytes)",
     ]
-    print("\n".join(lines))
-    return 0
