@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,32 @@ def test_what_a_resume_scans_an_input_listed_twice_and_changed_inputs():
     assert got == [(3, "x"), (7, "c")] and "not at their inputs' places" in notes[0]
     got, _ = run(["a", "b", "b"], [(0, "a"), (5, "b")])  # an earlier changed-input resume put b at 5
     assert got == [(8, "b")]
+
+
+def test_merge_removes_the_temporary_files_of_killed_merges_only(shards, tmp_path):
+    """A merge killed with SIGKILL leaves its hidden temporary file; the next merge into the same
+    output removes it, but not one that a running merge holds (locked), nor a fresh one."""
+    import fcntl
+    import os
+
+    src, _ = shards
+    out = tmp_path / "m.jsonl"
+    old = time.time() - 3600
+    stale, fresh, held = (tmp_path / f".m.jsonl.{pid}.merge.tmp" for pid in (111, 222, 333))
+    for p in (stale, fresh, held):
+        p.write_text('{"path": "half a merge"}\n')
+    for p in (stale, held):
+        os.utime(p, (old, old))
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a merge that is still writing
+    try:
+        assert merge_shards(src, out) == 27
+    finally:
+        os.close(fd)
+    assert not stale.exists() and fresh.exists() and held.exists()
+    (tmp_path / ".other.jsonl.111.merge.tmp").write_text("another output's")
+    os.utime(tmp_path / ".other.jsonl.111.merge.tmp", (old, old))
+    assert merge_shards(src, out, overwrite=True) == 27 and (tmp_path / ".other.jsonl.111.merge.tmp").exists()
 
 
 def test_merge_keeps_both_records_of_an_input_listed_twice_and_says_when_a_shard_is_missing(shards, tmp_path,

@@ -162,6 +162,7 @@ def merge_shards(folder: Union[str, Path], target: Union[str, Path, IO[str]], fm
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     check_not_busy(path)
+    _remove_stale_merges(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.merge.tmp")
     try:
         n = _merge_into(folder, tmp, fmt, "new")
@@ -172,6 +173,23 @@ def merge_shards(folder: Union[str, Path], target: Union[str, Path, IO[str]], fm
     finally:
         tmp.unlink(missing_ok=True)  # (after the rename: nothing there)
     return n
+
+
+STALE_MERGE_S = 60.0  # a merge's temporary file untouched this long, and unlocked, was left by a killed merge
+
+
+def _remove_stale_merges(path: Path) -> None:
+    """Delete the temporary files of merges into ``path`` that were killed (SIGKILL, a crash):
+    unlocked (a merge holds its file's lock while it writes) and not written for a minute."""
+    import glob
+
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.merge.tmp"):
+        try:
+            check_not_busy(tmp)
+            if time.time() - tmp.stat().st_mtime >= STALE_MERGE_S:
+                tmp.unlink()
+        except (OutputBusy, OSError):  # another merge's, still running; or gone meanwhile
+            pass
 
 
 def _merge_into(folder: Union[str, Path], target: Union[Path, IO[str]], fmt: str, mode: str) -> int:
