@@ -198,8 +198,8 @@ def test_an_input_size_the_module_cannot_take_is_named():
         def forward(self, x):
             return self.conv(x)
 
-    with pytest.raises(ValueError, match=r"NeedsRoom cannot run on an input of shape \[1, 3, 4, 4\] \(the "
-                                         r"backbone's input size 4x4\): .*[Kk]ernel size"):
+    with pytest.raises(ValueError, match=r"NeedsRoom fails on a probe input of the backbone's input shape "
+                                         r"\[1, 3, 4, 4\] \(torch.float32\): .*[Kk]ernel size"):
         Tap(NeedsRoom(), ["conv"], input_shape=(3, 4, 4))
 
 
@@ -215,3 +215,49 @@ def test_info_shows_a_model_whose_backbone_is_not_registered_here(registry, tmp_
     out = capsys.readouterr().out
     assert "note: not checked against its backbone: 'small' is registered only where" in out
     assert "backbone: small (weights sha256 " in out and "layers: 3 (act ... fc)" in out
+
+
+def test_a_tap_of_early_layers_does_not_run_a_head_that_cannot_take_the_input():
+    """The trace check stops where the last monitored layer has run, as the tap does: a fixed
+    classifier head sized for another input is never reached."""
+    class FixedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU()
+            self.fc = nn.Linear(4 * 224 * 224, 10)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).flatten(1))
+
+    tap = Tap(FixedHead(), ["act"], input_shape=(3, 16, 16), granularity="element")
+    assert tap(torch.zeros(2, 3, 16, 16)).shape == (2, 16)
+
+
+def test_a_model_that_records_no_weights_sha_loads_with_a_warning(registry, tmp_path):
+    """Files written before a Backbone made without a sha got its state_dict's record none."""
+    from fakespotter.artifact import read_model, write_model
+
+    registry("small", lambda: small())
+    fitted("small").save(tmp_path / "m.fsm")
+    tensors, meta = read_model(tmp_path / "m.fsm")
+    meta["backbone"]["weights_sha256"] = None
+    write_model(tmp_path / "old.fsm", tensors, meta)
+    with pytest.warns(UserWarning, match="records no backbone weights sha256"):
+        FakeSpotter.load(tmp_path / "old.fsm")
+
+
+def test_a_model_loads_where_only_its_backbone_id_is_registered(registry, tmp_path):
+    registry("my-key", lambda: small(id="custom:SmallNet"))
+    fitted("my-key").save(tmp_path / "m.fsm")
+    del _REGISTRY["my-key"]
+    registry("custom:SmallNet", lambda: small(id="custom:SmallNet"))
+    assert FakeSpotter.load(tmp_path / "m.fsm").tap_.backbone_id == "custom:SmallNet"
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02garbage" * 40, b"version https://git-lfs.github.com/spec/v1\n"
+                                     b"oid sha256:" + b"0" * 64 + b"\nsize 46830571\n"], ids=["damaged", "lfs-pointer"])
+def test_a_file_torch_cannot_unpickle_is_not_called_a_pickled_module(tmp_path, content):
+    (tmp_path / "w.pth").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"w.pth: cannot read checkpoint: not a torch checkpoint, or a damaged one"):
+        get_backbone("resnet18", checkpoint=str(tmp_path / "w.pth"), input_size=64).module

@@ -26,6 +26,7 @@ import json
 import math
 import numbers
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from . import artifact
-from .backbones import DEFAULT_BACKBONE, get_backbone
+from .backbones import DEFAULT_BACKBONE, get_backbone, list_backbones
 from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
@@ -523,6 +524,8 @@ class FakeSpotter:
         if ctype not in _CLASSIFIERS:
             raise artifact.ModelFileError(f"{path}: unknown classifier type {ctype!r}")
         key = params.get("backbone", bmeta.get("id"))  # the registry key the detector was built from
+        if key not in list_backbones() and bmeta.get("id") in list_backbones():  # registered by its id here
+            key = params["backbone"] = bmeta["id"]
         try:
             bb = get_backbone(key)
         except (KeyError, ValueError, TypeError) as e:
@@ -536,7 +539,10 @@ class FakeSpotter:
         if json.loads(json.dumps(want_pre)) != have_pre:
             raise artifact.ModelFileError(f"{path}: trained with backbone {bb.id!r} preprocessing {have_pre}, but "
                                           f"the registered backbone uses {want_pre}; scores would not be comparable")
-        if bb.weights_sha256 != bmeta.get("weights_sha256"):
+        if bmeta.get("weights_sha256") is None:  # written with a Backbone made without one, before they got one
+            warnings.warn(f"{path}: the model file records no backbone weights sha256, so the weights of "
+                          f"{bb.id!r} cannot be checked against those it was trained with", stacklevel=2)
+        elif bb.weights_sha256 != bmeta.get("weights_sha256"):
             fix = ("python -m fakespotter.weights fetch restores the pinned weights" if bb.id == DEFAULT_BACKBONE
                    else f"register {key!r} with the weights it was trained with")
             raise artifact.ModelFileError(

@@ -412,9 +412,8 @@ class Tap(nn.Module):
         except RuntimeError as e:  # torch's own words: an input too small for the network, ...
             if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                 raise
-            raise ValueError(f"Tap: {type(module).__name__} cannot run on an input of shape {list(x.shape)} "
-                             f"(the backbone's input size {self.input_shape[1]}x{self.input_shape[2]}): "
-                             f"{str(e).splitlines()[0]}") from e
+            raise ValueError(f"Tap: {type(module).__name__} fails on a probe input of the backbone's input "
+                             f"shape {list(x.shape)} ({x.dtype}): {str(e).splitlines()[0]}") from e
         slots = []
         offset = 0
         for i, name in enumerate(self.layers):
@@ -436,11 +435,22 @@ class Tap(nn.Module):
         x = torch.randn((2, *self.input_shape), generator=g).to(device=self._device(), dtype=dtype)
         mods = dict(module.named_modules())
         hooked: Dict[str, Tensor] = {}
-        handles = [mods[n].register_forward_hook(
-            lambda _m, _i, o, n=n: hooked.__setitem__(n, o.detach().clone())) for n in self.layers]
+        class _Seen(Exception):
+            pass
+
+        def hook(n: str) -> Callable[..., None]:
+            def fn(_m: nn.Module, _i: Any, o: Any) -> None:
+                hooked[n] = o.detach().clone()
+                if len(hooked) == len(self.layers):
+                    raise _Seen  # the rest of the forward (a head that may not take this size) is not needed
+            return fn
+
+        handles = [mods[n].register_forward_hook(hook(n)) for n in self.layers]
         try:
             with torch.no_grad(), exact_float32():
                 module(x)
+        except _Seen:
+            pass
         finally:
             for h in handles:
                 h.remove()
@@ -454,9 +464,10 @@ class Tap(nn.Module):
         if bad:
             raise ValueError(
                 f"Tap: the traced forward of {type(module).__name__} does not reproduce its layers "
-                f"{bad} (an in-place operator such as `y *= s` or `x += f(x)` on a tensor that is "
-                f"also referenced elsewhere? torch.fx records it out of place); rewrite it out of "
-                f"place, or put it inside a module named in leaf_modules=")
+                f"{bad}: an in-place operator such as `y *= s` or `x += f(x)` on a tensor that is "
+                f"also referenced elsewhere (torch.fx records it out of place: rewrite it out of "
+                f"place, or put it inside a module named in leaf_modules=), or randomness in the "
+                f"forward in eval mode (rows would not repeat either)")
 
     def _threshold_spans(self) -> List[Tuple[int, int]]:
         if self.threshold_mode == "per_layer":

@@ -173,14 +173,18 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as e:  # weights_only refused an object: loading it would run code
+    except pickle.UnpicklingError as e:  # weights_only refused an object (or the file is damaged)
         import re
 
         name = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" (it names {name.group(1)}: a whole nn.Module?)" if name else " (a whole nn.Module?)"
-        raise CheckpointError(f"{path}: holds pickled Python objects besides tensors{what}, which are not "
-                              f"loaded, as loading them would run code from the file; save "
-                              f"model.state_dict() with torch.save, or a safetensors file") from None
+        if name is None:  # not a pickle torch reads (damaged, a git-lfs pointer, another format)
+            why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise CheckpointError(f"{path}: cannot read checkpoint: not a torch checkpoint, or a damaged one"
+                                  f"{f' ({why.group(1).strip()})' if why else ''}") from None
+        raise CheckpointError(f"{path}: holds pickled Python objects besides tensors (it names {name.group(1)}: "
+                              f"a whole nn.Module?), which are not loaded, as loading them would run code "
+                              f"from the file; save model.state_dict() with torch.save, or a safetensors "
+                              f"file") from None
     except Exception as e:  # torch raises several types for a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint: {type(e).__name__}: {e}") from e
     if isinstance(obj, Mapping):
