@@ -404,9 +404,7 @@ class Tap(nn.Module):
                                  f"e.g. module.float())")
             shapes[i] = tuple(int(s) for s in a.shape[1:])
 
-        p = next(iter(module.parameters()), None)
-        x = torch.zeros((1, *self.input_shape), device=self._device(),
-                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+        x = torch.zeros((1, *self.input_shape), device=self._device(), dtype=self.input_dtype)
         try:
             self.capture(x, record)
         except RuntimeError as e:  # torch's own words: an input too small for the network, ...
@@ -429,12 +427,11 @@ class Tap(nn.Module):
         Python operators (``y *= s``, ``x += f(x)``) as out-of-place ones, so a tensor aliased
         before such an operator (a view, ``identity = x``) no longer sees the write, and later
         layers differ from the module's. Compared on one random probe, against forward hooks."""
-        p = next(iter(module.parameters()), None)
-        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         g = torch.Generator().manual_seed(0)
-        x = torch.randn((2, *self.input_shape), generator=g).to(device=self._device(), dtype=dtype)
+        x = torch.randn((2, *self.input_shape), generator=g).to(device=self._device(), dtype=self.input_dtype)
         mods = dict(module.named_modules())
         hooked: Dict[str, Tensor] = {}
+
         class _Seen(Exception):
             pass
 
