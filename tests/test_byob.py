@@ -3,6 +3,8 @@ checkpoints and detectors built on them (each test failed before its fix)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -261,3 +263,61 @@ def test_a_file_torch_cannot_unpickle_is_not_called_a_pickled_module(tmp_path, c
     (tmp_path / "w.pth").write_bytes(content)
     with pytest.raises(CheckpointError, match=r"w.pth: cannot read checkpoint: not a torch checkpoint, or a damaged one"):
         get_backbone("resnet18", checkpoint=str(tmp_path / "w.pth"), input_size=64).module
+
+
+PLUGIN = """
+import torch
+from torch import nn
+from fakespotter import custom_backbone
+
+
+class PlugNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def plugnet(**kwargs):
+    return custom_backbone(PlugNet(), ["act"], 32, id="plugnet", scale=1 / 255)
+"""
+
+
+def plugin_package(root, value="plugnet_pkg:plugnet"):
+    """An installed distribution that declares a backbone as an entry point."""
+    (root / "plugnet_pkg.py").write_text(PLUGIN)
+    info = root / "plugnet_pkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugnet-pkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[fakespotter.backbones]\nplugnet = {value}\nbroken = nowhere:nothing\n")
+    return root
+
+
+def test_installed_packages_declare_backbones_as_entry_points(registry, tmp_path, monkeypatch):
+    """The command line (and every process) finds a package's backbone by id, as it finds the
+    built-in ones; a broken entry point is named when its backbone is asked for."""
+    import subprocess
+    import sys
+
+    from fakespotter.backbones import registry as R
+
+    monkeypatch.syspath_prepend(str(plugin_package(tmp_path)))
+    monkeypatch.setattr(R, "_plugins_loaded", False)
+    monkeypatch.setattr(R, "_from_plugins", set())
+    assert {"plugnet", "broken", "dlib_resnet_v1"} <= set(R.list_backbones())
+    assert get_backbone("plugnet").id == "plugnet"
+    with pytest.raises(ValueError, match=r"backbone 'broken' comes from the entry point 'nowhere:nothing' "
+                                         r"\(group fakespotter.backbones\), which cannot be loaded"):
+        get_backbone("broken")
+    det = fitted("plugnet")
+    det.save(tmp_path / "m.fsm")
+    registry("plugnet", lambda: small(), overwrite=False)  # code may take over an entry point's id
+    assert get_backbone("plugnet").id == "small"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = subprocess.run([sys.executable, "-m", "fakespotter", "info", str(tmp_path / "m.fsm")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "backbone: plugnet" in run.stdout and "note:" not in run.stdout, run.stderr

@@ -23,7 +23,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -151,6 +151,7 @@ class Backbone:
 
 _Factory = Callable[..., Backbone]
 _REGISTRY: Dict[str, Tuple[_Factory, str]] = {}
+_from_plugins: Set[str] = set()  # ids registered from entry points
 
 
 def register_backbone(id: str, factory: _Factory, description: str = "",
@@ -158,18 +159,57 @@ def register_backbone(id: str, factory: _Factory, description: str = "",
     """Make ``get_backbone(id, **kwargs)`` call ``factory(**kwargs)``, which returns a Backbone."""
     if not isinstance(id, str) or not id:
         raise ValueError(f"register_backbone: id must be a non-empty str, got {id!r}")
-    if id in _REGISTRY and not overwrite:
+    if id in _REGISTRY and not overwrite and id not in _from_plugins:  # (code wins over an entry point)
         raise ValueError(f"register_backbone: {id!r} is already registered (pass overwrite=True)")
     _REGISTRY[id] = (factory, description)
+    _from_plugins.discard(id)
+
+
+ENTRY_POINT_GROUP = "fakespotter.backbones"
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Register, once, the backbones that installed packages declare under the entry-point group
+    ``fakespotter.backbones`` (name: the id; value: ``module:function``, a factory returning a
+    Backbone): the command line, worker processes and Ray actors find them by id as they find
+    the built-in ones. An id registered in code first keeps its factory. The modules are
+    imported only when their backbone is asked for."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name and ep.name not in _REGISTRY:
+            _REGISTRY[ep.name] = (_plugin_factory(ep), f"{ep.value} (entry point)")
+            _from_plugins.add(ep.name)
+
+
+def _plugin_factory(ep: Any) -> _Factory:
+    def make(**kwargs: Any) -> Backbone:
+        try:
+            factory = ep.load()
+        except Exception as e:
+            raise ValueError(f"get_backbone: backbone {ep.name!r} comes from the entry point {ep.value!r} "
+                             f"(group {ENTRY_POINT_GROUP}), which cannot be loaded: {type(e).__name__}: {e}") from e
+        return factory(**kwargs)
+
+    return make
 
 
 def list_backbones() -> List[str]:
-    """Ids of the registered backbones, sorted; the default is ``DEFAULT_BACKBONE``."""
+    """Ids of the registered backbones (with those installed packages declare as entry points),
+    sorted; the default is ``DEFAULT_BACKBONE``."""
+    _load_plugins()
     return sorted(_REGISTRY)
 
 
 def get_backbone(id: str = DEFAULT_BACKBONE, **kwargs: Any) -> Backbone:
-    """The registered backbone ``id``; ``kwargs`` go to its factory (e.g. ``checkpoint=``)."""
+    """The registered backbone ``id`` (or one an installed package declares under the entry-point
+    group ``fakespotter.backbones``); ``kwargs`` go to its factory (e.g. ``checkpoint=``)."""
+    _load_plugins()
     if id not in _REGISTRY:
         import difflib
 

@@ -265,8 +265,9 @@ def no_chips_error(what: str, images: int, no_face: int, aligned: bool, unreadab
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="dlib_resnet_v1",
-                   help="backbone id; the command line runs those with weights of their own (the resnet ids need "
-                        "a checkpoint: Python API) (default: %(default)s)")
+                   help="backbone id: a built-in one with weights of its own (the resnet ids need a checkpoint: "
+                        "Python API), or one an installed package declares under the entry-point group "
+                        "fakespotter.backbones (default: %(default)s)")
     p.add_argument("--layers", nargs="+", action="extend", default=None, metavar="NAME",
                    help="monitored layers; may be given more than once (default: the backbone's: every "
                         "post-ReLU output and the descriptor)")
