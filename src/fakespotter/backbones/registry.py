@@ -179,9 +179,16 @@ def _load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
+    import warnings
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    try:
+        found = list(entry_points(group=ENTRY_POINT_GROUP))
+    except Exception as e:  # another package's damaged metadata must not break the built-in backbones
+        warnings.warn(f"fakespotter: cannot list the {ENTRY_POINT_GROUP} entry points of the installed "
+                      f"packages ({type(e).__name__}: {e}); only backbones registered in code are known")
+        return
+    for ep in found:
         if ep.name and ep.name not in _REGISTRY:
             _REGISTRY[ep.name] = (_plugin_factory(ep), f"{ep.value} (entry point)")
             _from_plugins.add(ep.name)
