@@ -321,3 +321,17 @@ def test_installed_packages_declare_backbones_as_entry_points(registry, tmp_path
     run = subprocess.run([sys.executable, "-m", "fakespotter", "info", str(tmp_path / "m.fsm")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "backbone: plugnet" in run.stdout and "note:" not in run.stdout, run.stderr
+
+
+def test_damaged_package_metadata_leaves_the_built_in_backbones(registry, monkeypatch):
+    import importlib.metadata
+
+    from fakespotter.backbones import registry as R
+
+    def broken(**kwargs):
+        raise ValueError("a damaged entry_points.txt")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", broken)
+    monkeypatch.setattr(R, "_plugins_loaded", False)
+    with pytest.warns(UserWarning, match="cannot list the fakespotter.backbones entry points"):
+        assert "dlib_resnet_v1" in R.list_backbones()
