@@ -215,7 +215,7 @@ def test_info_shows_a_model_whose_backbone_is_not_registered_here(registry, tmp_
     del _REGISTRY["small"]  # as in another process
     assert main(["info", str(tmp_path / "m.fsm")]) == 0
     out = capsys.readouterr().out
-    assert "note: not checked against its backbone: 'small' is registered only where" in out
+    assert "note: not checked against its backbone: 'small' is not registered here" in out
     assert "backbone: small (weights sha256 " in out and "layers: 3 (act ... fc)" in out
 
 

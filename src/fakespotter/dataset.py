@@ -858,33 +858,32 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
         b.mobilestylegan()
         b.dcgan()
         b.local_types()
+        rows = sorted(b.rows, key=lambda r: r.file)
+        info = {
+            "format": BUILD_FORMAT,
+            "seed": int(seed),
+            "small": bool(small),
+            "sizes": asdict(sizes),
+            "counts": _counts(rows),
+            "total": {"real": sum(r.label == "real" for r in rows),
+                      "fake": sum(r.label == "fake" for r in rows)},
+            "sources": {NBA_SOURCE: "real", FR_SOURCE: "real", MSG_SOURCE: "fake (MobileStyleGAN IR)",
+                        DCGAN_SOURCE: "fake (DCGAN weights)",
+                        **{o.source: "real, external (test split only)" if o.held_out else "real"
+                           for o in OTHER_REALS.values()}},
+            "licences": {**LICENCES, **{o.source: o.licence for o in OTHER_REALS.values()}},
+            "packages": _package_versions(),
+            "pipeline": {"chip_size": CHIP_SIZE, "upsample": UPSAMPLE, "max_side": MAX_SIDE,
+                         "render_side": RENDER_SIDE, "gan_block": GAN_BLOCK, "psi_range": PSI_RANGE,
+                         "detail_quality": DETAIL_QUALITY,
+                         "match_budget": MATCH_BUDGET_SMALL if small else MATCH_BUDGET},
+            "detail_matching": {k: m.summary() for k, m in sorted(b.matchers.items())},
+            "confounds": confound_report(Manifest(stage, tuple(rows))),  # (reads every chip: before the swap)
+        }
     except BaseException:  # (a previous build stays as it was)
         _remove_tree(stage)
         raise
-    rows = sorted(b.rows, key=lambda r: r.file)
     _replace_previous(out, stage)
-    manifest = Manifest(out, tuple(rows))
-    info = {
-        "format": BUILD_FORMAT,
-        "seed": int(seed),
-        "small": bool(small),
-        "sizes": asdict(sizes),
-        "counts": _counts(rows),
-        "total": {"real": sum(r.label == "real" for r in rows),
-                  "fake": sum(r.label == "fake" for r in rows)},
-        "sources": {NBA_SOURCE: "real", FR_SOURCE: "real", MSG_SOURCE: "fake (MobileStyleGAN IR)",
-                    DCGAN_SOURCE: "fake (DCGAN weights)",
-                    **{o.source: "real, external (test split only)" if o.held_out else "real"
-                       for o in OTHER_REALS.values()}},
-        "licences": {**LICENCES, **{o.source: o.licence for o in OTHER_REALS.values()}},
-        "packages": _package_versions(),
-        "pipeline": {"chip_size": CHIP_SIZE, "upsample": UPSAMPLE, "max_side": MAX_SIDE,
-                     "render_side": RENDER_SIDE, "gan_block": GAN_BLOCK, "psi_range": PSI_RANGE,
-                     "detail_quality": DETAIL_QUALITY,
-                     "match_budget": MATCH_BUDGET_SMALL if small else MATCH_BUDGET},
-        "detail_matching": {k: m.summary() for k, m in sorted(b.matchers.items())},
-        "confounds": confound_report(manifest),
-    }
     _write_bytes(out / BUILD_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     write_manifest(rows, out)  # last: a manifest only ever lists files that exist
     log(f"data build: {info['total']['real']} real and {info['total']['fake']} fake chips in "

@@ -529,7 +529,9 @@ class FakeSpotter:
         try:
             bb = get_backbone(key)
         except (KeyError, ValueError, TypeError) as e:
-            raise artifact.ModelFileError(f"{path}: backbone {key!r} is not available here ({e}); register it "
+            raise artifact.ModelFileError(f"{path}: backbone {key!r} is not available here ({e}); install the "
+                                          f"package that declares it under the entry-point group "
+                                          f"fakespotter.backbones (command line, worker processes), or register it "
                                           f"with fakespotter.register_backbone before loading") from None
         if bb.id != bmeta.get("id"):
             raise artifact.ModelFileError(f"{path}: registered backbone {key!r} now gives backbone id {bb.id!r}, "

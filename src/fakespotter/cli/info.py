@@ -1,4 +1,5 @@
-"""``fakespotter info MODEL``: the metadata of a model file (checked as when loading)."""
+"""``fakespotter info MODEL``: the metadata of a model file (checked as when loading; a model
+whose backbone is not registered here is shown with a note)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
         params = meta.get("detector_params")
         key = params.get("backbone") if isinstance(params, dict) else None
         if isinstance(key, str) and key not in list_backbones():  # a backbone of the writer's own
-            unchecked = (f"not checked against its backbone: {key!r} is registered only where the model's "
-                         f"writer registered it (fakespotter.register_backbone)")
+            unchecked = (f"not checked against its backbone: {key!r} is not registered here (registered in its "
+                         f"writer's process, or by a package not installed here)")
         else:
             FakeSpotter.load(args.model)  # every check loading makes (shapes, layers, backbone, values)
     except (ModelFileError, OSError, ValueError) as e:

@@ -84,8 +84,10 @@ def add_parser(sub) -> None:
                    help="refuse images with more pixels than this before decoding (default: %(default)s, Pillow's)")
     p.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT_S, metavar="SECONDS",
                    help="give up on a file that takes longer to read, decode and detect faces in: a 'timeout' "
-                        f"error record, and the scan goes on; a worker stuck in a native call {STUCK_GRACE_S:g} s past "
-                        f"the limit is stopped and replaced (default: %(default)g; 0: no limit)")
+                        f"error record, and the scan goes on; a worker still busy {STUCK_GRACE_S:g} s past the limits "
+                        f"of the files it was given (up to 4 at a time; stuck in a native call) is stopped and "
+                        f"replaced, and the files are retried one at a time under the same rule (default: "
+                        f"%(default)g; 0: no limit)")
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
