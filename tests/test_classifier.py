@@ -60,6 +60,22 @@ def test_compact_scores_equal_float_scores_within_bound():
     assert ((h - want).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("cls", [BitsetMLPClassifier, BitsetLogisticClassifier])
+def test_a_rows_logit_does_not_depend_on_the_other_rows(cls, monkeypatch):
+    """A scan's resumed or re-batched rows, and an API call with one image or many, give each row
+    the same logit: float32 matrix products round differently with the number of rows."""
+    rows, y = synthetic(n=300, seed=2)
+    clf = cls(max_epochs=10).fit(rows, y)
+    whole = clf.decision_function(rows)
+    assert torch.equal(torch.cat([clf.decision_function(rows[i:i + 1]) for i in range(len(rows))]), whole)
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(clf.decision_function(rows[perm]), whole[perm])
+    monkeypatch.setattr(classifier_module, "_TAIL_ROWS", 7)  # computed in blocks: the same logits
+    assert torch.equal(clf.decision_function(rows), whole)
+    # ... and they are the network's float logits (within the first layer's quantization bound)
+    assert torch.allclose(whole, clf.decision_function_float(rows), rtol=1e-5, atol=1e-5)
+
+
 def test_state_tensors_round_trip():
     rows, y = synthetic(seed=2)
     clf = BitsetMLPClassifier(hidden=(16,), max_epochs=10).fit(rows, y)

@@ -9,7 +9,9 @@ Training unpacks the bits to floats (PyTorch, seeded, deterministic on CPU). Inf
 unpacks: the first dense layer runs on the packed words through :func:`fakespotter.ops.bitset_linear`
 (exact integer arithmetic on weights quantized per output to a power-of-two step; the error
 against the float weights is at most ``k * scale / 2`` for a row with ``k`` bits set, see
-:func:`fakespotter.ops.quantize_linear`), and the small layers after it run in float32.
+:func:`fakespotter.ops.quantize_linear`), and the small layers after it row by row in float64,
+rounded to float32 at the end: a row's logit is the same whatever other rows share its call
+(a float32 matrix product rounds differently with the number of rows).
 """
 
 from __future__ import annotations
@@ -38,6 +40,30 @@ def _plain_float32() -> Iterator[None]:
 
 
 _UNPACK_BYTES = 1 << 27  # float32 bits unpacked at once by _float_logits
+
+
+_TAIL_ROWS = 4096  # rows per block of _tail_logits (their products, [rows, out, in] float64)
+
+
+def _tail_logits(tail: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """The layers after the first (Linear, ReLU, Dropout in eval) on ``h`` float32 [N, H] -> float32
+    [N]. Each row is computed on its own, in float64 with products summed in a fixed order, so its
+    logit does not depend on N or on the other rows (BLAS picks its kernel, and so its rounding,
+    by the matrix shape)."""
+    def block(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        for layer in tail:
+            if isinstance(layer, nn.Linear):
+                x = (x.unsqueeze(1) * layer.weight.double()).sum(-1) + layer.bias.double()
+            elif isinstance(layer, nn.ReLU):
+                x = x.clamp_min(0)
+            elif not isinstance(layer, nn.Dropout):
+                raise TypeError(f"classifier layer {type(layer).__name__} is not supported")
+        return x.to(torch.float32).squeeze(1)
+
+    if h.shape[0] <= _TAIL_ROWS:
+        return block(h)
+    return torch.cat([block(h[i:i + _TAIL_ROWS]) for i in range(0, h.shape[0], _TAIL_ROWS)])
 
 
 def _float_logits(net: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -241,7 +267,7 @@ class BitsetMLPClassifier:
         rows = _check_rows(rows, words=self.n_words_in_)
         with _plain_float32():
             h = ops.bitset_linear(rows, self.table_, self.scale_, self.bias_)
-            return self._tail(h).squeeze(1)
+            return _tail_logits(self._tail, h)
 
     def decision_function_float(self, rows) -> torch.Tensor:
         """The same logits through unpacked float bits and the float weights (for checking)."""

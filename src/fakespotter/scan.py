@@ -576,8 +576,8 @@ class _Forward:
     every conv runs channels_last, also after dlib's padding ``add`` (whose output is NCHW).
     ``autocast`` runs backbone + taps under ``torch.autocast`` (bfloat16 on CPU, float16 on
     CUDA); without it the forward runs in IEEE float32 on a GPU too (``taps.exact_float32``: no
-    TF32 convolutions), so GPU and CPU scans agree. The classifier always runs in float32 on the
-    CPU.
+    TF32 convolutions), so GPU and CPU scans agree. The classifier always runs on the CPU (each
+    row's logit on its own, whatever the batch: classifier.py).
 
     ``compile`` runs backbone + taps through ``torch.compile`` (inductor: channels_last
     convolutions, the affines, ReLUs and residual adds fused into C++ loops around them), compiled
@@ -671,7 +671,7 @@ class _Forward:
                     rows = self._net(x)
             rows = rows.cpu()
             t1 = time.perf_counter()
-            logits = self.det.classifier_.decision_function(rows)[:n].numpy()  # all B rows: same GEMM
+            logits = self.det.classifier_.decision_function(rows[:n]).numpy()
         self.backbone_taps_s += t1 - t0
         self.classifier_s += time.perf_counter() - t1
         self.forwards += 1
