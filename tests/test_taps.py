@@ -235,6 +235,25 @@ def test_backbone_is_frozen_and_shared():
     assert tap.net.stem.weight is net.stem.weight
 
 
+def test_backbone_switched_back_to_training_is_refused():
+    """BatchNorm in training mode normalizes with each batch's statistics, dropout drops: a tap on a
+    module put back into train() would give other bits silently."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Flatten(), nn.Linear(8 * 13 * 11, 4)).eval()
+    x = small_chips(4)
+    tap = Tap(net, ["2", "5"], input_shape=SMALL_SHAPE)
+    rows = tap(x)
+    for make_training in (net.train, tap.train, lambda: net[1].train()):
+        make_training()
+        with pytest.raises(RuntimeError, match=r"training mode \((0, )?1\b.*\.eval\(\)"):
+            tap(x)
+        with pytest.raises(RuntimeError, match="training mode"):
+            tap.capture(x, lambda i, a: None)
+        tap.eval()  # the tap shares the module's layers: this puts them back
+        assert not net[1].training and torch.equal(tap(x), rows)
+
+
 def test_unknown_layer_lists_close_matches():
     with pytest.raises(ValueError, match=r"unknown layer 'block.rellu'.*close matches: 'block.relu'"):
         Tap(small_net(), ["stem", "block.rellu"], input_shape=SMALL_SHAPE)

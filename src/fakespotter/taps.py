@@ -329,7 +329,9 @@ class Tap(nn.Module):
 
     The backbone is shared, not copied, and frozen (eval mode, ``requires_grad=False``): with
     gradients on, autograd would keep every activation alive until the end of the forward pass.
-    Being shared, its submodules' forward hooks also run inside an eager tap.
+    Being shared, its submodules' forward hooks also run inside an eager tap, and an eager tap
+    (and :meth:`capture`) raises RuntimeError once the module or the tap is put back into
+    ``train()``.
 
     forward(x (Tensor[N, *input_shape], the module's input)) -> Tensor[N, layout.total_words]
     int64.
@@ -544,12 +546,34 @@ class Tap(nn.Module):
         if x.dim() != len(self.input_shape) + 1 or list(x.shape[1:]) != self.input_shape:
             raise ValueError("Tap: expected input [N, " + ", ".join(
                 [str(s) for s in self.input_shape]) + "], got " + str(list(x.shape)))
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling():
+                self._check_frozen(self.net)
         return self.net(x, self.thresholds)
+
+    @torch.jit.unused
+    def _check_frozen(self, net: nn.Module) -> None:
+        """Refuse a backbone switched back to training mode (``module.train()`` or ``tap.train()``
+        after the tap was built): its BatchNorm would normalize with each batch's statistics and
+        its dropout would drop activations, and the bits would change silently."""
+        seen = self._aux.setdefault("modules", {})  # per graph (packing, capture): the backbone's modules it calls
+        if id(net) not in seen or seen[id(net)][0] is not net:
+            own = {id(m) for m in self.backbone.module.modules()}
+            seen[id(net)] = (net, [(n, m) for n, m in net.named_modules() if id(m) in own])
+        modules = seen[id(net)][1]
+        if not any(m.training for _, m in modules):
+            return
+        names = [n for n, m in modules if m.training]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise RuntimeError(f"Tap: the backbone {self.backbone_id!r} is in training mode ({', '.join(names[:3])}{more}: "
+                           f"training=True); a tap monitors a frozen network (in training mode BatchNorm and dropout "
+                           f"change the bits): call .eval() on the module or the tap first")
 
     def capture(self, x: Tensor, fn: Callable[[int, Tensor], None]) -> None:
         """Eager only: run the backbone on ``x``, calling ``fn(layer_index, activation)`` for each
         monitored layer as soon as its activation exists (in execution order)."""
         net, sink = self._capture_net()
+        self._check_frozen(net)
         sink.fns[threading.get_ident()] = fn
         try:
             with torch.no_grad(), exact_float32():
