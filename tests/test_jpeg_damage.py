@@ -1,6 +1,7 @@
 """JPEGs whose scan data is damaged in ways libjpeg only warns about (Pillow then loads them
 without an error, grey where the data was lost): decode_image refuses them as decode_error, and
-loads every valid variant as before."""
+loads every valid variant as before, through simplejpeg (libjpeg's warnings as errors) and
+through Pillow (where simplejpeg is missing or declines) to the same pixels."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
+from fakespotter import _jpeg
 from fakespotter._jpeg import scan_damage
 from fakespotter.data import ImageError, decode_image
 
@@ -103,13 +105,38 @@ def valid_files():
 
 
 @pytest.mark.parametrize("name,data", list(valid_files()), ids=[n for n, _ in valid_files()])
-def test_valid_jpegs_decode_as_before(name, data):
+def test_valid_jpegs_decode_as_before(name, data, monkeypatch):
     assert scan_damage(data) is None
     img = decode_image(data)
     expected = pillow_loads(data)
     assert (img.height, img.width) == expected.shape[:2]
     if not name.startswith(("cmyk", "mpo")):  # (CMYK's inversion, the first frame: load_image's business)
         assert np.array_equal(img.rgb, expected)
+    monkeypatch.setattr(_jpeg, "simplejpeg", None)  # an install without it: Pillow, the same pixels
+    assert np.array_equal(decode_image(data).rgb, img.rgb)
+
+
+def test_simplejpeg_decodes_what_it_can():
+    """The fast path is taken (not a silent fallback to Pillow for everything), and declines
+    only where it should: CMYK, junk bytes that libjpeg warns about but that leave the pixels."""
+    files = dict(valid_files())
+    for name in ("baseline", "progressive", "grey", "422", "restart-rows", "mpo", "7x5"):
+        assert _jpeg.decode_rgb(files[name])[0] is not None, name
+    for name in ("stray bytes before EOI", "junk between header segments", "junk between segments after a scan"):
+        assert _jpeg.decode_rgb(files[name]) == (None, None), name
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_on_the_fast_path(orientation, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = jpeg(photo(37, 20), exif=exif.tobytes())
+    fast = decode_image(data)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert np.array_equal(fast.rgb, want) and fast.rgb.flags.c_contiguous
+    assert (fast.height, fast.width) == want.shape[:2]
+    monkeypatch.setattr(_jpeg, "simplejpeg", None)
+    assert np.array_equal(decode_image(data).rgb, want)
 
 
 def damaged_files():
@@ -129,6 +156,13 @@ def damaged_files():
     yield "SOF marker inside scan data", plain[:mid] + b"\xff\xc0" + plain[mid + 2:], "marker 0xc0 inside"
     yield "reserved marker inside scan data", plain[:mid] + b"\xff\x57" + plain[mid + 2:], "marker 0x57 inside"
     yield "RST without a restart interval", plain[:mid] + b"\xff\xd3" + plain[mid + 2:], "no restart interval"
+    # without restart markers the bytes show nothing; libjpeg's warnings do (simplejpeg)
+    yield "cut and closed, no restart markers", plain[:mid] + b"\xff\xd9", "libjpeg: .*premature end of data segment"
+    ones = b"\xff\x00" * 4  # 32 one bits: the all-ones code is never a Huffman code
+    yield "invalid Huffman code", plain[:mid] + ones + plain[mid + 8:], "libjpeg: .*bad Huffman code"
+    prog = jpeg(progressive=True)
+    (s2, e2) = scans(prog)[1]
+    yield "progressive scan cut and closed", prog[:(s2 + e2) // 2] + b"\xff\xd9", "libjpeg: .*premature end"
 
 
 @pytest.mark.parametrize("name,data,message", list(damaged_files()), ids=[n for n, _, _ in damaged_files()])

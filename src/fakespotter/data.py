@@ -28,7 +28,7 @@ from typing import IO, Any, Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 
-from ._jpeg import scan_damage
+from ._jpeg import decode_rgb, scan_damage
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -773,7 +773,7 @@ def without_png_text(data: bytes) -> bytes:
 def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
-    from .faces import _refusal, load_image, open_image
+    from .faces import _orientation, _refusal, load_image, open_image, upright_array
 
     sig = _signature(data)
     try:
@@ -801,20 +801,26 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
         if width * height > pixel_limit:
             raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
                                                 f"more than the pixel limit {pixel_limit} (--pixel-limit)")
+        rgb = None
         if fmt in ("JPEG", "MPO"):
             _check_jpeg_scans(data)
             damage = scan_damage(data)  # what libjpeg would only warn about, filling in grey
+            if damage is None and img.mode in ("RGB", "L"):  # (CMYK: Pillow's own inversion rules)
+                rgb, damage = decode_rgb(data)
             if damage is not None:
                 raise ImageError("decode_error", f"damaged JPEG data: {damage}")
-        try:
-            img.load()
-            if fmt == "PNG":
-                _check_png_data(img, data)
-            rgb = load_image(img)
-        except (ImageError, Image.DecompressionBombError):
-            raise
-        except Exception as e:
-            raise _decode_failure(e, data, fmt) from None
+            if rgb is not None:
+                rgb = upright_array(rgb, _orientation(img))
+        if rgb is None:
+            try:
+                img.load()
+                if fmt == "PNG":
+                    _check_png_data(img, data)
+                rgb = load_image(img)
+            except (ImageError, Image.DecompressionBombError):
+                raise
+            except Exception as e:
+                raise _decode_failure(e, data, fmt) from None
         frames = _frame_count(img, data)
     return DecodedImage(rgb, int(rgb.shape[1]), int(rgb.shape[0]), frames)
 

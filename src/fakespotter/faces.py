@@ -185,15 +185,31 @@ _EXIF_ERRORS = (SyntaxError, struct.error, ValueError, TypeError, KeyError, Inde
                 ZeroDivisionError, UnicodeDecodeError, EOFError, OSError)
 
 
-def _upright(img: Image.Image) -> Image.Image:
-    """``img`` (loaded) turned as its EXIF orientation says; as it is when the orientation is 1,
-    not in 1..8, or its EXIF block cannot be read (a damaged block does not fail the image)."""
+def _orientation(img: Image.Image) -> int:
+    """``img``'s EXIF orientation when it is one of 2..8, else 1 (also when its EXIF block
+    cannot be read: a damaged block does not fail the image)."""
     try:
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except _EXIF_ERRORS:
-        return img
-    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
-    return img if method is None else img.transpose(method)
+        return 1
+    return orientation if isinstance(orientation, int) and orientation in _UPRIGHT else 1
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` (loaded) turned as its EXIF orientation says (:func:`_orientation`)."""
+    orientation = _orientation(img)
+    return img if orientation == 1 else img.transpose(_UPRIGHT[orientation])
+
+
+def upright_array(a: np.ndarray, orientation: int) -> np.ndarray:
+    """Pixels ``[H, W, C]`` turned as EXIF ``orientation`` says: :func:`_upright` on an array
+    (the same pixels as Pillow's transposes), contiguous."""
+    if orientation in (5, 6, 7, 8):  # a quarter turn: the transpose, then a flip
+        a = a.transpose(1, 0, 2)
+        a = {5: a, 6: a[:, ::-1], 7: a[::-1, ::-1], 8: a[::-1]}[orientation]
+    elif orientation in (2, 3, 4):
+        a = {2: a[:, ::-1], 3: a[::-1, ::-1], 4: a[::-1]}[orientation]
+    return np.ascontiguousarray(a)
 
 
 def _grey_with_key(grey: np.ndarray, transparent: np.ndarray, background: Background) -> np.ndarray:
