@@ -10,8 +10,11 @@ Same process, interleaved rounds, medians; each contender's output is checked fi
 * JPEG: ``_check_jpeg_scans`` (count the scans before decoding) against ``decode_image``; and
   ``_jpeg.scan_damage`` (the marker check of the scan data) against ``decode_image``, on a
   baseline JPEG, one with a restart marker every 4 blocks, and a progressive one.
+* JPEG decoding: ``decode_image`` through simplejpeg (libjpeg-turbo with its warnings as errors,
+  ``_jpeg.decode_rgb``) against the same through Pillow (the path it falls back to), on baseline
+  4:2:0, 4:4:4, progressive and greyscale JPEGs of ``--mp`` and a 256x256 one. Same pixels.
 
-Run: ``python benchmarks/bench_decode.py [--mp 4] [--repeats 5]``
+Run: ``python benchmarks/bench_decode.py [--mp 4] [--repeats 5] [--jpeg-decode-only]``
 """
 
 from __future__ import annotations
@@ -72,12 +75,39 @@ def main() -> None:
     ap.add_argument("--pnm-mp", type=float, default=1.0, help="megapixels of the PGM/PPM images (default 1: "
                                                                 "Pillow takes seconds a megapixel)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--jpeg-decode-only", action="store_true", help="only the simplejpeg vs Pillow JPEG decoding rows")
     args = ap.parse_args()
     print(hardware())
     side = lambda mp: int((mp * 1e6) ** 0.5)  # noqa: E731
     print(f"images: PNG/JPEG {side(args.mp)}^2 px, PGM/PPM {side(args.pnm_mp)}^2 px; {args.repeats} rounds, "
           f"medians; ratio = paired median [min, max] over rounds\n")
     print("| case | baseline | contender | contender / baseline |\n|---|---|---|---|")
+    if not args.jpeg_decode_only:
+        guards(args, side, D)
+    jpeg_decoding(args, side, D)
+
+
+def jpeg_decoding(args: argparse.Namespace, side, D) -> None:
+    rgb = photo_like(side(args.mp), side(args.mp), seed=2)
+    small = photo_like(256, 256, seed=3)
+    cases = (("baseline 4:2:0", rgb, {}), ("baseline 4:4:4", rgb, {"subsampling": 0}),
+             ("progressive 4:2:0", rgb, {"progressive": True}), ("greyscale", rgb[:, :, 0], {}),
+             ("256x256 4:2:0", small, {}))
+    for name, pixels, kw in cases:
+        data = encode(Image.fromarray(pixels), "JPEG", quality=90, **kw)
+
+        def pillow(d=data):
+            with mock.patch.object(D, "decode_rgb", lambda _: (None, None)):
+                return D.decode_image(d)
+
+        assert np.array_equal(D.decode_image(data).rgb, pillow().rgb), name
+        times = interleaved_times({"simplejpeg": lambda d=data: D.decode_image(d), "Pillow": pillow},
+                                  repeats=args.repeats)
+        report(f"JPEG q90 {name} ({len(data) / 1e6:.2f} MB): decode_image, simplejpeg vs Pillow", times,
+               "simplejpeg", "Pillow")
+
+
+def guards(args: argparse.Namespace, side, D) -> None:
 
     n = side(args.pnm_mp)
     rgb = photo_like(n, n)
