@@ -307,6 +307,7 @@ def test_env(capsys):
     from importlib import metadata
 
     assert info["ray"] == metadata.version("ray")  # ./dev installs the ray extra
+    assert info["simplejpeg"] == metadata.version("simplejpeg") and info["pillow"] == metadata.version("pillow")
 
 
 def test_a_bad_cpu_isa_variable_is_refused_before_work_and_shown_by_env(capsys, monkeypatch, tmp_path):
