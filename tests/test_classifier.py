@@ -70,7 +70,7 @@ def test_a_rows_logit_does_not_depend_on_the_other_rows(cls, monkeypatch):
     assert torch.equal(torch.cat([clf.decision_function(rows[i:i + 1]) for i in range(len(rows))]), whole)
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
     assert torch.equal(clf.decision_function(rows[perm]), whole[perm])
-    monkeypatch.setattr(classifier_module, "_TAIL_ROWS", 7)  # computed in blocks: the same logits
+    monkeypatch.setattr(classifier_module, "_TAIL_ELEMENTS", 7 * 16 * 16)  # in blocks of 7 rows: the same logits
     assert torch.equal(clf.decision_function(rows), whole)
     # ... and they are the network's float logits (within the first layer's quantization bound)
     assert torch.allclose(whole, clf.decision_function_float(rows), rtol=1e-5, atol=1e-5)

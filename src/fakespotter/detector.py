@@ -365,8 +365,9 @@ class FakeSpotter:
     def decision_function(self, X: Any) -> torch.Tensor:
         """Logit of "fake": per row, per chip, or per image (max over its faces; NaN: no face).
 
-        A chip's score may differ in its last float32 bits with the chips scored beside it (the
-        classifier's batched math rounds differently; its packed row does not change)."""
+        The classifier scores each row on its own: a chip's logit does not depend on the chips
+        scored beside it, unless the backbone's float32 convolutions round one of its neuron
+        bits differently at another batch size (rare)."""
         return self._decision(X, "decision_function")
 
     def _decision(self, X: Any, what: str) -> torch.Tensor:
