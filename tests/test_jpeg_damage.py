@@ -117,13 +117,15 @@ def test_valid_jpegs_decode_as_before(name, data, monkeypatch):
 
 
 def test_simplejpeg_decodes_what_it_can():
-    """The fast path is taken (not a silent fallback to Pillow for everything), and declines
-    only where it should: CMYK, junk bytes that libjpeg warns about but that leave the pixels."""
+    """The fast path is taken (not a silent fallback to Pillow for everything), also for junk
+    bytes that libjpeg warns about but that leave the pixels; it declines junk in the header,
+    which simplejpeg cannot decode past."""
     files = dict(valid_files())
-    for name in ("baseline", "progressive", "grey", "422", "restart-rows", "mpo", "7x5"):
-        assert _jpeg.decode_rgb(files[name])[0] is not None, name
-    for name in ("stray bytes before EOI", "junk between header segments", "junk between segments after a scan"):
-        assert _jpeg.decode_rgb(files[name]) == (None, None), name
+    for name in ("baseline", "progressive", "grey", "422", "restart-rows", "mpo", "7x5", "stray bytes before EOI",
+                 "junk between segments after a scan"):
+        rgb, damage = _jpeg.decode_rgb(files[name])
+        assert rgb is not None and damage is None, name
+    assert _jpeg.decode_rgb(files["junk between header segments"]) == (None, None)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -184,3 +186,15 @@ def test_scan_cut_without_an_end_marker_stays_truncated():
         with pytest.raises(ImageError) as e:
             decode_image(cut)
         assert e.value.kind == "truncated"
+
+
+def test_out_of_memory_on_the_fast_path_is_a_decode_error(monkeypatch):
+    import fakespotter.data as data_module
+
+    def no_memory(_):
+        raise MemoryError
+
+    monkeypatch.setattr(data_module, "decode_rgb", no_memory)
+    with pytest.raises(ImageError, match="out of memory while decoding") as e:
+        decode_image(jpeg())
+    assert e.value.kind == "decode_error"

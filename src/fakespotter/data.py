@@ -805,12 +805,15 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
         if fmt in ("JPEG", "MPO"):
             _check_jpeg_scans(data)
             damage = scan_damage(data)  # what libjpeg would only warn about, filling in grey
-            if damage is None and img.mode in ("RGB", "L"):  # (CMYK: Pillow's own inversion rules)
-                rgb, damage = decode_rgb(data)
+            try:
+                if damage is None and img.mode in ("RGB", "L"):  # (CMYK: Pillow's own inversion rules)
+                    rgb, damage = decode_rgb(data)
+                if rgb is not None:
+                    rgb = upright_array(rgb, _orientation(img))
+            except MemoryError as e:
+                raise _decode_failure(e, data, fmt) from None
             if damage is not None:
                 raise ImageError("decode_error", f"damaged JPEG data: {damage}")
-            if rgb is not None:
-                rgb = upright_array(rgb, _orientation(img))
         if rgb is None:
             try:
                 img.load()
