@@ -548,19 +548,19 @@ class Tap(nn.Module):
                 [str(s) for s in self.input_shape]) + "], got " + str(list(x.shape)))
         if not torch.jit.is_scripting():
             if not torch.compiler.is_compiling():
-                self._check_frozen(self.net)
+                self._check_frozen(self.net, "pack")
         return self.net(x, self.thresholds)
 
     @torch.jit.unused
-    def _check_frozen(self, net: nn.Module) -> None:
+    def _check_frozen(self, net: nn.Module, role: str) -> None:
         """Refuse a backbone switched back to training mode (``module.train()`` or ``tap.train()``
         after the tap was built): its BatchNorm would normalize with each batch's statistics and
         its dropout would drop activations, and the bits would change silently."""
-        seen = self._aux.setdefault("modules", {})  # per graph (packing, capture): the backbone's modules it calls
-        if id(net) not in seen or seen[id(net)][0] is not net:
+        seen = self._aux.setdefault("modules", {})  # per role (pack, capture): the backbone's modules its graph calls
+        if role not in seen or seen[role][0] is not net:  # (set_thresholds builds a new packing graph)
             own = {id(m) for m in self.backbone.module.modules()}
-            seen[id(net)] = (net, [(n, m) for n, m in net.named_modules() if id(m) in own])
-        modules = seen[id(net)][1]
+            seen[role] = (net, [(n, m) for n, m in net.named_modules() if id(m) in own])
+        modules = seen[role][1]
         if not any(m.training for _, m in modules):
             return
         names = [n for n, m in modules if m.training]
@@ -573,7 +573,7 @@ class Tap(nn.Module):
         """Eager only: run the backbone on ``x``, calling ``fn(layer_index, activation)`` for each
         monitored layer as soon as its activation exists (in execution order)."""
         net, sink = self._capture_net()
-        self._check_frozen(net)
+        self._check_frozen(net, "capture")
         sink.fns[threading.get_ident()] = fn
         try:
             with torch.no_grad(), exact_float32():
