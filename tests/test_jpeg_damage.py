@@ -198,3 +198,21 @@ def test_out_of_memory_on_the_fast_path_is_a_decode_error(monkeypatch):
     with pytest.raises(ImageError, match="out of memory while decoding") as e:
         decode_image(jpeg())
     assert e.value.kind == "decode_error"
+
+
+def test_the_python_api_decodes_and_refuses_jpegs_as_the_scanner():
+    """faces.load_image (FakeSpotter, features and chips on images) shares the scanner's JPEG
+    decoding: the same pixels, and the same refusals, as ValueErrors naming the input."""
+    from scan_helpers import jpeg_with_scans
+
+    from fakespotter.data import MAX_JPEG_SCANS
+    from fakespotter.faces import load_image
+
+    for name, data in valid_files():
+        if not name.startswith("cmyk"):
+            assert np.array_equal(load_image(data), decode_image(data).rgb), name
+    for name, data, message in damaged_files():
+        with pytest.raises(ValueError, match=rf"^load_image: {len(data)} bytes: damaged JPEG data: .*{message}"):
+            load_image(data)
+    with pytest.raises(ValueError, match=f"more than {MAX_JPEG_SCANS} scans"):
+        load_image(jpeg_with_scans(MAX_JPEG_SCANS + 1))

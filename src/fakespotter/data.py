@@ -773,7 +773,7 @@ def without_png_text(data: bytes) -> bytes:
 def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
-    from .faces import _orientation, _refusal, load_image, open_image, upright_array
+    from .faces import _refusal, load_image, open_image
 
     sig = _signature(data)
     try:
@@ -801,19 +801,7 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
         if width * height > pixel_limit:
             raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
                                                 f"more than the pixel limit {pixel_limit} (--pixel-limit)")
-        rgb = None
-        if fmt in ("JPEG", "MPO"):
-            _check_jpeg_scans(data)
-            damage = scan_damage(data)  # what libjpeg would only warn about, filling in grey
-            try:
-                if damage is None and img.mode in ("RGB", "L"):  # (CMYK: Pillow's own inversion rules)
-                    rgb, damage = decode_rgb(data)
-                if rgb is not None:
-                    rgb = upright_array(rgb, _orientation(img))
-            except MemoryError as e:
-                raise _decode_failure(e, data, fmt) from None
-            if damage is not None:
-                raise ImageError("decode_error", f"damaged JPEG data: {damage}")
+        rgb = jpeg_pixels(img, data) if fmt in ("JPEG", "MPO") else None
         if rgb is None:
             try:
                 img.load()
@@ -826,6 +814,30 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
                 raise _decode_failure(e, data, fmt) from None
         frames = _frame_count(img, data)
     return DecodedImage(rgb, int(rgb.shape[1]), int(rgb.shape[0]), frames)
+
+
+def jpeg_pixels(img: Any, data: bytes) -> Optional[np.ndarray]:
+    """The upright RGB pixels of the JPEG (or MPO) ``data`` that ``img`` (opened, not loaded)
+    was opened from, decoded by simplejpeg (``_jpeg.decode_rgb``); None where Pillow should
+    decode it (CMYK, or what simplejpeg declines). ImageError ``decode_error`` for a JPEG of more
+    than MAX_JPEG_SCANS scans, damaged scan data (its markers, or libjpeg's warnings that data was
+    lost), or no memory for the pixels."""
+    from .faces import _orientation, upright_array
+
+    fmt = img.format
+    _check_jpeg_scans(data)
+    damage = scan_damage(data)  # what libjpeg would only warn about, filling in grey
+    rgb = None
+    try:
+        if damage is None and img.mode in ("RGB", "L"):  # (CMYK: Pillow's own inversion rules)
+            rgb, damage = decode_rgb(data)
+        if rgb is not None:
+            rgb = upright_array(rgb, _orientation(img))
+    except MemoryError as e:
+        raise _decode_failure(e, data, fmt) from None
+    if damage is not None:
+        raise ImageError("decode_error", f"damaged JPEG data: {damage}")
+    return rgb
 
 
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker (FF 00 is a stuffed FF byte of scan data)

@@ -562,6 +562,19 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with _pillow_errors(source, name):
         img = open_image(source)
     with img:
+        if img.format in ("JPEG", "MPO"):  # the scanner's JPEG decoding and its refusals
+            from .data import ImageError, jpeg_pixels
+
+            pos = img.fp.tell()
+            img.fp.seek(0)
+            data = img.fp.read()
+            img.fp.seek(pos)
+            try:
+                rgb = jpeg_pixels(img, data)
+            except ImageError as e:
+                raise ValueError(f"load_image: {name}: {e.message}") from None
+            if rgb is not None:
+                return rgb
         with _pillow_errors(source, name):
             img.load()
         return _from_pil(img, background)
