@@ -230,3 +230,25 @@ def test_a_bigtiff_is_not_walked_as_a_classic_tiff():
     assert not any(_tiff_cut(big[:n]) for n in range(8, len(big), 7))
     classic = encode(Image.fromarray(noise_image(15, 20, 30)), "TIFF")
     assert _tiff_cut(classic[:len(classic) - 10])
+
+
+def test_the_python_api_refuses_what_the_scanner_refuses_and_decodes_the_same_pixels():
+    """faces.load_image (FakeSpotter, features, chips, evaluate on images) runs the checks that
+    decode_image adds to Pillow: a PNG whose image data stops at a row boundary was decoded with
+    its missing rows black."""
+    from scan_helpers import bad_files, odd_good_files
+
+    from fakespotter.faces import load_image
+
+    rgb = noise_image(6, 24, 32)
+    rows = png_rows(rgb, False)
+    cases = [(f"png_rows_{n}", png_file(rgb, zlib.compress(b"".join(rows[:n])), False)) for n in (0, 5, 23)]
+    cases += [(name, data) for name, data, kinds in bad_files(1) if data and "not_a_chip" not in kinds]
+    cases += list(damaged_files().items()) + [("many_scans", jpeg_with_scans(MAX_JPEG_SCANS + 1))]
+    for name, data in cases:
+        with pytest.raises(ImageError):
+            decode_image(data)
+        with pytest.raises(ValueError, match=rf"^load_image: {len(data)} bytes"):
+            load_image(data)
+    for name, data in odd_good_files(2) + [("png_whole", png_file(rgb, zlib.compress(b"".join(rows)), False))]:
+        assert np.array_equal(load_image(data), decode_image(data).rgb), name

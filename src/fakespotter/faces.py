@@ -562,21 +562,27 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with _pillow_errors(source, name):
         img = open_image(source)
     with img:
-        if img.format in ("JPEG", "MPO"):  # the scanner's JPEG decoding and its refusals
-            from .data import ImageError, jpeg_pixels
+        # the scanner's checks that Pillow lacks (data.decode_image): damaged JPEG scan data, JPEGs
+        # of too many scans (simplejpeg decodes the rest), PNG image data that ends early
+        from .data import ImageError, _check_png_data, jpeg_pixels
 
+        data = b""
+        if img.format in ("JPEG", "MPO", "PNG"):
             pos = img.fp.tell()
             img.fp.seek(0)
             data = img.fp.read()
             img.fp.seek(pos)
-            try:
+        try:
+            if img.format in ("JPEG", "MPO"):
                 rgb = jpeg_pixels(img, data)
-            except ImageError as e:
-                raise ValueError(f"load_image: {name}: {e.message}") from None
-            if rgb is not None:
-                return rgb
-        with _pillow_errors(source, name):
-            img.load()
+                if rgb is not None:
+                    return rgb
+            with _pillow_errors(source, name):
+                img.load()
+            if img.format == "PNG":
+                _check_png_data(img, data)
+        except ImageError as e:
+            raise ValueError(f"load_image: {name}: {e.message}") from None
         return _from_pil(img, background)
 
 
