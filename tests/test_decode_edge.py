@@ -252,3 +252,27 @@ def test_the_python_api_refuses_what_the_scanner_refuses_and_decodes_the_same_pi
             load_image(data)
     for name, data in odd_good_files(2) + [("png_whole", png_file(rgb, zlib.compress(b"".join(rows)), False))]:
         assert np.array_equal(load_image(data), decode_image(data).rgb), name
+
+
+def test_the_api_reads_a_pngs_bytes_again_only_to_check_a_black_last_row(tmp_path, monkeypatch):
+    from fakespotter import data as data_module
+    from fakespotter import faces
+
+    reads = []
+    real = faces._bytes_of
+    monkeypatch.setattr(faces, "_bytes_of", lambda source: reads.append(source) or real(source))
+    rgb = noise_image(8, 24, 32)
+    for black, want in ((False, 0), (True, 1)):
+        if black:
+            rgb[-1] = 0
+        path = tmp_path / f"black{black}.png"
+        path.write_bytes(png_file(rgb, zlib.compress(b"".join(png_rows(rgb, False))), False))
+        reads.clear()
+        assert np.array_equal(faces.load_image(path), rgb) and len(reads) == want
+
+    def no_memory(_):
+        raise MemoryError
+
+    monkeypatch.setattr(data_module, "decode_rgb", no_memory)  # out of memory stays MemoryError in the API
+    with pytest.raises(MemoryError):
+        faces.load_image(encode(Image.fromarray(rgb), "JPEG"))

@@ -24,7 +24,7 @@ import tarfile
 import warnings
 import zlib
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -801,7 +801,12 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
         if width * height > pixel_limit:
             raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
                                                 f"more than the pixel limit {pixel_limit} (--pixel-limit)")
-        rgb = jpeg_pixels(img, data) if fmt in ("JPEG", "MPO") else None
+        rgb = None
+        if fmt in ("JPEG", "MPO"):
+            try:
+                rgb = jpeg_pixels(img, data)
+            except MemoryError as e:
+                raise _decode_failure(e, data, fmt) from None
         if rgb is None:
             try:
                 img.load()
@@ -821,20 +826,16 @@ def jpeg_pixels(img: Any, data: bytes) -> Optional[np.ndarray]:
     was opened from, decoded by simplejpeg (``_jpeg.decode_rgb``); None where Pillow should
     decode it (CMYK, or what simplejpeg declines). ImageError ``decode_error`` for a JPEG of more
     than MAX_JPEG_SCANS scans, damaged scan data (its markers, or libjpeg's warnings that data was
-    lost), or no memory for the pixels."""
+    lost). MemoryError is the caller's."""
     from .faces import _orientation, upright_array
 
-    fmt = img.format
     _check_jpeg_scans(data)
     damage = scan_damage(data)  # what libjpeg would only warn about, filling in grey
     rgb = None
-    try:
-        if damage is None and img.mode in ("RGB", "L"):  # (CMYK: Pillow's own inversion rules)
-            rgb, damage = decode_rgb(data)
-        if rgb is not None:
-            rgb = upright_array(rgb, _orientation(img))
-    except MemoryError as e:
-        raise _decode_failure(e, data, fmt) from None
+    if damage is None and img.mode in ("RGB", "L"):  # (CMYK: Pillow's own inversion rules)
+        rgb, damage = decode_rgb(data)
+    if rgb is not None:
+        rgb = upright_array(rgb, _orientation(img))
     if damage is not None:
         raise ImageError("decode_error", f"damaged JPEG data: {damage}")
     return rgb
@@ -869,22 +870,27 @@ _PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel, by colour ty
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
-def _check_png_data(img: Any, data: bytes) -> None:
+def _check_png_data(img: Any, data: Union[bytes, Callable[[], bytes]]) -> None:
     """``truncated`` for a loaded PNG whose image data (the zlib stream of its IDAT chunks) ends
     before its image does. Pillow's decoder stops without an error where that stream ends on a
     row boundary, leaving the rows not reached zero; so the stream is inflated again (adding
     ~70% to the decode of a 12 MP PNG: benchmarks/RESULTS.md, "Decoding") only when the row the
     decoder writes last is all zero: the last row, or for an interlaced image the last odd row
-    (Adam7's last pass)."""
+    (Adam7's last pass). ``data``: the file's bytes, or a function that reads them (called only
+    then)."""
     width, height = img.size
-    bits = data[24] * _PNG_SAMPLES.get(data[25], 0) if data[12:16] == b"IHDR" else 0
-    if not bits or img.info.get("bbox", (0, 0, width, height)) != (0, 0, width, height):
+    if img.info.get("bbox", (0, 0, width, height)) != (0, 0, width, height):
         return  # (a bbox: an APNG whose first frame covers part of the image)
     interlaced = bool(img.info.get("interlace"))
     last = height - 1
     if interlaced:
         last -= 1 - last % 2  # the last odd row; -1 for an image of one row: checked whatever it holds
     if last >= 0 and img.crop((0, last, width, last + 1)).tobytes().strip(b"\x00"):
+        return
+    if callable(data):
+        data = data()
+    bits = data[24] * _PNG_SAMPLES.get(data[25], 0) if data[12:16] == b"IHDR" else 0
+    if not bits:
         return
     passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
     sizes = [((width - x + dx - 1) // dx, (height - y + dy - 1) // dy) for x, y, dx, dy in passes]

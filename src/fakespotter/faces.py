@@ -9,7 +9,10 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
 
 * files and bytes are decoded with Pillow, in the formats the scanner reads
   (``data.IMAGE_FORMATS``; no plugin that runs an external program, such as EPS's, and Pillow's
-  decompression-bomb limit applies); the EXIF orientation is applied first (as Pillow's
+  decompression-bomb limit applies), JPEGs in RGB or grey with libjpeg-turbo through simplejpeg
+  (the same pixels), with the scanner's refusals (``data.decode_image``): damaged JPEG scan
+  data, a JPEG of more than ``data.MAX_JPEG_SCANS`` scans, PNG image data that ends early (a
+  PIL image passed in is taken as Pillow decodes it); the EXIF orientation is applied first (as Pillow's
   ``getexif`` reads it: EXIF, or XMP's ``tiff:Orientation`` when there is no EXIF); an EXIF
   block that cannot be read, or an orientation outside 1..8, counts as upright rather than
   failing the image; multi-frame files give their first frame (a TIFF whose first page is a
@@ -566,24 +569,30 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
         # of too many scans (simplejpeg decodes the rest), PNG image data that ends early
         from .data import ImageError, _check_png_data, jpeg_pixels
 
-        data = b""
-        if img.format in ("JPEG", "MPO", "PNG"):
-            pos = img.fp.tell()
-            img.fp.seek(0)
-            data = img.fp.read()
-            img.fp.seek(pos)
         try:
-            if img.format in ("JPEG", "MPO"):
+            if img.format in ("JPEG", "MPO"):  # (open_image has Pillow read these whole anyway)
+                pos = img.fp.tell()
+                img.fp.seek(0)
+                data = img.fp.read()
+                img.fp.seek(pos)
                 rgb = jpeg_pixels(img, data)
                 if rgb is not None:
                     return rgb
             with _pillow_errors(source, name):
                 img.load()
-            if img.format == "PNG":
-                _check_png_data(img, data)
+            if img.format == "PNG":  # the file's bytes are read again only if the last row is black
+                _check_png_data(img, lambda: _bytes_of(source))
         except ImageError as e:
             raise ValueError(f"load_image: {name}: {e.message}") from None
         return _from_pil(img, background)
+
+
+def _bytes_of(source: Any) -> bytes:
+    """The bytes of ``source``: a path, or a binary file object (read from its start)."""
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).read_bytes()
+    source.seek(0)
+    return source.read()
 
 
 def load_image(image: ImageInput, background: Sequence[int] = (0, 0, 0)) -> np.ndarray:
