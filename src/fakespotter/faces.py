@@ -12,8 +12,8 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
   decompression-bomb limit applies), JPEGs in RGB or grey with libjpeg-turbo through simplejpeg
   (the same pixels), with the scanner's refusals (``data.decode_image``): damaged JPEG scan
   data, a JPEG of more than ``data.MAX_JPEG_SCANS`` scans, PNG image data that ends early (a
-  PIL image passed in is taken as Pillow decodes it); the EXIF orientation is applied first (as Pillow's
-  ``getexif`` reads it: EXIF, or XMP's ``tiff:Orientation`` when there is no EXIF); an EXIF
+  PIL image passed in is taken as Pillow decodes it); the EXIF orientation is applied first
+  (as Pillow's ``getexif`` reads it: EXIF, or XMP's ``tiff:Orientation`` when there is no EXIF); an EXIF
   block that cannot be read, or an orientation outside 1..8, counts as upright rather than
   failing the image; multi-frame files give their first frame (a TIFF whose first page is a
   thumbnail gives the thumbnail);
