@@ -213,3 +213,19 @@ def jpeg_with_scans(total: int, comment: bytes = b"") -> bytes:
     header = data[last:last + 2 + int.from_bytes(data[last + 2:last + 4], "big")]
     assert data.endswith(b"\xff\xd9") and 1 < scans < total
     return data[:-2] + header * (total - scans) + b"\xff\xd9"
+
+
+def die_while_writing_a_result() -> None:
+    """Run in a pool's worker: write the start of a result message to the pool's result pipe
+    (a length header and a few bytes of the body), then die, as a worker stopped in the middle
+    of sending a large result does."""
+    import os
+    import signal
+    import sys
+
+    frame = sys._getframe()
+    while frame is not None and "result_queue" not in frame.f_locals:  # concurrent.futures' _process_worker
+        frame = frame.f_back
+    writer = frame.f_locals["result_queue"]._writer
+    os.write(writer.fileno(), struct.pack("!i", 1 << 20) + b"the start of a result")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -895,6 +896,37 @@ if __name__ == "__main__":
     assert lines[:5] == ["img000.png None", "img001-hang.png timeout", "img002.png None", "img003.png None",
                          "img004.png None"], proc.stdout
     assert int(lines[5].split()[1]) < 60  # two waits of about 4 s, and fresh pools
+
+
+@pytest.mark.parametrize("how", ["kill", "abandon"])
+def test_a_worker_that_dies_while_writing_a_result_breaks_the_pool_instead_of_hanging_it(how):
+    """The pool's manager thread waited for the rest of the message for good: this process held
+    the last write end of the result pipe. So a future of the watchdog's killed pool never
+    ended (a scan with a stuck file and another worker sending a result hung), and the exit of a
+    scan stopped by Ctrl-C, SIGTERM or a caller that stopped reading waited for that thread."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from scan_helpers import die_while_writing_a_result
+
+    S = sys.modules["fakespotter.scan"]
+    ex = S._pool(1)
+    try:
+        assert ex.submit(os.getpid).result(timeout=120) != os.getpid()
+        fut = ex.submit(die_while_writing_a_result)
+        manager = ex._executor_manager_thread
+        deadline = time.monotonic() + 5
+        while not fut.done() and manager.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker dies; the manager waits inside the message
+        if how == "kill":
+            S._kill_workers(ex)  # what the watchdog does
+            with pytest.raises(BrokenProcessPool):
+                fut.result(timeout=30)
+        else:
+            S._stop(ex, abandon=True)  # what an interrupted or closed scan does
+        manager.join(timeout=30)
+        assert not manager.is_alive()
+    finally:
+        S._stop(ex, abandon=True)
 
 
 def test_a_file_that_finishes_within_the_margin_is_not_stopped(model, tmp_path):

@@ -295,9 +295,26 @@ def _stuck_result(entry: Entry, cfg: _Config) -> Dict[str, Any]:
 def _kill_workers(ex: ProcessPoolExecutor) -> None:
     """Stop the pool's worker processes at once (SIGKILL: one stuck in a native call may not be
     able to run a handler); the pool then fails its futures with BrokenProcessPool."""
-    for p in list((getattr(ex, "_processes", None) or {}).values()):  # no public handle on them
+    workers = list((getattr(ex, "_processes", None) or {}).values())  # no public handle on them
+    for p in workers:
         if p.is_alive():
             p.kill()
+    _end_result_pipe(ex, workers)
+
+
+def _end_result_pipe(ex: ProcessPoolExecutor, workers: List[Any]) -> None:
+    """Once ``workers`` (the pool's processes, stopped) are gone: close this process's write end
+    of the pool's result pipe. A worker that ended while it wrote a result leaves the pool's
+    manager thread waiting for the rest of it - the pool never breaks, its futures never end,
+    and the interpreter's exit waits for that thread - for good, since this process holds the
+    last write end; closed, the wait ends and the pool breaks."""
+    deadline = time.monotonic() + 2.0
+    for p in workers:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    if not any(p.is_alive() for p in workers):
+        writer = getattr(getattr(ex, "_result_queue", None), "_writer", None)
+        if writer is not None:
+            writer.close()
 
 
 MAX_FILE_TIMEOUT_S = 1e6  # (setitimer takes at most ~9e9 s)
@@ -531,9 +548,7 @@ def _stop(ex: ProcessPoolExecutor, abandon: bool) -> None:
         for p in workers:
             if p.is_alive():
                 p.terminate()
-        deadline = time.monotonic() + 2.0
-        for p in workers:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        _end_result_pipe(ex, workers)
     ex.shutdown(wait=False, cancel_futures=True)
 
 
