@@ -658,7 +658,10 @@ def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(
     assert run.returncode == 3 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip() == (f"fakespotter scan: error: writing {out}: File too large: the records written "
                                   f"before stay; free space (or raise the file size limit) and rerun with --resume")
-    assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is False
+    stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+    written = [json.loads(line) for line in out.read_bytes().split(b"\n")[:-1]]  # complete lines
+    assert stats["complete"] is False and stats["images"] == sum(stats["counts"].values())
+    assert stats["images"] <= len(written)  # the group whose write failed is not counted
     run = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert run.returncode == 1, run.stderr  # broken.png and empty.jpg are error records
     want = list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0))
