@@ -185,7 +185,11 @@ def test_tar_members_score_like_the_files(corpus, model, tmp_path):
         damaged[at] ^= 0x01
         (tmp_path / "damaged.tar.gz").write_bytes(bytes(damaged))
         recs = list(scan([str(tmp_path / "damaged.tar.gz")], model, aligned=True, batch_size=4, workers=0))
-        assert recs[-1]["path"] == f"{tmp_path / 'damaged.tar.gz'}::" and recs[-1]["error_kind"] == "bad_archive", at
+        assert recs[-1]["error_kind"] == "bad_archive", at
+        if recs[-1]["path"] == str(tmp_path / "damaged.tar.gz"):  # zlib failed in the first block read
+            assert len(recs) == 1 and "cannot open as a tar archive" in recs[0]["error"], at
+        else:
+            assert recs[-1]["path"] == f"{tmp_path / 'damaged.tar.gz'}::", at
     damaged = bytearray(packed)
     damaged[-6] ^= 0x01  # the stored CRC itself: every member reads fine, the check fails at the end
     (tmp_path / "crc.tar.gz").write_bytes(bytes(damaged))
