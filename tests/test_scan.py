@@ -936,6 +936,35 @@ def test_a_worker_that_dies_while_writing_a_result_breaks_the_pool_instead_of_ha
         S._stop(ex, abandon=True)
 
 
+@pytest.mark.parametrize("limit", [None, 600.0])
+def test_a_worker_killed_while_writing_a_result_is_noticed_without_the_limit(limit):
+    """A worker the OOM killer (or a kill -9) ends while it writes a result leaves the pool's
+    manager waiting inside the message, the pool never broken: the wait for its chunk held the
+    scan for good with file_timeout=0, and until the limit of all its files (here 10 min)
+    otherwise. The wait now stops the pool a few seconds after it sees a dead worker."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from scan_helpers import die_while_writing_a_result
+
+    S = sys.modules["fakespotter.scan"]
+    ex = S._pool(2)
+    try:
+        assert ex.submit(os.getpid).result(timeout=120) != os.getpid()
+        other = ex.submit(time.sleep, 600)  # a healthy worker busy with its chunk: stopped too
+        fut = ex.submit(die_while_writing_a_result)
+        t0 = time.monotonic()
+        polls = sum(1 for _ in S._wait(fut, ex, limit, poll=0.5))
+        waited = time.monotonic() - t0
+        with pytest.raises(BrokenProcessPool):
+            fut.result(timeout=30)
+        with pytest.raises(BrokenProcessPool):
+            other.result(timeout=30)
+        assert waited < 120, waited  # (not a speed claim: without the check it waits for good, or 600 s)
+        assert polls >= int(S.DEAD_WORKER_GRACE_S / 0.5) - 1  # the caller still got its polls
+    finally:
+        S._stop(ex, abandon=True)
+
+
 def test_a_file_that_finishes_within_the_margin_is_not_stopped(model, tmp_path):
     """The margin is not a limit of its own: a worker whose alarm does its work is never stopped."""
     folder = tmp_path / "in"

@@ -109,6 +109,12 @@ FILE_TIMEOUT_S = 120.0
 # of dlib's models) and gives the file a ``timeout`` record.
 STUCK_GRACE_S = 60.0
 
+# A pool notices at once a worker that dies between results; one that dies while it writes a
+# result leaves the pool waiting for the rest: the scan stops the pool's workers when one has
+# been dead this long (looked for every DEAD_WORKER_CHECK_S) and the pool has not broken.
+DEAD_WORKER_CHECK_S = 1.0
+DEAD_WORKER_GRACE_S = 5.0
+
 _CRASH_ENV = "FAKESPOTTER_SCAN_TEST_CRASH"  # tests: a worker exits hard on paths ending with this
 _START_CRASH = ":start:"  # ... or as it starts, when the variable says this
 _HANG_ENV = "FAKESPOTTER_SCAN_TEST_HANG"  # tests: a worker hangs, deaf to its alarm, on paths ending with this
@@ -292,10 +298,15 @@ def _stuck_result(entry: Entry, cfg: _Config) -> Dict[str, Any]:
                                            f"stopped")
 
 
+def _workers_of(ex: ProcessPoolExecutor) -> List[Any]:
+    """The pool's worker processes (it has no public handle on them)."""
+    return list((getattr(ex, "_processes", None) or {}).values())
+
+
 def _kill_workers(ex: ProcessPoolExecutor) -> None:
     """Stop the pool's worker processes at once (SIGKILL: one stuck in a native call may not be
     able to run a handler); the pool then fails its futures with BrokenProcessPool."""
-    workers = list((getattr(ex, "_processes", None) or {}).values())  # no public handle on them
+    workers = _workers_of(ex)
     for p in workers:
         if p.is_alive():
             p.kill()
@@ -488,16 +499,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
             c, fut, pool = pending[0]
             # The first chunk in flight runs (or is next to run) since it became the first: a
             # worker takes chunks in order. Past its files' limits and a margin, it is stuck.
-            limit, since = _stuck_limit(cfg, len(c)), time.monotonic()
-            while True:
-                left = None if limit is None else max(0.0, limit - (time.monotonic() - since))
-                if wait_futures([fut], timeout=min(t for t in (poll, left, 1e9) if t is not None)).done:
-                    break
-                if left is not None and time.monotonic() - since >= limit:
-                    _kill_workers(pool)  # its chunks go on below, one file per task
-                    break
-                if poll is not None:
-                    yield None
+            yield from _wait(fut, pool, _stuck_limit(cfg, len(c)), poll)  # (its chunks go on below, one file per task)
             pending.popleft()
             try:
                 results = fut.result()
@@ -539,11 +541,45 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 keep.pop("pool", None)
 
 
+def _wait(fut: Any, pool: ProcessPoolExecutor, limit: Optional[float],
+          poll: Optional[float]) -> Iterator[None]:
+    """Wait for ``fut`` of ``pool``; None after each ``poll`` seconds (if given). Stop the pool's
+    workers (so that ``fut`` fails with BrokenProcessPool) once ``limit`` seconds have gone by,
+    or :data:`DEAD_WORKER_GRACE_S` after one of its workers is seen dead while the pool is not
+    broken: it died while it wrote a result (the OOM killer, a ``kill -9``), and the pool's
+    manager thread waits for the rest of the message, which would hold the scan for good
+    (``file_timeout=0``) or until the limit of all the files it was given."""
+    since = last = time.monotonic()
+    dead_since: Optional[float] = None
+    while True:
+        now = time.monotonic()
+        waits = [DEAD_WORKER_CHECK_S]
+        if limit is not None:
+            waits.append(max(0.0, since + limit - now))
+        if poll is not None:
+            waits.append(max(0.0, last + poll - now))
+        if wait_futures([fut], timeout=min(waits)).done:
+            return
+        now = time.monotonic()
+        if limit is not None and now - since >= limit:
+            _kill_workers(pool)
+            return
+        if dead_since is None:
+            if any(p.exitcode is not None for p in _workers_of(pool)):
+                dead_since = now
+        elif now - dead_since >= DEAD_WORKER_GRACE_S:
+            _kill_workers(pool)
+            return
+        if poll is not None and now - last >= poll:
+            last = now
+            yield None
+
+
 def _stop(ex: ProcessPoolExecutor, abandon: bool) -> None:
     """Shut the pool down without waiting. ``abandon``: chunks are running whose results nobody
     will read (Ctrl-C, SIGTERM, a caller that stopped iterating): end their workers too, or the
     interpreter's exit waits for them (minutes with large images)."""
-    workers = list((getattr(ex, "_processes", None) or {}).values())  # no public handle on them
+    workers = _workers_of(ex)
     if abandon:  # before the pool's queues go: a worker still starting would fail to attach to them, loudly
         for p in workers:
             if p.is_alive():
