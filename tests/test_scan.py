@@ -953,7 +953,14 @@ def test_a_worker_killed_while_writing_a_result_is_noticed_without_the_limit(lim
         other = ex.submit(time.sleep, 600)  # a healthy worker busy with its chunk: stopped too
         fut = ex.submit(die_while_writing_a_result)
         t0 = time.monotonic()
-        polls = sum(1 for _ in S._wait(fut, ex, limit, poll=0.5))
+        waiting, polls = S._wait(fut, ex, limit, poll=0.5), 0
+        while True:
+            try:
+                next(waiting)
+                polls += 1
+            except StopIteration as end:
+                assert end.value == "dead"
+                break
         waited = time.monotonic() - t0
         with pytest.raises(BrokenProcessPool):
             fut.result(timeout=30)

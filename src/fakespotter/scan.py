@@ -54,7 +54,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import IO, Any, Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Container, Dict, Generator, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -514,9 +514,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                     try:
                         with _signals_held():
                             fut = ex.submit(_decode_chunk, [e], cfg)
-                        if not wait_futures([fut], timeout=_stuck_limit(cfg, 1)).done:
-                            stuck = True
-                            _kill_workers(ex)
+                        stuck = (yield from _wait(fut, ex, _stuck_limit(cfg, 1), None)) == "stuck"
                         (res,) = fut.result()
                     except BrokenProcessPool:
                         _check_started(ex)
@@ -542,13 +540,14 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
 
 
 def _wait(fut: Any, pool: ProcessPoolExecutor, limit: Optional[float],
-          poll: Optional[float]) -> Iterator[None]:
+          poll: Optional[float]) -> Generator[None, None, str]:
     """Wait for ``fut`` of ``pool``; None after each ``poll`` seconds (if given). Stop the pool's
-    workers (so that ``fut`` fails with BrokenProcessPool) once ``limit`` seconds have gone by,
-    or :data:`DEAD_WORKER_GRACE_S` after one of its workers is seen dead while the pool is not
-    broken: it died while it wrote a result (the OOM killer, a ``kill -9``), and the pool's
-    manager thread waits for the rest of the message, which would hold the scan for good
-    (``file_timeout=0``) or until the limit of all the files it was given."""
+    workers (so that ``fut`` fails with BrokenProcessPool) once ``limit`` seconds have gone by
+    (returns "stuck"), or :data:`DEAD_WORKER_GRACE_S` after one of its workers is seen dead
+    while the pool is not broken ("dead"): it died while it wrote a result (the OOM killer, a
+    ``kill -9``), and the pool's manager thread waits for the rest of the message, which would
+    hold the scan for good (``file_timeout=0``) or until the limit of all the files it was
+    given. Else "done"."""
     since = last = time.monotonic()
     dead_since: Optional[float] = None
     while True:
@@ -559,17 +558,17 @@ def _wait(fut: Any, pool: ProcessPoolExecutor, limit: Optional[float],
         if poll is not None:
             waits.append(max(0.0, last + poll - now))
         if wait_futures([fut], timeout=min(waits)).done:
-            return
+            return "done"
         now = time.monotonic()
         if limit is not None and now - since >= limit:
             _kill_workers(pool)
-            return
+            return "stuck"
         if dead_since is None:
             if any(p.exitcode is not None for p in _workers_of(pool)):
                 dead_since = now
         elif now - dead_since >= DEAD_WORKER_GRACE_S:
             _kill_workers(pool)
-            return
+            return "dead"
         if poll is not None and now - last >= poll:
             last = now
             yield None
