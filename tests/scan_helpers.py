@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,3 +231,16 @@ def die_while_writing_a_result() -> None:
     writer = frame.f_locals["result_queue"]._writer
     os.write(writer.fileno(), struct.pack("!i", 1 << 20) + b"the start of a result")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def forget_heif_opener(monkeypatch: Any, importable: bool = True) -> None:
+    """Pillow as a fresh process has it: no HEIF opener (a test may have registered
+    pillow-heif's); ``importable=False``: nor can pillow_heif be imported."""
+    from PIL import Image
+
+    for table in (Image.OPEN, Image.MIME, Image.SAVE, Image.SAVE_ALL):
+        if "HEIF" in table:
+            monkeypatch.delitem(table, "HEIF")
+    monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
+    if not importable:
+        monkeypatch.setitem(sys.modules, "pillow_heif", None)

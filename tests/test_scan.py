@@ -1127,11 +1127,14 @@ def test_an_abandoned_pool_ends_its_running_workers():
     assert not worker.is_alive() and worker.exitcode is not None
 
 
-def test_folder_scans_list_every_common_photo_extension(model, tmp_path):
-    """JPEG under .jfif / .jpe / .mpo / any case, PBM and PNM, AVIF, and HEIC (which this Pillow cannot decode: a record
-    that says so, not a file silently left out of a phone's photos)."""
+def test_folder_scans_list_every_common_photo_extension(model, tmp_path, monkeypatch):
+    """JPEG under .jfif / .jpe / .mpo / any case, PBM and PNM, AVIF, and HEIC (which Pillow cannot decode without
+    pillow-heif: a record that says so, not a file silently left out of a phone's photos; test_heif has it installed)."""
     import io as _io
 
+    from scan_helpers import forget_heif_opener
+
+    forget_heif_opener(monkeypatch, importable=False)
     from fakespotter.data import _open_formats
 
     folder = tmp_path / "photos"

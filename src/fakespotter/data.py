@@ -48,13 +48,14 @@ __all__ = [
     "decode_image",
 ]
 
-# Folder and tar listings pick these up (any case). HEIC/HEIF files are listed so that they get a
-# record saying they cannot be read, rather than vanish from a scan of a phone's photos.
+# Folder and tar listings pick these up (any case). HEIC/HEIF files are listed also where
+# pillow-heif is not installed: a record says what would read them, rather than they vanish from a
+# scan of a phone's photos.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".bmp", ".gif", ".webp", ".tif",
                               ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif"})
 # Pillow plugins allowed to open a file (the formats of IMAGE_EXTENSIONS; MPO is a multi-picture
 # JPEG; AVIF and HEIF where this Pillow has them: AVIF is built into Pillow >= 11.3 wheels, HEIF
-# needs the pillow-heif plugin registered). Anything else - EPS (which would run Ghostscript),
+# comes from pillow-heif, whose opener faces.open_image registers on the first HEIF it meets). Anything else - EPS (which would run Ghostscript),
 # PSD, ICO, ... - is ``not_an_image``.
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "AVIF", "HEIF")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -69,8 +70,8 @@ ERROR_KINDS: Dict[str, str] = {
     "read_error": "the operating system failed to read the file",
     "empty_file": "the file has zero bytes",
     "too_large": f"the file has more than {MAX_FILE_BYTES} bytes",
-    "not_an_image": "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF, PPM/PGM, AVIF), or a "
-                    "HEIC/HEIF image without the pillow-heif plugin",
+    "not_an_image": "not an image in a supported format (JPEG, PNG, GIF, BMP, WebP, TIFF, PPM/PGM, AVIF, and "
+                    "HEIC/HEIF where pillow-heif is installed)",
     "too_many_pixels": "width x height above the pixel limit (decompression-bomb guard), refused before decoding",
     "truncated": "the image data ends before the image does",
     "decode_error": f"the image is damaged (also a JPEG whose scan data shows damage that the decoder would fill "
@@ -466,6 +467,15 @@ _SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8
                (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
+
+
+def is_heif(head: bytes) -> bool:
+    """Whether the first 12 bytes of a file are those of a HEIC/HEIF image (an ISO base media
+    file whose major brand is a HEIF one)."""
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
 def _signature(data: bytes) -> Optional[str]:
     for magic, fmt in _SIGNATURES:
         if data.startswith(magic):
@@ -473,10 +483,9 @@ def _signature(data: bytes) -> Optional[str]:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     if data[4:8] == b"ftyp":  # ISO base media: the brand says which
-        brand = data[8:12]
-        if brand in (b"avif", b"avis"):
+        if data[8:12] in (b"avif", b"avis"):
             return "AVIF"
-        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+        if is_heif(data[:12]):
             return "HEIF"
     if len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456":
         return "PPM"
@@ -698,7 +707,7 @@ _CUT_WALKS = {"JPEG": _jpeg_cut, "MPO": _jpeg_cut, "PNG": _png_cut, "GIF": _gif_
 def _decode_failure(e: BaseException, data: bytes, fmt: str, opening: bool = False) -> ImageError:
     """The error for a decoder's exception ``e``. Pillow's word that the data ends early is not
     taken while it opens a BMP or PPM: text may start with their signatures (``BM``, ``P1``..)."""
-    text = str(e)
+    text = str(e).strip()  # (libheif's messages end in a newline)
     said = isinstance(e, EOFError) or "truncated" in text.lower()
     if (said and not (opening and fmt in ("BMP", "PPM"))) or _cut_short(data, fmt):
         return ImageError("truncated", f"{fmt} data ends early ({len(data)} bytes): {text or type(e).__name__}")
@@ -770,6 +779,16 @@ def without_png_text(data: bytes) -> bytes:
     return b"".join(out)
 
 
+def missing_reader(sig: Optional[str]) -> str:
+    """For an image of format ``sig`` that this Pillow has no reader for (AVIF, HEIF), what
+    would read it; else ``""``."""
+    if sig not in ("AVIF", "HEIF") or sig in _open_formats():
+        return ""
+    how = ("pillow-heif (pip install pillow-heif, or fakespotter's heif extra)" if sig == "HEIF"
+           else "a Pillow built with AVIF (the wheels of Pillow >= 11.3)")
+    return f"a {sig} image: decoding it needs {how}; or convert it to JPEG or PNG"
+
+
 def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
@@ -779,10 +798,9 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
     try:
         img = open_image(io.BytesIO(data))
     except UnidentifiedImageError:
-        if sig in ("AVIF", "HEIF") and sig not in _open_formats():
-            how = "pillow-heif's opener registered" if sig == "HEIF" else "a Pillow built with AVIF"
-            raise ImageError("not_an_image", f"a {sig} image: decoding it needs {how}; or convert "
-                                             f"it to JPEG or PNG") from None
+        needs = missing_reader(sig)
+        if needs:
+            raise ImageError("not_an_image", needs) from None
         if sig is None:
             raise ImageError("not_an_image", f"not an image in a supported format "
                                              f"({', '.join(IMAGE_FORMATS)}); starts with {data[:8]!r}") from None

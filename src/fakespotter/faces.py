@@ -475,9 +475,14 @@ def open_image(source: Any) -> Image.Image:
     :class:`_PpmPlainDecoder` (plain: P1, P2, P3) instead, to the same pixels."""
     from .data import _open_formats
 
-    formats = _open_formats()
-    with _PIXEL_GUARD:
-        img = Image.open(source, formats=formats)
+    try:
+        with _PIXEL_GUARD:
+            img = Image.open(source, formats=_open_formats())
+    except Image.UnidentifiedImageError:
+        if not _heif_opener_registered(source):
+            raise
+        with _PIXEL_GUARD:
+            img = Image.open(source, formats=_open_formats())
     if img.format in ("JPEG", "MPO"):
         # libjpeg's arithmetic decoder cannot wait for more data: fed in Pillow's 64 KiB blocks, an
         # arithmetic-coded JPEG larger than that fails ("broken data stream"). Fed whole, it
@@ -492,17 +497,49 @@ def open_image(source: Any) -> Image.Image:
     return img
 
 
+def _heif_opener_registered(source: Any) -> bool:
+    """For a ``source`` that Pillow could not identify: when it is a HEIC/HEIF image (a phone's
+    photo) and ``pillow_heif`` is installed but its opener not yet registered with Pillow,
+    register it (the ``heif`` extra: libheif's decoder, which applies the image's rotation and
+    mirroring) and say so, for the caller to open the source again."""
+    from .data import is_heif
+
+    if "HEIF" in Image.OPEN:
+        return False
+    try:
+        with contextlib.ExitStack() as stack:
+            fp = stack.enter_context(open(source, "rb")) if isinstance(source, (str, os.PathLike)) else source
+            fp.seek(0)
+            head = fp.read(12)
+    except (OSError, AttributeError, ValueError):
+        return False
+    if not is_heif(head):
+        return False
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    with _PIXEL_GUARD:
+        if "HEIF" not in Image.OPEN:
+            pillow_heif.register_heif_opener()
+    return "HEIF" in Image.OPEN
+
+
 def _refusal(source: Any) -> str:
     """Why Pillow's reader for the format whose signature ``source`` starts with refused it (a
-    12-bit JPEG, a 3-channel float TIFF, ...), as ``"it starts like FORMAT, but ..."``; ``""``
-    when no reader fakespotter uses claims the signature."""
-    from .data import _open_formats
+    12-bit JPEG, a 3-channel float TIFF, ...), as ``"it starts like FORMAT, but ..."``, or
+    what would read it (HEIF without pillow-heif); ``""`` when no reader fakespotter uses
+    claims the signature."""
+    from .data import _open_formats, _signature, missing_reader
 
     try:
         with contextlib.ExitStack() as stack:
             fp = stack.enter_context(open(source, "rb")) if isinstance(source, (str, os.PathLike)) else source
             fp.seek(0)
             head = fp.read(16)
+            needs = missing_reader(_signature(head))
+            if needs:
+                return needs
             for fmt in _open_formats():
                 factory, accept = Image.OPEN[fmt]
                 if accept is None or not accept(head):

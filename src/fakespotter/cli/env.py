@@ -49,6 +49,10 @@ def collect() -> dict:
                           "the time, and damaged JPEG data is seen by its markers only")
 
     try:
+        heif_version = metadata.version("pillow-heif")  # (imported on the first HEIC met)
+    except metadata.PackageNotFoundError:
+        heif_version = "not installed (pip install 'fakespotter[heif]'): HEIC/HEIF photos are then not_an_image"
+    try:
         ray_version = metadata.version("ray")  # not imported: that takes seconds
     except metadata.PackageNotFoundError:
         ray_version = "not installed (pip install 'fakespotter[ray]'): needed for scan --engine ray"
@@ -67,6 +71,7 @@ def collect() -> dict:
         "numpy": numpy.__version__,
         "pillow": PIL.__version__,
         "simplejpeg": simplejpeg_version,
+        "pillow_heif": heif_version,
         "dlib": dlib_version,
         "ray": ray_version,
         "native_build": info,
