@@ -3,6 +3,7 @@ header, JPEGs of thousands of scans, and APNG frame counts that the file does no
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -276,3 +277,54 @@ def test_the_api_reads_a_pngs_bytes_again_only_to_check_a_black_last_row(tmp_pat
     monkeypatch.setattr(data_module, "decode_rgb", no_memory)  # out of memory stays MemoryError in the API
     with pytest.raises(MemoryError):
         faces.load_image(encode(Image.fromarray(rgb), "JPEG"))
+
+
+def damaged_lzw_tiff() -> bytes:
+    """A TIFF whose LZW-coded strips are damaged: libtiff fails on them ("Using code not yet
+    in table") and prints that to stderr by default; Pillow says only "decoder error -2"."""
+    out = io.BytesIO()
+    Image.fromarray(noise_image(6, 200, 200)).save(out, "TIFF", compression="tiff_lzw")
+    data = bytearray(out.getvalue())
+    for i in range(200, 2000, 37):
+        data[i] ^= 0x55
+    return bytes(data)
+
+
+def test_libtiffs_error_is_in_the_files_error_not_on_stderr(capfd, tmp_path):
+    from fakespotter.faces import load_image
+
+    data = damaged_lzw_tiff()
+    with pytest.raises(ImageError) as e:
+        decode_image(data)
+    assert e.value.kind == "decode_error" and "(libtiff: Using code not yet in table)" in e.value.message
+    path = tmp_path / "bad.tif"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=r"bad.tif is not an image .*libtiff: Using code not yet in table"):
+        load_image(str(path))
+    assert "not yet in table" not in capfd.readouterr().err
+    with pytest.raises(OSError):  # Pillow used directly: libtiff's message goes to stderr, as before
+        Image.open(io.BytesIO(data)).load()
+    assert "Using code not yet in table" in capfd.readouterr().err
+
+
+def test_a_scan_of_damaged_tiffs_keeps_stderr_clean(tmp_path, tmp_path_factory):
+    """One line per damaged TIFF went through the progress bar, none saying which file."""
+    import json
+    import subprocess
+    import sys
+
+    from scan_helpers import model_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"bad{i}.tif").write_bytes(damaged_lzw_tiff())
+    out = tmp_path / "scan.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "fakespotter", "scan", str(folder), "--aligned", "--workers", "2",
+                           "--model", str(model_file(tmp_path_factory)), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["error_kind"] for r in records] == ["decode_error"] * 3
+    assert all("libtiff: Using code not yet in table" in r["error"] for r in records)
+    assert "libtiff" not in proc.stderr and "table" not in proc.stderr, proc.stderr

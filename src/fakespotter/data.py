@@ -28,6 +28,7 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple
 
 import numpy as np
 
+from . import _libtiff
 from ._jpeg import decode_rgb, scan_damage
 
 __all__ = [
@@ -704,10 +705,14 @@ _CUT_WALKS = {"JPEG": _jpeg_cut, "MPO": _jpeg_cut, "PNG": _png_cut, "GIF": _gif_
               "WEBP": _short_riff, "TIFF": _tiff_cut, "PPM": _ppm_cut, "AVIF": _bmff_cut, "HEIF": _bmff_cut}
 
 
-def _decode_failure(e: BaseException, data: bytes, fmt: str, opening: bool = False) -> ImageError:
-    """The error for a decoder's exception ``e``. Pillow's word that the data ends early is not
-    taken while it opens a BMP or PPM: text may start with their signatures (``BM``, ``P1``..)."""
+def _decode_failure(e: BaseException, data: bytes, fmt: str, opening: bool = False,
+                    said: Sequence[str] = ()) -> ImageError:
+    """The error for a decoder's exception ``e``; ``said``: libtiff's messages meanwhile. Pillow's
+    word that the data ends early is not taken while it opens a BMP or PPM: text may start with
+    their signatures (``BM``, ``P1``..)."""
     text = str(e).strip()  # (libheif's messages end in a newline)
+    if said:
+        text += f" (libtiff: {'; '.join(said)})"
     said = isinstance(e, EOFError) or "truncated" in text.lower()
     if (said and not (opening and fmt in ("BMP", "PPM"))) or _cut_short(data, fmt):
         return ImageError("truncated", f"{fmt} data ends early ({len(data)} bytes): {text or type(e).__name__}")
@@ -826,15 +831,16 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
             except MemoryError as e:
                 raise _decode_failure(e, data, fmt) from None
         if rgb is None:
-            try:
-                img.load()
-                if fmt == "PNG":
-                    _check_png_data(img, data)
-                rgb = load_image(img)
-            except (ImageError, Image.DecompressionBombError):
-                raise
-            except Exception as e:
-                raise _decode_failure(e, data, fmt) from None
+            with _libtiff.collected(fmt == "TIFF") as said:
+                try:
+                    img.load()
+                    if fmt == "PNG":
+                        _check_png_data(img, data)
+                    rgb = load_image(img)
+                except (ImageError, Image.DecompressionBombError):
+                    raise
+                except Exception as e:
+                    raise _decode_failure(e, data, fmt, said=said) from None
         frames = _frame_count(img, data)
     return DecodedImage(rgb, int(rgb.shape[1]), int(rgb.shape[0]), frames)
 

@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile
 
+from . import _libtiff
+
 __all__ = [
     "CHIP_SIZE",
     "CHIP_PADDING",
@@ -556,9 +558,9 @@ def _refusal(source: Any) -> str:
 
 
 @contextlib.contextmanager
-def _pillow_errors(source: Any, name: str) -> Iterator[None]:
-    """Pillow's failures on an image it cannot read, as ValueErrors naming ``name``; OS errors
-    (a missing file, ...) stay OSErrors."""
+def _pillow_errors(source: Any, name: str, said: Sequence[str] = ()) -> Iterator[None]:
+    """Pillow's failures on an image it cannot read, as ValueErrors naming ``name`` (and what
+    libtiff ``said`` meanwhile); OS errors (a missing file, ...) stay OSErrors."""
     try:
         yield
     except Image.DecompressionBombError as e:
@@ -574,7 +576,9 @@ def _pillow_errors(source: Any, name: str) -> Iterator[None]:
     except OSError as e:
         if e.errno is not None:
             raise
-        raise ValueError(f"load_image: {name} is not an image Pillow can decode ({type(e).__name__}: {e})") from None
+        libtiff = f"; libtiff: {'; '.join(said)}" if said else ""
+        raise ValueError(f"load_image: {name} is not an image Pillow can decode ({type(e).__name__}: {e}"
+                         f"{libtiff})") from None
     except (SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError, struct.error, ZeroDivisionError) as e:
         # Pillow's ways of saying "not an image I can read" (ValueError: e.g. its PNG text-chunk limits)
         raise ValueError(f"load_image: {name} is not an image Pillow can decode ({type(e).__name__}: {e})") from None
@@ -615,7 +619,7 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
                 rgb = jpeg_pixels(img, data)
                 if rgb is not None:
                     return rgb
-            with _pillow_errors(source, name):
+            with _libtiff.collected(img.format == "TIFF") as said, _pillow_errors(source, name, said):
                 img.load()
             if img.format == "PNG":  # the file's bytes are read again only if the last row is black
                 _check_png_data(img, lambda: _bytes_of(source))
