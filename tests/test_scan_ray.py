@@ -262,21 +262,50 @@ def test_merge_replaces_out_whole_or_not_at_all(shards, tmp_path, capsys, monkey
 
 def test_an_interrupted_ray_scan_keeps_and_counts_the_records_it_scored(ray_local, corpus, model, tmp_path,
                                                                         monkeypatch):
+    import types
+
     import fakespotter.scan_ray as SR
 
-    real, scored = SR.count_record, []
+    scored = []
 
-    def interrupted(stats, r):  # Ctrl-C after six records, before a shard of 100 is full
+    def interrupted(line):  # Ctrl-C after six records, before a shard of 100 is full
         if len(scored) == 6:
             raise KeyboardInterrupt
+        r = json.loads(line)
         scored.append(r["path"])
-        real(stats, r)
-    monkeypatch.setattr(SR, "count_record", interrupted)
+        return r
+    monkeypatch.setattr(SR, "json", types.SimpleNamespace(loads=interrupted, dumps=json.dumps))
     with pytest.raises(KeyboardInterrupt):
         ray_scan(corpus, model, tmp_path / "o", aligned=True, batch_size=BATCH, shard_size=100)
     assert sorted(r["path"] for r in shard_lines(tmp_path / "o")) == sorted(scored)
     stats = json.loads((tmp_path / "o" / SR.STATS).read_text())
     assert stats["images"] == 6 and stats["complete"] is False
+
+
+def test_a_ray_scan_whose_shard_write_fails_counts_only_what_it_wrote(ray_local, corpus, model, tmp_path,
+                                                                      monkeypatch):
+    """A full disk: the stats counted every record received, also those of the shard that
+    could not be written (the local engine takes a failed group back out too)."""
+    import fakespotter.scan_ray as SR
+
+    real, writes = SR._write_atomic, []
+
+    def full_after_one_shard(path, data):
+        if path.name.startswith("part-"):
+            writes.append(path.name)
+            if len(writes) > 1:
+                raise OSError(28, "No space left on device")
+        real(path, data)
+    monkeypatch.setattr(SR, "_write_atomic", full_after_one_shard)
+    with pytest.raises(OSError, match="No space left") as e:  # the write's own error (not "failed on the cluster")
+        ray_scan(corpus, model, tmp_path / "o", aligned=True, batch_size=BATCH, shard_size=4)
+    assert e.value.errno == 28 and "part-" in e.value.filename
+    written = shard_lines(tmp_path / "o")
+    stats = json.loads((tmp_path / "o" / SR.STATS).read_text())
+    assert len(written) == 4 and stats["images"] == 4 and stats["complete"] is False
+    # the command: a full disk is exit 3, naming the shard, as for the local engine
+    assert main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out",
+                 str(tmp_path / "o2"), "--batch-size", str(BATCH), "--quiet"]) == 3
 
 
 def test_what_a_resume_scans_an_input_listed_twice_and_changed_inputs():

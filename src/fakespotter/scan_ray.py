@@ -694,11 +694,22 @@ def _to_scan(entries: Iterable[Any], done: List[Tuple[int, str]], out: Path, log
     return todo
 
 
+class _ShardWriteFailed(Exception):
+    """A shard could not be written here (a full disk, ...): ``error``, the OSError."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _run_or_fail(*args: Any, **kw: Any) -> None:
     """:func:`_run`; a failure on the cluster (Ray gives up on a task, an actor cannot load the
-    model) becomes a RuntimeError, so that it is never taken for a bad argument."""
+    model) becomes a RuntimeError, so that it is never taken for a bad argument. A shard that
+    cannot be written raises its OSError (the command's exit 3 for a full disk)."""
     try:
         _run(*args, **kw)
+    except _ShardWriteFailed as e:
+        raise e.error from None
     except Exception as e:
         raise RuntimeError(f"ray_scan: the scan failed on the cluster: {_one_line(e)}") from e
 
@@ -739,16 +750,25 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
                                                "threads": max(1, int(cpus_per_actor)),
                                                "crash_marker": crash_marker})
     seen: set = set()
-    shard: List[Tuple[int, str]] = []
+    shard: List[Tuple[int, str, Dict[str, Any]]] = []
     seq = itertools.count()
     t_flush = time.monotonic()
 
     def flush() -> None:
+        """Write the shard; its records are counted once they are on disk (a failed write, a
+        full disk, leaves them out of the stats, as out of the output)."""
         nonlocal t_flush
         if shard:
-            shard.sort()
+            shard.sort(key=lambda x: x[0])
             name = out / f"part-{run:03d}-{next(seq):06d}.jsonl"
-            _write_atomic(name, "".join(line + "\n" for _, line in shard).encode("utf-8", "surrogateescape"))
+            try:
+                _write_atomic(name, "".join(line + "\n" for _, line, _ in shard).encode("utf-8", "surrogateescape"))
+            except OSError as e:
+                if e.filename is None:
+                    e.filename = str(name)
+                raise _ShardWriteFailed(e) from None
+            for _, _, r in shard:
+                count_record(stats, r)
             if progress is not None:
                 progress(len(shard))
             shard.clear()
@@ -769,8 +789,7 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
                 seen.add(i)
                 r = json.loads(line)
                 r.pop("index")
-                count_record(stats, r)
-                shard.append((i, str(line)))
+                shard.append((i, str(line), r))
                 if len(shard) >= shard_size:
                     flush()
             if time.monotonic() - t_flush >= flush_s:
