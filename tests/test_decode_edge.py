@@ -328,3 +328,16 @@ def test_a_scan_of_damaged_tiffs_keeps_stderr_clean(tmp_path, tmp_path_factory):
     assert [r["error_kind"] for r in records] == ["decode_error"] * 3
     assert all("libtiff: Using code not yet in table" in r["error"] for r in records)
     assert "libtiff" not in proc.stderr and "table" not in proc.stderr, proc.stderr
+
+
+def test_libtiffs_words_do_not_make_a_damaged_tiff_truncated():
+    """libtiff's "stream is truncated or corrupt" (LZMA) went into the text that decides
+    truncated vs decode_error: a whole file with a damaged strip length was 'truncated'."""
+    from fakespotter.data import _decode_failure
+
+    out = io.BytesIO()
+    Image.fromarray(noise_image(7, 16, 16)).save(out, "TIFF", compression="tiff_lzw")
+    err = _decode_failure(OSError("decoder error -2"), out.getvalue(), "TIFF",
+                          libtiff=["LZMADecode: Decoding error at scanline 0, stream is truncated or corrupt"])
+    assert err.kind == "decode_error" and "(libtiff: LZMADecode" in err.message
+    assert _decode_failure(EOFError("image file is truncated"), out.getvalue(), "TIFF").kind == "truncated"

@@ -5,9 +5,8 @@ the scanner's workers and in the API alike; a clear ``not_an_image`` record wher
 from __future__ import annotations
 
 import io
-import json
 import os
-import sys
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -26,14 +25,21 @@ def model(tmp_path_factory):
     return model_file(tmp_path_factory)
 
 
-def heic(rgb: np.ndarray, orientation: int = 1, quality: int = 90) -> bytes:
-    """``rgb`` encoded as HEIC by a separate copy of pillow-heif's writer (not the opener the
-    code under test registers), with an EXIF orientation."""
+def heic(rgb: np.ndarray, orientation: Optional[int] = 1, quality: int = 90, tile: int = 0) -> bytes:
+    """``rgb`` encoded as HEIC by pillow-heif's writer (not through the opener the code under
+    test registers), with an EXIF orientation (None: no EXIF); ``tile``: a grid of tiles this
+    size, as phones store their photos."""
     exif = Image.Exif()
-    exif[0x0112] = orientation
+    if orientation is not None:
+        exif[0x0112] = orientation
     out = io.BytesIO()
     heif = pillow_heif.from_pillow(Image.fromarray(rgb))
-    heif.save(out, quality=quality, exif=exif.tobytes())
+    old = pillow_heif.options.GRID_TILE_SIZE
+    pillow_heif.options.GRID_TILE_SIZE = tile
+    try:
+        heif.save(out, quality=quality, **({"exif": exif.tobytes()} if orientation is not None else {}))
+    finally:
+        pillow_heif.options.GRID_TILE_SIZE = old
     return out.getvalue()
 
 
@@ -109,3 +115,70 @@ def test_without_pillow_heif_a_heic_is_not_an_image_saying_what_would_read_it(mo
     with pytest.raises(ValueError, match=r"load_image: \d+ bytes: a HEIF image: .*pip install pillow-heif"):
         load_image(data)
     assert "HEIF" not in Image.OPEN
+
+
+def test_a_grid_heic_cut_short_is_truncated_though_libheif_decodes_it(unregistered, tmp_path):
+    """libheif (>= 1.19) fills the tiles a cut grid image has no data for and says nothing:
+    the scanner scored such a file as ok."""
+    data = heic(noise_image(5, 200, 300), orientation=None, tile=64)  # (EXIF would follow the tiles' data)
+    assert np.array_equal(D.decode_image(data).rgb, reference(data))
+    cut = data[:len(data) * 3 // 4]
+    with Image.open(io.BytesIO(cut)) as img:  # what this test is about: libheif decodes it
+        img.load()
+    path = tmp_path / "cut.heic"
+    for n in (len(cut), len(data) - 1):
+        with pytest.raises(D.ImageError) as e:
+            D.decode_image(data[:n])
+        assert e.value.kind == "truncated", (n, e.value.message)
+        path.write_bytes(data[:n])
+        with pytest.raises(ValueError, match=r"(data ends early|Unexpected end of file).*[^\n]$"):
+            load_image(str(path))
+
+
+def test_two_threads_meeting_their_first_heic_at_once_both_decode_it(unregistered, monkeypatch):
+    """Thread B's first open fails (no opener yet), then A registers pillow-heif's: B found the
+    opener there and gave up ("has a HEIF signature, but its header cannot be read")."""
+    import threading
+
+    from fakespotter import faces
+
+    data = heic(noise_image(6, 40, 70))
+    b_failed, a_done = threading.Event(), threading.Event()
+    real = faces._heif_opener_registered
+
+    def b_waits_for_a(source):  # B is descheduled between its failed open and the check
+        if threading.current_thread().name == "B" and not b_failed.is_set():
+            b_failed.set()
+            a_done.wait(30)
+        return real(source)
+    monkeypatch.setattr(faces, "_heif_opener_registered", b_waits_for_a)
+    got = {}
+
+    def run(name):
+        if name == "A":
+            b_failed.wait(30)
+        try:
+            got[name] = D.decode_image(data).rgb.shape
+        except D.ImageError as e:
+            got[name] = e.message
+        finally:
+            if name == "A":
+                a_done.set()
+    threads = [threading.Thread(target=run, args=(n,), name=n) for n in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == {"A": (40, 70, 3), "B": (40, 70, 3)}
+
+
+def test_every_brand_pillow_heif_reads_is_a_heif_and_hif_files_are_listed(unregistered, tmp_path):
+    """A brand pillow-heif's opener accepts but fakespotter did not know (hevx) was not_an_image
+    in a fresh process and decoded once another HEIF had registered the opener: the result
+    depended on which worker took the file. Canon and Fujifilm cameras name HEIFs .hif."""
+    data = heic(noise_image(7, 32, 48))
+    assert data[8:12] in (b"heic", b"mif1")
+    hevx = data[:8] + b"hevx" + data[12:]
+    assert D.decode_image(hevx).rgb.shape == (32, 48, 3)
+    (tmp_path / "IMG_0001.HIF").write_bytes(data)
+    assert [os.path.basename(e.path) for e in D.iter_entries([str(tmp_path)])] == ["IMG_0001.HIF"]

@@ -7,7 +7,7 @@ of many damaged TIFFs printed a line each through its progress bar, none saying 
 
 :func:`collected` installs a handler (once per process) in the libtiff that Pillow loaded: in
 a ``collected()`` block its messages are kept, for the caller to put in the file's error;
-elsewhere they go to stderr as before. The handler receives libtiff's ``va_list`` as a pointer
+elsewhere they go to the handler that was there before (libtiff's print to stderr). The handler receives libtiff's ``va_list`` as a pointer
 and formats it with C's ``vsnprintf`` (a ``va_list`` argument is passed as a pointer on x86-64
 and AArch64 Linux and macOS). Where the library cannot be found (not Linux or macOS, a Pillow
 without libtiff) nothing changes.
@@ -66,25 +66,31 @@ def _install() -> bool:
     vsnprintf.restype = ctypes.c_int
     handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
 
+    previous: list = []  # the handler that was there (libtiff's print to stderr), for messages outside a block
+
     def on_error(module: Optional[bytes], fmt: Optional[bytes], args: Optional[int]) -> None:
+        kept = getattr(_local, "messages", None)
+        if kept is None:
+            if previous:
+                previous[0](module, fmt, args)
+            return
+        if len(kept) >= _MAX_MESSAGES:
+            return
         buf = ctypes.create_string_buffer(1024)
         if fmt is not None:
             vsnprintf(buf, len(buf), fmt, args)
         text = buf.value.decode("utf-8", "replace")
         # (Pillow names every file it hands libtiff "tempfile.tif": no use to anyone)
         where = (module or b"").decode("utf-8", "replace")
-        message = text if not where or where == "tempfile.tif" else f"{where}: {text}"
-        kept = getattr(_local, "messages", None)
-        if kept is None:
-            sys.stderr.write(message + "\n")
-        elif len(kept) < _MAX_MESSAGES:
-            kept.append(message)
+        kept.append(text if not where or where == "tempfile.tif" else f"{where}: {text}")
 
     callback = handler_type(on_error)
     set_handler.argtypes = [handler_type]
     set_handler.restype = ctypes.c_void_p
-    set_handler(callback)
-    _keep.extend([lib, vsnprintf, callback])
+    old = set_handler(callback)
+    if old:
+        previous.append(handler_type(old))
+    _keep.extend([lib, vsnprintf, callback, previous])
     return True
 
 

@@ -53,7 +53,7 @@ __all__ = [
 # pillow-heif is not installed: a record says what would read them, rather than they vanish from a
 # scan of a phone's photos.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".bmp", ".gif", ".webp", ".tif",
-                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif"})
+                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif", ".hif"})
 # Pillow plugins allowed to open a file (the formats of IMAGE_EXTENSIONS; MPO is a multi-picture
 # JPEG; AVIF and HEIF where this Pillow has them: AVIF is built into Pillow >= 11.3 wheels, HEIF
 # comes from pillow-heif, whose opener faces.open_image registers on the first HEIF it meets). Anything else - EPS (which would run Ghostscript),
@@ -468,7 +468,7 @@ _SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8
                (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
-_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
 
 
 def is_heif(head: bytes) -> bool:
@@ -680,6 +680,14 @@ def _ppm_cut(data: bytes) -> bool:
     return len(data) < pos + 1 + row * height
 
 
+def _check_bmff_whole(fmt: str, data: bytes) -> None:
+    """A HEIF or AVIF whose boxes run past the end of ``data`` is ``truncated`` even when it
+    decoded: libheif (>= 1.19) fills the missing tiles of a grid image (an iPhone's photo is a
+    grid of 512x512 tiles) and says nothing."""
+    if fmt in ("HEIF", "AVIF") and _bmff_cut(data):
+        raise ImageError("truncated", f"{fmt} data ends early ({len(data)} bytes): a box runs past the end")
+
+
 def _bmff_cut(data: bytes) -> bool:
     """AVIF/HEIF: the top-level boxes (size, type)."""
     pos = 0
@@ -706,14 +714,15 @@ _CUT_WALKS = {"JPEG": _jpeg_cut, "MPO": _jpeg_cut, "PNG": _png_cut, "GIF": _gif_
 
 
 def _decode_failure(e: BaseException, data: bytes, fmt: str, opening: bool = False,
-                    said: Sequence[str] = ()) -> ImageError:
-    """The error for a decoder's exception ``e``; ``said``: libtiff's messages meanwhile. Pillow's
-    word that the data ends early is not taken while it opens a BMP or PPM: text may start with
-    their signatures (``BM``, ``P1``..)."""
+                    libtiff: Sequence[str] = ()) -> ImageError:
+    """The error for a decoder's exception ``e``; ``libtiff``: libtiff's messages meanwhile (in
+    the error's text only: libtiff's "truncated or corrupt" does not say the data ends early).
+    Pillow's word that the data ends early is not taken while it opens a BMP or PPM: text may
+    start with their signatures (``BM``, ``P1``..)."""
     text = str(e).strip()  # (libheif's messages end in a newline)
-    if said:
-        text += f" (libtiff: {'; '.join(said)})"
     said = isinstance(e, EOFError) or "truncated" in text.lower()
+    if libtiff:
+        text += f" (libtiff: {'; '.join(libtiff)})"
     if (said and not (opening and fmt in ("BMP", "PPM"))) or _cut_short(data, fmt):
         return ImageError("truncated", f"{fmt} data ends early ({len(data)} bytes): {text or type(e).__name__}")
     if isinstance(e, MemoryError):
@@ -840,7 +849,8 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
                 except (ImageError, Image.DecompressionBombError):
                     raise
                 except Exception as e:
-                    raise _decode_failure(e, data, fmt, said=said) from None
+                    raise _decode_failure(e, data, fmt, libtiff=said) from None
+            _check_bmff_whole(fmt, data)
         frames = _frame_count(img, data)
     return DecodedImage(rgb, int(rgb.shape[1]), int(rgb.shape[0]), frames)
 

@@ -477,11 +477,12 @@ def open_image(source: Any) -> Image.Image:
     :class:`_PpmPlainDecoder` (plain: P1, P2, P3) instead, to the same pixels."""
     from .data import _open_formats
 
+    formats = _open_formats()
     try:
         with _PIXEL_GUARD:
-            img = Image.open(source, formats=_open_formats())
+            img = Image.open(source, formats=formats)
     except Image.UnidentifiedImageError:
-        if not _heif_opener_registered(source):
+        if "HEIF" in formats or not _heif_opener_registered(source):
             raise
         with _PIXEL_GUARD:
             img = Image.open(source, formats=_open_formats())
@@ -500,14 +501,13 @@ def open_image(source: Any) -> Image.Image:
 
 
 def _heif_opener_registered(source: Any) -> bool:
-    """For a ``source`` that Pillow could not identify: when it is a HEIC/HEIF image (a phone's
-    photo) and ``pillow_heif`` is installed but its opener not yet registered with Pillow,
-    register it (the ``heif`` extra: libheif's decoder, which applies the image's rotation and
-    mirroring) and say so, for the caller to open the source again."""
+    """For a ``source`` that Pillow could not identify without a HEIF opener: whether it is a
+    HEIC/HEIF image (a phone's photo) and pillow-heif's opener is now registered with Pillow,
+    for the caller to open the source again. Registers it if pillow-heif is installed (the
+    ``heif`` extra: libheif's decoder, which applies the image's rotation and mirroring); or
+    another thread just did."""
     from .data import is_heif
 
-    if "HEIF" in Image.OPEN:
-        return False
     try:
         with contextlib.ExitStack() as stack:
             fp = stack.enter_context(open(source, "rb")) if isinstance(source, (str, os.PathLike)) else source
@@ -517,6 +517,8 @@ def _heif_opener_registered(source: Any) -> bool:
         return False
     if not is_heif(head):
         return False
+    if "HEIF" in Image.OPEN:
+        return True
     try:
         import pillow_heif
     except ImportError:
@@ -551,7 +553,7 @@ def _refusal(source: Any) -> str:
                     with _PIXEL_GUARD:
                         factory(fp, "").close()
                 except Exception as e:  # the reader's own words (SyntaxError, ValueError, ...)
-                    return f"it starts like {fmt}, but Pillow's {fmt} reader cannot read it: {e}"
+                    return f"it starts like {fmt}, but Pillow's {fmt} reader cannot read it: {str(e).strip()}"
     except OSError:
         pass
     return ""
@@ -608,7 +610,7 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with img:
         # the scanner's checks that Pillow lacks (data.decode_image): damaged JPEG scan data, JPEGs
         # of too many scans (simplejpeg decodes the rest), PNG image data that ends early
-        from .data import ImageError, _check_png_data, jpeg_pixels
+        from .data import ImageError, _check_bmff_whole, _check_png_data, jpeg_pixels
 
         try:
             if img.format in ("JPEG", "MPO"):  # (open_image has Pillow read these whole anyway)
@@ -623,6 +625,8 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
                 img.load()
             if img.format == "PNG":  # the file's bytes are read again only if the last row is black
                 _check_png_data(img, lambda: _bytes_of(source))
+            if img.format in ("HEIF", "AVIF"):
+                _check_bmff_whole(img.format, _bytes_of(source))
         except ImageError as e:
             raise ValueError(f"load_image: {name}: {e.message}") from None
         return _from_pil(img, background)
