@@ -759,6 +759,53 @@ def test_worker_crash_loses_no_record(corpus, model, tmp_path):
     assert set(kinds.values()) == {None}
 
 
+def test_after_a_crash_the_files_in_flight_are_redone_by_every_worker(tmp_path):
+    """The chunks in flight when a worker dies (window x 4 files: ~140 with 8 workers) were
+    redone one file at a time, by one worker: minutes for large photos. Now one file per task,
+    as many at once as there are workers; only the files in flight when the pool breaks again
+    are redone alone, which finds the one that kills its worker."""
+    files = write_good(tmp_path / "d", 16, seed=7)
+    files[9].rename(files[9].with_name("img009-crash.png"))
+    script = tmp_path / "crash.py"
+    script.write_text(f"""
+import sys
+from fakespotter import data as D
+import fakespotter.scan
+S = sys.modules["fakespotter.scan"]  # (the package's `scan` is the function)
+pools, real_pool = [], S._pool
+
+def counting_pool(workers):  # counts the tasks a pool had in flight at once
+    ex = real_pool(workers)
+    submit, futures = ex.submit, []
+    def counted(*args, **kw):
+        fut = submit(*args, **kw)
+        futures.append(fut)
+        ex.most = max(getattr(ex, "most", 0), sum(not f.done() for f in futures))
+        return fut
+    ex.submit = counted
+    pools.append(ex)
+    return ex
+
+if __name__ == "__main__":
+    S._pool = counting_pool
+    cfg = S._Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT, weak_face_score=0.15,
+                    detect_pixels=0, file_timeout=60.0)
+    for e, r in S._decoded(D.iter_entries([{str(tmp_path / "d")!r}]), cfg, workers=2, chunk=4, window=4):
+        print(e.path.rsplit("/", 1)[-1], r["error"] and r["error"][0], flush=True)
+    print("pools", *[getattr(p, "most", 0) for p in pools], flush=True)
+""")
+    env = dict(os.environ, FAKESPOTTER_SCAN_TEST_CRASH="-crash.png")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert lines[:-1] == [f"{n} {'worker_crash' if 'crash' in n else None}" for n in names], proc.stdout
+    # the first pool broke on the crash; the next redid its chunks with both workers busy; the
+    # crash broke it too, and the files then in flight were redone alone (then both workers again)
+    most = [int(m) for m in lines[-1].split()[1:]]
+    assert most[1] == 2 and 1 in most[2:], lines[-1]
+
+
 def chunk_flood_png(chunks: int) -> bytes:
     """A valid 64x64 PNG behind ``chunks`` empty IDAT chunks: Pillow reads each in Python (~5 us)."""
     import struct

@@ -459,8 +459,10 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
              keep: Optional[Dict[str, Any]] = None,
              poll: Optional[float] = None) -> Iterator[Optional[Tuple[Entry, Dict[str, Any]]]]:
     """(entry, decode result) in input order; at most ``window`` chunks of ``chunk`` entries in
-    flight. A worker that dies loses no entry: the chunks in flight are redone one entry at a
-    time in a fresh pool, and an entry that kills its worker again gets a ``worker_crash``.
+    flight. A worker that dies, or is stopped past its files' limits, loses no entry: the
+    chunks in flight are redone in a fresh pool one entry per task (:func:`redo`, as many at
+    once as there are workers), and an entry that kills its worker again, alone in the pool,
+    gets a ``worker_crash``.
     ``keep``: a dict holding the pool between calls (``keep["pool"]``), for callers that decode
     many small batches; without it the pool lives for this call. ``poll``: also yield None
     after each ``poll`` seconds of waiting for the next result (the caller may use the time)."""
@@ -486,6 +488,63 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
             with _signals_held():
                 return c, ex.submit(_decode_chunk, c, cfg), ex
 
+    def new_pool() -> None:
+        nonlocal ex
+        ex.shutdown(wait=True, cancel_futures=True)
+        ex = _pool(workers)
+
+    def redo(backlog: deque) -> Iterator[Optional[Tuple[Entry, Dict[str, Any]]]]:
+        """The entries of a broken pool's chunks, in order, one per task and as many in flight
+        as there are workers (each runs at once): the first in flight past its file's limit is
+        that file's ``timeout``, and the others go on; when the pool breaks again, the entries
+        in flight are the suspects, redone one at a time (:func:`isolate`)."""
+        while backlog or pending:
+            while backlog and len(pending) < workers:
+                pending.append(submit([backlog.popleft()]))
+            c, fut, pool = pending[0]
+            why = yield from _wait(fut, pool, _stuck_limit(cfg, 1), poll)
+            try:
+                (res,) = fut.result()
+                done = True
+            except BrokenProcessPool:
+                done = False
+            if done and why == "done":
+                pending.popleft()
+                yield c[0], res
+                continue
+            if not done:
+                _check_started(pool)
+            in_flight = [cc[0] for cc, _, _ in pending]
+            pending.clear()
+            new_pool()
+            if done:  # finished just as the pool was stopped, which stopped the others
+                yield in_flight.pop(0), res
+                if why == "stuck":
+                    backlog.extendleft(reversed(in_flight))
+                else:  # a worker died (while it sent a result): one of the others' files did it
+                    yield from isolate(in_flight)
+            elif why == "stuck":
+                yield in_flight[0], _stuck_result(in_flight[0], cfg)
+                backlog.extendleft(reversed(in_flight[1:]))
+            else:
+                yield from isolate(in_flight)
+
+    def isolate(suspects: List[Entry]) -> Iterator[Optional[Tuple[Entry, Dict[str, Any]]]]:
+        """One of ``suspects`` killed its worker: each alone in the pool, in order; one that
+        kills it again gets a ``worker_crash``, one past its limit a ``timeout``."""
+        for e in suspects:
+            pending.append(submit([e]))
+            why = yield from _wait(pending[0][1], pending[0][2], _stuck_limit(cfg, 1), poll)
+            _, fut, pool = pending.popleft()
+            try:
+                (res,) = fut.result()
+            except BrokenProcessPool:
+                _check_started(pool)
+                res, why = _stuck_result(e, cfg) if why == "stuck" else _crash_result(e), "broken"
+            if why != "done":  # (stuck: also when the file was done just as its worker was stopped)
+                new_pool()
+            yield e, res
+
     interrupted = False
     try:
         while True:
@@ -505,24 +564,11 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 results = fut.result()
             except BrokenProcessPool:
                 _check_started(pool)  # the pool this chunk ran in (a later submit may have replaced it)
-                backlog = list(c) + [e for cc, _, _ in pending for e in cc]
+                backlog = deque(list(c) + [e for cc, _, _ in pending for e in cc])
                 pending.clear()
                 ex.shutdown(wait=True, cancel_futures=True)
                 ex = _pool(workers)
-                for e in backlog:  # isolate the culprit: one entry per task
-                    stuck = broken = False
-                    try:
-                        with _signals_held():
-                            fut = ex.submit(_decode_chunk, [e], cfg)
-                        stuck = (yield from _wait(fut, ex, _stuck_limit(cfg, 1), None)) == "stuck"
-                        (res,) = fut.result()
-                    except BrokenProcessPool:
-                        _check_started(ex)
-                        res, broken = _stuck_result(e, cfg) if stuck else _crash_result(e), True
-                    if stuck or broken:  # (stuck: also when the file was done just as its worker was stopped)
-                        ex.shutdown(wait=True, cancel_futures=True)
-                        ex = _pool(workers)
-                    yield e, res
+                yield from redo(backlog)
                 continue
             yield from zip(c, results)
     except GeneratorExit:  # the caller stopped reading

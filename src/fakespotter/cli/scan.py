@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
                    help="give up on a file that takes longer to read, decode and detect faces in: a 'timeout' "
                         f"error record, and the scan goes on; a worker still busy {STUCK_GRACE_S:g} s past the limits "
                         f"of the files it was given (up to 4 at a time; stuck in a native call) is stopped and "
-                        f"replaced, and the files are retried one at a time under the same rule (default: "
+                        f"replaced, and the files are retried one per task under the same rule (default: "
                         f"%(default)g; 0: no limit)")
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
     p.add_argument("--resume", action="store_true",
