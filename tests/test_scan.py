@@ -665,7 +665,9 @@ def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(
     stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
     written = [json.loads(line) for line in out.read_bytes().split(b"\n")[:-1]]  # complete lines
     assert stats["complete"] is False and stats["images"] == sum(stats["counts"].values())
-    assert stats["images"] <= len(written)  # the group whose write failed is not counted
+    # the stats count the lines that reached the file whole, of the group whose write failed too
+    assert stats["images"] == len(written) > 0 and out.read_bytes()[-1:] != b"\n"
+    assert stats["output_counts"] == {s: sum(r["status"] == s for r in written) for s in stats["counts"]}
     run = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert run.returncode == 1, run.stderr  # broken.png and empty.jpg are error records
     want = list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0))
@@ -675,6 +677,92 @@ def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(
     assert run.returncode == 3 and run.stderr == "fakespotter scan: error: writing stdout: No space left on device\n"
     run = subprocess.run(cmd[:-3] + ["--out", "/proc/none.jsonl"], capture_output=True, text=True)
     assert run.returncode == 2 and "cannot create /proc/none.jsonl: No such file or directory" in run.stderr
+
+
+def test_a_parquet_part_that_cannot_be_written_is_not_left_as_a_part(model, tmp_path):
+    """A file size limit hit while a part was written: the command ended with a pyarrow
+    traceback and exit 1 (its close flushed the buffered rows into the broken writer), or
+    renamed the broken part into place, unreadable ("Parquet magic bytes not found"). Now:
+    exit 3, the parts closed before stay, the broken one is gone, the stats count the records
+    of the parts kept, and --resume completes the output."""
+    import random
+    import resource
+    import string
+
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "in"
+    write_good(folder, 8)
+    deep, rnd = folder / "zz", random.Random(0)
+    for _ in range(4):  # records of incompressible 800-byte paths: the fifth part is the largest
+        deep = deep / "".join(rnd.choice(string.ascii_letters) for _ in range(200))
+    write_good(deep, 2, seed=9)
+    out = tmp_path / "o.parquet"
+    cmd = [sys.executable, "-m", "fakespotter", "scan", str(folder), "--model", str(model), "--aligned",
+           "--workers", "0", "--batch-size", "2", "--format", "parquet", "--part-rows", "2", "--out", str(out),
+           "--quiet"]
+    sizes = []
+    for limit in (7000, 3000):  # the fifth part fails; the first part fails
+        shutil.rmtree(out, ignore_errors=True)
+        run = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=lambda: resource.setrlimit(
+            resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY)))
+        assert run.returncode == 3 and "Traceback" not in run.stderr, run.stderr
+        assert "the records written before stay" in run.stderr
+        kept = pq.read_table(out).to_pylist() if any(out.iterdir()) else []
+        assert sorted(p.name for p in out.iterdir()) == [f"part-{i:06d}.parquet" for i in range(len(kept) // 2)]
+        stats = json.loads((tmp_path / "o.parquet.stats.json").read_text())
+        assert stats["images"] == len(kept) and stats["complete"] is False
+        assert stats["output_counts"] == {s: sum(r["status"] == s for r in kept) for s in stats["counts"]}
+        sizes.append(len(kept))
+    assert sizes == [8, 0]
+    run = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    want = list(scan([str(folder)], model, aligned=True, batch_size=2, workers=0))
+    assert pq.read_table(out).to_pylist() == [{k: r[k] for k in pq.read_table(out).column_names} for r in want]
+
+
+def test_a_signal_during_a_write_waits_for_it(corpus, model, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) during a write: the group is written whole and synced (a Parquet part
+    closed), then the scan stops; before, a signal there could leave a torn line, or a part
+    whose writer broke off, and stats that counted records not in the output."""
+    import signal
+
+    from fakespotter.scan import read_records
+
+    S = sys.modules["fakespotter.scan"]
+    for fmt in ("jsonl", "parquet"):
+        out = tmp_path / f"o.{fmt}"
+        calls = []
+        if fmt == "jsonl":
+            real_write = os.write
+
+            def cut(fd, data):
+                if os.readlink(f"/proc/self/fd/{fd}") == str(out):
+                    calls.append(1)
+                    if len(calls) == 2:  # the second group: its first line and a bit of the next get out
+                        n = real_write(fd, bytes(data)[:bytes(data).index(b"\n") + 6])
+                        os.kill(os.getpid(), signal.SIGINT)
+                        return n
+                return real_write(fd, data)
+            monkeypatch.setattr(os, "write", cut)
+        else:
+            real_close = S.ParquetParts._close_part
+
+            def cut(self):  # Ctrl-C as the second part closes
+                calls.append(1)
+                if len(calls) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return real_close(self)
+            monkeypatch.setattr(S.ParquetParts, "_close_part", cut)
+        assert main(["scan", str(corpus / "a"), "--model", str(model), "--aligned", "--workers", "0", "--batch-size",
+                     "2", "--out", str(out), "--quiet"] + (["--part-rows", "2"] if fmt == "parquet" else [])) == 130
+        monkeypatch.undo()
+        kept = list(read_records(out, fmt))  # (a torn line would fail here)
+        stats = json.loads(Path(f"{out}.stats.json").read_text())
+        assert stats["images"] == len(kept) == 4, (fmt, stats["images"], len(kept))
+        assert stats["output_counts"] == {s: sum(r["status"] == s for r in kept) for s in stats["counts"]}
+        assert not [p for p in out.parent.rglob(".*") if p.is_file()]  # no unfinished part
 
 
 def test_a_full_disk_before_the_first_record_leaves_nothing_behind(corpus, model, tmp_path, capsys, monkeypatch):

@@ -1056,6 +1056,25 @@ def count_record(stats: Dict[str, Any], record: Dict[str, Any], sign: int = 1) -
             del stats["error_kinds"][kind]
 
 
+def new_counts() -> Dict[str, Any]:
+    """The record counts of :func:`new_stats` alone (what :func:`count_record` changes)."""
+    return {k: v for k, v in new_stats().items() if k in ("images", "counts", "labels", "error_kinds", "faces")}
+
+
+def add_counts(stats: Dict[str, Any], other: Dict[str, Any], sign: int = 1) -> None:
+    """Add the record counts ``other`` (:func:`new_counts`) to ``stats``; ``sign=-1`` takes them
+    out."""
+    stats["images"] += sign * other["images"]
+    stats["faces"] += sign * other["faces"]
+    for key in ("counts", "labels"):
+        for k, n in other[key].items():
+            stats[key][k] += sign * n
+    for kind, n in other["error_kinds"].items():
+        stats["error_kinds"][kind] = stats["error_kinds"].get(kind, 0) + sign * n
+        if not stats["error_kinds"][kind]:
+            del stats["error_kinds"][kind]
+
+
 def cuda_build_problem(info: Dict[str, Any], capability: Tuple[int, int]) -> Optional[str]:
     """Why fakespotter's native ops cannot run on a GPU of ``capability`` (major, minor), given
     their ``_C.build_info()``; None when they can. A CMake architecture ``NN`` holds code for
@@ -1408,12 +1427,17 @@ class RecordWriter:
     as a folder of Parquet part files.
 
     mode: ``"new"`` (the file must not exist), ``"overwrite"``, or ``"resume"`` (cut the file to
-    ``state.good_bytes`` - its complete records - and append). ``write(group)`` writes, flushes
-    and fsyncs: after it returns, those records survive a crash or power loss.
+    ``state.good_bytes`` - its complete records - and append). ``write(group)`` writes and
+    fsyncs: after it returns, those records survive a crash or power loss.
 
     Parquet (``fmt="parquet"``, needs pyarrow; ``target`` is a folder, see :class:`ParquetParts`):
     records become durable when their part file is closed, every ``part_rows`` records or
     ``part_seconds`` seconds, and at :meth:`close`; a killed scan redoes at most that much.
+
+    ``lost``: the counts (:func:`new_counts`) of the records given to :meth:`write` that are not
+    in the output after a write or :meth:`close` failed (a full disk, a file size limit): a file
+    keeps the lines written whole, a Parquet folder its closed parts. After such a failure
+    nothing more is written. Ctrl-C and SIGTERM wait for a write or close to end.
     """
 
     def __init__(self, target: Union[str, Path, IO[str]], fmt: str = "jsonl", mode: str = "new",
@@ -1424,6 +1448,8 @@ class RecordWriter:
             raise ValueError(f"RecordWriter: mode must be 'new', 'overwrite' or 'resume', got {mode!r}")
         self.fmt = fmt
         self._fd: Optional[int] = None
+        self._file: Any = None
+        self._failed = False
         self._parts: Optional[ParquetParts] = None
         if fmt == "parquet":
             if not isinstance(target, (str, os.PathLike)):
@@ -1432,7 +1458,9 @@ class RecordWriter:
             if mode == "resume" and state is None:
                 raise ValueError("RecordWriter: mode 'resume' needs the state of the existing output")
             self._parts = ParquetParts(target, mode, state, part_rows=part_rows, part_seconds=part_seconds)
+            self.lost = self._parts.lost
             return
+        self.lost = new_counts()
         if not isinstance(target, (str, os.PathLike)):
             self._stream = target
             if fmt == "csv":
@@ -1447,37 +1475,68 @@ class RecordWriter:
         except FileExistsError:
             raise OutputBusy(f"{target} appeared after the scan checked it (another scan writing it?); refusing "
                              f"to touch it") from None
-        f = os.fdopen(_lock(fd, target), "r+b")  # locked before anything is cut
+        self._file = os.fdopen(_lock(fd, target), "r+b", buffering=0)  # locked before anything is cut
+        self._fd = self._file.fileno()
         keep = state.good_bytes if mode == "resume" else 0
-        f.truncate(keep)
-        f.seek(keep)
-        fresh = keep == 0
-        self._stream = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
-        self._fd = f.fileno()
-        if fmt == "csv" and fresh:
-            self._stream.write(_csv_header())
-        self._sync()
+        self._file.truncate(keep)
+        self._file.seek(keep)
+        if fmt == "csv" and keep == 0:
+            self._put(_csv_header().encode())
+        os.fsync(self._fd)
 
-    def _sync(self) -> None:
-        self._stream.flush()
-        if self._fd is not None:
-            os.fsync(self._fd)
+    def _put(self, data: bytes) -> int:
+        """Write ``data`` at the file's end (unbuffered); returns the bytes written, also when a
+        write fails (then as the exception's ``written``)."""
+        done = 0
+        view = memoryview(data)
+        try:
+            while done < len(data):
+                done += os.write(self._fd, view[done:])  # type: ignore[arg-type]
+        except BaseException as e:
+            e.written = done  # type: ignore[attr-defined]
+            raise
+        return done
 
     def write(self, records: Sequence[Dict[str, Any]]) -> None:
+        """Write ``records`` whole: Ctrl-C and SIGTERM wait until they are written (and synced)."""
+        if self._failed:
+            raise RuntimeError("RecordWriter: an earlier write failed; nothing more is written")
+        with _signals_held():
+            self._write(records)
+
+    def _write(self, records: Sequence[Dict[str, Any]]) -> None:
         if self._parts is not None:
             self._parts.write(records)
             return
-        self._stream.write("".join(_line(r, self.fmt) for r in records))
-        self._sync()
+        if self._fd is None:
+            self._stream.write("".join(_line(r, self.fmt) for r in records))
+            self._stream.flush()
+            return
+        lines = [_line(r, self.fmt).encode("utf-8", "surrogateescape") for r in records]
+        try:
+            self._put(b"".join(lines))
+            os.fsync(self._fd)
+        except BaseException as e:
+            self._failed = True
+            written = getattr(e, "written", sum(map(len, lines)))  # (fsync failed: every line reached the file)
+            for r, line in zip(records, lines):
+                written -= len(line)
+                if written < 0:  # this line, and those after it, are not (wholly) in the file
+                    count_record(self.lost, r)
+            raise
 
     def close(self) -> None:
         if self._parts is not None:
-            self._parts.close()
+            with _signals_held():  # (the last part is written and closed whole)
+                self._parts.close()
             return
-        if self._fd is not None:
-            self._sync()
-            self._stream.close()
-            self._fd = None
+        if self._file is not None:
+            try:
+                if not self._failed:
+                    os.fsync(self._fd)
+            finally:
+                self._file.close()
+                self._file = self._fd = None
 
 
 class OutputBusy(RuntimeError):
@@ -1714,6 +1773,9 @@ class ParquetParts:
         self._lock_fd: Optional[int] = None
         self._writer: Any = None
         self._rows = 0  # records in the open part, buffered ones included
+        self._open = new_counts()  # ... and their counts
+        self.lost = new_counts()  # (see RecordWriter.lost)
+        self._failed = False
         self._buf: List[Dict[str, Any]] = []
         self._opened = 0.0
         if mode not in ("new", "overwrite", "resume"):
@@ -1766,24 +1828,52 @@ class ParquetParts:
         finally:
             os.close(fd)
         os.replace(tmp, self.folder / _part_name(self._next))
-        _fsync_dir(self.folder)
         self._next += 1
         self._rows = 0
+        self._open = new_counts()
+        _fsync_dir(self.folder)
+
+    def _fail(self, rest: Sequence[Dict[str, Any]] = ()) -> None:
+        """A write or close failed (or was interrupted): the open part, whatever state its
+        writer is in, is deleted, never renamed into place; its records and ``rest`` are lost."""
+        self._failed = True
+        add_counts(self.lost, self._open)
+        for r in rest:
+            count_record(self.lost, r)
+        self._open, self._buf, self._rows = new_counts(), [], 0
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception:
+            pass
+        try:
+            self._unfinished().unlink()
+        except OSError:
+            pass
 
     def write(self, records: Sequence[Dict[str, Any]]) -> None:
         """Add ``records`` in order; a part closes as soon as it holds ``part_rows`` of them (the
         rest go on into the next part) or is ``part_seconds`` old."""
+        if self._failed:
+            raise RuntimeError("ParquetParts: an earlier write failed; nothing more is written")
         done = 0
-        while done < len(records):
-            if self._rows == 0:
-                self._opened = time.monotonic()
-            take = records[done:done + self._part_rows - self._rows]
-            self._buf.extend(take)
-            self._rows += len(take)
-            done += len(take)
-            self._flush(everything=False)
-            if self._rows >= self._part_rows or time.monotonic() - self._opened >= self._part_seconds:
-                self._close_part()
+        try:
+            while done < len(records):
+                if self._rows == 0:
+                    self._opened = time.monotonic()
+                take = records[done:done + self._part_rows - self._rows]
+                for r in take:
+                    count_record(self._open, r)
+                self._buf.extend(take)
+                self._rows += len(take)
+                done += len(take)
+                self._flush(everything=False)
+                if self._rows >= self._part_rows or time.monotonic() - self._opened >= self._part_seconds:
+                    self._close_part()
+        except BaseException:
+            self._fail(records[done:])
+            raise
 
     def _clear(self, mode: str, state: Optional[ResumeState]) -> int:
         """Make an existing folder ready to write in: ``overwrite`` deletes its parts (refusing a
@@ -1807,9 +1897,15 @@ class ParquetParts:
         self._lock_fd = _lock(os.open(self.folder, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), self.folder)
 
     def close(self) -> None:
-        """Close the open part (its records become durable) and release the folder's lock."""
+        """Close the open part (its records become durable; after a failure it is deleted) and
+        release the folder's lock."""
         try:
-            self._close_part()
+            if not self._failed:
+                try:
+                    self._close_part()
+                except BaseException:
+                    self._fail()
+                    raise
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)

@@ -476,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_ray_only(args)
     plan = check(args)
-    from ..scan import CompileError, OutputBusy, RecordWriter, WorkerStartError, count_record, scan, write_stats
+    from ..scan import CompileError, OutputBusy, RecordWriter, WorkerStartError, add_counts, scan, write_stats
 
     out, fmt = plan["out"], plan["fmt"]
     stdin = piped_listing(args, reread=plan["mode"] == "resume")
@@ -537,8 +537,6 @@ def run(args: argparse.Namespace) -> int:
                 writer.write(group)
             except OSError as e:
                 failed = e
-                for record in group:  # the stats count what was written (--resume recounts the file)
-                    count_record(run_.stats, record, -1)
                 break
             progress.update(len(group))
             if stats_path is not None and run_.stats["batch_size"] != batch_size:  # an out-of-memory back-off
@@ -561,6 +559,7 @@ def run(args: argparse.Namespace) -> int:
             writer.close()
         except OSError as e:
             failed = failed or e
+        add_counts(run_.stats, writer.lost, -1)  # the stats count what is in the output (a failed or cut write)
         progress.close()
         if stats_path is not None:
             try:
