@@ -7,10 +7,10 @@ of many damaged TIFFs printed a line each through its progress bar, none saying 
 
 :func:`collected` installs a handler (once per process) in the libtiff that Pillow loaded: in
 a ``collected()`` block its messages are kept, for the caller to put in the file's error;
-elsewhere they go to the handler that was there before (libtiff's print to stderr). The handler receives libtiff's ``va_list`` as a pointer
-and formats it with C's ``vsnprintf`` (a ``va_list`` argument is passed as a pointer on x86-64
-and AArch64 Linux and macOS). Where the library cannot be found (not Linux or macOS, a Pillow
-without libtiff) nothing changes.
+elsewhere they go to the handler that was there before (libtiff's print to stderr). The
+handler receives libtiff's ``va_list`` as a pointer and formats it with C's ``vsnprintf`` (a
+``va_list`` argument is passed as a pointer on x86-64 and AArch64 Linux and macOS). Where the
+library cannot be found (not Linux or macOS, a Pillow without libtiff) nothing changes.
 """
 
 from __future__ import annotations

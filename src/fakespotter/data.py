@@ -56,8 +56,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", 
                               ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif", ".hif"})
 # Pillow plugins allowed to open a file (the formats of IMAGE_EXTENSIONS; MPO is a multi-picture
 # JPEG; AVIF and HEIF where this Pillow has them: AVIF is built into Pillow >= 11.3 wheels, HEIF
-# comes from pillow-heif, whose opener faces.open_image registers on the first HEIF it meets). Anything else - EPS (which would run Ghostscript),
-# PSD, ICO, ... - is ``not_an_image``.
+# comes from pillow-heif, whose opener faces.open_image registers on the first HEIF it meets).
+# Anything else - EPS (which would run Ghostscript), PSD, ICO, ... - is ``not_an_image``.
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "AVIF", "HEIF")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 DEFAULT_PIXEL_LIMIT = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: 1 GiB of 4-byte pixels / 3

@@ -1041,19 +1041,16 @@ def new_stats() -> Dict[str, Any]:
             "decode_faces_s": 0.0, "wait_s": 0.0, "backbone_taps_s": 0.0, "classifier_s": 0.0}
 
 
-def count_record(stats: Dict[str, Any], record: Dict[str, Any], sign: int = 1) -> None:
-    """Add one record to the counts of ``stats`` (see :func:`new_stats`); ``sign=-1`` takes it
-    back out (a group whose write failed)."""
-    stats["images"] += sign
-    stats["counts"][record["status"]] += sign
-    stats["faces"] += sign * len(record["faces"])
+def count_record(stats: Dict[str, Any], record: Dict[str, Any]) -> None:
+    """Add one record to the counts of ``stats`` (see :func:`new_stats`)."""
+    stats["images"] += 1
+    stats["counts"][record["status"]] += 1
+    stats["faces"] += len(record["faces"])
     if record["label"] is not None:
-        stats["labels"][record["label"]] += sign
+        stats["labels"][record["label"]] += 1
     kind = record["error_kind"]
     if kind is not None:
-        stats["error_kinds"][kind] = stats["error_kinds"].get(kind, 0) + sign
-        if not stats["error_kinds"][kind]:
-            del stats["error_kinds"][kind]
+        stats["error_kinds"][kind] = stats["error_kinds"].get(kind, 0) + 1
 
 
 def new_counts() -> Dict[str, Any]:
