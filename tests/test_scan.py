@@ -894,6 +894,56 @@ if __name__ == "__main__":
     assert most[1] == 2 and 1 in most[2:], lines[-1]
 
 
+@pytest.mark.parametrize("where", ["main", "redo"])
+def test_a_pool_replaced_by_a_submit_is_not_waited_for(tmp_path, where):
+    """A worker dies while the scan is busy between results (a forward; the OOM killer): the
+    next submit finds the pool broken and starts a new one for the next file; the redo then
+    shut that pool down waiting for its task, with no limit: for good when the file was stuck
+    in a native call. Its workers are now stopped first (all its files are redone anyway)."""
+    files = write_good(tmp_path / "d", 6, seed=8)
+    for i in (3, 4) if where == "redo" else (1, 2):
+        files[i].rename(files[i].with_name(f"img{i:03d}-hang.png"))
+    if where == "redo":  # the first crash starts a redo; the kill comes during it
+        files[0].rename(files[0].with_name("img000-crash.png"))
+    kill_after, kw = ("img002.png", "workers=2, chunk=1, window=5") if where == "redo" else \
+        ("img000.png", "workers=1, chunk=1, window=2")
+    script = tmp_path / "replaced.py"
+    script.write_text(f"""
+import os
+import signal
+import sys
+import time
+from fakespotter import data as D
+import fakespotter.scan
+S = sys.modules["fakespotter.scan"]
+pools, real_pool = [], S._pool
+
+def recorded(workers):
+    pools.append(real_pool(workers))
+    return pools[-1]
+
+if __name__ == "__main__":
+    S._pool, S.STUCK_GRACE_S = recorded, 3.0
+    cfg = S._Config(aligned=True, size=150, upsample=1, pixel_limit=D.DEFAULT_PIXEL_LIMIT, weak_face_score=0.15,
+                    detect_pixels=0, file_timeout=2.0)
+    for e, r in S._decoded(D.iter_entries([{str(tmp_path / "d")!r}]), cfg, {kw}):
+        name = e.path.rsplit("/", 1)[-1]
+        print(name, r["error"] and r["error"][0], flush=True)
+        if name == {kill_after!r}:  # busy (a forward) while a worker is killed
+            os.kill(next(p for p in S._workers_of(pools[-1]) if p.is_alive()).pid, signal.SIGKILL)
+            time.sleep(2)
+""")
+    env = dict(os.environ, FAKESPOTTER_SCAN_TEST_HANG="-hang.png", FAKESPOTTER_SCAN_TEST_CRASH="-crash.png")
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the scan hung after: {e.stdout!r}") from None
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    want = {"crash": "worker_crash", "hang": "timeout"}
+    assert proc.stdout.splitlines() == [f"{n} {next((k for t, k in want.items() if t in n), None)}" for n in names]
+
+
 def chunk_flood_png(chunks: int) -> bytes:
     """A valid 64x64 PNG behind ``chunks`` empty IDAT chunks: Pillow reads each in Python (~5 us)."""
     import struct
@@ -1313,3 +1363,26 @@ def test_progress_is_a_plain_line_now_and_then_when_stderr_is_not_a_terminal(cor
     assert done == [2, 4, 6, 7]
     rc, _, err = run_cli([*base, "--out", str(tmp_path / "b.jsonl"), "--quiet"], capsys)
     assert rc == 0 and err == ""
+
+
+def test_a_record_writer_counts_what_a_failed_write_lost(corpus, model, tmp_path):
+    """``lost``: a file keeps the lines written whole; a stream's whole group is lost (what
+    reached it is not known); after a failure nothing more is written."""
+    from fakespotter.scan import RecordWriter
+
+    records = list(scan([str(corpus / "a")], model, aligned=True, workers=0))
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+    writer = RecordWriter(Full(), "jsonl")
+    with pytest.raises(OSError):
+        writer.write(records[:3])
+    assert writer.lost["images"] == 3 and sum(writer.lost["counts"].values()) == 3
+    with pytest.raises(RuntimeError, match="an earlier write failed"):
+        writer.write(records[3:])
+    out = tmp_path / "o.jsonl"
+    writer = RecordWriter(out, "jsonl")
+    writer.write(records[:2])
+    writer.close()
+    assert writer.lost["images"] == 0 and len(out.read_text().splitlines()) == 2

@@ -50,7 +50,7 @@ import re
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -409,14 +409,23 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     caught: List[int] = []
-    held = {}
+    held: Dict[int, Any] = {}
+    over = False
+
+    def hold(signum: int, frame: Any) -> None:
+        if over:  # still installed after the block: a signal cut the restoring short; act as the handler
+            held[signum](signum, frame)
+        else:
+            caught.append(signum)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         if callable(signal.getsignal(sig)):  # a Python handler; SIG_DFL / SIG_IGN act at once anyway
-            held[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+            held[sig] = signal.signal(sig, hold)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
+        over = True
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         for sig, handler in held.items():
             signal.signal(sig, handler)
@@ -489,53 +498,71 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 return c, ex.submit(_decode_chunk, c, cfg), ex
 
     def new_pool() -> None:
+        """A fresh pool for what is redone. Every task of the current one is redone (a submit
+        that found the pool broken may have started it with the next chunk): its workers are
+        stopped first, or the shutdown would wait for them, for good if one is stuck."""
         nonlocal ex
+        _kill_workers(ex)
         ex.shutdown(wait=True, cancel_futures=True)
         ex = _pool(workers)
 
+    def start(item: Any) -> Tuple[List[Entry], Any, ProcessPoolExecutor]:
+        """A task for ``item`` of a redo: an entry; or (entry, result), a file decoded before
+        the pool broke, as a future already done."""
+        if isinstance(item, Entry):
+            return submit([item])
+        e, res = item
+        fut: Future = Future()
+        fut.set_result([res])
+        return [e], fut, ex
+
+    def settled() -> List[Any]:
+        """The tasks in flight as items for :func:`start`, in order (cleared)."""
+        items = [(cc[0], f.result()[0]) if f.done() and not f.cancelled() and f.exception() is None else cc[0]
+                 for cc, f, _ in pending]
+        pending.clear()
+        return items
+
     def redo(backlog: deque) -> Iterator[Optional[Tuple[Entry, Dict[str, Any]]]]:
-        """The entries of a broken pool's chunks, in order, one per task and as many in flight
-        as there are workers (each runs at once): the first in flight past its file's limit is
+        """The entries of a broken pool's chunks, in order, one per task and as many running as
+        there are workers (each runs at once): the first in flight past its file's limit is
         that file's ``timeout``, and the others go on; when the pool breaks again, the entries
-        in flight are the suspects, redone one at a time (:func:`isolate`)."""
+        still running are the suspects, redone one at a time (:func:`isolate`)."""
         while backlog or pending:
-            while backlog and len(pending) < workers:
-                pending.append(submit([backlog.popleft()]))
+            # (at most `workers` running, each on a worker of its own; a few more done, waiting
+            # in order behind a slow first one)
+            while backlog and len(pending) < 4 * workers and sum(not f.done() for _, f, _ in pending) < workers:
+                pending.append(start(backlog.popleft()))
             c, fut, pool = pending[0]
             why = yield from _wait(fut, pool, _stuck_limit(cfg, 1), poll)
-            try:
-                (res,) = fut.result()
-                done = True
-            except BrokenProcessPool:
-                done = False
-            if done and why == "done":
+            if why == "done" and fut.exception() is None:
                 pending.popleft()
-                yield c[0], res
+                yield c[0], fut.result()[0]
                 continue
-            if not done:
+            if fut.exception() is not None:
                 _check_started(pool)
-            in_flight = [cc[0] for cc, _, _ in pending]
-            pending.clear()
+            items = settled()  # (the first: done just as the pool was stopped, or not)
             new_pool()
-            if done:  # finished just as the pool was stopped, which stopped the others
-                yield in_flight.pop(0), res
+            if not isinstance(items[0], Entry):  # done just as the pool was stopped, which stopped the others
+                yield items.pop(0)
                 if why == "stuck":
-                    backlog.extendleft(reversed(in_flight))
+                    backlog.extendleft(reversed(items))
                 else:  # a worker died (while it sent a result): one of the others' files did it
-                    yield from isolate(in_flight)
+                    yield from isolate(items)
             elif why == "stuck":
-                yield in_flight[0], _stuck_result(in_flight[0], cfg)
-                backlog.extendleft(reversed(in_flight[1:]))
+                yield items[0], _stuck_result(items[0], cfg)
+                backlog.extendleft(reversed(items[1:]))
             else:
-                yield from isolate(in_flight)
+                yield from isolate(items)
 
-    def isolate(suspects: List[Entry]) -> Iterator[Optional[Tuple[Entry, Dict[str, Any]]]]:
-        """One of ``suspects`` killed its worker: each alone in the pool, in order; one that
-        kills it again gets a ``worker_crash``, one past its limit a ``timeout``."""
-        for e in suspects:
-            pending.append(submit([e]))
+    def isolate(suspects: List[Any]) -> Iterator[Optional[Tuple[Entry, Dict[str, Any]]]]:
+        """One of ``suspects`` (items for :func:`start`) killed its worker: each alone in the
+        pool, in order; one that kills it again gets a ``worker_crash``, one past its limit a
+        ``timeout``."""
+        for item in suspects:
+            pending.append(start(item))
             why = yield from _wait(pending[0][1], pending[0][2], _stuck_limit(cfg, 1), poll)
-            _, fut, pool = pending.popleft()
+            (e,), fut, pool = pending.popleft()
             try:
                 (res,) = fut.result()
             except BrokenProcessPool:
@@ -566,8 +593,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
                 _check_started(pool)  # the pool this chunk ran in (a later submit may have replaced it)
                 backlog = deque(list(c) + [e for cc, _, _ in pending for e in cc])
                 pending.clear()
-                ex.shutdown(wait=True, cancel_futures=True)
-                ex = _pool(workers)
+                new_pool()
                 yield from redo(backlog)
                 continue
             yield from zip(c, results)
@@ -1505,9 +1531,15 @@ class RecordWriter:
         if self._parts is not None:
             self._parts.write(records)
             return
-        if self._fd is None:
-            self._stream.write("".join(_line(r, self.fmt) for r in records))
-            self._stream.flush()
+        if self._fd is None:  # a stream: what reached it is not known
+            try:
+                self._stream.write("".join(_line(r, self.fmt) for r in records))
+                self._stream.flush()
+            except BaseException:
+                self._failed = True
+                for r in records:
+                    count_record(self.lost, r)
+                raise
             return
         lines = [_line(r, self.fmt).encode("utf-8", "surrogateescape") for r in records]
         try:
