@@ -888,10 +888,11 @@ if __name__ == "__main__":
     lines = proc.stdout.splitlines()
     names = sorted(p.name for p in (tmp_path / "d").iterdir())
     assert lines[:-1] == [f"{n} {'worker_crash' if 'crash' in n else None}" for n in names], proc.stdout
-    # the first pool broke on the crash; the next redid its chunks with both workers busy; the
-    # crash broke it too, and the files then in flight were redone alone (then both workers again)
+    # the first pool broke on the crash (a submit that found it broken may have started one more
+    # for the next chunk); the next redid its chunks with both workers busy; the crash broke it
+    # too, and the files then in flight were redone alone (then both workers again)
     most = [int(m) for m in lines[-1].split()[1:]]
-    assert most[1] == 2 and 1 in most[2:], lines[-1]
+    assert max(most[1:]) == 2 and 1 in most[2:], lines[-1]
 
 
 @pytest.mark.parametrize("where", ["main", "redo"])
