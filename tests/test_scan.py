@@ -765,6 +765,33 @@ def test_a_signal_during_a_write_waits_for_it(corpus, model, tmp_path, monkeypat
         assert not [p for p in out.parent.rglob(".*") if p.is_file()]  # no unfinished part
 
 
+def test_a_signal_between_a_group_and_its_write_leaves_it_uncounted(corpus, model, tmp_path, monkeypatch):
+    """Ctrl-C after the scan handed a group out (and counted it) but before its write began:
+    the stats counted a group that was in no output. They now count what the writer wrote."""
+    import signal
+
+    from fakespotter.scan import read_records
+
+    S = sys.modules["fakespotter.scan"]
+    for fmt in ("jsonl", "parquet"):
+        out = tmp_path / f"o.{fmt}"
+        real_write, calls = S.RecordWriter.write, []
+
+        def cut(self, records):
+            calls.append(1)
+            if len(calls) == 2:  # the second group: the signal arrives before the write takes it
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_write(self, records)
+        monkeypatch.setattr(S.RecordWriter, "write", cut)
+        assert main(["scan", str(corpus / "a"), "--model", str(model), "--aligned", "--workers", "0", "--batch-size",
+                     "2", "--out", str(out), "--quiet"] + (["--part-rows", "2"] if fmt == "parquet" else [])) == 130
+        monkeypatch.undo()
+        kept = list(read_records(out, fmt))
+        stats = json.loads(Path(f"{out}.stats.json").read_text())
+        assert stats["images"] == len(kept) == 2, (fmt, stats["images"], len(kept))
+        assert stats["output_counts"] == {s: sum(r["status"] == s for r in kept) for s in stats["counts"]}
+
+
 def test_a_full_disk_before_the_first_record_leaves_nothing_behind(corpus, model, tmp_path, capsys, monkeypatch):
     S = sys.modules["fakespotter.scan"]  # (fakespotter.scan is also the function)
     real = S.write_stats
@@ -1366,8 +1393,8 @@ def test_progress_is_a_plain_line_now_and_then_when_stderr_is_not_a_terminal(cor
     assert rc == 0 and err == ""
 
 
-def test_a_record_writer_counts_what_a_failed_write_lost(corpus, model, tmp_path):
-    """``lost``: a file keeps the lines written whole; a stream's whole group is lost (what
+def test_a_record_writer_counts_what_it_wrote(corpus, model, tmp_path):
+    """``written``: a file's lines written whole; none of a stream's group that failed (what
     reached it is not known); after a failure nothing more is written."""
     from fakespotter.scan import RecordWriter
 
@@ -1379,11 +1406,12 @@ def test_a_record_writer_counts_what_a_failed_write_lost(corpus, model, tmp_path
     writer = RecordWriter(Full(), "jsonl")
     with pytest.raises(OSError):
         writer.write(records[:3])
-    assert writer.lost["images"] == 3 and sum(writer.lost["counts"].values()) == 3
+    assert writer.written["images"] == 0 and sum(writer.written["counts"].values()) == 0
     with pytest.raises(RuntimeError, match="an earlier write failed"):
         writer.write(records[3:])
     out = tmp_path / "o.jsonl"
     writer = RecordWriter(out, "jsonl")
     writer.write(records[:2])
     writer.close()
-    assert writer.lost["images"] == 0 and len(out.read_text().splitlines()) == 2
+    assert writer.written["images"] == 2 and len(out.read_text().splitlines()) == 2
+    assert writer.written["counts"] == {s: sum(r["status"] == s for r in records[:2]) for s in ("ok", "no_face", "error")}

@@ -1084,18 +1084,15 @@ def new_counts() -> Dict[str, Any]:
     return {k: v for k, v in new_stats().items() if k in ("images", "counts", "labels", "error_kinds", "faces")}
 
 
-def add_counts(stats: Dict[str, Any], other: Dict[str, Any], sign: int = 1) -> None:
-    """Add the record counts ``other`` (:func:`new_counts`) to ``stats``; ``sign=-1`` takes them
-    out."""
-    stats["images"] += sign * other["images"]
-    stats["faces"] += sign * other["faces"]
+def add_counts(stats: Dict[str, Any], other: Dict[str, Any]) -> None:
+    """Add the record counts ``other`` (:func:`new_counts`) to ``stats``."""
+    stats["images"] += other["images"]
+    stats["faces"] += other["faces"]
     for key in ("counts", "labels"):
         for k, n in other[key].items():
-            stats[key][k] += sign * n
+            stats[key][k] += n
     for kind, n in other["error_kinds"].items():
-        stats["error_kinds"][kind] = stats["error_kinds"].get(kind, 0) + sign * n
-        if not stats["error_kinds"][kind]:
-            del stats["error_kinds"][kind]
+        stats["error_kinds"][kind] = stats["error_kinds"].get(kind, 0) + n
 
 
 def cuda_build_problem(info: Dict[str, Any], capability: Tuple[int, int]) -> Optional[str]:
@@ -1457,10 +1454,10 @@ class RecordWriter:
     records become durable when their part file is closed, every ``part_rows`` records or
     ``part_seconds`` seconds, and at :meth:`close`; a killed scan redoes at most that much.
 
-    ``lost``: the counts (:func:`new_counts`) of the records given to :meth:`write` that are not
-    in the output after a write or :meth:`close` failed (a full disk, a file size limit): a file
-    keeps the lines written whole, a Parquet folder its closed parts. After such a failure
-    nothing more is written. Ctrl-C and SIGTERM wait for a write or close to end.
+    ``written``: the counts (:func:`new_counts`) of the records that are in the output: a file's
+    lines written whole, a Parquet folder's closed parts, all that a stream took. After a write
+    or :meth:`close` failed (a full disk, a file size limit) nothing more is written. Ctrl-C and
+    SIGTERM wait for a write or close to end.
     """
 
     def __init__(self, target: Union[str, Path, IO[str]], fmt: str = "jsonl", mode: str = "new",
@@ -1481,9 +1478,9 @@ class RecordWriter:
             if mode == "resume" and state is None:
                 raise ValueError("RecordWriter: mode 'resume' needs the state of the existing output")
             self._parts = ParquetParts(target, mode, state, part_rows=part_rows, part_seconds=part_seconds)
-            self.lost = self._parts.lost
+            self.written = self._parts.written
             return
-        self.lost = new_counts()
+        self.written = new_counts()
         if not isinstance(target, (str, os.PathLike)):
             self._stream = target
             if fmt == "csv":
@@ -1537,22 +1534,25 @@ class RecordWriter:
                 self._stream.flush()
             except BaseException:
                 self._failed = True
-                for r in records:
-                    count_record(self.lost, r)
                 raise
+            for r in records:
+                count_record(self.written, r)
             return
         lines = [_line(r, self.fmt).encode("utf-8", "surrogateescape") for r in records]
+        written = sum(map(len, lines))
         try:
             self._put(b"".join(lines))
             os.fsync(self._fd)
         except BaseException as e:
             self._failed = True
-            written = getattr(e, "written", sum(map(len, lines)))  # (fsync failed: every line reached the file)
+            written = getattr(e, "written", written)  # (fsync failed: every line reached the file)
+            raise
+        finally:
             for r, line in zip(records, lines):
                 written -= len(line)
                 if written < 0:  # this line, and those after it, are not (wholly) in the file
-                    count_record(self.lost, r)
-            raise
+                    break
+                count_record(self.written, r)
 
     def close(self) -> None:
         if self._parts is not None:
@@ -1803,7 +1803,7 @@ class ParquetParts:
         self._writer: Any = None
         self._rows = 0  # records in the open part, buffered ones included
         self._open = new_counts()  # ... and their counts
-        self.lost = new_counts()  # (see RecordWriter.lost)
+        self.written = new_counts()  # those of the closed parts (see RecordWriter.written)
         self._failed = False
         self._buf: List[Dict[str, Any]] = []
         self._opened = 0.0
@@ -1857,18 +1857,16 @@ class ParquetParts:
         finally:
             os.close(fd)
         os.replace(tmp, self.folder / _part_name(self._next))
+        add_counts(self.written, self._open)
         self._next += 1
         self._rows = 0
         self._open = new_counts()
         _fsync_dir(self.folder)
 
-    def _fail(self, rest: Sequence[Dict[str, Any]] = ()) -> None:
+    def _fail(self) -> None:
         """A write or close failed (or was interrupted): the open part, whatever state its
-        writer is in, is deleted, never renamed into place; its records and ``rest`` are lost."""
+        writer is in, is deleted, never renamed into place; its records are lost."""
         self._failed = True
-        add_counts(self.lost, self._open)
-        for r in rest:
-            count_record(self.lost, r)
         self._open, self._buf, self._rows = new_counts(), [], 0
         writer, self._writer = self._writer, None
         try:
@@ -1901,7 +1899,7 @@ class ParquetParts:
                 if self._rows >= self._part_rows or time.monotonic() - self._opened >= self._part_seconds:
                     self._close_part()
         except BaseException:
-            self._fail(records[done:])
+            self._fail()
             raise
 
     def _clear(self, mode: str, state: Optional[ResumeState]) -> int:

@@ -23,6 +23,7 @@ could not be written (disk full, ...; --resume continues)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import os
 import sys
@@ -476,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_ray_only(args)
     plan = check(args)
-    from ..scan import CompileError, OutputBusy, RecordWriter, WorkerStartError, add_counts, scan, write_stats
+    from ..scan import CompileError, OutputBusy, RecordWriter, WorkerStartError, scan, write_stats
 
     out, fmt = plan["out"], plan["fmt"]
     stdin = piped_listing(args, reread=plan["mode"] == "resume")
@@ -559,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
             writer.close()
         except OSError as e:
             failed = failed or e
-        add_counts(run_.stats, writer.lost, -1)  # the stats count what is in the output (a failed or cut write)
+        run_.stats.update(copy.deepcopy(writer.written))  # what is in the output (not a failed or cut write)
         progress.close()
         if stats_path is not None:
             try:
