@@ -182,3 +182,92 @@ def test_every_brand_pillow_heif_reads_is_a_heif_and_hif_files_are_listed(unregi
     assert D.decode_image(hevx).rgb.shape == (32, 48, 3)
     (tmp_path / "IMG_0001.HIF").write_bytes(data)
     assert [os.path.basename(e.path) for e in D.iter_entries([str(tmp_path)])] == ["IMG_0001.HIF"]
+
+
+def _lying(data: bytes, width: int, height: int) -> bytes:
+    """``data`` with every ``ispe`` property (the sizes the file declares) set to width x height."""
+    out = bytearray(data)
+    at = out.find(b"ispe")
+    while at >= 0:
+        out[at + 8:at + 16] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        at = out.find(b"ispe", at + 4)
+    return bytes(out)
+
+
+def test_a_heic_that_declares_a_small_picture_and_codes_a_large_one_meets_the_pixel_limit(unregistered, monkeypatch):
+    """The pixel limit was checked against the size a HEIF declares (``ispe``), which is all
+    Pillow reports; libheif decodes the coded picture whole before it refuses the mismatch, so a
+    file declaring 40x30 could code one of any size. The size its HEVC parameter set codes is
+    now held to the limit too, before anything is decoded."""
+    data = heic(noise_image(8, 480, 640))
+    assert D.heif_coded_sizes(data) == [(640, 480)]
+    lie = _lying(data, 40, 30)
+    assert pillow_heif.open_heif(io.BytesIO(lie)).size == (40, 30)
+    with pytest.raises(D.ImageError) as e:
+        D.decode_image(lie, pixel_limit=100_000)
+    assert e.value.kind == "too_many_pixels"
+    assert "codes a picture of 640x480 = 307200 pixels (it declares 40x30)" in e.value.message
+    assert D.decode_image(data, pixel_limit=307_200).width == 640  # (the limit itself is allowed)
+    with pytest.raises(D.ImageError) as e:  # under the limit: libheif's own refusal, as before
+        D.decode_image(lie)
+    assert e.value.kind == "decode_error"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(ValueError, match=r"codes a picture of 640x480 = 307200 pixels \(it declares 40x30\)"):
+        load_image(lie)
+
+
+def test_the_coded_sizes_of_valid_heics_cover_what_they_declare(unregistered):
+    """x265 codes a picture in whole 8x8 blocks (64x64 at least) and crops it: a valid file is
+    never refused for its coded size; a grid's tiles each have theirs."""
+    for h, w, tile in ((17, 33, 0), (301, 199, 0), (200, 300, 64), (1, 1, 0)):
+        sizes = D.heif_coded_sizes(heic(noise_image(9, h, w), tile=tile))
+        cw, ch = (tile, tile) if tile else (w, h)
+        def covers(coded, declared):
+            return declared <= coded <= max(-(-declared // 8) * 8, 64)
+        assert sizes and all(covers(sw, cw) and covers(sh, ch) for sw, sh in sizes), sizes
+
+
+def _sps(width: int, height: int, sub_layers: int, chroma: int) -> bytes:
+    """An HEVC sequence parameter set NAL unit up to its picture size (H.265 7.3.2.2), written
+    bit by bit, with emulation prevention bytes inserted as an encoder must."""
+    bits = []
+
+    def u(v: int, n: int) -> None:
+        bits.extend(int(b) for b in format(v, f"0{n}b")) if n else None
+
+    def ue(v: int) -> None:
+        n = (v + 1).bit_length()
+        u(0, n - 1)
+        u(v + 1, n)
+    u(0, 4), u(sub_layers, 3), u(1, 1), u(0, 96)  # vps id, sub-layers, nesting; general profile/level, all 0
+    flags = [(i % 2, 1) for i in range(sub_layers)]
+    for p, lv in flags:
+        u(p, 1), u(lv, 1)
+    if sub_layers:
+        u(0, 2 * (8 - sub_layers))
+    for p, lv in flags:
+        u(0, 88 * p + 8 * lv)  # zeros: emulation prevention needed
+    ue(0), ue(chroma)
+    if chroma == 3:
+        u(0, 1)
+    ue(width), ue(height)
+    u(1, 1)
+    while len(bits) % 8:
+        u(0, 1)
+    raw = bytes(int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8))
+    out, zeros = bytearray(b"\x42\x01"), 0  # NAL header: type 33 (SPS)
+    for b in raw:
+        if zeros >= 2 and b <= 3:
+            out.append(3)
+            zeros = 0
+        out.append(b)
+        zeros = zeros + 1 if b == 0 else 0
+    return bytes(out)
+
+
+@pytest.mark.parametrize("sub_layers,chroma", [(0, 1), (1, 0), (3, 3), (6, 2)])
+def test_the_sps_reader_against_sps_written_bit_by_bit(sub_layers, chroma):
+    for width, height in ((64, 64), (4032, 3024), (65535, 17), (1 << 20, 3)):
+        sps = _sps(width, height, sub_layers, chroma)
+        hvcc = bytes(22) + b"\x01" + b"\xa1" + (1).to_bytes(2, "big") + len(sps).to_bytes(2, "big") + sps
+        assert D._hvcc_sps_sizes(hvcc) == [(width, height)]
