@@ -330,6 +330,40 @@ def test_a_scan_of_damaged_tiffs_keeps_stderr_clean(tmp_path, tmp_path_factory):
     assert "libtiff" not in proc.stderr and "table" not in proc.stderr, proc.stderr
 
 
+def test_a_jpeg_tiff_with_a_strip_libjpeg_fails_on_is_refused_though_pillow_loads_it():
+    """libjpeg's error on one strip of a JPEG-compressed TIFF (here a stuffed FF 00 in its data
+    changed to a marker libjpeg does not know) reaches libtiff's error handler, and Pillow loads
+    the image with that strip garbled: it was scored. libtiff's codec errors now refuse the
+    file, in the API too."""
+    from fakespotter.faces import load_image
+
+    out = io.BytesIO()
+    rgb = noise_image(8, 96, 64)
+    Image.fromarray(rgb).save(out, "TIFF", compression="jpeg", quality=90, tiffinfo={278: 16})  # 6 strips
+    good = out.getvalue()
+    img = Image.open(io.BytesIO(good))
+    offsets, counts = img.tag_v2[273], img.tag_v2[279]
+    assert len(offsets) == 6
+    data = bytearray(good)
+    stuffed = good.index(b"\xff\x00", offsets[2], offsets[2] + counts[2])
+    data[stuffed + 1] = 0x16
+    data = bytes(data)
+    clean = np.asarray(Image.open(io.BytesIO(good)).convert("RGB"))
+    loaded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # Pillow: no error
+    assert not np.array_equal(loaded[32:48], clean[32:48]) and np.array_equal(loaded[:32], clean[:32])
+    with pytest.raises(ImageError) as e:
+        decode_image(data)
+    assert e.value.kind == "decode_error"
+    assert e.value.message == ("TIFF: part of the image did not decode (libtiff: JPEGLib: Unsupported marker type "
+                               "0x16)")
+    with pytest.raises(ValueError, match=r"TIFF: part of the image did not decode \(libtiff: JPEGLib: Unsupported"):
+        load_image(data)
+    for mode in ("RGB", "L"):  # the undamaged file decodes, with no message to refuse it for
+        out = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(out, "TIFF", compression="jpeg", tiffinfo={278: 16})
+        assert decode_image(out.getvalue()).rgb.shape == (96, 64, 3)
+
+
 def test_libtiffs_words_do_not_make_a_damaged_tiff_truncated():
     """libtiff's "stream is truncated or corrupt" (LZMA) went into the text that decides
     truncated vs decode_error: a whole file with a damaged strip length was 'truncated'."""

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import glob
 import os
+import re
 import sys
 import threading
 from typing import Iterator, List, Optional
@@ -29,6 +30,8 @@ _installed: Optional[bool] = None
 _keep: list = []  # the callback and library handles, alive for the process's life
 
 _MAX_MESSAGES = 4  # a damaged file may report each of thousands of strips
+# a codec's own messages: libjpeg's ("JPEGLib: ..."), a decoder's ("LZWDecode: ...", "JPEGPreDecode: ...")
+_CODEC = re.compile(r"(JPEGLib|OJPEG\w*|\w*Decode\w*): ")
 
 
 def _library_path() -> Optional[str]:
@@ -114,3 +117,10 @@ def collected(active: bool = True) -> Iterator[List[str]]:
         yield messages
     finally:
         _local.messages = outer
+
+
+def codec_errors(messages: List[str]) -> List[str]:
+    """Of the ``messages`` of a :func:`collected` block, those a codec gave: errors that cost a
+    strip or tile its pixels, also where the decode went on (libjpeg failing on one strip of a
+    JPEG-compressed TIFF: Pillow loads the image with that strip left black)."""
+    return [m for m in messages if _CODEC.match(m)]

@@ -955,6 +955,9 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
                     raise
                 except Exception as e:
                     raise _decode_failure(e, data, fmt, libtiff=said) from None
+            lost = _libtiff.codec_errors(said)
+            if lost:
+                raise ImageError("decode_error", f"TIFF: part of the image did not decode (libtiff: {'; '.join(lost)})")
             _check_bmff_whole(fmt, data)
         frames = _frame_count(img, data)
     return DecodedImage(rgb, int(rgb.shape[1]), int(rgb.shape[0]), frames)

@@ -629,6 +629,10 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
                                          f"{2 * Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS x 2)")
             with _libtiff.collected(img.format == "TIFF") as said, _pillow_errors(source, name, said):
                 img.load()
+            lost = _libtiff.codec_errors(said)
+            if lost:
+                raise ValueError(f"load_image: {name}: TIFF: part of the image did not decode (libtiff: "
+                                 f"{'; '.join(lost)})")
             if img.format == "PNG":  # the file's bytes are read again only if the last row is black
                 _check_png_data(img, lambda: _bytes_of(source))
             if img.format in ("HEIF", "AVIF"):
