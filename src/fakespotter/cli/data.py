@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     b.add_argument("out", metavar="OUT", help="output folder; created if missing, must be empty "
                                               "unless --overwrite")
     b.add_argument("--small", action="store_true",
-                   help="a tiny set for tests (55 real of which 11 external, 41 fake chips, seconds "
-                        "once cached) instead of the full one (426 real of which 15 external, 2156 "
+                   help="a tiny set for tests (73 real of which 17 external, 41 fake chips, seconds "
+                        "once cached) instead of the full one (505 real of which 23 external, 2156 "
                         "fake, including 1000 MobileStyleGAN faces) (default: full)")
     b.add_argument("--seed", type=int, default=0, help="seed of every draw (default: %(default)s)")
     b.add_argument("--threads", type=int, default=2,

@@ -440,7 +440,7 @@ def _count_inputs(paths, limit, resumed: int, progress: Progress) -> None:
 
 
 DEFAULT_MODEL_NOTE = ("note: the embedded default detector learned real faces mostly from one source (NBA "
-                      "headshots) and flags real faces from elsewhere far more often (5 of its 15 unseen-source test "
+                      "headshots) and flags real faces from elsewhere far more often (5 of its 23 unseen-source test "
                       "faces); read the README's model card before trusting its labels")
 
 
