@@ -709,105 +709,6 @@ def _bmff_cut(data: bytes) -> bool:
     return False
 
 
-def _boxes(data: bytes, start: int, end: int) -> Iterator[Tuple[bytes, int, int]]:
-    """The ISO base media boxes in ``data[start:end]``: (type, payload start, payload end);
-    stops at a box that does not fit."""
-    pos = start
-    while pos + 8 <= end:
-        size, btype, head = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8], 8
-        if size == 1:
-            if pos + 16 > end:
-                return
-            size, head = int.from_bytes(data[pos + 8:pos + 16], "big"), 16
-        elif size == 0:
-            size = end - pos
-        if size < head or pos + size > end:
-            return
-        yield btype, pos + head, pos + size
-        pos += size
-
-
-def heif_coded_sizes(data: bytes) -> List[Tuple[int, int]]:
-    """The picture sizes (width, height) that the HEVC parameter sets of a HEIF image (its
-    ``hvcC`` properties) code, which libheif decodes whole before it compares them with the
-    sizes the file declares (``ispe``, what Pillow reports): a file may declare 40x30 and code
-    a picture of any size. ``[]`` where none can be read."""
-    sizes = []
-    for btype, start, end in _boxes(data, 0, len(data)):
-        if btype != b"meta":
-            continue
-        for t1, s1, e1 in _boxes(data, start + 4, end):  # (meta is a full box: version and flags first)
-            if t1 != b"iprp":
-                continue
-            for t2, s2, e2 in _boxes(data, s1, e1):
-                if t2 == b"ipco":
-                    sizes += [size for t3, s3, e3 in _boxes(data, s2, e2) if t3 == b"hvcC"
-                              for size in _hvcc_sps_sizes(data[s3:e3])]
-    return sizes
-
-
-def _hvcc_sps_sizes(hvcc: bytes) -> List[Tuple[int, int]]:
-    """(pic_width_in_luma_samples, pic_height_in_luma_samples) of each sequence parameter set
-    in an HEVC decoder configuration record (ISO/IEC 14496-15 8.3.3; ITU-T H.265 7.3.2.2)."""
-    sizes = []
-    if len(hvcc) < 23:
-        return sizes
-    pos = 23
-    for _ in range(hvcc[22]):  # numOfArrays
-        if pos + 3 > len(hvcc):
-            break
-        nal_type, count = hvcc[pos] & 0x3F, int.from_bytes(hvcc[pos + 1:pos + 3], "big")
-        pos += 3
-        for _ in range(count):
-            n = int.from_bytes(hvcc[pos:pos + 2], "big")
-            nal = hvcc[pos + 2:pos + 2 + n]
-            pos += 2 + n
-            if nal_type == 33 and len(nal) == n:  # SPS
-                size = _sps_size(nal)
-                if size is not None:
-                    sizes.append(size)
-    return sizes
-
-
-def _sps_size(nal: bytes) -> Optional[Tuple[int, int]]:
-    rbsp = re.sub(rb"\x00\x00\x03", b"\x00\x00", nal[2:160])  # emulation prevention bytes out
-    bits = "".join(f"{b:08b}" for b in rbsp[:128])  # (the sizes come within the first ~110 bytes)
-    pos = 0
-
-    def u(n: int) -> int:
-        nonlocal pos
-        if pos + n > len(bits):
-            raise ValueError("SPS ends early")
-        v = int(bits[pos:pos + n], 2) if n else 0
-        pos += n
-        return v
-
-    def ue() -> int:
-        zeros = 0
-        while u(1) == 0:
-            zeros += 1
-            if zeros > 31:
-                raise ValueError("bad Exp-Golomb code")
-        return (1 << zeros) - 1 + u(zeros)
-
-    try:
-        u(4)  # sps_video_parameter_set_id
-        sub_layers = u(3)  # sps_max_sub_layers_minus1
-        u(1)  # sps_temporal_id_nesting_flag
-        u(96)  # general profile (88 bits) and level (8)
-        present = [(u(1), u(1)) for _ in range(sub_layers)]  # sub_layer profile / level present flags
-        if sub_layers:
-            u(2 * (8 - sub_layers))  # reserved_zero_2bits
-        for profile, level in present:
-            u(88 * profile + 8 * level)
-        ue()  # sps_seq_parameter_set_id
-        if ue() == 3:  # chroma_format_idc 4:4:4
-            u(1)  # separate_colour_plane_flag
-        return ue(), ue()
-    except ValueError:
-        return None
-
-
 _CUT_WALKS = {"JPEG": _jpeg_cut, "MPO": _jpeg_cut, "PNG": _png_cut, "GIF": _gif_cut, "BMP": _bmp_cut,
               "WEBP": _short_riff, "TIFF": _tiff_cut, "PPM": _ppm_cut, "AVIF": _bmff_cut, "HEIF": _bmff_cut}
 
@@ -932,12 +833,6 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
         if width * height > pixel_limit:
             raise ImageError("too_many_pixels", f"{fmt} of {width}x{height} = {width * height} pixels, "
                                                 f"more than the pixel limit {pixel_limit} (--pixel-limit)")
-        if fmt == "HEIF":
-            for w, h in heif_coded_sizes(data):
-                if w * h > pixel_limit:
-                    raise ImageError("too_many_pixels", f"HEIF codes a picture of {w}x{h} = {w * h} pixels (it "
-                                                        f"declares {width}x{height}), more than the pixel limit "
-                                                        f"{pixel_limit} (--pixel-limit)")
         rgb = None
         if fmt in ("JPEG", "MPO"):
             try:

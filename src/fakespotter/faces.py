@@ -610,7 +610,7 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with img:
         # the scanner's checks that Pillow lacks (data.decode_image): damaged JPEG scan data, JPEGs
         # of too many scans (simplejpeg decodes the rest), PNG image data that ends early
-        from .data import ImageError, _check_bmff_whole, _check_png_data, heif_coded_sizes, jpeg_pixels
+        from .data import ImageError, _check_bmff_whole, _check_png_data, jpeg_pixels
 
         try:
             if img.format in ("JPEG", "MPO"):  # (open_image has Pillow read these whole anyway)
@@ -621,12 +621,6 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
                 rgb = jpeg_pixels(img, data)
                 if rgb is not None:
                     return rgb
-            if img.format == "HEIF" and Image.MAX_IMAGE_PIXELS:  # (Pillow checked the size it declares)
-                for w, h in heif_coded_sizes(_bytes_of(source)):
-                    if w * h > 2 * Image.MAX_IMAGE_PIXELS:
-                        raise ValueError(f"load_image: {name}: HEIF codes a picture of {w}x{h} = {w * h} pixels (it "
-                                         f"declares {img.width}x{img.height}), more than Pillow's limit of "
-                                         f"{2 * Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS x 2)")
             with _libtiff.collected(img.format == "TIFF") as said, _pillow_errors(source, name, said):
                 img.load()
             lost = _libtiff.codec_errors(said)
