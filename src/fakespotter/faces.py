@@ -581,8 +581,10 @@ def _pillow_errors(source: Any, name: str, said: Sequence[str] = ()) -> Iterator
         libtiff = f"; libtiff: {'; '.join(said)}" if said else ""
         raise ValueError(f"load_image: {name} is not an image Pillow can decode ({type(e).__name__}: {e}"
                          f"{libtiff})") from None
-    except (SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError, struct.error, ZeroDivisionError) as e:
-        # Pillow's ways of saying "not an image I can read" (ValueError: e.g. its PNG text-chunk limits)
+    except (SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError, struct.error, ZeroDivisionError,
+            RuntimeError) as e:
+        # Pillow's ways of saying "not an image I can read" (ValueError: e.g. its PNG text-chunk limits;
+        # RuntimeError: pillow-heif's for libheif's errors)
         raise ValueError(f"load_image: {name} is not an image Pillow can decode ({type(e).__name__}: {e})") from None
 
 
