@@ -1414,4 +1414,5 @@ def test_a_record_writer_counts_what_it_wrote(corpus, model, tmp_path):
     writer.write(records[:2])
     writer.close()
     assert writer.written["images"] == 2 and len(out.read_text().splitlines()) == 2
-    assert writer.written["counts"] == {s: sum(r["status"] == s for r in records[:2]) for s in ("ok", "no_face", "error")}
+    want = {s: sum(r["status"] == s for r in records[:2]) for s in ("ok", "no_face", "error")}
+    assert writer.written["counts"] == want
