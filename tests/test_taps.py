@@ -254,6 +254,41 @@ def test_backbone_switched_back_to_training_is_refused():
         assert not net[1].training and torch.equal(tap(x), rows)
 
 
+def test_compiled_scripted_and_exported_taps_refuse_training_mode(tmp_path):
+    """The other execution modes refuse it too: a compiled tap used to retrace the backbone in
+    training mode (other bits, and BatchNorm's running statistics overwritten), a scripted one
+    to run it so."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()), nn.Dropout(0.5)).eval()
+    net[1][0].running_mean.fill_(0.3)
+    x = small_chips(4)
+    tap = Tap(net, ["1.1", "2"], granularity="element", thresholds=0.3, input_shape=SMALL_SHAPE)
+    rows = tap(x)
+    with torch.no_grad():
+        compiled = torch.compile(tap, backend="aot_eager")
+        assert torch.equal(compiled(x), rows)
+        scripted = script_tap(tap)
+        scripted.save(str(tmp_path / "tap.ts"))
+        loaded = load_script_tap(tmp_path / "tap.ts")
+        exported = export_tap(tap).module()
+        stats = net[1][0].running_mean.clone()
+        for make_training in (net.train, tap.train, lambda: net[1][0].train()):
+            make_training()
+            with pytest.raises(RuntimeError, match="training mode"):
+                compiled(x)
+            tap.eval()
+            assert torch.equal(compiled(x), rows)
+        assert torch.equal(net[1][0].running_mean, stats)
+        for m in (scripted, loaded, getattr(scripted.net, "1")):
+            m.train()
+            with pytest.raises(torch.jit.Error, match="training mode.*eval"):
+                scripted(x) if m is not loaded else loaded(x)
+            m.eval()
+        assert torch.equal(scripted(x), rows) and torch.equal(loaded(x), rows)
+        with pytest.raises(NotImplementedError):  # torch's own refusal: the program is frozen in eval mode
+            exported.train()
+
+
 def test_unknown_layer_lists_close_matches():
     with pytest.raises(ValueError, match=r"unknown layer 'block.rellu'.*close matches: 'block.relu'"):
         Tap(small_net(), ["stem", "block.rellu"], input_shape=SMALL_SHAPE)

@@ -219,7 +219,12 @@ def _finish(graph: fx.Graph, module: nn.Module, extra: Dict[str, nn.Module], las
     for n in graph.nodes:
         if n.op in ("call_module", "get_attr") and n.target not in targets:
             targets[n.target] = _resolve(module, n.target)
-    return fx.GraphModule(targets, graph, class_name="TappedBackbone")
+    gm = fx.GraphModule(targets, graph, class_name="TappedBackbone")
+    own = {id(m) for m in module.modules()}
+    for m in gm.modules():  # fx's holders of dotted names, the sink: only the backbone's modes count
+        if id(m) not in own:
+            m.training = False
+    return gm
 
 
 class _Sink(nn.Module):
@@ -329,9 +334,9 @@ class Tap(nn.Module):
 
     The backbone is shared, not copied, and frozen (eval mode, ``requires_grad=False``): with
     gradients on, autograd would keep every activation alive until the end of the forward pass.
-    Being shared, its submodules' forward hooks also run inside an eager tap, and an eager tap
-    (and :meth:`capture`) raises RuntimeError once the module or the tap is put back into
-    ``train()``.
+    Being shared, its submodules' forward hooks also run inside an eager tap, and the tap (eager,
+    compiled or scripted, and :meth:`capture`) raises RuntimeError once the module or the tap is
+    put back into ``train()``; an exported program refuses ``train()`` itself.
 
     forward(x (Tensor[N, *input_shape], the module's input)) -> Tensor[N, layout.total_words]
     int64.
@@ -546,10 +551,22 @@ class Tap(nn.Module):
         if x.dim() != len(self.input_shape) + 1 or list(x.shape[1:]) != self.input_shape:
             raise ValueError("Tap: expected input [N, " + ", ".join(
                 [str(s) for s in self.input_shape]) + "], got " + str(list(x.shape)))
-        if not torch.jit.is_scripting():
-            if not torch.compiler.is_compiling():
-                self._check_frozen(self.net, "pack")
+        if torch.jit.is_scripting():
+            self._refuse_training()
+        elif torch.compiler.is_compiling():
+            self._refuse_training()
+        else:
+            self._check_frozen(self.net, "pack")
         return self.net(x, self.thresholds)
+
+    def _refuse_training(self) -> None:
+        """:meth:`_check_frozen` in a form TorchScript and torch.compile take (without the names):
+        the packing graph holds the backbone's modules and, in eval mode, nothing else's."""
+        for m in self.net.modules():
+            if m.training:
+                raise RuntimeError("Tap: the backbone " + self.backbone_id + " is in training mode; a tap "
+                                   "monitors a frozen network (in training mode BatchNorm and dropout change "
+                                   "the bits): call .eval() on the module or the tap first")
 
     @torch.jit.unused
     def _check_frozen(self, net: nn.Module, role: str) -> None:
