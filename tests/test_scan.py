@@ -483,6 +483,25 @@ def test_weak_face_score_drops_weak_detections_beside_a_strong_face(model, tmp_p
     assert both["faces"] == every["faces"][:1] and both["score"] == every["faces"][0]["score"]
     # alone in its image, the weak detection is kept
     assert weak["faces"] == weak0["faces"] and len(weak["faces"]) == 1 and weak["status"] == "ok"
+    # a model's own settings (what it was trained and evaluated with) are a scan's defaults, as in
+    # its decision_function; an option given wins
+    det0 = FakeSpotter.load(model)
+    det0.weak_face_score = 0
+    det0.save(tmp_path / "weak0.fsm")
+    det0 = FakeSpotter.load(tmp_path / "weak0.fsm")
+    run = scan(paths, tmp_path / "weak0.fsm", batch_size=4, workers=0)
+    same = [dict(r, model=None) for r in (every, weak0)]  # (the model field: another file's hash)
+    assert [dict(r, model=None) for r in run] == same and run.stats["weak_face_score"] == 0
+    assert np.allclose(det0.decision_function(paths[:1]), every["score"], rtol=0, atol=1e-6)
+    (r,) = scan(paths[:1], det0, batch_size=4, workers=0, weak_face_score=WEAK_FACE_SCORE)
+    assert dict(r, model=None) == dict(both, model=None)
+    for extra, faces in (([], every["faces"]), (["--weak-face-score", str(WEAK_FACE_SCORE)], both["faces"])):
+        out = tmp_path / f"cli{len(extra)}.jsonl"
+        rc, _, _ = run_cli(["scan", paths[0], "--model", str(tmp_path / "weak0.fsm"), "--batch-size", "4",
+                            "--workers", "0", "--out", str(out), "--quiet", *extra], capsys)
+        assert rc == 0 and json.loads(out.read_text())["faces"] == faces
+        assert json.loads((tmp_path / f"cli{len(extra)}.jsonl.stats.json").read_text())["weak_face_score"] == (
+            float(extra[1]) if extra else 0)
     with pytest.raises(ValueError, match="scan: weak_face_score must be a finite number"):
         scan(paths, model, weak_face_score=float("nan"))
     rc, _, err = run_cli(["scan", paths[0], "--model", str(model), "--weak-face-score", "inf"], capsys)

@@ -60,7 +60,7 @@ import numpy as np
 
 from ._atomic import write_atomic
 from .data import DEFAULT_PIXEL_LIMIT, Entry, ImageError, check_sources, decode_image, iter_entries, read_entry
-from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
+from .faces import check_detect_pixels, check_weak_face_score
 
 __all__ = [
     "RECORD_FIELDS",
@@ -274,6 +274,20 @@ def _decode_timed(entry: Entry, cfg: _Config) -> Dict[str, Any]:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     return out
+
+
+def detection_settings(det: Any, upsample: Optional[int], weak_face_score: Optional[float],
+                       detect_pixels: Optional[int], who: str) -> Tuple[Optional[int], Optional[float], Optional[int]]:
+    """A scan's face detector settings, checked (ValueError): those given, else the model
+    ``det``'s (None: leave them None)."""
+    if det is not None:
+        upsample = det.upsample if upsample is None else upsample
+        weak_face_score = det.weak_face_score if weak_face_score is None else weak_face_score
+        detect_pixels = det.detect_pixels if detect_pixels is None else detect_pixels
+    if upsample is not None and (not isinstance(upsample, int) or isinstance(upsample, bool) or upsample < 0):
+        raise ValueError(f"{who}: upsample must be an int >= 0, got {upsample!r}")
+    return (upsample, None if weak_face_score is None else check_weak_face_score(weak_face_score, who),
+            None if detect_pixels is None else check_detect_pixels(detect_pixels, who))
 
 
 def _error_result(entry: Entry, kind: str, message: str) -> Dict[str, Any]:
@@ -1177,8 +1191,8 @@ def _input_list(inputs: Any) -> List[str]:
 
 def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: bool = False, batch_size: int = 64,
          workers: Optional[int] = None, device: str = "cpu", pixel_limit: int = DEFAULT_PIXEL_LIMIT,
-         limit: Optional[int] = None, upsample: int = 1, weak_face_score: float = WEAK_FACE_SCORE,
-         detect_pixels: int = DETECT_PIXELS, skip: int = 0, exclude: Optional[Container[str]] = None,
+         limit: Optional[int] = None, upsample: Optional[int] = None, weak_face_score: Optional[float] = None,
+         detect_pixels: Optional[int] = None, skip: int = 0, exclude: Optional[Container[str]] = None,
          stdin: Optional[IO[str]] = None, channels_last: bool = False, autocast: bool = False,
          compile: bool = False, file_timeout: float = FILE_TIMEOUT_S,
          log: Optional[Callable[[str], None]] = None, listing: Optional[Iterable[Entry]] = None) -> ScanRun:
@@ -1203,7 +1217,9 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     limit: scan only the first ``limit`` inputs of the listing.
     upsample / weak_face_score / detect_pixels: face detector upsampling, the score below which
         a detection is dropped from an image that holds a face scoring at least that, and the
-        most pixels the detector works on (``faces.detect_and_align``).
+        most pixels the detector works on (``faces.detect_and_align``); None (the default): the
+        model's, the settings it was trained and evaluated with (the embedded default
+        detector's: 1, 0.15 and 16777216), as its own ``decision_function`` uses them.
     skip / exclude: leave out the first ``skip`` inputs (after ``limit``), and inputs whose
         path is in ``exclude`` (a set or list of paths, str, bytes or path-like, in any
         spelling: ``d/x.jpg``, ``./d/x.jpg`` and ``$PWD/d/x.jpg`` are one): how a resumed scan
@@ -1239,8 +1255,7 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     :class:`CompileError` when ``compile`` fails (before any input is read).
     """
     inputs = _input_list(inputs)
-    for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("upsample", upsample, 0),
-                        ("skip", skip, 0)):
+    for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("skip", skip, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"scan: {name} must be an int >= {lo}, got {v!r}")
     if workers is None:
@@ -1252,12 +1267,12 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     for name, v in (("channels_last", channels_last), ("autocast", autocast), ("compile", compile)):
         if not isinstance(v, bool):
             raise TypeError(f"scan: {name} must be a bool, got {type(v).__name__}")
-    weak_face_score = check_weak_face_score(weak_face_score, "scan")
-    detect_pixels = check_detect_pixels(detect_pixels, "scan")
     file_timeout = check_file_timeout(file_timeout, "scan")
     device = check_device(device, "scan")
     check_sources(inputs, "scan")
+    detection_settings(None, upsample, weak_face_score, detect_pixels, "scan")  # (before the model loads)
     det, model_id = _load_model(model, device)
+    upsample, weak_face_score, detect_pixels = detection_settings(det, upsample, weak_face_score, detect_pixels, "scan")
     cfg = _Config(bool(aligned), int(det.tap_.preprocessing.size[0]), int(upsample), int(pixel_limit), weak_face_score,
                   detect_pixels, file_timeout)
     entries: Iterable[Entry] = iter_entries(inputs, stdin=stdin) if listing is None else listing

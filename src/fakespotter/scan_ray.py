@@ -49,10 +49,9 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, 
 import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
-from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
 from .scan import (FILE_TIMEOUT_S, STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list,
-                   _lock, check_file_timeout, check_not_busy, count_record, input_key, make_record, moved_away,
-                   new_stats)
+                   _lock, check_file_timeout, check_not_busy, count_record, detection_settings, input_key, make_record,
+                   moved_away, new_stats)
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -519,8 +518,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
              cpus_per_actor: float = 1.0, gpus_per_actor: Optional[float] = None, actor_batch: Optional[int] = None,
              decode_cpus: float = 1.0, decode_batch: int = 16, decode_memory: int = 512 << 20,
              shard_size: int = 1000, flush_s: float = 60.0,
-             pixel_limit: int = DEFAULT_PIXEL_LIMIT, limit: Optional[int] = None, upsample: int = 1,
-             weak_face_score: float = WEAK_FACE_SCORE, detect_pixels: int = DETECT_PIXELS,
+             pixel_limit: int = DEFAULT_PIXEL_LIMIT, limit: Optional[int] = None, upsample: Optional[int] = None,
+             weak_face_score: Optional[float] = None, detect_pixels: Optional[int] = None,
              file_timeout: float = FILE_TIMEOUT_S, stdin: Optional[IO[str]] = None,
              progress: Optional[Callable[[int], None]] = None, show_ray_progress: bool = False,
              ray_logs: bool = True, log: Optional[Callable[[str], None]] = None,
@@ -563,8 +562,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     RuntimeError when the scan fails on the cluster (the shards written so far stay: resume).
     """
     inputs = _input_list(inputs)
-    for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("upsample", upsample, 0),
-                        ("decode_batch", decode_batch, 1), ("shard_size", shard_size, 1),
+    for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("decode_batch", decode_batch, 1), ("shard_size", shard_size, 1),
                         ("decode_memory", decode_memory, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"ray_scan: {name} must be an int >= {lo}, got {v!r}")
@@ -583,12 +581,13 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         raise ValueError(f"ray_scan: flush_s must be a finite number of seconds > 0, got {flush_s!r}")
     if address is not None and not isinstance(address, str):
         raise TypeError(f"ray_scan: address must be None or a str, got {type(address).__name__}")
-    weak_face_score = check_weak_face_score(weak_face_score, "ray_scan")
-    detect_pixels = check_detect_pixels(detect_pixels, "ray_scan")
+    detection_settings(None, upsample, weak_face_score, detect_pixels, "ray_scan")  # (before the model loads)
     file_timeout = check_file_timeout(file_timeout, "ray_scan")
     check_sources(inputs, "scan")
     ray = import_ray()
     data, model_id, det = _model_bytes(model)
+    upsample, weak_face_score, detect_pixels = detection_settings(det, upsample, weak_face_score, detect_pixels,
+                                                                  "ray_scan")
     size = int(det.tap_.preprocessing.size[0])
     cfg = _Config(bool(aligned), size, int(upsample), int(pixel_limit), weak_face_score, detect_pixels, file_timeout)
     settings = {"model": model_id, "batch_size": batch_size, "aligned": bool(aligned), "upsample": upsample,

@@ -281,33 +281,53 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
 
 
-def add_detection_args(p: argparse.ArgumentParser) -> None:
-    """--upsample, --weak-face-score and --detect-pixels: the face detector's settings."""
+def add_detection_args(p: argparse.ArgumentParser, from_model: bool = False) -> None:
+    """--upsample, --weak-face-score and --detect-pixels: the face detector's settings.
+    ``from_model``: their defaults are the model's (the settings it was trained and evaluated
+    with), resolved by :func:`detection_from_model`."""
     from ..faces import DETECT_PIXELS, WEAK_FACE_SCORE
 
-    p.add_argument("--upsample", type=int, default=1,
+    def default(value: Any, shown: str = "%(default)s") -> Tuple[Any, str]:
+        if from_model:
+            return None, f"the model's setting; the embedded default detector's: {value}"
+        return value, shown
+
+    upsample, upsample_help = default(1)
+    weak, weak_help = default(WEAK_FACE_SCORE)
+    pixels, pixels_help = default(DETECT_PIXELS, "%(default)s = 4096x4096")
+    p.add_argument("--upsample", type=int, default=upsample,
                    help="face detector upsampling; higher finds smaller faces, slower (up to --detect-pixels) "
-                        "(default: %(default)s)")
-    p.add_argument("--weak-face-score", type=float, default=WEAK_FACE_SCORE, metavar="SCORE",
+                        f"(default: {upsample_help})")
+    p.add_argument("--weak-face-score", type=float, default=weak, metavar="SCORE",
                    help="face detections scoring below this are weak: dropped from an image that holds a "
                         "face scoring at least this (the detector's rare hits on badges or fabric beside real "
                         "faces score low, and such chips tend to score as fake), kept when they are all it "
-                        "holds; 0 keeps every detection (default: %(default)s)")
-    p.add_argument("--detect-pixels", type=int, default=DETECT_PIXELS, metavar="N",
+                        f"holds; 0 keeps every detection (default: {weak_help})")
+    p.add_argument("--detect-pixels", type=int, default=pixels, metavar="N",
                    help="the most pixels the face detector works on, after --upsample: a larger image is scaled "
                         "to N pixels for detection only (chips are cut from the full image), so a 24 MP photo "
                         "costs about what a 2048x2048 image does and its faces are found down to about 80 * "
-                        "sqrt(pixels / N) px; 0 for no limit (default: %(default)s = 4096x4096)")
+                        f"sqrt(pixels / N) px; 0 for no limit (default: {pixels_help})")
+
+
+def detection_from_model(args: argparse.Namespace, det: Any) -> None:
+    """Fill in the detection settings not given (:func:`add_detection_args` ``from_model``) from
+    the model ``det``."""
+    for name in ("upsample", "weak_face_score", "detect_pixels"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(det, name))
 
 
 def check_detection_args(args: argparse.Namespace) -> None:
     import math
 
-    if not math.isfinite(args.weak_face_score):
+    if args.upsample is not None and args.upsample < 0:
+        raise usage_error(f"--upsample must be >= 0, got {args.upsample}")
+    if args.weak_face_score is not None and not math.isfinite(args.weak_face_score):
         raise usage_error(f"--weak-face-score must be a finite number, got {args.weak_face_score}")
     from ..faces import MIN_DETECT_PIXELS
 
-    if not (args.detect_pixels == 0 or args.detect_pixels >= MIN_DETECT_PIXELS):
+    if not (args.detect_pixels in (None, 0) or args.detect_pixels >= MIN_DETECT_PIXELS):
         raise usage_error(f"--detect-pixels must be 0 (no limit) or a pixel count >= {MIN_DETECT_PIXELS} (256x256; "
                           f"the default 16777216 is 4096x4096), got {args.detect_pixels}")
 

@@ -29,8 +29,6 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     paths = images_of(args.images, "calibrate")
     check_once(paths, "the images")  # a repeat would count twice in the means
-    if args.upsample < 0:
-        raise usage_error(f"--upsample must be >= 0, got {args.upsample}")
     if args.batch_size < 1:
         raise usage_error(f"--batch-size must be positive, got {args.batch_size}")
     check_detection_args(args)

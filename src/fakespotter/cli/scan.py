@@ -32,8 +32,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
-from ._common import (Progress, add_detection_args, check_detection_args, log, model_file, record_stdout,
-                      usage_error, writable_output)
+from ._common import (Progress, add_detection_args, check_detection_args, detection_from_model, log, model_file,
+                      record_stdout, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
                         f"(default: {PART_ROWS}, or a part per {PART_SECONDS:.0f} s, whichever comes first; local engine)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already-aligned face chips: resize only, no face detection (default: detect)")
-    add_detection_args(p)
+    add_detection_args(p, from_model=True)
     p.add_argument("--batch-size", type=int, default=64,
                    help="chips per backbone forward, halved when a forward runs out of memory; scores are "
                         "reproducible for a given batch size (default: %(default)s)")
@@ -124,7 +124,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
 
     if args.workers is None:
         args.workers = default_workers()
-    for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1), ("upsample", 0)):
+    for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1)):
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     check_detection_args(args)
@@ -230,7 +230,8 @@ def check_faces(args: argparse.Namespace) -> None:
 
 
 def load_detector(args: argparse.Namespace) -> Any:
-    """The --model on --device (``model_sha256()`` is its file's); usage errors before work."""
+    """The --model on --device (``model_sha256()`` is its file's), with the detection settings
+    not given filled in from it; usage errors before work."""
     from ..artifact import ModelFileError
     from ..detector import FakeSpotter
     from ..scan import check_device
@@ -244,6 +245,7 @@ def load_detector(args: argparse.Namespace) -> Any:
         det = FakeSpotter.load(args.model, device=args.device)
     except (ModelFileError, OSError, ValueError) as e:
         raise usage_error(f"--model {args.model}: {str(e).splitlines()[0]}") from None
+    detection_from_model(args, det)
     return det
 
 

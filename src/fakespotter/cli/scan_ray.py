@@ -81,7 +81,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     for flag, given, why in local_only:
         if given:
             raise usage_error(f"{flag} is an option of --engine local ({why})")
-    for name, lo in (("batch_size", 1), ("pixel_limit", 1), ("upsample", 0), ("actors", 1), ("actor_batch", 1),
+    for name, lo in (("batch_size", 1), ("pixel_limit", 1), ("actors", 1), ("actor_batch", 1),
                      ("shard_size", 1)):
         v = getattr(args, name)
         if v is not None and v < lo:

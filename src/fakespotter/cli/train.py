@@ -114,8 +114,8 @@ def check(args: argparse.Namespace) -> Dict:
         raise usage_error(f"--seed must be >= 0, got {args.seed}")
     if any(h < 1 for h in args.hidden):
         raise usage_error(f"--hidden widths must be >= 1, got {' '.join(map(str, args.hidden))}")
-    for name in ("batch_size", "epochs", "upsample"):
-        if getattr(args, name) < 1 and not (name == "upsample" and getattr(args, name) == 0):
+    for name in ("batch_size", "epochs"):
+        if getattr(args, name) < 1:
             raise usage_error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check_detection_args(args)
     out = writable_output(args.out, args.overwrite, "output model", regular_only=True)
