@@ -249,6 +249,12 @@ def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkey
                           "--batch-size", "4", "--out", str(out)], capsys)
     assert rc == 0, err
     assert [r["path"] for r in jsonl(out)] == [str(a[2]), str(a[3]), str(a[4])]
+    monkeypatch.setattr(sys, "stdin", None)  # a program started with standard input closed (`<&-`)
+    rc, _, err = run_cli(["scan", "-", "--model", str(model), "--aligned", "--out", str(tmp_path / "closed.jsonl")],
+                         capsys)
+    assert rc == 2 and "'-' reads the list of inputs from standard input" in err and "is closed" in err
+    with pytest.raises(ValueError, match="standard input is closed"):
+        list(scan(["-"], model, aligned=True, workers=0))
 
 
 def test_list_files_in_any_bytes_and_from_pipes(corpus, model, tmp_path, capsys):

@@ -181,9 +181,13 @@ def open_list(listing: Union[str, Path]) -> IO[str]:
 
 def stdin_list() -> IO[str]:
     """Standard input read as :func:`open_list` reads a file list (a stream the caller put in
-    ``sys.stdin`` without a file descriptor is taken as it is)."""
+    ``sys.stdin`` without a file descriptor is taken as it is); ValueError when there is none
+    (a program started with standard input closed)."""
     import sys
 
+    if sys.stdin is None:
+        raise ValueError("'-' reads the list of inputs from standard input, and this program's standard input is "
+                         "closed")
     try:
         fd = sys.stdin.fileno()
     except (AttributeError, OSError, ValueError):

@@ -203,7 +203,10 @@ def piped_listing(args: argparse.Namespace, reread: bool) -> Optional[IO[str]]:
         source: IO[str] = open_list(pipes[0][1:])
         args.paths = ["-" if p == pipes[0] else p for p in args.paths]
     elif "-" in args.paths:
-        source = stdin_list()
+        try:
+            source = stdin_list()
+        except ValueError as e:
+            raise usage_error(str(e)) from None
     else:
         return None
     if not reread:
