@@ -564,6 +564,24 @@ def test_csv_matches_jsonl(corpus, model, tmp_path, capsys):
     assert {"decode_faces_s", "backbone_taps_s", "classifier_s", "wait_s", "wall_s"} <= set(stats)
 
 
+def test_a_scan_that_ends_has_ended_its_workers(model, tmp_path, monkeypatch):
+    """Its idle workers too: the pool starts them as work comes, and one still starting as a short
+    scan ended failed to attach to the pool's start-up event once it was gone, with a
+    traceback on stderr after the scan's output (about one short scan in three)."""
+    S = sys.modules["fakespotter.scan"]
+    write_good(tmp_path / "c", 3, seed=5)
+    real_stop, seen = S._stop, []
+
+    def recording_stop(ex, *args, **kwargs):
+        procs = S._workers_of(ex)
+        real_stop(ex, *args, **kwargs)
+        seen.append((len(procs), [p for p in procs if p.is_alive()]))
+
+    monkeypatch.setattr(S, "_stop", recording_stop)
+    assert len(list(scan([str(tmp_path / "c")], model, aligned=True, batch_size=4, workers=2))) == 3
+    assert len(seen) == 1 and seen[0][0] >= 1 and seen[0][1] == []
+
+
 def test_leaving_the_loop_early_stops_the_workers_and_stats_count_what_was_handed_out(model, tmp_path,
                                                                                         monkeypatch):
     """Dropping a run (a `for` loop left with break) ends its decode workers at once, not at

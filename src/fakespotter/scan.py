@@ -620,7 +620,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
         if keep is not None and not pending and not interrupted and not getattr(ex, "_broken", False):
             keep["pool"] = ex
         else:
-            _stop(ex, abandon=bool(pending) or interrupted)
+            _stop(ex)
             if keep is not None:
                 keep.pop("pool", None)
 
@@ -660,16 +660,18 @@ def _wait(fut: Any, pool: ProcessPoolExecutor, limit: Optional[float],
             yield None
 
 
-def _stop(ex: ProcessPoolExecutor, abandon: bool) -> None:
-    """Shut the pool down without waiting. ``abandon``: chunks are running whose results nobody
-    will read (Ctrl-C, SIGTERM, a caller that stopped iterating): end their workers too, or the
-    interpreter's exit waits for them (minutes with large images)."""
+def _stop(ex: ProcessPoolExecutor) -> None:
+    """Shut the pool down without waiting, its workers ended first: chunks may be running whose
+    results nobody will read (Ctrl-C, SIGTERM, a caller that stopped iterating), for which the
+    interpreter's exit would wait (minutes with large images); and a worker still starting
+    (the pool starts them as work comes: one may be on its way as a short scan ends) would fail
+    to attach to the pool's queues and its start-up event once they are gone, with a traceback
+    on stderr after the scan's own output."""
     workers = _workers_of(ex)
-    if abandon:  # before the pool's queues go: a worker still starting would fail to attach to them, loudly
-        for p in workers:
-            if p.is_alive():
-                p.terminate()
-        _end_result_pipe(ex, workers)
+    for p in workers:
+        if p.is_alive():
+            p.terminate()
+    _end_result_pipe(ex, workers)
     ex.shutdown(wait=False, cancel_futures=True)
 
 
