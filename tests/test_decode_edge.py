@@ -59,6 +59,30 @@ def test_png_cut_stream_or_file_is_truncated(interlaced):
         assert kind_of(whole[:int(len(whole) * frac)]) == "truncated", frac  # the file cut inside an IDAT
 
 
+def test_png_image_data_failing_its_crc_is_a_decode_error(tmp_path):
+    """Pillow checks no IDAT CRC (nor zlib's Adler-32 once every row is filled): a flipped bit in
+    the image data decoded to garbled rows without an error. The API refuses it too."""
+    from fakespotter.faces import load_image
+
+    rgb = noise_image(7, 24, 32)
+    whole = png_file(rgb, zlib.compress(b"".join(png_rows(rgb, False))), False)
+    assert np.array_equal(decode_image(whole).rgb, rgb)
+    at = whole.index(b"IDAT") + 4
+    flipped = 0
+    for i in range(at, at + 500, 7):  # bits all over the first IDAT's data
+        data = bytearray(whole)
+        data[i] ^= 1 << (i % 8)
+        with pytest.raises(ImageError, match=f"damaged PNG image data: the IDAT chunk at byte {at - 8} fails its CRC"):
+            decode_image(bytes(data))
+        flipped += 1
+    assert flipped > 70
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"load_image: .*bad.png: damaged PNG image data"):
+        load_image(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="fails its CRC"):
+        load_image(bytes(data))
+
+
 def small_files() -> dict:
     """name: (bytes, signature length, shortest cut that shows it is one): small valid files."""
     rgb = Image.fromarray(noise_image(6, 24, 32))
@@ -255,7 +279,8 @@ def test_the_python_api_refuses_what_the_scanner_refuses_and_decodes_the_same_pi
         assert np.array_equal(load_image(data), decode_image(data).rgb), name
 
 
-def test_the_api_reads_a_pngs_bytes_again_only_to_check_a_black_last_row(tmp_path, monkeypatch):
+def test_the_api_reads_a_pngs_bytes_again_once(tmp_path, monkeypatch):
+    """For its CRCs, and (black last row) the length of its image data."""
     from fakespotter import data as data_module
     from fakespotter import faces
 
@@ -263,7 +288,7 @@ def test_the_api_reads_a_pngs_bytes_again_only_to_check_a_black_last_row(tmp_pat
     real = faces._bytes_of
     monkeypatch.setattr(faces, "_bytes_of", lambda source: reads.append(source) or real(source))
     rgb = noise_image(8, 24, 32)
-    for black, want in ((False, 0), (True, 1)):
+    for black, want in ((False, 1), (True, 1)):
         if black:
             rgb[-1] = 0
         path = tmp_path / f"black{black}.png"

@@ -844,6 +844,8 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
             except MemoryError as e:
                 raise _decode_failure(e, data, fmt) from None
         if rgb is None:
+            if fmt == "PNG":
+                _check_png_crcs(data)
             with _libtiff.collected(fmt == "TIFF") as said:
                 try:
                     img.load()
@@ -940,6 +942,24 @@ def _check_png_data(img: Any, data: Union[bytes, Callable[[], bytes]]) -> None:
     if got is not None and got < need:
         raise ImageError("truncated", f"PNG data ends early: the zlib stream of its image data (IDAT) holds "
                                       f"{got} of the {need} bytes of its {width}x{height} image")
+
+
+def _check_png_crcs(data: bytes) -> None:
+    """``decode_error`` for a PNG whose image data (an IDAT chunk) fails its CRC: Pillow checks
+    the CRCs of the chunks it reads before the image data, not those of IDAT chunks (nor zlib's
+    Adler-32 once every row is filled), so a flipped bit there decodes to garbled rows without
+    an error. Chunks are walked as far as they hold together: a damaged length or a cut is the
+    decoder's to report. ~1 ms per MB."""
+    pos, view = 8, memoryview(data)
+    while pos + 12 <= len(data):
+        length, ctype = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if length > 0x7FFFFFFF or not ctype.isalpha() or end > len(data) or ctype == b"IEND":
+            return
+        if ctype == b"IDAT" and zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            raise ImageError("decode_error", f"damaged PNG image data: the IDAT chunk at byte {pos} fails its CRC "
+                                             f"check")
+        pos = end
 
 
 def _png_inflated_size(data: bytes, limit: int) -> Optional[int]:

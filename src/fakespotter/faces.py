@@ -11,8 +11,8 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
   (``data.IMAGE_FORMATS``; no plugin that runs an external program, such as EPS's, and Pillow's
   decompression-bomb limit applies), JPEGs in RGB or grey with libjpeg-turbo through simplejpeg
   (the same pixels), with the scanner's refusals (``data.decode_image``): damaged JPEG scan
-  data, a JPEG of more than ``data.MAX_JPEG_SCANS`` scans, PNG image data that ends early (a
-  PIL image passed in is taken as Pillow decodes it); the EXIF orientation is applied first
+  data, a JPEG of more than ``data.MAX_JPEG_SCANS`` scans, PNG image data that ends early or
+  fails its CRC (a PIL image passed in is taken as Pillow decodes it); the EXIF orientation is applied first
   (as Pillow's ``getexif`` reads it: EXIF, or XMP's ``tiff:Orientation`` when there is no EXIF); an EXIF
   block that cannot be read, or an orientation outside 1..8, counts as upright rather than
   failing the image; multi-frame files give their first frame (a TIFF whose first page is a
@@ -611,8 +611,8 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
         img = open_image(source)
     with img:
         # the scanner's checks that Pillow lacks (data.decode_image): damaged JPEG scan data, JPEGs
-        # of too many scans (simplejpeg decodes the rest), PNG image data that ends early
-        from .data import ImageError, _check_bmff_whole, _check_png_data, jpeg_pixels
+        # of too many scans (simplejpeg decodes the rest), PNG image data that ends early or is damaged
+        from .data import ImageError, _check_bmff_whole, _check_png_crcs, _check_png_data, jpeg_pixels
 
         try:
             if img.format in ("JPEG", "MPO"):  # (open_image has Pillow read these whole anyway)
@@ -623,14 +623,17 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
                 rgb = jpeg_pixels(img, data)
                 if rgb is not None:
                     return rgb
+            if img.format == "PNG":
+                data = _bytes_of(source)
+                _check_png_crcs(data)
             with _libtiff.collected(img.format == "TIFF") as said, _pillow_errors(source, name, said):
                 img.load()
             lost = _libtiff.codec_errors(said)
             if lost:
                 raise ValueError(f"load_image: {name}: TIFF: part of the image did not decode (libtiff: "
                                  f"{'; '.join(lost)})")
-            if img.format == "PNG":  # the file's bytes are read again only if the last row is black
-                _check_png_data(img, lambda: _bytes_of(source))
+            if img.format == "PNG":
+                _check_png_data(img, data)
             if img.format in ("HEIF", "AVIF"):
                 _check_bmff_whole(img.format, _bytes_of(source))
         except ImageError as e:
