@@ -83,6 +83,65 @@ def test_png_image_data_failing_its_crc_is_a_decode_error(tmp_path):
         load_image(bytes(data))
 
 
+def tiled_tiff(width, height, tile_w, tile_h, rgb=None) -> bytes:
+    """A deflate-compressed RGB TIFF in tiles: of ``rgb``'s pixels, or (None) every tile one
+    stream of zeros."""
+    across, down = -(-width // tile_w), -(-height // tile_h)
+    streams = []
+    for ty in range(down):
+        for tx in range(across):
+            tile = np.zeros((tile_h, tile_w, 3), np.uint8)
+            if rgb is not None:
+                part = rgb[ty * tile_h:(ty + 1) * tile_h, tx * tile_w:(tx + 1) * tile_w]
+                tile[:part.shape[0], :part.shape[1]] = part
+            if rgb is not None or not streams:
+                streams.append(zlib.compress(tile.tobytes()))
+    if rgb is None:
+        streams *= across * down  # every tile the same stream, stored once
+        offsets = [16] * len(streams)
+        body = streams[0]
+    else:
+        offsets = list(np.cumsum([16] + [len(s) for s in streams[:-1]]))
+        body = b"".join(streams)
+    k = len(streams)
+    tables = 16 + len(body) + (len(body) & 1)
+    ifd = tables + 8 * k
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, 8), (259, 3, 1, 8), (262, 3, 1, 2),
+            (277, 3, 1, 3), (284, 3, 1, 1), (322, 4, 1, tile_w), (323, 4, 1, tile_h),
+            (324, 4, k, tables if k > 1 else offsets[0]), (325, 4, k, tables + 4 * k if k > 1 else len(streams[0]))]
+    out = b"II*\x00" + struct.pack("<I", ifd) + struct.pack("<HHHH", 8, 8, 8, 0) + body + b"\x00" * (len(body) & 1)
+    out += struct.pack(f"<{k}I", *offsets) + struct.pack(f"<{k}I", *[len(s) for s in streams])
+    out += struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHIHH", t, ty, n, v, 0) if ty == 3 and n == 1 else struct.pack("<HHII", t, ty, n, v)
+        for t, ty, n, v in tags) + b"\x00" * 4
+    return out
+
+
+def test_tiff_tiles_beyond_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    """libtiff decodes each tile whole whatever the image size: one 20000x20000 tile declared for
+    100x100 pixels took 1.2 GB; 1000 tiles of 16x65536 over 16000x16 pixels 12 s of one native
+    call. Tiles that cover the image as tiles do (edge tiles padded) still decode."""
+    from fakespotter.faces import load_image
+
+    rgb = noise_image(9, 40, 70)
+    assert np.array_equal(decode_image(tiled_tiff(70, 40, 32, 16, rgb)).rgb, rgb)
+    assert np.array_equal(load_image(tiled_tiff(70, 40, 32, 16, rgb)), rgb)
+    for args, covered in (((100, 100, 4096, 4096), 4096 * 4096), ((1600, 16, 16, 8192), 100 * 16 * 8192)):
+        data = tiled_tiff(*args)
+        assert len(data) < 100_000
+        with pytest.raises(ImageError, match=f"decoding them covers {covered} pixels, more than the pixel limit "
+                                             f"10000000 \\(--pixel-limit\\)") as e:
+            decode_image(data, pixel_limit=10_000_000)
+        assert e.value.kind == "too_many_pixels"
+        path = tmp_path / "bomb.tif"
+        path.write_bytes(data)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(Image, "MAX_IMAGE_PIXELS", 5_000_000)
+            with pytest.raises(ValueError, match=r"load_image: .*bomb.tif: TIFF of .* more than the pixel limit "
+                                                 r"10000000 \(Pillow's decompression-bomb limit"):
+                load_image(path)
+
+
 def small_files() -> dict:
     """name: (bytes, signature length, shortest cut that shows it is one): small valid files."""
     rgb = Image.fromarray(noise_image(6, 24, 32))

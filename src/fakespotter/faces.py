@@ -612,7 +612,7 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with img:
         # the scanner's checks that Pillow lacks (data.decode_image): damaged JPEG scan data, JPEGs
         # of too many scans (simplejpeg decodes the rest), PNG image data that ends early or is damaged
-        from .data import ImageError, _check_bmff_whole, _check_png_crcs, _check_png_data, jpeg_pixels
+        from .data import ImageError, _check_bmff_whole, _check_png_crcs, _check_png_data, check_tiff_tiles, jpeg_pixels
 
         try:
             if img.format in ("JPEG", "MPO"):  # (open_image has Pillow read these whole anyway)
@@ -626,6 +626,9 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
             if img.format == "PNG":
                 data = _bytes_of(source)
                 _check_png_crcs(data)
+            if img.format == "TIFF" and Image.MAX_IMAGE_PIXELS:
+                check_tiff_tiles(img, 2 * Image.MAX_IMAGE_PIXELS, "Pillow's decompression-bomb limit, "
+                                                                  "Image.MAX_IMAGE_PIXELS x 2")
             with _libtiff.collected(img.format == "TIFF") as said, _pillow_errors(source, name, said):
                 img.load()
             lost = _libtiff.codec_errors(said)
