@@ -564,6 +564,40 @@ def test_csv_matches_jsonl(corpus, model, tmp_path, capsys):
     assert {"decode_faces_s", "backbone_taps_s", "classifier_s", "wait_s", "wall_s"} <= set(stats)
 
 
+def test_tar_members_in_flight_are_bounded_by_their_bytes(model, tmp_path, monkeypatch):
+    """Tar members are read in the scan's process and travel with their chunk: a .tar.gz of
+    250 MB zero-filled members held 4.9 GB at once. Chunks end at CHUNK_BYTES of them, and none
+    is handed out while those in flight hold IN_FLIGHT_BYTES."""
+    S = sys.modules["fakespotter.scan"]
+    files = write_good(tmp_path / "d", 12, seed=12)
+    with tarfile.open(tmp_path / "t.tar", "w") as tf:
+        for f in files:
+            tf.add(f, arcname=f.name)
+    biggest = max(f.stat().st_size for f in files)
+    monkeypatch.setattr(S, "CHUNK_BYTES", 2 * biggest)
+    monkeypatch.setattr(S, "IN_FLIGHT_BYTES", 3 * biggest)
+    real_pool, submits = S._pool, []
+
+    def recording_pool(workers):
+        ex = real_pool(workers)
+        submit, running = ex.submit, []
+
+        def recorded(fn, chunk, *args):
+            size = sum(len(e.data) for e in chunk)
+            submits.append((size, sum(n for n, f in running if not f.done())))
+            fut = submit(fn, chunk, *args)
+            running.append((size, fut))
+            return fut
+
+        ex.submit = recorded
+        return ex
+
+    monkeypatch.setattr(S, "_pool", recording_pool)
+    records = list(scan([str(tmp_path / "t.tar")], model, aligned=True, batch_size=4, workers=1))
+    assert [r["status"] for r in records] == ["ok"] * 12 and len(submits) >= 4
+    assert all(size < 3 * biggest and held < 3 * biggest for size, held in submits), submits
+
+
 def test_a_scan_that_ends_has_ended_its_workers(model, tmp_path, monkeypatch):
     """Its idle workers too: the pool starts them as work comes, and one still starting as a short
     scan ended failed to attach to the pool's start-up event once it was gone, with a

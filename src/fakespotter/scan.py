@@ -6,8 +6,9 @@
 How the work is split: the parent lists the inputs lazily (``data.iter_entries``) and hands
 small chunks of them to ``workers`` processes, which read, hash, decode and detect/align faces
 (``workers=0`` does this inline). At most a fixed window of chunks is in flight and results are
-taken back in submission order, so memory is bounded by the window, never by the number of
-records (the listing holds each folder's sorted entries on the current path), and
+taken back in submission order, so memory is bounded by the window (and by the bytes of the tar
+members its chunks hold: :data:`IN_FLIGHT_BYTES`), never by the number of records (the listing
+holds each folder's sorted entries on the current path), and
 records come out in the input listing order whatever the timing. The parent gathers the chips
 and runs backbone + tap + classifier under ``torch.inference_mode`` on exactly ``batch_size``
 chips per forward (the last one zero-padded): oneDNN may round differently for another batch
@@ -114,6 +115,13 @@ STUCK_GRACE_S = 60.0
 # been dead this long (looked for every DEAD_WORKER_CHECK_S) and the pool has not broken.
 DEAD_WORKER_CHECK_S = 1.0
 DEAD_WORKER_GRACE_S = 5.0
+
+# Tar members are read in the scan's own process (a compressed archive cannot be read at random
+# offsets) and travel to the workers with their chunk: a chunk ends at this many bytes of them, and
+# no further chunk is handed out while the chunks in flight hold this many (a .tar.gz of 250 MB
+# zero-filled members once held 4.9 GB here; one member of up to data.MAX_FILE_BYTES still goes).
+CHUNK_BYTES = 64 << 20
+IN_FLIGHT_BYTES = 512 << 20
 
 _CRASH_ENV = "FAKESPOTTER_SCAN_TEST_CRASH"  # tests: a worker exits hard on paths ending with this
 _START_CRASH = ":start:"  # ... or as it starts, when the variable says this
@@ -493,7 +501,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
         for e in entries:
             yield e, _decode_timed(e, cfg)
         return
-    chunks = iter(lambda: list(itertools.islice(entries, chunk)), [])
+    chunks = _chunks(entries, chunk)
     ex = keep.get("pool") if keep is not None else None
     ex = ex or _pool(workers)
     pending: deque = deque()
@@ -589,7 +597,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
     interrupted = False
     try:
         while True:
-            while len(pending) < window:
+            while len(pending) < window and (not pending or sum(_held(c) for c, _, _ in pending) < IN_FLIGHT_BYTES):
                 c = next(chunks, None)
                 if c is None:
                     break
@@ -623,6 +631,25 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
             _stop(ex)
             if keep is not None:
                 keep.pop("pool", None)
+
+
+def _held(entries: List[Entry]) -> int:
+    """The bytes of tar members ``entries`` hold."""
+    return sum(len(e.data) for e in entries if e.data is not None)
+
+
+def _chunks(entries: Iterator[Entry], chunk: int) -> Iterator[List[Entry]]:
+    """``entries`` in lists of ``chunk``, or fewer that hold :data:`CHUNK_BYTES` of tar members."""
+    batch: List[Entry] = []
+    held = 0
+    for e in entries:
+        batch.append(e)
+        held += _held([e])
+        if len(batch) == chunk or held >= CHUNK_BYTES:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
 
 
 def _wait(fut: Any, pool: ProcessPoolExecutor, limit: Optional[float],
