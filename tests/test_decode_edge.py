@@ -4,7 +4,10 @@ header, JPEGs of thousands of scans, and APNG frame counts that the file does no
 from __future__ import annotations
 
 import io
+import re
+import shutil
 import struct
+import subprocess
 import zlib
 
 import numpy as np
@@ -446,6 +449,47 @@ def test_a_jpeg_tiff_with_a_strip_libjpeg_fails_on_is_refused_though_pillow_load
         out = io.BytesIO()
         Image.fromarray(rgb).convert(mode).save(out, "TIFF", compression="jpeg", tiffinfo={278: 16})
         assert decode_image(out.getvalue()).rgb.shape == (96, 64, 3)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["strips", "tiles"])
+def test_a_jpeg_tiff_strip_libjpeg_only_warns_about_is_refused(tmp_path, tiled):
+    """libjpeg's *warnings* inside libtiff reach no handler (Pillow turns libtiff's off while it
+    decodes): a strip whose data hits a marker early, or lacks its end (cut short), decoded with
+    rows grey or garbled and was scored. Each strip is checked as the plain JPEG path checks a
+    file, in the API too."""
+    from fakespotter.faces import load_image
+
+    rgb = noise_image(10, 96, 64)
+    Image.fromarray(rgb).save(tmp_path / "plain.tif")
+    if tiled:
+        if shutil.which("tiffcp") is None:
+            pytest.skip("needs libtiff's tiffcp (Debian: libtiff-tools) to write JPEG tiles")
+        good_path = tmp_path / "tiled.tif"
+        subprocess.run(["tiffcp", "-t", "-w", "32", "-l", "32", "-c", "jpeg", str(tmp_path / "plain.tif"),
+                        str(good_path)], check=True)
+        good = good_path.read_bytes()
+    else:
+        out = io.BytesIO()
+        Image.fromarray(rgb).save(out, "TIFF", compression="jpeg", quality=90, tiffinfo={278: 16})  # 6 strips
+        good = out.getvalue()
+    tags = Image.open(io.BytesIO(good)).tag_v2
+    offsets, counts = (tags[324], tags[325]) if tiled else (tags[273], tags[279])
+    what = "tile" if tiled else "strip"
+    assert len(offsets) == 6 and decode_image(good).rgb.shape == (96, 64, 3)
+    start, end = offsets[2], offsets[2] + counts[2]
+    marker = bytearray(good)
+    at = good.index(b"\xff\xda", start, end) + 30  # inside the scan data
+    marker[at:at + 2] = b"\xff\xd4"  # a restart marker, in a scan without restart intervals
+    cut = bytearray(good)
+    cut[end - 40:end] = bytes(40)  # the strip's last bytes, its end marker among them, gone
+    for data, kind, message in ((marker, "decode_error", f"TIFF: damaged JPEG data in {what} 2: "),
+                                (cut, "truncated", f"TIFF: the JPEG data of {what} 2 ends early (no end marker")):
+        Image.open(io.BytesIO(bytes(data))).load()  # Pillow: no error
+        with pytest.raises(ImageError) as e:
+            decode_image(bytes(data))
+        assert e.value.kind == kind and e.value.message.startswith(message), e.value.message
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_image(bytes(data))
 
 
 def test_libtiffs_words_do_not_make_a_damaged_tiff_truncated():

@@ -861,6 +861,8 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
             lost = _libtiff.codec_errors(said)
             if lost:
                 raise ImageError("decode_error", f"TIFF: part of the image did not decode (libtiff: {'; '.join(lost)})")
+            if fmt == "TIFF":
+                check_tiff_jpeg(img, data)
             _check_bmff_whole(fmt, data)
         frames = _frame_count(img, data)
     return DecodedImage(rgb, int(rgb.shape[1]), int(rgb.shape[0]), frames)
@@ -881,6 +883,44 @@ def check_tiff_tiles(img: Any, pixel_limit: int, limit_name: str) -> None:
                                             f"{tile_w}x{tile_h}: "
                                             f"decoding them covers {tiles * tile_w * tile_h} pixels, more than the "
                                             f"pixel limit {pixel_limit} ({limit_name})")
+
+
+def is_tiff_jpeg(img: Any) -> bool:
+    """Whether ``img`` (a TIFF) holds JPEG-compressed strips or tiles (Compression 7)."""
+    return img.tag_v2.get(259) == 7
+
+
+def check_tiff_jpeg(img: Any, data: bytes) -> None:
+    """For a JPEG-compressed TIFF (:func:`is_tiff_jpeg`; loaded from ``data``), what the plain
+    JPEG path refuses, strip by strip (or tile by tile): libjpeg's warnings inside libtiff reach
+    no handler (Pillow turns libtiff's off while it decodes), and a strip whose data is damaged
+    or cut short decoded with rows garbled or grey. Each strip, behind the tables of the
+    JPEGTables tag, is a JPEG: ``truncated`` when it lacks its end marker, ``decode_error`` for
+    the damage :func:`jpeg_pixels` refuses. Decodes each strip once more."""
+    if not is_tiff_jpeg(img):
+        return
+    tiled = 324 in img.tag_v2
+    offsets, counts = img.tag_v2.get(324 if tiled else 273), img.tag_v2.get(325 if tiled else 279)
+    tables = img.tag_v2.get(347)
+    if isinstance(offsets, int):
+        offsets = (offsets,)
+    if isinstance(counts, int):
+        counts = (counts,)
+    if not isinstance(offsets, tuple) or not isinstance(counts, tuple) or len(offsets) != len(counts):
+        return  # (libtiff's to refuse)
+    head = bytes(tables)[:-2] if isinstance(tables, (bytes, tuple)) and bytes(tables)[-2:] == b"\xff\xd9" else b""
+    what = "tile" if tiled else "strip"
+    for i, (offset, count) in enumerate(zip(offsets, counts)):
+        part = data[offset:offset + count]
+        if not part.startswith(b"\xff\xd8") or offset + count > len(data):
+            continue  # (not JPEG data, or cut off with the file: libtiff's and the decoder's to report)
+        if not part.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise ImageError("truncated", f"TIFF: the JPEG data of {what} {i} ends early (no end marker in its "
+                                          f"{count} bytes)")
+        jpeg = head + part[2:] if head else part
+        damage = scan_damage(jpeg) or decode_rgb(jpeg)[1]
+        if damage is not None:
+            raise ImageError("decode_error", f"TIFF: damaged JPEG data in {what} {i}: {damage}")
 
 
 def jpeg_pixels(img: Any, data: bytes) -> Optional[np.ndarray]:

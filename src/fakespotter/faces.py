@@ -612,7 +612,8 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with img:
         # the scanner's checks that Pillow lacks (data.decode_image): damaged JPEG scan data, JPEGs
         # of too many scans (simplejpeg decodes the rest), PNG image data that ends early or is damaged
-        from .data import ImageError, _check_bmff_whole, _check_png_crcs, _check_png_data, check_tiff_tiles, jpeg_pixels
+        from .data import (ImageError, _check_bmff_whole, _check_png_crcs, _check_png_data, check_tiff_jpeg,
+                           check_tiff_tiles, is_tiff_jpeg, jpeg_pixels)
 
         try:
             if img.format in ("JPEG", "MPO"):  # (open_image has Pillow read these whole anyway)
@@ -635,6 +636,8 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
             if lost:
                 raise ValueError(f"load_image: {name}: TIFF: part of the image did not decode (libtiff: "
                                  f"{'; '.join(lost)})")
+            if img.format == "TIFF" and is_tiff_jpeg(img):
+                check_tiff_jpeg(img, _bytes_of(source))
             if img.format == "PNG":
                 _check_png_data(img, data)
             if img.format in ("HEIF", "AVIF"):
