@@ -145,6 +145,37 @@ def test_tiff_tiles_beyond_the_pixel_limit_are_refused_before_decoding(tmp_path)
                 load_image(path)
 
 
+def test_an_avif_coding_more_than_it_declares_or_the_limit_allows_is_refused_before_decoding(tmp_path):
+    """libavif decodes the picture the AV1 sequence header codes whatever the ispe box declares,
+    and Pillow takes the declared size: a 2 KB file declaring 64x64 and coding 12000x12000 was
+    decoded whole, past the pixel limit, and a corner of it scored."""
+    from fakespotter import _avif
+    from fakespotter.data import _open_formats
+    from fakespotter.faces import load_image
+
+    if "AVIF" not in _open_formats():
+        pytest.skip("this Pillow reads no AVIF")
+    rgb = noise_image(11, 48, 64)
+    honest = encode(Image.fromarray(rgb), "AVIF", quality=90)
+    assert _avif.coded_sizes(honest) == ([(64, 48)], [(64, 48)])
+    assert decode_image(honest).rgb.shape == (48, 64, 3)
+    lying = bytearray(honest)
+    at = honest.index(b"ispe") + 8
+    lying[at:at + 8] = struct.pack(">II", 16, 12)
+    lying = bytes(lying)
+    assert Image.open(io.BytesIO(lying)).size == (16, 12)  # what Pillow believes
+    with pytest.raises(ImageError, match=r"AVIF declaring a 16x12 image \(its ispe box\) but coding a 64x48 "
+                                         r"picture") as e:
+        decode_image(lying)
+    assert e.value.kind == "decode_error"
+    with pytest.raises(ValueError, match="AVIF declaring a 16x12 image"):
+        load_image(lying)
+    for data, said in ((honest, "AVIF of 64x48"), (lying, "AVIF coding a 64x48 picture")):
+        with pytest.raises(ImageError, match=f"{said} = 3072 pixels, more than the pixel limit 1000") as e:
+            decode_image(data, pixel_limit=1000)
+        assert e.value.kind == "too_many_pixels"
+
+
 def small_files() -> dict:
     """name: (bytes, signature length, shortest cut that shows it is one): small valid files."""
     rgb = Image.fromarray(noise_image(6, 24, 32))

@@ -28,7 +28,7 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple
 
 import numpy as np
 
-from . import _libtiff
+from . import _avif, _libtiff
 from ._jpeg import decode_rgb, scan_damage
 
 __all__ = [
@@ -839,6 +839,8 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
                                                 f"more than the pixel limit {pixel_limit} (--pixel-limit)")
         if fmt == "TIFF":
             check_tiff_tiles(img, pixel_limit, "--pixel-limit")
+        if fmt == "AVIF":
+            check_avif_size(data, pixel_limit, "--pixel-limit")
         rgb = None
         if fmt in ("JPEG", "MPO"):
             try:
@@ -883,6 +885,15 @@ def check_tiff_tiles(img: Any, pixel_limit: int, limit_name: str) -> None:
                                             f"{tile_w}x{tile_h}: "
                                             f"decoding them covers {tiles * tile_w * tile_h} pixels, more than the "
                                             f"pixel limit {pixel_limit} ({limit_name})")
+
+
+def check_avif_size(data: bytes, pixel_limit: int, limit_name: str) -> None:
+    """An AVIF coding a picture over the pixel limit, or larger than it declares, refused before
+    decoding (``_avif.size_problem``): libavif decodes the coded picture whatever the ``ispe``
+    box, from which Pillow takes the size the pixel limit is checked against."""
+    problem = _avif.size_problem(data, pixel_limit, limit_name)
+    if problem is not None:
+        raise ImageError(*problem)
 
 
 def is_tiff_jpeg(img: Any) -> bool:

@@ -612,8 +612,8 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with img:
         # the scanner's checks that Pillow lacks (data.decode_image): damaged JPEG scan data, JPEGs
         # of too many scans (simplejpeg decodes the rest), PNG image data that ends early or is damaged
-        from .data import (ImageError, _check_bmff_whole, _check_png_crcs, _check_png_data, check_tiff_jpeg,
-                           check_tiff_tiles, is_tiff_jpeg, jpeg_pixels)
+        from .data import (ImageError, _check_bmff_whole, _check_png_crcs, _check_png_data, check_avif_size,
+                           check_tiff_jpeg, check_tiff_tiles, is_tiff_jpeg, jpeg_pixels)
 
         try:
             if img.format in ("JPEG", "MPO"):  # (open_image has Pillow read these whole anyway)
@@ -627,9 +627,12 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
             if img.format == "PNG":
                 data = _bytes_of(source)
                 _check_png_crcs(data)
+            bomb = "Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS x 2"
             if img.format == "TIFF" and Image.MAX_IMAGE_PIXELS:
-                check_tiff_tiles(img, 2 * Image.MAX_IMAGE_PIXELS, "Pillow's decompression-bomb limit, "
-                                                                  "Image.MAX_IMAGE_PIXELS x 2")
+                check_tiff_tiles(img, 2 * Image.MAX_IMAGE_PIXELS, bomb)
+            if img.format == "AVIF":
+                check_avif_size(_bytes_of(source), 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 1 << 62,
+                                bomb)
             with _libtiff.collected(img.format == "TIFF") as said, _pillow_errors(source, name, said):
                 img.load()
             lost = _libtiff.codec_errors(said)
