@@ -113,3 +113,23 @@ def test_default_refuses_bad_inputs_naming_them(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_a_float64_default_dtype_changes_neither_loading_nor_scores():
+    """torch.set_default_dtype(torch.float64) (common in scientific code) made the backbone and
+    the classifier float64 as they were built, and loading failed, blaming the model file."""
+    import torch
+
+    from fakespotter import samples
+
+    x, _, _ = samples.sample_chips(3, 3, seed=11)
+    expected = FakeSpotter.default().decision_function(x)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        det = FakeSpotter.default()
+        assert torch.equal(torch.as_tensor(det.decision_function(x)), torch.as_tensor(expected))
+        fitted = FakeSpotter(hidden=(4,), max_epochs=1).fit(x[:3], x[3:])
+        assert all(p.dtype == torch.float32 for p in fitted.classifier_.network_.parameters())
+    finally:
+        torch.set_default_dtype(before)

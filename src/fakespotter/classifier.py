@@ -169,9 +169,9 @@ class BitsetMLPClassifier:
         layers: list[nn.Module] = []
         width = inputs
         for h in self.hidden:
-            layers += [nn.Linear(width, int(h)), nn.ReLU(), nn.Dropout(self.dropout)]
+            layers += [nn.Linear(width, int(h), dtype=torch.float32), nn.ReLU(), nn.Dropout(self.dropout)]
             width = int(h)
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, 1, dtype=torch.float32))  # (whatever torch's default dtype)
         return nn.Sequential(*layers)
 
     def _split(self, n: int, y: torch.Tensor, generator: torch.Generator):

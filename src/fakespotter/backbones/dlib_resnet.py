@@ -588,7 +588,7 @@ def load_dlib_resnet(path: Optional[Union[str, Path]] = None) -> DlibFaceResNet:
         from fakespotter.weights import weights_path
 
         path = weights_path(WEIGHTS_NAME)
-    model = DlibFaceResNet.from_params(parse_dlib_resnet(path))
+    model = DlibFaceResNet.from_params(parse_dlib_resnet(path)).float()  # (float32 whatever torch's default dtype)
     model.eval()
     model.requires_grad_(False)
     return model
