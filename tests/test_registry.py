@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +241,27 @@ def test_list_layers_of_the_default_backbone():
         assert info[name].calls == 1
     assert info["layer4.0.relu_out"].output_shape == (256, 4, 4)
     assert info["fc"].output_shape == (128,)
+
+
+def test_a_model_whose_registered_backbone_is_missing_names_it(tmp_path, monkeypatch):
+    """A detector built on a backbone registered under a name of one's own, loaded where that
+    name is not registered: the error named only the backbone's id (a built-in here), which
+    needs a checkpoint, not the name to register."""
+    from fakespotter.backbones import registry as R
+    from fakespotter.artifact import ModelFileError
+    from fakespotter.detector import FakeSpotter
+
+    path = tmp_path / "r18.safetensors"
+    _safetensors.save_file(random_resnet18().state_dict(), path)
+    register_backbone("test-myres", lambda: get_backbone("resnet18", checkpoint=path, input_size=64),
+                      "for a test", overwrite=True)
+    try:
+        rng = np.random.default_rng(0)
+        chips = rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+        det = FakeSpotter(backbone="test-myres", hidden=(4,), max_epochs=1).fit(chips[:4], chips[4:])
+        det.save(tmp_path / "m.fsm")
+    finally:
+        monkeypatch.delitem(R._REGISTRY, "test-myres")
+    with pytest.raises(ModelFileError, match=r"backbone 'test-myres' is not available here \(nor is its id "
+                                             r"'resnet18' as registered here: .*no weights of its own"):
+        FakeSpotter.load(tmp_path / "m.fsm")

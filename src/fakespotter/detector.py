@@ -524,13 +524,14 @@ class FakeSpotter:
             raise artifact.ModelFileError(f"{path}: metadata lacks or mangles a required field ({e!r})") from None
         if ctype not in _CLASSIFIERS:
             raise artifact.ModelFileError(f"{path}: unknown classifier type {ctype!r}")
-        key = params.get("backbone", bmeta.get("id"))  # the registry key the detector was built from
+        key = wanted = params.get("backbone", bmeta.get("id"))  # the registry key the detector was built from
         if key not in list_backbones() and bmeta.get("id") in list_backbones():  # registered by its id here
             key = params["backbone"] = bmeta["id"]
         try:
             bb = get_backbone(key)
         except (KeyError, ValueError, TypeError) as e:
-            raise artifact.ModelFileError(f"{path}: backbone {key!r} is not available here ({e}); install the "
+            tried = f" (nor is its id {key!r} as registered here: {e})" if key != wanted else f" ({e})"
+            raise artifact.ModelFileError(f"{path}: backbone {wanted!r} is not available here{tried}; install the "
                                           f"package that declares it under the entry-point group "
                                           f"fakespotter.backbones (command line, worker processes), or register it "
                                           f"with fakespotter.register_backbone before loading") from None
