@@ -6,11 +6,13 @@ import hashlib
 import importlib
 import json
 import struct
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+import fakespotter
 from fakespotter import artifact
 from fakespotter.classifier import NotFittedError
 from fakespotter import detector
@@ -411,6 +413,15 @@ def test_rows_as_numpy_and_explain_on_images(fitted, tmp_path):
     rows = det.rows(real[:3])
     assert torch.equal(det.decision_function(rows.numpy()), det.decision_function(rows))
     assert torch.equal(det.explain(rows.numpy())["mnc"], det.explain(rows)["mnc"])
+    # numpy rows reversed (negative strides) or read-only (a view of a file): torch cannot share them
+    backwards, frozen = rows.numpy()[::-1], rows.numpy().copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(det.decision_function(backwards), det.decision_function(rows.flip(0)))
+        assert torch.equal(det.explain(backwards)["mnc"], det.explain(rows.flip(0))["mnc"])
+        assert torch.equal(det.decision_function(frozen), det.decision_function(rows))
+        assert torch.equal(fakespotter.mnc(backwards, det.tap_), fakespotter.mnc(rows.flip(0), det.tap_))
     blank = tmp_path / "blank.png"
     Image.new("RGB", (120, 90), (40, 90, 200)).save(blank)
     ex = det.explain([str(blank), str(blank)])  # no faces: no rows, and the index says so

@@ -40,7 +40,7 @@ from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
-from .features import _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips
+from .features import _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips, rows_tensor
 from .taps import Tap
 
 __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model",
@@ -373,7 +373,7 @@ class FakeSpotter:
     def _decision(self, X: Any, what: str) -> torch.Tensor:
         self._check_fitted()
         if _is_rows(X):
-            return self.classifier_.decision_function(torch.as_tensor(X))
+            return self.classifier_.decision_function(rows_tensor(X))
         if _is_chip_batch(X):
             return self.classifier_.decision_function(self._chip_rows(X, what))
         images = as_image_list(X)
@@ -404,7 +404,7 @@ class FakeSpotter:
         self._check_fitted()
         index = None
         if _is_rows(X):
-            rows = torch.as_tensor(X)
+            rows = rows_tensor(X)
         elif _is_chip_batch(X):
             rows = self._chip_rows(X, "explain")
         else:

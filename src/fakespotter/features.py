@@ -263,8 +263,14 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
 def mnc(rows: Any, tap: Tap) -> Tensor:
     """Mean neuron coverage per monitored layer (paper Eq. 2): float32 [N, L].
 
-    rows: int64 [N, words] packed rows (or a :class:`Features`).
+    rows: int64 [N, words] packed rows, a tensor or numpy array (or a :class:`Features`).
     """
     if isinstance(rows, Features):
         rows = rows.rows
-    return tap.mnc(rows)
+    return tap.mnc(rows_tensor(rows))
+
+
+def rows_tensor(rows: Any) -> Tensor:
+    """Packed rows as a tensor: a tensor as it is; a numpy array copied (one with negative
+    strides, or read-only like a view of a file, cannot be shared with torch)."""
+    return rows if isinstance(rows, Tensor) else torch.from_numpy(np.array(rows))
