@@ -115,8 +115,9 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
                              f"got shape {shape}")
         if shape[1:3] != [h, w]:
             raise ValueError(f"{what}: chips must be {h}x{w} (the backbone's input size), got "
-                             f"{shape[1]}x{shape[2]} (shape {shape}); align faces with chips() or "
-                             f"pass images with aligned=True to resize")
+                             f"{shape[1]}x{shape[2]} (shape {shape}); a 4-d array is taken as a batch of "
+                             f"chips: align faces with chips(), or pass the images as a list (one array "
+                             f"each) with aligned=True to resize them")
         x = chips.permute(0, 3, 1, 2).to(torch.float32)
     elif chips.dtype == torch.float32:
         if chips.dim() != 4 or shape[1] != 3:
