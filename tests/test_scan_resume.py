@@ -236,11 +236,19 @@ def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
     # but a first record torn while being written is dropped
     out.write_text(lines[0][:30])
     assert main(cli(corpus, model, out, "--resume")) == 1 and out.read_text() == reference["jsonl"]
-    # ... but not a file of someone else's that lacks a newline
-    out.write_text("my notes, no newline")
-    rc = main(cli(corpus, model, out, "--resume"))
-    assert rc == 2 and "is not a jsonl scan output" in capsys.readouterr().err
-    assert out.read_text() == "my notes, no newline"
+    # (torn anywhere: inside the path, an escape in it, or after it)
+    from fakespotter.scan import _torn_record
+
+    line = '{"path":"d/caf\\u00e9 \\"q\\".jpg","size":12,"sha256":null}'
+    assert all(_torn_record(line[:n].encode()) for n in range(len(line) + 1))
+    # ... but not a file of someone else's that lacks a newline, even one whose JSON starts with a
+    # "path" key (json.dump writes no final newline)
+    for text in ("my notes, no newline", json.dumps({"path": "/data/photos", "owner": "me"}),
+                 '{"path":"/data/photos","owner":"me"}'):
+        out.write_text(text)
+        rc = main(cli(corpus, model, out, "--resume"))
+        assert rc == 2 and "is not a jsonl scan output" in capsys.readouterr().err
+        assert out.read_text() == text
     # an output that is also an input
     image = corpus / "img000.jpg"
     before = image.read_bytes()

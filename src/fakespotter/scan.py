@@ -1388,8 +1388,7 @@ def _check_head(path: Union[str, Path], fmt: str) -> None:
         first = f.readline()
     if not first.endswith(b"\n"):
         head = first.rstrip(b"\x00")
-        start = _csv_header().encode() if fmt == "csv" else _JSONL_START
-        ok = start.startswith(head) or (fmt == "jsonl" and head.startswith(start))
+        ok = _csv_header().encode().startswith(head) if fmt == "csv" else _torn_record(head)
     else:
         ok = first == _csv_header().encode() if fmt == "csv" else _parse(first[:-1], fmt) is not None
     if not ok:
@@ -1398,7 +1397,21 @@ def _check_head(path: Union[str, Path], fmt: str) -> None:
                              f"refusing to resume into it")
 
 
-_JSONL_START = b'{"path":'  # how every JSON-lines record begins (RECORD_FIELDS[0] is "path")
+_JSONL_START = b'{"path":"'  # how every JSON-lines record begins (RECORD_FIELDS[0] is "path", a string)
+_JSON_STRING_BODY = re.compile(rb'(?:[^"\\\x00-\x1f\x80-\xff]|\\.)*')  # (ASCII: json.dumps escapes the rest)
+
+
+def _torn_record(head: bytes) -> bool:
+    """Whether ``head`` can be the start of a JSON-lines record as :func:`_line` writes it (its
+    path, then its size, without spaces), cut short: not merely any JSON that starts with a
+    "path" key, such as a settings file written by ``json.dump``."""
+    if len(head) <= len(_JSONL_START):
+        return _JSONL_START.startswith(head)
+    if not head.startswith(_JSONL_START):
+        return False
+    rest = head[_JSON_STRING_BODY.match(head, len(_JSONL_START)).end():]
+    after = b'","size":'
+    return after.startswith(rest) or rest.startswith(after) or (rest[:1] == b"\\" and len(rest) < 6)
 
 
 def _clip(line: bytes, n: int = 60) -> bytes:
