@@ -723,6 +723,20 @@ def test_a_stderr_whose_reader_left_does_not_stop_the_scan(corpus, model, tmp_pa
     assert sorted(r["path"] for r in jsonl(out)) == sorted(listing)
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_records_on_stdout_whose_reader_left_end_the_scan_quietly(corpus, model, fmt):
+    """`scan ... | head`: the scan stops with exit 0 and nothing on stderr, as every command
+    does when its reader leaves; it said "error: writing stdout: Broken pipe" with exit 3, whose
+    advice (--resume) cannot apply to stdout."""
+    cmd = [sys.executable, "-m", "fakespotter", "scan", str(corpus), "--model", str(model), "--aligned", "--workers",
+           "0", "--batch-size", "2", "--format", fmt, "--quiet"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()  # the reader leaves after the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0 and err == ""
+
+
 def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(corpus, model, tmp_path):
     """Disk full / file size limit: no traceback, exit 3 (not 1, which says inputs failed), the
     records synced before stay and --resume completes the output."""

@@ -578,6 +578,8 @@ def run(args: argparse.Namespace) -> int:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, sys.stdout.fileno())
             os.close(null)
+            if isinstance(failed, BrokenPipeError):  # `scan ... | head`: the reader left, as for every command
+                return 0
         then = "" if out is None else (": the records written before stay; free space (or raise the file size "
                                        "limit) and rerun with --resume")
         print(f"fakespotter scan: error: writing {out or 'stdout'}: {failed.strerror or failed}{then}",
