@@ -723,6 +723,29 @@ def test_a_stderr_whose_reader_left_does_not_stop_the_scan(corpus, model, tmp_pa
     assert sorted(r["path"] for r in jsonl(out)) == sorted(listing)
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_pillows_log_lines_stay_off_stderr(model, tmp_path, workers):
+    """Pillow logs some refusals as errors ("More samples per pixel than can be decoded: 2048"),
+    naming no file: with no logging set up, Python printed them on stderr, through --quiet. The
+    record says what was wrong."""
+    import struct
+
+    out = io.BytesIO()
+    Image.fromarray(noise_image(3, 20, 20)).save(out, "TIFF")
+    data = bytearray(out.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, at)[0] == 277:  # SamplesPerPixel
+            struct.pack_into("<H", data, at + 8, 2048)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "spp.tif").write_bytes(bytes(data))
+    run = subprocess.run([sys.executable, "-m", "fakespotter", "scan", str(tmp_path / "d"), "--model", str(model),
+                          "--aligned", "--workers", workers, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr == "", run.stderr
+    assert json.loads(run.stdout)["error_kind"] == "decode_error"
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_records_on_stdout_whose_reader_left_end_the_scan_quietly(corpus, model, fmt):
     """`scan ... | head`: the scan stops with exit 0 and nothing on stderr, as every command

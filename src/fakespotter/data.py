@@ -16,6 +16,7 @@ import contextlib
 import errno
 import gzip
 import io
+import logging
 import os
 import re
 import stat
@@ -250,6 +251,15 @@ class Entry(NamedTuple):
     file: Optional[str] = None
     data: Optional[bytes] = None
     error: Optional[Tuple[str, str]] = None
+
+
+def quiet_pillow_logs() -> None:
+    """Keep Pillow's log lines about a file it reads ("More samples per pixel than can be
+    decoded: 2048", logged as errors) off stderr: they name no file, and the file's record (or
+    error) says what was wrong. For the processes that are fakespotter's own (the command line,
+    the scanner's decode workers): a handler that drops them, where none was set up, in place of
+    Python's last-resort print; a program that configures logging still gets them."""
+    logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 
 def check_sources(sources: Sequence[str], what: str = "input") -> None:

@@ -60,7 +60,8 @@ from typing import IO, Any, Callable, Container, Dict, Generator, Iterable, Iter
 import numpy as np
 
 from ._atomic import write_atomic
-from .data import DEFAULT_PIXEL_LIMIT, Entry, ImageError, check_sources, decode_image, iter_entries, read_entry
+from .data import (DEFAULT_PIXEL_LIMIT, Entry, ImageError, check_sources, decode_image, iter_entries, quiet_pillow_logs,
+                   read_entry)
 from .faces import check_detect_pixels, check_weak_face_score
 
 __all__ = [
@@ -469,6 +470,7 @@ def _worker_init(parent: int, started: Any = None) -> None:
         started.set()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_pillow_logs()
     server = os.getppid()  # the forkserver (or the scan itself, spawned): it exits with the scan
 
     def watch() -> None:

@@ -106,6 +106,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command != "env":  # env reports it instead: it is what a bug report asks for
             _check_cpu_isa()
         keep_freed_memory()  # forwards reuse their memory instead of faulting it in each time
+        from ..data import quiet_pillow_logs
+
+        quiet_pillow_logs()
         return int(args.run(args) or 0)
     except UsageError as e:
         print(f"fakespotter {name}: error: {e}", file=sys.stderr)
