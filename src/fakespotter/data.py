@@ -1029,7 +1029,7 @@ def _check_png_crcs(data: bytes) -> None:
     the CRCs of the chunks it reads before the image data, not those of IDAT chunks (nor zlib's
     Adler-32 once every row is filled), so a flipped bit there decodes to garbled rows without
     an error. Chunks are walked as far as they hold together: a damaged length or a cut is the
-    decoder's to report. ~1 ms per MB."""
+    decoder's to report. 6 ms for a 12 MP PNG of 23 MB, 2.7% of its decode here."""
     pos, view = 8, memoryview(data)
     while pos + 12 <= len(data):
         length, ctype = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
