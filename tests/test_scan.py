@@ -1256,11 +1256,11 @@ def test_a_worker_that_dies_while_writing_a_result_breaks_the_pool_instead_of_ha
             with pytest.raises(BrokenProcessPool):
                 fut.result(timeout=30)
         else:
-            S._stop(ex, abandon=True)  # what an interrupted or closed scan does
+            S._stop(ex)  # what an interrupted or closed scan does
         manager.join(timeout=30)
         assert not manager.is_alive()
     finally:
-        S._stop(ex, abandon=True)
+        S._stop(ex)
 
 
 @pytest.mark.parametrize("limit", [None, 600.0])
@@ -1296,7 +1296,7 @@ def test_a_worker_killed_while_writing_a_result_is_noticed_without_the_limit(lim
         assert waited < 120, waited  # (not a speed claim: without the check it waits for good, or 600 s)
         assert polls >= int(S.DEAD_WORKER_GRACE_S / 0.5) - 1  # the caller still got its polls
     finally:
-        S._stop(ex, abandon=True)
+        S._stop(ex)
 
 
 def test_a_file_that_finishes_within_the_margin_is_not_stopped(model, tmp_path):
@@ -1449,7 +1449,7 @@ def test_an_abandoned_pool_ends_its_running_workers():
     while not ex._processes:  # the worker has started
         time.sleep(0.05)
     (worker,) = ex._processes.values()
-    _stop(ex, abandon=True)
+    _stop(ex)
     worker.join(30)
     assert not worker.is_alive() and worker.exitcode is not None
 

@@ -278,6 +278,9 @@ def test_compiled_scripted_and_exported_taps_refuse_training_mode(tmp_path):
                 compiled(x)
             tap.eval()
             assert torch.equal(compiled(x), rows)
+        tap.train()
+        net.eval()  # the backbone back in eval mode is all that counts, scripted too
+        assert torch.equal(compiled(x), rows) and torch.equal(script_tap(tap)(x), rows)
         assert torch.equal(net[1][0].running_mean, stats)
         for m in (scripted, loaded, getattr(scripted.net, "1")):
             m.train()

@@ -31,9 +31,7 @@ class _Bits:
         zeros = 0
         while not self.f(1):
             zeros += 1
-            if zeros >= 32:
-                return (1 << 32) - 1
-        return self.f(zeros) + (1 << zeros) - 1
+        return (1 << 32) - 1 if zeros >= 32 else self.f(zeros) + (1 << zeros) - 1
 
 
 def _sequence_size(payload: bytes) -> Tuple[int, int]:
@@ -113,17 +111,57 @@ def _uint(data: bytes, pos: int, n: int) -> Tuple[int, int]:
     return int.from_bytes(data[pos:pos + n], "big"), pos + n
 
 
+def _child(data: bytes, start: int, end: int, kind: bytes) -> Optional[Tuple[int, int]]:
+    return next(((s, e) for k, s, e in _boxes(data, start, end) if k == kind), None)
+
+
+def _track_sizes(data: bytes, trak: Tuple[int, int], configs: List[bytes],
+                 declared: List[Tuple[int, int]]) -> None:
+    """What an animated AVIF's track (``moov/trak``) declares (``tkhd``, the ``av01`` sample
+    entry) and where its sequence header is (the entry's ``av1C``, its first sample)."""
+    tkhd = _child(data, *trak, b"tkhd")
+    if tkhd is not None:
+        at = tkhd[0] + (88 if data[tkhd[0]] == 1 else 76)  # (after the matrix: width, height in 16.16)
+        if at + 8 <= tkhd[1]:
+            declared.append((_uint(data, at, 4)[0] >> 16, _uint(data, at + 4, 4)[0] >> 16))
+    stbl: Optional[Tuple[int, int]] = trak
+    for kind in (b"mdia", b"minf", b"stbl"):
+        stbl = _child(data, *stbl, kind) if stbl is not None else None
+    if stbl is None:
+        return
+    stsd = _child(data, *stbl, b"stsd")
+    if stsd is not None:
+        for kind, s, e in _boxes(data, stsd[0] + 8, stsd[1]):
+            if kind == b"av01" and s + 78 <= e:
+                declared.append((_uint(data, s + 24, 2)[0], _uint(data, s + 26, 2)[0]))
+                config = _child(data, s + 78, e, b"av1C")
+                if config is not None and config[1] - config[0] > 4:
+                    configs.append(data[config[0] + 4:config[1]])
+    chunks = _child(data, *stbl, b"stco") or _child(data, *stbl, b"co64")
+    sizes = _child(data, *stbl, b"stsz")
+    if chunks is not None and sizes is not None and _uint(data, chunks[0] + 4, 4)[0]:
+        wide = data[chunks[0] - 4:chunks[0]] == b"co64"
+        offset = _uint(data, chunks[0] + 8, 8 if wide else 4)[0]
+        size = _uint(data, sizes[0] + 4, 4)[0] or _uint(data, sizes[0] + 12, 4)[0]
+        configs.append(data[offset:offset + min(size, 4096)])
+
+
 def coded_sizes(data: bytes) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
-    """(the (width, height) each ``av01`` item's sequence header codes, the sizes its ``ispe``
-    boxes declare); what cannot be read is left out."""
-    meta = next(((s, e) for k, s, e in _boxes(data, 0, len(data)) if k == b"meta"), None)
+    """(the (width, height) the sequence header of each ``av01`` item or track codes, the sizes
+    their ``ispe``, ``tkhd`` and sample entries declare); what cannot be read is left out."""
+    configs: List[bytes] = []
+    declared: List[Tuple[int, int]] = []
+    moov = _child(data, 0, len(data), b"moov")
+    if moov is not None:
+        for kind, s, e in _boxes(data, *moov):
+            if kind == b"trak":
+                _track_sizes(data, (s, e), configs, declared)
+    meta = _child(data, 0, len(data), b"meta")
     if meta is None:
-        return [], []
+        return _coded(configs), declared
     av01: List[int] = []
     extents: Dict[int, Tuple[int, int, int]] = {}  # item -> (construction method, offset, length)
     idat: Optional[Tuple[int, int]] = None
-    configs: List[bytes] = []
-    declared: List[Tuple[int, int]] = []
     for kind, s, e in _boxes(data, meta[0] + 4, meta[1]):
         try:
             if kind == b"iinf":
@@ -178,6 +216,11 @@ def coded_sizes(data: bytes) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int
         elif method != 0:
             continue
         configs.append(data[offset:offset + min(length or len(data), 4096)])
+    return _coded(configs), declared
+
+
+def _coded(configs: List[bytes]) -> List[Tuple[int, int]]:
+    """The sizes the first sequence header of each of ``configs`` (OBUs) codes."""
     coded = []
     for obus in configs:
         for kind, payload in _obus(obus):
@@ -187,14 +230,14 @@ def coded_sizes(data: bytes) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int
                 except ValueError:
                     pass
                 break
-            if kind not in (2, 15):  # (a temporal delimiter, padding: the sequence header follows)
+            if kind in (3, 4, 6):  # a frame begins: no sequence header came first
                 break
-    return coded, declared
+    return coded
 
 
 def size_problem(data: bytes, pixel_limit: int, limit_name: str) -> Optional[Tuple[str, str]]:
     """(error kind, message) for an AVIF that codes a picture of more than ``pixel_limit``
-    pixels (``too_many_pixels``), or a larger one than its ``ispe`` boxes declare
+    pixels (``too_many_pixels``), or a larger one than its boxes declare
     (``decode_error``: a grid's tiles, an alpha plane and a thumbnail code no more than the
     image's size); None otherwise."""
     coded, declared = coded_sizes(data)
@@ -206,6 +249,6 @@ def size_problem(data: bytes, pixel_limit: int, limit_name: str) -> Optional[Tup
         dw, dh = max(w for w, _ in declared), max(h for _, h in declared)
         cw, ch = max(w for w, _ in coded), max(h for _, h in coded)
         if cw > dw or ch > dh:
-            return "decode_error", (f"AVIF declaring a {dw}x{dh} image (its ispe box) but coding a {cw}x{ch} "
-                                    f"picture: a decoder would give a part of it")
+            return "decode_error", (f"AVIF declaring a {dw}x{dh} image but coding a {cw}x{ch} picture: a decoder "
+                                    f"would give a part of it")
     return None

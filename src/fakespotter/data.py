@@ -881,19 +881,20 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
 
 
 def check_tiff_tiles(img: Any, pixel_limit: int, limit_name: str) -> None:
-    """``too_many_pixels`` for a tiled TIFF whose tiles cover more pixels than ``pixel_limit``:
-    libtiff decodes every tile whole, whatever the image size says, so a 1 MB file declaring
-    100x100 pixels in one 20000x20000 tile took 1.2 GB, and an 11 KB one of 1000 tall tiles
-    over a 16000x16 image 12 s of one native call."""
+    """``too_many_pixels`` for a tiled TIFF one of whose tiles holds more pixels than
+    ``pixel_limit``, or whose tiles together hold more than the limit and more than twice the
+    image (more than an image's edge tiles pad): libtiff decodes every tile whole, whatever the
+    image size says, so a 1 MB file declaring 100x100 pixels in one 20000x20000 tile took 1.2 GB,
+    and an 11 KB one of 1000 tall tiles over a 16000x16 image 12 s of one native call."""
     tile_w, tile_h = img.tag_v2.get(322), img.tag_v2.get(323)  # TileWidth, TileLength
     if not isinstance(tile_w, int) or not isinstance(tile_h, int) or tile_w < 1 or tile_h < 1:
         return  # (strips, or tags libtiff refuses itself)
     width, height = img.size
     tiles = -(-width // tile_w) * -(-height // tile_h)
-    if tiles * tile_w * tile_h > pixel_limit:
+    covered = tiles * tile_w * tile_h
+    if tile_w * tile_h > pixel_limit or (covered > pixel_limit and covered > 2 * width * height):
         raise ImageError("too_many_pixels", f"TIFF of {width}x{height} pixels in {tiles} tile{'s' * (tiles != 1)} of "
-                                            f"{tile_w}x{tile_h}: "
-                                            f"decoding them covers {tiles * tile_w * tile_h} pixels, more than the "
+                                            f"{tile_w}x{tile_h}: decoding them covers {covered} pixels, more than the "
                                             f"pixel limit {pixel_limit} ({limit_name})")
 
 

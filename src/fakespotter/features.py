@@ -272,6 +272,11 @@ def mnc(rows: Any, tap: Tap) -> Tensor:
 
 
 def rows_tensor(rows: Any) -> Tensor:
-    """Packed rows as a tensor: a tensor as it is; a numpy array copied (one with negative
-    strides, or read-only like a view of a file, cannot be shared with torch)."""
-    return rows if isinstance(rows, Tensor) else torch.from_numpy(np.array(rows))
+    """Packed rows as a tensor: a tensor as it is; a numpy array shared, or copied where torch
+    cannot share it (negative strides; read-only, like a view of a file)."""
+    if isinstance(rows, Tensor):
+        return rows
+    rows = np.asarray(rows)
+    if not rows.flags.writeable or any(s < 0 for s in rows.strides):
+        rows = rows.copy()
+    return torch.from_numpy(rows)

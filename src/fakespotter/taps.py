@@ -220,11 +220,17 @@ def _finish(graph: fx.Graph, module: nn.Module, extra: Dict[str, nn.Module], las
         if n.op in ("call_module", "get_attr") and n.target not in targets:
             targets[n.target] = _resolve(module, n.target)
     gm = fx.GraphModule(targets, graph, class_name="TappedBackbone")
+    _others_in_eval(gm, module)
+    return gm
+
+
+def _others_in_eval(gm: nn.Module, module: nn.Module) -> None:
+    """Put the modules of ``gm`` that are not ``module``'s (fx's holders of dotted names, the
+    sink) in eval mode: only the backbone's modes count (``Tap._refuse_training``)."""
     own = {id(m) for m in module.modules()}
-    for m in gm.modules():  # fx's holders of dotted names, the sink: only the backbone's modes count
+    for m in gm.modules():
         if id(m) not in own:
             m.training = False
-    return gm
 
 
 class _Sink(nn.Module):
@@ -558,6 +564,13 @@ class Tap(nn.Module):
         else:
             self._check_frozen(self.net, "pack")
         return self.net(x, self.thresholds)
+
+    def train(self, mode: bool = True) -> "Tap":
+        """``nn.Module.train``; the packing graph's own modules stay in eval mode (a later
+        ``module.eval()`` puts the tap back in order)."""
+        super().train(mode)
+        _others_in_eval(self.net, self.backbone.module)
+        return self
 
     def _refuse_training(self) -> None:
         """:meth:`_check_frozen` in a form TorchScript and torch.compile take (without the names):

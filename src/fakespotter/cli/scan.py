@@ -82,8 +82,9 @@ def add_parser(sub) -> None:
                         "scores may differ from an eager scan in rare near-threshold bits (default: off; local "
                         "engine)")
     p.add_argument("--pixel-limit", type=int, default=DEFAULT_PIXEL_LIMIT,
-                   help="refuse images with more pixels than this before decoding; a tiled TIFF's tiles count whole, "
-                        "as libtiff decodes them (default: %(default)s, Pillow's)")
+                   help="refuse images with more pixels than this before decoding (and a tiled TIFF whose tiles, which "
+                        "libtiff decodes whole, hold more, where they hold over twice the image) (default: "
+                        "%(default)s, Pillow's)")
     p.add_argument("--file-timeout", type=float, default=FILE_TIMEOUT_S, metavar="SECONDS",
                    help="give up on a file that takes longer to read, decode and detect faces in: a 'timeout' "
                         f"error record, and the scan goes on; a worker still busy {STUCK_GRACE_S:g} s past the limits "
