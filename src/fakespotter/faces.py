@@ -624,27 +624,27 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
                 rgb = jpeg_pixels(img, data)
                 if rgb is not None:
                     return rgb
+            tiff_jpeg = img.format == "TIFF" and is_tiff_jpeg(img)
+            data = _bytes_of(source) if img.format in ("PNG", "AVIF", "HEIF") or tiff_jpeg else b""
             if img.format == "PNG":
-                data = _bytes_of(source)
                 _check_png_crcs(data)
             bomb = "Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS x 2"
             if img.format == "TIFF" and Image.MAX_IMAGE_PIXELS:
                 check_tiff_tiles(img, 2 * Image.MAX_IMAGE_PIXELS, bomb)
             if img.format == "AVIF":
-                check_avif_size(_bytes_of(source), 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 1 << 62,
-                                bomb)
+                check_avif_size(data, 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 1 << 62, bomb)
             with _libtiff.collected(img.format == "TIFF") as said, _pillow_errors(source, name, said):
                 img.load()
             lost = _libtiff.codec_errors(said)
             if lost:
                 raise ValueError(f"load_image: {name}: TIFF: part of the image did not decode (libtiff: "
                                  f"{'; '.join(lost)})")
-            if img.format == "TIFF" and is_tiff_jpeg(img):
-                check_tiff_jpeg(img, _bytes_of(source))
+            if tiff_jpeg:
+                check_tiff_jpeg(img, data)
             if img.format == "PNG":
                 _check_png_data(img, data)
             if img.format in ("HEIF", "AVIF"):
-                _check_bmff_whole(img.format, _bytes_of(source))
+                _check_bmff_whole(img.format, data)
         except ImageError as e:
             raise ValueError(f"load_image: {name}: {e.message}") from None
         return _from_pil(img, background)
