@@ -195,6 +195,27 @@ def test_an_avif_coding_more_than_it_declares_or_the_limit_allows_is_refused_bef
         decode_image(bytes(track))
 
 
+def test_a_float_image_with_nan_pixels_is_refused():
+    """A PFM (Pillow mode 'F') of NaN pixels decoded to whatever the cast gave (black here) and
+    was scored; finite values are clipped to 0..255 as before."""
+    from fakespotter.faces import load_image
+
+    def pfm(a):  # greyscale PFM: rows bottom to top, little-endian float32
+        return b"Pf\n%d %d\n-1.0\n" % (a.shape[1], a.shape[0]) + a[::-1].astype("<f4").tobytes()
+
+    a = np.full((20, 30), 100.25, np.float32)
+    a[3, 4], a[5, 6] = 300.0, -2.0
+    rgb = decode_image(pfm(a)).rgb
+    assert rgb.shape == (20, 30, 3) and [tuple(rgb[p]) for p in ((0, 0), (3, 4), (5, 6))] == [(100,) * 3, (255,) * 3,
+                                                                                              (0,) * 3]
+    a[12, 7] = np.nan
+    with pytest.raises(ImageError, match=r"float image \(Pillow mode 'F', e.g. a PFM\) with NaN pixels") as e:
+        decode_image(pfm(a))
+    assert e.value.kind == "decode_error"
+    with pytest.raises(ValueError, match="NaN pixels"):
+        load_image(pfm(a))
+
+
 def small_files() -> dict:
     """name: (bytes, signature length, shortest cut that shows it is one): small valid files."""
     rgb = Image.fromarray(noise_image(6, 24, 32))

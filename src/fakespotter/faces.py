@@ -244,6 +244,8 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
         a = np.asarray(img)
         grey = np.empty(a.shape, np.uint8)
         for rows in _row_blocks(a):
+            if np.isnan(a[rows]).any():  # (NaN has no grey value: it was cast to whatever the CPU gives)
+                raise ValueError("load_image: a float image (Pillow mode 'F', e.g. a PFM) with NaN pixels")
             grey[rows] = np.round(np.clip(a[rows], 0, 255))
         return _from_array(grey, background)
     has_alpha = "A" in mode or "a" in mode or key is not None
