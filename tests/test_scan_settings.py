@@ -5,6 +5,7 @@ refusing to mix precisions), the batch-size back-off on out-of-memory, and the d
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -194,9 +195,13 @@ def test_stats_are_on_disk_before_the_first_record(corpus, model, tmp_path, monk
         return real_write(self, records)
 
     monkeypatch.setattr(RecordWriter, "write", write)
+    synced = []  # ... and synced, as the records are: a power cut must not leave records without it
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     assert main(cli(corpus, model, out, "--limit", "2")) == 0
     assert seen["stats"]["complete"] is False and seen["stats"]["precision"] == "float32"
     assert seen["stats"]["images"] == 0 and seen["stats"]["batch_size"] == 4
+    assert sum(".o.jsonl.stats.json." in os.path.basename(p) for p in synced) == 2, synced  # at the start and end
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1657,8 +1657,9 @@ def check_not_busy(path: Union[str, Path]) -> None:
 
 
 def write_stats(path: Union[str, Path], stats: Dict[str, Any]) -> None:
-    """Write the stats JSON atomically (a temporary file renamed over ``path``)."""
-    write_atomic(path, json.dumps(stats, indent=2, sort_keys=True) + "\n", fsync=False)
+    """Write the stats JSON atomically (a temporary file renamed over ``path``) and durably:
+    ``--resume`` checks its settings against the records, which are synced as they are written."""
+    write_atomic(path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
