@@ -1111,6 +1111,10 @@ def test_a_file_over_the_time_limit_gets_a_timeout_record_and_the_worker_goes_on
     (slow,) = [r for r in recs if r["error_kind"]]
     assert slow["status"] == "error" and slow["score"] is None and "--file-timeout" in slow["error"]
     assert D.ERROR_KINDS["timeout"]
+    # the file was read whole before its decode ran out of time: its record says which bytes it was
+    data = (folder / "img001a.png").read_bytes()
+    assert (slow["size"], slow["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert slow["width"] is None and slow["faces"] == []
     # a limit the file stays within changes nothing; 0 is no limit
     small = folder / "img001a.png"
     small.write_bytes(chunk_flood_png(10))

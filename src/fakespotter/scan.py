@@ -159,11 +159,16 @@ class _Config(NamedTuple):
     file_timeout: float = 0.0  # seconds a worker spends on a file at most; 0: no limit
 
 
-def _decode_one(entry: Entry, cfg: _Config) -> Dict[str, Any]:
-    """Everything a record needs but the scores; never raises for a bad input."""
+def _new_result(entry: Entry) -> Dict[str, Any]:
+    return {"path": entry.path, "size": None, "sha256": None, "width": None, "height": None, "frames": None,
+            "faces": [], "chips": None, "seconds": 0.0, "error": None}
+
+
+def _decode_one(entry: Entry, cfg: _Config, out: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Everything a record needs but the scores, filled into ``out`` (a :func:`_new_result`) as
+    it is learnt; never raises for a bad input."""
     t0 = time.perf_counter()
-    out: Dict[str, Any] = {"path": entry.path, "size": None, "sha256": None, "width": None, "height": None,
-                           "frames": None, "faces": [], "chips": None, "error": None}
+    out = _new_result(entry) if out is None else out
     try:
         data = read_entry(entry)
         out["size"] = len(data)
@@ -268,16 +273,18 @@ def _decode_timed(entry: Entry, cfg: _Config) -> Dict[str, Any]:
             raise _FileTimeout
 
     t0 = time.perf_counter()
+    out = _new_result(entry)
     previous = signal.signal(signal.SIGALRM, alarm)
     try:  # (armed inside: an alarm before the try would escape it)
         signal.setitimer(signal.ITIMER_REAL, cfg.file_timeout)
-        out = _decode_one(entry, cfg)
+        _decode_one(entry, cfg, out)
         armed = False
     except _FileTimeout:
         armed = False
-        out = _error_result(entry, "timeout", f"stopped after {cfg.file_timeout:g} s (the per-file time limit, "
-                                              f"--file-timeout) reading, decoding and detecting faces in it")
-        out["seconds"] = time.perf_counter() - t0
+        # What was learnt of the file stays (its size and sha256 once it was read whole).
+        out.update(width=None, height=None, frames=None, faces=[], chips=None, seconds=time.perf_counter() - t0,
+                   error=("timeout", f"stopped after {cfg.file_timeout:g} s (the per-file time limit, "
+                                     f"--file-timeout) reading, decoding and detecting faces in it"))
     finally:
         armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -300,8 +307,7 @@ def detection_settings(det: Any, upsample: Optional[int], weak_face_score: Optio
 
 
 def _error_result(entry: Entry, kind: str, message: str) -> Dict[str, Any]:
-    return {"path": entry.path, "size": None, "sha256": None, "width": None, "height": None, "frames": None,
-            "faces": [], "chips": None, "seconds": 0.0, "error": (kind, message)}
+    return {**_new_result(entry), "error": (kind, message)}
 
 
 def _crash_result(entry: Entry) -> Dict[str, Any]:
