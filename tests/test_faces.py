@@ -112,6 +112,11 @@ def test_8_bit_grey_in_32_bit_integers_is_taken_as_8_bit():
 def test_float_and_cmyk_modes():
     f = Image.fromarray(np.array([[-5.0, 0.4, 127.6, 300.0]], np.float32), "F")
     assert F.load_image(f)[0, :, 0].tolist() == [0, 0, 128, 255]
+    # no value above 1: a 0..1 image (as numpy and scientific tools save them), not a black one
+    f = Image.fromarray(np.array([[-0.1, 0.0, 0.2, 0.5, 1.0]], np.float32), "F")
+    assert F.load_image(f)[0, :, 0].tolist() == [0, 0, 51, 128, 255]
+    f = Image.fromarray(np.array([[0.0, 0.5, 1.01]], np.float32), "F")  # one value above 1: 0..255
+    assert F.load_image(f)[0, :, 0].tolist() == [0, 0, 1]
     cmyk = Image.new("CMYK", (2, 2), (0, 0, 0, 0))
     np.testing.assert_array_equal(F.load_image(cmyk), np.full((2, 2, 3), 255))
     buf = io.BytesIO()
@@ -154,6 +159,9 @@ def test_conversions_work_in_blocks_with_the_whole_image_formulas(monkeypatch):
             np.testing.assert_array_equal(F._u16_to_u8(a), want)
         want_f = np.round(np.clip(f32.astype(np.float64), 0, 255)).astype(np.uint8)
         np.testing.assert_array_equal(F.load_image(Image.fromarray(f32, "F"))[..., 1], want_f)
+        f01 = g.random((13, 11), dtype=np.float32)  # (its maximum is in one block, and scales them all)
+        want_f = np.round(f01.astype(np.float64) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(F.load_image(Image.fromarray(f01, "F"))[..., 1], want_f)
 
 
 def test_conversions_of_large_images_need_little_memory_beyond_their_output():

@@ -257,6 +257,28 @@ def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkey
         list(scan(["-"], model, aligned=True, workers=0))
 
 
+def test_stats_name_files_and_folders_in_utf8_as_the_records_do(corpus, model, tmp_path):
+    """Non-UTF-8 bytes of an input's name or of the working folder were lone surrogates in the
+    stats JSON ("\\udcff"), which strict JSON readers refuse; a resume from such a folder still
+    knows it is where the scan ran."""
+    home = tmp_path / os.fsdecode(b"w\xff")
+    (home / "in").mkdir(parents=True)
+    good = D.list_images(corpus / "a")[0]
+    for name in (b"a\xe9.png", b"b.png"):
+        (home / "in" / os.fsdecode(name)).write_bytes(good.read_bytes())
+    cmd = [sys.executable, "-m", "fakespotter", "scan", "in", os.fsdecode(b"in/a\xe9.png"), "--model", str(model),
+           "--aligned", "--workers", "0", "--out", "o.jsonl", "--quiet"]
+    run = subprocess.run(cmd + ["--limit", "1"], cwd=home, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    text = (home / "o.jsonl.stats.json").read_bytes().decode("utf-8")
+    assert "\\ud" not in text, text
+    stats = json.loads(text)
+    assert stats["inputs"] == ["in", "in/a\\xe9.png"] and stats["cwd"].endswith("w\\xff")
+    run = subprocess.run(cmd + ["--resume"], cwd=home, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    assert [r["path"] for r in jsonl(home / "o.jsonl")] == ["in/a\\xe9.png", "in/b.png", "in/a\\xe9.png"]
+
+
 def test_list_files_in_any_bytes_and_from_pipes(corpus, model, tmp_path, capsys):
     good = D.list_images(corpus / "a")[0]
     odd = tmp_path / os.fsdecode(b"caf\xe9 \xff.png")  # a name that is not UTF-8
@@ -300,6 +322,63 @@ def test_list_files_in_any_bytes_and_from_pipes(corpus, model, tmp_path, capsys)
     for bad, message in ((tmp_path, "is a folder; give the folder without '@'"), (tmp_path / "no.txt", "does not exist")):
         rc, _, err = run_cli(["scan", f"@{bad}", "--model", str(model), "--aligned"], capsys)
         assert rc == 2 and message in err, err
+
+
+def test_an_image_named_with_an_at_sign_is_not_read_as_a_file_list(model, tmp_path, capsys, monkeypatch):
+    """'@' names a file list: ``scan *.jpg`` over alice.jpg and @alice.jpg read the JPEG's bytes
+    as a list of paths (142 junk not_found records); with only @bob.jpg, "file list bob.jpg does
+    not exist" gave no hint of ./@bob.jpg."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("alice.jpg", "@alice.jpg", "@bob.jpg"):
+        Image.new("RGB", (32, 32)).save(name)
+    (tmp_path / "BMW.txt").write_text("alice.jpg\n")  # a list may start like a BMP ("BM") or a PPM ("P1")
+    (tmp_path / "P1.txt").write_text("P1/../alice.jpg\n")
+    (tmp_path / "P1").mkdir()
+    for args, message in ((["@alice.jpg"], "scan: @alice.jpg names a file list, and alice.jpg is a JPEG image, not a "
+                                           "list of paths (a file named @alice.jpg exists: write ./@alice.jpg to scan it)"),
+                          (["alice.jpg", "@bob.jpg"], "scan: file list bob.jpg does not exist (a file named @bob.jpg "
+                                                      "exists: write ./@bob.jpg to scan it)")):
+        rc, _, err = run_cli(["scan", *args, "--model", str(model), "--aligned", "--out", "o.jsonl"], capsys)
+        assert rc == 2 and message in err and not os.path.exists("o.jsonl"), err
+    with pytest.raises(ValueError, match="@alice.jpg names a file list, and alice.jpg is a JPEG image"):
+        D.list_images("@alice.jpg")
+    recs = list(scan(["./@alice.jpg", "./@bob.jpg", "@BMW.txt", "@P1.txt"], model, aligned=True, workers=0))
+    assert [(r["path"], r["status"]) for r in recs] == [("./@alice.jpg", "ok"), ("./@bob.jpg", "ok"),
+                                                         ("alice.jpg", "ok"), ("P1/../alice.jpg", "ok")]
+
+
+def test_macos_appledouble_files_are_not_inputs(model, tmp_path):
+    """A corpus copied from a Mac holds ._name beside each photo (its Finder metadata; in zips,
+    under __MACOSX/): each was a not_an_image error record. An image named ._x.jpg still counts."""
+    folder = tmp_path / "in"
+    (folder / "__MACOSX").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(folder / "photo.jpg")
+    apple = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
+    (folder / "._photo.jpg").write_bytes(apple)
+    (folder / "__MACOSX" / "._photo.jpg").write_bytes(apple)
+    Image.new("RGB", (32, 32)).save(folder / "._real.jpg")
+    archive = tmp_path / "mac.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(folder / "photo.jpg", "d/photo.jpg")
+        tf.add(folder / "._photo.jpg", "d/._photo.jpg")
+        tf.add(folder / "._real.jpg", "d/._real.jpg")
+    recs = list(scan([str(folder), str(archive)], model, aligned=True, workers=0))
+    assert [(os.path.relpath(r["path"], tmp_path), r["status"]) for r in recs] == [
+        ("in/._real.jpg", "ok"), ("in/photo.jpg", "ok"), ("mac.tar::d/photo.jpg", "ok"), ("mac.tar::d/._real.jpg", "ok")]
+    # named on its own, a file is read whatever it is
+    (rec,) = scan([str(folder / "._photo.jpg")], model, aligned=True, workers=0)
+    assert rec["error_kind"] == "not_an_image"
+
+
+def test_sockets_and_symlink_loops_get_the_kinds_the_api_gives(model, tmp_path):
+    import socket
+
+    sock = tmp_path / "s.jpg"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock))
+        (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+        recs = list(scan([str(sock), str(tmp_path / "loop.jpg")], model, aligned=True, workers=0))
+    assert [r["error_kind"] for r in recs] == ["not_a_file", "not_found"], [r["error"] for r in recs]
 
 
 def test_inputs_without_images_say_so(model, tmp_path, capsys):

@@ -109,6 +109,20 @@ def _is_tar_name(name: str) -> bool:
     return name.lower().endswith(TAR_SUFFIXES)
 
 
+APPLE_DOUBLE = b"\x00\x05\x16\x07"  # the magic number of an AppleDouble file
+
+
+def _is_apple_double(path: str) -> bool:
+    """Whether the file at ``path`` is a macOS AppleDouble file: the ``._photo.jpg`` beside (or
+    in ``__MACOSX/`` of a zip of) ``photo.jpg``, holding its Finder metadata, never an image;
+    found by its magic number, so an image named ``._x.jpg`` is still scanned."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == APPLE_DOUBLE
+    except OSError:  # (its record will say why it cannot be read)
+        return False
+
+
 def _sorted_entries(folder: str) -> List[Tuple[str, bool]]:
     """(name, is_dir) of a folder's entries, sorted by name; ``is_dir`` follows symlinks."""
     out = []
@@ -124,9 +138,11 @@ def _sorted_entries(folder: str) -> List[Tuple[str, bool]]:
 
 
 def _walk(root: str) -> Iterator[Tuple[str, Optional[OSError]]]:
-    """(path, None) for each image file under ``root``, depth-first with entries sorted by name
-    (the order of ``sorted()`` over the paths); (folder, error) for a folder that cannot be
-    listed. A folder reached again (a symlink loop, or two links to one folder) is skipped."""
+    """(path, None) for each image file under ``root``, depth-first with each folder's entries
+    sorted by name (so ``a/x.jpg`` comes before ``a b.jpg``: not quite ``sorted()`` over the
+    paths); (folder, error) for a folder that cannot be listed. A folder reached again (a
+    symlink loop, or two links to one folder) is skipped, and so are macOS AppleDouble files
+    (:func:`_is_apple_double`)."""
     seen = {os.path.realpath(root)}
     try:
         stack = [iter(_sorted_entries(root))]
@@ -143,7 +159,7 @@ def _walk(root: str) -> Iterator[Tuple[str, Optional[OSError]]]:
         name, is_dir = nxt
         path = os.path.join(dirs[-1], name)
         if not is_dir:
-            if _is_image_name(name):
+            if _is_image_name(name) and not (name.startswith("._") and _is_apple_double(path)):
                 yield path, None
             continue
         real = os.path.realpath(path)
@@ -285,24 +301,32 @@ def check_sources(sources: Sequence[str], what: str = "input") -> None:
 
 def _check_list(listing: str, what: str) -> None:
     """FileNotFoundError / ValueError naming ``listing`` unless it can be read as a file list."""
+    literal = f" (a file named @{listing} exists: write ./@{listing} to scan it)" if os.path.lexists(
+        f"@{listing}") else ""
     try:
         mode = os.stat(listing).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what}: file list {listing} does not exist") from None
+        raise FileNotFoundError(f"{what}: file list {listing} does not exist{literal}") from None
     except OSError as e:
         raise ValueError(f"{what}: file list {listing} cannot be read: {e.strerror}") from None
     if stat.S_ISDIR(mode):
         raise ValueError(f"{what}: file list {listing} is a folder; give the folder without '@' to scan it")
     if stat.S_ISREG(mode):  # (a pipe is opened by its reader only: opening it here would block)
         try:
-            open(listing, "rb").close()
+            with open(listing, "rb") as f:
+                head = f.read(64)
         except OSError as e:
             raise ValueError(f"{what}: file list {listing} cannot be read: {e.strerror}") from None
+        fmt = _signature(head)  # (BMP's "BM" and PPM's "P1".."P6" can start a line of text too)
+        if fmt not in (None, "BMP", "PPM"):  # (@photo.jpg from a shell glob over files named '@...')
+            raise ValueError(f"{what}: @{listing} names a file list, and {listing} is a {fmt} image, not a list of "
+                             f"paths{literal or f'; to scan a file named @{listing}, write ./@{listing}'}")
 
 
 def _os_error(e: OSError, path: str) -> ImageError:
-    kinds = {errno.ENOENT: "not_found", errno.ENOTDIR: "not_found", errno.EACCES: "permission_denied",
-             errno.EPERM: "permission_denied", errno.EISDIR: "not_a_file"}
+    kinds = {errno.ENOENT: "not_found", errno.ENOTDIR: "not_found", errno.ELOOP: "not_found",
+             errno.EACCES: "permission_denied", errno.EPERM: "permission_denied", errno.EISDIR: "not_a_file",
+             errno.ENXIO: "not_a_file"}  # (ENXIO: a socket, or a device with nothing behind it)
     return ImageError(kinds.get(e.errno, "read_error"), f"{path}: {e.strerror or e}")
 
 
@@ -330,6 +354,7 @@ def _tar_entries(archive: str) -> Iterator[Entry]:
                 tf.members.clear()  # stream mode keeps every TarInfo otherwise
                 if m.isdir() or not _is_image_name(m.name):
                     continue
+                apple_double = os.path.basename(m.name).startswith("._") and m.isfile()
                 path = f"{archive}::{m.name}"
                 if not m.isfile():  # a link or special file: its own entry, never followed
                     yield Entry(path, error=("not_a_file", f"{path}: a {_member_kind(m)} inside the archive, "
@@ -349,7 +374,8 @@ def _tar_entries(archive: str) -> Iterator[Entry]:
                                                       f"member of {m.size} bytes: {e}"))
                 yield Entry(f"{archive}::", error=("bad_archive", _damage(archive, e)))
                 return
-            yield Entry(path, data=data)
+            if not (apple_double and data.startswith(APPLE_DOUBLE)):  # (macOS tar's ._ metadata: no image)
+                yield Entry(path, data=data)
 
 
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)

@@ -27,8 +27,9 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
   grey kept as 32-bit integers, taken as is (a PGM/PPM or PNG says its own scale: Pillow gives
   0..65535 for any maxval above 255, so a dark 16-bit PGM stays dark); 16-bit RGB(A) PNG and
   TIFF reach here as 8-bit, reduced by Pillow to the high byte (``v >> 8``, within 1 of
-  ``round(v / 257)``); ``F`` (float) values are taken as 0..255, clipped and rounded (a float
-  image scaled 0..1 comes out black);
+  ``round(v / 257)``); ``F`` (float) values are taken as 0..255, clipped and rounded, unless no
+  value exceeds 1: then the image is scaled 0..1 (as float images saved from numpy or a
+  scientific tool often are) and multiplied by 255 first (taken as 0..255 it would be black);
 * transparency (``RGBA``, ``LA``, ``PA``, palette transparency, and the one transparent colour
   of an RGB or grey image, 16-bit grey included) is composited over an opaque ``background``,
   black by default: ``round((rgb * a + background * (255 - a)) / 255)``; a BMP whose alpha is 0
@@ -242,11 +243,15 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
         return _from_array(grey, background)
     if mode == "F":  # float32: clipping and rounding to integers are exact in it
         a = np.asarray(img)
-        grey = np.empty(a.shape, np.uint8)
+        top = -np.inf
         for rows in _row_blocks(a):
             if np.isnan(a[rows]).any():  # (NaN has no grey value: it was cast to whatever the CPU gives)
                 raise ValueError("load_image: a float image (Pillow mode 'F', e.g. a PFM) with NaN pixels")
-            grey[rows] = np.round(np.clip(a[rows], 0, 255))
+            top = max(top, float(a[rows].max(initial=-np.inf)))
+        scale = np.float32(255 if top <= 1 else 1)  # (a 0..1 image; taken as 0..255 it would be black)
+        grey = np.empty(a.shape, np.uint8)
+        for rows in _row_blocks(a):
+            grey[rows] = np.round(np.clip(a[rows] * scale, 0, 255))
         return _from_array(grey, background)
     has_alpha = "A" in mode or "a" in mode or key is not None
     if fmt == "BMP" and mode == "RGBA" and img.getchannel("A").getextrema() == (0, 0):

@@ -1486,7 +1486,7 @@ def moved_away(then: Optional[str], stored: Iterable[str]) -> str:
     """Why an output's records cannot be matched to inputs from this working folder ("" when
     they can): some hold relative paths, and the scan that wrote them ran in ``then``, another
     folder, so the same files would be taken for new inputs and scanned again."""
-    if not then or os.path.abspath(then) == os.getcwd():
+    if not then or _utf8(os.path.abspath(then)) == _utf8(os.getcwd()):  # (as a stats file spells it)
         return ""
     if all(os.path.isabs(p.partition("::")[0]) for p in stored):
         return ""
@@ -1665,7 +1665,7 @@ def check_not_busy(path: Union[str, Path]) -> None:
 def write_stats(path: Union[str, Path], stats: Dict[str, Any]) -> None:
     """Write the stats JSON atomically (a temporary file renamed over ``path``) and durably:
     ``--resume`` checks its settings against the records, which are synced as they are written."""
-    write_atomic(path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(utf8_json(stats), indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1702,6 +1702,16 @@ def parquet_schema() -> Any:
 
 def _utf8_record(record: Dict[str, Any]) -> Dict[str, Any]:
     return {k: _utf8(v) for k, v in record.items()}
+
+
+def utf8_json(value: Any) -> Any:
+    """``value`` (JSON data) with every string as :func:`_utf8` writes it: a stats or settings
+    file names inputs, the output and the working folder as the records name files."""
+    if isinstance(value, dict):
+        return {_utf8(k): utf8_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [utf8_json(v) for v in value]
+    return _utf8(value)
 
 
 def _utf8(text: Any) -> Any:

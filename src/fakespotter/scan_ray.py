@@ -51,7 +51,7 @@ import numpy as np
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
 from .scan import (FILE_TIMEOUT_S, STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list,
                    _lock, check_file_timeout, check_not_busy, count_record, detection_settings, input_key, make_record,
-                   moved_away, new_stats)
+                   moved_away, new_stats, utf8_json)
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -618,7 +618,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
                 p.unlink()
         for p in out.glob(".part-*.tmp"):  # a killed run's unfinished shard
             p.unlink()
-        _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        _write_atomic(out / MANIFEST, (json.dumps(utf8_json(manifest), indent=2) + "\n").encode())
         (out / STATS).unlink(missing_ok=True)  # an earlier run's: merge must not take this run as finished
 
         entries = itertools.islice(iter_entries(inputs, stdin=stdin), limit)
@@ -647,7 +647,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         finally:
             stats["wall_s"] = time.perf_counter() - t_start
             stats["images_per_s"] = stats["images"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
-            _write_atomic(out / STATS, (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
+            _write_atomic(out / STATS, (json.dumps(utf8_json(stats), indent=2, sort_keys=True) + "\n").encode())
     finally:
         if started:
             with _own_signal_handlers():
