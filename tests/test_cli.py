@@ -306,8 +306,18 @@ def test_env(capsys):
     assert info["cpu_isa_in_use"] in info["cpu_isa_supported"]
     from importlib import metadata
 
-    assert info["ray"] == metadata.version("ray")  # ./dev installs the ray extra
+    for package in ("ray", "pyarrow", "matplotlib", "openvino"):  # ./dev installs every extra
+        assert info[package] == metadata.version(package), package
     assert info["simplejpeg"] == metadata.version("simplejpeg") and info["pillow"] == metadata.version("pillow")
+    assert info["native_build_vs_torch"] == "built against this torch release"
+
+
+def test_version(capsys):
+    import fakespotter
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"fakespotter {fakespotter.__version__}\n"
 
 
 def test_a_bad_cpu_isa_variable_is_refused_before_work_and_shown_by_env(capsys, monkeypatch, tmp_path):

@@ -35,6 +35,21 @@ def test_missing_default_says_how_to_get_it(monkeypatch, tmp_path):
         FakeSpotter.default()
 
 
+def test_a_broken_default_is_named_as_such_on_the_command_line(monkeypatch, tmp_path, capsys):
+    """It was "--model /.../default.fsm: /.../default.fsm: ..." for a --model never given."""
+    from fakespotter.cli import main
+
+    broken = tmp_path / "default.fsm"
+    data = bytearray(default_model_path().read_bytes())
+    data[-1] ^= 1
+    broken.write_bytes(bytes(data))
+    monkeypatch.setattr(detector, "default_model_path", lambda: broken)
+    assert main(["scan", str(tmp_path), "--aligned", "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fakespotter scan: error: the embedded default detector: {broken}: ") and "--model" not in err
+    assert err.rstrip().endswith("; reinstall fakespotter"), err
+
+
 def test_scan_uses_the_default_when_no_model_is_given(tmp_path):
     from fakespotter import samples
     from PIL import Image

@@ -543,7 +543,8 @@ def test_missing_dlib_error_says_how_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match=r"pip install dlib-bin==20\.0\.1\.post1"):
+    with pytest.raises(ImportError, match=r"pip install 'fakespotter\[faces\]' \(the prebuilt dlib-bin==20\.0\.1\.post1\); or "
+                                          r"give already-aligned face chips \(--aligned on the command line"):
         F._import_dlib()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 import re
+import subprocess
+import sys
 
 import torch
 
@@ -43,3 +45,17 @@ def test_readme_examples_run(capsys):
     out = capsys.readouterr().out
     assert "torch.Size([8, 4]) torch.int64" in out
     assert "torch.Size([4, 61]) torch.Size([4, 30])" in out
+
+
+def test_a_native_library_built_against_another_torch_release_is_warned_of():
+    """pip without --no-build-isolation builds against the torch it fetches for the build, not
+    the one installed (or torch is upgraded later): the ops may not load or may misbehave."""
+    code = ("import torch, warnings; torch.__version__ = '2.99.0+cpu'; warnings.simplefilter('error')\n"
+            "try:\n    import fakespotter\nexcept RuntimeWarning as w:\n    print(w)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"fakespotter's native library was built against torch {_C.build_info()['torch_version']}," in out.stdout
+    assert "and this is torch 2.99.0+cpu" in out.stdout and "--no-build-isolation" in out.stdout
+    import fakespotter
+
+    assert fakespotter._torch_build_mismatch() == ""

@@ -239,3 +239,63 @@ def test_cli_help_and_status(tmp_path):
     out = _run_cli("status", env_cache=tmp_path)
     assert out.returncode == 1
     assert "missing   dlib_face_recognition_resnet_model_v1.dat" in out.stdout
+
+
+def test_status_is_clean_with_the_weights_and_without_the_optional_photos(tmp_path):
+    """After the README's one fetch step, status said "missing" for the sample photos (only
+    ``fetch --photos`` gets them) and exited 1."""
+    for name in W.DEFAULT_WEIGHTS:
+        target = W._target(W.DEFAULT_WEIGHTS[name], tmp_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(W.weights_path(name), target)
+    out = _run_cli("status", env_cache=tmp_path)
+    assert out.returncode == 0, out.stdout
+    assert "absent    obama.jpg (a sample photo: fetch --photos)" in out.stdout and "missing" not in out.stdout
+    photo = W._target(W.SAMPLE_PHOTOS["obama.jpg"], tmp_path)
+    photo.parent.mkdir(parents=True, exist_ok=True)
+    photo.write_bytes(b"not the photo")
+    out = _run_cli("status", env_cache=tmp_path)
+    assert out.returncode == 1 and "corrupt   obama.jpg" in out.stdout
+
+
+def test_a_cache_that_is_a_file_is_one_error_line(tmp_path):
+    (tmp_path / "cache").write_text("x")
+    out = _run_cli("fetch", env_cache=tmp_path / "cache")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"error: the cache directory {tmp_path / 'cache'} is a file, not a folder")
+
+
+@pytest.mark.parametrize("module", ["fakespotter.weights", "fakespotter.samples"])
+def test_status_into_a_pipe_whose_reader_left_ends_quietly(tmp_path, module):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **{W.CACHE_ENV: str(tmp_path)})
+    proc = subprocess.Popen([sys.executable, "-m", module, "status"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # (| head that has read its line)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1) and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_an_archive_with_other_bytes_is_refused_before_pip_runs_its_code(monkeypatch, tmp_path):
+    """pip builds an sdist's metadata (runs its setup.py) to download it; in hash-checking mode
+    an archive whose sha256 is not the pinned one is refused first."""
+    marker = tmp_path / "ran"
+    setup = f"open({str(marker)!r}, 'w').close()\nfrom setuptools import setup\nsetup(name='evil', version='1.0')\n"
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "evil-1.0.tar.gz").write_bytes(_make_sdist({"setup.py": setup.encode(), "PKG-INFO": b""}, "evil-1.0"))
+    real = W._run_pip
+    monkeypatch.setattr(W, "_run_pip", lambda args: real([*args, "--no-index", "--find-links", str(index)]))
+    source = W.SdistSource("evil==1.0", "evil-1.0.tar.gz", "0" * 64, 0)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(W.FetchError, match="(?s)pip download of evil==1.0 failed.*HASHES"):
+        W.pip_download_sdist(source, dest)
+    assert not marker.exists()
+
+
+def test_a_python_without_pip_is_told_how_to_get_it():
+    class Result:
+        returncode, stdout, stderr = 1, "", "/venv/bin/python: No module named pip"
+
+    e = W._client_failed("pip download of x==1", Result(), Path("/tmp/x.tar.gz"))
+    assert "-m ensurepip (or uv pip install pip), then fetch again" in str(e)

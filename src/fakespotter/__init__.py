@@ -57,6 +57,24 @@ from .scan_ray import merge_shards, ray_scan  # imports Ray only when a Ray scan
 
 __version__ = _C.build_info()["version"]
 
+
+def _torch_build_mismatch() -> str:
+    """Why the native library may not work with this torch ("" when it was built against this
+    torch's release): pip builds it in an isolated environment, against whatever torch it
+    fetches there, unless told ``--no-build-isolation``; or torch was upgraded since."""
+    built = _C.build_info()["torch_version"]
+    if built.split("+")[0].split(".")[:2] == str(torch.__version__).split("+")[0].split(".")[:2]:
+        return ""
+    return (f"fakespotter's native library was built against torch {built}, and this is torch {torch.__version__}: "
+            f"its ops may fail to load or misbehave. Rebuild it against this torch (pip install --no-build-isolation "
+            f"--force-reinstall --no-deps FAKESPOTTER_SOURCE), or install torch {built.split('+')[0]}")
+
+
+if _torch_build_mismatch():
+    import warnings as _warnings
+
+    _warnings.warn(_torch_build_mismatch(), RuntimeWarning, stacklevel=2)
+
 if _signal.getsignal(_signal.SIGINT) is _interrupted_while_starting:  # (the imports are done)
     _signal.signal(_signal.SIGINT, _signal.default_int_handler)
 

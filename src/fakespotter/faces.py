@@ -75,7 +75,7 @@ CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 MIN_CHIP_SIDE = 16  # an "aligned chip" smaller than this, or further than 2:1 from square, is refused
 LANDMARKS_NAME = "shape_predictor_5_face_landmarks.dat"
-DLIB_INSTALL = "pip install dlib-bin==20.0.1.post1"
+DLIB_INSTALL = "pip install 'fakespotter[faces]' (the prebuilt dlib-bin==20.0.1.post1)"
 # Detections (dlib's HOG + linear SVM margin, cut at 0) scoring below this are weak: dropped from an
 # image that holds a face scoring at least this, kept when they are all it holds.  Measured
 # (benchmarks/RESULTS.md, "Weak face detections"): the detections that were not faces (a badge,
@@ -706,9 +706,9 @@ def _import_dlib() -> Any:
         import dlib  # noqa: PLC0415 (optional dependency, imported on first use)
     except ImportError as exc:
         raise ImportError(
-            f"fakespotter.faces needs dlib for face detection and alignment; install the "
-            f"prebuilt wheel with `{DLIB_INSTALL}` (or pass already-aligned chips through "
-            f"chip_from_aligned)"
+            f"fakespotter.faces needs dlib for face detection and alignment: {DLIB_INSTALL}; or give "
+            f"already-aligned face chips (--aligned on the command line; aligned=True or "
+            f"faces.chip_from_aligned in Python)"
         ) from exc
     return dlib
 

@@ -50,6 +50,7 @@ from fakespotter.weights import (
     WeightsNotFoundError,
     _cached_sha256,
     cache_dir,
+    run_tool,
     sha256_file,
 )
 
@@ -274,15 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         if args.command == "status":
-            print(f"ok        {mobilestylegan_dir()}")
+            print(f"ok        {mobilestylegan_dir()}", flush=True)
             return 0
         fetch_mobilestylegan(force=args.force, log=print)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_tool(run)
 
 
 if __name__ == "__main__":

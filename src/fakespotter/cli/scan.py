@@ -245,11 +245,16 @@ def load_detector(args: argparse.Namespace) -> Any:
         check_device(args.device, "--device")
     except ValueError as e:  # "--device: device 'cuda:3': there are only 1 CUDA devices"
         raise usage_error(str(e).split(": ", 1)[1]) from None
+    embedded = args.model == "default"
     args.model = model_file(args.model, "--model")
     try:
         det = FakeSpotter.load(args.model, device=args.device)
     except (ModelFileError, OSError, ValueError) as e:
-        raise usage_error(f"--model {args.model}: {str(e).splitlines()[0]}") from None
+        said = str(e).splitlines()[0]
+        if not embedded:
+            raise usage_error(f"--model {args.model}: {said}") from None
+        fix = "; reinstall fakespotter" if isinstance(e, ModelFileError) else ""  # (else: weights to fetch)
+        raise usage_error(f"the embedded default detector: {said}{fix}") from None
     detection_from_model(args, det)
     return det
 
