@@ -22,6 +22,8 @@ FAKE_TYPES = ("entire_synthesis", "identity_swap", "local_manipulation", "expres
 
 def _ci(row: Dict[str, Any], key: str) -> str:
     lo, hi = row["ci"][key]
+    if lo is None or hi is None:  # (a class too small to resample: evaluate.MIN_CLASS_FOR_CI)
+        return f"{row[key]:.3f} (too few for a CI)"
     return f"{row[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
@@ -143,8 +145,12 @@ def card(reports: Path) -> str:
     ]
     robust = reports / "robustness" / "robustness.json"
     if robust.is_file():
+        rob = json.loads(robust.read_text())
+        n, n_eval = rob["settings"]["bootstrap"], evaluation["settings"]["bootstrap"]
+        resamples = "" if n == n_eval else (f"; intervals from {n} bootstrap resamples, so the clean row's differ a "
+                                             f"little from the {n_eval:,} above")
         parts += ["", "Robustness on the test split (`fakespotter robustness --baselines all`; every attack "
-                  "applied to real and fake chips alike):", "", robustness_table(json.loads(robust.read_text()))]
+                  f"applied to real and fake chips alike{resamples}):", "", robustness_table(rob)]
     return "\n".join(parts) + "\n"
 
 

@@ -112,6 +112,25 @@ def test_evaluate_manifest_with_baselines(setup, tmp_path, capsys):
     assert "### source pypi:src1==1: its reals against all fakes" in stdout
 
 
+@pytest.mark.parametrize("split, said", [("train", "trained"), ("val", "validated"), ("test", None)])
+def test_evaluate_warns_of_a_split_the_model_was_trained_on(setup, tmp_path, capsys, split, said):
+    """The model file records the manifest (its sha256) and split it learnt from: evaluating it
+    there measures fit, and would go unnoticed in a table of numbers."""
+    for cmd, extra in (("evaluate", []), ("robustness", ["--attacks", "noise"])):
+        rc, _, err = run_cli([cmd, setup["model"], "--manifest", setup["manifest"], "--split", split,
+                              "--out-dir", tmp_path / cmd, "--bootstrap", "0", "--no-plots", "--quiet", *extra], capsys)
+        assert rc == 0, err
+        warning = f"warning: the model was {said} on split '{split}' of this manifest"
+        assert (warning in err) == (said is not None), err
+        report = tmp_path / cmd / ("report.md" if cmd == "evaluate" else "robustness.md")
+        assert (f"the model was {said} on split" in report.read_text()) == (said is not None)
+    # another manifest (another build, other splits) is not the one it was trained on
+    other = _build(tmp_path / "ds2", setup["x"], setup["y"], splits=("test",) * 4 + ("val",) * 2 + ("train",) * 6)
+    rc, _, err = run_cli(["evaluate", setup["model"], "--manifest", other.parent, "--split", split, "--out-dir",
+                          tmp_path / "o", "--bootstrap", "0", "--no-plots", "--quiet"], capsys)
+    assert rc == 0 and "warning: the model was" not in err, err
+
+
 def test_robustness_manifest_with_baseline_and_train_augment(setup, tmp_path, capsys):
     out = tmp_path / "rob"
     rc, stdout, err = run_cli(["robustness", setup["model"], "--manifest", setup["manifest"], "--attacks", "noise",

@@ -111,6 +111,8 @@ def test_evaluate_counts_images_without_faces_and_unreadable(setup, tmp_path, ca
     assert c["images"] == 14 and c["unreadable"] == 1 and c["without_face"] >= 1
     assert c["scored"] == 14 - c["unreadable"] - c["without_face"]
     assert any(p.endswith("grey.png") for p in rep["images_without_face"])
+    n = c["without_face"]  # said on the console too, not only in the report: they leave the denominator
+    assert f"warning: {n} of 14 fake images have no face the detector finds: they are left out of the metrics" in err
     assert [r["group"] for r in rep["rows"]] == ["all", "dcgan", "dcgan-copy"]
     assert rep["rows"][0]["n_fake"] == c["scored"] and rep["rows"][0]["ci"]["auc"] == [None, None]
     md = (out / "report.md").read_text()

@@ -143,6 +143,43 @@ def test_bootstrap_contains_point_narrows_and_is_seeded():
         ev.bootstrap_ci(s, y, stat, n=-1)
 
 
+def test_a_class_too_small_to_resample_gets_no_interval():
+    """A class of one is redrawn the same every time: the interval, however narrow, would show
+    only the other class's spread (one real scored -1, 0.5 or 2 against 300 fakes gave three
+    disjoint "95% intervals")."""
+    rng = np.random.default_rng(0)
+    fakes = rng.normal(1, 1, 300)
+    for n_real in (1, ev.MIN_CLASS_FOR_CI - 1):
+        s, y = np.r_[rng.normal(0, 1, n_real), fakes], np.r_[np.zeros(n_real), np.ones(300)]
+        assert all(math.isnan(v) for lo_hi in ev.bootstrap_ci(s, y, stat, n=50).values() for v in lo_hi)
+        assert all(math.isnan(v) for v in ev.bootstrap_ci(s[::-1], 1 - y[::-1], stat, n=50)["auc"])  # fakes too few
+        assert not any(math.isnan(v) for v in ev.bootstrap_ci(s, y, stat, n=50, min_class=1)["auc"])
+    n_real = ev.MIN_CLASS_FOR_CI
+    s, y = np.r_[rng.normal(0, 1, n_real), fakes], np.r_[np.zeros(n_real), np.ones(300)]
+    lo, hi = ev.bootstrap_ci(s, y, stat, n=50)["auc"]
+    assert lo < hi
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="min_class must be an int >= 1"):
+            ev.bootstrap_ci(s, y, stat, n=5, min_class=bad)
+    rep = ev.evaluate(np.r_[s, 0.3], np.r_[y, 0], groups=["a"] * n_real + ["f"] * 300 + ["b"], bootstrap=50)
+    ci = {(r["group"], r["class"]): r["ci"]["auc"] for r in rep["rows"]}
+    assert not math.isnan(ci["a", "real"][0]) and all(math.isnan(v) for v in ci["b", "real"])
+    assert rep["settings"]["min_class_for_ci"] == ev.MIN_CLASS_FOR_CI
+
+
+def test_rows_over_the_same_samples_have_the_same_intervals():
+    """A generator that is its fake type (the local manipulations) gave the same data two
+    intervals, from two seeds."""
+    s, y = random_case(3, 120)
+    kinds = np.where(y == 1, np.where(np.arange(len(y)) % 2, "swap", "gan"), "real")
+    gens = np.where(kinds == "gan", "stylegan", kinds)
+    rep = ev.evaluate_by(s, y, [("fake_type", kinds, "fake"), ("generator", gens, "fake")], bootstrap=40)
+    ci = {(r["kind"], r["group"]): r["ci"] for r in rep["rows"]}
+    assert ci["generator", "swap"] == ci["fake_type", "swap"]
+    assert ci["generator", "stylegan"] == ci["fake_type", "gan"]
+    assert ci["fake_type", "swap"] != ci["fake_type", "gan"]
+
+
 def test_bootstrap_is_stratified():
     s, y = random_case(2, 100, balance=0.1)
     seen = []

@@ -29,13 +29,14 @@ from ._atomic import write_atomic
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE
 
 __all__ = [
-    "FPR_TARGETS", "METRICS", "roc_curve", "precision_recall_curve", "roc_auc", "average_precision",
+    "FPR_TARGETS", "MIN_CLASS_FOR_CI", "METRICS", "roc_curve", "precision_recall_curve", "roc_auc", "average_precision",
     "equal_error_rate", "tpr_at_fpr", "threshold_metrics", "metrics", "bootstrap_ci", "group_masks", "evaluate", "evaluate_by",
     "to_json_dict", "write_json", "to_csv", "write_csv", "to_markdown", "write_markdown",
     "plot_roc", "plot_det", "plot_lines", "score_images", "score_images_with", "ImageScores",
 ]
 
 FPR_TARGETS = (0.01, 0.05)
+MIN_CLASS_FOR_CI = 5  # a row with fewer reals or fewer fakes than this gets no intervals
 
 
 def _tpr_key(target: float) -> str:
@@ -246,15 +247,18 @@ def _metrics(s: np.ndarray, y: np.ndarray, threshold: float, op: Optional[float]
 
 
 def bootstrap_ci(scores: Any, labels: Any, statistic: Callable[[np.ndarray, np.ndarray], Mapping[str, float]],
-                 n: int = 1000, seed: int = 0, level: float = 0.95) -> Dict[str, Tuple[float, float]]:
+                 n: int = 1000, seed: int = 0, level: float = 0.95,
+                 min_class: int = MIN_CLASS_FOR_CI) -> Dict[str, Tuple[float, float]]:
     """Percentile bootstrap intervals of every value ``statistic(scores, labels)`` returns.
 
     Resampling is stratified: each resample draws the reals from the reals and the fakes from
     the fakes, with replacement, keeping both counts. Deterministic for ``seed`` (an int >= 0).
     The bounds are the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled
     values (numpy's linear interpolation); a resample where a value is NaN or missing is left
-    out of that value's interval. Returns ``{name: (low, high)}`` (NaN bounds when a class is
-    absent or ``n`` is 0).
+    out of that value's interval. Returns ``{name: (low, high)}``: NaN bounds when ``n`` is 0 or
+    a class has fewer than ``min_class`` samples (none, or so few that redrawing them says
+    nothing of how such samples vary: a class of one is drawn the same every time, and the
+    interval, however narrow, would only show the other class's spread).
     """
     s, y = _check(scores, labels, "bootstrap_ci")
     if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)) or int(n) != n or n < 0:
@@ -263,9 +267,11 @@ def bootstrap_ci(scores: Any, labels: Any, statistic: Callable[[np.ndarray, np.n
         raise ValueError(f"bootstrap_ci: seed must be an int >= 0, got {seed!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
+    if isinstance(min_class, bool) or not isinstance(min_class, (int, np.integer)) or min_class < 1:
+        raise ValueError(f"bootstrap_ci: min_class must be an int >= 1, got {min_class!r}")
     point = statistic(s, y.astype(np.int64))
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    if n == 0 or len(pos) == 0 or len(neg) == 0:
+    if n == 0 or min(len(pos), len(neg)) < min_class:
         return {k: (float("nan"), float("nan")) for k in point}
     rng = np.random.default_rng(seed)
     values = {k: np.full(int(n), np.nan) for k in point}
@@ -315,8 +321,9 @@ def evaluate(scores: Any, labels: Any, groups: Optional[Sequence[Hashable]] = No
     groups: one label per sample (fake type / generator for fakes, source for reals). Each
     fake group gets a row of its fakes against all reals; when the reals carry more than one
     group, each real group gets a row of its reals against all fakes.
-    Row ``i``'s intervals come from :func:`bootstrap_ci` with seed ``seed + i``.
-    Returns a report: ``{"settings": {...}, "rows": [{"group", "class", "n_real", "n_fake",
+    Row ``i``'s intervals come from :func:`bootstrap_ci` with seed ``seed + i`` (a row over the
+    same samples as an earlier row has that row's intervals; a row with fewer than
+    ``MIN_CLASS_FOR_CI`` reals or fakes has none). Returns a report: ``{"settings": {...}, "rows": [{"group", "class", "n_real", "n_fake",
     <metric>: value, "ci": {<metric>: [low, high]}}, ...]}``; the first row is ``"all"``.
     """
     s, y = _check(scores, labels, "evaluate")
@@ -367,16 +374,23 @@ def _report(s: np.ndarray, y: np.ndarray, masks: Sequence[Tuple[Dict[str, str], 
     def stat(a: np.ndarray, b: np.ndarray) -> Dict[str, float]:
         return _metrics(a, b.astype(bool), threshold, op, targets)
 
+    intervals: Dict[bytes, Dict[str, List[float]]] = {}  # by the row's samples
+
     def row(names: Dict[str, str], mask: np.ndarray, offset: int) -> Dict[str, Any]:
         a, b = s[mask], y[mask]
         r: Dict[str, Any] = {**names, "n_real": int((~b).sum()), "n_fake": int(b.sum())}
         r.update(stat(a, b))
-        r["ci"] = {k: list(v) for k, v in bootstrap_ci(a, b, stat, n=bootstrap, seed=seed + offset, level=level).items()}
+        key = np.packbits(mask).tobytes()
+        if key not in intervals:  # (the same samples under two names, e.g. a generator that is a fake type)
+            intervals[key] = {k: list(v) for k, v in bootstrap_ci(a, b, stat, n=bootstrap, seed=seed + offset,
+                                                                   level=level).items()}
+        r["ci"] = {k: list(v) for k, v in intervals[key].items()}
         return r
 
     rows = [row(names, mask, i) for i, (names, mask) in enumerate(masks)]
     settings = {"threshold": float(threshold), "operating_threshold": op, "bootstrap": int(bootstrap),
-                "seed": int(seed), "level": float(level), "fpr_targets": list(targets),
+                "seed": int(seed), "level": float(level), "min_class_for_ci": MIN_CLASS_FOR_CI,
+                "fpr_targets": list(targets),
                 "positive_class": "fake", "decision": "fake when score > threshold"}
     out: Dict[str, Any] = {"settings": settings, "rows": rows}
     if label_columns is not None:

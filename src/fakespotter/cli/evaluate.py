@@ -6,7 +6,8 @@ Images come from --real / --fake folders or from a data set's --manifest (its --
 test; manifest chips are aligned, so --aligned is implied). Every image goes through the
 detector's pipeline (face detection and alignment, or a plain resize with --aligned) and scores
 as its most suspicious face. Images without a face and unreadable images are counted, reported
-and left out of the metrics. Rows: all images, then each fake type against all reals, then
+and left out of the metrics. A row with fewer than 5 real or 5 fake images has no intervals. A
+warning says when the manifest split is one the model was trained or validated on. Rows: all images, then each fake type against all reals, then
 (with a manifest) each generator against all reals, then each real source against all fakes
 (when there are several). Scores are logits of "fake"; ACC / precision / recall / F1 use
 --threshold, ACC@op each detector's operating threshold (the model's stored one).
@@ -193,7 +194,10 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
                      ("source", [r.source for r in part.rows], "real")]
         fakes = [r for r in part.rows if r.is_fake]
         reals = [r for r in part.rows if not r.is_fake]
-        sources = {"manifest": str(manifest.root), "split": args.split, "images": len(part),
+        from ..manifest import MANIFEST_NAME, file_sha256
+
+        sources = {"manifest": str(manifest.root), "manifest_sha256": file_sha256(manifest.root / MANIFEST_NAME),
+                   "split": args.split, "images": len(part),
                    "fake_types": _count_by([r.fake_type for r in fakes]),
                    "generators": _count_by([r.generator for r in fakes]),
                    "real_sources": _count_by([r.source for r in reals])}
@@ -407,13 +411,47 @@ def unscored_groups(plan: Dict[str, Any], scored: np.ndarray) -> List[str]:
 def intervals_note(n: int, seed: int) -> str:
     if n == 0:
         return "no intervals (--bootstrap 0)"
-    return f"intervals: {n} stratified bootstrap resamples, 95% percentile (seed {seed})"
+    return (f"intervals: {n} stratified bootstrap resamples, 95% percentile (seed {seed}); none for a row with "
+            f"fewer than {ev.MIN_CLASS_FOR_CI} real or fake images (resampling so few says nothing of how such "
+            f"images vary)")
 
 
 def bootstrap_caveat(n: int) -> List[str]:
     if 0 < n < 200:
         return [f"the intervals come from only {n} bootstrap resamples: rough (1000 or more for reporting)"]
     return []
+
+
+def no_face_caveat(c: Dict[str, Dict[str, int]]) -> List[str]:
+    """A line when images are left out of the metrics for having no face the detector finds: a
+    fake left out is neither caught nor missed, which comparisons of detectors must know."""
+    parts = [f"{k['without_face']} of {k['images']} {name}" for name, k in c.items() if k["without_face"]]
+    if not parts:
+        return []
+    return [f"{' and '.join(parts)} images have no face the detector finds: they are left out of the metrics"]
+
+
+def seen_in_training(plan: Dict[str, Any], det: Any) -> List[str]:
+    """A line when the evaluated split of a manifest is one the model was trained or validated
+    on, as its file records (the manifest's sha256): such metrics measure fit, not detection."""
+    if plan["mode"] != "manifest":
+        return []
+    sources = (getattr(det, "training_summary_", None) or {}).get("sources") or {}
+    m = sources.get("manifest")
+    if isinstance(m, dict) and m.get("sha256"):  # (fakespotter train --manifest)
+        sha, used = m["sha256"], {m.get("split"): "trained", **({"val": "validated"} if m.get("validation") == "val"
+                                                                 else {})}
+    elif sources.get("manifest_sha256"):  # (scripts/train_default.py: train split, validated on val)
+        sha, used = sources["manifest_sha256"], {"train": "trained", "val": "validated"}
+    else:
+        return []
+    split = plan["sources"]["split"]
+    if sha != plan["sources"]["manifest_sha256"] or split not in used:
+        return []
+    why = ("its classifier learnt these images" if used[split] == "trained"
+           else "its early stopping and operating threshold were chosen on these images")
+    return [f"the model was {used[split]} on split {split!r} of this manifest ({why}): these metrics are optimistic; "
+            f"evaluate on a split it has not seen (test)"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -433,7 +471,8 @@ def run(args: argparse.Namespace) -> int:
     faces = first.faces["clean"]
     c = counts(labels, first.scores["clean"], faces)
     require_both_classes(c, det.aligned, labels, first.errors)
-    caveats = unscored_groups(plan, ~np.isnan(first.scores["clean"])) + bootstrap_caveat(args.bootstrap)
+    caveats = (seen_in_training(plan, det) + unscored_groups(plan, ~np.isnan(first.scores["clean"]))
+               + no_face_caveat(c) + bootstrap_caveat(args.bootstrap))
     for line in caveats:
         print(f"warning: {line}", file=sys.stderr)
     log(f"metrics with {args.bootstrap} bootstrap resamples ...", args.quiet)

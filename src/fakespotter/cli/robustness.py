@@ -30,8 +30,8 @@ import numpy as np
 from .. import evaluate as ev
 from .._atomic import write_atomic
 from ._common import Progress, log
-from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, intervals_note,
-                       model_info, remove_stale, require_both_classes, train_detectors)
+from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, intervals_note, model_info,
+                       no_face_caveat, remove_stale, require_both_classes, seen_in_training, train_detectors)
 
 OUTPUTS = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png")
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     first = scored[MODEL_NAME]
     clean_counts = counts(labels, first.scores[("clean", None)], first.faces[("clean", None)])
     require_both_classes(clean_counts, det.aligned, labels, first.errors)
-    caveats = bootstrap_caveat(args.bootstrap)
+    caveats = seen_in_training(plan, det) + no_face_caveat(clean_counts) + bootstrap_caveat(args.bootstrap)
     for line in caveats:
         print(f"warning: {line}", file=sys.stderr)
     op = float(det.operating_threshold_["logit"])

@@ -133,10 +133,12 @@ def check(args: argparse.Namespace) -> Dict:
     elif mode == "manifest" and has_both_classes(vpart):
         val = ([vpart.path(r) for r in vpart.rows if not r.is_fake], [vpart.path(r) for r in vpart.rows if r.is_fake])
     every_input = [p for _, ps in real + fake for p in ps] + (val[0] + val[1] if val else [])
+    manifest_sha256 = None
     if mode == "manifest":
-        from ..manifest import MANIFEST_NAME
+        from ..manifest import MANIFEST_NAME, file_sha256
 
         every_input.append(manifest.root / MANIFEST_NAME)
+        manifest_sha256 = file_sha256(manifest.root / MANIFEST_NAME)  # (evaluate warns of a split seen in training)
     for o, name in ((out, "output model"), (report, "report")):  # --overwrite would replace an input
         refuse_inputs_as_output(o, every_input, name)
     try:
@@ -151,7 +153,8 @@ def check(args: argparse.Namespace) -> Dict:
     except Exception as e:  # missing weights, unknown id or layer: say so before any work
         raise usage_error(str(e).splitlines()[0]) from None
     return {"real": real, "fake": fake, "types": types, "val": val, "out": out, "report": report,
-            "size": int(backbone.input_shape[1]), "groups": manifest_groups, "mode": mode}
+            "size": int(backbone.input_shape[1]), "groups": manifest_groups, "mode": mode,
+            "manifest_sha256": manifest_sha256}
 
 
 def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -221,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # manifest groups (identity / source): one id in both classes is one group (a real and its fakes)
         gr = np.asarray(plan["groups"][0], dtype=object)[gr].astype(str)
         gf = np.asarray(plan["groups"][1], dtype=object)[gf].astype(str)
-        sources["manifest"] = {"path": str(args.manifest), "split": args.split,
+        sources["manifest"] = {"path": str(args.manifest), "sha256": plan["manifest_sha256"], "split": args.split,
                                "validation": "val" if validation is not None else "held out from the split by group"}
     augment = None
     if args.augment:
