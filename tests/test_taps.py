@@ -530,3 +530,49 @@ def test_capture_runs_in_several_threads_at_once():
     for k in (0, 1):
         assert [i for i, _ in results[k]] == [i for i, _ in want[k]]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(results[k], want[k]))
+
+
+def test_taps_built_in_several_threads_while_another_runs_the_module():
+    """torch.fx patches nn.Module.__call__ process-wide while it traces: taps built in two
+    threads at once restored each other's patch wrongly and left one in place, so that every
+    module call of the process failed ("module is not installed as a submodule"); and a module
+    run in another thread during a trace went into the trace."""
+    import copy
+    import threading
+
+    net = small_net()
+    x = small_chips(4)
+    want = Tap(net, SMALL_LAYERS, input_shape=SMALL_SHAPE)(x)
+    errors, stop = [], threading.Event()
+
+    nets = [[copy.deepcopy(net) for _ in range(15)] for _ in range(4)]  # (seeding in threads would race)
+
+    def build(mine):
+        try:
+            for other in mine:
+                tap = Tap(other, SMALL_LAYERS, input_shape=SMALL_SHAPE)
+                assert torch.equal(tap(x), want)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    def run():
+        tap = Tap(net, SMALL_LAYERS, input_shape=SMALL_SHAPE)
+        try:
+            while not stop.is_set():
+                assert torch.equal(tap(x), want)
+                with torch.no_grad():
+                    net(x)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    builders = [threading.Thread(target=build, args=(mine,)) for mine in nets]
+    for t in builders:
+        t.start()
+    for t in builders:
+        t.join()
+    stop.set()
+    runner.join()
+    assert not errors, errors[:3]
+    nn.Conv2d(3, 4, 3)(torch.randn(1, 3, 8, 8))  # no patch left behind

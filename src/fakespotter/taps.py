@@ -128,6 +128,13 @@ def _check_layers(module: nn.Module, layers: Sequence[str], what: str = "Tap") -
     return layers
 
 
+# torch.fx traces by patching nn.Module.__call__ and __getattr__ process-wide for the length of the
+# trace. Two traces at once (taps built in two threads) restored each other's patches wrongly and
+# left one in place, breaking every module call of the process; so one trace at a time, and
+# module calls from other threads meanwhile (a detector scoring) go through unrecorded.
+_TRACE_LOCK = threading.RLock()
+
+
 class _LayerTracer(fx.Tracer):
     """Records the output node of every call of a monitored module."""
 
@@ -137,6 +144,23 @@ class _LayerTracer(fx.Tracer):
         self.monitored = set(monitored)
         self.leaf_types = tuple(leaf_modules)
         self.outputs: Dict[str, List[fx.Node]] = {}
+        self._thread: Optional[int] = None
+
+    def trace(self, root: Any, concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
+        with _TRACE_LOCK:
+            self._thread = threading.get_ident()
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                self._thread = None
+
+    def _other_thread(self) -> bool:
+        return threading.get_ident() != self._thread
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
+        if self._other_thread():  # (another thread's module, or the same module run eagerly there)
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -145,6 +169,8 @@ class _LayerTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Tuple[Any, ...],
                     kwargs: Dict[str, Any]) -> Any:
+        if self._other_thread():
+            return forward(*args, **kwargs)
         out = super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
         if name in self.monitored:
