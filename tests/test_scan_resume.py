@@ -420,7 +420,33 @@ def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     stop.set()
 
 
-def test_the_forkserver_and_its_workers_ignore_ctrl_c_from_the_start():
+def test_the_forkserver_a_scan_starts_leaves_ctrl_c_to_the_callers_own_processes(corpus, model, tmp_path):
+    """The forkserver is the process's: after a scan started it (with SIGINT blocked and
+    ignored), the caller's own forkserver processes ignored Ctrl-C, and a join of them hung.
+    It ignores SIGINT only while it imports torch, and keeps the caller's preload modules."""
+    script = tmp_path / "user.py"
+    script.write_text(f"""
+import multiprocessing as mp, signal, sys
+import fakespotter
+
+def child(q):
+    q.put((signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+           signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []), "json" in sys.modules))
+
+if __name__ == "__main__":
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "json"])
+    assert len(list(fakespotter.scan([{str(corpus / "a")!r}], {str(model)!r}, aligned=True, workers=1))) > 0
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    print(q.get(timeout=60))
+    p.join()
+""")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "(True, False, True)"
     run = subprocess.run([sys.executable, "-c", "import signal, fakespotter._forkserver_preload; "
-                          "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"], capture_output=True, text=True)
+                          "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
+                         capture_output=True, text=True)
     assert run.stdout.strip() == "True", run.stderr

@@ -49,6 +49,7 @@ import os
 import shlex
 import re
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -250,7 +251,6 @@ def _alarm_free() -> bool:
     handler of anyone else's, no interval timer armed. Always so in a decode worker; with
     ``workers=0``, in a program that does not use SIGALRM itself."""
     import signal
-    import threading
 
     return (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
@@ -393,7 +393,11 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["fakespotter._forkserver_preload"])
+        from multiprocessing import forkserver
+
+        # (the server is the process's: keep what the caller asked it to preload)
+        theirs = getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", None) or []
+        ctx.set_forkserver_preload(list(dict.fromkeys([*theirs, "fakespotter._forkserver_preload"])))
     else:
         ctx = multiprocessing.get_context("spawn")
     started = ctx.Event()  # set by the first worker to finish starting (see _check_started)
@@ -429,10 +433,10 @@ def _signals_held() -> Iterator[None]:
     the process would be left to start alone and fail loudly on the pool's vanished queues.
     (Another thread may take the signal, so a mask alone does not hold the handler back.)
     Spawned processes inherit the blocked SIGINT, so a Ctrl-C (sent to the whole process
-    group) during their start-up, before :func:`_worker_init`, reaches only the scan; forkserver
-    workers have it ignored from the start (``_forkserver_preload``)."""
+    group) during their start-up, before :func:`_worker_init`, reaches only the scan; so does a
+    forkserver started here, which unblocks it (``_forkserver_preload``): the server is shared
+    with the caller's own forkserver processes."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -468,7 +472,6 @@ def _worker_init(parent: int, started: Any = None) -> None:
     is gone (killed with SIGKILL) exits instead of living on. ``started`` is set: this worker
     got through its start-up."""
     import signal
-    import threading
 
     if os.environ.get(_CRASH_ENV) == _START_CRASH:
         os._exit(3)
