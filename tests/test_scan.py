@@ -737,6 +737,35 @@ def test_leaving_the_loop_early_stops_the_workers_and_stats_count_what_was_hande
     assert list(run) == [] and list(run.batches()) == []
 
 
+@pytest.mark.parametrize("groups", [False, True])
+def test_close_from_another_thread_stops_the_scan(model, tmp_path, groups):
+    """A cancel from a UI or watchdog thread raised "generator already executing" there, and
+    the scan went on to its end."""
+    import threading
+
+    write_good(tmp_path / "c", 40, seed=43)
+    run = scan([str(tmp_path / "c")], model, aligned=True, batch_size=1, workers=1)
+    items = run.batches() if groups else run
+    got, errors = [], []
+
+    def cancel():
+        time.sleep(0.3)  # (while the loop below waits inside the run for its next record)
+        try:
+            run.close()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    closer = threading.Thread(target=cancel)
+    for item in items:
+        got.append(item)
+        if len(got) == 3:
+            closer.start()
+    closer.join()
+    n = sum(len(g) for g in got) if groups else len(got)
+    assert not errors and 3 <= n < 40, (errors, n)
+    assert run.stats["images"] == n
+
+
 def test_scan_arguments_in_any_path_form_and_no_bools_for_counts(corpus, model, monkeypatch):
     files = [str(p) for p in D.list_images(corpus / "a")]
     monkeypatch.chdir(corpus)  # ./a/x.png, relative to here, is corpus/a/x.png

@@ -940,6 +940,7 @@ class ScanRun:
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
         self._closed = False
+        self._stopping = threading.Event()  # close() from another thread than the one iterating
 
     def __repr__(self) -> str:
         job, st = self._job, self.stats
@@ -956,6 +957,9 @@ class ScanRun:
             self._start()
             self._flat = (r for group in self._active for r in group)
         record = next(self._flat)
+        if self._stopping.is_set():  # closed from another thread while this one waited for the record
+            self._active.close()
+            raise StopIteration
         count_record(self.stats, record)
         return record
 
@@ -967,10 +971,16 @@ class ScanRun:
 
     def close(self) -> None:
         """Stop the scan: shut the workers down (also done when the records run out). A run
-        closed before it started yields nothing."""
+        closed before it started yields nothing. Called from another thread than the one
+        iterating the run (a UI's cancel button, a watchdog), the scan stops there before its
+        next record (or group) is handed out."""
         self._closed = True
+        self._stopping.set()
         if self._active is not None:
-            self._active.close()
+            try:
+                self._active.close()
+            except ValueError:  # "generator already executing": in the iterating thread, which stops it
+                pass
 
     def batches(self) -> Iterator[List[Dict[str, Any]]]:
         """The records in groups: a group ends where a backbone forward finished (or after
@@ -983,7 +993,7 @@ class ScanRun:
         if self._closed and self._active is None:
             return iter(())
         self._start()
-        return _counted(self._active, self.stats)
+        return _counted(self._active, self.stats, self._stopping)
 
     def _start(self) -> None:
         if self._active is not None:
@@ -1009,9 +1019,13 @@ class _Job(NamedTuple):
     stats: Dict[str, Any]
 
 
-def _counted(groups: Iterator[List[Dict[str, Any]]], stats: Dict[str, Any]) -> Iterator[List[Dict[str, Any]]]:
-    """The groups, each counted in ``stats`` as it is handed out."""
+def _counted(groups: Iterator[List[Dict[str, Any]]], stats: Dict[str, Any], stopping: threading.Event
+             ) -> Iterator[List[Dict[str, Any]]]:
+    """The groups, each counted in ``stats`` as it is handed out, until ``stopping`` is set."""
     for group in groups:
+        if stopping.is_set():
+            groups.close()  # type: ignore[attr-defined]
+            return
         for record in group:
             count_record(stats, record)
         yield group
