@@ -389,3 +389,16 @@ def test_progress_lines_with_a_total_have_an_eta(capsys):
     assert re.fullmatch(r"scoring: 3/10 in 0:\d\d, [\d.]+/s ETA \d+:\d\d\n", line), line
     Progress(10, "scoring", quiet=True, every=0.0).update(3)
     assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_between_the_imports_and_the_command_is_a_quiet_exit_130():
+    """The command's start-up handler was replaced by Python's at the end of the package's own
+    imports, before the rest of the command was imported and main() could catch it: a Ctrl-C
+    there was a KeyboardInterrupt traceback and exit -2."""
+    code = ("import sys; sys.argv[0] = 'fakespotter'\n"
+            "import os, signal\n"
+            "from fakespotter.cli import main  # everything the console script imports before main()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "print('not reached')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (130, "", "fakespotter: interrupted\n")

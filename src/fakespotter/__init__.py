@@ -20,7 +20,7 @@ def _interrupted_while_starting(signum, frame) -> None:
 if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None
         and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
     # the command line: a Ctrl-C during the imports below (torch takes a second or two) ends it
-    # quietly; Python's handler is back once they are done (the end of this file)
+    # quietly; Python's handler is back once cli.main is where it handles KeyboardInterrupt
     _signal.signal(_signal.SIGINT, _interrupted_while_starting)
 
 import torch  # noqa: E402,F401  (the native library links against torch's; load it first)
@@ -75,8 +75,6 @@ if _torch_build_mismatch():
 
     _warnings.warn(_torch_build_mismatch(), RuntimeWarning, stacklevel=2)
 
-if _signal.getsignal(_signal.SIGINT) is _interrupted_while_starting:  # (the imports are done)
-    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
 
 __all__ = [
     "__version__",

@@ -106,6 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout, sys.stderr = out, _ = _Stream(sys.stdout, 1), _Stream(sys.stderr, 2)
     name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data build"
     try:
+        from .. import _interrupted_while_starting
+
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # (the command's start-up is over)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if args.command != "env":  # env reports it instead: it is what a bug report asks for
             _check_cpu_isa()
         keep_freed_memory()  # forwards reuse their memory instead of faulting it in each time
