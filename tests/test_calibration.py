@@ -218,6 +218,10 @@ def test_estimator_contract_and_errors():
         cal.to_thresholds()
     with pytest.raises(ValueError, match="no images in the calibration batches"):
         ThresholdCalibrator(tap).fit([])
+    for one in (small_chips(2), small_chips(2).numpy()):  # (iterated, a batch gives single chips)
+        with pytest.raises(TypeError, match=r"fit takes an iterable of chip batches .*got one batch, shape "
+                                            r"\[2, 3, 15, 13\]: pass \[chips\]"):
+            ThresholdCalibrator(tap).fit(one)
     with pytest.raises(ValueError, match="mode must be 'per_layer' or 'per_neuron', got 'median'"):
         ThresholdCalibrator(tap, mode="median").fit([small_chips(2)])
     with pytest.raises(ValueError, match=r"chips must be 15x13 .*got 15x14"):

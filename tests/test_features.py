@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +84,10 @@ def test_chip_validation_names_expected_and_actual():
         features(torch.zeros(2, 15, 13, 3), tap)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         features(small_chips(1), tap, batch_size=0)
+    x = small_chips(2).requires_grad_()
+    with warnings.catch_warnings():  # (torch warned of float() on a tensor that requires grad)
+        warnings.simplefilter("error")
+        assert torch.equal(features(x, tap).rows, features(x.detach(), tap).rows)
 
 
 def test_float_chips_on_the_0_1_scale_are_refused_everywhere():
@@ -134,6 +141,10 @@ def test_what_counts_as_one_image_and_what_is_refused(tmp_path):
         as_image_list({str(path): 1})
     for paths in (np.array([str(path), str(path)]), np.array([path, path], dtype=object)):
         assert as_image_list(paths) == list(paths)  # a DataFrame column's .values
+    for f in (io.BytesIO(data), open(path, "rb")):  # iterated, a file object gave its "lines", each an image
+        with f, pytest.raises(TypeError, match=r"a file object \((BytesIO|BufferedReader)\) is not taken: pass its "
+                                               r"bytes \(f\.read\(\)\) or the file's path"):
+            as_image_list(f)
     with pytest.raises(FileNotFoundError, match=r"image 1: load_image: .*missing\.png: No such file") as e:
         chips([str(path), str(tmp_path / "missing.png")], aligned=True, size=tap)
     assert e.value.errno == 2

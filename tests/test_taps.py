@@ -325,6 +325,8 @@ def test_wrong_input_shape_is_refused():
     tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
     with pytest.raises(ValueError, match=r"Tap: expected input \[N, 3, 15, 13\], got \[2, 3, 15, 14\]"):
         tap(torch.zeros(2, 3, 15, 14))
+    with pytest.raises(TypeError, match=r"Tap: expected a floating-point input \(tap.prepare\(chips\) gives"):
+        tap(torch.zeros(2, 3, 15, 13, dtype=torch.uint8))
 
 
 def test_thresholds_forms():

@@ -223,6 +223,9 @@ class ThresholdCalibrator:
 
     def fit(self, batches: Iterable[Any], y: Any = None) -> "ThresholdCalibrator":
         """Calibrate from scratch over an iterable of chip batches."""
+        if isinstance(batches, (Tensor, np.ndarray)) and batches.ndim == 4:  # (iterated, it gives single chips)
+            raise TypeError(f"ThresholdCalibrator.fit takes an iterable of chip batches (a list of them, a "
+                            f"DataLoader); got one batch, shape {list(batches.shape)}: pass [chips]")
         self._validate()
         self._reset()
         for batch in batches:

@@ -89,6 +89,9 @@ def as_image_list(images: Any) -> List[Any]:
     if isinstance(images, (dict, set)):
         raise TypeError(f"images: expected an image or a sequence of images, got a {type(images).__name__} "
                         f"(its order is not the images' order)")
+    if callable(getattr(images, "read", None)):  # (iterating one gives its lines, each taken as an image)
+        raise TypeError(f"images: a file object ({type(images).__name__}) is not taken: pass its bytes "
+                        f"(f.read()) or the file's path")
     try:
         return list(images)
     except TypeError:
@@ -120,6 +123,7 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
                              f"each) with aligned=True to resize them")
         x = chips.permute(0, 3, 1, 2).to(torch.float32)
     elif chips.dtype == torch.float32:
+        chips = chips.detach()  # (scores take no gradient; torch warns of float() on one that needs it)
         if chips.dim() != 4 or shape[1] != 3:
             raise ValueError(f"{what}: float32 chips must be [N, 3, {h}, {w}] (RGB 0..255), "
                              f"got shape {shape}")

@@ -583,6 +583,9 @@ class Tap(nn.Module):
         if x.dim() != len(self.input_shape) + 1 or list(x.shape[1:]) != self.input_shape:
             raise ValueError("Tap: expected input [N, " + ", ".join(
                 [str(s) for s in self.input_shape]) + "], got " + str(list(x.shape)))
+        if not x.is_floating_point():
+            raise TypeError("Tap: expected a floating-point input (tap.prepare(chips) gives the module's dtype and "
+                            "preprocessing), got an integer or bool tensor")
         if torch.jit.is_scripting():
             self._refuse_training()
         elif torch.compiler.is_compiling():
