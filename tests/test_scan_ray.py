@@ -185,8 +185,8 @@ def test_a_resume_is_unfinished_until_it_ends_and_needs_the_first_runs_folder(sh
     with pytest.raises(SystemExit):
         ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume")
     assert seen == [False]  # the first run's stats (complete) are gone once the resume starts
-    assert main(["merge", str(out), str(tmp_path / "m.jsonl")]) == 0
-    assert "did not finish" in capsys.readouterr().err
+    assert main(["merge", str(out), str(tmp_path / "m.jsonl"), "--quiet"]) == 1  # (said also with --quiet)
+    assert "fakespotter merge: warning: the scan in" in capsys.readouterr().err
     # records with relative paths, written from another folder: refused before any work
     manifest = json.loads((out / SR.MANIFEST).read_text())
     assert manifest["cwd"] == os.getcwd()
@@ -306,6 +306,30 @@ def test_a_ray_scan_whose_shard_write_fails_counts_only_what_it_wrote(ray_local,
     # the command: a full disk is exit 3, naming the shard, as for the local engine
     assert main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out",
                  str(tmp_path / "o2"), "--batch-size", str(BATCH), "--quiet"]) == 3
+    # the stats file, written last, finds the disk full too: the shard's error is still the one said
+    writes.clear()
+
+    def full_for_all(path, data):
+        if path.name.startswith("part-"):
+            writes.append(path.name)
+        if len(writes) > 1:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+    monkeypatch.setattr(SR, "_write_atomic", full_for_all)
+    with pytest.raises(OSError, match="No space left") as e:
+        ray_scan(corpus, model, tmp_path / "o3", aligned=True, batch_size=BATCH, shard_size=4)
+    assert e.value.filename is not None and "part-" in e.value.filename
+
+
+def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import fakespotter.scan_ray as SR
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(SR.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        SR._write_atomic(tmp_path / "stats.json", b"{}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_what_a_resume_scans_an_input_listed_twice_and_changed_inputs():
@@ -375,7 +399,7 @@ def test_merge_keeps_both_records_of_an_input_listed_twice_and_says_when_a_shard
     lost = sorted(missing.glob("part-*.jsonl"))[1]
     n = sum(1 for _ in open(lost))
     lost.unlink()
-    assert main(["merge", str(missing), str(tmp_path / "m.jsonl")]) == 0
+    assert main(["merge", str(missing), str(tmp_path / "m.jsonl")]) == 1
     err = capsys.readouterr().err
     assert f"wrote 27 records, but its shards hold {27 - n} (a shard was deleted?)" in err and "--resume" in err
 
@@ -513,6 +537,32 @@ def test_resources_leave_cpus_for_the_decode_tasks():
                                               ({"CPU": 2.0, "GPU": 1.0}, 1, 2.0, 1.0), ({"CPU": 4.0}, 4, 1.0, 0.0)):
         with pytest.raises(ValueError, match=r"need more than the cluster's .* CPUs; give fewer actors"):
             SR._resources(Cluster(**res), actors, cpus_per_actor, gpus, 1.0)
+    # a node started with little 'memory' (ray start --memory 200000000): no decode task could ever run
+    assert SR._resources(Cluster(CPU=2.0, memory=float(1 << 30)), None, 1.0, None, 1.0, 512 << 20) == (1, 0.0, "cpu")
+    with pytest.raises(ValueError, match=r"each decode task reserves 512 MiB of Ray's 'memory' resource .*, and the "
+                                         r"cluster offers 191 MiB \(ray start --memory\)"):
+        SR._resources(Cluster(CPU=2.0, memory=2e8), None, 1.0, None, 1.0, 512 << 20)
+
+
+def test_ray_cannot_start_from_a_folder_or_command_line_that_is_not_utf8(tmp_path, monkeypatch):
+    """ray.init fails deep inside with a bare UnicodeEncodeError (taken for a usage error
+    saying only "surrogates not allowed"); the local engine scans the same inputs."""
+    import fakespotter.scan_ray as SR
+
+    class Ray:
+        def init(self, **kw):
+            raise AssertionError("not reached")
+
+    odd = tmp_path / os.fsdecode(b"cwd\xfd")
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    with pytest.raises(ValueError, match=r"Ray cannot start from a process whose working folder holds bytes that "
+                                         r"are not UTF-8 \(b'.*cwd\\xfd'\); run it from another folder"):
+        SR._init_ray(Ray(), None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fakespotter", "scan", os.fsdecode(b"d\xff")])
+    with pytest.raises(ValueError, match=r"whose command line holds bytes that are not UTF-8 .*file list \(@list.txt\)"):
+        SR._init_ray(Ray(), None)
 
 
 def test_an_address_where_no_cluster_answers_is_refused_at_once(monkeypatch):
@@ -683,7 +733,8 @@ def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys
          "--decode-cpus must be a finite number >= 0.0001 (Ray's resolution)"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--gpus-per-actor", "nan"],
          "--gpus-per-actor must be 0 or a finite number >= 0.0001, got nan"),
-        (base + ["--engine", "ray", "--out", str(taken)], "is not empty; pass --resume"),
+        (base + ["--engine", "ray", "--out", str(taken)], "is not empty and holds no scan's shards: give a new or "
+                                                          "empty folder"),
         (base + ["--engine", "ray", "--out", str(taken), "--overwrite"], "not a scan's"),
         (base + ["--engine", "ray", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no.fsm")], "does not exist"),
         (base + ["--out", str(tmp_path / "l.jsonl"), "--address", "127.0.0.1:6379"], "--address is an option of --engine ray"),

@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -231,11 +232,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, sync it, rename it over ``path``
     and sync the folder: ``path`` is either absent or complete, whatever happens."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # (a full disk: no temporary file left behind)
+        tmp.unlink(missing_ok=True)
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -269,6 +274,8 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
     if not out.exists() or not any(out.iterdir()):
         return manifest, done, counts
     if mode == "new":
+        if not (out / MANIFEST).exists() and not _shard_files(out):
+            raise ShardsError(f"output {out} is not empty and holds no scan's shards: give a new or empty folder")
         raise ShardsError(f"output {out} is not empty; pass --resume to continue that scan or --overwrite to "
                           f"replace it")
     old = _read_manifest(out, required=mode == "resume")
@@ -432,6 +439,14 @@ def _init_ray(ray: Any, address: Optional[str], ray_logs: bool = True) -> None:
         except OSError as e:
             raise ValueError(f"ray_scan: no Ray cluster answers at address {address} (--address) "
                              f"({e.strerror or type(e).__name__}: {e})") from None
+    for what, text in (("working folder", os.getcwd()), ("command line", " ".join(sys.argv))):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # (ray.init fails on it deep inside, with a bare UnicodeEncodeError)
+            raise ValueError(f"ray_scan: Ray cannot start from a process whose {what} holds bytes that are not "
+                             f"UTF-8 ({text.encode('utf-8', 'surrogateescape')!r}); run it from another folder, and "
+                             f"name such inputs in a file list (@list.txt) or their folder, or use the local "
+                             f"engine") from None
     try:
         with _own_signal_handlers():
             ray.init(address=address, include_dashboard=False, log_to_driver=ray_logs,
@@ -491,9 +506,14 @@ def _own_signal_handlers() -> Iterator[None]:
 
 
 def _resources(ray: Any, actors: Optional[int], cpus_per_actor: float, gpus_per_actor: Optional[float],
-               decode_cpus: float) -> Tuple[int, float, str]:
+               decode_cpus: float, decode_memory: int = 0) -> Tuple[int, float, str]:
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    memory = res.get("memory")
+    if memory is not None and float(memory) < decode_memory:  # (no decode task would ever be scheduled)
+        raise ValueError(f"ray_scan: each decode task reserves {decode_memory / 2 ** 20:.0f} MiB of Ray's 'memory' "
+                         f"resource (decode_memory), and the cluster offers {float(memory) / 2 ** 20:.0f} MiB "
+                         f"(ray start --memory); give its nodes more, or the tasks less")
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus >= 1 else 0.0
     if gpus_per_actor > 0 and gpus < gpus_per_actor:
@@ -509,7 +529,7 @@ def _resources(ray: Any, actors: Optional[int], cpus_per_actor: float, gpus_per_
     if actors * cpus_per_actor + decode_cpus > cpus:
         raise ValueError(f"ray_scan: {actors} actors (--actors) x {cpus_per_actor:g} CPUs (--cpus-per-actor) + "
                          f"{decode_cpus:g} CPU for decode tasks (--decode-cpus) need more than the cluster's "
-                         f"{cpus:g} CPUs; give fewer actors or CPUs per actor")
+                         f"{cpus:g} CPUs; give fewer actors, CPUs per actor or decode CPUs")
     return actors, gpus_per_actor, "cuda" if gpus_per_actor > 0 else "cpu"
 
 
@@ -612,7 +632,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         if not ray.is_initialized():
             _init_ray(ray, address, ray_logs)
             started = True
-        n_actors, gpus, device = _resources(ray, actors, float(cpus_per_actor), gpus_per_actor, float(decode_cpus))
+        n_actors, gpus, device = _resources(ray, actors, float(cpus_per_actor), gpus_per_actor, float(decode_cpus),
+                                            decode_memory)
         if mode == "overwrite":
             for p in _ours(out):
                 p.unlink()
@@ -635,6 +656,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
                      resumed_records=len(done), resumed_errors=resumed["error"], run=manifest["runs"],
                      output=str(out), model=model_id, complete=False)
         t_start = time.perf_counter()
+        failed = False
         try:
             if rows:
                 _run_or_fail(ray, rows, cfg, data, model_id, out, manifest["runs"], stats, n_actors=n_actors,
@@ -644,10 +666,17 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
                      batch_size=batch_size, shard_size=shard_size, flush_s=flush_s, progress=progress,
                      show_ray_progress=show_ray_progress, crash_marker=_crash_marker)
             stats["complete"] = True
+        except BaseException:
+            failed = True
+            raise
         finally:
             stats["wall_s"] = time.perf_counter() - t_start
             stats["images_per_s"] = stats["images"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
-            _write_atomic(out / STATS, (json.dumps(utf8_json(stats), indent=2, sort_keys=True) + "\n").encode())
+            try:
+                _write_atomic(out / STATS, (json.dumps(utf8_json(stats), indent=2, sort_keys=True) + "\n").encode())
+            except OSError:
+                if not failed:  # (else the failure, a shard the full disk refused, is what to say)
+                    raise
     finally:
         if started:
             with _own_signal_handlers():

@@ -1,10 +1,10 @@
 """``fakespotter merge FOLDER OUT``: the records of a ``scan --engine ray`` output folder (its
 part-*.jsonl shards) as one ordinary scan output, in input-listing order: the same file the
 local engine writes for the same inputs, model and batch size. A folder of an unfinished scan,
-or one missing a shard, gives the records it has, with a warning (finish it first with scan
---engine ray --resume).
+or one missing a shard, gives the records it has, with a warning (also with --quiet) and exit
+code 1 (finish it first with scan --engine ray --resume).
 
-Exit codes: 0 merged, 2 usage error (not a shards folder, a damaged shard, OUT exists or is being
+Exit codes: 0 merged, 1 merged what an unfinished scan or a folder missing a shard holds, 2 usage error (not a shards folder, a damaged shard, OUT exists or is being
 written by another command), 3 writing OUT failed (disk full, file size limit: OUT is written
 under a temporary name and renamed at the end, so an existing OUT stays as it was)."""
 
@@ -70,10 +70,13 @@ def run(args: argparse.Namespace) -> int:
         stats = {}
     resume = f"'fakespotter scan ... --engine ray --out {folder} --resume'"
     expected = stats.get("images", 0) + stats.get("resumed_records", 0) if isinstance(stats, dict) else None
+    incomplete = None  # (said even with --quiet: the merged file is not the whole scan)
     if not isinstance(stats, dict) or not stats.get("complete", False):
-        log(f"merge: the scan in {folder} did not finish; finish it with {resume} and merge again", args.quiet)
+        incomplete = f"the scan in {folder} did not finish; finish it with {resume} and merge again"
     elif isinstance(expected, int) and n < expected:
-        log(f"merge: the scan in {folder} wrote {expected} records, but its shards hold {n} (a shard was deleted?); "
-            f"{resume} scans the inputs without a record again; then merge again", args.quiet)
+        incomplete = (f"the scan in {folder} wrote {expected} records, but its shards hold {n} (a shard was "
+                      f"deleted?); {resume} scans the inputs without a record again; then merge again")
+    if incomplete:
+        print(f"fakespotter merge: warning: {incomplete}", file=sys.stderr)
     log(f"merge: {n} records -> {'stdout' if to_stdout else args.out}", args.quiet)
-    return 0
+    return 1 if incomplete else 0
