@@ -402,3 +402,7 @@ def test_ctrl_c_between_the_imports_and_the_command_is_a_quiet_exit_130():
             "print('not reached')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (run.returncode, run.stdout, run.stderr) == (130, "", "fakespotter: interrupted\n")
+    # and once the command is done, while the interpreter exits (it was exit -2 and a traceback)
+    code = code.replace("from fakespotter.cli import main  #", "from fakespotter.cli import main; main(['env']) #")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stderr) == (130, "fakespotter: interrupted\n") and "not reached" not in run.stdout

@@ -105,10 +105,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, _ = _Stream(sys.stdout, 1), _Stream(sys.stderr, 2)
     name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data build"
-    try:
-        from .. import _interrupted_while_starting
+    from .. import _interrupted_while_starting
 
-        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # (the command's start-up is over)
+    command_line = signal.getsignal(signal.SIGINT) is _interrupted_while_starting  # (the console script's)
+    try:
+        if command_line:  # the command's start-up is over: KeyboardInterrupt is handled below
             signal.signal(signal.SIGINT, signal.default_int_handler)
         if args.command != "env":  # env reports it instead: it is what a bug report asks for
             _check_cpu_isa()
@@ -146,3 +147,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout, sys.stderr = saved
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if command_line:  # a Ctrl-C while the interpreter exits: quiet too, not a traceback
+            signal.signal(signal.SIGINT, _interrupted_while_starting)
