@@ -738,9 +738,11 @@ def test_leaving_the_loop_early_stops_the_workers_and_stats_count_what_was_hande
 
 
 @pytest.mark.parametrize("groups", [False, True])
-def test_close_from_another_thread_stops_the_scan(model, tmp_path, groups):
-    """A cancel from a UI or watchdog thread raised "generator already executing" there, and
-    the scan went on to its end."""
+@pytest.mark.parametrize("delay", [0.3, 0.0])
+def test_close_from_another_thread_stops_the_scan(model, tmp_path, groups, delay):
+    """A cancel from a UI or watchdog thread raised "generator already executing" there (the
+    loop waiting inside the run, delay 0.3), or in the loop (its next record asked for while the
+    other thread closed the run, delay 0), and the scan went on to its end."""
     import threading
 
     write_good(tmp_path / "c", 40, seed=43)
@@ -749,17 +751,21 @@ def test_close_from_another_thread_stops_the_scan(model, tmp_path, groups):
     got, errors = [], []
 
     def cancel():
-        time.sleep(0.3)  # (while the loop below waits inside the run for its next record)
+        time.sleep(delay)
         try:
             run.close()
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
     closer = threading.Thread(target=cancel)
-    for item in items:
-        got.append(item)
-        if len(got) == 3:
-            closer.start()
+    try:
+        for item in items:
+            got.append(item)
+            if len(got) == 3:
+                closer.start()
+                time.sleep(0.001)
+    except BaseException as e:  # noqa: BLE001
+        errors.append(e)
     closer.join()
     n = sum(len(g) for g in got) if groups else len(got)
     assert not errors and 3 <= n < 40, (errors, n)

@@ -940,7 +940,10 @@ class ScanRun:
         self._active: Optional[Iterator[List[Dict[str, Any]]]] = None
         self._flat: Optional[Iterator[Dict[str, Any]]] = None
         self._closed = False
-        self._stopping = threading.Event()  # close() from another thread than the one iterating
+        # close() from another thread than the one iterating: the generator is closed by the thread
+        # that holds _turn (the iterating one, between records, or close() when none is inside)
+        self._stopping = threading.Event()
+        self._turn = threading.Lock()
 
     def __repr__(self) -> str:
         job, st = self._job, self.stats
@@ -956,10 +959,14 @@ class ScanRun:
                 raise StopIteration
             self._start()
             self._flat = (r for group in self._active for r in group)
-        record = next(self._flat)
-        if self._stopping.is_set():  # closed from another thread while this one waited for the record
-            self._active.close()
-            raise StopIteration
+        with self._turn:
+            if self._stopping.is_set():  # closed (from another thread) before or while this one waited
+                self._active.close()
+                raise StopIteration
+            record = next(self._flat)
+            if self._stopping.is_set():
+                self._active.close()
+                raise StopIteration
         count_record(self.stats, record)
         return record
 
@@ -976,11 +983,11 @@ class ScanRun:
         next record (or group) is handed out."""
         self._closed = True
         self._stopping.set()
-        if self._active is not None:
-            try:
+        if self._active is not None and self._turn.acquire(blocking=False):  # (else the iterating thread
+            try:                                                             # is inside: it stops the run)
                 self._active.close()
-            except ValueError:  # "generator already executing": in the iterating thread, which stops it
-                pass
+            finally:
+                self._turn.release()
 
     def batches(self) -> Iterator[List[Dict[str, Any]]]:
         """The records in groups: a group ends where a backbone forward finished (or after
@@ -993,7 +1000,7 @@ class ScanRun:
         if self._closed and self._active is None:
             return iter(())
         self._start()
-        return _counted(self._active, self.stats, self._stopping)
+        return _counted(self._active, self.stats, self._stopping, self._turn)
 
     def _start(self) -> None:
         if self._active is not None:
@@ -1019,13 +1026,16 @@ class _Job(NamedTuple):
     stats: Dict[str, Any]
 
 
-def _counted(groups: Iterator[List[Dict[str, Any]]], stats: Dict[str, Any], stopping: threading.Event
-             ) -> Iterator[List[Dict[str, Any]]]:
-    """The groups, each counted in ``stats`` as it is handed out, until ``stopping`` is set."""
-    for group in groups:
-        if stopping.is_set():
-            groups.close()  # type: ignore[attr-defined]
-            return
+def _counted(groups: Iterator[List[Dict[str, Any]]], stats: Dict[str, Any], stopping: threading.Event,
+             turn: threading.Lock) -> Iterator[List[Dict[str, Any]]]:
+    """The groups, each counted in ``stats`` as it is handed out, until ``stopping`` is set
+    (``turn``: see :class:`ScanRun`)."""
+    while True:
+        with turn:
+            group = None if stopping.is_set() else next(groups, None)
+            if group is None or stopping.is_set():
+                groups.close()  # type: ignore[attr-defined]
+                return
         for record in group:
             count_record(stats, record)
         yield group
