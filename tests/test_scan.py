@@ -342,6 +342,14 @@ def test_an_image_named_with_an_at_sign_is_not_read_as_a_file_list(model, tmp_pa
         assert rc == 2 and message in err and not os.path.exists("o.jsonl"), err
     with pytest.raises(ValueError, match="@alice.jpg names a file list, and alice.jpg is a JPEG image"):
         D.list_images("@alice.jpg")
+    for how in ("-", "@/dev/stdin"):  # an image piped in where the list is read (its lines were taken as paths)
+        with open("alice.jpg", "rb") as f:
+            run = subprocess.run([sys.executable, "-m", "fakespotter", "scan", how, "--model", str(model), "--aligned",
+                                  "--out", "p.jsonl"], stdin=f, capture_output=True, text=True)
+        assert run.returncode == 2 and not os.path.exists("p.jsonl"), run.stderr
+        assert "is a JPEG image, not " in run.stderr and "give the image's path instead" in run.stderr
+    with pytest.raises(ValueError, match="a file list holds one path a line, and this one is a PNG image"):
+        list(scan(["-"], model, aligned=True, workers=0, stdin=io.StringIO(os.fsdecode(b"\x89PNG\r\n\x1a\n"))))
     recs = list(scan(["./@alice.jpg", "./@bob.jpg", "@BMW.txt", "@P1.txt"], model, aligned=True, workers=0))
     assert [(r["path"], r["status"]) for r in recs] == [("./@alice.jpg", "ok"), ("./@bob.jpg", "ok"),
                                                          ("alice.jpg", "ok"), ("P1/../alice.jpg", "ok")]
@@ -368,6 +376,10 @@ def test_macos_appledouble_files_are_not_inputs(model, tmp_path):
     # named on its own, a file is read whatever it is
     (rec,) = scan([str(folder / "._photo.jpg")], model, aligned=True, workers=0)
     assert rec["error_kind"] == "not_an_image"
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "._x.jpg")  # (opening it to read its first bytes waited for a writer)
+    (rec,) = scan([str(tmp_path / "fifo")], model, aligned=True, workers=0)
+    assert rec["error_kind"] == "not_a_file"
 
 
 def test_sockets_and_symlink_loops_get_the_kinds_the_api_gives(model, tmp_path):

@@ -117,10 +117,15 @@ def _is_apple_double(path: str) -> bool:
     in ``__MACOSX/`` of a zip of) ``photo.jpg``, holding its Finder metadata, never an image;
     found by its magic number, so an image named ``._x.jpg`` is still scanned."""
     try:
-        with open(path, "rb") as f:
-            return f.read(4) == APPLE_DOUBLE
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO of that name: no waiting for a writer)
     except OSError:  # (its record will say why it cannot be read)
         return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 4) == APPLE_DOUBLE
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _sorted_entries(folder: str) -> List[Tuple[str, bool]]:
@@ -179,8 +184,13 @@ def _list_paths(stream: Iterable[str], base: str = "") -> Iterator[str]:
     """The paths of a file list, joined to ``base`` unless absolute: one a line, as written
     (less the line ending); blank lines and lines starting with ``#`` are skipped (``./#x.jpg``
     names such a file). Spaces around a name belong to the list, not the name, unless a file
-    has the name with them."""
-    for line in stream:
+    has the name with them. A list that starts like an image (``scan - < photo.jpg``) is a
+    ValueError."""
+    for n, line in enumerate(stream):
+        fmt = list_is_image(line) if n == 0 else None
+        if fmt is not None:
+            raise ValueError(f"a file list holds one path a line, and this one is a {fmt} image; give the "
+                             f"image's path instead")
         line = line.rstrip("\r\n")
         name = line.strip()
         if not name or name.startswith("#"):
@@ -188,6 +198,15 @@ def _list_paths(stream: Iterable[str], base: str = "") -> Iterator[str]:
         if name != line and not os.path.lexists(os.path.join(base, line)):
             line = name
         yield line if os.path.isabs(line) else os.path.join(base, line)
+
+
+def list_is_image(first_line: str) -> Optional[str]:
+    """The image format a file list's first line (as :func:`open_list` reads it) starts like:
+    an image given where a list is read (``@photo.jpg``, ``scan - < photo.jpg``); else None.
+    BMP's "BM" and PPM's "P1".."P6" can start a line of text, so they are not taken for one."""
+    head = first_line.encode("utf-8", "surrogateescape")[:64]
+    fmt = _signature(head) or ("PNG" if head.startswith(b"\x89PNG\r") else None)  # (a line ends inside its magic)
+    return None if fmt in ("BMP", "PPM") else fmt
 
 
 def open_list(listing: Union[str, Path]) -> IO[str]:
@@ -313,14 +332,14 @@ def _check_list(listing: str, what: str) -> None:
         raise ValueError(f"{what}: file list {listing} is a folder; give the folder without '@' to scan it")
     if stat.S_ISREG(mode):  # (a pipe is opened by its reader only: opening it here would block)
         try:
-            with open(listing, "rb") as f:
-                head = f.read(64)
+            with open_list(listing) as f:
+                fmt = list_is_image(f.readline(64))
         except OSError as e:
             raise ValueError(f"{what}: file list {listing} cannot be read: {e.strerror}") from None
-        fmt = _signature(head)  # (BMP's "BM" and PPM's "P1".."P6" can start a line of text too)
-        if fmt not in (None, "BMP", "PPM"):  # (@photo.jpg from a shell glob over files named '@...')
+        if fmt is not None:  # (@photo.jpg from a shell glob over files named '@...')
+            hint = literal or "; give the image's path instead"
             raise ValueError(f"{what}: @{listing} names a file list, and {listing} is a {fmt} image, not a list of "
-                             f"paths{literal or f'; to scan a file named @{listing}, write ./@{listing}'}")
+                             f"paths{hint}")
 
 
 def _os_error(e: OSError, path: str) -> ImageError:

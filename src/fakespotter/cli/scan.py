@@ -195,7 +195,7 @@ def piped_listing(args: argparse.Namespace, reread: bool) -> Optional[IO[str]]:
     a pipe (``@/dev/stdin``, ``@<(find ...)``) can be read only once, so it stands in for ``-``
     (relative paths from the working folder, as for ``-``); with ``reread`` (a resume reads the
     listing twice) the listing is first copied to a temporary file."""
-    from ..data import open_list, stdin_list
+    from ..data import list_is_image, open_list, stdin_list
 
     pipes = [p for p in args.paths if p.startswith("@") and not os.path.isfile(p[1:])]
     if len(pipes) + ("-" in args.paths) > 1:
@@ -211,6 +211,12 @@ def piped_listing(args: argparse.Namespace, reread: bool) -> Optional[IO[str]]:
             raise usage_error(str(e)) from None
     else:
         return None
+    first = source.readline()
+    fmt = list_is_image(first)
+    if fmt is not None:  # (scan - < photo.jpg)
+        raise usage_error(f"the list of inputs on standard input (or a pipe) is a {fmt} image, not one path a line; "
+                          f"give the image's path instead")
+    source = itertools.chain([first], source)  # type: ignore[assignment]
     if not reread:
         return source
     spool = tempfile.SpooledTemporaryFile(max_size=1 << 23, mode="w+", encoding="utf-8", errors="surrogateescape")
