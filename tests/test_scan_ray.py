@@ -523,11 +523,14 @@ def test_resources_leave_cpus_for_the_decode_tasks():
     import fakespotter.scan_ray as SR
 
     class Cluster:
-        def __init__(self, **res):
-            self.res = res
+        def __init__(self, nodes=(), **res):
+            self.res, self.node_memory = res, nodes
 
         def cluster_resources(self):
             return self.res
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"memory": m}} for m in self.node_memory]
 
     # GPU actors hold a CPU each: 4 GPUs and 2 CPUs give one actor, so that decode tasks can run
     assert SR._resources(Cluster(CPU=2.0, GPU=4.0), None, 1.0, None, 1.0) == (1, 1.0, "cuda")
@@ -538,10 +541,11 @@ def test_resources_leave_cpus_for_the_decode_tasks():
         with pytest.raises(ValueError, match=r"need more than the cluster's .* CPUs; give fewer actors"):
             SR._resources(Cluster(**res), actors, cpus_per_actor, gpus, 1.0)
     # a node started with little 'memory' (ray start --memory 200000000): no decode task could ever run
-    assert SR._resources(Cluster(CPU=2.0, memory=float(1 << 30)), None, 1.0, None, 1.0, 512 << 20) == (1, 0.0, "cpu")
-    with pytest.raises(ValueError, match=r"each decode task reserves 512 MiB of Ray's 'memory' resource .*, and the "
-                                         r"cluster offers 191 MiB \(ray start --memory\)"):
-        SR._resources(Cluster(CPU=2.0, memory=2e8), None, 1.0, None, 1.0, 512 << 20)
+    assert SR._resources(Cluster(CPU=2.0, nodes=[2e8, float(1 << 30)]), None, 1.0, None, 1.0, 512 << 20) == (1, 0.0, "cpu")
+    for nodes in ([2e8], [2e8] * 4):  # (a task runs on one node: four small ones do not add up)
+        with pytest.raises(ValueError, match=r"each decode task reserves 512 MiB of Ray's 'memory' resource .*, and no "
+                                             r"node of the cluster offers that much \(at most 191 MiB: ray start"):
+            SR._resources(Cluster(CPU=2.0, nodes=nodes), None, 1.0, None, 1.0, 512 << 20)
 
 
 def test_ray_cannot_start_from_a_folder_or_command_line_that_is_not_utf8(tmp_path, monkeypatch):

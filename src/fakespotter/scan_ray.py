@@ -509,11 +509,12 @@ def _resources(ray: Any, actors: Optional[int], cpus_per_actor: float, gpus_per_
                decode_cpus: float, decode_memory: int = 0) -> Tuple[int, float, str]:
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    memory = res.get("memory")
-    if memory is not None and float(memory) < decode_memory:  # (no decode task would ever be scheduled)
+    # a task runs on one node: no decode task could ever be scheduled where no node offers the memory it reserves
+    memory = [float(n.get("Resources", {}).get("memory", 0)) for n in ray.nodes() if n.get("Alive", True)]
+    if memory and max(memory) < decode_memory:
         raise ValueError(f"ray_scan: each decode task reserves {decode_memory / 2 ** 20:.0f} MiB of Ray's 'memory' "
-                         f"resource (decode_memory), and the cluster offers {float(memory) / 2 ** 20:.0f} MiB "
-                         f"(ray start --memory); give its nodes more, or the tasks less")
+                         f"resource (decode_memory), and no node of the cluster offers that much (at most "
+                         f"{max(memory) / 2 ** 20:.0f} MiB: ray start --memory); give the nodes more, or the tasks less")
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus >= 1 else 0.0
     if gpus_per_actor > 0 and gpus < gpus_per_actor:
