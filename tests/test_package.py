@@ -59,3 +59,14 @@ def test_a_native_library_built_against_another_torch_release_is_warned_of():
     import fakespotter
 
     assert fakespotter._torch_build_mismatch() == ""
+
+
+def test_a_native_library_that_cannot_load_says_how_to_rebuild_it():
+    """Built against another torch release, the library may fail to load at all (an undefined
+    symbol): the error says why that happens and how to rebuild."""
+    code = ("import sys\nsys.modules['fakespotter._C'] = None  # (an import that fails)\n"
+            "try:\n    import fakespotter\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"fakespotter's native library cannot be loaded with torch {torch.__version__}: " in out.stdout
+    assert "pip install --no-build-isolation --force-reinstall --no-deps" in out.stdout

@@ -17,15 +17,28 @@ def _interrupted_while_starting(signum, frame) -> None:
     _os._exit(130)
 
 
-if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None
-        and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
-    # the command line: a Ctrl-C during the imports below (torch takes a second or two) ends it
-    # quietly; Python's handler is back once cli.main is where it handles KeyboardInterrupt
-    _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+def _quiet_start() -> None:
+    """In the ``fakespotter`` command, a Ctrl-C during its imports (torch takes a second or two)
+    ends it quietly; Python's handler is back at the end of this package's imports (a program of
+    the same name keeps it), and again once ``cli.main`` handles KeyboardInterrupt (``cli``
+    installs this again as it is imported: the command's imports go on there)."""
+    if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None
+            and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
+        _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+
+
+_quiet_start()
 
 import torch  # noqa: E402,F401  (the native library links against torch's; load it first)
 
-from . import _C  # noqa: F401  (registers the ops)
+try:
+    from . import _C  # noqa: F401  (registers the ops)
+except ImportError as _e:  # (an undefined symbol: built against another torch release than this one)
+    raise ImportError(f"fakespotter's native library cannot be loaded with torch {torch.__version__}: {_e}. It is "
+                      f"built against one torch release: if torch changed since, or the package was built without "
+                      f"--no-build-isolation (against the torch pip fetched for the build), rebuild it against "
+                      f"this torch: pip install --no-build-isolation --force-reinstall --no-deps "
+                      f"FAKESPOTTER_SOURCE") from _e
 from . import _meta  # noqa: F401  (their shape functions)
 from .ops import (
     bitset_linear,
@@ -75,6 +88,8 @@ if _torch_build_mismatch():
 
     _warnings.warn(_torch_build_mismatch(), RuntimeWarning, stacklevel=2)
 
+if _signal.getsignal(_signal.SIGINT) is _interrupted_while_starting:  # (the package's imports are done)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
 
 __all__ = [
     "__version__",

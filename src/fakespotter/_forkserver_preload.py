@@ -1,4 +1,5 @@
-"""Imported first by the scan's forkserver (``multiprocessing.set_forkserver_preload``).
+"""Imported by the scan's forkserver as it starts (``multiprocessing.set_forkserver_preload``,
+after the preload modules the caller asked for: ``__main__`` by default).
 
 A Ctrl-C goes to the whole process group: the scan handles it and stops its workers. The
 forkserver ignores SIGINT while it imports torch here (it would die printing a

@@ -14,8 +14,12 @@ import sys
 import threading
 from typing import Any, Optional, Sequence
 
-from .._malloc import keep_freed_memory
-from . import calibrate, data, env, evaluate, info, merge, robustness, scan, train
+from .. import _quiet_start
+
+_quiet_start()  # (the command's imports go on here, until main() handles KeyboardInterrupt)
+
+from .._malloc import keep_freed_memory  # noqa: E402
+from . import calibrate, data, env, evaluate, info, merge, robustness, scan, train  # noqa: E402
 
 COMMANDS = {"scan": scan, "merge": merge, "train": train, "calibrate": calibrate, "evaluate": evaluate,
             "robustness": robustness, "data": data, "info": info, "env": env}
