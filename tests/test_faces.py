@@ -115,8 +115,14 @@ def test_float_and_cmyk_modes():
     # no value above 1: a 0..1 image (as numpy and scientific tools save them), not a black one
     f = Image.fromarray(np.array([[-0.1, 0.0, 0.2, 0.5, 1.0]], np.float32), "F")
     assert F.load_image(f)[0, :, 0].tolist() == [0, 0, 51, 128, 255]
-    f = Image.fromarray(np.array([[0.0, 0.5, 1.01]], np.float32), "F")  # one value above 1: 0..255
+    f = Image.fromarray(np.array([[0.0, 0.5, 1.01]], np.float32), "F")  # a third above 1: 0..255
     assert F.load_image(f)[0, :, 0].tolist() == [0, 0, 1]
+    ramp = np.tile(np.linspace(0, 1, 1000, dtype=np.float32), (10, 1))  # 0..1, bar one highlight (it was black)
+    ramp[3, 7] = 1.5
+    out = F.load_image(Image.fromarray(ramp, "F"))[..., 0]
+    assert out[3, 7] == 255 and out[0, -1] == 255 and abs(float(out.mean()) - 127.5) < 1
+    ramp[:2, :6] = 1.5  # 12 of 10,000 values above 1: more than FLOAT_OVERSHOOT, taken as 0..255
+    assert F.load_image(Image.fromarray(ramp, "F"))[..., 0].max() == 2
     cmyk = Image.new("CMYK", (2, 2), (0, 0, 0, 0))
     np.testing.assert_array_equal(F.load_image(cmyk), np.full((2, 2, 3), 255))
     buf = io.BytesIO()

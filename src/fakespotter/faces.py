@@ -27,9 +27,10 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
   grey kept as 32-bit integers, taken as is (a PGM/PPM or PNG says its own scale: Pillow gives
   0..65535 for any maxval above 255, so a dark 16-bit PGM stays dark); 16-bit RGB(A) PNG and
   TIFF reach here as 8-bit, reduced by Pillow to the high byte (``v >> 8``, within 1 of
-  ``round(v / 257)``); ``F`` (float) values are taken as 0..255, clipped and rounded, unless no
-  value exceeds 1: then the image is scaled 0..1 (as float images saved from numpy or a
-  scientific tool often are) and multiplied by 255 first (taken as 0..255 it would be black);
+  ``round(v / 257)``); ``F`` (float) values are taken as 0..255, clipped and rounded, unless at
+  most 0.1% of them exceed 1 (``FLOAT_OVERSHOOT``): then the image is scaled 0..1 (as float
+  images saved from numpy or a scientific tool often are, highlights or a resize's overshoot
+  aside) and multiplied by 255 first (taken as 0..255 it would be black);
 * transparency (``RGBA``, ``LA``, ``PA``, palette transparency, and the one transparent colour
   of an RGB or grey image, 16-bit grey included) is composited over an opaque ``background``,
   black by default: ``round((rgb * a + background * (255 - a)) / 255)``; a BMP whose alpha is 0
@@ -74,6 +75,7 @@ __all__ = [
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 MIN_CHIP_SIDE = 16  # an "aligned chip" smaller than this, or further than 2:1 from square, is refused
+FLOAT_OVERSHOOT = 0.001  # a float image with at most this share of values above 1 is taken as 0..1
 LANDMARKS_NAME = "shape_predictor_5_face_landmarks.dat"
 DLIB_INSTALL = "pip install 'fakespotter[faces]' (the prebuilt dlib-bin==20.0.1.post1)"
 # Detections (dlib's HOG + linear SVM margin, cut at 0) scoring below this are weak: dropped from an
@@ -243,12 +245,13 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
         return _from_array(grey, background)
     if mode == "F":  # float32: clipping and rounding to integers are exact in it
         a = np.asarray(img)
-        top = -np.inf
+        over = 0  # values above 1
         for rows in _row_blocks(a):
             if np.isnan(a[rows]).any():  # (NaN has no grey value: it was cast to whatever the CPU gives)
                 raise ValueError("load_image: a float image (Pillow mode 'F', e.g. a PFM) with NaN pixels")
-            top = max(top, float(a[rows].max(initial=-np.inf)))
-        scale = np.float32(255 if top <= 1 else 1)  # (a 0..1 image; taken as 0..255 it would be black)
+            over += int(np.count_nonzero(a[rows] > 1))
+        # a 0..1 image (taken as 0..255 it would be black), bar a few highlights or a resize's overshoot
+        scale = np.float32(255 if over <= a.size * FLOAT_OVERSHOOT else 1)
         grey = np.empty(a.shape, np.uint8)
         for rows in _row_blocks(a):
             grey[rows] = np.round(np.clip(a[rows] * scale, 0, 255))
