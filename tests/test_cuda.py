@@ -96,10 +96,13 @@ def test_cuda_channel_means_follow_the_lane_order():
             k = int(torch.randint(30, 60, (1,), generator=g))
             x[row, ch, pos[0]], x[row, ch, pos[1]] = 2.0**k, -(2.0**k)
     means = ref._channel_means(x)
+    innermost = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost: their own kernel
     for row in range(n):
         for thr in (means[row], torch.nextafter(means[row], torch.tensor(-float("inf")))):
-            got = fakespotter.threshold_pack(x[row : row + 1].cuda(), thr.contiguous().cuda(), "channel")
-            assert torch.equal(got.cpu(), ref.threshold_pack(x[row : row + 1], thr.contiguous(), "channel"))
+            want = ref.threshold_pack(x[row : row + 1], thr.contiguous(), "channel")
+            for xs in (x, innermost):
+                got = fakespotter.threshold_pack(xs[row : row + 1].cuda(), thr.contiguous().cuda(), "channel")
+                assert torch.equal(got.cpu(), want), xs.stride()
 
 
 @cuda
@@ -294,3 +297,31 @@ def test_cuda_scan_matches_the_cpu_scan(tmp_path_factory):
     h = np.array([half[i]["score"] for i in ok])
     assert not np.array_equal(h, a), "autocast changed nothing: did it run in float16?"
     assert np.abs(h - b).max() < 0.1 * np.ptp(b) + 0.05, (h, b)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_trace_check_accepts_sound_modules_and_refuses_an_aliased_one(dtype, monkeypatch):
+    """Building a tap compares the traced forward with the module's own, within a tolerance (a
+    GPU's reductions need not repeat bit for bit). On the GPU, with cuDNN's autotuner choosing
+    algorithms and TF32 allowed by the caller, untrained ResNets (float32 and float16) are
+    accepted and their rows are the twin's; the in-place alias of test_byob is still refused."""
+    from fakespotter.backbones.resnet import resnet, resnet_default_layers
+    from fakespotter.taps import Tap
+    from test_byob import Aliased
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32")
+    for arch in ("resnet18", "resnet50"):
+        torch.manual_seed(0)
+        net = resnet(arch).eval().to("cuda", dtype)
+        layers = list(resnet_default_layers(arch))
+        x = torch.randn(3, 3, 96, 96, device="cuda", dtype=dtype)
+        for granularity in ("channel", "element"):
+            tap = Tap(net, layers, input_shape=(3, 96, 96), granularity=granularity)
+            with torch.no_grad():
+                rows = tap(x)
+            assert rows.is_cuda and torch.equal(rows, reference_rows(net, tap, x)), (arch, granularity)
+    with pytest.raises(ValueError, match=r"does not reproduce its layers \['fc'\]"):
+        Tap(Aliased().eval().to("cuda", dtype), ["fc"], input_shape=(3, 8, 8), granularity="element")

@@ -10,6 +10,14 @@
 // fixes, so the means equal the CPU kernels' bit for bit. The float32 means go to a scratch
 // [rows, channels] buffer (the caller's); the element pass then thresholds and packs them.
 // (One warp per channel keeps the GPU busy when a layer has few channels and large maps.)
+// Channels innermost in memory (channels_last; channel stride 1 over spatial maps): the lanes of a
+// warp above would read one channel's positions C elements apart, one memory line per load. Here
+// the lanes of a warp take neighbouring channels at the same position instead, so each load
+// instruction reads whole lines or sectors. Channel means: thread (channel, lane l) adds positions l, l + 32,
+// ... of its channel in that order, and the 32 lane sums are folded with fold_lanes: the order
+// above, hence the same means. Element: one thread per (row, channel, 64 positions) makes those
+// 64 bits and ORs them into the (at most two) words they fall in, after the layer's words are
+// zeroed.
 // bitset_linear: one block per (row, 128 outputs); thread o walks the row's nibbles (every thread
 // reads the same word: a broadcast) and adds table[g][nibble][o] (consecutive threads, consecutive
 // addresses). Integer sums are exact, so the result does not depend on the order.
@@ -114,6 +122,87 @@ __global__ void channel_means_kernel(PackProblem p, float* means) {
   }
 }
 
+// Offset of spatial position s from a channel's element 0 (one merged dim: a multiply).
+__device__ __forceinline__ int64_t position(const Layout& L, int64_t s) {
+  return L.spatial_dims == 1 ? s * L.spatial_stride[0] : L.spatial_offset(s);
+}
+
+bool channels_innermost(const Layout& L) {
+  return L.channel_stride == 1 && L.channels > 1 && L.spatial > 1;
+}
+
+// Block (kTileChannels channels, kSumLanes lanes): see the top of this file. A warp holds 8
+// channels of 4 lanes: each load instruction reads 4 runs of 8 neighbouring elements (whole
+// 32-byte sectors in float32), and small tiles keep every multiprocessor busy when a layer has
+// few channels.
+constexpr int kTileChannels = 8;
+
+template <DType D>
+__global__ void channel_means_cl_kernel(PackProblem p, float* means) {
+  __shared__ double part[kSumLanes][kTileChannels + 1];
+  const Layout& L = p.layout;
+  const int cx = threadIdx.x;
+  const int lane = threadIdx.y;
+  const int64_t tiles = (p.features + kTileChannels - 1) / kTileChannels;
+  for (int64_t u = blockIdx.x; u < L.rows * tiles; u += gridDim.x) {
+    const int64_t row = u / tiles;
+    const int64_t c = (u % tiles) * kTileChannels + cx;
+    double sum = 0.0;
+    if (c < p.features) {
+      const int64_t base = row * L.row_stride + c;
+      int64_t s = lane;
+      for (; s + 3 * kSumLanes < L.spatial; s += 4 * kSumLanes) {
+        const float a0 = load_typed<D>(p.x, base + position(L, s));
+        const float a1 = load_typed<D>(p.x, base + position(L, s + kSumLanes));
+        const float a2 = load_typed<D>(p.x, base + position(L, s + 2 * kSumLanes));
+        const float a3 = load_typed<D>(p.x, base + position(L, s + 3 * kSumLanes));
+        sum += static_cast<double>(a0);
+        sum += static_cast<double>(a1);
+        sum += static_cast<double>(a2);
+        sum += static_cast<double>(a3);
+      }
+      for (; s < L.spatial; s += kSumLanes) sum += static_cast<double>(load_typed<D>(p.x, base + position(L, s)));
+    }
+    part[lane][cx] = sum;
+    __syncthreads();
+    if (lane == 0 && c < p.features) {
+      double lanes[kSumLanes];
+      for (int l = 0; l < kSumLanes; ++l) lanes[l] = part[l][cx];
+      means[row * p.features + c] = channel_mean(fold_lanes(lanes), L.spatial);
+    }
+    __syncthreads();
+  }
+}
+
+// One thread per (row, 64 positions, channel), channels fastest; the layer's words are zero.
+template <DType D>
+__global__ void pack_element_cl_kernel(PackProblem p) {
+  const Layout& L = p.layout;
+  const int64_t chunks = (L.spatial + kWordBits - 1) / kWordBits;
+  const int64_t units = L.rows * chunks * L.channels;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = u % L.channels;
+    const int64_t s0 = (u / L.channels) % chunks * kWordBits;
+    const int64_t row = u / (L.channels * chunks);
+    const int n = static_cast<int>(L.spatial - s0 < kWordBits ? L.spatial - s0 : kWordBits);
+    const int64_t base = row * L.row_stride + c;
+    const int64_t f0 = c * L.spatial + s0;
+    uint64_t bits = 0;
+#pragma unroll 8
+    for (int i = 0; i < n; ++i) {
+      bits |= activation_bit(load_typed<D>(p.x, base + position(L, s0 + i)), p.threshold(f0 + i)) << i;
+    }
+    if (bits == 0) continue;
+    auto* out = reinterpret_cast<unsigned long long*>(p.out + row * p.out_row_stride + f0 / kWordBits);
+    const int shift = static_cast<int>(f0 % kWordBits);
+    atomicOr(out, static_cast<unsigned long long>(bits << shift));
+    if (shift != 0 && (bits >> (kWordBits - shift)) != 0) {
+      atomicOr(out + 1, static_cast<unsigned long long>(bits >> (kWordBits - shift)));
+    }
+  }
+}
+
 unsigned blocks_for_warps(int64_t warps) {
   const int64_t b = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
   return static_cast<unsigned>(b < kMaxBlocks ? b : kMaxBlocks);
@@ -141,14 +230,33 @@ PackProblem means_problem(const PackProblem& p, const float* means) {
   return m;
 }
 
+unsigned blocks_for(int64_t threads) {
+  const int64_t b = (threads + kBlock - 1) / kBlock;
+  return static_cast<unsigned>(b < kMaxBlocks ? b : kMaxBlocks);
+}
+
 template <DType D>
-void launch_typed(const PackProblem& p, float* means, cudaStream_t stream) {
+cudaError_t launch_typed(const PackProblem& p, float* means, cudaStream_t stream) {
+  const Layout& L = p.layout;
   if (pack_scratch_floats(p) > 0) {
-    channel_means_kernel<D><<<blocks_for_warps(p.layout.rows * p.features), kBlock, 0, stream>>>(p, means);
+    if (channels_innermost(L)) {
+      const int64_t tiles = L.rows * ((p.features + kTileChannels - 1) / kTileChannels);
+      channel_means_cl_kernel<D><<<static_cast<unsigned>(tiles < kMaxBlocks ? tiles : kMaxBlocks),
+                                   dim3(kTileChannels, kSumLanes), 0, stream>>>(p, means);
+    } else {
+      channel_means_kernel<D><<<blocks_for_warps(L.rows * p.features), kBlock, 0, stream>>>(p, means);
+    }
     launch_element<DType::Float32>(means_problem(p, means), stream);
+  } else if (channels_innermost(L)) {
+    const cudaError_t zeroed = cudaMemset2DAsync(p.out, p.out_row_stride * sizeof(uint64_t), 0,
+                                                 p.words * sizeof(uint64_t), L.rows, stream);
+    if (zeroed != cudaSuccess) return zeroed;
+    const int64_t chunks = (L.spatial + kWordBits - 1) / kWordBits;
+    pack_element_cl_kernel<D><<<blocks_for(L.rows * chunks * L.channels), kBlock, 0, stream>>>(p);
   } else {
     launch_element<D>(p, stream);
   }
+  return cudaGetLastError();
 }
 
 __global__ void popcount_kernel(const uint64_t* packed, int64_t rows, int64_t row_stride,
@@ -183,27 +291,18 @@ __global__ void linear_kernel(LinearProblem p) {
   }
 }
 
-unsigned blocks_for(int64_t threads) {
-  const int64_t b = (threads + kBlock - 1) / kBlock;
-  return static_cast<unsigned>(b < kMaxBlocks ? b : kMaxBlocks);
-}
-
 }  // namespace
 
 cudaError_t launch_pack(const PackProblem& p, float* scratch, cudaStream_t stream) {
   if (p.layout.rows * p.words == 0) return cudaSuccess;
   switch (p.dtype) {
     case DType::Float16:
-      launch_typed<DType::Float16>(p, scratch, stream);
-      break;
+      return launch_typed<DType::Float16>(p, scratch, stream);
     case DType::BFloat16:
-      launch_typed<DType::BFloat16>(p, scratch, stream);
-      break;
+      return launch_typed<DType::BFloat16>(p, scratch, stream);
     default:
-      launch_typed<DType::Float32>(p, scratch, stream);
-      break;
+      return launch_typed<DType::Float32>(p, scratch, stream);
   }
-  return cudaGetLastError();
 }
 
 cudaError_t launch_popcount(const uint64_t* packed, int64_t rows, int64_t row_stride,
