@@ -3,6 +3,7 @@
 Run as a script for the table that benchmarks/RESULTS.md quotes:
 
     .venv/bin/python benchmarks/bench_ops.py [--threads 1 2] [--repeats 7] [--device cpu|cuda]
+        [--memory-format contiguous|channels_last]
 
 or through pytest-benchmark (``./dev bench``). Every measured op is first checked against its
 pure-torch twin. Reported: median time, GB/s of activation read, and ratios against
@@ -47,12 +48,16 @@ def torch_mean_baseline(x: torch.Tensor) -> torch.Tensor:
     return ref.pack_bits(x.mean(dim=tuple(range(2, x.dim()))) > THRESHOLD)
 
 
-def time_cuda(shape, granularity: str, repeats: int) -> dict:
+def in_format(x: torch.Tensor, memory_format: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" and x.dim() == 4 else x
+
+
+def time_cuda(shape, granularity: str, repeats: int, memory_format: str) -> dict:
     """Median seconds per call of each contender on the GPU (CUDA events, rotating inputs)."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(*shape, generator=g)
     k = max(2, -(-ROTATE_BYTES // (x0.numel() * 4)))
-    xs = [x0.cuda()] + [torch.randn(*shape, device="cuda") for _ in range(k - 1)]
+    xs = [in_format(x, memory_format) for x in [x0.cuda()] + [torch.randn(*shape, device="cuda") for _ in range(k - 1)]]
     scratch = [torch.empty_like(x) for x in xs]
     thr = torch.tensor([THRESHOLD], device="cuda")
     for x in (xs[0], xs[-1]):
@@ -73,9 +78,9 @@ def time_cuda(shape, granularity: str, repeats: int) -> dict:
     return t
 
 
-def time_cpu(shape, granularity: str, repeats: int):
+def time_cpu(shape, granularity: str, repeats: int, memory_format: str):
     """The input and the median seconds of each contender on the CPU (wall clock, round-robin)."""
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x = in_format(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), memory_format)
     thr = torch.tensor([THRESHOLD])
     got = torch.ops.fakespotter.threshold_pack(x, thr, granularity)
     assert torch.equal(got, ref.threshold_pack(x, thr, granularity)), \
@@ -95,15 +100,16 @@ def time_cpu(shape, granularity: str, repeats: int):
     return x, t
 
 
-def run_case(shape, granularity: str, device: str, repeats: int) -> dict:
+def run_case(shape, granularity: str, device: str, repeats: int, memory_format: str = "contiguous") -> dict:
     if device == "cuda":
         x = torch.empty(shape, device="meta")
-        t = time_cuda(shape, granularity, repeats)
+        t = time_cuda(shape, granularity, repeats, memory_format)
     else:
-        x, t = time_cpu(shape, granularity, repeats)
+        x, t = time_cpu(shape, granularity, repeats, memory_format)
     gb = x.numel() * x.element_size() / 1e9
     row = {
         "shape": "x".join(map(str, shape)),
+        "layout": memory_format if len(shape) == 4 else "contiguous",
         "MB": x.numel() * 4 / 1e6,
         "granularity": granularity,
         "op_ms": t["op"] * 1e3,
@@ -121,7 +127,7 @@ def run_case(shape, granularity: str, device: str, repeats: int) -> dict:
 
 
 def format_table(rows) -> str:
-    cols = ["shape", "MB", "granularity", "op_ms", "op_GBps", "sum_GBps", "copy_GBps", "op_vs_sum",
+    cols = ["shape", "layout", "MB", "granularity", "op_ms", "op_GBps", "sum_GBps", "copy_GBps", "op_vs_sum",
             "x_twin", "x_numpy", "x_torch_mean"]
     lines = ["| threads | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for threads, r in rows:
@@ -139,6 +145,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; medians are reported (default: 7)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: cpu)")
     parser.add_argument("--shapes", nargs="+", default=None, help="shapes as NxCxHxW (default: the four of the issue)")
+    parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
+                        help="memory format of 4-d inputs: channels_last as a channels_last network hands its "
+                             "activations to a tap (default: contiguous)")
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     print(hardware())
@@ -149,7 +158,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
         for shape in shapes:
             for granularity in ("element", "channel"):
-                rows.append((threads, run_case(shape, granularity, args.device, args.repeats)))
+                rows.append((threads, run_case(shape, granularity, args.device, args.repeats, args.memory_format)))
                 print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))

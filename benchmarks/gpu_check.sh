@@ -4,13 +4,17 @@
 # GPU. Logs go to OUT (default ./gpu-out); the tables end each log.
 #
 #   FAKESPOTTER_CACHE=DIR   the cache holding the dlib weights (weights/...resnet_model_v1.dat)
-#   SCANWORK=DIR            a bench_scan.py --workdir with a corpus of --n 2000 chips and its model
-#                           (built on any machine: bench_scan.build)
+#   AGREEDIR=DIR            a folder of 150x150 JPEG chips for cuda_agreement.py (default:
+#                           $SCANWORK/corpus2000)
+#   SCANWORK=DIR            optional: a bench_scan.py --workdir with a corpus of --n 2000 chips and its
+#                           model (built on any machine: bench_scan.build)
 #   PRECISIONWORK=DIR       optional: a bench_scan_precision.py --workdir with its model and --n 64 chips:
-#                           float32 vs float16 autocast and channels_last in the scanner's forward
+#                           float32 vs float16 autocast, channels_last and compile in the scanner's forward
 #   ARCH=90                 CUDA architectures to build for (default: 90, Hopper)
 #
-# Each step has its own time limit, so one that hangs or fails leaves the others' results.
+# Each step has its own time limit, so one that hangs or fails leaves the others' results. The steps
+# run most-wanted first (tests, taps, precision, agreement, kernels, scan): a lease that ends early
+# still brings back the first ones.
 set -u
 out=${1:-gpu-out}
 mkdir -p "$out"
@@ -35,29 +39,36 @@ python3 -c "import fakespotter; print(fakespotter._C.build_info())"
 step tests
 # the CUDA tests, and the CPU op / tap tests: every CPU kernel variant this machine has (AVX-512 on
 # most GPU hosts) against the twins
-xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 300 python3 -m pytest -p no:cacheprovider -q -rs $xdist tests/test_cuda.py tests/test_ops.py \
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+timeout 200 python3 -m pytest -p no:cacheprovider -q -rs $xdist tests/test_cuda.py tests/test_ops.py \
   tests/test_opcheck.py tests/test_bitset_linear.py tests/test_taps.py tests/test_reference.py \
   tests/test_calibration.py tests/test_classifier.py 2>&1 | tee "$out/tests.log" | tail -25
 
-step threshold_pack
-timeout 200 python3 benchmarks/bench_ops.py --device cuda --repeats 15 2>&1 | tee "$out/ops.log" | tail -12
-
 step taps
-for cfg in "64 default" "64 off" "256 default"; do
+# contiguous and channels_last input (the element kernel on channels_last activations), with TF32
+# off as the scanner runs and on as torch's default
+for cfg in "64 off contiguous" "64 off channels_last" "256 default contiguous" "256 default channels_last"; do
   set -- $cfg
-  timeout 150 python3 benchmarks/bench_taps.py --device cuda --threads 8 --batch "$1" --tf32 "$2" --repeats 7
+  timeout 100 python3 benchmarks/bench_taps.py --device cuda --threads 8 --batch "$1" --tf32 "$2" --input "$3" --repeats 7
 done 2>&1 | tee "$out/taps.log"
 
-step agreement
-timeout 120 python3 benchmarks/cuda_agreement.py "$SCANWORK/corpus2000" --n 512 2>&1 | tee "$out/agreement.log" | tail -6
-
-step scan
-timeout 300 python3 benchmarks/bench_scan.py --device cuda --workdir "$SCANWORK" --n 2000 --big 10000 \
-  --n-resnet 512 --threads 4 --repeats 3 2>&1 | tee "$out/scan.log" | tail -32
 if [ -n "${PRECISIONWORK:-}" ]; then
   step precision
   timeout 200 python3 benchmarks/bench_scan_precision.py --device cuda --workdir "$PRECISIONWORK" --n 64 \
-    --batch 64 --threads 4 --repeats 5 2>&1 | tee "$out/precision.log" | tail -12
+    --batch 64 --threads 4 --repeats 5 2>&1 | tee "$out/precision.log" | tail -14
+fi
+
+step agreement
+timeout 90 python3 benchmarks/cuda_agreement.py "${AGREEDIR:-$SCANWORK/corpus2000}" --n 512 2>&1 | tee "$out/agreement.log" | tail -6
+
+step threshold_pack
+for mf in contiguous channels_last; do
+  timeout 100 python3 benchmarks/bench_ops.py --device cuda --repeats "${OPS_REPEATS:-15}" --memory-format $mf
+done 2>&1 | tee "$out/ops.log" | grep -A10 "^| threads"
+
+if [ -n "${SCANWORK:-}" ] && [ -d "$SCANWORK/corpus2000" ]; then
+  step scan
+  timeout 300 python3 benchmarks/bench_scan.py --device cuda --workdir "$SCANWORK" --n 2000 --big 10000 \
+    --n-resnet 512 --threads 4 --repeats 3 2>&1 | tee "$out/scan.log" | tail -32
 fi
 step done
