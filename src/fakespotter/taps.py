@@ -668,9 +668,10 @@ def exact_float32() -> Iterator[None]:
     off (a caller's ``torch.autocast`` would change the bits): torch lets
     cuDNN use TF32 (a 10-bit mantissa) for float32 convolutions by default on Ampere and later
     GPUs. fakespotter's own forwards (:func:`~fakespotter.features.features`, calibration, the
-    scanner) run inside this, so that a GPU gives the CPU's bits: measured on an H100 over 512
-    chips, identical rows with TF32 off; with it on 0.02% of the bits and logits by up to 0.15
-    differed, for no measurable speed (benchmarks/RESULTS.md). Calling a ``Tap`` directly
+    scanner) run inside this, so that a GPU gives the CPU's bits up to rounding: measured on an
+    H100 over 512 chips, identical rows with TF32 off; with it on 0.02% of the bits and logits by
+    up to 0.15 differed, for no measurable speed (on other chips, TF32 off, one bit in a million
+    differed: benchmarks/RESULTS.md). Calling a ``Tap`` directly
     follows torch's global settings. The previous settings are restored when the last block
     running (in any thread) exits.
 
