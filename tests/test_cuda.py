@@ -86,6 +86,20 @@ def test_cuda_equals_cpu(dtype, granularity, shape):
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("granularity", ["channel", "element"])
+def test_cuda_pack_into_one_row_of_any_stride(granularity):
+    """A one-row out may have any row stride, smaller than its width too (a transposed column):
+    the channels-innermost path zeroes the words before it ORs bits into them."""
+    x = torch.randn(1, 40, 9, 9, generator=torch.Generator().manual_seed(3))
+    for xs in (x, x.contiguous(memory_format=torch.channels_last)):
+        want = fakespotter.threshold_pack(xs, torch.tensor([0.1]), granularity)
+        out = torch.full((want.shape[1] + 2, 1), -1, dtype=torch.int64, device="cuda").T  # strides (1, 1)
+        fakespotter.threshold_pack_into(xs.cuda(), torch.tensor([0.1], device="cuda"), out, 1, granularity)
+        assert torch.equal(out[:, 1:-1].cpu(), want) and out[0, 0] == -1 and out[0, -1] == -1
+
+
+@cuda
+@pytest.mark.cuda
 def test_cuda_channel_means_follow_the_lane_order():
     n, c, s = 4, 64, 200
     g = torch.Generator().manual_seed(5)

@@ -248,8 +248,10 @@ cudaError_t launch_typed(const PackProblem& p, float* means, cudaStream_t stream
     }
     launch_element<DType::Float32>(means_problem(p, means), stream);
   } else if (channels_innermost(L)) {
-    const cudaError_t zeroed = cudaMemset2DAsync(p.out, p.out_row_stride * sizeof(uint64_t), 0,
-                                                 p.words * sizeof(uint64_t), L.rows, stream);
+    // (one row: its stride is any number, which may be below the width that a pitch must reach)
+    const size_t width = p.words * sizeof(uint64_t);
+    const size_t pitch = L.rows == 1 ? width : p.out_row_stride * sizeof(uint64_t);
+    const cudaError_t zeroed = cudaMemset2DAsync(p.out, pitch, 0, width, L.rows, stream);
     if (zeroed != cudaSuccess) return zeroed;
     const int64_t chunks = (L.spatial + kWordBits - 1) / kWordBits;
     pack_element_cl_kernel<D><<<blocks_for(L.rows * chunks * L.channels), kBlock, 0, stream>>>(p);
