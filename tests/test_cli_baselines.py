@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fakespotter.cli import main
@@ -234,3 +235,50 @@ def test_model_for_another_backbone_is_refused(setup, tmp_path, capsys):
                                "--out-dir", tmp_path / "o", "--quiet"], capsys)
     assert rc == 2 and "model refused: " in err and "backbone weights sha256" in err and stdout == ""
     assert np.all(setup["y"][:1] == 0)
+
+
+def test_a_model_trained_from_folders_knows_its_images(setup, tmp_path, capsys):
+    """train records fingerprints of the files it learnt from (sha256 prefixes, in the model
+    file); evaluate and robustness warn, with counts, when they score any of them, under any
+    name, and say nothing for images it has not seen."""
+    import shutil
+
+    from fakespotter import artifact
+    from fakespotter.detector import TRAINING_IMAGES, FakeSpotter
+
+    ds = setup["manifest"].parent
+    folders = {k: tmp_path / k for k in ("real", "fake", "new_real", "new_fake")}
+    for cls in ("real", "fake"):
+        files = sorted((ds / cls).glob("*.jpg"))
+        for name, part in ((cls, files[:8]), (f"new_{cls}", files[8:])):
+            folders[name].mkdir()
+            for f in part:
+                shutil.copy(f, folders[name] / f.name)
+    model = tmp_path / "m.fsm"
+    rc, _, err = run_cli(["train", "--real", folders["real"], "--fake", folders["fake"], "--aligned", "--out", model,
+                          "--hidden", "4", "--epochs", "3", "--quiet"], capsys)
+    assert rc == 0, err
+    seen = FakeSpotter.load(model).training_images_
+    assert seen.dtype == torch.int64 and len(seen) == 16 and torch.equal(seen, seen.sort().values)
+    rc, out, _ = run_cli(["info", model], capsys)
+    assert "training images: 16 file fingerprints" in out
+
+    shutil.copy(sorted(folders["real"].iterdir())[0], folders["new_real"] / "renamed.jpg")  # one seen image
+    cases = [(("real", "fake"), "16 of the 16 evaluated images (8 real, 8 fake) are files the model was trained"),
+             (("new_real", "new_fake"), "1 of the 9 evaluated images (1 real, 0 fake) are files the model was trained")]
+    for (r, f), said in cases:
+        for cmd, extra in (("evaluate", []), ("robustness", ["--attacks", "noise"])):
+            out_dir = tmp_path / f"{cmd}-{r}"
+            rc, _, err = run_cli([cmd, model, "--real", folders[r], "--fake", folders[f], "--aligned", "--out-dir",
+                                  out_dir, "--bootstrap", "0", "--no-plots", "--quiet", *extra], capsys)
+            assert rc == 0 and f"warning: {said}" in err, err
+    (folders["new_real"] / "renamed.jpg").unlink()
+    rc, _, err = run_cli(["evaluate", model, "--real", folders["new_real"], "--fake", folders["new_fake"], "--aligned",
+                          "--out-dir", tmp_path / "unseen", "--bootstrap", "0", "--no-plots", "--quiet"], capsys)
+    assert rc == 0 and "trained or validated on" not in err, err
+
+    tensors, meta = artifact.read_model(model)  # a fingerprint tensor of another type is refused
+    tensors[TRAINING_IMAGES] = tensors[TRAINING_IMAGES].float()
+    artifact.write_model(tmp_path / "bad.fsm", tensors, meta)
+    with pytest.raises(artifact.ModelFileError, match=r"bad\.fsm: training\.images must be int64 \[n\], got torch\.float32"):
+        FakeSpotter.load(tmp_path / "bad.fsm")

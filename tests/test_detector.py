@@ -62,6 +62,27 @@ def test_save_load_identical_scores(fitted, tmp_path):
         det.save(path)
 
 
+def test_fit_on_image_files_records_their_fingerprints(fitted, tmp_path):
+    """fit given image files (training and validation) keeps the first 64 bits of each file's
+    sha256, saved and loaded with the model; fit on arrays keeps none."""
+    from PIL import Image
+
+    det, path, real, fake = fitted
+    assert det.training_images_ is None and FakeSpotter.load(path).training_images_ is None
+    files = {}
+    for name, chips in (("real", real[:8]), ("fake", fake[:8]), ("vreal", real[8:12]), ("vfake", fake[8:12])):
+        files[name] = [tmp_path / f"{name}{i}.png" for i in range(len(chips))]
+        for f, c in zip(files[name], chips.numpy()):
+            Image.fromarray(c).save(f)
+    det2 = FakeSpotter(hidden=(4,), max_epochs=2, aligned=True).fit(
+        [str(f) for f in files["real"]], files["fake"], validation=(files["vreal"], files["vfake"]))
+    want = sorted(int.from_bytes(hashlib.sha256(f.read_bytes()).digest()[:8], "little", signed=True)
+                  for fs in files.values() for f in fs)
+    assert det2.training_images_.tolist() == want
+    det2.save(tmp_path / "m.fsm")
+    assert FakeSpotter.load(tmp_path / "m.fsm").training_images_.tolist() == want
+
+
 def test_scores_on_rows_chips_and_explanations(fitted):
     det, path, real, fake = fitted
     rows = det.rows(real[:4])

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Dict, Mapping, Tuple, Union
+from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 
 from ._safetensors import SafetensorsError, load_file, save_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "BIT_LAYOUT_VERSION", "ModelFileError", "write_model", "read_model"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "BIT_LAYOUT_VERSION", "ModelFileError", "write_model", "read_model",
+           "image_fingerprints"]
 
 FORMAT = "fakespotter-model"
 FORMAT_VERSION = 1
@@ -114,3 +116,26 @@ def file_sha256(path: Union[str, Path]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fingerprint(sha256_hex: str) -> int:
+    """The first 64 bits of a sha256 as a signed int64 (what ``training.images`` holds)."""
+    return int.from_bytes(bytes.fromhex(sha256_hex[:16]), "little", signed=True)
+
+
+def image_fingerprints(paths: Iterable[Union[str, "os.PathLike[str]"]],
+                       digests: Optional[Mapping[str, str]] = None) -> Optional[torch.Tensor]:
+    """int64 [n], sorted and unique: the fingerprints of the files' sha256 (``digests``, by
+    ``str(path)``, where already computed); unreadable files are left out; None for no file. A
+    model file keeps those of the images it was trained and validated on (tensor
+    ``training.images``), so that evaluating it on them can be flagged."""
+    values = set()
+    for p in paths:
+        key = str(p)
+        try:
+            values.add(fingerprint(digests[key] if digests and key in digests else file_sha256(p)))
+        except OSError:
+            continue
+    if not values:
+        return None
+    return torch.tensor(sorted(values), dtype=torch.int64)

@@ -25,11 +25,12 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "res
 
 CLASSES = ("real", "fake")
 DEFAULT_MODEL = "default"  # names the embedded default detector wherever a model file is expected
+# the model file's tensor of fingerprints of the image files it was trained and validated on
+TRAINING_IMAGES = "training.images"
 TRAIN_DEFAULT_COMMAND = "python scripts/train_default.py"
 
 
@@ -130,6 +133,12 @@ class FakeSpotter:
         detect_pixels: the most pixels the face detector works on; larger images are scaled
             down for detection only (default ``faces.DETECT_PIXELS``; 0 for no limit).
         device: where the backbone runs (default "cpu").
+
+    After ``fit`` (or ``load``), besides the fitted parts: ``training_summary_`` (counts, metrics,
+    sources, seed) and ``training_images_``, the fingerprints (first 64 bits of the sha256,
+    int64 [n], sorted) of the image files it was trained and validated on, or None when it
+    learnt from arrays; both are saved in the model file. ``fakespotter evaluate`` and
+    ``robustness`` warn when they score such files.
     """
 
     classes_ = CLASSES
@@ -213,13 +222,17 @@ class FakeSpotter:
         bb.module.to(self.device)
         return Tap(bb, self.layers, granularity=self.granularity)
 
-    def _chips(self, data: Any, what: str, tap: Tap) -> Tuple["_Part", np.ndarray, int, int]:
+    def _chips(self, data: Any, what: str, tap: Tap, files: Optional[List[Any]] = None
+               ) -> Tuple["_Part", np.ndarray, int, int]:
         """(chips [M], image index [M], images, images without faces); the chips are those given,
-        checked (uint8 [M, H, W, 3] or float32 [M, 3, H, W]), or the faces of images (uint8)."""
+        checked (uint8 [M, H, W, 3] or float32 [M, 3, H, W]), or the faces of images (uint8).
+        The images given as file paths are appended to ``files`` when one is given."""
         if _is_chip_batch(data):
             x = _checked_chips(data, tap, what, self.batch_size)
             return _Part(x), np.arange(len(x)), len(x), 0
         images = as_image_list(data)
+        if files is not None:
+            files.extend(x for x in images if isinstance(x, (str, os.PathLike)))
         c = make_chips(images, aligned=self.aligned, size=tap, upsample=self.upsample,
                        weak_face_score=self.weak_face_score, detect_pixels=self.detect_pixels)
         return _Part(c.array), c.image_index, len(images), len(images) - len(set(c.image_index.tolist()))
@@ -261,8 +274,9 @@ class FakeSpotter:
         """
         self._check_params()
         tap = self._new_tap()
-        xr, ir, nr, nr_missing = self._chips(real, "fit(real)", tap)
-        xf, if_, nf, nf_missing = self._chips(fake, "fit(fake)", tap)
+        files: List[Any] = []  # the image files it learns from: their fingerprints go in the model file
+        xr, ir, nr, nr_missing = self._chips(real, "fit(real)", tap, files)
+        xf, if_, nf, nf_missing = self._chips(fake, "fit(fake)", tap, files)
         ur, uf, sr, sf = ir, if_, nr, nf  # the units of the validation split: images, or groups
         if groups is not None:
             gr, gf = _chip_groups(groups[0], nr, ir, "real"), _chip_groups(groups[1], nf, if_, "fake")
@@ -282,8 +296,8 @@ class FakeSpotter:
             tr_r, va_r, tr_f, va_f = xr.subset(~vr), xr.subset(vr), xf.subset(~vf), xf.subset(vf)
         else:
             tr_r, tr_f = xr, xf
-            va_r = self._chips(validation[0], "fit(validation real)", tap)[0]
-            va_f = self._chips(validation[1], "fit(validation fake)", tap)[0]
+            va_r = self._chips(validation[0], "fit(validation real)", tap, files)[0]
+            va_f = self._chips(validation[1], "fit(validation fake)", tap, files)[0]
             if len(va_r) == 0 or len(va_f) == 0:
                 raise ValueError("FakeSpotter.fit: the validation set needs faces of both classes")
 
@@ -332,6 +346,7 @@ class FakeSpotter:
         self.classifier_ = clf
         self.operating_threshold_ = op
         self.training_summary_ = summary
+        self.training_images_ = artifact.image_fingerprints(files)
         self.model_id_ = None  # a new model: model_sha256() hashes what save would write
         return self
 
@@ -428,6 +443,8 @@ class FakeSpotter:
         tensors = {f"threshold.{i}": v.detach().reshape(-1).to(torch.float32)
                    for i, v in enumerate(self.thresholds_.values)}
         tensors.update(self.classifier_.state_tensors())
+        if getattr(self, "training_images_", None) is not None:
+            tensors[TRAINING_IMAGES] = self.training_images_.to("cpu", torch.int64).reshape(-1)
         meta = {
             "fakespotter_version": _version(),
             "torch_version": torch.__version__,
@@ -558,9 +575,12 @@ class FakeSpotter:
         missing = [n for n in names if n not in tensors]
         if missing:
             raise artifact.ModelFileError(f"{path}: missing threshold tensors {missing}")
-        unexpected = sorted(k for k in tensors if not (k in names or k.startswith("classifier.")))
+        unexpected = sorted(k for k in tensors if not (k in names or k == TRAINING_IMAGES or k.startswith("classifier.")))
         if unexpected:
             raise artifact.ModelFileError(f"{path}: unexpected tensors {unexpected}")
+        seen = tensors.get(TRAINING_IMAGES)
+        if seen is not None and (seen.dtype != torch.int64 or seen.dim() != 1):
+            raise artifact.ModelFileError(f"{path}: {TRAINING_IMAGES} must be int64 [n], got {seen.dtype} {list(seen.shape)}")
         params["device"] = device
         det = cls(**{k: v for k, v in params.items() if k in cls._param_names})
         if not (det.layers is None and layers == list(bb.default_layers)):  # saving again keeps the bytes
@@ -601,6 +621,7 @@ class FakeSpotter:
         det.classifier_ = clf
         det.operating_threshold_ = op
         det.training_summary_ = training
+        det.training_images_ = seen
         det.model_meta_ = meta
         det.model_id_ = artifact.file_sha256(path)
         return det

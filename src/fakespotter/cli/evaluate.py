@@ -96,6 +96,7 @@ def _count_by(values: Sequence[str]) -> Dict[str, int]:
 def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, Any]:
     """Every check that can fail before work starts; loads the model. Returns the plan."""
     mode = class_mode(args)
+    digests: Dict[str, str] = {}  # sha256 by path, where a manifest lists them
     augment = bool(getattr(args, "train_augment", False))
     if mode == "folders":
         real = [(d, images_of([d], "--real")) for d in args.real]
@@ -188,6 +189,7 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         part = manifest_part(manifest, args.split, "evaluation")
         paths = part.paths()
         labels = part.labels()
+        digests = {str(part.path(r)): r.sha256 for r in part.rows}
         groups = None
         groupings = [("fake_type", [r.fake_type or "real" for r in part.rows], "fake"),
                      ("generator", [r.generator or "real" for r in part.rows], "fake"),
@@ -235,7 +237,7 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
     names = resolve_baselines(args.baselines, det.get_params())
     return {"detector": det, "paths": paths, "labels": np.asarray(labels, dtype=np.int64), "groups": groups,
             "groupings": groupings, "out_dir": out_dir, "files": {f.name: f for f in files}, "sources": sources,
-            "mode": mode, "baselines": names, "train": train, "stale": stale}
+            "mode": mode, "baselines": names, "train": train, "stale": stale, "digests": digests}
 
 
 def remove_stale(plan: Dict[str, Any], quiet: bool) -> None:
@@ -433,7 +435,33 @@ def no_face_caveat(c: Dict[str, Dict[str, int]]) -> List[str]:
 
 def seen_in_training(plan: Dict[str, Any], det: Any) -> List[str]:
     """A line when the evaluated split of a manifest is one the model was trained or validated
-    on, as its file records (the manifest's sha256): such metrics measure fit, not detection."""
+    on, as its file records (the manifest's sha256), else when evaluated images are files it was
+    trained or validated on (its ``training_images_``): such metrics measure fit, not detection."""
+    return _split_seen(plan, det) or _images_seen(plan, det)
+
+
+def _images_seen(plan: Dict[str, Any], det: Any) -> List[str]:
+    seen = getattr(det, "training_images_", None)
+    if seen is None or len(seen) == 0:
+        return []
+    from ..artifact import file_sha256, fingerprint
+
+    known, labels = set(seen.tolist()), plan["labels"]
+    hits = np.zeros(2, dtype=np.int64)
+    for p, y in zip(plan["paths"], labels):
+        try:
+            digest = plan["digests"].get(str(p)) or file_sha256(p)
+        except OSError:  # unreadable: not scored either
+            continue
+        hits[y] += fingerprint(digest) in known
+    if not hits.sum():
+        return []
+    return [f"{hits.sum()} of the {len(labels)} evaluated images ({hits[0]} real, {hits[1]} fake) are files the "
+            f"model was trained or validated on (the same bytes): these metrics are optimistic; evaluate on images "
+            f"it has not seen"]
+
+
+def _split_seen(plan: Dict[str, Any], det: Any) -> List[str]:
     if plan["mode"] != "manifest":
         return []
     sources = (getattr(det, "training_summary_", None) or {}).get("sources") or {}

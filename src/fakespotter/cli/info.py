@@ -67,5 +67,15 @@ def _summary(model: str, meta: dict, tensors: dict, unchecked: str | None) -> li
         f"seed {training.get('seed')}; created {training.get('created')}",
         f"metrics: {training.get('metrics')}",
         f"sources: {training.get('sources')}",
+        f"training images: {_images_line(tensors)}",
         f"tensors: {len(tensors)} ({sum(t.numel() * t.element_size() for t in tensors.values())} bytes)",
     ]
+
+
+def _images_line(tensors: dict) -> str:
+    from ..detector import TRAINING_IMAGES
+
+    seen = tensors.get(TRAINING_IMAGES)
+    if seen is None:
+        return "not recorded (trained from arrays, or written before model files recorded them)"
+    return f"{seen.numel()} file fingerprints (evaluate and robustness warn when they score one of these files)"

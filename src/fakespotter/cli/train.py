@@ -75,6 +75,7 @@ def check(args: argparse.Namespace) -> Dict:
     """Every check that can fail before work starts; returns what the work needs."""
     mode = class_mode(args)
     manifest_groups = None
+    digests: Dict[str, str] = {}  # sha256 by path, as a manifest lists them
     if mode == "folders":
         real = _sources(args.real, "--real")
         fake = _sources(args.fake, "--fake")
@@ -96,6 +97,7 @@ def check(args: argparse.Namespace) -> Dict:
         manifest_groups = ([r.group for r in part.rows if not r.is_fake],  # in the order of real / fake paths
                            [r.group for t in types for r in part.rows if r.is_fake and r.fake_type == t])
         vpart = manifest.select(splits=["val"]) if args.split != "val" else manifest.select(splits=[])
+        digests = {str(m.path(r)): r.sha256 for m in (part, vpart) for r in m.rows}
         args.aligned = True
     if args.augment and not 0.0 < args.augment_fraction <= 1.0:
         raise usage_error(f"--augment-fraction must be in (0, 1], got {args.augment_fraction}")
@@ -154,7 +156,7 @@ def check(args: argparse.Namespace) -> Dict:
         raise usage_error(str(e).splitlines()[0]) from None
     return {"real": real, "fake": fake, "types": types, "val": val, "out": out, "report": report,
             "size": int(backbone.input_shape[1]), "groups": manifest_groups, "mode": mode,
-            "manifest_sha256": manifest_sha256}
+            "manifest_sha256": manifest_sha256, "digests": digests}
 
 
 def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -163,19 +165,25 @@ def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]
     return load_chips(paths, args, size, label, args.quiet, failures)
 
 
-def _content_groups(paths: List[Path], label: str, quiet: bool) -> np.ndarray:
+def _digests(paths: List[Path]) -> Dict[str, str]:
+    """sha256 of each readable file, by str(path) (unreadable ones gave no chip)."""
+    from ..artifact import file_sha256
+
+    out = {}
+    for p in paths:
+        try:
+            out[str(p)] = file_sha256(p)
+        except OSError:
+            pass
+    return out
+
+
+def _content_groups(paths: List[Path], label: str, quiet: bool, digests: Dict[str, str]) -> np.ndarray:
     """A group id per image: byte-identical copies share their first one's, so the hold-out
     never puts an image in training and its copy in validation (which would flatter the
     validation AUC and the operating threshold picked on it)."""
-    from ..artifact import file_sha256
-
     first: Dict[str, int] = {}
-    ids = []
-    for i, p in enumerate(paths):
-        try:
-            ids.append(first.setdefault(file_sha256(p), i))
-        except OSError:  # unreadable: it gave no chip, its id is never used
-            ids.append(i)
+    ids = [first.setdefault(digests[str(p)], i) if str(p) in digests else i for i, p in enumerate(paths)]
     copies = len(paths) - len(set(ids))
     if copies:
         log(f"train: {copies} {label} images are byte-identical copies of others; each stays on the side of the "
@@ -185,7 +193,7 @@ def _content_groups(paths: List[Path], label: str, quiet: bool) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> int:
     plan = check(args)
-    from ..artifact import file_sha256
+    from ..artifact import file_sha256, image_fingerprints
     from ..detector import FakeSpotter, describe_operating_threshold
 
     failures: List[Dict] = []
@@ -218,8 +226,11 @@ def run(args: argparse.Namespace) -> int:
     # aligned=False: the model detects faces in the images it is given later, as scan does, whatever
     # its training inputs were (a photo resized as a chip scores as nonsense); those are recorded here
     sources["inputs"] = "aligned chips, resized" if args.aligned else "faces detected and aligned"
+    val_paths = plan["val"][0] + plan["val"][1] if plan["val"] is not None else []
+    digests = plan["digests"] or _digests(real_paths + fake_paths + val_paths)
     if plan["groups"] is None:  # one group per image, of its class (real image 7 and fake image 7 are unrelated)
-        cr, cf = _content_groups(real_paths, "real", args.quiet), _content_groups(fake_paths, "fake", args.quiet)
+        cr = _content_groups(real_paths, "real", args.quiet, digests)
+        cf = _content_groups(fake_paths, "fake", args.quiet, digests)
         gr, gf = np.char.add("real:", cr[gr].astype(str)), np.char.add("fake:", cf[gf].astype(str))
     else:  # manifest groups (identity / source): one id in both classes is one group (a real and its fakes)
         gr = np.asarray(plan["groups"][0], dtype=object)[gr].astype(str)
@@ -237,7 +248,9 @@ def run(args: argparse.Namespace) -> int:
                 augment=augment)
     except ValueError as e:
         raise usage_error(str(e)) from None
-    counts = det.training_summary_["counts"]  # fit saw chips; these are the images they came from
+    # fit saw chips; these are the images they came from (evaluate warns when it scores one of them)
+    det.training_images_ = image_fingerprints(real_paths + fake_paths + val_paths, digests)
+    counts = det.training_summary_["counts"]
     counts["images"] = {"real": len(real_paths), "fake": len(fake_paths)}
     counts["images_without_faces"] = {"real": nr_missing, "fake": nf_missing}
     try:
