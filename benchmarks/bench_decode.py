@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import hardware, interleaved_times, paired_ratio  # noqa: E402
+from common import description, hardware, interleaved_times, paired_ratio  # noqa: E402
 
 
 def photo_like(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -70,11 +70,11 @@ def report(title: str, times, num: str, den: str) -> None:
 def main() -> None:
     from fakespotter import data as D
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--mp", type=float, default=4.0, help="megapixels of the PNG and JPEG images (default 4)")
     ap.add_argument("--pnm-mp", type=float, default=1.0, help="megapixels of the PGM/PPM images (default 1: "
                                                                 "Pillow takes seconds a megapixel)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds; medians are reported (default 5)")
     ap.add_argument("--jpeg-decode-only", action="store_true", help="only the simplejpeg vs Pillow JPEG decoding rows")
     args = ap.parse_args()
     print(hardware())

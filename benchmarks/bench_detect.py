@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import hardware, median_seconds  # noqa: E402
+from common import description, hardware, median_seconds  # noqa: E402
 
 
 def iou(a, b) -> float:
@@ -35,9 +35,9 @@ def iou(a, b) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per size and setting (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (detection is dlib's, one thread)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (detection is dlib's, one thread) (default 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from fakespotter.dataset import OTHER_REAL_PHOTOS

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_scan import build  # noqa: E402
-from common import hardware  # noqa: E402
+from common import description, hardware  # noqa: E402
 
 _CHILD = r"""
 import json, resource, sys
@@ -58,7 +58,7 @@ def run_scan(model: Path, corpus: Path, out: Path, threads: int, extra_env: dict
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--n", type=int, default=1000, help="JPEG chips in the corpus (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each setting, alternated (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")

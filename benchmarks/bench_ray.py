@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_scan import BATCH, JPEG_QUALITY, build  # noqa: E402
-from common import hardware, interleaved_medians  # noqa: E402
+from common import description, hardware, interleaved_medians  # noqa: E402
 
 
 def local_scan(det, corpus: Path, out_dir: Path, threads: int, last: Dict[str, Any]) -> Callable[[], None]:
@@ -78,7 +78,7 @@ def ray_run(model: Path, corpus: Path, out_dir: Path, actors: int, last: Dict[st
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--n", type=int, default=1000, help="JPEG chips in the corpus (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (default: %(default)s)")
     p.add_argument("--ray-cpus", type=int, default=3,

@@ -53,7 +53,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import hardware, interleaved_medians  # noqa: E402
+from common import description, hardware, interleaved_medians  # noqa: E402
 
 BATCH = 64
 JPEG_QUALITY = 90
@@ -338,7 +338,7 @@ def scan_subprocess(model: Path, corpus: Path, out_dir: Path, threads: int, devi
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--n", type=int, default=1000, help="JPEG chips in the corpus (default: %(default)s)")
     p.add_argument("--big", type=int, default=10000,
                    help="files in the big corpus for (e), rounded up to a multiple of --n; 0: skip (e) "

@@ -7,8 +7,9 @@ detector (``FakeSpotter(hidden=(16, 16), max_epochs=20)``) trained once on other
 the scanner does); ``--threads`` torch threads. Contenders, timed round-robin (medians of
 ``--repeats``), each the scanner's own forward (``scan._Forward``):
 
-    fp32            the default: float32, contiguous (NCHW) input
-    channels_last   the same input in channels_last memory format
+    fp32            the default: float32; the chips are handed over channels_last already (they
+                    are decoded HWC), the weights stay contiguous
+    channels_last   the weights in channels_last memory format too, as ``scan --channels-last``
     autocast        torch.autocast (bfloat16 on CPU, float16 on CUDA) around backbone + taps
     both            channels_last and autocast
     compile         torch.compile (inductor) of backbone + taps, compiled before timing, as
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import hardware, interleaved_medians  # noqa: E402
+from common import description, hardware, interleaved_medians  # noqa: E402
 
 # channels_last, autocast, compile, freeze; compile+freeze is built before compile, so that dynamo
 # cannot hand it the unfrozen graph (with parameters as inputs, one graph serves every instance)
@@ -86,7 +87,7 @@ def build(workdir: Path, n: int):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--n", type=int, default=64, help="real and fake chips each (default: %(default)s)")
     p.add_argument("--batch", type=int, default=64, help="chips per forward (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")

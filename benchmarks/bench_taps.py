@@ -48,7 +48,7 @@ from fakespotter.calibration import ThresholdCalibrator
 from fakespotter.taps import Tap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_model, interleaved_times, paired_ratio  # noqa: E402
+from common import description, hardware, interleaved_times, paired_ratio  # noqa: E402
 
 BATCH = int(os.environ.get("FAKESPOTTER_BENCH_BATCH", 64))
 THREADS = int(os.environ.get("FAKESPOTTER_BENCH_THREADS", 2))
@@ -204,10 +204,11 @@ def pct(overhead: List[float]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=THREADS)
-    p.add_argument("--batch", type=int, default=BATCH)
-    p.add_argument("--repeats", type=int, default=REPEATS)
+    p = argparse.ArgumentParser(description=description(__doc__))
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=BATCH, help="chips per forward (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=REPEATS,
+                   help="timed round-robin rounds; medians are reported (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the backbone runs (default: cpu)")
     p.add_argument("--compile", action="store_true",
                    help="also time (a) and (b) through torch.compile (inductor) (default: eager only)")
@@ -219,13 +220,12 @@ def main() -> None:
     a = p.parse_args()
     if a.tf32 == "off":
         torch.backends.cudnn.conv.fp32_precision = "ieee"
-    where = (f"GPU: {torch.cuda.get_device_name()}; cuDNN conv fp32_precision "
-             f"{torch.backends.cudnn.conv.fp32_precision}; " if a.device == "cuda" else "")
+    where = f"device cuda, cuDNN conv fp32_precision {torch.backends.cudnn.conv.fp32_precision}; " if a.device == "cuda" else ""
     # as the CLI runs its forwards (fakespotter._malloc): without it each CPU forward faults its
     # activations in again, which adds time and noise to every contender
     malloc = "freed memory kept" if keep_freed_memory() else "left as it is"
-    print(f"CPU: {cpu_model()}; {where}torch {torch.__version__}; threads {a.threads}; "
-          f"batch {a.batch} x 150x150 {a.input}; median of {a.repeats}; malloc {malloc}")
+    print(hardware())
+    print(f"{where}threads {a.threads}; batch {a.batch} x 150x150 {a.input}; median of {a.repeats}; malloc {malloc}")
     print(f"{'granularity':<12}{'(a) bare':>12}{'(b) tap':>12}{'(c) naive':>12}"
           f"{'overhead':>10}{'(range)':>17}{'b/c':>7}{'row B/img':>11}{'f32 B/img':>11}{'ratio':>10}")
     results = run(a.threads, a.batch, a.repeats, a.device, a.compile, a.input == "channels_last")

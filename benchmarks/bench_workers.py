@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import hardware, interleaved_medians  # noqa: E402
+from common import description, hardware, interleaved_medians  # noqa: E402
 
 PHOTO_MP = 12
 N_PHOTOS = 8
@@ -64,13 +64,13 @@ def main() -> None:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default: %(default)s)")
     ap.add_argument("--max-workers", type=int, default=cpus, help="largest worker count (default: the usable CPUs, "
                                                                    f"here {cpus})")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fakespotter-bench-workers"),
                     help="where the corpora are built, once (default: %(default)s)")
-    ap.add_argument("--crash", action="store_true", help="measure what a worker crash costs (see above)")
+    ap.add_argument("--crash", action="store_true", help="measure what a worker crash costs instead (the module docstring says how; default: off)")
     args = ap.parse_args()
     if args.crash:
         os.environ["FAKESPOTTER_SCAN_TEST_CRASH"] = "-crash.jpg"  # before any worker starts

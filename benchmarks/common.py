@@ -11,6 +11,11 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 
+def description(doc: str) -> str:
+    """A script's --help description: its docstring's first paragraph, on one line."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -20,13 +20,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import hardware  # noqa: E402
+from common import description, hardware  # noqa: E402
 from fakespotter import ops  # noqa: E402
 from fakespotter.detector import FakeSpotter  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("folder", help="a folder of 150x150 face chips")
     p.add_argument("--n", type=int, default=512, help="chips to score (default: %(default)s)")
     a = p.parse_args()

@@ -5,12 +5,13 @@
 #
 #   FAKESPOTTER_CACHE=DIR   the cache holding the dlib weights (weights/...resnet_model_v1.dat)
 #   AGREEDIR=DIR            a folder of 150x150 JPEG chips for cuda_agreement.py (default:
-#                           $SCANWORK/corpus2000)
+#                           $SCANWORK/corpus2000; neither set: no agreement step)
 #   SCANWORK=DIR            optional: a bench_scan.py --workdir with a corpus of --n 2000 chips and its
 #                           model (built on any machine: bench_scan.build)
 #   PRECISIONWORK=DIR       optional: a bench_scan_precision.py --workdir with its model and --n 64 chips:
 #                           float32 vs float16 autocast, channels_last and compile in the scanner's forward
 #   ARCH=90                 CUDA architectures to build for (default: 90, Hopper)
+#   OPS_REPEATS=15          rounds of bench_ops.py (default: 15)
 #
 # Each step has its own time limit, so one that hangs or fails leaves the others' results. The steps
 # run most-wanted first (tests, taps, precision, agreement, kernels, scan): a lease that ends early
@@ -40,7 +41,7 @@ step tests
 # the CUDA tests, and the CPU op / tap tests: every CPU kernel variant this machine has (AVX-512 on
 # most GPU hosts) against the twins
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
-timeout 200 python3 -m pytest -p no:cacheprovider -q -rs $xdist tests/test_cuda.py tests/test_ops.py \
+timeout 300 python3 -m pytest -p no:cacheprovider -q -rs $xdist tests/test_cuda.py tests/test_ops.py \
   tests/test_opcheck.py tests/test_bitset_linear.py tests/test_taps.py tests/test_reference.py \
   tests/test_calibration.py tests/test_classifier.py 2>&1 | tee "$out/tests.log" | tail -25
 
@@ -58,8 +59,11 @@ if [ -n "${PRECISIONWORK:-}" ]; then
     --batch 64 --threads 4 --repeats 5 2>&1 | tee "$out/precision.log" | tail -14
 fi
 
-step agreement
-timeout 90 python3 benchmarks/cuda_agreement.py "${AGREEDIR:-$SCANWORK/corpus2000}" --n 512 2>&1 | tee "$out/agreement.log" | tail -6
+agree=${AGREEDIR:-${SCANWORK:+$SCANWORK/corpus2000}}
+if [ -n "$agree" ]; then
+  step agreement
+  timeout 90 python3 benchmarks/cuda_agreement.py "$agree" --n 512 2>&1 | tee "$out/agreement.log" | tail -6
+fi
 
 step threshold_pack
 for mf in contiguous channels_last; do
