@@ -131,6 +131,17 @@ def test_float_and_cmyk_modes():
     assert out.shape == (8, 8, 3) and out[..., 0].max() < 20 and out[..., 1].min() > 235
 
 
+def test_premultiplied_alpha_modes():
+    """RGBa and La (alpha premultiplied, e.g. after Pillow's own resampling of RGBA) composite
+    as their straight-alpha forms do; La has no direct conversion to RGB in Pillow."""
+    la = Image.fromarray(np.array([[[200, 255], [200, 128], [200, 0]]], np.uint8), "LA")
+    rgba = la.convert("RGBA")
+    for straight, pre in ((la, la.convert("La")), (rgba, rgba.convert("RGBa"))):
+        assert pre.mode in ("La", "RGBa")
+        np.testing.assert_allclose(F.load_image(pre).astype(int), F.load_image(straight).astype(int), atol=1)
+    assert F.load_image(la.convert("La"))[0, :, 0].tolist() == [200, 100, 0]
+
+
 def test_bad_inputs_are_rejected_with_clear_errors(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty.jpg is empty \(0 bytes\)"):

@@ -31,8 +31,9 @@ Decoding (``load_image``) turns any input into RGB uint8 ``[H, W, 3]`` the same 
   most 0.1% of them exceed 1 (``FLOAT_OVERSHOOT``): then the image is scaled 0..1 (as float
   images saved from numpy or a scientific tool often are, highlights or a resize's overshoot
   aside) and multiplied by 255 first (taken as 0..255 it would be black);
-* transparency (``RGBA``, ``LA``, ``PA``, palette transparency, and the one transparent colour
-  of an RGB or grey image, 16-bit grey included) is composited over an opaque ``background``,
+* transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa`` and ``La``, palette
+  transparency, and the one transparent colour of an RGB or grey image, 16-bit grey included)
+  is composited over an opaque ``background``,
   black by default: ``round((rgb * a + background * (255 - a)) / 255)``; a BMP whose alpha is 0
   everywhere is taken as opaque (32-bit BMP writers often leave the alpha bytes 0; Chromium
   shows such files opaque too);
@@ -256,6 +257,8 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
         for rows in _row_blocks(a):
             grey[rows] = np.round(np.clip(a[rows] * scale, 0, 255))
         return _from_array(grey, background)
+    if mode == "La":  # grey with premultiplied alpha: Pillow converts it to LA only
+        img, mode = img.convert("LA"), "LA"
     has_alpha = "A" in mode or "a" in mode or key is not None
     if fmt == "BMP" and mode == "RGBA" and img.getchannel("A").getextrema() == (0, 0):
         has_alpha = False  # alpha bytes a writer left 0 (Chromium shows these BMPs opaque too)
