@@ -83,6 +83,12 @@ def test_train_augment(setup, tmp_path, capsys):
                                                      "attacks": ["jpeg", "blur", "resize", "noise"]}
     # the augmented chips changed the calibrated thresholds
     assert not all(bool((a == b).all()) for a, b in zip(aug.thresholds_.values, plain.thresholds_.values))
+    # an ablation of an augmented model is trained with the same augmentation: it changes one setting
+    rc, _, err = run_cli(["evaluate", out, "--manifest", setup["manifest"], "--baselines", "fs-per-neuron",
+                          "--out-dir", tmp_path / "ev", "--bootstrap", "0", "--no-plots", "--quiet"], capsys)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert rep["detectors"]["fs-per-neuron"]["augmentation"] == aug.training_summary_["augmentation"]
 
 
 def test_evaluate_manifest_with_baselines(setup, tmp_path, capsys):

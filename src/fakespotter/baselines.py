@@ -322,7 +322,9 @@ class MNCOnly(_BackboneBaseline):
 
 class FakeSpotterVariant:
     """FakeSpotter itself with some settings replaced (an ablation); ``params`` are
-    ``FakeSpotter`` keyword arguments (e.g. the evaluated model's ``get_params()``)."""
+    ``FakeSpotter`` keyword arguments (e.g. the evaluated model's ``get_params()``), and
+    ``augment``, the augmenter ``fit`` gets (the model's own, so that an ablation changes one
+    setting only)."""
 
     def __init__(self, name: str, params: Mapping[str, Any]):
         self.name = name
@@ -342,7 +344,8 @@ class FakeSpotterVariant:
         params = {k: v for k, v in self.params.items() if k in FakeSpotter._param_names}
         params["aligned"] = True
         self.detector_ = FakeSpotter(**params).fit(x[y == 0], x[y == 1], validation=val,
-                                                  groups=None if val is not None else grp)
+                                                  groups=None if val is not None else grp,
+                                                  augment=self.params.get("augment"))
         return self
 
     def decision_function(self, chips: Any) -> np.ndarray:

@@ -262,6 +262,21 @@ MODEL_NAME = "fakespotter"
 AUGMENTED_NAME = "fakespotter+augment"
 
 
+def model_augmenter(det: Any) -> Any:
+    """The augmenter the model was trained with, rebuilt from its training summary (the FakeSpotter
+    ablations train with it too), or None. One that cannot be rebuilt (a user's own callable)
+    is refused: the ablations would differ from the model in two ways."""
+    a = (getattr(det, "training_summary_", None) or {}).get("augmentation")
+    if not a:
+        return None
+    if a.get("type") != "Augmenter" or not all(k in a for k in ("fraction", "seed", "attacks")):
+        raise usage_error(f"--baselines: the model was trained with augmentation {a.get('type')!r}, which its file "
+                          f"does not describe fully: FakeSpotter ablations (fs-*) cannot repeat it; leave them out")
+    from ..perturb import Augmenter
+
+    return Augmenter(fraction=a["fraction"], seed=a["seed"], attacks=a["attacks"])
+
+
 def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
     """Train the baselines (and, with --train-augment, an augmented copy of the model) on the
     plan's training images. Returns ``{"score": f(chips) -> {name: scores}, "detectors": {name:
@@ -301,7 +316,8 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
         if plan["baselines"]:
             log(f"training baselines {', '.join(plan['baselines'])} on {len(xr)} real and {len(xf)} fake chips ...",
                 args.quiet)
-            suite = BaselineSuite(plan["baselines"], params, batch_size=args.batch_size, seed=args.seed)
+            suite = BaselineSuite(plan["baselines"], {**params, "augment": model_augmenter(det)},
+                                  batch_size=args.batch_size, seed=args.seed)
             val = None if validation is None else (np.concatenate(validation),
                                                    np.r_[np.zeros(len(validation[0]), np.int64), np.ones(len(validation[1]), np.int64)])
             try:
@@ -312,6 +328,9 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
                 info[name] = {"description": DESCRIPTIONS[name], "kind": "baseline",
                               "operating_threshold": suite.operating_thresholds_[name]["logit"],
                               "trained_on": {**train["source"], **suite.counts_}}
+                inner = getattr(suite.baselines_[name], "detector_", None)  # (a FakeSpotter ablation)
+                if inner is not None:
+                    info[name]["augmentation"] = inner.training_summary_["augmentation"]
         if getattr(args, "train_augment", False):
             from ..detector import FakeSpotter
             from ..perturb import Augmenter
