@@ -288,3 +288,23 @@ def test_a_model_trained_from_folders_knows_its_images(setup, tmp_path, capsys):
     artifact.write_model(tmp_path / "bad.fsm", tensors, meta)
     with pytest.raises(artifact.ModelFileError, match=r"bad\.fsm: training\.images must be int64 \[n\], got torch\.float32"):
         FakeSpotter.load(tmp_path / "bad.fsm")
+
+
+def test_files_whose_bytes_the_manifest_does_not_list_are_refused(setup, tmp_path, capsys):
+    """A manifest names each file's sha256: a file replaced or two files swapped since it was
+    written would be scored under the other's label, so train and evaluate refuse the split."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(setup["manifest"].parent, ds)
+    real, fake = ds / "real" / "011.jpg", ds / "fake" / "011.jpg"  # test split (see _build)
+    a, b = real.read_bytes(), fake.read_bytes()
+    real.write_bytes(b)
+    fake.write_bytes(a)
+    rc, _, err = run_cli(["evaluate", setup["model"], "--manifest", ds, "--split", "test", "--out-dir", tmp_path / "e",
+                          "--bootstrap", "0", "--no-plots", "--quiet"], capsys)
+    assert rc == 2 and "2 file(s) of split 'test' (evaluation) differ from the sha256 the manifest lists" in err, err
+    assert not (tmp_path / "e").exists()
+    (ds / "fake" / "006.jpg").write_bytes(a)  # a val file: train validates on it
+    rc, _, err = run_cli(["train", "--manifest", ds, "--out", tmp_path / "m.fsm", "--quiet"], capsys)
+    assert rc == 2 and "1 file(s) of split 'val' (validation) differ" in err and "fake/006.jpg" in err, err

@@ -209,7 +209,8 @@ def open_manifest(path: str, splits: List[str]):
 
 
 def manifest_part(manifest, split: str, what: str, need_both: bool = True):
-    """The rows of ``split``, or a usage error when it is empty or lacks a class."""
+    """The rows of ``split``, or a usage error when it is empty, lacks a class, or lists a file
+    whose bytes are not the ones it names (:func:`check_listed_bytes`)."""
     part = manifest.select(splits=[split])
     if len(part) == 0:
         raise usage_error(f"--manifest {manifest.root}: split {split!r} ({what}) has no rows")
@@ -217,6 +218,26 @@ def manifest_part(manifest, split: str, what: str, need_both: bool = True):
         for label in ("real", "fake"):
             if not any(r.label == label for r in part.rows):
                 raise usage_error(f"--manifest {manifest.root}: split {split!r} ({what}) has no {label} images")
+    return check_listed_bytes(part, f"split {split!r} ({what})")
+
+
+def check_listed_bytes(part, what: str):
+    """``part`` (rows of a manifest), once each readable file has the sha256 its row lists; else a
+    usage error: a file replaced or moved since the manifest was written would be scored under
+    another row's label, silently. (Unreadable files are recorded as such when they are read.)"""
+    from ..manifest import file_sha256
+
+    bad = []
+    for r in part.rows:
+        try:
+            if file_sha256(part.path(r)) != r.sha256:
+                bad.append(r.file)
+        except OSError:
+            pass
+    if bad:
+        raise usage_error(f"--manifest {part.root}: {len(bad)} file(s) of {what} differ from the sha256 the manifest "
+                          f"lists, e.g. {bad[0]}: replaced or moved since it was written (fakespotter data check "
+                          f"lists them)")
     return part
 
 

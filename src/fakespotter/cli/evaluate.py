@@ -34,8 +34,9 @@ import numpy as np
 from .. import evaluate as ev
 from .._atomic import write_atomic
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
-from ._common import (Progress, add_class_sources, check_disjoint, check_once, class_mode, has_both_classes,
-                      images_of, load_chips, log, manifest_part, model_file, no_chips_error, open_manifest, usage_error)
+from ._common import (Progress, add_class_sources, check_disjoint, check_listed_bytes, check_once, class_mode,
+                      has_both_classes, images_of, load_chips, log, manifest_part, model_file, no_chips_error,
+                      open_manifest, usage_error)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
@@ -205,7 +206,7 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
                    "real_sources": _count_by([r.source for r in reals])}
         if training:
             tpart = manifest_part(manifest, "train", "training")
-            vpart = manifest.select(splits=["val"])
+            vpart = check_listed_bytes(manifest.select(splits=["val"]), "split 'val' (validation)")
             train = {"real": [tpart.path(r) for r in tpart.rows if not r.is_fake],
                      "fake": [tpart.path(r) for r in tpart.rows if r.is_fake],
                      "real_groups": [r.group for r in tpart.rows if not r.is_fake],

@@ -23,9 +23,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import (add_class_sources, add_model_args, check_detection_args, check_disjoint, check_once,
-                      class_mode, has_both_classes, images_of, load_chips, log, manifest_part, no_chips_error,
-                      open_manifest, refuse_inputs_as_output, usage_error, writable_output)
+from ._common import (add_class_sources, add_model_args, check_detection_args, check_disjoint, check_listed_bytes,
+                      check_once, class_mode, has_both_classes, images_of, load_chips, log, manifest_part,
+                      no_chips_error, open_manifest, refuse_inputs_as_output, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -96,7 +96,8 @@ def check(args: argparse.Namespace) -> Dict:
         types = list(by_type)
         manifest_groups = ([r.group for r in part.rows if not r.is_fake],  # in the order of real / fake paths
                            [r.group for t in types for r in part.rows if r.is_fake and r.fake_type == t])
-        vpart = manifest.select(splits=["val"]) if args.split != "val" else manifest.select(splits=[])
+        vpart = manifest.select(splits=["val"] if args.split != "val" else [])
+        check_listed_bytes(vpart, "split 'val' (validation)")
         digests = {str(m.path(r)): r.sha256 for m in (part, vpart) for r in m.rows}
         args.aligned = True
     if args.augment and not 0.0 < args.augment_fraction <= 1.0:
