@@ -129,6 +129,7 @@ def test_evaluate_warns_of_a_split_the_model_was_trained_on(setup, tmp_path, cap
         assert rc == 0, err
         warning = f"warning: the model was {said} on split '{split}' of this manifest"
         assert (warning in err) == (said is not None), err
+        assert said is None or "evaluate on a split it has not seen (test)" in err
         report = tmp_path / cmd / ("report.md" if cmd == "evaluate" else "robustness.md")
         assert (f"the model was {said} on split" in report.read_text()) == (said is not None)
     # another manifest (another build, other splits) is not the one it was trained on
@@ -288,6 +289,17 @@ def test_a_model_trained_from_folders_knows_its_images(setup, tmp_path, capsys):
     artifact.write_model(tmp_path / "bad.fsm", tensors, meta)
     with pytest.raises(artifact.ModelFileError, match=r"bad\.fsm: training\.images must be int64 \[n\], got torch\.float32"):
         FakeSpotter.load(tmp_path / "bad.fsm")
+
+
+def test_the_split_seen_warning_suggests_a_split_the_model_has_not_seen(setup, tmp_path, capsys):
+    model = tmp_path / "t.fsm"
+    rc, _, err = run_cli(["train", "--manifest", setup["manifest"], "--split", "test", "--out", model, "--hidden", "4",
+                          "--epochs", "2", "--quiet"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["evaluate", model, "--manifest", setup["manifest"], "--split", "test", "--out-dir",
+                          tmp_path / "e", "--bootstrap", "0", "--no-plots", "--quiet"], capsys)
+    assert rc == 0 and "the model was trained on split 'test'" in err, err
+    assert "evaluate on a split it has not seen (train)" in err, err
 
 
 def test_files_whose_bytes_the_manifest_does_not_list_are_refused(setup, tmp_path, capsys):

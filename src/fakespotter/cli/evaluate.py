@@ -498,8 +498,9 @@ def _split_seen(plan: Dict[str, Any], det: Any) -> List[str]:
         return []
     why = ("its classifier learnt these images" if used[split] == "trained"
            else "its early stopping and operating threshold were chosen on these images")
+    unseen = [s for s in ("test", "val", "train") if s not in used]
     return [f"the model was {used[split]} on split {split!r} of this manifest ({why}): these metrics are optimistic; "
-            f"evaluate on a split it has not seen (test)"]
+            f"evaluate on a split it has not seen ({' or '.join(unseen)})"]
 
 
 def run(args: argparse.Namespace) -> int:
