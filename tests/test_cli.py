@@ -58,6 +58,8 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
     empty.mkdir()
     copy, other = shutil.copytree(real, tmp_path / "copy"), tmp_path / "other"
     write_images(other, 3, 2, 1.5)
+    twin = tmp_path / "elsewhere" / fake.name  # another folder of the same name
+    write_images(twin, 3, 4, 1.5)
     cases = [
         (["--real", str(tmp_path / "missing"), "--fake", str(fake)], "--real: .*missing does not exist"),
         (["--real", str(empty), "--fake", str(fake)], "--real: folder .*empty has no images"),
@@ -75,6 +77,9 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
         (["--real", str(real), "--fake", str(fake), "--seed", "-2"], "--seed must be >= 0, got -2"),
         (["--real", str(real), str(real), "--fake", str(fake)], "12 images are listed more than once in the real images"),
         (["--real", str(real), "--fake", str(fake), "--layers", "relu1", "nosuch"], "nosuch"),
+        (["--real", str(real), "--fake", str(fake), str(twin)],
+         f"--fake .*{fake.name} and .*{fake.name} would both be named '{fake.name}' in the results; name each with "
+         f"--fake-type"),
     ]
     for extra, pattern in cases:
         rc, out, err = run_cli(["train", *extra, "--out", str(tmp_path / "m.fsm")], capsys)

@@ -208,6 +208,17 @@ def open_manifest(path: str, splits: List[str]):
         raise usage_error(f"--manifest: {e}") from None
 
 
+def folder_names(dirs: List[str], option: str, naming_option: str) -> List[str]:
+    """The names of ``option``'s sources when ``naming_option`` gives none: each folder's own name;
+    two alike (``a/fake`` and ``b/fake``) would be reported as one source: a usage error."""
+    names = [Path(d.lstrip("@")).name or d for d in dirs]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise usage_error(f"{option} {dirs[names.index(n)]} and {dirs[i]} would both be named {n!r} in the "
+                              f"results; name each with {naming_option}")
+    return names
+
+
 def manifest_part(manifest, split: str, what: str, need_both: bool = True):
     """The rows of ``split``, or a usage error when it is empty, lacks a class, or lists a file
     whose bytes are not the ones it names (:func:`check_listed_bytes`)."""

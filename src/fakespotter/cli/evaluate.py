@@ -35,8 +35,8 @@ from .. import evaluate as ev
 from .._atomic import write_atomic
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
 from ._common import (Progress, add_class_sources, check_disjoint, check_listed_bytes, check_once, class_mode,
-                      has_both_classes, images_of, load_chips, log, manifest_part, model_file, no_chips_error,
-                      open_manifest, usage_error)
+                      folder_names, has_both_classes, images_of, load_chips, log, manifest_part, model_file,
+                      no_chips_error, open_manifest, usage_error)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
@@ -84,10 +84,6 @@ def add_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.0,
                    help="logit threshold of ACC, precision, recall and F1 (default: %(default)s, i.e. P(fake) 0.5)")
     p.set_defaults(run=run)
-
-
-def _folder_names(dirs: List[str]) -> List[str]:
-    return [Path(d.lstrip("@")).name or d for d in dirs]
 
 
 def _count_by(values: Sequence[str]) -> Dict[str, int]:
@@ -162,8 +158,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
 
     train: Optional[Dict[str, Any]] = None
     if mode == "folders":
-        fake_names = args.fake_type or _folder_names(args.fake)
-        real_names = args.real_source or _folder_names(args.real)
+        fake_names = args.fake_type or folder_names(args.fake, "--fake", "--fake-type")
+        real_names = args.real_source or folder_names(args.real, "--real", "--real-source")
         paths: List[Path] = []
         labels: List[int] = []
         groups: List[str] = []

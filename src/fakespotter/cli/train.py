@@ -24,8 +24,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ._common import (add_class_sources, add_model_args, check_detection_args, check_disjoint, check_listed_bytes,
-                      check_once, class_mode, has_both_classes, images_of, load_chips, log, manifest_part,
-                      no_chips_error, open_manifest, refuse_inputs_as_output, usage_error, writable_output)
+                      check_once, class_mode, folder_names, has_both_classes, images_of, load_chips, log,
+                      manifest_part, no_chips_error, open_manifest, refuse_inputs_as_output, usage_error,
+                      writable_output)
 
 
 def add_parser(sub) -> None:
@@ -81,7 +82,7 @@ def check(args: argparse.Namespace) -> Dict:
         fake = _sources(args.fake, "--fake")
         if args.fake_type is not None and len(args.fake_type) != len(args.fake):
             raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
-        types = args.fake_type or [Path(d.lstrip("@")).name or d for d in args.fake]
+        types = args.fake_type or folder_names(args.fake, "--fake", "--fake-type")
     else:
         if args.val_real is not None or args.val_fake is not None:
             raise usage_error("with --manifest the validation images are its val split; drop --val-real/--val-fake")
