@@ -411,3 +411,21 @@ def test_ctrl_c_between_the_imports_and_the_command_is_a_quiet_exit_130():
     code = code.replace("from fakespotter.cli import main  #", "from fakespotter.cli import main; main(['env']) #")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (run.returncode, run.stderr) == (130, "fakespotter: interrupted\n") and "not reached" not in run.stdout
+
+
+def test_train_reports_and_checks_its_validation_folders(corpus, tmp_path, capsys):
+    """--val-real / --val-fake: named in the report with their counts; a validation class without
+    a face chip is a usage error naming the option, before the training images are read."""
+    real, fake = corpus
+    vreal, vfake = write_images(tmp_path / "vreal", 4, 7, 1.0), write_images(tmp_path / "vfake", 4, 8, 2.5)
+    report = tmp_path / "r.json"
+    rc, _, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--val-real", str(vreal), "--val-fake",
+                          str(vfake), "--aligned", "--hidden", "4", "--epochs", "2", "--out", str(tmp_path / "m.fsm"),
+                          "--report", str(report), "--quiet"], capsys)
+    assert rc == 0, err
+    v = json.loads(report.read_text())["training"]["sources"]["validation"]
+    assert v == {"real": [str(vreal)], "fake": [str(vfake)], "images": {"real": 4, "fake": 4},
+                 "images_without_faces": {"real": 0, "fake": 0}}
+    rc, _, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--val-real", str(vreal), "--val-fake",
+                          str(vfake), "--out", str(tmp_path / "n.fsm"), "--quiet"], capsys)  # noise: no face found
+    assert rc == 2 and "no --val-real image gave a face chip (4 without a face, 0 unreadable)" in err, err

@@ -201,6 +201,18 @@ def run(args: argparse.Namespace) -> int:
     failures: List[Dict] = []
     real_paths = [p for _, ps in plan["real"] for p in ps]
     fake_paths = [p for _, ps in plan["fake"] for p in ps]
+    validation = val_missing = None
+    if plan["val"] is not None:  # first: an unusable validation set is said before the training images' work
+        (vr, _, vr_missing), (vf, _, vf_missing) = (
+            extract(paths, f"validation {label}", args, plan["size"], failures)
+            for paths, label in zip(plan["val"], ("real", "fake")))
+        for label, x, paths, missing in (("real", vr, plan["val"][0], vr_missing),
+                                         ("fake", vf, plan["val"][1], vf_missing)):
+            if len(x) == 0:
+                where = f"--val-{label}" if plan["mode"] == "folders" else f"the manifest's val split ({label})"
+                raise no_chips_error(f"{where} image", len(paths), missing, args.aligned,
+                                     [f for f in failures if f["path"] in {str(p) for p in paths}])
+        validation, val_missing = (vr, vf), {"real": vr_missing, "fake": vf_missing}
     xr, gr, nr_missing = extract(real_paths, "real", args, plan["size"], failures)
     xf, gf, nf_missing = extract(fake_paths, "fake", args, plan["size"], failures)
     for label, x, n, missing in (("real", xr, len(real_paths), nr_missing), ("fake", xf, len(fake_paths), nf_missing)):
@@ -208,17 +220,18 @@ def run(args: argparse.Namespace) -> int:
             paths = {str(p) for p in (real_paths if label == "real" else fake_paths)}
             raise no_chips_error(f"{label} image", n, missing, args.aligned,
                                  [f for f in failures if f["path"] in paths])
-    validation = None
-    if plan["val"] is not None:
-        vr = extract(plan["val"][0], "validation real", args, plan["size"], failures)[0]
-        vf = extract(plan["val"][1], "validation fake", args, plan["size"], failures)[0]
-        validation = (vr, vf)
     sources = {
         "real": [{"source": d, "images": len(ps)} for d, ps in plan["real"]],
         "fake": [{"source": d, "type": t, "images": len(ps)} for (d, ps), t in zip(plan["fake"], plan["types"])],
         "images_without_faces": {"real": nr_missing, "fake": nf_missing},
         "unreadable_images": len(failures),
     }
+    if validation is not None:
+        sources["validation"] = {
+            "real": args.val_real if plan["mode"] == "folders" else f"{args.manifest}:val:real",
+            "fake": args.val_fake if plan["mode"] == "folders" else f"{args.manifest}:val:fake",
+            "images": {"real": len(plan["val"][0]), "fake": len(plan["val"][1])},
+            "images_without_faces": val_missing}
     det = FakeSpotter(backbone=args.backbone, layers=args.layers, granularity=args.granularity,
                       threshold_mode=args.threshold_mode, classifier=args.classifier, hidden=tuple(args.hidden),
                       target_fpr=args.target_fpr, target_tpr=args.target_tpr, validation_fraction=args.validation_fraction,
@@ -248,8 +261,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         det.fit(xr, xf, validation=validation, sources=sources, groups=None if validation else (gr, gf),
                 augment=augment)
-    except ValueError as e:
-        raise usage_error(str(e)) from None
+    except ValueError as e:  # (in the API's words: validation= is --val-real / --val-fake here)
+        raise usage_error(str(e).replace("(validation=)", "(--val-real and --val-fake)")) from None
     # fit saw chips; these are the images they came from (evaluate warns when it scores one of them)
     det.training_images_ = image_fingerprints(real_paths + fake_paths + val_paths, digests)
     counts = det.training_summary_["counts"]
