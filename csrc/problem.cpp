@@ -127,8 +127,12 @@ void bind_out(std::string_view op, PackProblem& p, const at::Tensor& x, const at
   TORCH_CHECK_VALUE(out.size(1) <= 1 || out.stride(1) == 1, op,
                     ": out must have unit stride along its words, got strides ",
                     shape_str(out.strides()));
-  // Rows that share memory (an expanded `out`, row stride 0) would be written by several threads
-  // at once; refuse them as torch's own out= ops (and the twin's copy) do.
+  // Rows that share memory would be written by several threads at once: an expanded `out` (row
+  // stride 0) is refused as torch's own out= ops (and the twin's copy) refuse it, rows that
+  // overlap in part as the twin refuses them.
+  TORCH_CHECK_VALUE(out.size(0) <= 1 || out.stride(0) == 0 || out.stride(0) >= out.size(1), op,
+                    ": out's rows overlap (row stride ", int_str(out.stride(0)), " words, ",
+                    int_str(out.size(1)), " words per row); give each row memory of its own");
   at::assert_no_internal_overlap(out);
   p.out = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) + word_offset;
   p.out_row_stride = out.stride(0);

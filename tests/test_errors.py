@@ -112,6 +112,23 @@ def test_threshold_pack_into_refuses_rows_that_share_memory(impl):
 
 
 @pytest.mark.parametrize("impl", ["native", "twin"])
+def test_threshold_pack_into_refuses_rows_that_overlap(impl):
+    """Rows of ``out`` that overlap in part (row stride below the row's width): refused on every
+    backend (CUDA's channels-innermost path zeroes each row's words first, and could not)."""
+    buf = torch.full((8,), -1, dtype=torch.int64)
+    out = buf.as_strided((2, 3), (2, 1))
+    fn = OPS.threshold_pack_into if impl == "native" else ref.threshold_pack_into
+    for x in (torch.randn(2, 150), torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)):
+        with pytest.raises(ValueError, match=r"threshold_pack_into: out's rows overlap \(row stride 2 words, 3 words "
+                                             r"per row\); give each row memory of its own"):
+            fn(x, t1, "element", out, 0)
+    assert (buf == -1).all()
+    one_row, x = torch.full((3, 1), -1, dtype=torch.int64).T, torch.randn(1, 150)  # one row: any stride will do
+    fn(x, t1, "element", one_row, 0)
+    assert torch.equal(one_row, ref.threshold_pack(x, t1, "element"))
+
+
+@pytest.mark.parametrize("impl", ["native", "twin"])
 @pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
 def test_packed_errors(impl, case):
     _, call, match = case

@@ -248,7 +248,8 @@ cudaError_t launch_typed(const PackProblem& p, float* means, cudaStream_t stream
     }
     launch_element<DType::Float32>(means_problem(p, means), stream);
   } else if (channels_innermost(L)) {
-    // (one row: its stride is any number, which may be below the width that a pitch must reach)
+    // (bind_out refuses rows that overlap, so the pitch reaches the width; one row's stride may be
+    // any number, and CUDA ignores the pitch of one row, but it is kept in range all the same)
     const size_t width = p.words * sizeof(uint64_t);
     const size_t pitch = L.rows == 1 ? width : p.out_row_stride * sizeof(uint64_t);
     const cudaError_t zeroed = cudaMemset2DAsync(p.out, pitch, 0, width, L.rows, stream);

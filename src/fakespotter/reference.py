@@ -124,6 +124,11 @@ def check_out_args(op: str, x: torch.Tensor, features: int, out: torch.Tensor, w
             f"{op}: out must have unit stride along its words, got strides "
             f"[{', '.join(str(s) for s in out.stride())}]"
         )
+    if out.shape[0] > 1 and 0 < out.stride(0) < out.shape[1]:  # (stride 0: torch's own overlap error, below)
+        raise ValueError(
+            f"{op}: out's rows overlap (row stride {out.stride(0)} words, {out.shape[1]} words per row); "
+            f"give each row memory of its own"
+        )
     return words
 
 
