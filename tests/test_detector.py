@@ -81,6 +81,15 @@ def test_fit_on_image_files_records_their_fingerprints(fitted, tmp_path):
     assert det2.training_images_.tolist() == want
     det2.save(tmp_path / "m.fsm")
     assert FakeSpotter.load(tmp_path / "m.fsm").training_images_.tolist() == want
+    # format version 2 says the file may hold them; one without stays version 1 (older readers load it)
+    assert artifact.read_model(tmp_path / "m.fsm")[1]["format_version"] == 2
+    assert artifact.read_model(path)[1]["format_version"] == 1
+    tensors, meta = artifact.read_model(tmp_path / "m.fsm")
+    artifact.write_model(tmp_path / "v1.fsm", tensors, meta)
+    rewrite_header(tmp_path / "v1.fsm", tmp_path / "v1.fsm", lambda h: h["__metadata__"].update(
+        fakespotter=h["__metadata__"]["fakespotter"].replace('"format_version": 2', '"format_version": 1')))
+    with pytest.raises(artifact.ModelFileError, match="format version 1 holds no training.images tensor"):
+        artifact.read_model(tmp_path / "v1.fsm")
 
 
 def test_scores_on_rows_chips_and_explanations(fitted):

@@ -10,6 +10,10 @@ Layout: the safetensors header's ``__metadata__`` holds two strings,
   header edited by hand, tensors swapped between names, or a file damaged in transit is refused
   instead of silently scoring differently.
 
+Tensors: ``threshold.<i>`` (one per monitored layer), ``classifier.*``, and from format version 2
+``training.images``, the fingerprints of the image files the model was trained and validated on
+(the first 64 bits of each file's sha256, int64, sorted), when it learnt from files.
+
 Nothing in a model file is ever executed (no pickle); reading validates everything before
 anything is built, so a refused file is never half-loaded.
 """
@@ -30,7 +34,10 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "BIT_LAYOUT_VERSION", "ModelFileError", "
            "image_fingerprints"]
 
 FORMAT = "fakespotter-model"
-FORMAT_VERSION = 1
+# 2: may hold TRAINING_IMAGES. A file is written with the lowest version that describes it, so
+# that a file without that tensor still loads where only version 1 is known.
+FORMAT_VERSION = 2
+TRAINING_IMAGES = "training.images"  # fingerprints of the image files a model learnt from (int64 [n])
 BIT_LAYOUT_VERSION = 1  # csrc/bitpack.h: feature i = bit i % 64 of word i // 64, layers word-aligned
 
 
@@ -60,7 +67,8 @@ def write_model(path: Union[str, Path], tensors: Mapping[str, torch.Tensor], met
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
     full = dict(meta)
-    full.update(format=FORMAT, format_version=FORMAT_VERSION, bit_layout_version=BIT_LAYOUT_VERSION)
+    version = FORMAT_VERSION if TRAINING_IMAGES in tensors else 1
+    full.update(format=FORMAT, format_version=version, bit_layout_version=BIT_LAYOUT_VERSION)
     meta_json = json.dumps(full, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"fakespotter": meta_json, "content_sha256": content_digest(meta_json, tensors)}
@@ -91,12 +99,14 @@ def read_model(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT!r}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if not (isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= FORMAT_VERSION):
         newer = isinstance(version, int) and version > FORMAT_VERSION
         raise ModelFileError(
             f"{path}: model format version {version!r} is not supported (this fakespotter reads "
-            f"version {FORMAT_VERSION}{'; upgrade fakespotter' if newer else ''})"
+            f"versions 1 to {FORMAT_VERSION}{'; upgrade fakespotter' if newer else ''})"
         )
+    if TRAINING_IMAGES in tensors and version < 2:
+        raise ModelFileError(f"{path}: format version {version} holds no {TRAINING_IMAGES} tensor, but this file does")
     if meta.get("bit_layout_version") != BIT_LAYOUT_VERSION:
         raise ModelFileError(
             f"{path}: bit layout version {meta.get('bit_layout_version')!r} differs from this "

@@ -49,8 +49,7 @@ __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "res
 
 CLASSES = ("real", "fake")
 DEFAULT_MODEL = "default"  # names the embedded default detector wherever a model file is expected
-# the model file's tensor of fingerprints of the image files it was trained and validated on
-TRAINING_IMAGES = "training.images"
+TRAINING_IMAGES = artifact.TRAINING_IMAGES
 TRAIN_DEFAULT_COMMAND = "python scripts/train_default.py"
 
 
