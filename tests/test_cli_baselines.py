@@ -269,6 +269,9 @@ def test_a_model_trained_from_folders_knows_its_images(setup, tmp_path, capsys):
     assert seen.dtype == torch.int64 and len(seen) == 16 and torch.equal(seen, seen.sort().values)
     rc, out, _ = run_cli(["info", model], capsys)
     assert "training images: 16 file fingerprints" in out
+    rc, _, err = run_cli(["train", "--real", folders["real"], "--fake", folders["fake"], "--aligned", "--out",
+                          tmp_path / "private.fsm", "--hidden", "4", "--epochs", "3", "--no-fingerprints", "--quiet"], capsys)
+    assert rc == 0 and FakeSpotter.load(tmp_path / "private.fsm").training_images_ is None, err
 
     shutil.copy(sorted(folders["real"].iterdir())[0], folders["new_real"] / "renamed.jpg")  # one seen image
     cases = [(("real", "fake"), "16 of the 16 evaluated images (8 real, 8 fake) are files the model was trained"),

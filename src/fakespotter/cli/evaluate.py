@@ -462,14 +462,15 @@ def _images_seen(plan: Dict[str, Any], det: Any) -> List[str]:
         return []
     from ..artifact import file_sha256, fingerprint
 
-    known, labels = set(seen.tolist()), plan["labels"]
-    hits = np.zeros(2, dtype=np.int64)
+    labels = plan["labels"]
+    mine, of = [], []
     for p, y in zip(plan["paths"], labels):
         try:
-            digest = plan["digests"].get(str(p)) or file_sha256(p)
+            mine.append(fingerprint(plan["digests"].get(str(p)) or file_sha256(p)))
+            of.append(y)
         except OSError:  # unreadable: not scored either
             continue
-        hits[y] += fingerprint(digest) in known
+    hits = np.bincount(np.asarray(of, np.int64)[np.isin(np.asarray(mine, np.int64), seen.numpy())], minlength=2)
     if not hits.sum():
         return []
     return [f"{hits.sum()} of the {len(labels)} evaluated images ({hits[0]} real, {hits[1]} fake) are files the "

@@ -61,6 +61,10 @@ def add_parser(sub) -> None:
                    help="attack a random share of the training chips with JPEG, blur, resize or noise (default: off)")
     p.add_argument("--augment-fraction", type=float, default=0.5,
                    help="share of training chips attacked with --augment (default: %(default)s)")
+    p.add_argument("--no-fingerprints", action="store_true",
+                   help="do not record the training images' fingerprints (the first 64 bits of each file's sha256) "
+                        "in the model file; they let evaluate warn of images the model has seen, and let anyone "
+                        "holding the model test whether a given file was among them (default: recorded)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the split, the augmentation and the classifier (default: %(default)s)")
     p.add_argument("--quiet", action="store_true",
@@ -264,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # (in the API's words: validation= is --val-real / --val-fake here)
         raise usage_error(str(e).replace("(validation=)", "(--val-real and --val-fake)")) from None
     # fit saw chips; these are the images they came from (evaluate warns when it scores one of them)
-    det.training_images_ = image_fingerprints(real_paths + fake_paths + val_paths, digests)
+    det.training_images_ = None if args.no_fingerprints else image_fingerprints(real_paths + fake_paths + val_paths,
+                                                                                digests)
     counts = det.training_summary_["counts"]
     counts["images"] = {"real": len(real_paths), "fake": len(fake_paths)}
     counts["images_without_faces"] = {"real": nr_missing, "fake": nf_missing}
