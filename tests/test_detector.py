@@ -92,6 +92,19 @@ def test_fit_on_image_files_records_their_fingerprints(fitted, tmp_path):
         artifact.read_model(tmp_path / "v1.fsm")
 
 
+def test_the_same_training_gives_the_same_file_with_source_date_epoch(fitted, monkeypatch):
+    """Training is deterministic on a CPU; only the time stamp differs, and SOURCE_DATE_EPOCH
+    (the reproducible-builds convention) fixes it."""
+    _, _, real, fake = fitted
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a, b = (FakeSpotter(hidden=(4,), max_epochs=2).fit(real[:12], fake[:12]) for _ in range(2))
+    assert a.training_summary_["created"] == "2023-11-14T22:13:20+00:00"
+    assert a.to_bytes() == b.to_bytes()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(ValueError, match="SOURCE_DATE_EPOCH must be whole seconds since 1970, got 'yesterday'"):
+        FakeSpotter(hidden=(4,), max_epochs=2).fit(real[:12], fake[:12])
+
+
 def test_scores_on_rows_chips_and_explanations(fitted):
     det, path, real, fake = fitted
     rows = det.rows(real[:4])

@@ -272,6 +272,7 @@ class FakeSpotter:
         methods (float32 chips are checked for range a batch at a time too).
         """
         self._check_params()
+        created = _created()  # (a bad SOURCE_DATE_EPOCH is said before the work)
         tap = self._new_tap()
         files: List[Any] = []  # the image files it learns from: their fingerprints go in the model file
         xr, ir, nr, nr_missing = self._chips(real, "fit(real)", tap, files)
@@ -322,7 +323,7 @@ class FakeSpotter:
         op = _operating_threshold(s_va[y_va.numpy() == 0], s_va[y_va.numpy() == 1], self.target_fpr, self.target_tpr)
         ya = y_va.numpy()
         summary = {
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": created,
             "counts": {
                 "train": {"real": len(tr_r), "fake": len(tr_f)},
                 "validation": {"real": len(va_r), "fake": len(va_f)},
@@ -695,6 +696,17 @@ def _chip_groups(groups: Any, n_images: int, image_index: np.ndarray, what: str)
         raise ValueError(f"FakeSpotter.fit: {what} groups must have one id per image ({n_images}; one per chip "
                          f"for chip batches), got shape {g.shape}")
     return g.astype(str)[image_index]
+
+
+def _created() -> str:
+    """The training's time stamp (UTC): now, or ``SOURCE_DATE_EPOCH`` when set, the reproducible-
+    builds convention, so that the same training gives a byte-identical model file."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    try:
+        when = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else None
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}") from None
+    return (when or datetime.datetime.now(datetime.timezone.utc)).isoformat(timespec="seconds")
 
 
 def _augment_summary(augment: Any) -> Optional[Dict[str, Any]]:

@@ -11,7 +11,10 @@ With --manifest (a data set from 'fakespotter data build'; its chips are aligned
 is implied) the --split (default train) is the training set, held out by group, and the val
 split, when it has both classes, is the validation set. --augment applies the four robustness
 attacks (JPEG, blur, resize, noise) at random levels to a random --augment-fraction of the
-training chips (seeded by --seed; validation chips stay clean)."""
+training chips (seeded by --seed; validation chips stay clean).
+
+Exit status: 0; 1 when some images could not be read (they are skipped and named, and the model
+is written); 2 for a usage error (nothing written)."""
 
 from __future__ import annotations
 
