@@ -217,6 +217,7 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
     rc, out, err = run_cli(["info", str(model)], capsys)
     assert rc == 0 and "dlib_resnet_v1" in out and "operating threshold: logit" in out
     assert "for FPR <= 0.01 on validation reals" in out
+    assert "face detection (scan's defaults with this model): upsample 1, weak-face-score 0.15, detect-pixels " in out
     tpr_model = tmp_path / "tpr.fsm"
     rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--hidden", "8",
                             "--epochs", "5", "--target-tpr", "0.8", "--out", str(tpr_model), "--quiet"], capsys)

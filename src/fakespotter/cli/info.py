@@ -63,6 +63,7 @@ def _summary(model: str, meta: dict, tensors: dict, unchecked: str | None) -> li
         f"granularity {meta['granularity']}, thresholds {meta['threshold_mode']}, row {meta['row_words']} words",
         f"classifier: {meta['classifier']['type']} {meta['classifier']['params']}",
         f"operating threshold: {describe_operating_threshold(op)}",
+        f"face detection (scan's defaults with this model): {_faces_line(meta.get('detector_params') or {})}",
         f"training: {counts.get('train')} train, {counts.get('validation')} validation chips; "
         f"seed {training.get('seed')}; created {training.get('created')}",
         f"metrics: {training.get('metrics')}",
@@ -79,3 +80,8 @@ def _images_line(tensors: dict) -> str:
     if seen is None:
         return "not recorded (trained from arrays, or written before model files recorded them)"
     return f"{seen.numel()} file fingerprints (evaluate and robustness warn when they score one of these files)"
+
+
+def _faces_line(params: dict) -> str:
+    return (f"upsample {params.get('upsample')}, weak-face-score {params.get('weak_face_score')}, detect-pixels "
+            f"{params.get('detect_pixels')}")
