@@ -133,19 +133,27 @@ def fingerprint(sha256_hex: str) -> int:
     return int.from_bytes(bytes.fromhex(sha256_hex[:16]), "little", signed=True)
 
 
-def image_fingerprints(paths: Iterable[Union[str, "os.PathLike[str]"]],
-                       digests: Optional[Mapping[str, str]] = None) -> Optional[torch.Tensor]:
-    """int64 [n], sorted and unique: the fingerprints of the files' sha256 (``digests``, by
-    ``str(path)``, where already computed); unreadable files are left out; None for no file. A
-    model file keeps those of the images it was trained and validated on (tensor
-    ``training.images``), so that evaluating it on them can be flagged."""
-    values = set()
+def file_digests(paths: Iterable[Union[str, "os.PathLike[str]"]],
+                 known: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """sha256 of each readable file, by ``str(path)``: from ``known`` (e.g. a manifest's) where it
+    has the path, else hashed; unreadable files are left out."""
+    out: Dict[str, str] = {}
     for p in paths:
         key = str(p)
         try:
-            values.add(fingerprint(digests[key] if digests and key in digests else file_sha256(p)))
+            out[key] = known[key] if known and key in known else file_sha256(p)
         except OSError:
             continue
+    return out
+
+
+def image_fingerprints(paths: Iterable[Union[str, "os.PathLike[str]"]],
+                       digests: Optional[Mapping[str, str]] = None) -> Optional[torch.Tensor]:
+    """int64 [n], sorted and unique: the fingerprints of the readable files' sha256 (see
+    :func:`file_digests`); None for no file. A model file keeps those of the images it was
+    trained and validated on (tensor ``training.images``), so that evaluating it on them can be
+    flagged."""
+    values = {fingerprint(d) for d in file_digests(paths, digests).values()}
     if not values:
         return None
     return torch.tensor(sorted(values), dtype=torch.int64)

@@ -460,17 +460,13 @@ def _images_seen(plan: Dict[str, Any], det: Any) -> List[str]:
     seen = getattr(det, "training_images_", None)
     if seen is None or len(seen) == 0:
         return []
-    from ..artifact import file_sha256, fingerprint
+    from ..artifact import file_digests, fingerprint
 
     labels = plan["labels"]
-    mine, of = [], []
-    for p, y in zip(plan["paths"], labels):
-        try:
-            mine.append(fingerprint(plan["digests"].get(str(p)) or file_sha256(p)))
-            of.append(y)
-        except OSError:  # unreadable: not scored either
-            continue
-    hits = np.bincount(np.asarray(of, np.int64)[np.isin(np.asarray(mine, np.int64), seen.numpy())], minlength=2)
+    digests = file_digests(plan["paths"], plan["digests"])  # (unreadable: not scored either)
+    read = [i for i, p in enumerate(plan["paths"]) if str(p) in digests]
+    mine = np.asarray([fingerprint(digests[str(plan["paths"][i])]) for i in read], np.int64)
+    hits = np.bincount(labels[read][np.isin(mine, seen.numpy())], minlength=2)
     if not hits.sum():
         return []
     return [f"{hits.sum()} of the {len(labels)} evaluated images ({hits[0]} real, {hits[1]} fake) are files the "

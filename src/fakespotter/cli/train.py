@@ -174,19 +174,6 @@ def extract(paths: List[Path], label: str, args, size: int, failures: List[Dict]
     return load_chips(paths, args, size, label, args.quiet, failures)
 
 
-def _digests(paths: List[Path]) -> Dict[str, str]:
-    """sha256 of each readable file, by str(path) (unreadable ones gave no chip)."""
-    from ..artifact import file_sha256
-
-    out = {}
-    for p in paths:
-        try:
-            out[str(p)] = file_sha256(p)
-        except OSError:
-            pass
-    return out
-
-
 def _content_groups(paths: List[Path], label: str, quiet: bool, digests: Dict[str, str]) -> np.ndarray:
     """A group id per image: byte-identical copies share their first one's, so the hold-out
     never puts an image in training and its copy in validation (which would flatter the
@@ -202,7 +189,7 @@ def _content_groups(paths: List[Path], label: str, quiet: bool, digests: Dict[st
 
 def run(args: argparse.Namespace) -> int:
     plan = check(args)
-    from ..artifact import file_sha256, image_fingerprints
+    from ..artifact import file_digests, file_sha256, image_fingerprints
     from ..detector import FakeSpotter, describe_operating_threshold
 
     failures: List[Dict] = []
@@ -249,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     # its training inputs were (a photo resized as a chip scores as nonsense); those are recorded here
     sources["inputs"] = "aligned chips, resized" if args.aligned else "faces detected and aligned"
     val_paths = plan["val"][0] + plan["val"][1] if plan["val"] is not None else []
-    digests = plan["digests"] or _digests(real_paths + fake_paths + val_paths)
+    digests = file_digests(real_paths + fake_paths + val_paths, plan["digests"])  # (unreadable: no chip either)
     if plan["groups"] is None:  # one group per image, of its class (real image 7 and fake image 7 are unrelated)
         cr = _content_groups(real_paths, "real", args.quiet, digests)
         cf = _content_groups(fake_paths, "fake", args.quiet, digests)
