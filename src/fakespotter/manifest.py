@@ -265,3 +265,17 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_files(manifest: "Manifest") -> "tuple[List[str], List[tuple[str, OSError]]]":
+    """``(files whose bytes differ from their row's sha256, [(file, error)] of those that cannot
+    be read)``, in row order."""
+    bad: List[str] = []
+    unreadable: List[tuple] = []
+    for r in manifest.rows:
+        try:
+            if file_sha256(manifest.path(r)) != r.sha256:
+                bad.append(r.file)
+        except OSError as e:
+            unreadable.append((r.file, e))
+    return bad, unreadable

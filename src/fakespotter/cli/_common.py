@@ -236,15 +236,9 @@ def check_listed_bytes(part, what: str):
     """``part`` (rows of a manifest), once each readable file has the sha256 its row lists; else a
     usage error: a file replaced or moved since the manifest was written would be scored under
     another row's label, silently. (Unreadable files are recorded as such when they are read.)"""
-    from ..manifest import file_sha256
+    from ..manifest import verify_files
 
-    bad = []
-    for r in part.rows:
-        try:
-            if file_sha256(part.path(r)) != r.sha256:
-                bad.append(r.file)
-        except OSError:
-            pass
+    bad = verify_files(part)[0]
     if bad:
         raise usage_error(f"--manifest {part.root}: {len(bad)} file(s) of {what} differ from the sha256 the manifest "
                           f"lists, e.g. {bad[0]}: replaced or moved since it was written (fakespotter data check "

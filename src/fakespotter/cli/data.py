@@ -84,20 +84,16 @@ def run_check(args: argparse.Namespace) -> int:
     from fakespotter import dataset
     from pathlib import Path
 
-    from fakespotter.manifest import MANIFEST_NAME, Manifest, file_sha256, read_manifest
+    from fakespotter.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_files
 
     try:
         manifest = read_manifest(args.manifest)
     except (FileNotFoundError, ValueError) as e:
         raise usage_error(str(e)) from None
-    bad, unreadable = [], []
-    for r in manifest.rows:
-        try:
-            if file_sha256(manifest.path(r)) != r.sha256:
-                bad.append(r.file)
-        except OSError as e:  # a permission, an I/O error: named, not a traceback
-            unreadable.append(r.file)
-            print(f"fakespotter data check: cannot read {manifest.path(r)}: {e.strerror or e}", file=sys.stderr)
+    bad, failed_reads = verify_files(manifest)
+    for file, e in failed_reads:  # a permission, an I/O error: named, not a traceback
+        print(f"fakespotter data check: cannot read {manifest.root / file}: {e.strerror or e}", file=sys.stderr)
+    unreadable = [file for file, _ in failed_reads]
     counts = Counter((r.split, dataset.row_kind(r)) for r in manifest.rows)
     skip = set(bad) | set(unreadable)
     good = Manifest(manifest.root, tuple(r for r in manifest.rows if r.file not in skip))
