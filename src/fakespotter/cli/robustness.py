@@ -16,7 +16,8 @@ backbone, layers, granularity, threshold mode and classifier, retrained with the
 applied at random levels to a random --augment-fraction of the training chips) are trained on
 the manifest's train split or on --train-real / --train-fake, and reported side by side with
 the model: rows per (detector, attack, level), AUC and ACC@op tables with a column per
-detector, and one line per detector in the plot."""
+detector, and one line per detector in the plot. Warnings, as evaluate's, say when the images
+are ones the model was trained or validated on (a manifest split, or the same bytes)."""
 
 from __future__ import annotations
 

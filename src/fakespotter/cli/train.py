@@ -13,6 +13,10 @@ split, when it has both classes, is the validation set. --augment applies the fo
 attacks (JPEG, blur, resize, noise) at random levels to a random --augment-fraction of the
 training chips (seeded by --seed; validation chips stay clean).
 
+The model file keeps the fingerprints of the training and validation images that were read
+(--no-fingerprints leaves them out) and a time stamp: SOURCE_DATE_EPOCH (seconds since 1970), when
+set, makes the same training give the same file, byte for byte.
+
 Exit status: 0; 1 when some images could not be read (they are skipped and named, and the model
 is written); 2 for a usage error (nothing written)."""
 
@@ -258,8 +262,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # (in the API's words: validation= is --val-real / --val-fake here)
         raise usage_error(str(e).replace("(validation=)", "(--val-real and --val-fake)")) from None
     # fit saw chips; these are the images they came from (evaluate warns when it scores one of them)
-    det.training_images_ = None if args.no_fingerprints else image_fingerprints(real_paths + fake_paths + val_paths,
-                                                                                digests)
+    unread = {f["path"] for f in failures}  # (undecodable: the model never saw them)
+    det.training_images_ = None if args.no_fingerprints else image_fingerprints(
+        [p for p in real_paths + fake_paths + val_paths if str(p) not in unread], digests)
     counts = det.training_summary_["counts"]
     counts["images"] = {"real": len(real_paths), "fake": len(fake_paths)}
     counts["images_without_faces"] = {"real": nr_missing, "fake": nf_missing}
