@@ -10,14 +10,14 @@
 // fixes, so the means equal the CPU kernels' bit for bit. The float32 means go to a scratch
 // [rows, channels] buffer (the caller's); the element pass then thresholds and packs them.
 // (One warp per channel keeps the GPU busy when a layer has few channels and large maps.)
-// Channels innermost in memory (channels_last; channel stride 1 over spatial maps): the lanes of a
-// warp above would read one channel's positions C elements apart, one memory line per load. Here
-// the lanes of a warp take neighbouring channels at the same position instead, so each load
-// instruction reads whole lines or sectors. Channel means: thread (channel, lane l) adds positions l, l + 32,
-// ... of its channel in that order, and the 32 lane sums are folded with fold_lanes: the order
-// above, hence the same means. Element: one thread per (row, channel, 64 positions) makes those
-// 64 bits and ORs them into the (at most two) words they fall in, after the layer's words are
-// zeroed.
+// Channels innermost in memory (channels_last; channel stride 1 over spatial maps): the lanes of
+// a warp above would read one channel's positions C elements apart, one memory line per load.
+// Here the lanes of a warp take neighbouring channels at the same position instead, so each load
+// instruction reads whole lines or sectors. Channel means: thread (channel, lane l) adds
+// positions l, l + 32, ... of its channel in that order, and the 32 lane sums are folded with
+// fold_lanes: the order above, hence the same means. Element: one thread per (row, channel, 64
+// positions) makes those 64 bits and ORs them into the (at most two) words they fall in, after
+// the layer's words are zeroed.
 // bitset_linear: one block per (row, 128 outputs); thread o walks the row's nibbles (every thread
 // reads the same word: a broadcast) and adds table[g][nibble][o] (consecutive threads, consecutive
 // addresses). Integer sums are exact, so the result does not depend on the order.
