@@ -127,7 +127,8 @@ def card(reports: Path) -> str:
     parts = [
         f"Validation (the data set's `val` split, {sum(training['counts']['validation'].values())} chips): "
         f"AUC {m['validation_auc']:.3f}, accuracy at the operating threshold "
-        f"{m['validation_accuracy_at_operating_threshold']:.3f}.",
+        f"{m['validation_accuracy_at_operating_threshold']:.3f} (optimistic: this split also chose the "
+        f"classifier's epoch and the operating threshold; the test split below did not).",
         "",
         "Test (the `test` split; bootstrap 95% intervals; ACC@op = accuracy at the model's stored "
         f"operating threshold, {_rule(evaluation['model']['operating_threshold'])}):",

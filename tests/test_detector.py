@@ -115,6 +115,13 @@ def test_scores_on_rows_chips_and_explanations(fitted):
     assert ex["mnc"].shape == (4, len(ex["layers"]))
     assert ((ex["mnc"] >= 0) & (ex["mnc"] <= 1)).all()
     assert abs(float(ex["layer_weight_share"].sum()) - 1) < 1e-5
+    # each layer's share counts the weights of its own features, not of the padding bits of its last
+    # word (always 0, their weights never trained)
+    w = det.classifier_.first_layer_weight().abs().sum(dim=0)
+    slots = det.tap_.layout.layers
+    assert any(s.features % 64 for s in slots)
+    own = torch.stack([w[s.word_offset * 64 : s.word_offset * 64 + s.features].sum() for s in slots])
+    assert torch.allclose(ex["layer_weight_share"], own / own.sum())
 
 
 def test_images_without_faces_score_nan(fitted, tmp_path):

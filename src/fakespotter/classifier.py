@@ -1,4 +1,5 @@
-"""Classifiers on packed activation rows (paper §3.3: a shallow network reads the neuron bits).
+"""Classifiers on packed activation rows (paper §3.3 trains a shallow network on the neurons'
+activation; here it reads the packed bits, and its size and training are our choices).
 
 Both follow the scikit-learn estimator contract: ``__init__`` only stores parameters, ``fit``
 validates, sets trailing-underscore attributes and returns ``self``; inference checks that the
@@ -106,7 +107,9 @@ def _check_labels(y, n: int, need_both: bool = True) -> torch.Tensor:
 
 
 class BitsetMLPClassifier:
-    """The paper's shallow network on activation bits: dense layers with ReLU and dropout.
+    """A shallow network on activation bits, in the paper's spirit: dense layers with ReLU and
+    dropout (widths, dropout, AdamW, class weights and early stopping are this implementation's
+    choices, not the paper's).
 
     Args:
         hidden: widths of the hidden layers (``()`` gives logistic regression).

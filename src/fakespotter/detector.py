@@ -112,7 +112,8 @@ class FakeSpotter:
         layers: monitored layers (default: the backbone's: every post-ReLU output + descriptor).
         granularity: ``"channel"`` (default) or ``"element"`` neurons.
         threshold_mode: ``"per_layer"`` (paper Eq. 1, default) or ``"per_neuron"``.
-        classifier: ``"mlp"`` (the paper's shallow network, default) or ``"logistic"``.
+        classifier: ``"mlp"`` (a shallow network on the activation bits, as the paper's; its size
+            and training are this implementation's choices; default) or ``"logistic"``.
         hidden: hidden layer widths of the shallow network (default (16, 16); the first layer
             runs on packed bits, and its width sets the cost of scoring: see benchmarks/RESULTS.md).
         target_fpr: false-positive rate the operating threshold is picked for on the
@@ -425,8 +426,9 @@ class FakeSpotter:
         else:
             f = self._image_features(X)
             rows, index = f.rows, f.image_index
-        w = self.classifier_.first_layer_weight().abs().sum(dim=0)
-        share = torch.stack([w[s.word_offset * 64 : (s.word_offset + s.words) * 64].sum() for s in self.tap_.layout.layers])
+        w = self.classifier_.first_layer_weight().abs().sum(dim=0)  # (columns of each layer's real features:
+        share = torch.stack([w[s.word_offset * 64 : s.word_offset * 64 + s.features].sum()  # its padding bits are
+                             for s in self.tap_.layout.layers])  # always 0, their weights untrained)
         share = share / share.sum().clamp_min(1e-30)
         out = {"layers": list(self.tap_.layers), "mnc": self.tap_.mnc(rows), "layer_weight_share": share}
         if index is not None:
