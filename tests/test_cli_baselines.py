@@ -323,3 +323,22 @@ def test_files_whose_bytes_the_manifest_does_not_list_are_refused(setup, tmp_pat
     (ds / "fake" / "006.jpg").write_bytes(a)  # a val file: train validates on it
     rc, _, err = run_cli(["train", "--manifest", ds, "--out", tmp_path / "m.fsm", "--quiet"], capsys)
     assert rc == 2 and "1 file(s) of split 'val' (validation) differ" in err and "fake/006.jpg" in err, err
+
+
+def test_a_model_with_its_own_augmenter_refuses_only_the_ablations(setup, tmp_path, capsys):
+    """The fs-* ablations repeat the model's augmentation; one the file cannot describe (a user's
+    callable) rules them out, before any work, and only them."""
+    from fakespotter.detector import FakeSpotter
+
+    def flip(chips, stream):
+        return chips[:, :, ::-1].copy()
+
+    x, y = setup["x"], setup["y"]
+    model = tmp_path / "flip.fsm"
+    FakeSpotter(aligned=True, hidden=(4,), max_epochs=3).fit(x[y == 0], x[y == 1], augment=flip).save(model)
+    rc, _, err = run_cli(["evaluate", model, "--manifest", setup["manifest"], "--baselines", "fs-element", "--out-dir",
+                          tmp_path / "a", "--bootstrap", "0", "--no-plots", "--quiet"], capsys)
+    assert rc == 2 and "augmentation 'flip'" in err and "fs-*" in err, err
+    rc, _, err = run_cli(["evaluate", model, "--manifest", setup["manifest"], "--baselines", "spectrum", "--out-dir",
+                          tmp_path / "b", "--bootstrap", "0", "--no-plots", "--quiet"], capsys)
+    assert rc == 0, err

