@@ -456,6 +456,39 @@ def test_chip_views_path_arrays_and_misfit_rows(fitted, tmp_path):
         det.decision_function(det.rows(real[:2]).to(torch.int32))
 
 
+def test_a_generator_of_images_is_scored_as_it_is_read(fitted, monkeypatch):
+    """A generator of images is not listed first: the first batch of chips is scored before the
+    generator has given more than one batch of images (a video's frames, a corpus of arrays),
+    and the scores, rows and explanations equal those of the same images in a list. An error
+    names the image's index in the generator."""
+    det = FakeSpotter.load(fitted[1])
+    det.aligned, det.batch_size = True, 2
+    frames = list(fitted[2][:5].numpy())  # [H, W, 3] arrays, taken as aligned chips
+    read, read_at_scoring = [0], []
+
+    def gen(items):
+        for x in items:
+            read[0] += 1
+            yield x
+
+    score = det.classifier_.decision_function
+    monkeypatch.setattr(det.classifier_, "decision_function",
+                        lambda rows: (read_at_scoring.append(read[0]), score(rows))[1])
+    s = det.decision_function(gen(frames))
+    assert read_at_scoring == [2, 4, 5] and s.shape == (5,)
+    monkeypatch.undo()
+    assert torch.equal(s, det.decision_function(frames))
+    assert torch.equal(det.rows(gen(frames)), det.rows(frames))
+    assert list(det.predict(gen(frames))) == list(det.predict(frames))
+    e, want = det.explain(gen(frames)), det.explain(frames)
+    assert torch.equal(e["mnc"], want["mnc"]) and e["image_index"].tolist() == want["image_index"].tolist() == [0, 1, 2, 3, 4]
+    assert fakespotter.features(gen(frames), det.tap_, aligned=True).image_index.tolist() == [0, 1, 2, 3, 4]
+    assert fakespotter.chips(gen(frames), aligned=True).array.shape == (5, 150, 150, 3)
+    assert det.decision_function(gen([])).shape == (0,)
+    with pytest.raises(ValueError, match=r"image 2 \(ndarray\): .*"):
+        det.decision_function(gen(frames[:2] + [np.zeros((4, 4, 3), np.uint8)]))
+
+
 def test_rows_as_numpy_and_explain_on_images(fitted, tmp_path):
     from PIL import Image
 

@@ -41,7 +41,8 @@ from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
-from .features import _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips, rows_tensor
+from .features import (FaceRows, _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips,
+                       rows_tensor)
 from .taps import Tap
 
 __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model",
@@ -367,14 +368,14 @@ class FakeSpotter:
         self._check_fitted()
         if _is_chip_batch(X):
             return self._chip_rows(X, "rows")
-        return self._image_features(X).rows
+        return self._face_rows(X).collect().rows
 
     def _chip_rows(self, X: Any, what: str) -> torch.Tensor:
         X = _checked_chips(X, self.tap_, what, self.batch_size)
         return features(X, self.tap_, batch_size=self.batch_size).rows  # float32 a batch at a time
 
-    def _image_features(self, images: Any) -> Any:
-        return features(as_image_list(images), self.tap_, aligned=self.aligned, batch_size=self.batch_size,
+    def _face_rows(self, images: Any) -> FaceRows:
+        return FaceRows(images, self.tap_, aligned=self.aligned, batch_size=self.batch_size,
                         upsample=self.upsample, weak_face_score=self.weak_face_score,
                         detect_pixels=self.detect_pixels)
 
@@ -392,13 +393,12 @@ class FakeSpotter:
             return self.classifier_.decision_function(rows_tensor(X))
         if _is_chip_batch(X):
             return self.classifier_.decision_function(self._chip_rows(X, what))
-        images = as_image_list(X)
-        f = self._image_features(images)
-        per_face = (self.classifier_.decision_function(f.rows) if len(f)
-                    else torch.zeros(0, dtype=torch.float32))
-        out = torch.full((len(images),), float("nan"), dtype=torch.float32)
-        for i, s in zip(f.image_index.tolist(), per_face.tolist()):
-            out[i] = s if math.isnan(out[i]) else max(float(out[i]), s)
+        face_rows = self._face_rows(X)
+        scored = [(i, self.classifier_.decision_function(rows)) for i, _, rows in face_rows]  # (a batch at a time:
+        out = torch.full((face_rows.images,), float("nan"), dtype=torch.float32)  # no images nor rows kept)
+        for index, per_face in scored:
+            for i, s in zip(index.tolist(), per_face.tolist()):
+                out[i] = s if math.isnan(out[i]) else max(float(out[i]), s)
         return out
 
     def predict_proba(self, X: Any) -> torch.Tensor:
@@ -424,7 +424,7 @@ class FakeSpotter:
         elif _is_chip_batch(X):
             rows = self._chip_rows(X, "explain")
         else:
-            f = self._image_features(X)
+            f = self._face_rows(X).collect()
             rows, index = f.rows, f.image_index
         w = self.classifier_.first_layer_weight().abs().sum(dim=0)  # (columns of each layer's real features:
         share = torch.stack([w[s.word_offset * 64 : s.word_offset * 64 + s.features].sum()  # its padding bits are

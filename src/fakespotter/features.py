@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,14 +68,21 @@ def _is_chip_batch(x: Any) -> bool:
 def as_image_list(images: Any) -> List[Any]:
     """``images`` as a list of images: one image (a path, encoded bytes, a PIL image or an
     ``[H, W]`` / ``[H, W, C]`` array) becomes a list of one; any other iterable is listed."""
+    return list(image_iterable(images)[0])
+
+
+def image_iterable(images: Any) -> Tuple[Iterable[Any], bool]:
+    """(images, alone): one image as a list of one, a sequence as it is, any other iterable (a
+    generator) as an iterator, read as it is consumed; ``alone``: one image, or a sequence of one
+    (its errors then name no index). Refuses what is neither an image nor a sequence of them."""
     from PIL import Image
 
     if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)):
-        return [images]
+        return [images], True
     if isinstance(images, np.ndarray) and images.ndim in (2, 3):
-        return [images]
+        return [images], True
     if isinstance(images, np.ndarray) and images.ndim == 1 and images.dtype.kind in "UO":
-        return images.tolist()  # paths, e.g. a DataFrame column's .values
+        images = images.tolist()  # paths, e.g. a DataFrame column's .values
     if isinstance(images, Tensor) and images.dim() == 2 and images.dtype not in (torch.uint8, torch.bool) and not images.is_floating_point():
         raise TypeError(f"images: a 2-d {str(images.dtype).replace('torch.', '')} tensor is neither images nor "
                         f"packed rows: packed rows are int64 [N, words]")
@@ -92,8 +99,10 @@ def as_image_list(images: Any) -> List[Any]:
     if callable(getattr(images, "read", None)):  # (iterating one gives its lines, each taken as an image)
         raise TypeError(f"images: a file object ({type(images).__name__}) is not taken: pass its bytes "
                         f"(f.read()) or the file's path")
+    if isinstance(images, Sequence) or (hasattr(images, "__len__") and hasattr(images, "__getitem__")):
+        return images, len(images) == 1  # (a list, a tuple, a pandas Series of paths)
     try:
-        return list(images)
+        return iter(images), False
     except TypeError:
         raise TypeError(f"images: expected an image (path, bytes, PIL image, array) or a sequence of them, "
                         f"got {type(images).__name__}") from None
@@ -164,8 +173,10 @@ def _square_size(tap_or_size: Any) -> int:
     return int(size[0])
 
 
-def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, weak_face_score: float,
-                detect_pixels: int) -> Iterator[Tuple[int, int, np.ndarray, Any]]:
+def _iter_chips(images: Iterable[Any], alone: bool, size: int, aligned: bool, upsample: int,
+                weak_face_score: float, detect_pixels: int) -> Iterator[Tuple[int, int, np.ndarray, Any]]:
+    """(image index, face index, chip, face) of every face, image by image; an image without
+    faces yields (index, -1, None, None), so that every image is counted as it is read."""
     from . import faces
     from .weights import WeightsError
 
@@ -178,7 +189,7 @@ def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, 
                                                                      weak_face_score=weak_face_score,
                                                                      detect_pixels=detect_pixels)]
         except (ValueError, TypeError, OSError) as e:  # name the image when it is one of many
-            if len(images) == 1 or isinstance(e, WeightsError):  # a missing model is no image's fault
+            if alone or isinstance(e, WeightsError):  # a missing model is no image's fault
                 raise
             name = image if isinstance(image, (str, os.PathLike)) else type(image).__name__
             if isinstance(e, OSError) and e.errno is not None:  # FileNotFoundError, ...: same class, plus the index
@@ -186,11 +197,14 @@ def _iter_chips(images: Sequence[Any], size: int, aligned: bool, upsample: int, 
             raise type(e)(f"image {i} ({name}): {e}") from e
         for j, (chip, face) in enumerate(found):
             yield i, j, chip, face
+        if not found:
+            yield i, -1, None, None
 
 
-def chips(images: Sequence[Any], aligned: bool = False, size: Any = 150, upsample: int = 1,
+def chips(images: Any, aligned: bool = False, size: Any = 150, upsample: int = 1,
           weak_face_score: float = WEAK_FACE_SCORE, detect_pixels: int = DETECT_PIXELS) -> Chips:
-    """Face chips of ``images`` (paths, PIL images or arrays; anything ``faces.load_image`` takes).
+    """Face chips of ``images`` (paths, PIL images or arrays; anything ``faces.load_image`` takes;
+    a generator is read as the chips are made, one image at a time).
 
     aligned=False: every detected face becomes a chip (dlib 5-point alignment, padding 0.25;
     weak detections beside a face scoring ``weak_face_score`` or more are dropped, see
@@ -198,15 +212,61 @@ def chips(images: Sequence[Any], aligned: bool = False, size: Any = 150, upsampl
     aligned=True: each image is one already-aligned chip, only resized. ``size`` is an int or a
     Tap (its input size).
     """
-    images = as_image_list(images)
     s = _square_size(size)
-    found = list(_iter_chips(images, s, aligned, upsample, weak_face_score, detect_pixels))
+    found = [x for x in _iter_chips(*image_iterable(images), s, aligned, upsample, weak_face_score, detect_pixels)
+             if x[2] is not None]
     array = (np.stack([c for _, _, c, _ in found]) if found
              else np.zeros((0, s, s, 3), dtype=np.uint8))
     return Chips(array=array,
                  image_index=np.array([i for i, _, _, _ in found], dtype=np.int64),
                  face_index=np.array([j for _, j, _, _ in found], dtype=np.int64),
                  faces=[f for _, _, _, f in found])
+
+
+class FaceRows:
+    """The packed rows of the faces of ``images``, computed a batch of ``batch_size`` chips at a
+    time as the images are read (a generator is never listed): iterating gives (image index
+    [k], face index [k], rows int64 [k, words]) per batch; afterwards ``images`` is the number
+    of images read and ``without_faces`` the indices of those without a face."""
+
+    def __init__(self, images: Any, tap: Tap, aligned: bool = False, batch_size: int = 64, upsample: int = 1,
+                 weak_face_score: float = WEAK_FACE_SCORE, detect_pixels: int = DETECT_PIXELS):
+        _check_tap_and_batch_size(tap, batch_size)
+        self._chips = _iter_chips(*image_iterable(images), _square_size(tap), aligned, upsample,
+                                  weak_face_score, detect_pixels)
+        self._tap, self._batch_size = tap, int(batch_size)
+        self.images = 0
+        self.without_faces: List[int] = []
+
+    def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray, Tensor]]:
+        pending: List[Tuple[int, int, np.ndarray]] = []
+        for i, j, chip, _ in self._chips:
+            self.images = i + 1
+            if chip is None:
+                self.without_faces.append(i)
+                continue
+            pending.append((i, j, chip))
+            if len(pending) == self._batch_size:
+                yield self._rows(pending)
+                pending = []
+        if pending:
+            yield self._rows(pending)
+
+    def collect(self) -> Features:
+        """All the rows, as :class:`Features`."""
+        batches = list(self)
+        none = [np.zeros(0, np.int64)]
+        return Features(rows=_cat_rows([r for _, _, r in batches], self._tap),
+                        image_index=np.concatenate([i for i, _, _ in batches] or none),
+                        face_index=np.concatenate([j for _, j, _ in batches] or none),
+                        images_without_faces=self.without_faces)
+
+    def _rows(self, pending: List[Tuple[int, int, np.ndarray]]) -> Tuple[np.ndarray, np.ndarray, Tensor]:
+        x = prepare_chips(np.stack([c for _, _, c in pending]), self._tap)
+        with torch.no_grad(), exact_float32():
+            rows = self._tap(self._tap.prepare(x))
+        return (np.array([i for i, _, _ in pending], dtype=np.int64),
+                np.array([j for _, j, _ in pending], dtype=np.int64), rows)
 
 
 def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: int = 64,
@@ -216,53 +276,35 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
 
     images_or_chips: a chip batch (4-d array or tensor, see the module docstring), or a sequence
         of images (one image alone is accepted too); images are turned into chips as
-        :func:`chips` does, streaming, so only one batch of chips is held at a time.
+        :func:`chips` does, streaming: one batch of chips is held at a time, and a generator
+        of images is read as it goes.
     Returns :class:`Features`: rows int64 [M, tap.layout.total_words] plus the image / face
     index of each row.
     """
+    if not _is_chip_batch(images_or_chips):
+        return FaceRows(images_or_chips, tap, aligned, batch_size, upsample, weak_face_score, detect_pixels).collect()
+    _check_tap_and_batch_size(tap, batch_size)
+    out: List[Tensor] = []
+    n = int(images_or_chips.shape[0])
+    with torch.no_grad(), exact_float32():
+        for start in range(0, max(n, 1), batch_size):  # float32 on the device one batch at a time
+            x = prepare_chips(images_or_chips[start:start + batch_size], tap)
+            if x.shape[0]:
+                out.append(tap(tap.prepare(x)))
+    return Features(rows=_cat_rows(out, tap), image_index=np.arange(n, dtype=np.int64),
+                    face_index=np.zeros(n, dtype=np.int64))
+
+
+def _check_tap_and_batch_size(tap: Any, batch_size: Any) -> None:
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"features: batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(tap, Tap):
         raise TypeError(f"features: tap must be a Tap, got {type(tap).__name__}")
-    out: List[Tensor] = []
-    if _is_chip_batch(images_or_chips):
-        n = int(images_or_chips.shape[0])
-        with torch.no_grad(), exact_float32():
-            for start in range(0, max(n, 1), batch_size):  # float32 on the device one batch at a time
-                x = prepare_chips(images_or_chips[start:start + batch_size], tap)
-                if x.shape[0]:
-                    out.append(tap(tap.prepare(x)))
-        rows = torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64,
-                                                      device=tap.thresholds.device)
-        return Features(rows=rows, image_index=np.arange(n, dtype=np.int64),
-                        face_index=np.zeros(n, dtype=np.int64))
-    images = images_or_chips
-    images = as_image_list(images)
-    size = _square_size(tap)
-    image_index: List[int] = []
-    face_index: List[int] = []
-    pending: List[np.ndarray] = []
 
-    def flush() -> None:
-        if pending:
-            x = prepare_chips(np.stack(pending), tap)
-            with torch.no_grad(), exact_float32():
-                out.append(tap(tap.prepare(x)))
-            pending.clear()
 
-    for i, j, chip, _ in _iter_chips(images, size, aligned, upsample, weak_face_score, detect_pixels):
-        image_index.append(i)
-        face_index.append(j)
-        pending.append(chip)
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    rows = torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64,
+def _cat_rows(out: List[Tensor], tap: Tap) -> Tensor:
+    return torch.cat(out) if out else torch.zeros((0, tap.layout.total_words), dtype=torch.int64,
                                                   device=tap.thresholds.device)
-    seen = set(image_index)
-    return Features(rows=rows, image_index=np.array(image_index, dtype=np.int64),
-                    face_index=np.array(face_index, dtype=np.int64),
-                    images_without_faces=[i for i in range(len(images)) if i not in seen])
 
 
 def mnc(rows: Any, tap: Tap) -> Tensor:
