@@ -420,8 +420,14 @@ def test_cli_check_of_a_hand_made_manifest(small, tmp_path, capsys):
     write_manifest(rows, copy)
     assert main(["data", "check", str(copy)]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["confounds"]["error"].startswith("not computed: ")
+    assert json.loads(captured.out)["confounds"]["error"] == f"not computed: {copy / victim.file}: not a JPEG " \
+        "(the confound report reads every chip as a JPEG)"
     assert "fakespotter data check: confound report not computed: " in captured.err
+    (copy / victim.file).write_bytes(b"not an image at all")  # undecodable: named too, not Pillow's BytesIO
+    rows = [r if r is not victim else dataclasses.replace(r, sha256=file_sha256(copy / r.file)) for r in manifest.rows]
+    write_manifest(rows, copy)
+    assert main(["data", "check", str(copy)]) == 0
+    assert f"confound report not computed: {copy / victim.file}: cannot identify image file" in capsys.readouterr().err
     write_manifest([], copy)
     assert main(["data", "check", str(copy)]) == 1
     assert "the manifest lists no files" in capsys.readouterr().err

@@ -1104,9 +1104,13 @@ def confound_report(manifest: Manifest) -> Dict[str, object]:
     for row in manifest.rows:
         path = manifest.path(row)
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-        feats.append([w, h, len(data), jpeg_quality(data)])
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+            feats.append([w, h, len(data), jpeg_quality(data)])
+        except (OSError, ValueError) as e:  # (Pillow names a BytesIO, not the file)
+            raise ValueError(f"{path}: {'not a JPEG' if isinstance(e, ValueError) else 'cannot identify image file'}"
+                             f" (the confound report reads every chip as a JPEG)") from e
         labels.append(int(row.is_fake))
         types.append(row.fake_type)
         generators.append(row.generator)
