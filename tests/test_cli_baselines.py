@@ -207,6 +207,11 @@ def test_manifest_usage_errors(setup, tmp_path, capsys, cmd):
              r"--fake: .*fake_nope does not exist"),
             (["--real", real_dir, "--fake", root / "ds" / "fake", "--baselines", "spectrum"],
              r"--baselines without a manifest needs training images: --train-real DIR\.\.\. and --train-fake DIR\.\.\."),
+            (["--real", real_dir, "--fake", root / "ds" / "fake", "--train-real", real_dir],
+             r"--train-real/--train-fake are the training images of --baselines " +
+             ("or --train-augment " if cmd == "robustness" else "") + "without a manifest$"),
+            (["--manifest", manifest, "--baselines", "spectrum", "--train-fake", real_dir],
+             r"with --manifest the training images are its train split; drop --train-real/--train-fake$"),
         ]
     else:
         cases += [(["--manifest", no_test, "--split", "test"], r"split 'test' \(training\) has no rows")]
