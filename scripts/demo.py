@@ -16,6 +16,7 @@ the README's model card gives held-out test numbers.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -41,34 +42,74 @@ def copy_reals(folder: Path, paths) -> None:
         shutil.copyfile(p, folder / p.name)
 
 
+MARKER = ".built"  # what the demo wrote: {"corpus": N, "files": [the corpus's files]}
+BUILDING = ".corpus.tmp"  # a corpus being built: renamed to corpus/ once complete
+OURS = {MARKER, BUILDING, "corpus", "scan.jsonl", "scan.jsonl.stats.json"}
+
+
+def _files(folder: Path) -> list:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
 def build(work: Path, n_corpus: int) -> None:
-    """Build the corpus in ``work``: a folder this script made (it holds ``.built``) is rebuilt
-    when ``n_corpus`` changed; any other folder that is not empty is refused, never wiped."""
-    marker = work / ".built"
-    if marker.exists() and marker.read_text() == f"corpus {n_corpus}":
+    """Build the corpus in ``work/corpus`` (made in ``work/.corpus.tmp`` and renamed when complete,
+    so an interrupted build is simply redone). A corpus of the same size is kept, with any files
+    added to it; another size replaces it, unless files the demo did not write are there (they
+    are named, never deleted). A folder the demo did not make, and not empty, is refused."""
+    marker = work / MARKER
+    try:
+        built = json.loads(marker.read_text())
+    except (OSError, ValueError):  # (none, or an older demo's "corpus N": its files were all its own)
+        old = marker.read_text().split() if marker.is_file() else []
+        built = ({"corpus": int(old[1]), "files": _files(work / "corpus")}
+                 if len(old) == 2 and old[0] == "corpus" and old[1].isdigit() and (work / "corpus").is_dir() else None)
+    built = built if isinstance(built, dict) else None
+    if built is not None and built.get("corpus") == n_corpus and (work / "corpus").is_dir():
         return
+    if work.exists() and not work.is_dir():
+        raise SystemExit(f"demo: --work {work} is a file; give a new or empty folder")
     if work.exists():
-        if not work.is_dir() or (not marker.exists() and any(work.iterdir())):
-            raise SystemExit(f"demo: --work {work} exists and is not a demo folder (no .built marker); "
-                             f"give a new or empty folder, the demo replaces its contents")
-        shutil.rmtree(work)
-    corpus = work / "corpus"
-    copy_reals(corpus / "real", samples.real_headshots()[:n_corpus])
-    write_renders(corpus / "fake", n_corpus, seed=DEMO_SEED)
-    copy_reals(corpus / "photos", [weights.sample_photo_path(n) for n in ("obama.jpg", "obama2.jpg", "biden.jpg")])
-    broken = corpus / "broken"
+        others = sorted(p.name for p in work.iterdir() if p.name not in OURS)
+        if built is None and (others or (work / "corpus").exists() or (work / "scan.jsonl").exists()):
+            raise SystemExit(f"demo: --work {work} exists and is not a demo folder (no {MARKER} marker); "
+                             f"give a new or empty folder")
+        corpus = work / "corpus"
+        added = [f for f in _files(corpus) if f not in set(built.get("files", ()))] if corpus.is_dir() else []
+        if others or added:
+            raise SystemExit(f"demo: --work {work} holds files the demo did not write "
+                             f"({', '.join((others + ['corpus/' + f for f in added])[:5])}"
+                             f"{', ...' if len(others) + len(added) > 5 else ''}), and --corpus {n_corpus} "
+                             f"rebuilds its corpus: move them away, or give another --work")
+    tmp = work / BUILDING
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted build's
+    copy_reals(tmp / "real", samples.real_headshots()[:n_corpus])
+    write_renders(tmp / "fake", n_corpus, seed=DEMO_SEED)
+    copy_reals(tmp / "photos", [weights.sample_photo_path(n) for n in ("obama.jpg", "obama2.jpg", "biden.jpg")])
+    broken = tmp / "broken"
     broken.mkdir()
     (broken / "empty.jpg").write_bytes(b"")
     (broken / "truncated.jpg").write_bytes(weights.sample_photo_path("biden.jpg").read_bytes()[:2000])
-    marker.write_text(f"corpus {n_corpus}")
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(work / "corpus", ignore_errors=True)  # (the demo's own files: checked above)
+    tmp.rename(work / "corpus")
+    marker.write_text(json.dumps({"corpus": n_corpus, "files": _files(work / "corpus")}) + "\n")
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=".demo",
                         help="working folder, made and owned by the demo: a folder holding anything else is "
-                             "refused (default: %(default)s)")
-    parser.add_argument("--corpus", type=int, default=30, help="images per class in the corpus (default: %(default)s)")
+                             "refused, and files added to its corpus are scanned too, never deleted "
+                             "(default: %(default)s)")
+    parser.add_argument("--corpus", type=_positive, default=30,
+                        help="real headshots and DCGAN renders in the corpus, each (default: %(default)s)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     build(work, args.corpus)

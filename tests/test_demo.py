@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from fakespotter.artifact import file_sha256
 from fakespotter.cli.scan import DEFAULT_MODEL_NOTE
 from fakespotter.detector import default_model_path
@@ -40,3 +42,41 @@ def test_demo_never_wipes_a_folder_it_did_not_make(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "is not a demo folder" in result.stderr, result.stderr
     assert (mine / "important.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["important.txt"]
+
+
+def test_demo_rebuilds_its_own_corpus_but_never_a_file_added_to_it(tmp_path, monkeypatch):
+    """Another --corpus rebuilds the corpus the demo wrote; a file the user added to it (or
+    beside it) is named and the rebuild refused, nothing deleted; an interrupted build (its
+    half-made folder) is redone, not refused; --corpus below 1 is a usage error."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import demo
+
+    work = tmp_path / "demo"
+    demo.build(work, 2)
+    corpus = work / "corpus"
+    assert sorted(p.parent.name for p in corpus.rglob("*.*")).count("real") == 2
+    demo.build(work, 3)  # its own files only: rebuilt
+    assert len(list((corpus / "real").iterdir())) == 3 and not (work / demo.BUILDING).exists()
+    (corpus / "real" / "mine.png").write_bytes(b"my own image")
+    demo.build(work, 3)  # the same size: kept, the added file with it (the scan takes it)
+    with pytest.raises(SystemExit, match=r"holds files the demo did not write \(corpus/real/mine\.png\)"):
+        demo.build(work, 2)
+    assert (corpus / "real" / "mine.png").read_bytes() == b"my own image" and len(list((corpus / "real").iterdir())) == 4
+    (corpus / "real" / "mine.png").unlink()
+    (work / "notes.md").write_text("mine")
+    with pytest.raises(SystemExit, match=r"holds files the demo did not write \(notes\.md\)"):
+        demo.build(work, 2)
+    # a first build stopped half-way (Ctrl-C): only the half-made folder is there
+    half = tmp_path / "half"
+    (half / demo.BUILDING / "real").mkdir(parents=True)
+    (half / demo.BUILDING / "real" / "x.jpg").write_bytes(b"partial")
+    demo.build(half, 1)
+    assert sorted(p.name for p in half.iterdir()) == [demo.MARKER, "corpus"]
+    # a folder of an older demo (marker "corpus N") is still the demo's
+    (half / demo.MARKER).write_text("corpus 1")
+    demo.build(half, 2)
+    assert len(list((half / "corpus" / "real").iterdir())) == 2
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--work", str(tmp_path / "neg"),
+                             "--corpus", "-3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--corpus: must be at least 1, got -3" in result.stderr
+    assert not (tmp_path / "neg").exists()
