@@ -903,10 +903,10 @@ def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(
     assert run.stderr.strip() == (f"fakespotter scan: error: writing {out}: File too large: the records written "
                                   f"before stay; free space (or raise the file size limit) and rerun with --resume")
     stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
-    written = [json.loads(line) for line in out.read_bytes().split(b"\n")[:-1]]  # complete lines
+    written = [json.loads(line) for line in out.read_text().splitlines()]  # the torn line was cut: all whole
     assert stats["complete"] is False and stats["images"] == sum(stats["counts"].values())
     # the stats count the lines that reached the file whole, of the group whose write failed too
-    assert stats["images"] == len(written) > 0 and out.read_bytes()[-1:] != b"\n"
+    assert stats["images"] == len(written) > 0 and out.read_bytes().endswith(b"\n")
     assert stats["output_counts"] == {s: sum(r["status"] == s for r in written) for s in stats["counts"]}
     run = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert run.returncode == 1, run.stderr  # broken.png and empty.jpg are error records
@@ -917,6 +917,31 @@ def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(
     assert run.returncode == 3 and run.stderr == "fakespotter scan: error: writing stdout: No space left on device\n"
     run = subprocess.run(cmd[:-3] + ["--out", "/proc/none.jsonl"], capture_output=True, text=True)
     assert run.returncode == 2 and "cannot create /proc/none.jsonl: No such file or directory" in run.stderr
+
+
+def test_a_stats_file_that_cannot_be_written_is_named_not_the_records(corpus, model, tmp_path, capsys, monkeypatch):
+    """Every record written, only the final stats write failing (a disk that filled up just
+    then): exit 3 naming the stats file and saying the records are complete; --resume writes it."""
+    S = sys.modules["fakespotter.scan"]  # (the package's `scan` is the function)
+
+    out = tmp_path / "o.jsonl"
+    real = S.write_stats
+
+    def full_at_the_end(path, stats):
+        if stats.get("complete"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, stats)
+
+    monkeypatch.setattr(S, "write_stats", full_at_the_end)
+    args = ["scan", str(corpus), "--model", str(model), "--aligned", "--workers", "0", "--out", str(out), "--quiet"]
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 3 and err == (f"fakespotter scan: error: writing {out}.stats.json: No space left on device: every "
+                               f"record is in {out}, but the stats file is not; free space and rerun with --resume "
+                               f"to write it\n")
+    monkeypatch.setattr(S, "write_stats", real)
+    assert run_cli(args + ["--resume"], capsys)[0] == 1  # (broken.png and empty.jpg are error records)
+    assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is True
+    assert jsonl(out) == list(scan([str(corpus)], model, aligned=True, workers=0))
 
 
 def test_a_parquet_part_that_cannot_be_written_is_not_left_as_a_part(model, tmp_path):

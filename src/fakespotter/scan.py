@@ -1632,12 +1632,24 @@ class RecordWriter:
             return
         lines = [_line(r, self.fmt).encode("utf-8", "surrogateescape") for r in records]
         written = sum(map(len, lines))
+        start = os.lseek(self._fd, 0, os.SEEK_CUR)
         try:
             self._put(b"".join(lines))
             os.fsync(self._fd)
         except BaseException as e:
             self._failed = True
             written = getattr(e, "written", written)  # (fsync failed: every line reached the file)
+            whole = 0
+            for line in lines:
+                if whole + len(line) > written:
+                    break
+                whole += len(line)
+            if whole < written:  # a torn line (a full disk, a file size limit): cut, so that the file stays
+                try:  # readable as it is (cutting needs no room); --resume would cut it too
+                    os.ftruncate(self._fd, start + whole)
+                    os.fsync(self._fd)
+                except OSError:
+                    pass
             raise
         finally:
             for r, line in zip(records, lines):

@@ -94,7 +94,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out, emptied as the scan starts (default: refuse)")
     p.add_argument("--fail-fast", action="store_true",
                    help="stop once the batch that holds the first error record is written (default: go on; "
                         "local engine)")
@@ -550,6 +550,7 @@ def run(args: argparse.Namespace) -> int:
         threading.Thread(target=_count_inputs, args=(args.paths, args.limit, resumed, progress), daemon=True).start()
     complete = False
     failed: Optional[OSError] = None  # writing the output (disk full, file too large, I/O error)
+    stats_failed = False  # only the stats file could not be written
     try:
         for group in run_.batches():
             try:
@@ -584,6 +585,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 write_stats(stats_path, stats(complete and failed is None))
             except OSError as e:
+                stats_failed = failed is None
                 failed = failed or e
     if failed is not None:
         if out is None:  # what is still buffered would fail again at exit
@@ -594,7 +596,13 @@ def run(args: argparse.Namespace) -> int:
                 return 0
         then = "" if out is None else (": the records written before stay; free space (or raise the file size "
                                        "limit) and rerun with --resume")
-        print(f"fakespotter scan: error: writing {out or 'stdout'}: {failed.strerror or failed}{then}",
+        what = out or "stdout"
+        if stats_failed:  # the records are all there: only the stats file is behind
+            what = stats_path
+            if complete:
+                then = (f": every record is in {out}, but the stats file is not; free space and rerun with "
+                        f"--resume to write it")
+        print(f"fakespotter scan: error: writing {what}: {failed.strerror or failed}{then}",
               file=sys.stderr)
         return 3
     if not args.quiet:
