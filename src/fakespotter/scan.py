@@ -466,6 +466,24 @@ def _signals_held() -> Iterator[None]:
             held[caught[0]](caught[0], None)  # raises KeyboardInterrupt / the CLI's Terminated
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs: not gone, and not a zombie (a scan killed with SIGKILL
+    stays one until its own parent reaps it, which a caller blocked reading the scan's stderr,
+    held open by the workers, never does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]  # (the name, in parentheses, may hold spaces)
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill alone
+    return state not in (b"Z", b"X")
+
+
 def _worker_init(parent: int, started: Any = None) -> None:
     """In each decode worker: Ctrl-C (sent to the whole process group) is the parent's to handle:
     it stops the pool, and a worker dying of it mid-task could hang that; a worker whose parent
@@ -485,14 +503,8 @@ def _worker_init(parent: int, started: Any = None) -> None:
     def watch() -> None:
         while True:
             time.sleep(1.0)
-            if os.getppid() != server:
+            if os.getppid() != server or not _alive(parent):
                 os._exit(1)
-            try:
-                os.kill(parent, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            except OSError:
-                pass
 
     threading.Thread(target=watch, name="fakespotter-parent-watch", daemon=True).start()
 
