@@ -272,6 +272,30 @@ def test_train_splits_each_class_on_its_own_images(corpus, tmp_path, capsys):
         assert rc == 0, (seed, err)
 
 
+def test_train_says_the_model_was_written_when_its_report_could_not_be(corpus, tmp_path, capsys, monkeypatch):
+    """A full disk under --report after the model was written: exit 3, the model named as
+    written, and an earlier report under that name called an earlier one, not this model's."""
+    import errno
+
+    import fakespotter._atomic as atomic
+
+    real, fake = corpus
+    report = tmp_path / "r.json"
+    report.write_text("{}")
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(atomic, "write_atomic", full)
+    rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--hidden", "4",
+                            "--epochs", "2", "--out", str(tmp_path / "m.fsm"), "--report", str(report),
+                            "--overwrite", "--quiet"], capsys)
+    assert rc == 3 and out.startswith(f"wrote {tmp_path / 'm.fsm'}: validation AUC ")
+    assert err == (f"fakespotter train: error: cannot write the report {report}: No space left on device (the file "
+                   f"there is an earlier report, not this model's)\n")
+    assert (tmp_path / "m.fsm").is_file() and report.read_text() == "{}"
+
+
 def test_train_keeps_byte_identical_copies_on_one_side_and_counts_images(corpus, tmp_path, capsys, monkeypatch):
     """Copies inside a class share a group, so the hold-out never validates on a training
     image's copy; the report counts images (and images without a face) as given."""

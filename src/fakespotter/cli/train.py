@@ -18,7 +18,8 @@ The model file keeps the fingerprints of the training and validation images that
 set, makes the same training give the same file, byte for byte.
 
 Exit status: 0; 1 when some images could not be read (they are skipped and named, and the model
-is written); 2 for a usage error (nothing written)."""
+is written); 2 for a usage error (nothing written); 3 when the model or the report could not be
+written (a full disk: an earlier file under that name stays as it was)."""
 
 from __future__ import annotations
 
@@ -282,14 +283,22 @@ def run(args: argparse.Namespace) -> int:
         "training": summary,
         "failures": failures,
     }
+    m = summary["metrics"]
+    op = det.operating_threshold_
+    wrote = (f"wrote {plan['out']}: validation AUC {m['validation_auc']:.3f}; operating threshold "
+             f"{describe_operating_threshold(op)}; {len(failures)} unreadable images")
     if plan["report"] is not None:
         from .._atomic import write_atomic
 
-        write_atomic(plan["report"], json.dumps(report, indent=2) + "\n")
-    m = summary["metrics"]
-    op = det.operating_threshold_
-    print(f"wrote {plan['out']}: validation AUC {m['validation_auc']:.3f}; operating threshold "
-          f"{describe_operating_threshold(op)}; {len(failures)} unreadable images")
+        try:
+            write_atomic(plan["report"], json.dumps(report, indent=2) + "\n")
+        except OSError as e:  # the model is written: say so, and that a report there is an older one
+            print(wrote)
+            older = " (the file there is an earlier report, not this model's)" if Path(plan["report"]).exists() else ""
+            print(f"fakespotter train: error: cannot write the report {plan['report']}: {e.strerror or e}{older}",
+                  file=sys.stderr)
+            return 3
+    print(wrote)
     for f in failures[:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
     return 1 if failures else 0
