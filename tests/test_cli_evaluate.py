@@ -90,6 +90,30 @@ def test_evaluate_end_to_end(setup, tmp_path, capsys):
     assert (out / "metrics.json").read_text() == before
 
 
+def test_a_report_file_that_cannot_be_written_names_the_earlier_runs_files(setup, tmp_path, capsys, monkeypatch):
+    """--overwrite and a full disk at the plots: exit 3; the message names the files this run
+    wrote and those still there from the earlier run (a folder mixing two runs, said so); the
+    table is printed all the same."""
+    import errno
+
+    out = tmp_path / "eval"
+    args = ["evaluate", setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"], "--aligned",
+            "--out-dir", out, "--bootstrap", "0", "--quiet"]
+    assert run_cli(args, capsys)[0] == 0
+    old_roc = (out / "roc.png").read_bytes()
+
+    def full(curves, path, title=""):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ev, "plot_roc", full)
+    rc, stdout, err = run_cli(args + ["--overwrite"], capsys)
+    assert rc == 3 and "| all | all |" in stdout
+    assert err == (f"fakespotter evaluate: error: cannot write {out / 'roc.png'}: No space left on device; written: "
+                   f"{out / 'metrics.json'}, {out / 'metrics.csv'}, {out / 'report.md'}; from an earlier run, not "
+                   f"this one: {out / 'roc.png'}, {out / 'det.png'}\n")
+    assert (out / "roc.png").read_bytes() == old_roc
+
+
 def test_evaluate_counts_images_without_faces_and_unreadable(setup, tmp_path, capsys):
     fake2 = tmp_path / "fake2"
     fake2.mkdir()

@@ -406,6 +406,24 @@ class Progress:
             sys.stderr.flush()
 
 
+def write_each(steps: Sequence[Tuple[Path, Any]], command: str) -> Optional[int]:
+    """Write a command's report files, ``(path, write)`` one after another (each through a
+    temporary name). When one cannot be written (a full disk), say which this run wrote and
+    which files under the other names are an earlier run's, and return exit status 3."""
+    written: List[Path] = []
+    for path, write in steps:
+        try:
+            write()
+        except OSError as e:
+            older = [str(p) for p, _ in steps if p not in written and p.exists()]
+            print(f"fakespotter {command}: error: cannot write {path}: {e.strerror or e}"
+                  + (f"; written: {', '.join(map(str, written))}" if written else "")
+                  + (f"; from an earlier run, not this one: {', '.join(older)}" if older else ""), file=sys.stderr)
+            return 3
+        written.append(path)
+    return None
+
+
 def log(message: str, quiet: bool = False) -> None:
     if not quiet:
         print(message, file=sys.stderr, flush=True)

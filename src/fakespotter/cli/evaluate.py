@@ -40,7 +40,7 @@ from .._atomic import write_atomic
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
 from ._common import (Progress, add_class_sources, check_disjoint, check_listed_bytes, check_once, class_mode,
                       folder_names, has_both_classes, images_of, load_chips, log, manifest_part, model_file,
-                      no_chips_error, open_manifest, usage_error)
+                      no_chips_error, open_manifest, usage_error, write_each)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
@@ -589,20 +589,25 @@ def run(args: argparse.Namespace) -> int:
     out_dir, files = plan["out_dir"], plan["files"]
     out_dir.mkdir(exist_ok=True)
     remove_stale(plan, args.quiet)
-    ev.write_json(report, files["metrics.json"])
-    ev.write_csv(report, files["metrics.csv"])
+    steps = [(files["metrics.json"], lambda: ev.write_json(report, files["metrics.json"])),
+             (files["metrics.csv"], lambda: ev.write_csv(report, files["metrics.csv"]))]
     if multi:
         text = side_by_side_markdown(report)
-        write_atomic(files["report.md"], "# FakeSpotter evaluation, side by side\n\n" + text + "\n"
-                        + "".join(f"- {n}\n" for n in notes))
+        steps.append((files["report.md"], lambda: write_atomic(
+            files["report.md"], "# FakeSpotter evaluation, side by side\n\n" + text + "\n"
+            + "".join(f"- {n}\n" for n in notes))))
     else:
         text = ev.to_markdown(report)
-        ev.write_markdown(report, files["report.md"], title="FakeSpotter evaluation", notes=notes)
+        steps.append((files["report.md"], lambda: ev.write_markdown(report, files["report.md"],
+                                                                     title="FakeSpotter evaluation", notes=notes)))
     if not args.no_plots:
         title = "all images" if multi else "fake = positive"
-        ev.plot_roc(curves, files["roc.png"], title=f"ROC ({title})")
-        ev.plot_det(curves, files["det.png"], title=f"DET ({title})" if multi else "DET")
+        steps += [(files["roc.png"], lambda: ev.plot_roc(curves, files["roc.png"], title=f"ROC ({title})")),
+                  (files["det.png"], lambda: ev.plot_det(curves, files["det.png"],
+                                                         title=f"DET ({title})" if multi else "DET"))]
     print(text, end="")
+    if write_each(steps, "evaluate"):
+        return 3
     print(f"wrote {', '.join(str(f) for f in files.values())}")
     for f in report["failures"][:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)

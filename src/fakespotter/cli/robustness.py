@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import evaluate as ev
 from .._atomic import write_atomic
-from ._common import Progress, log
+from ._common import Progress, log, write_each
 from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, intervals_note, model_info,
                        no_face_caveat, remove_stale, require_both_classes, seen_in_training, train_detectors)
 
@@ -161,19 +161,19 @@ def run(args: argparse.Namespace) -> int:
                          f"{t['train']['fake']} fake chips; ACC@op at logit {about['operating_threshold']:.4g}")
     columns = ["auc", "acc_operating", "tpr_operating", "fpr_operating", "eer"]
     remove_stale(plan, args.quiet)
-    ev.write_json(report, files["robustness.json"])
-    ev.write_csv(report, files["robustness.csv"])
     if multi:
         text = ("## AUC\n\n" + _pivot(rows, names, "auc") + "\n## ACC@op\n\n" + _pivot(rows, names, "acc_operating"))
         full = "".join(f"\n## {n}\n\n" + ev.to_markdown({"rows": [r for r in rows if r["detector"] == n],
                                                             "label_columns": ["attack", "level"]}, columns=columns)
                        for n in names)
-        write_atomic(files["robustness.md"], "# FakeSpotter robustness, side by side\n\n" + text + full + "\n"
-                        + "".join(f"- {n}\n" for n in notes))
+        markdown = "# FakeSpotter robustness, side by side\n\n" + text + full + "\n"
     else:
         text = ev.to_markdown(report, columns=columns)
-        write_atomic(files["robustness.md"], "# FakeSpotter robustness\n\n" + text + "\n"
-                        + "".join(f"- {n}\n" for n in notes))
+        markdown = "# FakeSpotter robustness\n\n" + text + "\n"
+    steps = [(files["robustness.json"], lambda: ev.write_json(report, files["robustness.json"])),
+             (files["robustness.csv"], lambda: ev.write_csv(report, files["robustness.csv"])),
+             (files["robustness.md"], lambda: write_atomic(files["robustness.md"],
+                                                            markdown + "".join(f"- {n}\n" for n in notes)))]
     if not args.no_plots:
         panels = {}
         for a in attacks:
@@ -186,9 +186,12 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     panel.update({"AUC": (xs, [r["auc"] for r in rs]), "ACC@op": (xs, [r["acc_operating"] for r in rs])})
             panels[perturb.DESCRIPTIONS[a]] = panel
-        ev.plot_lines(panels, files["robustness.png"], ylabel="AUC" if multi else "AUC / accuracy",
-                      reference=None if multi else rows[0]["auc"])
+        steps.append((files["robustness.png"], lambda: ev.plot_lines(
+            panels, files["robustness.png"], ylabel="AUC" if multi else "AUC / accuracy",
+            reference=None if multi else rows[0]["auc"])))
     print(text, end="")
+    if write_each(steps, "robustness"):
+        return 3
     print(f"wrote {', '.join(str(f) for f in files.values())}")
     for f in report["failures"][:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
