@@ -108,6 +108,34 @@ def test_unwritable_output(corpus, tmp_path, capsys):
     assert rc == 2 and "is not writable" in err
 
 
+def test_an_output_on_a_read_only_file_system_says_so(corpus, tmp_path, capsys, monkeypatch):
+    """The refusal of an output nobody can write names the reason when it is a read-only mount
+    (os.access and statvfs stand in for one: root writes anywhere else)."""
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, st):
+            self.f_flag = st.f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly(real_statvfs(p)))
+    for args, said in (
+            (["train", "--real", str(corpus[0]), "--fake", str(corpus[1]), "--out", str(tmp_path / "m.fsm")],
+             f"output model {tmp_path / 'm.fsm'} is not writable (a read-only file system)"),
+            (["scan", str(corpus[0]), "--out", str(tmp_path / "o.jsonl")],
+             f"{tmp_path / 'o.jsonl'} is not writable (a read-only file system)"),
+            (["scan", str(corpus[0]), "--out", str(tmp_path / "o.parquet")],
+             f"output {tmp_path / 'o.parquet'} is not writable (a read-only file system)"),
+            (["evaluate", "default", "--real", str(corpus[0]), "--fake", str(corpus[1]), "--out-dir",
+              str(tmp_path / "ev")], f"--out-dir {tmp_path / 'ev'}: cannot write there (a read-only file system)")):
+        rc, out, err = run_cli(args, capsys)
+        assert rc == 2 and said in err, (args, err)
+    monkeypatch.setattr(os, "statvfs", real_statvfs)  # permissions, not the mount: no reason given
+    rc, out, err = run_cli(["train", "--real", str(corpus[0]), "--fake", str(corpus[1]), "--out",
+                            str(tmp_path / "m.fsm")], capsys)
+    assert rc == 2 and err.rstrip().endswith("is not writable")
+
+
 def test_a_full_disk_is_one_line_and_exit_3(corpus, tmp_path):
     """A write that fails for lack of room (here a file size limit) ends any command with one
     line naming the file, exit 3 and no temporary file, not a traceback."""

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -283,7 +284,7 @@ def test_an_interrupted_ray_scan_keeps_and_counts_the_records_it_scored(ray_loca
 
 
 def test_a_ray_scan_whose_shard_write_fails_counts_only_what_it_wrote(ray_local, corpus, model, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, capsys):
     """A full disk: the stats counted every record received, also those of the shard that
     could not be written (the local engine takes a failed group back out too)."""
     import fakespotter.scan_ray as SR
@@ -306,6 +307,10 @@ def test_a_ray_scan_whose_shard_write_fails_counts_only_what_it_wrote(ray_local,
     # the command: a full disk is exit 3, naming the shard, as for the local engine
     assert main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out",
                  str(tmp_path / "o2"), "--batch-size", str(BATCH), "--quiet"]) == 3
+    err = capsys.readouterr().err.splitlines()[-1]  # (Ray's own lines before it)
+    assert re.fullmatch(rf"fakespotter scan: error: cannot write {re.escape(str(tmp_path / 'o2'))}/part-\S+\.jsonl: No "
+                        r"space left on device: the shards written before stay; free space \(or raise the file size "
+                        r"limit\) and rerun with --resume", err), err
     # the stats file, written last, finds the disk full too: the shard's error is still the one said
     writes.clear()
 

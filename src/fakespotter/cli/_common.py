@@ -146,8 +146,17 @@ def writable_output(path: Optional[str], overwrite: bool, what: str, regular_onl
     if not parent.is_dir():
         raise usage_error(f"{what} {p}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise usage_error(f"{what} {p} is not writable")
+        raise usage_error(f"{what} {p} is not writable{why_not_writable(parent)}")
     return p
+
+
+def why_not_writable(folder: Path) -> str:
+    """" (a read-only file system)" when ``folder`` is on one (else "": permissions), for the
+    message that refuses an output there."""
+    try:
+        return " (a read-only file system)" if os.statvfs(folder).f_flag & os.ST_RDONLY else ""
+    except (OSError, AttributeError):
+        return ""
 
 
 def refuse_inputs_as_output(out: Optional[Path], inputs: Iterable[Path], what: str) -> None:

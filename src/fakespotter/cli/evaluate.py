@@ -40,7 +40,7 @@ from .._atomic import write_atomic
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
 from ._common import (Progress, add_class_sources, check_disjoint, check_listed_bytes, check_once, class_mode,
                       folder_names, has_both_classes, images_of, load_chips, log, manifest_part, model_file,
-                      no_chips_error, open_manifest, usage_error, write_each)
+                      no_chips_error, open_manifest, usage_error, why_not_writable, write_each)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
@@ -149,8 +149,9 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         raise usage_error(f"--out-dir {out_dir} is a file, not a folder")
     if not out_dir.exists() and not out_dir.parent.is_dir():
         raise usage_error(f"--out-dir {out_dir}: folder {out_dir.parent} does not exist")
-    if not os.access(out_dir if out_dir.exists() else out_dir.parent, os.W_OK | os.X_OK):
-        raise usage_error(f"--out-dir {out_dir}: cannot write there")
+    where = out_dir if out_dir.exists() else out_dir.parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise usage_error(f"--out-dir {out_dir}: cannot write there{why_not_writable(where)}")
     every = [out_dir / name for name in outputs]
     for f in every:
         if f.exists() and not f.is_file():

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
 from ._common import (Progress, add_detection_args, check_detection_args, detection_from_model, log, model_file,
-                      record_stdout, usage_error, writable_output)
+                      record_stdout, usage_error, why_not_writable, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -306,7 +306,7 @@ def _parquet_output(args) -> Path:
     if not parent.is_dir():
         raise usage_error(f"output {out}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK) or (out.is_dir() and not os.access(out, os.W_OK)):
-        raise usage_error(f"output {out} is not writable")
+        raise usage_error(f"output {out} is not writable{why_not_writable(parent)}")
     if args.overwrite and out.is_dir() and not is_parquet_output(out):
         raise usage_error(f"output {out} is a folder that holds more than a parquet scan's part files; "
                           f"refusing to replace it (give a new folder name)")

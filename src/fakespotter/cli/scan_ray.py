@@ -124,6 +124,14 @@ def run_ray(args: argparse.Namespace) -> int:
                 if any(Path(args.out).glob("part-*")) else "")
         print(f"fakespotter scan: error: {str(e).splitlines()[0]}{kept}", file=sys.stderr)
         return 1
+    except OSError as e:  # a shard or the stats could not be written here (a full disk)
+        from . import _WRITE_ERRNOS
+
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        print(f"fakespotter scan: error: cannot write {e.filename or args.out}: {e.strerror or e}: the shards written before "
+              f"stay; free space (or raise the file size limit) and rerun with --resume", file=sys.stderr)
+        return 3
     finally:
         progress.close()
     if not args.quiet:
