@@ -464,6 +464,12 @@ def test_ctrl_c_between_the_imports_and_the_command_is_a_quiet_exit_130():
     code = code.replace("from fakespotter.cli import main  #", "from fakespotter.cli import main; main(['env']) #")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (run.returncode, run.stderr) == (130, "fakespotter: interrupted\n") and "not reached" not in run.stdout
+    # SIGTERM likewise: exit 143 as main() gives it, not death by the signal (-15), during the
+    # imports and after main() (a second SIGTERM while the first one's exit goes on)
+    for where in ("from fakespotter.cli import main  #", "from fakespotter.cli import main; main(['env']) #"):
+        term = code.replace("from fakespotter.cli import main  #", where).replace("SIGINT", "SIGTERM")
+        run = subprocess.run([sys.executable, "-c", term], capture_output=True, text=True, timeout=120)
+        assert (run.returncode, run.stderr) == (143, "fakespotter: terminated\n") and "not reached" not in run.stdout
 
 
 def test_train_reports_and_checks_its_validation_folders(corpus, tmp_path, capsys):

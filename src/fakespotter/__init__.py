@@ -17,14 +17,24 @@ def _interrupted_while_starting(signum, frame) -> None:
     _os._exit(130)
 
 
+def _terminated_while_starting(signum, frame) -> None:
+    """The command's SIGTERM outside its ``main`` (its imports, its exit): exit 143 as ``main``
+    gives it, not death by the signal."""
+    _os.write(2, b"fakespotter: terminated\n")
+    _os._exit(143)
+
+
 def _quiet_start() -> None:
-    """In the ``fakespotter`` command, a Ctrl-C during its imports (torch takes a second or two)
-    ends it quietly; Python's handler is back at the end of this package's imports (a program of
-    the same name keeps it), and again once ``cli.main`` handles KeyboardInterrupt (``cli``
-    installs this again as it is imported: the command's imports go on there)."""
-    if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None
-            and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
-        _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+    """In the ``fakespotter`` command, a Ctrl-C or SIGTERM during its imports (torch takes a
+    second or two) ends it quietly (exit 130 / 143); Python's handlers are back at the end of
+    this package's imports (a program of the same name keeps them), and again once ``cli.main``
+    handles KeyboardInterrupt and SIGTERM (``cli`` installs these again as it is imported: the
+    command's imports go on there)."""
+    if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None:
+        if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+            _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+        if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
+            _signal.signal(_signal.SIGTERM, _terminated_while_starting)
 
 
 _quiet_start()
@@ -90,6 +100,8 @@ if _torch_build_mismatch():
 
 if _signal.getsignal(_signal.SIGINT) is _interrupted_while_starting:  # (the package's imports are done)
     _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+if _signal.getsignal(_signal.SIGTERM) is _terminated_while_starting:
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
 
 __all__ = [
     "__version__",
