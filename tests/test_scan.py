@@ -232,6 +232,58 @@ def test_tar_damaged_header_links_and_special_members_get_records(corpus, model,
     assert "hard link to d/a.png" in got["d/hard.png"][2] and "symbolic link to a.png" in got["d/soft.png"][2]
 
 
+def test_tar_members_listed_by_span_read_as_the_listing_reads_them(corpus, tmp_path):
+    """The Ray engine lists an uncompressed archive's members by their span of it (the decode
+    tasks read them, not the driver): whole, cut anywhere (inside a member, a header, the end
+    padding), with a damaged header, links and macOS metadata, each entry reads as the listing
+    that holds the bytes reads it: the same bytes, or the same error kind and message. A
+    compressed archive still comes with its bytes; an archive cut after it was listed gives the
+    member cut short a truncated error."""
+    files = D.list_images(corpus / "a")[:4]
+    with tarfile.open(tmp_path / "t.tar", "w") as tf:
+        for p in files:
+            tf.add(p, arcname=f"x/{p.name}")
+        meta = D.APPLE_DOUBLE + b"metadata"
+        info = tarfile.TarInfo("x/._a.png")
+        info.size = len(meta)
+        tf.addfile(info, io.BytesIO(meta))
+        info = tarfile.TarInfo("x/soft.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "a.png"
+        tf.addfile(info)
+    whole = (tmp_path / "t.tar").read_bytes()
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tf:
+        tf.add(files[0], arcname="x/a.png")
+
+    def read(entry):
+        try:
+            return "bytes", D.read_entry(entry)
+        except D.ImageError as e:
+            return e.kind, str(e)
+
+    archives = {"whole": whole}
+    for cut in (300, 512 + 100, len(whole) // 2, len(whole) - 1024 - 10, len(whole) - 100):
+        archives[f"cut{cut}"] = whole[:cut]
+    header = bytearray(whole)
+    with tarfile.open(tmp_path / "t.tar") as tf:
+        header[tf.getmembers()[2].offset] ^= 0x20
+    archives["header"] = bytes(header)
+    for name, data in archives.items():
+        path = tmp_path / f"{name}.tar"
+        path.write_bytes(data)
+        by_bytes, by_span = list(D.iter_entries([str(path)])), list(D.iter_entries([str(path)], tar_spans=True))
+        assert [e.path for e in by_span] == [e.path for e in by_bytes], name
+        assert [read(e) for e in by_span] == [read(e) for e in by_bytes], name
+        assert all(e.data is None and (e.span is None or e.file == str(path)) for e in by_span), name
+    spanned = list(D.iter_entries([str(tmp_path / "t.tar")], tar_spans=True))
+    assert [e.path.split("::")[1] for e in spanned] == [f"x/{p.name}" for p in files] + ["x/soft.png"]
+    compressed = list(D.iter_entries([str(tmp_path / "t.tar.gz")], tar_spans=True))
+    assert [e.span for e in compressed] == [None] and compressed[0].data == files[0].read_bytes()
+    (tmp_path / "t.tar").write_bytes(whole[:spanned[1].span[0] + 10])  # cut after the listing
+    assert read(spanned[0]) == ("bytes", files[0].read_bytes())
+    assert read(spanned[1]) == ("truncated", f"{spanned[1].path}: the archive ends (or is damaged) inside this "
+                                             f"member of {spanned[1].span[1]} bytes: unexpected end of data")
+
+
 def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkeypatch):
     a = D.list_images(corpus / "a")
     listing = tmp_path / "list.txt"

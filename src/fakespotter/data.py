@@ -279,13 +279,16 @@ def list_images(source: Union[str, Path], what: str = "input") -> List[Path]:
 
 class Entry(NamedTuple):
     """One input of a scan. ``path`` names it in records (``archive.tar::member`` for a tar
-    member); the content is the file ``file``, or ``data`` (a tar member's bytes); ``error`` is
-    set when discovery already failed (an unreadable folder or archive)."""
+    member); the content is the file ``file``, or ``data`` (a tar member's bytes), or the
+    ``span`` (offset, size) of ``file`` (an uncompressed tar member listed without its bytes,
+    read when the entry is); ``error`` is set when discovery already failed (an unreadable folder
+    or archive)."""
 
     path: str
     file: Optional[str] = None
     data: Optional[bytes] = None
     error: Optional[Tuple[str, str]] = None
+    span: Optional[Tuple[int, int]] = None
 
 
 def quiet_pillow_logs() -> None:
@@ -349,11 +352,16 @@ def _os_error(e: OSError, path: str) -> ImageError:
     return ImageError(kinds.get(e.errno, "read_error"), f"{path}: {e.strerror or e}")
 
 
-def _tar_entries(archive: str) -> Iterator[Entry]:
+def _tar_entries(archive: str, spans: bool = False) -> Iterator[Entry]:
     """The image members of a tar archive (any compression), streaming; the member bytes are
-    read here since compressed archives cannot be read at random offsets."""
+    read here since compressed archives cannot be read at random offsets. ``spans``: an
+    uncompressed archive's members are listed by their span in it instead, without their bytes
+    (for readers elsewhere: the Ray engine's decode tasks)."""
     stack = contextlib.ExitStack()
     try:
+        if spans:
+            with open(archive, "rb") as f:
+                spans = not f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))  # (gzip, bzip2, xz)
         tf = stack.enter_context(_open_tar_stream(archive, stack))
     except _TAR_ERRORS as e:
         stack.close()
@@ -385,6 +393,9 @@ def _tar_entries(archive: str) -> Iterator[Entry]:
             except _TAR_ERRORS as e:
                 yield Entry(f"{archive}::", error=("bad_archive", _damage(archive, e)))
                 return
+            if spans and not apple_double:
+                yield Entry(path, file=archive, span=(m.offset_data, m.size))
+                continue
             try:
                 f = tf.extractfile(m)
                 data = f.read() if f is not None else b""
@@ -437,7 +448,7 @@ def _member_kind(m: tarfile.TarInfo) -> str:
             tarfile.BLKTYPE: "block device"}.get(m.type, f"member of type {m.type!r}")
 
 
-def _path_entries(path: str) -> Iterator[Entry]:
+def _path_entries(path: str, tar_spans: bool = False) -> Iterator[Entry]:
     if "\0" in path:  # no file has such a name; os calls would raise ValueError
         yield Entry(path, error=("not_found", f"{path!r}: a path cannot hold a NUL byte (a list of NUL-separated "
                                               f"paths, as find -print0 writes? give one path a line)"))
@@ -450,12 +461,13 @@ def _path_entries(path: str) -> Iterator[Entry]:
                 e = _os_error(err, p)
                 yield Entry(p, error=(e.kind, f"cannot list folder {p}: {err.strerror or err}"))
     elif _is_tar_name(path) and os.path.isfile(path):
-        yield from _tar_entries(path)
+        yield from _tar_entries(path, tar_spans)
     else:
         yield Entry(path, file=path)
 
 
-def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Iterator[Entry]:
+def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None, tar_spans: bool = False
+                 ) -> Iterator[Entry]:
     """Every input of ``sources`` in order, streaming:
 
     * a folder: its image files (by extension), recursively, sorted by path; symlink loops
@@ -468,17 +480,19 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None) -> Ite
     * a ``.tar`` (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) file: its image members, as
       ``archive.tar::member``;
     * any other path: that file, whatever its name (a missing one gives a ``not_found`` entry).
+
+    ``tar_spans``: an uncompressed archive's members come as spans of it, not their bytes.
     """
     for s in sources:
         if s == "-":
             for path in _list_paths(stdin if stdin is not None else stdin_list()):
-                yield from _path_entries(path)
+                yield from _path_entries(path, tar_spans)
         elif s.startswith("@"):
             with open_list(s[1:]) as f:
                 for path in _list_paths(f, _list_base(s[1:])):
-                    yield from _path_entries(path)
+                    yield from _path_entries(path, tar_spans)
         else:
-            yield from _path_entries(os.path.normpath(s) if s.endswith(os.sep) else s)
+            yield from _path_entries(os.path.normpath(s) if s.endswith(os.sep) else s, tar_spans)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,6 +518,8 @@ def read_entry(entry: Entry) -> bytes:
         raise ImageError(*entry.error)
     if entry.data is not None:
         return entry.data
+    if entry.span is not None:
+        return _read_span(entry)
     path = entry.file
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -521,6 +537,21 @@ def read_entry(entry: Entry) -> bytes:
         raise _os_error(e, path) from None
     finally:
         os.close(fd)
+
+
+def _read_span(entry: Entry) -> bytes:
+    """The bytes of an uncompressed tar member, from its archive (read again since it was listed)."""
+    offset, size = entry.span
+    try:
+        with open(entry.file, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as e:
+        raise _os_error(e, entry.file) from None
+    if len(data) < size:  # (as the member's bytes read while listing it say it)
+        raise ImageError("truncated", f"{entry.path}: the archive ends (or is damaged) inside this member of "
+                                      f"{size} bytes: unexpected end of data")
+    return data
 
 
 _SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),

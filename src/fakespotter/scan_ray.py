@@ -321,9 +321,9 @@ def _decode_batch(batch: Dict[str, np.ndarray], cfg: Tuple, crash_marker: Option
     _crash_once(crash_marker and crash_marker + ".decode")
     c = _Config(*cfg)
     entries = [Entry(str(path), file=str(file) or None, data=bytes(data) if has_data else None,
-                     error=tuple(json.loads(err)) if err else None)
-               for path, file, data, has_data, err in zip(batch["path"], batch["file"], batch["data"],
-                                                          batch["has_data"], batch["error"])]
+                     error=tuple(json.loads(err)) if err else None, span=tuple(json.loads(span)) if span else None)
+               for path, file, data, has_data, err, span in zip(batch["path"], batch["file"], batch["data"],
+                                                                batch["has_data"], batch["error"], batch["span"])]
     metas, chips = [], []
     for _, res in _decoded(iter(entries), c, workers=1, chunk=max(1, len(entries)), window=1, keep=_DECODE_POOL):
         ch = res.pop("chips")
@@ -643,9 +643,11 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         _write_atomic(out / MANIFEST, (json.dumps(utf8_json(manifest), indent=2) + "\n").encode())
         (out / STATS).unlink(missing_ok=True)  # an earlier run's: merge must not take this run as finished
 
-        entries = itertools.islice(iter_entries(inputs, stdin=stdin), limit)
+        # (an uncompressed tar's members by their span of it: the decode tasks read them, as they read files)
+        entries = itertools.islice(iter_entries(inputs, stdin=stdin, tar_spans=True), limit)
         rows = [{"index": index, "path": e.path, "file": e.file or "", "data": e.data or b"",
-                 "has_data": e.data is not None, "error": json.dumps(list(e.error)) if e.error else ""}
+                 "has_data": e.data is not None, "error": json.dumps(list(e.error)) if e.error else "",
+                 "span": json.dumps(list(e.span)) if e.span else ""}
                 for index, e in _to_scan(entries, done, out, log or logging.getLogger(__name__).warning)]
         stats = new_stats()
         for k in ("forwards", "wait_s", "backbone_taps_s", "classifier_s"):  # the actors' time is actors_s
@@ -696,7 +698,7 @@ def _to_scan(entries: Iterable[Any], done: List[Tuple[int, str]], out: Path, log
     listed twice is scanned twice. Else (the inputs changed) by path, one input per record (a
     record at its input's place counts for that input first), and the new records are numbered
     after the old ones: they merge at the end, as the local engine appends them. Only the
-    entries to scan are kept (a tar member's bytes are in its entry)."""
+    entries to scan are kept (a compressed tar's member bytes are in its entry)."""
     placed = {i: input_key(p) for i, p in done}
     keys: List[str] = []
     kept: List[Tuple[int, Any]] = []
