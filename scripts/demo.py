@@ -44,11 +44,42 @@ def copy_reals(folder: Path, paths) -> None:
 
 MARKER = ".built"  # what the demo wrote: {"corpus": N, "files": [the corpus's files]}
 BUILDING = ".corpus.tmp"  # a corpus being built: renamed to corpus/ once complete
-OURS = {MARKER, BUILDING, "corpus", "scan.jsonl", "scan.jsonl.stats.json"}
+OURS = {MARKER, MARKER + ".tmp", BUILDING, "corpus", "scan.jsonl", "scan.jsonl.stats.json"}
+PHOTOS = ("obama.jpg", "obama2.jpg", "biden.jpg")
 
 
 def _files(folder: Path) -> list:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def _demo_files(n_corpus: int) -> list:
+    """The files the demo writes into ``corpus/`` for ``--corpus n_corpus``."""
+    names = ([f"real/{p.name}" for p in samples.real_headshots()[:n_corpus]]
+             + [f"fake/dcgan-{DEMO_SEED}-{i:03d}.png" for i in range(n_corpus)]
+             + [f"photos/{n}" for n in PHOTOS] + ["broken/empty.jpg", "broken/truncated.jpg"])
+    return sorted(names)
+
+
+def _read_marker(work: Path):
+    """What ``.built`` says the demo wrote: {"corpus": N or None, "files": [...]}, or None."""
+    try:
+        text = (work / MARKER).read_text()
+    except OSError:
+        return None
+    try:
+        built = json.loads(text)
+    except ValueError:  # an older demo's "corpus N": it wrote the files of that size
+        old = text.split()
+        if len(old) == 2 and old[0] == "corpus" and old[1].isdigit():
+            return {"corpus": int(old[1]), "files": _demo_files(int(old[1]))}
+        return None
+    return built if isinstance(built, dict) and isinstance(built.get("files"), list) else None
+
+
+def _write_marker(work: Path, n_corpus, files) -> None:
+    tmp = work / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"corpus": n_corpus, "files": sorted(files)}) + "\n")
+    tmp.replace(work / MARKER)
 
 
 def build(work: Path, n_corpus: int) -> None:
@@ -56,15 +87,9 @@ def build(work: Path, n_corpus: int) -> None:
     so an interrupted build is simply redone). A corpus of the same size is kept, with any files
     added to it; another size replaces it, unless files the demo did not write are there (they
     are named, never deleted). A folder the demo did not make, and not empty, is refused."""
-    marker = work / MARKER
-    try:
-        built = json.loads(marker.read_text())
-    except (OSError, ValueError):  # (none, or an older demo's "corpus N": its files were all its own)
-        old = marker.read_text().split() if marker.is_file() else []
-        built = ({"corpus": int(old[1]), "files": _files(work / "corpus")}
-                 if len(old) == 2 and old[0] == "corpus" and old[1].isdigit() and (work / "corpus").is_dir() else None)
-    built = built if isinstance(built, dict) else None
+    built = _read_marker(work)
     if built is not None and built.get("corpus") == n_corpus and (work / "corpus").is_dir():
+        shutil.rmtree(work / BUILDING, ignore_errors=True)  # (an interrupted rebuild's)
         return
     if work.exists() and not work.is_dir():
         raise SystemExit(f"demo: --work {work} is a file; give a new or empty folder")
@@ -74,7 +99,7 @@ def build(work: Path, n_corpus: int) -> None:
             raise SystemExit(f"demo: --work {work} exists and is not a demo folder (no {MARKER} marker); "
                              f"give a new or empty folder")
         corpus = work / "corpus"
-        added = [f for f in _files(corpus) if f not in set(built.get("files", ()))] if corpus.is_dir() else []
+        added = [f for f in _files(corpus) if f not in set(built["files"])] if corpus.is_dir() else []
         if others or added:
             raise SystemExit(f"demo: --work {work} holds files the demo did not write "
                              f"({', '.join((others + ['corpus/' + f for f in added])[:5])}"
@@ -84,19 +109,25 @@ def build(work: Path, n_corpus: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # an interrupted build's
     copy_reals(tmp / "real", samples.real_headshots()[:n_corpus])
     write_renders(tmp / "fake", n_corpus, seed=DEMO_SEED)
-    copy_reals(tmp / "photos", [weights.sample_photo_path(n) for n in ("obama.jpg", "obama2.jpg", "biden.jpg")])
+    copy_reals(tmp / "photos", [weights.sample_photo_path(n) for n in PHOTOS])
     broken = tmp / "broken"
     broken.mkdir()
     (broken / "empty.jpg").write_bytes(b"")
     (broken / "truncated.jpg").write_bytes(weights.sample_photo_path("biden.jpg").read_bytes()[:2000])
-    marker.unlink(missing_ok=True)
+    # the swap: first a marker that owns both corpora (an interrupt in between leaves a folder
+    # the next run rebuilds), then the old corpus out, the new one in, and its own marker
+    new = _files(tmp)
+    _write_marker(work, None, set(new) | set(built["files"] if built else ()))
     shutil.rmtree(work / "corpus", ignore_errors=True)  # (the demo's own files: checked above)
     tmp.rename(work / "corpus")
-    marker.write_text(json.dumps({"corpus": n_corpus, "files": _files(work / "corpus")}) + "\n")
+    _write_marker(work, n_corpus, new)
 
 
 def _positive(text: str) -> int:
-    n = int(text)
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n

@@ -126,6 +126,8 @@ def test_an_output_on_a_read_only_file_system_says_so(corpus, tmp_path, capsys, 
              f"{tmp_path / 'o.jsonl'} is not writable (a read-only file system)"),
             (["scan", str(corpus[0]), "--out", str(tmp_path / "o.parquet")],
              f"output {tmp_path / 'o.parquet'} is not writable (a read-only file system)"),
+            (["scan", str(corpus[0]), "--engine", "ray", "--out", str(tmp_path / "shards")],
+             f"--out {tmp_path / 'shards'} is not writable (a read-only file system)"),
             (["evaluate", "default", "--real", str(corpus[0]), "--fake", str(corpus[1]), "--out-dir",
               str(tmp_path / "ev")], f"--out-dir {tmp_path / 'ev'}: cannot write there (a read-only file system)")):
         rc, out, err = run_cli(args, capsys)
@@ -308,6 +310,8 @@ def test_train_says_the_model_was_written_when_its_report_could_not_be(corpus, t
     import fakespotter._atomic as atomic
 
     real, fake = corpus
+    real = shutil.copytree(real, tmp_path / "real")
+    (real / "junk.png").write_bytes(b"not a png")  # named all the same
     report = tmp_path / "r.json"
     report.write_text("{}")
 
@@ -319,8 +323,9 @@ def test_train_says_the_model_was_written_when_its_report_could_not_be(corpus, t
                             "--epochs", "2", "--out", str(tmp_path / "m.fsm"), "--report", str(report),
                             "--overwrite", "--quiet"], capsys)
     assert rc == 3 and out.startswith(f"wrote {tmp_path / 'm.fsm'}: validation AUC ")
-    assert err == (f"fakespotter train: error: cannot write the report {report}: No space left on device (the file "
-                   f"there is an earlier report, not this model's)\n")
+    assert err.splitlines()[-1] == (f"fakespotter train: error: cannot write the report {report}: No space left on "
+                                    f"device (the file there is an earlier report, not this model's)")
+    assert err.splitlines()[0].startswith(f"  unreadable: {real / 'junk.png'}: ")
     assert (tmp_path / "m.fsm").is_file() and report.read_text() == "{}"
 
 

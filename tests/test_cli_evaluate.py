@@ -341,7 +341,8 @@ def test_reports_are_replaced_whole_and_a_full_disk_is_one_line(setup, tmp_path)
     run = subprocess.run(args, capture_output=True, text=True, errors="surrogateescape", timeout=300,
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY)))
     assert run.returncode == 3, run.stderr
-    assert run.stderr.strip() == f"fakespotter evaluate: error: cannot write {out / 'metrics.json'}: File too large"
+    assert run.stderr.strip() == (f"fakespotter evaluate: error: cannot write {out / 'metrics.json'}: File too large; "
+                                  f"from an earlier run, not this one: {out / 'metrics.json'}")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json"] and (out / "metrics.json").read_text() == "old"
     run = subprocess.run(args, capture_output=True, text=True, errors="surrogateescape", timeout=300)
     assert run.returncode == 0, run.stderr

@@ -72,11 +72,38 @@ def test_demo_rebuilds_its_own_corpus_but_never_a_file_added_to_it(tmp_path, mon
     (half / demo.BUILDING / "real" / "x.jpg").write_bytes(b"partial")
     demo.build(half, 1)
     assert sorted(p.name for p in half.iterdir()) == [demo.MARKER, "corpus"]
-    # a folder of an older demo (marker "corpus N") is still the demo's
+    # a folder of an older demo (marker "corpus N"): the files of that size are the demo's, others not
     (half / demo.MARKER).write_text("corpus 1")
+    (half / "corpus" / "real" / "mine.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit, match=r"holds files the demo did not write \(corpus/real/mine\.png\)"):
+        demo.build(half, 2)
+    (half / "corpus" / "real" / "mine.png").unlink()
     demo.build(half, 2)
     assert len(list((half / "corpus" / "real").iterdir())) == 2
+    # interrupted in the swap (Ctrl-C): before the new corpus is in, and before its marker is
+    for stop_at in ("rmtree", "marker"):
+        calls = []
+
+        def interrupt(real):
+            def fn(*a, **k):
+                calls.append(a)
+                if stop_at == "rmtree" and str(a[0]).endswith("corpus") or stop_at == "marker" and len(calls) == 2:
+                    raise KeyboardInterrupt
+                return real(*a, **k)
+            return fn
+
+        target = (demo.shutil, "rmtree") if stop_at == "rmtree" else (demo, "_write_marker")
+        with monkeypatch.context() as m:
+            m.setattr(*target, interrupt(getattr(*target)))
+            with pytest.raises(KeyboardInterrupt):
+                demo.build(half, 3 if stop_at == "rmtree" else 1)
+        (half / "scan.jsonl").write_text("")  # an earlier scan's output beside it
+        demo.build(half, 2)  # redone, not refused
+        assert len(list((half / "corpus" / "real").iterdir())) == 2 and not (half / demo.BUILDING).exists()
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--work", str(tmp_path / "neg"),
                              "--corpus", "-3"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--corpus: must be at least 1, got -3" in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--corpus", "abc"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--corpus: must be a whole number, got 'abc'" in result.stderr
     assert not (tmp_path / "neg").exists()

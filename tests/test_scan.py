@@ -971,6 +971,20 @@ def test_an_output_that_cannot_be_written_ends_with_one_line_exit_3_and_resumes(
     assert run.returncode == 2 and "cannot create /proc/none.jsonl: No such file or directory" in run.stderr
 
 
+def test_a_csv_header_that_cannot_be_written_leaves_no_file(corpus, model, tmp_path):
+    """A file size limit (a full disk) at the CSV header: exit 3 saying no record was written,
+    and no empty or torn-header file left for the next run to refuse."""
+    import resource
+
+    out = tmp_path / "o.csv"
+    run = subprocess.run([sys.executable, "-m", "fakespotter", "scan", str(corpus), "--model", str(model),
+                          "--aligned", "--workers", "0", "--out", str(out), "--quiet"], capture_output=True, text=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (5, resource.RLIM_INFINITY)))
+    assert run.returncode == 3 and run.stderr == (f"fakespotter scan: error: writing {out}: File too large: no record "
+                                                  f"was written\n"), run.stderr
+    assert not out.exists()
+
+
 def test_a_stats_file_that_cannot_be_written_is_named_not_the_records(corpus, model, tmp_path, capsys, monkeypatch):
     """Every record written, only the final stats write failing (a disk that filled up just
     then): exit 3 naming the stats file and saying the records are complete; --resume writes it."""

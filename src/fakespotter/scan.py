@@ -1602,11 +1602,21 @@ class RecordWriter:
         self._file = os.fdopen(_lock(fd, target), "r+b", buffering=0)  # locked before anything is cut
         self._fd = self._file.fileno()
         keep = state.good_bytes if mode == "resume" else 0
-        self._file.truncate(keep)
-        self._file.seek(keep)
-        if fmt == "csv" and keep == 0:
-            self._put(_csv_header().encode())
-        os.fsync(self._fd)
+        try:
+            self._file.truncate(keep)
+            self._file.seek(keep)
+            if fmt == "csv" and keep == 0:
+                self._put(_csv_header().encode())
+            os.fsync(self._fd)
+        except OSError:  # (a full disk at the CSV header): no torn header left, nor a file made for nothing
+            try:
+                self._file.truncate(keep)
+                if mode == "new":
+                    os.unlink(target)
+            except OSError:
+                pass
+            self._file.close()
+            raise
 
     def _put(self, data: bytes) -> int:
         """Write ``data`` at the file's end (unbuffered); returns the bytes written, also when a

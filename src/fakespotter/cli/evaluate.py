@@ -607,12 +607,17 @@ def run(args: argparse.Namespace) -> int:
                   (files["det.png"], lambda: ev.plot_det(curves, files["det.png"],
                                                          title=f"DET ({title})" if multi else "DET"))]
     print(text, end="")
-    if write_each(steps, "evaluate"):
-        return 3
-    print(f"wrote {', '.join(str(f) for f in files.values())}")
+    return write_report_files(steps, "evaluate", report)
+
+
+def write_report_files(steps: List[Tuple[Path, Any]], command: str, report: Dict[str, Any]) -> int:
+    """Write evaluate's or robustness's files (:func:`write_each`), name the unreadable images;
+    the exit status: 3 when a file could not be written, else 1 when images were unreadable."""
+    rc = write_each(steps, command)
+    if rc is None:
+        print(f"wrote {', '.join(str(p) for p, _ in steps)}")
     for f in report["failures"][:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
-    failed = report["failures"] or report["training_failures"]
     for f in report["training_failures"][:10]:
         print(f"  unreadable training image: {f['path']}: {f['error']}", file=sys.stderr)
-    return 1 if failed else 0
+    return rc or (1 if report["failures"] or report["training_failures"] else 0)

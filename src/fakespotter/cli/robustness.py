@@ -30,9 +30,10 @@ import numpy as np
 
 from .. import evaluate as ev
 from .._atomic import write_atomic
-from ._common import Progress, log, write_each
+from ._common import Progress, log
 from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, intervals_note, model_info,
-                       no_face_caveat, remove_stale, require_both_classes, seen_in_training, train_detectors)
+                       no_face_caveat, remove_stale, require_both_classes, seen_in_training, train_detectors,
+                       write_report_files)
 
 OUTPUTS = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png")
 
@@ -190,11 +191,4 @@ def run(args: argparse.Namespace) -> int:
             panels, files["robustness.png"], ylabel="AUC" if multi else "AUC / accuracy",
             reference=None if multi else rows[0]["auc"])))
     print(text, end="")
-    if write_each(steps, "robustness"):
-        return 3
-    print(f"wrote {', '.join(str(f) for f in files.values())}")
-    for f in report["failures"][:10]:
-        print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
-    for f in report["training_failures"][:10]:
-        print(f"  unreadable training image: {f['path']}: {f['error']}", file=sys.stderr)
-    return 1 if report["failures"] or report["training_failures"] else 0
+    return write_report_files(steps, "robustness", report)

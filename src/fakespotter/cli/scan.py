@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import itertools
 import os
 import sys
@@ -519,6 +520,11 @@ def run(args: argparse.Namespace) -> int:
     except OutputBusy as e:
         raise usage_error(str(e)) from None
     except OSError as e:  # /proc/x.jsonl, a read-only mount: passed the checks, cannot be created
+        from . import _WRITE_ERRNOS
+
+        if e.errno in _WRITE_ERRNOS and e.errno != errno.EROFS:  # (a full disk at the CSV header)
+            print(f"fakespotter scan: error: writing {out}: {e.strerror or e}: no record was written", file=sys.stderr)
+            return 3
         raise usage_error(f"cannot create {out}: {e.strerror or e}") from None
     resumed = state.records if state is not None else 0
 

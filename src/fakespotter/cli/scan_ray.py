@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from ._common import Progress, check_detection_args, log, usage_error
+from ._common import Progress, check_detection_args, log, usage_error, why_not_writable
 
 # Options of --engine ray only; their None defaults mean "not given" (then ray_scan's defaults apply).
 _RAY_ONLY = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "actor_batch", "decode_cpus", "shard_size")
@@ -71,6 +71,13 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     if suffix in ("csv", "parquet") and not os.path.isdir(args.out):  # a folder of JSONL shards, by that name?
         raise usage_error(f"--engine ray writes a folder of JSONL shards, but --out {args.out} names a .{suffix} "
                           f"file; give a folder name (then 'fakespotter merge FOLDER FILE' writes one file)")
+    out = Path(args.out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise usage_error(f"--out {out}: folder {parent} does not exist")
+    where = out if out.is_dir() else parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise usage_error(f"--out {out} is not writable{why_not_writable(where)}")
     local_only = (("--workers", args.workers is not None, "Ray schedules the decode tasks (--decode-cpus)"),
                   ("--fail-fast", args.fail_fast, "Ray runs batches out of order"),
                   ("--device", args.device != "cpu", "actors run on cuda when they get GPUs (--gpus-per-actor)"),
@@ -129,8 +136,10 @@ def run_ray(args: argparse.Namespace) -> int:
 
         if e.errno not in _WRITE_ERRNOS:
             raise
-        print(f"fakespotter scan: error: cannot write {e.filename or args.out}: {e.strerror or e}: the shards written before "
-              f"stay; free space (or raise the file size limit) and rerun with --resume", file=sys.stderr)
+        kept = ("the shards written before stay; free space (or raise the file size limit) and rerun with --resume"
+                if any(Path(args.out).glob("part-*")) else "no record was written")
+        print(f"fakespotter scan: error: cannot write {e.filename or args.out}: {e.strerror or e}: {kept}",
+              file=sys.stderr)
         return 3
     finally:
         progress.close()

@@ -293,12 +293,16 @@ def run(args: argparse.Namespace) -> int:
         try:
             write_atomic(plan["report"], json.dumps(report, indent=2) + "\n")
         except OSError as e:  # the model is written: say so, and that a report there is an older one
-            print(wrote)
             older = " (the file there is an earlier report, not this model's)" if Path(plan["report"]).exists() else ""
+            _said(wrote, failures)
             print(f"fakespotter train: error: cannot write the report {plan['report']}: {e.strerror or e}{older}",
                   file=sys.stderr)
             return 3
+    _said(wrote, failures)
+    return 1 if failures else 0
+
+
+def _said(wrote: str, failures: List[Dict]) -> None:
     print(wrote)
     for f in failures[:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
-    return 1 if failures else 0
