@@ -75,6 +75,14 @@ def test_resnet_checkpoint_without_num_batches_tracked_loads(tmp_path):
         get_backbone("resnet18", checkpoint=str(tmp_path / "int.pt"), input_size=64).module
 
 
+def test_a_missing_checkpoint_is_said_by_get_backbone(tmp_path):
+    """Not when the module is first used (a Tap, a fit), as "the checkpoint changed"."""
+    with pytest.raises(CheckpointError, match=r"nope\.pt: checkpoint file not found"):
+        get_backbone("resnet18", checkpoint=str(tmp_path / "nope.pt"))
+    with pytest.raises(CheckpointError, match=r"is a folder; give the checkpoint file's path"):
+        get_backbone("resnet18", checkpoint=tmp_path)
+
+
 def test_a_checkpoint_replaced_after_get_backbone_is_refused(tmp_path):
     torch.manual_seed(0)
     torch.save(resnet("resnet18").state_dict(), tmp_path / "w.pt")

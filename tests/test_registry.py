@@ -164,7 +164,7 @@ def test_resnet_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"cut.pth: cannot read checkpoint"):
         get_backbone("resnet18", checkpoint=bad).module
     with pytest.raises(CheckpointError, match=r"nothing.pth: checkpoint file not found"):
-        get_backbone("resnet18", checkpoint=tmp_path / "nothing.pth").module
+        get_backbone("resnet18", checkpoint=tmp_path / "nothing.pth")  # (said at once)
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match="odd.pth: not a resnet18 state_dict"):
         get_backbone("resnet18", checkpoint=tmp_path / "odd.pth").module
@@ -177,7 +177,7 @@ def test_resnet_checkpoint_errors(tmp_path):
         get_backbone("resnet18", checkpoint=tmp_path / "whole.pth").module
     (tmp_path / "folder.pth").mkdir()
     with pytest.raises(CheckpointError, match=r"folder.pth: is a folder; give the checkpoint file's path"):
-        get_backbone("resnet18", checkpoint=tmp_path / "folder.pth").module
+        get_backbone("resnet18", checkpoint=tmp_path / "folder.pth")
     from fakespotter._safetensors import save_file
 
     save_file(ref.state_dict(), tmp_path / "named.pt")  # safetensors under another suffix: read as such

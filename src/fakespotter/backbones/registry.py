@@ -285,15 +285,15 @@ def _resnet_factory(arch: str) -> _Factory:
     def make(checkpoint: Union[str, Path, None] = None, input_size: Union[int, Tuple[int, int]] = 224,
              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
              layers: Optional[Sequence[str]] = None) -> Backbone:
-        from .resnet import load_resnet_checkpoint, resnet_default_layers
+        from .resnet import check_checkpoint_path, resnet_default_layers
 
         if checkpoint is None:
             raise ValueError(f"get_backbone: backbone {arch!r} has no weights of its own; give checkpoint=PATH, a "
                              f"state_dict of a torchvision-layout {arch} (safetensors, or a torch file read with "
                              f"weights_only), e.g. get_backbone({arch!r}, checkpoint='model.safetensors')")
-        path = Path(checkpoint)
+        path = check_checkpoint_path(checkpoint)  # (said now, not when the module is first used)
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        sha = _file_sha256(path) if path.is_file() else None
+        sha = _file_sha256(path)
         return Backbone(
             id=arch,
             factory=lambda: _load_unchanged(path, arch, sha),

@@ -38,6 +38,16 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be read or does not fit the architecture; names the file."""
 
 
+def check_checkpoint_path(path: Union[str, Path]) -> Path:
+    """``path`` as a Path, or :class:`CheckpointError` when it is a folder or not there."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give the checkpoint file's path")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return path
+
+
 class BasicBlock(nn.Module):
     """relu2(bn2(conv2(relu1(bn1(conv1(x))))) + downsample(x)); x [N, C_in, H, W]."""
 
@@ -157,11 +167,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
     """
     import pickle
 
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder; give the checkpoint file's path")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    path = check_checkpoint_path(path)
     try:
         with open(path, "rb") as f:
             head = f.read(9)
