@@ -175,7 +175,7 @@ def test_a_resume_lists_the_inputs_done_once(small, model, tmp_path, monkeypatch
     out = tmp_path / "t.jsonl"
     assert main(cli(tar, model, out, "--limit", "3")) == 0
     opened = []
-    monkeypatch.setattr(D, "_tar_entries", lambda a: (opened.append(a), tar_entries(a))[1])
+    monkeypatch.setattr(D, "_tar_entries", lambda a, *rest: (opened.append(a), tar_entries(a, *rest))[1])
     assert main(cli(tar, model, out, "--resume")) == 0
     assert opened == [str(tar)] and lines_in(out) == 6
 
