@@ -97,9 +97,11 @@ def test_a_report_file_that_cannot_be_written_names_the_earlier_runs_files(setup
     import errno
 
     out = tmp_path / "eval"
-    args = ["evaluate", setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"], "--aligned",
+    fake = shutil.copytree(setup["fake_small"], tmp_path / "fake")
+    (fake / "junk.png").write_bytes(b"not a png")  # named also when the reports fail
+    args = ["evaluate", setup["model"], "--real", setup["real_small"], "--fake", fake, "--aligned",
             "--out-dir", out, "--bootstrap", "0", "--quiet"]
-    assert run_cli(args, capsys)[0] == 0
+    assert run_cli(args, capsys)[0] == 1
     old_roc = (out / "roc.png").read_bytes()
 
     def full(curves, path, title=""):
@@ -108,9 +110,11 @@ def test_a_report_file_that_cannot_be_written_names_the_earlier_runs_files(setup
     monkeypatch.setattr(ev, "plot_roc", full)
     rc, stdout, err = run_cli(args + ["--overwrite"], capsys)
     assert rc == 3 and "| all | all |" in stdout
-    assert err == (f"fakespotter evaluate: error: cannot write {out / 'roc.png'}: No space left on device; written: "
-                   f"{out / 'metrics.json'}, {out / 'metrics.csv'}, {out / 'report.md'}; from an earlier run, not "
-                   f"this one: {out / 'roc.png'}, {out / 'det.png'}\n")
+    assert err.splitlines()[0] == (
+        f"fakespotter evaluate: error: cannot write {out / 'roc.png'}: No space left on device; written: "
+        f"{out / 'metrics.json'}, {out / 'metrics.csv'}, {out / 'report.md'}; from an earlier run, not "
+        f"this one: {out / 'roc.png'}, {out / 'det.png'}")
+    assert err.splitlines()[1].startswith(f"  unreadable: {fake / 'junk.png'}: ")
     assert (out / "roc.png").read_bytes() == old_roc
 
 

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import io
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -278,10 +279,26 @@ def test_tar_members_listed_by_span_read_as_the_listing_reads_them(corpus, tmp_p
     assert [e.path.split("::")[1] for e in spanned] == [f"x/{p.name}" for p in files] + ["x/soft.png"]
     compressed = list(D.iter_entries([str(tmp_path / "t.tar.gz")], tar_spans=True))
     assert [e.span for e in compressed] == [None] and compressed[0].data == files[0].read_bytes()
-    (tmp_path / "t.tar").write_bytes(whole[:spanned[1].span[0] + 10])  # cut after the listing
-    assert read(spanned[0]) == ("bytes", files[0].read_bytes())
-    assert read(spanned[1]) == ("truncated", f"{spanned[1].path}: the archive ends (or is damaged) inside this "
-                                             f"member of {spanned[1].span[1]} bytes: unexpected end of data")
+    # compressed however its name reads (LZMA "alone", which tarfile opens as xz): bytes, not spans
+    (tmp_path / "alone.tar").write_bytes(lzma.compress(whole, format=lzma.FORMAT_ALONE))
+    alone = list(D.iter_entries([str(tmp_path / "alone.tar")], tar_spans=True))
+    assert [e.span for e in alone] == [None] * len(alone) and alone[0].data == files[0].read_bytes()
+    # a sparse member (GNU tar -S): its stored data is not its size: read while listing
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    with open(sparse / "s.png", "wb") as f:
+        f.write(files[0].read_bytes())
+        f.seek(1 << 20)
+        f.write(b"\0")
+    subprocess.run(["tar", "-cSf", str(tmp_path / "sparse.tar"), "-C", str(sparse), "s.png"], check=True)
+    (entry,) = D.iter_entries([str(tmp_path / "sparse.tar")], tar_spans=True)
+    assert entry.span is None and entry.data == (sparse / "s.png").read_bytes()
+    # the archive rewritten after the listing (its members in another order): refused, not another image
+    with tarfile.open(tmp_path / "t.tar", "w") as tf:
+        for p in files[::-1]:
+            tf.add(p, arcname=f"x/{p.name}")
+    assert read(spanned[0]) == ("bad_archive", f"{spanned[0].path}: the archive changed after its members were "
+                                               f"listed (its size, time or inode): scan it again")
 
 
 def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkeypatch):
@@ -983,6 +1000,12 @@ def test_a_csv_header_that_cannot_be_written_leaves_no_file(corpus, model, tmp_p
     assert run.returncode == 3 and run.stderr == (f"fakespotter scan: error: writing {out}: File too large: no record "
                                                   f"was written\n"), run.stderr
     assert not out.exists()
+    out.write_text("an earlier output\n")  # --overwrite: emptied, then no empty file left behind either
+    run = subprocess.run([sys.executable, "-m", "fakespotter", "scan", str(corpus), "--model", str(model),
+                          "--aligned", "--workers", "0", "--out", str(out), "--overwrite", "--quiet"],
+                         capture_output=True, text=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (5, resource.RLIM_INFINITY)))
+    assert run.returncode == 3 and not out.exists(), run.stderr
 
 
 def test_a_stats_file_that_cannot_be_written_is_named_not_the_records(corpus, model, tmp_path, capsys, monkeypatch):

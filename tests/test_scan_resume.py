@@ -390,6 +390,20 @@ def test_a_killed_scan_leaves_no_process_behind(model, tmp_path, sig):
         assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is False
 
 
+def test_the_command_s_decode_workers_end_without_a_word(model, tmp_path):
+    """Through the console script (argv[0] 'fakespotter', which the forkserver imports as
+    __mp_main__): the decode workers, stopped with SIGTERM as the scan ends, printed the
+    command's own "fakespotter: terminated" after a scan that went well."""
+    script = Path(sys.executable).with_name("fakespotter")
+    assert script.is_file(), "premise: the package is installed in this interpreter's environment"
+    write_good(tmp_path / "c", 6, seed=3)
+    run = subprocess.run([str(script), "scan", str(tmp_path / "c"), "--model", str(model), "--aligned", "--workers",
+                          "2", "--out", str(tmp_path / "o.jsonl"), "--quiet"], capture_output=True, text=True,
+                         timeout=300)
+    assert (run.returncode, run.stderr) == (0, ""), run.stderr
+    assert lines_in(tmp_path / "o.jsonl") == 6
+
+
 def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     """Ctrl-C or SIGTERM while a submit starts a worker: the handler runs once the submit is
     done (so the pool knows the process and stopping the pool ends it), not half-way."""

@@ -30,7 +30,9 @@ def _quiet_start() -> None:
     this package's imports (a program of the same name keeps them), and again once ``cli.main``
     handles KeyboardInterrupt and SIGTERM (``cli`` installs these again as it is imported: the
     command's imports go on there)."""
-    if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None:
+    # (not in a forkserver, which imports the command's script as __mp_main__ but never runs main)
+    if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None
+            and "__mp_main__" not in _sys.modules):
         if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
             _signal.signal(_signal.SIGINT, _interrupted_while_starting)
         if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:

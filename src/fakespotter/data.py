@@ -280,15 +280,15 @@ def list_images(source: Union[str, Path], what: str = "input") -> List[Path]:
 class Entry(NamedTuple):
     """One input of a scan. ``path`` names it in records (``archive.tar::member`` for a tar
     member); the content is the file ``file``, or ``data`` (a tar member's bytes), or the
-    ``span`` (offset, size) of ``file`` (an uncompressed tar member listed without its bytes,
-    read when the entry is); ``error`` is set when discovery already failed (an unreadable folder
+    ``span`` (offset, size, then the archive's size, mtime_ns and inode as listed) of ``file``
+    (an uncompressed tar member listed without its bytes, read when the entry is); ``error`` is set when discovery already failed (an unreadable folder
     or archive)."""
 
     path: str
     file: Optional[str] = None
     data: Optional[bytes] = None
     error: Optional[Tuple[str, str]] = None
-    span: Optional[Tuple[int, int]] = None
+    span: Optional[Tuple[int, ...]] = None
 
 
 def quiet_pillow_logs() -> None:
@@ -359,10 +359,12 @@ def _tar_entries(archive: str, spans: bool = False) -> Iterator[Entry]:
     (for readers elsewhere: the Ray engine's decode tasks)."""
     stack = contextlib.ExitStack()
     try:
-        if spans:
-            with open(archive, "rb") as f:
-                spans = not f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))  # (gzip, bzip2, xz)
+        if spans:  # what the archive is as listed: its reader checks it is still that file
+            st = os.stat(archive)
+            stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
         tf = stack.enter_context(_open_tar_stream(archive, stack))
+        # (uncompressed: not gzip, read through a GzipFile of its own, nor what tarfile decompresses)
+        spans = spans and not isinstance(tf.fileobj.fileobj, gzip.GzipFile) and tf.fileobj.comptype == "tar"
     except _TAR_ERRORS as e:
         stack.close()
         kind = _os_error(e, archive).kind if isinstance(e, OSError) and e.errno else "bad_archive"
@@ -393,8 +395,8 @@ def _tar_entries(archive: str, spans: bool = False) -> Iterator[Entry]:
             except _TAR_ERRORS as e:
                 yield Entry(f"{archive}::", error=("bad_archive", _damage(archive, e)))
                 return
-            if spans and not apple_double:
-                yield Entry(path, file=archive, span=(m.offset_data, m.size))
+            if spans and not apple_double and not m.issparse():  # (a sparse member's data is not m.size bytes)
+                yield Entry(path, file=archive, span=(m.offset_data, m.size) + stamp)
                 continue
             try:
                 f = tf.extractfile(m)
@@ -481,7 +483,8 @@ def iter_entries(sources: Sequence[str], stdin: Optional[IO[str]] = None, tar_sp
       ``archive.tar::member``;
     * any other path: that file, whatever its name (a missing one gives a ``not_found`` entry).
 
-    ``tar_spans``: an uncompressed archive's members come as spans of it, not their bytes.
+    ``tar_spans``: an uncompressed archive's members come as spans of it, not their bytes
+    (sparse members excepted).
     """
     for s in sources:
         if s == "-":
@@ -540,10 +543,16 @@ def read_entry(entry: Entry) -> bytes:
 
 
 def _read_span(entry: Entry) -> bytes:
-    """The bytes of an uncompressed tar member, from its archive (read again since it was listed)."""
-    offset, size = entry.span
+    """The bytes of an uncompressed tar member, from its archive (read again since it was
+    listed, and refused when the archive is no longer the file listed: its offsets may name
+    another member's bytes now)."""
+    offset, size, *stamp = entry.span
     try:
         with open(entry.file, "rb") as f:
+            st = os.fstat(f.fileno())
+            if [st.st_size, st.st_mtime_ns, st.st_ino] != stamp:
+                raise ImageError("bad_archive", f"{entry.path}: the archive changed after its members were listed "
+                                                f"(its size, time or inode): scan it again")
             f.seek(offset)
             data = f.read(size)
     except OSError as e:

@@ -1608,10 +1608,10 @@ class RecordWriter:
             if fmt == "csv" and keep == 0:
                 self._put(_csv_header().encode())
             os.fsync(self._fd)
-        except OSError:  # (a full disk at the CSV header): no torn header left, nor a file made for nothing
+        except OSError:  # (a full disk at the CSV header): no torn header left, nor an empty file to refuse
             try:
                 self._file.truncate(keep)
-                if mode == "new":
+                if keep == 0:  # (new, or an --overwrite whose old records are gone already)
                     os.unlink(target)
             except OSError:
                 pass

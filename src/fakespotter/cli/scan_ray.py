@@ -72,10 +72,9 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         raise usage_error(f"--engine ray writes a folder of JSONL shards, but --out {args.out} names a .{suffix} "
                           f"file; give a folder name (then 'fakespotter merge FOLDER FILE' writes one file)")
     out = Path(args.out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise usage_error(f"--out {out}: folder {parent} does not exist")
-    where = out if out.is_dir() else parent
+    if not out.parent.is_dir():
+        raise usage_error(f"--out {out}: folder {out.parent} does not exist")
+    where = out if out.is_dir() else out.parent
     if not os.access(where, os.W_OK | os.X_OK):
         raise usage_error(f"--out {out} is not writable{why_not_writable(where)}")
     local_only = (("--workers", args.workers is not None, "Ray schedules the decode tasks (--decode-cpus)"),
