@@ -305,12 +305,17 @@ def test_a_ray_scan_whose_shard_write_fails_counts_only_what_it_wrote(ray_local,
     stats = json.loads((tmp_path / "o" / SR.STATS).read_text())
     assert len(written) == 4 and stats["images"] == 4 and stats["complete"] is False
     # the command: a full disk is exit 3, naming the shard, as for the local engine
+    writes.clear()  # the first shard is written, the second is not
     assert main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out",
-                 str(tmp_path / "o2"), "--batch-size", str(BATCH), "--quiet"]) == 3
+                 str(tmp_path / "o2"), "--batch-size", str(BATCH), "--shard-size", "4", "--quiet"]) == 3
     err = capsys.readouterr().err.splitlines()[-1]  # (Ray's own lines before it)
     assert re.fullmatch(rf"fakespotter scan: error: cannot write {re.escape(str(tmp_path / 'o2'))}/part-\S+\.jsonl: No "
                         r"space left on device: the shards written before stay; free space \(or raise the file size "
                         r"limit\) and rerun with --resume", err), err
+    assert len(shard_lines(tmp_path / "o2")) == 4
+    assert main(["scan", *corpus, "--model", str(model), "--aligned", "--engine", "ray", "--out",
+                 str(tmp_path / "o4"), "--batch-size", str(BATCH), "--quiet"]) == 3  # the first shard fails
+    assert capsys.readouterr().err.splitlines()[-1].endswith(": No space left on device: no record was written")
     # the stats file, written last, finds the disk full too: the shard's error is still the one said
     writes.clear()
 
