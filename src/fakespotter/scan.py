@@ -1611,7 +1611,7 @@ class RecordWriter:
         except OSError:  # (a full disk at the CSV header): no torn header left, nor an empty file to refuse
             try:
                 self._file.truncate(keep)
-                if keep == 0:  # (new, or an --overwrite whose old records are gone already)
+                if keep == 0 and mode != "resume":  # (new, or an --overwrite whose old records are gone already)
                     os.unlink(target)
             except OSError:
                 pass

@@ -95,7 +95,8 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="scan only the first N inputs (default: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out, emptied as the scan starts (default: refuse)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out, emptied as the scan starts (default: refuse)")
     p.add_argument("--fail-fast", action="store_true",
                    help="stop once the batch that holds the first error record is written (default: go on; "
                         "local engine)")
