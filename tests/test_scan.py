@@ -237,9 +237,10 @@ def test_tar_members_listed_by_span_read_as_the_listing_reads_them(corpus, tmp_p
     """The Ray engine lists an uncompressed archive's members by their span of it (the decode
     tasks read them, not the driver): whole, cut anywhere (inside a member, a header, the end
     padding), with a damaged header, links and macOS metadata, each entry reads as the listing
-    that holds the bytes reads it: the same bytes, or the same error kind and message. A
-    compressed archive still comes with its bytes; an archive cut after it was listed gives the
-    member cut short a truncated error."""
+    that holds the bytes reads it: the same bytes, or the same error kind and message. Pax and
+    GNU long names are spanned too. A compressed archive (by its content, not its name) and a
+    sparse member still come with their bytes; an archive rewritten after it was listed (the
+    member's header no longer before its offset) is refused, not read at its old offsets."""
     files = D.list_images(corpus / "a")[:4]
     with tarfile.open(tmp_path / "t.tar", "w") as tf:
         for p in files:
@@ -261,6 +262,11 @@ def test_tar_members_listed_by_span_read_as_the_listing_reads_them(corpus, tmp_p
         except D.ImageError as e:
             return e.kind, str(e)
 
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):  # (a header block before the one next to the data)
+        with tarfile.open(tmp_path / "long.tar", "w", format=fmt) as tf:
+            tf.add(files[0], arcname="é/" + "l" * 150 + ".png")
+        (long,) = D.iter_entries([str(tmp_path / "long.tar")], tar_spans=True)
+        assert long.span is not None and read(long) == ("bytes", files[0].read_bytes())
     archives = {"whole": whole}
     for cut in (300, 512 + 100, len(whole) // 2, len(whole) - 1024 - 10, len(whole) - 100):
         archives[f"cut{cut}"] = whole[:cut]
@@ -298,7 +304,7 @@ def test_tar_members_listed_by_span_read_as_the_listing_reads_them(corpus, tmp_p
         for p in files[::-1]:
             tf.add(p, arcname=f"x/{p.name}")
     assert read(spanned[0]) == ("bad_archive", f"{spanned[0].path}: the archive changed after its members were "
-                                               f"listed (its size, time or inode): scan it again")
+                                               f"listed (this member's header is not where it was): scan it again")
 
 
 def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkeypatch):

@@ -280,9 +280,9 @@ def list_images(source: Union[str, Path], what: str = "input") -> List[Path]:
 class Entry(NamedTuple):
     """One input of a scan. ``path`` names it in records (``archive.tar::member`` for a tar
     member); the content is the file ``file``, or ``data`` (a tar member's bytes), or the
-    ``span`` (offset, size, then the archive's size, mtime_ns and inode as listed) of ``file``
-    (an uncompressed tar member listed without its bytes, read when the entry is); ``error`` is set when discovery already failed (an unreadable folder
-    or archive)."""
+    ``span`` (offset, size, header checksum) of a tar member in the uncompressed archive
+    ``file``, listed without its bytes and read when the entry is; ``error`` is set when
+    discovery already failed (an unreadable folder or archive)."""
 
     path: str
     file: Optional[str] = None
@@ -359,9 +359,6 @@ def _tar_entries(archive: str, spans: bool = False) -> Iterator[Entry]:
     (for readers elsewhere: the Ray engine's decode tasks)."""
     stack = contextlib.ExitStack()
     try:
-        if spans:  # what the archive is as listed: its reader checks it is still that file
-            st = os.stat(archive)
-            stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
         tf = stack.enter_context(_open_tar_stream(archive, stack))
         # (uncompressed: not gzip, read through a GzipFile of its own, nor what tarfile decompresses)
         spans = spans and not isinstance(tf.fileobj.fileobj, gzip.GzipFile) and tf.fileobj.comptype == "tar"
@@ -396,7 +393,7 @@ def _tar_entries(archive: str, spans: bool = False) -> Iterator[Entry]:
                 yield Entry(f"{archive}::", error=("bad_archive", _damage(archive, e)))
                 return
             if spans and not apple_double and not m.issparse():  # (a sparse member's data is not m.size bytes)
-                yield Entry(path, file=archive, span=(m.offset_data, m.size) + stamp)
+                yield Entry(path, file=archive, span=(m.offset_data, m.size, m.chksum))
                 continue
             try:
                 f = tf.extractfile(m)
@@ -544,19 +541,25 @@ def read_entry(entry: Entry) -> bytes:
 
 def _read_span(entry: Entry) -> bytes:
     """The bytes of an uncompressed tar member, from its archive (read again since it was
-    listed, and refused when the archive is no longer the file listed: its offsets may name
-    another member's bytes now)."""
-    offset, size, *stamp = entry.span
+    listed, perhaps on another machine): the header block before them must still be the
+    member's (its checksum and size), or the archive changed and the offset may name another
+    member's bytes now."""
+    offset, size, chksum = entry.span
     try:
         with open(entry.file, "rb") as f:
-            st = os.fstat(f.fileno())
-            if [st.st_size, st.st_mtime_ns, st.st_ino] != stamp:
-                raise ImageError("bad_archive", f"{entry.path}: the archive changed after its members were listed "
-                                                f"(its size, time or inode): scan it again")
-            f.seek(offset)
+            f.seek(offset - tarfile.BLOCKSIZE)
+            header = f.read(tarfile.BLOCKSIZE)
             data = f.read(size)
     except OSError as e:
         raise _os_error(e, entry.file) from None
+    try:
+        info = tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+        same = (info.chksum, info.size) == (chksum, size)
+    except tarfile.HeaderError:
+        same = False
+    if not same:
+        raise ImageError("bad_archive", f"{entry.path}: the archive changed after its members were listed (this "
+                                        f"member's header is not where it was): scan it again")
     if len(data) < size:  # (as the member's bytes read while listing it say it)
         raise ImageError("truncated", f"{entry.path}: the archive ends (or is damaged) inside this member of "
                                       f"{size} bytes: unexpected end of data")
