@@ -30,9 +30,11 @@ def _quiet_start() -> None:
     this package's imports (a program of the same name keeps them), and again once ``cli.main``
     handles KeyboardInterrupt and SIGTERM (``cli`` installs these again as it is imported: the
     command's imports go on there)."""
-    # (not in a forkserver, which imports the command's script as __mp_main__ but never runs main)
+    # (not in a forkserver, which imports the command's script as an __mp_main__ of its own but
+    # never runs main; in the command, multiprocessing makes __mp_main__ another name of __main__)
+    main = _sys.modules.get("__main__")
     if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None
-            and "__mp_main__" not in _sys.modules):
+            and _sys.modules.get("__mp_main__", main) is main):
         if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
             _signal.signal(_signal.SIGINT, _interrupted_while_starting)
         if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
