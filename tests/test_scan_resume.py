@@ -404,6 +404,24 @@ def test_the_command_s_decode_workers_end_without_a_word(model, tmp_path):
     assert lines_in(tmp_path / "o.jsonl") == 6
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_command_starts_its_workers_server_before_the_model_loads(corpus, model, tmp_path, monkeypatch, workers):
+    """``fakespotter scan`` starts the decode workers' forkserver (which imports torch, about a
+    second) before it loads the model, so that the two overlap; not with --workers 0."""
+    import fakespotter.cli.scan as cli_scan
+
+    S = sys.modules["fakespotter.scan"]
+    order = []
+    real_start, real_load = S.start_worker_server, cli_scan.load_detector
+    monkeypatch.setattr(S, "start_worker_server", lambda: (order.append("server"), real_start()))
+    monkeypatch.setattr(cli_scan, "load_detector", lambda args: (order.append("model"), real_load(args))[1])
+    out = tmp_path / "o.jsonl"
+    assert main(["scan", str(corpus / "a"), "--model", str(model), "--aligned", "--workers", str(workers),
+                 "--out", str(out), "--quiet"]) == 0
+    assert order == (["server", "model"] if workers else ["model"])
+    assert lines_in(out) == len(list((corpus / "a").iterdir()))
+
+
 def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     """Ctrl-C or SIGTERM while a submit starts a worker: the handler runs once the submit is
     done (so the pool knows the process and stopping the pool ends it), not half-way."""
@@ -438,10 +456,13 @@ def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     stop.set()
 
 
-def test_the_forkserver_a_scan_starts_leaves_ctrl_c_to_the_callers_own_processes(corpus, model, tmp_path):
+@pytest.mark.parametrize("start", ["by the scan", "before it"])
+def test_the_forkserver_a_scan_starts_leaves_ctrl_c_to_the_callers_own_processes(corpus, model, tmp_path, start):
     """The forkserver is the process's: after a scan started it (with SIGINT blocked and
     ignored), the caller's own forkserver processes ignored Ctrl-C, and a join of them hung.
-    It ignores SIGINT only while it imports torch, and keeps the caller's preload modules."""
+    It ignores SIGINT only while it imports torch, and keeps the caller's preload modules;
+    also when ``start_worker_server`` started it before the scan (as the CLI does)."""
+    early = "from fakespotter.scan import start_worker_server; start_worker_server()" if start == "before it" else ""
     script = tmp_path / "user.py"
     script.write_text(f"""
 import multiprocessing as mp, signal, sys
@@ -454,6 +475,7 @@ def child(q):
 if __name__ == "__main__":
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "json"])
+    {early}
     assert len(list(fakespotter.scan([{str(corpus / "a")!r}], {str(model)!r}, aligned=True, workers=1))) > 0
     q = ctx.Queue()
     p = ctx.Process(target=child, args=(q,))

@@ -387,19 +387,37 @@ class WorkerStartError(RuntimeError):
         self.reason = reason
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # forkserver: workers fork from a clean server that imported fakespotter once, never from
-    # this (multi-threaded) process; spawn where forkserver does not exist.
-    methods = multiprocessing.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = multiprocessing.get_context("forkserver")
+def _context() -> Any:
+    """The decode workers' start method. forkserver: workers fork from a clean server that
+    imported fakespotter once, never from this (multi-threaded) process; spawn where forkserver
+    does not exist."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    from multiprocessing import forkserver
+
+    # (the server is the process's: keep what the caller asked it to preload)
+    theirs = getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", None) or []
+    ctx.set_forkserver_preload(list(dict.fromkeys([*theirs, "fakespotter._forkserver_preload"])))
+    return ctx
+
+
+def start_worker_server() -> None:
+    """Start the decode workers' forkserver now, to import fakespotter and torch (about a second)
+    while the caller does other work, such as loading its model: the pool's workers then fork
+    at once. The CLI calls it; a program's own script should not, unless it has a main guard
+    (the server imports ``__main__``, which would run a script without one again). Nothing to
+    do where workers are spawned."""
+    ctx = _context()
+    if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
-        # (the server is the process's: keep what the caller asked it to preload)
-        theirs = getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", None) or []
-        ctx.set_forkserver_preload(list(dict.fromkeys([*theirs, "fakespotter._forkserver_preload"])))
-    else:
-        ctx = multiprocessing.get_context("spawn")
+        with _signals_held():  # (as a submit's start of the server: see there)
+            forkserver.ensure_running()
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    ctx = _context()
     started = ctx.Event()  # set by the first worker to finish starting (see _check_started)
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(os.getpid(), started))
