@@ -456,6 +456,46 @@ def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     stop.set()
 
 
+def test_a_ctrl_c_while_the_forkserver_imports_fakespotter_leaves_it_running(tmp_path):
+    """A Ctrl-C (sent to the whole process group) while the workers' forkserver imported
+    torch killed it with a KeyboardInterrupt traceback: the scan's blocked SIGINT is not
+    inherited by the server. It is ignored there now, and the server's processes get Python's
+    handler."""
+    script = tmp_path / "server.py"
+    script.write_text("""
+import multiprocessing as mp, os, signal, sys, time
+from multiprocessing import forkserver
+
+def child(q):
+    q.put(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["fakespotter._forkserver_preload"])
+    forkserver.ensure_running()
+    pid = forkserver._forkserver._forkserver_pid
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # torch's library mapped: the server is in fakespotter's imports
+        with open(f"/proc/{pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.002)
+    else:
+        sys.exit("premise: the server never loaded torch")
+    for _ in range(5):
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.02)
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    print(q.get(timeout=60))
+    p.join()
+""")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stdout.strip()) == (0, "True"), run.stderr
+    assert "KeyboardInterrupt" not in run.stderr
+
+
 @pytest.mark.parametrize("start", ["by the scan", "before it"])
 def test_the_forkserver_a_scan_starts_leaves_ctrl_c_to_the_callers_own_processes(corpus, model, tmp_path, start):
     """The forkserver is the process's: after a scan started it (with SIGINT blocked and

@@ -41,7 +41,24 @@ def _quiet_start() -> None:
             _signal.signal(_signal.SIGTERM, _terminated_while_starting)
 
 
+def _in_forkserver_start() -> bool:
+    """Imported by a multiprocessing forkserver as it starts (its preload modules): a scan's
+    decode workers' server, or a caller's own server that preloads fakespotter."""
+    forkserver = _sys.modules.get("multiprocessing.forkserver")
+    frame = _sys._getframe(1) if forkserver is not None else None
+    while frame is not None:
+        if frame.f_code is forkserver.main.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
 _quiet_start()
+# A forkserver starts with Python's SIGINT handler (its parent's blocked mask is not inherited):
+# a Ctrl-C to the process group while it imports torch here would kill it with a traceback. It
+# ignores SIGINT until this package is imported, then has Python's handler again, which its
+# processes inherit; the server ignores SIGINT itself from then on.
+_sigint_before = _signal.signal(_signal.SIGINT, _signal.SIG_IGN) if _in_forkserver_start() else None
 
 import torch  # noqa: E402,F401  (the native library links against torch's; load it first)
 
@@ -102,6 +119,8 @@ if _torch_build_mismatch():
 
     _warnings.warn(_torch_build_mismatch(), RuntimeWarning, stacklevel=2)
 
+if _sigint_before is not None:
+    _signal.signal(_signal.SIGINT, _sigint_before)
 if _signal.getsignal(_signal.SIGINT) is _interrupted_while_starting:  # (the package's imports are done)
     _signal.signal(_signal.SIGINT, _signal.default_int_handler)
 if _signal.getsignal(_signal.SIGTERM) is _terminated_while_starting:

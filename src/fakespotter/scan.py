@@ -450,10 +450,9 @@ def _signals_held() -> Iterator[None]:
     submit, once the pool knows the new process, so stopping the pool ends it; raised half-way,
     the process would be left to start alone and fail loudly on the pool's vanished queues.
     (Another thread may take the signal, so a mask alone does not hold the handler back.)
-    Spawned processes inherit the blocked SIGINT, so a Ctrl-C (sent to the whole process
-    group) during their start-up, before :func:`_worker_init`, reaches only the scan; so does a
-    forkserver started here, which unblocks it (``_forkserver_preload``): the server is shared
-    with the caller's own forkserver processes."""
+    A forkserver started here ignores a Ctrl-C (sent to the whole process group) while it
+    imports fakespotter (``_forkserver_preload``), and the workers it forks from then on ignore
+    it (:func:`_worker_init`): only the scan acts on it."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
