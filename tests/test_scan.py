@@ -307,6 +307,28 @@ def test_tar_members_listed_by_span_read_as_the_listing_reads_them(corpus, tmp_p
                                                f"listed (this member's header is not where it was): scan it again")
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts the bytes read in /proc/self/io (Linux)")
+def test_a_span_listing_reads_the_headers_not_the_members(tmp_path):
+    """The Ray driver lists an uncompressed archive for its decode tasks, which read the members:
+    the listing seeks past their data (it read the whole archive, each member twice in all)."""
+    def read_so_far():
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+    blob = os.urandom(256 << 10)
+    with tarfile.open(tmp_path / "t.tar", "w") as tf:
+        for i in range(40):
+            info = tarfile.TarInfo(f"d/{i:03d}.jpg")
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+    before = read_so_far()
+    entries = list(D.iter_entries([str(tmp_path / "t.tar")], tar_spans=True))
+    read = read_so_far() - before
+    assert len(entries) == 40 and all(e.span is not None and e.data is None for e in entries)
+    assert read < (tmp_path / "t.tar").stat().st_size / 20, read
+    assert D.read_entry(entries[7]) == blob
+
+
 def test_lists_stdin_and_missing_entries(corpus, model, tmp_path, capsys, monkeypatch):
     a = D.list_images(corpus / "a")
     listing = tmp_path / "list.txt"

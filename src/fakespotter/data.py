@@ -356,12 +356,11 @@ def _tar_entries(archive: str, spans: bool = False) -> Iterator[Entry]:
     """The image members of a tar archive (any compression), streaming; the member bytes are
     read here since compressed archives cannot be read at random offsets. ``spans``: an
     uncompressed archive's members are listed by their span in it instead, without their bytes
-    (for readers elsewhere: the Ray engine's decode tasks)."""
+    (for readers elsewhere: the Ray engine's decode tasks); the listing then reads the headers
+    alone, seeking past the members' data."""
     stack = contextlib.ExitStack()
     try:
-        tf = stack.enter_context(_open_tar_stream(archive, stack))
-        # (uncompressed: not gzip, read through a GzipFile of its own, nor what tarfile decompresses)
-        spans = spans and not isinstance(tf.fileobj.fileobj, gzip.GzipFile) and tf.fileobj.comptype == "tar"
+        tf, spans = _open_tar(archive, stack, spans)
     except _TAR_ERRORS as e:
         stack.close()
         kind = _os_error(e, archive).kind if isinstance(e, OSError) and e.errno else "bad_archive"
@@ -417,15 +416,22 @@ def _damage(archive: str, e: BaseException) -> str:
     return f"{archive}: the archive is damaged or truncated after the members listed so far: {e}"
 
 
-def _open_tar_stream(archive: str, stack: contextlib.ExitStack) -> tarfile.TarFile:
-    """A tar archive opened for streaming. A gzip-compressed one is read through GzipFile,
-    which checks the data against the CRC at its end (tarfile's own gzip stream never does, so
-    damaged compressed data went by unnoticed); bzip2 and xz check theirs block by block."""
+def _open_tar(archive: str, stack: contextlib.ExitStack, seekable: bool = False) -> Tuple[tarfile.TarFile, bool]:
+    """A tar archive opened for streaming (entered into ``stack``), and whether it was opened
+    for random access instead: asked for with ``seekable``, and only an uncompressed archive
+    can be (its members' data is then skipped by seeking, not read). A gzip-compressed one is
+    read through GzipFile, which checks the data against the CRC at its end (tarfile's own gzip
+    stream never does, so damaged compressed data went by unnoticed); bzip2 and xz check theirs
+    block by block."""
     with open(archive, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     if gzipped:
-        return tarfile.open(fileobj=stack.enter_context(gzip.open(archive, "rb")), mode="r|")
-    return tarfile.open(archive, mode="r|*")
+        return stack.enter_context(tarfile.open(fileobj=stack.enter_context(gzip.open(archive, "rb")), mode="r|")), False
+    tf = stack.enter_context(tarfile.open(archive, mode="r|*"))
+    if not (seekable and tf.fileobj.comptype == "tar"):  # (what tarfile would decompress itself, by content)
+        return tf, False
+    tf.close()
+    return stack.enter_context(tarfile.open(archive, mode="r:")), True
 
 
 def _rest_is_zeros(stream: Any) -> bool:
