@@ -496,6 +496,30 @@ if __name__ == "__main__":
     assert "KeyboardInterrupt" not in run.stderr
 
 
+def test_a_process_forked_from_a_forkserver_imports_fakespotter_with_its_ctrl_c(tmp_path):
+    """The caller's own forkserver processes (their stack holds the server's) that import
+    fakespotter themselves are not taken for the server: Ctrl-C is not ignored there."""
+    script = tmp_path / "lazy.py"
+    script.write_text("""
+import multiprocessing as mp, signal, sys
+
+def child(q):
+    import fakespotter
+    q.put((sys.modules["fakespotter"]._in_forkserver_start(), signal.getsignal(signal.SIGINT) is signal.default_int_handler))
+
+if __name__ == "__main__":
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["json"])
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    print(q.get(timeout=120))
+    p.join()
+""")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stdout.strip()) == (0, "(False, True)"), run.stderr
+
+
 @pytest.mark.parametrize("start", ["by the scan", "before it"])
 def test_the_forkserver_a_scan_starts_leaves_ctrl_c_to_the_callers_own_processes(corpus, model, tmp_path, start):
     """The forkserver is the process's: after a scan started it (with SIGINT blocked and

@@ -43,10 +43,13 @@ def _quiet_start() -> None:
 
 def _in_forkserver_start() -> bool:
     """Imported by a multiprocessing forkserver as it starts (its preload modules): a scan's
-    decode workers' server, or a caller's own server that preloads fakespotter."""
+    decode workers' server, or a caller's own server that preloads fakespotter; not by a
+    process forked from a server (``_serve_one``), whose stack holds the server's too."""
     forkserver = _sys.modules.get("multiprocessing.forkserver")
     frame = _sys._getframe(1) if forkserver is not None else None
     while frame is not None:
+        if frame.f_code is forkserver._serve_one.__code__:
+            return False
         if frame.f_code is forkserver.main.__code__:
             return True
         frame = frame.f_back
