@@ -307,6 +307,37 @@ def test_tar_members_listed_by_span_read_as_the_listing_reads_them(corpus, tmp_p
                                                f"listed (this member's header is not where it was): scan it again")
 
 
+def test_a_tar_that_ends_in_a_cut_or_damaged_member_header_ends_with_bad_archive(tmp_path):
+    """tarfile takes a header cut short, or a damaged last block, after the first member for
+    the archive's end: the members from there on were left out without a word. Zeros where
+    the archive ends (its end blocks, cut or not) are its end."""
+    blobs = [os.urandom(3000 + i) for i in range(3)]
+    with tarfile.open(tmp_path / "t.tar", "w") as tf:
+        for i, b in enumerate(blobs):
+            info = tarfile.TarInfo(f"d/{i}.jpg")
+            info.size = len(b)
+            tf.addfile(info, io.BytesIO(b))
+        end = tf.offset  # where the end-of-archive blocks begin
+    with tarfile.open(tmp_path / "t.tar") as tf:
+        third = tf.getmembers()[2].offset
+    whole = (tmp_path / "t.tar").read_bytes()
+    cases = {"cut in header": (whole[:third + 200], 2), "damaged last block": (whole[:end] + b"\x07" * 512, 3),
+             "end blocks cut": (whole[:end + 700], 3), "no end blocks": (whole[:end], 3)}
+    for name, (data, members) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.tar"
+        path.write_bytes(data)
+        for spans in (False, True):
+            entries = list(D.iter_entries([str(path)], tar_spans=spans))
+            assert [D.read_entry(e) for e in entries[:members]] == blobs[:members], (name, spans)
+            if name in ("cut in header", "damaged last block"):
+                at = third if name == "cut in header" else end
+                assert len(entries) == members + 1 and entries[-1].error == (
+                    "bad_archive", f"{path}: the archive ends in a damaged or cut member header at byte {at}: the "
+                                   f"member it began, and any after it, were not read"), (name, spans)
+            else:
+                assert len(entries) == members, (name, spans)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts the bytes read in /proc/self/io (Linux)")
 def test_a_span_listing_reads_the_headers_not_the_members(tmp_path):
     """The Ray driver lists an uncompressed archive for its decode tasks, which read the members:

@@ -370,11 +370,15 @@ def _tar_entries(archive: str, spans: bool = False) -> Iterator[Entry]:
         while True:
             try:
                 m = tf.next()
-                if m is None:
-                    if not _rest_is_zeros(tf.fileobj):  # tarfile ends quietly at a damaged header
+                if m is None:  # tarfile ends quietly at a damaged or cut header
+                    if not _rest_is_zeros(tf.fileobj):
                         yield Entry(f"{archive}::", error=(
                             "bad_archive", f"{archive}: reading stopped near byte {tf.offset} (a damaged member "
                                            f"header?), but data follows: anything after it was not read"))
+                    elif getattr(tf, _LAST_BLOCK, b"").strip(b"\0"):  # not end-of-archive zeros: the archive's end
+                        yield Entry(f"{archive}::", error=(
+                            "bad_archive", f"{archive}: the archive ends in a damaged or cut member header at byte "
+                                           f"{tf.offset}: the member it began, and any after it, were not read"))
                     return
                 tf.members.clear()  # stream mode keeps every TarInfo otherwise
                 if m.isdir() or not _is_image_name(m.name):
@@ -416,6 +420,23 @@ def _damage(archive: str, e: BaseException) -> str:
     return f"{archive}: the archive is damaged or truncated after the members listed so far: {e}"
 
 
+_LAST_BLOCK = "_fakespotter_last_block"
+
+
+class _Header(tarfile.TarInfo):
+    """tarfile's member header, which also keeps on its archive the last header block read
+    (``_LAST_BLOCK``): where reading ends, zeros are the archive's end, anything else a header
+    cut short or damaged (tarfile takes both for the end after the first member)."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:  # (tarfile's own, keeping the block)
+        buf = tf.fileobj.read(tarfile.BLOCKSIZE)
+        setattr(tf, _LAST_BLOCK, buf)
+        obj = cls.frombuf(buf, tf.encoding, tf.errors)
+        obj.offset = tf.fileobj.tell() - tarfile.BLOCKSIZE
+        return obj._proc_member(tf)
+
+
 def _open_tar(archive: str, stack: contextlib.ExitStack, seekable: bool = False) -> Tuple[tarfile.TarFile, bool]:
     """A tar archive opened for streaming (entered into ``stack``), and whether it was opened
     for random access instead: asked for with ``seekable``, and only an uncompressed archive
@@ -426,12 +447,13 @@ def _open_tar(archive: str, stack: contextlib.ExitStack, seekable: bool = False)
     with open(archive, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     if gzipped:
-        return stack.enter_context(tarfile.open(fileobj=stack.enter_context(gzip.open(archive, "rb")), mode="r|")), False
-    tf = stack.enter_context(tarfile.open(archive, mode="r|*"))
+        gz = stack.enter_context(gzip.open(archive, "rb"))
+        return stack.enter_context(tarfile.open(fileobj=gz, mode="r|", tarinfo=_Header)), False
+    tf = stack.enter_context(tarfile.open(archive, mode="r|*", tarinfo=_Header))
     if not (seekable and tf.fileobj.comptype == "tar"):  # (what tarfile would decompress itself, by content)
         return tf, False
     tf.close()
-    return stack.enter_context(tarfile.open(archive, mode="r:")), True
+    return stack.enter_context(tarfile.open(archive, mode="r:", tarinfo=_Header)), True
 
 
 def _rest_is_zeros(stream: Any) -> bool:
