@@ -407,19 +407,28 @@ def test_the_command_s_decode_workers_end_without_a_word(model, tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_command_starts_its_workers_server_before_the_model_loads(corpus, model, tmp_path, monkeypatch, workers):
     """``fakespotter scan`` starts the decode workers' forkserver (which imports torch, about a
-    second) before it loads the model, so that the two overlap; not with --workers 0."""
-    import fakespotter.cli.scan as cli_scan
+    second) before it loads the model, so that the two overlap; not with --workers 0, nor for
+    a command that refuses its device or model file (the server would hold its stderr open
+    for that second after it exits)."""
+    from fakespotter.detector import FakeSpotter
 
     S = sys.modules["fakespotter.scan"]
     order = []
-    real_start, real_load = S.start_worker_server, cli_scan.load_detector
+    real_start, real_load = S.start_worker_server, FakeSpotter.load.__func__
     monkeypatch.setattr(S, "start_worker_server", lambda: (order.append("server"), real_start()))
-    monkeypatch.setattr(cli_scan, "load_detector", lambda args: (order.append("model"), real_load(args))[1])
-    out = tmp_path / "o.jsonl"
-    assert main(["scan", str(corpus / "a"), "--model", str(model), "--aligned", "--workers", str(workers),
-                 "--out", str(out), "--quiet"]) == 0
+    monkeypatch.setattr(FakeSpotter, "load", classmethod(lambda cls, *a, **k: (order.append("model"),
+                                                                                real_load(cls, *a, **k))[1]))
+    def scan_to(out, *more):
+        return main(["scan", str(corpus / "a"), "--aligned", "--workers", str(workers), "--out", str(out), "--quiet",
+                     *more])
+
+    assert scan_to(tmp_path / "o.jsonl", "--model", str(model)) == 0
     assert order == (["server", "model"] if workers else ["model"])
-    assert lines_in(out) == len(list((corpus / "a").iterdir()))
+    assert lines_in(tmp_path / "o.jsonl") == len(list((corpus / "a").iterdir()))
+    order.clear()
+    assert scan_to(tmp_path / "missing.jsonl", "--model", str(tmp_path / "missing.fsm")) == 2
+    assert scan_to(tmp_path / "cuda.jsonl", "--model", str(model), "--device", "cuda:7") == 2
+    assert order == []
 
 
 def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():

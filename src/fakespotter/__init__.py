@@ -60,7 +60,8 @@ _quiet_start()
 # A forkserver starts with Python's SIGINT handler (its parent's blocked mask is not inherited):
 # a Ctrl-C to the process group while it imports torch here would kill it with a traceback. It
 # ignores SIGINT until this package is imported, then has Python's handler again, which its
-# processes inherit; the server ignores SIGINT itself from then on.
+# processes inherit; the server ignores SIGINT itself from then on. (Not covered: the server's
+# first ~30 ms, its interpreter's start and multiprocessing's imports, before it gets here.)
 _sigint_before = _signal.signal(_signal.SIGINT, _signal.SIG_IGN) if _in_forkserver_start() else None
 
 import torch  # noqa: E402,F401  (the native library links against torch's; load it first)

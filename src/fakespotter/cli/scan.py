@@ -175,11 +175,7 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         _check_stats_file(Path(str(out) + ".stats.json"))  # (--resume and --overwrite replace it too)
         _refuse_input_as_output(args.paths, out)
     check_faces(args)
-    if args.workers > 0:  # the workers' server imports while the model loads: ~1 s less per scan
-        from ..scan import start_worker_server
-
-        start_worker_server()
-    return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args)}
+    return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args, start_workers=args.workers > 0)}
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -246,12 +242,15 @@ def check_faces(args: argparse.Namespace) -> None:
                               f"or pass --aligned for already-aligned chips") from None
 
 
-def load_detector(args: argparse.Namespace) -> Any:
+def load_detector(args: argparse.Namespace, start_workers: bool = False) -> Any:
     """The --model on --device (``model_sha256()`` is its file's), with the detection settings
-    not given filled in from it; usage errors before work."""
+    not given filled in from it; usage errors before work. ``start_workers``: once the device
+    and the model file are found, start the decode workers' server, whose imports (about a
+    second) then overlap the model's load (the server holds stderr until they end: not for a
+    command that is about to refuse its arguments)."""
     from ..artifact import ModelFileError
     from ..detector import FakeSpotter
-    from ..scan import check_device
+    from ..scan import check_device, start_worker_server
 
     try:
         check_device(args.device, "--device")
@@ -259,6 +258,8 @@ def load_detector(args: argparse.Namespace) -> Any:
         raise usage_error(str(e).split(": ", 1)[1]) from None
     embedded = args.model == "default"
     args.model = model_file(args.model, "--model")
+    if start_workers:
+        start_worker_server()
     try:
         det = FakeSpotter.load(args.model, device=args.device)
     except (ModelFileError, OSError, ValueError) as e:
