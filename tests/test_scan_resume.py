@@ -465,22 +465,37 @@ def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     stop.set()
 
 
+def forkserver_child(tmp_path, child: str, preload, setup: str = ""):
+    """Runs a script that starts a forkserver with ``preload``, runs ``setup`` (lines of the
+    main block), then one process of the server whose ``child(q)`` (its body: ``child``) puts
+    what it finds on ``q``; the script prints that."""
+    script = tmp_path / "forkserver_child.py"
+    script.write_text(f"""
+import multiprocessing as mp, os, signal, sys, time
+from multiprocessing import forkserver
+
+def child(q):
+{child}
+
+if __name__ == "__main__":
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload({list(preload)!r})
+{setup}
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    print(q.get(timeout=120))
+    p.join()
+""")
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+
+
 def test_a_ctrl_c_while_the_forkserver_imports_fakespotter_leaves_it_running(tmp_path):
     """A Ctrl-C (sent to the whole process group) while the workers' forkserver imported
     torch killed it with a KeyboardInterrupt traceback: the scan's blocked SIGINT is not
     inherited by the server. It is ignored there now, and the server's processes get Python's
     handler."""
-    script = tmp_path / "server.py"
-    script.write_text("""
-import multiprocessing as mp, os, signal, sys, time
-from multiprocessing import forkserver
-
-def child(q):
-    q.put(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-
-if __name__ == "__main__":
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["fakespotter._forkserver_preload"])
+    setup = """
     forkserver.ensure_running()
     pid = forkserver._forkserver._forkserver_pid
     deadline = time.monotonic() + 120
@@ -493,14 +508,9 @@ if __name__ == "__main__":
         sys.exit("premise: the server never loaded torch")
     for _ in range(5):
         os.kill(pid, signal.SIGINT)
-        time.sleep(0.02)
-    q = ctx.Queue()
-    p = ctx.Process(target=child, args=(q,))
-    p.start()
-    print(q.get(timeout=60))
-    p.join()
-""")
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        time.sleep(0.02)"""
+    run = forkserver_child(tmp_path, "    q.put(signal.getsignal(signal.SIGINT) is signal.default_int_handler)",
+                           ["fakespotter._forkserver_preload"], setup)
     assert (run.returncode, run.stdout.strip()) == (0, "True"), run.stderr
     assert "KeyboardInterrupt" not in run.stderr
 
@@ -508,24 +518,9 @@ if __name__ == "__main__":
 def test_a_process_forked_from_a_forkserver_imports_fakespotter_with_its_ctrl_c(tmp_path):
     """The caller's own forkserver processes (their stack holds the server's) that import
     fakespotter themselves are not taken for the server: Ctrl-C is not ignored there."""
-    script = tmp_path / "lazy.py"
-    script.write_text("""
-import multiprocessing as mp, signal, sys
-
-def child(q):
-    import fakespotter
-    q.put((sys.modules["fakespotter"]._in_forkserver_start(), signal.getsignal(signal.SIGINT) is signal.default_int_handler))
-
-if __name__ == "__main__":
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["json"])
-    q = ctx.Queue()
-    p = ctx.Process(target=child, args=(q,))
-    p.start()
-    print(q.get(timeout=120))
-    p.join()
-""")
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    run = forkserver_child(tmp_path, """    import fakespotter
+    q.put((fakespotter._in_forkserver_start(), signal.getsignal(signal.SIGINT) is signal.default_int_handler))""",
+                           ["json"])
     assert (run.returncode, run.stdout.strip()) == (0, "(False, True)"), run.stderr
 
 
@@ -536,27 +531,13 @@ def test_the_forkserver_a_scan_starts_leaves_ctrl_c_to_the_callers_own_processes
     It ignores SIGINT only while it imports torch, and keeps the caller's preload modules;
     also when ``start_worker_server`` started it before the scan (as the CLI does)."""
     early = "from fakespotter.scan import start_worker_server; start_worker_server()" if start == "before it" else ""
-    script = tmp_path / "user.py"
-    script.write_text(f"""
-import multiprocessing as mp, signal, sys
-import fakespotter
-
-def child(q):
-    q.put((signal.getsignal(signal.SIGINT) is signal.default_int_handler,
-           signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []), "json" in sys.modules))
-
-if __name__ == "__main__":
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "json"])
+    child = """    q.put((signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+           signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []), "json" in sys.modules))"""
+    setup = f"""
+    import fakespotter
     {early}
-    assert len(list(fakespotter.scan([{str(corpus / "a")!r}], {str(model)!r}, aligned=True, workers=1))) > 0
-    q = ctx.Queue()
-    p = ctx.Process(target=child, args=(q,))
-    p.start()
-    print(q.get(timeout=60))
-    p.join()
-""")
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert len(list(fakespotter.scan([{str(corpus / "a")!r}], {str(model)!r}, aligned=True, workers=1))) > 0"""
+    run = forkserver_child(tmp_path, child, ["__main__", "json"], setup)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "(True, False, True)"
     run = subprocess.run([sys.executable, "-c", "import signal, fakespotter._forkserver_preload; "
