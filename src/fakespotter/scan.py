@@ -405,9 +405,9 @@ def _context() -> Any:
 def start_worker_server() -> None:
     """Start the decode workers' forkserver now, to import fakespotter and torch (about a second)
     while the caller does other work, such as loading its model: the pool's workers then fork
-    at once. The CLI calls it; a program's own script should not, unless it has a main guard
-    (the server imports ``__main__``, which would run a script without one again). Nothing to
-    do where workers are spawned."""
+    at once. The CLI calls it; :func:`scan` does not, since a forkserver may import the
+    caller's ``__main__`` as it starts (Python 3.11's does not), which would run a script
+    without a main guard again. Nothing to do where workers are spawned."""
     ctx = _context()
     if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver
@@ -451,8 +451,8 @@ def _signals_held() -> Iterator[None]:
     the process would be left to start alone and fail loudly on the pool's vanished queues.
     (Another thread may take the signal, so a mask alone does not hold the handler back.)
     A forkserver started here ignores a Ctrl-C (sent to the whole process group) while it
-    imports fakespotter (``_forkserver_preload``), and the workers it forks from then on ignore
-    it (:func:`_worker_init`): only the scan acts on it."""
+    imports fakespotter (``fakespotter/__init__.py``; not in its interpreter's first ~30 ms),
+    and the workers it forks ignore it (:func:`_worker_init`): only the scan acts on it."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
