@@ -418,7 +418,9 @@ def start_worker_server() -> None:
 
 def _pool(workers: int) -> ProcessPoolExecutor:
     ctx = _context()
-    started = ctx.Event()  # set by the first worker to finish starting (see _check_started)
+    # set to 1 by the first worker to finish starting (see _check_started); a plain shared byte,
+    # not an Event, whose lock a worker stopped inside its set() would hold for good
+    started = ctx.RawValue("b", 0)
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(os.getpid(), started))
     ex._fakespotter_started = started  # type: ignore[attr-defined]
@@ -429,7 +431,7 @@ def _check_started(ex: ProcessPoolExecutor) -> None:
     """After the pool broke: WorkerStartError when no worker ever finished starting, so no file
     is to blame (it would otherwise get a ``worker_crash`` record, and so would every other)."""
     started = getattr(ex, "_fakespotter_started", None)
-    if started is None or started.is_set():
+    if started is None or started.value:
         return
     ex.shutdown(wait=False, cancel_futures=True)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -504,14 +506,14 @@ def _alive(pid: int) -> bool:
 def _worker_init(parent: int, started: Any = None) -> None:
     """In each decode worker: Ctrl-C (sent to the whole process group) is the parent's to handle:
     it stops the pool, and a worker dying of it mid-task could hang that; a worker whose parent
-    is gone (killed with SIGKILL) exits instead of living on. ``started`` is set: this worker
-    got through its start-up."""
+    is gone (killed with SIGKILL) exits instead of living on. ``started`` (a shared byte) is
+    set to 1: this worker got through its start-up."""
     import signal
 
     if os.environ.get(_CRASH_ENV) == _START_CRASH:
         os._exit(3)
     if started is not None:
-        started.set()
+        started.value = 1
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     quiet_pillow_logs()
@@ -544,6 +546,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
     chunks = _chunks(entries, chunk)
     ex = keep.get("pool") if keep is not None else None
     ex = ex or _pool(workers)
+    replaced: List[ProcessPoolExecutor] = []  # broken pools given up during this call
     pending: deque = deque()
 
     def submit(c: List[Entry]) -> Tuple[List[Entry], Any, ProcessPoolExecutor]:
@@ -555,6 +558,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
         except BrokenProcessPool:  # a kept pool whose process died while it was idle
             _check_started(ex)
             ex.shutdown(wait=False, cancel_futures=True)
+            replaced.append(ex)
             ex = _pool(workers)
             with _signals_held():
                 return c, ex.submit(_decode_chunk, c, cfg), ex
@@ -566,6 +570,7 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
         nonlocal ex
         _kill_workers(ex)
         ex.shutdown(wait=True, cancel_futures=True)
+        replaced.append(ex)
         ex = _pool(workers)
 
     def start(item: Any) -> Tuple[List[Entry], Any, ProcessPoolExecutor]:
@@ -671,6 +676,8 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
             _stop(ex)
             if keep is not None:
                 keep.pop("pool", None)
+        for old in replaced:  # a worker a pool started as it broke (a submit racing its manager thread)
+            _kill_workers(old)  # outlives the pool's own stop and holds the interpreter's exit
 
 
 def _held(entries: List[Entry]) -> int:
