@@ -12,9 +12,10 @@
 #                           float32 vs float16 autocast, channels_last and compile in the scanner's forward
 #   ARCH=90                 CUDA architectures to build for (default: 90, Hopper)
 #   OPS_REPEATS=15          rounds of bench_ops.py (default: 15)
+#   CPU_TAPS=1              0: leave out bench_taps.py on the host's CPUs (default: 1)
 #
 # Each step has its own time limit, so one that hangs or fails leaves the others' results. The steps
-# run most-wanted first (tests, taps, precision, agreement, kernels, scan): a lease that ends early
+# run most-wanted first (tests, taps, CPU taps, precision, agreement, kernels, scan): a lease that ends early
 # still brings back the first ones.
 #
 # Preparing the data on a machine without a GPU, in the repository root (.gpu/ is ignored by git;
@@ -25,7 +26,9 @@
 # then, carrying .gpu:
 #   FAKESPOTTER_CACHE=$PWD/.gpu/cache AGREEDIR=$PWD/.gpu/scan/corpus512 PRECISIONWORK=$PWD/.gpu/prec \
 #     bash benchmarks/gpu_check.sh $OUT
-# On an H200 (2026-11-27) that took 5 minutes: build 36 s, tests 3 min, taps 40 s, precision 33 s.
+# On an H200 (2026-11-27) that took 5 minutes: build 36 s, tests 3 min, taps 40 s, precision 33 s;
+# the CPU taps step, added since, can take up to 7 minutes more. A device call has 10, so CPU_TAPS=0
+# leaves it out, and a call of its own can run it.
 set -u
 out=${1:-gpu-out}
 mkdir -p "$out"
@@ -62,6 +65,16 @@ for cfg in "64 off contiguous" "64 off channels_last" "256 default contiguous" "
   set -- $cfg
   timeout 100 python3 benchmarks/bench_taps.py --device cuda --threads 8 --batch "$1" --tf32 "$2" --input "$3" --repeats 7
 done 2>&1 | tee "$out/taps.log"
+
+if [ "${CPU_TAPS:-1}" != 0 ]; then
+  step cpu-taps
+  # issue B's CPU targets on the host's CPUs: the naive monitor's numpy work runs on one thread while
+  # the forward uses them all, so (b)/(c) grows with the core count (1.01x at 1 thread, 1.12x at 2 on
+  # the 2-CPU VM); never measured with more than 2
+  { timeout 120 python3 benchmarks/bench_taps.py --device cpu --threads "$(nproc)" --batch 64 --repeats 5
+    timeout 300 python3 benchmarks/bench_taps.py --device cpu --threads "$(nproc)" --batch 64 --repeats 5 --compile
+  } 2>&1 | tee "$out/cpu-taps.log"
+fi
 
 if [ -n "${PRECISIONWORK:-}" ]; then
   step precision
