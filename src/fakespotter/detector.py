@@ -131,8 +131,9 @@ class FakeSpotter:
         upsample: dlib detector upsampling (find smaller faces; slower).
         weak_face_score: detections scoring below this are dropped from an image that holds a
             face scoring at least this (default ``faces.WEAK_FACE_SCORE``; 0 keeps every one).
-        detect_pixels: the most pixels the face detector works on; larger images are scaled
-            down for detection only (default ``faces.DETECT_PIXELS``; 0 for no limit).
+        detect_pixels: the most pixels the face detector works on; in larger images it skips
+            the levels of its pyramid above that size (default ``faces.DETECT_PIXELS``; 0 for no
+            limit).
         device: where the backbone runs (default "cpu").
 
     After ``fit`` (or ``load``), besides the fitted parts: ``training_summary_`` (counts, metrics,

@@ -68,6 +68,8 @@ __all__ = [
     "load_image",
     "detect_and_align",
     "DETECT_PIXELS",
+    "MAX_DETECT_WIDTH",
+    "PYRAMID_SPAN",
     "WEAK_FACE_SCORE",
     "chip_from_aligned",
     "to_tensor",
@@ -85,10 +87,9 @@ DLIB_INSTALL = "pip install 'fakespotter[faces]' (the prebuilt dlib-bin==20.0.1.
 # fabric, beside real faces in group photos; each one scored as fake) scored 0.02-0.13; weak
 # detections alone in their image were faces (low-fidelity 64 px DCGAN renders, mostly).
 WEAK_FACE_SCORE = 0.15
-# The face detector works on at most this many pixels (after upsampling): a larger image is
-# scaled to this size for detection only (chips are cut from the full image). Images up to
-# 2048x2048 with upsample=1 are within it, as they were; a 24 MP photo costs ~2.2 s instead of
-# ~12 s and its faces are found down to ~100 px (benchmarks/RESULTS.md, "Detection on large
+# The face detector works on at most this many pixels (after upsampling; _detect says how).
+# Images up to 2048x2048 with upsample=1 are within it; a 24 MP photo costs ~1.4 s instead of
+# ~7.5 s and its faces are found down to ~100 px (benchmarks/RESULTS.md, "Detection on large
 # images": a 2048x2048 cap missed two thirds of the faces of a 24 MP group photo).
 DETECT_PIXELS = 4096 * 4096
 # Below this a cap leaves the detector (an 80x80 px window) next to nothing to look at; it also
@@ -625,7 +626,7 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
     with img:
         # the scanner's checks that Pillow lacks (data.decode_image): damaged JPEG scan data, JPEGs
         # of too many scans (simplejpeg decodes the rest), PNG image data that ends early or is damaged
-        from .data import (ImageError, _check_bmff_whole, _check_png_crcs, _check_png_data, check_avif_size,
+        from .data import (ImageError, _check_bmff_whole, _check_png_chunks, _check_png_data, check_avif_size,
                            check_tiff_jpeg, check_tiff_tiles, is_tiff_jpeg, jpeg_pixels)
 
         try:
@@ -640,7 +641,7 @@ def _decode_once(source: Any, name: str, background: Background) -> np.ndarray:
             tiff_jpeg = img.format == "TIFF" and is_tiff_jpeg(img)
             data = _bytes_of(source) if img.format in ("PNG", "AVIF", "HEIF") or tiff_jpeg else b""
             if img.format == "PNG":
-                _check_png_crcs(data)
+                _check_png_chunks(data)
             bomb = "Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS x 2"
             if img.format == "TIFF" and Image.MAX_IMAGE_PIXELS:
                 check_tiff_tiles(img, 2 * Image.MAX_IMAGE_PIXELS, bomb)
@@ -760,15 +761,85 @@ def check_detect_pixels(value: Any, what: str) -> int:
     return int(value)
 
 
+# The detector's 80x80 window spans this many pixels of the pyramid level it is found at
+# (dlib's frontal face detector: every box it returns is this square at some level).
+_WINDOW_PX = 73
+# dlib's pyramid_down, and so its detector, corrupts memory on images wider than ~81,400 px
+# (dlib 20.0.1; a 65535x40 GIF, upsampled once, was enough). Wider images, after upsampling,
+# are detected on a copy scaled to this width.
+MAX_DETECT_WIDTH = 65536
+# Past detect_pixels, an image up to this many times as large (after upsampling) is detected on
+# the levels of dlib's own pyramid within detect_pixels, which gives the boxes of full-size
+# detection but costs time in proportion to the image (making the levels); a larger one is
+# detected on a copy scaled to detect_pixels, at the cost of detect_pixels alone, with boxes
+# near those of full-size detection. At the default cap and upsampling: photos up to 16.8 MP
+# (benchmarks/RESULTS.md, "Detection on large images": 12 MP took 2.1 s this way, 1.4 s on a
+# scaled copy, 3.7 s at full size; 24 MP 3.5, 1.5 and 7.3 s).
+PYRAMID_SPAN = 4
+
+
+def _found_at(rect: Any, down: Any) -> Tuple[int, Any]:
+    """The pyramid level a detection ``rect`` (mapped up to level 0) came from, and its box
+    there: the level where it is the detector's window. (0, ``rect``) if there is none."""
+    level, at = 0, rect
+    while at.width() >= _WINDOW_PX:
+        if at.width() == at.height() == _WINDOW_PX and down.rect_up(at, level) == rect:
+            return level, at
+        level += 1
+        at = down.rect_down(rect, level)
+    return 0, rect
+
+
 def _detect(rgb: np.ndarray, upsample: int, detect_pixels: int) -> Tuple[List[Any], List[float]]:
-    """dlib's detections (rectangles in ``rgb``'s pixels) and scores. When ``upsample`` would
-    take the image past ``detect_pixels``, the detector runs on a copy scaled to that many
-    pixels instead (antialiased when shrinking), and its boxes are mapped back."""
+    """dlib's detections (rectangles in ``rgb``'s pixels) and scores.
+
+    dlib's detector doubles the image ``upsample`` times (its pyramid_up), then scans a pyramid
+    of it, each level 5/6 the size of the one before (pyramid_down(6)), and maps each box up from
+    its level. When the doubled image is past ``detect_pixels`` (by at most
+    :data:`PYRAMID_SPAN` times), the levels above that many pixels are skipped: the levels are
+    made as dlib makes them, the detector runs on the first one within the limit, and each box is
+    mapped up from the level it was found at, as dlib maps it. So each face found gets the box
+    and score that full-size detection gives it; faces smaller than the window at that level are
+    not found. (dlib's non-maximum suppression then sees the detections of those levels only: a
+    box that full-size detection drops for an overlapping, higher-scoring smaller one is kept.)
+    Larger images, and images wider than :data:`MAX_DETECT_WIDTH` once doubled, are detected on
+    a scaled copy (:func:`_detect_scaled`)."""
     h, w = rgb.shape[:2]
-    if not detect_pixels or h * w * 4 ** upsample <= detect_pixels:
+    pixels = h * w * 4 ** upsample
+    if w << upsample > MAX_DETECT_WIDTH or (detect_pixels and pixels > PYRAMID_SPAN * detect_pixels):
+        return _detect_scaled(rgb, detect_pixels)
+    if not detect_pixels or pixels <= detect_pixels:
         rects, scores, _ = _detector().run(rgb, upsample, 0.0)
         return list(rects), list(scores)
-    scale = math.sqrt(detect_pixels / (h * w))
+    dlib = _import_dlib()
+    up, down = dlib.pyramid_down(2), dlib.pyramid_down(6)
+    img = np.ascontiguousarray(rgb)
+    for _ in range(upsample):
+        r = up.rect_up(dlib.rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1))
+        img = dlib.resize_image(img, r.bottom() + 1, r.right() + 1)
+    skipped = 0
+    while img.shape[0] * img.shape[1] > detect_pixels:
+        img = down(img)
+        skipped += 1
+    rects, scores, _ = _detector().run(img, 0, 0.0)
+    del img
+    boxes = []
+    for r in rects:
+        level, at = _found_at(r, down)
+        box = down.rect_up(at, level + skipped)
+        boxes.append(up.rect_down(box, upsample) if upsample else box)
+    return boxes, list(scores)
+
+
+def _detect_scaled(rgb: np.ndarray, detect_pixels: int) -> Tuple[List[Any], List[float]]:
+    """:func:`_detect` for an image too large for the levels of dlib's pyramid, or too wide for
+    it: the detector runs on a copy scaled to ``detect_pixels`` pixels, or to
+    :data:`MAX_DETECT_WIDTH` wide if that is smaller (bilinear, antialiased when shrinking), and
+    its boxes are scaled back: they are near, not equal to, the boxes of full-size detection."""
+    h, w = rgb.shape[:2]
+    scale = MAX_DETECT_WIDTH / w
+    if detect_pixels:
+        scale = min(scale, math.sqrt(detect_pixels / (h * w)))
     sw, sh = max(1, int(w * scale)), max(1, int(h * scale))
     small = np.asarray(Image.fromarray(rgb).resize((sw, sh), Image.Resampling.BILINEAR))
     rects, scores, _ = _detector().run(small, 0, 0.0)
@@ -796,9 +867,14 @@ def detect_and_align(
         when the image holds a face scoring at least this, kept when they are all it holds
         (default :data:`WEAK_FACE_SCORE`; 0 or less keeps every detection).
     detect_pixels: the most pixels the detector works on, after upsampling (default
-        :data:`DETECT_PIXELS`, 4096x4096; 0 for no limit). A larger image is scaled to this many
-        pixels for detection only (it then finds faces down to about ``80 * sqrt(H * W /
-        detect_pixels)`` pixels); landmarks and chips come from the full image.
+        :data:`DETECT_PIXELS`, 4096x4096; 0 for no limit). A larger image is searched for faces
+        down to about ``80 * sqrt(H * W / detect_pixels)`` pixels. Up to :data:`PYRAMID_SPAN`
+        times larger, the detector skips the levels of its image pyramid above this size: each
+        face found at a level it keeps has the box, landmarks and chip of full-size detection
+        (a face near that smallest size can be found at a coarser level only, with a larger
+        box). Larger still, and wider than :data:`MAX_DETECT_WIDTH`, the detector sees a copy
+        scaled to this size, and the boxes (and so the chips) are near those of full-size
+        detection. Landmarks and chips always come from the full image.
     Returns the faces sorted by detector score, highest first; an empty list when there is none.
     """
     if int(upsample) != upsample or upsample < 0:

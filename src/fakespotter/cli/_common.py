@@ -340,10 +340,11 @@ def add_detection_args(p: argparse.ArgumentParser, from_model: bool = False) -> 
                         "faces score low, and such chips tend to score as fake), kept when they are all it "
                         f"holds; 0 keeps every detection (default: {weak_help})")
     p.add_argument("--detect-pixels", type=int, default=pixels, metavar="N",
-                   help="the most pixels the face detector works on, after --upsample: a larger image is scaled "
-                        "to N pixels for detection only (chips are cut from the full image), so a 24 MP photo "
-                        "costs about what a 2048x2048 image does and its faces are found down to about 80 * "
-                        f"sqrt(pixels / N) px; 0 for no limit (default: {pixels_help})")
+                   help="the most pixels the face detector works on, after --upsample: in a larger image faces "
+                        "are found down to about 80 * sqrt(pixels / N) px; up to 4N the detector skips the "
+                        "levels of its pyramid above N (the faces found get the boxes and chips of full-size "
+                        "detection), past that it works on a copy scaled to N (boxes near those); 0 for no "
+                        f"limit (default: {pixels_help})")
 
 
 def detection_from_model(args: argparse.Namespace, det: Any) -> None:
