@@ -203,7 +203,19 @@ def damaged_files() -> dict:
         "tiff_directory_offset": damaged(tiff, 4, struct.pack("<I", 2)),
         "ppm_width": damaged(ppm, 3, b"x"),
         "ppm_maxval": ppm.replace(b"255\n", b"000\n", 1),
+        "png_no_palette": png_without(encode(rgb.convert("P"), "PNG"), b"PLTE"),  # Pillow: one colour
     }
+
+
+def png_without(data: bytes, ctype: bytes) -> bytes:
+    """The PNG ``data`` less its chunks of type ``ctype``."""
+    out, pos = [data[:8]], 8
+    while pos < len(data):
+        end = pos + 12 + int.from_bytes(data[pos:pos + 4], "big")
+        if data[pos + 4:pos + 8] != ctype:
+            out.append(data[pos:end])
+        pos = end
+    return b"".join(out)
 
 
 def jpeg_with_scans(total: int, comment: bytes = b"") -> bytes:

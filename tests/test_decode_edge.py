@@ -363,6 +363,37 @@ def test_a_format_pillow_recognises_but_refuses_says_why():
         decode_image(twelve_bit)
 
 
+def test_a_header_field_pillow_trips_on_is_named_as_damage():
+    """Pillow turns a KeyError or struct.error of its reader into a SyntaxError saying only the
+    key (a bare number) or the struct call: the message says the header is damaged."""
+    rgb = Image.fromarray(noise_image(13, 16, 16))
+    jpeg = encode(rgb, "JPEG")
+    at = jpeg.index(b"\xff\xc0")
+    frame_length_0 = jpeg[:at + 2] + b"\x00\x00" + jpeg[at + 4:]
+    tiff = encode(rgb, "TIFF")
+    ifd = struct.unpack("<I", tiff[4:8])[0]
+    entries = [ifd + 2 + 12 * i for i in range(struct.unpack("<H", tiff[ifd:ifd + 2])[0])]
+    (compression,) = [e for e in entries if tiff[e:e + 2] == struct.pack("<H", 259)]
+    no_such_compression = tiff[:compression + 8] + struct.pack("<H", 0xfff0) + tiff[compression + 10:]
+    for data, fmt, what in ((frame_length_0, "JPEG", "struct.error"), (no_such_compression, "TIFF", "KeyError")):
+        with pytest.raises(ImageError, match=rf"^it starts like {fmt}, but its header is damaged \(Pillow's {fmt} "
+                                             rf"reader failed on it: {what}: .+\)$") as e:
+            decode_image(data)
+        assert e.value.kind == "decode_error"
+
+
+def test_an_animated_gif_cut_short_has_no_frame_count():
+    frames = [Image.fromarray(noise_image(s, 24, 32)).convert("P") for s in range(3)]
+    b = io.BytesIO()
+    frames[0].save(b, "GIF", save_all=True, append_images=frames[1:])
+    gif = b.getvalue()
+    assert gif.endswith(b"\x3b") and decode_image(gif).frames == 3
+    assert decode_image(gif + b"\x00" * 5).frames == 3  # padding after the trailer
+    cut = gif[:len(gif) - 40]  # inside the last frame's image data: Pillow still counts it
+    assert Image.open(io.BytesIO(cut)).n_frames == 3, "premise"
+    assert decode_image(cut).frames is None
+
+
 def test_png_data_in_one_idat_chunk_over_a_mib_is_checked_in_slices():
     """One IDAT chunk of 2.4 MB (read 1 MiB at a time): whole, it decodes; ending at a row, it
     is truncated."""

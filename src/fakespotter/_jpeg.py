@@ -155,6 +155,22 @@ def _mcu_count(width: int, height: int, comps: Dict[int, Tuple[int, int]], ids: 
 _DAMAGE_WARNINGS = ("premature end of data segment", "bad Huffman code", "bad arithmetic code", "instead of RST")
 
 
+def cmyk_damage(data: bytes) -> Optional[str]:
+    """The lost data that libjpeg warns of in a CMYK (or YCCK) JPEG, or None: Pillow decodes
+    these itself (its own inversion rules) and drops the warnings, so libjpeg-turbo decodes the
+    file once more through simplejpeg, as a check (``_DAMAGE_WARNINGS``, as in
+    :func:`decode_rgb`). None without simplejpeg, or where it declines the file."""
+    if simplejpeg is None:
+        return None
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True)
+    except ValueError as e:
+        message = str(e).strip()
+        if message.startswith("Corrupt JPEG data") and any(w in message for w in _DAMAGE_WARNINGS):
+            return f"libjpeg: {message}"
+    return None
+
+
 def decode_rgb(data: bytes) -> Tuple[Optional["np.ndarray"], Optional[str]]:
     """A JPEG (RGB or greyscale; not CMYK) decoded to RGB uint8 [H, W, 3] as stored (no EXIF
     turn) by libjpeg-turbo through simplejpeg, whose ``strict`` mode turns libjpeg's warnings

@@ -30,7 +30,7 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple
 import numpy as np
 
 from . import _avif, _libtiff
-from ._jpeg import decode_rgb, scan_damage
+from ._jpeg import cmyk_damage, decode_rgb, scan_damage
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -975,7 +975,7 @@ def _decode(data: bytes, pixel_limit: int) -> DecodedImage:
                 raise _decode_failure(e, data, fmt) from None
         if rgb is None:
             if fmt == "PNG":
-                _check_png_crcs(data)
+                _check_png_chunks(data)
             with _libtiff.collected(fmt == "TIFF") as said:
                 try:
                     img.load()
@@ -1066,7 +1066,7 @@ def jpeg_pixels(img: Any, data: bytes) -> Optional[np.ndarray]:
     was opened from, decoded by simplejpeg (``_jpeg.decode_rgb``); None where Pillow should
     decode it (CMYK, or what simplejpeg declines). ImageError ``decode_error`` for a JPEG of more
     than MAX_JPEG_SCANS scans, damaged scan data (its markers, or libjpeg's warnings that data was
-    lost). MemoryError is the caller's."""
+    lost; for CMYK, ``_jpeg.cmyk_damage``). MemoryError is the caller's."""
     from .faces import _orientation, upright_array
 
     _check_jpeg_scans(data)
@@ -1074,6 +1074,8 @@ def jpeg_pixels(img: Any, data: bytes) -> Optional[np.ndarray]:
     rgb = None
     if damage is None and img.mode in ("RGB", "L"):  # (CMYK: Pillow's own inversion rules)
         rgb, damage = decode_rgb(data)
+    elif damage is None and img.mode == "CMYK":
+        damage = cmyk_damage(data)
     if rgb is not None:
         rgb = upright_array(rgb, _orientation(img))
     if damage is not None:
@@ -1141,18 +1143,26 @@ def _check_png_data(img: Any, data: Union[bytes, Callable[[], bytes]]) -> None:
                                       f"{got} of the {need} bytes of its {width}x{height} image")
 
 
-def _check_png_crcs(data: bytes) -> None:
+def _check_png_chunks(data: bytes) -> None:
     """``decode_error`` for a PNG whose image data (an IDAT chunk) fails its CRC: Pillow checks
     the CRCs of the chunks it reads before the image data, not those of IDAT chunks (nor zlib's
     Adler-32 once every row is filled), so a flipped bit there decodes to garbled rows without
-    an error. Chunks are walked as far as they hold together: a damaged length or a cut is the
-    decoder's to report. 6 ms for a 12 MP PNG of 23 MB, 2.7% of its decode here."""
+    an error. Also for a palette PNG without a palette (PLTE) before its image data, which the
+    PNG standard requires and Pillow decodes in one colour. Chunks are walked as far as they
+    hold together: a damaged length or a cut is the decoder's to report. 6 ms for a 12 MP PNG
+    of 23 MB, 2.7% of its decode here."""
     pos, view = 8, memoryview(data)
+    palette = data[12:16] == b"IHDR" and len(data) > 25 and data[25] == 3
     while pos + 12 <= len(data):
         length, ctype = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
         end = pos + 12 + length
         if length > 0x7FFFFFFF or not ctype.isalpha() or end > len(data) or ctype == b"IEND":
             return
+        if ctype == b"PLTE":
+            palette = False
+        if ctype == b"IDAT" and palette:
+            raise ImageError("decode_error", f"damaged PNG: a palette image (colour type 3) without a palette "
+                                             f"(PLTE chunk) before its image data (the IDAT chunk at byte {pos})")
         if ctype == b"IDAT" and zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
             raise ImageError("decode_error", f"damaged PNG image data: the IDAT chunk at byte {pos} fails its CRC "
                                              f"check")
@@ -1187,10 +1197,11 @@ MAX_COUNTED_PAGES = 1000
 
 
 def _frame_count(img: Any, data: bytes) -> Optional[int]:
-    """How many frames an opened image has; None when that is not known: a damaged later frame,
-    a TIFF of more than MAX_COUNTED_PAGES pages (Pillow counts TIFF pages in quadratic time:
-    a 5.7 MB file of 50,000 pages took a minute), or an APNG whose frame control chunks (fcTL)
-    do not match the frame count it declares (acTL), or number more than MAX_COUNTED_PAGES."""
+    """How many frames an opened image has; None when that is not known: a damaged later frame
+    (an animated GIF without its trailer: cut short), a TIFF of more than MAX_COUNTED_PAGES
+    pages (Pillow counts TIFF pages in quadratic time: a 5.7 MB file of 50,000 pages took a
+    minute), or an APNG whose frame control chunks (fcTL) do not match the frame count it
+    declares (acTL), or number more than MAX_COUNTED_PAGES."""
     try:
         if img.format == "TIFF":  # page by page (after a failed seek, Pillow's n_frames is one too many)
             for page in range(1, MAX_COUNTED_PAGES + 1):
@@ -1202,6 +1213,8 @@ def _frame_count(img: Any, data: bytes) -> Optional[int]:
         frames = int(getattr(img, "n_frames", 1))
         if img.format == "PNG" and frames > 1 and _apng_frames(data) != frames:
             return None
+        if img.format == "GIF" and frames > 1 and not data.rstrip(b"\x00").endswith(b"\x3b"):
+            return None  # no trailer: cut short, and Pillow counts a frame cut short
         return frames
     except Exception:
         return None

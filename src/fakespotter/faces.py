@@ -567,6 +567,11 @@ def _refusal(source: Any) -> str:
                     with _PIXEL_GUARD:
                         factory(fp, "").close()
                 except Exception as e:  # the reader's own words (SyntaxError, ValueError, ...)
+                    inner = e.__cause__ or e
+                    if isinstance(inner, (KeyError, IndexError, TypeError, struct.error)):  # (as Pillow's SyntaxError)
+                        return (f"it starts like {fmt}, but its header is damaged (Pillow's {fmt} reader failed "
+                                f"on it: {'struct.error' if isinstance(inner, struct.error) else type(inner).__name__}: "
+                                f"{str(inner).strip()})")
                     return f"it starts like {fmt}, but Pillow's {fmt} reader cannot read it: {str(e).strip()}"
     except OSError:
         pass
