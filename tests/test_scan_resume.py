@@ -431,6 +431,30 @@ def test_the_command_starts_its_workers_server_before_the_model_loads(corpus, mo
     assert order == []
 
 
+def test_a_command_refused_after_its_workers_server_started_stops_it(corpus, model, tmp_path, monkeypatch):
+    """A refusal that comes once the server is started (here a --resume with other settings,
+    found after the model loaded) stops it: importing torch, it would hold the command's stderr
+    open for about a second after the command exits."""
+    from multiprocessing import forkserver
+
+    S = sys.modules["fakespotter.scan"]
+    out = tmp_path / "o.jsonl"
+    args = ["scan", str(corpus / "a"), "--aligned", "--workers", "2", "--model", str(model), "--out", str(out),
+            "--quiet"]
+    assert main(args) == 0
+    forkserver._forkserver._stop()  # (this test process's server: the command's starts afresh)
+    started = []
+    real = S.start_worker_server
+    monkeypatch.setattr(S, "start_worker_server", lambda: (real(), started.append(S._early_server)))
+    assert main([*args, "--resume", "--batch-size", "3"]) == 2
+    (pid,) = started
+    assert pid is not None and forkserver._forkserver._forkserver_pid is None
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+    assert main([*args[:-3], "--out", str(tmp_path / "p.jsonl"), "--quiet"]) == 0  # a later scan starts another
+    assert lines_in(tmp_path / "p.jsonl") == lines_in(out)
+
+
 def test_signals_during_a_worker_start_wait_for_it_and_are_not_lost():
     """Ctrl-C or SIGTERM while a submit starts a worker: the handler runs once the submit is
     done (so the pool knows the process and stopping the pool ends it), not half-way."""

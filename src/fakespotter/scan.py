@@ -412,11 +412,40 @@ def start_worker_server() -> None:
     if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
+        def pid() -> Optional[int]:
+            return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+
+        before = pid()
         with _signals_held():  # (as a submit's start of the server: see there)
             forkserver.ensure_running()
+        global _early_server
+        _early_server = pid() if pid() != before else None
+
+
+_early_server: Optional[int] = None  # the server start_worker_server started (its pid), until a pool uses it
+
+
+def stop_unused_worker_server() -> None:
+    """Stop the server :func:`start_worker_server` started if no pool has used it (a command
+    that stops before its scan): while it imports torch it would hold the caller's stderr open
+    for about a second after the command exits."""
+    global _early_server
+    pid, _early_server = _early_server, None
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if pid is None or getattr(server, "_forkserver_pid", None) != pid:
+        return
+    try:
+        os.kill(pid, 9)
+        server._stop()  # (reaps it; the next pool starts another)
+    except (OSError, AttributeError):
+        pass
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
+    global _early_server
+    _early_server = None
     ctx = _context()
     # set to 1 by the first worker to finish starting (see _check_started); a plain shared byte,
     # not an Event, whose lock a worker stopped inside its set() would hold for good

@@ -501,6 +501,15 @@ def run(args: argparse.Namespace) -> int:
     from .scan_ray import refuse_ray_only
 
     refuse_ray_only(args)
+    from ..scan import stop_unused_worker_server
+
+    try:
+        return _run(args)
+    finally:
+        stop_unused_worker_server()
+
+
+def _run(args: argparse.Namespace) -> int:
     plan = check(args)
     from ..scan import CompileError, OutputBusy, RecordWriter, WorkerStartError, scan, write_stats
 
