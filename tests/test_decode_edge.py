@@ -388,10 +388,13 @@ def test_an_animated_gif_cut_short_has_no_frame_count():
     frames[0].save(b, "GIF", save_all=True, append_images=frames[1:])
     gif = b.getvalue()
     assert gif.endswith(b"\x3b") and decode_image(gif).frames == 3
-    assert decode_image(gif + b"\x00" * 5).frames == 3  # padding after the trailer
-    cut = gif[:len(gif) - 40]  # inside the last frame's image data: Pillow still counts it
-    assert Image.open(io.BytesIO(cut)).n_frames == 3, "premise"
-    assert decode_image(cut).frames is None
+    for after in (b"\x00" * 5, b"\r\n", b"appended text"):  # after the trailer
+        assert decode_image(gif + after).frames == 3, after
+    cuts = [gif[:n] for n in range(len(gif) - 60, len(gif) - 1)]  # inside the last frame's image data
+    cuts.append(gif[:len(gif) - 40] + b"\x3b")  # ending in the trailer's byte
+    for cut in cuts:
+        assert Image.open(io.BytesIO(cut)).n_frames == 3, "premise: Pillow still counts it"
+        assert decode_image(cut).frames is None, len(cut)
 
 
 def test_png_data_in_one_idat_chunk_over_a_mib_is_checked_in_slices():

@@ -724,6 +724,15 @@ def test_capped_detection_gives_the_full_size_boxes(photos, monkeypatch):
                 g = full[f.box]
                 assert f.score == g.score, (name, upsample)
                 np.testing.assert_array_equal(f.chip, g.chip)
+    # faces cut by the top or left edge: their window is wider there at its level, and their
+    # boxes round -x.5 as dlib's detector does (away from zero)
+    for top, left in ((50, 0), (60, 60), (60, 100)):
+        img = photos["obama.jpg"][top:, left:]
+        for upsample, cap in ((1, 100_000), (2, 400_000)):
+            (g,) = F.detect_and_align(img, upsample=upsample, detect_pixels=0)
+            assert g.box[1] < 0, "premise: the face is cut at the top"
+            (f,) = F.detect_and_align(img, upsample=upsample, detect_pixels=cap)
+            assert (f.box, f.score) == (g.box, g.score), (top, left, upsample)
     # more than PYRAMID_SPAN times the cap: a scaled copy, the boxes near
     seen = _SeenByDetector(F._detector())
     monkeypatch.setattr(F, "_detector", lambda: seen)

@@ -1198,7 +1198,7 @@ MAX_COUNTED_PAGES = 1000
 
 def _frame_count(img: Any, data: bytes) -> Optional[int]:
     """How many frames an opened image has; None when that is not known: a damaged later frame
-    (an animated GIF without its trailer: cut short), a TIFF of more than MAX_COUNTED_PAGES
+    (an animated GIF cut short), a TIFF of more than MAX_COUNTED_PAGES
     pages (Pillow counts TIFF pages in quadratic time: a 5.7 MB file of 50,000 pages took a
     minute), or an APNG whose frame control chunks (fcTL) do not match the frame count it
     declares (acTL), or number more than MAX_COUNTED_PAGES."""
@@ -1213,8 +1213,8 @@ def _frame_count(img: Any, data: bytes) -> Optional[int]:
         frames = int(getattr(img, "n_frames", 1))
         if img.format == "PNG" and frames > 1 and _apng_frames(data) != frames:
             return None
-        if img.format == "GIF" and frames > 1 and not data.rstrip(b"\x00").endswith(b"\x3b"):
-            return None  # no trailer: cut short, and Pillow counts a frame cut short
+        if img.format == "GIF" and frames > 1 and _gif_cut(data):
+            return None  # Pillow counts a frame cut short
         return frames
     except Exception:
         return None

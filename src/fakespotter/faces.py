@@ -767,8 +767,11 @@ def check_detect_pixels(value: Any, what: str) -> int:
 
 
 # The detector's 80x80 window spans this many pixels of the pyramid level it is found at
-# (dlib's frontal face detector: every box it returns is this square at some level).
+# (dlib's frontal face detector: every box it returns is this square at some level), 8 more
+# on a side that starts left of or above the level's image (dlib's fhog_to_image moves such a
+# corner half a cell the other way).
 _WINDOW_PX = 73
+_WINDOW_PX_CUT = 81
 # dlib's pyramid_down, and so its detector, corrupts memory on images wider than ~81,400 px
 # (dlib 20.0.1; a 65535x40 GIF, upsampled once, was enough). Wider images, after upsampling,
 # are detected on a copy scaled to this width.
@@ -778,20 +781,34 @@ MAX_DETECT_WIDTH = 65536
 # detection but costs time in proportion to the image (making the levels); a larger one is
 # detected on a copy scaled to detect_pixels, at the cost of detect_pixels alone, with boxes
 # near those of full-size detection. At the default cap and upsampling: photos up to 16.8 MP
-# (benchmarks/RESULTS.md, "Detection on large images": 12 MP took 2.1 s this way, 1.4 s on a
-# scaled copy, 3.7 s at full size; 24 MP 3.5, 1.5 and 7.3 s).
+# (benchmarks/RESULTS.md, "Detection on large images": in one run, 12 MP took 2.1 s this way,
+# 1.4 s on a scaled copy and 3.7 s at full size; 24 MP 3.5, 1.5 and 7.3 s). The levels' memory:
+# the upsampled image and its first level, ~200 MB at the defaults.
 PYRAMID_SPAN = 4
+
+
+def _mapped(pyramid: Any, rect: Any, levels: int, up: bool) -> Any:
+    """``rect`` mapped ``levels`` levels up (or down) ``pyramid``, rounded as dlib's detector
+    rounds its boxes: halves away from zero (the Python binding's own ``rect_up`` rounds -22.5
+    to -22, the detector to -23)."""
+    dlib = _import_dlib()
+    f = (pyramid.rect_up if up else pyramid.rect_down)(dlib.drectangle(rect), levels)
+    r = [math.floor(v + 0.5) if v >= 0 else -math.floor(0.5 - v) for v in (f.left(), f.top(), f.right(), f.bottom())]
+    return dlib.rectangle(*r)
 
 
 def _found_at(rect: Any, down: Any) -> Tuple[int, Any]:
     """The pyramid level a detection ``rect`` (mapped up to level 0) came from, and its box
-    there: the level where it is the detector's window. (0, ``rect``) if there is none."""
+    there: the level where it is the detector's window (and maps up to ``rect``). (0,
+    ``rect``) if there is none."""
     level, at = 0, rect
     while at.width() >= _WINDOW_PX:
-        if at.width() == at.height() == _WINDOW_PX and down.rect_up(at, level) == rect:
+        w = _WINDOW_PX_CUT if at.left() < 0 else _WINDOW_PX
+        h = _WINDOW_PX_CUT if at.top() < 0 else _WINDOW_PX
+        if at.width() == w and at.height() == h and _mapped(down, at, level, up=True) == rect:
             return level, at
         level += 1
-        at = down.rect_down(rect, level)
+        at = _mapped(down, rect, level, up=False)
     return 0, rect
 
 
@@ -831,8 +848,8 @@ def _detect(rgb: np.ndarray, upsample: int, detect_pixels: int) -> Tuple[List[An
     boxes = []
     for r in rects:
         level, at = _found_at(r, down)
-        box = down.rect_up(at, level + skipped)
-        boxes.append(up.rect_down(box, upsample) if upsample else box)
+        box = _mapped(down, at, level + skipped, up=True)
+        boxes.append(_mapped(up, box, upsample, up=False) if upsample else box)
     return boxes, list(scores)
 
 
@@ -877,9 +894,10 @@ def detect_and_align(
         times larger, the detector skips the levels of its image pyramid above this size: each
         face found at a level it keeps has the box, landmarks and chip of full-size detection
         (a face near that smallest size can be found at a coarser level only, with a larger
-        box). Larger still, and wider than :data:`MAX_DETECT_WIDTH`, the detector sees a copy
-        scaled to this size, and the boxes (and so the chips) are near those of full-size
-        detection. Landmarks and chips always come from the full image.
+        box). Larger still, the detector sees a copy scaled to this size, and one wider than
+        :data:`MAX_DETECT_WIDTH` once upsampled a copy at most that wide: the boxes (and so the
+        chips) are near those of full-size detection. Landmarks and chips always come from the
+        full image.
     Returns the faces sorted by detector score, highest first; an empty list when there is none.
     """
     if int(upsample) != upsample or upsample < 0:

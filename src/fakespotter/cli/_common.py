@@ -343,8 +343,8 @@ def add_detection_args(p: argparse.ArgumentParser, from_model: bool = False) -> 
                    help="the most pixels the face detector works on, after --upsample: in a larger image faces "
                         "are found down to about 80 * sqrt(pixels / N) px; up to 4N the detector skips the "
                         "levels of its pyramid above N (the faces found get the boxes and chips of full-size "
-                        "detection), past that it works on a copy scaled to N (boxes near those); 0 for no "
-                        f"limit (default: {pixels_help})")
+                        "detection), past that it works on a copy scaled to N (boxes near those), as it does "
+                        f"for images over 65536 px wide once upsampled; 0 for no limit (default: {pixels_help})")
 
 
 def detection_from_model(args: argparse.Namespace, det: Any) -> None:
