@@ -1198,10 +1198,10 @@ MAX_COUNTED_PAGES = 1000
 
 def _frame_count(img: Any, data: bytes) -> Optional[int]:
     """How many frames an opened image has; None when that is not known: a damaged later frame
-    (an animated GIF cut short), a TIFF of more than MAX_COUNTED_PAGES
-    pages (Pillow counts TIFF pages in quadratic time: a 5.7 MB file of 50,000 pages took a
-    minute), or an APNG whose frame control chunks (fcTL) do not match the frame count it
-    declares (acTL), or number more than MAX_COUNTED_PAGES."""
+    (an animated GIF cut short), a TIFF of more than MAX_COUNTED_PAGES pages (Pillow counts
+    TIFF pages in quadratic time: a 5.7 MB file of 50,000 pages took a minute), or an APNG
+    whose frame control chunks (fcTL) do not match the frame count it declares (acTL), or
+    number more than MAX_COUNTED_PAGES."""
     try:
         if img.format == "TIFF":  # page by page (after a failed seek, Pillow's n_frames is one too many)
             for page in range(1, MAX_COUNTED_PAGES + 1):

@@ -787,12 +787,12 @@ MAX_DETECT_WIDTH = 65536
 PYRAMID_SPAN = 4
 
 
-def _mapped(pyramid: Any, rect: Any, levels: int, up: bool) -> Any:
+def _mapped(pyramid: Any, rect: Any, levels: int, upward: bool) -> Any:
     """``rect`` mapped ``levels`` levels up (or down) ``pyramid``, rounded as dlib's detector
     rounds its boxes: halves away from zero (the Python binding's own ``rect_up`` rounds -22.5
     to -22, the detector to -23)."""
     dlib = _import_dlib()
-    f = (pyramid.rect_up if up else pyramid.rect_down)(dlib.drectangle(rect), levels)
+    f = (pyramid.rect_up if upward else pyramid.rect_down)(dlib.drectangle(rect), levels)
     r = [math.floor(v + 0.5) if v >= 0 else -math.floor(0.5 - v) for v in (f.left(), f.top(), f.right(), f.bottom())]
     return dlib.rectangle(*r)
 
@@ -805,10 +805,10 @@ def _found_at(rect: Any, down: Any) -> Tuple[int, Any]:
     while at.width() >= _WINDOW_PX:
         w = _WINDOW_PX_CUT if at.left() < 0 else _WINDOW_PX
         h = _WINDOW_PX_CUT if at.top() < 0 else _WINDOW_PX
-        if at.width() == w and at.height() == h and _mapped(down, at, level, up=True) == rect:
+        if at.width() == w and at.height() == h and _mapped(down, at, level, upward=True) == rect:
             return level, at
         level += 1
-        at = _mapped(down, rect, level, up=False)
+        at = _mapped(down, rect, level, upward=False)
     return 0, rect
 
 
@@ -848,8 +848,8 @@ def _detect(rgb: np.ndarray, upsample: int, detect_pixels: int) -> Tuple[List[An
     boxes = []
     for r in rects:
         level, at = _found_at(r, down)
-        box = _mapped(down, at, level + skipped, up=True)
-        boxes.append(_mapped(up, box, upsample, up=False) if upsample else box)
+        box = _mapped(down, at, level + skipped, upward=True)
+        boxes.append(_mapped(up, box, upsample, upward=False) if upsample else box)
     return boxes, list(scores)
 
 

@@ -436,8 +436,10 @@ def stop_unused_worker_server() -> None:
     server = getattr(forkserver, "_forkserver", None)
     if pid is None or getattr(server, "_forkserver_pid", None) != pid:
         return
+    import signal
+
     try:
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
         server._stop()  # (reaps it; the next pool starts another)
     except (OSError, AttributeError):
         pass
