@@ -440,6 +440,24 @@ def test_check_disjoint_finds_the_same_file_and_copies_only(tmp_path):
         check_disjoint([a / "y.png"], [tmp_path / "a" / ".." / "a" / "y.png"], "both")
 
 
+def test_check_once_finds_copies_in_one_list(tmp_path):
+    """For evaluation, a copy (same bytes, another file) in one class would be scored twice, as a
+    second listing would: refused (a review find: evaluate counted it twice, where a manifest
+    refuses it)."""
+    from fakespotter.cli import UsageError
+    from fakespotter.cli._common import check_once
+
+    (tmp_path / "x.png").write_bytes(b"0123456789")
+    (tmp_path / "y.png").write_bytes(b"abcdefghij")  # same size, other bytes
+    (tmp_path / "again.png").write_bytes(b"0123456789")  # a copy of x
+    os.mkfifo(tmp_path / "pipe.png")  # never opened (would block)
+    check_once([tmp_path / n for n in ("x.png", "y.png", "pipe.png", "missing.png")], "--real", copies=True)
+    check_once([tmp_path / n for n in ("x.png", "y.png", "again.png")], "--real")  # training keeps copies
+    with pytest.raises(UsageError, match=r"^1 images of --real are copies of another one \(each would be counted "
+                                         r"again\), e\.g\. .*x\.png and .*again\.png \(same bytes\)$"):
+        check_once([tmp_path / n for n in ("x.png", "y.png", "again.png")], "--real", copies=True)
+
+
 def test_progress_lines_with_a_total_have_an_eta(capsys):
     from fakespotter.cli._common import Progress
 

@@ -121,8 +121,8 @@ def test_a_report_file_that_cannot_be_written_names_the_earlier_runs_files(setup
 def test_evaluate_counts_images_without_faces_and_unreadable(setup, tmp_path, capsys):
     fake2 = tmp_path / "fake2"
     fake2.mkdir()
-    for i, p in enumerate(sorted(setup["fake"].iterdir())[:4]):
-        (fake2 / p.name).write_bytes(p.read_bytes())
+    for i, p in enumerate(sorted(setup["fake"].iterdir())[:4]):  # mirrored: not copies, which are refused
+        Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(fake2 / p.name)
     Image.fromarray(np.full((150, 150, 3), 128, np.uint8)).save(fake2 / "grey.png")  # no face
     (fake2 / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "eval"
@@ -261,6 +261,8 @@ def test_bad_input_exits_2_before_work(setup, tmp_path, capsys, cmd):
         ([model, "--real", real, real, "--fake", fake], r"16 images are listed more than once in --real"),
         ([model, "--real", real, "--fake", fake, "--seed", "-1"], r"--seed must be >= 0, got -1"),
         ([model, "--real", real, "--fake", copy], r"16 images are both real and fake, e\.g\. .* \(same bytes\)"),
+        ([model, "--real", real, copy, "--fake", fake], r"16 images of --real are copies of another one \(each would "
+                                                       r"be counted again\), e\.g\. .* \(same bytes\)"),
         ([model, "--real", real, "--fake", fake, "--baselines", "spectrum", "--train-real", copy, "--train-fake", copy],
          r"16 images are both real and fake training images"),
         ([model, "--real", real, "--fake", fake, "--baselines", "spectrum", "--train-real", copy, "--train-fake", other],
@@ -372,3 +374,23 @@ def test_robustness_augmented_counts_are_what_it_trained_on(setup, tmp_path, cap
     t = json.loads((out / "robustness.json").read_text())["detectors"]["fakespotter+augment"]["trained_on"]
     for cls in ("real", "fake"):
         assert t["validation"][cls] > 0 and t["train"][cls] + t["validation"][cls] == 8, t
+
+
+def test_the_default_detector_says_its_training_images_cannot_be_checked():
+    """The embedded default detector records no fingerprints of its training images (a review
+    find: evaluate on a smaller sample build's train split gave AUC 0.98 without a word); a
+    split of its own build is known either way."""
+    from fakespotter.cli.evaluate import seen_in_training
+    from fakespotter.detector import FakeSpotter
+
+    det = FakeSpotter.default()
+    assert det.training_images_ is None, "premise"
+    (line,) = seen_in_training({"mode": "folders"}, det)
+    assert line.startswith("the embedded default detector records no fingerprints of its training images")
+    assert "the train and val splits of the sample data" in line
+    own = det.training_summary_["sources"]["manifest_sha256"]
+    for split, want in (("test", []), ("val", ["validated on split 'val'"]), ("train", ["trained on split 'train'"])):
+        got = seen_in_training({"mode": "manifest", "sources": {"manifest_sha256": own, "split": split}}, det)
+        assert len(got) == len(want) and all(w in g for w, g in zip(want, got)), (split, got)
+    other = seen_in_training({"mode": "manifest", "sources": {"manifest_sha256": "0" * 64, "split": "test"}}, det)
+    assert len(other) == 1 and "records no fingerprints" in other[0]

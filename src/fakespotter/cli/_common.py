@@ -31,9 +31,11 @@ def images_of(sources: List[str], what: str) -> List[Path]:
     return out
 
 
-def check_once(paths: Iterable[Path], what: str) -> None:
+def check_once(paths: Iterable[Path], what: str, copies: bool = False) -> None:
     """A usage error when ``paths`` name one file more than once (under any spelling, or a hard
-    link): it would be counted twice. ``what`` names the list, e.g. "--real"."""
+    link): it would be counted twice; with ``copies``, also when they hold two files with the
+    same bytes (training keeps copies, in one group). ``what`` names the list, e.g. "--real"."""
+    paths = list(paths)
     seen = set()
     repeated: List[Path] = []
     for p in paths:
@@ -48,13 +50,27 @@ def check_once(paths: Iterable[Path], what: str) -> None:
     if repeated:
         raise usage_error(f"{len(repeated)} images are listed more than once in {what} (each would be counted "
                           f"again), e.g. {repeated[0]}")
+    pairs = _same_bytes(paths) if copies else []
+    if pairs:
+        raise usage_error(f"{len(pairs)} images of {what} are copies of another one (each would be counted again), "
+                          f"e.g. {pairs[0][0]} and {pairs[0][1]} (same bytes)")
 
 
 def check_disjoint(a: Iterable[Path], b: Iterable[Path], what: str) -> None:
     """A usage error when an image of ``a`` is also in ``b``: the same file under any spelling,
     or another file with the same bytes (a copy). ``what`` says what the overlap would mean,
-    e.g. "both real and fake". Only files of equal size are read (hashed), so disjoint sets
-    cost a ``stat`` per file."""
+    e.g. "both real and fake"."""
+    pairs = _same_bytes(a, b)
+    if pairs:
+        a0, b0 = pairs[0]
+        example = f"{a0}" if a0.resolve() == b0.resolve() else f"{a0} and {b0} (same bytes)"
+        raise usage_error(f"{len(pairs)} images are {what}, e.g. {example}")
+
+
+def _same_bytes(a: Iterable[Path], b: Optional[Iterable[Path]] = None) -> List[Tuple[Path, Path]]:
+    """Pairs of images with the same bytes: two files of ``a`` (each file once, under whatever
+    spelling), or, given ``b``, an image of ``a`` and one of ``b`` (also the same file). Only
+    files of equal size are read (hashed), so distinct sets cost a ``stat`` per file."""
     import hashlib
     import stat
 
@@ -70,36 +86,33 @@ def check_disjoint(a: Iterable[Path], b: Iterable[Path], what: str) -> None:
                 out.setdefault(st.st_size, {}).setdefault(real, p)
         return out
 
-    sa, sb = by_size(a), by_size(b)
-    pairs: List[Tuple[Path, Path]] = []
-    digests: Dict[Path, Optional[str]] = {}
-
     def digest(p: Path) -> Optional[str]:
-        if p not in digests:
-            try:
-                h = hashlib.sha256()
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                digests[p] = h.hexdigest()
-            except OSError:
-                digests[p] = None
-        return digests[p]
+        try:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            return h.hexdigest()
+        except OSError:
+            return None
 
+    sa = by_size(a)
+    sb = sa if b is None else by_size(b)
+    pairs: List[Tuple[Path, Path]] = []
     for size in sorted(sa.keys() & sb.keys()):
-        seen = {}
+        if b is None and len(sa[size]) < 2:
+            continue
+        digests = {real: digest(real) for real in {**sa[size], **sb[size]}}
+        seen: Dict[str, Path] = {}
         for real, p in sa[size].items():
-            d = digest(real)
-            if d is not None:
-                seen.setdefault(d, p)
-        for real, p in sb[size].items():
-            d = digest(real)
-            if d in seen:
+            d = digests[real]
+            if d is not None and b is None and d in seen:
                 pairs.append((seen[d], p))
-    if pairs:
-        a0, b0 = pairs[0]
-        example = f"{a0}" if a0.resolve() == b0.resolve() else f"{a0} and {b0} (same bytes)"
-        raise usage_error(f"{len(pairs)} images are {what}, e.g. {example}")
+            elif d is not None:
+                seen.setdefault(d, p)
+        if b is not None:
+            pairs += [(seen[digests[real]], p) for real, p in sb[size].items() if digests[real] in seen]
+    return pairs
 
 
 def model_file(spec: str, what: str = "model") -> str:

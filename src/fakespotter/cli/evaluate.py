@@ -110,8 +110,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
             raise usage_error(f"--fake-type names {len(args.fake_type)} types for {len(args.fake)} --fake sources")
         if args.real_source is not None and len(args.real_source) != len(args.real):
             raise usage_error(f"--real-source names {len(args.real_source)} sources for {len(args.real)} --real sources")
-        check_once([p for _, ps in real for p in ps], "--real")
-        check_once([p for _, ps in fake for p in ps], "--fake")
+        check_once([p for _, ps in real for p in ps], "--real", copies=True)  # (a copy would be scored twice)
+        check_once([p for _, ps in fake for p in ps], "--fake", copies=True)
         check_disjoint([p for _, ps in real for p in ps], [p for _, ps in fake for p in ps], "both real and fake")
     elif args.real_source is not None:
         raise usage_error("--real-source names --real folders; a manifest names its own sources")
@@ -465,15 +465,33 @@ def no_face_caveat(c: Dict[str, Dict[str, int]]) -> List[str]:
 
 def seen_in_training(plan: Dict[str, Any], det: Any) -> List[str]:
     """A line when the evaluated split of a manifest is one the model was trained or validated
-    on, as its file records (the manifest's sha256), else when evaluated images are files it was
-    trained or validated on (its ``training_images_``): such metrics measure fit, not detection."""
-    return _split_seen(plan, det) or _images_seen(plan, det)
+    on, as its file records (the manifest's sha256); for another split of that manifest none;
+    else a line when evaluated images are files it was trained or validated on (its
+    ``training_images_``), or, for the default detector, which records none, that this cannot be
+    checked: such metrics measure fit, not detection."""
+    own = _own_manifest(plan, det)
+    if own is None:
+        return _images_seen(plan, det)
+    split = plan["sources"]["split"]
+    if split not in own:
+        return []
+    why = ("its classifier learnt these images" if own[split] == "trained"
+           else "its early stopping and operating threshold were chosen on these images")
+    unseen = [s for s in ("test", "val", "train") if s not in own]
+    return [f"the model was {own[split]} on split {split!r} of this manifest ({why}): these metrics are optimistic; "
+            f"evaluate on a split it has not seen ({' or '.join(unseen)})"]
 
 
 def _images_seen(plan: Dict[str, Any], det: Any) -> List[str]:
     seen = getattr(det, "training_images_", None)
     if seen is None or len(seen) == 0:
-        return []
+        sources = (getattr(det, "training_summary_", None) or {}).get("sources") or {}
+        if not sources.get("manifest_sha256"):  # (a model that opted out, or fit on arrays)
+            return []
+        return ["the embedded default detector records no fingerprints of its training images, so whether these "
+                "images were among them cannot be checked: it learnt the train and val splits of the sample data "
+                "(fakespotter data build; a smaller build shares them), so evaluate it on a test split or on "
+                "other images"]
     from ..artifact import file_digests, fingerprint
 
     labels = plan["labels"]
@@ -488,9 +506,11 @@ def _images_seen(plan: Dict[str, Any], det: Any) -> List[str]:
             f"it has not seen"]
 
 
-def _split_seen(plan: Dict[str, Any], det: Any) -> List[str]:
+def _own_manifest(plan: Dict[str, Any], det: Any) -> Optional[Dict[str, str]]:
+    """The splits of the evaluated manifest that the model was trained or validated on (split ->
+    "trained" / "validated"), when its file records this manifest; else None."""
     if plan["mode"] != "manifest":
-        return []
+        return None
     sources = (getattr(det, "training_summary_", None) or {}).get("sources") or {}
     m = sources.get("manifest")
     if isinstance(m, dict) and m.get("sha256"):  # (fakespotter train --manifest)
@@ -499,15 +519,8 @@ def _split_seen(plan: Dict[str, Any], det: Any) -> List[str]:
     elif sources.get("manifest_sha256"):  # (scripts/train_default.py: train split, validated on val)
         sha, used = sources["manifest_sha256"], {"train": "trained", "val": "validated"}
     else:
-        return []
-    split = plan["sources"]["split"]
-    if sha != plan["sources"]["manifest_sha256"] or split not in used:
-        return []
-    why = ("its classifier learnt these images" if used[split] == "trained"
-           else "its early stopping and operating threshold were chosen on these images")
-    unseen = [s for s in ("test", "val", "train") if s not in used]
-    return [f"the model was {used[split]} on split {split!r} of this manifest ({why}): these metrics are optimistic; "
-            f"evaluate on a split it has not seen ({' or '.join(unseen)})"]
+        return None
+    return used if sha == plan["sources"]["manifest_sha256"] else None
 
 
 def run(args: argparse.Namespace) -> int:
