@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -461,15 +462,32 @@ def test_check_once_finds_copies_in_one_list(tmp_path):
 def test_progress_lines_with_a_total_have_an_eta(capsys):
     from fakespotter.cli._common import Progress
 
-    p = Progress(10, "scoring", every=0.0)  # stderr is captured: not a terminal
-    p.update(3)
-    p.close()
-    line = capsys.readouterr().err
     import re
 
-    assert re.fullmatch(r"scoring: 3/10 in 0:\d\d, [\d.]+/s ETA \d+:\d\d\n", line), line
+    p = Progress(10, "scoring", every=0.0)  # stderr is captured: not a terminal
+    p.update(3)
+    time.sleep(0.01)
+    p.update(3)
+    p.close()
+    first, second = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"scoring: 3/10 in 0:\d\d, [\d.]+/s", first), first  # no rate to go by yet
+    assert re.fullmatch(r"scoring: 6/10 in 0:\d\d, [\d.]+/s ETA \d+:\d\d", second), second
     Progress(10, "scoring", quiet=True, every=0.0).update(3)
     assert capsys.readouterr().err == ""
+
+
+def test_the_eta_goes_by_the_rate_after_the_start(monkeypatch, capsys):
+    """A scan's start (workers, the model, the first batch) is not its pace: 10 s to the first
+    64 images, then 64 a second, leaves 1,000 - 128 images for 14 s, not 75 (a review find:
+    first ETAs 25x too long)."""
+    from fakespotter.cli import _common
+
+    clock = iter([0.0, 10.0, 11.0])
+    monkeypatch.setattr(_common.time, "monotonic", lambda: next(clock))
+    p = _common.Progress(1000, "scan", every=0.0)
+    p.update(64)
+    p.update(64)
+    assert capsys.readouterr().err.splitlines()[1] == "scan: 128/1000 in 0:11, 64.0/s ETA 0:14"
 
 
 def test_ctrl_c_between_the_imports_and_the_command_is_a_quiet_exit_130():

@@ -401,16 +401,23 @@ class Progress:
         self.lines = not quiet and not self.live
         self.every = PROGRESS_EVERY_S if every is None else every
         self._last = self.t0
+        self._first: Optional[Tuple[float, int]] = None  # (time, done) at the first update
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.monotonic()
+        first = self._first
+        if first is None:
+            self._first = (now, self.done)
         if not self.live and not (self.lines and now - self._last >= self.every):
             return
         self._last = now
-        rate = self.done / max(now - self.t0, 1e-9)
+        # the rate since the first update: the start (workers, a model, the first batch) would
+        # make the first ETAs of a long job many times too long; none before it is known
+        steady = first is not None and now > first[0] and self.done > first[1]
+        rate = (self.done - first[1]) / (now - first[0]) if steady else self.done / max(now - self.t0, 1e-9)
         total = self.total
-        eta = "" if total is None or rate <= 0 else f" ETA {_hms((total - self.done) / rate)}"
+        eta = "" if total is None or not steady or rate <= 0 else f" ETA {_hms((total - self.done) / rate)}"
         if self.lines:
             of = "" if total is None else f"/{total}"
             sys.stderr.write(f"{self.label}: {self.done}{of} in {_hms(now - self.t0)}, {rate:.1f}/s{eta}\n")
