@@ -1793,8 +1793,8 @@ def test_folder_scans_list_every_common_photo_extension(model, tmp_path, monkeyp
 def test_progress_is_a_plain_line_now_and_then_when_stderr_is_not_a_terminal(corpus, model, tmp_path, capsys,
                                                                             monkeypatch):
     """In a log file or batch job there is no bar to redraw: a line every PROGRESS_EVERY_S
-    seconds (0 here: one per group of records) with the count and the rate (no total: the
-    inputs are counted beside the scan only for a terminal's bar); --quiet silences it."""
+    seconds (0 here: one per group of records) with the count, the total and ETA once the
+    inputs are counted beside the scan, and the rate; --quiet silences it."""
     import re
 
     from fakespotter.cli import _common
@@ -1804,8 +1804,9 @@ def test_progress_is_a_plain_line_now_and_then_when_stderr_is_not_a_terminal(cor
     rc, _, err = run_cli([*base, "--out", str(tmp_path / "a.jsonl")], capsys)
     assert rc == 0 and "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("scan: ")]
-    done = [int(re.fullmatch(r"scan: (\d+) in 0:\d\d, [\d.]+/s", line).group(1)) for line in lines]
-    assert done == [2, 4, 6, 7]
+    found = [re.fullmatch(r"scan: (\d+)(/7)? in 0:\d\d, [\d.]+/s( ETA \d+:\d\d)?", line) for line in lines]
+    assert [int(m.group(1)) for m in found] == [2, 4, 6, 7]
+    assert found[-1].group(2) == "/7"  # (counting 7 files takes far less than three batches)
     rc, _, err = run_cli([*base, "--out", str(tmp_path / "b.jsonl"), "--quiet"], capsys)
     assert rc == 0 and err == ""
 

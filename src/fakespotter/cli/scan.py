@@ -567,7 +567,7 @@ def _run(args: argparse.Namespace) -> int:
             return 3
     batch_size = run_.stats["batch_size"]
     progress = Progress(None, "scan", args.quiet)
-    if progress.live and "-" not in args.paths:  # the ETA needs a count, made while the scan goes on (a terminal only)
+    if not args.quiet and "-" not in args.paths:  # the ETA needs a count, made while the scan goes on
         threading.Thread(target=_count_inputs, args=(args.paths, args.limit, resumed, progress), daemon=True).start()
     complete = False
     failed: Optional[OSError] = None  # writing the output (disk full, file too large, I/O error)
