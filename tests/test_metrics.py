@@ -375,3 +375,53 @@ def test_fpr_targets_from_an_iterator_are_checked_too():
     with pytest.raises(ValueError, match=r"metrics: fpr_targets must be fractions in \[0, 1\].*got 5.0"):
         ev.metrics(s, y, fpr_targets=iter((0.01, 5.0)))
     assert "tpr_at_1pct_fpr" in ev.metrics(s, y, fpr_targets=iter((0.01,)))
+
+
+def test_metrics_of_one_distinct_score_and_one_class_curves():
+    """Every score tied is one ROC point: AUC and EER are 0.5, not undefined. With one class
+    the curves keep one point per distinct score plus the origin, NaN where a rate is undefined."""
+    m = ev.metrics([0.5, 0.5, 0.5], [0, 1, 1])
+    assert m["auc"] == 0.5 and m["eer"] == 0.5
+    for y in ([0, 0], [1, 1]):
+        fpr, tpr, thr = ev.roc_curve([0.1, 0.2], y)
+        assert len(fpr) == len(tpr) == len(thr) == 3 and thr[0] == np.inf
+        assert np.isnan(fpr).all() if y[0] == 1 else np.isnan(tpr).all()
+
+
+def test_bootstrap_edge_sizes_and_levels():
+    s, y = random_case(4, 60)
+    one = ev.bootstrap_ci(s, y, stat, n=1, seed=2)  # one resample: both bounds are its value
+    assert all(math.isfinite(lo) and lo == hi for lo, hi in one.values()), one
+    always_nan = ev.bootstrap_ci(s, y, lambda a, b: {"x": float("nan")}, n=20)
+    assert len(always_nan["x"]) == 2 and all(math.isnan(v) for v in always_nan["x"])
+    for level in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"level must be in \(0, 1\)"):
+            ev.bootstrap_ci(s, y, stat, n=10, level=level)
+    # a target of 0 (no false positive at all) is a valid target
+    assert ev.metrics([0, 1, 2, 3], [0, 0, 1, 1], fpr_targets=[0.0])["tpr_at_0pct_fpr"] == 1.0
+
+
+def test_defaults_of_the_reports():
+    """The documented defaults: 1000 resamples, seed 0, 95% intervals, in every entry point."""
+    import inspect
+
+    s, y = random_case(5, 40)
+    for report in (ev.evaluate(s, y), ev.evaluate_by(s, y, [("gen", ["g"] * len(y), "fake")])):
+        settings = report["settings"]
+        assert (settings["bootstrap"], settings["seed"], settings["level"]) == (1000, 0, 0.95)
+    p = inspect.signature(ev.bootstrap_ci).parameters
+    assert (p["n"].default, p["seed"].default, p["level"].default) == (1000, 0, 0.95)
+
+
+def test_evaluate_by_rows_for_single_label_groupings():
+    """A fake grouping gets a row per label, even a single one; a real grouping only when the
+    reals carry more than one label (else its row would repeat the ``all`` row)."""
+    s, y = random_case(6, 50)
+    n = len(y)
+    rep = ev.evaluate_by(s, y, [("gen", ["g"] * n, "fake"), ("src", ["a"] * n, "real")], bootstrap=0)
+    assert [(r["kind"], r["group"], r["class"]) for r in rep["rows"]] == [("all", "all", "all"), ("gen", "g", "fake")]
+    assert rep["label_columns"] == ["kind", "group", "class"]
+    src = ["a" if i % 2 else "b" for i in range(n)]
+    rep = ev.evaluate_by(s, y, [("src", src, "real")], bootstrap=0)
+    assert [(r["kind"], r["group"]) for r in rep["rows"]][1:] == [("src", g) for g in dict.fromkeys(
+        np.asarray(src)[np.asarray(y) == 0])]

@@ -170,7 +170,7 @@ def test_jpeg_and_resize_equal_direct_pillow_calls():
 
 
 @pytest.mark.parametrize("sigma", [0.3, 0.5, 1, 2, 3])
-@pytest.mark.parametrize("hw", [(40, 30), (5, 9), (1, 6)])
+@pytest.mark.parametrize("hw", [(40, 30), (5, 9), (1, 6), (2, 7)])
 def test_blur_equals_scipy_gaussian_filter(sigma, hw):
     """scipy's ``mode="mirror"`` is numpy's ``"reflect"`` (the edge pixel not repeated); its
     radius is ``int(truncate * sigma + 0.5)``, so truncate is set to give ours, ceil(4 sigma)."""
@@ -192,3 +192,49 @@ def test_noise_is_the_documented_draw_rounded_and_clipped():
         assert np.array_equal(apply("noise", sigma, x, seed=seed), want)
     y = apply("noise", 0.1, x, seed=3)
     assert y[:5].min() == 0 < y[:5].max() and y[-5:].min() < 255 == y[-5:].max()
+
+
+def test_levels_at_the_ends_of_their_ranges():
+    """The bounds the docstrings give: JPEG 1..100, blur sigma > 0, noise sigma in (0, 1]; and
+    a constant image at either end of the range stays so under blur (no clipping off by one)."""
+    x = smooth_image(8, 12, 10)
+    for bad in (101, 0):
+        with pytest.raises(ValueError, match=f"jpeg: quality must be an int in 1..100, got {bad}"):
+            apply("jpeg", bad, x)
+    with pytest.raises(ValueError, match="blur: sigma must be a positive number of pixels, got 0"):
+        apply("blur", 0, x)
+    with pytest.raises(ValueError, match=r"noise: sigma must be a fraction of the range in \(0, 1\], got 1.5"):
+        apply("noise", 1.5, x)
+    assert apply("noise", 1, x).shape == x.shape
+    for value in (0, 255):
+        flat = np.full((6, 5, 3), value, dtype=np.uint8)
+        assert np.array_equal(apply("blur", 1, flat), flat), value
+
+
+def test_noise_seeds_that_are_whole_numbers_of_any_type():
+    x = smooth_image(9, 10, 10)
+    assert np.array_equal(apply("noise", 0.1, x), apply("noise", 0.1, x, seed=0))  # the default seed is 0
+    assert np.array_equal(perturb.noise(x, 0.1), perturb.noise(x, 0.1, seed=0))
+    assert np.array_equal(apply("noise", 0.1, x, seed=1.0), apply("noise", 0.1, x, seed=1))
+    assert np.array_equal(apply("noise", 0.1, x, seed=(2.0, 3)), apply("noise", 0.1, x, seed=(2, 3)))
+    for bad in (1.5, (1.5, 2), (2, -1), ()):
+        with pytest.raises(ValueError, match="noise: seed must be an int >= 0 or a sequence of them"):
+            apply("noise", 0.1, x, seed=bad)
+
+
+def test_augmenter_levels_fraction_and_attacks():
+    """Levels are drawn across each attack's whole range (JPEG qualities integers); fraction 1
+    attacks every chip; an empty or unknown attack list is refused; the default stream is 0."""
+    x = np.random.default_rng(1).integers(0, 256, size=(400, 8, 8, 3), dtype=np.uint8)
+    aug = perturb.Augmenter(fraction=1.0, seed=2)
+    out = aug(x)
+    assert np.array_equal(out, aug(x, 0)) and len(aug.last_) == len(x)
+    for attack, levels in ATTACKS.items():
+        drawn = [level for _, k, level in aug.last_ if k == attack]
+        lo, hi = min(levels), max(levels)
+        assert lo <= min(drawn) and max(drawn) <= hi and max(drawn) - min(drawn) > 0.8 * (hi - lo), (attack, drawn)
+        if attack == "jpeg":
+            assert all(isinstance(q, int) for q in drawn) and len(set(drawn)) > 20
+    for bad in ([], ["nope"], ["jpeg", "crop"]):
+        with pytest.raises(ValueError, match="Augmenter: attacks must be a non-empty subset of"):
+            perturb.Augmenter(attacks=bad)
