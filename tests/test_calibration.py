@@ -329,3 +329,47 @@ def test_thresholds_for_another_backbone_or_layers_are_refused():
     with pytest.raises(ValueError, match="backbone 'custom:SmallNet'.*backbone 'my-net'"):
         renamed.set_thresholds(t)
     Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE, thresholds=t)  # same: accepted
+
+
+def test_channel_values_of_any_spatial_rank_are_the_channel_means():
+    """[N, C, L] and [N, C, H, 1] activations have a spatial size > 1: one mean per channel,
+    the same for both shapes; [N, D] and [N, C, 1, 1] are their own values."""
+    a = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    v = neuron_values(a, "channel")
+    assert v.shape == (2, 3) and torch.equal(v, neuron_values(a.unsqueeze(-1), "channel"))
+    assert torch.allclose(v, a.double().mean(-1).float(), rtol=0, atol=1e-6)
+    assert torch.equal(neuron_values(a[:, :, :1].unsqueeze(-1), "channel"), a[:, :, 0])
+    assert neuron_values(a, "element").shape == (2, 15)
+
+
+def test_a_first_batch_of_one_image_or_none():
+    """One image is a batch like any other; an empty batch adds nothing and fits nothing.
+    (Elementwise: activations that do not depend on the batching.)"""
+    layers = ["a", "b", "pool", "c"]
+    net = Elementwise()
+    tap = Tap(net, layers, input_shape=SMALL_SHAPE)
+    x = small_chips(3)
+    cal = ThresholdCalibrator(tap).partial_fit(x[:0])
+    assert cal.n_images_ == 0 and not hasattr(cal, "thresholds_")
+    cal.partial_fit(x[:1])
+    layer, _ = brute_force(net, layers, "channel", x[:1])
+    assert cal.n_images_ == 1 and cal.thresholds_.n_images == 1 and rel_err(cal.layer_means_, layer) <= 1e-12
+    cal.partial_fit(x[1:])
+    layer, _ = brute_force(net, layers, "channel", x)
+    assert cal.n_images_ == 3 and rel_err(cal.layer_means_, layer) <= 1e-12
+
+
+def test_thresholds_of_another_dtype_or_shape_are_refused(tmp_path):
+    import dataclasses
+
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    t = ThresholdCalibrator(tap, mode="per_neuron").fit([small_chips(3)]).thresholds_
+    t.save(tmp_path / "t.safetensors")
+    tensors, meta = _safetensors.load_file(tmp_path / "t.safetensors")
+    name = f"threshold.{SMALL_LAYERS[0]}"
+    for what, value in (("float64", tensors[name].double()), ("2-d", tensors[name].reshape(1, -1))):
+        _safetensors.save_file({**tensors, name: value}, tmp_path / f"{what}.safetensors", meta)
+        with pytest.raises(ValueError, match=rf"{what}.safetensors: {name} must be float32 \[k\], got"):
+            Thresholds.load(tmp_path / f"{what}.safetensors")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.mode = "per_layer"
