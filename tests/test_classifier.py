@@ -134,3 +134,20 @@ def test_class_weights_help_imbalanced_data():
     pred = clf.predict(test_rows)
     recall_fake = (pred[test_y == 1] == 1).float().mean().item()
     assert recall_fake > 0.6
+
+
+@pytest.mark.parametrize("class_weight", ["balanced", None])
+def test_the_fitted_network_is_the_best_epochs_on_a_given_validation_set(class_weight):
+    """Early stopping keeps the epoch of least validation loss: the returned network's loss on
+    the validation set is ``validation_loss_`` (and not the last epoch's, which is worse here:
+    a small training set, over-fitted for as long as the patience allows)."""
+    rows, y = synthetic(n=200, seed=4)
+    val_rows, val_y = synthetic(n=120, seed=5)
+    clf = BitsetMLPClassifier(max_epochs=40, patience=8, class_weight=class_weight).fit(
+        rows[:60], y[:60], validation=(val_rows, val_y))
+    assert clf.best_epoch_ < len(clf.history_) - 1 and clf.history_[-1] > clf.validation_loss_
+    assert clf.validation_loss_ == min(clf.history_)
+    logits = clf.decision_function_float(val_rows)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, val_y.float(), reduction="none")
+    assert (y[:60] == 1).sum() == 30  # (balanced classes: "balanced" weighs every row 1 too)
+    assert float(loss.mean()) == pytest.approx(clf.validation_loss_, rel=1e-5)
