@@ -64,6 +64,15 @@ def test_mnc_matches_tap():
     tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
     f = features(small_chips(4), tap)
     assert torch.equal(mnc(f, tap), tap.mnc(f.rows)) and mnc(f.rows, tap).shape == (4, 5)
+    # numpy rows: shared, or copied where torch cannot share them (reversed, read-only), silently
+    a = f.rows.numpy()
+    assert torch.equal(mnc(a, tap), tap.mnc(f.rows))
+    read_only = a.copy()
+    read_only.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(mnc(a[::-1], tap), tap.mnc(f.rows.flip(0)))
+        assert torch.equal(mnc(read_only, tap), tap.mnc(f.rows))
 
 
 def test_chip_validation_names_expected_and_actual():
@@ -84,6 +93,13 @@ def test_chip_validation_names_expected_and_actual():
         features(torch.zeros(2, 15, 13, 3), tap)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         features(small_chips(1), tap, batch_size=0)
+    over = torch.zeros(1, 3, 15, 13)
+    over[0, 1, 2, 3] = 255.5
+    with pytest.raises(ValueError, match=r"got values from 0 to 255.5"):
+        features(over, tap)
+    with pytest.raises(ValueError, match="face chips are square; the backbone wants 150x160"):
+        chips([], aligned=True, size=(150, 160))
+    assert chips([], aligned=True, size=(150, 150)).array.shape == (0, 150, 150, 3)
     x = small_chips(2).requires_grad_()
     with warnings.catch_warnings():  # (torch warned of float() on a tensor that requires grad)
         warnings.simplefilter("error")
