@@ -177,6 +177,30 @@ def test_unfinished_damaged_and_missing_parts_are_redone(corpus, model, referenc
     assert list(read_records(out, "parquet")) == reference
 
 
+def test_a_resume_drops_the_damaged_part_and_all_after_it_whatever_it_writes(reference, tmp_path):
+    """The parts from the first damaged one on are deleted by the resume, not only overwritten
+    by new parts of the same names: a resume with bigger parts, or one with nothing left to
+    write, leaves no part that would read back twice or that a reader would trip on."""
+    for rest in ("bigger parts", "nothing"):
+        out = tmp_path / rest.replace(" ", "_")
+        w = ParquetParts(out, "new", part_rows=2)
+        w.write(reference[:8])
+        w.close()
+        names = parts(out)
+        assert len(names) == 4
+        data = (out / names[1]).read_bytes()
+        (out / names[1]).write_bytes(data[:-20])
+        st = resume_state(out, "parquet")
+        assert (st.parts, st.records) == (1, 2)
+        assert st.torn_bytes == sum((out / n).stat().st_size for n in names[1:])
+        w = RecordWriter(out, "parquet", "resume", st, part_rows=100)
+        w.write(reference[2:8] if rest == "bigger parts" else [])
+        w.close()
+        assert parts(out) == names[:2] if rest == "bigger parts" else names[:1]
+        assert list(read_records(out, "parquet")) == (reference[:8] if rest == "bigger parts" else reference[:2])
+        assert pq.read_table(out).num_rows == (8 if rest == "bigger parts" else 2)
+
+
 def test_a_part_damaged_in_any_column_is_redone(corpus, model, reference, tmp_path):
     out = tmp_path / "o.parquet"
     assert main(cli(corpus, model, out, "--part-rows", "4")) == 1

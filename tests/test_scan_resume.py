@@ -241,10 +241,11 @@ def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
 
     line = '{"path":"d/caf\\u00e9 \\"q\\".jpg","size":12,"sha256":null}'
     assert all(_torn_record(line[:n].encode()) for n in range(len(line) + 1))
+    assert not any(_torn_record(t) for t in (b'{"path":"a"}', b'{"path":"d/x.jpg"]'))
     # ... but not a file of someone else's that lacks a newline, even one whose JSON starts with a
     # "path" key (json.dump writes no final newline)
     for text in ("my notes, no newline", json.dumps({"path": "/data/photos", "owner": "me"}),
-                 '{"path":"/data/photos","owner":"me"}'):
+                 '{"path":"/data/photos","owner":"me"}', '{"path":"a"}'):
         out.write_text(text)
         rc = main(cli(corpus, model, out, "--resume"))
         assert rc == 2 and "is not a jsonl scan output" in capsys.readouterr().err
@@ -270,6 +271,9 @@ def test_resume_refuses_other_settings_and_more_than_limit(small, model, tmp_pat
         rc = main([*cli(corpus, model, out, "--resume"), *extra])
         assert rc == 2 and message in capsys.readouterr().err, extra
         assert out.read_text() == "".join(lines[:6])
+    # the same --limit again: nothing to do, nothing refused
+    assert main([*cli(corpus, model, out, "--resume"), "--limit", "6"]) == 0
+    assert out.read_text() == "".join(lines[:6])
     # without its stats JSON nothing can be checked: said, then resumed
     (tmp_path / "o.jsonl.stats.json").unlink()
     assert main([a for a in cli(corpus, model, out, "--resume", "--limit", "8") if a != "--quiet"]) == 0
@@ -568,3 +572,17 @@ def test_the_forkserver_a_scan_starts_leaves_ctrl_c_to_the_callers_own_processes
                           "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
                          capture_output=True, text=True)
     assert run.stdout.strip() == "True", run.stderr
+
+
+def test_a_csv_output_with_its_header_alone_has_nothing_torn(tmp_path):
+    """A CSV scan killed before its first record holds its header: nothing to cut, nothing
+    counted; a first line that is not the header is all torn."""
+    from fakespotter.scan import _csv_header, resume_state
+
+    out = tmp_path / "o.csv"
+    out.write_text(_csv_header())
+    st = resume_state(out, "csv")
+    assert (st.records, st.good_bytes, st.torn_bytes) == (0, len(_csv_header()), 0)
+    out.write_text(_csv_header()[:20])
+    st = resume_state(out, "csv")
+    assert (st.records, st.good_bytes, st.torn_bytes) == (0, 0, 20)
