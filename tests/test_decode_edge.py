@@ -230,9 +230,16 @@ def small_files() -> dict:
         "webp_lossless": (encode(rgb, "WEBP", lossless=True), 12, 12),
         "tiff": (encode(rgb, "TIFF"), 4, 4),
         "tiff_deflate": (encode(rgb, "TIFF", compression="tiff_deflate"), 4, 4),
+        "tiff_strips": (encode(rgb, "TIFF", tiffinfo={278: 5}), 4, 4),  # (5 strips: arrays outside the IFD)
+        "tiff_deflate_strips": (encode(rgb, "TIFF", compression="tiff_deflate", tiffinfo={278: 5}), 4, 4),  # IFD last
         "ppm": (encode(rgb, "PPM"), 2, 3),  # "P6" alone: no header has begun
         "pgm": (encode(rgb.convert("L"), "PPM"), 2, 3),
         "pbm": (encode(rgb.convert("1"), "PPM"), 2, 3),
+        "ppm_90x10": (encode(Image.fromarray(noise_image(6, 10, 90)), "PPM"), 2, 3),  # header digits 0 and 9
+        "pgm_16bit": (encode(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).convert("I;16"),
+                             "PPM"), 2, 3),  # (maxval 65535: two bytes a sample)
+        "ppm_16bit": (b"P6\n32 24\n65535\n" + (np.asarray(rgb).astype(np.uint16) * 257).astype(">u2").tobytes(),
+                      2, 3),
     }
 
 
@@ -247,6 +254,28 @@ def test_cut_at_every_header_byte_is_truncated(name):
         if kind_of(data[:n]) != want:
             wrong.append((n, kind_of(data[:n]), want))
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("name", list(small_files()))
+def test_a_file_without_its_last_bytes_is_truncated_unless_only_its_end_marker_is_cut(name):
+    """The last byte of the pixel data (or of the marker that closes it, JPEG's EOI) missing:
+    truncated. A PNG cut after its last pixel byte (in the zlib stream's checksum, the IDAT
+    chunk's CRC or IEND) and a GIF without its trailer still hold every pixel and are scored."""
+    data = small_files()[name][0]
+    whole = {"png": 20, "png_adam7": 20, "gif": 2}.get(name, 0)  # IEND, the IDAT's CRC, zlib's adler32; 00 3B
+    for k in (1, 2, 5, 13, 20, 24):
+        assert kind_of(data[:-k]) == ("ok" if k <= whole else "truncated"), k
+
+
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff\xff\xd9\x00\x10", b"\xff\xd8\xff\xd0\xff\xd9",
+                                  b"\xff\xd8\xff\xd9\x00\x10", b"P6\n5a 40\n255\n" + bytes(600),
+                                  b"P6\n56 4x\n255\n" + bytes(600), b"P6\n56 40\n2\xdc5\n" + bytes(600)],
+                         ids=["jpeg-fill-eoi", "jpeg-rst-eoi", "jpeg-eoi-junk", "ppm-width", "ppm-height",
+                              "ppm-maxval"])
+def test_a_whole_structure_that_is_wrong_is_no_cut(data):
+    """A JPEG whose markers run to its EOI (fill bytes, a stray RST, junk after it) and a PPM
+    with a non-digit in a header number are damaged, not cut short: decode_error."""
+    assert kind_of(data) == "decode_error"
 
 
 @pytest.mark.parametrize("name", list(damaged_files()))
