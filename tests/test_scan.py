@@ -1834,3 +1834,20 @@ def test_a_record_writer_counts_what_it_wrote(corpus, model, tmp_path):
     assert writer.written["images"] == 2 and len(out.read_text().splitlines()) == 2
     want = {s: sum(r["status"] == s for r in records[:2]) for s in ("ok", "no_face", "error")}
     assert writer.written["counts"] == want
+
+
+def test_a_record_takes_its_most_suspicious_face_and_a_tie_with_the_threshold_is_real():
+    """label: fake when score > threshold (as ``FakeSpotter.predict`` decides), so a score equal
+    to the threshold is real; score: the highest face's; a non-finite logit is an error record."""
+    from fakespotter.scan import make_record
+
+    res = {"path": "p.jpg", "size": 1, "sha256": "0" * 64, "width": 9, "height": 9, "frames": 1, "error": None,
+           "faces": [([0, 0, 4, 4], 1.0), ([4, 4, 8, 8], 0.5)]}
+    rec = make_record(res, [0.25, -1.0], 0.25, "m")
+    assert (rec["status"], rec["score"], rec["label"]) == ("ok", 0.25, "real")
+    assert [f["score"] for f in rec["faces"]] == [0.25, -1.0]
+    assert make_record(res, [-3.0, 0.2500001], 0.25, "m")["label"] == "fake"
+    bad = make_record(res, [0.1, float("nan")], 0.25, "m")
+    assert (bad["status"], bad["error_kind"], bad["faces"], bad["label"]) == ("error", "internal_error", [], None)
+    none = make_record(dict(res, faces=[]), [], 0.25, "m")
+    assert (none["status"], none["score"], none["label"]) == ("no_face", None, None)
