@@ -277,6 +277,22 @@ def test_refuses_missing_and_misshaped_tensors(fitted, tmp_path):
     bad = _resave(fitted, tmp_path, "e.fsm", tensors=lambda t: t.update({"extra": torch.zeros(1)}))
     with pytest.raises(artifact.ModelFileError, match=r"unexpected tensors \['extra'\]"):
         FakeSpotter.load(bad)
+    from fakespotter.detector import TRAINING_IMAGES
+
+    bad = _resave(fitted, tmp_path, "i.fsm", tensors=lambda t: t.update({TRAINING_IMAGES: torch.zeros(2, 2, dtype=torch.int64)}))
+    with pytest.raises(artifact.ModelFileError, match=rf"{TRAINING_IMAGES} must be int64 \[n\], got torch.int64 \[2, 2\]"):
+        FakeSpotter.load(bad)
+
+
+def test_refuses_an_unknown_classifier_and_bad_detector_params(fitted, tmp_path):
+    """Both are a ModelFileError naming the file (what callers catch), not a KeyError from deeper
+    down, nor a model that loads and is refused only when it is saved again."""
+    bad = _resave(fitted, tmp_path, "k.fsm", meta=lambda m: m["classifier"].update(type="svm"))
+    with pytest.raises(artifact.ModelFileError, match=r"k.fsm: unknown classifier type 'svm'"):
+        FakeSpotter.load(bad)
+    bad = _resave(fitted, tmp_path, "p.fsm", meta=lambda m: m["detector_params"].update(target_fpr=2.0))
+    with pytest.raises(artifact.ModelFileError, match=r"p.fsm: detector_params: .*target_fpr must be in \(0, 1\)"):
+        FakeSpotter.load(bad)
 
 
 def test_refuses_non_finite_values_and_mangled_metadata_also_in_info(fitted, tmp_path, capsys):

@@ -168,6 +168,16 @@ def test_resnet_checkpoint_errors(tmp_path):
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match="odd.pth: not a resnet18 state_dict"):
         get_backbone("resnet18", checkpoint=tmp_path / "odd.pth").module
+    for name, obj, kind in (("ints.pth", {"conv1.weight": 3}, "dict"), ("list.pth", [torch.zeros(2)], "list")):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError, match=rf"{name}: expected a state_dict \(a mapping of names to tensors\), "
+                                                  rf"got {kind}"):
+            get_backbone("resnet18", checkpoint=tmp_path / name).module
+    wide = dict(ref.state_dict(), **{"conv1.weight": torch.zeros(64, 3, 5, 5)})
+    torch.save(wide, tmp_path / "wide.pth")
+    with pytest.raises(CheckpointError, match=r"wide.pth: resnet18 expects conv1.weight of shape \[64, 3, 7, 7\], "
+                                              r"the file has \[64, 3, 5, 5\]"):
+        get_backbone("resnet18", checkpoint=tmp_path / "wide.pth").module
     torch.save({"x": Evil()}, tmp_path / "pickle.pth")
     with pytest.raises(CheckpointError, match=r"pickle.pth: holds pickled Python objects besides tensors \(it names "
                                               r"test_registry.Evil: .*save model.state_dict\(\)"):
