@@ -85,6 +85,26 @@ def test_quantize_keeps_int32_sums_exact():
     assert torch.equal(scale, torch.exp2(torch.round(torch.log2(scale))))  # powers of two
 
 
+def test_quantize_at_the_edges_of_its_range():
+    """Rows whose |sum| is a power of two (the step exactly at the budget), a row of zeros, float32
+    weights near their maximum (a coarse step, still exact sums), and the refusals."""
+    for w, step in ((torch.tensor([[1.0]]), 2.0**-30), (torch.tensor([[0.5, 0.5]]), 2.0**-30),
+                    (torch.full((1, 16), 3e38), 2.0**101)):
+        q, scale = ops.quantize_linear(w)
+        assert scale.tolist() == [step] and int(q.long().abs().sum()) <= 2**31 - 1
+        assert torch.equal(q.double().T * scale.double(), w.double())
+    q, scale = ops.quantize_linear(torch.zeros(1, 3))
+    assert not q.any() and scale.isfinite().all() and scale.item() > 0
+    with pytest.raises(ValueError, match="quantize_linear: the weights of output 1 sum to 1e.50 in absolute value, too "
+                                         "large for int32 sums with a float32 scale"):
+        ops.quantize_linear(torch.tensor([[1.0], [1e50]], dtype=torch.float64))
+    for bad in (torch.ones(2, 3, dtype=torch.int64), torch.ones(3)):
+        with pytest.raises(ValueError, match=r"quantize_linear: weight must be a float \[outputs, inputs\] matrix"):
+            ops.quantize_linear(bad)
+    ok = ops.bitset_table(torch.tensor([[2**31 - 1]], dtype=torch.int32))  # exactly at the limit: accepted
+    assert ok.shape == (1, 16, 1) and int(ok[0, 1, 0]) == 2**31 - 1
+
+
 def test_errors():
     packed, x, w, b, q, scale, table = make(2, 100, 4, seed=5)
     cases = [

@@ -304,3 +304,13 @@ def test_python_wrappers_take_thresholds_as_floats_lists_and_arrays():
         fakespotter.threshold_pack(x, {"a": 1.0})
     with pytest.raises(ValueError, match="threshold_pack"):  # the op's own check of the length
         fakespotter.threshold_pack(x, [0.0] * 7)
+
+
+def test_popcount_and_unpack_default_to_the_rest_of_the_row_from_their_offset():
+    from fakespotter import ops
+
+    p = torch.tensor([[1, 3, 7]], dtype=torch.int64)
+    assert ops.layer_popcount(p, 1).tolist() == [5] and ops.layer_popcount(p).tolist() == [6]
+    bits = ops.unpack_bits(p, word_offset=1)
+    assert bits.shape == (1, 128) and bits[0, :3].tolist() == [True, True, False] and int(bits.sum()) == 5
+    assert ops.unpack_bits(p).shape == (1, 192)

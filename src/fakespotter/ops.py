@@ -128,9 +128,14 @@ def quantize_linear(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"quantize_linear: {inputs} inputs is too many for exact int32 sums")
     total = w.abs().sum(dim=1)  # [O]
     exponent = torch.floor(torch.log2(budget / total.clamp_min(1e-300)))
-    exponent = exponent.clamp(-100, 100)
+    # (a row of zeros needs no step: the upper bound; the lower one keeps the float32 scale finite)
+    exponent = exponent.clamp(-126, 100)
     q = torch.round(w * torch.exp2(exponent)[:, None])
-    assert (q.abs().sum(dim=1) <= INT32_MAX).all()
+    big = q.abs().sum(dim=1) > INT32_MAX
+    if big.any():
+        o = int(big.nonzero()[0])
+        raise ValueError(f"quantize_linear: the weights of output {o} sum to {float(total[o]):g} in absolute value, "
+                         f"too large for int32 sums with a float32 scale")
     scale = torch.exp2(-exponent).to(torch.float32)
     return q.to(torch.int32).T.contiguous(), scale
 
