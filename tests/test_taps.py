@@ -342,6 +342,13 @@ def test_thresholds_forms():
         tap.set_thresholds([0.0, 0.0, 0.0, 0.0, torch.zeros(3)])
     with pytest.raises(ValueError, match="expected 5 entries"):
         tap.set_thresholds([0.0, 0.0])
+    # a tensor: one value per layer, or one for all; a scalar number too
+    for given, want in ((torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]), [0.1, 0.2, 0.3, 0.4, 0.5]),
+                        (torch.tensor(0.25), [0.25] * 5), (torch.tensor([0.75]), [0.75] * 5), (2, [2.0] * 5)):
+        tap.set_thresholds(given)
+        assert tap.threshold_mode == "per_layer" and tap.thresholds.tolist() == pytest.approx(want), given
+    with pytest.raises(ValueError, match="expected 5 entries"):
+        tap.set_thresholds(torch.zeros(1, 5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,3 +585,28 @@ def test_taps_built_in_several_threads_while_another_runs_the_module():
     runner.join()
     assert not errors, errors[:3]
     nn.Conv2d(3, 4, 3)(torch.randn(1, 3, 8, 8))  # no patch left behind
+
+
+class Scaled(nn.Module):
+    """A forward with an optional second argument (only the first is required) around the small
+    net, whose monitored layers sit inside user modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = small_net()
+
+    def forward(self, x, scale: float = 1.0):
+        return self.net(x * scale)
+
+
+def test_leaf_types_make_only_their_modules_leaves_and_optional_arguments_are_allowed():
+    """``leaf_modules`` of a type the net does not use changes nothing (the monitored layers
+    inside user modules are still traced into); a forward with an optional argument builds."""
+    net = Scaled().eval()
+    layers = [f"net.{n}" for n in SMALL_LAYERS]
+    x = small_chips(3)
+    plain = Tap(custom_backbone(net, layers, SMALL_SHAPE[1:]))
+    leafy = Tap(custom_backbone(net, layers, SMALL_SHAPE[1:], leaf_modules=[nn.Dropout]))
+    with torch.no_grad():
+        assert torch.equal(plain(x), leafy(x))
+        assert torch.equal(plain(x), Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)(x))
