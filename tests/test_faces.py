@@ -888,3 +888,66 @@ def test_an_arithmetic_coded_jpeg_over_64_kib_decodes(tmp_path):
     assert len(arith) > 65536 and b"\xff\xc9" in arith  # SOF9: arithmetic-coded, sequential
     assert np.array_equal(F.load_image(arith), F.load_image(src))
     assert np.array_equal(decode_image(arith).rgb, F.load_image(src))
+
+
+def test_a_window_at_any_level_and_edge_maps_back_to_that_level():
+    """_found_at inverts dlib's mapping of a detector window (73 px, 81 where it starts left of or
+    above the image) from pyramid level L up to the image: the window at an edge (left or top 0
+    or -1) included. Pure geometry: no detector runs."""
+    dlib = pytest.importorskip("dlib")
+    down = dlib.pyramid_down(6)
+    cases = 0
+    for level in (1, 2, 3):
+        for t in range(5, 40, 3):
+            for at in (dlib.rectangle(0, t, 72, t + 72), dlib.rectangle(-1, t, 79, t + 72),
+                       dlib.rectangle(t, 0, t + 72, 72), dlib.rectangle(t, -1, t + 72, 79),
+                       dlib.rectangle(-1, -1, 79, 79), dlib.rectangle(t, t + 3, t + 72, t + 75)):
+                rect = F._mapped(down, at, level, upward=True)
+                assert F._found_at(rect, down) == (level, at), (level, at, rect)
+                cases += 1
+    assert cases == 3 * 12 * 6
+
+
+def test_mapped_boxes_round_halves_away_from_zero():
+    dlib = pytest.importorskip("dlib")
+
+    class Pyramid:  # a level's box of exact halves, as dlib's own mapping can give
+        def rect_up(self, rect, levels):
+            return dlib.drectangle(-0.5, 0.5, 10.5, 20.5)
+
+    assert F._mapped(Pyramid(), dlib.rectangle(0, 0, 1, 1), 1, upward=True) == dlib.rectangle(-1, 1, 11, 21)
+
+
+def test_boxes_found_on_a_scaled_copy_are_scaled_back_exactly(monkeypatch):
+    """A 400x500 copy of an 800x1000 image (detect_pixels a quarter of it): each box of the copy
+    covers twice its pixels, inclusive right and bottom edges included."""
+    dlib = pytest.importorskip("dlib")
+    seen = []
+
+    class Detector:
+        def run(self, img, upsample, threshold):
+            seen.append(img.shape)
+            return [dlib.rectangle(10, 20, 29, 39), dlib.rectangle(0, 0, 399, 499)], [1.0, 0.5], [0, 0]
+
+    monkeypatch.setattr(F, "_detector", lambda: Detector())
+    boxes, scores = F._detect_scaled(np.zeros((1000, 800, 3), np.uint8), 200_000)
+    assert seen == [(500, 400, 3)] and scores == [1.0, 0.5]
+    assert boxes == [dlib.rectangle(20, 40, 59, 79), dlib.rectangle(0, 0, 799, 999)]
+
+
+def test_the_documented_defaults_and_edges_of_the_colour_rules():
+    """Transparent pixels composite onto black by default; a float image with exactly the
+    allowed share of values above 1 is still taken as 0..1; bad backgrounds and sizes refused."""
+    import inspect
+
+    assert F.chip_from_aligned(np.zeros((150, 150, 4), np.uint8))[0, 0].tolist() == [0, 0, 0]
+    assert inspect.signature(F.detect_and_align).parameters["background"].default == (0, 0, 0)
+    a = np.full((10, 100), 0.5, np.float32)
+    a[3, 7] = 2.0  # 1 value of 1000 above 1: F.FLOAT_OVERSHOOT
+    assert F.load_image(Image.fromarray(a, mode="F"))[0, 0].tolist() == [128, 128, 128]
+    a[4, 7] = 2.0  # 2 of 1000: the image is taken as 0..255
+    assert F.load_image(Image.fromarray(a, mode="F"))[0, 0].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="background"):
+        F.load_image(np.zeros((4, 4, 4), np.uint8), background=(-1, 0, 0))
+    with pytest.raises(ValueError, match="size"):
+        F.detect_and_align(np.zeros((20, 20, 3), np.uint8), size=1.5)
