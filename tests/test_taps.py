@@ -610,3 +610,34 @@ def test_leaf_types_make_only_their_modules_leaves_and_optional_arguments_are_al
     with torch.no_grad():
         assert torch.equal(plain(x), leafy(x))
         assert torch.equal(plain(x), Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)(x))
+
+
+class Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+class LogNet(nn.Module):
+    """A layer that gives NaN (log of negatives), and one whose output is 1-d (no batch axis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.log = Log()
+        self.flat = nn.Flatten(0)
+
+    def forward(self, x):
+        y = self.log(self.conv(x))
+        return y, self.flat(y)
+
+
+def test_layers_that_give_nan_build_and_a_layer_without_a_batch_axis_is_refused():
+    torch.manual_seed(0)
+    net = LogNet().eval()
+    with torch.no_grad():
+        assert net(small_chips(1)[:, :, :15, :13])[0].isnan().any()
+    tap = Tap(custom_backbone(net, ["log"], (15, 13)))  # (the probe's NaN agree with the hooks' NaN)
+    assert tap.layout.layers[0].features == 4
+    with pytest.raises(ValueError, match=r"Tap: layer 'flat' must output a tensor \[N, C, ...\] or \[N, D\], got "
+                                         r"Tensor\[\d+\]"):
+        Tap(custom_backbone(net, ["flat"], (15, 13)))
