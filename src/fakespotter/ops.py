@@ -116,6 +116,8 @@ def quantize_linear(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``weight.T ~= q * scale``. Each output gets the finest power-of-two step for which its
         column of ``|q|`` sums to at most 2^31 - 1, so every partial sum is exact in int32. Error
         bound for a row with k bits set: ``|bits . q * scale - bits . weight| <= k * scale / 2``.
+        ValueError for weights that are not a float matrix, not finite, or (float64 weights) so
+        large that no float32 scale keeps a row's sum within int32.
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_linear: weight must be a float [outputs, inputs] matrix, got {weight.dtype} of shape {list(weight.shape)}")
