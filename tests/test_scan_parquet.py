@@ -196,7 +196,7 @@ def test_a_resume_drops_the_damaged_part_and_all_after_it_whatever_it_writes(ref
         w = RecordWriter(out, "parquet", "resume", st, part_rows=100)
         w.write(reference[2:8] if rest == "bigger parts" else [])
         w.close()
-        assert parts(out) == names[:2] if rest == "bigger parts" else names[:1]
+        assert parts(out) == (names[:2] if rest == "bigger parts" else names[:1])
         assert list(read_records(out, "parquet")) == (reference[:8] if rest == "bigger parts" else reference[:2])
         assert pq.read_table(out).num_rows == (8 if rest == "bigger parts" else 2)
 
