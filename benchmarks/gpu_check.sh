@@ -27,8 +27,8 @@
 #   FAKESPOTTER_CACHE=$PWD/.gpu/cache AGREEDIR=$PWD/.gpu/scan/corpus512 PRECISIONWORK=$PWD/.gpu/prec \
 #     bash benchmarks/gpu_check.sh $OUT
 # On an H200 (2026-11-27) that took 5 minutes: build 36 s, tests 3 min, taps 40 s, precision 33 s;
-# the CPU taps step, added since, can take up to 7 minutes more. A device call has 10, so CPU_TAPS=0
-# leaves it out, and a call of its own can run it.
+# the CPU taps step, added since, took 3 minutes more on the H100 host (16 CPUs, 2026-11-27; the
+# compiled run 2.5 of them). A device call has 10; CPU_TAPS=0 leaves it out.
 set -u
 out=${1:-gpu-out}
 mkdir -p "$out"
@@ -69,8 +69,8 @@ done 2>&1 | tee "$out/taps.log"
 if [ "${CPU_TAPS:-1}" != 0 ]; then
   step cpu-taps
   # issue B's CPU targets on the host's CPUs: the naive monitor's numpy work runs on one thread while
-  # the forward uses them all, so (b)/(c) grows with the core count (1.01x at 1 thread, 1.12x at 2 on
-  # the 2-CPU VM); never measured with more than 2
+  # the forward uses them all, so (b)/(c) grows with the core count (eager channel: 1.12x at 2 threads on
+  # the 2-CPU VM, 1.70-1.77x at 16 on the H100 host, compiled 2.65-2.75x; RESULTS.md)
   { timeout 120 python3 benchmarks/bench_taps.py --device cpu --threads "$(nproc)" --batch 64 --repeats 5
     timeout 300 python3 benchmarks/bench_taps.py --device cpu --threads "$(nproc)" --batch 64 --repeats 5 --compile
   } 2>&1 | tee "$out/cpu-taps.log"
