@@ -1758,7 +1758,7 @@ def test_an_abandoned_pool_ends_its_running_workers():
 
 
 def test_folder_scans_list_every_common_photo_extension(model, tmp_path, monkeypatch):
-    """JPEG under .jfif / .jpe / .mpo / any case, PBM and PNM, AVIF, and HEIC (which Pillow cannot decode without
+    """JPEG under .jfif / .jpe / .mpo / any case, PBM, PNM and PFM, APNG, AVIF, and HEIC (which Pillow cannot decode without
     pillow-heif: a record that says so, not a file silently left out of a phone's photos; test_heif has it installed)."""
     import io as _io
 
@@ -1780,9 +1780,11 @@ def test_folder_scans_list_every_common_photo_extension(model, tmp_path, monkeyp
     (folder / "g.mpo").write_bytes(jpeg.getvalue())
     img.convert("1").save(folder / "h.pbm", "PPM")
     img.save(folder / "i.pnm", "PPM")
+    img.save(folder / "j.apng", "PNG", save_all=True, append_images=[img])  # animated PNG: the first frame
+    img.convert("F").save(folder / "k.pfm", "PPM")  # float grey (Pillow writes PFM for mode F)
     (folder / "notes.txt").write_text("not listed")
     records = {os.path.basename(r["path"]): r for r in scan([str(folder)], model, workers=0, aligned=True)}
-    want = ({"a.JPG", "b.jfif", "c.jpe", "d.Jpeg", "f.heic", "g.mpo", "h.pbm", "i.pnm"}
+    want = ({"a.JPG", "b.jfif", "c.jpe", "d.Jpeg", "f.heic", "g.mpo", "h.pbm", "i.pnm", "j.apng", "k.pfm"}
             | ({"e.avif"} if "AVIF" in _open_formats() else set()))
     assert set(records) == want
     assert all(records[n]["status"] == "ok" for n in want - {"f.heic"})

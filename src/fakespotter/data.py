@@ -53,8 +53,9 @@ __all__ = [
 # Folder and tar listings pick these up (any case). HEIC/HEIF files are listed also where
 # pillow-heif is not installed: a record says what would read them, rather than they vanish from a
 # scan of a phone's photos.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".bmp", ".gif", ".webp", ".tif",
-                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".heic", ".heif", ".hif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".bmp", ".gif", ".webp",
+                              ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm", ".avif", ".heic", ".heif",
+                              ".hif"})
 # Pillow plugins allowed to open a file (the formats of IMAGE_EXTENSIONS; MPO is a multi-picture
 # JPEG; AVIF and HEIF where this Pillow has them: AVIF is built into Pillow >= 11.3 wheels, HEIF
 # comes from pillow-heif, whose opener faces.open_image registers on the first HEIF it meets).
