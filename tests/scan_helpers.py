@@ -4,7 +4,10 @@ generator of malformed and odd image files whose names say what a scan must repo
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -256,3 +259,22 @@ def forget_heif_opener(monkeypatch: Any, importable: bool = True) -> None:
     monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
     if not importable:
         monkeypatch.setitem(sys.modules, "pillow_heif", None)
+
+
+def without_permission_override(denied: Path, access: str):
+    """The argv prefix that runs a command with file permissions enforced, as for any user: [] when
+    not root; as root, ``setpriv`` dropping the capabilities that let root read and write past them.
+    None where that cannot be done (no setpriv, or ``denied``, a path the caller took ``access``
+    ("r" or "w") from, still has it through the prefix)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+    try:
+        denied_there = subprocess.run(prefix + ["test", f"-{access}", str(denied)],
+                                      capture_output=True, timeout=30).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return prefix if denied_there else None
