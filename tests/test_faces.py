@@ -133,6 +133,16 @@ def test_float_and_cmyk_modes():
     assert out.shape == (8, 8, 3) and out[..., 0].max() < 20 and out[..., 1].min() > 235
 
 
+def test_colour_modes_whose_band_names_hold_an_a_are_opaque():
+    """LAB's bands are L, A and B: no alpha. Taken as one it once composited a resized image's
+    leftover fourth bytes (zeros) over black, and the whole image came out black."""
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 50, 3), dtype=np.uint8)).resize((45, 57))
+    for mode in ("LAB", "HSV", "YCbCr"):
+        img = rgb.convert(mode)
+        np.testing.assert_array_equal(F.load_image(img), np.asarray(img.convert("RGB")))
+        assert F.load_image(img).mean() > 50
+
+
 def test_premultiplied_alpha_modes():
     """RGBa and La (alpha premultiplied, e.g. after Pillow's own resampling of RGBA) composite
     as their straight-alpha forms do; La has no direct conversion to RGB in Pillow."""

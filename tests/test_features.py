@@ -75,6 +75,22 @@ def test_mnc_matches_tap():
         assert torch.equal(mnc(read_only, tap), tap.mnc(f.rows))
 
 
+def test_read_only_chip_arrays_score_without_a_warning(tmp_path):
+    """A memory-mapped chip file (np.load(mmap_mode="r")) is read-only: torch warns of sharing
+    one, so each batch is copied instead; the rows are those of the writable array."""
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    f32 = small_chips(6).numpy()
+    u8 = np.ascontiguousarray(f32.round().astype(np.uint8).transpose(0, 2, 3, 1))
+    for chips in (f32, u8):
+        np.save(tmp_path / "chips.npy", chips)
+        mapped = np.load(tmp_path / "chips.npy", mmap_mode="r")
+        assert not mapped.flags.writeable
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = features(mapped, tap, batch_size=4).rows
+        assert torch.equal(got, features(chips, tap).rows)
+
+
 def test_chip_validation_names_expected_and_actual():
     tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
     with pytest.raises(ValueError, match=r"chips must be 15x13 \(the backbone's input size\), got "

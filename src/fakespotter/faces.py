@@ -260,7 +260,7 @@ def _from_pil(img: Image.Image, background: Background) -> np.ndarray:
         return _from_array(grey, background)
     if mode == "La":  # grey with premultiplied alpha: Pillow converts it to LA only
         img, mode = img.convert("LA"), "LA"
-    has_alpha = "A" in mode or "a" in mode or key is not None
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "PA") or key is not None  # (LAB's "A" is a colour band)
     if fmt == "BMP" and mode == "RGBA" and img.getchannel("A").getextrema() == (0, 0):
         has_alpha = False  # alpha bytes a writer left 0 (Chromium shows these BMPs opaque too)
     try:

@@ -116,7 +116,9 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
     """
     h, w = tap.preprocessing.size
     if isinstance(chips, np.ndarray):
-        chips = torch.from_numpy(np.ascontiguousarray(chips))
+        a = np.ascontiguousarray(chips)
+        # (torch warns of a read-only array, a memmap say, rather than share it: a copy of the batch)
+        chips = torch.from_numpy(a if a.flags.writeable else a.copy())
     if not isinstance(chips, Tensor):
         raise TypeError(f"{what}: chips must be uint8 [N, {h}, {w}, 3] or float32 [N, 3, {h}, {w}] "
                         f"(array or tensor), got {type(chips).__name__}")
