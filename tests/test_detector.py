@@ -62,6 +62,34 @@ def test_save_load_identical_scores(fitted, tmp_path):
         det.save(path)
 
 
+def test_a_setting_the_fitted_model_embodies_changed_after_fit_is_not_saved(fitted, tmp_path):
+    """Setting classifier, granularity, ... after fit changes no fitted part: save refuses to write
+    a file whose settings say otherwise (a changed classifier type wrote a file load refused;
+    a changed granularity one that said 'element' over a channel tap). Settings of use (batch
+    size, face detection, device) are saved as they are now."""
+    import copy
+
+    det, path, real, fake = fitted
+    for loaded in (False, True):
+        d = copy.deepcopy(FakeSpotter.load(path) if loaded else det)
+        d.classifier, d.granularity, d.hidden = "logistic", "element", [8]  # (a list: the same widths)
+        with pytest.raises(ValueError, match=r"FakeSpotter.save: granularity \(fitted with 'channel', now 'element'\); "
+                                             r"classifier \(fitted with 'mlp', now 'logistic'\): changed after fit"):
+            d.save(tmp_path / "changed.fsm")
+        assert not (tmp_path / "changed.fsm").exists()
+        for name in ("seed", "layers", "threshold_mode", "max_epochs"):
+            e = copy.deepcopy(det)
+            setattr(e, name, {"seed": 1, "layers": ["fc"], "threshold_mode": "per_neuron", "max_epochs": 3}[name])
+            with pytest.raises(ValueError, match=f"FakeSpotter.save: {name} "):
+                e.to_bytes()
+        d.classifier, d.granularity = "mlp", "channel"
+        d.batch_size, d.upsample = 7, 0
+        d.save(tmp_path / f"use{loaded}.fsm")
+        again = FakeSpotter.load(tmp_path / f"use{loaded}.fsm")
+        assert (again.batch_size, again.upsample) == (7, 0)
+        assert torch.equal(again.decision_function(real[:4]), det.decision_function(real[:4]))
+
+
 def test_fit_on_image_files_records_their_fingerprints(fitted, tmp_path):
     """fit given image files (training and validation) keeps the first 64 bits of each file's
     sha256, saved and loaded with the model; fit on arrays keeps none."""

@@ -187,6 +187,24 @@ class FakeSpotter:
                     "target_tpr", "validation_fraction", "max_epochs", "seed", "batch_size", "aligned", "upsample",
                     "weak_face_score", "detect_pixels", "device")
 
+    # the settings a fitted model embodies (its tap, thresholds, classifier and operating threshold
+    # were made with them): one changed after fit does not change the model, and save refuses it
+    _fitted_param_names = ("backbone", "layers", "granularity", "threshold_mode", "classifier", "hidden",
+                           "target_fpr", "target_tpr", "validation_fraction", "max_epochs", "seed")
+
+    def _remember_fitted_params(self) -> None:
+        self.fitted_params_ = {k: _frozen(getattr(self, k)) for k in self._fitted_param_names}
+
+    def _check_fitted_params(self, what: str) -> None:
+        was = getattr(self, "fitted_params_", None)
+        if was is None:
+            return
+        changed = [f"{k} (fitted with {was[k]!r}, now {getattr(self, k)!r})"
+                   for k in self._fitted_param_names if _frozen(getattr(self, k)) != was[k]]
+        if changed:
+            raise ValueError(f"{what}: {'; '.join(changed)}: changed after fit, which does not change the fitted "
+                             f"model; fit again, or set {'it' if len(changed) == 1 else 'them'} back")
+
     def get_params(self, deep: bool = True) -> dict:
         return {k: getattr(self, k) for k in self._param_names}
 
@@ -351,6 +369,7 @@ class FakeSpotter:
         self.training_summary_ = summary
         self.training_images_ = artifact.image_fingerprints(files)
         self.model_id_ = None  # a new model: model_sha256() hashes what save would write
+        self._remember_fitted_params()
         return self
 
     def _make_classifier(self):
@@ -441,6 +460,7 @@ class FakeSpotter:
         """Write one safetensors model file (see ``artifact``). Never overwrites unless asked."""
         self._check_fitted()
         self._check_params()  # a setting changed after fit that load would refuse: refused now
+        self._check_fitted_params("FakeSpotter.save")
         tap = self.tap_
         bb = tap.backbone
         tensors = {f"threshold.{i}": v.detach().reshape(-1).to(torch.float32)
@@ -627,7 +647,13 @@ class FakeSpotter:
         det.training_images_ = seen
         det.model_meta_ = meta
         det.model_id_ = artifact.file_sha256(path)
+        det._remember_fitted_params()
         return det
+
+
+def _frozen(v: Any) -> Any:
+    """A setting as compared after fit: sequences as tuples (JSON gives lists)."""
+    return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 def _is_int(v: Any, low: int) -> bool:
