@@ -160,7 +160,7 @@ def test_a_full_disk_is_one_line_and_exit_3(corpus, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_train_refuses_an_output_that_is_an_input_or_not_a_file(corpus, tmp_path, capsys):
+def test_train_and_calibrate_refuse_an_output_that_is_an_input_or_not_a_file(corpus, tmp_path, capsys):
     real, fake = corpus
     victim = sorted(real.iterdir())[0]
     before = victim.read_bytes()
@@ -174,6 +174,8 @@ def test_train_refuses_an_output_that_is_an_input_or_not_a_file(corpus, tmp_path
         rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--overwrite",
                                 *extra], capsys)
         assert rc == 2 and message in err, err
+    rc, out, err = run_cli(["calibrate", str(real), "--aligned", "--out", str(victim), "--overwrite"], capsys)
+    assert rc == 2 and f"output {victim} is also an input" in err, err
     assert victim.read_bytes() == before and not (tmp_path / "m.fsm").exists()
 
 

@@ -9,7 +9,7 @@ import argparse
 import numpy as np
 
 from ._common import (Progress, add_model_args, check_detection_args, check_once, images_of, log, no_chips_error,
-                      usage_error, writable_output)
+                      refuse_inputs_as_output, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise usage_error(f"--batch-size must be positive, got {args.batch_size}")
     check_detection_args(args)
     out = writable_output(args.out, args.overwrite, "output")
+    refuse_inputs_as_output(out, paths, "output")  # --overwrite would replace an image
     try:
         from ..backbones import get_backbone
         from ..taps import Tap
