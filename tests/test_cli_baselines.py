@@ -145,6 +145,7 @@ def test_robustness_manifest_with_baseline_and_train_augment(setup, tmp_path, ca
                                "--baselines", "spectrum", "--train-augment", "--out-dir", out, "--bootstrap", "10",
                                "--quiet"], capsys)
     assert rc == 0, err
+    assert "repeats the model" not in err  # (trained without augmentation)
     rep = json.loads((out / "robustness.json").read_text())
     dets = ["fakespotter", "fakespotter+augment", "spectrum"]
     assert list(rep["detectors"]) == dets and rep["label_columns"] == ["detector", "attack", "level"]
@@ -159,6 +160,23 @@ def test_robustness_manifest_with_baseline_and_train_augment(setup, tmp_path, ca
     assert "## AUC" in md and "| attack | level | fakespotter | fakespotter+augment | spectrum |" in md
     assert "## fakespotter+augment" in md and "| noise | 0.1 |" in stdout
     assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_augment_says_when_the_model_had_the_same_augmentation(setup, tmp_path, capsys):
+    """A model trained with train --augment, retrained by robustness --train-augment with the same
+    fraction and seed on the same split, is the same model: its column would repeat the model's."""
+    from fakespotter.detector import FakeSpotter
+
+    det = FakeSpotter.load(setup["model"])
+    det.training_summary_["augmentation"] = {"type": "Augmenter", "fraction": 0.5, "seed": 0,
+                                             "attacks": ["jpeg", "blur", "resize", "noise"]}
+    det.save(tmp_path / "aug.fsm")
+    said = "warning: --train-augment: the model was trained with this augmentation already (fraction 0.5, seed 0)"
+    for seed, warned in (("0", True), ("1", False)):
+        rc, _, err = run_cli(["robustness", tmp_path / "aug.fsm", "--manifest", setup["manifest"], "--attacks",
+                              "noise", "--train-augment", "--seed", seed, "--out-dir", tmp_path / seed, "--bootstrap",
+                              "0", "--no-plots", "--quiet"], capsys)
+        assert rc == 0 and (said in err) == warned, err
 
 
 @pytest.mark.parametrize("cmd", ["evaluate", "robustness", "train"])

@@ -245,6 +245,15 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
     names = resolve_baselines(args.baselines, det.get_params())
     if any(n.startswith("fs-") for n in names):
         model_augmenter(det)  # (a usage error now, not after the training chips are decoded)
+    if augment:
+        a = (det.training_summary_ or {}).get("augmentation") or {}
+        from ..perturb import ATTACKS
+
+        if (a.get("type") == "Augmenter" and a.get("fraction") == args.augment_fraction and a.get("seed") == args.seed
+                and list(a.get("attacks", ())) == list(ATTACKS)):
+            print(f"warning: --train-augment: the model was trained with this augmentation already (fraction "
+                  f"{args.augment_fraction:g}, seed {args.seed}); trained on the same images, the "
+                  f"{AUGMENTED_NAME} column repeats the model", file=sys.stderr)
     return {"detector": det, "paths": paths, "labels": np.asarray(labels, dtype=np.int64), "groups": groups,
             "groupings": groupings, "out_dir": out_dir, "files": {f.name: f for f in files}, "sources": sources,
             "mode": mode, "baselines": names, "train": train, "stale": stale, "digests": digests}
