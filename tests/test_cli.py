@@ -75,6 +75,14 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
         (["--real", str(real), "--fake", str(fake), "--val-real", str(real)], "give both --val-real and --val-fake"),
         (["--real", str(real), "--fake", str(fake), "--target-fpr", "2"], r"--target-fpr must be in \(0, 1\)"),
         (["--real", str(real), "--fake", str(fake), "--target-tpr", "0"], r"--target-tpr must be in \(0, 1\]"),
+        # options that would be ignored
+        (["--real", str(real), "--fake", str(fake), "--target-fpr", "0.1", "--target-tpr", "0.5"],
+         "give --target-fpr or --target-tpr, not both"),
+        (["--real", str(real), "--fake", str(fake), "--split", "val"], "--split picks a split of --manifest"),
+        (["--real", str(real), "--fake", str(fake), "--augment-fraction", "0.3"],
+         "--augment-fraction is the share of training chips --augment attacks; give --augment too"),
+        (["--real", str(real), "--fake", str(fake), "--augment", "--augment-fraction", "0"],
+         r"--augment-fraction must be in \(0, 1\], got 0.0"),
         (["--real", str(real), "--fake", str(fake), "--hidden", "8", "0"], "--hidden widths must be >= 1, got 8 0"),
         (["--real", str(real), "--fake", str(fake), "--seed", "-2"], "--seed must be >= 0, got -2"),
         (["--real", str(real), str(real), "--fake", str(fake)], "12 images are listed more than once in the real images"),
@@ -551,3 +559,12 @@ def test_train_fingerprints_only_the_images_it_read(corpus, tmp_path, capsys):
                           "2", "--out", str(tmp_path / "m.fsm"), "--quiet"], capsys)
     assert rc == 1 and "zz_broken.jpg" in err, err
     assert len(FakeSpotter.load(tmp_path / "m.fsm").training_images_) == 24
+
+
+def test_the_command_lines_training_defaults_are_the_librarys():
+    """train's and robustness's defaults are written in the command line's module (it starts
+    without importing torch): they must stay those of FakeSpotter and Augmenter."""
+    from fakespotter.cli._common import AUGMENT_FRACTION, TARGET_FPR
+    from fakespotter.perturb import Augmenter
+
+    assert (AUGMENT_FRACTION, TARGET_FPR) == (Augmenter().fraction, FakeSpotter().target_fpr)

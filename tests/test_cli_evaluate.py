@@ -276,7 +276,12 @@ def test_bad_input_exits_2_before_work(setup, tmp_path, capsys, cmd):
         ([model, "--real", real, "--fake", fake, "--out-dir", tmp_path / "a" / "b"], r"folder .*a does not exist"),
         ([model, "--real", real, "--fake", fake, "--out-dir", fake],  # the plots would be read as images
          r"--out-dir .*fake holds input images; write the reports into another folder"),
+        ([model, "--real", real, "--fake", fake, "--split", "val"], r"--split picks a split of --manifest"),
     ]
+    if cmd == "robustness":  # an option that would be ignored
+        cases.append(([model, "--real", real, "--fake", fake, "--augment-fraction", "0.3"],
+                      r"--augment-fraction is the share of training chips --train-augment attacks; give "
+                      r"--train-augment too"))
     for extra, pattern in cases:
         rc, stdout, err = run_cli([cmd, *extra, "--out-dir", out, "--quiet"] if "--out-dir" not in extra
                                   else [cmd, *extra, "--quiet"], capsys)

@@ -187,6 +187,20 @@ def refuse_inputs_as_output(out: Optional[Path], inputs: Iterable[Path], what: s
             raise usage_error(f"{what} {out} is also an input ({p}); give another name")
 
 
+AUGMENT_FRACTION = 0.5  # perturb.Augmenter's default (not imported: the command line starts without torch)
+TARGET_FPR = 0.01  # FakeSpotter's default
+
+
+def check_augment_fraction(args: argparse.Namespace, augment: bool, flag: str) -> None:
+    """--augment-fraction, given only with ``flag`` (else a usage error); the default filled in."""
+    if args.augment_fraction is None:
+        args.augment_fraction = AUGMENT_FRACTION
+    elif not augment:
+        raise usage_error(f"--augment-fraction is the share of training chips {flag} attacks; give {flag} too")
+    if not 0.0 < args.augment_fraction <= 1.0:
+        raise usage_error(f"--augment-fraction must be in (0, 1], got {args.augment_fraction}")
+
+
 def add_class_sources(p: argparse.ArgumentParser, default_split: str) -> None:
     """--real / --fake sources with the name of each fake type, or --manifest with --split
     (train, evaluate, robustness); :func:`class_mode` checks that exactly one is given."""
@@ -203,8 +217,9 @@ def add_class_sources(p: argparse.ArgumentParser, default_split: str) -> None:
                    help="a data set's manifest.csv or its folder (from 'fakespotter data build'), instead of "
                         "--real/--fake: rows give the classes, fake types, generators and sources; its chips "
                         "are aligned (implies --aligned) (default: none)")
-    p.add_argument("--split", default=default_split, choices=["train", "val", "test"],
-                   help="the manifest split to use (default: %(default)s)")
+    p.add_argument("--split", default=None, choices=["train", "val", "test"],
+                   help=f"the manifest split to use (default: {default_split})")
+    p.set_defaults(default_split=default_split)
 
 
 def class_mode(args: argparse.Namespace) -> str:
@@ -218,6 +233,10 @@ def class_mode(args: argparse.Namespace) -> str:
         raise usage_error(f"--{'fake' if args.fake is None else 'real'} is missing: give both --real and --fake")
     if args.manifest is not None and args.fake_type is not None:
         raise usage_error("--fake-type names --fake folders; a manifest names its own fake types")
+    if args.manifest is None and args.split is not None:
+        raise usage_error("--split picks a split of --manifest; --real/--fake folders have none")
+    if args.split is None:
+        args.split = args.default_split
     return "manifest" if args.manifest is not None else "folders"
 
 

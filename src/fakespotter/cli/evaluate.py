@@ -38,7 +38,7 @@ import numpy as np
 from .. import evaluate as ev
 from .._atomic import write_atomic
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
-from ._common import (Progress, add_class_sources, check_disjoint, check_listed_bytes, check_once, class_mode,
+from ._common import (Progress, add_class_sources, check_augment_fraction, check_disjoint, check_listed_bytes, check_once, class_mode,
                       folder_names, has_both_classes, images_of, load_chips, log, manifest_part, model_file,
                       no_chips_error, open_manifest, usage_error, why_not_writable, write_each)
 
@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
                        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_args(p)
     p.add_argument("--out-dir", default="evaluation", metavar="DIR",
-                   help="folder for the reports, created if missing (default: %(default)s)")
+                   help="folder for the reports, created if missing (not its parent) (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples for the 95%% intervals; 0 for none (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.0,
@@ -125,8 +125,8 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         raise usage_error(f"--seed must be >= 0, got {args.seed}")
     if not math.isfinite(getattr(args, "threshold", 0.0)):
         raise usage_error(f"--threshold must be a finite logit, got {args.threshold}")
-    if augment and not 0.0 < args.augment_fraction <= 1.0:
-        raise usage_error(f"--augment-fraction must be in (0, 1], got {args.augment_fraction}")
+    if hasattr(args, "augment_fraction"):  # (robustness)
+        check_augment_fraction(args, augment, "--train-augment")
     try:
         names = resolve_baselines(args.baselines)  # names only; 'all' is resolved once the model is loaded
     except ValueError as e:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import evaluate as ev
 from .._atomic import write_atomic
-from ._common import Progress, log
+from ._common import AUGMENT_FRACTION, Progress, log
 from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, intervals_note, model_info,
                        no_face_caveat, remove_stale, require_both_classes, seen_in_training, train_detectors,
                        write_report_files)
@@ -47,14 +47,14 @@ def add_parser(sub) -> None:
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS), metavar="ATTACK",
                    help=f"attacks to sweep, of {' '.join(ATTACKS)} (default: all four)")
     p.add_argument("--out-dir", default="robustness", metavar="DIR",
-                   help="folder for the reports, created if missing (default: %(default)s)")
+                   help="folder for the reports, created if missing (not its parent) (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N",
                    help="bootstrap resamples for the 95%% intervals; 0 for none (default: %(default)s)")
     p.add_argument("--train-augment", action="store_true",
                    help="also train the model's settings with the attacks as augmentation and report it side by "
                         "side (default: off)")
-    p.add_argument("--augment-fraction", type=float, default=0.5,
-                   help="share of training chips attacked with --train-augment (default: %(default)s)")
+    p.add_argument("--augment-fraction", type=float, default=None,
+                   help=f"share of training chips attacked with --train-augment (default: {AUGMENT_FRACTION})")
     p.set_defaults(run=run)
 
 

@@ -31,10 +31,10 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ._common import (add_class_sources, add_model_args, check_detection_args, check_disjoint, check_listed_bytes,
-                      check_once, class_mode, folder_names, has_both_classes, images_of, load_chips, log,
-                      manifest_part, no_chips_error, open_manifest, refuse_inputs_as_output, usage_error,
-                      writable_output)
+from ._common import (AUGMENT_FRACTION, TARGET_FPR, add_class_sources, add_model_args, check_augment_fraction,
+                      check_detection_args, check_disjoint, check_listed_bytes, check_once, class_mode, folder_names,
+                      has_both_classes, images_of, load_chips, log, manifest_part, no_chips_error, open_manifest,
+                      refuse_inputs_as_output, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -56,9 +56,9 @@ def add_parser(sub) -> None:
                    help="hidden layer widths of the shallow network (default: 16 16). Layers after the first "
                         "score each row on its own in float64, so wide ones cost more: ~0.2 s per 200k rows "
                         "for 16 16, ~40 s for 256 256")
-    p.add_argument("--target-fpr", type=float, default=0.01,
-                   help="false-positive rate of the operating threshold on the validation reals "
-                        "(default: %(default)s)")
+    p.add_argument("--target-fpr", type=float, default=None,
+                   help=f"false-positive rate of the operating threshold on the validation reals "
+                        f"(default: {TARGET_FPR})")
     p.add_argument("--target-tpr", type=float, default=None,
                    help="pick the operating threshold for this true-positive rate on the validation "
                         "fakes instead of --target-fpr, when the validation reals are too uniform to "
@@ -68,8 +68,8 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=200, help="training epochs at most (default: %(default)s)")
     p.add_argument("--augment", action="store_true",
                    help="attack a random share of the training chips with JPEG, blur, resize or noise (default: off)")
-    p.add_argument("--augment-fraction", type=float, default=0.5,
-                   help="share of training chips attacked with --augment (default: %(default)s)")
+    p.add_argument("--augment-fraction", type=float, default=None,
+                   help=f"share of training chips attacked with --augment (default: {AUGMENT_FRACTION})")
     p.add_argument("--no-fingerprints", action="store_true",
                    help="do not record the training images' fingerprints (the first 64 bits of each file's sha256) "
                         "in the model file; they let evaluate warn of images the model has seen, and let anyone "
@@ -114,13 +114,16 @@ def check(args: argparse.Namespace) -> Dict:
         check_listed_bytes(vpart, "split 'val' (validation)")
         digests = {str(m.path(r)): r.sha256 for m in (part, vpart) for r in m.rows}
         args.aligned = True
-    if args.augment and not 0.0 < args.augment_fraction <= 1.0:
-        raise usage_error(f"--augment-fraction must be in (0, 1], got {args.augment_fraction}")
+    check_augment_fraction(args, args.augment, "--augment")
     if (args.val_real is None) != (args.val_fake is None):
         raise usage_error("give both --val-real and --val-fake, or neither")
     check_once([p for _, ps in real for p in ps], "the real images")
     check_once([p for _, ps in fake for p in ps], "the fake images")
     check_disjoint([p for _, ps in real for p in ps], [p for _, ps in fake for p in ps], "both real and fake")
+    if args.target_fpr is not None and args.target_tpr is not None:
+        raise usage_error("give --target-fpr or --target-tpr, not both: the operating threshold is picked by one")
+    if args.target_fpr is None:
+        args.target_fpr = TARGET_FPR
     if not 0 < args.target_fpr < 1:
         raise usage_error(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
     if args.target_tpr is not None and not 0 < args.target_tpr <= 1:
