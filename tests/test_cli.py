@@ -79,6 +79,7 @@ def test_bad_arguments_exit_2_before_work(corpus, tmp_path, capsys):
         (["--real", str(real), "--fake", str(fake), "--target-fpr", "0.1", "--target-tpr", "0.5"],
          "give --target-fpr or --target-tpr, not both"),
         (["--real", str(real), "--fake", str(fake), "--split", "val"], "--split picks a split of --manifest"),
+        (["--real", str(real), "--fake", str(fake), "--fake-type", " "], r"--fake-type names must not be blank, got \[' '\]"),
         (["--real", str(real), "--fake", str(fake), "--augment-fraction", "0.3"],
          "--augment-fraction is the share of training chips --augment attacks; give --augment too"),
         (["--real", str(real), "--fake", str(fake), "--augment", "--augment-fraction", "0"],

@@ -754,6 +754,8 @@ def test_cli_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys
         (base + ["--out", str(tmp_path / "l.jsonl"), "--address", "127.0.0.1:6379"], "--address is an option of --engine ray"),
         (base + ["--out", str(tmp_path / "l.jsonl"), "--shard-size", "5"], "--shard-size is an option of --engine ray"),
         (["merge", str(taken), str(tmp_path / "m.jsonl")], "is not the output folder"),
+        (["merge", str(tmp_path / "gone"), str(tmp_path / "m.jsonl")], "gone does not exist (the output folder"),
+        (["merge", str(taken / "x.txt"), str(tmp_path / "m.jsonl")], "x.txt is not a folder (the output folder"),
     ]
     for argv, msg in cases:
         assert main(argv) == 2, argv

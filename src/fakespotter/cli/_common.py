@@ -233,6 +233,10 @@ def class_mode(args: argparse.Namespace) -> str:
         raise usage_error(f"--{'fake' if args.fake is None else 'real'} is missing: give both --real and --fake")
     if args.manifest is not None and args.fake_type is not None:
         raise usage_error("--fake-type names --fake folders; a manifest names its own fake types")
+    for flag in ("fake_type", "real_source"):  # (a name is a row of the results)
+        names = getattr(args, flag, None) or []
+        if any(not n.strip() for n in names):
+            raise usage_error(f"--{flag.replace('_', '-')} names must not be blank, got {names!r}")
     if args.manifest is None and args.split is not None:
         raise usage_error("--split picks a split of --manifest; --real/--fake folders have none")
     if args.split is None:

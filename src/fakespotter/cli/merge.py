@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from ..scan_ray import MANIFEST, STATS, ShardsError, merge_shards, read_shards
 
     folder = Path(args.folder)
+    if not folder.is_dir():
+        raise usage_error(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'} (the output folder "
+                          f"of 'fakespotter scan --engine ray')")
     if not (folder / MANIFEST).is_file():
         raise usage_error(f"{folder} is not the output folder of 'fakespotter scan --engine ray' (no {MANIFEST})")
     to_stdout = args.out == "-"
