@@ -8,7 +8,8 @@ Levels (weakest first): jpeg quality 95 75 50 30; blur sigma 0.5 1 2 3 px; resiz
 0.75 0.5 0.25 (down, then back up); noise sigma 0.01 0.03 0.05 0.1 of the 0..255 range. The
 attack is applied to the decoded image before face detection (so an attack can also lose
 faces: counted per level), or to the chip with --aligned. Noise is seeded per image from
---seed. The row "clean" is the unattacked baseline.
+--seed and the image's position among those evaluated (an image added or removed changes the
+noise of those after it). The row "clean" is the unattacked baseline.
 
 Images come from --real / --fake folders or a data set's --manifest (--split, default test).
 --baselines (see 'fakespotter evaluate --help') and --train-augment (a copy of the model, same
