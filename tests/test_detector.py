@@ -90,6 +90,21 @@ def test_a_setting_the_fitted_model_embodies_changed_after_fit_is_not_saved(fitt
         assert torch.equal(again.decision_function(real[:4]), det.decision_function(real[:4]))
 
 
+def test_loading_leaves_the_callers_torch_random_stream_where_it_was(fitted):
+    """Building a backbone or a classifier draws their random initial weights, which the file's
+    replace: a user who seeds torch and then loads a detector gets the stream the seed gives."""
+    from fakespotter.backbones import get_backbone
+
+    _, path, real, _ = fitted
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    det = FakeSpotter.load(path)
+    get_backbone("dlib_resnet_v1").module  # noqa: B018
+    det.decision_function(real[:2])
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_fit_on_image_files_records_their_fingerprints(fitted, tmp_path):
     """fit given image files (training and validation) keeps the first 64 bits of each file's
     sha256, saved and loaded with the model; fit on arrays keeps none."""

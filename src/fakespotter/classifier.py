@@ -305,7 +305,8 @@ class BitsetMLPClassifier:
     @classmethod
     def from_state_tensors(cls, params: dict, tensors: dict, words: int) -> "BitsetMLPClassifier":
         est = cls(**params)
-        net = est._build(words * WORD_BITS)
+        with torch.random.fork_rng(devices=[]):  # (random init, replaced: the caller's torch stream stays put)
+            net = est._build(words * WORD_BITS)
         state = {k[len("classifier."):]: v for k, v in tensors.items() if k.startswith("classifier.")}
         expected = net.state_dict()
         missing = sorted(set(expected) - set(state))

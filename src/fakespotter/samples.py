@@ -444,7 +444,8 @@ def load_dcgan_generator(path: Optional[os.PathLike] = None) -> DCGANGenerator:
         raise ValueError(f"load_dcgan_generator: {where} must hold a dict with "
                          f"'netG_state_dict', got {keys}")
     state = checkpoint["netG_state_dict"]
-    model = DCGANGenerator()
+    with torch.random.fork_rng(devices=[]):  # (random init, replaced by the weights: the caller's stream stays put)
+        model = DCGANGenerator()
     check_state_dict(model, state, f"load_dcgan_generator({where.name})")
     model.load_state_dict(state)
     return model.eval()

@@ -130,7 +130,8 @@ class Backbone:
     def module(self) -> nn.Module:
         """The module, in eval mode with ``requires_grad=False`` (built on first access)."""
         if "module" not in self._cache:
-            m = self.factory()
+            with torch.random.fork_rng(devices=[]):  # (a module's random init, then its weights: the caller's
+                m = self.factory()                    # seeded torch stream stays where it was)
             m.eval()
             m.requires_grad_(False)
             self._cache["module"] = m
