@@ -426,6 +426,9 @@ def test_pickles_as_its_model_file_and_deep_copies(fitted):
     assert unfitted.hidden == (4,) and unfitted.seed == 3 and not hasattr(unfitted, "tap_")
     with pytest.raises(artifact.ModelFileError, match="^model bytes: .*truncated or not a model file"):
         FakeSpotter.from_bytes(det.to_bytes()[:1000])  # no temporary file the caller never saw
+    with pytest.raises(TypeError, match=r"^FakeSpotter.from_bytes: expected a model file's bytes, got str "
+                                        r"\(FakeSpotter.load takes a path\)$"):
+        FakeSpotter.from_bytes("det.fsm")
 
 
 def test_model_sha256_names_the_file_and_saving_again_keeps_its_bytes(fitted, tmp_path):

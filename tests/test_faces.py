@@ -160,7 +160,8 @@ def test_bad_inputs_are_rejected_with_clear_errors(tmp_path):
         F.load_image(tmp_path / "empty.jpg")
     with pytest.raises(ValueError, match=r"the image bytes are empty \(0 bytes\)"):
         F.load_image(b"")
-    with pytest.raises(TypeError, match="arrays must be uint8 or uint16, got dtype float32"):
+    with pytest.raises(TypeError, match=r"arrays must be uint8 or uint16, got dtype float32 \(a float image: scale "
+                                        r"it to 0..255 and convert it with np.round\(a\).astype\(np.uint8\)\)"):
         F.load_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match=r"got shape \(4, 4, 2\)"):
         F.load_image(np.zeros((4, 4, 2), np.uint8))

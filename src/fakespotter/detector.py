@@ -492,6 +492,9 @@ class FakeSpotter:
     @classmethod
     def from_bytes(cls, data: bytes, device: str = "cpu") -> "FakeSpotter":
         """A detector from a model file's bytes, with every check of :meth:`load`."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"FakeSpotter.from_bytes: expected a model file's bytes, got {type(data).__name__}"
+                            + (" (FakeSpotter.load takes a path)" if isinstance(data, (str, os.PathLike)) else ""))
         with tempfile.TemporaryDirectory(prefix="fakespotter-") as d:
             path = Path(d) / "model.fsm"
             path.write_bytes(data)

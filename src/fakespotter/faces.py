@@ -167,7 +167,9 @@ def _from_array(a: np.ndarray, background: Background) -> np.ndarray:
     if a.dtype == np.uint16:
         a = _u16_to_u8(a)
     elif a.dtype != np.uint8:
-        raise TypeError(f"load_image: arrays must be uint8 or uint16, got dtype {a.dtype}")
+        hint = (" (a float image: scale it to 0..255 and convert it with np.round(a).astype(np.uint8))"
+                if a.dtype.kind == "f" else "")
+        raise TypeError(f"load_image: arrays must be uint8 or uint16, got dtype {a.dtype}{hint}")
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
