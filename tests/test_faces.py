@@ -819,6 +819,21 @@ def test_detection_in_threads_gives_the_one_thread_results(photos):
     assert mine is F._detector() and theirs is not mine
 
 
+def test_one_detector_scoring_in_threads_gives_the_one_thread_scores(photos):
+    """The README's promise to those who embed it: one detector, called from several threads at
+    once (face detection, backbone and tap, classifier), scores as it does from one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fakespotter.detector import FakeSpotter
+
+    det = FakeSpotter.default()
+    images = list(photos.values()) * 2
+    want = [det.decision_function(img).tolist() for img in images]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda img: det.decision_function(img).tolist(), images))
+    assert got == want and any(s == s for w in want for s in w)  # (some face scored, not all NaN)
+
+
 @pytest.mark.parametrize("bad", [-1, 1, 2048, F.MIN_DETECT_PIXELS - 1, 1.5, "100", True, None])
 def test_detect_pixels_is_0_or_a_pixel_count_the_detector_can_use(bad):
     with pytest.raises(ValueError, match=r"detect_and_align: detect_pixels must be 0 \(no limit\) or a pixel count "
