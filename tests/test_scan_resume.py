@@ -129,6 +129,20 @@ def test_damaged_line_and_everything_after_it_is_redone(small, model, tmp_path):
     assert out.read_text() == reference["jsonl"]
 
 
+def test_a_csv_line_cut_inside_a_quoted_field_is_damaged(small, model, tmp_path):
+    """A CSV line cut inside its quoted error text and ended with a newline (a hand edit) parses
+    as a row of the right width, its quote left open: kept, it swallowed the next record for every
+    CSV reader. It is damaged: redone, with what follows it."""
+    corpus, reference = small
+    lines = reference["csv"].splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if line.endswith('"\n'))  # a quoted error (it holds a comma)
+    assert lines[i].rindex('"', 0, -2) < len(lines[i]) - 12, "premise: a quoted field longer than the cut"
+    out = tmp_path / "o.csv"
+    out.write_text("".join(lines[:i]) + lines[i][:-10] + "\n")
+    assert main(cli(corpus, model, out, "--resume", "--format", "csv")) == 1
+    assert out.read_text() == reference["csv"]
+
+
 def test_resume_of_a_finished_or_missing_output(small, model, tmp_path):
     corpus, reference = small
     out = tmp_path / "o.jsonl"

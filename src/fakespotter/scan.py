@@ -1466,14 +1466,14 @@ def _parse(line: bytes, fmt: str) -> Optional[Tuple[str, str, str]]:
             r = json.loads(text)
             path, status, model = r["path"], r["status"], r["model"]
         else:
-            (row,) = list(csv.reader([text]))
+            (row,) = list(csv.reader([text], strict=True))  # (strict: a quote left open is an error)
             if len(row) != len(RECORD_FIELDS):
                 return None
             path, status, model = row[0], row[3], row[RECORD_FIELDS.index("model")]
         if not isinstance(path, str) or status not in STATUSES:
             return None
         return path, status, model
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, csv.Error):
         return None
 
 
