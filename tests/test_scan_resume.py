@@ -271,6 +271,11 @@ def test_resume_refuses_what_it_would_damage(small, model, tmp_path, capsys):
         rc = main(["scan", str(target), *cli(corpus, model, image, "--overwrite")[2:]])
         assert rc == 2 and "is also an input" in capsys.readouterr().err
     assert image.read_bytes() == before
+    listing = tmp_path / "list.txt"  # the file list itself
+    listing.write_text(f"{image}\n")
+    rc = main(["scan", f"@{listing}", *cli(corpus, model, listing, "--overwrite")[2:]])
+    assert rc == 2 and f"output {listing} is also an input (the file list @{listing})" in capsys.readouterr().err
+    assert listing.read_text() == f"{image}\n" and not (tmp_path / "list.txt.stats.json").exists()
 
 
 def test_resume_refuses_other_settings_and_more_than_limit(small, model, tmp_path, capsys):

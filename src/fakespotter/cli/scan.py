@@ -279,6 +279,8 @@ def _refuse_input_as_output(paths, out: Path) -> None:
 
     real = os.path.realpath(out)
     for s in paths:
+        if s.startswith("@") and os.path.isfile(s[1:]) and os.path.realpath(s[1:]) == real:
+            raise usage_error(f"output {out} is also an input (the file list {s}); give another --out")
         if s == "-" or s.startswith("@") or not os.path.exists(s):
             continue
         folder = os.path.realpath(s)
