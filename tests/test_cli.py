@@ -531,6 +531,27 @@ def test_ctrl_c_between_the_imports_and_the_command_is_a_quiet_exit_130():
         assert (run.returncode, run.stderr) == (143, "fakespotter: terminated\n") and "not reached" not in run.stdout
 
 
+def test_python_dash_m_fakespotter_is_the_command_too(monkeypatch):
+    """``python -m fakespotter`` got none of the command's start-up handling (its argv[0] is
+    ``-m``, then __main__.py's path): a Ctrl-C in its first second gave a traceback from inside
+    torch's import, an abort, or was lost. Only the command itself is: not another module or
+    script given the same words as arguments."""
+    import fakespotter
+
+    for argv0, orig, want in (
+            ("/venv/bin/fakespotter", ["/venv/bin/python", "/venv/bin/fakespotter", "scan"], True),
+            ("-m", ["python3", "-m", "fakespotter", "scan", "x"], True),
+            ("/p/fakespotter/__main__.py", ["python3", "-X", "dev", "-W", "error", "-u", "-m", "fakespotter"], True),
+            ("-m", ["python3", "-mfakespotter", "env"], True),
+            ("-m", ["python3", "-m", "fakespotter.weights", "fetch"], False),
+            ("tool.py", ["python3", "tool.py", "-m", "fakespotter"], False),
+            ("-c", ["python3", "-c", "pass", "-m", "fakespotter"], False),
+            ("", ["python3"], False)):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        monkeypatch.setattr(sys, "orig_argv", orig)
+        assert fakespotter._run_as_the_command() is want, orig
+
+
 def test_train_reports_and_checks_its_validation_folders(corpus, tmp_path, capsys):
     """--val-real / --val-fake: named in the report with their counts; a validation class without
     a face chip is a usage error naming the option, before the training images are read."""

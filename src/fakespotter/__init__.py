@@ -24,17 +24,33 @@ def _terminated_while_starting(signum, frame) -> None:
     _os._exit(143)
 
 
+def _run_as_the_command() -> bool:
+    """This process is the ``fakespotter`` command: its console script, or ``python -m fakespotter``
+    (whose ``argv[0]`` is ``-m`` while this package is imported, then the path of ``__main__.py``)."""
+    if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter":
+        return True
+    args = list(getattr(_sys, "orig_argv", ()))[1:]  # the interpreter's options, then -m MODULE, -c or a script
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-m"):
+            return (a[2:] or (args[i + 1] if i + 1 < len(args) else "")) == "fakespotter"
+        if a == "-" or a.startswith("-c") or not a.startswith("-"):
+            return False
+        i += 2 if a in ("-X", "-W") else 1
+    return False
+
+
 def _quiet_start() -> None:
-    """In the ``fakespotter`` command, a Ctrl-C or SIGTERM during its imports (torch takes a
-    second or two) ends it quietly (exit 130 / 143); Python's handlers are back at the end of
-    this package's imports (a program of the same name keeps them), and again once ``cli.main``
-    handles KeyboardInterrupt and SIGTERM (``cli`` installs these again as it is imported: the
-    command's imports go on there)."""
+    """In the ``fakespotter`` command (also as ``python -m fakespotter``), a Ctrl-C or SIGTERM
+    during its imports (torch takes a second or two) ends it quietly (exit 130 / 143); Python's
+    handlers are back at the end of this package's imports (a program of the same name keeps
+    them), and again once ``cli.main`` handles KeyboardInterrupt and SIGTERM (``cli`` installs
+    these again as it is imported: the command's imports go on there)."""
     # (not in a forkserver, which imports the command's script as an __mp_main__ of its own but
     # never runs main; in the command, multiprocessing makes __mp_main__ another name of __main__)
     main = _sys.modules.get("__main__")
-    if (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "fakespotter" and _mp.parent_process() is None
-            and _sys.modules.get("__mp_main__", main) is main):
+    if _run_as_the_command() and _mp.parent_process() is None and _sys.modules.get("__mp_main__", main) is main:
         if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
             _signal.signal(_signal.SIGINT, _interrupted_while_starting)
         if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
