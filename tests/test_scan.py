@@ -1100,6 +1100,38 @@ def test_a_stats_file_that_cannot_be_written_is_named_not_the_records(corpus, mo
     assert jsonl(out) == list(scan([str(corpus)], model, aligned=True, workers=0))
 
 
+def test_a_full_disk_that_also_stops_the_stats_file_says_so(corpus, model, tmp_path, capsys, monkeypatch):
+    """The output's write fails, and then the final stats write too: the stats file still holds
+    the counts of the scan's start (none), and the message says so; --resume puts it right."""
+    S = sys.modules["fakespotter.scan"]
+
+    out = tmp_path / "o.jsonl"
+    real_stats, real_write = S.write_stats, S.RecordWriter.write
+    calls = []
+
+    def full(path, stats):
+        calls.append(path)
+        if len(calls) > 1:  # (the first is the settings, before any record)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_stats(path, stats)
+
+    def write(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(S, "write_stats", full)
+    monkeypatch.setattr(S.RecordWriter, "write", write)
+    args = ["scan", str(corpus), "--model", str(model), "--aligned", "--workers", "0", "--out", str(out), "--quiet"]
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 3 and err == (f"fakespotter scan: error: writing {out}: No space left on device: the records "
+                               f"written before stay; free space (or raise the file size limit) and rerun with "
+                               f"--resume (nor could {out}.stats.json be updated: its counts are those of the "
+                               f"scan's start)\n")
+    monkeypatch.setattr(S, "write_stats", real_stats)
+    monkeypatch.setattr(S.RecordWriter, "write", real_write)
+    assert run_cli(args + ["--resume"], capsys)[0] == 1
+    assert json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is True
+
+
 def test_a_parquet_part_that_cannot_be_written_is_not_left_as_a_part(model, tmp_path):
     """A file size limit hit while a part was written: the command ended with a pyarrow
     traceback and exit 1 (its close flushed the buffered rows into the broken writer), or

@@ -574,6 +574,7 @@ def _run(args: argparse.Namespace) -> int:
     complete = False
     failed: Optional[OSError] = None  # writing the output (disk full, file too large, I/O error)
     stats_failed = False  # only the stats file could not be written
+    stats_behind = False  # the stats file could not be written (as well as the output, maybe)
     try:
         for group in run_.batches():
             try:
@@ -608,7 +609,7 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 write_stats(stats_path, stats(complete and failed is None))
             except OSError as e:
-                stats_failed = failed is None
+                stats_failed, stats_behind = failed is None, True
                 failed = failed or e
     if failed is not None:
         if out is None:  # what is still buffered would fail again at exit
@@ -625,6 +626,8 @@ def _run(args: argparse.Namespace) -> int:
             if complete:
                 then = (f": every record is in {out}, but the stats file is not; free space and rerun with "
                         f"--resume to write it")
+        elif stats_behind:  # (--resume counts the output itself; the stats file catches up then)
+            then += f" (nor could {stats_path} be updated: its counts are those of the scan's start)"
         print(f"fakespotter scan: error: writing {what}: {failed.strerror or failed}{then}",
               file=sys.stderr)
         return 3
