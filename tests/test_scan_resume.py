@@ -67,9 +67,14 @@ def lines_in(path):
         return 0
 
 
-def test_sigkill_at_random_points_then_resume(corpus, model, reference, tmp_path):
-    out = tmp_path / "o.jsonl"
+@pytest.mark.parametrize("fmt, signals, workers, stops", [
+    ("jsonl", (signal.SIGKILL,), "0", 10),
+    ("csv", (signal.SIGINT, signal.SIGTERM, signal.SIGKILL), "1", 6),  # Ctrl-C and SIGTERM end it themselves
+])
+def test_killed_at_random_points_then_resumed(corpus, model, reference, tmp_path, fmt, signals, workers, stops):
+    out = tmp_path / f"o.{fmt}"
     cmd = [sys.executable, "-m", "fakespotter", *cli(corpus, model, out, "--resume")]
+    cmd[cmd.index("--workers") + 1] = workers
     rng = random.Random(20240601)
     kills, runs = 0, 0
     total = len(reference["records"])
@@ -78,7 +83,7 @@ def test_sigkill_at_random_points_then_resume(corpus, model, reference, tmp_path
         assert runs < 30, "the scan does not finish"
         before = lines_in(out)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < 10:
+        if kills < stops:
             if kills % 4 == 1:  # a random moment, mostly during start-up and listing
                 time.sleep(rng.uniform(0.1, 2.5))
             else:  # after a random number of newly flushed records
@@ -87,21 +92,25 @@ def test_sigkill_at_random_points_then_resume(corpus, model, reference, tmp_path
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0.0, 0.15))
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-                kills += 1
-                continue
+                sig = signals[kills % len(signals)]
+                proc.send_signal(sig)
+                rc = proc.wait(timeout=120)
+                err = proc.stderr.read().decode()
+                if rc != 1:  # (a scan that ended just before the signal: exit 1, two inputs are bad)
+                    assert rc == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[sig], err
+                    kills += 1
+                    continue
         rc = proc.wait(timeout=300)
         err = proc.stderr.read().decode()
         assert rc == 1, err  # two inputs are bad
-        if kills >= 10:
+        if kills >= stops:
             break
-        assert out.read_text() == reference["jsonl"]  # finished before ten kills: check, and go again
+        assert out.read_text() == reference[fmt]  # finished before the last kill: check, and go again
         out.unlink()
-    assert kills >= 10
-    assert out.read_text() == reference["jsonl"]
+    assert kills >= stops
+    assert out.read_text() == reference[fmt]
     assert len(reference["records"]) == total == 50
-    stats = json.loads((tmp_path / "o.jsonl.stats.json").read_text())
+    stats = json.loads((tmp_path / f"o.{fmt}.stats.json").read_text())
     assert stats["complete"] and stats["resumed_records"] + stats["images"] == total
 
 
