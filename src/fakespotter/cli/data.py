@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
     b = dsub.add_parser("build", help="build the data set into a folder",
                         description="Build the benchmark data set (see 'fakespotter data --help'). "
                                     "Same seed and package versions give a byte-identical manifest.")
-    b.add_argument("out", metavar="OUT", help="output folder; created if missing (not its parent), must be empty, or "
-                                              "an earlier build's with --overwrite")
+    b.add_argument("out", metavar="OUT", help="output folder; created if missing (not its parent), must be "
+                                              "empty, or an earlier build's with --overwrite")
     b.add_argument("--small", action="store_true",
                    help="a tiny set for tests (73 real of which 17 external, 41 fake chips, seconds "
                         "once cached) instead of the full one (505 real of which 23 external, 2156 "

@@ -38,9 +38,10 @@ import numpy as np
 from .. import evaluate as ev
 from .._atomic import write_atomic
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
-from ._common import (Progress, add_class_sources, check_augment_fraction, check_disjoint, check_listed_bytes, check_once, class_mode,
-                      folder_names, has_both_classes, images_of, load_chips, log, manifest_part, model_file,
-                      no_chips_error, open_manifest, usage_error, why_not_writable, write_each)
+from ._common import (Progress, add_class_sources, check_augment_fraction, check_disjoint, check_listed_bytes,
+                      check_once, class_mode, folder_names, has_both_classes, images_of, load_chips, log,
+                      manifest_part, model_file, no_chips_error, open_manifest, usage_error, why_not_writable,
+                      write_each)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
