@@ -180,6 +180,35 @@ def test_packs_follow_the_first_consumer_unless_it_could_write_in_place():
             assert torch.equal(tap(x), reference_rows(net, tap, x)), granularity
 
 
+def test_a_pack_is_not_moved_past_an_in_place_write_through_another_name():
+    """A monitored module that hands back its input (nn.Identity as a tap point, Dropout in eval,
+    a Flatten view) shares that input's storage: an in-place op on the input between the module and
+    its first consumer changed the activation before it was packed (post-ReLU bits for a pre-ReLU
+    layer, where calibration saw the pre-ReLU values)."""
+
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.hook, self.drop, self.flat = nn.Identity(), nn.Dropout(0.1), nn.Flatten(2)
+            self.relu = nn.ReLU(inplace=True)
+            self.head = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x - 128.0)
+            feat, kept, flat = self.hook(y), self.drop(y), self.flat(y)  # all three are y's storage
+            out = self.relu(y)  # in place on y
+            return self.head(feat + kept + flat.view_as(y) + out)
+
+    net = Aliased().eval()
+    x = small_chips(4)
+    for granularity in ("channel", "element"):
+        tap = calibrated(Tap(net, ["hook", "drop", "flat", "head"], granularity=granularity, input_shape=SMALL_SHAPE),
+                         x, "per_layer")
+        with torch.no_grad():
+            assert torch.equal(tap(x), reference_rows(net, tap, x)), granularity
+
+
 class Recorder(nn.Module):
     """Identity that remembers a weak reference to its output."""
 

@@ -299,7 +299,8 @@ def _pack_graph(backbone: Backbone, module: nn.Module, layout: TapLayout,
     with graph.inserting_after(device):
         out = graph.call_function(torch.zeros, ((rows, layout.total_words),),
                                   {"dtype": torch.int64, "device": device})
-    order = {n: k for k, n in enumerate(graph.nodes)}
+    traced = list(graph.nodes)
+    order = {n: k for k, n in enumerate(traced)}
     end = max(order[nodes[name]] for name in names)  # what runs after the last layer is cut
     packs = []
     for slot, (t_off, t_len) in zip(layout.layers, threshold_spans):
@@ -309,8 +310,14 @@ def _pack_graph(backbone: Backbone, module: nn.Module, layout: TapLayout,
         # (tagged flexible_layout) the same buffer; packed first, it was given a contiguous copy
         # of its own, an extra write of every monitored activation. Eagerly it makes no
         # difference: the activation lives until its last consumer either way.
+        # Only when nothing up to that consumer can write in place: not the consumer, and not a
+        # node in between, which may write into the activation's storage through another name (a
+        # monitored module that hands back its input, nn.Identity, feeds a later in-place ReLU).
         first = min(node.users, key=order.__getitem__, default=None)
-        after = first if first is not None and order[first] < end and _reads_only(first, module) else node
+        movable = first is not None and order[first] < end and not any(
+            n.op in ("call_module", "call_method", "call_function") and not _reads_only(n, module)
+            for n in traced[order[node] + 1 : order[first] + 1])
+        after = first if movable else node
         with graph.inserting_after(after):
             thr = graph.call_method("narrow", (thresholds, 0, t_off, t_len))
         with graph.inserting_after(thr):
