@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from fractions import Fraction
 import struct
 
@@ -278,6 +279,37 @@ def test_corrupt_or_foreign_files_are_refused(tmp_path):
     (tmp_path / "v99.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n:])
     with pytest.raises(ValueError, match="version '99' is not supported"):
         Thresholds.load(tmp_path / "v99.safetensors")
+
+
+def test_bad_values_in_valid_metadata_are_refused_naming_the_file(tmp_path):
+    """Hand-edited or foreign metadata: a ValueError naming the file, never a TypeError or a
+    file taken with a number for a layer name, a negative count or a NaN threshold."""
+    from dataclasses import replace
+
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    t = ThresholdCalibrator(tap).fit([small_chips(3)]).thresholds_
+    path = tmp_path / "t.safetensors"
+    t.save(path)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    for key, value, said in (("layers", "123", "'layers' must be a list of distinct layer names, got '123'"),
+                             ("layers", "[1]", "'layers' must be a list of distinct layer names"),
+                             ("layers", "[]", "'layers' must be a list of distinct layer names"),
+                             ("n_images", "abc", "'n_images' must be a count, got 'abc'"),
+                             ("n_images", "-5", "'n_images' must be a count, got '-5'"),
+                             ("mode", "median", "mode must be one of"),
+                             ("granularity", "pixel", "granularity must be 'channel' or 'element'")):
+        header = json.loads(data[8:8 + n])
+        header["__metadata__"][key] = value
+        head = json.dumps(header).encode()
+        bad = tmp_path / f"{key}.safetensors"
+        bad.write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n:])
+        with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: .*{re.escape(said)}"):
+            Thresholds.load(bad)
+    nan = replace(t, values=(torch.tensor([float("nan")]),) + t.values[1:])
+    nan.save(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=f"nan.safetensors: threshold.{t.layers[0]} holds NaN or infinite values"):
+        Thresholds.load(tmp_path / "nan.safetensors")
 
 
 def test_a_huge_foreign_file_is_refused_from_its_header(tmp_path):

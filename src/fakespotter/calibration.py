@@ -117,10 +117,17 @@ class Thresholds:
             raise ValueError(f"{path}: thresholds format version {meta.get('version')!r} is not "
                              f"supported (this fakespotter reads version {THRESHOLDS_VERSION})")
         try:
-            layers = tuple(json.loads(meta["layers"]))
+            layers = json.loads(meta["layers"])
             fields = {k: meta[k] for k in ("backbone_id", "granularity", "mode", "n_images")}
         except (KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: thresholds metadata is incomplete ({e})") from None
+        if (not isinstance(layers, list) or not layers or not all(isinstance(n, str) and n for n in layers)
+                or len(set(layers)) != len(layers)):
+            raise ValueError(f"{path}: thresholds metadata 'layers' must be a list of distinct layer names, "
+                             f"got {meta['layers']!r}")
+        layers = tuple(layers)
+        if not fields["n_images"].isdigit():
+            raise ValueError(f"{path}: thresholds metadata 'n_images' must be a count, got {fields['n_images']!r}")
         expected = {f"threshold.{n}" for n in layers}
         if set(tensors) != expected:
             raise ValueError(f"{path}: tensors {sorted(tensors)} do not match the layers "
@@ -133,11 +140,16 @@ class Thresholds:
                                  f"{list(t.shape)}")
             if fields["mode"] == "per_layer" and t.numel() != 1:
                 raise ValueError(f"{path}: per_layer threshold.{n} has {t.numel()} values")
+            if not bool(torch.isfinite(t).all()):  # (a NaN threshold turns every bit of its layer off)
+                raise ValueError(f"{path}: threshold.{n} holds NaN or infinite values")
             values.append(t)
-        return cls(backbone_id=fields["backbone_id"],
-                   weights_sha256=meta.get("weights_sha256") or None, layers=layers,
-                   granularity=fields["granularity"], mode=fields["mode"],
-                   n_images=int(fields["n_images"]), values=tuple(values))
+        try:
+            return cls(backbone_id=fields["backbone_id"],
+                       weights_sha256=meta.get("weights_sha256") or None, layers=layers,
+                       granularity=fields["granularity"], mode=fields["mode"],
+                       n_images=int(fields["n_images"]), values=tuple(values))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 class ThresholdCalibrator:
