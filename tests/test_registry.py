@@ -124,12 +124,14 @@ def random_resnet18(seed=0, num_classes=10):
     return m.eval()
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_resnet_checkpoint_loads_and_taps(tmp_path, suffix):
+@pytest.mark.parametrize("suffix, wrapper", [(".pth", "state_dict"), (".pth", "model_state_dict"),
+                                             (".safetensors", None)])
+def test_resnet_checkpoint_loads_and_taps(tmp_path, suffix, wrapper):
     ref = random_resnet18()
     path = tmp_path / f"r18{suffix}"
-    if suffix == ".pth":
-        torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, path)
+    if suffix == ".pth":  # a training checkpoint: the state_dict beside other things, DataParallel's names
+        torch.save({"epoch": 3, "optimizer_state_dict": {"lr": 0.1},
+                    wrapper: {"module." + k: v for k, v in ref.state_dict().items()}}, path)
     else:
         _safetensors.save_file(ref.state_dict(), path)
     b = get_backbone("resnet18", checkpoint=path, input_size=64)

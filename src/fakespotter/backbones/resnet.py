@@ -163,7 +163,8 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
 
     Safetensors files (recognised by their header, whatever their name) are read as such;
     anything else with ``torch.load(weights_only=True)``. A ``{"state_dict": ...}`` /
-    ``{"model": ...}`` wrapper and a ``module.`` prefix (DataParallel) are removed.
+    ``{"model_state_dict": ...}`` / ``{"model": ...}`` wrapper (with an epoch, an optimizer's
+    state, ... beside it) and a ``module.`` prefix (DataParallel) are removed.
     """
     import pickle
 
@@ -194,7 +195,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
     except Exception as e:  # torch raises several types for a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint: {type(e).__name__}: {e}") from e
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in ("state_dict", "model_state_dict", "model"):  # (Lightning, PyTorch's tutorials, timm/DeiT)
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
