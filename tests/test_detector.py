@@ -431,6 +431,31 @@ def test_pickles_as_its_model_file_and_deep_copies(fitted):
         FakeSpotter.from_bytes("det.fsm")
 
 
+def test_a_model_file_named_default_is_loaded_by_its_path(fitted, tmp_path, monkeypatch, capsys):
+    """Only the string "default" names the embedded detector: "./default" and Path("default") are
+    a file of that name. The command line once normalised "./default" to "default" and scanned
+    with the embedded detector instead of the file given."""
+    import shutil
+    from pathlib import Path
+
+    from fakespotter.cli import main
+
+    _, path, real, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(path, "default")
+    mine = artifact.file_sha256(path)
+    assert FakeSpotter.load("./default").model_sha256() == mine
+    assert FakeSpotter.load(Path("default")).model_sha256() == mine
+    assert FakeSpotter.load("default").model_sha256() == FakeSpotter.default().model_sha256() != mine
+    from PIL import Image
+
+    Image.fromarray(real[0].numpy()).save("chip.png")
+    assert main(["scan", "chip.png", "--aligned", "--model", "./default", "--out", "-", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == mine
+    assert main(["info", "./default"]) == 0
+    assert capsys.readouterr().out.startswith(f"model: ./default (sha256 {mine})")
+
+
 def test_model_sha256_names_the_file_and_saving_again_keeps_its_bytes(fitted, tmp_path):
     det, path, real, fake = fitted
     loaded = FakeSpotter.load(path)

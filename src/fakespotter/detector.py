@@ -60,9 +60,15 @@ def default_model_path() -> Path:
     return Path(__file__).with_name("models") / "default.fsm"
 
 
+def is_default_model(model: Any) -> bool:
+    """Whether ``model`` names the embedded default: the string ``"default"`` (not a path object,
+    nor ``"./default"``, which name a file)."""
+    return isinstance(model, str) and model == DEFAULT_MODEL
+
+
 def resolve_model(model: Union[str, Path]) -> Path:
-    """A model file path; the literal ``"default"`` (:data:`DEFAULT_MODEL`) is the embedded default."""
-    if str(model) != DEFAULT_MODEL:
+    """A model file path; the string ``"default"`` (:data:`DEFAULT_MODEL`) is the embedded default."""
+    if not is_default_model(model):
         return Path(model)
     path = default_model_path()
     if not path.is_file():
@@ -542,9 +548,10 @@ class FakeSpotter:
 
     @classmethod
     def load(cls, path: Union[str, Path], device: str = "cpu") -> "FakeSpotter":
-        """Load a model file (``"default"``: the embedded default detector, as :meth:`default`
-        gives it); anything inconsistent is refused with a message naming it."""
-        if str(path) == DEFAULT_MODEL:
+        """Load a model file (the string ``"default"``: the embedded default detector, as
+        :meth:`default` gives it; a file of that name is ``"./default"``); anything inconsistent is
+        refused with a message naming it."""
+        if is_default_model(path):
             return cls.default(device=device)
         from .scan import check_device
 

@@ -129,7 +129,7 @@ def model_file(spec: str, what: str = "model") -> str:
         raise usage_error(f"{what} {spec} is not a regular file (a FIFO or device?)")
     if not path.is_file():
         raise usage_error(f"{what} {spec} does not exist (a model file, or 'default' for the embedded detector)")
-    return str(path)
+    return str(path) if spec == "default" else spec  # (str(Path("./default")) is "default": the embedded one)
 
 
 def record_stdout() -> Any:
