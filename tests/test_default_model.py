@@ -79,7 +79,23 @@ def test_readme_model_card_quotes_the_committed_reports():
     import json
 
     report = json.loads((root / "reports" / "default" / "evaluate" / "metrics.json").read_text())
-    assert report["model"]["sha256"] == file_sha256(default_model_path())
+    robust = json.loads((root / "reports" / "default" / "robustness" / "robustness.json").read_text())
+    assert report["model"]["sha256"] == robust["model"]["sha256"] == file_sha256(default_model_path())
+    # the card's headline limit, quoted in prose and by the scanner's note on the default model
+    from fakespotter.cli.scan import DEFAULT_MODEL_NOTE
+    from fakespotter.dataset import OTHER_REALS
+
+    held_out = {o.source for o in OTHER_REALS.values() if o.held_out}
+    external = [r for r in report["rows"] if r.get("detector", "fakespotter") == "fakespotter"
+                and r["kind"] == "source" and r["group"] in held_out]
+    faces = sum(r["n_real"] for r in external)
+    flagged = sum(round(r["fpr_operating"] * r["n_real"]) for r in external)
+    others = [r for r in report["rows"] if r.get("detector", "fakespotter") == "fakespotter"
+              and r["kind"] == "source" and r["group"] not in held_out]
+    prose = " ".join(readme.split())
+    assert f"({flagged} of the {faces} external test chips, none of the other {sum(r['n_real'] for r in others)})" \
+        in prose and sum(round(r["fpr_operating"] * r["n_real"]) for r in others) == 0
+    assert f"({flagged} of its {faces} unseen-source test faces)" in DEFAULT_MODEL_NOTE
 
 
 def test_default_detects_faces_in_images_and_takes_one_image_alone(tmp_path):
