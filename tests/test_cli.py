@@ -288,7 +288,7 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
     t = Thresholds.load(thr)
     assert t.n_images == 24 and t.mode == "per_layer"
     rc, out, err = run_cli(["calibrate", str(real), "--out", str(thr), "--overwrite", "--batch-size", "0"], capsys)
-    assert rc == 2 and "--batch-size must be positive, got 0" in err and Thresholds.load(thr).n_images == 24
+    assert rc == 2 and "--batch-size must be from 1 to 4096" in err and Thresholds.load(thr).n_images == 24
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"not a png")
@@ -590,3 +590,7 @@ def test_the_command_lines_training_defaults_are_the_librarys():
     from fakespotter.perturb import Augmenter
 
     assert (AUGMENT_FRACTION, TARGET_FPR) == (Augmenter().fraction, FakeSpotter().target_fpr)
+    from fakespotter.cli._common import MAX_BATCH_SIZE
+    from fakespotter.features import MAX_BATCH_SIZE as LIMIT
+
+    assert MAX_BATCH_SIZE == LIMIT

@@ -190,7 +190,8 @@ def test_bad_parameters():
         FakeSpotter(target_fpr=0).fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
     with pytest.raises(ValueError, match=r"target_tpr must be in \(0, 1\] or None, got 1.5"):
         FakeSpotter(target_tpr=1.5).fit(noise_chips(4, 0, 1), noise_chips(4, 1, 2))
-    for params, message in (({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    for params, message in (({"batch_size": 0}, "batch_size must be an int from 1 to 4096, got 0"),
+                            ({"batch_size": 4097}, "batch_size must be an int from 1 to 4096, got 4097"),
                             ({"max_epochs": 0}, "max_epochs must be an int >= 1"),
                             ({"seed": None}, "seed must be an int >= 0, got None"),
                             ({"upsample": -1}, "upsample must be an int >= 0"),

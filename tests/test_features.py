@@ -107,8 +107,9 @@ def test_chip_validation_names_expected_and_actual():
         features(torch.zeros(2, 3, 15, 13, dtype=torch.uint8), tap)
     with pytest.raises(ValueError, match=r"float32 chips must be \[N, 3, 15, 13\].*got shape \[2, 15, 13, 3\]"):
         features(torch.zeros(2, 15, 13, 3), tap)
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
-        features(small_chips(1), tap, batch_size=0)
+    for bad in (0, 4097, 2.0):
+        with pytest.raises(ValueError, match=f"features: batch_size must be an int from 1 to 4096, got {bad}"):
+            features(small_chips(1), tap, batch_size=bad)
     over = torch.zeros(1, 3, 15, 13)
     over[0, 1, 2, 3] = 255.5
     with pytest.raises(ValueError, match=r"got values from 0 to 255.5"):

@@ -134,8 +134,9 @@ def test_limit_scans_the_first_inputs(corpus, model):
 def test_library_refuses_bad_arguments(corpus, model, tmp_path):
     with pytest.raises(FileNotFoundError, match="scan: .*missing does not exist"):
         scan([str(tmp_path / "missing")], model)
-    with pytest.raises(ValueError, match="scan: batch_size must be an int >= 1, got 0"):
-        scan([str(corpus)], model, batch_size=0)
+    for bad in (0, 100_000):  # (100,000: a 6.75 GB staging buffer before the first forward, then the OOM killer)
+        with pytest.raises(ValueError, match=f"scan: batch_size must be an int from 1 to 4096, got {bad}"):
+            scan([str(corpus)], model, batch_size=bad)
     with pytest.raises(ValueError, match="scan: workers must be an int >= 0, got -1"):
         scan([str(corpus)], model, workers=-1)
     with pytest.raises(ValueError, match="'-' .* can be given once"):
@@ -1284,7 +1285,9 @@ def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
         (["scan", *base, "--model", str(model), "--out", str(existing)], "already exists; pass --resume .* or --overwrite"),
         (["scan", *base, "--model", str(model), "--out", str(existing), "--resume", "--overwrite"], "contradict"),
         (["scan", *base, "--model", str(model), "--resume"], "--resume needs an output file"),
-        (["scan", *base, "--model", str(model), "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["scan", *base, "--model", str(model), "--batch-size", "0"], "--batch-size must be from 1 to 4096"),
+        (["scan", *base, "--model", str(model), "--batch-size", "100000"], r"--batch-size must be from 1 to 4096 \(a "
+                                                                           r"forward holds about 2 MiB per chip"),
         (["scan", *base, "--model", str(model), "--limit", "-1"], "--limit must be >= 0"),
         (["scan", *base, "--model", str(model), "--out", str(tmp_path / "no" / "o.jsonl")], "folder .* does not exist"),
         (["scan", *base, "--model", str(model), "--device", "nonsense"], "device 'nonsense' is not a device"),

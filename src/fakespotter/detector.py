@@ -41,8 +41,8 @@ from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
-from .features import (FaceRows, _is_chip_batch, as_image_list, chips as make_chips, features, prepare_chips,
-                       rows_tensor)
+from .features import (FaceRows, _is_chip_batch, as_image_list, check_batch_size, chips as make_chips, features,
+                       prepare_chips, rows_tensor)
 from .taps import Tap
 
 __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model",
@@ -234,7 +234,8 @@ class FakeSpotter:
         if not (isinstance(self.validation_fraction, numbers.Real) and 0.0 < self.validation_fraction < 1.0):
             raise ValueError(f"FakeSpotter: validation_fraction must be in (0, 1) (images held out to pick the "
                              f"operating threshold), got {self.validation_fraction!r}")
-        for name, low in (("max_epochs", 1), ("batch_size", 1), ("seed", 0), ("upsample", 0)):
+        check_batch_size(self.batch_size, "FakeSpotter")
+        for name, low in (("max_epochs", 1), ("seed", 0), ("upsample", 0)):
             if not _is_int(getattr(self, name), low):
                 raise ValueError(f"FakeSpotter: {name} must be an int >= {low}, got {getattr(self, name)!r}")
         if self.threshold_mode not in ("per_layer", "per_neuron"):

@@ -13,6 +13,7 @@ preprocessing turns it into the module's input.
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, List, Sequence, Tuple
@@ -297,9 +298,22 @@ def features(images_or_chips: Any, tap: Tap, aligned: bool = False, batch_size: 
                     face_index=np.zeros(n, dtype=np.int64))
 
 
+# Chips per backbone forward at most: the dlib backbone's forward holds about 2 MiB per chip on a
+# CPU, so 4096 take ~8 GiB; past a few hundred a GPU gains nothing either. (A larger request, with
+# memory overcommitted as Linux does by default, got the process killed rather than a MemoryError
+# the scanner's back-off could catch.)
+MAX_BATCH_SIZE = 4096
+
+
+def check_batch_size(value: Any, what: str) -> int:
+    """``value`` as an int from 1 to :data:`MAX_BATCH_SIZE`, else a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_BATCH_SIZE:
+        raise ValueError(f"{what}: batch_size must be an int from 1 to {MAX_BATCH_SIZE}, got {value!r}")
+    return int(value)
+
+
 def _check_tap_and_batch_size(tap: Any, batch_size: Any) -> None:
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"features: batch_size must be a positive int, got {batch_size!r}")
+    check_batch_size(batch_size, "features")
     if not isinstance(tap, Tap):
         raise TypeError(f"features: tap must be a Tap, got {type(tap).__name__}")
 

@@ -1386,7 +1386,10 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     :class:`CompileError` when ``compile`` fails (before any input is read).
     """
     inputs = _input_list(inputs)
-    for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("skip", skip, 0)):
+    from .features import check_batch_size
+
+    check_batch_size(batch_size, "scan")
+    for name, v, lo in (("pixel_limit", pixel_limit, 1), ("skip", skip, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"scan: {name} must be an int >= {lo}, got {v!r}")
     if workers is None:

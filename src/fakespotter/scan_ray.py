@@ -583,7 +583,10 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     RuntimeError when the scan fails on the cluster (the shards written so far stay: resume).
     """
     inputs = _input_list(inputs)
-    for name, v, lo in (("batch_size", batch_size, 1), ("pixel_limit", pixel_limit, 1), ("decode_batch", decode_batch, 1),
+    from .features import check_batch_size
+
+    check_batch_size(batch_size, "ray_scan")
+    for name, v, lo in (("pixel_limit", pixel_limit, 1), ("decode_batch", decode_batch, 1),
                         ("shard_size", shard_size, 1), ("decode_memory", decode_memory, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"ray_scan: {name} must be an int >= {lo}, got {v!r}")

@@ -8,8 +8,8 @@ import argparse
 
 import numpy as np
 
-from ._common import (Progress, add_model_args, check_detection_args, check_once, images_of, log, no_chips_error,
-                      refuse_inputs_as_output, usage_error, writable_output)
+from ._common import (Progress, add_model_args, check_batch_size, check_detection_args, check_once, images_of, log,
+                      no_chips_error, refuse_inputs_as_output, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -29,8 +29,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     paths = images_of(args.images, "calibrate")
     check_once(paths, "the images")  # a repeat would count twice in the means
-    if args.batch_size < 1:
-        raise usage_error(f"--batch-size must be positive, got {args.batch_size}")
+    check_batch_size(args)
     check_detection_args(args)
     out = writable_output(args.out, args.overwrite, "output")
     refuse_inputs_as_output(out, paths, "output")  # --overwrite would replace an image

@@ -38,10 +38,10 @@ import numpy as np
 from .. import evaluate as ev
 from .._atomic import write_atomic
 from ..baselines import BASELINES as BASELINE_NAMES, resolve_baselines
-from ._common import (Progress, add_class_sources, check_augment_fraction, check_disjoint, check_listed_bytes,
-                      check_once, class_mode, folder_names, has_both_classes, images_of, load_chips, log,
-                      manifest_part, model_file, no_chips_error, open_manifest, usage_error, why_not_writable,
-                      write_each)
+from ._common import (Progress, add_class_sources, check_augment_fraction, check_batch_size, check_disjoint,
+                      check_listed_bytes, check_once, class_mode, folder_names, has_both_classes, images_of,
+                      load_chips, log, manifest_part, model_file, no_chips_error, open_manifest, usage_error,
+                      why_not_writable, write_each)
 
 OUTPUTS = ("metrics.json", "metrics.csv", "report.md", "roc.png", "det.png")
 
@@ -116,8 +116,7 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         check_disjoint([p for _, ps in real for p in ps], [p for _, ps in fake for p in ps], "both real and fake")
     elif args.real_source is not None:
         raise usage_error("--real-source names --real folders; a manifest names its own sources")
-    if args.batch_size < 1:
-        raise usage_error(f"--batch-size must be positive, got {args.batch_size}")
+    check_batch_size(args)
     if args.upsample is not None and args.upsample < 0:
         raise usage_error(f"--upsample must be >= 0, got {args.upsample}")
     if getattr(args, "bootstrap", 0) < 0:

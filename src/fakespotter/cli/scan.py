@@ -33,8 +33,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
-from ._common import (Progress, add_detection_args, check_detection_args, detection_from_model, log, model_file,
-                      record_stdout, usage_error, why_not_writable, writable_output)
+from ._common import (Progress, add_detection_args, check_batch_size, check_detection_args, detection_from_model, log,
+                      model_file, record_stdout, usage_error, why_not_writable, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -128,7 +128,8 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
 
     if args.workers is None:
         args.workers = default_workers()
-    for name, lo in (("batch_size", 1), ("workers", 0), ("pixel_limit", 1)):
+    check_batch_size(args)
+    for name, lo in (("workers", 0), ("pixel_limit", 1)):
         if getattr(args, name) < lo:
             raise usage_error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     check_detection_args(args)

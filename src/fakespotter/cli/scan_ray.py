@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from ._common import Progress, check_detection_args, log, usage_error, why_not_writable
+from ._common import Progress, check_batch_size, check_detection_args, log, usage_error, why_not_writable
 
 # Options of --engine ray only; their None defaults mean "not given" (then ray_scan's defaults apply).
 _RAY_ONLY = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "actor_batch", "decode_cpus", "shard_size")
@@ -87,7 +87,8 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
     for flag, given, why in local_only:
         if given:
             raise usage_error(f"{flag} is an option of --engine local ({why})")
-    for name, lo in (("batch_size", 1), ("pixel_limit", 1), ("actors", 1), ("actor_batch", 1),
+    check_batch_size(args)
+    for name, lo in (("pixel_limit", 1), ("actors", 1), ("actor_batch", 1),
                      ("shard_size", 1)):
         v = getattr(args, name)
         if v is not None and v < lo:

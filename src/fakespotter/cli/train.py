@@ -32,9 +32,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ._common import (AUGMENT_FRACTION, TARGET_FPR, add_class_sources, add_model_args, check_augment_fraction,
-                      check_detection_args, check_disjoint, check_listed_bytes, check_once, class_mode, folder_names,
-                      has_both_classes, images_of, load_chips, log, manifest_part, no_chips_error, open_manifest,
-                      refuse_inputs_as_output, usage_error, writable_output)
+                      check_batch_size, check_detection_args, check_disjoint, check_listed_bytes, check_once,
+                      class_mode, folder_names, has_both_classes, images_of, load_chips, log, manifest_part,
+                      no_chips_error, open_manifest, refuse_inputs_as_output, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -134,9 +134,9 @@ def check(args: argparse.Namespace) -> Dict:
         raise usage_error(f"--seed must be >= 0, got {args.seed}")
     if any(h < 1 for h in args.hidden):
         raise usage_error(f"--hidden widths must be >= 1, got {' '.join(map(str, args.hidden))}")
-    for name in ("batch_size", "epochs"):
-        if getattr(args, name) < 1:
-            raise usage_error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_batch_size(args)
+    if args.epochs < 1:
+        raise usage_error(f"--epochs must be positive, got {args.epochs}")
     check_detection_args(args)
     out = writable_output(args.out, args.overwrite, "output model", regular_only=True)
     report = writable_output(args.report, args.overwrite, "report", regular_only=True)
