@@ -283,6 +283,26 @@ def test_an_interrupted_ray_scan_keeps_and_counts_the_records_it_scored(ray_loca
     assert stats["images"] == 6 and stats["complete"] is False
 
 
+def test_an_interrupt_during_a_shard_write_does_not_write_it_twice(ray_local, corpus, model, tmp_path, monkeypatch):
+    """A Ctrl-C landing after a shard's rename (in the folder's fsync) went to the interrupt
+    handler with the shard's records still pending: its last flush wrote them into a second
+    shard, and merge then warned of a deleted shard on every run."""
+    import fakespotter.scan_ray as SR
+
+    real = SR._write_atomic
+
+    def interrupted_after_the_rename(path, data):
+        real(path, data)
+        if path.name.startswith("part-"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SR, "_write_atomic", interrupted_after_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ray_scan(corpus, model, tmp_path / "o", aligned=True, batch_size=BATCH, shard_size=3)
+    indexes = [r["index"] for r in shard_lines(tmp_path / "o")]
+    assert len(SR._shard_files(tmp_path / "o")) == 1 and len(indexes) == len(set(indexes)) == 3
+
+
 def test_a_ray_scan_whose_shard_write_fails_counts_only_what_it_wrote(ray_local, corpus, model, tmp_path,
                                                                       monkeypatch, capsys):
     """A full disk: the stats counted every record received, also those of the shard that

@@ -793,19 +793,21 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
         full disk, leaves them out of the stats, as out of the output)."""
         nonlocal t_flush
         if shard:
-            shard.sort(key=lambda x: x[0])
+            # taken out before the write: a Ctrl-C or SIGTERM during it (after the rename, in the
+            # folder's fsync, say) must not have the handler's last flush write them again
+            done = sorted(shard, key=lambda x: x[0])
+            shard.clear()
             name = out / f"part-{run:03d}-{next(seq):06d}.jsonl"
             try:
-                _write_atomic(name, "".join(line + "\n" for _, line, _ in shard).encode("utf-8", "surrogateescape"))
+                _write_atomic(name, "".join(line + "\n" for _, line, _ in done).encode("utf-8", "surrogateescape"))
             except OSError as e:
                 if e.filename is None:
                     e.filename = str(name)
                 raise _ShardWriteFailed(e) from None
-            for _, _, r in shard:
+            for _, _, r in done:
                 count_record(stats, r)
             if progress is not None:
-                progress(len(shard))
-            shard.clear()
+                progress(len(done))
         t_flush = time.monotonic()
 
     t0 = time.perf_counter()
