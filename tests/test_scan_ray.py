@@ -478,6 +478,11 @@ def test_output_folder_checks(shards, tmp_path):
     prepare_output(detected, "resume", dict(settings, aligned=False, weak_face_score=0.0, detect_pixels=0))
     with pytest.raises(ShardsError, match="model"):
         prepare_output(src, "resume", dict(settings, model="0" * 64))
+    started = tmp_path / "started"  # stopped before its first shard: nothing to differ from, as locally
+    started.mkdir()
+    shutil.copy(src / "scan.json", started / "scan.json")
+    manifest, done, _ = prepare_output(started, "resume", dict(settings, batch_size=8))
+    assert manifest["batch_size"] == 8 and manifest["runs"] == 2 and done == []
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

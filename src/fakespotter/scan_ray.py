@@ -285,6 +285,9 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
                               f"write into it, even with --overwrite")
         return manifest, done, counts
     assert old is not None
+    if not _shard_files(out):  # stopped before its first shard: nothing scanned to differ from (as the local engine)
+        manifest["runs"] = int(old.get("runs", 1)) + 1
+        return manifest, done, counts
     aligned = bool(settings["aligned"]) and bool(old.get("aligned"))
     diff = [k for k in _SETTINGS if old.get(k, _SETTINGS_BEFORE.get(k)) != settings[k]
             and not (aligned and k in _DETECTION)]
