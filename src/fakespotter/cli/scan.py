@@ -96,7 +96,8 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted scan into the existing --out (default: refuse an existing --out)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out, emptied as the scan starts (default: refuse)")
+                   help="replace an existing --out, emptied as the scan starts (--engine ray: the scan's own "
+                        "files in the folder are deleted, once the cluster is reached) (default: refuse)")
     p.add_argument("--fail-fast", action="store_true",
                    help="stop once the batch that holds the first error record is written (default: go on; "
                         "local engine)")

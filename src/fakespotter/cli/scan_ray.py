@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-cpus", type=float, default=None,
                    help="CPUs per read/decode/face-detection task (default: 1)")
     g.add_argument("--shard-size", type=int, default=None,
-                   help="records per output shard; a shard is also written every 60 s (default: 1000)")
+                   help="records per output shard; a shard is also written with the first records that come "
+                        "60 s or more after the last one (default: 1000)")
 
 
 def refuse_ray_only(args: argparse.Namespace) -> None:
