@@ -188,7 +188,8 @@ def refuse_inputs_as_output(out: Optional[Path], inputs: Iterable[Path], what: s
 
 
 AUGMENT_FRACTION = 0.5  # perturb.Augmenter's default (not imported: the command line starts without torch)
-MAX_BATCH_SIZE = 4096  # features.MAX_BATCH_SIZE (likewise)
+TARGET_FPR = 0.01  # FakeSpotter's default
+MAX_BATCH_SIZE = 4096  # features.MAX_BATCH_SIZE
 
 
 def check_batch_size(args: argparse.Namespace) -> None:
@@ -196,7 +197,6 @@ def check_batch_size(args: argparse.Namespace) -> None:
     if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
         raise usage_error(f"--batch-size must be from 1 to {MAX_BATCH_SIZE} (a forward holds about 2 MiB per chip on "
                           f"a CPU; a GPU gains nothing past a few hundred), got {args.batch_size}")
-TARGET_FPR = 0.01  # FakeSpotter's default
 
 
 def check_augment_fraction(args: argparse.Namespace, augment: bool, flag: str) -> None:
