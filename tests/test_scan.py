@@ -529,7 +529,7 @@ def test_inputs_without_images_say_so(model, tmp_path, capsys):
     for quiet in ([], ["--quiet"]):
         rc, _, err = run_cli(["scan", str(tmp_path / "empty"), str(tmp_path / "notes"), "--model", str(model),
                               "--out", str(tmp_path / f"o{len(quiet)}.jsonl"), *quiet], capsys)
-        assert rc == 0 and "warning: the inputs hold no image to scan (folders are searched for .avif" in err, err
+        assert rc == 0 and "warning: the inputs hold no image to scan (folders are searched for .apng .avif" in err, err
 
 
 def test_list_lines_are_paths_as_written(tmp_path):
