@@ -347,19 +347,25 @@ def test_thresholds_for_another_backbone_or_layers_are_refused():
     tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
     t = ThresholdCalibrator(tap).fit([x]).thresholds_
     fewer = Tap(small_net(), SMALL_LAYERS[:3], input_shape=SMALL_SHAPE)
-    with pytest.raises(ValueError, match=r"calibrated for backbone 'custom:SmallNet'.*layers "
-                                         r"\['stem', 'act', 'block.relu', 'block', 'fc'\] cannot "
-                                         r"be used by a tap of .*layers \['stem', 'act', 'block.relu'\]"):
+    with pytest.raises(ValueError, match=r"the thresholds are for another layer list than the tap's: calibrated for backbone "
+                                         r"'custom:SmallNet'.*layers \['stem', 'act', 'block.relu', 'block', 'fc'\], "
+                                         r"they cannot be used by a tap of .*layers \['stem', 'act', 'block.relu'\]"):
         fewer.set_thresholds(t)
     other_weights = Tap(small_net(seed=3), SMALL_LAYERS, input_shape=SMALL_SHAPE)
-    with pytest.raises(ValueError, match=r"weights sha256 [0-9a-f]{12}.*cannot be used"):
+    with pytest.raises(ValueError, match=r"the thresholds are for another set of backbone weights.*weights sha256 [0-9a-f]{12}.*"
+                                         r"cannot be used"):
         other_weights.set_thresholds(t)
     element = Tap(small_net(), SMALL_LAYERS, granularity="element", input_shape=SMALL_SHAPE)
-    with pytest.raises(ValueError, match="channel granularity.*cannot be used by a tap of.*element"):
+    with pytest.raises(ValueError, match="the thresholds are for another granularity.*channel granularity.*cannot be used by a "
+                                         "tap of.*element"):
         element.set_thresholds(t)
     renamed = Tap(custom_backbone(small_net(), SMALL_LAYERS, (15, 13), id="my-net"))
-    with pytest.raises(ValueError, match="backbone 'custom:SmallNet'.*backbone 'my-net'"):
+    with pytest.raises(ValueError, match="the thresholds are for another backbone than.*backbone 'custom:SmallNet'.*backbone 'my-net'"):
         renamed.set_thresholds(t)
+    for bad in (None, {"stem": 1.0}, "0.5"):
+        with pytest.raises(TypeError, match=f"Tap.set_thresholds: expected a Thresholds, a number, a tensor or one "
+                                            f"entry per layer \\(5\\), got {type(bad).__name__}"):
+            tap.set_thresholds(bad)
     Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE, thresholds=t)  # same: accepted
 
 

@@ -540,9 +540,12 @@ class Tap(nn.Module):
             same_weights = (mine[0][0] == theirs[0][0] and (
                 mine[0][1] is None or theirs[0][1] is None or mine[0][1] == theirs[0][1]))
             if not same_weights or mine[1] != theirs[1] or mine[2] != theirs[2]:
+                differ = [what for what, bad in (
+                    ("backbone" if mine[0][0] != theirs[0][0] else "set of backbone weights", not same_weights),
+                    ("layer list", mine[1] != theirs[1]), ("granularity", mine[2] != theirs[2])) if bad]
                 raise ValueError(
-                    f"Tap.set_thresholds: thresholds calibrated for {_describe(*theirs)} cannot be "
-                    f"used by a tap of {_describe(*mine)}"
+                    f"Tap.set_thresholds: the thresholds are for another {' and '.join(differ)} than the tap's: "
+                    f"calibrated for {_describe(*theirs)}, they cannot be used by a tap of {_describe(*mine)}"
                 )
             values: List[Tensor] = list(thresholds.values)
         elif isinstance(thresholds, (int, float)):
@@ -550,6 +553,9 @@ class Tap(nn.Module):
         elif isinstance(thresholds, Tensor) and thresholds.dim() <= 1 and thresholds.numel() in (1, L):
             values = [v.reshape(1) for v in thresholds.reshape(-1).expand(L)]
         else:
+            if thresholds is None or isinstance(thresholds, (str, bytes, dict)) or not hasattr(thresholds, "__iter__"):
+                raise TypeError(f"Tap.set_thresholds: expected a Thresholds, a number, a tensor or one entry per "
+                                f"layer ({L}), got {type(thresholds).__name__}")
             values = [torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in thresholds]
             if len(values) != L:
                 raise ValueError(f"Tap.set_thresholds: expected {L} entries (one per layer), "
