@@ -254,6 +254,21 @@ def test_oom_from_the_start_gives_the_records_of_the_smaller_batch(corpus, model
     assert len(notes) == 1 and "forward of 8 chips" in notes[0] and "batches of 2" in notes[0]
 
 
+def test_a_back_off_shrinks_the_staging_buffer_too(model, monkeypatch):
+    """The chips' staging buffer was kept at the requested size after a back-off: memory no forward
+    would use again (6.75 GB for a requested 100,000)."""
+    from fakespotter.scan import _Forward
+
+    fwd = _Forward(FakeSpotter.load(model), "cpu", 8)
+    assert fwd._buf_t.shape[0] == 8
+    oom_above(monkeypatch, 2)
+    chips = list(np.random.default_rng(0).integers(0, 256, (5, 150, 150, 3), dtype=np.uint8))
+    got = fwd.score(chips)
+    assert fwd.batch_size == 2 and fwd._buf_t.shape[0] == 2 and fwd._buf.shape[0] == 2 and len(got) == 5
+    monkeypatch.undo()
+    assert got == _Forward(FakeSpotter.load(model), "cpu", 2).score(chips)
+
+
 def test_oom_in_the_middle_loses_and_doubles_nothing(corpus, model, base, direct2, monkeypatch):
     calls = oom_above(monkeypatch, 2, after=1)  # the first forward (4 chips) fits, the second not
     run = scan([str(corpus)], model, aligned=True, batch_size=4, workers=0, log=lambda m: None)

@@ -946,6 +946,11 @@ class _Forward:
                 if failed_at is None:
                     failed_at, done_before = self.batch_size, self.forwards
                 self.batch_size //= 2
+                # the staging buffer too: the memory of the chips no forward will hold goes back (each
+                # forward fills it afresh)
+                self._buf_t = torch.zeros((self.batch_size, *self._buf_t.shape[1:]), dtype=torch.uint8,
+                                          pin_memory=self.device.type == "cuda")
+                self._buf = self._buf_t.numpy()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
