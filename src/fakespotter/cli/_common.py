@@ -382,7 +382,7 @@ def add_detection_args(p: argparse.ArgumentParser, from_model: bool = False) -> 
                    help="face detections scoring below this are weak: dropped from an image that holds a "
                         "face scoring at least this (the detector's rare hits on badges or fabric beside real "
                         "faces score low, and such chips tend to score as fake), kept when they are all it "
-                        f"holds; 0 keeps every detection (default: {weak_help})")
+                        f"holds; 0 (or less: detections score above 0) keeps every detection (default: {weak_help})")
     p.add_argument("--detect-pixels", type=int, default=pixels, metavar="N",
                    help="the most pixels the face detector works on, after --upsample: in a larger image faces "
                         "are found down to about 80 * sqrt(pixels / N) px; up to 4N the detector skips the "
