@@ -162,6 +162,8 @@ def test_resume_redoes_only_what_is_missing(shards, corpus, model, local, tmp_pa
     # nothing left to do: a second resume scans nothing and starts no work
     again = ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume")
     assert again["images"] == 0 and again["resumed_records"] == 27 and again["complete"]
+    held = {s: sum(r["status"] == s for r in local) for s in ("ok", "no_face", "error")}
+    assert stats["output_counts"] == again["output_counts"] == held  # (the summary's "the output holds")
     with pytest.raises(ShardsError, match="already holds 27 records, more than --limit 3"):
         ray_scan(corpus, model, out, aligned=True, batch_size=BATCH, mode="resume", limit=3)
     with pytest.raises(ValueError):  # more actors than the cluster's 2 CPUs hold: found once Ray runs

@@ -681,6 +681,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         finally:
             stats["wall_s"] = time.perf_counter() - t_start
             stats["images_per_s"] = stats["images"] / stats["wall_s"] if stats["wall_s"] > 0 else 0.0
+            stats["output_counts"] = {s: resumed[s] + stats["counts"][s] for s in STATUSES}  # (the shards' records)
             try:
                 _write_atomic(out / STATS, (json.dumps(utf8_json(stats), indent=2, sort_keys=True) + "\n").encode())
             except OSError:
