@@ -151,6 +151,11 @@ def test_build_is_reproducible_and_overwrite_replaces_a_previous_build(small, tm
     for overwrite in (False, True):
         with pytest.raises(ValueError, match=r"is not empty and holds no earlier build"):
             D.build(out, small=True, overwrite=overwrite, log=lambda m: None)
+    # nor does another tool's build.json that happens to say "format": 1 make it one
+    (out / D.BUILD_JSON).write_text(json.dumps({"format": D.BUILD_FORMAT, "note": "some other tool"}))
+    with pytest.raises(ValueError, match=r"is not empty and holds no earlier build"):
+        D.build(out, small=True, overwrite=True, log=lambda m: None)
+    (out / D.BUILD_JSON).unlink()
     assert (out / "manifest.csv").read_text() == "old" and (out / "real" / "nba" / "stale.jpg").exists()
     (out / D.BUILD_MARKER).write_text("an earlier build's")
     with pytest.raises(ValueError, match=r"holds a finished build; pass --overwrite"):

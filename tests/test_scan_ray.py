@@ -285,24 +285,33 @@ def test_an_interrupted_ray_scan_keeps_and_counts_the_records_it_scored(ray_loca
     assert stats["images"] == 6 and stats["complete"] is False
 
 
-def test_an_interrupt_during_a_shard_write_does_not_write_it_twice(ray_local, corpus, model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("renamed", [True, False])
+def test_an_interrupt_during_a_shard_write_neither_writes_it_twice_nor_loses_it(ray_local, corpus, model, tmp_path,
+                                                                                monkeypatch, renamed):
     """A Ctrl-C landing after a shard's rename (in the folder's fsync) went to the interrupt
     handler with the shard's records still pending: its last flush wrote them into a second
-    shard, and merge then warned of a deleted shard on every run."""
+    shard, and merge then warned of a deleted shard on every run. One landing before the rename
+    leaves the records to that last flush: they are kept, once."""
     import fakespotter.scan_ray as SR
 
-    real = SR._write_atomic
+    real, calls = SR._write_atomic, []
 
-    def interrupted_after_the_rename(path, data):
-        real(path, data)
+    def interrupted(path, data):
         if path.name.startswith("part-"):
-            raise KeyboardInterrupt
+            calls.append(path.name)
+            if len(calls) == 1:
+                if renamed:
+                    real(path, data)
+                raise KeyboardInterrupt
+        real(path, data)
 
-    monkeypatch.setattr(SR, "_write_atomic", interrupted_after_the_rename)
+    monkeypatch.setattr(SR, "_write_atomic", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ray_scan(corpus, model, tmp_path / "o", aligned=True, batch_size=BATCH, shard_size=3)
     indexes = [r["index"] for r in shard_lines(tmp_path / "o")]
     assert len(SR._shard_files(tmp_path / "o")) == 1 and len(indexes) == len(set(indexes)) == 3
+    stats = json.loads((tmp_path / "o" / SR.STATS).read_text())
+    assert stats["images"] == 3 and sum(stats["output_counts"].values()) == 3  # counted once
 
 
 def test_a_ray_scan_whose_shard_write_fails_counts_only_what_it_wrote(ray_local, corpus, model, tmp_path,

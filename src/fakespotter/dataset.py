@@ -459,8 +459,9 @@ def _is_previous_build(p: Path) -> bool:
     """True when ``p`` holds a build of this module (finished or interrupted)."""
     if (p / BUILD_MARKER).is_file():
         return True
-    try:  # builds made before the marker existed: a build.json of ours
-        return json.loads((p / BUILD_JSON).read_text(encoding="utf-8")).get("format") == BUILD_FORMAT
+    try:  # builds made before the marker existed: a build.json of ours (not just any with a format 1)
+        d = json.loads((p / BUILD_JSON).read_text(encoding="utf-8"))
+        return d.get("format") == BUILD_FORMAT and {"pipeline", "packages", "sources", "counts"} <= d.keys()
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -1393,7 +1393,7 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     inputs = _input_list(inputs)
     from .features import check_batch_size
 
-    check_batch_size(batch_size, "scan")
+    batch_size = check_batch_size(batch_size, "scan")
     for name, v, lo in (("pixel_limit", pixel_limit, 1), ("skip", skip, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"scan: {name} must be an int >= {lo}, got {v!r}")

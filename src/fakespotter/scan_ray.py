@@ -588,7 +588,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
     inputs = _input_list(inputs)
     from .features import check_batch_size
 
-    check_batch_size(batch_size, "ray_scan")
+    batch_size = check_batch_size(batch_size, "ray_scan")
     for name, v, lo in (("pixel_limit", pixel_limit, 1), ("decode_batch", decode_batch, 1),
                         ("shard_size", shard_size, 1), ("decode_memory", decode_memory, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -796,22 +796,31 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
         """Write the shard; its records are counted once they are on disk (a failed write, a
         full disk, leaves them out of the stats, as out of the output)."""
         nonlocal t_flush
-        if shard:
-            # taken out before the write: a Ctrl-C or SIGTERM during it (after the rename, in the
-            # folder's fsync, say) must not have the handler's last flush write them again
-            done = sorted(shard, key=lambda x: x[0])
-            shard.clear()
-            name = out / f"part-{run:03d}-{next(seq):06d}.jsonl"
-            try:
-                _write_atomic(name, "".join(line + "\n" for _, line, _ in done).encode("utf-8", "surrogateescape"))
-            except OSError as e:
-                if e.filename is None:
-                    e.filename = str(name)
-                raise _ShardWriteFailed(e) from None
-            for _, _, r in done:
+
+        def kept() -> None:  # the shard is on disk: count its records, and never write them again
+            for _, _, r in shard:
                 count_record(stats, r)
             if progress is not None:
-                progress(len(done))
+                progress(len(shard))
+            shard.clear()
+
+        if shard:
+            shard.sort(key=lambda x: x[0])
+            name = out / f"part-{run:03d}-{next(seq):06d}.jsonl"
+            try:
+                _write_atomic(name, "".join(line + "\n" for _, line, _ in shard).encode("utf-8", "surrogateescape"))
+            except BaseException as e:
+                # a Ctrl-C or SIGTERM (or an error) after the rename, in the folder's fsync: the shard
+                # is there, and the handler's last flush must not write it again; before the rename
+                # its records stay, for that flush
+                if name.exists():
+                    kept()
+                if isinstance(e, OSError):
+                    if e.filename is None:
+                        e.filename = str(name)
+                    raise _ShardWriteFailed(e) from None
+                raise
+            kept()
         t_flush = time.monotonic()
 
     t0 = time.perf_counter()
