@@ -90,6 +90,18 @@ def test_a_setting_the_fitted_model_embodies_changed_after_fit_is_not_saved(fitt
         assert torch.equal(again.decision_function(real[:4]), det.decision_function(real[:4]))
 
 
+def test_a_model_file_from_before_the_batch_size_limit_loads(fitted, tmp_path):
+    """Files written before batch_size was capped at 4096 hold larger ones: a setting of use, taken
+    down to the limit, not a reason to refuse the model."""
+    _, path, real, _ = fitted
+    tensors, meta = artifact.read_model(path)
+    meta["detector_params"]["batch_size"] = 5000
+    artifact.write_model(tmp_path / "big.fsm", tensors, meta)
+    det = FakeSpotter.load(tmp_path / "big.fsm")
+    assert det.batch_size == 4096
+    assert torch.equal(det.decision_function(real[:3]), FakeSpotter.load(path).decision_function(real[:3]))
+
+
 def test_loading_leaves_the_callers_torch_random_stream_where_it_was(fitted):
     """Building a backbone or a classifier draws their random initial weights, which the file's
     replace: a user who seeds torch and then loads a detector gets the stream the seed gives."""

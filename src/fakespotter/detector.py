@@ -41,8 +41,8 @@ from .calibration import ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
-from .features import (FaceRows, _is_chip_batch, as_image_list, check_batch_size, chips as make_chips, features,
-                       prepare_chips, rows_tensor)
+from .features import (MAX_BATCH_SIZE, FaceRows, _is_chip_batch, as_image_list, check_batch_size,
+                       chips as make_chips, features, prepare_chips, rows_tensor)
 from .taps import Tap
 
 __all__ = ["FakeSpotter", "CLASSES", "DEFAULT_MODEL", "default_model_path", "resolve_model",
@@ -621,6 +621,8 @@ class FakeSpotter:
             det.layers = layers
         if isinstance(det.hidden, list):  # JSON has no tuples
             det.hidden = tuple(det.hidden)
+        if _is_int(det.batch_size, 1) and det.batch_size > MAX_BATCH_SIZE:  # (a file from before the limit: a
+            det.batch_size = MAX_BATCH_SIZE                                   # setting of use, not of the model)
         try:
             det._check_params()
         except (ValueError, TypeError) as e:

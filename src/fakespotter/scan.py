@@ -948,7 +948,8 @@ class _Forward:
                 self.batch_size //= 2
                 # the staging buffer too: the memory of the chips no forward will hold goes back (each
                 # forward fills it afresh)
-                self._buf_t = torch.zeros((self.batch_size, *self._buf_t.shape[1:]), dtype=torch.uint8,
+                shape, self._buf, self._buf_t = self._buf_t.shape[1:], None, None  # (the old one freed first)
+                self._buf_t = torch.zeros((self.batch_size, *shape), dtype=torch.uint8,
                                           pin_memory=self.device.type == "cuda")
                 self._buf = self._buf_t.numpy()
                 if self.device.type == "cuda":
