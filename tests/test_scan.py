@@ -656,6 +656,16 @@ def test_walk_is_streaming_sorted_and_survives_symlink_loops(tmp_path):
     got = list(D.iter_images(root))
     assert got == sorted(got) == [root / p for p in ["a.png", "ab/z.gif", "b/c/y.png", "b/x.jpg", "b.png", "l1/e.png"]]
     assert D.list_images(root) == got
+    real_stat = os.stat  # a file system without inode numbers (st_ino 0, as some FUSE ones): folders by path
+
+    def no_inodes(path, *args, **kwargs):
+        st = list(real_stat(path, *args, **kwargs))[:10]
+        st[1] = 0
+        return os.stat_result(st)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(D.os, "stat", no_inodes)
+        assert list(D.iter_images(root)) == got
     assert [e.path for e in D.iter_entries([str(root) + "/"])] == [str(p) for p in got]
 
 

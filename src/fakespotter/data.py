@@ -150,9 +150,12 @@ def _walk(root: str) -> Iterator[Tuple[str, Optional[OSError]]]:
     symlink loop, or two links to one folder) is skipped, and so are macOS AppleDouble files
     (:func:`_is_apple_double`). Folders are known by device and inode (``realpath`` on each
     made a tree of depth d cost d^3 lstat calls: minutes at depth 1,500)."""
+    def key(folder: str) -> Any:  # (by path where the file system gives no inode numbers, as some FUSE ones)
+        st = os.stat(folder)
+        return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(folder)
+
     try:
-        st = os.stat(root)
-        seen = {(st.st_dev, st.st_ino)}
+        seen = {key(root)}
         stack = [iter(_sorted_entries(root))]
     except OSError as e:
         yield root, e
@@ -171,10 +174,10 @@ def _walk(root: str) -> Iterator[Tuple[str, Optional[OSError]]]:
                 yield path, None
             continue
         try:
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) in seen:
+            k = key(path)
+            if k in seen:
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            seen.add(k)
             listing = _sorted_entries(path)
         except OSError as e:
             yield path, e
