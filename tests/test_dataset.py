@@ -438,6 +438,41 @@ def test_cli_check_of_a_hand_made_manifest(small, tmp_path, capsys):
     assert "the manifest lists no files" in capsys.readouterr().err
 
 
+def test_cli_check_finds_rows_edited_so_that_the_counts_still_hold(small, tmp_path, capsys):
+    """Two rows' splits swapped, or a real's and a fake's files swapped (a real chip labelled
+    fake), keep every count and sha256: a build puts each group in its split, each file under
+    its label's folder."""
+    import shutil
+
+    from fakespotter.manifest import write_manifest
+
+    manifest, _ = small
+    copy = tmp_path / "copy"
+    shutil.copytree(manifest.root, copy)
+    rows = list(manifest.rows)
+    i = next(k for k, r in enumerate(rows) if not r.is_fake and r.split == "train")
+    j = next(k for k, r in enumerate(rows) if not r.is_fake and r.split == "test" and not D.is_external(r.group))
+    swapped = list(rows)
+    swapped[i], swapped[j] = (dataclasses.replace(rows[i], split="test"), dataclasses.replace(rows[j], split="train"))
+    write_manifest(swapped, copy)
+    assert main(["data", "check", str(copy)]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["split_mismatches"] == sorted([rows[i].file, rows[j].file], key=[
+        r.file for r in rows].index)
+    assert "2 row(s) are in another split than their group's" in captured.err and "counts differ" not in captured.err
+    f = next(k for k, r in enumerate(rows) if r.is_fake and r.split == "train")
+    swapped = list(rows)
+    swapped[i] = dataclasses.replace(rows[i], file=rows[f].file, sha256=rows[f].sha256)
+    swapped[f] = dataclasses.replace(rows[f], file=rows[i].file, sha256=rows[i].sha256)
+    write_manifest(swapped, copy)
+    assert main(["data", "check", str(copy)]) == 1
+    captured = capsys.readouterr()
+    assert sorted(json.loads(captured.out)["misplaced_files"]) == sorted([rows[i].file, rows[f].file])
+    assert "2 row(s) name a file outside their label's folder" in captured.err
+    write_manifest(rows, copy)
+    assert main(["data", "check", str(copy)]) == 0
+
+
 def test_cli_check_finds_rows_taken_out_and_files_left_over(small, tmp_path, capsys):
     """A row deleted from the manifest (its file still there), or a file added beside the
     chips, passed every sha256 check; build.json's counts and the folders tell."""

@@ -6,12 +6,15 @@
                    OUT/real/..., OUT/fake/<type>/<generator>/..., OUT/build.json and
                    OUT/manifest.csv (last). Needs OpenVINO: pip install 'fakespotter[data]'.
   data check DIR   read DIR/manifest.csv (missing files: error before any work), verify every
-                   file's sha256 and print the counts and the confound report."""
+                   file's sha256, that the counts are build.json's, that no chip file is left
+                   out, that each row is in its group's split and under its label's folder, and
+                   print the counts and the confound report."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import sys
 from collections import Counter
 
@@ -107,8 +110,14 @@ def run_check(args: argparse.Namespace) -> int:
     # of some of its rows, checked by name, is a subset)
     whole = Path(args.manifest).is_dir() or Path(args.manifest).name == MANIFEST_NAME
     unlisted = _unlisted_files(manifest) if whole else []
+    # rows a build never writes (a hand edit that keeps the counts): a split other than its group's,
+    # a file outside its label's folder (real/..., fake/<type>/<generator>/...)
+    wrong_split = [r.file for r in manifest.rows if r.split != dataset.split_of(r.group)] if whole else []
+    misplaced = [r.file for r in manifest.rows if not posixpath.normpath(r.file).startswith(
+        f"fake/{r.fake_type}/{r.generator}/" if r.is_fake else "real/")] if whole else []
     report = {"files": len(manifest), "sha256_mismatches": bad, "unreadable": unreadable,
-              "unlisted_files": unlisted, "counts": count_keys, "confounds": confounds}
+              "unlisted_files": unlisted, "split_mismatches": wrong_split, "misplaced_files": misplaced,
+              "counts": count_keys, "confounds": confounds}
     print(json.dumps(report, indent=2))
     failed = bool(unreadable)
     if len(manifest) == 0:
@@ -120,6 +129,14 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"fakespotter data check: the manifest's counts differ from {dataset.BUILD_JSON}'s (rows removed or "
               f"added?): " + ", ".join(f"{k} {count_keys.get(k, 0)} listed, {built.get(k, 0)} built"
                                        for k in differ[:4]) + (", ..." if len(differ) > 4 else ""), file=sys.stderr)
+        failed = True
+    if wrong_split:
+        print(f"fakespotter data check: {len(wrong_split)} row(s) are in another split than their group's (a build "
+              f"puts a group in one split), e.g. {wrong_split[0]}", file=sys.stderr)
+        failed = True
+    if misplaced:
+        print(f"fakespotter data check: {len(misplaced)} row(s) name a file outside their label's folder (real/..., "
+              f"fake/<type>/<generator>/...), e.g. {misplaced[0]}", file=sys.stderr)
         failed = True
     if unlisted:
         print(f"fakespotter data check: {len(unlisted)} file(s) under real/ and fake/ are not in the manifest, "
