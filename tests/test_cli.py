@@ -256,6 +256,9 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
     assert rc == 0, err
     assert "wrote" in out and "validation AUC" in out
     rep = json.loads(report.read_text())
+    n_val = rep["training"]["counts"]["validation"]["real"]  # (3 of 12: no measure of a 1% FPR)
+    assert err == (f"warning: an FPR of 0.01 cannot be measured on {n_val} validation reals (it takes 100): the "
+                   f"threshold lets none of them through; give more validation reals, or pick it with --target-tpr\n")
     assert rep["training"]["sources"]["fake"][0]["type"] == "noise"
     assert rep["training"]["counts"]["images"] == {"real": 12, "fake": 12}
     assert len(rep["model_sha256"]) == 64 and rep["failures"] == []
@@ -270,7 +273,7 @@ def test_train_info_calibrate_end_to_end(corpus, tmp_path, capsys):
     tpr_model = tmp_path / "tpr.fsm"
     rc, out, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--hidden", "8",
                             "--epochs", "5", "--target-tpr", "0.8", "--out", str(tpr_model), "--quiet"], capsys)
-    assert rc == 0 and "for TPR >= 0.8 on validation fakes" in out, err
+    assert rc == 0 and "for TPR >= 0.8 on validation fakes" in out and "warning" not in err, err
     rc, out, err = run_cli(["info", str(tpr_model)], capsys)
     assert rc == 0 and "for TPR >= 0.8 on validation fakes" in out
     rc, out, err = run_cli(["info", str(model), "--json"], capsys)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -290,6 +291,11 @@ def run(args: argparse.Namespace) -> int:
     op = det.operating_threshold_
     wrote = (f"wrote {plan['out']}: validation AUC {m['validation_auc']:.3f}; operating threshold "
              f"{describe_operating_threshold(op)}; {len(failures)} unreadable images")
+    n_val = summary["counts"]["validation"]["real"]
+    if op.get("target_tpr") is None and n_val * op["target_fpr"] < 1:  # (one false positive is more than it)
+        wrote += (f"\nwarning: an FPR of {op['target_fpr']:g} cannot be measured on {n_val} validation reals (it takes "
+                  f"{math.ceil(1 / op['target_fpr'])}): the threshold lets none of them through; give more validation "
+                  f"reals, or pick it with --target-tpr")
     if plan["report"] is not None:
         from .._atomic import write_atomic
 
@@ -306,6 +312,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _said(wrote: str, failures: List[Dict]) -> None:
-    print(wrote)
+    line, _, warning = wrote.partition("\n")
+    print(line)
     for f in failures[:10]:
         print(f"  unreadable: {f['path']}: {f['error']}", file=sys.stderr)
+    if warning:
+        print(warning, file=sys.stderr)
