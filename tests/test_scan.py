@@ -1324,6 +1324,16 @@ def test_usage_errors_exit_2_before_any_work(corpus, model, tmp_path, capsys):
     assert rc == 0 and len(jsonl(existing)) == 7
 
 
+def test_more_workers_than_cpus_is_warned_about_and_the_scan_goes_on(corpus, model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.modules["fakespotter.scan"], "usable_cpus", lambda: 1)
+    for workers, warned in (("2", True), ("1", False)):
+        out = tmp_path / f"o{workers}.jsonl"
+        rc, _, err = run_cli(["scan", str(corpus / "a"), "--aligned", "--model", str(model), "--workers", workers,
+                              "--out", str(out), "--quiet"], capsys)
+        assert rc == 0 and len(jsonl(out)) == 7, err
+        assert ("warning: --workers 2 is more than the 1 CPU this scan may use" in err) is warned, err
+
+
 def test_worker_crash_loses_no_record(corpus, model, tmp_path):
     """A worker that dies (as in a native decoder crash) costs only its own file a record of
     kind worker_crash; every other input is scanned."""

@@ -134,16 +134,20 @@ def _default_log(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """Decode workers when none is given: the usable CPUs, from 1 to 8. Decoding and face
     detection cost more than the forward (a 12 MP photo: ~2 s against ~10 ms a face), so the
     parent mostly waits: on 2 CPUs, 2 workers scanned 12 MP photos 1.76x as fast as 1, and
     headshots 1.32x (benchmarks/RESULTS.md, "Decode workers")."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(8, usable_cpus()))
 
 
 # ----------------------------------------------------------------------------------------------

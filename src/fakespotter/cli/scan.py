@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
                         "reproducible for a given batch size (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode and face-detection processes, 0 to decode inline (default: the usable CPUs, "
-                        f"from 1 to 8; here {default_workers()}; local engine only)")
+                        f"from 1 to 8; here {default_workers()}; more than the usable CPUs gets a warning; local engine only)")
     p.add_argument("--device", default="cpu",
                    help="where the backbone runs, e.g. cpu, cuda, cuda:1 (default: %(default)s; local engine: Ray "
                         "actors use their GPU when they get one)")
@@ -125,7 +125,7 @@ PART_SECONDS = 60.0
 
 def check(args: argparse.Namespace) -> Dict[str, Any]:
     """Every check that can fail before work starts; returns what the work needs."""
-    from ..scan import default_workers
+    from ..scan import default_workers, usable_cpus
 
     if args.workers is None:
         args.workers = default_workers()
@@ -177,6 +177,11 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
         _check_stats_file(Path(str(out) + ".stats.json"))  # (--resume and --overwrite replace it too)
         _refuse_input_as_output(args.paths, out)
     check_faces(args)
+    cpus = usable_cpus()
+    if args.workers > cpus:  # a warning, not a refusal: files on slow storage may still gain
+        print(f"fakespotter scan: warning: --workers {args.workers} is more than the {cpus} CPU{'s' * (cpus > 1)} "
+              f"this scan may use: the workers share them, each with its own memory, so decoding gets no faster",
+              file=sys.stderr)
     return {"out": out, "fmt": fmt, "mode": mode, "detector": load_detector(args, start_workers=args.workers > 0)}
 
 
