@@ -532,6 +532,34 @@ def test_inputs_without_images_say_so(model, tmp_path, capsys):
         assert rc == 0 and "warning: the inputs hold no image to scan (folders are searched for .apng .avif" in err, err
 
 
+def test_a_file_is_read_without_reserving_the_size_limit(tmp_path):
+    """read_entry read each file with read(MAX_FILE_BYTES + 1), which reserves a GiB: under a
+    memory cap (ulimit -v, as on shared clusters) every file of a scan became an internal_error."""
+    f = tmp_path / "a.png"
+    f.write_bytes(b"x" * 5000)
+    code = ("import resource, sys\n"
+            "from fakespotter import data as D\n"
+            "vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+            "cap = vm * 1024 + (256 << 20)  # a quarter of the size limit above what the process holds\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
+            "print(len(D.read_entry(D.Entry(sys.argv[1], sys.argv[1]))))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "5000\n", proc.stderr
+
+
+def test_a_file_that_grows_while_read_is_read_to_its_end_or_refused_past_the_limit(tmp_path, monkeypatch):
+    f = tmp_path / "a.png"
+    f.write_bytes(bytes(range(256)) * 40)  # 10240 bytes, of which fstat below sees 100
+    real_fstat = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 100, *real_fstat(fd)[7:])))
+    entry = D.Entry(str(f), str(f))
+    assert D.read_entry(entry) == f.read_bytes()
+    monkeypatch.setattr(D, "MAX_FILE_BYTES", 4096)
+    with pytest.raises(D.ImageError, match=r"a\.png: more than 4096 bytes \(it grew while it was read\)") as e:
+        D.read_entry(entry)
+    assert e.value.kind == "too_large"
+
+
 def test_list_lines_are_paths_as_written(tmp_path):
     for name in ("#hash.png", " lead.png", "trail .png", "plain.png"):
         (tmp_path / name).write_bytes(b"x")

@@ -566,7 +566,17 @@ def read_entry(entry: Entry) -> bytes:
         if st.st_size > MAX_FILE_BYTES:
             raise ImageError("too_large", f"{path}: {st.st_size} bytes, more than {MAX_FILE_BYTES}")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(MAX_FILE_BYTES + 1)
+            # its size now and one byte more, to see whether it grows: read(MAX_FILE_BYTES + 1) would
+            # reserve a GiB a file, which fails every file of a scan under a memory cap (ulimit -v)
+            data = f.read(st.st_size + 1)
+            if len(data) <= st.st_size:
+                return data
+            buf = bytearray(data)
+            while len(buf) <= MAX_FILE_BYTES and (more := f.read(min(1 << 20, MAX_FILE_BYTES + 1 - len(buf)))):
+                buf += more
+        if len(buf) > MAX_FILE_BYTES:
+            raise ImageError("too_large", f"{path}: more than {MAX_FILE_BYTES} bytes (it grew while it was read)")
+        return bytes(buf)
     except OSError as e:
         raise _os_error(e, path) from None
     finally:
