@@ -208,11 +208,24 @@ def test_stats_are_on_disk_before_the_first_record(corpus, model, tmp_path, monk
 # out of memory: halve the batch, retry the same chips
 
 
+def raised_while_handling(first: BaseException, then: BaseException) -> BaseException:
+    try:
+        try:
+            raise first
+        except type(first):
+            raise then
+    except type(then) as e:
+        return e
+
+
 OOMS = {
     "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
                                 "memory: you tried to allocate 8589934592 bytes."),
     "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     "python": lambda: MemoryError(),
+    # near a memory cap, torch.fx's report of an error in the traced forward failed to import torch._dynamo
+    "masked": lambda: raised_while_handling(OOMS["cpu"](), ImportError("cannot import name 'NP_SUPPORTED_MODULES' "
+                                                                       "from 'torch._dynamo.utils'")),
 }
 
 
@@ -237,9 +250,10 @@ def test_is_oom():
         assert _is_oom(make())
     assert _is_oom(RuntimeError("CUDA error: out of memory"))
     assert not _is_oom(RuntimeError("shape mismatch")) and not _is_oom(ValueError("out of memory"))
+    assert not _is_oom(raised_while_handling(ValueError("x"), ImportError("y")))
 
 
-@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+@pytest.mark.parametrize("kind", ["cpu", "cuda", "masked"])
 def test_oom_from_the_start_gives_the_records_of_the_smaller_batch(corpus, model, direct2, monkeypatch, kind):
     calls = oom_above(monkeypatch, 2, kind=kind)
     notes = []

@@ -788,11 +788,18 @@ def _stop(ex: ProcessPoolExecutor) -> None:
 # parent side: chips -> rows -> scores -> records
 
 
-def _is_oom(e: BaseException) -> bool:
+def _is_oom(e: Optional[BaseException]) -> bool:
     """An out-of-memory error of any allocator: ``torch.OutOfMemoryError`` (CUDA and others),
     ``MemoryError``, or a RuntimeError whose message says so (the CPU allocator's is
-    "DefaultCPUAllocator: can't allocate memory")."""
+    "DefaultCPUAllocator: can't allocate memory"); or an error raised while handling one (near
+    the memory cap, torch.fx's report of an error in a traced forward fails to import what it
+    needs, and that ImportError hides the allocator's)."""
     import torch
+
+    if e is None:
+        return False
+    if _is_oom(e.__cause__ or e.__context__):
+        return True
 
     kinds = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
                   if isinstance(t, type))
