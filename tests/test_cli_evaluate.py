@@ -80,6 +80,7 @@ def test_evaluate_end_to_end(setup, tmp_path, capsys):
     assert [r["group"] for r in table] == ["all", "dcgan"] and float(table[0]["auc"]) == pytest.approx(row["auc"])
     md = (out / "report.md").read_text()
     assert "| group | class | n_real | n_fake | AUC |" in md and "real: 16 images, 16 scored" in md
+    assert "| ACC@op | TPR@op | FPR@op |" in md and "| ACC@op | TPR@op | FPR@op |" in stdout
     assert "| all | all | 16 | 16 |" in stdout and "| dcgan | fake | 16 | 16 |" in stdout
     for png in ("roc.png", "det.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
@@ -231,6 +232,22 @@ def test_robustness_end_to_end(setup, tmp_path, capsys):
     table = list(csv.DictReader((out / "robustness.csv").open()))
     assert table[1]["attack"] == "resize" and table[1]["level"] == "0.75" and "auc_lo" in table[1]
     assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_robustness_warns_when_an_attack_changes_which_images_have_a_face():
+    from types import SimpleNamespace
+
+    from fakespotter.cli.robustness import _faces_caveat
+
+    labels = np.array([0, 0, 1, 1])
+    faces = {("clean", None): np.array([1, 1, 1, 0]), ("blur", 3): np.array([0, 1, 1, 0]),
+             ("jpeg", 95): np.array([1, 1, 1, 0])}
+    scores = {v: np.where(f > 0, 0.5, np.nan) for v, f in faces.items()}
+    variants = list(faces)
+    (line,) = _faces_caveat(labels, SimpleNamespace(scores=scores, faces=faces), variants)
+    assert line.startswith("images without a face the detector finds (clean: 0 real and 1 fake) after blur 3: "
+                           "1 real and 1 fake:") and "jpeg" not in line
+    assert _faces_caveat(labels, SimpleNamespace(scores=scores, faces=faces), variants[::2]) == []
 
 
 @pytest.mark.parametrize("cmd", ["evaluate", "robustness"])

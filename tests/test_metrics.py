@@ -245,6 +245,7 @@ def test_writers(tmp_path):
     lines = md.splitlines()
     assert lines[0] == "# T" and "| group | class | n_real | n_fake | AUC | AP | EER | ACC |" in md
     assert "TPR@1%FPR" in md and "ACC@op" in md and "- a note" in md
+    assert "| ACC@op | TPR@op | FPR@op |" in md  # ACC@op alone follows the row's share of fakes
     head = next(l for l in lines if l.startswith("| group"))
     body = [l for l in lines if l.startswith("| ") and l is not head and not l.startswith("| group")]
     assert len(body) == 5 and all(l.count("|") == head.count("|") for l in body)

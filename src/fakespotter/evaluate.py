@@ -491,8 +491,7 @@ def to_markdown(report: Mapping[str, Any], columns: Optional[Sequence[str]] = No
     intervals."""
     rows = report["rows"]
     labels = _labels(report)
-    cols = list(columns) if columns is not None else [k for k in _columns(rows, labels)
-                                                      if k not in ("tpr_operating", "fpr_operating")]
+    cols = list(columns) if columns is not None else _columns(rows, labels)
     counts = [k for k in rows[0] if k.startswith("n_")] if rows else []
     head = [*labels, *counts, *(_heading(k) for k in cols)]
 

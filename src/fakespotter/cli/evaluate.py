@@ -12,7 +12,9 @@ evaluated images have the bytes of images it was trained or validated on (the fi
 file keeps). Rows: all images, then each fake type against all reals, then
 (with a manifest) each generator against all reals, then each real source against all fakes
 (when there are several). Scores are logits of "fake"; ACC / precision / recall / F1 use
---threshold, ACC@op each detector's operating threshold (the model's stored one).
+--threshold; ACC@op, TPR@op (fakes caught) and FPR@op (reals flagged) each detector's operating
+threshold (the model's stored one). ACC@op and AP mostly follow a row's share of fakes (AP's chance
+level is that share): compare rows by AUC, TPR@op and FPR@op.
 
 --baselines trains other detectors on the manifest's train split (validation: its val split,
 or a held-out part of train) or on --train-real / --train-fake folders, and reports them side
@@ -391,9 +393,8 @@ def side_by_side_markdown(report: Dict[str, Any], columns: Optional[Sequence[str
     order: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in report["rows"]:
         order.setdefault(tuple(r[c] for c in labels), []).append(r)
-    if columns is None:
-        columns = [k for k in ev._columns(report["rows"], report["label_columns"])
-                   if k not in ("tpr_operating", "fpr_operating")]
+    if columns is None:  # (TPR@op and FPR@op too: ACC@op alone mostly follows a row's share of fakes)
+        columns = ev._columns(report["rows"], report["label_columns"])
     parts = []
     for key, rows in order.items():
         d = dict(zip(labels, key))

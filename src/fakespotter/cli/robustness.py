@@ -6,8 +6,10 @@ robustness.md and robustness.png (AUC and ACC@op against the level, one panel pe
 
 Levels (weakest first): jpeg quality 95 75 50 30; blur sigma 0.5 1 2 3 px; resize factor
 0.75 0.5 0.25 (down, then back up); noise sigma 0.01 0.03 0.05 0.1 of the 0..255 range. The
-attack is applied to the decoded image before face detection (so an attack can also lose
-faces: counted per level), or to the chip with --aligned. Noise is seeded per image from
+attack is applied to the decoded image before face detection, so its level is in that image's
+pixels (a face in a larger photo is attacked less, in chip pixels) and an attack can lose faces
+(counted per level: its row then covers fewer images); or to the 150 px chip with --aligned and
+a manifest's chips. Noise is seeded per image from
 --seed and the image's position among those evaluated (an image added or removed changes the
 noise of those after it). The row "clean" is the unattacked baseline.
 
@@ -87,6 +89,22 @@ def _rows(labels: np.ndarray, scored: Any, variants: List[Tuple[str, Any]], op: 
     return rows
 
 
+def _faces_caveat(labels: np.ndarray, scored: Any, variants: List[Tuple[str, Any]]) -> List[str]:
+    """A line naming the attacks after which faces are found in other images than in the clean
+    ones (most often fewer): their rows then cover other images than the clean row."""
+    def without(v: Tuple[str, Any]) -> Tuple[int, int]:
+        c = counts(labels, scored.scores[v], scored.faces[v])
+        return c["real"]["without_face"], c["fake"]["without_face"]
+
+    clean = without(variants[0])
+    parts = [f"{attack} {level}: {r} real and {f} fake" for attack, level in variants[1:]
+             for r, f in [without((attack, level))] if (r, f) != clean]
+    if not parts:
+        return []
+    return [f"images without a face the detector finds (clean: {clean[0]} real and {clean[1]} fake) after "
+            f"{'; '.join(parts)}: those rows leave out other images than the clean row"]
+
+
 def _pivot(rows: List[Dict[str, Any]], names: List[str], metric: str) -> str:
     """A Markdown table: a line per (attack, level), a column per detector."""
     table: Dict[tuple, Dict[str, Any]] = {}
@@ -130,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     first = scored[MODEL_NAME]
     clean_counts = counts(labels, first.scores[("clean", None)], first.faces[("clean", None)])
     require_both_classes(clean_counts, det.aligned, labels, first.errors)
-    caveats = seen_in_training(plan, det) + no_face_caveat(clean_counts) + bootstrap_caveat(args.bootstrap)
+    caveats = (seen_in_training(plan, det) + no_face_caveat(clean_counts) + _faces_caveat(labels, first, variants)
+               + bootstrap_caveat(args.bootstrap))
     for line in caveats:
         print(f"warning: {line}", file=sys.stderr)
     op = float(det.operating_threshold_["logit"])
