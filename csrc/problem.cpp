@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <utility>
 
 namespace fakespotter {
 
@@ -105,6 +106,30 @@ PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Te
   prepared.problem.thresholds = prepared.thresholds.const_data_ptr<float>();
   prepared.problem.x = x.const_data_ptr();
   return prepared;
+}
+
+namespace {
+
+// The bytes [first, end) that a tensor's elements span (strides are never negative); none when
+// it is empty.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  if (t.numel() == 0) return {0, 0};
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))};
+}
+
+}  // namespace
+
+void check_no_alias(std::string_view op, const at::Tensor& out, const at::Tensor& x,
+                    const at::Tensor& thresholds) {
+  const auto [o0, o1] = byte_span(out);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"x", &x}, {"thresholds", &thresholds}}) {
+    const auto [b0, b1] = byte_span(*t);
+    TORCH_CHECK_VALUE(!(o0 < b1 && b0 < o1), op, ": out shares memory with ", name,
+                      ", which would be read after being written over; give out memory of its own");
+  }
 }
 
 void bind_out(std::string_view op, PackProblem& p, const at::Tensor& x, const at::Tensor& out,

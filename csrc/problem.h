@@ -30,6 +30,11 @@ PreparedPack prepare_pack(std::string_view op, const at::Tensor& x, const at::Te
 void bind_out(std::string_view op, PackProblem& problem, const at::Tensor& x, const at::Tensor& out,
               int64_t word_offset);
 
+// threshold_pack_into: refuses an `out` whose memory overlaps that of x or thresholds, which the
+// kernels would read after writing over them.
+void check_no_alias(std::string_view op, const at::Tensor& out, const at::Tensor& x,
+                    const at::Tensor& thresholds);
+
 // Checks packed rows and a word range [word_offset, word_offset + num_words).
 void check_packed(std::string_view op, const at::Tensor& packed, int64_t word_offset,
                   int64_t num_words);

@@ -129,6 +129,48 @@ def test_threshold_pack_into_refuses_rows_that_overlap(impl):
 
 
 @pytest.mark.parametrize("impl", ["native", "twin"])
+def test_threshold_pack_into_refuses_an_out_that_shares_memory_with_its_inputs(impl):
+    """x (or thresholds) a view of out's memory: the kernels wrote word 0 over floats they read
+    for word 1 afterwards, and returned wrong bits without a word."""
+    fn = OPS.threshold_pack_into if impl == "native" else ref.threshold_pack_into
+    out = torch.zeros(1, 64, dtype=torch.int64)
+    x = out.view(torch.float32)[:, :128]
+    x.copy_(torch.randn(1, 128))
+    thr = torch.zeros(1, 4, dtype=torch.int64).view(torch.float32)[0, 2:3]  # (0.0)
+    before = out.clone()
+    with pytest.raises(ValueError, match=r"threshold_pack_into: out shares memory with x, which would be read after "
+                                         r"being written over; give out memory of its own"):
+        fn(x, t1, "element", out, 32)
+    tail = torch.zeros(1, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"out shares memory with thresholds"):
+        fn(torch.randn(1, 128), tail.view(torch.float32)[0, 6:7], "element", tail, 0)
+    assert torch.equal(out, before) and not tail.any()
+    # views of one buffer that do not overlap are fine: x after out's words
+    buf = torch.zeros(1, 66, dtype=torch.int64)
+    x = buf.view(torch.float32)[:, 4:]
+    x.copy_(torch.randn(1, 128))
+    fn(x, thr, "element", buf[:, :2], 0)
+    assert torch.equal(buf[:, :2], ref.threshold_pack(x.clone(), t1, "element"))
+
+
+def test_the_twins_name_every_dtype_as_the_native_ops_do():
+    names = ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "int16", "int8", "bool")
+    for dtype in [getattr(torch, n) for n in names if hasattr(torch, n)]:
+        x = torch.zeros(2, 3, dtype=dtype)
+        with pytest.raises(ValueError) as native:
+            OPS.threshold_pack(x, t1, "element")
+        with pytest.raises(ValueError) as twin:
+            ref.threshold_pack(x, t1, "element")
+        assert str(native.value).splitlines()[0] == str(twin.value), dtype
+        out = torch.zeros(2, 1, dtype=dtype)
+        with pytest.raises(ValueError) as native:
+            OPS.threshold_pack_into(torch.zeros(2, 3), t1, "element", out, 0)
+        with pytest.raises(ValueError) as twin:
+            ref.threshold_pack_into(torch.zeros(2, 3), t1, "element", out, 0)
+        assert str(native.value).splitlines()[0] == str(twin.value), dtype
+
+
+@pytest.mark.parametrize("impl", ["native", "twin"])
 @pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
 def test_packed_errors(impl, case):
     _, call, match = case

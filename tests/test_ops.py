@@ -302,6 +302,10 @@ def test_python_wrappers_take_thresholds_as_floats_lists_and_arrays():
     with pytest.raises(TypeError, match=r"threshold_pack: thresholds must be a float, or a float32 tensor / "
                                         r"array / list of floats, got dict"):
         fakespotter.threshold_pack(x, {"a": 1.0})
+    # not parsed nor taken as NaN (np.asarray(None, np.float32) is NaN: a threshold never set gave all-zero rows)
+    for bad in (None, [None] * 8, "0.1", ["0.1"] * 8, 10**400, [10**400] * 8):
+        with pytest.raises(TypeError, match=rf"thresholds must be a float, .* got {type(bad).__name__}"):
+            fakespotter.threshold_pack(x, bad)
     with pytest.raises(ValueError, match="threshold_pack"):  # the op's own check of the length
         fakespotter.threshold_pack(x, [0.0] * 7)
 

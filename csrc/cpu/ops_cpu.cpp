@@ -51,6 +51,7 @@ void threshold_pack_into(const at::Tensor& x, const at::Tensor& thresholds,
                          c10::string_view granularity, const at::Tensor& out, int64_t word_offset) {
   PreparedPack prepared = prepare_pack("threshold_pack_into", x, thresholds, granularity);
   bind_out("threshold_pack_into", prepared.problem, x, out, word_offset);
+  check_no_alias("threshold_pack_into", out, x, thresholds);
   run_pack(prepared.problem);
 }
 

@@ -39,6 +39,7 @@ void threshold_pack_into(const at::Tensor& x, const at::Tensor& thresholds,
   const c10::cuda::CUDAGuard guard(x.device());
   PreparedPack prepared = prepare_pack("threshold_pack_into", x, thresholds, granularity);
   bind_out("threshold_pack_into", prepared.problem, x, out, word_offset);
+  check_no_alias("threshold_pack_into", out, x, thresholds);
   launch(prepared.problem, x);
 }
 

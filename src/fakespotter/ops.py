@@ -37,11 +37,15 @@ def _as_thresholds(thresholds, x: torch.Tensor, op: str) -> torch.Tensor:
     """A tensor as given (the op checks it); a float, or a list or numpy array of floats, as float32."""
     if isinstance(thresholds, torch.Tensor):
         return thresholds
-    if isinstance(thresholds, numbers.Real):
-        return torch.tensor([float(thresholds)], dtype=torch.float32, device=x.device)
     try:
-        values = np.asarray(thresholds, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
+        if isinstance(thresholds, numbers.Real):
+            return torch.tensor([float(thresholds)], dtype=torch.float32, device=x.device)
+        values = np.asarray(thresholds)
+        # (None, strings and the like are refused, not parsed: np.asarray(None, np.float32) is NaN, which sets no bit)
+        if values.dtype.kind not in "fiu":
+            raise TypeError
+        values = values.astype(np.float32).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"{op}: thresholds must be a float, or a float32 tensor / array / list of floats, "
                         f"got {type(thresholds).__name__}") from None
     return torch.from_numpy(values).to(x.device)

@@ -14,6 +14,8 @@ channel-mean summation order are those stated in ``csrc/bitpack.h``:
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 __all__ = [
@@ -44,6 +46,12 @@ _DTYPE_NAMES = {
     torch.bool: "Bool",
     torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
+    # (as c10 prints them; getattr: not every torch has them all)
+    **{getattr(torch, name): c10 for name, c10 in (
+        ("uint16", "UInt16"), ("uint32", "UInt32"), ("uint64", "UInt64"), ("complex32", "ComplexHalf"),
+        ("float8_e4m3fn", "Float8_e4m3fn"), ("float8_e5m2", "Float8_e5m2"), ("float8_e4m3fnuz", "Float8_e4m3fnuz"),
+        ("float8_e5m2fnuz", "Float8_e5m2fnuz"), ("float8_e8m0fnu", "Float8_e8m0fnu"), ("qint8", "QInt8"),
+        ("quint8", "QUInt8"), ("qint32", "QInt32")) if hasattr(torch, name)},
 }
 
 
@@ -197,7 +205,27 @@ def threshold_pack_into(
     """Twin of ``torch.ops.fakespotter.threshold_pack_into``: writes the layer's words in place."""
     features = check_pack_args("threshold_pack_into", x, thresholds, granularity)
     words = check_out_args("threshold_pack_into", x, features, out, word_offset)
+    check_no_alias("threshold_pack_into", out, x, thresholds)
     out[:, word_offset : word_offset + words] = pack_bits(_layer_bits(x, thresholds, granularity))
+
+
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """The bytes [first, end) that ``t``'s elements span (none when it is empty)."""
+    if t.numel() == 0:
+        return 0, 0
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def check_no_alias(op: str, out: torch.Tensor, x: torch.Tensor, thresholds: torch.Tensor) -> None:
+    """threshold_pack_into: an ``out`` whose memory overlaps that of x or thresholds is refused
+    (the kernels would read them after writing over them)."""
+    o0, o1 = _byte_span(out)
+    for name, t in (("x", x), ("thresholds", thresholds)):
+        b0, b1 = _byte_span(t)
+        if o0 < b1 and b0 < o1:
+            raise ValueError(f"{op}: out shares memory with {name}, which would be read after being written over; "
+                             f"give out memory of its own")
 
 
 def unpack_bits(packed: torch.Tensor, word_offset: int, num_features: int) -> torch.Tensor:
