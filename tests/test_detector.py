@@ -340,6 +340,38 @@ def test_refuses_missing_and_misshaped_tensors(fitted, tmp_path):
         FakeSpotter.load(bad)
 
 
+
+def _nan_at(name, value):
+    def edit(t):
+        t[name] = t[name].clone()
+        t[name].view(-1)[0] = value
+    return edit
+
+
+MANGLED = [
+    # non-finite classifier values loaded, and every score came out NaN or infinite
+    ("nan-bias", _nan_at("classifier.0.bias", float("nan")), None, r"classifier tensor 0.bias holds NaN or infinite"),
+    ("inf-out", _nan_at("classifier.3.weight", float("inf")), None, r"classifier tensor 3.weight holds NaN or infinite"),
+    # widths from the file: a negative one reached torch, a huge one its allocator
+    ("hidden-negative", None, lambda m: m["classifier"]["params"].update(hidden=[-1]), r"hidden must be a list of layer widths >= 1, got \(-1,\)"),
+    ("hidden-huge", None, lambda m: m["classifier"]["params"].update(hidden=[2**40]), r"classifier tensor 0.weight has shape \[8, \d+\] .*expected \[1099511627776,"),
+    ("hidden-contradicts", None, lambda m: m["detector_params"].update(hidden=[9]), r"detector_params \(classifier 'mlp', hidden \[9\]\) contradict the classifier stored \('mlp', hidden \[8\]\)"),
+    ("dropout-string", None, lambda m: m["classifier"]["params"].update(dropout="x"), r"dropout must be a number in \[0, 1\), got 'x'"),
+    ("backbone-string", None, lambda m: m.update(backbone="dlib_resnet_v1"), r"metadata lacks or mangles a required field .*backbone and training must be mappings"),
+    ("training-count", None, lambda m: m["training"].update(thresholds_images="many"), r"training.thresholds_images must be a count, got 'many'"),
+    ("mode", None, lambda m: m.update(threshold_mode="median"), r"threshold_mode must be one of \('per_layer', 'per_neuron'\), got 'median'"),
+    ("layers-string", None, lambda m: m.update(layers="relu1"), r"layers must be a list of names, got 'relu1'"),
+    ("logit-bool", None, lambda m: m["operating_threshold"].update(logit=True), r"logit must be a finite number, got True"),
+]
+
+
+@pytest.mark.parametrize("name, tensors, meta, message", MANGLED, ids=[c[0] for c in MANGLED])
+def test_refuses_mangled_metadata_and_classifier_values_naming_the_file(fitted, tmp_path, name, tensors, meta, message):
+    bad = _resave(fitted, tmp_path, f"{name}.fsm", tensors=tensors, meta=meta)
+    with pytest.raises(artifact.ModelFileError, match=rf"{name}.fsm: .*{message}"):
+        FakeSpotter.load(bad)
+
+
 def test_refuses_an_unknown_classifier_and_bad_detector_params(fitted, tmp_path):
     """Both are a ModelFileError naming the file (what callers catch), not a KeyError from deeper
     down, nor a model that loads and is refused only when it is saved again."""

@@ -86,12 +86,12 @@ def load_file(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str
             raise fail(f"header length {n} does not fit in the file of {size} bytes")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise fail(f"header is not JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (ValueError: also a number of 5000 digits)
+            raise fail(f"header is not JSON that can be read ({type(e).__name__}: {str(e)[:200]})") from None
         if not isinstance(header, dict):
             raise fail("header is not a JSON object")
         body = memoryview(f.read())
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -101,14 +101,17 @@ def load_file(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str
     for name, info in header.items():
         try:
             dtype = _BY_NAME[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise fail(f"tensor {name!r}: bad entry {info!r}") from None
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                    and all(type(v) is int for v in shape + offsets)):  # (not bools, floats, strings)
+                raise TypeError
+            begin, end = offsets
+        except (KeyError, TypeError):
+            raise fail(f"tensor {name!r}: bad entry {str(info)[:200]}") from None
         numel = 1
         for s in shape:
-            if s < 0:
-                raise fail(f"tensor {name!r}: negative dimension in {shape}")
+            if not 0 <= s < 2**62:
+                raise fail(f"tensor {name!r}: dimension out of range in {str(shape)[:200]}")
             numel *= s
         itemsize = torch.empty((), dtype=dtype).element_size()
         if not 0 <= begin <= end <= len(body) or end - begin != numel * itemsize:

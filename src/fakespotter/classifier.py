@@ -305,17 +305,31 @@ class BitsetMLPClassifier:
     @classmethod
     def from_state_tensors(cls, params: dict, tensors: dict, words: int) -> "BitsetMLPClassifier":
         est = cls(**params)
-        with torch.random.fork_rng(devices=[]):  # (random init, replaced: the caller's torch stream stays put)
-            net = est._build(words * WORD_BITS)
+        hidden = est.hidden
+        if not isinstance(hidden, (tuple, list)) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                                                            for h in hidden):
+            raise ValueError(f"classifier parameter hidden must be a list of layer widths >= 1, got {hidden!r}")
+        if not (isinstance(est.dropout, (int, float)) and not isinstance(est.dropout, bool) and 0 <= est.dropout < 1):
+            raise ValueError(f"classifier parameter dropout must be a number in [0, 1), got {est.dropout!r}")
+        # the shapes _build gives (Linear, ReLU, Dropout per hidden layer, then the output Linear), checked
+        # before anything is built: the widths come from the file, and a mangled one could ask for terabytes
+        widths = [words * WORD_BITS, *hidden, 1]
+        expected = {}
+        for i, (w_in, w_out) in enumerate(zip(widths, widths[1:])):
+            expected[f"{3 * i}.weight"], expected[f"{3 * i}.bias"] = (w_out, w_in), (w_out,)
         state = {k[len("classifier."):]: v for k, v in tensors.items() if k.startswith("classifier.")}
-        expected = net.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(f"classifier tensors do not match its parameters: missing {missing}, unexpected {unexpected}")
-        for k, v in expected.items():
-            if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
-                raise ValueError(f"classifier tensor {k} has shape {list(state[k].shape)} ({state[k].dtype}), expected {list(v.shape)} ({v.dtype})")
+        for k, shape in expected.items():
+            if tuple(state[k].shape) != shape or state[k].dtype != torch.float32:
+                raise ValueError(f"classifier tensor {k} has shape {list(state[k].shape)} ({state[k].dtype}), expected "
+                                 f"{list(shape)} ({torch.float32})")
+            if not bool(torch.isfinite(state[k]).all()):
+                raise ValueError(f"classifier tensor {k} holds NaN or infinite values")
+        with torch.random.fork_rng(devices=[]):  # (random init, replaced: the caller's torch stream stays put)
+            net = est._build(words * WORD_BITS)
         net.load_state_dict(state)
         net.eval()
         est.classes_ = np.array([0, 1])

@@ -37,7 +37,7 @@ import torch
 
 from . import artifact
 from .backbones import DEFAULT_BACKBONE, get_backbone, list_backbones
-from .calibration import ThresholdCalibrator, Thresholds
+from .calibration import MODES as THRESHOLD_MODES, ThresholdCalibrator, Thresholds
 from .classifier import BitsetLogisticClassifier, BitsetMLPClassifier, NotFittedError
 from .evaluate import roc_auc
 from .faces import DETECT_PIXELS, WEAK_FACE_SCORE, check_detect_pixels, check_weak_face_score
@@ -238,7 +238,7 @@ class FakeSpotter:
         for name, low in (("max_epochs", 1), ("seed", 0), ("upsample", 0)):
             if not _is_int(getattr(self, name), low):
                 raise ValueError(f"FakeSpotter: {name} must be an int >= {low}, got {getattr(self, name)!r}")
-        if self.threshold_mode not in ("per_layer", "per_neuron"):
+        if self.threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"FakeSpotter: threshold_mode must be 'per_layer' or 'per_neuron', got {self.threshold_mode!r}")
         from .scan import check_device
 
@@ -560,17 +560,26 @@ class FakeSpotter:
         tensors, meta = artifact.read_model(path)
         try:
             bmeta = meta["backbone"]
-            layers = [str(n) for n in meta["layers"]]
+            layers = meta["layers"]
+            if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+                raise ValueError(f"layers must be a list of names, got {layers!r}"[:200])
             granularity = meta["granularity"]
             mode = meta["threshold_mode"]
+            if mode not in THRESHOLD_MODES:
+                raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {mode!r}")
             ctype = meta["classifier"]["type"]
             cparams = dict(meta["classifier"]["params"])
             op = dict(meta["operating_threshold"])
             params = dict(meta["detector_params"])
             words = int(meta["row_words"])
             training = meta.get("training") or {}
-            if not math.isfinite(float(op["logit"])) or not isinstance(training, dict):
-                raise ValueError("a non-finite operating threshold, or training metadata that is no mapping")
+            if not math.isfinite(float(op["logit"])) or isinstance(op["logit"], bool):
+                raise ValueError(f"the operating threshold's logit must be a finite number, got {op['logit']!r}")
+            if not isinstance(training, dict) or not isinstance(bmeta, dict):
+                raise ValueError("backbone and training must be mappings")
+            n_thresholds_images = training.get("thresholds_images", 0)
+            if not _is_int(n_thresholds_images, 0):
+                raise ValueError(f"training.thresholds_images must be a count, got {n_thresholds_images!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise artifact.ModelFileError(f"{path}: metadata lacks or mangles a required field ({e!r})") from None
         if ctype not in _CLASSIFIERS:
@@ -645,13 +654,18 @@ class FakeSpotter:
             values.append(t)
         thresholds = Thresholds(backbone_id=bb.id, weights_sha256=bb.weights_sha256, layers=tuple(layers),
                                 granularity=granularity, mode=mode,
-                                n_images=int(training.get("thresholds_images", 0)), values=tuple(values))
+                                n_images=n_thresholds_images, values=tuple(values))
         tap.set_thresholds(thresholds)
         try:
             clf = _CLASSIFIERS[ctype].from_state_tensors(
                 {k: (tuple(v) if isinstance(v, list) else v) for k, v in cparams.items()}, tensors, words)
         except (ValueError, TypeError) as e:
             raise artifact.ModelFileError(f"{path}: {e}") from None
+        made = det._make_classifier()  # what the detector's settings give: a refit, and save, use them
+        if type(made) is not type(clf) or getattr(made, "hidden", ()) != clf.hidden:
+            raise artifact.ModelFileError(f"{path}: detector_params (classifier {det.classifier!r}, hidden "
+                                          f"{list(det.hidden)}) contradict the classifier stored ({ctype!r}, hidden "
+                                          f"{list(clf.hidden)})")
         det.tap_ = tap
         det.thresholds_ = thresholds
         det.classifier_ = clf
