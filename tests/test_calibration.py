@@ -246,6 +246,12 @@ def test_save_load_roundtrip(tmp_path):
         tap.set_thresholds(u)
         assert tap.threshold_mode == mode
     assert b"pickle" not in path.read_bytes()[:8]
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match=r"per_neuron.safetensors already exists; pass overwrite=True"):
+        cal.to_thresholds("per_layer").save(path)
+    assert path.read_bytes() == before
+    cal.to_thresholds("per_layer").save(path, overwrite=True)
+    assert Thresholds.load(path).mode == "per_layer"
 
 
 def test_file_is_standard_safetensors(tmp_path):
@@ -335,7 +341,7 @@ def test_saved_files_get_the_mode_the_umask_gives(tmp_path):
         t.save(path)
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
         os.umask(0o002)
-        t.save(path)  # replaced: the new file's mode
+        t.save(path, overwrite=True)  # replaced: the new file's mode
         assert stat.S_IMODE(path.stat().st_mode) == 0o664
     finally:
         os.umask(old)

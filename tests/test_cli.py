@@ -351,6 +351,61 @@ def test_train_says_the_model_was_written_when_its_report_could_not_be(corpus, t
     assert (tmp_path / "m.fsm").is_file() and report.read_text() == "{}"
 
 
+def test_outputs_that_appear_while_a_command_runs_are_kept(corpus, tmp_path, capsys, monkeypatch):
+    """Outputs are checked at the start; calibrate's thresholds and train's report were then
+    renamed over a file made meanwhile (by another run, say) without --overwrite."""
+    from fakespotter.calibration import ThresholdCalibrator
+    from fakespotter.detector import FakeSpotter
+
+    real, fake = corpus
+    out, model, report = tmp_path / "t.safetensors", tmp_path / "m.fsm", tmp_path / "r.json"
+
+    def making(cls, name, *paths):
+        real_method = getattr(cls, name)
+
+        def method(self, *a, **k):
+            for p in paths:
+                p.write_text("someone else's")
+            return real_method(self, *a, **k)
+        monkeypatch.setattr(cls, name, method)
+
+    making(ThresholdCalibrator, "partial_fit", out)
+    rc, _, err = run_cli(["calibrate", str(real), "--aligned", "--out", str(out)], capsys)
+    assert rc == 2 and f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it; the " \
+                       f"thresholds were not written" in err, err
+    making(FakeSpotter, "fit", report)
+    rc, stdout, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--hidden", "4",
+                               "--epochs", "2", "--out", str(model), "--report", str(report), "--quiet"], capsys)
+    assert rc == 3 and stdout.startswith(f"wrote {model}: ") and err.strip().splitlines()[-1] == (
+        f"fakespotter train: error: cannot write the report {report}: {report} already exists (it appeared while "
+        f"this was being written); it was kept"), err
+    model.unlink()
+    making(FakeSpotter, "fit", model)
+    rc, _, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--hidden", "4",
+                          "--epochs", "2", "--out", str(model), "--quiet"], capsys)
+    assert rc == 2 and "already exists" in err and "the trained model was not written" in err, err
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: "someone else's" for n in ("t.safetensors",
+                                                                                                  "m.fsm", "r.json")}
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_write_atomic_without_replace_keeps_what_is_there(tmp_path, monkeypatch, links):
+    from fakespotter._atomic import write_atomic
+
+    if not links:  # (a file system without them: a check, then a rename)
+        def no_link(*a, **k):
+            raise PermissionError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    path = tmp_path / "o.json"
+    write_atomic(path, "new\n", replace=False)
+    with pytest.raises(FileExistsError, match=r"o.json already exists \(it appeared while this was being written\)"):
+        write_atomic(path, "newer\n", replace=False)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError):
+        write_atomic(tmp_path / "dangling", "x", replace=False)
+    assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "o.json"]
+
+
 def test_train_keeps_byte_identical_copies_on_one_side_and_counts_images(corpus, tmp_path, capsys, monkeypatch):
     """Copies inside a class share a group, so the hold-out never validates on a training
     image's copy; the report counts images (and images without a face) as given."""

@@ -43,8 +43,9 @@ class SafetensorsError(ValueError):
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
-              metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write ``tensors`` (CPU copies are taken) and string ``metadata`` atomically to ``path``."""
+              metadata: Optional[Mapping[str, str]] = None, replace: bool = True) -> None:
+    """Write ``tensors`` (CPU copies are taken) and string ``metadata`` atomically to ``path``
+    (``replace=False``: keep a file there, FileExistsError; see :func:`write_atomic`)."""
     path = Path(path)
     header: Dict[str, object] = {}
     if metadata:
@@ -66,7 +67,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * ((-len(head)) % 8)
-    write_atomic(path, b"".join([struct.pack("<Q", len(head)), head, *blobs]))
+    write_atomic(path, b"".join([struct.pack("<Q", len(head)), head, *blobs]), replace=replace)
 
 
 def load_file(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

@@ -73,7 +73,11 @@ def write_model(path: Union[str, Path], tensors: Mapping[str, torch.Tensor], met
     meta_json = json.dumps(full, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"fakespotter": meta_json, "content_sha256": content_digest(meta_json, tensors)}
-    save_file(tensors, path, metadata)
+    try:
+        save_file(tensors, path, metadata, replace=overwrite)
+    except FileExistsError:  # made while this one was being written
+        raise FileExistsError(f"{path} already exists (it appeared while the model was being written); pass "
+                              f"overwrite=True (CLI: --overwrite) to replace it") from None
     return path
 
 

@@ -25,6 +25,7 @@ Batch-size independence, exactly:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -87,8 +88,9 @@ class Thresholds:
         if len(self.values) != len(self.layers):
             raise ValueError(f"Thresholds: {len(self.layers)} layers but {len(self.values)} values")
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Write a safetensors file (tensors ``threshold.<layer>``, the rest as metadata)."""
+    def save(self, path: Union[str, Path], overwrite: bool = False) -> None:
+        """Write a safetensors file (tensors ``threshold.<layer>``, the rest as metadata),
+        atomically; an existing file is kept (FileExistsError) unless ``overwrite=True``."""
         from ._safetensors import save_file
 
         meta = {
@@ -101,8 +103,10 @@ class Thresholds:
             "mode": self.mode,
             "n_images": str(self.n_images),
         }
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
         save_file({f"threshold.{n}": v.to(torch.float32).reshape(-1)
-                   for n, v in zip(self.layers, self.values)}, path, meta)
+                   for n, v in zip(self.layers, self.values)}, path, meta, replace=overwrite)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Thresholds":

@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
     if not hasattr(calibrator, "thresholds_"):
         raise no_chips_error("image", len(paths), len(paths) - len(failures), args.aligned, failures)
-    calibrator.thresholds_.save(out)  # written to a temporary file, then renamed over any old one
+    try:  # (written to a temporary file, then renamed into place)
+        calibrator.thresholds_.save(out, overwrite=args.overwrite)
+    except FileExistsError as e:  # made by someone else while this one calibrated
+        raise usage_error(f"{e}; the thresholds were not written") from None
     print(f"wrote {out}: {args.threshold_mode} thresholds of {len(tap.layers)} layers from "
           f"{calibrator.n_images_} face chips ({len(failures)} unreadable images)")
     return 1 if failures else 0

@@ -300,9 +300,10 @@ def run(args: argparse.Namespace) -> int:
         from .._atomic import write_atomic
 
         try:
-            write_atomic(plan["report"], json.dumps(report, indent=2) + "\n")
+            write_atomic(plan["report"], json.dumps(report, indent=2) + "\n", replace=args.overwrite)
         except OSError as e:  # the model is written: say so, and that a report there is an older one
-            older = " (the file there is an earlier report, not this model's)" if Path(plan["report"]).exists() else ""
+            older = (" (the file there is an earlier report, not this model's)"
+                     if Path(plan["report"]).exists() and not isinstance(e, FileExistsError) else "")
             _said(wrote, failures)
             print(f"fakespotter train: error: cannot write the report {plan['report']}: {e.strerror or e}{older}",
                   file=sys.stderr)
