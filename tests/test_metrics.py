@@ -414,6 +414,20 @@ def test_defaults_of_the_reports():
     assert (p["n"].default, p["seed"].default, p["level"].default) == (1000, 0, 0.95)
 
 
+def test_groups_that_would_share_a_row_name_are_refused():
+    """Groups become row names (str): 1 and "1", or None and "None", were merged into one row."""
+    s, y = np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])
+    for a, b in ((1, "1"), (None, "None"), (True, "True")):
+        with pytest.raises(ValueError, match=rf"evaluate: groups: {a!r} and {b!r} are different groups with one name"):
+            ev.evaluate(s, y, groups=["r", "r", a, b], bootstrap=0)
+        with pytest.raises(ValueError, match=rf"evaluate_by: grouping 'gen': {a!r} and {b!r} are different groups"):
+            ev.evaluate_by(s, y, [("gen", ["r", "r", a, b], "fake")], bootstrap=0)
+    same = [("x", np.str_("x")), (1, np.int64(1)), (float("nan"), float("nan"))]
+    for a, b in same:  # one group, spelled two ways
+        rows = ev.evaluate(s, y, groups=["r", "r", a, b], bootstrap=0)["rows"]
+        assert [r["group"] for r in rows] == ["all", str(a)] and rows[1]["n_fake"] == 2
+
+
 def test_evaluate_by_rows_for_single_label_groupings():
     """A fake grouping gets a row per label, even a single one; a real grouping only when the
     reals carry more than one label (else its row would repeat the ``all`` row)."""

@@ -293,6 +293,26 @@ def bootstrap_ci(scores: Any, labels: Any, statistic: Callable[[np.ndarray, np.n
 # reports
 
 
+def _group_names(groups: Sequence[Hashable], what: str) -> np.ndarray:
+    """The groups as the names their rows get (str), refusing two different groups that would
+    share one (``1`` and ``"1"``, ``None`` and ``"None"``: their samples would be one row)."""
+    def same(a: Any, b: Any) -> bool:
+        try:
+            return a is b or bool(a == b) or (a != a and b != b)  # (NaN)
+        except (TypeError, ValueError):
+            return False
+
+    first: Dict[str, Hashable] = {}
+    names = []
+    for v in groups:
+        name = str(v)
+        other = first.setdefault(name, v)
+        if not same(other, v):
+            raise ValueError(f"{what}: {other!r} and {v!r} are different groups with one name, {name!r}")
+        names.append(name)
+    return np.asarray(names, dtype=object)
+
+
 def group_masks(labels: Any, groups: Optional[Sequence[Hashable]] = None) -> List[Tuple[str, str, np.ndarray]]:
     """The rows of a report as ``(name, class, mask)``: ``("all", "all", everything)``; then per
     fake group (first-seen order) its fakes with all reals; then, when the reals carry more than
@@ -301,7 +321,7 @@ def group_masks(labels: Any, groups: Optional[Sequence[Hashable]] = None) -> Lis
     out = [("all", "all", np.ones(len(y), dtype=bool))]
     if groups is None:
         return out
-    g = np.asarray([str(x) for x in groups], dtype=object)
+    g = _group_names(groups, "evaluate: groups")
     if g.shape != y.shape:
         raise ValueError(f"evaluate: groups must have one entry per score ({len(y)}), got {len(g)}")
     for name in dict.fromkeys(g[y]):
@@ -348,7 +368,7 @@ def evaluate_by(scores: Any, labels: Any, groupings: Sequence[Tuple[str, Sequenc
     for kind, groups, cls in groupings:
         if cls not in ("fake", "real"):
             raise ValueError(f"evaluate_by: grouping {kind!r} must be for 'fake' or 'real', got {cls!r}")
-        g = np.asarray([str(x) for x in groups], dtype=object)
+        g = _group_names(groups, f"evaluate_by: grouping {kind!r}")
         if g.shape != y.shape:
             raise ValueError(f"evaluate_by: grouping {kind!r} needs one entry per score ({len(y)}), got {len(g)}")
         mine = y if cls == "fake" else ~y
