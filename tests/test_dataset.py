@@ -419,6 +419,7 @@ def test_cli_check_of_a_hand_made_manifest(small, tmp_path, capsys):
     manifest, _ = small
     copy = tmp_path / "copy"
     shutil.copytree(manifest.root, copy)
+    (copy / "build.json").unlink()  # (made by hand: no build's record to hold it to)
     victim = manifest.rows[3]
     Image.open(copy / victim.file).save(copy / victim.file, format="PNG")
     rows = [r if r is not victim else dataclasses.replace(r, sha256=file_sha256(copy / r.file)) for r in manifest.rows]
@@ -469,6 +470,14 @@ def test_cli_check_finds_rows_edited_so_that_the_counts_still_hold(small, tmp_pa
     captured = capsys.readouterr()
     assert sorted(json.loads(captured.out)["misplaced_files"]) == sorted([rows[i].file, rows[f].file])
     assert "2 row(s) name a file outside their label's folder" in captured.err
+    # a row's params or source edited: no other check can tell, build.json's manifest sha256 can
+    for edit in ({"params": '{"edited":1}'}, {"source": "pypi:elsewhere==1"}):
+        write_manifest([dataclasses.replace(r, **edit) if k == i else r for k, r in enumerate(rows)], copy)
+        assert main(["data", "check", str(copy)]) == 1
+        err = capsys.readouterr().err
+        assert err.strip() == ("fakespotter data check: the manifest's rows are not those the build wrote (their "
+                               "sha256 differs from build.json's: rows edited by hand, their group, source or "
+                               "params?)"), err
     write_manifest(rows, copy)
     assert main(["data", "check", str(copy)]) == 0
 

@@ -88,9 +88,10 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -104,6 +105,7 @@ from fakespotter.manifest import (
     SPLITS,
     Manifest,
     ManifestRow,
+    manifest_text,
     params_json,
     read_manifest,
     write_manifest,
@@ -423,6 +425,14 @@ SMALL = BuildSizes(nba=36, mobilestylegan=14, dcgan=6, identity_swap=7,
 def is_external(group: str) -> bool:
     """True for the groups of the external real photos (held-out sources, test split only)."""
     return group.startswith(EXTERNAL_GROUP_PREFIX)
+
+
+def rows_digest(rows: Sequence[ManifestRow]) -> str:
+    """sha256 of the manifest text of ``rows`` with their files spelled plainly (``./real/x.jpg``
+    as ``real/x.jpg``): build.json records it, and ``data check`` finds rows edited by hand (a
+    group, a source, params) that keep every count and sha256."""
+    plain = [replace(r, file=posixpath.normpath(r.file)) for r in rows]
+    return hashlib.sha256(manifest_text(plain).encode("utf-8")).hexdigest()
 
 
 def split_of(group: str) -> str:
@@ -1004,6 +1014,7 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
             "small": bool(small),
             "sizes": asdict(sizes),
             "counts": _counts(rows),
+            "rows_sha256": rows_digest(rows),
             "total": {"real": sum(r.label == "real" for r in rows),
                       "fake": sum(r.label == "fake" for r in rows)},
             "sources": {NBA_SOURCE: "real", FR_SOURCE: "real", MSG_SOURCE: "fake (MobileStyleGAN IR)",

@@ -6,7 +6,8 @@
                    OUT/real/..., OUT/fake/<type>/<generator>/..., OUT/build.json and
                    OUT/manifest.csv (last). Needs OpenVINO: pip install 'fakespotter[data]'.
   data check DIR   read DIR/manifest.csv (missing files: error before any work), verify every
-                   file's sha256, that the counts are build.json's, that no chip file is left
+                   file's sha256, that the counts and rows are build.json's (a build records a
+                   digest of its rows; ./real/x.jpg spells real/x.jpg), that no chip file is left
                    out, that each row is in its group's split and under its label's folder, and
                    print the counts and the confound report."""
 
@@ -123,12 +124,18 @@ def run_check(args: argparse.Namespace) -> int:
     if len(manifest) == 0:
         print("fakespotter data check: the manifest lists no files", file=sys.stderr)
         failed = True
-    built = _build_counts(manifest.root / dataset.BUILD_JSON) if whole else None
+    build = _build_json(manifest.root / dataset.BUILD_JSON) if whole else {}
+    built = _build_counts(build)
     if built is not None and built != count_keys:
         differ = sorted(k for k in set(built) | set(count_keys) if built.get(k) != count_keys.get(k))
         print(f"fakespotter data check: the manifest's counts differ from {dataset.BUILD_JSON}'s (rows removed or "
               f"added?): " + ", ".join(f"{k} {count_keys.get(k, 0)} listed, {built.get(k, 0)} built"
                                        for k in differ[:4]) + (", ..." if len(differ) > 4 else ""), file=sys.stderr)
+        failed = True
+    built_rows = build.get("rows_sha256")
+    if isinstance(built_rows, str) and built == count_keys and dataset.rows_digest(manifest.rows) != built_rows:
+        print(f"fakespotter data check: the manifest's rows are not those the build wrote (their sha256 differs "
+              f"from {dataset.BUILD_JSON}'s: rows edited by hand, their group, source or params?)", file=sys.stderr)
         failed = True
     if wrong_split:
         print(f"fakespotter data check: {len(wrong_split)} row(s) are in another split than their group's (a build "
@@ -149,13 +156,21 @@ def run_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _build_counts(path) -> "dict | None":
-    """The counts a build wrote into its build.json, keyed as ``data check`` reports them (None
-    without a readable one: a hand-made data set)."""
+def _build_json(path) -> dict:
+    """A build's build.json ({} without a readable one: a hand-made data set)."""
     try:
-        counts = json.loads(path.read_text(encoding="utf-8"))["counts"]
-        return {f"{s}:{k}": int(n) for s, c in sorted(counts.items()) for k, n in sorted(c.items())}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        build = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return build if isinstance(build, dict) else {}
+
+
+def _build_counts(build: dict) -> "dict | None":
+    """The counts a build wrote into its build.json, keyed as ``data check`` reports them (None
+    without them)."""
+    try:
+        return {f"{s}:{k}": int(n) for s, c in sorted(build["counts"].items()) for k, n in sorted(c.items())}
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
