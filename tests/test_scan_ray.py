@@ -312,6 +312,11 @@ def test_an_interrupt_during_a_shard_write_neither_writes_it_twice_nor_loses_it(
     assert len(SR._shard_files(tmp_path / "o")) == 1 and len(indexes) == len(set(indexes)) == 3
     stats = json.loads((tmp_path / "o" / SR.STATS).read_text())
     assert stats["images"] == 3 and sum(stats["output_counts"].values()) == 3  # counted once
+    # the settings a local scan's stats hold too (they were only in the scan's manifest)
+    from fakespotter.scan import DEFAULT_PIXEL_LIMIT, FILE_TIMEOUT_S
+
+    assert (stats["pixel_limit"], stats["file_timeout"], stats["cwd"]) == (DEFAULT_PIXEL_LIMIT, FILE_TIMEOUT_S,
+                                                                          os.getcwd())
 
 
 def test_a_ray_scan_whose_shard_write_fails_counts_only_what_it_wrote(ray_local, corpus, model, tmp_path,

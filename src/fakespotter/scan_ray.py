@@ -662,7 +662,7 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
                      cpus_per_actor=float(cpus_per_actor), gpus_per_actor=gpus, device=device,
                      actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), aligned=bool(aligned),
                      upsample=upsample, weak_face_score=weak_face_score, detect_pixels=detect_pixels,
-                     resumed_records=len(done), resumed_errors=resumed["error"], run=manifest["runs"],
+                     pixel_limit=pixel_limit, file_timeout=file_timeout, cwd=os.getcwd(), resumed_records=len(done), resumed_errors=resumed["error"], run=manifest["runs"],
                      output=str(out), model=model_id, complete=False)
         t_start = time.perf_counter()
         failed = False
