@@ -824,3 +824,37 @@ def test_ray_is_imported_only_when_a_ray_scan_starts():
 
     code = "import sys, fakespotter, fakespotter.cli; assert fakespotter.ray_scan; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_a_decode_child_that_dies_while_starting_is_started_again_once(tmp_path, monkeypatch):
+    """A Ray decode task's child killed before its first file (no file's fault) failed the whole
+    scan with the local engine's advice (workers=0); now a second child is started, and a second
+    failure names the Ray task and its --decode-memory."""
+    import fakespotter.scan_ray as SR
+    from fakespotter.scan import WorkerStartError, _Config
+
+    write_good(tmp_path, 1)
+    (f,) = sorted(tmp_path.iterdir())
+    batch = {"index": [0], "path": [str(f)], "file": [str(f)], "data": [b""], "has_data": [False], "error": [""],
+             "span": [""]}
+    cfg = tuple(_Config(True, 150, 0, 10**8, 0.0, 0))
+    real, calls = SR._decoded, []
+
+    def dies_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise WorkerStartError("scan: the decode worker processes died while starting", " workers=0 ...")
+        return real(*a, **k)
+
+    monkeypatch.setattr(SR, "_decoded", dies_first)
+    out = SR._decode_batch(batch, cfg)
+    assert len(calls) == 2 and list(out["index"]) == [0] and json.loads(out["meta"][0])["error"] is None
+
+    def always(*a, **k):
+        raise WorkerStartError("scan: the decode worker processes died while starting", " workers=0 ...")
+
+    monkeypatch.setattr(SR, "_decoded", always)
+    with pytest.raises(RuntimeError, match=r"died while starting \(the decode child of a Ray decode task, twice; "
+                                           r"--decode-memory") as e:
+        SR._decode_batch(batch, cfg)
+    assert "workers=0" not in str(e.value)

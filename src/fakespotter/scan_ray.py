@@ -50,9 +50,9 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, 
 import numpy as np
 
 from .data import DEFAULT_PIXEL_LIMIT, Entry, check_sources, iter_entries
-from .scan import (FILE_TIMEOUT_S, STATUSES, OutputBusy, RecordWriter, _Config, _decoded, _Forward, _input_list,
-                   _lock, check_file_timeout, check_not_busy, count_record, detection_settings, input_key, make_record,
-                   moved_away, new_stats, utf8_json)
+from .scan import (FILE_TIMEOUT_S, STATUSES, OutputBusy, RecordWriter, WorkerStartError, _Config, _decoded, _Forward,
+                   _input_list, _lock, check_file_timeout, check_not_busy, count_record, detection_settings, input_key,
+                   make_record, moved_away, new_stats, utf8_json)
 
 __all__ = ["ray_scan", "merge_shards", "read_shards", "RayNotInstalled", "ShardsError", "INSTALL_HINT"]
 
@@ -327,11 +327,19 @@ def _decode_batch(batch: Dict[str, np.ndarray], cfg: Tuple, crash_marker: Option
                      error=tuple(json.loads(err)) if err else None, span=tuple(json.loads(span)) if span else None)
                for path, file, data, has_data, err, span in zip(batch["path"], batch["file"], batch["data"],
                                                                 batch["has_data"], batch["error"], batch["span"])]
-    metas, chips = [], []
-    for _, res in _decoded(iter(entries), c, workers=1, chunk=max(1, len(entries)), window=1, keep=_DECODE_POOL):
-        ch = res.pop("chips")
-        chips.append(b"" if ch is None else np.ascontiguousarray(ch, dtype=np.uint8).tobytes())
-        metas.append(json.dumps(res))
+    for attempt in (1, 2):  # a child killed while starting (no file's fault): once more with a new one
+        metas, chips = [], []
+        try:
+            for _, res in _decoded(iter(entries), c, workers=1, chunk=max(1, len(entries)), window=1,
+                                   keep=_DECODE_POOL):
+                ch = res.pop("chips")
+                chips.append(b"" if ch is None else np.ascontiguousarray(ch, dtype=np.uint8).tobytes())
+                metas.append(json.dumps(res))
+            break
+        except WorkerStartError as e:
+            if attempt == 2:
+                raise RuntimeError(f"{e.reason} (the decode child of a Ray decode task, twice; --decode-memory sets "
+                                   f"the memory each decode task is given)") from None
     return {"index": np.asarray(batch["index"], dtype=np.int64), "meta": np.asarray(metas, dtype=object),
             "chips": np.asarray(chips, dtype=object)}
 
