@@ -91,6 +91,23 @@ def test_train_augment(setup, tmp_path, capsys):
     assert rep["detectors"]["fs-per-neuron"]["augmentation"] == aug.training_summary_["augmentation"]
 
 
+def test_an_ablation_that_changes_nothing_is_the_model_whatever_the_seed_given(setup, tmp_path, capsys):
+    """The ablations took --seed (default 0) for the model's own seed: one whose setting is the
+    model's (fs-channel of a channel model) gave other scores than the model's."""
+    out = tmp_path / "s3.fsm"
+    rc, _, err = run_cli(["train", "--manifest", setup["manifest"], "--out", out, "--hidden", "8", "--epochs", "5",
+                          "--seed", "3", "--quiet"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["evaluate", out, "--manifest", setup["manifest"], "--baselines", "fs-channel", "--out-dir",
+                          tmp_path / "ev", "--bootstrap", "0", "--no-plots", "--quiet"], capsys)
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "ev" / "metrics.json").read_text())["rows"]
+    model, ablation = ([r for r in rows if r["detector"] == d] for d in ("fakespotter", "fs-channel"))
+    drop = ("detector",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in model] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in ablation]
+
+
 def test_evaluate_manifest_with_baselines(setup, tmp_path, capsys):
     out = tmp_path / "ev"
     rc, stdout, err = run_cli(["evaluate", setup["model"], "--manifest", setup["manifest"], "--baselines",
@@ -219,8 +236,9 @@ def test_manifest_usage_errors(setup, tmp_path, capsys, cmd):
             (["--manifest", manifest, "--baselines", "spectrum,cnn"],
              r"--baselines: unknown baseline 'cnn'; choose from descriptor-probe, spectrum, mnc-only, fs-channel, "
              r"fs-element, fs-per-layer, fs-per-neuron or all"),
-            (["--manifest", manifest, "--baselines", "spectrum", "--split", "train"],
-             r"--baselines trains on the manifest's train split; evaluate on another --split"),
+            *((["--manifest", manifest, "--baselines", "spectrum", "--split", split],
+               r"--baselines trains on the manifest's train split and picks its operating threshold on val; evaluate "
+               r"on --split test$") for split in ("train", "val")),
             (["--real", real_dir, "--fake", real_dir.parent / "fake_nope", "--baselines", "spectrum"],
              r"--fake: .*fake_nope does not exist"),
             (["--real", real_dir, "--fake", root / "ds" / "fake", "--baselines", "spectrum"],

@@ -193,8 +193,9 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
             train = {"real": tr, "fake": tf, "real_groups": None, "fake_groups": None, "val": None,
                      "source": {"real": args.train_real, "fake": args.train_fake}}
     else:
-        if training and args.split == "train":
-            raise usage_error(f"{what} trains on the manifest's train split; evaluate on another --split (val or test)")
+        if training and args.split != "test":  # (val picks their thresholds and stops their training)
+            raise usage_error(f"{what} trains on the manifest's train split and picks its operating threshold on val; "
+                              f"evaluate on --split test")
         manifest = open_manifest(args.manifest, [args.split] + (["train", "val"] if training else []))
         part = manifest_part(manifest, args.split, "evaluation")
         paths = part.paths()
@@ -216,10 +217,13 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         if training:
             tpart = manifest_part(manifest, "train", "training")
             vpart = check_listed_bytes(manifest.select(splits=["val"]), "split 'val' (validation)")
+            # the fakes by type, as `train` orders them: an ablation sees the model's chips in its order
+            types = {t: i for i, t in enumerate(dict.fromkeys(r.fake_type for r in tpart.rows if r.is_fake))}
+            tfakes = sorted((r for r in tpart.rows if r.is_fake), key=lambda r: types[r.fake_type])
             train = {"real": [tpart.path(r) for r in tpart.rows if not r.is_fake],
-                     "fake": [tpart.path(r) for r in tpart.rows if r.is_fake],
+                     "fake": [tpart.path(r) for r in tfakes],
                      "real_groups": [r.group for r in tpart.rows if not r.is_fake],
-                     "fake_groups": [r.group for r in tpart.rows if r.is_fake],
+                     "fake_groups": [r.group for r in tfakes],
                      "val": ([vpart.path(r) for r in vpart.rows if not r.is_fake],
                              [vpart.path(r) for r in vpart.rows if r.is_fake]) if has_both_classes(vpart) else None,
                      "source": {"manifest": str(manifest.root), "split": "train",
@@ -333,7 +337,8 @@ def train_detectors(plan: Dict[str, Any], args: argparse.Namespace) -> Dict[str,
         x = np.concatenate([xr, xf])
         y = np.r_[np.zeros(len(xr), np.int64), np.ones(len(xf), np.int64)]
         g = np.r_[gr, gf]  # a manifest group in both classes is one group, as in FakeSpotter.fit
-        params = {**det.get_params(), "aligned": det.aligned, "batch_size": args.batch_size, "seed": args.seed}
+        # the model's settings, its seed too: an ablation differs from the model in its one setting only
+        params = {**det.get_params(), "aligned": det.aligned, "batch_size": args.batch_size}
         if plan["baselines"]:
             log(f"training baselines {', '.join(plan['baselines'])} on {len(xr)} real and {len(xf)} fake chips ...",
                 args.quiet)
