@@ -60,6 +60,9 @@ def test_save_load_identical_scores(fitted, tmp_path):
     assert meta["training"]["sources"] == {"fake": "test noise"}
     with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
         det.save(path)
+    (tmp_path / "dangling.fsm").symlink_to(tmp_path / "nowhere.fsm")  # there before: not "appeared while writing"
+    with pytest.raises(FileExistsError, match=r"dangling.fsm already exists; pass overwrite=True"):
+        det.save(tmp_path / "dangling.fsm")
 
 
 def test_a_setting_the_fitted_model_embodies_changed_after_fit_is_not_saved(fitted, tmp_path):
@@ -362,6 +365,7 @@ MANGLED = [
     ("mode", None, lambda m: m.update(threshold_mode="median"), r"threshold_mode must be one of \('per_layer', 'per_neuron'\), got 'median'"),
     ("layers-string", None, lambda m: m.update(layers="relu1"), r"layers must be a list of names, got 'relu1'"),
     ("logit-bool", None, lambda m: m["operating_threshold"].update(logit=True), r"logit must be a finite number, got True"),
+    ("logit-string", None, lambda m: m["operating_threshold"].update(logit="0.5"), r"logit must be a finite number, got '0.5'"),
 ]
 
 

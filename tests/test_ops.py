@@ -299,11 +299,16 @@ def test_python_wrappers_take_thresholds_as_floats_lists_and_arrays():
     fakespotter.threshold_pack_into(x, thr.numpy(), out, 1)
     assert torch.equal(out[:, 1:], want) and not out[:, 0].any()
     assert torch.equal(fakespotter.threshold_pack(x, np.float32(0.1)), fakespotter.threshold_pack(x, 0.1))
+    from fractions import Fraction
+
+    big = torch.full((8,), 1e30)  # (Python ints beyond int64 and fractions make object arrays: numbers all the same)
+    assert torch.equal(fakespotter.threshold_pack(x, [10**30] * 8), fakespotter.threshold_pack(x, big))
+    assert torch.equal(fakespotter.threshold_pack(x, [Fraction(1, 2)] * 8), fakespotter.threshold_pack(x, 0.5))
     with pytest.raises(TypeError, match=r"threshold_pack: thresholds must be a float, or a float32 tensor / "
                                         r"array / list of floats, got dict"):
         fakespotter.threshold_pack(x, {"a": 1.0})
     # not parsed nor taken as NaN (np.asarray(None, np.float32) is NaN: a threshold never set gave all-zero rows)
-    for bad in (None, [None] * 8, "0.1", ["0.1"] * 8, 10**400, [10**400] * 8):
+    for bad in (None, [None] * 8, "0.1", ["0.1"] * 8, 10**400, [10**400] * 8, True, [True] * 8, np.bool_(True)):
         with pytest.raises(TypeError, match=rf"thresholds must be a float, .* got {type(bad).__name__}"):
             fakespotter.threshold_pack(x, bad)
     with pytest.raises(ValueError, match="threshold_pack"):  # the op's own check of the length

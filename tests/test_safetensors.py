@@ -27,6 +27,9 @@ def test_a_well_formed_file_reads_back(tmp_path):
     assert torch.equal(tensors["a"], torch.arange(4.0)) and tensors["b"].numel() == 0 and meta == {"k": "v"}
     hand = raw_file(tmp_path / "hand.safetensors", {"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, F4)
     assert load_file(hand)[0]["x"].tolist() == [[1, 2], [3, 4]]
+    null = raw_file(tmp_path / "null.safetensors", {"__metadata__": None, "x": {"dtype": "F32", "shape": [4],
+                                                                              "data_offsets": [0, 16]}}, F4)
+    assert load_file(null)[1] == {}  # (as the safetensors library reads it: third-party weights do this)
 
 
 @pytest.mark.parametrize("header, body, message", [

@@ -13,7 +13,7 @@ import torch
 
 from fakespotter.cli import main
 from fakespotter.detector import FakeSpotter
-from fakespotter.scan import _is_oom, precision_of, scan
+from fakespotter.scan import _oom_in, precision_of, scan
 from fakespotter.taps import Tap
 from scan_helpers import model_file, write_good
 
@@ -245,12 +245,20 @@ def oom_above(monkeypatch, limit, after=0, kind="cpu"):
     return calls
 
 
-def test_is_oom():
+def test_out_of_memory_is_found_where_it_is_and_nowhere_else():
     for make in OOMS.values():
-        assert _is_oom(make())
-    assert _is_oom(RuntimeError("CUDA error: out of memory"))
-    assert not _is_oom(RuntimeError("shape mismatch")) and not _is_oom(ValueError("out of memory"))
-    assert not _is_oom(raised_while_handling(ValueError("x"), ImportError("y")))
+        assert _oom_in(make()) is not None
+    masked = OOMS["masked"]()
+    assert isinstance(_oom_in(masked), RuntimeError) and "can't allocate" in str(_oom_in(masked))  # (what is logged)
+    assert _oom_in(RuntimeError("CUDA error: out of memory")) is not None
+    assert _oom_in(RuntimeError("shape mismatch")) is None and _oom_in(ValueError("out of memory")) is None
+    assert _oom_in(raised_while_handling(ValueError("x"), ImportError("y"))) is None
+    said = ValueError("a bad chip")  # raised `from None` while handling an out-of-memory error: itself
+    said.__context__, said.__suppress_context__ = MemoryError(), True
+    assert _oom_in(said) is None
+    loop = ImportError("y")  # `raise e from e`: a cycle of causes ends
+    loop.__cause__ = loop
+    assert _oom_in(loop) is None
 
 
 @pytest.mark.parametrize("kind", ["cpu", "cuda", "masked"])

@@ -53,6 +53,9 @@ def _link_new(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
+        if os.stat(tmp).st_nlink == 2:  # NFS: a retried link that had made it the first time
+            tmp.unlink()
+            return
         raise exists from None
     except OSError:  # no hard links here (EPERM, ENOTSUP, EXDEV, ...): a check, then a rename
         if os.path.lexists(path):

@@ -92,7 +92,8 @@ def load_file(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str
         if not isinstance(header, dict):
             raise fail("header is not a JSON object")
         body = memoryview(f.read())
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # (null: none, as the safetensors library reads it)
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

@@ -63,7 +63,7 @@ def write_model(path: Union[str, Path], tensors: Mapping[str, torch.Tensor], met
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the model file's path (e.g. {path / 'model.fsm'})")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # (a dangling link too: something is there)
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")

@@ -573,7 +573,7 @@ class FakeSpotter:
             params = dict(meta["detector_params"])
             words = int(meta["row_words"])
             training = meta.get("training") or {}
-            if not math.isfinite(float(op["logit"])) or isinstance(op["logit"], bool):
+            if not isinstance(op["logit"], numbers.Real) or isinstance(op["logit"], bool) or not math.isfinite(op["logit"]):
                 raise ValueError(f"the operating threshold's logit must be a finite number, got {op['logit']!r}")
             if not isinstance(training, dict) or not isinstance(bmeta, dict):
                 raise ValueError("backbone and training must be mappings")

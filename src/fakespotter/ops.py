@@ -8,6 +8,7 @@ layout: feature ``i`` of a row is bit ``i % 64`` of int64 word ``i // 64``; see 
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,12 +38,16 @@ def _as_thresholds(thresholds, x: torch.Tensor, op: str) -> torch.Tensor:
     """A tensor as given (the op checks it); a float, or a list or numpy array of floats, as float32."""
     if isinstance(thresholds, torch.Tensor):
         return thresholds
+    def real(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
     try:
-        if isinstance(thresholds, numbers.Real):
+        if real(thresholds):
             return torch.tensor([float(thresholds)], dtype=torch.float32, device=x.device)
         values = np.asarray(thresholds)
-        # (None, strings and the like are refused, not parsed: np.asarray(None, np.float32) is NaN, which sets no bit)
-        if values.dtype.kind not in "fiu":
+        # numbers only: None, strings and bools are refused, not parsed (np.asarray(None, np.float32) is NaN,
+        # which sets no bit); an object array (Python ints beyond int64, fractions) must hold real numbers
+        if values.dtype.kind not in "fiuO" or (values.dtype.kind == "O" and not all(map(real, values.reshape(-1)))):
             raise TypeError
         values = values.astype(np.float32).reshape(-1)
     except (TypeError, ValueError, OverflowError):

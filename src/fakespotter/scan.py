@@ -788,27 +788,28 @@ def _stop(ex: ProcessPoolExecutor) -> None:
 # parent side: chips -> rows -> scores -> records
 
 
-def _is_oom(e: Optional[BaseException]) -> bool:
-    """An out-of-memory error of any allocator: ``torch.OutOfMemoryError`` (CUDA and others),
-    ``MemoryError``, or a RuntimeError whose message says so (the CPU allocator's is
-    "DefaultCPUAllocator: can't allocate memory"); or an error raised while handling one (near
-    the memory cap, torch.fx's report of an error in a traced forward fails to import what it
-    needs, and that ImportError hides the allocator's)."""
+def _oom_in(e: Optional[BaseException]) -> Optional[BaseException]:
+    """The out-of-memory error that ``e`` is or was raised while handling, or None:
+    ``torch.OutOfMemoryError`` (CUDA and others), ``MemoryError``, or a RuntimeError whose
+    message says so (the CPU allocator's is "DefaultCPUAllocator: can't allocate memory").
+    Near the memory cap, torch.fx's report of an error in a traced forward fails to import what
+    it needs, and that ImportError hides the allocator's; an error raised ``from None`` says
+    what it is itself."""
     import torch
-
-    if e is None:
-        return False
-    if _is_oom(e.__cause__ or e.__context__):
-        return True
 
     kinds = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
                   if isinstance(t, type))
-    if isinstance(e, kinds + (MemoryError,)):
-        return True
-    if isinstance(e, RuntimeError):
-        m = str(e).lower()
-        return "out of memory" in m or "can't allocate memory" in m or "cannot allocate memory" in m
-    return False
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, kinds + (MemoryError,)):
+            return e
+        if isinstance(e, RuntimeError):
+            m = str(e).lower()
+            if "out of memory" in m or "can't allocate memory" in m or "cannot allocate memory" in m:
+                return e
+        e = e.__cause__ if e.__cause__ is not None else None if e.__suppress_context__ else e.__context__
+    return None
 
 
 def precision_of(device: str, autocast: bool) -> str:
@@ -950,9 +951,10 @@ class _Forward:
             try:
                 _, logits = self.run(np.stack(chips[i:i + n]))
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-                if not _is_oom(e) or self.batch_size == 1:
+                oom = _oom_in(e)
+                if oom is None or self.batch_size == 1:
                     raise
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                why = (str(oom).strip().splitlines() or [type(oom).__name__])[0][:200]
             if logits is None:  # outside the except block: the failed forward's tensors are freed
                 if failed_at is None:
                     failed_at, done_before = self.batch_size, self.forwards
