@@ -175,6 +175,7 @@ def test_robustness_manifest_with_baseline_and_train_augment(setup, tmp_path, ca
     assert clean["fakespotter"] != clean["fakespotter+augment"]  # a different, retrained model
     md = (out / "robustness.md").read_text()
     assert "## AUC" in md and "| attack | level | fakespotter | fakespotter+augment | spectrum |" in md
+    assert "## TPR@op (fakes caught)" in md and "## FPR@op (reals flagged)" in md and "## ACC@op" not in md
     assert "## fakespotter+augment" in md and "| noise | 0.1 |" in stdout
     assert (out / "robustness.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -613,7 +613,8 @@ def run(args: argparse.Namespace) -> int:
         if name != MODEL_NAME:
             t = about["trained_on"]
             notes.append(f"{name}: {about['description']}; trained on {t['train']['real']} real and "
-                         f"{t['train']['fake']} fake chips, ACC@op at logit {about['operating_threshold']:.4g} "
+                         f"{t['train']['fake']} fake chips, its operating threshold (the @op metrics) at logit "
+                         f"{about['operating_threshold']:.4g} "
                          f"(picked on {t['validation']['real']} + {t['validation']['fake']} validation chips)")
     out_dir, files = plan["out_dir"], plan["files"]
     out_dir.mkdir(exist_ok=True)

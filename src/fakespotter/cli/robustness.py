@@ -1,7 +1,7 @@
 """``fakespotter robustness``: the paper's four perturbation attacks applied to real and fake
 images alike, each at every level, and the model's AUC and accuracy at its stored operating
 threshold per level (with bootstrap 95% intervals): robustness.json, robustness.csv,
-robustness.md and robustness.png (AUC and ACC@op against the level, one panel per attack) in
+robustness.md and robustness.png (AUC, TPR@op and FPR@op against the level, one panel per attack) in
 --out-dir; the Markdown table is printed too.
 
 Levels (weakest first): jpeg quality 95 75 50 30; blur sigma 0.5 1 2 3 px; resize factor
@@ -18,7 +18,7 @@ Images come from --real / --fake folders or a data set's --manifest (--split, de
 backbone, layers, granularity, threshold mode and classifier, retrained with the four attacks
 applied at random levels to a random --augment-fraction of the training chips) are trained on
 the manifest's train split or on --train-real / --train-fake, and reported side by side with
-the model: rows per (detector, attack, level), AUC and ACC@op tables with a column per
+the model: rows per (detector, attack, level), AUC, TPR@op and FPR@op tables with a column per
 detector, and one line per detector in the plot. Warnings, as evaluate's, say when the images
 are ones the model was trained or validated on (a manifest split, or the same bytes)."""
 
@@ -168,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
               "training_failures": trained["failures"]}
     files = plan["files"]
     plan["out_dir"].mkdir(exist_ok=True)
-    notes = [f"model {report['model']['path']} (sha256 {report['model']['sha256'][:16]}...); ACC@op at its "
-             f"operating threshold, logit {op:.4g}",
+    notes = [f"model {report['model']['path']} (sha256 {report['model']['sha256'][:16]}...); ACC@op, TPR@op "
+             f"and FPR@op at its operating threshold, logit {op:.4g}",
              f"attacks applied to {report['settings']['applied_to']}, to real and fake alike; "
              f"{intervals_note(args.bootstrap, args.seed)}",
              f"clean: {clean_counts['real']['images']} real and {clean_counts['fake']['images']} fake images; "
@@ -179,11 +179,13 @@ def run(args: argparse.Namespace) -> int:
         if name != MODEL_NAME:
             t = about["trained_on"]
             notes.append(f"{name}: {about['description']}; trained on {t['train']['real']} real and "
-                         f"{t['train']['fake']} fake chips; ACC@op at logit {about['operating_threshold']:.4g}")
+                         f"{t['train']['fake']} fake chips; its operating threshold (the @op metrics) at logit {about['operating_threshold']:.4g}")
     columns = ["auc", "acc_operating", "tpr_operating", "fpr_operating", "eer"]
     remove_stale(plan, args.quiet)
     if multi:
-        text = ("## AUC\n\n" + _pivot(rows, names, "auc") + "\n## ACC@op\n\n" + _pivot(rows, names, "acc_operating"))
+        pivots = (("auc", "AUC"), ("tpr_operating", "TPR@op (fakes caught)"),  # (not ACC@op: it follows the
+                  ("fpr_operating", "FPR@op (reals flagged)"))                   # share of fakes)
+        text = "\n".join(f"## {head}\n\n" + _pivot(rows, names, k) for k, head in pivots)
         full = "".join(f"\n## {n}\n\n" + ev.to_markdown({"rows": [r for r in rows if r["detector"] == n],
                                                             "label_columns": ["attack", "level"]}, columns=columns)
                        for n in names)
@@ -205,10 +207,11 @@ def run(args: argparse.Namespace) -> int:
                 if multi:
                     panel[name] = (xs, [r["auc"] for r in rs])
                 else:
-                    panel.update({"AUC": (xs, [r["auc"] for r in rs]), "ACC@op": (xs, [r["acc_operating"] for r in rs])})
+                    panel.update({"AUC": (xs, [r["auc"] for r in rs]), "TPR@op": (xs, [r["tpr_operating"] for r in rs]),
+                                  "FPR@op": (xs, [r["fpr_operating"] for r in rs])})
             panels[perturb.DESCRIPTIONS[a]] = panel
         steps.append((files["robustness.png"], lambda: ev.plot_lines(
-            panels, files["robustness.png"], ylabel="AUC" if multi else "AUC / accuracy",
+            panels, files["robustness.png"], ylabel="AUC" if multi else "AUC / rate",
             reference=None if multi else rows[0]["auc"])))
     print(text, end="")
     return write_report_files(steps, "robustness", report)
