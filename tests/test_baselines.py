@@ -98,6 +98,9 @@ def test_spectrum_detector_learns_and_fails_on_shuffled_labels():
     shuffled = np.random.default_rng(2).permutation(y)
     ctrl = bl.SpectrumDetector(bins=16).fit(x, shuffled)
     assert 0.25 < roc_auc(ctrl.decision_function(xt), yt) < 0.75
+    # chips smaller than twice the bins (a backbone under 128 px at the default 64): one bin per pixel of radius
+    small = bl.SpectrumDetector(bins=64).fit(x, y)
+    assert small.bins_ == 20 and roc_auc(small.decision_function(xt), yt) > 0.95
 
 
 # -- backbone baselines and FakeSpotter ablations on sample chips ------------------------------

@@ -187,7 +187,12 @@ def spectrum_features(chips: Any, bins: int = 64, eps: float = 1e-8) -> np.ndarr
 
 
 class SpectrumDetector:
-    """Durall et al. (2020): the 1-D power spectrum of a chip, classified by logistic regression."""
+    """Durall et al. (2020): the 1-D power spectrum of a chip, classified by logistic regression.
+
+    As here, not as in the paper: ``bins`` radial bins of the inscribed circle (at most one per
+    pixel of its radius: ``bins_``), the corners beyond it left out; each bin standardised over
+    the training chips (Durall et al. min-max scale each spectrum, which takes brightness and
+    contrast out); the backbone's chips, not the images at their own resolution."""
 
     name = "spectrum"
 
@@ -197,12 +202,13 @@ class SpectrumDetector:
 
     def fit(self, chips: Any, labels: Any, validation: Any = None) -> "SpectrumDetector":
         x = _check_chips(chips, "SpectrumDetector.fit")
-        self.probe_ = LogisticProbe(C=self.C).fit(spectrum_features(x, self.bins), labels)
+        self.bins_ = min(int(self.bins), min(x.shape[1:3]) // 2)  # (a backbone under 128 px: fewer bins)
+        self.probe_ = LogisticProbe(C=self.C).fit(spectrum_features(x, self.bins_), labels)
         return self
 
     def decision_function(self, chips: Any) -> np.ndarray:
         _not_fitted(self, "probe_")
-        return self.probe_.decision_function(spectrum_features(_check_chips(chips, "SpectrumDetector"), self.bins))
+        return self.probe_.decision_function(spectrum_features(_check_chips(chips, "SpectrumDetector"), self.bins_))
 
 
 # ----------------------------------------------------------------------------------------------
