@@ -406,6 +406,20 @@ def test_write_atomic_without_replace_keeps_what_is_there(tmp_path, monkeypatch,
     assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "o.json"]
 
 
+def test_calibrate_says_when_copies_count_again(corpus, tmp_path, capsys):
+    real, _ = corpus
+    imgs = shutil.copytree(real, tmp_path / "imgs")
+    first = sorted(imgs.iterdir())[0]
+    shutil.copy(first, imgs / f"copy_{first.name}")
+    rc, out, err = run_cli(["calibrate", str(imgs), "--aligned", "--out", str(tmp_path / "t.safetensors")], capsys)
+    assert rc == 0, err
+    assert out.strip().endswith("from 13 face chips (0 unreadable images; 1 byte-identical copies of other images, "
+                                "each counted again)"), out
+    (imgs / f"copy_{first.name}").unlink()
+    rc, out, err = run_cli(["calibrate", str(imgs), "--aligned", "--out", str(tmp_path / "u.safetensors")], capsys)
+    assert rc == 0 and out.strip().endswith("from 12 face chips (0 unreadable images)"), out
+
+
 def test_train_keeps_byte_identical_copies_on_one_side_and_counts_images(corpus, tmp_path, capsys, monkeypatch):
     """Copies inside a class share a group, so the hold-out never validates on a training
     image's copy; the report counts images (and images without a face) as given."""

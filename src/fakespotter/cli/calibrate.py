@@ -43,14 +43,19 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration import ThresholdCalibrator
     from ..features import chips
 
+    from ..artifact import file_sha256
+
     calibrator = ThresholdCalibrator(tap, mode=args.threshold_mode)
     progress = Progress(len(paths), "calibrating", args.quiet)
-    pending, failures = [], []
+    pending, failures, seen, copies = [], [], set(), 0
     for path in paths:
         try:
             c = chips([str(path)], aligned=args.aligned, size=tap, upsample=args.upsample,
                       weak_face_score=args.weak_face_score, detect_pixels=args.detect_pixels)
             pending.extend(list(c.array))
+            digest = file_sha256(path)  # (a copy under another name counts again: said below)
+            copies += digest in seen
+            seen.add(digest)
         except Exception as e:
             failures.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
             log(f"unreadable: {path}: {failures[-1]['error']}", args.quiet)
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         calibrator.thresholds_.save(out, overwrite=args.overwrite)
     except FileExistsError as e:  # made by someone else while this one calibrated
         raise usage_error(f"{e}; the thresholds were not written") from None
+    again = f"; {copies} byte-identical copies of other images, each counted again" if copies else ""
     print(f"wrote {out}: {args.threshold_mode} thresholds of {len(tap.layers)} layers from "
-          f"{calibrator.n_images_} face chips ({len(failures)} unreadable images)")
+          f"{calibrator.n_images_} face chips ({len(failures)} unreadable images{again})")
     return 1 if failures else 0
