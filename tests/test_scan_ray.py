@@ -20,6 +20,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
@@ -858,3 +859,37 @@ def test_a_decode_child_that_dies_while_starting_is_started_again_once(tmp_path,
                                            r"--decode-memory") as e:
         SR._decode_batch(batch, cfg)
     assert "workers=0" not in str(e.value)
+
+
+def test_an_actor_that_runs_out_of_memory_reports_its_back_off(ray_local, model, monkeypatch):
+    """A Ray actor halves its batch on out of memory, as the local engine does; the halving was
+    not in the scan's stats (its scores are those of the smaller batch from there)."""
+    import fakespotter.scan_ray as SR
+    from fakespotter.detector import FakeSpotter
+    from fakespotter.taps import Tap
+
+    det = FakeSpotter.load(model)
+    real = Tap.forward
+
+    def oom_above_2(self, x):
+        if x.shape[0] > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+        return real(self, x)
+
+    monkeypatch.setattr(Tap, "forward", oom_above_2)
+    actor = SR._Scorer([ray.put(det.to_bytes())], det.model_sha256(), 8, "cpu", 0)
+    chips = np.random.default_rng(0).integers(0, 256, (3, 150, 150, 3), dtype=np.uint8)
+    meta = json.dumps({"path": "x.png", "size": 1, "sha256": "0" * 64, "width": 150, "height": 150, "frames": 1,
+                       "faces": [([0, 0, 150, 150], None)] * 3, "seconds": 0.0, "error": None})
+    batch = {"index": np.array([0, 1]), "meta": np.array([meta, meta], dtype=object),
+             "chips": np.array([chips.tobytes(), chips.tobytes()], dtype=object)}
+    out = actor(batch)
+    (event,) = json.loads(out["backoffs"][0])
+    assert (event["from"], event["to"]) == (8, 2) and "can't allocate" in event["error"] and out["backoffs"][1] == ""
+    again = actor(batch)  # reported once
+    assert list(again["backoffs"]) == ["", ""]
+    assert [json.loads(line)["score"] for line in out["line"]] == [json.loads(line)["score"] for line in again["line"]]
+    stats, said = {"batch_size": 8, "oom_backoffs": []}, []  # the driver: into the stats, and said
+    SR._take_backoffs(stats, [event, {**event, "from": 2, "to": 1}], said.append)
+    assert stats["batch_size"] == 1 and len(stats["oom_backoffs"]) == 2 and len(said) == 2
+    assert said[0].startswith("scan: out of memory in an actor's forward of 8 chips (") and "batches of 2" in said[0]

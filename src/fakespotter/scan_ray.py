@@ -376,7 +376,7 @@ class _Scorer:
         H, W = self.det.tap_.preprocessing.size
         self.shape = (H, W, 3)
         self.fwd = _Forward(self.det, device, batch_size)
-        self.crash_marker, self.calls = crash_marker, 0
+        self.crash_marker, self.calls, self.reported = crash_marker, 0, 0
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         self.calls += 1
@@ -396,11 +396,14 @@ class _Scorer:
                             separators=(",", ":"), allow_nan=False)
                  for i, res, lg in zip(batch["index"], results, logits)]
         decode_s = [float(r.get("seconds", 0.0)) for r in results]
-        score_s = [0.0] * len(lines)
+        score_s, backoffs = [0.0] * len(lines), [""] * len(lines)  # (this batch's: on its first row)
         if lines:
             score_s[0] = time.perf_counter() - t0
+            new, self.reported = self.fwd.backoffs[self.reported:], len(self.fwd.backoffs)
+            backoffs[0] = json.dumps(new) if new else ""
         return {"index": np.asarray(batch["index"], dtype=np.int64), "line": np.asarray(lines, dtype=object),
-                "decode_s": np.asarray(decode_s), "score_s": np.asarray(score_s)}
+                "decode_s": np.asarray(decode_s), "score_s": np.asarray(score_s),
+                "backoffs": np.asarray(backoffs, dtype=object)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,7 +669,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
         stats = new_stats()
         for k in ("forwards", "wait_s", "backbone_taps_s", "classifier_s"):  # the actors' time is actors_s
             del stats[k]
-        stats.update(actors_s=0.0, engine="ray", batch_size=batch_size, actors=n_actors,
+        stats.update(actors_s=0.0, engine="ray", batch_size=batch_size, batch_size_requested=batch_size,
+                     oom_backoffs=[], actors=n_actors,
                      cpus_per_actor=float(cpus_per_actor), gpus_per_actor=gpus, device=device,
                      actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), aligned=bool(aligned),
                      upsample=upsample, weak_face_score=weak_face_score, detect_pixels=detect_pixels,
@@ -681,7 +685,8 @@ def ray_scan(inputs: Union[str, Sequence[str]], model: Any, out: Union[str, Path
                      actor_batch=actor_batch or batch_size, decode_cpus=float(decode_cpus), decode_batch=decode_batch,
                      decode_memory=decode_memory,
                      batch_size=batch_size, shard_size=shard_size, flush_s=flush_s, progress=progress,
-                     show_ray_progress=show_ray_progress, crash_marker=_crash_marker)
+                     show_ray_progress=show_ray_progress, crash_marker=_crash_marker,
+                     log=log or logging.getLogger(__name__).warning)
             stats["complete"] = True
         except BaseException:
             failed = True
@@ -769,10 +774,21 @@ def _one_line(e: BaseException) -> str:
     return first if cause is None or cause in first else f"{first} ... {cause}"
 
 
+def _take_backoffs(stats: Dict[str, Any], events: List[Dict[str, Any]], log: Callable[[str], None]) -> None:
+    """An actor's forwards ran out of memory and halved its batch: into the stats (``batch_size``:
+    the smallest any actor went on with), and said."""
+    for event in events:
+        stats["oom_backoffs"].append(event)
+        stats["batch_size"] = min(stats["batch_size"], event["to"])
+        log(f"scan: out of memory in an actor's forward of {event['from']} chips ({event['error']}); it goes on "
+            f"with batches of {event['to']} (its scores are those of that batch size from there)")
+
+
 def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes, model_id: str, out: Path, run: int,
          stats: Dict[str, Any], *, n_actors: int, cpus_per_actor: float, gpus: float, device: str, actor_batch: int,
          decode_cpus: float, decode_batch: int, decode_memory: int, batch_size: int, shard_size: int, flush_s: float,
-         progress: Optional[Callable[[int], None]], show_ray_progress: bool, crash_marker: Optional[str]) -> None:
+         progress: Optional[Callable[[int], None]], show_ray_progress: bool, crash_marker: Optional[str],
+         log: Callable[[str], None]) -> None:
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -837,10 +853,13 @@ def _run(ray: Any, rows: List[Dict[str, Any]], cfg: _Config, model_bytes: bytes,
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if first is None:
                 first = (time.perf_counter(), len(batch["index"]))
-            for i, line, dec_s, sc_s in zip(batch["index"], batch["line"], batch["decode_s"], batch["score_s"]):
+            for i, line, dec_s, sc_s, off in zip(batch["index"], batch["line"], batch["decode_s"], batch["score_s"],
+                                                 batch["backoffs"]):
                 i = int(i)
                 stats["decode_faces_s"] += float(dec_s)
                 stats["actors_s"] += float(sc_s)
+                if off:
+                    _take_backoffs(stats, json.loads(off), log)
                 if i in seen:  # a retried batch's second record of this input
                     continue
                 seen.add(i)
