@@ -136,8 +136,8 @@ def _positive(text: str) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=".demo",
-                        help="working folder, made and owned by the demo: a folder that is not the demo's is "
-                             "refused, and so is a rebuild of its corpus (another --corpus) while it holds files "
+                        help="working folder, made and owned by the demo: a folder that holds files and is not the "
+                             "demo's is refused, and so is a rebuild of its corpus (another --corpus) while it holds files "
                              "the demo did not write; files added to its corpus are scanned too, never deleted; "
                              "each run replaces its scan.jsonl (default: %(default)s)")
     parser.add_argument("--corpus", type=_positive, default=30,

@@ -404,6 +404,15 @@ def test_write_atomic_without_replace_keeps_what_is_there(tmp_path, monkeypatch,
     with pytest.raises(FileExistsError):
         write_atomic(tmp_path / "dangling", "x", replace=False)
     assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "o.json"]
+    if links:  # NFS: a retried link that had made it the first time says EEXIST; the file is ours
+        real_link = os.link
+
+        def retried(src, dst, *a, **k):
+            real_link(src, dst, *a, **k)
+            raise FileExistsError(17, "File exists")
+        monkeypatch.setattr(os, "link", retried)
+        write_atomic(tmp_path / "nfs.json", "ours\n", replace=False)
+        assert (tmp_path / "nfs.json").read_text() == "ours\n" and len(list(tmp_path.iterdir())) == 3
 
 
 def test_calibrate_says_when_copies_count_again(corpus, tmp_path, capsys):

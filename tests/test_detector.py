@@ -365,6 +365,7 @@ MANGLED = [
     ("mode", None, lambda m: m.update(threshold_mode="median"), r"threshold_mode must be one of \('per_layer', 'per_neuron'\), got 'median'"),
     ("layers-string", None, lambda m: m.update(layers="relu1"), r"layers must be a list of names, got 'relu1'"),
     ("logit-bool", None, lambda m: m["operating_threshold"].update(logit=True), r"logit must be a finite number, got True"),
+    ("logit-huge", None, lambda m: m["operating_threshold"].update(logit=10**400), r"metadata lacks or mangles a required field \(OverflowError"),
     ("logit-string", None, lambda m: m["operating_threshold"].update(logit="0.5"), r"logit must be a finite number, got '0.5'"),
 ]
 

@@ -308,7 +308,8 @@ def test_python_wrappers_take_thresholds_as_floats_lists_and_arrays():
                                         r"array / list of floats, got dict"):
         fakespotter.threshold_pack(x, {"a": 1.0})
     # not parsed nor taken as NaN (np.asarray(None, np.float32) is NaN: a threshold never set gave all-zero rows)
-    for bad in (None, [None] * 8, "0.1", ["0.1"] * 8, 10**400, [10**400] * 8, True, [True] * 8, np.bool_(True)):
+    for bad in (None, [None] * 8, "0.1", ["0.1"] * 8, 10**400, [10**400] * 8, True, [True] * 8, np.bool_(True),
+                [True] + [0.5] * 7):
         with pytest.raises(TypeError, match=rf"thresholds must be a float, .* got {type(bad).__name__}"):
             fakespotter.threshold_pack(x, bad)
     with pytest.raises(ValueError, match="threshold_pack"):  # the op's own check of the length

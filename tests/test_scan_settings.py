@@ -272,8 +272,33 @@ def test_oom_from_the_start_gives_the_records_of_the_smaller_batch(corpus, model
     st = run.stats
     assert st["batch_size"] == 2 and st["batch_size_requested"] == 8 and st["forwards"] == 6  # 12 chips
     (event,) = st["oom_backoffs"]
-    assert event["from"] == 8 and event["to"] == 2 and event["forward"] == 0 and event["error"]
+    assert event["from"] == 8 and event["to"] == 2 and event["forward"] == 0 and "allocate" in event["error"]
     assert len(notes) == 1 and "forward of 8 chips" in notes[0] and "batches of 2" in notes[0]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "masked"])
+def test_a_failed_forwards_tensors_are_freed_before_the_retry(model, monkeypatch, kind):
+    """The retry runs outside the except block so that the failed forward's tensors are freed; a
+    name bound to the error (or one it was raised while handling) kept them, through its traceback."""
+    import weakref
+
+    from fakespotter.scan import _Forward
+
+    fwd = _Forward(FakeSpotter.load(model), "cpu", 8)
+    held, alive = [], []
+    real = Tap.forward
+
+    def forward(self, x):
+        alive.append([r() is not None for r in held])
+        if x.shape[0] > 2:
+            t = torch.zeros(1 << 20)  # (the failed forward's activations)
+            held.append(weakref.ref(t))
+            raise OOMS[kind]()
+        return real(self, x)
+
+    monkeypatch.setattr(Tap, "forward", forward)
+    fwd.score(list(np.zeros((5, 150, 150, 3), np.uint8)))
+    assert len(held) == 2 and alive[1:] == [[False], [False, False], [False, False], [False, False]], alive
 
 
 def test_a_back_off_shrinks_the_staging_buffer_too(model, monkeypatch):

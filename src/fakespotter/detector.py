@@ -580,7 +580,7 @@ class FakeSpotter:
             n_thresholds_images = training.get("thresholds_images", 0)
             if not _is_int(n_thresholds_images, 0):
                 raise ValueError(f"training.thresholds_images must be a count, got {n_thresholds_images!r}")
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise artifact.ModelFileError(f"{path}: metadata lacks or mangles a required field ({e!r})") from None
         if ctype not in _CLASSIFIERS:
             raise artifact.ModelFileError(f"{path}: unknown classifier type {ctype!r}")

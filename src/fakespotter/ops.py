@@ -44,6 +44,8 @@ def _as_thresholds(thresholds, x: torch.Tensor, op: str) -> torch.Tensor:
     try:
         if real(thresholds):
             return torch.tensor([float(thresholds)], dtype=torch.float32, device=x.device)
+        if isinstance(thresholds, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in thresholds):
+            raise TypeError  # (numpy would make [True, 0.5] a float array)
         values = np.asarray(thresholds)
         # numbers only: None, strings and bools are refused, not parsed (np.asarray(None, np.float32) is NaN,
         # which sets no bit); an object array (Python ints beyond int64, fractions) must hold real numbers

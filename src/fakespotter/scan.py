@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import hashlib
 import io
 import itertools
@@ -955,7 +956,9 @@ class _Forward:
                 if oom is None or self.batch_size == 1:
                     raise
                 why = (str(oom).strip().splitlines() or [type(oom).__name__])[0][:200]
+                del oom  # (its traceback holds the failed forward's tensors)
             if logits is None:  # outside the except block: the failed forward's tensors are freed
+                gc.collect()  # (those an exception's reference cycle holds too: rare, and worth the memory)
                 if failed_at is None:
                     failed_at, done_before = self.batch_size, self.forwards
                 self.batch_size //= 2

@@ -1,8 +1,8 @@
 """``fakespotter robustness``: the paper's four perturbation attacks applied to real and fake
 images alike, each at every level, and the model's AUC and accuracy at its stored operating
 threshold per level (with bootstrap 95% intervals): robustness.json, robustness.csv,
-robustness.md and robustness.png (AUC, TPR@op and FPR@op against the level, one panel per attack) in
---out-dir; the Markdown table is printed too.
+robustness.md and robustness.png (one panel per attack: AUC, TPR@op and FPR@op against the level;
+side by side, each detector's AUC) in --out-dir; the Markdown table is printed too.
 
 Levels (weakest first): jpeg quality 95 75 50 30; blur sigma 0.5 1 2 3 px; resize factor
 0.75 0.5 0.25 (down, then back up); noise sigma 0.01 0.03 0.05 0.1 of the 0..255 range. The
