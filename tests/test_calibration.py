@@ -45,7 +45,7 @@ def test_means_equal_brute_force_float64(granularity):
     net = small_net()
     x = small_chips(N)
     tap = Tap(net, SMALL_LAYERS, granularity=granularity, input_shape=SMALL_SHAPE)
-    cal = ThresholdCalibrator(tap).fit([x])
+    cal = ThresholdCalibrator(tap, forward_batch=N).fit([x])  # (the brute force's one forward of N)
     layer, neuron = brute_force(net, SMALL_LAYERS, granularity, x)
     assert cal.n_images_ == N
     assert rel_err(cal.layer_means_, layer) <= 1e-12

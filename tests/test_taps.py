@@ -400,6 +400,21 @@ def face_like_chips(n):
 
 
 @needs_dlib
+def test_dlib_thresholds_do_not_depend_on_the_batches_given(dlib_backbone):
+    """The backbone's activations change in their last bits with the forward's batch size (batch
+    1 against 10 moved float32 thresholds by up to 5 ULP); the calibrator's forwards are all of
+    forward_batch chips, whatever the batches it is given."""
+    x = face_like_chips(19)
+    tap = Tap(dlib_backbone, granularity="channel")
+    fits = [ThresholdCalibrator(tap).fit(x[i:i + b] for i in range(0, len(x), b)) for b in (1, 3, 10, 19)]
+    for other in fits[1:]:
+        assert other.layer_means_.tobytes() == fits[0].layer_means_.tobytes()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(other.neuron_means_, fits[0].neuron_means_))
+    with pytest.raises(ValueError, match="forward_batch must be an int >= 1, got 0"):
+        ThresholdCalibrator(tap, forward_batch=0).partial_fit(x[:1])
+
+
+@needs_dlib
 @pytest.mark.parametrize("granularity", ["channel", "element"])
 def test_dlib_rows_equal_reference(dlib_backbone, granularity):
     x = face_like_chips(3)

@@ -165,6 +165,12 @@ class ThresholdCalibrator:
         mode: which thresholds ``thresholds_`` holds: ``"per_layer"`` (paper Eq. 1, default) or
             ``"per_neuron"``. Both are estimated; :meth:`to_thresholds` gives either.
 
+        forward_batch: chips per backbone forward. Every forward has exactly this many (the
+            last of a batch padded with black chips, left out of the means): a backbone's
+            activations can change in their last bits with the forward's batch size, and so
+            would the thresholds with the batches given. Default 16 (a partial_fit of one chip
+            still costs one forward of 16).
+
     Attributes set by ``fit`` / ``partial_fit``:
         n_images_: images seen.
         layer_means_: float64 [L], mean of all neuron values of each layer (exactly rounded).
@@ -175,13 +181,17 @@ class ThresholdCalibrator:
     or float32 [N, 3, H, W] with values 0..255; the tap's preprocessing is applied.
     """
 
-    def __init__(self, tap: Tap, mode: str = "per_layer") -> None:
+    def __init__(self, tap: Tap, mode: str = "per_layer", forward_batch: int = 16) -> None:
         self.tap = tap
         self.mode = mode
+        self.forward_batch = forward_batch
 
     def _validate(self) -> None:
         if not isinstance(self.tap, Tap):
             raise TypeError(f"ThresholdCalibrator: tap must be a Tap, got {type(self.tap).__name__}")
+        fb = self.forward_batch
+        if not isinstance(fb, int) or isinstance(fb, bool) or fb < 1:
+            raise ValueError(f"ThresholdCalibrator: forward_batch must be an int >= 1, got {fb!r}")
         if self.mode not in MODES:
             raise ValueError(f"ThresholdCalibrator: mode must be 'per_layer' or 'per_neuron', "
                              f"got {self.mode!r}")
@@ -212,17 +222,24 @@ class ThresholdCalibrator:
         # leaves the calibrator as it was (no half of it in some layers' sums)
         sums = [t.clone() for t in self._neuron_sums]
 
+        n = 0  # the chips of the forward running (the rest of its rows are padding)
+
         def accumulate(i: int, activation: Tensor) -> None:
-            v = neuron_values(activation, tap.granularity)
-            finite[i] = torch.isfinite(v).all()  # read once per batch, not once per layer
+            v = neuron_values(activation[:n], tap.granularity)
+            finite[i] &= torch.isfinite(v).all()  # (read once per batch, not once per layer and forward)
             mant, exp = torch.frexp(v.reshape(-1))
             ints = (mant * float(1 << _MANT_BITS)).to(torch.int64)
             bins[i].index_add_(0, exp.to(torch.int64) - _EMIN, ints)
             for row in v:  # one image at a time, in image order, onto the running sums
                 sums[i] += row.to(torch.float64)
 
-        if x.shape[0]:
-            tap.capture(tap.prepare(x), accumulate)
+        fb = self.forward_batch
+        for start in range(0, x.shape[0], fb):
+            part = x[start:start + fb]
+            n = part.shape[0]
+            if n < fb:
+                part = torch.cat([part, part.new_zeros((fb - n,) + tuple(part.shape[1:]))])
+            tap.capture(tap.prepare(part), accumulate)
         bad = [slot.name for slot, ok in zip(slots, finite.tolist()) if not ok]
         if bad:
             raise ValueError(f"ThresholdCalibrator.partial_fit: non-finite activations in layers "

@@ -358,7 +358,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already-aligned face crops: resize only, no face detection (default: detect)")
     add_detection_args(p)
-    p.add_argument("--batch-size", type=int, default=64, help="chips per backbone forward (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="chips per backbone forward; the thresholds are calibrated in forwards of 16 chips "
+                        "whatever it is, so that they do not depend on it (default: %(default)s)")
 
 
 def add_detection_args(p: argparse.ArgumentParser, from_model: bool = False) -> None:
