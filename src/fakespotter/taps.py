@@ -12,7 +12,10 @@ each of those nodes' first user (after the node itself when that user would only
 and everything after the last pack is removed. The result is an
 ordinary ``GraphModule`` (plain Python code, no hooks) that shares the backbone's parameters, so
 the same ``Tap`` runs eagerly, under ``torch.compile``, ``torch.export`` (:func:`export_tap`)
-and ``torch.jit.script`` (:func:`script_tap`), with bit-identical rows. Backbones whose forward
+and ``torch.jit.script`` (:func:`script_tap`), with bit-identical rows. (Inductor, the default
+``torch.compile`` backend, may run convolutions channels_last, which round differently: a few
+bits in millions move in ``element`` granularity. ``torch.compile(tap, options={"layout_optimization":
+False})`` keeps the eager layout and the rows.) Backbones whose forward
 has shape-dependent Python (e.g. dlib's zero-padding ``add``) name those helpers in
 ``trace_functions``; they are then called, not traced into.
 
