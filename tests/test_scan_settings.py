@@ -276,6 +276,32 @@ def test_oom_from_the_start_gives_the_records_of_the_smaller_batch(corpus, model
     assert len(notes) == 1 and "forward of 8 chips" in notes[0] and "batches of 2" in notes[0]
 
 
+def test_the_python_api_gives_the_scanners_rows_bit_for_bit():
+    """features() made its chips contiguous NCHW, the scanner hands the backbone channels_last
+    chips: a convolution's sums round differently, and 3 bits of 8.7 million in real chips' rows
+    (element, per-neuron thresholds) differed between the API and the scanner."""
+    samples = pytest.importorskip("fakespotter.samples")
+    from fakespotter.backbones import get_backbone
+    from fakespotter.calibration import ThresholdCalibrator
+    from fakespotter.features import features
+    from fakespotter.scan import _Forward
+    from tapnets import dlib_cached
+
+    if not dlib_cached():
+        pytest.skip("dlib weights not cached")
+    try:
+        chips, _, _ = samples.sample_chips(12, 12, seed=0)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"sample data unavailable ({e})")
+    tap = Tap(get_backbone(), granularity="element")
+    tap.set_thresholds(ThresholdCalibrator(tap, mode="per_neuron").fit([chips[:10]]).thresholds_)
+    from types import SimpleNamespace
+
+    det = SimpleNamespace(tap_=tap, classifier_=SimpleNamespace(decision_function=lambda r: torch.zeros(len(r))))
+    scanner, _ = _Forward(det, "cpu", 14).run(chips[10:])  # (the scanner's forward: rows, then the classifier)
+    assert torch.equal(features(chips[10:], tap, batch_size=14).rows, scanner)
+
+
 @pytest.mark.parametrize("kind", ["cpu", "masked"])
 def test_a_failed_forwards_tensors_are_freed_before_the_retry(model, monkeypatch, kind):
     """The retry runs outside the except block so that the failed forward's tensors are freed; a

@@ -237,8 +237,9 @@ class ThresholdCalibrator:
         for start in range(0, x.shape[0], fb):
             part = x[start:start + fb]
             n = part.shape[0]
-            if n < fb:
-                part = torch.cat([part, part.new_zeros((fb - n,) + tuple(part.shape[1:]))])
+            if n < fb:  # (in prepare_chips' memory layout, as every forward: it sets the last bits too)
+                part = torch.cat([part, part.new_zeros((fb - n,) + tuple(part.shape[1:]))]).contiguous(
+                    memory_format=torch.channels_last)
             tap.capture(tap.prepare(part), accumulate)
         bad = [slot.name for slot, ok in zip(slots, finite.tolist()) if not ok]
         if bad:

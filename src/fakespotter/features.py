@@ -110,7 +110,10 @@ def image_iterable(images: Any) -> Tuple[Iterable[Any], bool]:
 
 
 def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
-    """Validate a chip batch; return float32 [N, 3, H, W] 0..255 on the tap's device.
+    """Validate a chip batch; return float32 [N, 3, H, W] 0..255 on the tap's device, in
+    channels_last memory (what the scanner's uint8 [N, H, W, 3] batches are: a convolution's sums
+    round differently in the other layout, and the rows would differ from the scanner's in a few
+    bits in millions).
 
     Raises TypeError (wrong type or dtype) / ValueError (wrong shape or size), naming what was
     expected and what arrived.
@@ -149,7 +152,7 @@ def prepare_chips(chips: Any, tap: Tap, what: str = "features") -> Tensor:
     else:
         raise TypeError(f"{what}: chips must be uint8 [N, {h}, {w}, 3] or float32 [N, 3, {h}, {w}], "
                         f"got dtype {str(chips.dtype).replace('torch.', '')} with shape {shape}")
-    return x.to(tap.thresholds.device).contiguous()
+    return x.to(tap.thresholds.device).contiguous(memory_format=torch.channels_last)
 
 
 def check_chip_range(chips: Tensor, what: str) -> None:
