@@ -25,6 +25,7 @@ Batch-size independence, exactly:
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -189,9 +190,11 @@ class ThresholdCalibrator:
     def _validate(self) -> None:
         if not isinstance(self.tap, Tap):
             raise TypeError(f"ThresholdCalibrator: tap must be a Tap, got {type(self.tap).__name__}")
+        from .features import MAX_BATCH_SIZE
+
         fb = self.forward_batch
-        if not isinstance(fb, int) or isinstance(fb, bool) or fb < 1:
-            raise ValueError(f"ThresholdCalibrator: forward_batch must be an int >= 1, got {fb!r}")
+        if not isinstance(fb, numbers.Integral) or isinstance(fb, bool) or not 1 <= fb <= MAX_BATCH_SIZE:
+            raise ValueError(f"ThresholdCalibrator: forward_batch must be an int from 1 to {MAX_BATCH_SIZE}, got {fb!r}")
         if self.mode not in MODES:
             raise ValueError(f"ThresholdCalibrator: mode must be 'per_layer' or 'per_neuron', "
                              f"got {self.mode!r}")
@@ -233,7 +236,7 @@ class ThresholdCalibrator:
             for row in v:  # one image at a time, in image order, onto the running sums
                 sums[i] += row.to(torch.float64)
 
-        fb = self.forward_batch
+        fb = int(self.forward_batch)
         for start in range(0, x.shape[0], fb):
             part = x[start:start + fb]
             n = part.shape[0]

@@ -15,7 +15,7 @@ the same ``Tap`` runs eagerly, under ``torch.compile``, ``torch.export`` (:func:
 and ``torch.jit.script`` (:func:`script_tap`), with bit-identical rows. (Inductor, the default
 ``torch.compile`` backend, may run convolutions channels_last, which round differently: a few
 bits in millions move in ``element`` granularity. ``torch.compile(tap, options={"layout_optimization":
-False})`` keeps the eager layout and the rows.) Backbones whose forward
+False})`` keeps the eager layout, and gave the eager rows here.) Backbones whose forward
 has shape-dependent Python (e.g. dlib's zero-padding ``add``) name those helpers in
 ``trace_functions``; they are then called, not traced into.
 

@@ -343,7 +343,8 @@ def no_chips_error(what: str, images: int, no_face: int, aligned: bool, unreadab
                        f"check the inputs{hint}{first}")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, batch_help: str = "chips per backbone forward; the thresholds are "
+                   "calibrated in forwards of 16 chips whatever it is, so that they do not depend on it") -> None:
     p.add_argument("--backbone", default="dlib_resnet_v1",
                    help="backbone id: a built-in one with weights of its own (the resnet ids need a checkpoint: "
                         "Python API), or one an installed package declares under the entry-point group "
@@ -358,9 +359,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already-aligned face crops: resize only, no face detection (default: detect)")
     add_detection_args(p)
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="chips per backbone forward; the thresholds are calibrated in forwards of 16 chips "
-                        "whatever it is, so that they do not depend on it (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help=f"{batch_help} (default: %(default)s)")
 
 
 def add_detection_args(p: argparse.ArgumentParser, from_model: bool = False) -> None:

@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
                         "folder) or image files")
     p.add_argument("--out", required=True, help="the thresholds file to write (safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
-    add_model_args(p)
+    add_model_args(p, batch_help="images read per calibration step (its forwards are all of 16 chips, so that the "
+                                 "thresholds do not depend on it)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress output (default: on stderr, a bar on a terminal, else a line a minute)")
     p.set_defaults(run=run)
