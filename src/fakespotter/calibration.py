@@ -19,7 +19,11 @@ Batch-size independence, exactly:
   (no overflow). The mean is the exact rational sum / count, rounded once to float64.
 * per-neuron sums are float64 additions of one image at a time, in image order: element-wise
   vector adds with no reduction, so every neuron's sum is the same sequential sum whatever the
-  batching.
+  batching;
+* the values themselves: a backbone's activations can change in their last bits with the
+  forward's batch size (its convolutions' sums), so every forward is of ``forward_batch`` chips,
+  the last padded, whatever the batches given, in the channels_last layout of the scanner's
+  chips.
 """
 
 from __future__ import annotations
