@@ -848,7 +848,14 @@ def test_a_decode_child_that_dies_while_starting_is_started_again_once(tmp_path,
         return real(*a, **k)
 
     monkeypatch.setattr(SR, "_decoded", dies_first)
-    out = SR._decode_batch(batch, cfg)
+    try:
+        out = SR._decode_batch(batch, cfg)
+    finally:  # the task keeps its decode process for the next one: a live worker here would keep the
+        from fakespotter.scan import _stop  # forkserver up, and a later test that stops it waits for good
+
+        pool = SR._DECODE_POOL.pop("pool", None)
+        if pool is not None:
+            _stop(pool)
     assert len(calls) == 2 and list(out["index"]) == [0] and json.loads(out["meta"][0])["error"] is None
 
     def always(*a, **k):
