@@ -451,6 +451,31 @@ def test_merge_keeps_both_records_of_an_input_listed_twice_and_says_when_a_shard
     assert f"wrote 27 records, but its shards hold {27 - n} (a shard was deleted?)" in err and "--resume" in err
 
 
+def test_a_shard_from_another_scan_is_refused_by_merge_and_resume(shards, corpus, model, tmp_path, capsys):
+    """A shard copied in from another scan's folder: records of another model, or another input
+    at an index this scan gave to one, are refused rather than merged as if they were this scan's."""
+    src, _ = shards
+    parts = sorted(src.glob("part-*.jsonl"))
+    other_model = tmp_path / "other_model"
+    shutil.copytree(src, other_model)
+    recs = [json.loads(line) for line in open(parts[0])]
+    foreign = other_model / "part-999-000000.jsonl"
+    foreign.write_text("".join(json.dumps(dict(r, index=r["index"] + 1000, model="another-model")) + "\n"
+                               for r in recs))
+    with pytest.raises(ShardsError, match=r"part-999-000000.jsonl: line 1 was scored by model 'another-model'"):
+        list(read_shards(other_model))
+    assert main(["merge", str(other_model), str(tmp_path / "m.jsonl")]) == 2
+    assert "from another scan" in capsys.readouterr().err and not (tmp_path / "m.jsonl").exists()
+    with pytest.raises(ShardsError, match="another-model"):
+        ray_scan(corpus, model, other_model, aligned=True, batch_size=BATCH, mode="resume")
+    other_inputs = tmp_path / "other_inputs"
+    shutil.copytree(src, other_inputs)
+    (other_inputs / "part-999-000000.jsonl").write_text(
+        json.dumps(dict(recs[0], path=recs[0]["path"] + ".elsewhere.png")) + "\n")
+    with pytest.raises(ShardsError, match=f"both hold input {recs[0]['index']} of the listing"):
+        list(read_shards(other_inputs))
+
+
 def test_a_folder_another_scan_writes_is_refused(shards, corpus, model, tmp_path):
     import fcntl
 

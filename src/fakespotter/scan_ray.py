@@ -96,8 +96,9 @@ def _shard_files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.glob("part-*") if p.suffix in (".jsonl",) and p.is_file())
 
 
-def _read_shard(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """(index, record) of each line of a shard; :class:`ShardsError` on a damaged line."""
+def _read_shard(path: Path, model: Optional[str]) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(index, record) of each line of a shard; :class:`ShardsError` on a damaged line or on a
+    record of a model other than ``model`` (the manifest's: a shard copied from another scan)."""
     last = -1
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -113,6 +114,10 @@ def _read_shard(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
                 raise ShardsError(f"{path}: line {n} is not a scan record ({e}); the shards are written "
                                   f"atomically, so it was changed afterwards: delete the shard to rescan its "
                                   f"inputs with --resume") from None
+            if model is not None and r.get("model") != model:
+                raise ShardsError(f"{path}: line {n} was scored by model {r.get('model')!r}, this scan by {model!r} "
+                                  f"({MANIFEST}): the shard comes from another scan; move it away (then --resume "
+                                  f"rescans its inputs)")
             last = index
             yield index, r
 
@@ -123,30 +128,35 @@ def read_shards(folder: Union[str, Path]) -> Iterator[Dict[str, Any]]:
     roughly listing order). Records lose their ``index``; a record met twice (the same index and
     path) is yielded once, while an input listed twice keeps both its records."""
     folder = Path(folder)
-    _read_manifest(folder, required=True)
+    model = _read_manifest(folder, required=True).get("model")
     firsts = []
     for p in _shard_files(folder):
-        first = next(_read_shard(p), None)
+        first = next(_read_shard(p, model), None)
         if first is not None:
             firsts.append(((first[0], first[1]["path"]), str(p)))
     firsts.sort()
-    heap: List[Tuple[Tuple[int, str], int, Dict[str, Any], Iterator]] = []
+    heap: List[Tuple[Tuple[int, str], int, Dict[str, Any], Iterator, str]] = []
     serial = itertools.count()  # ties never compare the dicts
     k = 0
     last: Optional[Tuple[int, str]] = None
+    last_shard = ""
     while heap or k < len(firsts):
         while k < len(firsts) and (not heap or firsts[k][0] <= heap[0][0]):
-            it = _read_shard(Path(firsts[k][1]))
+            it = _read_shard(Path(firsts[k][1]), model)
             i, r = next(it)
-            heapq.heappush(heap, ((i, r["path"]), next(serial), r, it))
+            heapq.heappush(heap, ((i, r["path"]), next(serial), r, it, firsts[k][1]))
             k += 1
-        key, _, r, it = heapq.heappop(heap)
+        key, _, r, it, shard = heapq.heappop(heap)
         nxt = next(it, None)
         if nxt is not None:
-            heapq.heappush(heap, ((nxt[0], nxt[1]["path"]), next(serial), nxt[1], it))
+            heapq.heappush(heap, ((nxt[0], nxt[1]["path"]), next(serial), nxt[1], it, shard))
+        if last is not None and key[0] == last[0] and key[1] != last[1]:  # one index is one input in a scan
+            raise ShardsError(f"{last_shard} and {shard} both hold input {key[0]} of the listing, as {last[1]!r} "
+                              f"and {key[1]!r}: one of them comes from another scan; move it away (then --resume "
+                              f"rescans its inputs)")
         if key != last:  # the same input's record twice (index and path): once
             yield r
-        last = key
+        last, last_shard = key, shard
 
 
 def merge_shards(folder: Union[str, Path], target: Union[str, Path, IO[str]], fmt: str = "jsonl",
@@ -296,7 +306,7 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
                           ", ".join(f"{k} {old.get(k, _SETTINGS_BEFORE.get(k))!r} there, {settings[k]!r} now"
                                     for k in diff))
     for p in _shard_files(out):
-        for index, r in _read_shard(p):
+        for index, r in _read_shard(p, settings["model"]):
             done.append((index, r["path"]))
             counts[r["status"]] += 1
     moved = moved_away(old.get("cwd"), (p for _, p in done))
