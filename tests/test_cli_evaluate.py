@@ -5,6 +5,7 @@ line, before any work)."""
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import re
@@ -105,7 +106,7 @@ def test_a_report_file_that_cannot_be_written_names_the_earlier_runs_files(setup
     assert run_cli(args, capsys)[0] == 1
     old_roc = (out / "roc.png").read_bytes()
 
-    def full(curves, path, title=""):
+    def full(curves, path, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(ev, "plot_roc", full)
@@ -117,6 +118,28 @@ def test_a_report_file_that_cannot_be_written_names_the_earlier_runs_files(setup
         f"this one: {out / 'roc.png'}, {out / 'det.png'}")
     assert err.splitlines()[1].startswith(f"  unreadable: {fake / 'junk.png'}: ")
     assert (out / "roc.png").read_bytes() == old_roc
+
+
+@pytest.mark.parametrize("cmd", ["evaluate", "robustness"])
+def test_a_report_file_made_during_the_run_is_kept(setup, tmp_path, capsys, monkeypatch, cmd):
+    """Without --overwrite the report names are checked at the start; a file another command
+    makes under one of them while this one runs is kept, not replaced (exit 3, naming it)."""
+    command = importlib.import_module(f"fakespotter.cli.{cmd}")
+    out = tmp_path / "eval"
+    made = out / ("report.md" if cmd == "evaluate" else "robustness.md")
+    stale = command.remove_stale
+
+    def meanwhile(*a, **kw):  # runs after the start's checks, before the reports are written
+        made.write_text("another run's report")
+        return stale(*a, **kw)
+
+    monkeypatch.setattr(command, "remove_stale", meanwhile)
+    extra = ["--attacks", "jpeg"] if cmd == "robustness" else []
+    rc, _, err = run_cli([cmd, setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"],
+                          "--aligned", "--out-dir", out, "--bootstrap", "0", "--no-plots", "--quiet", *extra], capsys)
+    assert rc == 3 and made.read_text() == "another run's report"
+    assert f"cannot write {made}: {made} already exists (it appeared while this was being written); it was kept" in err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_evaluate_counts_images_without_faces_and_unreadable(setup, tmp_path, capsys):

@@ -430,9 +430,9 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _save_figure(fig: Any, path: Union[str, Path]) -> None:
+def _save_figure(fig: Any, path: Union[str, Path], replace: bool = True) -> None:
     """``fig.savefig`` to ``path`` atomically, in the format its suffix names."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png"), replace=replace)
 
 
 def _shown(name: Any) -> str:
@@ -445,9 +445,11 @@ def to_json_dict(report: Mapping[str, Any]) -> Dict[str, Any]:
     return _jsonable(dict(report))
 
 
-def write_json(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
+def write_json(report: Mapping[str, Any], path: Union[str, Path], replace: bool = True) -> Path:
+    """The report as strict JSON. Every writer here writes through a temporary file; with
+    ``replace=False`` a file at ``path`` is kept (FileExistsError), even one made meanwhile."""
     p = Path(path)
-    return write_atomic(p, json.dumps(to_json_dict(report), indent=2, allow_nan=False) + "\n")
+    return write_atomic(p, json.dumps(to_json_dict(report), indent=2, allow_nan=False) + "\n", replace=replace)
 
 
 def _labels(report: Mapping[str, Any]) -> List[str]:
@@ -489,9 +491,9 @@ def to_csv(report: Mapping[str, Any]) -> str:
     return buf.getvalue()
 
 
-def write_csv(report: Mapping[str, Any], path: Union[str, Path]) -> Path:
+def write_csv(report: Mapping[str, Any], path: Union[str, Path], replace: bool = True) -> Path:
     p = Path(path)
-    return write_atomic(p, to_csv(report))
+    return write_atomic(p, to_csv(report), replace=replace)
 
 
 _HEADINGS = {"auc": "AUC", "ap": "AP", "eer": "EER", "acc": "ACC", "precision": "Precision", "recall": "Recall",
@@ -534,13 +536,13 @@ def to_markdown(report: Mapping[str, Any], columns: Optional[Sequence[str]] = No
 
 
 def write_markdown(report: Mapping[str, Any], path: Union[str, Path], title: Optional[str] = None,
-                   notes: Sequence[str] = ()) -> Path:
+                   notes: Sequence[str] = (), replace: bool = True) -> Path:
     """The Markdown table with an optional title and notes (one bullet each)."""
     text = (f"# {title}\n\n" if title else "") + to_markdown(report)
     if notes:
         text += "\n" + "".join(f"- {n}\n" for n in notes)
     p = Path(path)
-    write_atomic(p, text)
+    write_atomic(p, text, replace=replace)
     return p
 
 
@@ -559,7 +561,8 @@ def _figure(width: float = 5.0, height: float = 5.0):
     return fig
 
 
-def plot_roc(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], title: str = "ROC") -> Path:
+def plot_roc(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], title: str = "ROC",
+             replace: bool = True) -> Path:
     """ROC curves (one per name: ``(scores, labels)``), with each curve's AUC in the legend."""
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
@@ -572,14 +575,15 @@ def plot_roc(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], titl
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    _save_figure(fig, path)
+    _save_figure(fig, path, replace)
     return Path(path)
 
 
 _DET_TICKS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)
 
 
-def plot_det(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], title: str = "DET") -> Path:
+def plot_det(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], title: str = "DET",
+             replace: bool = True) -> Path:
     """Detection error trade-off: FNR against FPR on normal-deviate (probit) axes, with each
     curve's EER in the legend. Rates are clipped to [0.1%, 99.9%] for display."""
     ppf = np.vectorize(NormalDist().inv_cdf)
@@ -600,12 +604,12 @@ def plot_det(curves: Mapping[str, Tuple[Any, Any]], path: Union[str, Path], titl
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    _save_figure(fig, path)
+    _save_figure(fig, path, replace)
     return Path(path)
 
 
 def plot_lines(panels: Mapping[str, Mapping[str, Tuple[Sequence[Any], Sequence[float]]]], path: Union[str, Path],
-               ylabel: str, title: str = "", reference: Optional[float] = None) -> Path:
+               ylabel: str, title: str = "", reference: Optional[float] = None, replace: bool = True) -> Path:
     """One small panel per key of ``panels``, each with lines ``{label: (x values, y values)}``
     (x may be numbers or strings); ``reference`` draws a dashed horizontal line (e.g. clean AUC)."""
     n = max(len(panels), 1)
@@ -625,7 +629,7 @@ def plot_lines(panels: Mapping[str, Mapping[str, Tuple[Sequence[Any], Sequence[f
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save_figure(fig, path)
+    _save_figure(fig, path, replace)
     return Path(path)
 
 

@@ -619,21 +619,23 @@ def run(args: argparse.Namespace) -> int:
     out_dir, files = plan["out_dir"], plan["files"]
     out_dir.mkdir(exist_ok=True)
     remove_stale(plan, args.quiet)
-    steps = [(files["metrics.json"], lambda: ev.write_json(report, files["metrics.json"])),
-             (files["metrics.csv"], lambda: ev.write_csv(report, files["metrics.csv"]))]
+    replace = args.overwrite  # (else a report file made since the start is kept: exit 3, naming it)
+    steps = [(files["metrics.json"], lambda: ev.write_json(report, files["metrics.json"], replace=replace)),
+             (files["metrics.csv"], lambda: ev.write_csv(report, files["metrics.csv"], replace=replace))]
     if multi:
         text = side_by_side_markdown(report)
         steps.append((files["report.md"], lambda: write_atomic(
             files["report.md"], "# FakeSpotter evaluation, side by side\n\n" + text + "\n"
-            + "".join(f"- {n}\n" for n in notes))))
+            + "".join(f"- {n}\n" for n in notes), replace=replace)))
     else:
         text = ev.to_markdown(report)
-        steps.append((files["report.md"], lambda: ev.write_markdown(report, files["report.md"],
+        steps.append((files["report.md"], lambda: ev.write_markdown(report, files["report.md"], replace=replace,
                                                                      title="FakeSpotter evaluation", notes=notes)))
     if not args.no_plots:
         title = "all images" if multi else "fake = positive"
-        steps += [(files["roc.png"], lambda: ev.plot_roc(curves, files["roc.png"], title=f"ROC ({title})")),
-                  (files["det.png"], lambda: ev.plot_det(curves, files["det.png"],
+        steps += [(files["roc.png"], lambda: ev.plot_roc(curves, files["roc.png"], title=f"ROC ({title})",
+                                                         replace=replace)),
+                  (files["det.png"], lambda: ev.plot_det(curves, files["det.png"], replace=replace,
                                                          title=f"DET ({title})" if multi else "DET"))]
     print(text, end="")
     return write_report_files(steps, "evaluate", report)

@@ -193,10 +193,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = ev.to_markdown(report, columns=columns)
         markdown = "# FakeSpotter robustness\n\n" + text + "\n"
-    steps = [(files["robustness.json"], lambda: ev.write_json(report, files["robustness.json"])),
-             (files["robustness.csv"], lambda: ev.write_csv(report, files["robustness.csv"])),
-             (files["robustness.md"], lambda: write_atomic(files["robustness.md"],
-                                                            markdown + "".join(f"- {n}\n" for n in notes)))]
+    replace = args.overwrite  # (else a report file made since the start is kept: exit 3, naming it)
+    steps = [(files["robustness.json"], lambda: ev.write_json(report, files["robustness.json"], replace=replace)),
+             (files["robustness.csv"], lambda: ev.write_csv(report, files["robustness.csv"], replace=replace)),
+             (files["robustness.md"], lambda: write_atomic(files["robustness.md"], replace=replace,
+                                                            data=markdown + "".join(f"- {n}\n" for n in notes)))]
     if not args.no_plots:
         panels = {}
         for a in attacks:
@@ -212,6 +213,6 @@ def run(args: argparse.Namespace) -> int:
             panels[perturb.DESCRIPTIONS[a]] = panel
         steps.append((files["robustness.png"], lambda: ev.plot_lines(
             panels, files["robustness.png"], ylabel="AUC" if multi else "AUC / rate",
-            reference=None if multi else rows[0]["auc"])))
+            reference=None if multi else rows[0]["auc"], replace=replace)))
     print(text, end="")
     return write_report_files(steps, "robustness", report)
