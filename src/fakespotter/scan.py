@@ -792,7 +792,9 @@ def _stop(ex: ProcessPoolExecutor) -> None:
 def _oom_in(e: Optional[BaseException]) -> Optional[BaseException]:
     """The out-of-memory error that ``e`` is or was raised while handling, or None:
     ``torch.OutOfMemoryError`` (CUDA and others), ``MemoryError``, or a RuntimeError whose
-    message says so (the CPU allocator's is "DefaultCPUAllocator: can't allocate memory").
+    message says so (the CPU allocator's is "DefaultCPUAllocator: can't allocate memory"), or
+    oneDNN's "could not create a primitive", which is how its failure to allocate a convolution's
+    workspace near the memory cap reads (an error of another cause stays an error at batch 1).
     Near the memory cap, torch.fx's report of an error in a traced forward fails to import what
     it needs, and that ImportError hides the allocator's; an error raised ``from None`` says
     what it is itself."""
@@ -807,7 +809,8 @@ def _oom_in(e: Optional[BaseException]) -> Optional[BaseException]:
             return e
         if isinstance(e, RuntimeError):
             m = str(e).lower()
-            if "out of memory" in m or "can't allocate memory" in m or "cannot allocate memory" in m:
+            if any(k in m for k in ("out of memory", "can't allocate memory", "cannot allocate memory",
+                                    "could not create a primitive")):
                 return e
         e = e.__cause__ if e.__cause__ is not None else None if e.__suppress_context__ else e.__context__
     return None
