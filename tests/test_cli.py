@@ -462,6 +462,23 @@ def test_train_keeps_byte_identical_copies_on_one_side_and_counts_images(corpus,
     assert counts["images"] == {"real": 12, "fake": 12} and counts["images_without_faces"] == {"real": 0, "fake": 0}
 
 
+def test_train_on_a_class_of_copies_says_why_it_cannot_hold_out(corpus, tmp_path, capsys):
+    """Copies of one image are one group: the hold-out cannot split the class, and the message
+    says how many groups the class's faces come from, not just "too few"."""
+    real, fake = corpus
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    one = sorted(real.iterdir())[0]
+    for i in range(5):
+        shutil.copy(one, dup / f"{i}_{one.name}")
+    rc, out, err = run_cli(["train", "--real", str(dup), "--fake", str(fake), "--aligned", "--hidden", "4", "--epochs",
+                            "2", "--out", str(tmp_path / "m.fsm")], capsys)
+    assert rc == 2 and not (tmp_path / "m.fsm").exists()
+    assert "4 real images are byte-identical copies of others" in err
+    assert "cannot hold out a validation part of the real class (--validation-fraction 0.25): its faces come from 1 " \
+           "group (" in err and "(--val-real and --val-fake)" in err
+
+
 def test_env(capsys):
     rc, out, err = run_cli(["env", "--json"], capsys)
     info = json.loads(out)

@@ -320,7 +320,13 @@ class FakeSpotter:
                 side = dict(zip(gr.tolist(), vr.tolist()))
                 vf = np.array([side.get(g, v) for g, v in zip(gf.tolist(), vf.tolist())], dtype=bool)
             if vr.all() or vf.all() or not vr.any() or not vf.any():
-                raise ValueError("FakeSpotter.fit: too few images with faces to hold out a validation part of each class; give more images or a validation set (validation=)")
+                which, units = ("real", sr) if vr.all() or not vr.any() else ("fake", sf)
+                kind = (f"{units} group{'s' * (units != 1)} (the split keeps a group on one side: an image and its "
+                        f"byte-identical copies in the CLI, and fakes with the reals of their group)"
+                        if groups is not None else f"{units} image{'s' * (units != 1)}")
+                raise ValueError(f"FakeSpotter.fit: cannot hold out a validation part of the {which} class "
+                                 f"(validation_fraction {self.validation_fraction:g}): its faces come from {kind}; "
+                                 f"give more images or a validation set (validation=)")
             tr_r, va_r, tr_f, va_f = xr.subset(~vr), xr.subset(vr), xf.subset(~vf), xf.subset(vf)
         else:
             tr_r, tr_f = xr, xf

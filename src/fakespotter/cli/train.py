@@ -266,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
         det.fit(xr, xf, validation=validation, sources=sources, groups=None if validation else (gr, gf),
                 augment=augment)
     except ValueError as e:  # (in the API's words: validation= is --val-real / --val-fake here)
-        raise usage_error(str(e).replace("(validation=)", "(--val-real and --val-fake)")) from None
+        raise usage_error(str(e).replace("(validation=)", "(--val-real and --val-fake)")
+                          .replace("validation_fraction", "--validation-fraction")) from None
     # fit saw chips; these are the images they came from (evaluate warns when it scores one of them)
     unread = {f["path"] for f in failures}  # (undecodable: the model never saw them)
     det.training_images_ = None if args.no_fingerprints else image_fingerprints(
