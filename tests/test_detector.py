@@ -193,6 +193,27 @@ def test_images_without_faces_score_nan(fitted, tmp_path):
     assert det.predict([str(blank)]).tolist() == [None]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_validation_split_holds_out_images_with_a_face(seed, monkeypatch):
+    """Images without a face give no chip: the hold-out is drawn among the images that have
+    one, so a class with many faceless images still gets validation_fraction of its faces
+    (drawn among all images, the validation side could come out short, or empty)."""
+    real, fake = noise_chips(16, 0, 1.0), noise_chips(16, 1, 2.0)
+    chips = FakeSpotter._chips
+
+    def with_faceless(self, data, what, tap, files=None):  # real: every third image has the face
+        part, index, n, missing = chips(self, data, what, tap, files)
+        return (part, index * 3, n * 3, missing + 2 * n) if what == "fit(real)" else (part, index, n, missing)
+
+    monkeypatch.setattr(FakeSpotter, "_chips", with_faceless)
+    det = FakeSpotter(hidden=(4,), max_epochs=1, validation_fraction=0.25, seed=seed).fit(real, fake)
+    counts = det.training_summary_["counts"]
+    assert counts["validation"] == {"real": 4, "fake": 4} and counts["images_without_faces"]["real"] == 32
+    with pytest.raises(ValueError, match=r"validation part of the real class \(validation_fraction 0.25\): its "
+                                         r"faces come from 1 image with a face;"):
+        FakeSpotter(hidden=(4,), max_epochs=1, seed=seed).fit(real[:1], fake)
+
+
 def test_not_fitted():
     with pytest.raises(NotFittedError, match="not fitted yet"):
         FakeSpotter().decision_function(noise_chips(1, 0, 1.0))

@@ -472,8 +472,13 @@ def test_a_shard_from_another_scan_is_refused_by_merge_and_resume(shards, corpus
     shutil.copytree(src, other_inputs)
     (other_inputs / "part-999-000000.jsonl").write_text(
         json.dumps(dict(recs[0], path=recs[0]["path"] + ".elsewhere.png")) + "\n")
-    with pytest.raises(ShardsError, match=f"both hold input {recs[0]['index']} of the listing"):
+    both = f"part-001-000000.jsonl and .*part-999-000000.jsonl both hold input {recs[0]['index']} of the listing"
+    with pytest.raises(ShardsError, match=both):
         list(read_shards(other_inputs))
+    with pytest.raises(ShardsError, match=both):
+        ray_scan(corpus, model, other_inputs, aligned=True, batch_size=BATCH, mode="resume")
+    assert main(["merge", str(other_inputs), str(tmp_path / "m.jsonl")]) == 2
+    assert "from another scan" in capsys.readouterr().err and not (tmp_path / "m.jsonl").exists()
 
 
 def test_a_folder_another_scan_writes_is_refused(shards, corpus, model, tmp_path):

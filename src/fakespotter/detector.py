@@ -285,8 +285,8 @@ class FakeSpotter:
         """Train on real and fake images (or chip batches).
 
         validation: optional ``(real_val, fake_val)``; else ``validation_fraction`` of each
-        class's images is held out. groups: ``(real_groups, fake_groups)``, one id per image
-        (per chip for chip batches): a source photo, identity or video. The split never
+        class's images with a face is held out. groups: ``(real_groups, fake_groups)``, one id
+        per image (per chip for chip batches): a source photo, identity or video. The split never
         separates a group; an id found in both classes is one group (its fakes are held out
         with its reals).
         sources: free-form description of where the data came from (fake types, generators,
@@ -305,11 +305,13 @@ class FakeSpotter:
         files: List[Any] = []  # the image files it learns from: their fingerprints go in the model file
         xr, ir, nr, nr_missing = self._chips(real, "fit(real)", tap, files)
         xf, if_, nf, nf_missing = self._chips(fake, "fit(fake)", tap, files)
-        ur, uf, sr, sf = ir, if_, nr, nf  # the units of the validation split: images, or groups
+        # the units of the validation split, numbered from 0: the images with a face, or their groups (an
+        # image without a face held out would leave its side of the split short)
+        ur, uf = np.unique(ir, return_inverse=True)[1], np.unique(if_, return_inverse=True)[1]
         if groups is not None:
             gr, gf = _chip_groups(groups[0], nr, ir, "real"), _chip_groups(groups[1], nf, if_, "fake")
             ur, uf = np.unique(gr, return_inverse=True)[1], np.unique(gf, return_inverse=True)[1]
-            sr, sf = int(ur.max(initial=-1)) + 1, int(uf.max(initial=-1)) + 1
+        sr, sf = int(ur.max(initial=-1)) + 1, int(uf.max(initial=-1)) + 1
         if len(xr) == 0 or len(xf) == 0:
             which = "real" if len(xr) == 0 else "fake"
             raise ValueError(f"FakeSpotter.fit: no face chips from the {which} inputs ({nr if which == 'real' else nf} images, no face found in any)")
@@ -323,7 +325,7 @@ class FakeSpotter:
                 which, units = ("real", sr) if vr.all() or not vr.any() else ("fake", sf)
                 kind = (f"{units} group{'s' * (units != 1)} (the split keeps a group on one side: an image and its "
                         f"byte-identical copies in the CLI, and fakes with the reals of their group)"
-                        if groups is not None else f"{units} image{'s' * (units != 1)}")
+                        if groups is not None else f"{units} image{'s' * (units != 1)} with a face")
                 raise ValueError(f"FakeSpotter.fit: cannot hold out a validation part of the {which} class "
                                  f"(validation_fraction {self.validation_fraction:g}): its faces come from {kind}; "
                                  f"give more images or a validation set (validation=)")

@@ -151,12 +151,16 @@ def read_shards(folder: Union[str, Path]) -> Iterator[Dict[str, Any]]:
         if nxt is not None:
             heapq.heappush(heap, ((nxt[0], nxt[1]["path"]), next(serial), nxt[1], it, shard))
         if last is not None and key[0] == last[0] and key[1] != last[1]:  # one index is one input in a scan
-            raise ShardsError(f"{last_shard} and {shard} both hold input {key[0]} of the listing, as {last[1]!r} "
-                              f"and {key[1]!r}: one of them comes from another scan; move it away (then --resume "
-                              f"rescans its inputs)")
+            raise _two_inputs_at(key[0], last[1], key[1], [last_shard, shard])
         if key != last:  # the same input's record twice (index and path): once
             yield r
         last, last_shard = key, shard
+
+
+def _two_inputs_at(index: int, path: str, other: str, shards: Sequence[Any]) -> ShardsError:
+    return ShardsError(f"{' and '.join(map(str, shards))} both hold input {index} of the listing, as {path!r} and "
+                       f"{other!r}: one of them comes from another scan; move it away (then --resume rescans its "
+                       f"inputs)")
 
 
 def merge_shards(folder: Union[str, Path], target: Union[str, Path, IO[str]], fmt: str = "jsonl",
@@ -309,6 +313,11 @@ def prepare_output(out: Union[str, Path], mode: str, settings: Dict[str, Any]
         for index, r in _read_shard(p, settings["model"]):
             done.append((index, r["path"]))
             counts[r["status"]] += 1
+    done.sort()  # one index is one input in a scan (a record met twice is the same input)
+    for (i, a), (j, b) in zip(done, done[1:]):
+        if i == j and a != b:  # (rare: the shards are read again to name the two)
+            raise _two_inputs_at(i, a, b, [p for p in _shard_files(out)
+                                           if any(k == i for k, _ in _read_shard(p, settings["model"]))])
     moved = moved_away(old.get("cwd"), (p for _, p in done))
     if moved:
         raise ShardsError(f"--resume: {out}{moved}")
