@@ -123,23 +123,36 @@ def test_a_report_file_that_cannot_be_written_names_the_earlier_runs_files(setup
 @pytest.mark.parametrize("cmd", ["evaluate", "robustness"])
 def test_a_report_file_made_during_the_run_is_kept(setup, tmp_path, capsys, monkeypatch, cmd):
     """Without --overwrite the report names are checked at the start; a file another command
-    makes under one of them while this one runs is kept, not replaced (exit 3, naming it)."""
+    makes under one of them while this one runs is kept, not replaced (exit 3, naming it). The
+    plot is written last: the files before it are written, the plot is not. A dangling link
+    under a report's name is refused at the start."""
+    pytest.importorskip("matplotlib")
     command = importlib.import_module(f"fakespotter.cli.{cmd}")
     out = tmp_path / "eval"
-    made = out / ("report.md" if cmd == "evaluate" else "robustness.md")
+    made = out / ("det.png" if cmd == "evaluate" else "robustness.png")
     stale = command.remove_stale
 
     def meanwhile(*a, **kw):  # runs after the start's checks, before the reports are written
-        made.write_text("another run's report")
+        made.write_text("another run's plot")
         return stale(*a, **kw)
 
     monkeypatch.setattr(command, "remove_stale", meanwhile)
     extra = ["--attacks", "jpeg"] if cmd == "robustness" else []
-    rc, _, err = run_cli([cmd, setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"],
-                          "--aligned", "--out-dir", out, "--bootstrap", "0", "--no-plots", "--quiet", *extra], capsys)
-    assert rc == 3 and made.read_text() == "another run's report"
-    assert f"cannot write {made}: {made} already exists (it appeared while this was being written); it was kept" in err
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    args = [cmd, setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"], "--aligned",
+            "--out-dir", out, "--bootstrap", "0", "--quiet", *extra]
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 3 and made.read_text() == "another run's plot"
+    assert err.splitlines()[0].startswith(f"fakespotter {cmd}: error: cannot write {made}: {made} already exists (it "
+                                          f"appeared while this was being written); it was kept; written: ")
+    assert "earlier run" not in err and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    written = {p.name for p in out.iterdir()} - {made.name}
+    assert len(written) == (4 if cmd == "evaluate" else 3)
+    monkeypatch.setattr(command, "remove_stale", stale)
+    for p in out.iterdir():
+        p.unlink()
+    made.symlink_to(tmp_path / "nowhere.png")
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 2 and f"{made} already exists; pass --overwrite" in err and made.is_symlink()
 
 
 def test_evaluate_counts_images_without_faces_and_unreadable(setup, tmp_path, capsys):

@@ -476,8 +476,9 @@ def write_each(steps: Sequence[Tuple[Path, Any]], command: str) -> Optional[int]
     for path, write in steps:
         try:
             write()
-        except OSError as e:
-            older = [str(p) for p, _ in steps if p not in written and p.exists()]
+        except OSError as e:  # (FileExistsError: a file made under this name since the start, said in e)
+            older = [str(p) for p, _ in steps if p not in written and p.exists()
+                     and not (p == path and isinstance(e, FileExistsError))]
             print(f"fakespotter {command}: error: cannot write {path}: {e.strerror or e}"
                   + (f"; written: {', '.join(map(str, written))}" if written else "")
                   + (f"; from an earlier run, not this one: {', '.join(older)}" if older else ""), file=sys.stderr)

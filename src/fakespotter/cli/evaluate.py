@@ -159,7 +159,7 @@ def check_corpus(args: argparse.Namespace, outputs: Sequence[str]) -> Dict[str, 
         if f.exists() and not f.is_file():
             raise usage_error(f"{f} exists and is not a file; it cannot be replaced by a report")
     files = [f for f in every if not (args.no_plots and f.suffix == ".png")]
-    existing = [f for f in every if f.exists()]
+    existing = [f for f in every if os.path.lexists(f)]  # (a dangling link too: the reports are not written through it)
     if existing and not args.overwrite:
         raise usage_error(f"{existing[0]} already exists; pass --overwrite to replace the reports in {out_dir}")
     stale = [f for f in existing if f not in files]  # old plots that --no-plots would leave beside new reports
