@@ -286,6 +286,28 @@ def test_robustness_warns_when_an_attack_changes_which_images_have_a_face():
     assert _faces_caveat(labels, SimpleNamespace(scores=scores, faces=faces), variants[::2]) == []
 
 
+def test_robustness_rows_of_the_same_images_resample_alike():
+    """Every row's bootstrap uses --seed: two levels that score the same images draw the same
+    resamples, so their intervals differ only by what the attack changed (here nothing), and
+    the report's "seed S" is each row's seed."""
+    import argparse
+    from types import SimpleNamespace
+
+    from fakespotter.cli.robustness import _rows
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 30)
+    s = rng.normal(labels, 1.0)
+    variants = [("clean", None), ("jpeg", 95), ("jpeg", 75)]
+    moved = s + rng.normal(0, 0.5, len(s))
+    scored = SimpleNamespace(scores={variants[0]: s, variants[1]: s.copy(), variants[2]: moved},
+                             faces={v: np.ones(len(s), int) for v in variants})
+    args = argparse.Namespace(bootstrap=200, seed=7)
+    rows = _rows(labels, scored, variants, 0.5, args, None)
+    assert rows[0]["ci"] == rows[1]["ci"] and rows[0]["auc"] == rows[1]["auc"]
+    assert rows[2]["ci"] != rows[0]["ci"]
+
+
 @pytest.mark.parametrize("cmd", ["evaluate", "robustness"])
 def test_help_states_defaults(cmd, capsys):
     with pytest.raises(SystemExit) as e:

@@ -67,7 +67,7 @@ _KEEP = ("auc", "acc_operating", "tpr_operating", "fpr_operating", "eer", "ap")
 def _rows(labels: np.ndarray, scored: Any, variants: List[Tuple[str, Any]], op: float, args: argparse.Namespace,
           detector: Optional[str]) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
-    for k, (attack, level) in enumerate(variants):
+    for attack, level in variants:
         s, f = scored.scores[(attack, level)], scored.faces[(attack, level)]
         c = counts(labels, s, f)
         ok = ~np.isnan(s)
@@ -80,7 +80,7 @@ def _rows(labels: np.ndarray, scored: Any, variants: List[Tuple[str, Any]], op: 
                     "mean_score_fake": float(np.mean(s[ok & (labels == 1)])) if c["fake"]["scored"] else float("nan")})
         if c["real"]["scored"] and c["fake"]["scored"]:
             r = ev.evaluate(s[ok], labels[ok], operating_threshold=op, bootstrap=args.bootstrap,
-                            seed=args.seed + k)["rows"][0]
+                            seed=args.seed)["rows"][0]  # (one seed: rows with the same images resample alike)
             row.update({m: r[m] for m in _KEEP})
             row["ci"] = {m: r["ci"][m] for m in _KEEP}
         else:  # the attack removed every face of a class: nothing to rank
