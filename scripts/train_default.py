@@ -14,15 +14,17 @@ The operating threshold is set for a true-positive rate (``TARGET_TPR`` of the v
 false-positive rate: the val reals are mostly NBA headshots, on which any threshold looks safe,
 while real faces from other sources score far higher (on val, the three face-api faces scored
 above most headshots).  At TPR 0.5 of all val fakes (about three quarters of the entire-synthesis
-ones; the local types score near the reals) none of the val reals of either source is flagged;
-the value was fixed on val before the test split was scored.
+ones; the local types score near the reals) 2 of the 54 val reals are flagged; the value was
+fixed on val before the test split was scored.
 
 - ``REPORTS/evaluate/``: ``fakespotter evaluate`` of the default detector and the baselines
   (all trained on the same train split) on the test split;
 - ``REPORTS/robustness/``: ``fakespotter robustness`` over the four attacks, same detectors;
 - ``REPORTS/training.json``: the training summary stored in the model file.
 
-Everything is seeded; the model file differs between runs only in its creation time.
+Everything is seeded; the model file differs between runs of the same code only in its creation
+time (``SOURCE_DATE_EPOCH`` sets that too). The shipped file was trained by an earlier version
+(README, "Model card"): the current code gives another file.
 """
 
 from __future__ import annotations
