@@ -5,9 +5,9 @@ or one missing a shard, gives the records it has, with a warning (also with --qu
 code 1 (finish it first with scan --engine ray --resume).
 
 Exit codes: 0 merged, 1 merged what an unfinished scan or a folder missing a shard holds, 2
-usage error (not a shards folder, a damaged shard or one from another scan, OUT exists or is being written by another
-command), 3 writing OUT failed (disk full, file size limit: OUT is written under a temporary
-name and renamed at the end, so an existing OUT stays as it was)."""
+usage error (not a shards folder, a damaged shard or one from another scan, OUT exists or is
+being written by another command), 3 writing OUT failed (disk full, file size limit: OUT is
+written under a temporary name and renamed at the end, so an existing OUT stays as it was)."""
 
 from __future__ import annotations
 
