@@ -418,3 +418,51 @@ def test_thresholds_of_another_dtype_or_shape_are_refused(tmp_path):
             Thresholds.load(tmp_path / f"{what}.safetensors")
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.mode = "per_layer"
+
+
+def test_a_refit_starts_afresh_and_every_forward_has_forward_batch_chips(monkeypatch):
+    """fit() forgets what an earlier fit saw (scikit-learn's contract; partial_fit is the one
+    that adds up); every backbone forward gets exactly forward_batch chips, the last one
+    padded, however the batches are cut (a real backbone's last bits depend on it)."""
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    a, b = small_chips(3, seed=1), small_chips(5, seed=2)
+    cal = ThresholdCalibrator(tap, mode="per_neuron").fit([a])
+    cal.fit([b])
+    fresh = ThresholdCalibrator(tap, mode="per_neuron").fit([b])
+    assert cal.n_images_ == 5 and cal.layer_means_.tobytes() == fresh.layer_means_.tobytes()
+    assert all(torch.equal(x, y) for x, y in zip(cal.thresholds_.values, fresh.thresholds_.values))
+    seen = []
+    capture = Tap.capture
+
+    def counted(self, x, *args, **kw):
+        seen.append(int(x.shape[0]))
+        return capture(self, x, *args, **kw)
+
+    monkeypatch.setattr(Tap, "capture", counted)
+    cal = ThresholdCalibrator(tap, forward_batch=4).fit([small_chips(5), small_chips(3), small_chips(1)])
+    assert seen == [4, 4, 4, 4] and cal.n_images_ == 9  # 5: 4, then 1 padded; 3 padded; 1 padded
+    for bad in (0, True, 4097, 2.5):
+        with pytest.raises(ValueError, match=f"forward_batch must be an int from 1 to 4096, got {bad!r}"):
+            ThresholdCalibrator(tap, forward_batch=bad).fit([small_chips(2)])
+
+
+def test_per_layer_thresholds_hold_one_value_a_layer(tmp_path):
+    """Thresholds labelled per_layer with per-neuron values would be taken by a tap as per-neuron:
+    refused when built, and when loaded from a file that says so."""
+    from dataclasses import replace
+
+    tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    t = ThresholdCalibrator(tap, mode="per_neuron").fit([small_chips(3)]).thresholds_
+    first = next(n for n, v in zip(t.layers, t.values) if v.numel() > 1)
+    with pytest.raises(ValueError, match=f"per_layer threshold.{first} has"):
+        replace(t, mode="per_layer")
+    path = tmp_path / "t.safetensors"
+    t.save(path)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"]["mode"] = "per_layer"
+    head = json.dumps(header).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + data[8 + n:])
+    with pytest.raises(ValueError, match=f"bad.safetensors: Thresholds: per_layer threshold.{first} has"):
+        Thresholds.load(tmp_path / "bad.safetensors")

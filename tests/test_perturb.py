@@ -121,7 +121,7 @@ def test_bad_arguments():
         apply("noise", 25, x)
     with pytest.raises(TypeError, match=r"blur: image must be uint8 \(RGB 0..255\), got dtype float32"):
         apply("blur", 1, x.astype(np.float32))
-    with pytest.raises(ValueError, match=r"image must be \[H, W, 3\] or \[N, H, W, 3\] RGB, got shape \[96, 80\]"):
+    with pytest.raises(ValueError, match=r"image must be \[H, W, 3\] or \[N, H, W, 3\] RGB with H, W >= 1, got shape \[96, 80\]"):
         apply("jpeg", 50, x[..., 0])
     with pytest.raises(ValueError, match="PIL images must be mode RGB, got 'L'"):
         apply("jpeg", 50, Image.fromarray(x[..., 0]))
@@ -238,3 +238,43 @@ def test_augmenter_levels_fraction_and_attacks():
     for bad in ([], ["nope"], ["jpeg", "crop"]):
         with pytest.raises(ValueError, match="Augmenter: attacks must be a non-empty subset of"):
             perturb.Augmenter(attacks=bad)
+
+
+def test_augmenter_streams_copy_and_range_ends():
+    """Two streams (the real and the fake class) draw independently; an attacked chip is the
+    attack applied with the documented seed; the input is left as it was; JPEG qualities reach
+    both ends of their range."""
+    x = np.random.default_rng(3).integers(0, 256, size=(300, 8, 8, 3), dtype=np.uint8)
+    keep = x.copy()
+    aug = perturb.Augmenter(fraction=0.6, seed=4)
+    out0 = aug(x, 0)
+    first = aug.last_
+    out1 = aug(x, 1)
+    assert first != aug.last_ and not np.array_equal(out0, out1)
+    assert np.array_equal(x, keep) and out0 is not x
+    noisy = perturb.Augmenter(fraction=1.0, seed=4, attacks=["noise"])
+    out = noisy(x[:5], 1)
+    for i, attack, level in noisy.last_:
+        assert np.array_equal(out[i], perturb.noise(x[i], level, seed=(4, 1, i)))
+    aug = perturb.Augmenter(fraction=1.0, seed=0, attacks=["jpeg"])
+    aug(np.zeros((3000, 1, 1, 3), np.uint8))
+    qualities = {q for _, _, q in aug.last_}
+    assert min(qualities) == min(ATTACKS["jpeg"]) and max(qualities) == max(ATTACKS["jpeg"])
+
+
+def test_more_bad_arguments():
+    x = smooth_image()
+    with pytest.raises(ValueError, match=r"jpeg: quality must be an int in 1..100, got 50.5"):
+        apply("jpeg", 50.5, x)
+    with pytest.raises(ValueError, match=r"image must be \[H, W, 3\] or \[N, H, W, 3\] RGB with H, W >= 1"):
+        apply("blur", 1, np.zeros((0, 5, 3), np.uint8))
+    for bad in (1.5, -0.1, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"Augmenter: fraction must be in \[0, 1\]"):
+            perturb.Augmenter(fraction=bad)
+    for bad in (-1, 1.7, float("nan"), float("inf"), "3", True):
+        with pytest.raises(ValueError, match=r"Augmenter: seed must be an int >= 0"):
+            perturb.Augmenter(seed=bad)
+    for bad in (float("nan"), float("inf"), [1, float("nan")]):
+        with pytest.raises(ValueError, match=r"noise: seed must be an int >= 0 or a sequence of them"):
+            apply("noise", 0.03, x, seed=bad)
+    assert np.array_equal(apply("noise", 0.03, x, seed=np.array([5, 0])), apply("noise", 0.03, x, seed=(5, 0)))

@@ -92,6 +92,10 @@ class Thresholds:
                              f"got {self.granularity!r}")
         if len(self.values) != len(self.layers):
             raise ValueError(f"Thresholds: {len(self.layers)} layers but {len(self.values)} values")
+        if self.mode == "per_layer":  # (else a tap would take them as per-neuron values)
+            for n, v in zip(self.layers, self.values):
+                if v.numel() != 1:
+                    raise ValueError(f"Thresholds: per_layer threshold.{n} has {v.numel()} values")
 
     def save(self, path: Union[str, Path], overwrite: bool = False) -> None:
         """Write a safetensors file (tensors ``threshold.<layer>``, the rest as metadata),
@@ -147,8 +151,6 @@ class Thresholds:
             if t.dtype != torch.float32 or t.dim() != 1:
                 raise ValueError(f"{path}: threshold.{n} must be float32 [k], got {t.dtype} "
                                  f"{list(t.shape)}")
-            if fields["mode"] == "per_layer" and t.numel() != 1:
-                raise ValueError(f"{path}: per_layer threshold.{n} has {t.numel()} values")
             if not bool(torch.isfinite(t).all()):  # (a NaN threshold turns every bit of its layer off)
                 raise ValueError(f"{path}: threshold.{n} holds NaN or infinite values")
             values.append(t)

@@ -4,7 +4,8 @@ robustness section): JPEG compression, Gaussian blur, resizing down and back up,
 Every attack takes ``uint8 [H, W, 3]`` (one image) or ``uint8 [N, H, W, 3]`` (a chip batch) and
 returns the same shape and dtype; a ``PIL.Image`` comes back as a ``PIL.Image``. Attacks are
 deterministic: only noise draws random numbers, from ``seed`` (and, in a batch, one stream per
-item: ``default_rng([*seed, item])``, so an item's noise does not depend on the batch it is in).
+item: ``default_rng([*seed, item])``, so an item's noise depends on its place in the batch, not
+on the batch's size or its other items).
 
 :data:`ATTACKS` lists the levels swept by ``fakespotter robustness``, weakest first.
 
@@ -50,7 +51,8 @@ def _check_image(image: Any, what: str) -> np.ndarray:
     if a.dtype != np.uint8:
         raise TypeError(f"{what}: image must be uint8 (RGB 0..255), got dtype {a.dtype}")
     if a.ndim not in (3, 4) or a.shape[-1] != 3 or 0 in a.shape[-3:-1]:
-        raise ValueError(f"{what}: image must be [H, W, 3] or [N, H, W, 3] RGB, got shape {list(a.shape)}")
+        raise ValueError(f"{what}: image must be [H, W, 3] or [N, H, W, 3] RGB with H, W >= 1, got shape "
+                         f"{list(a.shape)}")
     return a
 
 
@@ -142,8 +144,8 @@ def noise(image: ImageLike, sigma: float, seed: Union[int, Sequence[int]] = 0) -
     number)``); item ``i`` of a batch (0 for one image) uses ``default_rng([*seed, i])``."""
     if not (_is_number(sigma) and 0 < sigma <= 1):
         raise ValueError(f"noise: sigma must be a fraction of the range in (0, 1], got {sigma!r}")
-    seeds = [seed] if _is_number(seed) else list(seed) if isinstance(seed, (tuple, list)) else [None]
-    if not seeds or not all(_is_number(s) and int(s) == s and s >= 0 for s in seeds):
+    seeds = [seed] if _is_number(seed) else list(seed) if isinstance(seed, (tuple, list, np.ndarray)) else [None]
+    if not seeds or not all(_is_number(s) and math.isfinite(s) and int(s) == s and s >= 0 for s in seeds):
         raise ValueError(f"noise: seed must be an int >= 0 or a sequence of them, got {seed!r}")
     seeds = [int(s) for s in seeds]
     a = _check_image(image, "noise")
@@ -194,6 +196,8 @@ class Augmenter:
     def __init__(self, fraction: float = 0.5, seed: int = 0, attacks: Sequence[str] = tuple(ATTACKS)):
         if not (_is_number(fraction) and 0.0 <= fraction <= 1.0):
             raise ValueError(f"Augmenter: fraction must be in [0, 1], got {fraction!r}")
+        if not (_is_number(seed) and math.isfinite(seed) and int(seed) == seed and seed >= 0):
+            raise ValueError(f"Augmenter: seed must be an int >= 0, got {seed!r}")
         bad = [a for a in attacks if a not in ATTACKS]
         if bad or not attacks:
             raise ValueError(f"Augmenter: attacks must be a non-empty subset of {sorted(ATTACKS)}, got {list(attacks)}")
