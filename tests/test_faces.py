@@ -83,6 +83,11 @@ def test_alpha_is_composited_over_the_background():
         [[[200, 100, 50], [255, 255, 255], [227, 177, 152]]])
     la = Image.fromarray(np.array([[[90, 255], [90, 0]]], np.uint8), "LA")
     np.testing.assert_array_equal(F.load_image(la), [[[90] * 3, [0] * 3]])
+    pa = Image.new("PA", (2, 1))  # palette + alpha (a PIL image handed to the API)
+    pa.putpalette([10, 20, 30] * 256)
+    pa.putpixel((0, 0), (0, 255))
+    pa.putpixel((1, 0), (0, 0))
+    assert F.load_image(pa, background=(9, 9, 9)).tolist() == [[[10, 20, 30], [9, 9, 9]]]
 
 
 def test_16_bit_grey_maps_by_257():

@@ -75,6 +75,13 @@ def valid_files():
     yield "grey", jpeg(photo().convert("L"))
     yield "grey-restart", jpeg(photo().convert("L"), restart_marker_blocks=5)
     yield "cmyk", jpeg(photo().convert("CMYK"))
+    # restart intervals counted in MCUs of every subsampling, on a size that is no whole number of
+    # MCUs (cameras write 4:2:2 with restart markers): an MCU count taken from the wrong sampling
+    # factor refuses these valid files
+    for sub in ("4:4:4", "4:2:2", "4:2:0"):
+        for progressive in (False, True):
+            yield (f"{sub}-restart{'-progressive' * progressive}",
+                   jpeg(photo(77, 61), subsampling=sub, restart_marker_blocks=3, progressive=progressive))
     for w, h in ((1, 1), (7, 5), (17, 9), (64, 1), (1, 70)):
         yield f"{w}x{h}", jpeg(photo(w, h))
         yield f"{w}x{h}-progressive-restart", jpeg(photo(w, h), progressive=True, restart_marker_blocks=1)

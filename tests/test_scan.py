@@ -560,6 +560,16 @@ def test_a_file_that_grows_while_read_is_read_to_its_end_or_refused_past_the_lim
     assert e.value.kind == "too_large"
 
 
+def test_the_size_limit_takes_a_file_of_exactly_that_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "MAX_FILE_BYTES", 100)
+    (tmp_path / "at.png").write_bytes(b"x" * 100)
+    (tmp_path / "over.png").write_bytes(b"x" * 101)
+    assert D.read_entry(D.Entry(str(tmp_path / "at.png"), str(tmp_path / "at.png"))) == b"x" * 100
+    with pytest.raises(D.ImageError) as e:
+        D.read_entry(D.Entry(str(tmp_path / "over.png"), str(tmp_path / "over.png")))
+    assert e.value.kind == "too_large"
+
+
 def test_list_lines_are_paths_as_written(tmp_path):
     for name in ("#hash.png", " lead.png", "trail .png", "plain.png"):
         (tmp_path / name).write_bytes(b"x")
