@@ -241,3 +241,14 @@ def test_hold_out_keeps_a_group_of_both_classes_on_one_side():
     separate = np.where(y == 1, np.char.add("f-", groups), groups)  # same layout, no shared id
     assert any(not np.array_equal(_hold_out(separate, y, 0.3, s)[:10], _hold_out(separate, y, 0.3, s)[10:20])
                for s in range(5))
+
+
+def test_an_explicit_target_fpr_replaces_the_models_target_tpr_and_a_lone_group_is_refused():
+    suite = bl.BaselineSuite(["spectrum"], model_params={"target_tpr": 0.9, "target_fpr": None}, target_fpr=0.05)
+    assert suite.target_fpr == 0.05 and suite.target_tpr is None
+    kept = bl.BaselineSuite(["spectrum"], model_params={"target_tpr": 0.9})
+    assert kept.target_tpr == 0.9
+    with pytest.raises(ValueError, match=r"the real class has 1 group\(s\); at least 2 are needed"):
+        bl._hold_out(np.array([0, 0, 1, 2]), np.array([0, 0, 1, 1]), 0.25, 0)
+    val = bl._hold_out(np.array([0, 1, 2, 3, 4, 5]), np.array([0, 0, 0, 1, 1, 1]), 0.9, 0)
+    assert 0 < val[:3].sum() < 3 and 0 < val[3:].sum() < 3  # (a large fraction still leaves each class a side)

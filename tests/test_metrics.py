@@ -440,3 +440,26 @@ def test_evaluate_by_rows_for_single_label_groupings():
     rep = ev.evaluate_by(s, y, [("src", src, "real")], bootstrap=0)
     assert [(r["kind"], r["group"]) for r in rep["rows"]][1:] == [("src", g) for g in dict.fromkeys(
         np.asarray(src)[np.asarray(y) == 0])]
+
+
+def test_row_intervals_seeds_reports_and_edge_values(tmp_path):
+    """Row i's intervals are bootstrap_ci's with seed + i (as the docstring says, so a user can
+    redraw one row's); the Markdown report prints [low, high] in that order; an infinite
+    threshold is written as null; a set without reals has no FPR; FPR targets below 1% keep
+    their digits in the column name."""
+    s, y, groups = grouped_case()
+    rep = ev.evaluate(s, y, groups=groups, threshold=0.2, operating_threshold=1.0, bootstrap=40, seed=3)
+    g = np.array(groups)
+    assert [r["group"] for r in rep["rows"]] == ["all", "dcgan", "swap", "nba", "ffhq"]
+    for i, mask in ((0, np.ones(len(s), bool)), (1, (y == 0) | (g == "dcgan")), (3, (y == 1) | (g == "nba"))):
+        ci = ev.bootstrap_ci(s[mask], y[mask], lambda a, b: ev.metrics(a, b, 0.2, 1.0), n=40, seed=3 + i)
+        assert rep["rows"][i]["ci"]["auc"] == list(ci["auc"]) and rep["rows"][i]["ci"]["eer"] == list(ci["eer"])
+    md = ev.write_markdown(rep, tmp_path / "m.md").read_text()
+    r = rep["rows"][1]
+    lo, hi = r["ci"]["auc"]
+    assert lo < hi and f"{r['auc']:.3f} [{lo:.3f}, {hi:.3f}]" in md
+    back = json.loads(ev.write_json(ev.evaluate(s, y, threshold=float("inf"), bootstrap=0), tmp_path / "i.json")
+                      .read_text())
+    assert back["settings"]["threshold"] is None and back["rows"][0]["recall"] == 0.0
+    assert math.isnan(ev.threshold_metrics([1.0, 2.0], [1, 1], 0.0)["fpr"])
+    assert "tpr_at_0.1pct_fpr" in ev.metrics(s, y, fpr_targets=(0.001,))
