@@ -7,8 +7,8 @@ import io
 
 import pytest
 
-from fakespotter.manifest import (COLUMNS, MANIFEST_NAME, ManifestError, ManifestRow, file_sha256, manifest_text,
-                                  params_json, read_manifest, write_manifest)
+from fakespotter.manifest import (COLUMNS, MANIFEST_NAME, Manifest, ManifestError, ManifestRow, file_sha256,
+                                  manifest_text, params_json, read_manifest, verify_files, write_manifest)
 
 
 def _row(file, label="real", split="train", group=None, **kw):
@@ -144,3 +144,69 @@ def test_a_bom_and_blank_lines_are_read_and_bad_bytes_name_the_line(dataset):
     path.write_bytes(b"\n".join(lines[:-2] + [b'"' + lines[-2] + b"x" * 200_000]))  # no closing quote
     with pytest.raises(ManifestError, match=r"manifest.csv line \d+: not valid CSV"):
         read_manifest(root)
+
+
+# Tests from a mutation audit of manifest.py: each fails on a one-line change that no test caught.
+@pytest.mark.parametrize("change, match", [
+    (dict(file=""), "column 'file': must be a relative"),                       # m01
+    (dict(file="a\\b.jpg"), "column 'file': must be a relative"),               # m03
+    (dict(sha256="ab" * 31), "column 'sha256': must be 64 lowercase hex"),      # m05
+    (dict(sha256="AB" * 32), "column 'sha256': must be 64 lowercase hex"),      # m06
+    (dict(generator="dcgan"), "a real image has no fake_type or generator"),    # m07
+])
+def test_more_bad_rows(tmp_path, change, match):
+    with pytest.raises(ManifestError, match=match):
+        write_manifest([_row("a.jpg"), dataclasses.replace(_row("b.jpg"), **change)], tmp_path)
+
+
+def test_a_header_with_the_columns_in_another_order_is_refused(tmp_path):
+    """m21 (only the header's length checked)."""
+    cols = list(COLUMNS)
+    cols[1], cols[2] = cols[2], cols[1]
+    (tmp_path / MANIFEST_NAME).write_text(",".join(cols) + "\n")
+    with pytest.raises(ManifestError, match="header must be file,sha256"):
+        read_manifest(tmp_path)
+
+
+def test_a_folder_in_place_of_a_listed_file_is_missing(tmp_path):
+    """m27 (is_file -> exists)."""
+    r = _row("a.jpg")
+    write_manifest([r], tmp_path)
+    (tmp_path / "a.jpg").mkdir()
+    with pytest.raises(ManifestError, match=r"1 of 1 listed files are missing .*\(a\.jpg\)"):
+        read_manifest(tmp_path)
+
+
+def test_missing_files_show_three_then_dots(tmp_path):
+    """m28 (> 3 -> > 2), m29 (three shown -> two)."""
+    rows = [_row(f"{c}.jpg") for c in "abcd"]
+    write_manifest(rows[:3], tmp_path)
+    with pytest.raises(ManifestError, match=r"3 of 3 listed files are missing .*\(a\.jpg, b\.jpg, c\.jpg\)$"):
+        read_manifest(tmp_path)
+    write_manifest(rows, tmp_path)
+    with pytest.raises(ManifestError, match=r"4 of 4 listed files are missing .*\(a\.jpg, b\.jpg, c\.jpg, \.\.\.\)$"):
+        read_manifest(tmp_path)
+
+
+def test_a_folder_named_manifest_csv_is_no_manifest(tmp_path):
+    """m35 (is_file -> exists): a folder manifest.csv inside the data set folder."""
+    (tmp_path / MANIFEST_NAME).mkdir()
+    with pytest.raises(FileNotFoundError, match="no manifest at"):
+        read_manifest(tmp_path)
+
+
+def test_verify_files(tmp_path):
+    """m32 (!= -> ==), m33 (unreadable files reported as bad): verify_files had no test."""
+    rows = [_row("a.jpg"), _row("b.jpg"), _row("c.jpg")]
+    for r in rows:
+        (tmp_path / r.file).write_bytes(f"content of {r.file}".encode())
+    (tmp_path / "b.jpg").write_bytes(b"changed")
+    (tmp_path / "c.jpg").unlink()
+    bad, unreadable = verify_files(Manifest(tmp_path, tuple(rows)))
+    assert bad == ["b.jpg"]
+    assert [f for f, _ in unreadable] == ["c.jpg"] and isinstance(unreadable[0][1], OSError)
+
+
+def test_params_json_is_canonical():
+    """m37 (sort_keys dropped)."""
+    assert params_json({"b": 1, "a": [2, 3]}) == '{"a":[2,3],"b":1}'

@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Iterator, Optional, Sequence
+import numbers
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -177,6 +178,27 @@ class BitsetMLPClassifier:
         layers.append(nn.Linear(width, 1, dtype=torch.float32))  # (whatever torch's default dtype)
         return nn.Sequential(*layers)
 
+    def _check_params(self) -> None:
+        """A ValueError naming the first parameter that training (or a model file) cannot use."""
+        def whole(v: Any, low: int) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+
+        def number(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not isinstance(self.hidden, (tuple, list)) or not all(whole(h, 1) for h in self.hidden):
+            raise ValueError(f"classifier parameter hidden must be a list of layer widths >= 1, got {self.hidden!r}")
+        if not (number(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"classifier parameter dropout must be a number in [0, 1), got {self.dropout!r}")
+        for name in ("lr", "weight_decay"):
+            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"classifier parameter {name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name, low in (("max_epochs", 1), ("batch_size", 1), ("patience", 0), ("seed", 0)):
+            if not whole(getattr(self, name), low):
+                raise ValueError(f"classifier parameter {name} must be an int >= {low}, got {getattr(self, name)!r}")
+        if self.class_weight not in ("balanced", None):
+            raise ValueError(f"classifier parameter class_weight must be 'balanced' or None, got {self.class_weight!r}")
+
     def _split(self, n: int, y: torch.Tensor, generator: torch.Generator):
         val = torch.zeros(n, dtype=torch.bool)
         for cls in (0, 1):
@@ -193,6 +215,7 @@ class BitsetMLPClassifier:
         ``validation=(rows_val, y_val)`` gives the early-stopping set; otherwise
         ``validation_fraction`` of the rows are held out (stratified).
         """
+        self._check_params()
         rows = _check_rows(rows)
         y = _check_labels(y, rows.shape[0])
         if not 0.0 < self.validation_fraction < 1.0 and validation is None:
@@ -213,10 +236,8 @@ class BitsetMLPClassifier:
         counts = torch.bincount(y_tr, minlength=2).double()
         if self.class_weight == "balanced":
             class_w = (counts.sum() / (2 * counts.clamp_min(1))).float()
-        elif self.class_weight is None:
-            class_w = torch.ones(2)
         else:
-            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+            class_w = torch.ones(2)
 
         with _deterministic(self.seed):
             net = self._build(words * WORD_BITS)
@@ -305,12 +326,8 @@ class BitsetMLPClassifier:
     @classmethod
     def from_state_tensors(cls, params: dict, tensors: dict, words: int) -> "BitsetMLPClassifier":
         est = cls(**params)
+        est._check_params()
         hidden = est.hidden
-        if not isinstance(hidden, (tuple, list)) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
-                                                            for h in hidden):
-            raise ValueError(f"classifier parameter hidden must be a list of layer widths >= 1, got {hidden!r}")
-        if not (isinstance(est.dropout, (int, float)) and not isinstance(est.dropout, bool) and 0 <= est.dropout < 1):
-            raise ValueError(f"classifier parameter dropout must be a number in [0, 1), got {est.dropout!r}")
         # the shapes _build gives (Linear, ReLU, Dropout per hidden layer, then the output Linear), checked
         # before anything is built: the widths come from the file, and a mangled one could ask for terabytes
         widths = [words * WORD_BITS, *hidden, 1]
