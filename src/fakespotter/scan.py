@@ -1967,16 +1967,24 @@ def _parquet_resume_state(folder: Union[str, Path]) -> ResumeState:
 
 
 def read_records(path: Union[str, Path], fmt: str) -> Iterator[Dict[str, Any]]:
-    """The records of a scan output, in order: JSON lines, or the complete part files of a
-    Parquet folder (the same dicts; ``faces`` a list of dicts). One part in memory at a time."""
+    """The records of a scan output, in order: the complete lines of a JSON-lines file (a last
+    line without its line break, torn by a killed scan, is left out, as ``--resume`` drops it;
+    a damaged line raises a ValueError naming it), or the complete part files of a Parquet
+    folder (the same dicts; ``faces`` a list of dicts). One part in memory at a time."""
     if fmt == "parquet":
         keep, _ = _parquet_scan(path)
         for part in keep:
             yield from _read_part(part) or []
     elif fmt == "jsonl":
         with open(path, "rb") as f:
-            for line in f:
-                yield json.loads(line.decode("utf-8", "surrogateescape"))
+            for number, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    return
+                try:
+                    yield json.loads(line.decode("utf-8", "surrogateescape"))
+                except ValueError as e:
+                    raise ValueError(f"read_records: {path}, line {number}: not a JSON record ({e}): "
+                                     f"{_clip(line.rstrip()).decode('utf-8', 'replace')}") from None
     else:
         raise ValueError(f"read_records: fmt must be 'jsonl' or 'parquet', got {fmt!r}")
 
