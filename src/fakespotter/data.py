@@ -217,8 +217,9 @@ def list_is_image(first_line: str) -> Optional[str]:
 
 def open_list(listing: Union[str, Path]) -> IO[str]:
     """A file list for reading: UTF-8 (a byte-order mark is skipped), bytes that are not UTF-8
-    kept as surrogates (so such file names still name their files)."""
-    return open(listing, encoding="utf-8-sig", errors="surrogateescape")
+    kept as surrogates (so such file names still name their files), lines ended by "\\n" alone
+    (a "\\r" inside a file name is part of it; "\\r\\n" endings are stripped by the reader)."""
+    return open(listing, encoding="utf-8-sig", errors="surrogateescape", newline="\n")
 
 
 def stdin_list() -> IO[str]:
@@ -234,7 +235,7 @@ def stdin_list() -> IO[str]:
         fd = sys.stdin.fileno()
     except (AttributeError, OSError, ValueError):
         return sys.stdin
-    return open(fd, encoding="utf-8-sig", errors="surrogateescape", closefd=False)
+    return open(fd, encoding="utf-8-sig", errors="surrogateescape", newline="\n", closefd=False)
 
 
 def _list_base(listing: str) -> str:

@@ -228,7 +228,8 @@ def piped_listing(args: argparse.Namespace, reread: bool) -> Optional[IO[str]]:
     source = itertools.chain([first], source)  # type: ignore[assignment]
     if not reread:
         return source
-    spool = tempfile.SpooledTemporaryFile(max_size=1 << 23, mode="w+", encoding="utf-8", errors="surrogateescape")
+    spool = tempfile.SpooledTemporaryFile(max_size=1 << 23, mode="w+", encoding="utf-8", errors="surrogateescape",
+                                         newline="\n")
     spool.writelines(source)
     spool.seek(0)
     return spool
