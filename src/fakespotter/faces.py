@@ -199,7 +199,8 @@ _EXIF_ERRORS = (SyntaxError, struct.error, ValueError, TypeError, KeyError, Inde
 
 def _orientation(img: Image.Image) -> int:
     """``img``'s EXIF orientation when it is one of 2..8, else 1 (also when its EXIF block
-    cannot be read: a damaged block does not fail the image)."""
+    cannot be read: a damaged block does not fail the image; and when the tag is not an integer,
+    the EXIF standard's SHORT: a RATIONAL 6/1, which ``ImageOps.exif_transpose`` would obey)."""
     try:
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except _EXIF_ERRORS:
