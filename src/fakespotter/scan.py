@@ -1981,10 +1981,11 @@ def read_records(path: Union[str, Path], fmt: str) -> Iterator[Dict[str, Any]]:
                 if not line.endswith(b"\n"):
                     return
                 try:
-                    yield json.loads(line.decode("utf-8", "surrogateescape"))
+                    record = json.loads(line.decode("utf-8", "surrogateescape"))
                 except ValueError as e:
                     raise ValueError(f"read_records: {path}, line {number}: not a JSON record ({e}): "
                                      f"{_clip(line.rstrip()).decode('utf-8', 'replace')}") from None
+                yield record
     else:
         raise ValueError(f"read_records: fmt must be 'jsonl' or 'parquet', got {fmt!r}")
 
