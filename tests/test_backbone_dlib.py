@@ -310,3 +310,120 @@ def test_descriptor_matches_dlib(dlib_mod, photos, real_model):
     d = {n: o for n, o in zip(sorted(photos), ours)}
     assert np.linalg.norm(d["obama.jpg"] - d["obama2.jpg"]) < 0.6
     assert np.linalg.norm(d["obama.jpg"] - d["biden.jpg"]) > 0.6
+
+
+# ----------------------------------------------------------------------------------------------
+# layer details, input size, trailing bytes and the module built (from a mutation audit)
+
+
+def enc_alias(shape) -> bytes:
+    return enc_int(1) + b"".join(enc_int(d) for d in shape)
+
+
+def con_details(filters=4, cin=2, k=3, stride=1, pad=1, bshape=None, version="con_4", use_bias=True, use_relu=False):
+    n = filters * cin * k * k + (filters if use_bias else 0)
+    data = enc_str(version) + enc_tensor(np.arange(n, dtype=np.float32))
+    data += b"".join(enc_int(v) for v in (filters, k, k, stride, stride, pad, pad))
+    data += enc_alias((filters, cin, k, k)) + enc_alias(bshape or (1, filters, 1, 1))
+    data += b"".join(enc_float(1.0) for _ in range(4))
+    if version in ("con_5", "con_6"):
+        data += b"1" if use_bias else b"0"
+    if version == "con_6":
+        data += b"1" if use_relu else b"0"
+    return data
+
+
+def read(data: bytes, spec, in_channels):
+    r = reader(data)
+    out = D.DlibResNetParams(input_mean=(0.0, 0.0, 0.0), input_size=(150, 150))
+    got = D._read_details(r, spec, out, in_channels)
+    assert r.pos == len(data)
+    return got, out
+
+
+CON = D._Spec("con", "u.conv1", (4, 3, 3, 1))
+
+
+def test_conv_details_are_read_and_their_geometry_checked():
+    channels, out = read(con_details(), CON, 2)
+    weight, bias, stride, pad = out.conv["u.conv1"]
+    assert channels == 4 and weight.shape == (4, 2, 3, 3) and (stride, pad) == (1, 1)
+    assert bias.tolist() == [72.0, 73.0, 74.0, 75.0]
+    for bad in (dict(stride=2), dict(pad=0), dict(k=1, pad=0)):
+        with pytest.raises(D.DlibFormatError, match=r"mem.dat: at byte offset 0: layer u.conv1 \(con\): expected "
+                           r"\(num_filters, nr, nc, stride_y, stride_x, padding_y, padding_x\) = \(4, 3, 3, 1, 1, 1, 1\)"):
+            read(con_details(**bad), CON, 2)
+
+
+def test_conv_biases_of_another_shape_are_refused():
+    with pytest.raises(D.DlibFormatError, match=r"expected biases of shape \(1, 4, 1, 1\), found \(1, 1, 4, 1\)"):
+        read(con_details(bshape=(1, 1, 4, 1)), CON, 2)
+
+
+def test_take_refuses_a_negative_count():
+    r = reader(b"abc")
+    r.pos = 2
+    with pytest.raises(D.DlibFormatError, match=r"at byte offset 2: unexpected end of file reading x \(-1 bytes"):
+        r.take(-1, "x")
+    assert r.pos == 2
+
+
+def test_trailing_bytes_after_the_network_are_refused(weights_copy):
+    size = weights_copy.stat().st_size
+    with open(weights_copy, "ab") as f:
+        f.write(b"\x00\x00")
+    with pytest.raises(D.DlibFormatError, match=rf"at byte offset {size}: 2 unexpected trailing bytes"):
+        D.parse_dlib_resnet(weights_copy)
+
+
+def test_an_input_size_other_than_150_is_refused(weights_copy, tmp_path):
+    dlib_dat = weights_copy.read_bytes()
+    key = enc_str("input_rgb_image_sized")
+    r = D._Reader(dlib_dat, "x")
+    r.pos = dlib_dat.index(key) + len(key)
+    for _ in range(3):
+        r.real("mean")
+    assert dlib_dat[r.pos:r.pos + 4] == b"\x01\x96\x01\x96"  # nr = nc = 150
+    data = bytearray(dlib_dat)
+    data[r.pos + 1] = 149
+    path = tmp_path / "size.dat"
+    path.write_bytes(bytes(data))
+    with pytest.raises(D.DlibFormatError, match=r"input size: expected \(150, 150\), found \(149, 150\)"):
+        D.parse_dlib_resnet(path)
+
+
+def _params_of(model: D.DlibFaceResNet) -> D.DlibResNetParams:
+    p = D.DlibResNetParams(input_mean=(1.0, 2.0, 3.0), input_size=(150, 150))
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            p.conv[name] = (m.weight.detach().numpy(), m.bias.detach().numpy(), m.stride[0], m.padding[0])
+        elif isinstance(m, D.Affine):
+            p.affine[name] = (m.weight.detach().numpy(), m.bias.detach().numpy())
+    p.fc = model.fc.weight.detach().numpy()
+    return p
+
+
+def test_from_params_copies_every_tensor_and_checks_stride_and_padding():
+    torch.manual_seed(0)
+    src = D.DlibFaceResNet()
+    params = _params_of(src)
+    got = D.DlibFaceResNet.from_params(params)
+    assert all(torch.equal(a, b) for a, b in zip(got.parameters(), src.parameters()))
+    assert got.input_mean.flatten().tolist() == [1.0, 2.0, 3.0]
+    w, b, stride, pad = params.conv["layer2.0.conv1"]
+    params.conv["layer2.0.conv1"] = (w, b, 1, 1)
+    with pytest.raises(ValueError, match=r"from_params: layer2.0.conv1: stride/padding \(1, 1\) differ"):
+        D.DlibFaceResNet.from_params(params)
+
+
+def test_the_dlib_module_is_float32_whatever_the_default_dtype(weights_copy):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = D.load_dlib_resnet(weights_copy)
+    finally:
+        torch.set_default_dtype(old)
+    assert {t.dtype for t in model.state_dict().values()} == {torch.float32}
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
 import fakespotter
+from fakespotter import ops
 from fakespotter import reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -317,10 +319,33 @@ def test_python_wrappers_take_thresholds_as_floats_lists_and_arrays():
 
 
 def test_popcount_and_unpack_default_to_the_rest_of_the_row_from_their_offset():
-    from fakespotter import ops
 
     p = torch.tensor([[1, 3, 7]], dtype=torch.int64)
     assert ops.layer_popcount(p, 1).tolist() == [5] and ops.layer_popcount(p).tolist() == [6]
     bits = ops.unpack_bits(p, word_offset=1)
     assert bits.shape == (1, 128) and bits[0, :3].tolist() == [True, True, False] and int(bits.sum()) == 5
     assert ops.unpack_bits(p).shape == (1, 192)
+
+
+def test_a_threshold_tensor_goes_to_the_op_as_given():
+    # a tensor is not converted (the op refuses a float64 one), unlike a numpy array, which is cast to float32
+    x = torch.rand(2, 8, 3, 3)
+    with pytest.raises(ValueError, match="threshold_pack: thresholds must be float32, got Double"):
+        ops.threshold_pack(x, torch.full((8,), 0.5, dtype=torch.float64))
+    assert torch.equal(ops.threshold_pack(x, np.full(8, 0.5)), ops.threshold_pack(x, 0.5))
+
+
+def test_a_tuple_of_bools_is_refused_like_a_list_of_bools():
+    x = torch.rand(2, 8, 3, 3)
+    for bad in ((True,) * 8, (True,) + (0.5,) * 7):
+        with pytest.raises(TypeError, match="threshold_pack: thresholds must be a float.*got tuple"):
+            ops.threshold_pack(x, bad)
+    assert torch.equal(ops.threshold_pack(x, (0.5,) * 8), ops.threshold_pack(x, 0.5))
+
+
+def test_quantize_linear_leaves_room_for_rounding_up():
+    # ten weights of 214748364.6: their sum fits int32, but rounded up one by one it would not
+    w = torch.full((1, 10), 214748364.6, dtype=torch.float64)
+    q, scale = ops.quantize_linear(w)
+    assert int(q.to(torch.int64).abs().sum()) <= 2**31 - 1
+    assert float((q.double().T * scale.double() - w).abs().max()) <= float(scale) / 2

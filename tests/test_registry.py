@@ -14,7 +14,8 @@ from fakespotter import weights as W
 from fakespotter.backbones import (Backbone, Preprocessing, custom_backbone, get_backbone,
                                    list_backbones, list_layers, register_backbone)
 from fakespotter.backbones import dlib_resnet as D
-from fakespotter.backbones.resnet import CheckpointError, resnet, resnet_default_layers
+from fakespotter.backbones.resnet import (BasicBlock, Bottleneck, CheckpointError, read_state_dict, resnet,
+                                          resnet_default_layers)
 from fakespotter.taps import Tap
 
 from tapnets import DLIB_NAME, FETCH_HINT, SMALL_SHAPE, dlib_cached, small_net
@@ -277,3 +278,24 @@ def test_a_model_whose_registered_backbone_is_missing_names_it(tmp_path, monkeyp
     with pytest.raises(ModelFileError, match=r"backbone 'test-myres' is not available here \(nor is its id "
                                              r"'resnet18' as registered here: .*no weights of its own"):
         FakeSpotter.load(tmp_path / "m.fsm")
+
+
+def test_a_state_dict_with_a_tensor_named_model_is_not_taken_for_a_wrapper(tmp_path):
+    path = tmp_path / "flat.pt"
+    torch.save({"model": torch.ones(2), "other": torch.zeros(1)}, path)
+    got = read_state_dict(path)
+    assert sorted(got) == ["model", "other"] and torch.equal(got["model"], torch.ones(2))
+    torch.save({"epoch": 3, "model": {"a": torch.ones(1)}}, path)
+    assert list(read_state_dict(path)) == ["a"]
+
+
+@pytest.mark.parametrize("block, inplanes, planes", [(BasicBlock, 8, 8), (Bottleneck, 32, 8)])
+def test_a_residual_blocks_output_is_post_relu(block, inplanes, planes):
+    torch.manual_seed(0)
+    b = block(inplanes, planes).eval()
+    x = torch.randn(2, inplanes, 5, 5)
+    with torch.no_grad():
+        y = b(x)
+        pre = b.bn2(b.conv2(b.relu1(b.bn1(b.conv1(x))))) if block is BasicBlock else \
+            b.bn3(b.conv3(b.relu2(b.bn2(b.conv2(b.relu1(b.bn1(b.conv1(x))))))))
+    assert (pre + x).min() < 0 and torch.equal(y, torch.relu(pre + x))
