@@ -885,6 +885,8 @@ class _DetailMatcher:
         self.edges = np.quantile(real, [k / bins for k in range(1, bins)]) if real.size else np.zeros(0)
         counts = np.bincount(np.searchsorted(self.edges, real, side="right"), minlength=bins)
         share = n * counts / max(1, counts.sum())
+        if not real.size:  # nothing to follow: every candidate lands in the one bin there is
+            share[0] = n
         target = np.floor(share).astype(int)
         for b in np.argsort(-(share - target), kind="stable")[: n - int(target.sum())]:
             target[b] += 1
