@@ -121,8 +121,9 @@ class FakeSpotter:
         threshold_mode: ``"per_layer"`` (paper Eq. 1, default) or ``"per_neuron"``.
         classifier: ``"mlp"`` (a shallow network on the activation bits, as the paper's; its size
             and training are this implementation's choices; default) or ``"logistic"``.
-        hidden: hidden layer widths of the shallow network (default (16, 16); the first layer
-            runs on packed bits, and its width sets the cost of scoring: see benchmarks/RESULTS.md).
+        hidden: hidden layer widths of the shallow network (default (16, 16); ``()``: none, a
+            logistic regression trained as the network is; the first layer runs on packed bits,
+            and its width sets the cost of scoring: see benchmarks/RESULTS.md).
         target_fpr: false-positive rate the operating threshold is picked for on the
             validation split's reals (default 0.01).
         target_tpr: if set, the operating threshold is picked for this true-positive rate on
@@ -221,17 +222,17 @@ class FakeSpotter:
     def _check_params(self) -> None:
         if self.classifier not in _CLASSIFIERS:
             raise ValueError(f"FakeSpotter: classifier must be one of {sorted(_CLASSIFIERS)}, got {self.classifier!r}")
-        if not 0.0 < self.target_fpr < 1.0:
-            raise ValueError(f"FakeSpotter: target_fpr must be in (0, 1), got {self.target_fpr}")
-        if self.target_tpr is not None and not 0.0 < self.target_tpr <= 1.0:
-            raise ValueError(f"FakeSpotter: target_tpr must be in (0, 1] or None, got {self.target_tpr}")
+        if not (_is_real(self.target_fpr) and 0.0 < self.target_fpr < 1.0):
+            raise ValueError(f"FakeSpotter: target_fpr must be in (0, 1), got {self.target_fpr!r}")
+        if self.target_tpr is not None and not (_is_real(self.target_tpr) and 0.0 < self.target_tpr <= 1.0):
+            raise ValueError(f"FakeSpotter: target_tpr must be in (0, 1] or None, got {self.target_tpr!r}")
         check_weak_face_score(self.weak_face_score, "FakeSpotter")
         check_detect_pixels(self.detect_pixels, "FakeSpotter")
         if (isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, Iterable)
                 or not all(_is_int(h, 1) for h in self.hidden)):
             raise ValueError(f"FakeSpotter: hidden must be a sequence of layer widths (ints >= 1), "
                              f"e.g. (16, 16); got {self.hidden!r}")
-        if not (isinstance(self.validation_fraction, numbers.Real) and 0.0 < self.validation_fraction < 1.0):
+        if not (_is_real(self.validation_fraction) and 0.0 < self.validation_fraction < 1.0):
             raise ValueError(f"FakeSpotter: validation_fraction must be in (0, 1) (images held out to pick the "
                              f"operating threshold), got {self.validation_fraction!r}")
         check_batch_size(self.batch_size, "FakeSpotter")
@@ -693,6 +694,10 @@ def _frozen(v: Any) -> Any:
 
 def _is_int(v: Any, low: int) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _is_rows(X: Any) -> bool:
