@@ -59,6 +59,29 @@ def small_net(seed: int = 0) -> SmallNet:
     return SmallNet().eval()
 
 
+class PooledNet(nn.Module):
+    """conv -> batch norm -> ReLU -> global pool -> linear (8 channels, 6 outputs), seeded; any
+    input size. The small backbone of the detector tests (monitored layers ``POOLED_LAYERS``)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 6)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(self.act(self.bn(self.conv(x)))), 1))
+
+
+POOLED_LAYERS = ("act", "pool", "fc")
+
+
 def small_chips(n: int, seed: int = 1) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand((n, *SMALL_SHAPE), generator=g) * 255

@@ -10,31 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from fakespotter import FakeSpotter, artifact, custom_backbone, detector
 from fakespotter.backbones.registry import _REGISTRY, register_backbone
 from fakespotter.detector import _operating_threshold, describe_operating_threshold
+from tapnets import POOLED_LAYERS, PooledNet
 
-SMALL = "mut-audit-small"
-LAYERS = ("act", "pool", "fc")
-
-
-class SmallNet(nn.Module):
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.act = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 6)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.act(self.bn(self.conv(x)))), 1))
+SMALL = "detector-edges-small"
 
 
 def chips(n: int = 24, seed: int = 0):
@@ -46,7 +28,7 @@ def chips(n: int = 24, seed: int = 0):
 @pytest.fixture(scope="module")
 def small():
     before = dict(_REGISTRY)
-    register_backbone(SMALL, lambda: custom_backbone(SmallNet(), LAYERS, 32, id=SMALL, scale=1 / 255,
+    register_backbone(SMALL, lambda: custom_backbone(PooledNet(), POOLED_LAYERS, 32, id=SMALL, scale=1 / 255,
                                                      mean=(0.5,) * 3, std=(0.25,) * 3))
     yield SMALL
     _REGISTRY.clear()
