@@ -427,3 +427,81 @@ def test_the_dlib_module_is_float32_whatever_the_default_dtype(weights_copy):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
+AFFINE = D._Spec("affine", "u.affine1")
+
+
+def affine_details(c=2, version="affine_", mode=0, disabled=False):
+    data = enc_str(version) + enc_tensor(np.arange(2 * c, dtype=np.float32))
+    data += enc_alias((1, c, 1, 1)) + enc_alias((1, c, 1, 1)) + enc_int(mode)
+    if version == "affine_2":
+        data += b"1" if disabled else b"0"
+    return data
+
+
+def test_affine_details_are_read_and_their_mode_checked():
+    channels, out = read(affine_details(), AFFINE, 2)
+    gamma, beta = out.affine["u.affine1"]
+    assert channels == 2 and gamma.tolist() == [0.0, 1.0] and beta.tolist() == [2.0, 3.0]
+    with pytest.raises(D.DlibFormatError, match=r"at byte offset 0: layer u.affine1 \(affine\): expected per-channel "
+                                                r"mode \(CONV_MODE = 0\), found 1"):
+        read(affine_details(mode=1), AFFINE, 2)
+    with pytest.raises(D.DlibFormatError, match=r"disabled affine layers are not supported"):
+        read(affine_details(version="affine_2", disabled=True), AFFINE, 2)
+
+
+@pytest.mark.parametrize("version", ["bn_con2", "bn_fc2"])
+def test_a_training_time_batch_norm_is_named_as_such(version):
+    with pytest.raises(D.DlibFormatError, match=rf"found a training-time batch-norm layer \({version}\); "
+                                                r"expected the inference-time affine layer"):
+        read(affine_details(version=version), AFFINE, 2)
+
+
+def test_a_disabled_relu_is_refused():
+    spec = D._Spec("relu", "u.relu1")
+    assert read(enc_str("relu_2") + b"0", spec, 5)[0] == 5
+    with pytest.raises(D.DlibFormatError, match=r"layer u.relu1 \(relu\): disabled relu layers are not supported"):
+        read(enc_str("relu_2") + b"1", spec, 5)
+
+
+def test_pool_details_have_their_geometry_checked():
+    spec = D._Spec("max_pool", "maxpool", (3, 3, 2))
+    good = (3, 3, 2, 2, 0, 0)
+    assert read(enc_str("max_pool_2") + b"".join(map(enc_int, good)), spec, 4)[0] == 4
+    for bad in ((3, 3, 2, 2, 1, 1), (3, 3, 1, 1, 0, 0), (2, 2, 2, 2, 0, 0)):
+        with pytest.raises(D.DlibFormatError, match=r"layer maxpool \(max_pool\): expected \(nr, nc, stride_y, stride_x, "
+                                                    r"padding_y, padding_x\) = \(3, 3, 2, 2, 0, 0\), found"):
+            read(enc_str("max_pool_2") + b"".join(map(enc_int, bad)), spec, 4)
+
+
+def fc_details(outputs=3, inputs=2, bias_mode=1):
+    data = enc_str("fc_2") + enc_int(outputs) + enc_int(inputs)
+    data += enc_tensor(np.arange(inputs * outputs, dtype=np.float32))
+    data += enc_alias((inputs, outputs, 1, 1)) + enc_alias((1, outputs, 1, 1)) + enc_int(bias_mode)
+    data += b"".join(enc_float(1.0) for _ in range(4))
+    return data
+
+
+def test_fc_details_are_read_transposed_and_bias_mode_checked():
+    spec = D._Spec("fc", "fc", (3,))
+    channels, out = read(fc_details(), spec, 2)
+    assert channels == 3 and out.fc.tolist() == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+    with pytest.raises(D.DlibFormatError, match=r"layer fc \(fc\): expected FC_NO_BIAS \(1\), found bias_mode 0"):
+        read(fc_details(bias_mode=0), spec, 2)
+
+
+def test_dlib_add_pads_whichever_side_has_fewer_channels():
+    a = torch.ones(1, 2, 3, 3)
+    b = torch.full((1, 4, 3, 3), 10.0)
+    for out in (D.dlib_add(a, b), D.dlib_add(b, a)):
+        assert out.shape == (1, 4, 3, 3)
+        assert out[0, :2].eq(11).all() and out[0, 2:].eq(10).all()
+
+
+def test_from_params_refuses_params_missing_a_layer():
+    torch.manual_seed(0)
+    src = D.DlibFaceResNet()
+    for kind, name in (("conv", "layer3.0.conv2"), ("affine", "layer1.1.affine1")):
+        p = _params_of(src)
+        del getattr(p, kind)[name]
+        with pytest.raises(ValueError, match=r"DlibFaceResNet.from_params: parsed layers do not match the module"):
+            D.DlibFaceResNet.from_params(p)

@@ -349,3 +349,42 @@ def test_quantize_linear_leaves_room_for_rounding_up():
     q, scale = ops.quantize_linear(w)
     assert int(q.to(torch.int64).abs().sum()) <= 2**31 - 1
     assert float((q.double().T * scale.double() - w).abs().max()) <= float(scale) / 2
+
+
+def test_a_zero_dim_threshold_array_is_one_value_for_the_layer():
+    x = torch.rand(2, 8, 3, 3)
+    assert torch.equal(ops.threshold_pack(x, np.array(0.5)), ops.threshold_pack(x, 0.5))
+    out = torch.zeros(2, 1, dtype=torch.int64)
+    ops.threshold_pack_into(x, np.array(0.5, dtype=np.float64), out, 0)
+    assert torch.equal(out, ops.threshold_pack(x, 0.5))
+
+
+def test_quantize_linear_refuses_a_weight_of_more_than_two_dims():
+    with pytest.raises(ValueError, match=r"quantize_linear: weight must be a float \[outputs, inputs\] matrix, "
+                                         r"got torch.float32 of shape \[2, 3, 4\]"):
+        ops.quantize_linear(torch.ones(2, 3, 4))
+
+
+def test_quantize_linear_accepts_a_row_that_sums_to_int32_max_exactly():
+    # a huge float64 weight: the step is clamped at 2**126 and q lands exactly on 2**31 - 1
+    w = torch.tensor([[(2**31 - 1) * 2.0**126]], dtype=torch.float64)
+    q, scale = ops.quantize_linear(w)
+    assert q.tolist() == [[2**31 - 1]] and scale.tolist() == [2.0**126]
+    assert torch.equal(q.double().T * scale.double(), w)
+
+
+def test_bitset_table_refuses_q_that_is_not_int32():
+    for bad in (torch.ones(2, 1), torch.ones(2, 1, dtype=torch.int16), torch.ones(2, 1, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=rf"bitset_table: q must be int32 of shape \[inputs, outputs\], got {bad.dtype}"):
+            ops.bitset_table(bad)
+
+
+def test_bitset_table_of_no_outputs_is_empty():
+    table = ops.bitset_table(torch.zeros(5, 0, dtype=torch.int32))
+    assert table.shape == (2, 16, 0) and table.dtype == torch.int32
+
+
+def test_bitset_table_names_the_output_that_overflows():
+    q = torch.tensor([[1, 2**31 - 1, 7], [1, 2**31 - 1, 7]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"bitset_table: the weights of output 1 sum to 4294967294 in absolute value"):
+        ops.bitset_table(q)

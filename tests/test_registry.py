@@ -14,8 +14,8 @@ from fakespotter import weights as W
 from fakespotter.backbones import (Backbone, Preprocessing, custom_backbone, get_backbone,
                                    list_backbones, list_layers, register_backbone)
 from fakespotter.backbones import dlib_resnet as D
-from fakespotter.backbones.resnet import (BasicBlock, Bottleneck, CheckpointError, read_state_dict, resnet,
-                                          resnet_default_layers)
+from fakespotter.backbones.resnet import (BasicBlock, Bottleneck, CheckpointError, load_resnet_checkpoint,
+                                          read_state_dict, resnet, resnet_default_layers)
 from fakespotter.taps import Tap
 
 from tapnets import DLIB_NAME, FETCH_HINT, SMALL_SHAPE, dlib_cached, small_net
@@ -299,3 +299,16 @@ def test_a_residual_blocks_output_is_post_relu(block, inplanes, planes):
         pre = b.bn2(b.conv2(b.relu1(b.bn1(b.conv1(x))))) if block is BasicBlock else \
             b.bn3(b.conv3(b.relu2(b.bn2(b.conv2(b.relu1(b.bn1(b.conv1(x))))))))
     assert (pre + x).min() < 0 and torch.equal(y, torch.relu(pre + x))
+
+
+def test_a_checkpoint_without_fc_loads_as_a_feature_extractor(tmp_path):
+    torch.manual_seed(0)
+    ref = resnet("resnet18", 0).eval()
+    path = tmp_path / "nofc.pth"
+    torch.save(ref.state_dict(), path)
+    m = load_resnet_checkpoint(path, "resnet18")
+    assert "fc.weight" not in m.state_dict() and m.feature_dim == 512
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        got = m(x)
+        assert got.shape == (1, 512) and torch.equal(got, ref(x))
