@@ -213,8 +213,8 @@ def run(args: argparse.Namespace) -> int:
         for label, x, paths, missing in (("real", vr, plan["val"][0], vr_missing),
                                          ("fake", vf, plan["val"][1], vf_missing)):
             if len(x) == 0:
-                where = f"--val-{label}" if plan["mode"] == "folders" else f"the manifest's val split ({label})"
-                raise no_chips_error(f"{where} image", len(paths), missing, args.aligned,
+                what = f"--val-{label} image" if plan["mode"] == "folders" else f"{label} image of the manifest's val split"
+                raise no_chips_error(what, len(paths), missing, args.aligned,
                                      [f for f in failures if f["path"] in {str(p) for p in paths}])
         validation, val_missing = (vr, vf), {"real": vr_missing, "fake": vf_missing}
     xr, gr, nr_missing = extract(real_paths, "real", args, plan["size"], failures)
