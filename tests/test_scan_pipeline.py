@@ -1,12 +1,14 @@
 """scan.py's pipeline where no other fast test looks: the decode of one file, detector settings,
-time limits, the forkserver's preload and early server, _alive, the decode loop (_decoded, _chunks,
-_wait) run against a fake in-process pool and a fake clock, record groups, stats and argument
-checks. Mostly model-free; the few scans use scan_helpers' tiny detector trained on noise."""
+time limits, the forkserver's preload and early server, _alive, a worker's start-up, the decode
+loop (_decoded, _chunks, _wait) run against a fake in-process pool and a fake clock (crashes,
+hangs, redo and isolation, kept pools), record groups, counts, stats and argument checks. Mostly
+model-free; the few scans use scan_helpers' tiny detector trained on noise."""
 
 from __future__ import annotations
 
 import importlib
 import io
+import math
 import os
 import signal
 import subprocess
@@ -215,6 +217,141 @@ def test_alive_is_false_for_a_zombie_and_for_a_process_gone():
     assert not alive(child.pid)
 
 
+def test_usable_cpus_is_the_size_of_the_affinity_mask():
+    assert S().usable_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_a_workers_chunk_is_decoded_each_file_under_the_time_limit(monkeypatch):
+    monkeypatch.delenv(S()._CRASH_ENV, raising=False)
+    monkeypatch.delenv(S()._HANG_ENV, raising=False)
+    monkeypatch.setattr(S(), "_decode_timed", lambda e, c: ("timed", e.path, c.file_timeout))
+    got = S()._decode_chunk([D.Entry("a"), D.Entry("b")], cfg(file_timeout=5.0))
+    assert got == [("timed", "a", 5.0), ("timed", "b", 5.0)]
+
+
+def test_a_decode_records_the_frames_of_an_animation():
+    frames = [Image.fromarray(np.full((24, 24, 3), v, np.uint8)) for v in (40, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    res = S()._decode_one(D.Entry("x.gif", data=buf.getvalue()), cfg())
+    assert res["error"] is None and res["frames"] == 2
+
+
+@pytest.fixture
+def dlib_loads(monkeypatch):
+    """dlib's detector and landmark model as stand-ins that record their loading; a worker
+    that has not warmed up yet."""
+    from fakespotter import faces as F
+
+    loads = []
+    monkeypatch.setattr(F, "_detector", lambda: loads.append("detector"))
+    monkeypatch.setattr(F, "_predictor", lambda path: loads.append("predictor"))
+    monkeypatch.setattr(F, "_landmark_path", lambda: "landmarks.dat")
+    monkeypatch.setattr(F, "detect_and_align", lambda *a, **k: loads.append("detect") or [])
+    monkeypatch.setattr(S(), "_WARM", False)
+    return loads
+
+
+def test_a_timed_decode_loads_dlib_before_the_file_only_when_it_detects_faces(dlib_loads):
+    entry = D.Entry("x.png", data=png_bytes(20, 20))
+    res = S()._decode_timed(entry, cfg(aligned=True, file_timeout=5.0))
+    assert res["error"] is None and dlib_loads == []  # aligned chips: no detector to load
+    S()._WARM = False
+    res = S()._decode_timed(entry, cfg(aligned=False, file_timeout=5.0))
+    assert res["error"] is None and dlib_loads == ["detector", "predictor", "detect"]
+    S()._decode_timed(entry, cfg(aligned=False, file_timeout=5.0))
+    assert dlib_loads == ["detector", "predictor", "detect", "detect"]  # once per worker
+
+
+def test_the_per_file_alarm_is_set_to_the_limit_and_gone_after_the_file(monkeypatch):
+    from fakespotter import faces as F
+
+    seen, real = [], F.chip_from_aligned
+
+    def chip(*a, **k):
+        seen.append(signal.getitimer(signal.ITIMER_REAL)[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "chip_from_aligned", chip)
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    res = S()._decode_timed(D.Entry("x.png", data=png_bytes(20, 20)), cfg(file_timeout=5.0))
+    assert res["error"] is None and len(seen) == 1 and 0 < seen[0] <= 5.0
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_file_whose_worker_was_stopped_gets_a_timeout_naming_the_limit():
+    res = S()._stuck_result(D.Entry("x.png"), cfg(file_timeout=10.0))
+    limit = 10.0 + S().STUCK_GRACE_S
+    assert res["error"][0] == "timeout" and f"{limit:g} s after it started" in res["error"][1]
+    assert res["path"] == "x.png" and res["chips"] is None
+
+
+def test_the_errors_keep_their_advice_out_of_their_reason():
+    e = S().CompileError("no compiler")
+    assert str(e) == "no compiler; scan with compile=False" and e.reason == "no compiler"
+    e = S().WorkerStartError("died", " Advice.")
+    assert str(e) == "died Advice." and e.reason == "died"
+
+
+def test_a_broken_pool_is_blamed_on_its_start_only_when_no_worker_started():
+    shut = []
+    ex = SimpleNamespace(_fakespotter_started=SimpleNamespace(value=1), shutdown=lambda **k: shut.append(k))
+    S()._check_started(ex)  # a worker started: a file is to blame
+    assert shut == []
+    ex._fakespotter_started.value = 0
+    with pytest.raises(S().WorkerStartError) as e:
+        S()._check_started(ex)
+    assert str(e.value).endswith(" workers=0 decodes in this process instead.") and "workers=0" not in e.value.reason
+    assert shut == [dict(wait=False, cancel_futures=True)]
+
+
+def test_a_sigterm_during_a_submit_is_acted_on_after_it():
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with S()._signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # (a Python handler runs between steps of the main thread)
+                pass
+            assert got == []
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_worker_says_it_started_ignores_ctrl_c_and_exits_once_its_parent_is_gone(monkeypatch):
+    s = S()
+    threads, alive = [], {}
+    monkeypatch.setattr(s, "threading", SimpleNamespace(Thread=lambda target, name, daemon: SimpleNamespace(
+        start=lambda: threads.append(target))))
+    monkeypatch.setattr(s, "quiet_pillow_logs", lambda: None)
+    started = SimpleNamespace(value=0)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        s._worker_init(4242, started)
+        assert started.value == 1 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+    class Exit(Exception):
+        pass
+
+    naps = []
+
+    def sleep(s):
+        naps.append(s)
+        if len(naps) > 5:
+            raise AssertionError("the watch never noticed")
+
+    monkeypatch.setattr(s, "time", SimpleNamespace(sleep=sleep))
+    monkeypatch.setattr(s, "_alive", lambda pid: alive.get(pid, True))
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(Exit(code)))
+    alive[4242] = False  # the scan was killed; the forkserver (its parent) lives on
+    with pytest.raises(Exit):
+        threads[0]()
+    assert len(naps) == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # _decoded, _chunks and _wait against a fake pool (futures done at once) and a fake clock
 
@@ -236,26 +373,40 @@ class FakeProcess:
 
 
 class FakePool:
-    """A pool that runs each task at once in this process; ``broken``: its next task fails
-    with BrokenProcessPool (as a worker's crash)."""
+    """A pool that runs each task at once in this process. ``crash``: a chunk holding one of
+    these paths fails with BrokenProcessPool (as a worker's crash); ``hang``: its future is
+    never done (until the pool's workers are stopped, see ``stuck_pools``); ``started``: the
+    workers that finished starting; ``broken_at_submit``: submit raises BrokenProcessPool (a
+    kept pool that died while idle). ``log`` gets each chunk's paths, ``submitted`` this pool's."""
 
-    def __init__(self, log, crash=()):
-        self.log, self.crash = log, crash
+    def __init__(self, log, crash=(), hang=(), started=1, broken_at_submit=False):
+        self.log, self.crash, self.hang = log, set(crash), set(hang)
         self._processes = {1: FakeProcess()}
+        self._fakespotter_started = SimpleNamespace(value=started)
+        self.broken_at_submit = broken_at_submit
+        self.submitted, self.hanging = [], []
         self.writer_closed = False
+        self.killed_at_shutdown = None  # were its workers stopped before its (first) shutdown
         self._result_queue = SimpleNamespace(_writer=SimpleNamespace(close=lambda: setattr(self, "writer_closed", True)))
 
     def submit(self, fn, chunk, cfg):
-        self.log.append([e.path for e in chunk])
+        if self.broken_at_submit:
+            raise BrokenProcessPool("died while idle")
+        paths = [e.path for e in chunk]
+        self.log.append(paths)
+        self.submitted.append(paths)
         fut = Future()
-        if any(e.path in self.crash for e in chunk):
+        if any(p in self.crash for p in paths):
             fut.set_exception(BrokenProcessPool("a worker died"))
+        elif any(p in self.hang for p in paths):
+            self.hanging.append(fut)
         else:
             fut.set_result([dict(S()._new_result(e), sha256=e.path) for e in chunk])
         return fut
 
     def shutdown(self, wait=True, cancel_futures=False):
-        pass
+        if self.killed_at_shutdown is None:
+            self.killed_at_shutdown = self._processes[1].killed
 
 
 def entries(n, data=None):
@@ -375,6 +526,98 @@ def test_wait_stops_a_pool_with_a_dead_worker_after_the_grace(fake_clock):
     why, polls = run_wait(Future(), pool, None, 1.0)
     assert why == "dead" and pool._processes[1].killed and pool.writer_closed
     assert S().DEAD_WORKER_GRACE_S <= fake_clock.now <= S().DEAD_WORKER_GRACE_S + S().DEAD_WORKER_CHECK_S
+
+
+# ----------------------------------------------------------------------------------------------
+# _decoded against fake pools whose files hang or crash their worker
+
+
+@pytest.fixture
+def stuck_pools(monkeypatch):
+    """``.new``: the settings of the pools _decoded makes (``.first``: more for its first);
+    ``.made``; ``.log``: the paths of each submit; ``.limits``: the limits waited with. _wait on
+    a file that hangs stops the pool's workers (its futures fail) and says "stuck"."""
+    st = SimpleNamespace(made=[], log=[], limits=[], new={}, first={})
+    monkeypatch.setattr(S(), "_pool", lambda workers: st.made.append(
+        FakePool(st.log, **st.new, **({} if st.made else st.first))) or st.made[-1])
+
+    def wait(fut, pool, limit, poll):
+        st.limits.append(limit)
+        if fut.done():
+            return "done"
+        pool._processes[1].kill()
+        for f in pool.hanging:
+            if not f.done():
+                f.set_exception(BrokenProcessPool("stopped"))
+        return "stuck"
+        yield  # (a generator, as _wait)
+
+    monkeypatch.setattr(S(), "_wait", wait)
+    return st
+
+
+def kinds(got):
+    return [(e.path, r["error"] and r["error"][0]) for e, r in got]
+
+
+def test_a_kept_pool_serves_the_next_call(stuck_pools):
+    kept = FakePool(stuck_pools.log)
+    keep = {"pool": kept}
+    list(S()._decoded(iter(entries(3)), cfg(), workers=1, chunk=2, window=1, keep=keep))
+    assert stuck_pools.made == [] and kept.submitted == stuck_pools.log != [] and keep["pool"] is kept
+
+
+def test_a_kept_pool_found_broken_is_replaced_and_its_workers_stopped(stuck_pools):
+    old = FakePool(stuck_pools.log, broken_at_submit=True)
+    keep = {"pool": old}
+    got = list(S()._decoded(iter(entries(3)), cfg(), workers=1, chunk=2, window=1, keep=keep))
+    assert kinds(got) == [(f"f{i:02d}", None) for i in range(3)]
+    assert keep["pool"] is stuck_pools.made[0] and old._processes[1].killed
+    never = FakePool([], broken_at_submit=True, started=0)  # its workers never started: not a file's fault
+    with pytest.raises(S().WorkerStartError):
+        list(S()._decoded(iter(entries(3)), cfg(), workers=1, chunk=2, window=1, keep={"pool": never}))
+
+
+def test_a_pool_whose_workers_never_started_is_a_worker_start_error_not_crash_records(stuck_pools):
+    stuck_pools.new.update(crash={"f00"})
+    stuck_pools.first.update(started=0)  # (a fresh pool's would start: still the first one's fault)
+    with pytest.raises(S().WorkerStartError):
+        list(S()._decoded(iter(entries(4)), cfg(), workers=1, chunk=2, window=2))
+
+
+def test_a_broken_pools_workers_are_stopped_before_it_is_shut_down(stuck_pools):
+    stuck_pools.new.update(crash={"f01"})
+    got = list(S()._decoded(iter(entries(4)), cfg(), workers=2, chunk=4, window=1))
+    assert kinds(got) == [(f"f{i:02d}", "worker_crash" if i == 1 else None) for i in range(4)]
+    assert all(p.killed_at_shutdown for p in stuck_pools.made[:-1])
+
+
+def test_a_stuck_file_of_a_redo_is_a_timeout_and_the_files_behind_it_keep_their_order(stuck_pools):
+    """f01 hangs: its chunk is redone one file per task, up to 4 * workers tasks ahead (done
+    ones wait behind it); the redo's limit is one file's; f01 gets the timeout, and the files
+    decoded behind it come out in order before the rest."""
+    stuck_pools.new.update(hang={"f01"})
+    got = list(S()._decoded(iter(entries(12)), cfg(file_timeout=10.0), workers=2, chunk=4, window=3))
+    assert kinds(got) == [(f"f{i:02d}", "timeout" if i == 1 else None) for i in range(12)]
+    one = 10.0 + S().STUCK_GRACE_S
+    assert stuck_pools.limits[0] == 4 * 10.0 + S().STUCK_GRACE_S and set(stuck_pools.limits[1:]) == {one}
+    redo = stuck_pools.made[1]
+    assert redo.submitted == [[f"f{i:02d}"] for i in range(9)]
+
+
+def test_in_isolation_a_file_that_hangs_is_a_timeout_and_one_that_crashes_a_worker_crash(stuck_pools):
+    stuck_pools.new.update(crash={"f00"}, hang={"f01"})
+    got = list(S()._decoded(iter(entries(6)), cfg(file_timeout=10.0), workers=2, chunk=4, window=1))
+    assert kinds(got) == [("f00", "worker_crash"), ("f01", "timeout")] + [(f"f{i:02d}", None) for i in range(2, 6)]
+
+
+def test_tar_members_in_flight_stop_at_in_flight_bytes(stuck_pools, monkeypatch):
+    monkeypatch.setattr(S(), "IN_FLIGHT_BYTES", 10)
+    most, taken = 0, 0
+    for _ in S()._decoded(iter(entries(8, data=b"12345")), cfg(), workers=1, chunk=1, window=8):
+        taken += 1
+        most = max(most, len(stuck_pools.log) - taken + 1)
+    assert len(stuck_pools.log) == 8 and most == 2  # 5 + 5 bytes: IN_FLIGHT_BYTES, no more submitted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,3 +750,102 @@ def test_an_exclude_container_of_the_callers_own_leaves_out_its_paths(model, tmp
     got = [os.path.basename(r["path"]) for r in
            S().scan([str(tmp_path)], model, aligned=True, workers=0, exclude=Keys())]
     assert got == ["0.png", "2.png"]
+
+
+def decoded_res(path, faces=0, error=None):
+    res = dict(S()._new_result(D.Entry(path)), width=150, height=150, frames=1, error=error)
+    res["faces"] = [([0, 0, 9, 9], 0.9)] * faces
+    return res
+
+
+def test_a_non_finite_score_is_an_internal_error_record():
+    rec = S().make_record(decoded_res("x", faces=2), [0.5, math.nan], 0.0, "m")
+    assert rec["status"] == "error" and rec["error_kind"] == "internal_error" and rec["faces"] == []
+    assert rec["score"] is None and "non-finite" in rec["error"]
+
+
+def test_labels_are_counted():
+    s = S()
+    stats = s.new_stats()
+    for score in (2.0, 3.0, -1.0):
+        s.count_record(stats, s.make_record(decoded_res("x", faces=1), [score], 0.0, "m"))
+    assert stats["labels"] == {"fake": 2, "real": 1} and stats["faces"] == 3
+
+
+def test_the_precision_is_bfloat16_on_a_cpu_and_float16_on_a_gpu_with_autocast():
+    p = S().precision_of
+    assert (p("cpu", True), p("cuda", True), p("cuda:1", True), p("cuda", False)) == \
+        ("bfloat16", "float16", "float16", "float32")
+
+
+def test_a_ptx_only_build_runs_on_the_gpu_it_was_built_for_and_later_ones():
+    problem = S().cuda_build_problem
+    info = {"cuda": True, "cuda_architectures": "86-virtual"}
+    assert problem(info, (8, 6)) is None and problem(info, (9, 0)) is None and problem(info, (8, 0)) is not None
+
+
+def test_bools_are_checked_before_the_model_is_loaded(tmp_path):
+    with pytest.raises(TypeError, match="scan: autocast must be a bool, got int"):
+        S().scan([str(tmp_path)], tmp_path / "no.fsm", autocast=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# scans (the tiny detector, loaded once)
+
+
+@pytest.fixture(scope="module")
+def det(model):
+    from fakespotter.detector import FakeSpotter
+
+    return FakeSpotter.load(model)
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """d/0.png .. d/2.png (aligned noise chips), the working folder their parent."""
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        Image.fromarray(noise_image(i, 24, 24)).save(tmp_path / "d" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_skip_alone_limit_0_and_an_exclude_set_in_another_spelling(det, folder):
+    run = S().scan(["d"], det, aligned=True, batch_size=2, workers=0, skip=1)
+    assert [r["path"] for r in run] == ["d/1.png", "d/2.png"]
+    assert run.stats["images"] == 2 and run.stats["counts"]["ok"] == 2  # (counted as handed out)
+    assert list(S().scan(["d"], det, aligned=True, batch_size=2, workers=0, limit=0)) == []
+    run = S().scan(["d"], det, aligned=True, batch_size=2, workers=0, exclude={str(folder / "d" / "1.png")})
+    assert [r["path"] for g in run.batches() for r in g] == ["d/0.png", "d/2.png"]
+    assert run.stats["images"] == 2 and run.stats["counts"]["ok"] == 2
+
+
+def test_a_run_closed_before_it_started_gives_neither_records_nor_groups(det, folder):
+    run = S().scan(["d"], det, aligned=True, batch_size=2, workers=0)
+    run.close()
+    assert list(run) == [] and list(run.batches()) == []
+
+
+def test_autocast_runs_the_forward_in_bfloat16_on_a_cpu_and_says_so(det, folder):
+    run = S().scan(["d"], det, aligned=True, batch_size=2, workers=0, autocast=True)
+    assert run.stats["precision"] == "bfloat16"
+    fwd = S()._Forward(det, "cpu", 2, autocast=True)
+    assert fwd.amp_dtype is torch.bfloat16 and S()._Forward(det, "cpu", 2).amp_dtype is None
+
+
+def test_a_close_as_the_run_starts_stops_it_before_any_work(det, folder, monkeypatch):
+    """close() from another thread just as the first next() starts the run (before the scan's
+    generator exists, so close() cannot close it): the run stops before it decodes or scores."""
+    real, ran = S()._scan_groups, []
+
+    def groups(job):
+        run.close()  # (as from another thread, at that moment)
+
+        def gen():
+            ran.append(True)
+            yield from real(job)
+        return gen()
+
+    monkeypatch.setattr(S(), "_scan_groups", groups)
+    run = S().scan(["d"], det, aligned=True, batch_size=2, workers=0)
+    assert list(run) == [] and ran == []
