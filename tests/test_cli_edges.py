@@ -139,6 +139,27 @@ def ns(**kw):
     return argparse.Namespace(**kw)
 
 
+def test_first_line_is_an_errors_first_non_blank_line_or_its_type():
+    from fakespotter.cli._common import first_line
+
+    assert first_line(ValueError("bad\nC++ trace")) == "bad"
+    assert first_line(ValueError("\n  \nbad")) == "bad"
+    assert first_line(AssertionError()) == "AssertionError" and first_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_a_backbone_that_fails_without_a_message_is_one_line(monkeypatch, capsys, tmp_path):
+    import fakespotter.backbones as B
+
+    def broken(name):
+        raise AssertionError()  # (as a bare assert in a user's factory)
+
+    monkeypatch.setattr(B, "get_backbone", broken)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    rc, out, err = run_cli(["calibrate", str(tmp_path), "--backbone", "nope", "--out", str(tmp_path / "t.json")],
+                           capsys)
+    assert (rc, err) == (2, "fakespotter calibrate: error: AssertionError\n")
+
+
 def test_batch_size_and_augment_fraction_take_their_upper_bounds():
     from fakespotter.cli._common import MAX_BATCH_SIZE, check_augment_fraction, check_batch_size
 

@@ -93,11 +93,12 @@ class _Stream:
 def _check_cpu_isa() -> None:
     """A bad FAKESPOTTER_CPU_ISA is refused before any work, not at the first packing op."""
     from .. import _C
+    from ._common import first_line
 
     try:
         _C.cpu_isa()
     except ValueError as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+        raise UsageError(first_line(e)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,6 +20,12 @@ def usage_error(message: str) -> Exception:
     return UsageError(message)
 
 
+def first_line(e: BaseException) -> str:
+    """An error's message in one line: its first non-blank line, or its type's name when it
+    has none (``AssertionError()``, a user module's bare ``RuntimeError()``)."""
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def images_of(sources: List[str], what: str) -> List[Path]:
     """All images of the given folders / lists, or a usage error naming the bad one."""
     out: List[Path] = []

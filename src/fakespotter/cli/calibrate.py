@@ -8,8 +8,8 @@ import argparse
 
 import numpy as np
 
-from ._common import (Progress, add_model_args, check_batch_size, check_detection_args, check_once, images_of, log,
-                      no_chips_error, refuse_inputs_as_output, usage_error, writable_output)
+from ._common import (Progress, add_model_args, check_batch_size, check_detection_args, check_once, first_line,
+                      images_of, log, no_chips_error, refuse_inputs_as_output, usage_error, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
         tap = Tap(get_backbone(args.backbone), args.layers, granularity=args.granularity)
     except Exception as e:
-        raise usage_error(str(e).splitlines()[0]) from None
+        raise usage_error(first_line(e)) from None
     from ..calibration import ThresholdCalibrator
     from ..features import chips
 

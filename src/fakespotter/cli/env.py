@@ -7,6 +7,8 @@ import json
 import platform
 import sys
 
+from ._common import first_line
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("env", help="print versions, native build, CPU/GPU support and weights cache state",
@@ -21,7 +23,7 @@ def _cpu_isa() -> str:
     try:
         return _C.cpu_isa()
     except ValueError as e:  # a bad FAKESPOTTER_CPU_ISA: shown here, refused by every other command
-        return f"error: {str(e).splitlines()[0]}"
+        return f"error: {first_line(e)}"
 
 
 def collect() -> dict:
@@ -66,7 +68,7 @@ def collect() -> dict:
         try:
             cache[name] = f"ok {weights.weights_path(name)}"
         except weights.WeightsError as e:
-            cache[name] = f"missing or bad: {str(e).splitlines()[0]}"
+            cache[name] = f"missing or bad: {first_line(e)}"
     return {
         "fakespotter": fakespotter.__version__,
         "python": sys.version.split()[0],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import usage_error
+from ._common import first_line, usage_error
 
 
 def add_parser(sub) -> None:
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             FakeSpotter.load(args.model)  # every check loading makes (shapes, layers, backbone, values)
     except (ModelFileError, OSError, ValueError) as e:
-        raise usage_error(str(e).splitlines()[0]) from None
+        raise usage_error(first_line(e)) from None
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0

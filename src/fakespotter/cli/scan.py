@@ -33,8 +33,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
-from ._common import (Progress, add_detection_args, check_batch_size, check_detection_args, detection_from_model, log,
-                      model_file, record_stdout, usage_error, why_not_writable, writable_output)
+from ._common import (Progress, add_detection_args, check_batch_size, check_detection_args, detection_from_model,
+                      first_line, log, model_file, record_stdout, usage_error, why_not_writable, writable_output)
 
 
 def add_parser(sub) -> None:
@@ -246,7 +246,7 @@ def check_faces(args: argparse.Namespace) -> None:
             from ..weights import WeightsError
 
             fix = "" if isinstance(e, WeightsError) else "; install it"  # the message says how to fetch
-            raise usage_error(f"face detection is not available ({str(e).splitlines()[0]}){fix}, "
+            raise usage_error(f"face detection is not available ({first_line(e)}){fix}, "
                               f"or pass --aligned for already-aligned chips") from None
 
 
@@ -271,7 +271,7 @@ def load_detector(args: argparse.Namespace, start_workers: bool = False) -> Any:
     try:
         det = FakeSpotter.load(args.model, device=args.device)
     except (ModelFileError, OSError, ValueError) as e:
-        said = str(e).splitlines()[0]
+        said = first_line(e)
         if not embedded:
             raise usage_error(f"--model {args.model}: {said}") from None
         fix = "; reinstall fakespotter" if isinstance(e, ModelFileError) else ""  # (else: weights to fetch)

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from ._common import Progress, check_batch_size, check_detection_args, log, usage_error, why_not_writable
+from ._common import (Progress, check_batch_size, check_detection_args, first_line, log, usage_error,
+                      why_not_writable)
 
 # Options of --engine ray only; their None defaults mean "not given" (then ray_scan's defaults apply).
 _RAY_ONLY = ("address", "actors", "cpus_per_actor", "gpus_per_actor", "actor_batch", "decode_cpus", "shard_size")
@@ -130,7 +131,7 @@ def run_ray(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # the cluster failed the scan: say so in one line, keep what was written
         kept = (f"\nthe records written so far are in {args.out}; --resume continues from them"
                 if any(Path(args.out).glob("part-*")) else "")
-        print(f"fakespotter scan: error: {str(e).splitlines()[0]}{kept}", file=sys.stderr)
+        print(f"fakespotter scan: error: {first_line(e)}{kept}", file=sys.stderr)
         return 1
     except OSError as e:  # a shard or the stats could not be written here (a full disk)
         from . import _WRITE_ERRNOS

@@ -34,7 +34,7 @@ import numpy as np
 
 from ._common import (AUGMENT_FRACTION, TARGET_FPR, add_class_sources, add_model_args, check_augment_fraction,
                       check_batch_size, check_detection_args, check_disjoint, check_listed_bytes, check_once,
-                      class_mode, folder_names, has_both_classes, images_of, load_chips, log, manifest_part,
+                      class_mode, first_line, folder_names, has_both_classes, images_of, load_chips, log, manifest_part,
                       no_chips_error, open_manifest, refuse_inputs_as_output, usage_error, writable_output)
 
 
@@ -172,7 +172,7 @@ def check(args: argparse.Namespace) -> Dict:
 
             Tap(backbone, args.layers, granularity=args.granularity)
     except Exception as e:  # missing weights, unknown id or layer: say so before any work
-        raise usage_error(str(e).splitlines()[0]) from None
+        raise usage_error(first_line(e)) from None
     return {"real": real, "fake": fake, "types": types, "val": val, "out": out, "report": report,
             "size": int(backbone.input_shape[1]), "groups": manifest_groups, "mode": mode,
             "manifest_sha256": manifest_sha256, "digests": digests}
