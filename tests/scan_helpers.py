@@ -52,6 +52,17 @@ def write_good(folder: Path, n: int, seed: int = 0, ext: str = ".png") -> list:
     return out
 
 
+def write_images(folder: Path, n: int, seed: int, power: float, size: int = 64) -> Path:
+    """``n`` noise images 000.png... in ``folder`` (one random stream per folder), for the
+    train/evaluate/robustness command tests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        a = (rng.random((size, size, 3)) ** power * 255).astype(np.uint8)
+        Image.fromarray(a).save(folder / f"{i:03d}.png")
+    return folder
+
+
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)

@@ -8,20 +8,10 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from fakespotter.cli import main
-
-
-def write_images(folder, n, seed, power, size=64):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        a = (rng.random((size, size, 3)) ** power * 255).astype(np.uint8)
-        Image.fromarray(a).save(folder / f"{i:03d}.png")
-    return folder
+from scan_helpers import write_images
 
 
 @pytest.fixture(scope="module")
