@@ -117,6 +117,16 @@ def test_faces_caveat_names_every_attack_that_changed_the_faces():
     (line,) = robustness._faces_caveat(labels, SimpleNamespace(scores=scores, faces=faces), list(faces))
     assert line == ("images without a face the detector finds (clean: 0 real and 0 fake) after blur 3: 1 real and "
                     "0 fake; jpeg 30: 0 real and 2 fake: those rows leave out other images than the clean row")
+    faces[("resize", 0.5)] = np.array([1, 1, 1, 1])  # as clean: not named
+    scores[("resize", 0.5)] = scores[("clean", None)]
+    assert robustness._faces_caveat(labels, SimpleNamespace(scores=scores, faces=faces), list(faces)) == [line]
+    faces[("clean", None)] = np.array([0, 1, 1, 1])  # blur loses the same face as clean; resize finds it
+    faces[("noise", 0.1)] = np.array([1, 0, 1, 1])  # noise: as many faceless images as clean, another one
+    scores = {v: np.where(f > 0, 0.5, np.nan) for v, f in faces.items()}
+    (line,) = robustness._faces_caveat(labels, SimpleNamespace(scores=scores, faces=faces), list(faces))
+    assert line == ("images without a face the detector finds (clean: 1 real and 0 fake) after jpeg 30: 0 real and "
+                    "2 fake; resize 0.5: 0 real and 0 fake; noise 0.1: 1 real and 0 fake: those rows leave out "
+                    "other images than the clean row")
 
 
 def test_pivot_is_one_metric_a_column_per_detector():

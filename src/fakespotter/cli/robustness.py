@@ -97,8 +97,12 @@ def _faces_caveat(labels: np.ndarray, scored: Any, variants: List[Tuple[str, Any
         return c["real"]["without_face"], c["fake"]["without_face"]
 
     clean = without(variants[0])
-    parts = [f"{attack} {level}: {r} real and {f} fake" for attack, level in variants[1:]
-             for r, f in [without((attack, level))] if (r, f) != clean]
+    faceless = scored.faces[variants[0]] == 0
+    parts = []
+    for v in variants[1:]:
+        if not np.array_equal(scored.faces[v] == 0, faceless):  # (the same counts may be other images)
+            r, f = without(v)
+            parts.append(f"{v[0]} {v[1]}: {r} real and {f} fake")
     if not parts:
         return []
     return [f"images without a face the detector finds (clean: {clean[0]} real and {clean[1]} fake) after "
