@@ -264,9 +264,10 @@ def test_side_by_side_report(corpus, tmp_path, capsys, monkeypatch):
     assert ("\n## spectrum\n\n" + ev.to_markdown({"rows": mine, "label_columns": ["attack", "level"]},
                                                   columns=["auc", "acc_operating", "tpr_operating", "fpr_operating",
                                                            "eer"])) in md
-    t = rep["detectors"]["spectrum"]["trained_on"]["train"]
+    t, v = (rep["detectors"]["spectrum"]["trained_on"][k] for k in ("train", "validation"))
     assert f"- spectrum: {rep['detectors']['spectrum']['description']}; trained on {t['real']} real and {t['fake']} " \
-           f"fake chips; its operating threshold (the @op metrics) at logit {ops['spectrum']:.4g}\n" in md
+           f"fake chips, its operating threshold (the @op metrics) at logit {ops['spectrum']:.4g} (picked on " \
+           f"{v['real']} + {v['fake']} validation chips)\n" in md  # (as evaluate says it)
     assert "- fakespotter:" not in md
     assert plot["panels"] == {"noise sigma (x 255)": {
         n: (NOISE, [r["auc"] for r in rows if r["detector"] == n and r["attack"] == "noise"]) for n in names}}

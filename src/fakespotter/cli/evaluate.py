@@ -455,6 +455,20 @@ def unscored_groups(plan: Dict[str, Any], scored: np.ndarray) -> List[str]:
     return out
 
 
+def baseline_notes(detectors: Dict[str, Any]) -> List[str]:
+    """A line per baseline detector trained beside the model: what it is, its training and
+    validation chips, and its operating threshold."""
+    notes = []
+    for name, about in detectors.items():
+        if name != MODEL_NAME:
+            t = about["trained_on"]
+            notes.append(f"{name}: {about['description']}; trained on {t['train']['real']} real and "
+                         f"{t['train']['fake']} fake chips, its operating threshold (the @op metrics) at logit "
+                         f"{about['operating_threshold']:.4g} "
+                         f"(picked on {t['validation']['real']} + {t['validation']['fake']} validation chips)")
+    return notes
+
+
 def intervals_note(n: int, seed: int) -> str:
     if n == 0:
         return "no intervals (--bootstrap 0)"
@@ -609,13 +623,7 @@ def run(args: argparse.Namespace) -> int:
         k = c[name]
         notes.append(f"{name}: {k['images']} images, {k['scored']} scored, {k['without_face']} without a face, "
                      f"{k['unreadable']} unreadable (left out)")
-    for name, about in detectors.items():
-        if name != MODEL_NAME:
-            t = about["trained_on"]
-            notes.append(f"{name}: {about['description']}; trained on {t['train']['real']} real and "
-                         f"{t['train']['fake']} fake chips, its operating threshold (the @op metrics) at logit "
-                         f"{about['operating_threshold']:.4g} "
-                         f"(picked on {t['validation']['real']} + {t['validation']['fake']} validation chips)")
+    notes += baseline_notes(detectors)
     out_dir, files = plan["out_dir"], plan["files"]
     out_dir.mkdir(exist_ok=True)
     remove_stale(plan, args.quiet)

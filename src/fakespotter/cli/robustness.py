@@ -34,8 +34,8 @@ import numpy as np
 from .. import evaluate as ev
 from .._atomic import write_atomic
 from ._common import AUGMENT_FRACTION, Progress, log
-from .evaluate import (MODEL_NAME, add_corpus_args, bootstrap_caveat, check_corpus, counts, intervals_note, model_info,
-                       no_face_caveat, remove_stale, require_both_classes, seen_in_training, train_detectors,
+from .evaluate import (MODEL_NAME, add_corpus_args, baseline_notes, bootstrap_caveat, check_corpus, counts,
+                       intervals_note, model_info, no_face_caveat, remove_stale, require_both_classes, seen_in_training, train_detectors,
                        write_report_files)
 
 OUTPUTS = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png")
@@ -178,12 +178,7 @@ def run(args: argparse.Namespace) -> int:
              f"{intervals_note(args.bootstrap, args.seed)}",
              f"clean: {clean_counts['real']['images']} real and {clean_counts['fake']['images']} fake images; "
              f"{clean_counts['real']['unreadable'] + clean_counts['fake']['unreadable']} unreadable (left out)"]
-    notes += caveats
-    for name, about in detectors.items():
-        if name != MODEL_NAME:
-            t = about["trained_on"]
-            notes.append(f"{name}: {about['description']}; trained on {t['train']['real']} real and "
-                         f"{t['train']['fake']} fake chips; its operating threshold (the @op metrics) at logit {about['operating_threshold']:.4g}")
+    notes += caveats + baseline_notes(detectors)
     columns = ["auc", "acc_operating", "tpr_operating", "fpr_operating", "eer"]
     remove_stale(plan, args.quiet)
     if multi:
