@@ -1597,7 +1597,9 @@ def test_a_script_without_a_main_guard_gets_a_clear_error_not_crash_records(corp
                       "    print('RECORD', r['status'], r['error_kind'])\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 1 and "RECORD" not in proc.stdout, (proc.stdout, proc.stderr)
-    last = proc.stderr.strip().splitlines()[-1]
+    # the traceback's last line (multiprocessing's resource tracker may warn after it as it cleans
+    # up at exit: seen once in CI, under load)
+    last = [line for line in proc.stderr.splitlines() if not line.startswith(" ") and "resource_tracker" not in line][-1]
     assert last.startswith("fakespotter.scan.WorkerStartError: scan: the decode worker processes died while starting")
     assert str(script) in last and 'if __name__ == "__main__":' in last and "workers=0" in last
 
