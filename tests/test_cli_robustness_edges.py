@@ -332,6 +332,7 @@ def test_faces_lost_to_an_attack_are_warned_and_the_clean_counts_are_the_clean_f
     rep = json.loads((out / "robustness.json").read_text())
     assert rep["counts"]["real"] == {"images": 4, "scored": 3, "without_face": 1, "unreadable": 0}
     assert rep["counts"]["fake"]["without_face"] == 0
+    assert rep["images_without_face"] == [str(corpus["real"] / "000.png")]  # (as evaluate's report)
     said = ["1 of 4 real images have no face the detector finds: they are left out of the metrics",
             "images without a face the detector finds (clean: 1 real and 0 fake) after noise 0.01: 0 real and 0 fake; "
             "noise 0.03: 0 real and 0 fake; noise 0.05: 0 real and 0 fake; noise 0.1: 0 real and 1 fake: those rows "

@@ -35,8 +35,8 @@ from .. import evaluate as ev
 from .._atomic import write_atomic
 from ._common import AUGMENT_FRACTION, Progress, log
 from .evaluate import (MODEL_NAME, add_corpus_args, baseline_notes, bootstrap_caveat, check_corpus, counts,
-                       intervals_note, model_info, no_face_caveat, remove_stale, require_both_classes, seen_in_training, train_detectors,
-                       write_report_files)
+                       intervals_note, model_info, no_face_caveat, remove_stale, require_both_classes, seen_in_training,
+                       train_detectors, write_report_files)
 
 OUTPUTS = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png")
 
@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
                            "bootstrap": args.bootstrap, "seed": args.seed, "level": 0.95},
               "rows": rows, "detectors": detectors, "model": model_info(args.model, det), "sources": plan["sources"],
               "counts": clean_counts, "failures": [{"path": p, "error": e} for _, p, e in first.errors],
-              "training_failures": trained["failures"]}
+              "training_failures": trained["failures"],
+              "images_without_face": [str(paths[i]) for i in np.flatnonzero(first.faces[("clean", None)] == 0)]}
     files = plan["files"]
     plan["out_dir"].mkdir(exist_ok=True)
     notes = [f"model {report['model']['path']} (sha256 {report['model']['sha256'][:16]}...); ACC@op, TPR@op "
