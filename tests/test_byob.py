@@ -201,6 +201,41 @@ def test_an_input_size_the_module_cannot_take_is_named():
         Tap(NeedsRoom(), ["conv"], input_shape=(3, 4, 4))
 
 
+def test_a_probe_failure_without_a_message_is_named_by_its_type():
+    class Refuses(nn.Module):  # opaque to the trace: it runs on the probe, and fails there
+        def forward(self, x):
+            raise RuntimeError()  # (before the monitored layer: a graph cut after it would skip it)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gate = nn.Conv2d(3, 4, 3), Refuses()
+
+        def forward(self, x):
+            return self.conv(self.gate(x))
+
+    bb = custom_backbone(Net(), ["conv"], (8, 8), leaf_modules=[Refuses])
+    with pytest.raises(ValueError, match=r"Net fails on a probe input of the backbone's input shape "
+                                         r"\[1, 3, 8, 8\] \(torch.float32\): RuntimeError$"):
+        Tap(bb)
+
+
+def test_a_trace_failure_is_said_in_one_line():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            raise TypeError("\n  no tracing here\n(more detail)")
+
+    with pytest.raises(ValueError) as info:
+        Tap(Untraceable(), ["conv"], input_shape=(3, 8, 8))
+    msg = str(info.value)
+    assert "cannot trace Untraceable with torch.fx (TypeError: no tracing here). Name the" in msg
+    assert "\n" not in msg and "more detail" not in msg
+
+
 def test_info_shows_a_model_whose_backbone_is_not_registered_here(registry, tmp_path, capsys):
     from fakespotter.cli import main
 

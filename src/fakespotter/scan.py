@@ -62,6 +62,7 @@ from typing import IO, Any, Callable, Container, Dict, Generator, Iterable, Iter
 import numpy as np
 
 from ._atomic import write_atomic
+from ._errors import first_line
 from .data import (DEFAULT_PIXEL_LIMIT, Entry, ImageError, check_sources, decode_image, iter_entries, quiet_pillow_logs,
                    read_entry)
 from .faces import check_detect_pixels, check_weak_face_score
@@ -893,8 +894,8 @@ class _Forward:
             self.run(np.zeros((0,) + self._buf.shape[1:], np.uint8))
         except Exception as e:  # noqa: BLE001 - whatever inductor raises, said in one line
             self.restore()
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise CompileError(f"torch.compile could not build the forward ({type(e).__name__}: {first})") from e
+            raise CompileError(f"torch.compile could not build the forward ({type(e).__name__}: "
+                               f"{first_line(e)[:300]})") from e
         self.forwards, self.backbone_taps_s, self.classifier_s = 0, 0.0, 0.0
 
     def restore(self) -> None:
@@ -958,7 +959,7 @@ class _Forward:
                 oom = _oom_in(e)
                 if oom is None or self.batch_size == 1:
                     raise
-                why = (str(oom).strip().splitlines() or [type(oom).__name__])[0][:200]
+                why = first_line(oom)[:200]
                 del oom  # (its traceback holds the failed forward's tensors)
             if logits is None:  # outside the except block: the failed forward's tensors are freed
                 gc.collect()  # (those an exception's reference cycle holds too: rare, and worth the memory)

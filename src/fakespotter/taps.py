@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ._errors import first_line
 from .backbones.registry import Backbone, custom_backbone, identified
 from .ops import layer_popcount, num_words
 
@@ -209,7 +210,7 @@ def _trace(backbone: Backbone, module: nn.Module, layers: Sequence[str]
         graph = tracer.trace(module, concrete_args=concrete or None)
     except (fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as e:
         raise ValueError(
-            f"Tap: cannot trace {type(module).__name__} with torch.fx ({type(e).__name__}: {e}). "
+            f"Tap: cannot trace {type(module).__name__} with torch.fx ({type(e).__name__}: {first_line(e)}). "
             f"Name the shape-dependent helper functions it calls in trace_functions=, or the "
             f"module types to treat as opaque in leaf_modules= (see custom_backbone)"
         ) from e
@@ -460,7 +461,7 @@ class Tap(nn.Module):
             if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                 raise
             raise ValueError(f"Tap: {type(module).__name__} fails on a probe input of the backbone's input "
-                             f"shape {list(x.shape)} ({x.dtype}): {str(e).splitlines()[0]}") from e
+                             f"shape {list(x.shape)} ({x.dtype}): {first_line(e)}") from e
         slots = []
         offset = 0
         for i, name in enumerate(self.layers):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .._errors import first_line  # noqa: F401 - the commands import it from here
 from ..data import list_images
 
 PROGRESS_EVERY_S = 60.0  # progress lines when stderr is not a terminal
@@ -18,12 +19,6 @@ def usage_error(message: str) -> Exception:
     from . import UsageError
 
     return UsageError(message)
-
-
-def first_line(e: BaseException) -> str:
-    """An error's message in one line: its first non-blank line, or its type's name when it
-    has none (``AssertionError()``, a user module's bare ``RuntimeError()``)."""
-    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def images_of(sources: List[str], what: str) -> List[Path]:
