@@ -140,7 +140,7 @@ def ns(**kw):
 
 
 def test_first_line_is_an_errors_first_non_blank_line_or_its_type():
-    from fakespotter.cli._common import first_line
+    from fakespotter._errors import first_line
 
     assert first_line(ValueError("bad\nC++ trace")) == "bad"
     assert first_line(ValueError("\n  \nbad")) == "bad"

@@ -93,7 +93,7 @@ class _Stream:
 def _check_cpu_isa() -> None:
     """A bad FAKESPOTTER_CPU_ISA is refused before any work, not at the first packing op."""
     from .. import _C
-    from ._common import first_line
+    from .._errors import first_line
 
     try:
         _C.cpu_isa()

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .._errors import first_line  # noqa: F401 - the commands import it from here
 from ..data import list_images
 
 PROGRESS_EVERY_S = 60.0  # progress lines when stderr is not a terminal

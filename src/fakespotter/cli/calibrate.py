@@ -8,7 +8,8 @@ import argparse
 
 import numpy as np
 
-from ._common import (Progress, add_model_args, check_batch_size, check_detection_args, check_once, first_line,
+from .._errors import first_line
+from ._common import (Progress, add_model_args, check_batch_size, check_detection_args, check_once,
                       images_of, log, no_chips_error, refuse_inputs_as_output, usage_error, writable_output)
 
 

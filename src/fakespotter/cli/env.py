@@ -7,7 +7,7 @@ import json
 import platform
 import sys
 
-from ._common import first_line
+from .._errors import first_line
 
 
 def add_parser(sub) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import first_line, usage_error
+from .._errors import first_line
+from ._common import usage_error
 
 
 def add_parser(sub) -> None:

@@ -33,8 +33,9 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Optional
 
+from .._errors import first_line
 from ._common import (Progress, add_detection_args, check_batch_size, check_detection_args, detection_from_model,
-                      first_line, log, model_file, record_stdout, usage_error, why_not_writable, writable_output)
+                      log, model_file, record_stdout, usage_error, why_not_writable, writable_output)
 
 
 def add_parser(sub) -> None:

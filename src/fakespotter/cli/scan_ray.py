@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from ._common import (Progress, check_batch_size, check_detection_args, first_line, log, usage_error,
+from .._errors import first_line
+from ._common import (Progress, check_batch_size, check_detection_args, log, usage_error,
                       why_not_writable)
 
 # Options of --engine ray only; their None defaults mean "not given" (then ray_scan's defaults apply).

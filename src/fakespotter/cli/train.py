@@ -32,9 +32,10 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from .._errors import first_line
 from ._common import (AUGMENT_FRACTION, TARGET_FPR, add_class_sources, add_model_args, check_augment_fraction,
                       check_batch_size, check_detection_args, check_disjoint, check_listed_bytes, check_once,
-                      class_mode, first_line, folder_names, has_both_classes, images_of, load_chips, log, manifest_part,
+                      class_mode, folder_names, has_both_classes, images_of, load_chips, log, manifest_part,
                       no_chips_error, open_manifest, refuse_inputs_as_output, usage_error, writable_output)
 
 
