@@ -371,6 +371,38 @@ def test_fit_leaves_the_callers_random_stream_and_determinism_setting():
     assert torch.are_deterministic_algorithms_enabled() == before
 
 
+def test_fit_keeps_the_callers_warn_only():
+    """A fit restored use_deterministic_algorithms without its warn_only: the caller's own
+    nondeterministic ops then raised where they had warned."""
+    rows, y = synthetic(n=40)
+    for setting in ((True, True), (True, False), (False, False)):
+        torch.use_deterministic_algorithms(setting[0], warn_only=setting[1])
+        try:
+            BitsetMLPClassifier(hidden=(4,), max_epochs=1).fit(rows, y)
+            assert (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled()) == setting
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast_bf16"])
+def test_fit_trains_the_same_network_whatever_the_callers_context(context):
+    """Inside the caller's no_grad or inference_mode a fit failed (no gradient); inside a bf16
+    autocast it trained another network, in bfloat16."""
+    rows, y = synthetic(n=80)
+    params = dict(hidden=(8,), max_epochs=3, seed=3)
+    want = BitsetMLPClassifier(**params).fit(rows, y)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "autocast_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[context]
+    with ctx():
+        got = BitsetMLPClassifier(**params).fit(rows, y)
+        assert torch.is_grad_enabled() == (context == "autocast_bf16")  # the caller's context is back
+    assert got.history_ == want.history_
+    assert torch.equal(got.decision_function(rows), want.decision_function(rows))
+    for k, v in want.state_tensors().items():
+        assert torch.equal(got.state_tensors()[k], v), k
+
+
 def test_from_state_tensors_leaves_the_callers_random_stream(small_fit):
     """c52 (fork_rng dropped)."""
     clf, rows, _ = small_fit

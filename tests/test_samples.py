@@ -273,6 +273,29 @@ def test_sample_chips_both_classes_deterministic(data):
     assert other[2] != sources and not np.array_equal(other[0], chips)
 
 
+@pytest.mark.parametrize("context", ["float64_default", "autocast_bf16"])
+def test_sample_chips_are_the_same_whatever_the_callers_torch_settings(data, context):
+    """Under torch.set_default_dtype(torch.float64) the DCGAN generator was built in float64 and
+    failed on its float32 latents (or not, as the cached generator was built before or after);
+    inside a bf16 autocast it rendered other faces, and other candidates were kept."""
+    want = S.sample_chips(2, 3, seed=11)
+    S._default_generator.cache_clear()  # built afresh under the caller's settings
+    try:
+        if context == "float64_default":
+            before = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+            try:
+                got = S.sample_chips(2, 3, seed=11)
+            finally:
+                torch.set_default_dtype(before)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = S.sample_chips(2, 3, seed=11)
+    finally:
+        S._default_generator.cache_clear()
+    assert np.array_equal(got[0], want[0]) and got[2] == want[2]
+
+
 def test_sample_chips_balance_and_size(data):
     for n_real, n_fake in ((2, 0), (0, 2), (1, 3)):
         chips, labels, sources = S.sample_chips(n_real, n_fake, seed=0, size=112)

@@ -239,7 +239,7 @@ class BitsetMLPClassifier:
         else:
             class_w = torch.ones(2)
 
-        with _deterministic(self.seed):
+        with _training(self.seed):
             net = self._build(words * WORD_BITS)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             loss_fn = nn.BCEWithLogitsLoss(reduction="none")
@@ -369,19 +369,20 @@ class BitsetLogisticClassifier(BitsetMLPClassifier):
                     "class_weight", "seed")
 
 
-class _deterministic:
-    """Seeded, deterministic torch for the duration of a fit; restores the previous settings."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self._rng = torch.get_rng_state()
-        self._det = torch.are_deterministic_algorithms_enabled()
-        torch.manual_seed(self.seed)
-        torch.use_deterministic_algorithms(True)
-
-    def __exit__(self, *exc):
-        torch.use_deterministic_algorithms(self._det)
-        torch.set_rng_state(self._rng)
-        return False
+@contextlib.contextmanager
+def _training(seed: int) -> Iterator[None]:
+    """What a fit needs whatever the caller set around it, all restored after: seeded,
+    deterministic torch (the caller's generator state, and its deterministic setting with its
+    ``warn_only``, come back), gradients (also inside the caller's ``no_grad`` or
+    ``inference_mode``), and float32 (a caller's autocast would train another network)."""
+    rng = torch.get_rng_state()
+    det = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+                torch.autocast("cuda", enabled=False):
+            torch.manual_seed(seed)
+            torch.use_deterministic_algorithms(True)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+        torch.set_rng_state(rng)

@@ -448,7 +448,7 @@ def load_dcgan_generator(path: Optional[os.PathLike] = None) -> DCGANGenerator:
         model = DCGANGenerator()
     check_state_dict(model, state, f"load_dcgan_generator({where.name})")
     model.load_state_dict(state)
-    return model.eval()
+    return model.float().eval()  # (float32 whatever the caller's default dtype: the weights' own values)
 
 
 @functools.lru_cache(maxsize=1)
@@ -470,7 +470,7 @@ _RENDER_BATCH = 32
 def _render(indices: Sequence[int], seed: int, generator: Optional[DCGANGenerator]) -> np.ndarray:
     net = _default_generator() if generator is None else generator
     out = np.zeros((len(indices), 64, 64, 3), dtype=np.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # (the same faces inside a caller's autocast)
         for start in range(0, len(indices), _RENDER_BATCH):
             idx = list(indices[start:start + _RENDER_BATCH])
             x = net(dcgan_latents(idx, seed, net.nz))
