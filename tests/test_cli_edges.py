@@ -118,6 +118,44 @@ def test_a_stderr_whose_reader_left_goes_on_and_a_stdout_stops(method):
             os.close(copy)
 
 
+class _Full:
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    flush = write
+
+
+def test_a_full_stdout_is_named_and_exit_3(monkeypatch, capsys):
+    """`fakespotter info default > /dev/full` said "cannot write an output"."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", _Full())
+    assert main(["info", "default"]) == 3
+    assert capsys.readouterr().err == "fakespotter info: error: cannot write stdout: No space left on device\n"
+
+
+def test_a_closed_stdout_is_an_error_that_names_it(monkeypatch, capsys, tmp_path):
+    """`>&-` (sys.stdout is None): an AttributeError traceback; and the scan's records were lost."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["info", "default"]) == 1
+    assert capsys.readouterr().err == "fakespotter info: error: stdout: it was closed when the command started\n"
+    folder = write_images(tmp_path / "imgs", 2)
+    assert main(["scan", str(folder), "--aligned", "--workers", "0", "--quiet"]) == 3  # its records: to stdout
+    assert capsys.readouterr().err == "fakespotter scan: error: writing stdout: it was closed when the command started\n"
+
+
+def test_a_closed_stderr_lets_a_scan_run_to_its_end(monkeypatch, capsys, tmp_path):
+    """`2>&-` (sys.stderr is None): the progress set-up raised AttributeError, unseen, and the
+    scan stopped with exit 1 and an empty output."""
+    folder = write_images(tmp_path / "imgs", 3)
+    out = tmp_path / "s.jsonl"
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["scan", str(folder), "--aligned", "--workers", "0", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok"] * 3
+    assert json.loads((tmp_path / "s.jsonl.stats.json").read_text())["complete"] is True
+
+
 def test_a_bad_cpu_isa_is_one_line_in_the_refusal_and_in_env(monkeypatch, capsys, tmp_path):
     from fakespotter import _C
 

@@ -77,6 +77,8 @@ class _Stream:
             if self.fd == 1:
                 raise
             return len(text)
+        except OSError as e:  # (a full disk under `> file`: say which output)
+            raise self._named(e) from None
 
     def flush(self) -> None:
         try:
@@ -85,9 +87,39 @@ class _Stream:
             self._left()
             if self.fd == 1:
                 raise
+        except OSError as e:
+            raise self._named(e) from None
+
+    def _named(self, e: OSError) -> OSError:
+        if e.filename is None:
+            e.filename = ("stdout", "stderr")[self.fd - 1]
+        return e
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
+
+
+class _Closed:
+    """A standard stream the command was started without (``>&-``: Python's ``sys.stdout`` is
+    None). stdout: writing to it fails as a full disk does, naming it, so records are never
+    lost in silence; stderr: what is said goes nowhere, and the work goes on."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        if self.fd == 1:
+            raise OSError(errno.EBADF, "it was closed when the command started", "stdout")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise OSError(errno.EBADF, "it was closed when the command started", ("stdout", "stderr")[self.fd - 1])
 
 
 def _check_cpu_isa() -> None:
@@ -108,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = out, _ = _Stream(sys.stdout, 1), _Stream(sys.stderr, 2)
+    sys.stdout, sys.stderr = out, _ = (_Stream(sys.stdout or _Closed(1), 1),
+                                       _Stream(sys.stderr or _Closed(2), 2))
     name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # "data build"
     from .. import _interrupted_while_starting
 

@@ -623,7 +623,10 @@ def _run(args: argparse.Namespace) -> int:
     if failed is not None:
         if out is None:  # what is still buffered would fail again at exit
             null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())
+            try:
+                os.dup2(null, sys.stdout.fileno())
+            except OSError:  # no file descriptor (closed when the command started): nothing buffered
+                pass
             os.close(null)
             if isinstance(failed, BrokenPipeError):  # `scan ... | head`: the reader left, as for every command
                 return 0
