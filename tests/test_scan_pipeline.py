@@ -6,6 +6,7 @@ model-free; the few scans use scan_helpers' tiny detector trained on noise."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import io
 import math
@@ -303,6 +304,39 @@ def test_a_broken_pool_is_blamed_on_its_start_only_when_no_worker_started():
         S()._check_started(ex)
     assert str(e.value).endswith(" workers=0 decodes in this process instead.") and "workers=0" not in e.value.reason
     assert shut == [dict(wait=False, cancel_futures=True)]
+
+
+def test_a_pool_the_system_will_not_set_up_is_a_worker_start_error(monkeypatch):
+    """Shared memory read-only (/dev/shm) or full: the OSError reached the CLI, which took it for
+    an output it could not write (exit 3)."""
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", "/dev/shm/pym-1-x")
+
+    monkeypatch.setattr(S(), "ProcessPoolExecutor", refuse)
+    with pytest.raises(S().WorkerStartError) as e:
+        S()._pool(2)
+    assert e.value.reason == ("scan: the decode worker processes could not be started ([Errno 30] Read-only file "
+                              "system: '/dev/shm/pym-1-x').")
+    assert str(e.value).endswith(" workers=0 decodes in this process instead.")
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_worker_the_system_will_not_start_is_a_worker_start_error(monkeypatch, replaced):
+    """No file descriptor left (ulimit -n) when a submit starts a worker: a traceback, from the
+    submit itself or from the one in the pool that replaces a pool found broken."""
+    class NoFds(FakePool):
+        def submit(self, fn, chunk, cfg):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    pools = []
+    monkeypatch.setattr(S(), "_pool", lambda workers: pools.append(
+        FakePool([], broken_at_submit=True) if replaced and not pools else NoFds([])) or pools[-1])
+    monkeypatch.setattr(S().resource, "getrlimit", lambda which: (16, 1024))
+    with pytest.raises(S().WorkerStartError) as e:
+        list(S()._decoded(iter(entries(3)), cfg(), workers=1, chunk=1, window=2))
+    assert e.value.reason == ("scan: the decode worker processes could not be started ([Errno 24] Too many open "
+                              "files) (open files are limited to 16: ulimit -n raises that).")
+    assert len(pools) == 1 + replaced
 
 
 def test_a_sigterm_during_a_submit_is_acted_on_after_it():

@@ -360,8 +360,13 @@ def test_oom_in_the_middle_loses_and_doubles_nothing(corpus, model, base, direct
 
 def test_oom_at_batch_one_and_other_errors_propagate(corpus, model, monkeypatch):
     oom_above(monkeypatch, 0)
-    with pytest.raises(RuntimeError, match="can't allocate memory"):
+    with pytest.raises(MemoryError, match=r"^out of memory in a forward of a single chip, after halving the batch "
+                                          r"size from 2 \(\[enforce fail .*can't allocate memory.*\); free memory or "
+                                          r"raise this process's memory limit$") as e:
         list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0, log=lambda m: None))
+    assert "can't allocate memory" in str(e.value.__cause__)
+    with pytest.raises(MemoryError, match=r"^out of memory in a forward of a single chip \(\[enforce"):
+        list(scan([str(corpus)], model, aligned=True, batch_size=1, workers=0, log=lambda m: None))
     real = Tap.forward
 
     def broken(self, x):
@@ -371,6 +376,15 @@ def test_oom_at_batch_one_and_other_errors_propagate(corpus, model, monkeypatch)
     with pytest.raises(RuntimeError, match="something else broke"):
         list(scan([str(corpus)], model, aligned=True, batch_size=2, workers=0))
     monkeypatch.setattr(Tap, "forward", real)
+
+
+def test_cli_oom_at_batch_one_is_one_line(corpus, model, tmp_path, capsys, monkeypatch):
+    """It was the allocator's RuntimeError with a traceback."""
+    oom_above(monkeypatch, 0)
+    assert main(cli(corpus, model, tmp_path / "o.jsonl")) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("fakespotter scan: error: out of memory in a forward of a single chip, "
+                                               "after halving the batch size from 4 ([enforce fail")
 
 
 def test_cli_oom_is_logged_recorded_and_kept_on_resume(corpus, model, tmp_path, capsys, monkeypatch):

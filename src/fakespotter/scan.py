@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import gc
 import hashlib
 import io
@@ -58,6 +59,11 @@ from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO, Any, Callable, Container, Dict, Generator, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+try:
+    import resource  # (imported now: with no file descriptor left, importing it would fail too)
+except ImportError:  # not a Unix
+    resource = None  # type: ignore[assignment]
 
 import numpy as np
 
@@ -455,13 +461,25 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     global _early_server
     _early_server = None
     ctx = _context()
-    # set to 1 by the first worker to finish starting (see _check_started); a plain shared byte,
-    # not an Event, whose lock a worker stopped inside its set() would hold for good
-    started = ctx.RawValue("b", 0)
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(os.getpid(), started))
+    try:
+        # set to 1 by the first worker to finish starting (see _check_started); a plain shared byte,
+        # not an Event, whose lock a worker stopped inside its set() would hold for good
+        started = ctx.RawValue("b", 0)
+        ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(), started))
+    except OSError as e:  # shared memory (/dev/shm) read-only or full, no file descriptor left, ...
+        raise _cannot_start(e) from e
     ex._fakespotter_started = started  # type: ignore[attr-defined]
     return ex
+
+
+def _cannot_start(e: OSError) -> WorkerStartError:
+    """The error for a pool that the operating system would not set up or start a process for."""
+    limit = ""
+    if e.errno == errno.EMFILE and resource is not None:
+        limit = f" (open files are limited to {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}: ulimit -n raises that)"
+    return WorkerStartError(f"scan: the decode worker processes could not be started ({first_line(e)}){limit}.",
+                            " workers=0 decodes in this process instead.")
 
 
 def _check_started(ex: ProcessPoolExecutor) -> None:
@@ -590,15 +608,18 @@ def _decoded(entries: Iterator[Entry], cfg: _Config, workers: int, chunk: int, w
         """(chunk, future, the pool it runs in)."""
         nonlocal ex
         try:
-            with _signals_held():
-                return c, ex.submit(_decode_chunk, c, cfg), ex
-        except BrokenProcessPool:  # a kept pool whose process died while it was idle
-            _check_started(ex)
-            ex.shutdown(wait=False, cancel_futures=True)
-            replaced.append(ex)
-            ex = _pool(workers)
-            with _signals_held():
-                return c, ex.submit(_decode_chunk, c, cfg), ex
+            try:
+                with _signals_held():
+                    return c, ex.submit(_decode_chunk, c, cfg), ex
+            except BrokenProcessPool:  # a kept pool whose process died while it was idle
+                _check_started(ex)
+                ex.shutdown(wait=False, cancel_futures=True)
+                replaced.append(ex)
+                ex = _pool(workers)
+                with _signals_held():
+                    return c, ex.submit(_decode_chunk, c, cfg), ex
+        except OSError as e:  # a worker process the submit starts (a fork, the forkserver's socket)
+            raise _cannot_start(e) from e
 
     def new_pool() -> None:
         """A fresh pool for what is redone. Every task of the current one is redone (a submit
@@ -942,7 +963,8 @@ class _Forward:
         memory the batch size halves (down to 1) and the chips of the failed forward are
         retried: no chip is lost or scored twice. The smaller size stays for the rest of the
         run; each back-off is logged once and kept in :attr:`backoffs` (``forward``: how many
-        forwards had completed before it, ``from``/``to``: the batch sizes, ``error``)."""
+        forwards had completed before it, ``from``/``to``: the batch sizes, ``error``). Out of
+        memory in a forward of one chip: :class:`MemoryError`, saying so."""
         import torch
 
         out: List[float] = []
@@ -957,9 +979,13 @@ class _Forward:
                 _, logits = self.run(np.stack(chips[i:i + n]))
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
                 oom = _oom_in(e)
-                if oom is None or self.batch_size == 1:
+                if oom is None:
                     raise
                 why = first_line(oom)[:200]
+                if self.batch_size == 1:  # nothing smaller to go on with
+                    halved = "" if failed_at is None else f", after halving the batch size from {failed_at}"
+                    raise MemoryError(f"out of memory in a forward of a single chip{halved} ({why}); free memory "
+                                      f"or raise this process's memory limit") from e
                 del oom  # (its traceback holds the failed forward's tensors)
             if logits is None:  # outside the except block: the failed forward's tensors are freed
                 gc.collect()  # (those an exception's reference cycle holds too: rare, and worth the memory)
@@ -1403,7 +1429,8 @@ def scan(inputs: Union[str, Sequence[str]], model: Any = "default", *, aligned: 
     The forward runs ``batch_size`` chips; when it runs out of memory the batch size halves
     (down to 1) and the same chips are retried, so no record is lost or doubled, and the
     smaller size is kept for the rest of the run (``stats["batch_size"]``, ``["oom_backoffs"]``);
-    its scores are then those of a scan at that batch size.
+    its scores are then those of a scan at that batch size; out of memory in a forward of one
+    chip raises :class:`MemoryError`.
     Returns a :class:`ScanRun` (iterate it for records; ``.stats`` for counts and timings).
     Raises FileNotFoundError / ValueError for missing inputs or bad arguments (also a CUDA
     device where CUDA is not available), and ``artifact.ModelFileError`` for a bad model file,

@@ -18,6 +18,7 @@ from .. import _quiet_start
 
 _quiet_start()  # (the command's imports go on here, until main() handles KeyboardInterrupt)
 
+from .._errors import first_line  # noqa: E402
 from .._malloc import keep_freed_memory  # noqa: E402
 from . import calibrate, data, env, evaluate, info, merge, robustness, scan, train  # noqa: E402
 
@@ -125,7 +126,6 @@ class _Closed:
 def _check_cpu_isa() -> None:
     """A bad FAKESPOTTER_CPU_ISA is refused before any work, not at the first packing op."""
     from .. import _C
-    from .._errors import first_line
 
     try:
         _C.cpu_isa()
@@ -165,6 +165,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Terminated:
         print(f"fakespotter {name}: terminated", file=sys.stderr)
         return 143
+    except MemoryError as e:  # (a scan's forward of one chip, a load, ...): what was written stays
+        print(f"fakespotter {name}: error: {first_line(e)}", file=sys.stderr)
+        return 1
     except BrokenPipeError as e:
         if out.broken:  # e.g. `fakespotter info ... | head`: the reader left; no traceback
             return 0
