@@ -353,11 +353,37 @@ def test_a_terminals_bar_is_full_at_most_and_ends_its_line(monkeypatch):
 
     tty = _Tty()
     monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.delenv("COLUMNS", raising=False)  # (no terminal behind it: 80 columns)
     p = Progress(4, "scan")
     p.update(8)  # more than the total (a total counted while the work goes on)
     p.close()
     text = tty.getvalue()
     assert text.startswith("\rscan [" + "#" * 30 + "] 8/4 ") and text.endswith("\n"), repr(text)
+
+
+@pytest.mark.parametrize("columns", [12, 30, 50, 200])
+def test_a_terminals_bar_fits_the_terminal(monkeypatch, columns):
+    """The bar was 30 characters wide whatever the terminal: on a narrow one each redraw wrapped
+    and scrolled."""
+    from fakespotter.cli._common import Progress
+
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    for total in (None, 1000):
+        p = Progress(total, "scan")
+        for _ in range(3):
+            p.update(7)
+    lines = tty.getvalue().split("\r")[1:]
+    assert len(lines) == 6 and all(0 < len(line) < columns for line in lines), lines
+    bars = [line for line in lines if "[" in line]
+    if columns >= 50:
+        assert len(bars) == 3
+    elif columns == 12:  # (no room for a bar: the counts alone, cut)
+        assert not bars
+    if columns == 200:
+        assert all("[" + "." * 30 + "]" in line for line in bars)  # (7 of 1000 fill no mark of 30)
+    assert all("/1000" in line or columns < 16 for line in lines[3:])
 
 
 def test_write_each_says_what_it_wrote_and_which_files_are_older(tmp_path, capsys):

@@ -414,6 +414,18 @@ def check_detection_args(args: argparse.Namespace) -> None:
                           f"the default 16777216 is 4096x4096), got {args.detect_pixels}")
 
 
+def _columns() -> int:
+    """The terminal's width for a progress line: $COLUMNS when set, else stderr's terminal, else 80."""
+    try:
+        return max(int(os.environ["COLUMNS"]), 1)
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 80
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
 def _hms(seconds: float) -> str:
     s = int(max(seconds, 0) + 0.5)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
@@ -453,13 +465,19 @@ class Progress:
         if self.lines:
             of = "" if total is None else f"/{total}"
             sys.stderr.write(f"{self.label}: {self.done}{of} in {_hms(now - self.t0)}, {rate:.1f}/s{eta}\n")
-        elif total is None:
-            sys.stderr.write(f"\r{self.label} {self.done} {rate:.1f}/s ")
+            sys.stderr.flush()
+            return
+        # one line redrawn in place: never as wide as the terminal, or it wraps and scrolls
+        room = _columns() - 1
+        if total is None:
+            line = f"{self.label} {self.done} {rate:.1f}/s "
         else:
-            width = 30
+            tail = f" {self.done}/{total} {rate:.1f}/s{eta} "
+            width = min(30, room - len(self.label) - 3 - len(tail))  # (the bar's brackets and a space)
             filled = min(width, int(width * self.done / max(total, 1)))
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} "
-                             f"{rate:.1f}/s{eta} ")
+            line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}]{tail}" if width >= 5
+                    else f"{self.label}{tail}")
+        sys.stderr.write(f"\r{line[:room]}")
         sys.stderr.flush()
 
     def close(self) -> None:
