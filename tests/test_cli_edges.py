@@ -648,6 +648,15 @@ def test_scan_part_rows_is_for_parquet_only_whatever_the_suffix_case(tmp_path, c
         assert f"--part-rows applies to --format parquet, not {fmt}" in err
 
 
+def test_scan_refuses_a_device_as_its_output(tmp_path, capsys):
+    """--out /dev/null said "already exists; pass --resume or --overwrite", and with --overwrite
+    "cannot create /dev/null: Invalid argument"."""
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        err = scan_err([str(tmp_path), "--aligned", "--out", os.devnull, *extra], capsys)
+        assert err == (f"fakespotter scan: error: output {os.devnull} is a device, not a file: leave out --out for "
+                       f"records on stdout (> /dev/null discards them)\n")
+
+
 def test_scan_refuses_a_stats_file_that_is_not_a_scans(tmp_path, capsys):
     (tmp_path / "o.jsonl.stats.json").write_text(json.dumps({"counts": {}, "images": 0}))  # no "model"
     err = scan_err([str(tmp_path), "--aligned", "--out", str(tmp_path / "o.jsonl")], capsys)

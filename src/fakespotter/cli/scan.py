@@ -161,6 +161,9 @@ def check(args: argparse.Namespace) -> Dict[str, Any]:
             raise usage_error("--resume needs an output file (--out), not stdout")
     else:
         out = _parquet_output(args) if fmt == "parquet" else writable_output(args.out, True, "output")
+        if out.is_char_device():  # (/dev/null, a terminal: no file to resume or replace; a FIFO is written to)
+            raise usage_error(f"output {out} is a device, not a file: leave out --out for records on stdout "
+                              f"(> /dev/null discards them)")
         if out.exists():
             if args.resume:
                 mode = "resume"
