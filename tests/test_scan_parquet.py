@@ -291,6 +291,25 @@ def _locked_by_someone(path):
     return False
 
 
+@pytest.mark.parametrize("mode", ["new", "overwrite"])
+def test_a_folder_made_and_then_unusable_is_not_left_behind(tmp_path, monkeypatch, mode):
+    """Under umask 777 the folder was made with mode 000, its lock could not be taken, and the
+    empty folder stayed: a rerun was refused as "not writable"."""
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self.folder))
+
+    monkeypatch.setattr(ParquetParts, "_lock", refused)
+    out = tmp_path / "o.parquet"
+    with pytest.raises(PermissionError):
+        ParquetParts(out, mode)
+    assert not out.exists()
+    out.mkdir()
+    (out / "part-000000.parquet").write_bytes(b"theirs")  # a folder that was there: kept as it is
+    with pytest.raises(PermissionError):
+        ParquetParts(out, "resume", None)
+    assert (out / "part-000000.parquet").read_bytes() == b"theirs"
+
+
 def test_a_parquet_folder_is_locked_from_its_creation_and_a_second_scan_is_refused(corpus, model, reference,
                                                                                    tmp_path, capsys):
     """The folder a scan creates is locked at once (it used to be locked only when it existed

@@ -2075,7 +2075,13 @@ class ParquetParts:
             except FileExistsError:
                 raise OutputBusy(f"{self.folder} exists already (mode {mode!r} makes it; another scan writing it?); "
                                  f"refusing to touch it") from None
-        self._lock()  # before anything in it is read or deleted
+        try:
+            self._lock()  # before anything in it is read or deleted
+        except OSError:  # (a folder made unreadable by the umask, say: not left behind, empty)
+            if fresh:
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+            raise
         try:
             if not fresh:
                 self._next = self._clear(mode, state)
