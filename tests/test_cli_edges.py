@@ -156,6 +156,14 @@ def test_a_closed_stderr_lets_a_scan_run_to_its_end(monkeypatch, capsys, tmp_pat
     assert json.loads((tmp_path / "s.jsonl.stats.json").read_text())["complete"] is True
 
 
+def test_messages_name_a_files_non_utf8_bytes_as_records_do(tmp_path, capsys):
+    """A message showed the byte 0xff of a file name as \\udcff (Python's escape), the records as \\xff."""
+    bad = os.fsdecode(b"nope\xff")
+    assert main(["scan", str(tmp_path / bad), "--aligned"]) == 2
+    err = capsys.readouterr().err
+    assert "nope\\xff does not exist" in err and "udcff" not in err
+
+
 def test_a_bad_cpu_isa_is_one_line_in_the_refusal_and_in_env(monkeypatch, capsys, tmp_path):
     from fakespotter import _C
 

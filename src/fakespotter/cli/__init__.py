@@ -71,6 +71,13 @@ class _Stream:
         os.close(null)
 
     def write(self, text: str) -> int:
+        if self.fd == 2 and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a file name's bytes that are not UTF-8: \xNN, as records write them
+                from ..scan import _utf8
+
+                text = _utf8(text)
         try:
             return self.stream.write(text)
         except BrokenPipeError:
