@@ -380,6 +380,21 @@ def test_thresholds_forms():
         tap.set_thresholds(torch.zeros(1, 5))
 
 
+def test_a_tap_built_in_inference_mode_takes_new_thresholds_outside_it():
+    """Its thresholds buffer was an inference tensor: set_thresholds' in-place copy raised torch's
+    "Inplace update to inference tensor outside InferenceMode"."""
+    with torch.inference_mode():
+        tap = Tap(small_net(), SMALL_LAYERS, input_shape=SMALL_SHAPE)
+    x = small_chips(4)
+    script = script_tap(tap)  # shares the buffer: a new value reaches it
+    for value in (0.25, [0.1, 0.2, 0.3, 0.4, 0.5]):
+        tap.set_thresholds(value)
+        with torch.no_grad():
+            want = reference_rows(tap.backbone.module, tap, x)
+            assert torch.equal(tap(x), want) and torch.equal(script(x), want)
+    assert tap.thresholds.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+
+
 # ----------------------------------------------------------------------------------------------
 # the real dlib backbone
 

@@ -581,8 +581,8 @@ class Tap(nn.Module):
             self.net = _pack_graph(self.backbone, self.backbone.module, self.layout,
                                    self._threshold_spans())
             self.thresholds = buf
-        else:
-            with torch.no_grad():
+        else:  # in place: exported and scripted taps share the buffer (one made in inference mode, too)
+            with torch.no_grad(), torch.inference_mode(self.thresholds.is_inference()):
                 self.thresholds.copy_(buf)
 
     def layer_thresholds(self) -> List[Tensor]:
