@@ -98,6 +98,9 @@ def test_bad_rows_name_row_and_column(tmp_path, change, match):
 def test_fake_needs_a_type_and_groups_stay_in_one_split(tmp_path):
     with pytest.raises(ManifestError, match="column 'fake_type': must be one of entire_synthesis"):
         write_manifest([_row("a.jpg", "fake", fake_type="")], tmp_path)
+    for call, name in ((lambda rows: write_manifest(rows, tmp_path), "write_manifest"), (manifest_text, "manifest_text")):
+        with pytest.raises(ManifestError, match=rf"^{name} row 2, column 'fake_type'"):  # (the function called)
+            call([_row("a.jpg", "fake", fake_type="")])
     with pytest.raises(ManifestError, match="group 'p' is in both 'train' and 'test'"):
         write_manifest([_row("a.jpg", group="p"), _row("b.jpg", group="p", split="test")], tmp_path)
     with pytest.raises(ManifestError, match="'a.jpg' is also on row 2"):

@@ -234,10 +234,11 @@ def read_manifest(path: Union[str, os.PathLike], splits: Optional[Iterable[str]]
     return manifest
 
 
-def manifest_text(rows: Iterable[ManifestRow]) -> str:
-    """The CSV text of ``rows``, sorted by file: the same rows always give the same bytes."""
+def manifest_text(rows: Iterable[ManifestRow], what: str = "manifest_text") -> str:
+    """The CSV text of ``rows``, sorted by file: the same rows always give the same bytes
+    (``what``: the caller its errors name)."""
     rows = sorted(rows, key=lambda r: r.file)
-    _check_rows(rows, "write_manifest")
+    _check_rows(rows, what)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
@@ -250,7 +251,7 @@ def write_manifest(rows: Iterable[ManifestRow], path: Union[str, os.PathLike]) -
     """Write ``rows`` (checked, sorted by file) to ``path`` (a file, or a folder: ``manifest.csv``
     in it), atomically: a temporary file renamed over the target."""
     p = _manifest_file(path)
-    text = manifest_text(rows)
+    text = manifest_text(rows, "write_manifest")
     return write_atomic(p, text)
 
 
