@@ -5,6 +5,7 @@ line, before any work)."""
 from __future__ import annotations
 
 import csv
+import errno
 import importlib
 import json
 import os
@@ -153,6 +154,31 @@ def test_a_report_file_made_during_the_run_is_kept(setup, tmp_path, capsys, monk
     made.symlink_to(tmp_path / "nowhere.png")
     rc, _, err = run_cli(args, capsys)
     assert rc == 2 and f"{made} already exists; pass --overwrite" in err and made.is_symlink()
+
+
+class _FullStdout:
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    flush = write
+
+
+@pytest.mark.parametrize("cmd", ["evaluate", "robustness"])
+def test_a_stdout_that_fails_loses_no_report_file(setup, tmp_path, capsys, monkeypatch, cmd):
+    """The table went to stdout before the files were written: with its reader gone (`| true`)
+    the command exited 0 with an empty report folder; closed or full, with none either."""
+    out = tmp_path / "eval"
+    extra = ["--attacks", "jpeg"] if cmd == "robustness" else []
+    args = [cmd, setup["model"], "--real", setup["real_small"], "--fake", setup["fake_small"], "--aligned",
+            "--out-dir", out, "--bootstrap", "0", "--quiet", "--no-plots", *extra]
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", _FullStdout())
+    assert main([str(a) for a in args]) == 3
+    assert capsys.readouterr().err == f"fakespotter {cmd}: error: cannot write stdout: No space left on device\n"
+    names = ["metrics.csv", "metrics.json", "report.md"] if cmd == "evaluate" else [
+        "robustness.csv", "robustness.json", "robustness.md"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert json.loads((out / names[1]).read_text())["rows"]
 
 
 def test_evaluate_counts_images_without_faces_and_unreadable(setup, tmp_path, capsys):

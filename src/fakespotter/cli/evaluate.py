@@ -645,14 +645,16 @@ def run(args: argparse.Namespace) -> int:
                                                          replace=replace)),
                   (files["det.png"], lambda: ev.plot_det(curves, files["det.png"], replace=replace,
                                                          title=f"DET ({title})" if multi else "DET"))]
-    print(text, end="")
-    return write_report_files(steps, "evaluate", report)
+    return write_report_files(steps, "evaluate", report, text)
 
 
-def write_report_files(steps: List[Tuple[Path, Any]], command: str, report: Dict[str, Any]) -> int:
-    """Write evaluate's or robustness's files (:func:`write_each`), name the unreadable images;
-    the exit status: 3 when a file could not be written, else 1 when images were unreadable."""
+def write_report_files(steps: List[Tuple[Path, Any]], command: str, report: Dict[str, Any], text: str) -> int:
+    """Write evaluate's or robustness's files (:func:`write_each`), then print ``text`` (the
+    table) and name the unreadable images: files first, so that a stdout that fails (its reader
+    gone, closed, full) loses none. The exit status: 3 when a file could not be written, else 1
+    when images were unreadable."""
     rc = write_each(steps, command)
+    print(text, end="")
     if rc is None:
         print(f"wrote {', '.join(str(p) for p, _ in steps)}")
     for f in report["failures"][:10]:

@@ -214,5 +214,4 @@ def run(args: argparse.Namespace) -> int:
         steps.append((files["robustness.png"], lambda: ev.plot_lines(
             panels, files["robustness.png"], ylabel="AUC" if multi else "AUC / rate",
             reference=None if multi else rows[0]["auc"], replace=replace)))
-    print(text, end="")
-    return write_report_files(steps, "robustness", report)
+    return write_report_files(steps, "robustness", report, text)
