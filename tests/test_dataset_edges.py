@@ -2,6 +2,7 @@
 builder's stages with their renderers / detectors stubbed, the detail matcher's edge cases and the
 confound report's keys.  Model-free and fast (no OpenVINO, no dlib, no registry data)."""
 
+import errno
 import io
 import json
 import os
@@ -115,9 +116,35 @@ def test_replace_previous_swaps_and_cleans_up(tmp_path):
     (stage / "real").mkdir(parents=True)
     (stage / "real" / "new.jpg").write_bytes(b"new")
     (stage / "fake").mkdir()
+    (stage / D.MANIFEST_NAME).write_text("new")
+    (stage / D.BUILD_JSON).write_text('{"new": 1}')
     D._replace_previous(out, stage)
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
-        "fake", "notes.txt", "real", "real/new.jpg"]  # no manifest / build.json until rewritten
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([
+        "fake", "notes.txt", "real", "real/new.jpg", D.MANIFEST_NAME, D.BUILD_JSON])
+    assert (out / D.MANIFEST_NAME).read_text() == "new" and (out / D.BUILD_JSON).read_text() == '{"new": 1}'
+
+
+@pytest.mark.parametrize("fails", ["build.json", "manifest"])
+def test_a_build_that_cannot_write_its_manifest_leaves_the_previous_one(tmp_path, monkeypatch, fails):
+    """build.json and the manifest were written after the swap: a full disk (or a file size
+    limit) there left the new chips with no manifest, and the previous build gone."""
+    _stub_stages(monkeypatch)
+    out = tmp_path / "out"
+    D.build(out, small=True, log=lambda m: None)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    write_bytes = D._write_bytes
+
+    def full(path, *a, **k):
+        if fails == "build.json" and path.name != D.BUILD_JSON:  # (the chips go on being written)
+            return write_bytes(path, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(D, "_write_bytes" if fails == "build.json" else "write_manifest",
+                        full if fails == "build.json" else lambda rows, path: full(Path(path)))
+    with pytest.raises(OSError, match="No space left"):
+        D.build(out, small=True, seed=1, overwrite=True, log=lambda m: None)
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 # ----------------------------------------------------------------------------------------------

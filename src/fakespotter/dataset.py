@@ -516,9 +516,11 @@ def _remove_tree(p: Path) -> None:
 
 
 def _replace_previous(out: Path, stage: Path) -> None:
-    """Put the complete new build's real/ and fake/ (in ``stage``) in place of the previous
-    build's. The previous manifest goes first: an interrupted swap never leaves a manifest
-    listing files that are not there (a rerun with --overwrite then clears the rest)."""
+    """Put the complete new build (in ``stage``: real/, fake/, build.json and the manifest, all
+    written) in place of the previous one, by renames alone: nothing can fail for want of space
+    once the previous build starts to go. The previous manifest goes first and the new one comes
+    last: an interrupted swap never leaves a manifest listing files that are not there (a rerun
+    with --overwrite then clears the rest)."""
     for name in (MANIFEST_NAME, BUILD_JSON):
         if (out / name).exists():
             (out / name).unlink()
@@ -530,6 +532,8 @@ def _replace_previous(out: Path, stage: Path) -> None:
             os.replace(out / name, old / name)
         if (stage / name).is_dir():
             os.replace(stage / name, out / name)
+    for name in (BUILD_JSON, MANIFEST_NAME):
+        os.replace(stage / name, out / name)
     _remove_tree(old)
     _remove_tree(stage)
 
@@ -1032,12 +1036,13 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
             "detail_matching": {k: m.summary() for k, m in sorted(b.matchers.items())},
             "confounds": confound_report(Manifest(stage, tuple(rows))),  # (reads every chip: before the swap)
         }
+        # written beside the new chips: a full disk here leaves the previous build as it was
+        _write_bytes(stage / BUILD_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+        write_manifest(rows, stage)
     except BaseException:  # (a previous build stays as it was)
         _remove_tree(stage)
         raise
     _replace_previous(out, stage)
-    _write_bytes(out / BUILD_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
-    write_manifest(rows, out)  # last: a manifest only ever lists files that exist
     log(f"data build: {info['total']['real']} real and {info['total']['fake']} fake chips in "
         f"{time.monotonic() - t0:.0f} s; manifest {out / MANIFEST_NAME}")
     return read_manifest(out)
