@@ -403,6 +403,32 @@ def test_fit_trains_the_same_network_whatever_the_callers_context(context):
         assert torch.equal(got.state_tensors()[k], v), k
 
 
+def test_a_ctrl_c_during_a_fit_stays_a_keyboard_interrupt(monkeypatch):
+    """Stopped inside one of torch's lazy imports, torch was left half-imported, the restore of
+    the deterministic setting raised AttributeError, and the CLI printed a traceback, exit 1."""
+    rows, y = synthetic(n=40)
+    real = torch.use_deterministic_algorithms
+    calls = []
+
+    def half_imported(mode, warn_only=False):
+        calls.append(mode)
+        if len(calls) > 1:
+            raise AttributeError("module 'sympy' has no attribute 'printing'")
+        real(mode, warn_only=warn_only)
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", half_imported)
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            BitsetMLPClassifier(hidden=(4,), max_epochs=1).fit(rows, y)
+    finally:
+        real(False)
+    assert calls == [True, False]
+
+
 def test_from_state_tensors_leaves_the_callers_random_stream(small_fit):
     """c52 (fork_rng dropped)."""
     clf, rows, _ = small_fit

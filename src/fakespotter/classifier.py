@@ -375,14 +375,25 @@ def _training(seed: int) -> Iterator[None]:
     deterministic torch (the caller's generator state, and its deterministic setting with its
     ``warn_only``, come back), gradients (also inside the caller's ``no_grad`` or
     ``inference_mode``), and float32 (a caller's autocast would train another network)."""
+    import torch._inductor.config  # noqa: F401 - (use_deterministic_algorithms' import, before any change)
+
     rng = torch.get_rng_state()
     det = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+        torch.set_rng_state(rng)
+
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
                 torch.autocast("cuda", enabled=False):
             torch.manual_seed(seed)
             torch.use_deterministic_algorithms(True)
             yield
-    finally:
-        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
-        torch.set_rng_state(rng)
+    except BaseException:
+        # A Ctrl-C in the middle of one of torch's lazy imports leaves it half-imported: a restore
+        # that fails then must not take the place of the KeyboardInterrupt.
+        with contextlib.suppress(Exception):
+            restore()
+        raise
+    restore()
