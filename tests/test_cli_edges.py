@@ -507,6 +507,50 @@ def test_data_build_refuses_threads_below_1_first(tmp_path, capsys):
     assert rc == 2 and err == "fakespotter data build: error: --threads must be >= 1, got 0\n"
 
 
+def test_data_build_says_a_library_that_cannot_load_in_one_line(tmp_path, capsys, monkeypatch):
+    """dlib (or OpenVINO) there but not loadable once the build ran (no address space left to map
+    it): a traceback."""
+    from fakespotter import dataset as D
+
+    def build(*a, **k):
+        raise ImportError("dlib is installed but cannot be loaded: failed to map segment from shared object")
+
+    monkeypatch.setattr(D, "_preflight", lambda: None)
+    monkeypatch.setattr(D, "build", build)
+    rc, _, err = run_cli(["data", "build", str(tmp_path / "ds")], capsys)
+    assert rc == 1 and err == ("fakespotter data build: error: dlib is installed but cannot be loaded: failed to map "
+                               "segment from shared object (any previous build is as it was)\n")
+
+
+def test_out_of_memory_is_one_line_that_says_so(monkeypatch, capsys):
+    """train took a MemoryError while it loaded the backbone for a usage error (exit 2), and
+    numpy's message does not say "memory"."""
+    from fakespotter.cli import info
+
+    def oom(args):
+        raise MemoryError("Unable to allocate 2.25 MiB for an array with shape (590000,) and data type float32")
+
+    monkeypatch.setattr(info, "run", oom)
+    rc, _, err = run_cli(["info", "default"], capsys)
+    assert rc == 1 and err == ("fakespotter info: error: out of memory: Unable to allocate 2.25 MiB for an array with "
+                               "shape (590000,) and data type float32\n")
+    monkeypatch.setattr(info, "run", lambda args: (_ for _ in ()).throw(MemoryError()))
+    assert run_cli(["info", "default"], capsys)[::2] == (1, "fakespotter info: error: MemoryError\n")
+
+
+def test_train_out_of_memory_loading_the_backbone_is_not_a_usage_error(tmp_path, capsys, monkeypatch):
+    import fakespotter.backbones as B
+
+    def oom(name):
+        raise MemoryError("Unable to allocate 2.25 MiB for an array")
+
+    monkeypatch.setattr(B, "get_backbone", oom)
+    real, fake = write_images(tmp_path / "real", 2), write_images(tmp_path / "fake", 2, seed=1)
+    rc, _, err = run_cli(["train", "--real", str(real), "--fake", str(fake), "--aligned", "--out",
+                          str(tmp_path / "m.fsm")], capsys)
+    assert rc == 1 and err == "fakespotter train: error: out of memory: Unable to allocate 2.25 MiB for an array\n"
+
+
 def hand_made(root, n_real=1):
     """A data set of ``n_real`` real JPEG chips, each its own group in the split it belongs to."""
     from fakespotter import dataset as D

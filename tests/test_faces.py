@@ -572,14 +572,21 @@ def test_missing_dlib_error_says_how_to_install(monkeypatch):
 
     real_import = builtins.__import__
 
+    failure = ModuleNotFoundError("No module named 'dlib'", name="dlib")
+
     def fake_import(name, *args, **kwargs):
         if name == "dlib":
-            raise ImportError("No module named 'dlib'")
+            raise failure
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install 'fakespotter\[faces\]' \(the prebuilt dlib-bin==20\.0\.1\.post1\); or "
                                           r"give already-aligned face chips \(--aligned on the command line"):
+        F._import_dlib()
+    # installed, but its library cannot be loaded (no address space left, say): not "install it"
+    failure = ImportError("/x/_dlib_pybind11.so: failed to map segment from shared object\nmore", name="_dlib_pybind11")
+    with pytest.raises(ImportError, match=r"^dlib is installed but cannot be loaded: /x/_dlib_pybind11\.so: failed to "
+                                          r"map segment from shared object$"):
         F._import_dlib()
 
 

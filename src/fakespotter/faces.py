@@ -59,6 +59,7 @@ import torch
 from PIL import ExifTags, Image, ImageFile
 
 from . import _libtiff
+from ._errors import first_line
 
 __all__ = [
     "CHIP_SIZE",
@@ -720,6 +721,8 @@ def _import_dlib() -> Any:
     try:
         import dlib  # noqa: PLC0415 (optional dependency, imported on first use)
     except ImportError as exc:
+        if not (isinstance(exc, ModuleNotFoundError) and exc.name == "dlib"):  # there, but it cannot load
+            raise ImportError(f"dlib is installed but cannot be loaded: {first_line(exc)}") from exc
         raise ImportError(
             f"fakespotter.faces needs dlib for face detection and alignment: {DLIB_INSTALL}; or give "
             f"already-aligned face chips (--aligned on the command line; aligned=True or "

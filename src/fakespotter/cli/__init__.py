@@ -173,7 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fakespotter {name}: terminated", file=sys.stderr)
         return 143
     except MemoryError as e:  # (a scan's forward of one chip, a load, ...): what was written stays
-        print(f"fakespotter {name}: error: {first_line(e)}", file=sys.stderr)
+        said = first_line(e)  # (numpy's: "Unable to allocate 2.25 MiB for an array ...")
+        print(f"fakespotter {name}: error: {said if 'memory' in said.lower() else 'out of memory: ' + said}",
+              file=sys.stderr)
         return 1
     except BrokenPipeError as e:
         if out.broken:  # e.g. `fakespotter info ... | head`: the reader left; no traceback

@@ -19,6 +19,7 @@ import posixpath
 import sys
 from collections import Counter
 
+from .._errors import first_line
 from ._common import usage_error
 
 
@@ -78,8 +79,12 @@ def run_build(args: argparse.Namespace) -> int:
         print(f"fakespotter data build: error: {e}", file=sys.stderr)
         return 1
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    manifest = dataset.build(args.out, small=args.small, seed=args.seed, overwrite=args.overwrite,
-                             threads=args.threads, log=log)  # (a write error: exit 3, no manifest)
+    try:
+        manifest = dataset.build(args.out, small=args.small, seed=args.seed, overwrite=args.overwrite,
+                                 threads=args.threads, log=log)  # (a write error: exit 3, no manifest)
+    except ImportError as e:  # a library there but not loadable (dlib, OpenVINO: no memory left to map it, ...)
+        print(f"fakespotter data build: error: {first_line(e)} (any previous build is as it was)", file=sys.stderr)
+        return 1
     print(f"{len(manifest)} chips; manifest {manifest.root / 'manifest.csv'}")
     return 0
 

@@ -172,6 +172,8 @@ def check(args: argparse.Namespace) -> Dict:
             from ..taps import Tap
 
             Tap(backbone, args.layers, granularity=args.granularity)
+    except MemoryError:  # not a usage error: said as one line by the command line's main
+        raise
     except Exception as e:  # missing weights, unknown id or layer: say so before any work
         raise usage_error(first_line(e)) from None
     return {"real": real, "fake": fake, "types": types, "val": val, "out": out, "report": report,
