@@ -124,6 +124,30 @@ def test_replace_previous_swaps_and_cleans_up(tmp_path):
     assert (out / D.MANIFEST_NAME).read_text() == "new" and (out / D.BUILD_JSON).read_text() == '{"new": 1}'
 
 
+def test_a_full_disk_while_the_chips_are_written_names_the_file_as_the_build_would(tmp_path, monkeypatch):
+    """It named the staging folder's file, which is gone by the time the message is read."""
+    _stub_stages(monkeypatch)
+    write_bytes = D._write_bytes
+
+    def full(path, *a, **k):
+        if path.name == "1.jpg":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_bytes(path, *a, **k)
+
+    monkeypatch.setattr(D, "_write_bytes", full)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as e:
+        D.build(out, small=True, log=lambda m: None)
+    assert e.value.filename == str(out / "real" / "x" / "1.jpg") and not (out / D.STAGE_DIR).exists()
+
+
+def test_a_read_only_output_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(D, "why_not_writable", lambda where: " (a read-only file system)")
+    with pytest.raises(ValueError, match=rf"^data build: cannot write into {tmp_path} \(a read-only file system\)$"):
+        D.check_output_dir(tmp_path / "new", overwrite=False)
+
+
 @pytest.mark.parametrize("fails", ["build.json", "manifest"])
 def test_a_build_that_cannot_write_its_manifest_leaves_the_previous_one(tmp_path, monkeypatch, fails):
     """build.json and the manifest were written after the swap: a full disk (or a file size

@@ -99,6 +99,7 @@ import numpy as np
 from PIL import Image
 
 from fakespotter._atomic import write_atomic
+from fakespotter._errors import why_not_writable
 from fakespotter.manifest import (
     FAKE_TYPES,
     MANIFEST_NAME,
@@ -500,7 +501,8 @@ def check_output_dir(out: Union[str, os.PathLike], overwrite: bool) -> Path:
     if not p.exists() and not parent.is_dir():
         raise ValueError(f"data build: the parent folder {parent} of {p} does not exist")
     if not os.access(p if p.exists() else parent, os.W_OK | os.X_OK):
-        raise ValueError(f"data build: cannot write into {p if p.exists() else parent}")
+        where = p if p.exists() else parent
+        raise ValueError(f"data build: cannot write into {where}{why_not_writable(where)}")
     return p
 
 
@@ -1039,8 +1041,10 @@ def build(out: Union[str, os.PathLike], small: bool = False, seed: int = 0,
         # written beside the new chips: a full disk here leaves the previous build as it was
         _write_bytes(stage / BUILD_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
         write_manifest(rows, stage)
-    except BaseException:  # (a previous build stays as it was)
+    except BaseException as e:  # (a previous build stays as it was)
         _remove_tree(stage)
+        if isinstance(e, OSError) and isinstance(e.filename, str) and e.filename.startswith(str(stage) + os.sep):
+            e.filename = str(out) + e.filename[len(str(stage)):]  # (its name in the build: the stage is gone)
         raise
     _replace_previous(out, stage)
     log(f"data build: {info['total']['real']} real and {info['total']['fake']} fake chips in "

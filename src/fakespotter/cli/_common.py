@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .._errors import why_not_writable
 from ..data import list_images
 
 PROGRESS_EVERY_S = 60.0  # progress lines when stderr is not a terminal
@@ -161,15 +162,6 @@ def writable_output(path: Optional[str], overwrite: bool, what: str, regular_onl
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise usage_error(f"{what} {p} is not writable{why_not_writable(parent)}")
     return p
-
-
-def why_not_writable(folder: Path) -> str:
-    """" (a read-only file system)" when ``folder`` is on one (else "": permissions), for the
-    message that refuses an output there."""
-    try:
-        return " (a read-only file system)" if os.statvfs(folder).f_flag & os.ST_RDONLY else ""
-    except (OSError, AttributeError):
-        return ""
 
 
 def refuse_inputs_as_output(out: Optional[Path], inputs: Iterable[Path], what: str) -> None:
