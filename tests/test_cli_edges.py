@@ -144,6 +144,24 @@ def test_a_closed_stdout_is_an_error_that_names_it(monkeypatch, capsys, tmp_path
     assert capsys.readouterr().err == "fakespotter scan: error: writing stdout: it was closed when the command started\n"
 
 
+@pytest.mark.parametrize("stdout", ["full", "closed", "gone"])
+def test_a_csv_scan_to_a_stdout_that_fails_at_its_header(monkeypatch, capsys, tmp_path, stdout):
+    """The CSV header is written as the output opens: its failure said "cannot create None",
+    exit 2, where a JSON-lines scan says "writing stdout", exit 3 (or 0: the reader left)."""
+    folder = write_images(tmp_path / "imgs", 2)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", {"full": _Full(), "closed": None, "gone": _Gone()}[stdout])
+    saved = os.dup(1)  # (a reader that left: fd 1 is pointed at /dev/null)
+    try:
+        rc = main(["scan", str(folder), "--aligned", "--workers", "0", "--quiet", "--format", "csv"])
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    why = {"full": "No space left on device", "closed": "it was closed when the command started"}.get(stdout)
+    assert (rc, capsys.readouterr().err) == ((0, "") if stdout == "gone" else (
+        3, f"fakespotter scan: error: writing stdout: {why}: no record was written\n"))
+
+
 def test_a_closed_stderr_lets_a_scan_run_to_its_end(monkeypatch, capsys, tmp_path):
     """`2>&-` (sys.stderr is None): the progress set-up raised AttributeError, unseen, and the
     scan stopped with exit 1 and an empty output."""

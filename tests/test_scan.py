@@ -1760,8 +1760,9 @@ def test_workers_that_cannot_start_end_the_cli_scan_with_one_error_line(corpus, 
                            "--aligned", "--workers", "2", "--out", str(out)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("fakespotter scan: error: scan: the decode worker processes died while starting")
+    assert proc.stderr.startswith("fakespotter scan: error: the decode worker processes died while starting")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.rstrip().endswith(f"Rerun with --resume: {out} is kept, with what was written.")
     assert out.read_text() == "" and json.loads((tmp_path / "o.jsonl.stats.json").read_text())["complete"] is False
 
 

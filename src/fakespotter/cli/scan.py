@@ -551,6 +551,11 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as e:  # /proc/x.jsonl, a read-only mount: passed the checks, cannot be created
         from . import _WRITE_ERRNOS
 
+        if out is None:  # stdout, at the CSV header: as when records cannot be written (below)
+            if isinstance(e, BrokenPipeError):  # its reader left: as for every command
+                return 0
+            print(f"fakespotter scan: error: writing stdout: {e.strerror or e}: no record was written", file=sys.stderr)
+            return 3
         if e.errno in _WRITE_ERRNOS and e.errno != errno.EROFS:  # (a full disk at the CSV header)
             print(f"fakespotter scan: error: writing {out}: {e.strerror or e}: no record was written", file=sys.stderr)
             return 3
@@ -604,7 +609,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             complete = True
     except WorkerStartError as e:  # no file's fault: not a record each, and no traceback
-        print(f"fakespotter scan: error: {e.reason} --workers 0 decodes in the scan's own process.", file=sys.stderr)
+        again = "" if out is None else f" Rerun with --resume: {out} is kept, with what was written."
+        print(f"fakespotter scan: error: {e.reason.removeprefix('scan: ')} --workers 0 decodes in the scan's own "
+              f"process.{again}", file=sys.stderr)
         return 1
     except CompileError as e:
         print(f"fakespotter scan: error: {e.reason}; leave out --compile.", file=sys.stderr)
